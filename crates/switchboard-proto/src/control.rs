@@ -1,0 +1,124 @@
+//! Request and response bodies of the control API (`/v1/...`). The OpenAPI
+//! document (`docs/openapi.json`) describes the same shapes.
+
+use crate::origin::Payload;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// `POST /v1/messages`: many messages, each to many connections.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BatchSendRequest {
+    /// The messages, delivered in order.
+    pub messages: Vec<BatchMessage>,
+}
+
+/// One message of a batch.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BatchMessage {
+    /// Destinations.
+    pub connection_ids: Vec<String>,
+    /// The message.
+    #[serde(flatten)]
+    pub payload: Payload,
+}
+
+/// What happened to a message for one connection id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Delivery {
+    /// Queued for the connection.
+    Delivered,
+    /// No such connection (never existed, or closed).
+    Unknown,
+}
+
+/// Answer to `POST /v1/messages`: for each message, in order, each id's result.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BatchSendResponse {
+    /// One map per message of the request.
+    pub results: Vec<BTreeMap<String, Delivery>>,
+}
+
+/// Answer to `POST /v1/connections/{id}/messages`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SendResponse {
+    /// Always `delivered` (an unknown id is a 404).
+    pub status: Delivery,
+}
+
+/// Optional query of `DELETE /v1/connections/{id}`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct CloseParams {
+    /// Close code (1000, 1001, 1008, 1011–1013, 3000–4999); default 1000.
+    pub code: Option<u16>,
+    /// Close reason (at most 123 bytes are sent).
+    pub reason: Option<String>,
+}
+
+/// `GET /v1/connections/{id}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ConnectionInfo {
+    /// The connection id.
+    pub id: String,
+    /// The node holding it.
+    pub node: String,
+    /// The client's address.
+    pub remote_addr: String,
+    /// Request path of the handshake.
+    pub path: String,
+    /// User id attached by the origin.
+    pub user_id: Option<String>,
+    /// Metadata attached by the origin.
+    pub metadata: Option<serde_json::Value>,
+    /// Negotiated subprotocol.
+    pub subprotocol: Option<String>,
+    /// Whether permessage-deflate is in use.
+    pub compression: bool,
+    /// When the connection was accepted (RFC 3339, UTC).
+    pub connected_at: String,
+    /// Messages received from the client.
+    pub messages_in: u64,
+    /// Messages sent to the client.
+    pub messages_out: u64,
+    /// Payload bytes received.
+    pub bytes_in: u64,
+    /// Frame bytes sent.
+    pub bytes_out: u64,
+    /// Bytes queued for the client, not yet written.
+    pub outbound_queued_bytes: u64,
+}
+
+/// `GET /v1/stats`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Stats {
+    /// This node's id.
+    pub node: String,
+    /// Open connections (accepted by the origin).
+    pub connections: u64,
+    /// Connections accepted since start.
+    pub connections_total: u64,
+    /// Handshakes refused since start (by the origin or the gateway).
+    pub handshakes_rejected_total: u64,
+    /// Messages received from clients since start.
+    pub messages_in_total: u64,
+    /// Messages sent to clients since start.
+    pub messages_out_total: u64,
+    /// Payload bytes received from clients since start.
+    pub bytes_in_total: u64,
+    /// Frame bytes written to clients since start.
+    pub bytes_out_total: u64,
+    /// Events waiting for the origin.
+    pub origin_queue_depth: u64,
+    /// Whether the node is draining.
+    pub draining: bool,
+}
+
+/// Every error answer: a stable machine `code` and a human `message`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// Stable error code (see `docs/control-api.md`).
+    pub code: String,
+    /// Human-readable explanation; its text may change.
+    pub message: String,
+}
