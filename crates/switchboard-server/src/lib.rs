@@ -1,1 +1,42 @@
-//! placeholder
+//! The Switchboard gateway as a library: everything a node does, with no
+//! `main`, CLI or process concerns (those live in the `switchboard` binary).
+//!
+//! # Layout
+//!
+//! - [`config`]: the typed configuration and its validation.
+//! - [`gateway`]: binding, the accept loop, keepalives and the graceful drain.
+//! - `handshake`: one socket's opening handshake and the `connect` decision.
+//! - `connection`: the task of one open connection (read, write, ping, close).
+//! - `registry`: live connections and their outbound queues.
+//! - `pool`: read buffers borrowed only while a socket is readable.
+//! - [`origin`]: the origin transport trait, the HTTP webhook, and the
+//!   dispatcher that queues, batches and retries events.
+//! - `control`: the control API and the operations endpoints.
+//! - `metrics`: Prometheus metrics.
+//!
+//! # Embedding
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), switchboard_server::GatewayError> {
+//! let config = switchboard_server::Config {
+//!     origin: Some("http://127.0.0.1:3000/events".into()),
+//!     ..Default::default()
+//! };
+//! let gateway = switchboard_server::Gateway::bind(config).await?;
+//! gateway.run(async { let _ = tokio::signal::ctrl_c().await; }).await;
+//! # Ok(()) }
+//! ```
+
+pub mod config;
+mod connection;
+mod control;
+pub mod gateway;
+mod handshake;
+mod metrics;
+pub mod origin;
+mod pool;
+mod registry;
+
+pub use config::{Config, ConfigError};
+pub use control::{OPENAPI_JSON, ROUTES};
+pub use gateway::{DrainReport, Gateway, GatewayError};

@@ -1,0 +1,377 @@
+//! The task of one open WebSocket connection.
+//!
+//! It owns the socket and waits on three things only: socket readiness, its
+//! [`Conn`] being woken (a frame queued or a close requested), and one timer
+//! (next ping, pong deadline, idle deadline or closing deadline, whichever is
+//! first). While idle it holds no read buffer, no write buffer and no
+//! fragment buffer; see [`crate::pool`].
+
+use crate::gateway::{now_ms, Shared, SocketGuard};
+use crate::pool;
+use crate::registry::Conn;
+use bytes::{Bytes, BytesMut};
+use std::io;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Duration;
+use switchboard_proto::origin::{ClosedBy, DisconnectEvent, Event, MessageEvent, Payload};
+use switchboard_proto::ws::deflate::DeflateParams;
+use switchboard_proto::ws::frame::{encode_close, encode_frame, OpCode};
+use switchboard_proto::ws::{close, Decoder, Message};
+use tokio::io::Interest;
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+/// Time allowed for the closing handshake (our close frame written and the
+/// client's close received) before the socket is dropped.
+pub(crate) const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Bytes read in one wake-up before yielding to other connections.
+const READ_BUDGET: usize = 256 << 10;
+
+/// A ping with an empty payload.
+static PING: Bytes = Bytes::from_static(&[0x89, 0x00]);
+
+/// How a connection ended, as reported in `disconnect`.
+#[derive(Debug, Clone)]
+pub(crate) struct Ending {
+    code: u16,
+    reason: String,
+    by: ClosedBy,
+}
+
+/// Sends the connection's single `disconnect` event when dropped, whatever
+/// ended the task (a normal close, an error, a panic, the runtime shutting down).
+#[derive(Debug)]
+pub(crate) struct DisconnectGuard {
+    shared: Arc<Shared>,
+    conn: Arc<Conn>,
+    ending: Option<Ending>,
+}
+
+impl DisconnectGuard {
+    pub(crate) fn new(shared: Arc<Shared>, conn: Arc<Conn>) -> Self {
+        Self { shared, conn, ending: None }
+    }
+
+    /// Records how the connection ended and sends the event.
+    pub(crate) fn finish(mut self, code: u16, reason: &str, by: ClosedBy) {
+        self.ending = Some(Ending { code, reason: reason.to_owned(), by });
+    }
+}
+
+impl Drop for DisconnectGuard {
+    fn drop(&mut self) {
+        let ending = self.ending.take().unwrap_or(Ending {
+            code: close::ABNORMAL,
+            reason: "connection task ended unexpectedly".into(),
+            by: ClosedBy::Gateway,
+        });
+        let s = &self.shared;
+        let c = &self.conn;
+        s.registry.remove(&c.key);
+        c.finish();
+        s.metrics.connections.dec();
+        let by = match ending.by {
+            ClosedBy::Client => "client",
+            ClosedBy::Network => "network",
+            ClosedBy::Gateway => "gateway",
+            ClosedBy::Origin => "origin",
+        };
+        s.metrics.disconnects.get_or_create(&crate::metrics::ClosedByLabel { closed_by: by }).inc();
+        let event = Event::Disconnect(DisconnectEvent {
+            id: format!("{}:disconnect", c.id),
+            connection_id: c.id.to_string(),
+            node: s.node.to_string(),
+            timestamp_ms: now_ms(),
+            user_id: c.user_id.as_deref().map(str::to_owned),
+            code: ending.code,
+            reason: ending.reason,
+            closed_by: ending.by,
+            duration_ms: c.connected_at.elapsed().unwrap_or_default().as_millis() as u64,
+            messages_in: c.messages_in.load(Relaxed),
+            messages_out: c.messages_out.load(Relaxed),
+        });
+        let json = serde_json::to_vec(&event).expect("events serialize");
+        // Reliable: never refused.
+        let _ = s.dispatcher.enqueue(&c.key, json.into(), None, true);
+    }
+}
+
+enum Phase {
+    Open,
+    /// Our close frame is queued (or sent); waiting for the client's.
+    Closing { peer_closed: bool, deadline: Instant },
+}
+
+struct Task {
+    shared: Arc<Shared>,
+    conn: Arc<Conn>,
+    stream: TcpStream,
+    decoder: Decoder,
+    /// Unconsumed bytes of an incomplete frame; `None` when idle.
+    rbuf: Option<BytesMut>,
+    seq: u64,
+    phase: Phase,
+    ending: Option<Ending>,
+    next_ping: Instant,
+    pong_deadline: Option<Instant>,
+    last_message: Instant,
+}
+
+/// Runs an accepted connection to its end, then sends its `disconnect`.
+pub(crate) async fn run(
+    shared: Arc<Shared>,
+    stream: TcpStream,
+    conn: Arc<Conn>,
+    leftover: Option<BytesMut>,
+    deflate: Option<DeflateParams>,
+    _socket: SocketGuard,
+) {
+    let guard = DisconnectGuard::new(shared.clone(), conn.clone());
+    let now = Instant::now();
+    let mut task = Task {
+        decoder: Decoder::new(shared.config.max_message_size, deflate),
+        next_ping: now + shared.config.ping_interval,
+        shared,
+        conn,
+        stream,
+        rbuf: leftover,
+        seq: 0,
+        phase: Phase::Open,
+        ending: None,
+        pong_deadline: None,
+        last_message: now,
+    };
+    let ending = task.drive().await;
+    guard.finish(ending.code, &ending.reason, ending.by);
+}
+
+impl Task {
+    async fn drive(&mut self) -> Ending {
+        // Bytes that arrived with the handshake.
+        if self.rbuf.is_some() {
+            if let Err(end) = self.decode_buffered() {
+                return end;
+            }
+        }
+        let sleep = tokio::time::sleep_until(self.next_deadline());
+        tokio::pin!(sleep);
+        loop {
+            if let Phase::Open = self.phase {
+                if let Some(req) = self.conn.take_close() {
+                    self.start_close(req.code, &req.reason, req.by);
+                }
+            }
+            let drained = match self.conn.flush(&self.stream, &self.shared.metrics) {
+                Ok(d) => d,
+                Err(_) => return self.end_or(close::ABNORMAL, "write failed", ClosedBy::Network),
+            };
+            if let Phase::Closing { peer_closed: true, .. } = self.phase {
+                if drained {
+                    return self.end_or(close::NORMAL, "", ClosedBy::Client);
+                }
+            }
+            let deadline = self.next_deadline();
+            if sleep.deadline() != deadline {
+                sleep.as_mut().reset(deadline);
+            }
+            let interest = if drained { Interest::READABLE } else { Interest::READABLE | Interest::WRITABLE };
+            tokio::select! {
+                biased;
+                ready = self.stream.ready(interest) => {
+                    let ready = match ready {
+                        Ok(r) => r,
+                        Err(_) => return self.end_or(close::ABNORMAL, "socket error", ClosedBy::Network),
+                    };
+                    if ready.is_readable() || ready.is_read_closed() {
+                        if let Err(end) = self.read_ready() {
+                            return end;
+                        }
+                    }
+                }
+                _ = self.conn.notify.notified() => {}
+                _ = &mut sleep => {
+                    if let Some(end) = self.on_timer() {
+                        return end;
+                    }
+                }
+            }
+        }
+    }
+
+    fn next_deadline(&self) -> Instant {
+        match self.phase {
+            Phase::Closing { deadline, .. } => deadline,
+            Phase::Open => {
+                let mut d = self.pong_deadline.unwrap_or(self.next_ping);
+                if let Some(idle) = self.shared.config.idle_timeout {
+                    d = d.min(self.last_message + idle);
+                }
+                d
+            }
+        }
+    }
+
+    fn on_timer(&mut self) -> Option<Ending> {
+        let now = Instant::now();
+        if let Phase::Closing { deadline, .. } = self.phase {
+            return (now >= deadline).then(|| self.end_or(close::ABNORMAL, "closing handshake timed out", ClosedBy::Gateway));
+        }
+        if self.pong_deadline.is_some_and(|d| now >= d) {
+            return Some(Ending { code: close::ABNORMAL, reason: "pong timeout".into(), by: ClosedBy::Gateway });
+        }
+        if let Some(idle) = self.shared.config.idle_timeout {
+            if now >= self.last_message + idle {
+                self.start_close(close::IDLE_TIMEOUT, "idle timeout", ClosedBy::Gateway);
+                return None;
+            }
+        }
+        if now >= self.next_ping {
+            self.next_ping = now + self.shared.config.ping_interval;
+            if self.pong_deadline.is_none() {
+                self.pong_deadline = Some(now + self.shared.config.pong_timeout);
+            }
+            self.conn.push(PING.clone(), &self.shared.metrics);
+        }
+        None
+    }
+
+    /// Queues our close frame and waits for the client's.
+    fn start_close(&mut self, code: u16, reason: &str, by: ClosedBy) {
+        if let Phase::Closing { .. } = self.phase {
+            return;
+        }
+        if code == close::ORIGIN_BACKLOG {
+            self.shared.metrics.backlog_closes.inc();
+        }
+        self.conn.seal_with(encode_close(code, reason));
+        self.ending.get_or_insert(Ending { code, reason: reason.to_owned(), by });
+        self.phase = Phase::Closing { peer_closed: false, deadline: Instant::now() + CLOSE_TIMEOUT };
+    }
+
+    fn end_or(&mut self, code: u16, reason: &str, by: ClosedBy) -> Ending {
+        self.ending.take().unwrap_or(Ending { code, reason: reason.to_owned(), by })
+    }
+
+    /// Reads what the socket has (up to a budget) and handles every complete message.
+    fn read_ready(&mut self) -> Result<(), Ending> {
+        let mut buf = self.rbuf.take().unwrap_or_else(pool::take);
+        let mut total = 0;
+        let result = loop {
+            if buf.capacity() - buf.len() < 1024 {
+                buf.reserve(pool::READ_BUF);
+            }
+            match self.stream.try_read_buf(&mut buf) {
+                Ok(0) => break Err(self.end_or(close::ABNORMAL, "connection closed without a close frame", ClosedBy::Network)),
+                Ok(n) => {
+                    total += n;
+                    self.conn.bytes_in.fetch_add(n as u64, Relaxed);
+                    self.shared.metrics.bytes_in.inc_by(n as u64);
+                    self.rbuf = Some(buf);
+                    self.decode_buffered()?;
+                    buf = self.rbuf.take().unwrap_or_else(pool::take);
+                    if total >= READ_BUDGET {
+                        break Ok(());
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break Ok(()),
+                Err(_) => break Err(self.end_or(close::ABNORMAL, "read failed", ClosedBy::Network)),
+            }
+        };
+        if buf.is_empty() {
+            pool::give(buf);
+        } else {
+            self.rbuf = Some(buf);
+        }
+        result
+    }
+
+    /// Decodes and handles every complete message in `rbuf`.
+    fn decode_buffered(&mut self) -> Result<(), Ending> {
+        let Some(mut buf) = self.rbuf.take() else { return Ok(()) };
+        let result = loop {
+            match self.decoder.decode(&mut buf) {
+                Ok(Some(msg)) => {
+                    if let Err(end) = self.on_message(msg) {
+                        break Err(end);
+                    }
+                }
+                Ok(None) => break Ok(()),
+                Err(e) => {
+                    self.shared.metrics.protocol_errors.inc();
+                    buf.clear();
+                    if let Phase::Open = self.phase {
+                        self.start_close(e.close_code(), &e.to_string(), ClosedBy::Gateway);
+                        // Nothing more will be read that we can trust.
+                        self.phase = Phase::Closing { peer_closed: true, deadline: Instant::now() + CLOSE_TIMEOUT };
+                    }
+                    break Ok(());
+                }
+            }
+        };
+        if buf.is_empty() {
+            pool::give(buf);
+        } else {
+            self.rbuf = Some(buf);
+        }
+        result
+    }
+
+    fn on_message(&mut self, msg: Message) -> Result<(), Ending> {
+        self.shared.metrics.frames_in.inc();
+        // Any frame proves the peer alive.
+        self.pong_deadline = None;
+        let closing = matches!(self.phase, Phase::Closing { .. });
+        match msg {
+            Message::Text(_) | Message::Binary(_) if closing => {}
+            Message::Text(data) => self.on_data(Payload::Text(bytes_to_string(data))),
+            Message::Binary(data) => self.on_data(Payload::Binary(data.to_vec())),
+            Message::Ping(p) => {
+                if !closing {
+                    self.conn.push(encode_frame(OpCode::Pong, &p), &self.shared.metrics);
+                }
+            }
+            Message::Pong(_) => {}
+            Message::Close(code, reason) => match &mut self.phase {
+                Phase::Open => {
+                    let reason = String::from_utf8_lossy(&reason).into_owned();
+                    let echo = match code {
+                        Some(c) => encode_close(c, ""),
+                        None => encode_frame(OpCode::Close, &[]),
+                    };
+                    self.conn.seal_with(echo);
+                    self.ending = Some(Ending { code: code.unwrap_or(close::NO_STATUS), reason, by: ClosedBy::Client });
+                    self.phase = Phase::Closing { peer_closed: true, deadline: Instant::now() + CLOSE_TIMEOUT };
+                }
+                Phase::Closing { peer_closed, .. } => *peer_closed = true,
+            },
+        }
+        Ok(())
+    }
+
+    fn on_data(&mut self, payload: Payload) {
+        self.seq += 1;
+        self.last_message = Instant::now();
+        self.conn.messages_in.fetch_add(1, Relaxed);
+        self.shared.metrics.messages_in.inc();
+        let event = Event::Message(MessageEvent {
+            id: format!("{}:{}", self.conn.id, self.seq),
+            connection_id: self.conn.id.to_string(),
+            node: self.shared.node.to_string(),
+            timestamp_ms: now_ms(),
+            seq: self.seq,
+            user_id: self.conn.user_id.as_deref().map(str::to_owned),
+            payload,
+        });
+        let json = serde_json::to_vec(&event).expect("events serialize");
+        if self.shared.dispatcher.enqueue(&self.conn.key, json.into(), Some(&self.conn), false).is_err() {
+            self.start_close(close::ORIGIN_BACKLOG, "origin backlog", ClosedBy::Gateway);
+        }
+    }
+}
+
+fn bytes_to_string(b: Bytes) -> String {
+    // The decoder has validated text messages as UTF-8.
+    String::from_utf8(b.to_vec()).unwrap_or_default()
+}

@@ -1,0 +1,379 @@
+//! The node: binding listeners, the accept loop, background tasks, and the
+//! graceful drain.
+//!
+//! [`Gateway::bind`] opens both listeners (so a bad address fails before
+//! anything runs); [`Gateway::run`] serves until its shutdown future resolves,
+//! then drains: `/readyz` turns 503, the client listener closes, clients are
+//! closed with 1012 spread over `drain-spread`, every pending origin event
+//! (disconnects included) is delivered, all within `drain-timeout`.
+
+use crate::config::{Config, ConfigError};
+use crate::control;
+use crate::handshake;
+use crate::metrics::Metrics;
+use crate::origin::dispatcher::{self, Dispatcher};
+use crate::origin::http::HttpOrigin;
+use crate::origin::{DevOrigin, OriginTransport};
+use crate::registry::{CloseRequest, Registry};
+use parking_lot::Mutex;
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use switchboard_proto::origin::{ClosedBy, Event, KeepaliveEvent};
+use switchboard_proto::ws::close;
+use switchboard_proto::NodeId;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// Most `keepalive` ids in one event.
+pub const KEEPALIVE_CHUNK: usize = 10_000;
+
+/// Sockets over `max-connections` that still get a 503 answer; beyond this
+/// many, extra sockets are closed without one.
+const REJECT_HEADROOM: usize = 1_024;
+
+/// Errors starting a gateway.
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    /// The configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// A listener could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The origin transport could not be set up.
+    #[error("origin: {0}")]
+    Origin(#[from] crate::origin::OriginError),
+}
+
+/// State shared by every task of the node.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub(crate) config: Config,
+    pub(crate) node: NodeId,
+    pub(crate) registry: Registry,
+    pub(crate) dispatcher: Dispatcher,
+    pub(crate) metrics: Metrics,
+    pub(crate) transport: Arc<dyn OriginTransport>,
+    /// Request headers forwarded in `connect`, lower-case.
+    pub(crate) forward_headers: Vec<String>,
+    pub(crate) draining: AtomicBool,
+    /// Fires when the drain deadline passes: pending work is abandoned.
+    pub(crate) give_up: CancellationToken,
+    /// Connection and handshake tasks.
+    pub(crate) conn_tasks: TaskTracker,
+    /// Open client sockets, handshaking ones included.
+    pub(crate) sockets: AtomicUsize,
+    per_ip: Mutex<HashMap<IpAddr, u32>>,
+    pub(crate) handshakes_rejected: AtomicU64,
+}
+
+impl Shared {
+    /// Counts a new socket from `ip`; the guard uncounts it when dropped.
+    pub(crate) fn track_socket(self: &Arc<Self>, ip: IpAddr) -> SocketGuard {
+        self.sockets.fetch_add(1, Relaxed);
+        let per_ip = {
+            let mut m = self.per_ip.lock();
+            let n = m.entry(ip).or_insert(0);
+            *n += 1;
+            *n
+        };
+        SocketGuard { shared: self.clone(), ip, per_ip }
+    }
+}
+
+/// Counts one open client socket (see [`Shared::track_socket`]).
+#[derive(Debug)]
+pub(crate) struct SocketGuard {
+    shared: Arc<Shared>,
+    ip: IpAddr,
+    /// Sockets from the same IP, this one included, when it was accepted.
+    pub(crate) per_ip: u32,
+}
+
+impl Drop for SocketGuard {
+    fn drop(&mut self) {
+        self.shared.sockets.fetch_sub(1, Relaxed);
+        let mut m = self.shared.per_ip.lock();
+        if let Some(n) = m.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// Unix time in milliseconds.
+pub(crate) fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as u64
+}
+
+/// What a drain did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DrainReport {
+    /// Connections closed by the drain.
+    pub closed: usize,
+    /// Whether everything (connections and origin events) finished in time.
+    pub completed: bool,
+    /// Origin events abandoned at the deadline.
+    pub events_dropped: u64,
+}
+
+/// A bound, not yet running, gateway node.
+#[derive(Debug)]
+pub struct Gateway {
+    shared: Arc<Shared>,
+    client: TcpListener,
+    control: TcpListener,
+}
+
+fn bind_listener(addr: SocketAddr) -> Result<TcpListener, GatewayError> {
+    let err = |source| GatewayError::Bind { addr, source };
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )
+    .map_err(err)?;
+    socket.set_reuse_address(true).map_err(err)?;
+    socket.set_nonblocking(true).map_err(err)?;
+    socket.bind(&addr.into()).map_err(err)?;
+    // The kernel caps this at net.core.somaxconn.
+    socket.listen(65_535).map_err(err)?;
+    TcpListener::from_std(socket.into()).map_err(err)
+}
+
+impl Gateway {
+    /// Validates `config`, sets up the origin transport it names, and binds
+    /// both listeners.
+    pub async fn bind(config: Config) -> Result<Self, GatewayError> {
+        config.validate()?;
+        let node = node_id(&config);
+        let transport: Arc<dyn OriginTransport> = match &config.origin {
+            Some(url) => Arc::new(HttpOrigin::new(
+                url,
+                config.origin_secret.as_deref(),
+                config.origin_timeout,
+                node.as_str(),
+            )?),
+            None => Arc::new(DevOrigin),
+        };
+        Self::bind_with_transport(config, transport).await
+    }
+
+    /// Like [`Gateway::bind`], with a given origin transport.
+    pub async fn bind_with_transport(
+        config: Config,
+        transport: Arc<dyn OriginTransport>,
+    ) -> Result<Self, GatewayError> {
+        config.validate()?;
+        let node = node_id(&config);
+        let client = bind_listener(config.listen)?;
+        let control = bind_listener(config.control_listen)?;
+        let shared = Arc::new(Shared {
+            node,
+            registry: Registry::new(),
+            dispatcher: Dispatcher::new(
+                config.origin_concurrency,
+                config.origin_queue_size,
+                config.max_pending_events,
+            ),
+            metrics: Metrics::new(),
+            transport,
+            forward_headers: config.forward_header.iter().map(|h| h.to_ascii_lowercase()).collect(),
+            draining: AtomicBool::new(false),
+            give_up: CancellationToken::new(),
+            conn_tasks: TaskTracker::new(),
+            sockets: AtomicUsize::new(0),
+            per_ip: Mutex::new(HashMap::new()),
+            handshakes_rejected: AtomicU64::new(0),
+            config,
+        });
+        Ok(Self { shared, client, control })
+    }
+
+    /// The client listener's address (useful with port 0).
+    pub fn client_addr(&self) -> SocketAddr {
+        self.client.local_addr().expect("a bound listener has an address")
+    }
+
+    /// The control listener's address.
+    pub fn control_addr(&self) -> SocketAddr {
+        self.control.local_addr().expect("a bound listener has an address")
+    }
+
+    /// This node's id.
+    pub fn node_id(&self) -> &NodeId {
+        &self.shared.node
+    }
+
+    /// Serves until `shutdown` resolves, then drains and returns.
+    pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> DrainReport {
+        let Self { shared, client, control } = self;
+        if shared.config.origin.is_none() {
+            tracing::warn!(
+                "DEV MODE: no origin configured; every connection is accepted and events are discarded"
+            );
+        }
+        tracing::info!(
+            node = %shared.node,
+            listen = %client.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+            control = %control.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+            "switchboard node started"
+        );
+        let workers = TaskTracker::new();
+        for idx in 0..shared.dispatcher.lane_count() {
+            workers.spawn(dispatcher::run_lane(shared.clone(), idx));
+        }
+        let stop_background = CancellationToken::new();
+        workers.spawn(keepalive_loop(shared.clone(), stop_background.clone()));
+        let control_stop = CancellationToken::new();
+        let control_task = tokio::spawn(control::serve(shared.clone(), control, control_stop.clone()));
+
+        accept_loop(&shared, &client, shutdown).await;
+
+        // --- drain ---
+        let started = Instant::now();
+        let deadline = tokio::time::Instant::now() + shared.config.drain_timeout;
+        shared.draining.store(true, Relaxed);
+        drop(client);
+        tracing::info!(connections = shared.registry.len(), "draining");
+        let closed = close_spread(&shared, deadline).await;
+        shared.conn_tasks.close();
+        let conns_done = tokio::time::timeout_at(deadline, shared.conn_tasks.wait()).await.is_ok();
+        stop_background.cancel();
+        shared.dispatcher.close();
+        workers.close();
+        let events_done = tokio::time::timeout_at(deadline, workers.wait()).await.is_ok();
+        let dropped_before = shared.metrics.origin_events_dropped.get();
+        if !(conns_done && events_done) {
+            shared.give_up.cancel();
+            // Lanes observe `give_up` at once and account for what they drop.
+            let _ = tokio::time::timeout(Duration::from_secs(1), workers.wait()).await;
+        }
+        let events_dropped = shared.metrics.origin_events_dropped.get() - dropped_before + shared.dispatcher.pending() as u64;
+        control_stop.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(1), control_task).await;
+        let completed = conns_done && events_done;
+        tracing::info!(closed, completed, events_dropped, elapsed = ?started.elapsed(), "drain finished");
+        DrainReport { closed, completed, events_dropped }
+    }
+}
+
+fn node_id(config: &Config) -> NodeId {
+    match &config.node_id {
+        // validate() has checked it.
+        Some(id) => NodeId::new(id).unwrap_or_else(|_| NodeId::random()),
+        None => NodeId::random(),
+    }
+}
+
+async fn accept_loop(shared: &Arc<Shared>, listener: &TcpListener, shutdown: impl Future<Output = ()>) {
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, remote) = tokio::select! {
+            _ = &mut shutdown => return,
+            r = listener.accept() => match r {
+                Ok(pair) => pair,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        accept_one(shared, stream, remote);
+    }
+}
+
+fn accept_one(shared: &Arc<Shared>, stream: TcpStream, remote: SocketAddr) {
+    if shared.sockets.load(Relaxed) >= shared.config.max_connections + REJECT_HEADROOM {
+        shared.metrics.handshake("over_capacity");
+        shared.handshakes_rejected.fetch_add(1, Relaxed);
+        return; // dropped: closes the socket
+    }
+    let _ = stream.set_nodelay(true);
+    let guard = shared.track_socket(remote.ip());
+    shared.conn_tasks.spawn(handshake::handle(shared.clone(), stream, remote, guard));
+}
+
+/// Closes every connection with 1012, spread evenly over `drain-spread`.
+async fn close_spread(shared: &Arc<Shared>, deadline: tokio::time::Instant) -> usize {
+    let conns = shared.registry.snapshot();
+    let total = conns.len();
+    if total == 0 {
+        return 0;
+    }
+    const TICK: Duration = Duration::from_millis(10);
+    let spread = shared.config.drain_spread;
+    let ticks = (spread.as_millis() / TICK.as_millis()).max(1) as usize;
+    let per_tick = total.div_ceil(ticks);
+    let mut interval = tokio::time::interval(TICK);
+    for chunk in conns.chunks(per_tick) {
+        interval.tick().await;
+        for c in chunk {
+            c.request_close(CloseRequest {
+                code: close::SERVICE_RESTART,
+                reason: "server restart, reconnect".into(),
+                by: ClosedBy::Gateway,
+                flush_first: true,
+            });
+        }
+        if tokio::time::Instant::now() >= deadline {
+            break;
+        }
+    }
+    total
+}
+
+/// Sends `keepalive` events listing live connections, in chunks.
+async fn keepalive_loop(shared: Arc<Shared>, stop: CancellationToken) {
+    let every = shared.config.keepalive_interval;
+    if every.is_zero() || shared.config.origin.is_none() {
+        return;
+    }
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut round = 0u64;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.cancelled() => return,
+        }
+        round += 1;
+        let mut ids = Vec::with_capacity(shared.registry.len());
+        shared.registry.for_each_id(|id| ids.push(id.to_string()));
+        for (i, chunk) in ids.chunks(KEEPALIVE_CHUNK).enumerate() {
+            let event = Event::Keepalive(KeepaliveEvent {
+                id: format!("{}:keepalive:{round}:{i}", shared.node),
+                node: shared.node.to_string(),
+                timestamp_ms: now_ms(),
+                connection_ids: chunk.to_vec(),
+            });
+            let json = serde_json::to_vec(&event).expect("events serialize");
+            let body = dispatcher::batch_body([&json[..]]);
+            let started = Instant::now();
+            let r = shared.transport.deliver(body).await;
+            let kind = crate::metrics::KindLabel { kind: "keepalive" };
+            shared.metrics.origin_duration.get_or_create(&kind).observe(started.elapsed().as_secs_f64());
+            match r {
+                Ok(answer) => dispatcher::apply_answer(&shared, answer),
+                Err(e) => {
+                    shared.metrics.origin_failures.get_or_create(&kind).inc();
+                    tracing::warn!(error = %e, "keepalive not delivered (the next one will follow)");
+                }
+            }
+        }
+    }
+}

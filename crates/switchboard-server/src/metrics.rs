@@ -1,0 +1,131 @@
+//! Prometheus metrics of one node, exposed at `GET /metrics` on the control
+//! listener. Names and labels are documented in `docs/operations.md`.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+/// Label for handshake outcomes.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct ResultLabel {
+    pub(crate) result: &'static str,
+}
+
+/// Label for origin request kinds.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct KindLabel {
+    pub(crate) kind: &'static str,
+}
+
+/// Label for disconnects.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct ClosedByLabel {
+    pub(crate) closed_by: &'static str,
+}
+
+/// Every metric of the node.
+#[derive(Debug)]
+pub(crate) struct Metrics {
+    pub(crate) registry: Registry,
+    pub(crate) connections: Gauge,
+    pub(crate) connections_total: Counter,
+    pub(crate) handshakes: Family<ResultLabel, Counter>,
+    pub(crate) disconnects: Family<ClosedByLabel, Counter>,
+    pub(crate) frames_in: Counter,
+    pub(crate) frames_out: Counter,
+    pub(crate) messages_in: Counter,
+    pub(crate) messages_out: Counter,
+    pub(crate) bytes_in: Counter,
+    pub(crate) bytes_out: Counter,
+    pub(crate) protocol_errors: Counter,
+    pub(crate) slow_consumer_closes: Counter,
+    pub(crate) backlog_closes: Counter,
+    pub(crate) origin_duration: Family<KindLabel, Histogram>,
+    pub(crate) origin_failures: Family<KindLabel, Counter>,
+    pub(crate) origin_retries: Counter,
+    pub(crate) origin_queue_depth: Gauge,
+    pub(crate) origin_events_delivered: Counter,
+    pub(crate) origin_events_dropped: Counter,
+}
+
+fn origin_histogram() -> Histogram {
+    Histogram::new([0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0])
+}
+
+impl Metrics {
+    pub(crate) fn new() -> Self {
+        let mut registry = Registry::with_prefix("switchboard");
+        let m = Self {
+            connections: Gauge::default(),
+            connections_total: Counter::default(),
+            handshakes: Family::default(),
+            disconnects: Family::default(),
+            frames_in: Counter::default(),
+            frames_out: Counter::default(),
+            messages_in: Counter::default(),
+            messages_out: Counter::default(),
+            bytes_in: Counter::default(),
+            bytes_out: Counter::default(),
+            protocol_errors: Counter::default(),
+            slow_consumer_closes: Counter::default(),
+            backlog_closes: Counter::default(),
+            origin_duration: Family::new_with_constructor(origin_histogram),
+            origin_failures: Family::default(),
+            origin_retries: Counter::default(),
+            origin_queue_depth: Gauge::default(),
+            origin_events_delivered: Counter::default(),
+            origin_events_dropped: Counter::default(),
+            registry: Registry::default(),
+        };
+        let r = &mut registry;
+        r.register("connections", "Open client connections accepted by the origin", m.connections.clone());
+        r.register("connections_accepted", "Connections accepted since start", m.connections_total.clone());
+        r.register("handshakes", "Handshakes by result", m.handshakes.clone());
+        r.register("disconnects", "Ended connections by who closed them", m.disconnects.clone());
+        r.register("frames_in", "WebSocket frames received from clients", m.frames_in.clone());
+        r.register("frames_out", "WebSocket frames queued to clients", m.frames_out.clone());
+        r.register("messages_in", "Data messages received from clients", m.messages_in.clone());
+        r.register("messages_out", "Data messages queued to clients", m.messages_out.clone());
+        r.register("bytes_in", "Bytes read from client sockets", m.bytes_in.clone());
+        r.register("bytes_out", "Bytes written to client sockets", m.bytes_out.clone());
+        r.register("protocol_errors", "Connections closed for breaking RFC 6455", m.protocol_errors.clone());
+        r.register(
+            "slow_consumer_closes",
+            "Connections closed (4001) because their outbound queue overflowed",
+            m.slow_consumer_closes.clone(),
+        );
+        r.register(
+            "origin_backlog_closes",
+            "Connections closed (4002) because their origin event queue overflowed",
+            m.backlog_closes.clone(),
+        );
+        r.register(
+            "origin_request_duration_seconds",
+            "Origin request latency by kind (connect, events, keepalive)",
+            m.origin_duration.clone(),
+        );
+        r.register("origin_request_failures", "Failed origin requests by kind", m.origin_failures.clone());
+        r.register("origin_retries", "Origin event requests retried", m.origin_retries.clone());
+        r.register("origin_queue_depth", "Events waiting for the origin", m.origin_queue_depth.clone());
+        r.register("origin_events_delivered", "Events the origin acknowledged", m.origin_events_delivered.clone());
+        r.register(
+            "origin_events_dropped",
+            "Events given up on (permanent origin error, or drain timeout)",
+            m.origin_events_dropped.clone(),
+        );
+        Self { registry, ..m }
+    }
+
+    pub(crate) fn handshake(&self, result: &'static str) {
+        self.handshakes.get_or_create(&ResultLabel { result }).inc();
+    }
+
+    pub(crate) fn encode(&self) -> String {
+        let mut s = String::new();
+        prometheus_client::encoding::text::encode(&mut s, &self.registry).expect("writing to a String cannot fail");
+        s
+    }
+}

@@ -1,0 +1,275 @@
+//! Event delivery to the origin: bounded queues, ordered lanes, batching and
+//! retries.
+//!
+//! Each connection is pinned to one of `origin-concurrency` lanes; a lane sends
+//! one request at a time and retries it (exponential backoff with jitter) until
+//! the origin takes it, so a connection's events arrive in order and at least
+//! once. While a request is in flight, new events pile up in the lane and leave
+//! together in the next request: an idle node sends one event per request with
+//! no added latency, a busy one sends up to `origin-batch-size`.
+//!
+//! Bounds: `max-pending-events` per connection and `origin-queue-size` per
+//! node. `disconnect` events bypass both — there is at most one per connection,
+//! so they are bounded by the connection count — because the origin is promised
+//! exactly one `disconnect` per accepted connection.
+
+use crate::gateway::Shared;
+use crate::metrics::KindLabel;
+use crate::registry::{Conn, Outgoing};
+use bytes::{BufMut, Bytes, BytesMut};
+use parking_lot::Mutex;
+use rand::Rng;
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use switchboard_proto::conn_id::ConnKey;
+use switchboard_proto::origin::OriginAnswer;
+use switchboard_proto::ConnectionId;
+use tokio::sync::Notify;
+
+/// The queue (per connection or node-wide) is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Backlog;
+
+#[derive(Debug)]
+struct QueuedEvent {
+    json: Bytes,
+    conn: Option<Arc<Conn>>,
+}
+
+#[derive(Debug, Default)]
+struct Lane {
+    queue: Mutex<VecDeque<QueuedEvent>>,
+    notify: Notify,
+}
+
+/// Per-node event queues, one lane per concurrent origin request.
+#[derive(Debug)]
+pub(crate) struct Dispatcher {
+    lanes: Box<[Lane]>,
+    pending: AtomicUsize,
+    max_pending: usize,
+    max_per_conn: usize,
+    closing: AtomicBool,
+}
+
+impl Dispatcher {
+    pub(crate) fn new(lanes: usize, max_pending: usize, max_per_conn: usize) -> Self {
+        Self {
+            lanes: (0..lanes).map(|_| Lane::default()).collect(),
+            pending: AtomicUsize::new(0),
+            max_pending,
+            max_per_conn,
+            closing: AtomicBool::new(false),
+        }
+    }
+
+    pub(crate) fn lane_count(&self) -> usize {
+        self.lanes.len()
+    }
+
+    /// Events waiting, node-wide.
+    pub(crate) fn pending(&self) -> usize {
+        self.pending.load(Relaxed)
+    }
+
+    /// Whether the node-wide queue has room for new connections' events.
+    pub(crate) fn has_room(&self) -> bool {
+        self.pending() < self.max_pending
+    }
+
+    /// Queues an event of `key`'s connection. `reliable` events (disconnects)
+    /// are never refused.
+    pub(crate) fn enqueue(
+        &self,
+        key: &ConnKey,
+        json: Bytes,
+        conn: Option<&Arc<Conn>>,
+        reliable: bool,
+    ) -> Result<(), Backlog> {
+        if !reliable {
+            if self.pending() >= self.max_pending {
+                return Err(Backlog);
+            }
+            if let Some(c) = conn {
+                if c.pending_events.load(Relaxed) >= self.max_per_conn {
+                    return Err(Backlog);
+                }
+            }
+        }
+        if let Some(c) = conn {
+            c.pending_events.fetch_add(1, Relaxed);
+        }
+        self.pending.fetch_add(1, Relaxed);
+        let lane = &self.lanes[usize::from(key[0]) % self.lanes.len()];
+        lane.queue.lock().push_back(QueuedEvent { json, conn: conn.cloned() });
+        lane.notify.notify_one();
+        Ok(())
+    }
+
+    /// No more events will be queued: lanes exit once empty.
+    pub(crate) fn close(&self) {
+        self.closing.store(true, Relaxed);
+        for lane in self.lanes.iter() {
+            lane.notify.notify_one();
+        }
+    }
+}
+
+/// Wraps serialized events into the request body `{"events":[...]}`.
+pub(crate) fn batch_body<'a>(events: impl IntoIterator<Item = &'a [u8]>) -> Bytes {
+    let mut body = BytesMut::with_capacity(256);
+    body.put_slice(b"{\"events\":[");
+    for (i, e) in events.into_iter().enumerate() {
+        if i > 0 {
+            body.put_u8(b',');
+        }
+        body.put_slice(e);
+    }
+    body.put_slice(b"]}");
+    body.freeze()
+}
+
+/// Retry delay before attempt `attempt + 1`: exponential, capped, with "equal
+/// jitter" (half fixed, half random) so retries of many nodes spread out.
+pub(crate) fn backoff(initial: Duration, max: Duration, attempt: u32) -> Duration {
+    let exp = initial.saturating_mul(1u32 << attempt.min(20)).min(max);
+    let half = exp / 2;
+    half + half.mul_f64(rand::rng().random::<f64>())
+}
+
+/// One lane's worker: runs until the dispatcher is closed and the lane is
+/// empty, or until `shared.give_up` fires (drain deadline).
+pub(crate) async fn run_lane(shared: Arc<Shared>, idx: usize) {
+    let d = &shared.dispatcher;
+    let lane = &d.lanes[idx];
+    let cfg = &shared.config;
+    loop {
+        let mut batch = take(lane, cfg.origin_batch_size);
+        if batch.is_empty() {
+            if d.closing.load(Relaxed) {
+                return;
+            }
+            tokio::select! {
+                _ = lane.notify.notified() => continue,
+                _ = shared.give_up.cancelled() => return,
+            }
+        }
+        if !cfg.origin_batch_linger.is_zero() && batch.len() < cfg.origin_batch_size {
+            tokio::time::sleep(cfg.origin_batch_linger).await;
+            batch.extend(take(lane, cfg.origin_batch_size - batch.len()));
+        }
+        let body = batch_body(batch.iter().map(|e| &e.json[..]));
+        let mut attempt = 0u32;
+        let answer = loop {
+            let started = Instant::now();
+            let result = tokio::select! {
+                r = shared.transport.deliver(body.clone()) => r,
+                _ = shared.give_up.cancelled() => {
+                    settle(&shared, &batch, false);
+                    drop_rest(&shared, lane);
+                    return;
+                }
+            };
+            shared
+                .metrics
+                .origin_duration
+                .get_or_create(&KindLabel { kind: "events" })
+                .observe(started.elapsed().as_secs_f64());
+            match result {
+                Ok(answer) => break Some(answer),
+                Err(e) => {
+                    shared.metrics.origin_failures.get_or_create(&KindLabel { kind: "events" }).inc();
+                    if !e.is_retryable() {
+                        tracing::error!(error = %e, events = batch.len(), "origin refused events; dropping them");
+                        break None;
+                    }
+                    let delay = backoff(cfg.origin_retry_initial, cfg.origin_retry_max, attempt);
+                    tracing::warn!(error = %e, attempt, retry_in = ?delay, events = batch.len(), "origin request failed; retrying");
+                    shared.metrics.origin_retries.inc();
+                    attempt += 1;
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = shared.give_up.cancelled() => {
+                            settle(&shared, &batch, false);
+                            drop_rest(&shared, lane);
+                            return;
+                        }
+                    }
+                }
+            }
+        };
+        let delivered = answer.is_some();
+        if let Some(answer) = answer {
+            apply_answer(&shared, answer);
+        }
+        settle(&shared, &batch, delivered);
+    }
+}
+
+fn take(lane: &Lane, max: usize) -> Vec<QueuedEvent> {
+    let mut q = lane.queue.lock();
+    let n = q.len().min(max);
+    q.drain(..n).collect()
+}
+
+/// Accounts for events that left the queue.
+fn settle(shared: &Shared, batch: &[QueuedEvent], delivered: bool) {
+    for e in batch {
+        if let Some(c) = &e.conn {
+            c.pending_events.fetch_sub(1, Relaxed);
+        }
+    }
+    shared.dispatcher.pending.fetch_sub(batch.len(), Relaxed);
+    let n = batch.len() as u64;
+    if delivered {
+        shared.metrics.origin_events_delivered.inc_by(n);
+    } else {
+        shared.metrics.origin_events_dropped.inc_by(n);
+    }
+}
+
+fn drop_rest(shared: &Shared, lane: &Lane) {
+    let rest: Vec<_> = lane.queue.lock().drain(..).collect();
+    if !rest.is_empty() {
+        tracing::error!(events = rest.len(), "drain deadline passed; events not delivered to the origin");
+    }
+    settle(shared, &rest, false);
+}
+
+/// Delivers the replies of an origin answer.
+pub(crate) fn apply_answer(shared: &Shared, answer: OriginAnswer) {
+    for reply in answer.replies {
+        let Some(conn) = ConnectionId::parse(&reply.connection_id)
+            .ok()
+            .filter(|id| id.node() == shared.node.as_str())
+            .and_then(|id| shared.registry.get(&id.key()))
+        else {
+            tracing::debug!(connection_id = %reply.connection_id, "reply to an unknown connection dropped");
+            continue;
+        };
+        conn.send(&Outgoing::new(reply.payload), &shared.metrics);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_with_jitter_and_caps() {
+        let (i, m) = (Duration::from_millis(100), Duration::from_secs(2));
+        for attempt in 0..30 {
+            let d = backoff(i, m, attempt);
+            let exp = (i * 2u32.pow(attempt.min(20))).min(m);
+            assert!(d >= exp / 2 && d <= exp, "{attempt}: {d:?}");
+        }
+    }
+
+    #[test]
+    fn body_shape() {
+        let b = batch_body([&b"{\"a\":1}"[..], b"{\"b\":2}"]);
+        assert_eq!(&b[..], br#"{"events":[{"a":1},{"b":2}]}"#);
+    }
+}

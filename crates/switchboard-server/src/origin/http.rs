@@ -1,0 +1,105 @@
+//! The HTTP webhook transport: one signed POST per batch.
+
+use super::{BoxFuture, ConnectDecision, OriginError, OriginTransport};
+use bytes::Bytes;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use switchboard_proto::origin::{signature, OriginAnswer, Rejection};
+
+/// Largest origin answer read, in bytes.
+const MAX_ANSWER_BYTES: usize = 16 << 20;
+
+/// Posts events to the origin URL.
+#[derive(Debug)]
+pub struct HttpOrigin {
+    client: reqwest::Client,
+    url: reqwest::Url,
+    secret: Option<Vec<u8>>,
+    node: String,
+}
+
+impl HttpOrigin {
+    /// A transport for `url`, signing with `secret` when given.
+    pub fn new(url: &str, secret: Option<&str>, timeout: Duration, node: &str) -> Result<Self, OriginError> {
+        let url = reqwest::Url::parse(url).map_err(|e| OriginError::Unreachable(format!("bad origin URL: {e}")))?;
+        let client = reqwest::Client::builder()
+            .timeout(timeout)
+            .connect_timeout(timeout)
+            .pool_idle_timeout(Duration::from_secs(60))
+            .tcp_nodelay(true)
+            .user_agent(concat!("switchboard/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| OriginError::Unreachable(e.to_string()))?;
+        Ok(Self {
+            client,
+            url,
+            secret: secret.map(|s| s.as_bytes().to_vec()),
+            node: node.to_owned(),
+        })
+    }
+
+    async fn post(&self, body: Bytes) -> Result<(u16, Bytes), OriginError> {
+        let mut req = self
+            .client
+            .post(self.url.clone())
+            .header("content-type", "application/json")
+            .header("x-switchboard-node", &self.node);
+        if let Some(secret) = &self.secret {
+            let ts = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
+            req = req
+                .header(signature::TIMESTAMP_HEADER, ts.to_string())
+                .header(signature::SIGNATURE_HEADER, signature::sign(secret, ts, &body));
+        }
+        let resp = req.body(body).send().await.map_err(classify)?;
+        let status = resp.status().as_u16();
+        if resp.content_length().is_some_and(|l| l as usize > MAX_ANSWER_BYTES) {
+            return Err(OriginError::BadAnswer("answer too large".into()));
+        }
+        let body = resp.bytes().await.map_err(classify)?;
+        if body.len() > MAX_ANSWER_BYTES {
+            return Err(OriginError::BadAnswer("answer too large".into()));
+        }
+        Ok((status, body))
+    }
+}
+
+fn classify(e: reqwest::Error) -> OriginError {
+    if e.is_timeout() {
+        OriginError::Timeout
+    } else {
+        OriginError::Unreachable(e.to_string())
+    }
+}
+
+fn parse_answer(body: &[u8]) -> Result<OriginAnswer, OriginError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(OriginAnswer::default());
+    }
+    serde_json::from_slice(body).map_err(|e| OriginError::BadAnswer(e.to_string()))
+}
+
+impl OriginTransport for HttpOrigin {
+    fn connect(&self, body: Bytes) -> BoxFuture<'_, Result<ConnectDecision, OriginError>> {
+        Box::pin(async move {
+            let (status, body) = self.post(body).await?;
+            match status {
+                200..=299 => parse_answer(&body).map(ConnectDecision::Accept),
+                400..=599 => {
+                    let reason = serde_json::from_slice::<Rejection>(&body).ok().and_then(|r| r.reason);
+                    Ok(ConnectDecision::Reject { status, reason })
+                }
+                other => Err(OriginError::Permanent(other)),
+            }
+        })
+    }
+
+    fn deliver(&self, body: Bytes) -> BoxFuture<'_, Result<OriginAnswer, OriginError>> {
+        Box::pin(async move {
+            let (status, body) = self.post(body).await?;
+            match status {
+                200..=299 => parse_answer(&body),
+                408 | 429 | 500..=599 => Err(OriginError::Retryable(status)),
+                other => Err(OriginError::Permanent(other)),
+            }
+        })
+    }
+}

@@ -1,0 +1,82 @@
+//! Talking to the origin: the [`OriginTransport`] trait, its HTTP webhook
+//! implementation, the dev-mode stand-in, and the [`dispatcher`] that queues,
+//! batches and retries events.
+//!
+//! The transport only moves bodies; ordering, batching, retries and bounds live
+//! in the dispatcher, so a NATS or Redis transport plugs in without repeating them.
+
+pub mod dispatcher;
+pub mod http;
+
+use bytes::Bytes;
+use std::future::Future;
+use std::pin::Pin;
+use switchboard_proto::origin::OriginAnswer;
+
+/// A boxed future, as returned by [`OriginTransport`] methods.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// The origin's decision on a `connect` event.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ConnectDecision {
+    /// Accepted, with what the origin attached.
+    Accept(OriginAnswer),
+    /// Refused with an HTTP status (4xx/5xx) the client sees, and a reason.
+    Reject {
+        /// Status for the client's handshake.
+        status: u16,
+        /// The origin's reason, shown to the client.
+        reason: Option<String>,
+    },
+}
+
+/// Why an origin request failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum OriginError {
+    /// Could not connect or the connection broke.
+    #[error("origin unreachable: {0}")]
+    Unreachable(String),
+    /// No answer within `origin-timeout`.
+    #[error("origin timed out")]
+    Timeout,
+    /// An error status worth retrying (5xx, 408, 429).
+    #[error("origin answered {0}")]
+    Retryable(u16),
+    /// An error status that retrying cannot fix (other 4xx, 3xx).
+    #[error("origin refused the events with {0}")]
+    Permanent(u16),
+    /// A 2xx whose body is not a valid answer.
+    #[error("invalid origin answer: {0}")]
+    BadAnswer(String),
+}
+
+impl OriginError {
+    /// Whether the same request may succeed later.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, Self::Unreachable(_) | Self::Timeout | Self::Retryable(_))
+    }
+}
+
+/// Carries event batches to the origin. Bodies are the JSON of
+/// [`switchboard_proto::origin::EventBatch`], already serialized.
+pub trait OriginTransport: Send + Sync + std::fmt::Debug + 'static {
+    /// Sends a batch holding one `connect` event and returns the decision.
+    fn connect(&self, body: Bytes) -> BoxFuture<'_, Result<ConnectDecision, OriginError>>;
+
+    /// Sends a batch of events; the answer may carry replies.
+    fn deliver(&self, body: Bytes) -> BoxFuture<'_, Result<OriginAnswer, OriginError>>;
+}
+
+/// Dev mode (no origin configured): accepts every connection and discards events.
+#[derive(Debug, Default)]
+pub struct DevOrigin;
+
+impl OriginTransport for DevOrigin {
+    fn connect(&self, _body: Bytes) -> BoxFuture<'_, Result<ConnectDecision, OriginError>> {
+        Box::pin(async { Ok(ConnectDecision::Accept(OriginAnswer::default())) })
+    }
+
+    fn deliver(&self, _body: Bytes) -> BoxFuture<'_, Result<OriginAnswer, OriginError>> {
+        Box::pin(async { Ok(OriginAnswer::default()) })
+    }
+}

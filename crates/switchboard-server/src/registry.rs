@@ -1,0 +1,363 @@
+//! The node's live connections: a sharded map from connection key to the
+//! connection's shared half ([`Conn`]), which owns its outbound queue.
+//!
+//! Anything that sends to a client (control API, origin replies, later channel
+//! fan-out) pushes an already-encoded frame (`Bytes`, shared between all
+//! recipients) onto the connection's queue and wakes its task; only that task
+//! touches the socket.
+
+use crate::metrics::Metrics;
+use bytes::{Buf, Bytes};
+use parking_lot::{Mutex, RwLock};
+use std::collections::{HashMap, VecDeque};
+use std::hash::{BuildHasherDefault, Hasher};
+use std::io::{self, IoSlice};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::SystemTime;
+use switchboard_proto::conn_id::ConnKey;
+use switchboard_proto::origin::{ClosedBy, Payload};
+use switchboard_proto::ws::deflate::deflate_message;
+use switchboard_proto::ws::frame::{encode_frame_with, OpCode};
+use switchboard_proto::ConnectionId;
+use tokio::net::TcpStream;
+use tokio::sync::Notify;
+
+/// Messages smaller than this are sent uncompressed even when
+/// permessage-deflate is on: compressing them costs more than it saves.
+const DEFLATE_MIN_BYTES: usize = 256;
+
+/// Most frames handed to one `writev` call.
+const MAX_IOVECS: usize = 64;
+
+/// A message encoded once, to be queued on any number of connections.
+#[derive(Debug, Clone)]
+pub(crate) struct Outgoing {
+    opcode: OpCode,
+    payload: Bytes,
+    /// The uncompressed frame, shared by every recipient.
+    frame: Bytes,
+}
+
+impl Outgoing {
+    pub(crate) fn new(payload: Payload) -> Self {
+        let (opcode, payload) = match payload {
+            Payload::Text(t) => (OpCode::Text, Bytes::from(t)),
+            Payload::Binary(b) => (OpCode::Binary, Bytes::from(b)),
+        };
+        let frame = encode_frame_with(opcode, false, &payload);
+        Self { opcode, payload, frame }
+    }
+
+    /// The frame for a connection, compressed if it negotiated permessage-deflate.
+    fn frame_for(&self, deflate: bool) -> Bytes {
+        if deflate && self.payload.len() >= DEFLATE_MIN_BYTES {
+            encode_frame_with(self.opcode, true, &deflate_message(&self.payload))
+        } else {
+            self.frame.clone()
+        }
+    }
+}
+
+/// A request to close a connection, set by whoever wants it closed and acted on
+/// by the connection's task.
+#[derive(Debug, Clone)]
+pub(crate) struct CloseRequest {
+    pub(crate) code: u16,
+    pub(crate) reason: String,
+    pub(crate) by: ClosedBy,
+    /// Send what is already queued before the close frame (false for slow consumers).
+    pub(crate) flush_first: bool,
+}
+
+#[derive(Debug, Default)]
+struct Outbound {
+    frames: VecDeque<Bytes>,
+    queued_bytes: usize,
+    close: Option<CloseRequest>,
+    /// A close frame is queued or the task has ended: nothing more is accepted.
+    sealed: bool,
+}
+
+/// Result of queueing a frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Queued {
+    Yes,
+    /// The connection is closing or gone.
+    Closed,
+}
+
+/// The shared half of a connection: identity, counters and outbound queue.
+#[derive(Debug)]
+pub(crate) struct Conn {
+    pub(crate) id: ConnectionId,
+    pub(crate) key: ConnKey,
+    pub(crate) remote: SocketAddr,
+    pub(crate) path: Box<str>,
+    pub(crate) user_id: Option<Box<str>>,
+    pub(crate) metadata: Option<Box<serde_json::Value>>,
+    pub(crate) subprotocol: Option<Box<str>>,
+    pub(crate) deflate: bool,
+    pub(crate) connected_at: SystemTime,
+    pub(crate) messages_in: AtomicU64,
+    pub(crate) messages_out: AtomicU64,
+    pub(crate) bytes_in: AtomicU64,
+    pub(crate) bytes_out: AtomicU64,
+    /// Events of this connection waiting for the origin.
+    pub(crate) pending_events: AtomicUsize,
+    max_outbound: usize,
+    out: Mutex<Outbound>,
+    /// Wakes the connection's task: a frame was queued or a close requested.
+    pub(crate) notify: Notify,
+}
+
+/// Identity of a new connection.
+#[derive(Debug)]
+pub(crate) struct ConnInit {
+    pub(crate) id: ConnectionId,
+    pub(crate) remote: SocketAddr,
+    pub(crate) path: String,
+    pub(crate) user_id: Option<String>,
+    pub(crate) metadata: Option<serde_json::Value>,
+    pub(crate) subprotocol: Option<String>,
+    pub(crate) deflate: bool,
+    pub(crate) max_outbound: usize,
+}
+
+impl Conn {
+    pub(crate) fn new(init: ConnInit) -> Self {
+        Self {
+            key: init.id.key(),
+            id: init.id,
+            remote: init.remote,
+            path: init.path.into(),
+            user_id: init.user_id.map(Into::into),
+            metadata: init.metadata.map(Box::new),
+            subprotocol: init.subprotocol.map(Into::into),
+            deflate: init.deflate,
+            connected_at: SystemTime::now(),
+            messages_in: AtomicU64::new(0),
+            messages_out: AtomicU64::new(0),
+            bytes_in: AtomicU64::new(0),
+            bytes_out: AtomicU64::new(0),
+            pending_events: AtomicUsize::new(0),
+            max_outbound: init.max_outbound,
+            out: Mutex::new(Outbound::default()),
+            notify: Notify::new(),
+        }
+    }
+
+    /// Queues a data message. Past `max-outbound-bytes` the connection is
+    /// marked for closing as a slow consumer (4001) and its queue is dropped.
+    pub(crate) fn send(&self, msg: &Outgoing, metrics: &Metrics) -> Queued {
+        let frame = msg.frame_for(self.deflate);
+        let r = self.push(frame, metrics);
+        if r == Queued::Yes {
+            self.messages_out.fetch_add(1, Relaxed);
+            metrics.messages_out.inc();
+        }
+        r
+    }
+
+    /// Queues a control frame (pong, ping, close), under the same byte bound.
+    pub(crate) fn push(&self, frame: Bytes, metrics: &Metrics) -> Queued {
+        let mut out = self.out.lock();
+        if out.sealed || out.close.is_some() {
+            return Queued::Closed;
+        }
+        if out.queued_bytes + frame.len() > self.max_outbound {
+            out.frames.clear();
+            out.queued_bytes = 0;
+            out.close = Some(CloseRequest {
+                code: switchboard_proto::ws::close::SLOW_CONSUMER,
+                reason: "slow consumer".into(),
+                by: ClosedBy::Gateway,
+                flush_first: false,
+            });
+            drop(out);
+            metrics.slow_consumer_closes.inc();
+            self.notify.notify_one();
+            return Queued::Closed;
+        }
+        let was_empty = out.frames.is_empty();
+        out.queued_bytes += frame.len();
+        out.frames.push_back(frame);
+        drop(out);
+        metrics.frames_out.inc();
+        if was_empty {
+            self.notify.notify_one();
+        }
+        Queued::Yes
+    }
+
+    /// Asks the connection's task to close; the first request wins.
+    pub(crate) fn request_close(&self, req: CloseRequest) -> Queued {
+        let mut out = self.out.lock();
+        if out.sealed || out.close.is_some() {
+            return Queued::Closed;
+        }
+        if !req.flush_first {
+            out.frames.clear();
+            out.queued_bytes = 0;
+        }
+        out.close = Some(req);
+        drop(out);
+        self.notify.notify_one();
+        Queued::Yes
+    }
+
+    /// Takes a pending close request (the task calls this when woken).
+    pub(crate) fn take_close(&self) -> Option<CloseRequest> {
+        self.out.lock().close.take()
+    }
+
+    /// Queues the final frame (a close frame) past any bound; nothing is
+    /// accepted after it.
+    pub(crate) fn seal_with(&self, frame: Bytes) {
+        let mut out = self.out.lock();
+        if out.sealed {
+            return;
+        }
+        out.sealed = true;
+        out.queued_bytes += frame.len();
+        out.frames.push_back(frame);
+    }
+
+    /// Marks the connection finished: later sends are refused and the queue freed.
+    pub(crate) fn finish(&self) {
+        let mut out = self.out.lock();
+        out.sealed = true;
+        out.close = None;
+        out.frames = VecDeque::new();
+        out.queued_bytes = 0;
+    }
+
+    /// Bytes queued and not yet written.
+    pub(crate) fn queued_bytes(&self) -> usize {
+        self.out.lock().queued_bytes
+    }
+
+    /// Writes queued frames until the queue is empty (`Ok(true)`) or the socket
+    /// would block (`Ok(false)`). Frames go out with vectored writes straight
+    /// from the shared `Bytes`: there is no per-connection write buffer.
+    pub(crate) fn flush(&self, stream: &TcpStream, metrics: &Metrics) -> io::Result<bool> {
+        let mut out = self.out.lock();
+        loop {
+            if out.frames.is_empty() {
+                if out.frames.capacity() > 16 {
+                    // A burst grew the queue: give the memory back while idle.
+                    out.frames = VecDeque::new();
+                }
+                return Ok(true);
+            }
+            let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
+            let mut n = 0;
+            for (slot, frame) in slices.iter_mut().zip(out.frames.iter()) {
+                *slot = IoSlice::new(frame);
+                n += 1;
+            }
+            // The lock is held across a non-blocking syscall only.
+            let written = match stream.try_write_vectored(&slices[..n]) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(w) => w,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                Err(e) => return Err(e),
+            };
+            out.queued_bytes -= written;
+            self.bytes_out.fetch_add(written as u64, Relaxed);
+            metrics.bytes_out.inc_by(written as u64);
+            let mut left = written;
+            while left > 0 {
+                let front = out.frames.front_mut().expect("written bytes came from queued frames");
+                if front.len() <= left {
+                    left -= front.len();
+                    out.frames.pop_front();
+                } else {
+                    front.advance(left);
+                    left = 0;
+                }
+            }
+        }
+    }
+}
+
+/// Hashes a connection key by its own random bits: keys come from the CSPRNG,
+/// so they are already uniformly spread and cannot be chosen by a client.
+#[derive(Default)]
+pub(crate) struct KeyHasher(u64);
+
+impl Hasher for KeyHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut b = [0u8; 8];
+            b[..chunk.len()].copy_from_slice(chunk);
+            self.0 = self.0.rotate_left(5) ^ u64::from_le_bytes(b);
+        }
+    }
+}
+
+type Shard = RwLock<HashMap<ConnKey, Arc<Conn>, BuildHasherDefault<KeyHasher>>>;
+
+const SHARDS: usize = 64;
+
+/// The node's live connections.
+#[derive(Debug)]
+pub(crate) struct Registry {
+    shards: Box<[Shard]>,
+    len: AtomicUsize,
+}
+
+impl Registry {
+    pub(crate) fn new() -> Self {
+        Self {
+            shards: (0..SHARDS).map(|_| Shard::default()).collect(),
+            len: AtomicUsize::new(0),
+        }
+    }
+
+    fn shard(&self, key: &ConnKey) -> &Shard {
+        &self.shards[usize::from(key[15]) % SHARDS]
+    }
+
+    pub(crate) fn insert(&self, conn: Arc<Conn>) {
+        self.shard(&conn.key).write().insert(conn.key, conn);
+        self.len.fetch_add(1, Relaxed);
+    }
+
+    pub(crate) fn remove(&self, key: &ConnKey) {
+        if self.shard(key).write().remove(key).is_some() {
+            self.len.fetch_sub(1, Relaxed);
+        }
+    }
+
+    pub(crate) fn get(&self, key: &ConnKey) -> Option<Arc<Conn>> {
+        self.shard(key).read().get(key).cloned()
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.len.load(Relaxed)
+    }
+
+    /// Every live connection, shard by shard (no lock is held by the caller).
+    pub(crate) fn snapshot(&self) -> Vec<Arc<Conn>> {
+        let mut all = Vec::with_capacity(self.len());
+        for s in self.shards.iter() {
+            all.extend(s.read().values().cloned());
+        }
+        all
+    }
+
+    /// Calls `f` with each live connection id, one shard lock at a time.
+    pub(crate) fn for_each_id(&self, mut f: impl FnMut(&ConnectionId)) {
+        for s in self.shards.iter() {
+            for c in s.read().values() {
+                f(&c.id);
+            }
+        }
+    }
+}

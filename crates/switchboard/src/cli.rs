@@ -1,0 +1,304 @@
+//! Command-line arguments and configuration loading.
+//!
+//! Every `serve` option exists three ways: `--flag`, `SWITCHBOARD_FLAG`, and the
+//! `flag` key of the TOML file given with `--config`; a flag beats the
+//! environment, which beats the file, which beats the default.
+
+use clap::{Parser, Subcommand};
+use serde::Serialize;
+use switchboard_server::Config;
+
+/// Switchboard: a WebSocket gateway that holds client connections for your app.
+#[derive(Debug, Parser)]
+#[command(name = "switchboard", version, about)]
+pub(crate) struct Cli {
+    #[command(subcommand)]
+    pub(crate) command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub(crate) enum Command {
+    /// Run a gateway node.
+    Serve(Box<ServeArgs>),
+}
+
+/// Options of `switchboard serve`. Field names match `Config` keys.
+#[derive(Debug, Clone, Default, clap::Args, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub(crate) struct ServeArgs {
+    /// TOML configuration file (keys are the option names without `--`).
+    #[arg(long, env = "SWITCHBOARD_CONFIG", value_name = "FILE")]
+    #[serde(skip)]
+    pub(crate) config: Option<std::path::PathBuf>,
+
+    /// Validate the configuration, print it, and exit.
+    #[arg(long)]
+    #[serde(skip)]
+    pub(crate) check: bool,
+
+    /// Log filter, e.g. `info` or `switchboard_server=debug` [default: info].
+    #[arg(long, env = "SWITCHBOARD_LOG_LEVEL", value_name = "FILTER")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) log_level: Option<String>,
+
+    /// Log format: `auto` (text on a terminal, JSON otherwise), `json` or `text` [default: auto].
+    #[arg(long, env = "SWITCHBOARD_LOG_FORMAT", value_name = "FORMAT")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) log_format: Option<String>,
+
+    /// Client WebSocket listener [default: 0.0.0.0:8080].
+    #[arg(long, env = "SWITCHBOARD_LISTEN", value_name = "ADDR")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    listen: Option<String>,
+
+    /// Control API and operations listener [default: 127.0.0.1:8081].
+    #[arg(long, env = "SWITCHBOARD_CONTROL_LISTEN", value_name = "ADDR")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    control_listen: Option<String>,
+
+    /// This node's id, 1-32 of [A-Za-z0-9_-] [default: random].
+    #[arg(long, env = "SWITCHBOARD_NODE_ID", value_name = "ID")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    node_id: Option<String>,
+
+    /// Origin webhook URL; without it the node runs in dev mode (accept all, discard events).
+    #[arg(long, env = "SWITCHBOARD_ORIGIN", value_name = "URL")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    origin: Option<String>,
+
+    /// Secret for the HMAC-SHA256 signature of origin requests.
+    #[arg(long, env = "SWITCHBOARD_ORIGIN_SECRET", value_name = "SECRET", hide_env_values = true)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    origin_secret: Option<String>,
+
+    /// Timeout of one origin request [default: 10s].
+    #[arg(long, env = "SWITCHBOARD_ORIGIN_TIMEOUT", value_name = "DURATION")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    origin_timeout: Option<String>,
+
+    /// Origin requests in flight at once (event lanes) [default: 16].
+    #[arg(long, env = "SWITCHBOARD_ORIGIN_CONCURRENCY", value_name = "N")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    origin_concurrency: Option<usize>,
+
+    /// Most events in one origin request [default: 100].
+    #[arg(long, env = "SWITCHBOARD_ORIGIN_BATCH_SIZE", value_name = "N")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    origin_batch_size: Option<usize>,
+
+    /// Wait for more events before sending a partial batch [default: 0s].
+    #[arg(long, env = "SWITCHBOARD_ORIGIN_BATCH_LINGER", value_name = "DURATION")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    origin_batch_linger: Option<String>,
+
+    /// First retry delay for origin requests, doubled each retry with jitter [default: 100ms].
+    #[arg(long, env = "SWITCHBOARD_ORIGIN_RETRY_INITIAL", value_name = "DURATION")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    origin_retry_initial: Option<String>,
+
+    /// Longest retry delay for origin requests [default: 10s].
+    #[arg(long, env = "SWITCHBOARD_ORIGIN_RETRY_MAX", value_name = "DURATION")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    origin_retry_max: Option<String>,
+
+    /// Events waiting for the origin, node-wide [default: 100000].
+    #[arg(long, env = "SWITCHBOARD_ORIGIN_QUEUE_SIZE", value_name = "N")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    origin_queue_size: Option<usize>,
+
+    /// Events waiting for the origin per connection; past it the connection closes with 4002 [default: 1000].
+    #[arg(long, env = "SWITCHBOARD_MAX_PENDING_EVENTS", value_name = "N")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_pending_events: Option<usize>,
+
+    /// Interval of keepalive events listing live connections; 0s disables [default: 30s].
+    #[arg(long, env = "SWITCHBOARD_KEEPALIVE_INTERVAL", value_name = "DURATION")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    keepalive_interval: Option<String>,
+
+    /// Control API key (repeatable, for rotation; comma-separated in the environment).
+    #[arg(long, env = "SWITCHBOARD_API_KEY", value_name = "KEY", value_delimiter = ',', hide_env_values = true)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    api_key: Option<Vec<String>>,
+
+    /// Accepted subprotocol (repeatable).
+    #[arg(long, env = "SWITCHBOARD_SUBPROTOCOL", value_name = "NAME", value_delimiter = ',')]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    subprotocol: Option<Vec<String>>,
+
+    /// Negotiate permessage-deflate with clients that offer it [default: false].
+    #[arg(long, env = "SWITCHBOARD_PERMESSAGE_DEFLATE", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    permessage_deflate: Option<bool>,
+
+    /// Request header passed to the origin in `connect` (repeatable) [default: user-agent, origin, accept-language, x-forwarded-for].
+    #[arg(long, env = "SWITCHBOARD_FORWARD_HEADER", value_name = "NAME", value_delimiter = ',')]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    forward_header: Option<Vec<String>>,
+
+    /// Interval of WebSocket pings [default: 25s].
+    #[arg(long, env = "SWITCHBOARD_PING_INTERVAL", value_name = "DURATION")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ping_interval: Option<String>,
+
+    /// Time allowed for a pong before the connection is dropped [default: 10s].
+    #[arg(long, env = "SWITCHBOARD_PONG_TIMEOUT", value_name = "DURATION")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pong_timeout: Option<String>,
+
+    /// Time allowed for the whole opening handshake, origin decision included [default: 10s].
+    #[arg(long, env = "SWITCHBOARD_HANDSHAKE_TIMEOUT", value_name = "DURATION")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    handshake_timeout: Option<String>,
+
+    /// Close (4003) connections that send nothing for this long [default: never].
+    #[arg(long, env = "SWITCHBOARD_IDLE_TIMEOUT", value_name = "DURATION")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    idle_timeout: Option<String>,
+
+    /// Largest client message in bytes; larger closes with 1009 [default: 1048576].
+    #[arg(long, env = "SWITCHBOARD_MAX_MESSAGE_SIZE", value_name = "BYTES")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_message_size: Option<usize>,
+
+    /// Largest request head in bytes; larger gets 431 [default: 8192].
+    #[arg(long, env = "SWITCHBOARD_MAX_HEADER_BYTES", value_name = "BYTES")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_header_bytes: Option<usize>,
+
+    /// Most client sockets at once; more get 503 [default: 1000000].
+    #[arg(long, env = "SWITCHBOARD_MAX_CONNECTIONS", value_name = "N")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_connections: Option<usize>,
+
+    /// Most client sockets from one IP; more get 503; 0 means no cap [default: 10000].
+    #[arg(long, env = "SWITCHBOARD_MAX_CONNECTIONS_PER_IP", value_name = "N")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_connections_per_ip: Option<usize>,
+
+    /// Bytes queued for one client before it is closed as a slow consumer (4001) [default: 524288].
+    #[arg(long, env = "SWITCHBOARD_MAX_OUTBOUND_BYTES", value_name = "BYTES")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_outbound_bytes: Option<usize>,
+
+    /// Upper bound of a graceful drain [default: 30s].
+    #[arg(long, env = "SWITCHBOARD_DRAIN_TIMEOUT", value_name = "DURATION")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    drain_timeout: Option<String>,
+
+    /// Window over which a drain closes clients with 1012 [default: 5s].
+    #[arg(long, env = "SWITCHBOARD_DRAIN_SPREAD", value_name = "DURATION")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    drain_spread: Option<String>,
+}
+
+/// The result of loading: the gateway's config plus the binary's own settings.
+#[derive(Debug)]
+pub(crate) struct Loaded {
+    pub(crate) config: Config,
+    pub(crate) log_level: String,
+    pub(crate) log_format: String,
+}
+
+/// Merges defaults, the TOML file, and flags/environment (already merged by clap).
+pub(crate) fn load(args: &ServeArgs) -> Result<Loaded, String> {
+    let mut table = match &args.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+            toml::from_str::<toml::Table>(&text).map_err(|e| format!("{}: {e}", path.display()))?
+        }
+        None => toml::Table::new(),
+    };
+    let overrides = toml::Table::try_from(args).map_err(|e| e.to_string())?;
+    table.extend(overrides);
+    let take_str = |t: &mut toml::Table, key: &str, default: &str| -> Result<String, String> {
+        match t.remove(key) {
+            None => Ok(default.to_owned()),
+            Some(toml::Value::String(s)) => Ok(s),
+            Some(other) => Err(format!("`{key}` must be a string, got {other}")),
+        }
+    };
+    let log_level = take_str(&mut table, "log-level", "info")?;
+    let log_format = take_str(&mut table, "log-format", "auto")?;
+    let config: Config = toml::Value::Table(table).try_into().map_err(|e: toml::de::Error| e.to_string())?;
+    config.validate().map_err(|e| e.to_string())?;
+    Ok(Loaded { config, log_level, log_format })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+    use std::time::Duration;
+
+    fn parse(argv: &[&str]) -> ServeArgs {
+        let mut full = vec!["switchboard", "serve"];
+        full.extend_from_slice(argv);
+        match Cli::try_parse_from(full).unwrap().command {
+            Command::Serve(a) => *a,
+        }
+    }
+
+    #[test]
+    fn flags_beat_file_which_beats_defaults() {
+        let dir = std::env::temp_dir().join(format!("sb-cli-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("c.toml");
+        std::fs::write(
+            &file,
+            "ping-interval = \"7s\"\nmax-message-size = 1000\nsubprotocol = [\"a\"]\nlog-level = \"debug\"\n",
+        )
+        .unwrap();
+        let args = parse(&["--config", file.to_str().unwrap(), "--max-message-size", "2000"]);
+        let l = load(&args).unwrap();
+        assert_eq!(l.config.ping_interval, Duration::from_secs(7));
+        assert_eq!(l.config.max_message_size, 2000);
+        assert_eq!(l.config.subprotocol, vec!["a".to_string()]);
+        assert_eq!(l.config.pong_timeout, Config::default().pong_timeout);
+        assert_eq!(l.log_level, "debug");
+        std::fs::write(&file, "no-such-option = 1\n").unwrap();
+        assert!(load(&args).unwrap_err().contains("no-such-option"));
+    }
+
+    #[test]
+    fn repeatable_and_boolean_flags() {
+        let a = parse(&["--subprotocol", "x", "--subprotocol", "y", "--permessage-deflate", "--idle-timeout", "1m"]);
+        let l = load(&a).unwrap();
+        assert_eq!(l.config.subprotocol, ["x", "y"]);
+        assert!(l.config.permessage_deflate);
+        assert_eq!(l.config.idle_timeout, Some(Duration::from_secs(60)));
+        let bad = parse(&["--control-listen", "0.0.0.0:9"]);
+        assert!(load(&bad).unwrap_err().contains("api-key"));
+    }
+
+    /// Every `serve` option is documented in docs/configuration.md and every
+    /// documented option exists; every config key has a flag.
+    #[test]
+    fn docs_and_help_agree() {
+        let docs = include_str!("../../../docs/configuration.md");
+        let cmd = Cli::command();
+        let serve = cmd.find_subcommand("serve").unwrap();
+        let flags: Vec<String> = serve
+            .get_arguments()
+            .filter_map(|a| a.get_long())
+            .filter(|l| *l != "help")
+            .map(str::to_owned)
+            .collect();
+        for f in &flags {
+            assert!(docs.contains(&format!("`--{f}`")), "--{f} is not documented in docs/configuration.md");
+            let env = format!("SWITCHBOARD_{}", f.to_uppercase().replace('-', "_"));
+            if f != "check" {
+                assert!(docs.contains(&env), "{env} is not documented");
+            }
+        }
+        for line in docs.lines().filter(|l| l.starts_with("| `--")) {
+            let flag = line.split('`').nth(1).unwrap().trim_start_matches("--");
+            assert!(flags.iter().any(|f| f == flag), "docs list --{flag}, which `serve` does not have");
+        }
+        let keys = serde_json::to_value(Config::default()).unwrap();
+        for key in keys.as_object().unwrap().keys() {
+            assert!(flags.contains(key), "config key {key} has no flag");
+        }
+    }
+}
