@@ -75,8 +75,18 @@ impl IntoResponse for ApiError {
     }
 }
 
-fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
-    serde_json::from_slice(body).map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_body", e.to_string()))
+/// A request body, or the JSON error for one that could not be read.
+type Body = Result<Bytes, axum::extract::rejection::BytesRejection>;
+
+fn parse_json<T: DeserializeOwned>(body: Body) -> Result<T, ApiError> {
+    let body = body.map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", format!("request body over {MAX_BODY} bytes"))
+        } else {
+            ApiError::new(StatusCode::BAD_REQUEST, "invalid_body", e.body_text())
+        }
+    })?;
+    serde_json::from_slice(&body).map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_body", e.to_string()))
 }
 
 pub(crate) async fn serve(shared: Arc<Shared>, listener: TcpListener, stop: CancellationToken) {
@@ -161,8 +171,8 @@ fn lookup(s: &Shared, id: &str) -> Result<Arc<Conn>, ApiError> {
         .ok_or_else(|| ApiError::not_found(id))
 }
 
-async fn send_one(State(s): State<Arc<Shared>>, Path(id): Path<String>, body: Bytes) -> Result<Json<SendResponse>, ApiError> {
-    let payload: Payload = parse_json(&body)?;
+async fn send_one(State(s): State<Arc<Shared>>, Path(id): Path<String>, body: Body) -> Result<Json<SendResponse>, ApiError> {
+    let payload: Payload = parse_json(body)?;
     let conn = lookup(&s, &id)?;
     match conn.send(&Outgoing::new(payload), &s.metrics) {
         Queued::Yes => Ok(Json(SendResponse { status: Delivery::Delivered })),
@@ -170,8 +180,8 @@ async fn send_one(State(s): State<Arc<Shared>>, Path(id): Path<String>, body: By
     }
 }
 
-async fn send_batch(State(s): State<Arc<Shared>>, body: Bytes) -> Result<Json<BatchSendResponse>, ApiError> {
-    let req: BatchSendRequest = parse_json(&body)?;
+async fn send_batch(State(s): State<Arc<Shared>>, body: Body) -> Result<Json<BatchSendResponse>, ApiError> {
+    let req: BatchSendRequest = parse_json(body)?;
     let results = req
         .messages
         .into_iter()
