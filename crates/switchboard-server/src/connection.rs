@@ -375,3 +375,41 @@ fn bytes_to_string(b: Bytes) -> String {
     // The decoder has validated text messages as UTF-8.
     String::from_utf8(b.to_vec()).unwrap_or_default()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::registry::ConnInit;
+    use crate::{Config, Gateway};
+
+    /// The connection task is what a million idle connections multiply: its
+    /// future (the whole task state, inline) must stay small.
+    #[tokio::test]
+    async fn connection_task_state_is_small() {
+        let config = Config {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            control_listen: "127.0.0.1:0".parse().unwrap(),
+            ..Config::default()
+        };
+        let gw = Gateway::bind(config).await.unwrap();
+        let shared = gw.shared();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = tokio::net::TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let remote = client.local_addr().unwrap();
+        let conn = Arc::new(Conn::new(ConnInit {
+            id: switchboard_proto::ConnectionId::generate(&shared.node),
+            remote,
+            path: "/".into(),
+            user_id: None,
+            metadata: None,
+            subprotocol: None,
+            deflate: false,
+            max_outbound: 1024,
+        }));
+        let guard = shared.track_socket(remote.ip());
+        let fut = run(shared.clone(), client, conn, None, None, guard);
+        let size = std::mem::size_of_val(&fut);
+        eprintln!("connection future: {size} bytes");
+        assert!(size <= 1024, "connection future is {size} bytes");
+    }
+}

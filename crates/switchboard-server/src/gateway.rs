@@ -212,6 +212,11 @@ impl Gateway {
         self.control.local_addr().expect("a bound listener has an address")
     }
 
+    #[cfg(test)]
+    pub(crate) fn shared(&self) -> Arc<Shared> {
+        self.shared.clone()
+    }
+
     /// This node's id.
     pub fn node_id(&self) -> &NodeId {
         &self.shared.node

@@ -89,7 +89,10 @@ pub(crate) async fn handle(shared: Arc<Shared>, mut stream: TcpStream, remote: S
             } else {
                 Some(buf)
             };
-            connection::run(shared, stream, conn, leftover, deflate, guard).await;
+            // A task of its own, so the connection holds none of the
+            // handshake's state while it lives.
+            let tasks = shared.conn_tasks.clone();
+            tasks.spawn(connection::run(shared, stream, conn, leftover, deflate, guard));
         }
     }
 }

@@ -26,7 +26,11 @@ fn serve(args: cli::ServeArgs) -> ExitCode {
         }
     };
     if args.check {
-        println!("{}", toml::to_string_pretty(&loaded.config).unwrap_or_default());
+        let mut shown = loaded.config.clone();
+        // Never print secrets.
+        shown.origin_secret = shown.origin_secret.map(|_| "<redacted>".into());
+        shown.api_key = shown.api_key.iter().map(|_| "<redacted>".into()).collect();
+        println!("{}", toml::to_string_pretty(&shown).unwrap_or_default());
         eprintln!("switchboard: configuration is valid");
         return ExitCode::SUCCESS;
     }
@@ -90,7 +94,10 @@ fn init_logging(level: &str, format: &str) -> Result<(), String> {
         "auto" => !std::io::stderr().is_terminal(),
         other => return Err(format!("invalid log-format {other:?}: expected auto, json or text")),
     };
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
     if json {
         builder.json().flatten_event(true).init();
     } else {
