@@ -299,12 +299,18 @@ impl Task {
                 }
                 Ok(None) => break Ok(()),
                 Err(e) => {
-                    self.shared.metrics.protocol_errors.inc();
                     buf.clear();
-                    if let Phase::Open = self.phase {
-                        self.start_close(e.close_code(), &e.to_string(), ClosedBy::Gateway);
-                        // Nothing more will be read that we can trust.
-                        self.phase = Phase::Closing { peer_closed: true, deadline: Instant::now() + CLOSE_TIMEOUT };
+                    match &mut self.phase {
+                        Phase::Open => {
+                            self.shared.metrics.protocol_errors.inc();
+                            self.start_close(e.close_code(), &e.to_string(), ClosedBy::Gateway);
+                            // Nothing more will be read that we can trust.
+                            self.phase = Phase::Closing { peer_closed: true, deadline: Instant::now() + CLOSE_TIMEOUT };
+                        }
+                        // Our close is already out; the peer's reply may echo a
+                        // code it may not send (e.g. 1012 after a drain). Either
+                        // way nothing more will come: stop waiting for it.
+                        Phase::Closing { peer_closed, .. } => *peer_closed = true,
                     }
                     break Ok(());
                 }

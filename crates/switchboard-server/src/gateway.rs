@@ -168,7 +168,8 @@ impl Gateway {
             )?),
             None => Arc::new(DevOrigin),
         };
-        Self::bind_with_transport(config, transport).await
+        // The node id the transport sends in `x-switchboard-node` (random when unset).
+        Self::bind_node(config, node, transport).await
     }
 
     /// Like [`Gateway::bind`], with a given origin transport.
@@ -178,6 +179,10 @@ impl Gateway {
     ) -> Result<Self, GatewayError> {
         config.validate()?;
         let node = node_id(&config);
+        Self::bind_node(config, node, transport).await
+    }
+
+    async fn bind_node(config: Config, node: NodeId, transport: Arc<dyn OriginTransport>) -> Result<Self, GatewayError> {
         let client = bind_listener(config.listen)?;
         let control = bind_listener(config.control_listen)?;
         let shared = Arc::new(Shared {
@@ -313,31 +318,26 @@ fn accept_one(shared: &Arc<Shared>, stream: TcpStream, remote: SocketAddr) {
     shared.conn_tasks.spawn(handshake::handle(shared.clone(), stream, remote, guard));
 }
 
-/// Closes every connection with 1012, spread evenly over `drain-spread`.
+/// Closes every connection with 1012, spread evenly over `drain-spread`:
+/// connection `i` of `n` is closed at `start + spread * i / n` (to a 10 ms
+/// granularity), so a few clients are spread as much as a million.
 async fn close_spread(shared: &Arc<Shared>, deadline: tokio::time::Instant) -> usize {
+    const GRANULARITY: Duration = Duration::from_millis(10);
     let conns = shared.registry.snapshot();
     let total = conns.len();
-    if total == 0 {
-        return 0;
-    }
-    const TICK: Duration = Duration::from_millis(10);
+    let start = tokio::time::Instant::now();
     let spread = shared.config.drain_spread;
-    let ticks = (spread.as_millis() / TICK.as_millis()).max(1) as usize;
-    let per_tick = total.div_ceil(ticks);
-    let mut interval = tokio::time::interval(TICK);
-    for chunk in conns.chunks(per_tick) {
-        interval.tick().await;
-        for c in chunk {
-            c.request_close(CloseRequest {
-                code: close::SERVICE_RESTART,
-                reason: "server restart, reconnect".into(),
-                by: ClosedBy::Gateway,
-                flush_first: true,
-            });
+    for (i, c) in conns.iter().enumerate() {
+        let at = (start + spread.mul_f64(i as f64 / total as f64)).min(deadline);
+        if at > tokio::time::Instant::now() + GRANULARITY {
+            tokio::time::sleep_until(at).await;
         }
-        if tokio::time::Instant::now() >= deadline {
-            break;
-        }
+        c.request_close(CloseRequest {
+            code: close::SERVICE_RESTART,
+            reason: "server restart, reconnect".into(),
+            by: ClosedBy::Gateway,
+            flush_first: true,
+        });
     }
     total
 }

@@ -105,6 +105,10 @@ async fn read_head(
 ) -> Result<(Request, usize), Option<Refusal>> {
     loop {
         match hs::parse_request(buf) {
+            // A whole head can arrive in one read: check its size here too.
+            Ok(Some((_, len))) if len > max => {
+                return Err(Some(refuse(431, "header_too_large", format!("request head over {max} bytes"), "header_too_large")))
+            }
             Ok(Some(done)) => return Ok(done),
             Ok(None) if buf.len() >= max => {
                 return Err(Some(refuse(431, "header_too_large", format!("request head over {max} bytes"), "header_too_large")))

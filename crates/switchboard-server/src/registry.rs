@@ -78,6 +78,23 @@ struct Outbound {
     close: Option<CloseRequest>,
     /// A close frame is queued or the task has ended: nothing more is accepted.
     sealed: bool,
+    /// The front frame is partly written to the socket.
+    front_partial: bool,
+}
+
+impl Outbound {
+    /// Drops the queued frames, except the rest of a partly written one:
+    /// cutting a frame short would corrupt the stream (and hide the close
+    /// frame that follows).
+    fn discard(&mut self) {
+        let keep = if self.front_partial { self.frames.pop_front() } else { None };
+        self.frames.clear();
+        self.queued_bytes = 0;
+        if let Some(rest) = keep {
+            self.queued_bytes = rest.len();
+            self.frames.push_back(rest);
+        }
+    }
 }
 
 /// Result of queueing a frame.
@@ -167,8 +184,7 @@ impl Conn {
             return Queued::Closed;
         }
         if out.queued_bytes + frame.len() > self.max_outbound {
-            out.frames.clear();
-            out.queued_bytes = 0;
+            out.discard();
             out.close = Some(CloseRequest {
                 code: switchboard_proto::ws::close::SLOW_CONSUMER,
                 reason: "slow consumer".into(),
@@ -198,8 +214,7 @@ impl Conn {
             return Queued::Closed;
         }
         if !req.flush_first {
-            out.frames.clear();
-            out.queued_bytes = 0;
+            out.discard();
         }
         out.close = Some(req);
         drop(out);
@@ -273,9 +288,11 @@ impl Conn {
                 if front.len() <= left {
                     left -= front.len();
                     out.frames.pop_front();
+                    out.front_partial = false;
                 } else {
                     front.advance(left);
                     left = 0;
+                    out.front_partial = true;
                 }
             }
         }

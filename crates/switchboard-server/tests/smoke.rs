@@ -19,8 +19,12 @@ async fn connect_echo_push_disconnect() {
     let mut ws = connect(&gw.ws_url("/chat?room=1")).await;
     ws.send(WsMessage::text("hello")).await.unwrap();
     assert_eq!(next_msg(&mut ws).await, WsMessage::text("hello"));
-    let events = origin.wait_events(Duration::from_secs(5), |e| e.len() >= 2).await;
-    let Event::Connect(c) = &events[0] else { panic!("{events:?}") };
+    let events = origin
+        .wait_events(Duration::from_secs(5), |e| e.len() >= 2)
+        .await;
+    let Event::Connect(c) = &events[0] else {
+        panic!("{events:?}")
+    };
     assert_eq!(c.path, "/chat");
     let id = c.connection_id.clone();
     let r = reqwest::Client::new()
@@ -32,8 +36,15 @@ async fn connect_echo_push_disconnect() {
     assert_eq!(r.status(), 200);
     assert_eq!(next_msg(&mut ws).await, WsMessage::text("pushed"));
     ws.close(None).await.unwrap();
-    let events = origin.wait_events(Duration::from_secs(5), |e| e.iter().any(|e| matches!(e, Event::Disconnect(_)))).await;
-    assert!(origin.received().iter().all(|r| r.signature_ok == Some(true)));
+    let events = origin
+        .wait_events(Duration::from_secs(5), |e| {
+            e.iter().any(|e| matches!(e, Event::Disconnect(_)))
+        })
+        .await;
+    assert!(origin
+        .received()
+        .iter()
+        .all(|r| r.signature_ok == Some(true)));
     drop(events);
     gw.shutdown().await;
 }

@@ -5,7 +5,8 @@ use bytes::Bytes;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use switchboard_proto::origin::{signature, OriginAnswer, Rejection};
 
-/// Largest origin answer read, in bytes.
+/// Largest origin answer read, in bytes, unless the request was larger (see
+/// `HttpOrigin::post`).
 const MAX_ANSWER_BYTES: usize = 16 << 20;
 
 /// Posts events to the origin URL.
@@ -49,13 +50,16 @@ impl HttpOrigin {
                 .header(signature::TIMESTAMP_HEADER, ts.to_string())
                 .header(signature::SIGNATURE_HEADER, signature::sign(secret, ts, &body));
         }
+        // An answer may echo its request (a reply to a message near
+        // `max-message-size`), so the cap grows with the request.
+        let max_answer = MAX_ANSWER_BYTES.max(body.len().saturating_mul(2));
         let resp = req.body(body).send().await.map_err(classify)?;
         let status = resp.status().as_u16();
-        if resp.content_length().is_some_and(|l| l as usize > MAX_ANSWER_BYTES) {
+        if resp.content_length().is_some_and(|l| l > max_answer as u64) {
             return Err(OriginError::BadAnswer("answer too large".into()));
         }
         let body = resp.bytes().await.map_err(classify)?;
-        if body.len() > MAX_ANSWER_BYTES {
+        if body.len() > max_answer {
             return Err(OriginError::BadAnswer("answer too large".into()));
         }
         Ok((status, body))

@@ -1,0 +1,403 @@
+//! Malformed frames, oversized messages and heads, non-WebSocket requests,
+//! connection caps and the handshake timeout. After each, the node still
+//! serves other clients.
+
+use futures_util::SinkExt;
+use std::time::{Duration, Instant};
+use switchboard_proto::origin::{ClosedBy, Payload};
+use switchboard_test_util::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+fn frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
+    RawWs::encode(fin, false, opcode, payload, true)
+}
+
+/// Sends `bytes` on a fresh connection and expects the gateway to close it
+/// with `code`; checks the `disconnect` the origin gets.
+async fn expect_protocol_close(
+    gw: &TestGateway,
+    origin: &TestOrigin,
+    what: &str,
+    bytes: &[u8],
+    code: u16,
+) {
+    let mut raw = RawWs::connect(gw.addr, "/", &[]).await;
+    let id = origin.id_for(raw.local_addr).await;
+    raw.send_raw(bytes).await;
+    let (got, reason, _) = raw.expect_close(WAIT).await;
+    assert_eq!(got, code, "{what}: reason {reason:?}");
+    // The gateway closes the TCP connection without waiting for our reply.
+    let after = raw.expect_eof(WAIT).await;
+    assert!(
+        after.is_empty(),
+        "{what}: frames after the close: {after:?}"
+    );
+    let d = origin.wait_disconnect(&id).await;
+    assert_eq!((d.code, d.closed_by), (code, ClosedBy::Gateway), "{what}");
+    assert!(
+        origin.messages_of(&id).is_empty(),
+        "{what}: {:?}",
+        origin.messages_of(&id)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn protocol_errors_close_with_the_right_code() {
+    let origin = TestOrigin::start(None).await;
+    let gw = TestGateway::with_origin(&origin, |_| {}).await;
+    let cases: Vec<(&str, Vec<u8>, u16)> = vec![
+        (
+            "unmasked text frame",
+            RawWs::encode(true, false, OP_TEXT, b"hello", false),
+            1002,
+        ),
+        (
+            "unmasked close frame",
+            RawWs::encode(true, false, OP_CLOSE, &1000u16.to_be_bytes(), false),
+            1002,
+        ),
+        (
+            "invalid UTF-8 text",
+            frame(true, OP_TEXT, &[b'o', b'k', 0xff, 0xfe]),
+            1007,
+        ),
+        (
+            "invalid UTF-8 across fragments",
+            [
+                frame(false, OP_TEXT, b"a\xc3"),
+                frame(true, OP_CONT, b"\x28"),
+            ]
+            .concat(),
+            1007,
+        ),
+        (
+            "invalid UTF-8 close reason",
+            frame(true, OP_CLOSE, &[0x03, 0xe8, 0xc3, 0x28]),
+            1007,
+        ),
+        ("reserved opcode", frame(true, 0x3, b"x"), 1002),
+        ("reserved control opcode", frame(true, 0xB, b""), 1002),
+        (
+            "RSV1 without permessage-deflate",
+            RawWs::encode(true, true, OP_TEXT, b"x", true),
+            1002,
+        ),
+        (
+            "RSV2 set",
+            {
+                let mut f = frame(true, OP_TEXT, b"x");
+                f[0] |= 0x20;
+                f
+            },
+            1002,
+        ),
+        ("fragmented ping", frame(false, OP_PING, b"p"), 1002),
+        (
+            "control frame over 125 bytes",
+            frame(true, OP_PING, &[0; 126]),
+            1002,
+        ),
+        (
+            "continuation without a message",
+            frame(true, OP_CONT, b"x"),
+            1002,
+        ),
+        (
+            "new message inside a fragmented one",
+            [frame(false, OP_TEXT, b"a"), frame(true, OP_TEXT, b"b")].concat(),
+            1002,
+        ),
+        (
+            "close code 1005",
+            frame(true, OP_CLOSE, &1005u16.to_be_bytes()),
+            1002,
+        ),
+        ("one-byte close payload", frame(true, OP_CLOSE, &[3]), 1002),
+    ];
+    let n = cases.len();
+    for (what, bytes, code) in cases {
+        expect_protocol_close(&gw, &origin, what, &bytes, code).await;
+    }
+    assert_eq!(
+        gw.metric("switchboard_protocol_errors_total").await,
+        n as f64
+    );
+    assert_serves(&gw, &origin).await;
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn too_big_messages_close_with_1009() {
+    let origin = TestOrigin::start(None).await;
+    let gw = TestGateway::with_origin(&origin, |c| c.max_message_size = 1024).await;
+    // At the limit: fine, also when fragmented.
+    let mut raw = RawWs::connect(gw.addr, "/", &[]).await;
+    let id = origin.id_for(raw.local_addr).await;
+    raw.send_binary(&[7; 1024]).await;
+    raw.send_raw(
+        &[
+            frame(false, OP_TEXT, &[b'a'; 512]),
+            frame(true, OP_CONT, &[b'b'; 512]),
+        ]
+        .concat(),
+    )
+    .await;
+    let m = origin.wait_messages(&id, 2).await;
+    assert_eq!(m[0].payload, Payload::Binary(vec![7; 1024]));
+    assert_eq!(
+        m[1].payload,
+        Payload::Text(format!("{}{}", "a".repeat(512), "b".repeat(512)))
+    );
+    drop(raw);
+
+    expect_protocol_close(
+        &gw,
+        &origin,
+        "one byte over",
+        &frame(true, OP_BINARY, &[0; 1025]),
+        1009,
+    )
+    .await;
+    expect_protocol_close(
+        &gw,
+        &origin,
+        "fragments adding up to one byte over",
+        &[
+            frame(false, OP_TEXT, &[b'a'; 600]),
+            frame(true, OP_CONT, &[b'b'; 425]),
+        ]
+        .concat(),
+        1009,
+    )
+    .await;
+    // Refused from the frame header alone, before any payload is buffered.
+    let mut header = vec![0x82, 0xFF];
+    header.extend_from_slice(&(1u64 << 30).to_be_bytes());
+    header.extend_from_slice(&[1, 2, 3, 4]);
+    expect_protocol_close(&gw, &origin, "a 1 GiB frame header", &header, 1009).await;
+
+    // A real client sees the close code too.
+    let (mut ws, id) = connect_id(&gw, &origin, "/").await;
+    ws.send(WsMessage::binary(vec![0u8; 4096])).await.unwrap();
+    let (code, _, _) = expect_close(&mut ws).await;
+    assert_eq!(code, 1009);
+    assert_eq!(origin.wait_disconnect(&id).await.code, 1009);
+    assert_serves(&gw, &origin).await;
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn non_upgrade_and_bad_handshakes_get_json_answers() {
+    let origin = TestOrigin::start(None).await;
+    let gw = TestGateway::with_origin(&origin, |_| {}).await;
+    let plain = raw_request(gw.addr, b"GET /chat HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .expect("answer");
+    assert_eq!(plain.status, 426);
+    assert_eq!(plain.header("content-type"), Some("application/json"));
+    assert_eq!(plain.header("upgrade"), Some("websocket"));
+    assert_eq!(plain.header("connection"), Some("close"));
+    assert_eq!(plain.json()["code"], "upgrade_required");
+    assert_eq!(
+        plain.header("content-length"),
+        Some(plain.body.len().to_string().as_str())
+    );
+
+    let v8 = upgrade_request("/", &[]).replace("Version: 13", "Version: 8");
+    let r = raw_request(gw.addr, v8.as_bytes()).await.expect("answer");
+    assert_eq!(
+        (r.status, r.header("sec-websocket-version")),
+        (426, Some("13"))
+    );
+    assert_eq!(r.json()["code"], "unsupported_version");
+
+    let bad: Vec<(&str, String)> = vec![
+        (
+            "POST upgrade",
+            upgrade_request("/", &[]).replacen("GET", "POST", 1),
+        ),
+        (
+            "short key",
+            upgrade_request("/", &[]).replace("dGhlIHNhbXBsZSBub25jZQ==", "c2hvcnQ="),
+        ),
+        (
+            "no key",
+            upgrade_request("/", &[])
+                .replace("Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n", ""),
+        ),
+        ("garbage", "\x16\x03\x01 not http at all\r\n\r\n".into()),
+    ];
+    for (what, req) in bad {
+        let r = raw_request(gw.addr, req.as_bytes()).await.expect("answer");
+        assert_eq!(r.status, 400, "{what}: {r:?}");
+        assert_eq!(r.json()["code"], "bad_request", "{what}");
+    }
+    assert_eq!(gw.stats().await.handshakes_rejected_total, 6);
+    assert!(
+        origin.arrivals().is_empty(),
+        "refused before asking the origin"
+    );
+    assert_serves(&gw, &origin).await;
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_request_heads_get_431() {
+    let origin = TestOrigin::start(None).await;
+    let gw = TestGateway::with_origin(&origin, |c| c.max_header_bytes = 1024).await;
+    let big = "b".repeat(2000);
+    let cases: Vec<(&str, String)> = vec![
+        (
+            "a complete head, sent at once",
+            upgrade_request("/", &[("X-Big", &big)]),
+        ),
+        (
+            "a head that never ends",
+            format!("GET / HTTP/1.1\r\nX-Big: {big}"),
+        ),
+        ("65 header lines", upgrade_request("/", &[("X-A", "1"); 65])),
+    ];
+    for (what, req) in cases {
+        let r = raw_request(gw.addr, req.as_bytes())
+            .await
+            .unwrap_or_else(|| panic!("{what}: no answer"));
+        assert_eq!(r.status, 431, "{what}: {r:?}");
+        assert_eq!(r.json()["code"], "header_too_large", "{what}");
+    }
+    // Just under the limit is fine.
+    let fits = "f".repeat(1024 - upgrade_request("/", &[("X-Fit", "")]).len());
+    let raw = RawWs::connect(gw.addr, "/", &[("X-Fit", &fits)]).await;
+    assert_eq!(raw.response.status, 101);
+    assert_eq!(
+        origin.arrivals().len(),
+        1,
+        "only the last handshake reached the origin"
+    );
+    drop(raw);
+    assert_serves(&gw, &origin).await;
+    gw.shutdown().await;
+}
+
+/// Retries a handshake refused with 503 until it succeeds: a socket's slot is
+/// freed just after its `disconnect` is queued, so the two race by a hair.
+async fn connect_once_freed(gw: &TestGateway, origin: &TestOrigin) -> (Ws, String) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        match connect_with(&gw.ws_url("/"), &[]).await {
+            Ok((ws, _)) => {
+                let id = origin.id_for(local_addr(&ws)).await;
+                return (ws, id);
+            }
+            Err(tokio_tungstenite::tungstenite::Error::Http(r))
+                if r.status() == 503 && Instant::now() < deadline =>
+            {
+                tokio::task::yield_now().await;
+            }
+            Err(e) => panic!("no slot freed: {e}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_ip_cap_gives_503() {
+    let origin = TestOrigin::start(None).await;
+    let gw = TestGateway::with_origin(&origin, |c| c.max_connections_per_ip = 2).await;
+    let (a, a_id) = connect_id(&gw, &origin, "/").await;
+    let (b, _) = connect_id(&gw, &origin, "/").await;
+    let r = raw_request(gw.addr, upgrade_request("/", &[]).as_bytes())
+        .await
+        .expect("answer");
+    assert_eq!(r.status, 503);
+    assert_eq!(r.json()["code"], "too_many_connections_from_ip");
+    assert_eq!(
+        origin.arrivals().len(),
+        2,
+        "refused before asking the origin"
+    );
+    // Closing one frees a slot for a new client.
+    drop(a);
+    origin.wait_disconnect(&a_id).await;
+    let (c, c_id) = connect_once_freed(&gw, &origin).await;
+    assert_eq!(gw.push_text(&c_id, "hi").await, 200);
+    let mut c = c;
+    assert_eq!(next_msg(&mut c).await, WsMessage::text("hi"));
+    drop((b, c));
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_connections_gives_503() {
+    let origin = TestOrigin::start(None).await;
+    let gw = TestGateway::with_origin(&origin, |c| c.max_connections = 2).await;
+    let (a, a_id) = connect_id(&gw, &origin, "/").await;
+    let (b, _) = connect_id(&gw, &origin, "/").await;
+    for _ in 0..3 {
+        let r = raw_request(gw.addr, upgrade_request("/", &[]).as_bytes())
+            .await
+            .expect("answer");
+        assert_eq!(r.status, 503);
+        assert_eq!(r.json()["code"], "over_capacity");
+    }
+    // A half-open handshake holds a slot too: it takes the one `a` frees.
+    let mut pending = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    pending.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
+    drop(a);
+    origin.wait_disconnect(&a_id).await;
+    let r = raw_request(gw.addr, upgrade_request("/", &[]).as_bytes())
+        .await
+        .expect("answer");
+    assert_eq!(
+        (r.status, r.json()["code"].as_str()),
+        (503, Some("over_capacity"))
+    );
+    // Once it leaves, a client fits again.
+    drop(pending);
+    let (mut c, c_id) = connect_once_freed(&gw, &origin).await;
+    assert_eq!(gw.push_text(&c_id, "room for me").await, 200);
+    assert_eq!(next_msg(&mut c).await, WsMessage::text("room for me"));
+    let s = gw.stats().await;
+    assert_eq!((s.connections, s.connections_total), (2, 3));
+    assert!(
+        gw.metric("switchboard_handshakes_total{result=\"over_capacity\"}")
+            .await
+            >= 4.0
+    );
+    drop((b, c));
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handshake_timeout_drops_the_socket_without_an_answer() {
+    let origin = TestOrigin::start(None).await;
+    let gw = TestGateway::with_origin(&origin, |c| {
+        c.handshake_timeout = Duration::from_millis(300)
+    })
+    .await;
+    for partial in [&b""[..], b"GET / HTTP/1.1\r\nHost: x\r\n"] {
+        let started = Instant::now();
+        let mut s = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+        s.write_all(partial).await.unwrap();
+        let mut buf = Vec::new();
+        let n = tokio::time::timeout(WAIT, s.read_to_end(&mut buf))
+            .await
+            .expect("dropped within 5s");
+        let took = started.elapsed();
+        assert!(
+            n.is_err() || buf.is_empty(),
+            "no answer expected, got {:?}",
+            String::from_utf8_lossy(&buf)
+        );
+        assert!(
+            took >= Duration::from_millis(250),
+            "dropped before the timeout: {took:?}"
+        );
+    }
+    assert_eq!(
+        gw.metric("switchboard_handshakes_total{result=\"timeout\"}")
+            .await,
+        2.0
+    );
+    assert!(origin.arrivals().is_empty());
+    assert_serves(&gw, &origin).await;
+    gw.shutdown().await;
+}
