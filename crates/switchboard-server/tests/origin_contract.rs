@@ -474,10 +474,17 @@ async fn retries_after_network_errors() {
     gw.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn events_are_batched_while_the_origin_is_busy() {
+/// Holds the origin on the first message event while `total - 1` more pile
+/// up in one lane, then returns the sizes of the event requests that follow.
+async fn batch_sizes_after_a_stall(batch_size: Option<usize>, total: u64) -> Vec<usize> {
     let origin = TestOrigin::start(None).await;
-    let gw = TestGateway::with_origin(&origin, |c| c.origin_concurrency = 1).await;
+    let gw = TestGateway::with_origin(&origin, |c| {
+        c.origin_concurrency = 1;
+        if let Some(n) = batch_size {
+            c.origin_batch_size = n;
+        }
+    })
+    .await;
     let (mut ws, id) = connect_id(&gw, &origin, "/").await;
     origin.pause();
     ws.send(WsMessage::text("first")).await.unwrap();
@@ -485,66 +492,37 @@ async fn events_are_batched_while_the_origin_is_busy() {
     origin
         .wait_arrivals(WAIT, |a| a.iter().any(|r| !message_ids(r).is_empty()))
         .await;
-    for i in 2..=51 {
+    for i in 2..=total {
         ws.feed(WsMessage::text(format!("m{i}"))).await.unwrap();
     }
     ws.flush().await.unwrap();
-    eventually(WAIT, "51 events queued", || async {
-        gw.stats().await.origin_queue_depth == 51
+    eventually(WAIT, "events queued", || async {
+        gw.stats().await.origin_queue_depth == total
     })
     .await;
     origin.resume();
-    origin.wait_messages(&id, 51).await;
-    assert_eq!(seqs(&id, &origin), (1..=51).collect::<Vec<_>>());
-    let sizes: Vec<usize> = origin
+    origin.wait_messages(&id, total as usize).await;
+    assert_eq!(seqs(&id, &origin), (1..=total).collect::<Vec<_>>());
+    let sizes = origin
         .received()
         .iter()
         .map(|r| message_ids(&r.events).len())
         .filter(|n| *n > 0)
         .collect();
-    assert_eq!(
-        sizes,
-        [1, 50],
-        "the 50 events that piled up leave in one request"
-    );
     drop(ws);
     gw.shutdown().await;
+    sizes
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_are_batched_while_the_origin_is_busy() {
+    let sizes = batch_sizes_after_a_stall(None, 51).await;
+    assert_eq!(sizes, [1, 50], "the 50 events that piled up leave in one request");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batches_respect_origin_batch_size() {
-    let origin = TestOrigin::start(None).await;
-    let gw = TestGateway::with_origin(&origin, |c| {
-        c.origin_concurrency = 1;
-        c.origin_batch_size = 8;
-    })
-    .await;
-    let (mut ws, id) = connect_id(&gw, &origin, "/").await;
-    origin.pause();
-    ws.send(WsMessage::text("first")).await.unwrap();
-    origin
-        .wait_arrivals(WAIT, |a| a.iter().any(|r| !message_ids(r).is_empty()))
-        .await;
-    for i in 2..=31 {
-        ws.feed(WsMessage::text(format!("m{i}"))).await.unwrap();
-    }
-    ws.flush().await.unwrap();
-    eventually(WAIT, "31 events queued", || async {
-        gw.stats().await.origin_queue_depth == 31
-    })
-    .await;
-    origin.resume();
-    origin.wait_messages(&id, 31).await;
-    assert_eq!(seqs(&id, &origin), (1..=31).collect::<Vec<_>>());
-    let sizes: Vec<usize> = origin
-        .received()
-        .iter()
-        .map(|r| message_ids(&r.events).len())
-        .filter(|n| *n > 0)
-        .collect();
-    assert_eq!(sizes, [1, 8, 8, 8, 6]);
-    drop(ws);
-    gw.shutdown().await;
+    assert_eq!(batch_sizes_after_a_stall(Some(8), 31).await, [1, 8, 8, 8, 6]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
