@@ -26,7 +26,8 @@ impl NodeId {
     pub fn new(s: &str) -> Result<Self, InvalidNodeId> {
         let ok = !s.is_empty()
             && s.len() <= MAX_NODE_ID_LEN
-            && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
         if ok {
             Ok(Self(Arc::from(s)))
         } else {
@@ -37,7 +38,9 @@ impl NodeId {
     /// A fresh random node id (10 lower-case hex characters).
     pub fn random() -> Self {
         let b: [u8; 5] = rand::random();
-        Self(Arc::from(b.iter().map(|x| format!("{x:02x}")).collect::<String>()))
+        Self(Arc::from(
+            b.iter().map(|x| format!("{x:02x}")).collect::<String>(),
+        ))
     }
 
     /// The id as text.
@@ -112,7 +115,9 @@ fn decode_key(s: &str) -> Result<ConnKey, InvalidConnectionId> {
         return Err(InvalidConnectionId);
     }
     let mut key = [0u8; 16];
-    let n = URL_SAFE_NO_PAD.decode_slice(s, &mut key).map_err(|_| InvalidConnectionId)?;
+    let n = URL_SAFE_NO_PAD
+        .decode_slice(s, &mut key)
+        .map_err(|_| InvalidConnectionId)?;
     if n != 16 {
         return Err(InvalidConnectionId);
     }
@@ -134,7 +139,10 @@ mod tests {
         let node = NodeId::new("node-1").unwrap();
         let id = ConnectionId::generate(&node);
         assert_eq!(id.node(), "node-1");
-        assert!(id.as_str().bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)));
+        assert!(id
+            .as_str()
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)));
         let parsed = ConnectionId::parse(id.as_str()).unwrap();
         assert_eq!(parsed, id);
         assert_eq!(ConnectionId::from_parts(&node, &id.key()), id);
@@ -143,7 +151,14 @@ mod tests {
 
     #[test]
     fn rejects_garbage() {
-        for bad in ["", "nodot", ".AAAAAAAAAAAAAAAAAAAAAA", "n.short", "n!.AAAAAAAAAAAAAAAAAAAAAA", "n.AAAAAAAAAAAAAAAAAAAAA$"] {
+        for bad in [
+            "",
+            "nodot",
+            ".AAAAAAAAAAAAAAAAAAAAAA",
+            "n.short",
+            "n!.AAAAAAAAAAAAAAAAAAAAAA",
+            "n.AAAAAAAAAAAAAAAAAAAAA$",
+        ] {
             assert!(ConnectionId::parse(bad).is_err(), "{bad}");
         }
         assert!(NodeId::new(&"x".repeat(33)).is_err());

@@ -30,7 +30,9 @@ mod base64_bytes {
 
     pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
         let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
-        STANDARD.decode(s.as_bytes()).map_err(serde::de::Error::custom)
+        STANDARD
+            .decode(s.as_bytes())
+            .map_err(serde::de::Error::custom)
     }
 }
 
@@ -246,11 +248,17 @@ pub mod signature {
         now: u64,
         tolerance_secs: u64,
     ) -> Result<(), VerifyError> {
-        let ts: u64 = timestamp.trim().parse().map_err(|_| VerifyError::Malformed)?;
+        let ts: u64 = timestamp
+            .trim()
+            .parse()
+            .map_err(|_| VerifyError::Malformed)?;
         if ts.abs_diff(now) > tolerance_secs {
             return Err(VerifyError::Stale);
         }
-        let hex_sig = signature.trim().strip_prefix("v1=").ok_or(VerifyError::Malformed)?;
+        let hex_sig = signature
+            .trim()
+            .strip_prefix("v1=")
+            .ok_or(VerifyError::Malformed)?;
         let given = hex::decode(hex_sig).map_err(|_| VerifyError::Malformed)?;
         let want = mac(secret, ts, body);
         if given.len() == want.len() && bool::from(given.ct_eq(&want)) {
@@ -286,7 +294,10 @@ mod tests {
             user_id: None,
             payload: Payload::Text("yo".into()),
         });
-        let j = serde_json::to_string(&EventBatch { events: vec![e.clone()] }).unwrap();
+        let j = serde_json::to_string(&EventBatch {
+            events: vec![e.clone()],
+        })
+        .unwrap();
         assert!(j.contains(r#""type":"message""#) && j.contains(r#""text":"yo""#));
         let back: EventBatch = serde_json::from_str(&j).unwrap();
         assert_eq!(back.events, vec![e]);
@@ -299,10 +310,25 @@ mod tests {
         use signature::*;
         let sig = sign(b"k", 1000, b"{}");
         assert_eq!(verify(b"k", "1000", &sig, b"{}", 1010, 300), Ok(()));
-        assert_eq!(verify(b"k", "1000", &sig, b"{ }", 1010, 300), Err(VerifyError::Mismatch));
-        assert_eq!(verify(b"x", "1000", &sig, b"{}", 1010, 300), Err(VerifyError::Mismatch));
-        assert_eq!(verify(b"k", "1000", &sig, b"{}", 2000, 300), Err(VerifyError::Stale));
-        assert_eq!(verify(b"k", "abc", &sig, b"{}", 1000, 300), Err(VerifyError::Malformed));
-        assert_eq!(verify(b"k", "1000", "v2=00", b"{}", 1000, 300), Err(VerifyError::Malformed));
+        assert_eq!(
+            verify(b"k", "1000", &sig, b"{ }", 1010, 300),
+            Err(VerifyError::Mismatch)
+        );
+        assert_eq!(
+            verify(b"x", "1000", &sig, b"{}", 1010, 300),
+            Err(VerifyError::Mismatch)
+        );
+        assert_eq!(
+            verify(b"k", "1000", &sig, b"{}", 2000, 300),
+            Err(VerifyError::Stale)
+        );
+        assert_eq!(
+            verify(b"k", "abc", &sig, b"{}", 1000, 300),
+            Err(VerifyError::Malformed)
+        );
+        assert_eq!(
+            verify(b"k", "1000", "v2=00", b"{}", 1000, 300),
+            Err(VerifyError::Malformed)
+        );
     }
 }

@@ -138,7 +138,10 @@ pub struct ConfigError {
 }
 
 fn bad(field: &'static str, problem: impl Into<String>) -> ConfigError {
-    ConfigError { field, problem: problem.into() }
+    ConfigError {
+        field,
+        problem: problem.into(),
+    }
 }
 
 impl Config {
@@ -153,7 +156,10 @@ impl Config {
             }
         }
         if !self.control_listen.ip().is_loopback() && self.api_key.is_empty() {
-            return Err(bad("api-key", "required when control-listen is not a loopback address"));
+            return Err(bad(
+                "api-key",
+                "required when control-listen is not a loopback address",
+            ));
         }
         if self.api_key.iter().any(|k| k.len() < 16) {
             return Err(bad("api-key", "keys must be at least 16 characters"));
@@ -186,7 +192,10 @@ impl Config {
             }
         }
         if self.origin_retry_max < self.origin_retry_initial {
-            return Err(bad("origin-retry-max", "must be at least origin-retry-initial"));
+            return Err(bad(
+                "origin-retry-max",
+                "must be at least origin-retry-initial",
+            ));
         }
         if self.drain_spread > self.drain_timeout {
             return Err(bad("drain-spread", "must not exceed drain-timeout"));
@@ -211,13 +220,19 @@ mod tests {
 
     #[test]
     fn validation() {
-        let mut c = Config { control_listen: "0.0.0.0:8081".parse().unwrap(), ..Config::default() };
+        let mut c = Config {
+            control_listen: "0.0.0.0:8081".parse().unwrap(),
+            ..Config::default()
+        };
         assert_eq!(c.validate().unwrap_err().field, "api-key");
         c.api_key = vec!["0123456789abcdef".into()];
         c.validate().unwrap();
         c.origin = Some("ftp://x".into());
         assert_eq!(c.validate().unwrap_err().field, "origin");
-        let c = Config { node_id: Some("a b".into()), ..Config::default() };
+        let c = Config {
+            node_id: Some("a b".into()),
+            ..Config::default()
+        };
         assert_eq!(c.validate().unwrap_err().field, "node-id");
         let bad: Result<Config, _> = serde_json::from_str(r#"{"no-such-key": 1}"#);
         assert!(bad.is_err());

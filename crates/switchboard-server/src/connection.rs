@@ -51,12 +51,20 @@ pub(crate) struct DisconnectGuard {
 
 impl DisconnectGuard {
     pub(crate) fn new(shared: Arc<Shared>, conn: Arc<Conn>) -> Self {
-        Self { shared, conn, ending: None }
+        Self {
+            shared,
+            conn,
+            ending: None,
+        }
     }
 
     /// Records how the connection ended and sends the event.
     pub(crate) fn finish(mut self, code: u16, reason: &str, by: ClosedBy) {
-        self.ending = Some(Ending { code, reason: reason.to_owned(), by });
+        self.ending = Some(Ending {
+            code,
+            reason: reason.to_owned(),
+            by,
+        });
     }
 }
 
@@ -78,7 +86,10 @@ impl Drop for DisconnectGuard {
             ClosedBy::Gateway => "gateway",
             ClosedBy::Origin => "origin",
         };
-        s.metrics.disconnects.get_or_create(&crate::metrics::ClosedByLabel { closed_by: by }).inc();
+        s.metrics
+            .disconnects
+            .get_or_create(&crate::metrics::ClosedByLabel { closed_by: by })
+            .inc();
         let event = Event::Disconnect(DisconnectEvent {
             id: format!("{}:disconnect", c.id),
             connection_id: c.id.to_string(),
@@ -101,7 +112,10 @@ impl Drop for DisconnectGuard {
 enum Phase {
     Open,
     /// Our close frame is queued (or sent); waiting for the client's.
-    Closing { peer_closed: bool, deadline: Instant },
+    Closing {
+        peer_closed: bool,
+        deadline: Instant,
+    },
 }
 
 struct Task {
@@ -167,7 +181,10 @@ impl Task {
                 Ok(d) => d,
                 Err(_) => return self.end_or(close::ABNORMAL, "write failed", ClosedBy::Network),
             };
-            if let Phase::Closing { peer_closed: true, .. } = self.phase {
+            if let Phase::Closing {
+                peer_closed: true, ..
+            } = self.phase
+            {
                 if drained {
                     return self.end_or(close::NORMAL, "", ClosedBy::Client);
                 }
@@ -176,7 +193,11 @@ impl Task {
             if sleep.deadline() != deadline {
                 sleep.as_mut().reset(deadline);
             }
-            let interest = if drained { Interest::READABLE } else { Interest::READABLE | Interest::WRITABLE };
+            let interest = if drained {
+                Interest::READABLE
+            } else {
+                Interest::READABLE | Interest::WRITABLE
+            };
             tokio::select! {
                 biased;
                 ready = self.stream.ready(interest) => {
@@ -216,10 +237,20 @@ impl Task {
     fn on_timer(&mut self) -> Option<Ending> {
         let now = Instant::now();
         if let Phase::Closing { deadline, .. } = self.phase {
-            return (now >= deadline).then(|| self.end_or(close::ABNORMAL, "closing handshake timed out", ClosedBy::Gateway));
+            return (now >= deadline).then(|| {
+                self.end_or(
+                    close::ABNORMAL,
+                    "closing handshake timed out",
+                    ClosedBy::Gateway,
+                )
+            });
         }
         if self.pong_deadline.is_some_and(|d| now >= d) {
-            return Some(Ending { code: close::ABNORMAL, reason: "pong timeout".into(), by: ClosedBy::Gateway });
+            return Some(Ending {
+                code: close::ABNORMAL,
+                reason: "pong timeout".into(),
+                by: ClosedBy::Gateway,
+            });
         }
         if let Some(idle) = self.shared.config.idle_timeout {
             if now >= self.last_message + idle {
@@ -246,12 +277,23 @@ impl Task {
             self.shared.metrics.backlog_closes.inc();
         }
         self.conn.seal_with(encode_close(code, reason));
-        self.ending.get_or_insert(Ending { code, reason: reason.to_owned(), by });
-        self.phase = Phase::Closing { peer_closed: false, deadline: Instant::now() + CLOSE_TIMEOUT };
+        self.ending.get_or_insert(Ending {
+            code,
+            reason: reason.to_owned(),
+            by,
+        });
+        self.phase = Phase::Closing {
+            peer_closed: false,
+            deadline: Instant::now() + CLOSE_TIMEOUT,
+        };
     }
 
     fn end_or(&mut self, code: u16, reason: &str, by: ClosedBy) -> Ending {
-        self.ending.take().unwrap_or(Ending { code, reason: reason.to_owned(), by })
+        self.ending.take().unwrap_or(Ending {
+            code,
+            reason: reason.to_owned(),
+            by,
+        })
     }
 
     /// Reads what the socket has (up to a budget) and handles every complete message.
@@ -263,7 +305,13 @@ impl Task {
                 buf.reserve(pool::READ_BUF);
             }
             match self.stream.try_read_buf(&mut buf) {
-                Ok(0) => break Err(self.end_or(close::ABNORMAL, "connection closed without a close frame", ClosedBy::Network)),
+                Ok(0) => {
+                    break Err(self.end_or(
+                        close::ABNORMAL,
+                        "connection closed without a close frame",
+                        ClosedBy::Network,
+                    ))
+                }
                 Ok(n) => {
                     total += n;
                     self.conn.bytes_in.fetch_add(n as u64, Relaxed);
@@ -276,7 +324,9 @@ impl Task {
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break Ok(()),
-                Err(_) => break Err(self.end_or(close::ABNORMAL, "read failed", ClosedBy::Network)),
+                Err(_) => {
+                    break Err(self.end_or(close::ABNORMAL, "read failed", ClosedBy::Network))
+                }
             }
         };
         if buf.is_empty() {
@@ -289,7 +339,9 @@ impl Task {
 
     /// Decodes and handles every complete message in `rbuf`.
     fn decode_buffered(&mut self) -> Result<(), Ending> {
-        let Some(mut buf) = self.rbuf.take() else { return Ok(()) };
+        let Some(mut buf) = self.rbuf.take() else {
+            return Ok(());
+        };
         let result = loop {
             match self.decoder.decode(&mut buf) {
                 Ok(Some(msg)) => {
@@ -305,7 +357,10 @@ impl Task {
                             self.shared.metrics.protocol_errors.inc();
                             self.start_close(e.close_code(), &e.to_string(), ClosedBy::Gateway);
                             // Nothing more will be read that we can trust.
-                            self.phase = Phase::Closing { peer_closed: true, deadline: Instant::now() + CLOSE_TIMEOUT };
+                            self.phase = Phase::Closing {
+                                peer_closed: true,
+                                deadline: Instant::now() + CLOSE_TIMEOUT,
+                            };
                         }
                         // Our close is already out; the peer's reply may echo a
                         // code it may not send (e.g. 1012 after a drain). Either
@@ -335,7 +390,8 @@ impl Task {
             Message::Binary(data) => self.on_data(Payload::Binary(data.to_vec())),
             Message::Ping(p) => {
                 if !closing {
-                    self.conn.push(encode_frame(OpCode::Pong, &p), &self.shared.metrics);
+                    self.conn
+                        .push(encode_frame(OpCode::Pong, &p), &self.shared.metrics);
                 }
             }
             Message::Pong(_) => {}
@@ -347,8 +403,15 @@ impl Task {
                         None => encode_frame(OpCode::Close, &[]),
                     };
                     self.conn.seal_with(echo);
-                    self.ending = Some(Ending { code: code.unwrap_or(close::NO_STATUS), reason, by: ClosedBy::Client });
-                    self.phase = Phase::Closing { peer_closed: true, deadline: Instant::now() + CLOSE_TIMEOUT };
+                    self.ending = Some(Ending {
+                        code: code.unwrap_or(close::NO_STATUS),
+                        reason,
+                        by: ClosedBy::Client,
+                    });
+                    self.phase = Phase::Closing {
+                        peer_closed: true,
+                        deadline: Instant::now() + CLOSE_TIMEOUT,
+                    };
                 }
                 Phase::Closing { peer_closed, .. } => *peer_closed = true,
             },
@@ -371,7 +434,12 @@ impl Task {
             payload,
         });
         let json = serde_json::to_vec(&event).expect("events serialize");
-        if self.shared.dispatcher.enqueue(&self.conn.key, json.into(), Some(&self.conn), false).is_err() {
+        if self
+            .shared
+            .dispatcher
+            .enqueue(&self.conn.key, json.into(), Some(&self.conn), false)
+            .is_err()
+        {
             self.start_close(close::ORIGIN_BACKLOG, "origin backlog", ClosedBy::Gateway);
         }
     }
@@ -400,7 +468,9 @@ mod tests {
         let gw = Gateway::bind(config).await.unwrap();
         let shared = gw.shared();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let client = tokio::net::TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
         let remote = client.local_addr().unwrap();
         let conn = Arc::new(Conn::new(ConnInit {
             id: switchboard_proto::ConnectionId::generate(&shared.node),

@@ -20,7 +20,8 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use subtle::ConstantTimeEq;
 use switchboard_proto::control::{
-    BatchSendRequest, BatchSendResponse, CloseParams, ConnectionInfo, Delivery, ErrorBody, SendResponse, Stats,
+    BatchSendRequest, BatchSendResponse, CloseParams, ConnectionInfo, Delivery, ErrorBody,
+    SendResponse, Stats,
 };
 use switchboard_proto::origin::{ClosedBy, Payload};
 use switchboard_proto::ws::close;
@@ -57,19 +58,35 @@ pub(crate) struct ApiError {
 
 impl ApiError {
     fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        Self { status, code, message: message.into() }
+        Self {
+            status,
+            code,
+            message: message.into(),
+        }
     }
 
     fn not_found(id: &str) -> Self {
-        Self::new(StatusCode::NOT_FOUND, "connection_not_found", format!("no open connection {id:?} on this node"))
+        Self::new(
+            StatusCode::NOT_FOUND,
+            "connection_not_found",
+            format!("no open connection {id:?} on this node"),
+        )
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let mut r = (self.status, Json(ErrorBody { code: self.code.into(), message: self.message })).into_response();
+        let mut r = (
+            self.status,
+            Json(ErrorBody {
+                code: self.code.into(),
+                message: self.message,
+            }),
+        )
+            .into_response();
         if self.status == StatusCode::UNAUTHORIZED {
-            r.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            r.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
         r
     }
@@ -81,17 +98,25 @@ type Body = Result<Bytes, axum::extract::rejection::BytesRejection>;
 fn parse_json<T: DeserializeOwned>(body: Body) -> Result<T, ApiError> {
     let body = body.map_err(|e| {
         if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", format!("request body over {MAX_BODY} bytes"))
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload_too_large",
+                format!("request body over {MAX_BODY} bytes"),
+            )
         } else {
             ApiError::new(StatusCode::BAD_REQUEST, "invalid_body", e.body_text())
         }
     })?;
-    serde_json::from_slice(&body).map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_body", e.to_string()))
+    serde_json::from_slice(&body)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_body", e.to_string()))
 }
 
 pub(crate) async fn serve(shared: Arc<Shared>, listener: TcpListener, stop: CancellationToken) {
     let app = router(shared);
-    if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(stop.cancelled_owned()).await {
+    if let Err(e) = axum::serve(listener, app)
+        .with_graceful_shutdown(stop.cancelled_owned())
+        .await
+    {
         tracing::error!(error = %e, "control listener failed");
     }
 }
@@ -100,11 +125,20 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
     let api = Router::new()
         .route("/v1/stats", get(stats))
         .route("/v1/messages", axum::routing::post(send_batch))
-        .route("/v1/connections/{id}/messages", axum::routing::post(send_one))
-        .route("/v1/connections/{id}", get(connection_info).delete(close_connection))
+        .route(
+            "/v1/connections/{id}/messages",
+            axum::routing::post(send_one),
+        )
+        .route(
+            "/v1/connections/{id}",
+            get(connection_info).delete(close_connection),
+        )
         .route_layer(middleware::from_fn_with_state(shared.clone(), require_key));
     Router::new()
-        .route("/healthz", get(|| async { Json(serde_json::json!({"status": "ok"})) }))
+        .route(
+            "/healthz",
+            get(|| async { Json(serde_json::json!({"status": "ok"})) }),
+        )
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route(
@@ -112,9 +146,15 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
             get(|| async { ([(header::CONTENT_TYPE, "application/json")], OPENAPI_JSON) }),
         )
         .merge(api)
-        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "route_not_found", "no such route") })
+        .fallback(|| async {
+            ApiError::new(StatusCode::NOT_FOUND, "route_not_found", "no such route")
+        })
         .method_not_allowed_fallback(|| async {
-            ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "method not allowed on this route")
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "method not allowed on this route",
+            )
         })
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(shared)
@@ -141,22 +181,36 @@ async fn require_key(State(s): State<Arc<Shared>>, req: Request, next: Next) -> 
     if bool::from(ok) {
         next.run(req).await
     } else {
-        ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "missing or wrong API key").into_response()
+        ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "missing or wrong API key",
+        )
+        .into_response()
     }
 }
 
 async fn readyz(State(s): State<Arc<Shared>>) -> Response {
     if s.draining.load(Relaxed) {
-        (StatusCode::SERVICE_UNAVAILABLE, Json(serde_json::json!({"status": "draining"}))).into_response()
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(serde_json::json!({"status": "draining"})),
+        )
+            .into_response()
     } else {
         Json(serde_json::json!({"status": "ready"})).into_response()
     }
 }
 
 async fn metrics(State(s): State<Arc<Shared>>) -> Response {
-    s.metrics.origin_queue_depth.set(s.dispatcher.pending() as i64);
+    s.metrics
+        .origin_queue_depth
+        .set(s.dispatcher.pending() as i64);
     (
-        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
         s.metrics.encode(),
     )
         .into_response()
@@ -171,16 +225,25 @@ fn lookup(s: &Shared, id: &str) -> Result<Arc<Conn>, ApiError> {
         .ok_or_else(|| ApiError::not_found(id))
 }
 
-async fn send_one(State(s): State<Arc<Shared>>, Path(id): Path<String>, body: Body) -> Result<Json<SendResponse>, ApiError> {
+async fn send_one(
+    State(s): State<Arc<Shared>>,
+    Path(id): Path<String>,
+    body: Body,
+) -> Result<Json<SendResponse>, ApiError> {
     let payload: Payload = parse_json(body)?;
     let conn = lookup(&s, &id)?;
     match conn.send(&Outgoing::new(payload), &s.metrics) {
-        Queued::Yes => Ok(Json(SendResponse { status: Delivery::Delivered })),
+        Queued::Yes => Ok(Json(SendResponse {
+            status: Delivery::Delivered,
+        })),
         Queued::Closed => Err(ApiError::not_found(&id)),
     }
 }
 
-async fn send_batch(State(s): State<Arc<Shared>>, body: Body) -> Result<Json<BatchSendResponse>, ApiError> {
+async fn send_batch(
+    State(s): State<Arc<Shared>>,
+    body: Body,
+) -> Result<Json<BatchSendResponse>, ApiError> {
     let req: BatchSendRequest = parse_json(body)?;
     let results = req
         .messages
@@ -203,7 +266,10 @@ async fn send_batch(State(s): State<Arc<Shared>>, body: Body) -> Result<Json<Bat
     Ok(Json(BatchSendResponse { results }))
 }
 
-async fn connection_info(State(s): State<Arc<Shared>>, Path(id): Path<String>) -> Result<Json<ConnectionInfo>, ApiError> {
+async fn connection_info(
+    State(s): State<Arc<Shared>>,
+    Path(id): Path<String>,
+) -> Result<Json<ConnectionInfo>, ApiError> {
     let c = lookup(&s, &id)?;
     Ok(Json(ConnectionInfo {
         id: c.id.to_string(),
@@ -228,7 +294,8 @@ async fn close_connection(
     Path(id): Path<String>,
     params: Result<Query<CloseParams>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
-    let Query(params) = params.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_query", e.body_text()))?;
+    let Query(params) = params
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_query", e.body_text()))?;
     let code = params.code.unwrap_or(close::NORMAL);
     if !close::is_valid_sent(code) {
         return Err(ApiError::new(
@@ -239,11 +306,24 @@ async fn close_connection(
     }
     let reason = params.reason.unwrap_or_default();
     if reason.len() > 123 {
-        return Err(ApiError::new(StatusCode::BAD_REQUEST, "invalid_close_reason", "reason is limited to 123 bytes"));
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_close_reason",
+            "reason is limited to 123 bytes",
+        ));
     }
     let conn = lookup(&s, &id)?;
-    match conn.request_close(CloseRequest { code, reason, by: ClosedBy::Origin, flush_first: true }) {
-        Queued::Yes => Ok((StatusCode::ACCEPTED, Json(serde_json::json!({"status": "closing"}))).into_response()),
+    match conn.request_close(CloseRequest {
+        code,
+        reason,
+        by: ClosedBy::Origin,
+        flush_first: true,
+    }) {
+        Queued::Yes => Ok((
+            StatusCode::ACCEPTED,
+            Json(serde_json::json!({"status": "closing"})),
+        )
+            .into_response()),
         Queued::Closed => Err(ApiError::not_found(&id)),
     }
 }

@@ -87,7 +87,11 @@ impl Shared {
             *n += 1;
             *n
         };
-        SocketGuard { shared: self.clone(), ip, per_ip }
+        SocketGuard {
+            shared: self.clone(),
+            ip,
+            per_ip,
+        }
     }
 }
 
@@ -115,7 +119,10 @@ impl Drop for SocketGuard {
 
 /// Unix time in milliseconds.
 pub(crate) fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as u64
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis() as u64
 }
 
 /// What a drain did.
@@ -182,7 +189,11 @@ impl Gateway {
         Self::bind_node(config, node, transport).await
     }
 
-    async fn bind_node(config: Config, node: NodeId, transport: Arc<dyn OriginTransport>) -> Result<Self, GatewayError> {
+    async fn bind_node(
+        config: Config,
+        node: NodeId,
+        transport: Arc<dyn OriginTransport>,
+    ) -> Result<Self, GatewayError> {
         let client = bind_listener(config.listen)?;
         let control = bind_listener(config.control_listen)?;
         let shared = Arc::new(Shared {
@@ -195,7 +206,11 @@ impl Gateway {
             ),
             metrics: Metrics::new(),
             transport,
-            forward_headers: config.forward_header.iter().map(|h| h.to_ascii_lowercase()).collect(),
+            forward_headers: config
+                .forward_header
+                .iter()
+                .map(|h| h.to_ascii_lowercase())
+                .collect(),
             draining: AtomicBool::new(false),
             give_up: CancellationToken::new(),
             conn_tasks: TaskTracker::new(),
@@ -204,17 +219,25 @@ impl Gateway {
             handshakes_rejected: AtomicU64::new(0),
             config,
         });
-        Ok(Self { shared, client, control })
+        Ok(Self {
+            shared,
+            client,
+            control,
+        })
     }
 
     /// The client listener's address (useful with port 0).
     pub fn client_addr(&self) -> SocketAddr {
-        self.client.local_addr().expect("a bound listener has an address")
+        self.client
+            .local_addr()
+            .expect("a bound listener has an address")
     }
 
     /// The control listener's address.
     pub fn control_addr(&self) -> SocketAddr {
-        self.control.local_addr().expect("a bound listener has an address")
+        self.control
+            .local_addr()
+            .expect("a bound listener has an address")
     }
 
     #[cfg(test)]
@@ -229,7 +252,11 @@ impl Gateway {
 
     /// Serves until `shutdown` resolves, then drains and returns.
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> DrainReport {
-        let Self { shared, client, control } = self;
+        let Self {
+            shared,
+            client,
+            control,
+        } = self;
         if shared.config.origin.is_none() {
             tracing::warn!(
                 "DEV MODE: no origin configured; every connection is accepted and events are discarded"
@@ -248,7 +275,11 @@ impl Gateway {
         let stop_background = CancellationToken::new();
         workers.spawn(keepalive_loop(shared.clone(), stop_background.clone()));
         let control_stop = CancellationToken::new();
-        let control_task = tokio::spawn(control::serve(shared.clone(), control, control_stop.clone()));
+        let control_task = tokio::spawn(control::serve(
+            shared.clone(),
+            control,
+            control_stop.clone(),
+        ));
 
         accept_loop(&shared, &client, shutdown).await;
 
@@ -260,23 +291,32 @@ impl Gateway {
         tracing::info!(connections = shared.registry.len(), "draining");
         let closed = close_spread(&shared, deadline).await;
         shared.conn_tasks.close();
-        let conns_done = tokio::time::timeout_at(deadline, shared.conn_tasks.wait()).await.is_ok();
+        let conns_done = tokio::time::timeout_at(deadline, shared.conn_tasks.wait())
+            .await
+            .is_ok();
         stop_background.cancel();
         shared.dispatcher.close();
         workers.close();
-        let events_done = tokio::time::timeout_at(deadline, workers.wait()).await.is_ok();
+        let events_done = tokio::time::timeout_at(deadline, workers.wait())
+            .await
+            .is_ok();
         let dropped_before = shared.metrics.origin_events_dropped.get();
         if !(conns_done && events_done) {
             shared.give_up.cancel();
             // Lanes observe `give_up` at once and account for what they drop.
             let _ = tokio::time::timeout(Duration::from_secs(1), workers.wait()).await;
         }
-        let events_dropped = shared.metrics.origin_events_dropped.get() - dropped_before + shared.dispatcher.pending() as u64;
+        let events_dropped = shared.metrics.origin_events_dropped.get() - dropped_before
+            + shared.dispatcher.pending() as u64;
         control_stop.cancel();
         let _ = tokio::time::timeout(Duration::from_secs(1), control_task).await;
         let completed = conns_done && events_done;
         tracing::info!(closed, completed, events_dropped, elapsed = ?started.elapsed(), "drain finished");
-        DrainReport { closed, completed, events_dropped }
+        DrainReport {
+            closed,
+            completed,
+            events_dropped,
+        }
     }
 }
 
@@ -288,7 +328,11 @@ fn node_id(config: &Config) -> NodeId {
     }
 }
 
-async fn accept_loop(shared: &Arc<Shared>, listener: &TcpListener, shutdown: impl Future<Output = ()>) {
+async fn accept_loop(
+    shared: &Arc<Shared>,
+    listener: &TcpListener,
+    shutdown: impl Future<Output = ()>,
+) {
     tokio::pin!(shutdown);
     loop {
         let (stream, remote) = tokio::select! {
@@ -315,7 +359,9 @@ fn accept_one(shared: &Arc<Shared>, stream: TcpStream, remote: SocketAddr) {
     }
     let _ = stream.set_nodelay(true);
     let guard = shared.track_socket(remote.ip());
-    shared.conn_tasks.spawn(handshake::handle(shared.clone(), stream, remote, guard));
+    shared
+        .conn_tasks
+        .spawn(handshake::handle(shared.clone(), stream, remote, guard));
 }
 
 /// Closes every connection with 1012, spread evenly over `drain-spread`:
@@ -371,7 +417,11 @@ async fn keepalive_loop(shared: Arc<Shared>, stop: CancellationToken) {
             let started = Instant::now();
             let r = shared.transport.deliver(body).await;
             let kind = crate::metrics::KindLabel { kind: "keepalive" };
-            shared.metrics.origin_duration.get_or_create(&kind).observe(started.elapsed().as_secs_f64());
+            shared
+                .metrics
+                .origin_duration
+                .get_or_create(&kind)
+                .observe(started.elapsed().as_secs_f64());
             match r {
                 Ok(answer) => dispatcher::apply_answer(&shared, answer),
                 Err(e) => {

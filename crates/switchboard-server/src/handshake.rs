@@ -17,8 +17,8 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Instant;
 use switchboard_proto::origin::{ClosedBy, ConnectEvent, Event};
-use switchboard_proto::ws::handshake::{self as hs, HeadError, Request, UpgradeError};
 use switchboard_proto::ws::close;
+use switchboard_proto::ws::handshake::{self as hs, HeadError, Request, UpgradeError};
 use switchboard_proto::ConnectionId;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
@@ -32,15 +32,35 @@ struct Refusal {
     metric: &'static str,
 }
 
-fn refuse(status: u16, code: &'static str, message: impl Into<String>, metric: &'static str) -> Refusal {
-    Refusal { status, code, message: message.into(), extra: "", metric }
+fn refuse(
+    status: u16,
+    code: &'static str,
+    message: impl Into<String>,
+    metric: &'static str,
+) -> Refusal {
+    Refusal {
+        status,
+        code,
+        message: message.into(),
+        extra: "",
+        metric,
+    }
 }
 
 /// Runs the handshake of one accepted socket, then the connection itself.
-pub(crate) async fn handle(shared: Arc<Shared>, mut stream: TcpStream, remote: SocketAddr, guard: SocketGuard) {
+pub(crate) async fn handle(
+    shared: Arc<Shared>,
+    mut stream: TcpStream,
+    remote: SocketAddr,
+    guard: SocketGuard,
+) {
     let deadline = tokio::time::Instant::now() + shared.config.handshake_timeout;
     let mut buf = pool::take();
-    let head = tokio::time::timeout_at(deadline, read_head(&mut stream, &mut buf, shared.config.max_header_bytes)).await;
+    let head = tokio::time::timeout_at(
+        deadline,
+        read_head(&mut stream, &mut buf, shared.config.max_header_bytes),
+    )
+    .await;
     let result = match head {
         Err(_) => {
             // Slow or silent client: drop without an answer.
@@ -52,7 +72,9 @@ pub(crate) async fn handle(shared: Arc<Shared>, mut stream: TcpStream, remote: S
         Ok(Err(Some(refusal))) => Err(refusal),
         Ok(Ok((req, head_len))) => {
             let _ = buf.split_to(head_len);
-            decide(&shared, &req, remote, &guard, deadline).await.map(|ok| (req, ok))
+            decide(&shared, &req, remote, &guard, deadline)
+                .await
+                .map(|ok| (req, ok))
         }
     };
     match result {
@@ -67,12 +89,20 @@ pub(crate) async fn handle(shared: Arc<Shared>, mut stream: TcpStream, remote: S
             .await;
         }
         Ok((_req, accepted)) => {
-            let Accepted { conn, response, deflate } = accepted;
+            let Accepted {
+                conn,
+                response,
+                deflate,
+            } = accepted;
             shared.metrics.handshake("accepted");
             if stream.write_all(&response).await.is_err() {
                 // The client left before the 101: it still gets its disconnect.
                 let guard = connection::DisconnectGuard::new(shared.clone(), conn);
-                guard.finish(close::ABNORMAL, "connection lost during handshake", ClosedBy::Network);
+                guard.finish(
+                    close::ABNORMAL,
+                    "connection lost during handshake",
+                    ClosedBy::Network,
+                );
                 return;
             }
             if shared.draining.load(Relaxed) {
@@ -92,7 +122,9 @@ pub(crate) async fn handle(shared: Arc<Shared>, mut stream: TcpStream, remote: S
             // A task of its own, so the connection holds none of the
             // handshake's state while it lives.
             let tasks = shared.conn_tasks.clone();
-            tasks.spawn(connection::run(shared, stream, conn, leftover, deflate, guard));
+            tasks.spawn(connection::run(
+                shared, stream, conn, leftover, deflate, guard,
+            ));
         }
     }
 }
@@ -107,18 +139,38 @@ async fn read_head(
         match hs::parse_request(buf) {
             // A whole head can arrive in one read: check its size here too.
             Ok(Some((_, len))) if len > max => {
-                return Err(Some(refuse(431, "header_too_large", format!("request head over {max} bytes"), "header_too_large")))
+                return Err(Some(refuse(
+                    431,
+                    "header_too_large",
+                    format!("request head over {max} bytes"),
+                    "header_too_large",
+                )))
             }
             Ok(Some(done)) => return Ok(done),
             Ok(None) if buf.len() >= max => {
-                return Err(Some(refuse(431, "header_too_large", format!("request head over {max} bytes"), "header_too_large")))
+                return Err(Some(refuse(
+                    431,
+                    "header_too_large",
+                    format!("request head over {max} bytes"),
+                    "header_too_large",
+                )))
             }
             Ok(None) => {}
             Err(HeadError::TooManyHeaders) => {
-                return Err(Some(refuse(431, "header_too_large", "too many header lines", "header_too_large")))
+                return Err(Some(refuse(
+                    431,
+                    "header_too_large",
+                    "too many header lines",
+                    "header_too_large",
+                )))
             }
             Err(HeadError::Malformed) => {
-                return Err(Some(refuse(400, "bad_request", "malformed HTTP request", "bad_request")))
+                return Err(Some(refuse(
+                    400,
+                    "bad_request",
+                    "malformed HTTP request",
+                    "bad_request",
+                )))
             }
         }
         if buf.capacity() - buf.len() < 512 {
@@ -167,20 +219,48 @@ async fn decide(
         UpgradeError::BadKey => refuse(400, "bad_request", e.to_string(), "bad_request"),
     })?;
     if shared.draining.load(Relaxed) {
-        return Err(refuse(503, "draining", "this node is shutting down; retry", "draining"));
+        return Err(refuse(
+            503,
+            "draining",
+            "this node is shutting down; retry",
+            "draining",
+        ));
     }
     if shared.sockets.load(Relaxed) > cfg.max_connections {
-        return Err(refuse(503, "over_capacity", "connection limit reached", "over_capacity"));
+        return Err(refuse(
+            503,
+            "over_capacity",
+            "connection limit reached",
+            "over_capacity",
+        ));
     }
     if cfg.max_connections_per_ip > 0 && guard.per_ip as usize > cfg.max_connections_per_ip {
-        return Err(refuse(503, "too_many_connections_from_ip", "per-address connection limit reached", "over_capacity"));
+        return Err(refuse(
+            503,
+            "too_many_connections_from_ip",
+            "per-address connection limit reached",
+            "over_capacity",
+        ));
     }
     if !shared.dispatcher.has_room() {
-        return Err(refuse(503, "origin_backlog", "the origin is not keeping up; retry later", "origin_backlog"));
+        return Err(refuse(
+            503,
+            "origin_backlog",
+            "the origin is not keeping up; retry later",
+            "origin_backlog",
+        ));
     }
 
-    let subprotocol = upgrade.protocols.iter().find(|p| cfg.subprotocol.iter().any(|s| s == *p)).cloned();
-    let deflate = if cfg.permessage_deflate { upgrade.deflate } else { None };
+    let subprotocol = upgrade
+        .protocols
+        .iter()
+        .find(|p| cfg.subprotocol.iter().any(|s| s == *p))
+        .cloned();
+    let deflate = if cfg.permessage_deflate {
+        upgrade.deflate
+    } else {
+        None
+    };
     let id = ConnectionId::generate(&shared.node);
     let event = Event::Connect(ConnectEvent {
         id: format!("{id}:connect"),
@@ -204,11 +284,19 @@ async fn decide(
     let started = Instant::now();
     let decision = tokio::time::timeout_at(deadline, shared.transport.connect(body)).await;
     let kind = KindLabel { kind: "connect" };
-    shared.metrics.origin_duration.get_or_create(&kind).observe(started.elapsed().as_secs_f64());
+    shared
+        .metrics
+        .origin_duration
+        .get_or_create(&kind)
+        .observe(started.elapsed().as_secs_f64());
     let answer = match decision {
         Ok(Ok(ConnectDecision::Accept(answer))) => answer,
         Ok(Ok(ConnectDecision::Reject { status, reason })) => {
-            let status = if (400..=599).contains(&status) { status } else { 403 };
+            let status = if (400..=599).contains(&status) {
+                status
+            } else {
+                403
+            };
             return Err(refuse(
                 status,
                 "rejected_by_origin",
@@ -219,11 +307,21 @@ async fn decide(
         Ok(Err(e)) => {
             shared.metrics.origin_failures.get_or_create(&kind).inc();
             tracing::warn!(error = %e, "connect event failed");
-            return Err(refuse(503, "origin_unavailable", "the application is unavailable; retry later", "origin_unavailable"));
+            return Err(refuse(
+                503,
+                "origin_unavailable",
+                "the application is unavailable; retry later",
+                "origin_unavailable",
+            ));
         }
         Err(_) => {
             shared.metrics.origin_failures.get_or_create(&kind).inc();
-            return Err(refuse(503, "origin_unavailable", "the application did not answer in time", "origin_unavailable"));
+            return Err(refuse(
+                503,
+                "origin_unavailable",
+                "the application did not answer in time",
+                "origin_unavailable",
+            ));
         }
     };
 
@@ -234,7 +332,8 @@ async fn decide(
         user_id: answer.user_id,
         metadata: answer.metadata,
         subprotocol: subprotocol.clone(),
-        deflate: deflate.is_some(),
+        // Outbound compression: off when the client limited the server window.
+        deflate: deflate.is_some_and(|d| d.compresses_outbound()),
         max_outbound: cfg.max_outbound_bytes,
     }));
     shared.registry.insert(conn.clone());
@@ -256,7 +355,10 @@ fn dispatcher_replies(shared: &Shared, replies: Vec<switchboard_proto::origin::R
     if !replies.is_empty() {
         crate::origin::dispatcher::apply_answer(
             shared,
-            switchboard_proto::origin::OriginAnswer { replies, ..Default::default() },
+            switchboard_proto::origin::OriginAnswer {
+                replies,
+                ..Default::default()
+            },
         );
     }
 }

@@ -52,7 +52,9 @@ pub(crate) struct Metrics {
 }
 
 fn origin_histogram() -> Histogram {
-    Histogram::new([0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0])
+    Histogram::new([
+        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+    ])
 }
 
 impl Metrics {
@@ -81,17 +83,57 @@ impl Metrics {
             registry: Registry::default(),
         };
         let r = &mut registry;
-        r.register("connections", "Open client connections accepted by the origin", m.connections.clone());
-        r.register("connections_accepted", "Connections accepted since start", m.connections_total.clone());
+        r.register(
+            "connections",
+            "Open client connections accepted by the origin",
+            m.connections.clone(),
+        );
+        r.register(
+            "connections_accepted",
+            "Connections accepted since start",
+            m.connections_total.clone(),
+        );
         r.register("handshakes", "Handshakes by result", m.handshakes.clone());
-        r.register("disconnects", "Ended connections by who closed them", m.disconnects.clone());
-        r.register("frames_in", "WebSocket frames received from clients", m.frames_in.clone());
-        r.register("frames_out", "WebSocket frames queued to clients", m.frames_out.clone());
-        r.register("messages_in", "Data messages received from clients", m.messages_in.clone());
-        r.register("messages_out", "Data messages queued to clients", m.messages_out.clone());
-        r.register("bytes_in", "Bytes read from client sockets", m.bytes_in.clone());
-        r.register("bytes_out", "Bytes written to client sockets", m.bytes_out.clone());
-        r.register("protocol_errors", "Connections closed for breaking RFC 6455", m.protocol_errors.clone());
+        r.register(
+            "disconnects",
+            "Ended connections by who closed them",
+            m.disconnects.clone(),
+        );
+        r.register(
+            "frames_in",
+            "WebSocket frames received from clients",
+            m.frames_in.clone(),
+        );
+        r.register(
+            "frames_out",
+            "WebSocket frames queued to clients",
+            m.frames_out.clone(),
+        );
+        r.register(
+            "messages_in",
+            "Data messages received from clients",
+            m.messages_in.clone(),
+        );
+        r.register(
+            "messages_out",
+            "Data messages queued to clients",
+            m.messages_out.clone(),
+        );
+        r.register(
+            "bytes_in",
+            "Bytes read from client sockets",
+            m.bytes_in.clone(),
+        );
+        r.register(
+            "bytes_out",
+            "Bytes written to client sockets",
+            m.bytes_out.clone(),
+        );
+        r.register(
+            "protocol_errors",
+            "Connections closed for breaking RFC 6455",
+            m.protocol_errors.clone(),
+        );
         r.register(
             "slow_consumer_closes",
             "Connections closed (4001) because their outbound queue overflowed",
@@ -107,10 +149,26 @@ impl Metrics {
             "Origin request latency by kind (connect, events, keepalive)",
             m.origin_duration.clone(),
         );
-        r.register("origin_request_failures", "Failed origin requests by kind", m.origin_failures.clone());
-        r.register("origin_retries", "Origin event requests retried", m.origin_retries.clone());
-        r.register("origin_queue_depth", "Events waiting for the origin", m.origin_queue_depth.clone());
-        r.register("origin_events_delivered", "Events the origin acknowledged", m.origin_events_delivered.clone());
+        r.register(
+            "origin_request_failures",
+            "Failed origin requests by kind",
+            m.origin_failures.clone(),
+        );
+        r.register(
+            "origin_retries",
+            "Origin event requests retried",
+            m.origin_retries.clone(),
+        );
+        r.register(
+            "origin_queue_depth",
+            "Events waiting for the origin",
+            m.origin_queue_depth.clone(),
+        );
+        r.register(
+            "origin_events_delivered",
+            "Events the origin acknowledged",
+            m.origin_events_delivered.clone(),
+        );
         r.register(
             "origin_events_dropped",
             "Events given up on (permanent origin error, or drain timeout)",
@@ -125,7 +183,8 @@ impl Metrics {
 
     pub(crate) fn encode(&self) -> String {
         let mut s = String::new();
-        prometheus_client::encoding::text::encode(&mut s, &self.registry).expect("writing to a String cannot fail");
+        prometheus_client::encoding::text::encode(&mut s, &self.registry)
+            .expect("writing to a String cannot fail");
         s
     }
 }

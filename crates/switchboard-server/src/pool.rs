@@ -20,7 +20,8 @@ thread_local! {
 
 /// Borrows an empty buffer.
 pub(crate) fn take() -> BytesMut {
-    POOL.with(|p| p.borrow_mut().pop()).unwrap_or_else(|| BytesMut::with_capacity(READ_BUF))
+    POOL.with(|p| p.borrow_mut().pop())
+        .unwrap_or_else(|| BytesMut::with_capacity(READ_BUF))
 }
 
 /// Returns a buffer. Oversized ones (grown for a large frame) are freed instead.

@@ -47,7 +47,11 @@ impl Outgoing {
             Payload::Binary(b) => (OpCode::Binary, Bytes::from(b)),
         };
         let frame = encode_frame_with(opcode, false, &payload);
-        Self { opcode, payload, frame }
+        Self {
+            opcode,
+            payload,
+            frame,
+        }
     }
 
     /// The frame for a connection, compressed if it negotiated permessage-deflate.
@@ -87,7 +91,11 @@ impl Outbound {
     /// cutting a frame short would corrupt the stream (and hide the close
     /// frame that follows).
     fn discard(&mut self) {
-        let keep = if self.front_partial { self.frames.pop_front() } else { None };
+        let keep = if self.front_partial {
+            self.frames.pop_front()
+        } else {
+            None
+        };
         self.frames.clear();
         self.queued_bytes = 0;
         if let Some(rest) = keep {
@@ -286,7 +294,10 @@ impl Conn {
             metrics.bytes_out.inc_by(written as u64);
             let mut left = written;
             while left > 0 {
-                let front = out.frames.front_mut().expect("written bytes came from queued frames");
+                let front = out
+                    .frames
+                    .front_mut()
+                    .expect("written bytes came from queued frames");
                 if front.len() <= left {
                     left -= front.len();
                     out.frames.pop_front();

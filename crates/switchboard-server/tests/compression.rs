@@ -46,6 +46,7 @@ async fn negotiated_when_enabled() {
     assert!(f.payload.len() < big.len() / 4, "{} bytes", f.payload.len());
     let mut inflater = Inflater::new(DeflateParams {
         client_no_context_takeover: true,
+        ..Default::default()
     });
     assert_eq!(
         inflater
@@ -59,8 +60,9 @@ async fn negotiated_when_enabled() {
         (OP_TEXT, false, &b"tiny"[..])
     );
 
-    // An offer the gateway cannot honour is declined; the next one is taken.
-    let declined = RawWs::connect(
+    // An offer limiting the server window is accepted and the limit echoed;
+    // the gateway's compressor (32 KiB window) then stays off for that client.
+    let mut small = RawWs::connect(
         gw.addr,
         "/",
         &[(
@@ -69,22 +71,30 @@ async fn negotiated_when_enabled() {
         )],
     )
     .await;
-    let ext = declined
+    let ext = small
         .response
         .header("sec-websocket-extensions")
-        .expect("second offer taken");
-    assert!(!ext.contains("server_max_window_bits=10"), "{ext}");
+        .expect("first offer taken");
+    assert!(ext.contains("server_max_window_bits=10"), "{ext}");
+    let small_id = origin.id_for(small.local_addr).await;
+    assert_eq!(gw.push_text(&small_id, &big).await, 200);
+    let f = small.next_frame(WAIT).await.expect("frame");
+    assert_eq!(
+        (f.opcode, f.rsv1, f.payload.as_slice()),
+        (OP_TEXT, false, big.as_bytes())
+    );
+    // An offer the gateway cannot honour (window out of range) is declined.
     let only_bad = RawWs::connect(
         gw.addr,
         "/",
         &[(
             "Sec-WebSocket-Extensions",
-            "permessage-deflate; server_max_window_bits=9",
+            "permessage-deflate; server_max_window_bits=7",
         )],
     )
     .await;
     assert_eq!(only_bad.response.header("sec-websocket-extensions"), None);
-    drop((raw, declined, only_bad));
+    drop((raw, small, only_bad));
     gw.shutdown().await;
 }
 

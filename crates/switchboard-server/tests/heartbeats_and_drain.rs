@@ -270,7 +270,10 @@ async fn drain_spreads_even_a_few_clients() {
         }));
     }
     let started = Instant::now();
-    let report = tokio::time::timeout(WAIT * 2, gw.begin_shutdown()).await.unwrap().unwrap();
+    let report = tokio::time::timeout(WAIT * 2, gw.begin_shutdown())
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(report.closed, 3);
     let mut times = Vec::new();
     for r in readers {
@@ -280,8 +283,14 @@ async fn drain_spreads_even_a_few_clients() {
     }
     times.sort();
     // Closed at about 0, 200 and 400 ms.
-    assert!(times[2] - times[0] >= Duration::from_millis(300), "closes not spread: {times:?}");
-    assert!(times[2] <= SPREAD + Duration::from_millis(500), "closes took too long: {times:?}");
+    assert!(
+        times[2] - times[0] >= Duration::from_millis(300),
+        "closes not spread: {times:?}"
+    );
+    assert!(
+        times[2] <= SPREAD + Duration::from_millis(500),
+        "closes took too long: {times:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -517,12 +517,19 @@ async fn batch_sizes_after_a_stall(batch_size: Option<usize>, total: u64) -> Vec
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_are_batched_while_the_origin_is_busy() {
     let sizes = batch_sizes_after_a_stall(None, 51).await;
-    assert_eq!(sizes, [1, 50], "the 50 events that piled up leave in one request");
+    assert_eq!(
+        sizes,
+        [1, 50],
+        "the 50 events that piled up leave in one request"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batches_respect_origin_batch_size() {
-    assert_eq!(batch_sizes_after_a_stall(Some(8), 31).await, [1, 8, 8, 8, 6]);
+    assert_eq!(
+        batch_sizes_after_a_stall(Some(8), 31).await,
+        [1, 8, 8, 8, 6]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -68,7 +68,12 @@ pub(crate) struct ServeArgs {
     origin: Option<String>,
 
     /// Secret for the HMAC-SHA256 signature of origin requests.
-    #[arg(long, env = "SWITCHBOARD_ORIGIN_SECRET", value_name = "SECRET", hide_env_values = true)]
+    #[arg(
+        long,
+        env = "SWITCHBOARD_ORIGIN_SECRET",
+        value_name = "SECRET",
+        hide_env_values = true
+    )]
     #[serde(skip_serializing_if = "Option::is_none")]
     origin_secret: Option<String>,
 
@@ -93,7 +98,11 @@ pub(crate) struct ServeArgs {
     origin_batch_linger: Option<String>,
 
     /// First retry delay for origin requests, doubled each retry with jitter [default: 100ms].
-    #[arg(long, env = "SWITCHBOARD_ORIGIN_RETRY_INITIAL", value_name = "DURATION")]
+    #[arg(
+        long,
+        env = "SWITCHBOARD_ORIGIN_RETRY_INITIAL",
+        value_name = "DURATION"
+    )]
     #[serde(skip_serializing_if = "Option::is_none")]
     origin_retry_initial: Option<String>,
 
@@ -118,12 +127,23 @@ pub(crate) struct ServeArgs {
     keepalive_interval: Option<String>,
 
     /// Control API key (repeatable, for rotation; comma-separated in the environment).
-    #[arg(long, env = "SWITCHBOARD_API_KEY", value_name = "KEY", value_delimiter = ',', hide_env_values = true)]
+    #[arg(
+        long,
+        env = "SWITCHBOARD_API_KEY",
+        value_name = "KEY",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
     #[serde(skip_serializing_if = "Option::is_none")]
     api_key: Option<Vec<String>>,
 
     /// Accepted subprotocol (repeatable).
-    #[arg(long, env = "SWITCHBOARD_SUBPROTOCOL", value_name = "NAME", value_delimiter = ',')]
+    #[arg(
+        long,
+        env = "SWITCHBOARD_SUBPROTOCOL",
+        value_name = "NAME",
+        value_delimiter = ','
+    )]
     #[serde(skip_serializing_if = "Option::is_none")]
     subprotocol: Option<Vec<String>>,
 
@@ -133,7 +153,12 @@ pub(crate) struct ServeArgs {
     permessage_deflate: Option<bool>,
 
     /// Request header passed to the origin in `connect` (repeatable) [default: user-agent, origin, accept-language, x-forwarded-for].
-    #[arg(long, env = "SWITCHBOARD_FORWARD_HEADER", value_name = "NAME", value_delimiter = ',')]
+    #[arg(
+        long,
+        env = "SWITCHBOARD_FORWARD_HEADER",
+        value_name = "NAME",
+        value_delimiter = ','
+    )]
     #[serde(skip_serializing_if = "Option::is_none")]
     forward_header: Option<Vec<String>>,
 
@@ -205,7 +230,8 @@ pub(crate) struct Loaded {
 pub(crate) fn load(args: &ServeArgs) -> Result<Loaded, String> {
     let mut table = match &args.config {
         Some(path) => {
-            let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
             toml::from_str::<toml::Table>(&text).map_err(|e| format!("{}: {e}", path.display()))?
         }
         None => toml::Table::new(),
@@ -221,9 +247,15 @@ pub(crate) fn load(args: &ServeArgs) -> Result<Loaded, String> {
     };
     let log_level = take_str(&mut table, "log-level", "info")?;
     let log_format = take_str(&mut table, "log-format", "auto")?;
-    let config: Config = toml::Value::Table(table).try_into().map_err(|e: toml::de::Error| e.to_string())?;
+    let config: Config = toml::Value::Table(table)
+        .try_into()
+        .map_err(|e: toml::de::Error| e.to_string())?;
     config.validate().map_err(|e| e.to_string())?;
-    Ok(Loaded { config, log_level, log_format })
+    Ok(Loaded {
+        config,
+        log_level,
+        log_format,
+    })
 }
 
 #[cfg(test)]
@@ -250,7 +282,12 @@ mod tests {
             "ping-interval = \"7s\"\nmax-message-size = 1000\nsubprotocol = [\"a\"]\nlog-level = \"debug\"\n",
         )
         .unwrap();
-        let args = parse(&["--config", file.to_str().unwrap(), "--max-message-size", "2000"]);
+        let args = parse(&[
+            "--config",
+            file.to_str().unwrap(),
+            "--max-message-size",
+            "2000",
+        ]);
         let l = load(&args).unwrap();
         assert_eq!(l.config.ping_interval, Duration::from_secs(7));
         assert_eq!(l.config.max_message_size, 2000);
@@ -263,7 +300,15 @@ mod tests {
 
     #[test]
     fn repeatable_and_boolean_flags() {
-        let a = parse(&["--subprotocol", "x", "--subprotocol", "y", "--permessage-deflate", "--idle-timeout", "1m"]);
+        let a = parse(&[
+            "--subprotocol",
+            "x",
+            "--subprotocol",
+            "y",
+            "--permessage-deflate",
+            "--idle-timeout",
+            "1m",
+        ]);
         let l = load(&a).unwrap();
         assert_eq!(l.config.subprotocol, ["x", "y"]);
         assert!(l.config.permessage_deflate);
@@ -286,7 +331,10 @@ mod tests {
             .map(str::to_owned)
             .collect();
         for f in &flags {
-            assert!(docs.contains(&format!("`--{f}`")), "--{f} is not documented in docs/configuration.md");
+            assert!(
+                docs.contains(&format!("`--{f}`")),
+                "--{f} is not documented in docs/configuration.md"
+            );
             let env = format!("SWITCHBOARD_{}", f.to_uppercase().replace('-', "_"));
             if f != "check" {
                 assert!(docs.contains(&env), "{env} is not documented");
@@ -294,7 +342,10 @@ mod tests {
         }
         for line in docs.lines().filter(|l| l.starts_with("| `--")) {
             let flag = line.split('`').nth(1).unwrap().trim_start_matches("--");
-            assert!(flags.iter().any(|f| f == flag), "docs list --{flag}, which `serve` does not have");
+            assert!(
+                flags.iter().any(|f| f == flag),
+                "docs list --{flag}, which `serve` does not have"
+            );
         }
         let keys = serde_json::to_value(Config::default()).unwrap();
         for key in keys.as_object().unwrap().keys() {

@@ -38,7 +38,10 @@ fn serve(args: cli::ServeArgs) -> ExitCode {
         eprintln!("switchboard: {e}");
         return ExitCode::from(EX_USAGE);
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("switchboard: cannot start the runtime: {e}");
@@ -87,12 +90,17 @@ async fn shutdown_signal() {
 fn init_logging(level: &str, format: &str) -> Result<(), String> {
     use std::io::IsTerminal;
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_new(level).map_err(|e| format!("invalid log-level {level:?}: {e}"))?;
+    let filter =
+        EnvFilter::try_new(level).map_err(|e| format!("invalid log-level {level:?}: {e}"))?;
     let json = match format {
         "json" => true,
         "text" => false,
         "auto" => !std::io::stderr().is_terminal(),
-        other => return Err(format!("invalid log-format {other:?}: expected auto, json or text")),
+        other => {
+            return Err(format!(
+                "invalid log-format {other:?}: expected auto, json or text"
+            ))
+        }
     };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)

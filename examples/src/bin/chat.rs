@@ -42,8 +42,19 @@ impl Chat {
         if ids.is_empty() {
             return;
         }
-        let body = BatchSendRequest { messages: vec![BatchMessage { connection_ids: ids, payload: Payload::Text(text) }] };
-        if let Err(e) = self.http.post(format!("http://{CONTROL}/v1/messages")).json(&body).send().await {
+        let body = BatchSendRequest {
+            messages: vec![BatchMessage {
+                connection_ids: ids,
+                payload: Payload::Text(text),
+            }],
+        };
+        if let Err(e) = self
+            .http
+            .post(format!("http://{CONTROL}/v1/messages"))
+            .json(&body)
+            .send()
+            .await
+        {
             tracing::warn!(error = %e, "broadcast failed");
         }
     }
@@ -65,13 +76,30 @@ async fn events(State(chat): State<Arc<Chat>>, body: Bytes) -> impl IntoResponse
                     .query
                     .split('&')
                     .find_map(|kv| kv.strip_prefix("name="))
-                    .filter(|n| !n.is_empty() && n.len() <= 24 && n.bytes().all(|b| b.is_ascii_alphanumeric()))
+                    .filter(|n| {
+                        !n.is_empty()
+                            && n.len() <= 24
+                            && n.bytes().all(|b| b.is_ascii_alphanumeric())
+                    })
                     .map(str::to_owned)
-                    .unwrap_or_else(|| format!("guest-{}", &c.connection_id[c.connection_id.len() - 4..]));
-                chat.members.lock().insert(c.connection_id.clone(), name.clone());
+                    .unwrap_or_else(|| {
+                        format!("guest-{}", &c.connection_id[c.connection_id.len() - 4..])
+                    });
+                chat.members
+                    .lock()
+                    .insert(c.connection_id.clone(), name.clone());
                 answer.user_id = Some(name.clone());
-                answer.messages.push(Payload::Text(json_line("system", "switchboard", &format!("welcome, {name}"))));
-                chat.broadcast(json_line("system", "switchboard", &format!("{name} joined"))).await;
+                answer.messages.push(Payload::Text(json_line(
+                    "system",
+                    "switchboard",
+                    &format!("welcome, {name}"),
+                )));
+                chat.broadcast(json_line(
+                    "system",
+                    "switchboard",
+                    &format!("{name} joined"),
+                ))
+                .await;
             }
             Event::Message(m) => {
                 let name = m.user_id.unwrap_or_default();
@@ -83,7 +111,8 @@ async fn events(State(chat): State<Arc<Chat>>, body: Bytes) -> impl IntoResponse
             Event::Disconnect(d) => {
                 let name = chat.members.lock().remove(&d.connection_id);
                 if let Some(name) = name {
-                    chat.broadcast(json_line("system", "switchboard", &format!("{name} left"))).await;
+                    chat.broadcast(json_line("system", "switchboard", &format!("{name} left")))
+                        .await;
                 }
             }
             Event::Keepalive(_) => {}
@@ -94,10 +123,17 @@ async fn events(State(chat): State<Arc<Chat>>, body: Bytes) -> impl IntoResponse
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::new("info")).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new("info"))
+        .init();
     let chat = Arc::new(Chat::default());
     let app = Router::new()
-        .route("/", get(|| async { Html(include_str!("../../static/chat.html").replace("{{GATEWAY}}", GATEWAY)) }))
+        .route(
+            "/",
+            get(|| async {
+                Html(include_str!("../../static/chat.html").replace("{{GATEWAY}}", GATEWAY))
+            }),
+        )
         .route("/events", post(events))
         .with_state(chat);
     let listener = tokio::net::TcpListener::bind(ORIGIN).await?;
@@ -111,7 +147,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         ..Default::default()
     };
     let gateway = switchboard_server::Gateway::bind(config).await?;
-    println!("\n  Switchboard chat demo\n  open http://{ORIGIN} in two browser tabs (Ctrl-C to stop)\n");
+    println!(
+        "\n  Switchboard chat demo\n  open http://{ORIGIN} in two browser tabs (Ctrl-C to stop)\n"
+    );
     gateway
         .run(async {
             let _ = tokio::signal::ctrl_c().await;

@@ -32,11 +32,18 @@ async fn events(body: Bytes) -> impl IntoResponse {
         .events
         .into_iter()
         .filter_map(|e| match e {
-            Event::Message(m) => Some(Reply { connection_id: m.connection_id, payload: m.payload }),
+            Event::Message(m) => Some(Reply {
+                connection_id: m.connection_id,
+                payload: m.payload,
+            }),
             _ => None,
         })
         .collect();
-    axum::Json(OriginAnswer { replies, ..Default::default() }).into_response()
+    axum::Json(OriginAnswer {
+        replies,
+        ..Default::default()
+    })
+    .into_response()
 }
 
 #[tokio::main]
@@ -46,6 +53,9 @@ async fn main() -> std::io::Result<()> {
         .route("/events", post(events))
         .layer(axum::extract::DefaultBodyLimit::max(64 << 20));
     let listener = tokio::net::TcpListener::bind(args.listen).await?;
-    eprintln!("echo origin listening on http://{}/events", listener.local_addr()?);
+    eprintln!(
+        "echo origin listening on http://{}/events",
+        listener.local_addr()?
+    );
     axum::serve(listener, app).await
 }

@@ -139,7 +139,9 @@ impl Decoder {
                 }
             } else {
                 match (&self.partial, opcode) {
-                    (None, OpCode::Continuation) => return Err(ProtocolError::UnexpectedContinuation),
+                    (None, OpCode::Continuation) => {
+                        return Err(ProtocolError::UnexpectedContinuation)
+                    }
                     (Some(_), OpCode::Text | OpCode::Binary) => {
                         return Err(ProtocolError::ExpectedContinuation)
                     }
@@ -204,10 +206,12 @@ impl Decoder {
     fn finish(&mut self, p: Partial) -> Result<Message, ProtocolError> {
         let data = if p.compressed {
             let inflater = self.inflater.as_mut().ok_or(ProtocolError::ReservedBits)?;
-            let out = inflater.inflate(&p.data, self.max_message_size).map_err(|e| match e {
-                InflateError::Corrupt => ProtocolError::InvalidCompressed,
-                InflateError::TooLarge => ProtocolError::MessageTooBig,
-            })?;
+            let out = inflater
+                .inflate(&p.data, self.max_message_size)
+                .map_err(|e| match e {
+                    InflateError::Corrupt => ProtocolError::InvalidCompressed,
+                    InflateError::TooLarge => ProtocolError::MessageTooBig,
+                })?;
             Bytes::from(out)
         } else {
             p.data.freeze()
@@ -333,16 +337,56 @@ mod tests {
     fn errors_map_to_close_codes() {
         let cases: Vec<(Vec<u8>, ProtocolError, u16)> = vec![
             (vec![0x81, 0x00], ProtocolError::Unmasked, 1002),
-            (client_frame(true, false, 3, b""), ProtocolError::ReservedOpcode, 1002),
-            (client_frame(true, true, 1, b"a"), ProtocolError::ReservedBits, 1002),
-            (client_frame(false, false, 9, b""), ProtocolError::FragmentedControl, 1002),
-            (client_frame(true, false, 9, &[0; 126]), ProtocolError::ControlTooLong, 1002),
-            (client_frame(true, false, 0, b"a"), ProtocolError::UnexpectedContinuation, 1002),
-            (client_frame(true, false, 1, &[0xff]), ProtocolError::InvalidUtf8, 1007),
-            (client_frame(true, false, 8, &[3]), ProtocolError::InvalidClose, 1002),
-            (client_frame(true, false, 8, &[0x03, 0xed]), ProtocolError::InvalidClose, 1002),
-            (client_frame(true, false, 8, &[0x03, 0xe8, 0xff]), ProtocolError::InvalidUtf8, 1007),
-            (client_frame(true, false, 2, &[0; 2000]), ProtocolError::MessageTooBig, 1009),
+            (
+                client_frame(true, false, 3, b""),
+                ProtocolError::ReservedOpcode,
+                1002,
+            ),
+            (
+                client_frame(true, true, 1, b"a"),
+                ProtocolError::ReservedBits,
+                1002,
+            ),
+            (
+                client_frame(false, false, 9, b""),
+                ProtocolError::FragmentedControl,
+                1002,
+            ),
+            (
+                client_frame(true, false, 9, &[0; 126]),
+                ProtocolError::ControlTooLong,
+                1002,
+            ),
+            (
+                client_frame(true, false, 0, b"a"),
+                ProtocolError::UnexpectedContinuation,
+                1002,
+            ),
+            (
+                client_frame(true, false, 1, &[0xff]),
+                ProtocolError::InvalidUtf8,
+                1007,
+            ),
+            (
+                client_frame(true, false, 8, &[3]),
+                ProtocolError::InvalidClose,
+                1002,
+            ),
+            (
+                client_frame(true, false, 8, &[0x03, 0xed]),
+                ProtocolError::InvalidClose,
+                1002,
+            ),
+            (
+                client_frame(true, false, 8, &[0x03, 0xe8, 0xff]),
+                ProtocolError::InvalidUtf8,
+                1007,
+            ),
+            (
+                client_frame(true, false, 2, &[0; 2000]),
+                ProtocolError::MessageTooBig,
+                1009,
+            ),
         ];
         for (bytes, err, code) in cases {
             let mut d = Decoder::new(1024, None);
@@ -352,7 +396,10 @@ mod tests {
         let mut d = Decoder::new(1024, None);
         let mut b = client_frame(false, false, 1, b"a");
         b.extend(client_frame(true, false, 1, b"b"));
-        assert_eq!(decode_all(&mut d, &b), Err(ProtocolError::ExpectedContinuation));
+        assert_eq!(
+            decode_all(&mut d, &b),
+            Err(ProtocolError::ExpectedContinuation)
+        );
     }
 
     #[test]
@@ -378,12 +425,18 @@ mod tests {
         let e = "é".as_bytes();
         let mut b = client_frame(false, false, 1, &e[..1]);
         b.extend(client_frame(true, false, 0, &e[1..]));
-        assert_eq!(decode_all(&mut d, &b).unwrap(), vec![Message::Text(Bytes::from("é"))]);
+        assert_eq!(
+            decode_all(&mut d, &b).unwrap(),
+            vec![Message::Text(Bytes::from("é"))]
+        );
     }
 
     #[test]
     fn compressed_messages() {
-        let params = DeflateParams { client_no_context_takeover: true };
+        let params = DeflateParams {
+            client_no_context_takeover: true,
+            ..Default::default()
+        };
         let mut d = Decoder::new(1 << 16, Some(params));
         let text = "compress me ".repeat(100);
         let z = deflate_message(text.as_bytes());
@@ -392,7 +445,13 @@ mod tests {
         bytes.extend(client_frame(true, false, 0, b));
         bytes.extend(client_frame(true, false, 1, b"plain"));
         let msgs = decode_all(&mut d, &bytes).unwrap();
-        assert_eq!(msgs, vec![Message::Text(Bytes::from(text)), Message::Text(Bytes::from("plain"))]);
+        assert_eq!(
+            msgs,
+            vec![
+                Message::Text(Bytes::from(text)),
+                Message::Text(Bytes::from("plain"))
+            ]
+        );
         // RSV1 on a continuation frame is an error.
         let mut b = client_frame(false, true, 1, a);
         b.extend(client_frame(true, true, 0, b"x"));
@@ -400,6 +459,9 @@ mod tests {
         // Inflating past the limit.
         let mut d = Decoder::new(100, Some(params));
         let z = deflate_message(&[b'a'; 10_000]);
-        assert_eq!(decode_all(&mut d, &client_frame(true, true, 2, &z)), Err(ProtocolError::MessageTooBig));
+        assert_eq!(
+            decode_all(&mut d, &client_frame(true, true, 2, &z)),
+            Err(ProtocolError::MessageTooBig)
+        );
     }
 }

@@ -5,35 +5,50 @@
 //! compressor per thread is reset between messages. It accepts
 //! `client_no_context_takeover` when offered; only a client that keeps its
 //! context makes the gateway keep an inflater (about 40 KiB) for the connection.
+//!
+//! The compressor has a fixed 32 KiB window. A client that limits the server
+//! window (`server_max_window_bits` below 15) is still accepted, and the
+//! gateway then sends it every message uncompressed, which RFC 7692 allows
+//! ([`DeflateParams::compresses_outbound`]).
 
 use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress, Status};
 use std::cell::RefCell;
 
 /// Parameters agreed for a connection.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct DeflateParams {
     /// The client resets its compressor after every message, so the gateway can
     /// inflate each message from a fresh state.
     pub client_no_context_takeover: bool,
+    /// The `server_max_window_bits` (8–15) the client asked for, if any. The
+    /// answer echoes it (RFC 7692 §7.1.2.1: that is how a server accepts it).
+    pub server_max_window_bits: Option<u8>,
 }
 
 impl DeflateParams {
     /// The `Sec-WebSocket-Extensions` response value for these parameters.
     pub fn response_header(&self) -> String {
         let mut s = String::from("permessage-deflate; server_no_context_takeover");
+        if let Some(bits) = self.server_max_window_bits {
+            s.push_str(&format!("; server_max_window_bits={bits}"));
+        }
         if self.client_no_context_takeover {
             s.push_str("; client_no_context_takeover");
         }
         s
+    }
+
+    /// Whether the gateway compresses what it sends: the compressor's window
+    /// is 15 bits, so under a smaller limit messages go out uncompressed.
+    pub fn compresses_outbound(&self) -> bool {
+        self.server_max_window_bits.is_none_or(|bits| bits >= 15)
     }
 }
 
 /// Chooses the first acceptable permessage-deflate offer among the
 /// `Sec-WebSocket-Extensions` header values, or `None`.
 ///
-/// An offer is declined when a parameter is unknown, repeated or malformed, or
-/// when it limits the server window below 15 bits (the compressor has a fixed
-/// 32 KiB window).
+/// An offer is declined when a parameter is unknown, repeated or malformed.
 pub fn negotiate<'a>(header_values: impl IntoIterator<Item = &'a str>) -> Option<DeflateParams> {
     for value in header_values {
         for offer in value.split(',') {
@@ -52,6 +67,7 @@ pub fn negotiate<'a>(header_values: impl IntoIterator<Item = &'a str>) -> Option
 fn parse_offer<'a>(params: impl Iterator<Item = &'a str>) -> Option<DeflateParams> {
     let mut seen = [false; 4];
     let mut client_nct = false;
+    let mut server_window = None;
     for param in params {
         let (name, value) = match param.split_once('=') {
             Some((n, v)) => (n.trim(), Some(v.trim().trim_matches('"'))),
@@ -72,9 +88,10 @@ fn parse_offer<'a>(params: impl Iterator<Item = &'a str>) -> Option<DeflateParam
             1 => client_nct = true,
             2 => {
                 let bits: u8 = value?.parse().ok()?;
-                if bits != 15 {
+                if !(8..=15).contains(&bits) {
                     return None;
                 }
+                server_window = Some(bits);
             }
             3 => {
                 if let Some(v) = value {
@@ -89,6 +106,7 @@ fn parse_offer<'a>(params: impl Iterator<Item = &'a str>) -> Option<DeflateParam
     }
     Some(DeflateParams {
         client_no_context_takeover: client_nct,
+        server_max_window_bits: server_window,
     })
 }
 
@@ -136,7 +154,11 @@ impl Inflater {
     }
 }
 
-fn inflate_with(d: &mut Decompress, compressed: &[u8], max: usize) -> Result<Vec<u8>, InflateError> {
+fn inflate_with(
+    d: &mut Decompress,
+    compressed: &[u8],
+    max: usize,
+) -> Result<Vec<u8>, InflateError> {
     const TAIL: [u8; 4] = [0, 0, 0xff, 0xff];
     let mut out = Vec::with_capacity((compressed.len() * 3).clamp(64, max.max(64)));
     for input in [compressed, &TAIL[..]] {
@@ -183,6 +205,10 @@ pub fn deflate_message(payload: &[u8]) -> Vec<u8> {
         c.reset();
         let mut out = Vec::with_capacity(payload.len() / 2 + 64);
         let mut pos = 0;
+        // A call after one that filled `out` may only hand over output the
+        // compressor had pending (miniz_oxide returns early then, before
+        // compressing the rest and flushing), even though it leaves room.
+        let mut prev_full = false;
         loop {
             if out.len() == out.capacity() {
                 out.reserve(out.capacity().max(64));
@@ -191,9 +217,11 @@ pub fn deflate_message(payload: &[u8]) -> Vec<u8> {
             c.compress_vec(&payload[pos..], &mut out, FlushCompress::Sync)
                 .expect("deflate of in-memory data cannot fail");
             pos += (c.total_in() - before) as usize;
-            if pos >= payload.len() && out.len() < out.capacity() {
+            let full = out.len() == out.capacity();
+            if pos >= payload.len() && !full && !prev_full {
                 break;
             }
+            prev_full = full;
         }
         // A sync flush ends with 00 00 ff ff, which the receiver re-appends.
         if out.ends_with(&[0, 0, 0xff, 0xff]) {
@@ -218,11 +246,30 @@ mod tests {
             p.response_header(),
             "permessage-deflate; server_no_context_takeover; client_no_context_takeover"
         );
-        // A too-small server window is declined; the fallback offer is taken.
-        let p = negotiate(["permessage-deflate; server_max_window_bits=10, permessage-deflate"]).unwrap();
-        assert!(!p.client_no_context_takeover);
+        // A server window below 15 bits is accepted and echoed (Autobahn 13.3.*
+        // and 13.5.*); the gateway then sends uncompressed.
+        let offer = |s: &str| negotiate([s]).unwrap();
+        let p = offer("permessage-deflate; server_max_window_bits=10, permessage-deflate");
+        assert_eq!(p.server_max_window_bits, Some(10));
+        assert!(!p.compresses_outbound());
+        let header = "permessage-deflate; server_no_context_takeover; server_max_window_bits=10";
+        assert_eq!(p.response_header(), header);
+        assert!(offer("permessage-deflate; server_max_window_bits=15").compresses_outbound());
+        assert!(offer("permessage-deflate").compresses_outbound());
+        // Out-of-range windows are declined; the fallback offer is taken.
+        let p = offer("permessage-deflate; server_max_window_bits=7; client_no_context_takeover, permessage-deflate");
+        assert_eq!(p, DeflateParams::default());
+        for bad in ["server_max_window_bits=16", "server_max_window_bits"] {
+            let header = format!("permessage-deflate; {bad}");
+            assert_eq!(negotiate([header.as_str()]), None);
+        }
         assert_eq!(negotiate(["permessage-deflate; foo"]), None);
-        assert_eq!(negotiate(["permessage-deflate; server_no_context_takeover; server_no_context_takeover"]), None);
+        assert_eq!(
+            negotiate([
+                "permessage-deflate; server_no_context_takeover; server_no_context_takeover"
+            ]),
+            None
+        );
     }
 
     #[test]
@@ -231,9 +278,49 @@ mod tests {
         let z = deflate_message(&msg);
         assert!(z.len() < msg.len());
         for nct in [true, false] {
-            let mut inf = Inflater::new(DeflateParams { client_no_context_takeover: nct });
+            let mut inf = Inflater::new(DeflateParams {
+                client_no_context_takeover: nct,
+                ..Default::default()
+            });
             for _ in 0..3 {
                 assert_eq!(inf.inflate(&z, 1 << 20).unwrap(), msg);
+            }
+        }
+    }
+
+    /// Poorly compressible data whose output outgrows the first buffer made
+    /// miniz_oxide return with output still pending; the message was cut short
+    /// (Autobahn 12.2.9, 12.5.10: echoes of 65536 bytes came back shorter).
+    #[test]
+    fn roundtrip_when_output_outgrows_the_buffer() {
+        let mut x: u64 = 1;
+        let mut data = |len: usize, noisy: bool| -> Vec<u8> {
+            (0..len)
+                .map(|i| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    // An image-like gradient with noise, or plain noise.
+                    if noisy {
+                        x as u8
+                    } else {
+                        ((i / 7) as u8).wrapping_add((x % 4) as u8)
+                    }
+                })
+                .collect()
+        };
+        let nct = DeflateParams {
+            client_no_context_takeover: true,
+            ..Default::default()
+        };
+        let mut inf = Inflater::new(nct);
+        for len in [1000, 4096, 30_000, 65_536, 100_000, 131_072, 1 << 20] {
+            for noisy in [false, true] {
+                let msg = data(len, noisy);
+                let z = deflate_message(&msg);
+                let back = inf.inflate(&z, 2 << 20).unwrap();
+                let got = back.len();
+                assert!(back == msg, "len {len} noisy {noisy}: got {got} bytes");
             }
         }
     }
@@ -242,9 +329,15 @@ mod tests {
     fn limits_and_corruption() {
         let msg = vec![b'a'; 100_000];
         let z = deflate_message(&msg);
-        let mut inf = Inflater::new(DeflateParams { client_no_context_takeover: true });
+        let mut inf = Inflater::new(DeflateParams {
+            client_no_context_takeover: true,
+            ..Default::default()
+        });
         assert_eq!(inf.inflate(&z, 1000), Err(InflateError::TooLarge));
-        assert_eq!(inf.inflate(&[0xff, 0xff, 0xff], 1000), Err(InflateError::Corrupt));
+        assert_eq!(
+            inf.inflate(&[0xff, 0xff, 0xff], 1000),
+            Err(InflateError::Corrupt)
+        );
         assert_eq!(inf.inflate(&z, 200_000).unwrap().len(), 100_000);
         assert!(inf.inflate(&deflate_message(b""), 10).unwrap().is_empty());
     }

@@ -26,12 +26,18 @@ pub struct Request {
 impl Request {
     /// The first value of header `name` (lower-case).
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
     }
 
     /// Every value of header `name` (lower-case).
     pub fn headers_named<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a str> + 'a {
-        self.headers.iter().filter(move |(n, _)| n == name).map(|(_, v)| v.as_str())
+        self.headers
+            .iter()
+            .filter(move |(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
     }
 
     /// Whether a comma-separated header contains `token` (case-insensitive).
@@ -78,7 +84,12 @@ pub fn parse_request(buf: &[u8]) -> Result<Option<(Request, usize)>, HeadError> 
             headers: req
                 .headers
                 .iter()
-                .map(|h| (h.name.to_ascii_lowercase(), String::from_utf8_lossy(h.value).into_owned()))
+                .map(|h| {
+                    (
+                        h.name.to_ascii_lowercase(),
+                        String::from_utf8_lossy(h.value).into_owned(),
+                    )
+                })
                 .collect(),
         },
         len,
@@ -115,7 +126,9 @@ pub enum UpgradeError {
 
 /// Checks that `req` is a WebSocket upgrade and extracts what it asks for.
 pub fn validate_upgrade(req: &Request) -> Result<Upgrade, UpgradeError> {
-    if !req.header_has_token("upgrade", "websocket") || !req.header_has_token("connection", "upgrade") {
+    if !req.header_has_token("upgrade", "websocket")
+        || !req.header_has_token("connection", "upgrade")
+    {
         return Err(UpgradeError::NotUpgrade);
     }
     if req.method != "GET" || req.version < 1 {
@@ -124,7 +137,10 @@ pub fn validate_upgrade(req: &Request) -> Result<Upgrade, UpgradeError> {
     if req.header("sec-websocket-version").map(str::trim) != Some("13") {
         return Err(UpgradeError::BadVersion);
     }
-    let key = req.header("sec-websocket-key").map(str::trim).ok_or(UpgradeError::BadKey)?;
+    let key = req
+        .header("sec-websocket-key")
+        .map(str::trim)
+        .ok_or(UpgradeError::BadKey)?;
     match base64::engine::general_purpose::STANDARD.decode(key) {
         Ok(k) if k.len() == 16 => {}
         _ => return Err(UpgradeError::BadKey),
@@ -214,7 +230,10 @@ mod tests {
 
     #[test]
     fn rfc_example_accept_key() {
-        assert_eq!(accept_key("dGhlIHNhbXBsZSBub25jZQ=="), "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=");
+        assert_eq!(
+            accept_key("dGhlIHNhbXBsZSBub25jZQ=="),
+            "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+        );
     }
 
     #[test]
@@ -224,10 +243,20 @@ mod tests {
         }
         let (req, len) = parse_request(REQ.as_bytes()).unwrap().unwrap();
         assert_eq!(len, REQ.len());
-        assert_eq!((req.path.as_str(), req.query.as_str()), ("/chat", "room=1&x=y"));
+        assert_eq!(
+            (req.path.as_str(), req.query.as_str()),
+            ("/chat", "room=1&x=y")
+        );
         let up = validate_upgrade(&req).unwrap();
         assert_eq!(up.protocols, ["a", "b", "c"]);
         assert_eq!(up.deflate, None);
+        let small_window = REQ.replace(
+            "Sec-WebSocket-Version",
+            "Sec-WebSocket-Extensions: permessage-deflate; server_max_window_bits=9\r\nSec-WebSocket-Version",
+        );
+        let (req, _) = parse_request(small_window.as_bytes()).unwrap().unwrap();
+        let up = validate_upgrade(&req).unwrap();
+        assert_eq!(up.deflate.unwrap().server_max_window_bits, Some(9));
     }
 
     #[test]
@@ -244,14 +273,28 @@ mod tests {
         let post = REQ.replace("GET", "POST");
         let (req, _) = parse_request(post.as_bytes()).unwrap().unwrap();
         assert_eq!(validate_upgrade(&req), Err(UpgradeError::BadMethod));
-        let many = format!("GET / HTTP/1.1\r\n{}\r\n", "X: y\r\n".repeat(MAX_HEADERS + 1));
-        assert_eq!(parse_request(many.as_bytes()), Err(HeadError::TooManyHeaders));
-        assert_eq!(parse_request(b"\x00\x01garbage\r\n\r\n"), Err(HeadError::Malformed));
+        let many = format!(
+            "GET / HTTP/1.1\r\n{}\r\n",
+            "X: y\r\n".repeat(MAX_HEADERS + 1)
+        );
+        assert_eq!(
+            parse_request(many.as_bytes()),
+            Err(HeadError::TooManyHeaders)
+        );
+        assert_eq!(
+            parse_request(b"\x00\x01garbage\r\n\r\n"),
+            Err(HeadError::Malformed)
+        );
     }
 
     #[test]
     fn error_response_is_valid_http() {
-        let r = error_response(426, "upgrade_required", "use websocket", "Sec-WebSocket-Version: 13\r\n");
+        let r = error_response(
+            426,
+            "upgrade_required",
+            "use websocket",
+            "Sec-WebSocket-Version: 13\r\n",
+        );
         let s = String::from_utf8(r).unwrap();
         assert!(s.starts_with("HTTP/1.1 426 Upgrade Required\r\n"));
         let (head, body) = s.split_once("\r\n\r\n").unwrap();

@@ -103,7 +103,10 @@ impl Dispatcher {
         }
         self.pending.fetch_add(1, Relaxed);
         let lane = &self.lanes[usize::from(key[0]) % self.lanes.len()];
-        lane.queue.lock().push_back(QueuedEvent { json, conn: conn.cloned() });
+        lane.queue.lock().push_back(QueuedEvent {
+            json,
+            conn: conn.cloned(),
+        });
         lane.notify.notify_one();
         Ok(())
     }
@@ -180,7 +183,11 @@ pub(crate) async fn run_lane(shared: Arc<Shared>, idx: usize) {
             match result {
                 Ok(answer) => break Some(answer),
                 Err(e) => {
-                    shared.metrics.origin_failures.get_or_create(&KindLabel { kind: "events" }).inc();
+                    shared
+                        .metrics
+                        .origin_failures
+                        .get_or_create(&KindLabel { kind: "events" })
+                        .inc();
                     if !e.is_retryable() {
                         tracing::error!(error = %e, events = batch.len(), "origin refused events; dropping them");
                         break None;
@@ -233,7 +240,10 @@ fn settle(shared: &Shared, batch: &[QueuedEvent], delivered: bool) {
 fn drop_rest(shared: &Shared, lane: &Lane) {
     let rest: Vec<_> = lane.queue.lock().drain(..).collect();
     if !rest.is_empty() {
-        tracing::error!(events = rest.len(), "drain deadline passed; events not delivered to the origin");
+        tracing::error!(
+            events = rest.len(),
+            "drain deadline passed; events not delivered to the origin"
+        );
     }
     settle(shared, &rest, false);
 }

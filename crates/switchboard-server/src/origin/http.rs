@@ -20,8 +20,14 @@ pub struct HttpOrigin {
 
 impl HttpOrigin {
     /// A transport for `url`, signing with `secret` when given.
-    pub fn new(url: &str, secret: Option<&str>, timeout: Duration, node: &str) -> Result<Self, OriginError> {
-        let url = reqwest::Url::parse(url).map_err(|e| OriginError::Unreachable(format!("bad origin URL: {e}")))?;
+    pub fn new(
+        url: &str,
+        secret: Option<&str>,
+        timeout: Duration,
+        node: &str,
+    ) -> Result<Self, OriginError> {
+        let url = reqwest::Url::parse(url)
+            .map_err(|e| OriginError::Unreachable(format!("bad origin URL: {e}")))?;
         let client = reqwest::Client::builder()
             .timeout(timeout)
             .connect_timeout(timeout)
@@ -45,10 +51,16 @@ impl HttpOrigin {
             .header("content-type", "application/json")
             .header("x-switchboard-node", &self.node);
         if let Some(secret) = &self.secret {
-            let ts = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
+            let ts = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_secs();
             req = req
                 .header(signature::TIMESTAMP_HEADER, ts.to_string())
-                .header(signature::SIGNATURE_HEADER, signature::sign(secret, ts, &body));
+                .header(
+                    signature::SIGNATURE_HEADER,
+                    signature::sign(secret, ts, &body),
+                );
         }
         // An answer may echo its request (a reply to a message near
         // `max-message-size`), so the cap grows with the request.
@@ -88,7 +100,9 @@ impl OriginTransport for HttpOrigin {
             match status {
                 200..=299 => parse_answer(&body).map(ConnectDecision::Accept),
                 400..=599 => {
-                    let reason = serde_json::from_slice::<Rejection>(&body).ok().and_then(|r| r.reason);
+                    let reason = serde_json::from_slice::<Rejection>(&body)
+                        .ok()
+                        .and_then(|r| r.reason);
                     Ok(ConnectDecision::Reject { status, reason })
                 }
                 other => Err(OriginError::Permanent(other)),

@@ -53,7 +53,10 @@ pub enum OriginError {
 impl OriginError {
     /// Whether the same request may succeed later.
     pub fn is_retryable(&self) -> bool {
-        matches!(self, Self::Unreachable(_) | Self::Timeout | Self::Retryable(_))
+        matches!(
+            self,
+            Self::Unreachable(_) | Self::Timeout | Self::Retryable(_)
+        )
     }
 }
 
