@@ -81,7 +81,7 @@ pub struct ConnectionInfo {
     pub messages_in: u64,
     /// Messages sent to the client.
     pub messages_out: u64,
-    /// Payload bytes received.
+    /// Bytes read from the client's socket (frame headers included).
     pub bytes_in: u64,
     /// Frame bytes sent.
     pub bytes_out: u64,
@@ -104,7 +104,7 @@ pub struct Stats {
     pub messages_in_total: u64,
     /// Messages sent to clients since start.
     pub messages_out_total: u64,
-    /// Payload bytes received from clients since start.
+    /// Bytes read from client sockets since start.
     pub bytes_in_total: u64,
     /// Frame bytes written to clients since start.
     pub bytes_out_total: u64,

@@ -8,6 +8,9 @@ use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 use std::time::Duration;
 
+/// Longest duration any setting accepts.
+const MAX_DURATION: Duration = Duration::from_secs(7 * 24 * 3600);
+
 /// Every setting of a gateway node.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
@@ -43,6 +46,9 @@ pub struct Config {
     /// Events waiting for the origin, node-wide. When full, new handshakes get
     /// 503 and connections producing events are closed with 4002.
     pub origin_queue_size: usize,
+    /// Bytes of event JSON waiting for the origin, node-wide; the same
+    /// refusals as `origin-queue-size` apply when it is reached.
+    pub origin_queue_bytes: usize,
     /// Events waiting for the origin, per connection; past it the connection is
     /// closed with 4002.
     pub max_pending_events: usize,
@@ -104,6 +110,7 @@ impl Default for Config {
             origin_retry_initial: Duration::from_millis(100),
             origin_retry_max: Duration::from_secs(10),
             origin_queue_size: 100_000,
+            origin_queue_bytes: 256 << 20,
             max_pending_events: 1_000,
             keepalive_interval: Duration::from_secs(30),
             api_key: Vec::new(),
@@ -151,8 +158,14 @@ impl Config {
             switchboard_proto::NodeId::new(id).map_err(|e| bad("node-id", e.to_string()))?;
         }
         if let Some(origin) = &self.origin {
-            if !(origin.starts_with("http://") || origin.starts_with("https://")) {
-                return Err(bad("origin", "must be an http:// or https:// URL"));
+            match reqwest::Url::parse(origin) {
+                Ok(url) if matches!(url.scheme(), "http" | "https") && url.host().is_some() => {}
+                _ => {
+                    return Err(bad(
+                        "origin",
+                        "must be an http:// or https:// URL with a host",
+                    ))
+                }
             }
         }
         if !self.control_listen.ip().is_loopback() && self.api_key.is_empty() {
@@ -168,6 +181,7 @@ impl Config {
             ("origin-concurrency", self.origin_concurrency),
             ("origin-batch-size", self.origin_batch_size),
             ("origin-queue-size", self.origin_queue_size),
+            ("origin-queue-bytes", self.origin_queue_bytes),
             ("max-pending-events", self.max_pending_events),
             ("max-message-size", self.max_message_size),
             ("max-connections", self.max_connections),
@@ -190,6 +204,27 @@ impl Config {
             if d.is_zero() {
                 return Err(bad(field, "must be greater than 0"));
             }
+        }
+        for (field, d) in [
+            ("ping-interval", self.ping_interval),
+            ("pong-timeout", self.pong_timeout),
+            ("handshake-timeout", self.handshake_timeout),
+            ("origin-timeout", self.origin_timeout),
+            ("origin-retry-max", self.origin_retry_max),
+            ("origin-batch-linger", self.origin_batch_linger),
+            ("keepalive-interval", self.keepalive_interval),
+            ("drain-timeout", self.drain_timeout),
+            ("idle-timeout", self.idle_timeout.unwrap_or_default()),
+        ] {
+            if d > MAX_DURATION {
+                return Err(bad(field, "must not exceed 7 days"));
+            }
+        }
+        if self.idle_timeout.is_some_and(|d| d.is_zero()) {
+            return Err(bad(
+                "idle-timeout",
+                "must be greater than 0 (leave it unset to disable)",
+            ));
         }
         if self.origin_retry_max < self.origin_retry_initial {
             return Err(bad(

@@ -18,6 +18,7 @@ use switchboard_proto::origin::{ClosedBy, DisconnectEvent, Event, MessageEvent, 
 use switchboard_proto::ws::deflate::DeflateParams;
 use switchboard_proto::ws::frame::{encode_close, encode_frame, OpCode};
 use switchboard_proto::ws::{close, Decoder, Message};
+use switchboard_proto::ConnectionId;
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
@@ -68,6 +69,16 @@ impl DisconnectGuard {
     }
 }
 
+impl DisconnectGuard {
+    fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    fn conn(&self) -> &Arc<Conn> {
+        &self.conn
+    }
+}
+
 impl Drop for DisconnectGuard {
     fn drop(&mut self) {
         let ending = self.ending.take().unwrap_or(Ending {
@@ -90,23 +101,54 @@ impl Drop for DisconnectGuard {
             .disconnects
             .get_or_create(&crate::metrics::ClosedByLabel { closed_by: by })
             .inc();
-        let event = Event::Disconnect(DisconnectEvent {
-            id: format!("{}:disconnect", c.id),
-            connection_id: c.id.to_string(),
+        enqueue_disconnect(
+            s,
+            DisconnectEvent {
+                id: format!("{}:disconnect", c.id),
+                connection_id: c.id.to_string(),
+                node: s.node.to_string(),
+                timestamp_ms: now_ms(),
+                user_id: c.user_id.as_deref().map(str::to_owned),
+                code: ending.code,
+                reason: ending.reason,
+                closed_by: ending.by,
+                duration_ms: c.connected_at.elapsed().unwrap_or_default().as_millis() as u64,
+                messages_in: c.messages_in.load(Relaxed),
+                messages_out: c.messages_out.load(Relaxed),
+            },
+        );
+    }
+}
+
+/// Queues a `disconnect`; reliable, so never refused.
+fn enqueue_disconnect(s: &Shared, event: DisconnectEvent) {
+    let key = ConnectionId::parse(&event.connection_id)
+        .map(|id| id.key())
+        .unwrap_or_default();
+    let json = serde_json::to_vec(&Event::Disconnect(event)).expect("events serialize");
+    let _ = s.dispatcher.enqueue(&key, json.into(), None, true);
+}
+
+/// The `disconnect` of a connection whose `connect` the origin may have taken
+/// as accepted although the client was refused (its answer was unreadable or
+/// came too late), so the origin can forget it.
+pub(crate) fn void_disconnect(s: &Shared, id: &ConnectionId, reason: &str) {
+    enqueue_disconnect(
+        s,
+        DisconnectEvent {
+            id: format!("{id}:disconnect"),
+            connection_id: id.to_string(),
             node: s.node.to_string(),
             timestamp_ms: now_ms(),
-            user_id: c.user_id.as_deref().map(str::to_owned),
-            code: ending.code,
-            reason: ending.reason,
-            closed_by: ending.by,
-            duration_ms: c.connected_at.elapsed().unwrap_or_default().as_millis() as u64,
-            messages_in: c.messages_in.load(Relaxed),
-            messages_out: c.messages_out.load(Relaxed),
-        });
-        let json = serde_json::to_vec(&event).expect("events serialize");
-        // Reliable: never refused.
-        let _ = s.dispatcher.enqueue(&c.key, json.into(), None, true);
-    }
+            user_id: None,
+            code: close::INTERNAL_ERROR,
+            reason: reason.to_owned(),
+            closed_by: ClosedBy::Gateway,
+            duration_ms: 0,
+            messages_in: 0,
+            messages_out: 0,
+        },
+    );
 }
 
 enum Phase {
@@ -133,16 +175,17 @@ struct Task {
     last_message: Instant,
 }
 
-/// Runs an accepted connection to its end, then sends its `disconnect`.
+/// Runs an accepted connection to its end; dropping `disconnect` then sends
+/// its `disconnect` event.
 pub(crate) async fn run(
-    shared: Arc<Shared>,
     stream: TcpStream,
-    conn: Arc<Conn>,
+    disconnect: DisconnectGuard,
     leftover: Option<BytesMut>,
     deflate: Option<DeflateParams>,
     _socket: SocketGuard,
 ) {
-    let guard = DisconnectGuard::new(shared.clone(), conn.clone());
+    let shared = disconnect.shared().clone();
+    let conn = disconnect.conn().clone();
     let now = Instant::now();
     let mut task = Task {
         decoder: Decoder::new(shared.config.max_message_size, deflate),
@@ -158,7 +201,7 @@ pub(crate) async fn run(
         last_message: now,
     };
     let ending = task.drive().await;
-    guard.finish(ending.code, &ending.reason, ending.by);
+    disconnect.finish(ending.code, &ending.reason, ending.by);
 }
 
 impl Task {
@@ -482,8 +525,9 @@ mod tests {
             deflate: false,
             max_outbound: 1024,
         }));
-        let guard = shared.track_socket(remote.ip());
-        let fut = run(shared.clone(), client, conn, None, None, guard);
+        let socket = shared.track_socket(remote.ip());
+        let disconnect = DisconnectGuard::new(shared.clone(), conn);
+        let fut = run(client, disconnect, None, None, socket);
         let size = std::mem::size_of_val(&fut);
         eprintln!("connection future: {size} bytes");
         assert!(size <= 1024, "connection future is {size} bytes");

@@ -92,6 +92,24 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// The `{id}` path segment; a segment that cannot be decoded answers the
+/// route's JSON 404 rather than axum's plain-text rejection.
+struct ConnPath(String);
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for ConnPath {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, ApiError> {
+        match Path::<String>::from_request_parts(parts, state).await {
+            Ok(Path(id)) => Ok(Self(id)),
+            Err(_) => Err(ApiError::not_found("<undecodable id>")),
+        }
+    }
+}
+
 /// A request body, or the JSON error for one that could not be read.
 type Body = Result<Bytes, axum::extract::rejection::BytesRejection>;
 
@@ -227,7 +245,7 @@ fn lookup(s: &Shared, id: &str) -> Result<Arc<Conn>, ApiError> {
 
 async fn send_one(
     State(s): State<Arc<Shared>>,
-    Path(id): Path<String>,
+    ConnPath(id): ConnPath,
     body: Body,
 ) -> Result<Json<SendResponse>, ApiError> {
     let payload: Payload = parse_json(body)?;
@@ -268,7 +286,7 @@ async fn send_batch(
 
 async fn connection_info(
     State(s): State<Arc<Shared>>,
-    Path(id): Path<String>,
+    ConnPath(id): ConnPath,
 ) -> Result<Json<ConnectionInfo>, ApiError> {
     let c = lookup(&s, &id)?;
     Ok(Json(ConnectionInfo {
@@ -291,7 +309,7 @@ async fn connection_info(
 
 async fn close_connection(
     State(s): State<Arc<Shared>>,
-    Path(id): Path<String>,
+    ConnPath(id): ConnPath,
     params: Result<Query<CloseParams>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
     let Query(params) = params

@@ -75,6 +75,8 @@ pub(crate) struct Shared {
     pub(crate) sockets: AtomicUsize,
     per_ip: Mutex<HashMap<IpAddr, u32>>,
     pub(crate) handshakes_rejected: AtomicU64,
+    /// Sockets being answered with a capacity refusal.
+    pub(crate) refusing: AtomicUsize,
 }
 
 impl Shared {
@@ -202,6 +204,7 @@ impl Gateway {
             dispatcher: Dispatcher::new(
                 config.origin_concurrency,
                 config.origin_queue_size,
+                config.origin_queue_bytes,
                 config.max_pending_events,
             ),
             metrics: Metrics::new(),
@@ -217,6 +220,7 @@ impl Gateway {
             sockets: AtomicUsize::new(0),
             per_ip: Mutex::new(HashMap::new()),
             handshakes_rejected: AtomicU64::new(0),
+            refusing: AtomicUsize::new(0),
             config,
         });
         Ok(Self {
@@ -415,7 +419,11 @@ async fn keepalive_loop(shared: Arc<Shared>, stop: CancellationToken) {
             let json = serde_json::to_vec(&event).expect("events serialize");
             let body = dispatcher::batch_body([&json[..]]);
             let started = Instant::now();
-            let r = shared.transport.deliver(body).await;
+            // A drain does not wait for keepalives.
+            let r = tokio::select! {
+                r = shared.transport.deliver(body) => r,
+                _ = stop.cancelled() => return,
+            };
             let kind = crate::metrics::KindLabel { kind: "keepalive" };
             shared
                 .metrics

@@ -7,7 +7,7 @@ use crate::connection;
 use crate::gateway::{now_ms, Shared, SocketGuard};
 use crate::metrics::KindLabel;
 use crate::origin::dispatcher::batch_body;
-use crate::origin::ConnectDecision;
+use crate::origin::{ConnectDecision, OriginError};
 use crate::pool;
 use crate::registry::{CloseRequest, Conn, ConnInit, Outgoing};
 use bytes::BytesMut;
@@ -15,12 +15,12 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use switchboard_proto::origin::{ClosedBy, ConnectEvent, Event};
 use switchboard_proto::ws::close;
 use switchboard_proto::ws::handshake::{self as hs, HeadError, Request, UpgradeError};
 use switchboard_proto::ConnectionId;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 /// A refusal: HTTP status, stable code, message, extra header lines.
@@ -47,15 +47,40 @@ fn refuse(
     }
 }
 
-/// Runs the handshake of one accepted socket, then the connection itself.
+/// Time a refused client gets to send its request head, so that it reads a
+/// proper answer rather than a reset.
+const REFUSAL_READ_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Refused sockets answered at once; past this many, more are closed unanswered.
+const MAX_REFUSING: usize = 1_024;
+
+/// Runs the handshake of one accepted socket, then starts the connection task.
 pub(crate) async fn handle(
     shared: Arc<Shared>,
     mut stream: TcpStream,
     remote: SocketAddr,
-    guard: SocketGuard,
+    socket: SocketGuard,
 ) {
+    if let Some(refusal) = over_capacity(&shared, &socket) {
+        // Decided before reading anything: such sockets get a short deadline
+        // and a bounded number of answering tasks, so they cannot pile up.
+        if shared.refusing.fetch_add(1, Relaxed) < MAX_REFUSING {
+            let deadline = tokio::time::Instant::now() + REFUSAL_READ_TIMEOUT;
+            let mut buf = BytesMut::new();
+            let head = tokio::time::timeout_at(
+                deadline,
+                read_head(&mut stream, &mut buf, shared.config.max_header_bytes),
+            );
+            if matches!(head.await, Ok(Ok(_))) {
+                answer_refusal(&shared, &mut stream, refusal, deadline).await;
+            }
+        }
+        shared.refusing.fetch_sub(1, Relaxed);
+        return;
+    }
     let deadline = tokio::time::Instant::now() + shared.config.handshake_timeout;
-    let mut buf = pool::take();
+    // Empty until the socket is readable: a silent socket holds no buffer.
+    let mut buf = BytesMut::new();
     let head = tokio::time::timeout_at(
         deadline,
         read_head(&mut stream, &mut buf, shared.config.max_header_bytes),
@@ -72,89 +97,138 @@ pub(crate) async fn handle(
         Ok(Err(Some(refusal))) => Err(refusal),
         Ok(Ok((req, head_len))) => {
             let _ = buf.split_to(head_len);
-            decide(&shared, &req, remote, &guard, deadline)
-                .await
-                .map(|ok| (req, ok))
+            decide(&shared, &req, remote, deadline).await
         }
     };
-    match result {
-        Err(r) => {
-            shared.metrics.handshake(r.metric);
-            shared.handshakes_rejected.fetch_add(1, Relaxed);
-            let resp = hs::error_response(r.status, r.code, &r.message, r.extra);
-            let _ = tokio::time::timeout_at(deadline, async {
-                stream.write_all(&resp).await?;
-                stream.shutdown().await
-            })
-            .await;
-        }
-        Ok((_req, accepted)) => {
-            let Accepted {
-                conn,
-                response,
-                deflate,
-            } = accepted;
-            shared.metrics.handshake("accepted");
-            if stream.write_all(&response).await.is_err() {
-                // The client left before the 101: it still gets its disconnect.
-                let guard = connection::DisconnectGuard::new(shared.clone(), conn);
-                guard.finish(
-                    close::ABNORMAL,
-                    "connection lost during handshake",
-                    ClosedBy::Network,
-                );
-                return;
-            }
-            if shared.draining.load(Relaxed) {
-                conn.request_close(CloseRequest {
-                    code: close::SERVICE_RESTART,
-                    reason: "server restart, reconnect".into(),
-                    by: ClosedBy::Gateway,
-                    flush_first: true,
-                });
-            }
-            let leftover = if buf.is_empty() {
-                pool::give(buf);
-                None
-            } else {
-                Some(buf)
-            };
-            // A task of its own, so the connection holds none of the
-            // handshake's state while it lives.
-            let tasks = shared.conn_tasks.clone();
-            tasks.spawn(connection::run(
-                shared, stream, conn, leftover, deflate, guard,
-            ));
+    let Accepted {
+        conn,
+        response,
+        deflate,
+    } = match result {
+        Ok(accepted) => accepted,
+        Err(r) => return answer_refusal(&shared, &mut stream, r, deadline).await,
+    };
+    shared.metrics.handshake("accepted");
+    // From here on the origin has accepted: the guard sends the connection's
+    // one `disconnect` however it ends, even if this task is dropped.
+    let disconnect = connection::DisconnectGuard::new(shared.clone(), conn.clone());
+    match tokio::time::timeout_at(deadline, stream.write_all(&response)).await {
+        Ok(Ok(())) => {}
+        _ => {
+            disconnect.finish(
+                close::ABNORMAL,
+                "connection lost during handshake",
+                ClosedBy::Network,
+            );
+            return;
         }
     }
+    if shared.draining.load(Relaxed) {
+        conn.request_close(CloseRequest {
+            code: close::SERVICE_RESTART,
+            reason: "server restart, reconnect".into(),
+            by: ClosedBy::Gateway,
+            flush_first: true,
+        });
+    }
+    let leftover = if buf.is_empty() {
+        pool::give(buf);
+        None
+    } else {
+        Some(buf)
+    };
+    // A task of its own, so the connection holds none of the handshake's
+    // state while it lives.
+    let tasks = shared.conn_tasks.clone();
+    tasks.spawn(connection::run(
+        stream, disconnect, leftover, deflate, socket,
+    ));
 }
 
-/// Reads until a whole request head is in `buf`. `Err(None)`: the socket closed.
+/// The refusal for a socket over `max-connections` or the per-IP cap.
+fn over_capacity(shared: &Shared, socket: &SocketGuard) -> Option<Refusal> {
+    let cfg = &shared.config;
+    if shared.sockets.load(Relaxed) > cfg.max_connections {
+        return Some(refuse(
+            503,
+            "over_capacity",
+            "connection limit reached",
+            "over_capacity",
+        ));
+    }
+    if cfg.max_connections_per_ip > 0 && socket.per_ip as usize > cfg.max_connections_per_ip {
+        return Some(refuse(
+            503,
+            "too_many_connections_from_ip",
+            "per-address connection limit reached",
+            "over_capacity",
+        ));
+    }
+    None
+}
+
+/// Writes a refusal, then reads (and discards) what the client still sends
+/// for a moment, so that closing does not reset the connection before the
+/// client has read the answer.
+async fn answer_refusal(
+    shared: &Shared,
+    stream: &mut TcpStream,
+    r: Refusal,
+    deadline: tokio::time::Instant,
+) {
+    shared.metrics.handshake(r.metric);
+    shared.handshakes_rejected.fetch_add(1, Relaxed);
+    let resp = hs::error_response(r.status, r.code, &r.message, r.extra);
+    let linger = deadline.min(tokio::time::Instant::now() + Duration::from_secs(1));
+    let _ = tokio::time::timeout_at(linger, async {
+        stream.write_all(&resp).await?;
+        stream.shutdown().await?;
+        let mut sink = [0u8; 1024];
+        let mut left = 64 << 10;
+        while left > 0 {
+            match stream.read(&mut sink).await? {
+                0 => break,
+                n => left -= n.min(left),
+            }
+        }
+        std::io::Result::Ok(())
+    })
+    .await;
+}
+
+/// Reads until a whole request head is in `buf`, which is borrowed from the
+/// pool only once the socket is readable. `Err(None)`: the socket closed.
 async fn read_head(
     stream: &mut TcpStream,
     buf: &mut BytesMut,
     max: usize,
 ) -> Result<(Request, usize), Option<Refusal>> {
+    let too_large = || {
+        Some(refuse(
+            431,
+            "header_too_large",
+            format!("request head over {max} bytes"),
+            "header_too_large",
+        ))
+    };
     loop {
+        stream.readable().await.map_err(|_| None)?;
+        if buf.capacity() == 0 {
+            *buf = pool::take();
+        } else if buf.capacity() - buf.len() < 512 {
+            buf.reserve(1024);
+        }
+        match stream.try_read_buf(buf) {
+            Ok(0) => return Err(None),
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(_) => return Err(None),
+        }
         match hs::parse_request(buf) {
             // A whole head can arrive in one read: check its size here too.
-            Ok(Some((_, len))) if len > max => {
-                return Err(Some(refuse(
-                    431,
-                    "header_too_large",
-                    format!("request head over {max} bytes"),
-                    "header_too_large",
-                )))
-            }
+            Ok(Some((_, len))) if len > max => return Err(too_large()),
             Ok(Some(done)) => return Ok(done),
-            Ok(None) if buf.len() >= max => {
-                return Err(Some(refuse(
-                    431,
-                    "header_too_large",
-                    format!("request head over {max} bytes"),
-                    "header_too_large",
-                )))
-            }
+            Ok(None) if buf.len() >= max => return Err(too_large()),
             Ok(None) => {}
             Err(HeadError::TooManyHeaders) => {
                 return Err(Some(refuse(
@@ -173,16 +247,6 @@ async fn read_head(
                 )))
             }
         }
-        if buf.capacity() - buf.len() < 512 {
-            buf.reserve(1024);
-        }
-        stream.readable().await.map_err(|_| None)?;
-        match stream.try_read_buf(buf) {
-            Ok(0) => return Err(None),
-            Ok(_) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-            Err(_) => return Err(None),
-        }
     }
 }
 
@@ -196,7 +260,6 @@ async fn decide(
     shared: &Arc<Shared>,
     req: &Request,
     remote: SocketAddr,
-    guard: &SocketGuard,
     deadline: tokio::time::Instant,
 ) -> Result<Accepted, Refusal> {
     let cfg = &shared.config;
@@ -215,8 +278,9 @@ async fn decide(
             extra: "Sec-WebSocket-Version: 13\r\n",
             metric: "bad_request",
         },
-        UpgradeError::BadMethod => refuse(400, "bad_request", e.to_string(), "bad_request"),
-        UpgradeError::BadKey => refuse(400, "bad_request", e.to_string(), "bad_request"),
+        UpgradeError::BadMethod | UpgradeError::BadKey => {
+            refuse(400, "bad_request", e.to_string(), "bad_request")
+        }
     })?;
     if shared.draining.load(Relaxed) {
         return Err(refuse(
@@ -224,22 +288,6 @@ async fn decide(
             "draining",
             "this node is shutting down; retry",
             "draining",
-        ));
-    }
-    if shared.sockets.load(Relaxed) > cfg.max_connections {
-        return Err(refuse(
-            503,
-            "over_capacity",
-            "connection limit reached",
-            "over_capacity",
-        ));
-    }
-    if cfg.max_connections_per_ip > 0 && guard.per_ip as usize > cfg.max_connections_per_ip {
-        return Err(refuse(
-            503,
-            "too_many_connections_from_ip",
-            "per-address connection limit reached",
-            "over_capacity",
         ));
     }
     if !shared.dispatcher.has_room() {
@@ -307,6 +355,10 @@ async fn decide(
         Ok(Err(e)) => {
             shared.metrics.origin_failures.get_or_create(&kind).inc();
             tracing::warn!(error = %e, "connect event failed");
+            if matches!(e, OriginError::BadAnswer(_) | OriginError::Timeout) {
+                // The origin may have taken it as accepted.
+                connection::void_disconnect(shared, &id, &format!("connect not completed: {e}"));
+            }
             return Err(refuse(
                 503,
                 "origin_unavailable",
@@ -316,6 +368,11 @@ async fn decide(
         }
         Err(_) => {
             shared.metrics.origin_failures.get_or_create(&kind).inc();
+            connection::void_disconnect(
+                shared,
+                &id,
+                "connect not completed: answer came after handshake-timeout",
+            );
             return Err(refuse(
                 503,
                 "origin_unavailable",

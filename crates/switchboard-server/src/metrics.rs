@@ -101,7 +101,7 @@ impl Metrics {
         );
         r.register(
             "frames_in",
-            "WebSocket frames received from clients",
+            "WebSocket messages and control frames received from clients (a fragmented message counts once)",
             m.frames_in.clone(),
         );
         r.register(

@@ -14,7 +14,7 @@ use std::hash::{BuildHasherDefault, Hasher};
 use std::io::{self, IoSlice};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::SystemTime;
 use switchboard_proto::conn_id::ConnKey;
 use switchboard_proto::origin::{ClosedBy, Payload};
@@ -38,6 +38,10 @@ pub(crate) struct Outgoing {
     payload: Bytes,
     /// The uncompressed frame, shared by every recipient.
     frame: Bytes,
+    /// The compressed frame, made on first use and shared by every recipient
+    /// with permessage-deflate (`server_no_context_takeover` makes it the same
+    /// bytes for all of them).
+    deflated: OnceLock<Bytes>,
 }
 
 impl Outgoing {
@@ -51,13 +55,18 @@ impl Outgoing {
             opcode,
             payload,
             frame,
+            deflated: OnceLock::new(),
         }
     }
 
     /// The frame for a connection, compressed if it negotiated permessage-deflate.
     fn frame_for(&self, deflate: bool) -> Bytes {
         if deflate && self.payload.len() >= DEFLATE_MIN_BYTES {
-            encode_frame_with(self.opcode, true, &deflate_message(&self.payload))
+            self.deflated
+                .get_or_init(|| {
+                    encode_frame_with(self.opcode, true, &deflate_message(&self.payload))
+                })
+                .clone()
         } else {
             self.frame.clone()
         }
@@ -191,7 +200,9 @@ impl Conn {
         if out.sealed || out.close.is_some() {
             return Queued::Closed;
         }
-        if out.queued_bytes + frame.len() > self.max_outbound {
+        // An empty queue always takes one frame, however large: a single big
+        // message is not a slow consumer.
+        if out.queued_bytes > 0 && out.queued_bytes + frame.len() > self.max_outbound {
             out.discard();
             out.close = Some(CloseRequest {
                 code: switchboard_proto::ws::close::SLOW_CONSUMER,

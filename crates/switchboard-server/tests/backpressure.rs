@@ -166,3 +166,19 @@ async fn full_node_queue_refuses_handshakes_with_503() {
     assert_serves(&gw, &origin).await;
     gw.shutdown().await;
 }
+
+/// One message larger than `max-outbound-bytes` is not a slow consumer: an
+/// empty queue always takes one frame, and a reading client gets it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_large_message_is_delivered_not_treated_as_slow() {
+    const MAX_OUT: usize = 16 << 10;
+    let origin = TestOrigin::start(None).await;
+    let gw = TestGateway::with_origin(&origin, |c| c.max_outbound_bytes = MAX_OUT).await;
+    let (mut ws, id) = connect_id(&gw, &origin, "/").await;
+    let big = "y".repeat(100 << 10);
+    assert_eq!(gw.push_text(&id, &big).await, 200);
+    assert_eq!(next_msg(&mut ws).await, WsMessage::text(big));
+    assert!(gw.connection(&id).await.is_some(), "the client was closed");
+    drop(ws);
+    gw.shutdown().await;
+}

@@ -244,13 +244,21 @@ async fn origin_slower_than_handshake_timeout_is_refused() {
     };
     let late_id = late.connection_id.clone();
     assert!(gw.connection(&late_id).await.is_none());
-    // A prompt origin again: the node serves, and the timed-out handshake
-    // never produces a disconnect.
+    // A prompt origin again: the node serves. The timed-out handshake gets
+    // one disconnect (1011), because the origin may have taken its late
+    // `connect` as accepted.
     origin.behavior(|b| b.delay = Duration::ZERO);
     assert_serves(&gw, &origin).await;
     gw.shutdown().await;
-    assert!(origin.disconnects_of(&late_id).is_empty());
-    assert_eq!(origin.disconnects().len(), 1);
+    let void = origin.disconnects_of(&late_id);
+    assert_eq!(void.len(), 1, "{void:?}");
+    assert_eq!((void[0].code, void[0].closed_by), (1011, ClosedBy::Gateway));
+    assert!(
+        void[0].reason.starts_with("connect not completed"),
+        "{:?}",
+        void[0].reason
+    );
+    assert_eq!(origin.disconnects().len(), 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -620,5 +628,46 @@ async fn keepalives_list_live_connections() {
         })
         .await;
     drop(clients);
+    gw.shutdown().await;
+}
+
+/// A 2xx whose body is not a valid answer refuses the client (503), and the
+/// origin, which may believe it accepted, gets one `disconnect` (1011).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreadable_connect_answer_is_refused_and_voided() {
+    let origin = TestOrigin::start(None).await;
+    origin.behavior(|b| b.connect = ConnectBehavior::Raw(200, "{not json".into()));
+    let gw = TestGateway::with_origin(&origin, |_| {}).await;
+    let r = raw_request(gw.addr, upgrade_request("/", &[]).as_bytes())
+        .await
+        .expect("an answer");
+    assert_eq!(r.status, 503, "{r:?}");
+    assert_eq!(r.json()["code"], "origin_unavailable");
+    let events = origin
+        .wait_events(WAIT, |e| {
+            e.iter().any(|e| matches!(e, Event::Disconnect(_)))
+        })
+        .await;
+    let Event::Connect(c) = &events[0] else {
+        panic!("{events:?}")
+    };
+    let void = origin.disconnects_of(&c.connection_id);
+    assert_eq!(void.len(), 1);
+    assert_eq!((void[0].code, void[0].closed_by), (1011, ClosedBy::Gateway));
+    gw.shutdown().await;
+}
+
+/// Redirects are not followed: a 3xx to `connect` is no decision (503),
+/// even though following it would lead to an accepting origin.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn origin_redirects_are_not_followed() {
+    let origin = TestOrigin::start(None).await;
+    origin.behavior(|b| b.connect = ConnectBehavior::Raw(307, String::new()));
+    let gw = TestGateway::with_origin(&origin, |_| {}).await;
+    let r = raw_request(gw.addr, upgrade_request("/", &[]).as_bytes())
+        .await
+        .expect("an answer");
+    assert_eq!(r.status, 503, "{r:?}");
+    assert_eq!(origin.received().len(), 1, "the redirect was followed");
     gw.shutdown().await;
 }

@@ -50,6 +50,10 @@ pub enum ConnectBehavior {
     Accept(OriginAnswer),
     /// This status with `{"reason": ..}`.
     Reject(u16, String),
+    /// This status with this body as is. A 3xx also carries
+    /// `Location: /events`, so that an origin client following redirects
+    /// would come straight back and be accepted.
+    Raw(u16, String),
 }
 
 /// The test origin's script; change it at any time through [`TestOrigin::behavior`].
@@ -416,6 +420,7 @@ async fn handle(State(s): State<Arc<OriginState>>, headers: HeaderMap, body: Byt
             ConnectBehavior::Reject(st, reason) => {
                 (st, serde_json::json!({ "reason": reason }).to_string())
             }
+            ConnectBehavior::Raw(st, body) => (st, body),
         }
     } else {
         let fail = {
@@ -468,7 +473,7 @@ async fn handle(State(s): State<Arc<OriginState>>, headers: HeaderMap, body: Byt
     } else {
         "keep-alive"
     };
-    (
+    let mut response = (
         StatusCode::from_u16(status).expect("valid status"),
         [
             ("content-type", "application/json"),
@@ -476,7 +481,14 @@ async fn handle(State(s): State<Arc<OriginState>>, headers: HeaderMap, body: Byt
         ],
         answer,
     )
-        .into_response()
+        .into_response();
+    if (300..400).contains(&status) {
+        response.headers_mut().insert(
+            axum::http::header::LOCATION,
+            axum::http::HeaderValue::from_static("/events"),
+        );
+    }
+    response
 }
 
 // ---------------------------------------------------------------------------

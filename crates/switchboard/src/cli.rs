@@ -116,6 +116,11 @@ pub(crate) struct ServeArgs {
     #[serde(skip_serializing_if = "Option::is_none")]
     origin_queue_size: Option<usize>,
 
+    /// Bytes of event JSON waiting for the origin, node-wide [default: 268435456].
+    #[arg(long, env = "SWITCHBOARD_ORIGIN_QUEUE_BYTES", value_name = "BYTES")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    origin_queue_bytes: Option<usize>,
+
     /// Events waiting for the origin per connection; past it the connection closes with 4002 [default: 1000].
     #[arg(long, env = "SWITCHBOARD_MAX_PENDING_EVENTS", value_name = "N")]
     #[serde(skip_serializing_if = "Option::is_none")]

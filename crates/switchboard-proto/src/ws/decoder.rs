@@ -6,6 +6,9 @@ use super::deflate::{DeflateParams, InflateError, Inflater};
 use super::frame::{apply_mask, parse_header, OpCode};
 use bytes::{Bytes, BytesMut};
 
+/// Most bytes reserved at once for an incomplete frame.
+const RESERVE_STEP: usize = 64 << 10;
+
 /// A complete message received from a client.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message {
@@ -112,7 +115,8 @@ impl Decoder {
     /// Decodes the next message from the front of `buf`, consuming its frames.
     ///
     /// `Ok(None)` means `buf` holds no complete message yet; bytes of an
-    /// incomplete frame stay in `buf` (which is reserved to fit the frame).
+    /// incomplete frame stay in `buf`, which is grown by at most 64 KiB per
+    /// call towards the frame's size.
     /// After an error the connection must be closed with
     /// [`ProtocolError::close_code`].
     pub fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<Message>, ProtocolError> {
@@ -154,7 +158,9 @@ impl Decoder {
             }
             let total = h.header_len + h.payload_len as usize;
             if buf.len() < total {
-                buf.reserve(total - buf.len());
+                // Grow with the bytes that arrive, not with what the header
+                // announces: a header alone does not get a large allocation.
+                buf.reserve((total - buf.len()).min(RESERVE_STEP));
                 return Ok(None);
             }
             let mut payload = buf.split_to(total);

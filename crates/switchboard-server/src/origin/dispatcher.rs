@@ -8,10 +8,11 @@
 //! together in the next request: an idle node sends one event per request with
 //! no added latency, a busy one sends up to `origin-batch-size`.
 //!
-//! Bounds: `max-pending-events` per connection and `origin-queue-size` per
-//! node. `disconnect` events bypass both — there is at most one per connection,
-//! so they are bounded by the connection count — because the origin is promised
-//! exactly one `disconnect` per accepted connection.
+//! Bounds: `max-pending-events` per connection, and `origin-queue-size`
+//! events and `origin-queue-bytes` bytes per node. `disconnect` events bypass
+//! them all — there is at most one per connection, so they are bounded by the
+//! connection count — because the origin is promised exactly one `disconnect`
+//! per accepted connection.
 
 use crate::gateway::Shared;
 use crate::metrics::KindLabel;
@@ -49,17 +50,26 @@ struct Lane {
 pub(crate) struct Dispatcher {
     lanes: Box<[Lane]>,
     pending: AtomicUsize,
+    pending_bytes: AtomicUsize,
     max_pending: usize,
+    max_pending_bytes: usize,
     max_per_conn: usize,
     closing: AtomicBool,
 }
 
 impl Dispatcher {
-    pub(crate) fn new(lanes: usize, max_pending: usize, max_per_conn: usize) -> Self {
+    pub(crate) fn new(
+        lanes: usize,
+        max_pending: usize,
+        max_pending_bytes: usize,
+        max_per_conn: usize,
+    ) -> Self {
         Self {
             lanes: (0..lanes).map(|_| Lane::default()).collect(),
             pending: AtomicUsize::new(0),
+            pending_bytes: AtomicUsize::new(0),
             max_pending,
+            max_pending_bytes,
             max_per_conn,
             closing: AtomicBool::new(false),
         }
@@ -77,6 +87,7 @@ impl Dispatcher {
     /// Whether the node-wide queue has room for new connections' events.
     pub(crate) fn has_room(&self) -> bool {
         self.pending() < self.max_pending
+            && self.pending_bytes.load(Relaxed) < self.max_pending_bytes
     }
 
     /// Queues an event of `key`'s connection. `reliable` events (disconnects)
@@ -89,7 +100,9 @@ impl Dispatcher {
         reliable: bool,
     ) -> Result<(), Backlog> {
         if !reliable {
-            if self.pending() >= self.max_pending {
+            if self.pending() >= self.max_pending
+                || self.pending_bytes.load(Relaxed) + json.len() > self.max_pending_bytes
+            {
                 return Err(Backlog);
             }
             if let Some(c) = conn {
@@ -102,6 +115,7 @@ impl Dispatcher {
             c.pending_events.fetch_add(1, Relaxed);
         }
         self.pending.fetch_add(1, Relaxed);
+        self.pending_bytes.fetch_add(json.len(), Relaxed);
         let lane = &self.lanes[usize::from(key[0]) % self.lanes.len()];
         lane.queue.lock().push_back(QueuedEvent {
             json,
@@ -229,6 +243,8 @@ fn settle(shared: &Shared, batch: &[QueuedEvent], delivered: bool) {
         }
     }
     shared.dispatcher.pending.fetch_sub(batch.len(), Relaxed);
+    let bytes: usize = batch.iter().map(|e| e.json.len()).sum();
+    shared.dispatcher.pending_bytes.fetch_sub(bytes, Relaxed);
     let n = batch.len() as u64;
     if delivered {
         shared.metrics.origin_events_delivered.inc_by(n);

@@ -33,6 +33,9 @@ impl HttpOrigin {
             .connect_timeout(timeout)
             .pool_idle_timeout(Duration::from_secs(60))
             .tcp_nodelay(true)
+            // A redirect would turn the POST into a bodiless GET (and forward
+            // the signature): treat 3xx as the origin's answer instead.
+            .redirect(reqwest::redirect::Policy::none())
             .user_agent(concat!("switchboard/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|e| OriginError::Unreachable(e.to_string()))?;
@@ -70,11 +73,17 @@ impl HttpOrigin {
         if resp.content_length().is_some_and(|l| l > max_answer as u64) {
             return Err(OriginError::BadAnswer("answer too large".into()));
         }
-        let body = resp.bytes().await.map_err(classify)?;
-        if body.len() > max_answer {
-            return Err(OriginError::BadAnswer("answer too large".into()));
+        // Read chunk by chunk so an answer without Content-Length is cut off
+        // at the cap rather than buffered whole.
+        let mut resp = resp;
+        let mut body = bytes::BytesMut::new();
+        while let Some(chunk) = resp.chunk().await.map_err(classify)? {
+            if body.len() + chunk.len() > max_answer {
+                return Err(OriginError::BadAnswer("answer too large".into()));
+            }
+            body.extend_from_slice(&chunk);
         }
-        Ok((status, body))
+        Ok((status, body.freeze()))
     }
 }
 
