@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Reproduces the figures of docs/benchmarks.md: builds the gateway, the echo
+# origin and the bench tool, then runs both scenarios. Results go to
+# target/bench/*.json.
+#
+#   tools/switchboard-bench/run.sh            # as documented
+#   tools/switchboard-bench/run.sh --sysctl   # also raise somaxconn and the port range (root)
+#
+# Everything runs on loopback. The tool itself needs none of the sysctls: it
+# spreads clients over 16 source addresses, so the default port range is plenty.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+if [[ "${1:-}" == "--sysctl" ]]; then
+    sysctl -w net.core.somaxconn=65535
+    sysctl -w net.ipv4.ip_local_port_range="1024 65535"
+fi
+
+cargo build --release -p switchboard -p switchboard-examples -p switchboard-bench
+bench=target/release/switchboard-bench
+
+"$bench" idle --connections 19000 --out target/bench/idle.json
+"$bench" idle --connections 19000 --steps 4 --no-tcp-baseline --out target/bench/idle-steps.json
+"$bench" echo --clients 100 --size 64 --duration 10s --out target/bench/echo.json
+"$bench" echo --clients 100 --size 4096 --duration 10s --out target/bench/echo-4k.json
