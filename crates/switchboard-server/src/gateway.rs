@@ -81,7 +81,8 @@ pub(crate) struct Shared {
 
 impl Shared {
     /// Counts a new socket from `ip`; the guard uncounts it when dropped.
-    pub(crate) fn track_socket(self: &Arc<Self>, ip: IpAddr) -> SocketGuard {
+    /// Also returns how many sockets `ip` holds, this one included.
+    pub(crate) fn track_socket(self: &Arc<Self>, ip: IpAddr) -> (SocketGuard, u32) {
         self.sockets.fetch_add(1, Relaxed);
         let per_ip = {
             let mut m = self.per_ip.lock();
@@ -89,11 +90,13 @@ impl Shared {
             *n += 1;
             *n
         };
-        SocketGuard {
-            shared: self.clone(),
-            ip,
+        (
+            SocketGuard {
+                shared: self.clone(),
+                ip,
+            },
             per_ip,
-        }
+        )
     }
 }
 
@@ -102,8 +105,6 @@ impl Shared {
 pub(crate) struct SocketGuard {
     shared: Arc<Shared>,
     ip: IpAddr,
-    /// Sockets from the same IP, this one included, when it was accepted.
-    pub(crate) per_ip: u32,
 }
 
 impl Drop for SocketGuard {
@@ -362,10 +363,14 @@ fn accept_one(shared: &Arc<Shared>, stream: TcpStream, remote: SocketAddr) {
         return; // dropped: closes the socket
     }
     let _ = stream.set_nodelay(true);
-    let guard = shared.track_socket(remote.ip());
-    shared
-        .conn_tasks
-        .spawn(handshake::handle(shared.clone(), stream, remote, guard));
+    let (guard, per_ip) = shared.track_socket(remote.ip());
+    shared.conn_tasks.spawn(handshake::handle(
+        shared.clone(),
+        stream,
+        remote,
+        guard,
+        per_ip,
+    ));
 }
 
 /// Closes every connection with 1012, spread evenly over `drain-spread`:

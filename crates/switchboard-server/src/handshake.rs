@@ -60,8 +60,9 @@ pub(crate) async fn handle(
     mut stream: TcpStream,
     remote: SocketAddr,
     socket: SocketGuard,
+    per_ip: u32,
 ) {
-    if let Some(refusal) = over_capacity(&shared, &socket) {
+    if let Some(refusal) = over_capacity(&shared, per_ip) {
         // Decided before reading anything: such sockets get a short deadline
         // and a bounded number of answering tasks, so they cannot pile up.
         if shared.refusing.fetch_add(1, Relaxed) < MAX_REFUSING {
@@ -146,7 +147,8 @@ pub(crate) async fn handle(
 }
 
 /// The refusal for a socket over `max-connections` or the per-IP cap.
-fn over_capacity(shared: &Shared, socket: &SocketGuard) -> Option<Refusal> {
+/// `per_ip`: sockets the client's address holds, this one included.
+fn over_capacity(shared: &Shared, per_ip: u32) -> Option<Refusal> {
     let cfg = &shared.config;
     if shared.sockets.load(Relaxed) > cfg.max_connections {
         return Some(refuse(
@@ -156,7 +158,7 @@ fn over_capacity(shared: &Shared, socket: &SocketGuard) -> Option<Refusal> {
             "over_capacity",
         ));
     }
-    if cfg.max_connections_per_ip > 0 && socket.per_ip as usize > cfg.max_connections_per_ip {
+    if cfg.max_connections_per_ip > 0 && per_ip as usize > cfg.max_connections_per_ip {
         return Some(refuse(
             503,
             "too_many_connections_from_ip",

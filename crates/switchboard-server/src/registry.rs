@@ -88,7 +88,8 @@ pub(crate) struct CloseRequest {
 struct Outbound {
     frames: VecDeque<Bytes>,
     queued_bytes: usize,
-    close: Option<CloseRequest>,
+    /// Boxed: set at most once in a connection's life.
+    close: Option<Box<CloseRequest>>,
     /// A close frame is queued or the task has ended: nothing more is accepted.
     sealed: bool,
     /// The front frame is partly written to the socket.
@@ -204,12 +205,12 @@ impl Conn {
         // message is not a slow consumer.
         if out.queued_bytes > 0 && out.queued_bytes + frame.len() > self.max_outbound {
             out.discard();
-            out.close = Some(CloseRequest {
+            out.close = Some(Box::new(CloseRequest {
                 code: switchboard_proto::ws::close::SLOW_CONSUMER,
                 reason: "slow consumer".into(),
                 by: ClosedBy::Gateway,
                 flush_first: false,
-            });
+            }));
             drop(out);
             metrics.slow_consumer_closes.inc();
             self.notify.notify_one();
@@ -226,6 +227,42 @@ impl Conn {
         Queued::Yes
     }
 
+    /// Sends a small control frame (ping, pong) from the connection's own
+    /// task: written straight to the socket when nothing is queued, so an
+    /// idle connection answering heartbeats never allocates a queue; queued
+    /// like any frame otherwise.
+    pub(crate) fn send_control(
+        &self,
+        stream: &TcpStream,
+        frame: Bytes,
+        metrics: &Metrics,
+    ) -> Queued {
+        {
+            let mut out = self.out.lock();
+            if out.sealed || out.close.is_some() {
+                return Queued::Closed;
+            }
+            if out.frames.is_empty() {
+                // Only this task writes to the socket, and the queue is empty:
+                // nothing can be half written before these bytes.
+                // On WouldBlock (full socket buffer) or an error (which the
+                // next flush reports), the frame is queued below instead.
+                if let Ok(n) = stream.try_write(&frame) {
+                    self.bytes_out.fetch_add(n as u64, Relaxed);
+                    metrics.bytes_out.inc_by(n as u64);
+                    metrics.frames_out.inc();
+                    if n < frame.len() {
+                        out.queued_bytes += frame.len() - n;
+                        out.frames.push_back(frame.slice(n..));
+                        out.front_partial = true;
+                    }
+                    return Queued::Yes;
+                }
+            }
+        }
+        self.push(frame, metrics)
+    }
+
     /// Asks the connection's task to close; the first request wins.
     pub(crate) fn request_close(&self, req: CloseRequest) -> Queued {
         let mut out = self.out.lock();
@@ -235,7 +272,7 @@ impl Conn {
         if !req.flush_first {
             out.discard();
         }
-        out.close = Some(req);
+        out.close = Some(Box::new(req));
         drop(out);
         self.notify.notify_one();
         Queued::Yes
@@ -243,7 +280,7 @@ impl Conn {
 
     /// Takes a pending close request (the task calls this when woken).
     pub(crate) fn take_close(&self) -> Option<CloseRequest> {
-        self.out.lock().close.take()
+        self.out.lock().close.take().map(|c| *c)
     }
 
     /// Queues the final frame (a close frame) past any bound; nothing is
