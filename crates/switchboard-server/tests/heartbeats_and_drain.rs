@@ -205,18 +205,18 @@ async fn drain_closes_clients_with_1012_and_delivers_every_disconnect() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn drain_spreads_closes_over_drain_spread() {
-    const SPREAD: Duration = Duration::from_millis(400);
-    const CLIENTS: usize = 40;
+/// Connects `clients` clients, drains with `spread`, checks every client got
+/// 1012 and its disconnect reached the origin, and returns when each close
+/// arrived (sorted, from the start of the drain).
+async fn drain_close_times(spread: Duration, clients: usize) -> Vec<Duration> {
     let origin = TestOrigin::start(None).await;
     let mut gw = TestGateway::with_origin(&origin, |c| {
-        c.drain_spread = SPREAD;
+        c.drain_spread = spread;
         c.max_connections_per_ip = 100;
     })
     .await;
     let mut readers = Vec::new();
-    for _ in 0..CLIENTS {
+    for _ in 0..clients {
         let mut ws = connect(&gw.ws_url("/")).await;
         readers.push(tokio::spawn(async move {
             let (code, _, _) = expect_close(&mut ws).await;
@@ -231,7 +231,7 @@ async fn drain_spreads_closes_over_drain_spread() {
     assert_eq!(
         report,
         DrainReport {
-            closed: CLIENTS,
+            closed: clients,
             completed: true,
             events_dropped: 0
         }
@@ -243,7 +243,15 @@ async fn drain_spreads_closes_over_drain_spread() {
         times.push(at.duration_since(started));
     }
     times.sort();
-    let (first, last) = (times[0], times[CLIENTS - 1]);
+    assert_eq!(origin.disconnects().len(), clients);
+    times
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_spreads_closes_over_drain_spread() {
+    const SPREAD: Duration = Duration::from_millis(400);
+    let times = drain_close_times(SPREAD, 40).await;
+    let (first, last) = (times[0], times[times.len() - 1]);
     assert!(
         last - first >= SPREAD / 2,
         "closes not spread: {first:?}..{last:?}"
@@ -252,37 +260,14 @@ async fn drain_spreads_closes_over_drain_spread() {
         last <= SPREAD + Duration::from_millis(500),
         "closes took too long: {last:?}"
     );
-    assert_eq!(origin.disconnects().len(), CLIENTS);
 }
 
-/// Three clients over a 600 ms window are not all closed in the first ticks.
+/// Three clients over a 600 ms window are not all closed in the first ticks:
+/// they close at about 0, 200 and 400 ms.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drain_spreads_even_a_few_clients() {
     const SPREAD: Duration = Duration::from_millis(600);
-    let origin = TestOrigin::start(None).await;
-    let mut gw = TestGateway::with_origin(&origin, |c| c.drain_spread = SPREAD).await;
-    let mut readers = Vec::new();
-    for _ in 0..3 {
-        let mut ws = connect(&gw.ws_url("/")).await;
-        readers.push(tokio::spawn(async move {
-            let (code, _, _) = expect_close(&mut ws).await;
-            (code, Instant::now())
-        }));
-    }
-    let started = Instant::now();
-    let report = tokio::time::timeout(WAIT * 2, gw.begin_shutdown())
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(report.closed, 3);
-    let mut times = Vec::new();
-    for r in readers {
-        let (code, at) = r.await.unwrap();
-        assert_eq!(code, 1012);
-        times.push(at.duration_since(started));
-    }
-    times.sort();
-    // Closed at about 0, 200 and 400 ms.
+    let times = drain_close_times(SPREAD, 3).await;
     assert!(
         times[2] - times[0] >= Duration::from_millis(300),
         "closes not spread: {times:?}"

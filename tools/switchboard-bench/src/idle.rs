@@ -335,23 +335,7 @@ pub(crate) fn run(a: IdleArgs) -> Result<ExitCode, String> {
             a.connections,
             shards.len()
         ));
-        t.row("accepted", format!("{} of {}", b.accepted, b.connections));
-        t.row("time to N", format!("{:.3} s", b.time_s));
-        t.row("accept rate", format!("{:.0} /s", b.accepts_per_s));
-        t.row(
-            "CPU per accept / per client connect",
-            cpu_pair(b.acceptor_cpu_us_per_accept, b.clients_cpu_us_per_conn),
-        );
-        t.row(
-            "connect latency p50 / p99",
-            format!(
-                "{:.2} / {:.2} ms",
-                b.connect_latency.p50_ms, b.connect_latency.p99_ms
-            ),
-        );
-        if let Some(o) = b.other_cpu_share {
-            t.row("other processes' CPU share", format!("{:.0} %", o * 100.0));
-        }
+        tcp_baseline_rows(&mut t, &b);
         t.problems(&problems, &warnings);
         t.print();
         let ok = problems.is_empty();
@@ -799,23 +783,7 @@ fn print_table(r: &IdleResult) {
     ));
     if let Some(b) = &r.tcp_baseline {
         t.section("raw TCP accept (plain tokio accept loop)");
-        t.row("accepted", format!("{} of {}", b.accepted, b.connections));
-        t.row("time to N", format!("{:.3} s", b.time_s));
-        t.row("accept rate", format!("{:.0} /s", b.accepts_per_s));
-        t.row(
-            "CPU per accept / per client connect",
-            cpu_pair(b.acceptor_cpu_us_per_accept, b.clients_cpu_us_per_conn),
-        );
-        t.row(
-            "connect latency p50 / p99",
-            format!(
-                "{:.2} / {:.2} ms",
-                b.connect_latency.p50_ms, b.connect_latency.p99_ms
-            ),
-        );
-        if let Some(o) = b.other_cpu_share {
-            t.row("other processes' CPU share", format!("{:.0} %", o * 100.0));
-        }
+        tcp_baseline_rows(&mut t, b);
     }
     let h = &r.handshakes;
     t.section("WebSocket handshakes (gateway)");
@@ -928,6 +896,27 @@ fn print_table(r: &IdleResult) {
     }
     t.problems(&r.problems, &r.warnings);
     t.print();
+}
+
+/// The table rows of a raw TCP accept measurement.
+fn tcp_baseline_rows(t: &mut Table, b: &TcpBaseline) {
+    t.row("accepted", format!("{} of {}", b.accepted, b.connections));
+    t.row("time to N", format!("{:.3} s", b.time_s));
+    t.row("accept rate", format!("{:.0} /s", b.accepts_per_s));
+    t.row(
+        "CPU per accept / per client connect",
+        cpu_pair(b.acceptor_cpu_us_per_accept, b.clients_cpu_us_per_conn),
+    );
+    t.row(
+        "connect latency p50 / p99",
+        format!(
+            "{:.2} / {:.2} ms",
+            b.connect_latency.p50_ms, b.connect_latency.p99_ms
+        ),
+    );
+    if let Some(o) = b.other_cpu_share {
+        t.row("other processes' CPU share", format!("{:.0} %", o * 100.0));
+    }
 }
 
 #[cfg(test)]
