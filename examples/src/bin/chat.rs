@@ -23,15 +23,26 @@ use std::sync::Arc;
 use switchboard_proto::control::{BatchMessage, BatchSendRequest};
 use switchboard_proto::origin::{Event, EventBatch, OriginAnswer, Payload};
 
-const ORIGIN: &str = "127.0.0.1:3000";
-const GATEWAY: &str = "127.0.0.1:8080";
-const CONTROL: &str = "127.0.0.1:8081";
+/// The chat demo: an origin app and a gateway in one process.
+#[derive(Debug, clap::Parser)]
+struct Args {
+    /// Where the chat app (the origin) serves its page and webhook.
+    #[arg(long, default_value = "127.0.0.1:3000")]
+    origin_listen: std::net::SocketAddr,
+    /// The gateway's WebSocket listener (the page connects here).
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    listen: std::net::SocketAddr,
+    /// The gateway's control API listener (the app pushes through it).
+    #[arg(long, default_value = "127.0.0.1:8081")]
+    control_listen: std::net::SocketAddr,
+}
 
-#[derive(Default)]
 struct Chat {
     /// connection id -> display name
     members: Mutex<BTreeMap<String, String>>,
     http: reqwest::Client,
+    /// The gateway's control API, `http://host:port`.
+    control: String,
 }
 
 impl Chat {
@@ -50,7 +61,7 @@ impl Chat {
         };
         if let Err(e) = self
             .http
-            .post(format!("http://{CONTROL}/v1/messages"))
+            .post(format!("{}/v1/messages", self.control))
             .json(&body)
             .send()
             .await
@@ -123,32 +134,36 @@ async fn events(State(chat): State<Arc<Chat>>, body: Bytes) -> impl IntoResponse
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let args = <Args as clap::Parser>::parse();
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new("info"))
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
         .init();
-    let chat = Arc::new(Chat::default());
+    let chat = Arc::new(Chat {
+        members: Mutex::default(),
+        http: reqwest::Client::new(),
+        control: format!("http://{}", args.control_listen),
+    });
+    let page =
+        include_str!("../../static/chat.html").replace("{{GATEWAY}}", &args.listen.to_string());
     let app = Router::new()
-        .route(
-            "/",
-            get(|| async {
-                Html(include_str!("../../static/chat.html").replace("{{GATEWAY}}", GATEWAY))
-            }),
-        )
+        .route("/", get(move || async move { Html(page) }))
         .route("/events", post(events))
         .with_state(chat);
-    let listener = tokio::net::TcpListener::bind(ORIGIN).await?;
+    let listener = tokio::net::TcpListener::bind(args.origin_listen).await?;
     tokio::spawn(async move { axum::serve(listener, app).await });
 
     let config = switchboard_server::Config {
-        listen: GATEWAY.parse()?,
-        control_listen: CONTROL.parse()?,
-        origin: Some(format!("http://{ORIGIN}/events")),
+        listen: args.listen,
+        control_listen: args.control_listen,
+        origin: Some(format!("http://{}/events", args.origin_listen)),
         keepalive_interval: std::time::Duration::ZERO,
         ..Default::default()
     };
     let gateway = switchboard_server::Gateway::bind(config).await?;
     println!(
-        "\n  Switchboard chat demo\n  open http://{ORIGIN} in two browser tabs (Ctrl-C to stop)\n"
+        "\n  Switchboard chat demo\n  open http://{} in two browser tabs (Ctrl-C to stop)\n",
+        args.origin_listen
     );
     gateway
         .run(async {

@@ -1,0 +1,96 @@
+// The chat demo in a real browser: two headless Chromium pages talk through
+// the gateway. Proves the page, the gateway's handshake with a browser's
+// WebSocket, the origin's webhooks and control API pushes, end to end.
+//
+// Needs: target/release/chat (cargo build --release -p switchboard-examples)
+// and Chromium (apt-get install chromium). Run: npm ci && node --test
+
+import { test } from "node:test";
+import assert from "node:assert/strict";
+import { spawn } from "node:child_process";
+import { createServer } from "node:net";
+import { existsSync, mkdirSync } from "node:fs";
+import { fileURLToPath } from "node:url";
+import path from "node:path";
+import { chromium } from "playwright-core";
+
+const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "../..");
+const targetDir = process.env.CARGO_TARGET_DIR ?? path.join(root, "target");
+const chatBin = path.join(targetDir, "release", "chat");
+const chromiumPath = process.env.CHROMIUM ?? "/usr/bin/chromium";
+
+/** A free loopback port (bound by the OS, then released). */
+function freePort() {
+  return new Promise((resolve, reject) => {
+    const srv = createServer();
+    srv.once("error", reject);
+    srv.listen(0, "127.0.0.1", () => {
+      const { port } = srv.address();
+      srv.close(() => resolve(port));
+    });
+  });
+}
+
+/** Polls `url` until it answers, for at most `ms`. */
+async function waitForHttp(url, ms) {
+  const deadline = Date.now() + ms;
+  for (;;) {
+    try {
+      const r = await fetch(url);
+      if (r.ok) return;
+    } catch {}
+    if (Date.now() > deadline) throw new Error(`${url} did not answer within ${ms} ms`);
+    await new Promise((r) => setTimeout(r, 100));
+  }
+}
+
+/** Opens the chat page as `name` and waits until it is connected. */
+async function join(browser, url, name) {
+  const page = await browser.newPage();
+  page.on("dialog", (d) => d.accept(name));
+  await page.goto(url);
+  await page.locator("#status", { hasText: "connected through Switchboard" }).waitFor({ timeout: 10_000 });
+  await page.locator("#log .system", { hasText: `welcome, ${name}` }).waitFor({ timeout: 10_000 });
+  return page;
+}
+
+test("two browsers chat through the gateway", { timeout: 60_000 }, async () => {
+  assert.ok(existsSync(chatBin), `${chatBin} missing: cargo build --release -p switchboard-examples`);
+  assert.ok(existsSync(chromiumPath), `${chromiumPath} missing: apt-get install chromium`);
+  const [origin, ws, control] = [await freePort(), await freePort(), await freePort()];
+  const chat = spawn(
+    chatBin,
+    ["--origin-listen", `127.0.0.1:${origin}`, "--listen", `127.0.0.1:${ws}`, "--control-listen", `127.0.0.1:${control}`],
+    { stdio: ["ignore", "inherit", "inherit"] },
+  );
+  const browser = await chromium.launch({
+    executablePath: chromiumPath,
+    args: ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-quic", "--no-first-run"],
+  });
+  try {
+    const url = `http://127.0.0.1:${origin}/`;
+    await waitForHttp(url, 10_000);
+    const ann = await join(browser, url, "ann");
+    const bob = await join(browser, url, "bob");
+    await ann.locator("#log .system", { hasText: "bob joined" }).waitFor({ timeout: 10_000 });
+
+    await bob.fill("#text", "hello from bob");
+    await bob.click("#send");
+    for (const page of [ann, bob]) {
+      const line = page.locator("#log .chat", { hasText: "hello from bob" });
+      await line.waitFor({ timeout: 10_000 });
+      assert.equal(await line.locator(".name").textContent(), "bob");
+    }
+
+    const shots = path.join(targetDir, "browser");
+    mkdirSync(shots, { recursive: true });
+    await ann.screenshot({ path: path.join(shots, "chat.png") });
+
+    // Bob leaves: the origin gets his disconnect and tells Ann.
+    await bob.close();
+    await ann.locator("#log .system", { hasText: "bob left" }).waitFor({ timeout: 10_000 });
+  } finally {
+    await browser.close();
+    chat.kill("SIGTERM");
+  }
+});
