@@ -295,6 +295,12 @@ async fn connection_info_stats_and_operations_endpoints() {
     origin.wait_messages(&id, 1).await;
     assert_eq!(gw.push_text(&id, "abc").await, 200);
     assert_eq!(next_msg(&mut ws).await, WsMessage::text("abc"));
+    // The client can read the frame a moment before the gateway's writing
+    // thread has counted it.
+    eventually(WAIT, "bytes_out counted", || async {
+        gw.connection(&id).await.is_some_and(|i| i.bytes_out >= 5)
+    })
+    .await;
     let info = gw.connection(&id).await.unwrap();
     assert_eq!(info.id, id);
     assert_eq!(info.path, "/info");
