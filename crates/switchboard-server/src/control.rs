@@ -352,7 +352,7 @@ async fn stats(State(s): State<Arc<Shared>>) -> Json<Stats> {
         node: s.node.to_string(),
         connections: s.registry.len() as u64,
         connections_total: m.connections_total.get(),
-        handshakes_rejected_total: s.handshakes_rejected.load(Relaxed),
+        handshakes_rejected_total: m.handshakes_rejected.get(),
         messages_in_total: m.messages_in.get(),
         messages_out_total: m.messages_out.get(),
         bytes_in_total: m.bytes_in.get(),

@@ -19,7 +19,7 @@ use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use switchboard_proto::origin::{ClosedBy, Event, KeepaliveEvent};
@@ -31,10 +31,6 @@ use tokio_util::task::TaskTracker;
 
 /// Most `keepalive` ids in one event.
 pub const KEEPALIVE_CHUNK: usize = 10_000;
-
-/// Sockets over `max-connections` that still get a 503 answer; beyond this
-/// many, extra sockets are closed without one.
-const REJECT_HEADROOM: usize = 1_024;
 
 /// Errors starting a gateway.
 #[derive(Debug, thiserror::Error)]
@@ -74,7 +70,6 @@ pub(crate) struct Shared {
     /// Open client sockets, handshaking ones included.
     pub(crate) sockets: AtomicUsize,
     per_ip: Mutex<HashMap<IpAddr, u32>>,
-    pub(crate) handshakes_rejected: AtomicU64,
     /// Sockets being answered with a capacity refusal.
     pub(crate) refusing: AtomicUsize,
 }
@@ -220,7 +215,6 @@ impl Gateway {
             conn_tasks: TaskTracker::new(),
             sockets: AtomicUsize::new(0),
             per_ip: Mutex::new(HashMap::new()),
-            handshakes_rejected: AtomicU64::new(0),
             refusing: AtomicUsize::new(0),
             config,
         });
@@ -357,9 +351,10 @@ async fn accept_loop(
 }
 
 fn accept_one(shared: &Arc<Shared>, stream: TcpStream, remote: SocketAddr) {
-    if shared.sockets.load(Relaxed) >= shared.config.max_connections + REJECT_HEADROOM {
+    // Far over capacity: not even a task to answer it (handshake.rs answers
+    // at most MAX_REFUSING refusals at once).
+    if shared.sockets.load(Relaxed) >= shared.config.max_connections + handshake::MAX_REFUSING {
         shared.metrics.handshake("over_capacity");
-        shared.handshakes_rejected.fetch_add(1, Relaxed);
         return; // dropped: closes the socket
     }
     let _ = stream.set_nodelay(true);
@@ -436,7 +431,7 @@ async fn keepalive_loop(shared: Arc<Shared>, stop: CancellationToken) {
                 .get_or_create(&kind)
                 .observe(started.elapsed().as_secs_f64());
             match r {
-                Ok(answer) => dispatcher::apply_answer(&shared, answer),
+                Ok(answer) => dispatcher::deliver_replies(&shared, answer.replies),
                 Err(e) => {
                     shared.metrics.origin_failures.get_or_create(&kind).inc();
                     tracing::warn!(error = %e, "keepalive not delivered (the next one will follow)");

@@ -52,7 +52,7 @@ fn refuse(
 const REFUSAL_READ_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Refused sockets answered at once; past this many, more are closed unanswered.
-const MAX_REFUSING: usize = 1_024;
+pub(crate) const MAX_REFUSING: usize = 1_024;
 
 /// Runs the handshake of one accepted socket, then starts the connection task.
 pub(crate) async fn handle(
@@ -91,7 +91,6 @@ pub(crate) async fn handle(
         Err(_) => {
             // Slow or silent client: drop without an answer.
             shared.metrics.handshake("timeout");
-            shared.handshakes_rejected.fetch_add(1, Relaxed);
             return;
         }
         Ok(Err(None)) => return, // closed or I/O error before a full head
@@ -179,7 +178,6 @@ async fn answer_refusal(
     deadline: tokio::time::Instant,
 ) {
     shared.metrics.handshake(r.metric);
-    shared.handshakes_rejected.fetch_add(1, Relaxed);
     let resp = hs::error_response(r.status, r.code, &r.message, r.extra);
     let linger = deadline.min(tokio::time::Instant::now() + Duration::from_secs(1));
     let _ = tokio::time::timeout_at(linger, async {
@@ -401,25 +399,13 @@ async fn decide(
     for m in answer.messages {
         conn.send(&Outgoing::new(m), &shared.metrics);
     }
-    dispatcher_replies(shared, answer.replies);
+    crate::origin::dispatcher::deliver_replies(shared, answer.replies);
     let ext = deflate.map(|d| d.response_header());
     Ok(Accepted {
         response: hs::switching_protocols(&upgrade.key, subprotocol.as_deref(), ext.as_deref()),
         conn,
         deflate,
     })
-}
-
-fn dispatcher_replies(shared: &Shared, replies: Vec<switchboard_proto::origin::Reply>) {
-    if !replies.is_empty() {
-        crate::origin::dispatcher::apply_answer(
-            shared,
-            switchboard_proto::origin::OriginAnswer {
-                replies,
-                ..Default::default()
-            },
-        );
-    }
 }
 
 fn parse_cookies(req: &Request) -> BTreeMap<String, String> {

@@ -33,6 +33,8 @@ pub(crate) struct Metrics {
     pub(crate) connections: Gauge,
     pub(crate) connections_total: Counter,
     pub(crate) handshakes: Family<ResultLabel, Counter>,
+    /// Sum of `handshakes` over every result but `accepted`, for `/v1/stats`.
+    pub(crate) handshakes_rejected: Counter,
     pub(crate) disconnects: Family<ClosedByLabel, Counter>,
     pub(crate) frames_in: Counter,
     pub(crate) frames_out: Counter,
@@ -64,6 +66,7 @@ impl Metrics {
             connections: Gauge::default(),
             connections_total: Counter::default(),
             handshakes: Family::default(),
+            handshakes_rejected: Counter::default(),
             disconnects: Family::default(),
             frames_in: Counter::default(),
             frames_out: Counter::default(),
@@ -177,8 +180,12 @@ impl Metrics {
         Self { registry, ..m }
     }
 
+    /// Counts a handshake outcome; anything but `accepted` is a rejection.
     pub(crate) fn handshake(&self, result: &'static str) {
         self.handshakes.get_or_create(&ResultLabel { result }).inc();
+        if result != "accepted" {
+            self.handshakes_rejected.inc();
+        }
     }
 
     pub(crate) fn encode(&self) -> String {

@@ -25,7 +25,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use switchboard_proto::conn_id::ConnKey;
-use switchboard_proto::origin::OriginAnswer;
+use switchboard_proto::origin::Reply;
 use switchboard_proto::ConnectionId;
 use tokio::sync::Notify;
 
@@ -223,7 +223,7 @@ pub(crate) async fn run_lane(shared: Arc<Shared>, idx: usize) {
         };
         let delivered = answer.is_some();
         if let Some(answer) = answer {
-            apply_answer(&shared, answer);
+            deliver_replies(&shared, answer.replies);
         }
         settle(&shared, &batch, delivered);
     }
@@ -265,8 +265,8 @@ fn drop_rest(shared: &Shared, lane: &Lane) {
 }
 
 /// Delivers the replies of an origin answer.
-pub(crate) fn apply_answer(shared: &Shared, answer: OriginAnswer) {
-    for reply in answer.replies {
+pub(crate) fn deliver_replies(shared: &Shared, replies: Vec<Reply>) {
+    for reply in replies {
         let Some(conn) = ConnectionId::parse(&reply.connection_id)
             .ok()
             .filter(|id| id.node() == shared.node.as_str())
