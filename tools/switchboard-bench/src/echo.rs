@@ -255,24 +255,21 @@ pub(crate) fn run(a: EchoArgs) -> Result<ExitCode, String> {
     ours_pids.extend(gw.pid);
     ours_pids.extend(origin_pid);
     let interference = util::Interference::start(util::cpu_of_all(&ours_pids));
-    let start = (
-        cpu_of(gw.pid),
-        cpu_of(origin_pid),
-        clients_cpu(),
-        gw.control.and_then(|c| util::gateway_stats(c).ok()),
-        gw.control.and_then(|c| util::OriginCounters::read(c).ok()),
-        gw.pid.and_then(util::context_switches),
-    );
+    // CPU, gateway stats and origin counters, read at both ends of the window.
+    let snapshot = || {
+        (
+            cpu_of(gw.pid),
+            cpu_of(origin_pid),
+            clients_cpu(),
+            gw.control.and_then(|c| util::gateway_stats(c).ok()),
+            gw.control.and_then(|c| util::OriginCounters::read(c).ok()),
+            gw.pid.and_then(util::context_switches),
+        )
+    };
+    let start = snapshot();
     let window_start = Instant::now();
     std::thread::sleep((run_at + a.warmup + a.duration).saturating_duration_since(Instant::now()));
-    let end = (
-        cpu_of(gw.pid),
-        cpu_of(origin_pid),
-        clients_cpu(),
-        gw.control.and_then(|c| util::gateway_stats(c).ok()),
-        gw.control.and_then(|c| util::OriginCounters::read(c).ok()),
-        gw.pid.and_then(util::context_switches),
-    );
+    let end = snapshot();
     let window = window_start.elapsed().as_secs_f64();
     let other_cpu_share = interference.and_then(|i| i.finish(util::cpu_of_all(&ours_pids)));
     util::warn_interference(other_cpu_share, "the measured window", &mut warnings);
@@ -388,13 +385,7 @@ pub(crate) fn run(a: EchoArgs) -> Result<ExitCode, String> {
         warnings,
     };
     print_table(&result);
-    util::write_json(&a.out, &result)?;
-    println!("\nresults written to {}", a.out.display());
-    Ok(if result.problems.is_empty() {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
+    util::finish(&a.out, &result, result.problems.is_empty())
 }
 
 fn print_table(r: &EchoResult) {

@@ -339,7 +339,7 @@ pub(crate) fn run(a: IdleArgs) -> Result<ExitCode, String> {
         t.problems(&problems, &warnings);
         t.print();
         let ok = problems.is_empty();
-        util::write_json(
+        return util::finish(
             &a.out,
             &serde_json::json!({
                 "scenario": "tcp-baseline",
@@ -351,12 +351,8 @@ pub(crate) fn run(a: IdleArgs) -> Result<ExitCode, String> {
                 "problems": problems,
                 "warnings": warnings,
             }),
-        )?;
-        return Ok(if ok {
-            ExitCode::SUCCESS
-        } else {
-            ExitCode::FAILURE
-        });
+            ok,
+        );
     }
 
     // 2. The gateway.
@@ -622,13 +618,7 @@ pub(crate) fn run(a: IdleArgs) -> Result<ExitCode, String> {
         warnings,
     };
     print_table(&result);
-    util::write_json(&a.out, &result)?;
-    println!("\nresults written to {}", a.out.display());
-    Ok(if result.problems.is_empty() {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
+    util::finish(&a.out, &result, result.problems.is_empty())
 }
 
 /// Runs the TCP baseline: the acceptor child and tcp-mode workers.

@@ -657,7 +657,23 @@ impl Table {
     }
 }
 
-/// Writes `value` as pretty JSON to `path`, creating its directory.
+/// Writes a run's JSON result, says where, and turns its validity into the
+/// exit status.
+pub(crate) fn finish(
+    path: &Path,
+    result: &impl Serialize,
+    valid: bool,
+) -> Result<std::process::ExitCode, String> {
+    write_json(path, result)?;
+    println!("\nresults written to {}", path.display());
+    Ok(if valid {
+        std::process::ExitCode::SUCCESS
+    } else {
+        std::process::ExitCode::FAILURE
+    })
+}
+
+/// Writes `value` as pretty JSON to `path`, creating its folder.
 pub(crate) fn write_json(path: &Path, value: &impl Serialize) -> Result<(), String> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir)
