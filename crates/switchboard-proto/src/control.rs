@@ -122,3 +122,123 @@ pub struct ErrorBody {
     /// Human-readable explanation; its text may change.
     pub message: String,
 }
+
+/// One live node of the cluster, in `GET /v1/nodes`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeInfo {
+    /// The node's id.
+    pub node: String,
+    /// Open connections it holds (as of its last heartbeat).
+    pub connections: u64,
+    /// Whether it is draining.
+    pub draining: bool,
+    /// When it started, Unix time in milliseconds.
+    pub started_at_ms: u64,
+    /// When it was last heard from, Unix time in milliseconds.
+    pub last_seen_ms: u64,
+    /// Whether this is the node that answered.
+    #[serde(rename = "self")]
+    pub is_self: bool,
+}
+
+/// `GET /v1/nodes`: the live nodes, sorted by id.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodesResponse {
+    /// The nodes.
+    pub nodes: Vec<NodeInfo>,
+}
+
+/// A control command as a JSON object tagged by `op`: the body of control
+/// requests over NATS (`<prefix>.control`, `<prefix>.node.<id>.control`),
+/// and of commands one node forwards to another. Each mirrors an HTTP route;
+/// the reply is that route's status (header `Switchboard-Status`) and body.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Command {
+    /// `POST /v1/connections/{id}/messages`.
+    Send(SendCommand),
+    /// `POST /v1/messages`.
+    SendBatch(BatchSendRequest),
+    /// `DELETE /v1/connections/{id}`.
+    Close(CloseCommand),
+    /// `GET /v1/connections/{id}`.
+    Info(ConnectionRef),
+    /// `GET /v1/stats` of the node that answers.
+    Stats,
+    /// `GET /v1/nodes`.
+    Nodes,
+}
+
+/// [`Command::Send`]: one message to one connection.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SendCommand {
+    /// The destination.
+    pub connection_id: String,
+    /// The message.
+    #[serde(flatten)]
+    pub payload: Payload,
+}
+
+/// [`Command::Close`]: close one connection.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CloseCommand {
+    /// The connection.
+    pub connection_id: String,
+    /// Code and reason, as in the query of `DELETE /v1/connections/{id}`.
+    #[serde(flatten)]
+    pub params: CloseParams,
+}
+
+/// [`Command::Info`]: names a connection.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConnectionRef {
+    /// The connection.
+    pub connection_id: String,
+}
+
+/// The NATS header carrying the HTTP status of a command's reply (and of the
+/// origin's answer to `connect` over NATS).
+pub const STATUS_HEADER: &str = "Switchboard-Status";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commands_are_flat_json_tagged_by_op() {
+        let json = r#"{"op":"send","connection_id":"a.x","text":"hi"}"#;
+        let cmd: Command = serde_json::from_str(json).unwrap();
+        assert_eq!(
+            cmd,
+            Command::Send(SendCommand {
+                connection_id: "a.x".into(),
+                payload: Payload::Text("hi".into()),
+            })
+        );
+        assert_eq!(serde_json::to_string(&cmd).unwrap(), json);
+        let close: Command =
+            serde_json::from_str(r#"{"op":"close","connection_id":"a.x","code":4000}"#).unwrap();
+        assert_eq!(
+            close,
+            Command::Close(CloseCommand {
+                connection_id: "a.x".into(),
+                params: CloseParams {
+                    code: Some(4000),
+                    reason: None
+                },
+            })
+        );
+        let batch: Command = serde_json::from_str(
+            r#"{"op":"send_batch","messages":[{"connection_ids":["a.x"],"binary":"AAE="}]}"#,
+        )
+        .unwrap();
+        assert!(
+            matches!(batch, Command::SendBatch(b) if b.messages[0].payload == Payload::Binary(vec![0, 1]))
+        );
+        assert_eq!(
+            serde_json::from_str::<Command>(r#"{"op":"nodes"}"#).unwrap(),
+            Command::Nodes
+        );
+        assert!(serde_json::from_str::<Command>(r#"{"op":"explode"}"#).is_err());
+    }
+}

@@ -9,10 +9,12 @@
 //! - [`ws`]: the RFC 6455 codec in the server role — frame headers, the message
 //!   decoder with its limits, frame encoding, close codes, the opening handshake
 //!   and permessage-deflate.
+//! - [`cluster`]: NATS subject names and the node heartbeat of a cluster.
 //! - [`conn_id`]: connection ids, which carry the node that holds the connection.
 //! - [`origin`]: the events the gateway sends to the origin and the origin's answers.
 //! - [`control`]: request and response bodies of the control API.
 
+pub mod cluster;
 pub mod conn_id;
 pub mod control;
 pub mod origin;

@@ -39,6 +39,7 @@ mod base64_bytes {
 /// One event for the origin.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
+#[non_exhaustive]
 pub enum Event {
     /// A client asks to connect; answered synchronously.
     Connect(ConnectEvent),
@@ -50,6 +51,23 @@ pub enum Event {
     /// The connections this node holds, sent every `keepalive-interval` in
     /// batches of at most 10,000 ids.
     Keepalive(KeepaliveEvent),
+    /// Cluster mode: a node stopped being heard from without draining; every
+    /// connection whose id carries `down_node` is gone. Sent by exactly one
+    /// surviving node.
+    NodeDown(NodeDownEvent),
+}
+
+impl Event {
+    /// The `type` tag of the event in JSON (`connect`, `message`, ...).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Connect(_) => "connect",
+            Self::Message(_) => "message",
+            Self::Disconnect(_) => "disconnect",
+            Self::Keepalive(_) => "keepalive",
+            Self::NodeDown(_) => "node_down",
+        }
+    }
 }
 
 /// A batch of events: the body of every request to the origin.
@@ -160,6 +178,22 @@ pub struct KeepaliveEvent {
     pub timestamp_ms: u64,
     /// Live, accepted connections (at most 10,000 per event).
     pub connection_ids: Vec<String>,
+}
+
+/// `node_down`: a node of the cluster died without draining.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeDownEvent {
+    /// Idempotency key (the same on every retry).
+    pub id: String,
+    /// The node reporting it.
+    pub node: String,
+    /// Unix time in milliseconds.
+    pub timestamp_ms: u64,
+    /// The node that is gone: connection ids starting with `<down_node>.`
+    /// are all closed.
+    pub down_node: String,
+    /// When `down_node` was last heard from, Unix time in milliseconds.
+    pub last_seen_ms: u64,
 }
 
 /// The origin's 2xx answer. Every field is optional; an empty body is fine.
