@@ -5,6 +5,7 @@
 //! `docs/control-api.md`. The OpenAPI document is `docs/openapi.json`, served
 //! at `GET /v1/openapi.json`; a test keeps it and [`ROUTES`] equal.
 
+use crate::cluster::{ClusterError, CommandReply};
 use crate::gateway::Shared;
 use crate::registry::{CloseRequest, Conn, Outgoing, Queued};
 use axum::body::Bytes;
@@ -20,7 +21,8 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use subtle::ConstantTimeEq;
 use switchboard_proto::control::{
-    BatchSendRequest, BatchSendResponse, CloseParams, ConnectionInfo, Delivery, ErrorBody,
+    BatchMessage, BatchSendRequest, BatchSendResponse, CloseCommand, CloseParams, Command,
+    ConnectionInfo, ConnectionRef, Delivery, ErrorBody, NodeInfo, NodesResponse, SendCommand,
     SendResponse, Stats,
 };
 use switchboard_proto::origin::{ClosedBy, Payload};
@@ -39,6 +41,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("get", "/metrics"),
     ("get", "/v1/openapi.json"),
     ("get", "/v1/stats"),
+    ("get", "/v1/nodes"),
     ("post", "/v1/messages"),
     ("post", "/v1/connections/{id}/messages"),
     ("get", "/v1/connections/{id}"),
@@ -71,6 +74,42 @@ impl ApiError {
             "connection_not_found",
             format!("no open connection {id:?} on this node"),
         )
+    }
+}
+
+impl From<ApiError> for CommandReply {
+    fn from(e: ApiError) -> Self {
+        reply(
+            e.status,
+            &ErrorBody {
+                code: e.code.into(),
+                message: e.message,
+            },
+        )
+    }
+}
+
+/// A reply with `status` and `body` serialized.
+fn reply(status: StatusCode, body: &impl serde::Serialize) -> CommandReply {
+    CommandReply {
+        status: status.as_u16(),
+        body: Bytes::from(serde_json::to_vec(body).expect("bodies serialize")),
+    }
+}
+
+fn ok(body: &impl serde::Serialize) -> CommandReply {
+    reply(StatusCode::OK, body)
+}
+
+impl IntoResponse for CommandReply {
+    fn into_response(self) -> Response {
+        let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::BAD_GATEWAY);
+        let mut r = (status, self.body).into_response();
+        r.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        r
     }
 }
 
@@ -142,6 +181,7 @@ pub(crate) async fn serve(shared: Arc<Shared>, listener: TcpListener, stop: Canc
 pub(crate) fn router(shared: Arc<Shared>) -> Router {
     let api = Router::new()
         .route("/v1/stats", get(stats))
+        .route("/v1/nodes", get(nodes))
         .route("/v1/messages", axum::routing::post(send_batch))
         .route(
             "/v1/connections/{id}/messages",
@@ -243,53 +283,209 @@ fn lookup(s: &Shared, id: &str) -> Result<Arc<Conn>, ApiError> {
         .ok_or_else(|| ApiError::not_found(id))
 }
 
-async fn send_one(
-    State(s): State<Arc<Shared>>,
-    ConnPath(id): ConnPath,
-    body: Body,
-) -> Result<Json<SendResponse>, ApiError> {
-    let payload: Payload = parse_json(body)?;
-    let conn = lookup(&s, &id)?;
-    match conn.send(&Outgoing::new(payload), &s.metrics) {
-        Queued::Yes => Ok(Json(SendResponse {
-            status: Delivery::Delivered,
-        })),
-        Queued::Closed => Err(ApiError::not_found(&id)),
+/// The node holding `id` when it is another node of the cluster and the
+/// command should go there (not when it was `forwarded` here already).
+fn remote_owner<'a>(s: &Shared, id: &'a str, forwarded: bool) -> Option<&'a str> {
+    if forwarded || s.cluster.get().is_none() {
+        return None;
+    }
+    let node = id.split_once('.')?.0;
+    (node != s.node.as_str() && ConnectionId::parse(id).is_ok()).then_some(node)
+}
+
+/// Sends `cmd` to `node` and returns its answer, or the error standing for it.
+async fn forward(s: &Shared, node: &str, cmd: &Command) -> CommandReply {
+    let Some(cluster) = s.cluster.get() else {
+        return ApiError::not_found(node).into();
+    };
+    let body = Bytes::from(serde_json::to_vec(cmd).expect("commands serialize"));
+    s.metrics.forwarded.inc();
+    match cluster.forward(node, body).await {
+        Ok(reply) => reply,
+        Err(e) => {
+            s.metrics.forward_failures.inc();
+            let (status, code) = match e {
+                ClusterError::NodeGone(_) => (StatusCode::NOT_FOUND, "connection_not_found"),
+                ClusterError::Unavailable(_) => {
+                    (StatusCode::SERVICE_UNAVAILABLE, "cluster_unavailable")
+                }
+                ClusterError::Timeout(_) => (StatusCode::GATEWAY_TIMEOUT, "node_timeout"),
+                ClusterError::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
+            };
+            ApiError::new(status, code, e.to_string()).into()
+        }
     }
 }
 
-async fn send_batch(
-    State(s): State<Arc<Shared>>,
-    body: Body,
-) -> Result<Json<BatchSendResponse>, ApiError> {
-    let req: BatchSendRequest = parse_json(body)?;
-    let results = req
-        .messages
-        .into_iter()
-        .map(|m| {
-            // Encoded once, shared by every recipient.
-            let out = Outgoing::new(m.payload);
-            m.connection_ids
-                .into_iter()
-                .map(|id| {
-                    let status = match lookup(&s, &id).map(|c| c.send(&out, &s.metrics)) {
-                        Ok(Queued::Yes) => Delivery::Delivered,
-                        _ => Delivery::Unknown,
-                    };
-                    (id, status)
-                })
-                .collect::<BTreeMap<_, _>>()
-        })
-        .collect();
-    Ok(Json(BatchSendResponse { results }))
+/// Executes a command given as JSON (from the cluster backend).
+pub(crate) async fn execute_json(s: &Arc<Shared>, json: &[u8], forwarded: bool) -> CommandReply {
+    match serde_json::from_slice::<Command>(json) {
+        Ok(cmd) => execute(s, cmd, forwarded).await,
+        Err(e) => ApiError::new(StatusCode::BAD_REQUEST, "invalid_body", e.to_string()).into(),
+    }
 }
 
-async fn connection_info(
-    State(s): State<Arc<Shared>>,
-    ConnPath(id): ConnPath,
-) -> Result<Json<ConnectionInfo>, ApiError> {
-    let c = lookup(&s, &id)?;
-    Ok(Json(ConnectionInfo {
+/// Executes a command here, or forwards it to the node that holds its
+/// connection. `forwarded`: it came from another node, so run it here only.
+pub(crate) async fn execute(s: &Arc<Shared>, cmd: Command, forwarded: bool) -> CommandReply {
+    let target = match &cmd {
+        Command::Send(SendCommand { connection_id, .. })
+        | Command::Close(CloseCommand { connection_id, .. })
+        | Command::Info(ConnectionRef { connection_id }) => {
+            remote_owner(s, connection_id, forwarded)
+        }
+        _ => None,
+    };
+    if let Some(node) = target {
+        return forward(s, node, &cmd).await;
+    }
+    match cmd {
+        Command::Send(c) => send_local(s, c),
+        Command::SendBatch(b) => send_batch_routed(s, b, forwarded).await,
+        Command::Close(c) => close_local(s, c),
+        Command::Info(c) => info_local(s, &c.connection_id),
+        Command::Stats => ok(&stats_local(s)),
+        Command::Nodes => ok(&nodes_local(s)),
+    }
+}
+
+fn send_local(s: &Shared, c: SendCommand) -> CommandReply {
+    let conn = match lookup(s, &c.connection_id) {
+        Ok(conn) => conn,
+        Err(e) => return e.into(),
+    };
+    match conn.send(&Outgoing::new(c.payload), &s.metrics) {
+        Queued::Yes => ok(&SendResponse {
+            status: Delivery::Delivered,
+        }),
+        Queued::Closed => ApiError::not_found(&c.connection_id).into(),
+    }
+}
+
+/// Most ids of one node in one forwarded batch request, so that the request
+/// and its reply stay well under the bus's message size limit (NATS's
+/// `max_payload`, 1 MiB by default).
+const MAX_IDS_PER_FORWARD: usize = 8_192;
+
+/// One node's share of a batch: (message index, that node's ids of it).
+type Share = Vec<(usize, Vec<String>)>;
+
+/// Sends a batch: local ids at once, then each other node's share of every
+/// message in one request per node (per [`MAX_IDS_PER_FORWARD`] ids, sent one
+/// after the other so a connection's messages stay in order), nodes
+/// concurrently. Ids of nodes that cannot be reached are `unknown`.
+async fn send_batch_routed(
+    s: &Arc<Shared>,
+    req: BatchSendRequest,
+    forwarded: bool,
+) -> CommandReply {
+    let mut results = vec![BTreeMap::new(); req.messages.len()];
+    let mut remote: BTreeMap<String, Share> = BTreeMap::new();
+    // Payloads of messages that have ids on other nodes.
+    let mut kept: BTreeMap<usize, Payload> = BTreeMap::new();
+    for (i, m) in req.messages.into_iter().enumerate() {
+        let mut local = Vec::new();
+        for id in m.connection_ids {
+            let Some(node) = remote_owner(s, &id, forwarded).map(str::to_owned) else {
+                local.push(id);
+                continue;
+            };
+            let share = remote.entry(node).or_default();
+            match share.last_mut() {
+                Some((j, ids)) if *j == i => ids.push(id),
+                _ => share.push((i, vec![id])),
+            }
+        }
+        let has_remote = remote
+            .values()
+            .any(|sh| sh.last().is_some_and(|(j, _)| *j == i));
+        if local.is_empty() {
+            if has_remote {
+                kept.insert(i, m.payload);
+            }
+            continue;
+        }
+        let payload = if has_remote {
+            kept.insert(i, m.payload.clone());
+            m.payload
+        } else {
+            m.payload
+        };
+        // Encoded once, shared by every local recipient.
+        let out = Outgoing::new(payload);
+        for id in local {
+            let status = match lookup(s, &id).map(|c| c.send(&out, &s.metrics)) {
+                Ok(Queued::Yes) => Delivery::Delivered,
+                _ => Delivery::Unknown,
+            };
+            results[i].insert(id, status);
+        }
+    }
+    let kept = &kept;
+    let per_node = remote.into_iter().map(|(node, share)| async move {
+        let mut done = Vec::new();
+        for chunk in chunks(share, MAX_IDS_PER_FORWARD) {
+            let cmd = Command::SendBatch(BatchSendRequest {
+                messages: chunk
+                    .iter()
+                    .map(|(i, ids)| BatchMessage {
+                        connection_ids: ids.clone(),
+                        payload: kept[i].clone(),
+                    })
+                    .collect(),
+            });
+            let answer = forward(s, &node, &cmd).await;
+            done.push((chunk, answer));
+        }
+        done
+    });
+    for (chunk, answer) in futures_util::future::join_all(per_node)
+        .await
+        .into_iter()
+        .flatten()
+    {
+        let parsed = (answer.status == 200)
+            .then(|| serde_json::from_slice::<BatchSendResponse>(&answer.body).ok())
+            .flatten()
+            .filter(|r| r.results.len() == chunk.len());
+        for (k, (i, ids)) in chunk.into_iter().enumerate() {
+            for id in ids {
+                let status = parsed
+                    .as_ref()
+                    .and_then(|r| r.results[k].get(&id).copied())
+                    .unwrap_or(Delivery::Unknown);
+                results[i].insert(id, status);
+            }
+        }
+    }
+    ok(&BatchSendResponse { results })
+}
+
+/// Cuts a share into pieces of at most `max` ids, in order.
+fn chunks(share: Share, max: usize) -> Vec<Share> {
+    let mut out: Vec<Share> = vec![Vec::new()];
+    let mut room = max;
+    for (i, mut ids) in share {
+        while !ids.is_empty() {
+            if room == 0 {
+                out.push(Vec::new());
+                room = max;
+            }
+            let rest = ids.split_off(ids.len().min(room));
+            room -= ids.len();
+            out.last_mut().expect("never empty").push((i, ids));
+            ids = rest;
+        }
+    }
+    out
+}
+
+fn info_local(s: &Shared, id: &str) -> CommandReply {
+    let c = match lookup(s, id) {
+        Ok(c) => c,
+        Err(e) => return e.into(),
+    };
+    ok(&ConnectionInfo {
         id: c.id.to_string(),
         node: s.node.to_string(),
         remote_addr: c.remote.to_string(),
@@ -304,51 +500,49 @@ async fn connection_info(
         bytes_in: c.bytes_in.load(Relaxed),
         bytes_out: c.bytes_out.load(Relaxed),
         outbound_queued_bytes: c.queued_bytes() as u64,
-    }))
+    })
 }
 
-async fn close_connection(
-    State(s): State<Arc<Shared>>,
-    ConnPath(id): ConnPath,
-    params: Result<Query<CloseParams>, axum::extract::rejection::QueryRejection>,
-) -> Result<Response, ApiError> {
-    let Query(params) = params
-        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_query", e.body_text()))?;
-    let code = params.code.unwrap_or(close::NORMAL);
+fn close_local(s: &Shared, c: CloseCommand) -> CommandReply {
+    let code = c.params.code.unwrap_or(close::NORMAL);
     if !close::is_valid_sent(code) {
-        return Err(ApiError::new(
+        return ApiError::new(
             StatusCode::BAD_REQUEST,
             "invalid_close_code",
             "code must be 1000, 1001, 1008, 1011, 1012, 1013 or 3000-4999",
-        ));
+        )
+        .into();
     }
-    let reason = params.reason.unwrap_or_default();
+    let reason = c.params.reason.unwrap_or_default();
     if reason.len() > 123 {
-        return Err(ApiError::new(
+        return ApiError::new(
             StatusCode::BAD_REQUEST,
             "invalid_close_reason",
             "reason is limited to 123 bytes",
-        ));
+        )
+        .into();
     }
-    let conn = lookup(&s, &id)?;
+    let conn = match lookup(s, &c.connection_id) {
+        Ok(conn) => conn,
+        Err(e) => return e.into(),
+    };
     match conn.request_close(CloseRequest {
         code,
         reason,
         by: ClosedBy::Origin,
         flush_first: true,
     }) {
-        Queued::Yes => Ok((
+        Queued::Yes => reply(
             StatusCode::ACCEPTED,
-            Json(serde_json::json!({"status": "closing"})),
-        )
-            .into_response()),
-        Queued::Closed => Err(ApiError::not_found(&id)),
+            &serde_json::json!({"status": "closing"}),
+        ),
+        Queued::Closed => ApiError::not_found(&c.connection_id).into(),
     }
 }
 
-async fn stats(State(s): State<Arc<Shared>>) -> Json<Stats> {
+fn stats_local(s: &Shared) -> Stats {
     let m = &s.metrics;
-    Json(Stats {
+    Stats {
         node: s.node.to_string(),
         connections: s.registry.len() as u64,
         connections_total: m.connections_total.get(),
@@ -359,5 +553,106 @@ async fn stats(State(s): State<Arc<Shared>>) -> Json<Stats> {
         bytes_out_total: m.bytes_out.get(),
         origin_queue_depth: s.dispatcher.pending() as u64,
         draining: s.draining.load(Relaxed),
-    })
+    }
+}
+
+/// This node and the live peers, sorted by id.
+fn nodes_local(s: &Shared) -> NodesResponse {
+    let now = crate::gateway::now_ms();
+    let mut nodes = vec![NodeInfo {
+        node: s.node.to_string(),
+        connections: s.registry.len() as u64,
+        draining: s.draining.load(Relaxed),
+        started_at_ms: s.started_at_ms,
+        last_seen_ms: now,
+        is_self: true,
+    }];
+    if let Some(cluster) = s.cluster.get() {
+        nodes.extend(
+            cluster
+                .peers()
+                .into_iter()
+                .filter(|n| n.node != s.node.as_str()),
+        );
+    }
+    nodes.sort_by(|a, b| a.node.cmp(&b.node));
+    NodesResponse { nodes }
+}
+
+// --- HTTP handlers: parse the request, then `execute`. ---
+
+async fn send_one(
+    State(s): State<Arc<Shared>>,
+    ConnPath(id): ConnPath,
+    body: Body,
+) -> Result<CommandReply, ApiError> {
+    let payload: Payload = parse_json(body)?;
+    let cmd = Command::Send(SendCommand {
+        connection_id: id,
+        payload,
+    });
+    Ok(execute(&s, cmd, false).await)
+}
+
+async fn send_batch(State(s): State<Arc<Shared>>, body: Body) -> Result<CommandReply, ApiError> {
+    let req: BatchSendRequest = parse_json(body)?;
+    Ok(execute(&s, Command::SendBatch(req), false).await)
+}
+
+async fn connection_info(State(s): State<Arc<Shared>>, ConnPath(id): ConnPath) -> CommandReply {
+    execute(
+        &s,
+        Command::Info(ConnectionRef { connection_id: id }),
+        false,
+    )
+    .await
+}
+
+async fn close_connection(
+    State(s): State<Arc<Shared>>,
+    ConnPath(id): ConnPath,
+    params: Result<Query<CloseParams>, axum::extract::rejection::QueryRejection>,
+) -> Result<CommandReply, ApiError> {
+    let Query(params) = params
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_query", e.body_text()))?;
+    let cmd = Command::Close(CloseCommand {
+        connection_id: id,
+        params,
+    });
+    Ok(execute(&s, cmd, false).await)
+}
+
+async fn stats(State(s): State<Arc<Shared>>) -> Json<Stats> {
+    Json(stats_local(&s))
+}
+
+async fn nodes(State(s): State<Arc<Shared>>) -> Json<NodesResponse> {
+    Json(nodes_local(&s))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shares_are_cut_in_order_without_losing_ids() {
+        let ids = |n: usize, tag: &str| (0..n).map(|k| format!("{tag}{k}")).collect::<Vec<_>>();
+        let share = vec![(0, ids(5, "a")), (2, ids(2, "b")), (3, ids(4, "c"))];
+        let cut = chunks(share.clone(), 4);
+        assert!(cut
+            .iter()
+            .all(|c| c.iter().map(|(_, v)| v.len()).sum::<usize>() <= 4));
+        assert_eq!(cut.len(), 3);
+        let flat: Vec<(usize, String)> = cut
+            .into_iter()
+            .flatten()
+            .flat_map(|(i, v)| v.into_iter().map(move |id| (i, id)))
+            .collect();
+        let want: Vec<(usize, String)> = share
+            .into_iter()
+            .flat_map(|(i, v)| v.into_iter().map(move |id| (i, id)))
+            .collect();
+        assert_eq!(flat, want);
+        assert_eq!(chunks(vec![(0, ids(3, "x"))], 8).len(), 1);
+    }
 }

@@ -7,6 +7,7 @@
 //! closed with 1012 spread over `drain-spread`, every pending origin event
 //! (disconnects included) is delivered, all within `drain-timeout`.
 
+use crate::cluster::{Cluster, LocalNode};
 use crate::config::{Config, ConfigError};
 use crate::control;
 use crate::handshake;
@@ -20,7 +21,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use switchboard_proto::origin::{ClosedBy, Event, KeepaliveEvent};
 use switchboard_proto::ws::close;
@@ -60,6 +61,10 @@ pub(crate) struct Shared {
     pub(crate) dispatcher: Dispatcher,
     pub(crate) metrics: Metrics,
     pub(crate) transport: Arc<dyn OriginTransport>,
+    /// The other nodes, once a cluster backend has joined.
+    pub(crate) cluster: OnceLock<Arc<dyn Cluster>>,
+    /// Unix time in milliseconds.
+    pub(crate) started_at_ms: u64,
     /// Request headers forwarded in `connect`, lower-case.
     pub(crate) forward_headers: Vec<String>,
     pub(crate) draining: AtomicBool,
@@ -165,6 +170,12 @@ impl Gateway {
         config.validate()?;
         let node = node_id(&config);
         let transport: Arc<dyn OriginTransport> = match &config.origin {
+            Some(_) if config.origin_is_nats() => {
+                return Err(GatewayError::Config(ConfigError {
+                    field: "origin",
+                    problem: "the NATS origin needs a NATS backend: use bind_with_transport".into(),
+                }))
+            }
             Some(url) => Arc::new(HttpOrigin::new(
                 url,
                 config.origin_secret.as_deref(),
@@ -205,6 +216,8 @@ impl Gateway {
             ),
             metrics: Metrics::new(),
             transport,
+            cluster: OnceLock::new(),
+            started_at_ms: now_ms(),
             forward_headers: config
                 .forward_header
                 .iter()
@@ -242,6 +255,20 @@ impl Gateway {
     #[cfg(test)]
     pub(crate) fn shared(&self) -> Arc<Shared> {
         self.shared.clone()
+    }
+
+    /// This node, for a cluster backend.
+    pub fn local_node(&self) -> LocalNode {
+        LocalNode {
+            shared: self.shared.clone(),
+        }
+    }
+
+    /// Joins a cluster: commands for other nodes' connections go through
+    /// `cluster` from now on, and it is told to leave at the end of the drain.
+    /// A node joins at most once; a second call returns `false`.
+    pub fn join_cluster(&self, cluster: Arc<dyn Cluster>) -> bool {
+        self.shared.cluster.set(cluster).is_ok()
     }
 
     /// This node's id.
@@ -307,6 +334,19 @@ impl Gateway {
         }
         let events_dropped = shared.metrics.origin_events_dropped.get() - dropped_before
             + shared.dispatcher.pending() as u64;
+        if let Some(cluster) = shared.cluster.get() {
+            // Last: commands for connections closing in the drain still
+            // routed. Only a complete drain leaves quietly; otherwise the
+            // cluster reports this node lost, so the origin learns that the
+            // connections whose `disconnect` was dropped are gone.
+            if conns_done && events_done && events_dropped == 0 {
+                let _ = tokio::time::timeout(Duration::from_secs(2), cluster.leave()).await;
+            } else {
+                tracing::warn!(
+                    "drain incomplete: not leaving the cluster quietly; a node_down will follow"
+                );
+            }
+        }
         control_stop.cancel();
         let _ = tokio::time::timeout(Duration::from_secs(1), control_task).await;
         let completed = conns_done && events_done;
@@ -371,7 +411,7 @@ fn accept_one(shared: &Arc<Shared>, stream: TcpStream, remote: SocketAddr) {
 /// Closes every connection with 1012, spread evenly over `drain-spread`:
 /// connection `i` of `n` is closed at `start + spread * i / n` (to a 10 ms
 /// granularity), so a few clients are spread as much as a million.
-async fn close_spread(shared: &Arc<Shared>, deadline: tokio::time::Instant) -> usize {
+pub(crate) async fn close_spread(shared: &Arc<Shared>, deadline: tokio::time::Instant) -> usize {
     const GRANULARITY: Duration = Duration::from_millis(10);
     let conns = shared.registry.snapshot();
     let total = conns.len();
@@ -411,7 +451,11 @@ async fn keepalive_loop(shared: Arc<Shared>, stop: CancellationToken) {
         shared.registry.for_each_id(|id| ids.push(id.to_string()));
         for (i, chunk) in ids.chunks(KEEPALIVE_CHUNK).enumerate() {
             let event = Event::Keepalive(KeepaliveEvent {
-                id: format!("{}:keepalive:{round}:{i}", shared.node),
+                // Unique across runs of a node id (JetStream deduplicates on it).
+                id: format!(
+                    "{}:keepalive:{}:{round}:{i}",
+                    shared.node, shared.started_at_ms
+                ),
                 node: shared.node.to_string(),
                 timestamp_ms: now_ms(),
                 connection_ids: chunk.to_vec(),

@@ -3,6 +3,9 @@
 //!
 //! # Layout
 //!
+//! - [`cluster`]: the seam to the other nodes of a cluster (the [`Cluster`]
+//!   trait a backend such as NATS implements) and [`LocalNode`], what a
+//!   backend may do with this node.
 //! - [`config`]: the typed configuration and its validation.
 //! - [`gateway`]: binding, the accept loop, keepalives and the graceful drain.
 //! - `handshake`: one socket's opening handshake and the `connect` decision.
@@ -27,6 +30,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod cluster;
 pub mod config;
 mod connection;
 mod control;
@@ -37,6 +41,7 @@ pub mod origin;
 mod pool;
 mod registry;
 
+pub use cluster::{Cluster, ClusterError, CommandReply, LocalNode};
 pub use config::{Config, ConfigError};
 pub use control::{OPENAPI_JSON, ROUTES};
 pub use gateway::{DrainReport, Gateway, GatewayError};

@@ -51,6 +51,8 @@ pub(crate) struct Metrics {
     pub(crate) origin_queue_depth: Gauge,
     pub(crate) origin_events_delivered: Counter,
     pub(crate) origin_events_dropped: Counter,
+    pub(crate) forwarded: Counter,
+    pub(crate) forward_failures: Counter,
 }
 
 fn origin_histogram() -> Histogram {
@@ -83,6 +85,8 @@ impl Metrics {
             origin_queue_depth: Gauge::default(),
             origin_events_delivered: Counter::default(),
             origin_events_dropped: Counter::default(),
+            forwarded: Counter::default(),
+            forward_failures: Counter::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -131,6 +135,16 @@ impl Metrics {
             "bytes_out",
             "Bytes written to client sockets",
             m.bytes_out.clone(),
+        );
+        r.register(
+            "cluster_forwarded",
+            "Control commands forwarded to another node of the cluster",
+            m.forwarded.clone(),
+        );
+        r.register(
+            "cluster_forward_failures",
+            "Forwarded commands that got no answer (node gone, bus down, timeout)",
+            m.forward_failures.clone(),
         );
         r.register(
             "protocol_errors",
