@@ -1,0 +1,38 @@
+//! The NATS backend of Switchboard: a cluster of nodes joined by NATS, and
+//! the origin reached over NATS.
+//!
+//! - [`connect`]: the NATS connection, with credentials, TLS, endless
+//!   reconnects, and a [`Link`] that knows whether it is up and since when.
+//! - [`cluster`]: [`NatsCluster`], the [`switchboard_server::Cluster`] over
+//!   NATS: heartbeats and membership, commands routed to the node that holds
+//!   a connection, control commands from the origin, and the one `node_down`
+//!   report per lost node.
+//! - [`origin`]: [`NatsOrigin`], the [`switchboard_server::origin::OriginTransport`]
+//!   over NATS: `connect` as a request, other events published (optionally
+//!   through a JetStream stream, with acks).
+//!
+//! Subjects and payloads are in [`switchboard_proto::cluster`] and
+//! `docs/cluster.md`. Nothing here runs on a single node's hot path: the
+//! gateway only calls in for connections of other nodes.
+
+pub mod cluster;
+pub mod connect;
+pub mod origin;
+
+pub use cluster::NatsCluster;
+pub use connect::{connect, Link, NatsError};
+pub use origin::NatsOrigin;
+
+/// Parses the `Switchboard-Status` header of a reply (200 when absent).
+pub(crate) fn reply_status(headers: Option<&async_nats::HeaderMap>) -> Result<u16, String> {
+    match headers.and_then(|h| h.get(switchboard_proto::control::STATUS_HEADER)) {
+        None => Ok(200),
+        Some(v) => v.as_str().trim().parse().map_err(|_| {
+            format!(
+                "bad {} header {:?}",
+                switchboard_proto::control::STATUS_HEADER,
+                v.as_str()
+            )
+        }),
+    }
+}
