@@ -32,6 +32,8 @@ use tokio::task::JoinHandle;
 
 pub use tokio_tungstenite::tungstenite::Message as WsMessage;
 
+pub mod nats;
+
 /// A client WebSocket stream.
 pub type Ws =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
@@ -507,6 +509,18 @@ pub struct ApiResponse {
 }
 
 impl ApiResponse {
+    /// Reads a whole response.
+    pub async fn read(resp: reqwest::Response) -> Self {
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        let body = resp.text().await.expect("control API body");
+        Self {
+            status,
+            headers,
+            body,
+        }
+    }
+
     /// The body as JSON; panics (showing the body) if it is not JSON.
     pub fn json(&self) -> serde_json::Value {
         serde_json::from_str(&self.body).unwrap_or_else(|e| {
@@ -636,15 +650,7 @@ impl TestGateway {
 
     /// Sends a request built by [`TestGateway::request`] and reads the answer.
     pub async fn call(&self, req: reqwest::RequestBuilder) -> ApiResponse {
-        let resp = req.send().await.expect("control API answers");
-        let status = resp.status().as_u16();
-        let headers = resp.headers().clone();
-        let body = resp.text().await.expect("control API body");
-        ApiResponse {
-            status,
-            headers,
-            body,
-        }
+        ApiResponse::read(req.send().await.expect("control API answers")).await
     }
 
     /// `GET path`.

@@ -221,6 +221,74 @@ pub(crate) struct ServeArgs {
     #[arg(long, env = "SWITCHBOARD_DRAIN_SPREAD", value_name = "DURATION")]
     #[serde(skip_serializing_if = "Option::is_none")]
     drain_spread: Option<String>,
+
+    /// NATS server URL(s), comma-separated: join a cluster [default: none, single node].
+    #[arg(long, env = "SWITCHBOARD_NATS", value_name = "URL")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    nats: Option<String>,
+
+    /// Prefix of every NATS subject, so clusters can share one NATS [default: switchboard].
+    #[arg(long, env = "SWITCHBOARD_NATS_PREFIX", value_name = "PREFIX")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    nats_prefix: Option<String>,
+
+    /// NATS credentials file (.creds) [default: none].
+    #[arg(long, env = "SWITCHBOARD_NATS_CREDS", value_name = "FILE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    nats_creds: Option<String>,
+
+    /// File with an nkey seed to authenticate to NATS [default: none].
+    #[arg(long, env = "SWITCHBOARD_NATS_NKEY", value_name = "FILE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    nats_nkey: Option<String>,
+
+    /// CA certificate (PEM) to verify the NATS server [default: system roots].
+    #[arg(long, env = "SWITCHBOARD_NATS_TLS_CA", value_name = "FILE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    nats_tls_ca: Option<String>,
+
+    /// Client certificate (PEM) for NATS mutual TLS [default: none].
+    #[arg(long, env = "SWITCHBOARD_NATS_TLS_CERT", value_name = "FILE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    nats_tls_cert: Option<String>,
+
+    /// Client private key (PEM) for NATS mutual TLS [default: none].
+    #[arg(long, env = "SWITCHBOARD_NATS_TLS_KEY", value_name = "FILE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    nats_tls_key: Option<String>,
+
+    /// Refuse to talk to NATS without TLS [default: false].
+    #[arg(long, env = "SWITCHBOARD_NATS_TLS_REQUIRED", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    nats_tls_required: Option<bool>,
+
+    /// With `--origin nats`: publish events through this JetStream stream, with acks [default: none].
+    #[arg(long, env = "SWITCHBOARD_NATS_EVENT_STREAM", value_name = "NAME")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    nats_event_stream: Option<String>,
+
+    /// How often a node announces itself to the cluster [default: 1s].
+    #[arg(long, env = "SWITCHBOARD_CLUSTER_HEARTBEAT", value_name = "DURATION")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cluster_heartbeat: Option<String>,
+
+    /// A node not heard from for this long is dropped and reported [default: 5s].
+    #[arg(
+        long,
+        env = "SWITCHBOARD_CLUSTER_HEARTBEAT_TIMEOUT",
+        value_name = "DURATION"
+    )]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cluster_heartbeat_timeout: Option<String>,
+
+    /// Time allowed for another node to answer a forwarded command [default: 1500ms].
+    #[arg(
+        long,
+        env = "SWITCHBOARD_CLUSTER_REQUEST_TIMEOUT",
+        value_name = "DURATION"
+    )]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cluster_request_timeout: Option<String>,
 }
 
 /// The result of loading: the gateway's config plus the binary's own settings.

@@ -1,11 +1,15 @@
 //! The `switchboard` binary: parses the command line, loads the configuration
 //! (flags > `SWITCHBOARD_*` environment > TOML file > defaults), sets up
-//! logging, runs a gateway node and drains it on SIGTERM/SIGINT.
+//! logging, runs a gateway node (joining its NATS cluster when configured)
+//! and drains it on SIGTERM/SIGINT.
 
 mod cli;
 
 use clap::Parser;
 use std::process::ExitCode;
+use std::sync::Arc;
+use switchboard_proto::NodeId;
+use switchboard_server::{Config, Gateway, GatewayError};
 
 /// `EX_USAGE` from sysexits.h: the configuration is wrong.
 const EX_USAGE: u8 = 64;
@@ -30,6 +34,7 @@ fn serve(args: cli::ServeArgs) -> ExitCode {
         // Never print secrets.
         shown.origin_secret = shown.origin_secret.map(|_| "<redacted>".into());
         shown.api_key = shown.api_key.iter().map(|_| "<redacted>".into()).collect();
+        shown.nats = shown.nats.map(|u| redact_url(&u));
         println!("{}", toml::to_string_pretty(&shown).unwrap_or_default());
         eprintln!("switchboard: configuration is valid");
         return ExitCode::SUCCESS;
@@ -49,13 +54,13 @@ fn serve(args: cli::ServeArgs) -> ExitCode {
         }
     };
     runtime.block_on(async move {
-        let gateway = match switchboard_server::Gateway::bind(loaded.config).await {
+        let gateway = match bind(loaded.config).await {
             Ok(g) => g,
-            Err(e @ switchboard_server::GatewayError::Config(_)) => {
+            Err(Startup::Config(e)) => {
                 eprintln!("switchboard: configuration error: {e}");
                 return ExitCode::from(EX_USAGE);
             }
-            Err(e) => {
+            Err(Startup::Other(e)) => {
                 eprintln!("switchboard: cannot start: {e}");
                 return ExitCode::FAILURE;
             }
@@ -68,6 +73,63 @@ fn serve(args: cli::ServeArgs) -> ExitCode {
             ExitCode::FAILURE
         }
     })
+}
+
+/// Why the node could not start.
+enum Startup {
+    /// The configuration cannot work (exit 64).
+    Config(String),
+    /// Anything else (exit 1).
+    Other(String),
+}
+
+/// Binds the node; with `nats` set, connects to NATS first (for the NATS
+/// origin) and joins the cluster.
+async fn bind(config: Config) -> Result<Gateway, Startup> {
+    let failed = |e: GatewayError| match e {
+        GatewayError::Config(e) => Startup::Config(e.to_string()),
+        other => Startup::Other(other.to_string()),
+    };
+    if config.nats.is_none() {
+        return Gateway::bind(config).await.map_err(failed);
+    }
+    // The node id is needed before binding: NATS connection name, origin header.
+    let config = Config {
+        node_id: Some(
+            config
+                .node_id
+                .clone()
+                .unwrap_or_else(|| NodeId::random().to_string()),
+        ),
+        ..config
+    };
+    let node = config.node_id.clone().unwrap_or_default();
+    let (client, link) = switchboard_nats::connect(&config, &node)
+        .await
+        .map_err(|e| Startup::Other(e.to_string()))?;
+    // Give the first connection a moment, so a node that can reach NATS
+    // does not turn clients away (origin over NATS) in its first instant;
+    // one that cannot starts anyway and keeps trying.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !link.is_up() && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    if !link.is_up() {
+        tracing::warn!("NATS not reachable yet; serving local clients and still trying");
+    }
+    let gateway = if config.origin_is_nats() {
+        let origin =
+            switchboard_nats::NatsOrigin::new(client.clone(), link.clone(), &config, &node);
+        Gateway::bind_with_transport(config, Arc::new(origin)).await
+    } else {
+        Gateway::bind(config).await
+    }
+    .map_err(failed)?;
+    let cluster = switchboard_nats::NatsCluster::start(client, link, gateway.local_node())
+        .await
+        .map_err(|e| Startup::Other(format!("cannot subscribe on NATS: {e}")))?;
+    gateway.join_cluster(cluster);
+    Ok(gateway)
 }
 
 /// Resolves on the first SIGTERM or SIGINT.
@@ -112,4 +174,17 @@ fn init_logging(level: &str, format: &str) -> Result<(), String> {
         builder.init();
     }
     Ok(())
+}
+
+/// `nats://user:pass@host` → `nats://<redacted>@host`, for each URL.
+fn redact_url(urls: &str) -> String {
+    urls.split(',')
+        .map(|u| match (u.find("://"), u.rfind('@')) {
+            (Some(scheme), Some(at)) if at > scheme => {
+                format!("{}<redacted>{}", &u[..scheme + 3], &u[at..])
+            }
+            _ => u.to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join(",")
 }

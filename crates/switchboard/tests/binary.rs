@@ -2,26 +2,12 @@
 //! precedence (flags > `SWITCHBOARD_*` environment > TOML file > defaults),
 //! observed through `serve --check` and through a running node's behaviour.
 
-use futures_util::SinkExt;
-use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::time::Duration;
-use switchboard_test_util::*;
+mod common;
 
-/// A command for the binary with no inherited `SWITCHBOARD_*` variables.
-fn switchboard(args: &[&str], env: &[(&str, &str)]) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_switchboard"));
-    cmd.args(args);
-    for (k, _) in std::env::vars() {
-        if k.starts_with("SWITCHBOARD_") {
-            cmd.env_remove(k);
-        }
-    }
-    cmd.envs(env.iter().copied());
-    cmd
-}
+use common::{switchboard, Node};
+use futures_util::SinkExt;
+use std::path::PathBuf;
+use switchboard_test_util::*;
 
 /// A TOML file in a fresh temporary directory, removed on drop.
 struct TempToml(PathBuf);
@@ -47,125 +33,6 @@ impl Drop for TempToml {
     fn drop(&mut self) {
         if let Some(dir) = self.0.parent() {
             let _ = std::fs::remove_dir_all(dir);
-        }
-    }
-}
-
-/// A running `switchboard serve` process.
-struct Node {
-    child: Option<Child>,
-    pid: u32,
-    /// Log lines (JSON) as they arrive.
-    lines: tokio::sync::mpsc::UnboundedReceiver<String>,
-    /// Every line seen so far.
-    seen: Vec<String>,
-    listen: SocketAddr,
-    control: SocketAddr,
-    node: String,
-}
-
-impl Node {
-    /// Starts the binary (logging JSON to stderr) and waits for its
-    /// "switchboard node started" line.
-    async fn start(args: &[&str], env: &[(&str, &str)]) -> Self {
-        let mut all = vec!["serve", "--log-format", "json", "--log-level", "info"];
-        all.extend_from_slice(args);
-        let mut child = switchboard(&all, env)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn switchboard");
-        let pid = child.id();
-        let stderr = child.stderr.take().expect("piped stderr");
-        let (tx, lines) = tokio::sync::mpsc::unbounded_channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let mut node = Self {
-            child: Some(child),
-            pid,
-            lines,
-            seen: Vec::new(),
-            listen: "0.0.0.0:0".parse().unwrap(),
-            control: "0.0.0.0:0".parse().unwrap(),
-            node: String::new(),
-        };
-        let started = node.wait_log("switchboard node started").await;
-        node.listen = started["listen"].as_str().unwrap().parse().unwrap();
-        node.control = started["control"].as_str().unwrap().parse().unwrap();
-        node.node = started["node"].as_str().unwrap().to_owned();
-        node
-    }
-
-    /// Waits (10 s at most) for a log line with this message; returns it as JSON.
-    async fn wait_log(&mut self, message: &str) -> serde_json::Value {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        loop {
-            let line = match tokio::time::timeout_at(deadline, self.lines.recv()).await {
-                Ok(Some(l)) => l,
-                Ok(None) => panic!(
-                    "switchboard exited before logging {message:?}; log:\n{}",
-                    self.seen.join("\n")
-                ),
-                Err(_) => panic!(
-                    "no {message:?} log line within 10s; log:\n{}",
-                    self.seen.join("\n")
-                ),
-            };
-            self.seen.push(line.clone());
-            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
-                if v["message"] == message {
-                    return v;
-                }
-            }
-        }
-    }
-
-    fn signal(&self, sig: &str) {
-        let ok = Command::new("kill")
-            .args([sig, &self.pid.to_string()])
-            .status()
-            .expect("run kill");
-        assert!(ok.success(), "kill {sig} failed");
-    }
-
-    /// Sends SIGTERM.
-    fn term(&self) {
-        self.signal("-TERM");
-    }
-
-    /// Waits (10 s at most) for the process to exit.
-    async fn wait(&mut self) -> ExitStatus {
-        let mut child = self.child.take().expect("not yet waited for");
-        let waiter = tokio::task::spawn_blocking(move || child.wait().expect("wait"));
-        match tokio::time::timeout(Duration::from_secs(10), waiter).await {
-            Ok(status) => status.expect("wait task"),
-            Err(_) => {
-                self.signal("-KILL");
-                panic!(
-                    "switchboard did not exit within 10s; log:\n{}",
-                    self.seen.join("\n")
-                );
-            }
-        }
-    }
-
-    fn api(&self, path: &str) -> String {
-        format!("http://{}{}", self.control, path)
-    }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
         }
     }
 }
@@ -210,10 +77,7 @@ async fn sigterm_drains_clients_with_1012_and_exits_zero() {
         .iter()
         .all(|r| r.signature_ok == Some(true)));
     // What the operator sees.
-    while let Ok(line) = node.lines.try_recv() {
-        node.seen.push(line);
-    }
-    let log = node.seen.join("\n");
+    let log = node.final_log().await;
     assert!(log.contains("SIGTERM received"), "{log}");
     assert!(log.contains("\"completed\":true"), "{log}");
 }
