@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Reproduces the figures of docs/benchmarks.md: builds the gateway, the echo
-# origin and the bench tool, then runs both scenarios. Results go to
-# target/bench/*.json.
+# origin and the bench tool, then runs the scenarios (`cross-node` only if
+# nats-server is on the PATH). Results go to target/bench/*.json.
 #
 #   tools/switchboard-bench/run.sh            # as documented
 #   tools/switchboard-bench/run.sh --sysctl   # also raise somaxconn and the port range (root)
@@ -23,3 +23,11 @@ bench=target/release/switchboard-bench
 "$bench" idle --connections 19000 --steps 4 --no-tcp-baseline --out target/bench/idle-steps.json
 "$bench" echo --clients 100 --size 64 --duration 10s --out target/bench/echo.json
 "$bench" echo --clients 100 --size 4096 --duration 10s --out target/bench/echo-4k.json
+
+if command -v nats-server >/dev/null; then
+    "$bench" cross-node --clients 1000 --duration 10s --out target/bench/cross-node.json
+    "$bench" cross-node --clients 1000 --duration 10s --rate 10000 --batch-rate 50 \
+        --out target/bench/cross-node-paced.json
+else
+    echo "run.sh: nats-server is not on the PATH; skipping cross-node" >&2
+fi

@@ -126,7 +126,24 @@ async fn events(State(chat): State<Arc<Chat>>, body: Bytes) -> impl IntoResponse
                         .await;
                 }
             }
-            Event::Keepalive(_) => {}
+            Event::NodeDown(n) => {
+                // A cluster node died: all of its connections are gone.
+                let prefix = format!("{}.", n.down_node);
+                let gone: Vec<String> = {
+                    let mut members = chat.members.lock();
+                    let ids: Vec<String> = members
+                        .keys()
+                        .filter(|id| id.starts_with(&prefix))
+                        .cloned()
+                        .collect();
+                    ids.iter().filter_map(|id| members.remove(id)).collect()
+                };
+                for name in gone {
+                    chat.broadcast(json_line("system", "switchboard", &format!("{name} left")))
+                        .await;
+                }
+            }
+            _ => {}
         }
     }
     Json(answer).into_response()

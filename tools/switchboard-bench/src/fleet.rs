@@ -205,16 +205,24 @@ impl Service {
         self.child.id()
     }
 
+    /// Sends SIGTERM (if still running) without waiting, so that several
+    /// services can stop at once; [`Service::stop`] then waits.
+    pub(crate) fn terminate(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = Command::new("kill")
+                .args(["-TERM", &self.child.id().to_string()])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+
     /// SIGTERM, up to `grace` to exit, then SIGKILL.
     pub(crate) fn stop(&mut self, grace: Duration) {
         if !matches!(self.child.try_wait(), Ok(None)) {
             return;
         }
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
+        self.terminate();
         let deadline = Instant::now() + grace;
         while Instant::now() < deadline {
             if !matches!(self.child.try_wait(), Ok(None)) {
@@ -328,6 +336,13 @@ impl Gateway {
         Ok(())
     }
 
+    /// Sends the spawned gateway SIGTERM without waiting (see [`Service::terminate`]).
+    pub(crate) fn terminate(&mut self) {
+        if let Some(s) = &mut self.service {
+            s.terminate();
+        }
+    }
+
     /// Stops the spawned gateway (SIGTERM, then SIGKILL after 15 s).
     pub(crate) fn stop(&mut self) {
         if let Some(s) = &mut self.service {
@@ -395,7 +410,7 @@ pub(crate) fn spawn_workers(
             crate::util::gateway_duration(opts.connect_timeout),
         ];
         args.extend(extra.iter().cloned());
-        idxs.push(fleet.spawn(&format!("{mode}-worker-{i}"), &args)?);
+        idxs.push(fleet.spawn(&format!("{mode}-worker-{i}@{}", addr.port()), &args)?);
     }
     fleet.collect(
         &idxs,

@@ -1,6 +1,6 @@
 //! `switchboard-bench`: the load generator of Switchboard.
 //!
-//! Two scenarios, each printing a human table and writing a JSON result file:
+//! Three scenarios, each printing a human table and writing a JSON result file:
 //!
 //! * `idle` opens N WebSocket connections to one gateway process, reports the
 //!   handshake rate beside the raw TCP accept rate of the machine (measured
@@ -10,6 +10,13 @@
 //! * `echo` runs M clients that each send a message, wait for the echo through
 //!   the gateway and the echo origin, and repeat; it reports round trips per
 //!   second and the latency distribution (HDR histogram).
+//! * `cross-node` starts a `nats-server` and a cluster of gateway nodes,
+//!   connects receive-only clients to all nodes but the first, and pushes
+//!   messages to them through the first node's control API (one connection
+//!   per command, and one message to all of them per command); then the same
+//!   with every client on the first node. It reports commands per second, the
+//!   latency from the control call to the client's receipt, and the NATS
+//!   messages each command costs.
 //!
 //! One process may hold at most 20,000 open files on the reference machine, so
 //! clients are sharded over child processes: the tool re-executes itself with
@@ -20,6 +27,7 @@
 //!
 //! Only loopback targets are accepted, and every phase is bounded in time.
 
+mod crossnode;
 mod echo;
 mod fleet;
 mod idle;
@@ -52,6 +60,10 @@ enum Command {
     /// M clients in send/wait-for-echo loops through the gateway and the echo
     /// origin: round trips per second and latency percentiles.
     Echo(echo::EchoArgs),
+    /// Control API commands through one node of a NATS cluster to clients on
+    /// the other nodes, beside the same on a single node: commands per
+    /// second, latency to receipt, NATS messages per command.
+    CrossNode(crossnode::CrossNodeArgs),
     /// Child role: a shard of clients driven over stdin/stdout.
     #[command(hide = true)]
     Worker(worker::WorkerArgs),
@@ -134,6 +146,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Idle(a) => idle::run(a),
         Command::Echo(a) => echo::run(a),
+        Command::CrossNode(a) => crossnode::run(a),
         Command::Worker(a) => worker::run_worker(a),
         Command::Acceptor(a) => worker::run_acceptor(a),
     };
@@ -161,6 +174,7 @@ mod tests {
         for argv in [
             &["b", "idle"][..],
             &["b", "echo"],
+            &["b", "cross-node"],
             &[
                 "b",
                 "worker",

@@ -1,9 +1,13 @@
 //! The line protocol between the coordinating process and its children.
 //!
 //! The coordinator writes one command word per line to a child's stdin
-//! ([`GO`], [`RUN`], [`CLOSE`]); the child answers with one JSON [`Report`] per
-//! line on its stdout. A child whose stdin reaches end-of-file exits at once,
-//! so children never outlive their coordinator.
+//! ([`GO`], [`RUN`], [`REPORT`], [`CLOSE`]); the child answers with one JSON
+//! [`Report`] per line on its stdout. A child whose stdin reaches end-of-file
+//! exits at once, so children never outlive their coordinator.
+//!
+//! The `cross-node` scenario also stamps the messages it pushes through the
+//! control API ([`stamp_text`], [`parse_stamp`]) so that receive-only clients
+//! can tell the phase, the command and its start time.
 
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
@@ -12,8 +16,43 @@ use std::net::SocketAddr;
 pub(crate) const GO: &str = "go";
 /// `echo`: start the warmup, then the measured window.
 pub(crate) const RUN: &str = "run";
-/// `idle`: close every connection and report.
+/// `idle`, `cross-node`: close every connection and report.
 pub(crate) const CLOSE: &str = "close";
+/// `cross-node`: report what was received since the last report, and reset.
+pub(crate) const REPORT: &str = "report";
+
+/// Phase tag of a stamped message: warmup (counted, not measured).
+pub(crate) const PHASE_WARMUP: u8 = b'w';
+/// Phase tag of a stamped message: single sends (`POST /v1/connections/{id}/messages`).
+pub(crate) const PHASE_SINGLE: u8 = b's';
+/// Phase tag of a stamped message: batch sends (`POST /v1/messages`).
+pub(crate) const PHASE_BATCH: u8 = b'b';
+
+/// Length of a stamp: phase, 16 hex digits of sequence, `.`, 19 digits of
+/// Unix nanoseconds, `.`.
+pub(crate) const STAMP_LEN: usize = 38;
+
+/// A stamped message text of `size` bytes (at least [`STAMP_LEN`]): phase,
+/// command sequence number and the command's start time (Unix nanoseconds,
+/// `CLOCK_REALTIME`, the same clock in every process of the machine), padded
+/// with `x`.
+pub(crate) fn stamp_text(phase: u8, seq: u64, ts_ns: u64, size: usize) -> String {
+    let mut s = format!("{}{seq:016x}.{ts_ns:019}.", phase as char);
+    let pad = size.saturating_sub(s.len());
+    s.extend(std::iter::repeat_n('x', pad));
+    s
+}
+
+/// Reads a stamp: `(phase, seq, ts_ns)`, or `None` if `b` is not stamped.
+pub(crate) fn parse_stamp(b: &[u8]) -> Option<(u8, u64, u64)> {
+    let head = b.get(..STAMP_LEN)?;
+    if head[17] != b'.' || head[37] != b'.' {
+        return None;
+    }
+    let seq = u64::from_str_radix(std::str::from_utf8(&head[1..17]).ok()?, 16).ok()?;
+    let ts = std::str::from_utf8(&head[18..37]).ok()?.parse().ok()?;
+    Some((head[0], seq, ts))
+}
 
 /// A histogram as `(value, count)` pairs of its recorded buckets.
 pub(crate) type Buckets = Vec<(u64, u64)>;
@@ -81,11 +120,58 @@ pub(crate) enum Report {
         /// Length of the measured window, by the worker's clock.
         measured_s: f64,
     },
+    /// Worker (`recv`): the connection ids its clients learned from the
+    /// origin's welcome message (sent right after `Connected`).
+    Ids {
+        /// One per open connection.
+        ids: Vec<String>,
+    },
+    /// Worker (`recv`): what its clients received since the last report.
+    Received {
+        /// Single-send messages received (phase [`PHASE_SINGLE`]).
+        single: u64,
+        /// Their latency from the control call's start to receipt, microseconds.
+        single_latency_us: Buckets,
+        /// Batch messages, per command: `(seq, receipts, latest receipt's
+        /// latency in microseconds)`.
+        batch: Vec<(u64, u64, u64)>,
+        /// Latency of every batch receipt from its command's start, microseconds.
+        batch_latency_us: Buckets,
+        /// Warmup messages received.
+        warmup: u64,
+        /// Data messages without a stamp.
+        unparsed: u64,
+        /// Connections that ended unexpectedly so far (cumulative).
+        dropped: u64,
+        /// The first unexpected end, if any.
+        first_drop: Option<String>,
+    },
 }
 
 impl Report {
     /// One line of JSON (no newline).
     pub(crate) fn to_line(&self) -> String {
         serde_json::to_string(self).expect("reports serialize")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stamps_round_trip() {
+        let t = stamp_text(PHASE_BATCH, 0x1f, 1_700_000_000_123_456_789, 64);
+        assert_eq!(t.len(), 64);
+        assert!(t.starts_with("b000000000000001f.1700000000123456789.xx"));
+        assert_eq!(
+            parse_stamp(t.as_bytes()),
+            Some((PHASE_BATCH, 0x1f, 1_700_000_000_123_456_789))
+        );
+        let short = stamp_text(PHASE_SINGLE, 1, 5, 0);
+        assert_eq!(short.len(), STAMP_LEN);
+        assert_eq!(parse_stamp(short.as_bytes()), Some((PHASE_SINGLE, 1, 5)));
+        assert_eq!(parse_stamp(b"a.b0123456789abcdefghij"), None);
+        assert_eq!(parse_stamp(&short.as_bytes()[..STAMP_LEN - 1]), None);
     }
 }

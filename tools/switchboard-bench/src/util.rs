@@ -46,6 +46,16 @@ pub(crate) fn unix_now() -> u64 {
         .as_secs()
 }
 
+/// Nanoseconds since the Unix epoch (`CLOCK_REALTIME`: the same clock in
+/// every process of the machine, so a time stamped by one process can be
+/// compared with a reading in another).
+pub(crate) fn unix_nanos() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos() as u64
+}
+
 /// A `kB` field of `/proc/PID/status` (or `/proc/meminfo`), in bytes.
 fn kb_field(text: &str, name: &str) -> Option<u64> {
     text.lines()
@@ -141,8 +151,9 @@ pub(crate) fn kernel_slab() -> u64 {
         .unwrap_or(0)
 }
 
-/// Busy and total jiffies of all CPUs, from the first line of `/proc/stat`.
-fn cpu_jiffies() -> Option<(u64, u64)> {
+/// Busy, softirq and total jiffies of all CPUs, from the first line of
+/// `/proc/stat` (busy includes softirq).
+fn cpu_jiffies() -> Option<(u64, u64, u64)> {
     let text = std::fs::read_to_string("/proc/stat").ok()?;
     let v: Vec<u64> = text
         .lines()
@@ -154,13 +165,18 @@ fn cpu_jiffies() -> Option<(u64, u64)> {
     // user nice system idle iowait irq softirq steal (guest time is already in user).
     let total: u64 = v.iter().take(8).sum();
     let idle = v.get(3)? + v.get(4).unwrap_or(&0);
-    Some((total - idle, total))
+    Some((total - idle, v.get(6).copied().unwrap_or(0), total))
 }
 
 /// CPU used by processes other than the benchmark's own over a phase.
+///
+/// Softirq time counts as the benchmark's: it is mostly the loopback network
+/// stack carrying the benchmark's own traffic, and the kernel charges it to
+/// no process.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Interference {
     busy: u64,
+    softirq: u64,
     total: u64,
     ours: f64,
 }
@@ -169,9 +185,10 @@ impl Interference {
     /// Starts a phase; `ours` is the CPU seconds used so far by the
     /// benchmark's processes (gateway, origin, children).
     pub(crate) fn start(ours: Option<f64>) -> Option<Self> {
-        let (busy, total) = cpu_jiffies()?;
+        let (busy, softirq, total) = cpu_jiffies()?;
         Some(Self {
             busy,
+            softirq,
             total,
             ours: ours?,
         })
@@ -179,9 +196,10 @@ impl Interference {
 
     /// The share of all CPUs that other processes used since `start`.
     pub(crate) fn finish(self, ours: Option<f64>) -> Option<f64> {
-        let (busy, total) = cpu_jiffies()?;
+        let (busy, softirq, total) = cpu_jiffies()?;
         let capacity = (total - self.total) as f64 / USER_HZ;
-        let others = (busy - self.busy) as f64 / USER_HZ - (ours? - self.ours);
+        let not_softirq = (busy - self.busy) - (softirq - self.softirq);
+        let others = not_softirq as f64 / USER_HZ - (ours? - self.ours);
         (capacity > 0.0).then(|| (others / capacity).clamp(0.0, 1.0))
     }
 }
@@ -202,11 +220,11 @@ pub(crate) fn warn_interference(share: Option<f64>, phase: &str, warnings: &mut 
 /// Share of all CPUs busy over one second, before the benchmark starts
 /// anything; above 15 % a warning is added: other work is competing.
 pub(crate) fn background_busy(warnings: &mut Vec<String>) -> f64 {
-    let Some((b0, t0)) = cpu_jiffies() else {
+    let Some((b0, _, t0)) = cpu_jiffies() else {
         return 0.0;
     };
     std::thread::sleep(Duration::from_secs(1));
-    let Some((b1, t1)) = cpu_jiffies() else {
+    let Some((b1, _, t1)) = cpu_jiffies() else {
         return 0.0;
     };
     let busy = (b1 - b0) as f64 / ((t1 - t0) as f64).max(1.0);

@@ -35,6 +35,11 @@ pub(crate) enum Mode {
     Idle,
     /// WebSocket clients in send / wait-for-echo loops after `run`.
     Echo,
+    /// Receive-only WebSocket clients (`cross-node`): each reads its
+    /// connection id from the origin's welcome message, reports it, then
+    /// records the stamped messages pushed to it through the control API
+    /// until `close`; `report` sends and resets the records.
+    Recv,
 }
 
 /// Options of the hidden `worker` subcommand (set by the coordinator).
@@ -145,6 +150,22 @@ async fn wait_command(
     }
 }
 
+/// The next non-blank command.
+async fn next_command(
+    rx: &mut mpsc::UnboundedReceiver<String>,
+    limit: Duration,
+) -> Result<String, String> {
+    let deadline = Instant::now() + limit;
+    loop {
+        match timeout_at(deadline, rx.recv()).await {
+            Err(_) => return Err(format!("no command within {limit:?}")),
+            Ok(None) => return Err("stdin closed".into()),
+            Ok(Some(c)) if c.is_empty() => {}
+            Ok(Some(c)) => return Ok(c),
+        }
+    }
+}
+
 /// The acceptor: binds, reports its address, accepts `expect` sockets and
 /// holds them until stdin closes.
 pub(crate) fn run_acceptor(a: AcceptorArgs) -> Result<ExitCode, String> {
@@ -227,6 +248,58 @@ struct Shared {
     timeouts: AtomicU64,
     mismatches: AtomicU64,
     rtt_us: Mutex<Histogram<u64>>,
+    // Recv.
+    /// Connection ids learned from the welcome messages.
+    ids: Mutex<Vec<String>>,
+    /// Stamped messages received since the last report.
+    received: Mutex<Received>,
+}
+
+/// What `recv` clients received since the last `report`.
+#[derive(Debug)]
+struct Received {
+    single: u64,
+    single_us: Histogram<u64>,
+    /// Per batch command: receipts and the latest receipt's latency.
+    batch: std::collections::HashMap<u64, (u64, u64)>,
+    batch_us: Histogram<u64>,
+    warmup: u64,
+    unparsed: u64,
+}
+
+impl Received {
+    fn new() -> Self {
+        Self {
+            single: 0,
+            single_us: util::new_histogram(),
+            batch: std::collections::HashMap::new(),
+            batch_us: util::new_histogram(),
+            warmup: 0,
+            unparsed: 0,
+        }
+    }
+
+    /// Records one data message, received now.
+    fn record(&mut self, data: &[u8]) {
+        let Some((phase, seq, ts_ns)) = proto::parse_stamp(data) else {
+            self.unparsed += 1;
+            return;
+        };
+        let us = (util::unix_nanos().saturating_sub(ts_ns) / 1000).max(1);
+        match phase {
+            proto::PHASE_SINGLE => {
+                self.single += 1;
+                self.single_us.saturating_record(us);
+            }
+            proto::PHASE_BATCH => {
+                let e = self.batch.entry(seq).or_insert((0, 0));
+                e.0 += 1;
+                e.1 = e.1.max(us);
+                self.batch_us.saturating_record(us);
+            }
+            _ => self.warmup += 1,
+        }
+    }
 }
 
 impl Shared {
@@ -301,9 +374,19 @@ async fn open(sh: &Shared, i: usize) -> Result<Conn, String> {
     if sh.args.mode == Mode::Tcp {
         return Ok(Conn::Tcp(stream));
     }
-    let ws = client_handshake(stream, &sh.request, sh.ws_config)
+    let mut ws = client_handshake(stream, &sh.request, sh.ws_config)
         .await
         .map_err(|e| format!("handshake: {e}"))?;
+    if sh.args.mode == Mode::Recv {
+        // The coordinator's origin answers `connect` with one welcome
+        // message: the connection's id.
+        let id = next_data(&mut ws)
+            .await
+            .map_err(|e| format!("welcome message: {e}"))?;
+        let id = String::from_utf8(id.to_vec())
+            .map_err(|_| "welcome message is not UTF-8".to_owned())?;
+        sh.ids.lock().expect("not poisoned").push(id);
+    }
     Ok(Conn::Ws(Box::new(ws)))
 }
 
@@ -407,7 +490,9 @@ async fn client(
     };
     match conn {
         Conn::Tcp(s) => hold_tcp(&sh, s, close).await,
-        Conn::Ws(ws) if sh.args.mode == Mode::Idle => hold_ws(&sh, *ws, close).await,
+        Conn::Ws(ws) if matches!(sh.args.mode, Mode::Idle | Mode::Recv) => {
+            hold_ws(&sh, *ws, close).await
+        }
         Conn::Ws(ws) => echo_loop(&sh, i, *ws, run).await,
     }
     sh.ended.fetch_add(1, Relaxed);
@@ -427,8 +512,9 @@ async fn hold_tcp(sh: &Shared, mut s: TcpStream, mut close: watch::Receiver<bool
     }
 }
 
-/// Holds an idle WebSocket connection, reading so that pings are answered,
-/// until `close`; then closes it gracefully.
+/// Holds a WebSocket connection, reading so that pings are answered (and
+/// recording data messages, which only `recv` clients get), until `close`;
+/// then closes it gracefully.
 async fn hold_ws(
     sh: &Shared,
     mut ws: WebSocketStream<TcpStream>,
@@ -444,6 +530,8 @@ async fn hold_ws(
                     sh.pings.fetch_add(1, Relaxed);
                 }
                 Some(Ok(Message::Close(f))) => break Some(format!("closed by the gateway: {f:?}")),
+                Some(Ok(Message::Text(t))) => sh.received.lock().expect("not poisoned").record(t.as_bytes()),
+                Some(Ok(Message::Binary(b))) => sh.received.lock().expect("not poisoned").record(&b),
                 Some(Ok(_)) => {}
                 Some(Err(e)) => break Some(format!("read failed: {e}")),
                 None => break Some("connection ended".to_owned()),
@@ -617,6 +705,8 @@ async fn worker_main(args: WorkerArgs) -> Result<ExitCode, String> {
         timeouts: AtomicU64::new(0),
         mismatches: AtomicU64::new(0),
         rtt_us: Mutex::new(util::new_histogram()),
+        ids: Mutex::new(Vec::new()),
+        received: Mutex::new(Received::new()),
     });
     emit(&Report::Ready);
 
@@ -675,6 +765,11 @@ async fn worker_main(args: WorkerArgs) -> Result<ExitCode, String> {
             rss_bytes: util::own_rss(),
         });
     }
+    if args.mode == Mode::Recv {
+        emit(&Report::Ids {
+            ids: std::mem::take(&mut *sh.ids.lock().expect("not poisoned")),
+        });
+    }
 
     // --- hold or run ---
     let wait_ended = |limit: Duration| {
@@ -686,18 +781,50 @@ async fn worker_main(args: WorkerArgs) -> Result<ExitCode, String> {
             }
         }
     };
+    let closed_report = || Report::Closed {
+        closed: sh.closed.load(Relaxed),
+        dropped: sh.dropped.load(Relaxed),
+        pings: sh.pings.load(Relaxed),
+        first_drop: sh.first_drop.lock().expect("not poisoned").clone(),
+    };
     match args.mode {
         Mode::Tcp | Mode::Idle => {
             wait_command(&mut commands, proto::CLOSE, args.command_timeout).await?;
             let _ = close_tx.send(true);
             wait_ended(CLOSE_WAIT + Duration::from_secs(5)).await;
-            emit(&Report::Closed {
-                closed: sh.closed.load(Relaxed),
-                dropped: sh.dropped.load(Relaxed),
-                pings: sh.pings.load(Relaxed),
-                first_drop: sh.first_drop.lock().expect("not poisoned").clone(),
-            });
+            emit(&closed_report());
         }
+        Mode::Recv => loop {
+            // Bounded: each command either reports or ends the loop; silence
+            // ends it at the command timeout.
+            let cmd = next_command(&mut commands, args.command_timeout).await?;
+            if cmd == proto::REPORT {
+                let r = std::mem::replace(
+                    &mut *sh.received.lock().expect("not poisoned"),
+                    Received::new(),
+                );
+                let mut batch: Vec<(u64, u64, u64)> =
+                    r.batch.into_iter().map(|(s, (n, us))| (s, n, us)).collect();
+                batch.sort_unstable();
+                emit(&Report::Received {
+                    single: r.single,
+                    single_latency_us: util::to_buckets(&r.single_us),
+                    batch,
+                    batch_latency_us: util::to_buckets(&r.batch_us),
+                    warmup: r.warmup,
+                    unparsed: r.unparsed,
+                    dropped: sh.dropped.load(Relaxed),
+                    first_drop: sh.first_drop.lock().expect("not poisoned").clone(),
+                });
+            } else if cmd == proto::CLOSE {
+                let _ = close_tx.send(true);
+                wait_ended(CLOSE_WAIT + Duration::from_secs(5)).await;
+                emit(&closed_report());
+                break;
+            } else {
+                return Err(format!("unexpected command {cmd:?}"));
+            }
+        },
         Mode::Echo => {
             wait_command(&mut commands, proto::RUN, args.command_timeout).await?;
             let start = Instant::now();
