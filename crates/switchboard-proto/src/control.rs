@@ -1,6 +1,7 @@
 //! Request and response bodies of the control API (`/v1/...`). The OpenAPI
 //! document (`docs/openapi.json`) describes the same shapes.
 
+use crate::native::StreamPosition;
 use crate::origin::Payload;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -167,6 +168,132 @@ pub enum Command {
     Stats,
     /// `GET /v1/nodes`.
     Nodes,
+    /// `PUT /v1/connections/{id}/channels/{channel}`.
+    Subscribe(SubscribeCommand),
+    /// `DELETE /v1/connections/{id}/channels/{channel}`.
+    Unsubscribe(UnsubscribeCommand),
+    /// `POST /v1/channels/{channel}/messages`.
+    Publish(PublishCommand),
+    /// `GET /v1/channels/{channel}/messages`.
+    History(HistoryCommand),
+    /// `GET /v1/channels/{channel}/presence`.
+    Presence(ChannelRef),
+    /// `GET /v1/channels`.
+    Channels,
+}
+
+/// [`Command::Subscribe`]: subscribe a connection to a channel.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SubscribeCommand {
+    /// The connection.
+    pub connection_id: String,
+    /// The channel.
+    pub channel: String,
+    /// Recover from this position (native connections get the missed
+    /// messages first), as in the body of the HTTP route.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<StreamPosition>,
+}
+
+/// Body of `PUT /v1/connections/{id}/channels/{channel}` (optional).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SubscribeBody {
+    /// Recover from this position.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<StreamPosition>,
+}
+
+/// Answer of `PUT /v1/connections/{id}/channels/{channel}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SubscribeResponse {
+    /// The channel's epoch.
+    pub epoch: String,
+    /// The channel's newest offset when the subscription started.
+    pub offset: u64,
+    /// With `since`: whether every missed message was delivered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recovered: Option<bool>,
+    /// The connection was already subscribed (nothing changed).
+    pub already: bool,
+}
+
+/// [`Command::Unsubscribe`]: unsubscribe a connection from a channel.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UnsubscribeCommand {
+    /// The connection.
+    pub connection_id: String,
+    /// The channel.
+    pub channel: String,
+}
+
+/// [`Command::Publish`], and the body of `POST /v1/channels/{channel}/messages`
+/// (without `channel`, which is in the path).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PublishCommand {
+    /// The channel.
+    #[serde(default)]
+    pub channel: String,
+    /// The message.
+    #[serde(flatten)]
+    pub payload: Payload,
+    /// A retried publish with the same key (per channel, within five
+    /// minutes) is not published again; the first one's position is returned.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<String>,
+}
+
+/// Answer of `POST /v1/channels/{channel}/messages`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PublishResponse {
+    /// The message's offset.
+    pub offset: u64,
+    /// The channel's epoch.
+    pub epoch: String,
+    /// The idempotency key was seen before: this publish did nothing.
+    pub duplicate: bool,
+}
+
+/// [`Command::History`]: a channel's kept messages.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HistoryCommand {
+    /// The channel.
+    pub channel: String,
+    /// Only messages after this position.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<StreamPosition>,
+    /// At most this many, the newest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<usize>,
+}
+
+/// Names a channel.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChannelRef {
+    /// The channel.
+    pub channel: String,
+}
+
+/// One channel in `GET /v1/channels`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChannelSummary {
+    /// The channel.
+    pub channel: String,
+    /// Its epoch.
+    pub epoch: String,
+    /// Its newest offset.
+    pub offset: u64,
+    /// Connections of this node subscribed to it.
+    pub subscribers: usize,
+    /// Messages kept for history.
+    pub kept: usize,
+}
+
+/// Answer of `GET /v1/channels`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChannelsResponse {
+    /// Every channel the node holds state for, by name.
+    pub channels: Vec<ChannelSummary>,
 }
 
 /// [`Command::Send`]: one message to one connection.

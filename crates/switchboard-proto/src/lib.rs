@@ -13,10 +13,13 @@
 //! - [`conn_id`]: connection ids, which carry the node that holds the connection.
 //! - [`origin`]: the events the gateway sends to the origin and the origin's answers.
 //! - [`control`]: request and response bodies of the control API.
+//! - [`native`]: the native client protocol `switchboard.v1` (commands,
+//!   replies, pushes, error codes) and channel names.
 
 pub mod cluster;
 pub mod conn_id;
 pub mod control;
+pub mod native;
 pub mod origin;
 pub mod ws;
 

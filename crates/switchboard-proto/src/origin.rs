@@ -209,6 +209,9 @@ pub struct OriginAnswer {
     /// `connect` only: messages to send the client first.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub messages: Vec<Payload>,
+    /// `connect` only: channels to subscribe the connection to.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub channels: Vec<String>,
     /// Messages to deliver right away, before anything sent later; the usual
     /// answer to `message` events.
     #[serde(skip_serializing_if = "Vec::is_empty")]

@@ -122,6 +122,11 @@ pub struct Config {
     /// Time allowed for another node to answer a forwarded control command.
     #[serde(with = "humantime_serde")]
     pub cluster_request_timeout: Duration,
+    /// Channel namespaces, each `NAME[:OPTION,...]` (see [`Namespace`]). A
+    /// channel `ns:room` exists only if namespace `ns` is configured.
+    pub namespace: Vec<Namespace>,
+    /// Most channels one connection may be subscribed to.
+    pub max_subscriptions: usize,
 }
 
 impl Config {
@@ -181,7 +186,150 @@ impl Default for Config {
             cluster_heartbeat: Duration::from_secs(1),
             cluster_heartbeat_timeout: Duration::from_secs(5),
             cluster_request_timeout: Duration::from_millis(1500),
+            namespace: Vec::new(),
+            max_subscriptions: 128,
         }
+    }
+}
+
+/// A channel namespace: the rules of every channel named `<name>:...`.
+///
+/// Written `NAME[:OPTION,...]`, e.g.
+/// `chat:history-size=100,history-ttl=10m,presence,join-leave,publish,subscribe`.
+/// Options: `history-size=N` (messages kept per channel, default 0: none),
+/// `history-ttl=DURATION` (how long they are kept, default 10m), `presence`
+/// (track who is subscribed), `join-leave` (push joins and leaves to
+/// subscribers; needs `presence`), `publish` (clients may publish),
+/// `subscribe` (clients may subscribe themselves; otherwise only the origin
+/// subscribes them).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct Namespace {
+    /// The namespace name, `[A-Za-z0-9_-]{1,64}`.
+    pub name: String,
+    /// Messages kept per channel for history and recovery (0: none).
+    pub history_size: usize,
+    /// How long kept messages stay.
+    pub history_ttl: Duration,
+    /// Whether presence is tracked.
+    pub presence: bool,
+    /// Whether joins and leaves are pushed to subscribers.
+    pub join_leave: bool,
+    /// Whether clients may publish.
+    pub client_publish: bool,
+    /// Whether clients may subscribe without the origin.
+    pub client_subscribe: bool,
+}
+
+/// Largest `history-size` of a namespace.
+pub const MAX_HISTORY_SIZE: usize = 1_000_000;
+
+impl Namespace {
+    /// A namespace with every option off.
+    pub fn new(name: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            history_size: 0,
+            history_ttl: Duration::from_secs(600),
+            presence: false,
+            join_leave: false,
+            client_publish: false,
+            client_subscribe: false,
+        }
+    }
+}
+
+impl std::str::FromStr for Namespace {
+    type Err = String;
+
+    fn from_str(spec: &str) -> Result<Self, String> {
+        let (name, opts) = spec.split_once(':').unwrap_or((spec, ""));
+        if name.is_empty()
+            || name.len() > 64
+            || !name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        {
+            return Err(format!(
+                "namespace name `{name}` must be 1-64 characters of [A-Za-z0-9_-]"
+            ));
+        }
+        let mut ns = Namespace::new(name);
+        for opt in opts.split(',').map(str::trim).filter(|o| !o.is_empty()) {
+            let (key, value) = match opt.split_once('=') {
+                Some((k, v)) => (k, Some(v)),
+                None => (opt, None),
+            };
+            let flag = |v: Option<&str>| match v {
+                None => Ok(true),
+                Some(v) => v
+                    .parse::<bool>()
+                    .map_err(|_| format!("`{key}` takes true or false, not `{v}`")),
+            };
+            match key {
+                "history-size" => {
+                    let v = value.ok_or("history-size needs a value")?;
+                    ns.history_size = v
+                        .parse()
+                        .ok()
+                        .filter(|n| *n <= MAX_HISTORY_SIZE)
+                        .ok_or(format!("history-size must be 0..={MAX_HISTORY_SIZE}"))?;
+                }
+                "history-ttl" => {
+                    let v = value.ok_or("history-ttl needs a value")?;
+                    ns.history_ttl = humantime::parse_duration(v)
+                        .ok()
+                        .filter(|d| !d.is_zero() && *d <= MAX_DURATION)
+                        .ok_or("history-ttl must be a duration between 1ms and 7 days")?;
+                }
+                "presence" => ns.presence = flag(value)?,
+                "join-leave" => ns.join_leave = flag(value)?,
+                "publish" => ns.client_publish = flag(value)?,
+                "subscribe" => ns.client_subscribe = flag(value)?,
+                other => return Err(format!("unknown namespace option `{other}`")),
+            }
+        }
+        if ns.join_leave && !ns.presence {
+            return Err("join-leave needs presence".into());
+        }
+        Ok(ns)
+    }
+}
+
+impl TryFrom<String> for Namespace {
+    type Error = String;
+
+    fn try_from(s: String) -> Result<Self, String> {
+        s.parse()
+    }
+}
+
+impl std::fmt::Display for Namespace {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}:history-size={},history-ttl={}",
+            self.name,
+            self.history_size,
+            humantime::format_duration(self.history_ttl)
+        )?;
+        for (on, opt) in [
+            (self.presence, "presence"),
+            (self.join_leave, "join-leave"),
+            (self.client_publish, "publish"),
+            (self.client_subscribe, "subscribe"),
+        ] {
+            if on {
+                write!(f, ",{opt}")?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl From<Namespace> for String {
+    fn from(ns: Namespace) -> String {
+        ns.to_string()
     }
 }
 
@@ -288,6 +436,23 @@ impl Config {
             ));
         }
         self.validate_cluster()?;
+        for (i, ns) in self.namespace.iter().enumerate() {
+            if self.namespace[..i].iter().any(|o| o.name == ns.name) {
+                return Err(bad(
+                    "namespace",
+                    format!("namespace `{}` is configured twice", ns.name),
+                ));
+            }
+        }
+        if self.nats.is_some() && !self.namespace.is_empty() {
+            return Err(bad(
+                "namespace",
+                "channels are single-node in this version: namespaces cannot be combined with `nats` yet",
+            ));
+        }
+        if self.max_subscriptions == 0 {
+            return Err(bad("max-subscriptions", "must be greater than 0"));
+        }
         if self.drain_spread > self.drain_timeout {
             return Err(bad("drain-spread", "must not exceed drain-timeout"));
         }
@@ -409,5 +574,36 @@ mod tests {
         assert_eq!(c.validate().unwrap_err().field, "cluster-heartbeat-timeout");
         let bad: Result<Config, _> = serde_json::from_str(r#"{"no-such-key": 1}"#);
         assert!(bad.is_err());
+    }
+
+    #[test]
+    fn namespaces_parse_print_and_refuse_nonsense() {
+        let ns: Namespace = "chat:history-size=100,history-ttl=5m,presence,join-leave,publish"
+            .parse()
+            .unwrap();
+        assert_eq!(ns.history_size, 100);
+        assert_eq!(ns.history_ttl, Duration::from_secs(300));
+        assert!(ns.presence && ns.join_leave && ns.client_publish && !ns.client_subscribe);
+        assert_eq!(ns.to_string().parse::<Namespace>().unwrap(), ns);
+        let bare: Namespace = "feed".parse().unwrap();
+        assert_eq!(bare, Namespace::new("feed"));
+        for bad in [
+            "",
+            "a b:presence",
+            "chat:colour=red",
+            "chat:history-size=x",
+            "chat:join-leave",
+            "chat:history-ttl=0s",
+            "chat:presence=maybe",
+        ] {
+            assert!(bad.parse::<Namespace>().is_err(), "{bad:?}");
+        }
+        let c: Config = serde_json::from_str(r#"{"namespace": ["a:presence", "b"]}"#).unwrap();
+        assert_eq!(c.namespace.len(), 2);
+        let twice = Config {
+            namespace: vec![Namespace::new("a"), Namespace::new("a")],
+            ..Config::default()
+        };
+        assert_eq!(twice.validate().unwrap_err().field, "namespace");
     }
 }

@@ -7,6 +7,7 @@
 //! fragment buffer; see [`crate::pool`].
 
 use crate::gateway::{now_ms, Shared, SocketGuard};
+use crate::native;
 use crate::pool;
 use crate::registry::Conn;
 use bytes::{Bytes, BytesMut};
@@ -14,6 +15,7 @@ use std::io;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
+use switchboard_proto::native::ErrorCode;
 use switchboard_proto::origin::{ClosedBy, DisconnectEvent, Event, MessageEvent, Payload};
 use switchboard_proto::ws::deflate::DeflateParams;
 use switchboard_proto::ws::frame::{encode_close, encode_frame, OpCode};
@@ -81,6 +83,7 @@ impl Drop for DisconnectGuard {
         let c = &self.conn;
         s.registry.remove(&c.key);
         c.finish();
+        s.channels.unsubscribe_all(c, &s.metrics);
         s.metrics.connections.dec();
         let by = match ending.by {
             ClosedBy::Client => "client",
@@ -434,8 +437,27 @@ impl Task {
         let closing = matches!(self.phase, Phase::Closing { .. });
         match msg {
             Message::Text(_) | Message::Binary(_) if closing => {}
-            Message::Text(data) => self.on_data(Payload::Text(bytes_to_string(data))),
-            Message::Binary(data) => self.on_data(Payload::Binary(data.to_vec())),
+            Message::Text(data) if self.guard.conn.native => self.on_command(&data),
+            Message::Binary(_) if self.guard.conn.native => {
+                let s = &self.guard.shared;
+                s.metrics.native_errors.inc();
+                self.guard.conn.push(
+                    native::error_frame(
+                        None,
+                        ErrorCode::UnsupportedFrame,
+                        "commands are JSON text frames",
+                    ),
+                    &s.metrics,
+                );
+            }
+            Message::Text(data) => {
+                self.count_in();
+                self.on_data(Payload::Text(bytes_to_string(data)));
+            }
+            Message::Binary(data) => {
+                self.count_in();
+                self.on_data(Payload::Binary(data.to_vec()));
+            }
             Message::Ping(p) => {
                 if !closing {
                     self.guard.conn.send_control(
@@ -470,11 +492,29 @@ impl Task {
         Ok(())
     }
 
-    fn on_data(&mut self, payload: Payload) {
-        self.seq += 1;
+    /// Counts a message from the client (which also proves it active).
+    fn count_in(&mut self) {
         self.last_message = Instant::now();
         self.guard.conn.messages_in.fetch_add(1, Relaxed);
         self.guard.shared.metrics.messages_in.inc();
+    }
+
+    /// A native protocol command.
+    fn on_command(&mut self, text: &[u8]) {
+        self.count_in();
+        let outcome = native::handle(&self.guard.shared, &self.guard.conn, text);
+        if let native::Outcome::ToOrigin { id, data } = outcome {
+            if self.on_data(data) {
+                let s = &self.guard.shared;
+                self.guard.conn.push(native::sent_frame(id), &s.metrics);
+            }
+        }
+    }
+
+    /// A message for the origin; `false` when the origin's queue is full and
+    /// the connection is being closed.
+    fn on_data(&mut self, payload: Payload) -> bool {
+        self.seq += 1;
         let event = Event::Message(MessageEvent {
             id: format!("{}:{}", self.guard.conn.id, self.seq),
             connection_id: self.guard.conn.id.to_string(),
@@ -498,7 +538,9 @@ impl Task {
             .is_err()
         {
             self.start_close(close::ORIGIN_BACKLOG, "origin backlog", ClosedBy::Gateway);
+            return false;
         }
+        true
     }
 }
 
@@ -536,6 +578,7 @@ mod tests {
             user_id: None,
             metadata: None,
             subprotocol: None,
+            native: false,
             deflate: false,
             max_outbound: 1024,
         }));

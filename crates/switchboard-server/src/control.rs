@@ -5,6 +5,7 @@
 //! `docs/control-api.md`. The OpenAPI document is `docs/openapi.json`, served
 //! at `GET /v1/openapi.json`; a test keeps it and [`ROUTES`] equal.
 
+use crate::channels::{Ack, ChannelError};
 use crate::cluster::{ClusterError, CommandReply};
 use crate::gateway::Shared;
 use crate::registry::{CloseRequest, Conn, Outgoing, Queued};
@@ -21,10 +22,12 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use subtle::ConstantTimeEq;
 use switchboard_proto::control::{
-    BatchMessage, BatchSendRequest, BatchSendResponse, CloseCommand, CloseParams, Command,
-    ConnectionInfo, ConnectionRef, Delivery, ErrorBody, NodeInfo, NodesResponse, SendCommand,
-    SendResponse, Stats,
+    BatchMessage, BatchSendRequest, BatchSendResponse, ChannelRef, ChannelsResponse, CloseCommand,
+    CloseParams, Command, ConnectionInfo, ConnectionRef, Delivery, ErrorBody, HistoryCommand,
+    NodeInfo, NodesResponse, PublishCommand, PublishResponse, SendCommand, SendResponse, Stats,
+    SubscribeBody, SubscribeCommand, SubscribeResponse, UnsubscribeCommand,
 };
+use switchboard_proto::native::StreamPosition;
 use switchboard_proto::origin::{ClosedBy, Payload};
 use switchboard_proto::ws::close;
 use switchboard_proto::ConnectionId;
@@ -46,6 +49,12 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("post", "/v1/connections/{id}/messages"),
     ("get", "/v1/connections/{id}"),
     ("delete", "/v1/connections/{id}"),
+    ("put", "/v1/connections/{id}/channels/{channel}"),
+    ("delete", "/v1/connections/{id}/channels/{channel}"),
+    ("get", "/v1/channels"),
+    ("post", "/v1/channels/{channel}/messages"),
+    ("get", "/v1/channels/{channel}/messages"),
+    ("get", "/v1/channels/{channel}/presence"),
 ];
 
 /// Largest control API request body.
@@ -191,6 +200,16 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
             "/v1/connections/{id}",
             get(connection_info).delete(close_connection),
         )
+        .route(
+            "/v1/connections/{id}/channels/{channel}",
+            axum::routing::put(subscribe).delete(unsubscribe),
+        )
+        .route("/v1/channels", get(list_channels))
+        .route(
+            "/v1/channels/{channel}/messages",
+            get(history).post(publish),
+        )
+        .route("/v1/channels/{channel}/presence", get(presence))
         .route_layer(middleware::from_fn_with_state(shared.clone(), require_key));
     Router::new()
         .route(
@@ -331,7 +350,9 @@ pub(crate) async fn execute(s: &Arc<Shared>, cmd: Command, forwarded: bool) -> C
     let target = match &cmd {
         Command::Send(SendCommand { connection_id, .. })
         | Command::Close(CloseCommand { connection_id, .. })
-        | Command::Info(ConnectionRef { connection_id }) => {
+        | Command::Info(ConnectionRef { connection_id })
+        | Command::Subscribe(SubscribeCommand { connection_id, .. })
+        | Command::Unsubscribe(UnsubscribeCommand { connection_id, .. }) => {
             remote_owner(s, connection_id, forwarded)
         }
         _ => None,
@@ -346,7 +367,116 @@ pub(crate) async fn execute(s: &Arc<Shared>, cmd: Command, forwarded: bool) -> C
         Command::Info(c) => info_local(s, &c.connection_id),
         Command::Stats => ok(&stats_local(s)),
         Command::Nodes => ok(&nodes_local(s)),
+        Command::Subscribe(c) => subscribe_local(s, c),
+        Command::Unsubscribe(c) => unsubscribe_local(s, c),
+        Command::Publish(c) => publish_local(s, c),
+        Command::History(c) => {
+            answer(
+                s.channels
+                    .history(&c.channel, c.since.as_ref(), c.limit, &s.metrics),
+            )
+        }
+        Command::Presence(c) => answer(s.channels.presence(&c.channel)),
+        Command::Channels => ok(&ChannelsResponse {
+            channels: s.channels.list(),
+        }),
     }
+}
+
+impl From<ChannelError> for ApiError {
+    fn from(e: ChannelError) -> Self {
+        let (status, code) = match &e {
+            ChannelError::BadChannel => (StatusCode::BAD_REQUEST, "bad_channel"),
+            ChannelError::UnknownNamespace(_) => (StatusCode::NOT_FOUND, "unknown_namespace"),
+            ChannelError::HistoryDisabled => (StatusCode::BAD_REQUEST, "history_disabled"),
+            ChannelError::PresenceDisabled => (StatusCode::BAD_REQUEST, "presence_disabled"),
+            ChannelError::TooManySubscriptions(_) => {
+                (StatusCode::CONFLICT, "too_many_subscriptions")
+            }
+            ChannelError::ConnectionGone => (StatusCode::NOT_FOUND, "connection_not_found"),
+            // Not produced by control commands (the origin may do anything).
+            ChannelError::PermissionDenied(_) | ChannelError::AlreadySubscribed => {
+                (StatusCode::CONFLICT, "conflict")
+            }
+        };
+        ApiError::new(status, code, e.to_string())
+    }
+}
+
+/// 200 with the result, or the channel error.
+fn answer<T: serde::Serialize>(r: Result<T, ChannelError>) -> CommandReply {
+    match r {
+        Ok(body) => ok(&body),
+        Err(e) => ApiError::from(e).into(),
+    }
+}
+
+fn subscribe_local(s: &Shared, c: SubscribeCommand) -> CommandReply {
+    let conn = match lookup(s, &c.connection_id) {
+        Ok(conn) => conn,
+        Err(e) => return e.into(),
+    };
+    let ch = &s.channels;
+    match ch.subscribe(&conn, &c.channel, c.since.as_ref(), Ack::Push, &s.metrics) {
+        Ok(r) => ok(&SubscribeResponse {
+            epoch: r.epoch,
+            offset: r.offset,
+            recovered: r.recovered,
+            already: false,
+        }),
+        Err(ChannelError::AlreadySubscribed) => answer(ch.position(&c.channel, &s.metrics).map(
+            |(epoch, offset)| SubscribeResponse {
+                epoch,
+                offset,
+                recovered: None,
+                already: true,
+            },
+        )),
+        Err(ChannelError::ConnectionGone) => ApiError::not_found(&c.connection_id).into(),
+        Err(e) => ApiError::from(e).into(),
+    }
+}
+
+fn unsubscribe_local(s: &Shared, c: UnsubscribeCommand) -> CommandReply {
+    let conn = match lookup(s, &c.connection_id) {
+        Ok(conn) => conn,
+        Err(e) => return e.into(),
+    };
+    match s.channels.unsubscribe(&conn, &c.channel, true, &s.metrics) {
+        Ok(_) => CommandReply {
+            status: StatusCode::NO_CONTENT.as_u16(),
+            body: Bytes::new(),
+        },
+        Err(e) => ApiError::from(e).into(),
+    }
+}
+
+fn publish_local(s: &Shared, c: PublishCommand) -> CommandReply {
+    if c.idempotency_key
+        .as_ref()
+        .is_some_and(|k| k.is_empty() || k.len() > 256)
+    {
+        return ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_body",
+            "idempotency_key must be 1-256 bytes",
+        )
+        .into();
+    }
+    answer(
+        s.channels
+            .publish(
+                &c.channel,
+                c.payload,
+                c.idempotency_key.as_deref(),
+                &s.metrics,
+            )
+            .map(|(r, duplicate)| PublishResponse {
+                offset: r.offset,
+                epoch: r.epoch,
+                duplicate,
+            }),
+    )
 }
 
 fn send_local(s: &Shared, c: SendCommand) -> CommandReply {
@@ -620,6 +750,109 @@ async fn close_connection(
         params,
     });
     Ok(execute(&s, cmd, false).await)
+}
+
+/// The `{id}` and `{channel}` path segments.
+type ConnChannelPath = Result<Path<(String, String)>, axum::extract::rejection::PathRejection>;
+
+/// The `{channel}` path segment.
+type ChannelPath = Result<Path<String>, axum::extract::rejection::PathRejection>;
+
+fn undecodable(_: axum::extract::rejection::PathRejection) -> ApiError {
+    ApiError::new(
+        StatusCode::BAD_REQUEST,
+        "bad_channel",
+        "the path segment is not valid percent-encoded UTF-8",
+    )
+}
+
+async fn subscribe(
+    State(s): State<Arc<Shared>>,
+    path: ConnChannelPath,
+    body: Body,
+) -> Result<CommandReply, ApiError> {
+    let Path((connection_id, channel)) = path.map_err(undecodable)?;
+    let since = match &body {
+        Ok(b) if b.iter().all(u8::is_ascii_whitespace) => None,
+        _ => parse_json::<SubscribeBody>(body)?.since,
+    };
+    let cmd = Command::Subscribe(SubscribeCommand {
+        connection_id,
+        channel,
+        since,
+    });
+    Ok(execute(&s, cmd, false).await)
+}
+
+async fn unsubscribe(
+    State(s): State<Arc<Shared>>,
+    path: ConnChannelPath,
+) -> Result<CommandReply, ApiError> {
+    let Path((connection_id, channel)) = path.map_err(undecodable)?;
+    let cmd = Command::Unsubscribe(UnsubscribeCommand {
+        connection_id,
+        channel,
+    });
+    Ok(execute(&s, cmd, false).await)
+}
+
+async fn list_channels(State(s): State<Arc<Shared>>) -> CommandReply {
+    execute(&s, Command::Channels, false).await
+}
+
+async fn publish(
+    State(s): State<Arc<Shared>>,
+    path: ChannelPath,
+    body: Body,
+) -> Result<CommandReply, ApiError> {
+    let Path(channel) = path.map_err(undecodable)?;
+    let mut cmd: PublishCommand = parse_json(body)?;
+    cmd.channel = channel;
+    Ok(execute(&s, Command::Publish(cmd), false).await)
+}
+
+/// Query of `GET /v1/channels/{channel}/messages`.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HistoryQuery {
+    since: Option<u64>,
+    epoch: Option<String>,
+    limit: Option<usize>,
+}
+
+async fn history(
+    State(s): State<Arc<Shared>>,
+    path: ChannelPath,
+    query: Result<Query<HistoryQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<CommandReply, ApiError> {
+    let Path(channel) = path.map_err(undecodable)?;
+    let Query(q) = query
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_query", e.body_text()))?;
+    let since = match (q.since, q.epoch) {
+        (Some(offset), Some(epoch)) => Some(StreamPosition { offset, epoch }),
+        (None, None) => None,
+        _ => {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_query",
+                "`since` and `epoch` go together",
+            ))
+        }
+    };
+    let cmd = Command::History(HistoryCommand {
+        channel,
+        since,
+        limit: q.limit,
+    });
+    Ok(execute(&s, cmd, false).await)
+}
+
+async fn presence(
+    State(s): State<Arc<Shared>>,
+    path: ChannelPath,
+) -> Result<CommandReply, ApiError> {
+    let Path(channel) = path.map_err(undecodable)?;
+    Ok(execute(&s, Command::Presence(ChannelRef { channel }), false).await)
 }
 
 async fn stats(State(s): State<Arc<Shared>>) -> Json<Stats> {

@@ -7,6 +7,7 @@
 //! closed with 1012 spread over `drain-spread`, every pending origin event
 //! (disconnects included) is delivered, all within `drain-timeout`.
 
+use crate::channels::Channels;
 use crate::cluster::{Cluster, LocalNode};
 use crate::config::{Config, ConfigError};
 use crate::control;
@@ -58,6 +59,7 @@ pub(crate) struct Shared {
     pub(crate) config: Config,
     pub(crate) node: NodeId,
     pub(crate) registry: Registry,
+    pub(crate) channels: Channels,
     pub(crate) dispatcher: Dispatcher,
     pub(crate) metrics: Metrics,
     pub(crate) transport: Arc<dyn OriginTransport>,
@@ -208,6 +210,7 @@ impl Gateway {
         let shared = Arc::new(Shared {
             node,
             registry: Registry::new(),
+            channels: Channels::new(&config),
             dispatcher: Dispatcher::new(
                 config.origin_concurrency,
                 config.origin_queue_size,
@@ -300,6 +303,7 @@ impl Gateway {
         }
         let stop_background = CancellationToken::new();
         workers.spawn(keepalive_loop(shared.clone(), stop_background.clone()));
+        workers.spawn(sweep_loop(shared.clone(), stop_background.clone()));
         let control_stop = CancellationToken::new();
         let control_task = tokio::spawn(control::serve(
             shared.clone(),
@@ -430,6 +434,21 @@ pub(crate) async fn close_spread(shared: &Arc<Shared>, deadline: tokio::time::In
         });
     }
     total
+}
+
+/// How often expired channel messages and idle channels are dropped.
+const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Expires channel history and drops idle channels, every [`SWEEP_INTERVAL`].
+async fn sweep_loop(shared: Arc<Shared>, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(SWEEP_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => shared.channels.sweep(&shared.metrics),
+            _ = stop.cancelled() => return,
+        }
+    }
 }
 
 /// Sends `keepalive` events listing live connections, in chunks.

@@ -3,6 +3,7 @@
 //! hand over to the connection task — or answer with an error status and a
 //! JSON body. Every refusal is listed in `docs/protocol.md`.
 
+use crate::channels::Ack;
 use crate::connection;
 use crate::gateway::{now_ms, Shared, SocketGuard};
 use crate::metrics::KindLabel;
@@ -16,6 +17,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use switchboard_proto::native;
 use switchboard_proto::origin::{ClosedBy, ConnectEvent, Event};
 use switchboard_proto::ws::close;
 use switchboard_proto::ws::handshake::{self as hs, HeadError, Request, UpgradeError};
@@ -299,11 +301,31 @@ async fn decide(
         ));
     }
 
+    // The client's first offer the gateway speaks: the native protocol or
+    // one of the configured raw subprotocols.
     let subprotocol = upgrade
         .protocols
         .iter()
-        .find(|p| cfg.subprotocol.iter().any(|s| s == *p))
+        .find(|p| *p == native::SUBPROTOCOL || cfg.subprotocol.iter().any(|s| s == *p))
         .cloned();
+    if subprotocol.is_none() {
+        if let Some(v) = upgrade
+            .protocols
+            .iter()
+            .find(|p| p.starts_with(native::SUBPROTOCOL_PREFIX))
+        {
+            return Err(refuse(
+                400,
+                "unsupported_protocol",
+                format!(
+                    "`{v}` is not a protocol version this gateway speaks; it speaks `{}`",
+                    native::SUBPROTOCOL
+                ),
+                "bad_request",
+            ));
+        }
+    }
+    let is_native = subprotocol.as_deref() == Some(native::SUBPROTOCOL);
     let deflate = if cfg.permessage_deflate {
         upgrade.deflate
     } else {
@@ -389,15 +411,31 @@ async fn decide(
         user_id: answer.user_id,
         metadata: answer.metadata,
         subprotocol: subprotocol.clone(),
+        native: is_native,
         // Outbound compression: off when the client limited the server window.
         deflate: deflate.is_some_and(|d| d.compresses_outbound()),
         max_outbound: cfg.max_outbound_bytes,
     }));
+    if is_native {
+        // First, before anything else can be queued.
+        conn.push(
+            crate::native::connected_frame(shared, &conn),
+            &shared.metrics,
+        );
+    }
     shared.registry.insert(conn.clone());
     shared.metrics.connections.inc();
     shared.metrics.connections_total.inc();
     for m in answer.messages {
         conn.send(&Outgoing::new(m), &shared.metrics);
+    }
+    for channel in &answer.channels {
+        if let Err(e) = shared
+            .channels
+            .subscribe(&conn, channel, None, Ack::Push, &shared.metrics)
+        {
+            tracing::warn!(connection = %conn.id, channel, error = %e, "the connect answer named a channel that cannot be subscribed");
+        }
     }
     crate::origin::dispatcher::deliver_replies(shared, answer.replies);
     let ext = deflate.map(|d| d.response_header());

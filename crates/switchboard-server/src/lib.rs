@@ -3,6 +3,10 @@
 //!
 //! # Layout
 //!
+//! - `channels`: channels on this node — namespaces, subscribers, history
+//!   with offsets and epochs, presence, fan-out.
+//! - `native`: the native client protocol `switchboard.v1` (commands in,
+//!   replies and pushes out).
 //! - [`cluster`]: the seam to the other nodes of a cluster (the [`Cluster`]
 //!   trait a backend such as NATS implements) and [`LocalNode`], what a
 //!   backend may do with this node.
@@ -30,6 +34,7 @@
 //! # Ok(()) }
 //! ```
 
+mod channels;
 pub mod cluster;
 pub mod config;
 mod connection;
@@ -37,11 +42,12 @@ mod control;
 pub mod gateway;
 mod handshake;
 mod metrics;
+mod native;
 pub mod origin;
 mod pool;
 mod registry;
 
 pub use cluster::{Cluster, ClusterError, CommandReply, LocalNode};
-pub use config::{Config, ConfigError};
+pub use config::{Config, ConfigError, Namespace};
 pub use control::{OPENAPI_JSON, ROUTES};
 pub use gateway::{DrainReport, Gateway, GatewayError};

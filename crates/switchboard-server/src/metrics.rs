@@ -53,6 +53,12 @@ pub(crate) struct Metrics {
     pub(crate) origin_events_dropped: Counter,
     pub(crate) forwarded: Counter,
     pub(crate) forward_failures: Counter,
+    pub(crate) channels: Gauge,
+    pub(crate) subscriptions: Gauge,
+    pub(crate) publications: Counter,
+    pub(crate) deliveries: Counter,
+    pub(crate) native_commands: Family<KindLabel, Counter>,
+    pub(crate) native_errors: Counter,
 }
 
 fn origin_histogram() -> Histogram {
@@ -87,6 +93,12 @@ impl Metrics {
             origin_events_dropped: Counter::default(),
             forwarded: Counter::default(),
             forward_failures: Counter::default(),
+            channels: Gauge::default(),
+            subscriptions: Gauge::default(),
+            publications: Counter::default(),
+            deliveries: Counter::default(),
+            native_commands: Family::default(),
+            native_errors: Counter::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -190,6 +202,36 @@ impl Metrics {
             "origin_events_dropped",
             "Events given up on (permanent origin error, or drain timeout)",
             m.origin_events_dropped.clone(),
+        );
+        r.register(
+            "channels",
+            "Channels this node holds state for (subscribers or kept history)",
+            m.channels.clone(),
+        );
+        r.register(
+            "subscriptions",
+            "Channel subscriptions of this node's connections",
+            m.subscriptions.clone(),
+        );
+        r.register(
+            "publications",
+            "Messages published to channels on this node",
+            m.publications.clone(),
+        );
+        r.register(
+            "channel_deliveries",
+            "Channel messages queued to subscribers",
+            m.deliveries.clone(),
+        );
+        r.register(
+            "native_commands",
+            "Native protocol (switchboard.v1) commands by name",
+            m.native_commands.clone(),
+        );
+        r.register(
+            "native_command_errors",
+            "Native protocol commands answered with an error",
+            m.native_errors.clone(),
         );
         Self { registry, ..m }
     }

@@ -8,7 +8,7 @@
 
 use crate::metrics::Metrics;
 use bytes::{Buf, Bytes};
-use parking_lot::{Mutex, RwLock};
+use parking_lot::{Mutex, MutexGuard, RwLock};
 use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasherDefault, Hasher};
 use std::io::{self, IoSlice};
@@ -17,6 +17,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, OnceLock};
 use std::time::SystemTime;
 use switchboard_proto::conn_id::ConnKey;
+use switchboard_proto::native::Push;
 use switchboard_proto::origin::{ClosedBy, Payload};
 use switchboard_proto::ws::deflate::deflate_message;
 use switchboard_proto::ws::frame::{encode_frame_with, OpCode};
@@ -31,35 +32,30 @@ const DEFLATE_MIN_BYTES: usize = 256;
 /// Most frames handed to one `writev` call.
 const MAX_IOVECS: usize = 64;
 
-/// A message encoded once, to be queued on any number of connections.
-#[derive(Debug, Clone)]
-pub(crate) struct Outgoing {
+/// One WebSocket message encoded once: its frame, and its compressed frame
+/// made on first use.
+#[derive(Debug)]
+struct Encoded {
     opcode: OpCode,
     payload: Bytes,
     /// The uncompressed frame, shared by every recipient.
     frame: Bytes,
-    /// The compressed frame, made on first use and shared by every recipient
-    /// with permessage-deflate (`server_no_context_takeover` makes it the same
+    /// The compressed frame, shared by every recipient with
+    /// permessage-deflate (`server_no_context_takeover` makes it the same
     /// bytes for all of them).
     deflated: OnceLock<Bytes>,
 }
 
-impl Outgoing {
-    pub(crate) fn new(payload: Payload) -> Self {
-        let (opcode, payload) = match payload {
-            Payload::Text(t) => (OpCode::Text, Bytes::from(t)),
-            Payload::Binary(b) => (OpCode::Binary, Bytes::from(b)),
-        };
-        let frame = encode_frame_with(opcode, false, &payload);
+impl Encoded {
+    fn new(opcode: OpCode, payload: Bytes) -> Self {
         Self {
+            frame: encode_frame_with(opcode, false, &payload),
             opcode,
             payload,
-            frame,
             deflated: OnceLock::new(),
         }
     }
 
-    /// The frame for a connection, compressed if it negotiated permessage-deflate.
     fn frame_for(&self, deflate: bool) -> Bytes {
         if deflate && self.payload.len() >= DEFLATE_MIN_BYTES {
             self.deflated
@@ -70,6 +66,74 @@ impl Outgoing {
         } else {
             self.frame.clone()
         }
+    }
+}
+
+/// A message to be queued on any number of connections, encoded at most once
+/// per form and shared: raw connections get the data as a plain frame,
+/// native (`switchboard.v1`) ones a JSON push.
+#[derive(Debug)]
+pub(crate) struct Outgoing {
+    data: Payload,
+    /// The push for native connections; for a direct message it is made
+    /// from `data` on first use.
+    push_json: Option<Bytes>,
+    raw: OnceLock<Encoded>,
+    native: OnceLock<Encoded>,
+}
+
+impl Outgoing {
+    /// A direct message (control API send, origin reply).
+    pub(crate) fn new(data: Payload) -> Self {
+        Self {
+            data,
+            push_json: None,
+            raw: OnceLock::new(),
+            native: OnceLock::new(),
+        }
+    }
+
+    /// A channel message: `push_json` is its `message` push.
+    pub(crate) fn publication(data: Payload, push_json: Bytes) -> Self {
+        Self {
+            data,
+            push_json: Some(push_json),
+            raw: OnceLock::new(),
+            native: OnceLock::new(),
+        }
+    }
+
+    /// A native protocol frame (a reply or a push) and nothing else.
+    pub(crate) fn native_only(json: Bytes) -> Self {
+        Self::publication(Payload::Text(String::new()), json)
+    }
+
+    /// The message's data, as published.
+    pub(crate) fn data(&self) -> &Payload {
+        &self.data
+    }
+
+    /// The frame for a connection of the given kind.
+    fn frame_for(&self, native: bool, deflate: bool) -> Bytes {
+        let encoded = if native {
+            self.native.get_or_init(|| {
+                let json = self.push_json.clone().unwrap_or_else(|| {
+                    let push = Push::Direct {
+                        data: self.data.clone(),
+                    };
+                    Bytes::from(serde_json::to_vec(&push).expect("pushes serialize"))
+                });
+                Encoded::new(OpCode::Text, json)
+            })
+        } else {
+            self.raw.get_or_init(|| match &self.data {
+                Payload::Text(t) => {
+                    Encoded::new(OpCode::Text, Bytes::copy_from_slice(t.as_bytes()))
+                }
+                Payload::Binary(b) => Encoded::new(OpCode::Binary, Bytes::copy_from_slice(b)),
+            })
+        };
+        encoded.frame_for(deflate)
     }
 }
 
@@ -133,6 +197,8 @@ pub(crate) struct Conn {
     pub(crate) user_id: Option<Box<str>>,
     pub(crate) metadata: Option<Box<serde_json::Value>>,
     pub(crate) subprotocol: Option<Box<str>>,
+    /// Speaks the native protocol (`switchboard.v1`).
+    pub(crate) native: bool,
     pub(crate) deflate: bool,
     pub(crate) connected_at: SystemTime,
     pub(crate) messages_in: AtomicU64,
@@ -145,6 +211,16 @@ pub(crate) struct Conn {
     out: Mutex<Outbound>,
     /// Wakes the connection's task: a frame was queued or a close requested.
     pub(crate) notify: Notify,
+    /// The channels it is subscribed to (see [`crate::channels`]).
+    pub(crate) subs: Mutex<Subscriptions>,
+}
+
+/// A connection's channel subscriptions.
+#[derive(Debug, Default)]
+pub(crate) struct Subscriptions {
+    pub(crate) channels: Vec<Arc<crate::channels::Channel>>,
+    /// The connection has ended: no subscription may be added.
+    pub(crate) closed: bool,
 }
 
 /// Identity of a new connection.
@@ -156,6 +232,7 @@ pub(crate) struct ConnInit {
     pub(crate) user_id: Option<String>,
     pub(crate) metadata: Option<serde_json::Value>,
     pub(crate) subprotocol: Option<String>,
+    pub(crate) native: bool,
     pub(crate) deflate: bool,
     pub(crate) max_outbound: usize,
 }
@@ -170,6 +247,7 @@ impl Conn {
             user_id: init.user_id.map(Into::into),
             metadata: init.metadata.map(Box::new),
             subprotocol: init.subprotocol.map(Into::into),
+            native: init.native,
             deflate: init.deflate,
             connected_at: SystemTime::now(),
             messages_in: AtomicU64::new(0),
@@ -180,13 +258,14 @@ impl Conn {
             max_outbound: init.max_outbound,
             out: Mutex::new(Outbound::default()),
             notify: Notify::new(),
+            subs: Mutex::new(Subscriptions::default()),
         }
     }
 
     /// Queues a data message. Past `max-outbound-bytes` the connection is
     /// marked for closing as a slow consumer (4001) and its queue is dropped.
     pub(crate) fn send(&self, msg: &Outgoing, metrics: &Metrics) -> Queued {
-        let frame = msg.frame_for(self.deflate);
+        let frame = msg.frame_for(self.native, self.deflate);
         let r = self.push(frame, metrics);
         if r == Queued::Yes {
             self.messages_out.fetch_add(1, Relaxed);
@@ -204,17 +283,7 @@ impl Conn {
         // An empty queue always takes one frame, however large: a single big
         // message is not a slow consumer.
         if out.queued_bytes > 0 && out.queued_bytes + frame.len() > self.max_outbound {
-            out.discard();
-            out.close = Some(Box::new(CloseRequest {
-                code: switchboard_proto::ws::close::SLOW_CONSUMER,
-                reason: "slow consumer".into(),
-                by: ClosedBy::Gateway,
-                flush_first: false,
-            }));
-            drop(out);
-            metrics.slow_consumer_closes.inc();
-            self.notify.notify_one();
-            return Queued::Closed;
+            return self.close_slow(out, metrics);
         }
         let was_empty = out.frames.is_empty();
         out.queued_bytes += frame.len();
@@ -222,6 +291,55 @@ impl Conn {
         drop(out);
         metrics.frames_out.inc();
         if was_empty {
+            self.notify.notify_one();
+        }
+        Queued::Yes
+    }
+
+    /// Drops the queue and asks the task to close the connection as a slow
+    /// consumer (4001).
+    fn close_slow(&self, mut out: MutexGuard<'_, Outbound>, metrics: &Metrics) -> Queued {
+        out.discard();
+        out.close = Some(Box::new(CloseRequest {
+            code: switchboard_proto::ws::close::SLOW_CONSUMER,
+            reason: "slow consumer".into(),
+            by: ClosedBy::Gateway,
+            flush_first: false,
+        }));
+        drop(out);
+        metrics.slow_consumer_closes.inc();
+        self.notify.notify_one();
+        Queued::Closed
+    }
+
+    /// Queues several data messages as one unit (a channel recovery): they
+    /// are all taken when the queue was empty or they fit under
+    /// `max-outbound-bytes`, else the connection is closed as a slow consumer.
+    pub(crate) fn send_all<'a>(
+        &self,
+        msgs: impl Iterator<Item = &'a Outgoing> + Clone,
+        metrics: &Metrics,
+    ) -> Queued {
+        let frames: Vec<Bytes> = msgs
+            .map(|m| m.frame_for(self.native, self.deflate))
+            .collect();
+        let total: usize = frames.iter().map(Bytes::len).sum();
+        let mut out = self.out.lock();
+        if out.sealed || out.close.is_some() {
+            return Queued::Closed;
+        }
+        if out.queued_bytes > 0 && out.queued_bytes + total > self.max_outbound {
+            return self.close_slow(out, metrics);
+        }
+        let was_empty = out.frames.is_empty();
+        let n = frames.len() as u64;
+        out.queued_bytes += total;
+        out.frames.extend(frames);
+        drop(out);
+        self.messages_out.fetch_add(n, Relaxed);
+        metrics.messages_out.inc_by(n);
+        metrics.frames_out.inc_by(n);
+        if was_empty && n > 0 {
             self.notify.notify_one();
         }
         Queued::Yes

@@ -11,7 +11,10 @@ use switchboard_test_util::*;
 
 async fn setup() -> (TestOrigin, TestGateway) {
     let origin = TestOrigin::start(None).await;
-    let gw = TestGateway::with_origin(&origin, |_| {}).await;
+    let gw = TestGateway::with_origin(&origin, |c| {
+        c.namespace = vec!["room:history-size=10,presence".parse().unwrap()];
+    })
+    .await;
     (origin, gw)
 }
 
@@ -544,7 +547,7 @@ async fn every_route_answers() {
     // Close the connection last.
     routes.sort_by_key(|(m, _)| *m == "delete");
     for (method, path) in routes {
-        let url = path.replace("{id}", &id);
+        let url = path.replace("{id}", &id).replace("{channel}", "room:1");
         let m = Method::from_bytes(method.to_ascii_uppercase().as_bytes()).unwrap();
         let mut req = gw.request(m, &url);
         if method == "post" {

@@ -113,7 +113,7 @@ async fn accept_attaches_user_id_metadata_and_first_messages() {
                 Payload::Text("welcome".into()),
                 Payload::Binary(vec![1, 2, 3]),
             ],
-            replies: vec![],
+            ..OriginAnswer::default()
         })
     });
     let gw = TestGateway::with_origin(&origin, |_| {}).await;

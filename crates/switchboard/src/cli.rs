@@ -289,6 +289,21 @@ pub(crate) struct ServeArgs {
     )]
     #[serde(skip_serializing_if = "Option::is_none")]
     cluster_request_timeout: Option<String>,
+
+    /// Channel namespace `NAME[:OPTION,...]` (repeatable; `;` separates several in the environment), e.g. `chat:history-size=100,presence,join-leave,publish,subscribe`.
+    #[arg(
+        long,
+        env = "SWITCHBOARD_NAMESPACE",
+        value_name = "SPEC",
+        value_delimiter = ';'
+    )]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    namespace: Option<Vec<String>>,
+
+    /// Most channels one connection may be subscribed to [default: 128].
+    #[arg(long, env = "SWITCHBOARD_MAX_SUBSCRIPTIONS", value_name = "N")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_subscriptions: Option<usize>,
 }
 
 /// The result of loading: the gateway's config plus the binary's own settings.

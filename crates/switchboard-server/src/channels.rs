@@ -1,0 +1,666 @@
+//! Channels held by this node: namespace rules, subscribers, history (every
+//! message gets the next offset within the channel's epoch), presence, and
+//! fan-out.
+//!
+//! One lock per channel orders everything that happens to it: a publish takes
+//! the next offset, keeps the message and queues it on every subscriber under
+//! that lock, and a subscribe queues the missed messages, its answer and
+//! registers the subscriber under the same lock. So a subscriber sees the
+//! messages it recovered, then live ones, with no gap and no duplicate at the
+//! seam, and every subscriber sees one channel's messages in offset order.
+//!
+//! A message is encoded once into an [`Outgoing`] whose frames are shared
+//! (`Bytes`) by every recipient; queueing never waits on a socket, so a slow
+//! subscriber delays nobody (it is closed when its own queue overflows).
+//!
+//! Channel state lives while the channel has subscribers, kept messages or
+//! recent idempotency keys; [`Channels::sweep`] expires old messages and
+//! drops idle channels. A dropped channel starts over in a new epoch, which
+//! tells a recovering client plainly that its position is gone.
+
+use crate::config::{Config, Namespace};
+use crate::metrics::Metrics;
+use crate::native;
+use crate::registry::{Conn, KeyHasher, Outgoing};
+use parking_lot::{Mutex, RwLock};
+use serde::Serialize;
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::hash::{BuildHasher, BuildHasherDefault};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use switchboard_proto::conn_id::ConnKey;
+use switchboard_proto::control::ChannelSummary;
+use switchboard_proto::native::{
+    channel_namespace, ErrorCode, HistoryResult, Member, PresenceResult, Publication,
+    PublishResult, Push, StreamPosition, SubscribeResult,
+};
+use switchboard_proto::origin::Payload;
+
+/// How long a publish's idempotency key is remembered.
+pub(crate) const IDEMPOTENCY_WINDOW: Duration = Duration::from_secs(300);
+
+/// Most idempotency keys remembered per channel (the oldest go first).
+pub(crate) const MAX_IDEMPOTENCY_KEYS: usize = 10_000;
+
+const SHARDS: usize = 64;
+
+/// Why a channel operation was refused. Each maps to a native protocol
+/// [`ErrorCode`] and a control API status.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum ChannelError {
+    #[error("channel names are `namespace:name`, at most 255 bytes, without spaces")]
+    BadChannel,
+    #[error("namespace `{0}` is not configured")]
+    UnknownNamespace(String),
+    #[error("{0}")]
+    PermissionDenied(&'static str),
+    #[error("already subscribed")]
+    AlreadySubscribed,
+    #[error("at most {0} subscriptions per connection")]
+    TooManySubscriptions(usize),
+    #[error("this namespace keeps no history")]
+    HistoryDisabled,
+    #[error("this namespace keeps no presence")]
+    PresenceDisabled,
+    #[error("the connection has ended")]
+    ConnectionGone,
+}
+
+impl ChannelError {
+    /// The native protocol code.
+    pub(crate) fn code(&self) -> ErrorCode {
+        match self {
+            Self::BadChannel => ErrorCode::BadChannel,
+            Self::UnknownNamespace(_) => ErrorCode::UnknownNamespace,
+            Self::PermissionDenied(_) => ErrorCode::PermissionDenied,
+            Self::AlreadySubscribed => ErrorCode::AlreadySubscribed,
+            Self::TooManySubscriptions(_) => ErrorCode::TooManySubscriptions,
+            Self::HistoryDisabled => ErrorCode::HistoryDisabled,
+            Self::PresenceDisabled => ErrorCode::PresenceDisabled,
+            Self::ConnectionGone => ErrorCode::Internal,
+        }
+    }
+}
+
+/// How a new subscription is acknowledged to the connection, in order with
+/// the channel's messages.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Ack {
+    /// The native reply to command `id`.
+    Reply(u64),
+    /// A `subscribed` push: a server-side subscription (raw connections
+    /// get nothing).
+    Push,
+}
+
+/// A kept message.
+#[derive(Debug)]
+struct Kept {
+    offset: u64,
+    time_ms: u64,
+    at: Instant,
+    msg: Outgoing,
+}
+
+/// One channel's state; see the module docs for what its lock orders.
+#[derive(Debug)]
+struct State {
+    epoch: Arc<str>,
+    /// Offset of the newest message (0: none yet).
+    offset: u64,
+    history: VecDeque<Kept>,
+    subscribers: HashMap<ConnKey, Arc<Conn>, BuildHasherDefault<KeyHasher>>,
+    /// Recent idempotency keys and the offsets they were published at.
+    keys: HashMap<String, u64>,
+    key_order: VecDeque<(Instant, String)>,
+    /// Dropped from the node's map: whoever holds it must look up again.
+    removed: bool,
+}
+
+impl State {
+    fn expire(&mut self, ttl: Duration, now: Instant) {
+        while self
+            .history
+            .front()
+            .is_some_and(|k| now.duration_since(k.at) >= ttl)
+        {
+            self.history.pop_front();
+        }
+        while self
+            .key_order
+            .front()
+            .is_some_and(|(at, _)| now.duration_since(*at) >= IDEMPOTENCY_WINDOW)
+        {
+            let (_, key) = self.key_order.pop_front().expect("front exists");
+            self.keys.remove(&key);
+        }
+    }
+
+    fn is_idle(&self) -> bool {
+        self.subscribers.is_empty() && self.history.is_empty() && self.keys.is_empty()
+    }
+
+    fn position(&self) -> (String, u64) {
+        (self.epoch.to_string(), self.offset)
+    }
+
+    /// The kept messages after `since`, or `None` when some of them are
+    /// gone (too old, or another epoch).
+    fn after(&self, since: &StreamPosition) -> Option<impl Iterator<Item = &Kept> + Clone> {
+        if *since.epoch != *self.epoch || since.offset > self.offset {
+            return None;
+        }
+        let first_needed = since.offset + 1;
+        let complete = first_needed > self.offset
+            || self
+                .history
+                .front()
+                .is_some_and(|k| k.offset <= first_needed);
+        let since = since.offset;
+        complete.then(|| self.history.iter().filter(move |k| k.offset > since))
+    }
+
+    fn members(&self) -> impl Iterator<Item = Member> + '_ {
+        self.subscribers.values().map(|c| member(c))
+    }
+}
+
+fn member(c: &Conn) -> Member {
+    Member {
+        client: c.id.to_string(),
+        user: c.user_id.as_deref().map(str::to_owned),
+        info: c.metadata.as_deref().cloned(),
+    }
+}
+
+/// A channel: its name, its namespace's rules, and its state.
+#[derive(Debug)]
+pub(crate) struct Channel {
+    pub(crate) name: Arc<str>,
+    ns: Arc<Namespace>,
+    state: Mutex<State>,
+}
+
+/// The `message` push of a publication, serialized without copying the data.
+#[derive(Serialize)]
+struct MessagePush<'a> {
+    push: &'static str,
+    channel: &'a str,
+    offset: u64,
+    epoch: &'a str,
+    #[serde(flatten)]
+    data: &'a Payload,
+}
+
+type Shard = RwLock<HashMap<Arc<str>, Arc<Channel>>>;
+
+/// Every channel this node holds state for.
+#[derive(Debug)]
+pub(crate) struct Channels {
+    namespaces: HashMap<String, Arc<Namespace>>,
+    shards: Box<[Shard]>,
+    hasher: std::collections::hash_map::RandomState,
+    max_subscriptions: usize,
+}
+
+fn new_epoch() -> Arc<str> {
+    let b: [u8; 6] = rand::random();
+    hex::encode(b).into()
+}
+
+impl Channels {
+    pub(crate) fn new(config: &Config) -> Self {
+        Self {
+            namespaces: config
+                .namespace
+                .iter()
+                .map(|ns| (ns.name.clone(), Arc::new(ns.clone())))
+                .collect(),
+            shards: (0..SHARDS).map(|_| Shard::default()).collect(),
+            hasher: Default::default(),
+            max_subscriptions: config.max_subscriptions,
+        }
+    }
+
+    /// The namespace of a channel name, checking the name.
+    pub(crate) fn namespace(&self, channel: &str) -> Result<&Arc<Namespace>, ChannelError> {
+        let ns = channel_namespace(channel).ok_or(ChannelError::BadChannel)?;
+        self.namespaces
+            .get(ns)
+            .ok_or_else(|| ChannelError::UnknownNamespace(ns.to_owned()))
+    }
+
+    fn shard(&self, name: &str) -> &Shard {
+        &self.shards[(self.hasher.hash_one(name) as usize) % SHARDS]
+    }
+
+    fn get_or_create(&self, name: &str, metrics: &Metrics) -> Result<Arc<Channel>, ChannelError> {
+        let ns = self.namespace(name)?;
+        let shard = self.shard(name);
+        if let Some(c) = shard.read().get(name) {
+            return Ok(c.clone());
+        }
+        let mut map = shard.write();
+        let c = map.entry(name.into()).or_insert_with_key(|name| {
+            metrics.channels.inc();
+            Arc::new(Channel {
+                name: name.clone(),
+                ns: ns.clone(),
+                state: Mutex::new(State {
+                    epoch: new_epoch(),
+                    offset: 0,
+                    history: VecDeque::new(),
+                    subscribers: HashMap::default(),
+                    keys: HashMap::new(),
+                    key_order: VecDeque::new(),
+                    removed: false,
+                }),
+            })
+        });
+        Ok(c.clone())
+    }
+
+    /// Runs `f` on the channel's live state (creating the channel if needed).
+    fn with_state<T>(
+        &self,
+        name: &str,
+        metrics: &Metrics,
+        mut f: impl FnMut(&Arc<Channel>, &mut State) -> T,
+    ) -> Result<T, ChannelError> {
+        loop {
+            let ch = self.get_or_create(name, metrics)?;
+            let mut st = ch.state.lock();
+            if st.removed {
+                continue;
+            }
+            st.expire(ch.ns.history_ttl, Instant::now());
+            return Ok(f(&ch, &mut st));
+        }
+    }
+
+    /// Subscribes a connection. With `since`, the missed messages are queued
+    /// first (or `recovered: false` is answered); then the acknowledgement;
+    /// then, as they come, live messages.
+    pub(crate) fn subscribe(
+        &self,
+        conn: &Arc<Conn>,
+        channel: &str,
+        since: Option<&StreamPosition>,
+        ack: Ack,
+        metrics: &Metrics,
+    ) -> Result<SubscribeResult, ChannelError> {
+        self.with_state(channel, metrics, |ch, st| {
+            let mut subs = conn.subs.lock();
+            if subs.closed {
+                return Err(ChannelError::ConnectionGone);
+            }
+            if st.subscribers.contains_key(&conn.key) {
+                return Err(ChannelError::AlreadySubscribed);
+            }
+            if subs.channels.len() >= self.max_subscriptions {
+                return Err(ChannelError::TooManySubscriptions(self.max_subscriptions));
+            }
+            let (epoch, offset) = st.position();
+            let mut result = SubscribeResult {
+                epoch,
+                offset,
+                recovered: None,
+                missed: None,
+            };
+            if let Some(since) = since {
+                match st.after(since) {
+                    Some(missed) => {
+                        let n = missed.clone().count() as u64;
+                        conn.send_all(missed.map(|k| &k.msg), metrics);
+                        metrics.deliveries.inc_by(n);
+                        result.recovered = Some(true);
+                        result.missed = Some(n);
+                    }
+                    None => result.recovered = Some(false),
+                }
+            }
+            match ack {
+                Ack::Reply(id) => {
+                    conn.push(native::result_frame(id, &result), metrics);
+                }
+                Ack::Push if conn.native => {
+                    let push = Push::Subscribed {
+                        channel: ch.name.to_string(),
+                        epoch: result.epoch.clone(),
+                        offset: result.offset,
+                    };
+                    conn.push(native::push_frame(&push), metrics);
+                }
+                Ack::Push => {}
+            }
+            if ch.ns.join_leave {
+                let join = Outgoing::native_only(native::json(&Push::Join {
+                    channel: ch.name.to_string(),
+                    member: member(conn),
+                }));
+                for other in st.subscribers.values().filter(|c| c.native) {
+                    other.send(&join, metrics);
+                }
+            }
+            st.subscribers.insert(conn.key, conn.clone());
+            subs.channels.push(Arc::clone(ch));
+            metrics.subscriptions.inc();
+            Ok(result)
+        })?
+    }
+
+    /// Unsubscribes a connection; `notify` sends a native connection an
+    /// `unsubscribed` push. Returns whether it was subscribed.
+    pub(crate) fn unsubscribe(
+        &self,
+        conn: &Conn,
+        channel: &str,
+        notify: bool,
+        metrics: &Metrics,
+    ) -> Result<bool, ChannelError> {
+        self.namespace(channel)?;
+        let ch = {
+            let mut subs = conn.subs.lock();
+            let Some(i) = subs.channels.iter().position(|c| &*c.name == channel) else {
+                return Ok(false);
+            };
+            subs.channels.swap_remove(i)
+        };
+        self.remove_subscriber(&ch, conn, metrics);
+        if notify && conn.native {
+            let push = Push::Unsubscribed {
+                channel: channel.to_owned(),
+            };
+            conn.push(native::push_frame(&push), metrics);
+        }
+        Ok(true)
+    }
+
+    /// Ends every subscription of a connection that has ended; none can be
+    /// added afterwards.
+    pub(crate) fn unsubscribe_all(&self, conn: &Conn, metrics: &Metrics) {
+        let channels = {
+            let mut subs = conn.subs.lock();
+            subs.closed = true;
+            std::mem::take(&mut subs.channels)
+        };
+        for ch in channels {
+            self.remove_subscriber(&ch, conn, metrics);
+        }
+    }
+
+    fn remove_subscriber(&self, ch: &Channel, conn: &Conn, metrics: &Metrics) {
+        let mut st = ch.state.lock();
+        if st.subscribers.remove(&conn.key).is_none() {
+            return;
+        }
+        metrics.subscriptions.dec();
+        if ch.ns.join_leave && !st.subscribers.is_empty() {
+            let leave = Outgoing::native_only(native::json(&Push::Leave {
+                channel: ch.name.to_string(),
+                member: member(conn),
+            }));
+            for other in st.subscribers.values().filter(|c| c.native) {
+                other.send(&leave, metrics);
+            }
+        }
+    }
+
+    /// Publishes a message: the next offset, kept if the namespace keeps
+    /// history, queued on every subscriber. With an idempotency key already
+    /// used on this channel within [`IDEMPOTENCY_WINDOW`], nothing is
+    /// published and the first publish's position is returned with `true`.
+    pub(crate) fn publish(
+        &self,
+        channel: &str,
+        data: Payload,
+        key: Option<&str>,
+        metrics: &Metrics,
+    ) -> Result<(PublishResult, bool), ChannelError> {
+        let mut data = Some(data);
+        self.with_state(channel, metrics, |ch, st| {
+            if let Some(offset) = key.and_then(|k| st.keys.get(k)) {
+                let result = PublishResult {
+                    offset: *offset,
+                    epoch: st.epoch.to_string(),
+                };
+                return (result, true);
+            }
+            let data = data.take().expect("published once");
+            st.offset += 1;
+            let offset = st.offset;
+            let json = native::json(&MessagePush {
+                push: "message",
+                channel: &ch.name,
+                offset,
+                epoch: &st.epoch,
+                data: &data,
+            });
+            let msg = Outgoing::publication(data, json);
+            for conn in st.subscribers.values() {
+                conn.send(&msg, metrics);
+            }
+            metrics.publications.inc();
+            metrics.deliveries.inc_by(st.subscribers.len() as u64);
+            if ch.ns.history_size > 0 {
+                if st.history.len() == ch.ns.history_size {
+                    st.history.pop_front();
+                }
+                st.history.push_back(Kept {
+                    offset,
+                    time_ms: crate::gateway::now_ms(),
+                    at: Instant::now(),
+                    msg,
+                });
+            }
+            if let Some(k) = key {
+                if st.keys.len() >= MAX_IDEMPOTENCY_KEYS {
+                    if let Some((_, old)) = st.key_order.pop_front() {
+                        st.keys.remove(&old);
+                    }
+                }
+                st.keys.insert(k.to_owned(), offset);
+                st.key_order.push_back((Instant::now(), k.to_owned()));
+            }
+            let result = PublishResult {
+                offset,
+                epoch: st.epoch.to_string(),
+            };
+            (result, false)
+        })
+    }
+
+    /// The kept messages of a channel (after `since`, at most the newest `limit`).
+    pub(crate) fn history(
+        &self,
+        channel: &str,
+        since: Option<&StreamPosition>,
+        limit: Option<usize>,
+        metrics: &Metrics,
+    ) -> Result<HistoryResult, ChannelError> {
+        if self.namespace(channel)?.history_size == 0 {
+            return Err(ChannelError::HistoryDisabled);
+        }
+        self.with_state(channel, metrics, |_, st| {
+            let (epoch, offset) = st.position();
+            let (recovered, kept): (Option<bool>, Vec<&Kept>) = match since {
+                None => (None, st.history.iter().collect()),
+                Some(since) => match st.after(since) {
+                    Some(after) => (Some(true), after.collect()),
+                    None => (Some(false), Vec::new()),
+                },
+            };
+            let skip = limit.map_or(0, |l| kept.len().saturating_sub(l));
+            HistoryResult {
+                epoch,
+                offset,
+                recovered,
+                publications: kept[skip..]
+                    .iter()
+                    .map(|k| Publication {
+                        offset: k.offset,
+                        time_ms: k.time_ms,
+                        data: k.msg.data().clone(),
+                    })
+                    .collect(),
+            }
+        })
+    }
+
+    /// A channel's epoch and newest offset.
+    pub(crate) fn position(
+        &self,
+        channel: &str,
+        metrics: &Metrics,
+    ) -> Result<(String, u64), ChannelError> {
+        self.with_state(channel, metrics, |_, st| st.position())
+    }
+
+    /// Who is subscribed to a channel.
+    pub(crate) fn presence(&self, channel: &str) -> Result<PresenceResult, ChannelError> {
+        if !self.namespace(channel)?.presence {
+            return Err(ChannelError::PresenceDisabled);
+        }
+        let shard = self.shard(channel);
+        let Some(ch) = shard.read().get(channel).cloned() else {
+            // Nobody there: answer without creating the channel.
+            return Ok(PresenceResult {
+                members: Vec::new(),
+                clients: 0,
+                users: 0,
+            });
+        };
+        let st = ch.state.lock();
+        let members: Vec<Member> = st.members().collect();
+        let users = members
+            .iter()
+            .filter_map(|m| m.user.as_deref())
+            .collect::<HashSet<_>>()
+            .len();
+        Ok(PresenceResult {
+            clients: members.len(),
+            users,
+            members,
+        })
+    }
+
+    /// Every channel of the node, sorted by name.
+    pub(crate) fn list(&self) -> Vec<ChannelSummary> {
+        let mut all: Vec<Arc<Channel>> = Vec::new();
+        for s in self.shards.iter() {
+            all.extend(s.read().values().cloned());
+        }
+        let mut out: Vec<ChannelSummary> = all
+            .iter()
+            .map(|ch| {
+                let st = ch.state.lock();
+                ChannelSummary {
+                    channel: ch.name.to_string(),
+                    epoch: st.epoch.to_string(),
+                    offset: st.offset,
+                    subscribers: st.subscribers.len(),
+                    kept: st.history.len(),
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| a.channel.cmp(&b.channel));
+        out
+    }
+
+    /// Expires old messages and idempotency keys and drops idle channels.
+    pub(crate) fn sweep(&self, metrics: &Metrics) {
+        let now = Instant::now();
+        for shard in self.shards.iter() {
+            // Idle channels are found under the read lock, removed under the
+            // write lock after a second look.
+            let idle: Vec<Arc<Channel>> = shard
+                .read()
+                .values()
+                .filter(|ch| {
+                    let mut st = ch.state.lock();
+                    st.expire(ch.ns.history_ttl, now);
+                    st.is_idle()
+                })
+                .cloned()
+                .collect();
+            if idle.is_empty() {
+                continue;
+            }
+            let mut map = shard.write();
+            for ch in idle {
+                let mut st = ch.state.lock();
+                if st.is_idle() && !st.removed {
+                    st.removed = true;
+                    map.remove(&ch.name);
+                    metrics.channels.dec();
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state(epoch: &str, offsets: std::ops::RangeInclusive<u64>, top: u64) -> State {
+        State {
+            epoch: epoch.into(),
+            offset: top,
+            history: offsets
+                .map(|offset| Kept {
+                    offset,
+                    time_ms: 0,
+                    at: Instant::now(),
+                    msg: Outgoing::new(Payload::Text(offset.to_string())),
+                })
+                .collect(),
+            subscribers: HashMap::default(),
+            keys: HashMap::new(),
+            key_order: VecDeque::new(),
+            removed: false,
+        }
+    }
+
+    fn pos(offset: u64, epoch: &str) -> StreamPosition {
+        StreamPosition {
+            offset,
+            epoch: epoch.into(),
+        }
+    }
+
+    fn offsets(st: &State, since: StreamPosition) -> Option<Vec<u64>> {
+        st.after(&since).map(|it| it.map(|k| k.offset).collect())
+    }
+
+    #[test]
+    fn recovery_is_exact_or_refused() {
+        // Messages 4..=9 kept, 9 is the newest.
+        let st = state("e", 4..=9, 9);
+        assert_eq!(offsets(&st, pos(9, "e")), Some(vec![]), "nothing missed");
+        assert_eq!(offsets(&st, pos(6, "e")), Some(vec![7, 8, 9]));
+        assert_eq!(offsets(&st, pos(3, "e")), Some(vec![4, 5, 6, 7, 8, 9]));
+        assert_eq!(offsets(&st, pos(2, "e")), None, "message 3 is gone");
+        assert_eq!(offsets(&st, pos(6, "other")), None, "another epoch");
+        assert_eq!(offsets(&st, pos(10, "e")), None, "from the future");
+        // No history at all: only an up-to-date position recovers.
+        let mut bare = state("e", 1..=1, 5);
+        bare.history.clear();
+        assert_eq!(offsets(&bare, pos(5, "e")), Some(vec![]));
+        assert_eq!(offsets(&bare, pos(4, "e")), None);
+    }
+
+    #[test]
+    fn expiry_drops_old_messages_and_keys() {
+        let mut st = state("e", 1..=3, 3);
+        st.keys.insert("k".into(), 2);
+        st.key_order
+            .push_back((Instant::now() - IDEMPOTENCY_WINDOW, "k".into()));
+        st.expire(
+            Duration::from_secs(60),
+            Instant::now() + Duration::from_secs(61),
+        );
+        assert!(st.history.is_empty() && st.keys.is_empty());
+        assert!(st.is_idle());
+    }
+}
