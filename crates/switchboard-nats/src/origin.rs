@@ -82,6 +82,59 @@ impl PubAck {
 }
 
 impl NatsOrigin {
+    /// A synchronous event (`connect`, `publish`) as a request on its
+    /// subject: a `Switchboard-Status` of 4xx/5xx refuses.
+    fn decide(
+        &self,
+        kind: &'static str,
+        body: Bytes,
+    ) -> BoxFuture<'_, Result<ConnectDecision, OriginError>> {
+        Box::pin(async move {
+            self.check_link()?;
+            let request =
+                self.client
+                    .request_with_headers(self.subjects.events(kind), self.headers(), body);
+            let msg = match tokio::time::timeout(self.timeout, request).await {
+                Err(_) => return Err(OriginError::Timeout),
+                Ok(Err(e)) => {
+                    return Err(match e.kind() {
+                        async_nats::RequestErrorKind::TimedOut => OriginError::Timeout,
+                        async_nats::RequestErrorKind::NoResponders => OriginError::Unreachable(
+                            format!("nobody answers on {}", self.subjects.events(kind)),
+                        ),
+                        _ => OriginError::Unreachable(e.to_string()),
+                    })
+                }
+                Ok(Ok(msg)) => msg,
+            };
+            let status =
+                crate::reply_status(msg.headers.as_ref()).map_err(OriginError::BadAnswer)?;
+            match status {
+                200..=299 => {
+                    if msg.payload.iter().all(u8::is_ascii_whitespace) {
+                        return Ok(ConnectDecision::Accept(OriginAnswer::default()));
+                    }
+                    if serde_json::from_slice::<PubAck>(&msg.payload).is_ok_and(|a| a.is_ack()) {
+                        return Err(OriginError::BadAnswer(format!(
+                            "a JetStream stream answered {}: keep that subject out of streams",
+                            self.subjects.events(kind)
+                        )));
+                    }
+                    serde_json::from_slice(&msg.payload)
+                        .map(ConnectDecision::Accept)
+                        .map_err(|e| OriginError::BadAnswer(e.to_string()))
+                }
+                400..=599 => Ok(ConnectDecision::Reject {
+                    status,
+                    reason: serde_json::from_slice::<Rejection>(&msg.payload)
+                        .ok()
+                        .and_then(|r| r.reason),
+                }),
+                other => Err(OriginError::Permanent(other)),
+            }
+        })
+    }
+
     /// A transport for node `node` using `client`, per `config`
     /// (`nats-prefix`, `origin-timeout`, `nats-event-stream`).
     pub fn new(client: Client, link: Arc<Link>, config: &Config, node: &str) -> Self {
@@ -182,52 +235,11 @@ fn body_of(events: &[&RawValue]) -> Bytes {
 
 impl OriginTransport for NatsOrigin {
     fn connect(&self, body: Bytes) -> BoxFuture<'_, Result<ConnectDecision, OriginError>> {
-        Box::pin(async move {
-            self.check_link()?;
-            let request = self.client.request_with_headers(
-                self.subjects.events("connect"),
-                self.headers(),
-                body,
-            );
-            let msg = match tokio::time::timeout(self.timeout, request).await {
-                Err(_) => return Err(OriginError::Timeout),
-                Ok(Err(e)) => {
-                    return Err(match e.kind() {
-                        async_nats::RequestErrorKind::TimedOut => OriginError::Timeout,
-                        async_nats::RequestErrorKind::NoResponders => OriginError::Unreachable(
-                            format!("nobody answers on {}", self.subjects.events("connect")),
-                        ),
-                        _ => OriginError::Unreachable(e.to_string()),
-                    })
-                }
-                Ok(Ok(msg)) => msg,
-            };
-            let status =
-                crate::reply_status(msg.headers.as_ref()).map_err(OriginError::BadAnswer)?;
-            match status {
-                200..=299 => {
-                    if msg.payload.iter().all(u8::is_ascii_whitespace) {
-                        return Ok(ConnectDecision::Accept(OriginAnswer::default()));
-                    }
-                    if serde_json::from_slice::<PubAck>(&msg.payload).is_ok_and(|a| a.is_ack()) {
-                        return Err(OriginError::BadAnswer(format!(
-                            "a JetStream stream answered {}: keep that subject out of streams",
-                            self.subjects.events("connect")
-                        )));
-                    }
-                    serde_json::from_slice(&msg.payload)
-                        .map(ConnectDecision::Accept)
-                        .map_err(|e| OriginError::BadAnswer(e.to_string()))
-                }
-                400..=599 => Ok(ConnectDecision::Reject {
-                    status,
-                    reason: serde_json::from_slice::<Rejection>(&msg.payload)
-                        .ok()
-                        .and_then(|r| r.reason),
-                }),
-                other => Err(OriginError::Permanent(other)),
-            }
-        })
+        self.decide("connect", body)
+    }
+
+    fn publish(&self, body: Bytes) -> BoxFuture<'_, Result<ConnectDecision, OriginError>> {
+        self.decide("publish", body)
     }
 
     fn deliver(&self, body: Bytes) -> BoxFuture<'_, Result<OriginAnswer, OriginError>> {

@@ -55,6 +55,10 @@ pub enum Event {
     /// connection whose id carries `down_node` is gone. Sent by exactly one
     /// surviving node.
     NodeDown(NodeDownEvent),
+    /// A native client publishes to a channel of a namespace with
+    /// `publish-to-origin`; answered synchronously like `connect`: 2xx
+    /// publishes, 4xx/5xx refuses with the answer's `reason`.
+    Publish(PublishEvent),
 }
 
 impl Event {
@@ -66,6 +70,7 @@ impl Event {
             Self::Disconnect(_) => "disconnect",
             Self::Keepalive(_) => "keepalive",
             Self::NodeDown(_) => "node_down",
+            Self::Publish(_) => "publish",
         }
     }
 }
@@ -120,6 +125,27 @@ pub struct MessageEvent {
     /// The user id the origin attached at `connect`, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub user_id: Option<String>,
+    /// The message.
+    #[serde(flatten)]
+    pub payload: Payload,
+}
+
+/// `publish`: a client asks to publish to a channel.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PublishEvent {
+    /// Unique id of this request.
+    pub id: String,
+    /// The publisher.
+    pub connection_id: String,
+    /// The node holding the connection.
+    pub node: String,
+    /// Unix time in milliseconds.
+    pub timestamp_ms: u64,
+    /// The user id the origin attached at `connect`, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_id: Option<String>,
+    /// The channel.
+    pub channel: String,
     /// The message.
     #[serde(flatten)]
     pub payload: Payload,

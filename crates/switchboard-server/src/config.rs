@@ -201,7 +201,9 @@ impl Default for Config {
 /// (track who is subscribed), `join-leave` (push joins and leaves to
 /// subscribers; needs `presence`), `publish` (clients may publish),
 /// `subscribe` (clients may subscribe themselves; otherwise only the origin
-/// subscribes them).
+/// subscribes them), `publish-to-origin` (each client publish is first sent
+/// to the origin as a `publish` event, which accepts or refuses it; needs
+/// `publish`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
 pub struct Namespace {
@@ -219,6 +221,8 @@ pub struct Namespace {
     pub client_publish: bool,
     /// Whether clients may subscribe without the origin.
     pub client_subscribe: bool,
+    /// Whether client publishes need the origin's approval.
+    pub publish_to_origin: bool,
 }
 
 /// Largest `history-size` of a namespace.
@@ -235,6 +239,7 @@ impl Namespace {
             join_leave: false,
             client_publish: false,
             client_subscribe: false,
+            publish_to_origin: false,
         }
     }
 }
@@ -286,11 +291,15 @@ impl std::str::FromStr for Namespace {
                 "join-leave" => ns.join_leave = flag(value)?,
                 "publish" => ns.client_publish = flag(value)?,
                 "subscribe" => ns.client_subscribe = flag(value)?,
+                "publish-to-origin" => ns.publish_to_origin = flag(value)?,
                 other => return Err(format!("unknown namespace option `{other}`")),
             }
         }
         if ns.join_leave && !ns.presence {
             return Err("join-leave needs presence".into());
+        }
+        if ns.publish_to_origin && !ns.client_publish {
+            return Err("publish-to-origin needs publish".into());
         }
         Ok(ns)
     }
@@ -318,6 +327,7 @@ impl std::fmt::Display for Namespace {
             (self.join_leave, "join-leave"),
             (self.client_publish, "publish"),
             (self.client_subscribe, "subscribe"),
+            (self.publish_to_origin, "publish-to-origin"),
         ] {
             if on {
                 write!(f, ",{opt}")?;
@@ -578,9 +588,11 @@ mod tests {
 
     #[test]
     fn namespaces_parse_print_and_refuse_nonsense() {
-        let ns: Namespace = "chat:history-size=100,history-ttl=5m,presence,join-leave,publish"
-            .parse()
-            .unwrap();
+        let ns: Namespace =
+            "chat:history-size=100,history-ttl=5m,presence,join-leave,publish,publish-to-origin"
+                .parse()
+                .unwrap();
+        assert!(ns.publish_to_origin);
         assert_eq!(ns.history_size, 100);
         assert_eq!(ns.history_ttl, Duration::from_secs(300));
         assert!(ns.presence && ns.join_leave && ns.client_publish && !ns.client_subscribe);
@@ -595,6 +607,7 @@ mod tests {
             "chat:join-leave",
             "chat:history-ttl=0s",
             "chat:presence=maybe",
+            "chat:publish-to-origin",
         ] {
             assert!(bad.parse::<Namespace>().is_err(), "{bad:?}");
         }

@@ -167,6 +167,9 @@ struct Task {
     next_ping: Instant,
     pong_deadline: Option<Instant>,
     last_message: Instant,
+    /// Publishes waiting for the origin's approval, run in order by a task
+    /// started on the first one.
+    approvals: Option<tokio::sync::mpsc::Sender<native::PublishJob>>,
 }
 
 /// Runs an accepted connection to its end; the guard then sends its
@@ -194,6 +197,7 @@ pub(crate) fn run(
         phase: Phase::Open,
         pong_deadline: None,
         last_message: now,
+        approvals: None,
     };
     async move {
         let _socket = socket;
@@ -502,11 +506,37 @@ impl Task {
     /// A native protocol command.
     fn on_command(&mut self, text: &[u8]) {
         self.count_in();
-        let outcome = native::handle(&self.guard.shared, &self.guard.conn, text);
-        if let native::Outcome::ToOrigin { id, data } = outcome {
-            if self.on_data(data) {
+        match native::handle(&self.guard.shared, &self.guard.conn, text) {
+            native::Outcome::Done => {}
+            native::Outcome::ToOrigin { id, data } => {
+                if self.on_data(data) {
+                    let s = &self.guard.shared;
+                    self.guard.conn.push(native::sent_frame(id), &s.metrics);
+                }
+            }
+            native::Outcome::Approve(job) => {
                 let s = &self.guard.shared;
-                self.guard.conn.push(native::sent_frame(id), &s.metrics);
+                let tx = self.approvals.get_or_insert_with(|| {
+                    let (tx, rx) = tokio::sync::mpsc::channel(s.config.max_pending_events);
+                    s.conn_tasks.spawn(native::publish_worker(
+                        s.clone(),
+                        self.guard.conn.clone(),
+                        rx,
+                    ));
+                    tx
+                });
+                if let Err(e) = tx.try_send(job) {
+                    // At most `max-pending-events` wait for the origin.
+                    s.metrics.native_errors.inc();
+                    self.guard.conn.push(
+                        native::error_frame(
+                            Some(e.into_inner().id),
+                            ErrorCode::Unavailable,
+                            "too many publishes waiting for the application",
+                        ),
+                        &s.metrics,
+                    );
+                }
             }
         }
     }

@@ -4,14 +4,16 @@
 //! `docs/protocol.md`.
 
 use crate::channels::{Ack, ChannelError};
-use crate::gateway::Shared;
+use crate::gateway::{now_ms, Shared};
 use crate::metrics::KindLabel;
+use crate::origin::dispatcher::batch_body;
+use crate::origin::ConnectDecision;
 use crate::registry::Conn;
 use bytes::Bytes;
 use serde::Serialize;
 use std::sync::Arc;
 use switchboard_proto::native::{decode_command, CommandBody, ErrorCode, Push};
-use switchboard_proto::origin::Payload;
+use switchboard_proto::origin::{Event, Payload, PublishEvent};
 use switchboard_proto::ws::frame::{encode_frame, OpCode};
 
 /// JSON bytes of a value that always serializes.
@@ -79,6 +81,17 @@ pub(crate) enum Outcome {
         /// The message.
         data: Payload,
     },
+    /// A publish the origin must approve first (`publish-to-origin`): hand
+    /// it to the connection's [`publish_worker`].
+    Approve(PublishJob),
+}
+
+/// A client publish waiting for the origin's approval.
+#[derive(Debug)]
+pub(crate) struct PublishJob {
+    pub(crate) id: u64,
+    channel: String,
+    data: Payload,
 }
 
 /// An empty result, `{}`.
@@ -119,17 +132,18 @@ pub(crate) fn handle(s: &Shared, conn: &Arc<Conn>, text: &[u8]) -> Outcome {
         CommandBody::Unsubscribe { channel } => ch
             .unsubscribe(conn, &channel, false, m)
             .map(|_| Some(result_frame(id, &Empty {}))),
-        CommandBody::Publish { channel, data } => ch
-            .namespace(&channel)
-            .and_then(|ns| {
-                ns.client_publish
-                    .then_some(())
-                    .ok_or(ChannelError::PermissionDenied(
-                        "this namespace does not let clients publish",
-                    ))
-            })
-            .and_then(|()| ch.publish(&channel, data, None, m))
-            .map(|(r, _)| Some(result_frame(id, &r))),
+        CommandBody::Publish { channel, data } => match ch.namespace(&channel) {
+            Ok(ns) if !ns.client_publish => Err(ChannelError::PermissionDenied(
+                "this namespace does not let clients publish",
+            )),
+            Ok(ns) if ns.publish_to_origin => {
+                return Outcome::Approve(PublishJob { id, channel, data })
+            }
+            Ok(_) => ch
+                .publish(&channel, data, None, m)
+                .map(|(r, _)| Some(result_frame(id, &r))),
+            Err(e) => Err(e),
+        },
         CommandBody::Presence { channel } => {
             ch.presence(&channel).map(|r| Some(result_frame(id, &r)))
         }
@@ -159,4 +173,73 @@ pub(crate) fn handle(s: &Shared, conn: &Arc<Conn>, text: &[u8]) -> Outcome {
 /// The reply to a `send` once its event is queued for the origin.
 pub(crate) fn sent_frame(id: u64) -> Bytes {
     result_frame(id, &Empty {})
+}
+
+/// Runs one connection's publishes that need the origin's approval, one at a
+/// time and in order (so the channel gets them in the order the client sent
+/// them), without holding up the connection's own task. Ends when the
+/// connection does (its sender is dropped).
+pub(crate) async fn publish_worker(
+    s: Arc<Shared>,
+    conn: Arc<Conn>,
+    mut jobs: tokio::sync::mpsc::Receiver<PublishJob>,
+) {
+    while let Some(job) = jobs.recv().await {
+        let frame = approve_and_publish(&s, &conn, job).await;
+        conn.push(frame, &s.metrics);
+    }
+}
+
+async fn approve_and_publish(s: &Arc<Shared>, conn: &Conn, job: PublishJob) -> Bytes {
+    let PublishJob { id, channel, data } = job;
+    let event = Event::Publish(PublishEvent {
+        id: format!("{}:publish:{:016x}", conn.id, rand::random::<u64>()),
+        connection_id: conn.id.to_string(),
+        node: s.node.to_string(),
+        timestamp_ms: now_ms(),
+        user_id: conn.user_id.as_deref().map(str::to_owned),
+        channel: channel.clone(),
+        payload: data,
+    });
+    let json = serde_json::to_vec(&event).expect("events serialize");
+    let body = batch_body([&json[..]]);
+    let Event::Publish(PublishEvent { payload: data, .. }) = event else {
+        unreachable!("built above as a publish event");
+    };
+    let kind = KindLabel { kind: "publish" };
+    let started = std::time::Instant::now();
+    let decision = tokio::time::timeout(s.config.origin_timeout, s.transport.publish(body)).await;
+    s.metrics
+        .origin_duration
+        .get_or_create(&kind)
+        .observe(started.elapsed().as_secs_f64());
+    let failed = |why: String| {
+        s.metrics.origin_failures.get_or_create(&kind).inc();
+        s.metrics.native_errors.inc();
+        tracing::warn!(connection = %conn.id, error = %why, "publish event failed");
+        error_frame(
+            Some(id),
+            ErrorCode::Unavailable,
+            "the application is unavailable; retry later",
+        )
+    };
+    match decision {
+        Ok(Ok(ConnectDecision::Accept(answer))) => {
+            crate::origin::dispatcher::deliver_replies(s, answer.replies);
+            match s.channels.publish(&channel, data, None, &s.metrics) {
+                Ok((r, _)) => result_frame(id, &r),
+                Err(e) => {
+                    s.metrics.native_errors.inc();
+                    error_frame(Some(id), e.code(), &e.to_string())
+                }
+            }
+        }
+        Ok(Ok(ConnectDecision::Reject { reason, .. })) => {
+            s.metrics.native_errors.inc();
+            let reason = reason.unwrap_or_else(|| "refused by the application".into());
+            error_frame(Some(id), ErrorCode::Rejected, &reason)
+        }
+        Ok(Err(e)) => failed(e.to_string()),
+        Err(_) => failed("no answer within origin-timeout".into()),
+    }
 }

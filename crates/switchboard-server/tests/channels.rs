@@ -764,3 +764,67 @@ async fn subscribers_that_reconnect_see_every_message_once_in_order() {
         assert_eq!(seen, (1..=N).collect::<Vec<_>>(), "subscriber {k}");
     }
 }
+
+/// `publish-to-origin`: each client publish is a synchronous `publish` event;
+/// the origin's refusal reaches the client with its reason, and accepted
+/// publishes reach subscribers in the order the client sent them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_origin_approves_or_refuses_client_publishes() {
+    let origin = TestOrigin::start(Some("publish-secret")).await;
+    origin.behavior(|b| b.reject_publish_containing = Some("spam".into()));
+    let gw = TestGateway::with_origin(&origin, |c| {
+        c.origin_secret = Some("publish-secret".into());
+        c.origin_timeout = Duration::from_millis(500);
+        c.namespace = vec![ns("mod:publish,publish-to-origin,subscribe")];
+    })
+    .await;
+    let mut reader = Native::connect(&gw).await;
+    reader
+        .ok(json!({"cmd": "subscribe", "channel": "mod:room"}))
+        .await;
+    let mut writer = Native::connect(&gw).await;
+    // Several in flight at once: answered and published in order.
+    for (i, text) in ["one", "spam offer", "two", "three"].iter().enumerate() {
+        let cmd = json!({"id": i + 1, "cmd": "publish", "channel": "mod:room", "text": text});
+        writer.send_raw(&cmd.to_string()).await;
+    }
+    let mut replies = Vec::new();
+    while replies.len() < 4 {
+        let f = writer.frame().await;
+        replies.push(f);
+    }
+    assert_eq!(replies[0]["result"]["offset"], 1, "{replies:?}");
+    assert_eq!(replies[1]["error"]["code"], "rejected");
+    assert_eq!(replies[1]["error"]["message"], "refused: spam");
+    assert_eq!(replies[2]["result"]["offset"], 2);
+    assert_eq!(replies[3]["result"]["offset"], 3);
+    for want in ["one", "two", "three"] {
+        assert_eq!(reader.message().await["text"], want);
+    }
+    let publishes: Vec<_> = origin
+        .events()
+        .into_iter()
+        .filter(|e| e.kind() == "publish")
+        .collect();
+    assert_eq!(
+        publishes.len(),
+        3,
+        "accepted ones; the refused one is a 403"
+    );
+    assert!(origin
+        .received()
+        .iter()
+        .all(|r| r.signature_ok == Some(true)));
+
+    // The origin stops answering: after origin-timeout the client is told
+    // to retry, and nothing is published.
+    origin.pause();
+    let r = writer
+        .call(json!({"cmd": "publish", "channel": "mod:room", "text": "lost?"}))
+        .await;
+    assert_eq!(r["error"]["code"], "unavailable", "{r}");
+    origin.resume();
+    reader.quiet().await;
+    let h = gw.get("/v1/channels").await.json();
+    assert_eq!(h["channels"][0]["offset"], 3);
+}

@@ -75,6 +75,9 @@ pub struct Behavior {
     /// Close the next N TCP connections as soon as they are accepted, before
     /// reading anything: the gateway sees a network error.
     pub refuse_next_connections: u32,
+    /// Refuse (403, reason `"refused: <text>"`) every `publish` event whose
+    /// text contains this; accept the others.
+    pub reject_publish_containing: Option<String>,
 }
 
 impl Default for Behavior {
@@ -86,6 +89,7 @@ impl Default for Behavior {
             delay: Duration::ZERO,
             close_connections: false,
             refuse_next_connections: 0,
+            reject_publish_containing: None,
         }
     }
 }
@@ -416,7 +420,18 @@ async fn handle(State(s): State<Arc<OriginState>>, headers: HeaderMap, body: Byt
         tokio::time::sleep(behavior.delay).await;
     }
     let is_connect = matches!(batch.events.first(), Some(Event::Connect(_)));
-    let (status, answer) = if is_connect {
+    let (status, answer) = if let Some(Event::Publish(p)) = batch.events.first() {
+        let refused = match (&behavior.reject_publish_containing, &p.payload) {
+            (Some(bad), Payload::Text(t)) if t.contains(bad.as_str()) => Some(bad),
+            _ => None,
+        };
+        if let Some(bad) = refused {
+            let reason = format!("refused: {bad}");
+            (403, serde_json::json!({ "reason": reason }).to_string())
+        } else {
+            (200, "{}".to_owned())
+        }
+    } else if is_connect {
         match behavior.connect {
             ConnectBehavior::Accept(a) => (200, serde_json::to_string(&a).expect("serializes")),
             ConnectBehavior::Reject(st, reason) => {

@@ -19,6 +19,24 @@ pub struct HttpOrigin {
 }
 
 impl HttpOrigin {
+    /// Posts a synchronous event (`connect`, `publish`): 2xx accepts,
+    /// 4xx/5xx refuses with the status and the answer's reason.
+    fn decide(&self, body: Bytes) -> BoxFuture<'_, Result<ConnectDecision, OriginError>> {
+        Box::pin(async move {
+            let (status, body) = self.post(body).await?;
+            match status {
+                200..=299 => parse_answer(&body).map(ConnectDecision::Accept),
+                400..=599 => {
+                    let reason = serde_json::from_slice::<Rejection>(&body)
+                        .ok()
+                        .and_then(|r| r.reason);
+                    Ok(ConnectDecision::Reject { status, reason })
+                }
+                other => Err(OriginError::Permanent(other)),
+            }
+        })
+    }
+
     /// A transport for `url`, signing with `secret` when given.
     pub fn new(
         url: &str,
@@ -104,19 +122,11 @@ fn parse_answer(body: &[u8]) -> Result<OriginAnswer, OriginError> {
 
 impl OriginTransport for HttpOrigin {
     fn connect(&self, body: Bytes) -> BoxFuture<'_, Result<ConnectDecision, OriginError>> {
-        Box::pin(async move {
-            let (status, body) = self.post(body).await?;
-            match status {
-                200..=299 => parse_answer(&body).map(ConnectDecision::Accept),
-                400..=599 => {
-                    let reason = serde_json::from_slice::<Rejection>(&body)
-                        .ok()
-                        .and_then(|r| r.reason);
-                    Ok(ConnectDecision::Reject { status, reason })
-                }
-                other => Err(OriginError::Permanent(other)),
-            }
-        })
+        self.decide(body)
+    }
+
+    fn publish(&self, body: Bytes) -> BoxFuture<'_, Result<ConnectDecision, OriginError>> {
+        self.decide(body)
     }
 
     fn deliver(&self, body: Bytes) -> BoxFuture<'_, Result<OriginAnswer, OriginError>> {

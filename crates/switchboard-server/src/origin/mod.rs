@@ -16,7 +16,7 @@ use switchboard_proto::origin::OriginAnswer;
 /// A boxed future, as returned by [`OriginTransport`] methods.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
-/// The origin's decision on a `connect` event.
+/// The origin's decision on a `connect` or `publish` event.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ConnectDecision {
     /// Accepted, with what the origin attached.
@@ -68,6 +68,10 @@ pub trait OriginTransport: Send + Sync + std::fmt::Debug + 'static {
 
     /// Sends a batch of events; the answer may carry replies.
     fn deliver(&self, body: Bytes) -> BoxFuture<'_, Result<OriginAnswer, OriginError>>;
+
+    /// Sends a batch holding one `publish` event and returns the decision
+    /// (accepted: publish; rejected: the client is told the reason).
+    fn publish(&self, body: Bytes) -> BoxFuture<'_, Result<ConnectDecision, OriginError>>;
 }
 
 /// Dev mode (no origin configured): accepts every connection and discards events.
@@ -81,5 +85,9 @@ impl OriginTransport for DevOrigin {
 
     fn deliver(&self, _body: Bytes) -> BoxFuture<'_, Result<OriginAnswer, OriginError>> {
         Box::pin(async { Ok(OriginAnswer::default()) })
+    }
+
+    fn publish(&self, _body: Bytes) -> BoxFuture<'_, Result<ConnectDecision, OriginError>> {
+        Box::pin(async { Ok(ConnectDecision::Accept(OriginAnswer::default())) })
     }
 }
