@@ -262,7 +262,8 @@ pub struct HistoryCommand {
     /// Only messages after this position.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub since: Option<StreamPosition>,
-    /// At most this many, the newest.
+    /// At most this many: with `since` the oldest ones after it, without it
+    /// the newest ones.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limit: Option<usize>,
 }

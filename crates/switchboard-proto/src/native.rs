@@ -79,7 +79,8 @@ pub enum CommandBody {
         /// Only messages after this position.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         since: Option<StreamPosition>,
-        /// At most this many (the newest ones); all kept ones when absent.
+        /// At most this many: with `since` the oldest ones after it (pages
+        /// follow on), without it the newest ones; all kept ones when absent.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         limit: Option<usize>,
     },

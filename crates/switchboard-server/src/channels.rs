@@ -470,7 +470,9 @@ impl Channels {
         })
     }
 
-    /// The kept messages of a channel (after `since`, at most the newest `limit`).
+    /// The kept messages of a channel: after `since`, at most the oldest
+    /// `limit` of them (so pages follow on); without `since`, at most the
+    /// newest `limit`.
     pub(crate) fn history(
         &self,
         channel: &str,
@@ -490,12 +492,18 @@ impl Channels {
                     None => (Some(false), Vec::new()),
                 },
             };
-            let skip = limit.map_or(0, |l| kept.len().saturating_sub(l));
+            // With `since`: the oldest `limit` after it, so pages follow on
+            // from each other; without: the newest `limit`.
+            let (skip, take) = match (limit, since) {
+                (None, _) => (0, kept.len()),
+                (Some(l), Some(_)) => (0, l.min(kept.len())),
+                (Some(l), None) => (kept.len().saturating_sub(l), l.min(kept.len())),
+            };
             HistoryResult {
                 epoch,
                 offset,
                 recovered,
-                publications: kept[skip..]
+                publications: kept[skip..skip + take]
                     .iter()
                     .map(|k| Publication {
                         offset: k.offset,

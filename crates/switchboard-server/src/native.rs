@@ -98,6 +98,22 @@ pub(crate) struct PublishJob {
 #[derive(Serialize)]
 struct Empty {}
 
+/// A client may read a channel's history and presence only if it may
+/// subscribe to it itself or is subscribed to it (by the origin).
+fn may_read(
+    conn: &Conn,
+    channel: &str,
+    ch: &crate::channels::Channels,
+) -> Result<(), ChannelError> {
+    if ch.namespace(channel)?.client_subscribe || conn.is_subscribed(channel) {
+        Ok(())
+    } else {
+        Err(ChannelError::PermissionDenied(
+            "only subscribers may read this channel's history and presence",
+        ))
+    }
+}
+
 /// Runs one command frame of a native connection and queues its reply.
 pub(crate) fn handle(s: &Shared, conn: &Arc<Conn>, text: &[u8]) -> Outcome {
     let m = &s.metrics;
@@ -144,15 +160,15 @@ pub(crate) fn handle(s: &Shared, conn: &Arc<Conn>, text: &[u8]) -> Outcome {
                 .map(|(r, _)| Some(result_frame(id, &r))),
             Err(e) => Err(e),
         },
-        CommandBody::Presence { channel } => {
-            ch.presence(&channel).map(|r| Some(result_frame(id, &r)))
-        }
+        CommandBody::Presence { channel } => may_read(conn, &channel, ch)
+            .and_then(|()| ch.presence(&channel))
+            .map(|r| Some(result_frame(id, &r))),
         CommandBody::History {
             channel,
             since,
             limit,
-        } => ch
-            .history(&channel, since.as_ref(), limit, m)
+        } => may_read(conn, &channel, ch)
+            .and_then(|()| ch.history(&channel, since.as_ref(), limit, m))
             .map(|r| Some(result_frame(id, &r))),
         CommandBody::Ping {} => Ok(Some(result_frame(id, &Empty {}))),
         CommandBody::Send { data } => return Outcome::ToOrigin { id, data },

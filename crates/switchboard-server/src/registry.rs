@@ -422,6 +422,15 @@ impl Conn {
         out.queued_bytes = 0;
     }
 
+    /// Whether it is subscribed to `channel`.
+    pub(crate) fn is_subscribed(&self, channel: &str) -> bool {
+        self.subs
+            .lock()
+            .channels
+            .iter()
+            .any(|c| &*c.name == channel)
+    }
+
     /// Bytes queued and not yet written.
     pub(crate) fn queued_bytes(&self) -> usize {
         self.out.lock().queued_bytes

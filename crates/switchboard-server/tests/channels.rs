@@ -25,6 +25,7 @@ async fn gateway(f: impl FnOnce(&mut switchboard_server::Config)) -> TestGateway
             ns("feed:history-size=5,subscribe"),
             ns("inbox"),
             ns("seq:history-size=1000,subscribe"),
+            ns("live:subscribe"),
         ];
         f(c);
     })
@@ -320,6 +321,16 @@ async fn recovery_delivers_exactly_what_was_missed_or_says_it_cannot() {
         .map(|p| p["offset"].as_u64().unwrap())
         .collect();
     assert_eq!(offsets, vec![5, 6, 7]);
+    // Paging forward from a position: the oldest `limit` after it.
+    let page = gw
+        .get(&format!(
+            "/v1/channels/feed:news/messages?since=4&epoch={epoch}&limit=2"
+        ))
+        .await
+        .json();
+    assert_eq!(page["publications"][0]["offset"], 5);
+    assert_eq!(page["publications"][1]["offset"], 6);
+    assert_eq!(page["publications"].as_array().unwrap().len(), 2);
     let h = gw
         .get(&format!(
             "/v1/channels/feed:news/messages?since=1&epoch={epoch}"
@@ -402,9 +413,15 @@ async fn protocol_errors_are_answered_and_the_connection_stays() {
         "presence_disabled"
     );
     assert_eq!(
+        a.err(json!({"cmd": "history", "channel": "live:x"})).await,
+        "history_disabled"
+    );
+    // Not subscribed, and the namespace takes subscriptions from the origin
+    // only: its history and presence are not this client's to read.
+    assert_eq!(
         a.err(json!({"cmd": "history", "channel": "inbox:me"}))
             .await,
-        "history_disabled"
+        "permission_denied"
     );
     a.ok(json!({"cmd": "subscribe", "channel": "chat:1"})).await;
     assert_eq!(
@@ -421,7 +438,7 @@ async fn protocol_errors_are_answered_and_the_connection_stays() {
     // Still a working session.
     assert_eq!(a.ok(json!({"cmd": "ping"})).await, json!({}));
     let errors = gw.metric("switchboard_native_command_errors_total").await;
-    assert_eq!(errors, 15.0);
+    assert_eq!(errors, 16.0);
 }
 
 #[tokio::test]
@@ -475,6 +492,17 @@ async fn server_side_subscriptions_reach_native_and_raw_connections() {
 
     publish(&gw, "inbox:all", json!({"text": "to everyone"})).await;
     assert_eq!(n.message().await["text"], "to everyone");
+    // Subscribed by the origin: it may read the channel's history, not
+    // another channel's of the same origin-only namespace.
+    let h = n
+        .ok(json!({"cmd": "history", "channel": "inbox:all"}))
+        .await;
+    assert_eq!(h["publications"][0]["text"], "to everyone");
+    assert_eq!(
+        n.err(json!({"cmd": "history", "channel": "inbox:other"}))
+            .await,
+        "permission_denied"
+    );
     assert_eq!(next_msg(&mut raw).await, WsMessage::text("to everyone"));
 
     // The control API subscribes and unsubscribes one connection.
