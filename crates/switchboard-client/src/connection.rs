@@ -1,0 +1,1012 @@
+//! The background task behind a [`Client`](crate::Client): it owns the
+//! WebSocket, (re)connects with backoff, sends commands and routes replies and
+//! pushes.
+//!
+//! Handles talk to the task through one unbounded channel of [`Request`]s and
+//! get their answers on oneshot channels; subscriptions get their events on
+//! their own unbounded channels. The task keeps, across connections:
+//!
+//! - the client-side subscriptions, each with its [`StreamTracker`], so that
+//!   every new connection resubscribes from the last delivered position;
+//! - the commands waiting for a connection (at most `max_queued`);
+//! - the commands in flight on the current connection, by id. When the
+//!   connection drops, those safe to repeat go back to the front of the queue
+//!   and `publish`/`send` fail with [`Error::ConnectionLost`].
+//!
+//! Timeouts are enforced by the callers (the handle stops waiting); the task
+//! skips requests whose caller is gone when it gets to them.
+
+use crate::backoff::Backoff;
+use crate::error::{Error, Result};
+use crate::event::{
+    ChannelMessage, ClientEvent, ConnectionState, DisconnectReason, SubscriptionEvent,
+};
+use crate::tracker::StreamTracker;
+use futures_util::{SinkExt, StreamExt};
+use serde::Serialize;
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use switchboard_proto::native::{
+    CommandBody, Push, Reply, ServerFrame, SubscribeResult, SUBPROTOCOL,
+};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
+use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::{header, HeaderName, HeaderValue};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::{self, Message};
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+/// The client's WebSocket.
+type Ws = WebSocketStream<MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// How long the task waits for the gateway's half of a closing handshake.
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
+/// Added to twice the ping interval to decide that a silent link is dead.
+const HEARTBEAT_SLACK: Duration = Duration::from_secs(5);
+
+/// Everything the task needs to know, fixed at [`ClientBuilder::connect`](crate::ClientBuilder::connect).
+#[derive(Debug)]
+pub(crate) struct Settings {
+    /// The URL to connect to, `token` query parameter included.
+    pub(crate) url: String,
+    /// Extra handshake headers (`Authorization` included).
+    pub(crate) headers: Vec<(HeaderName, HeaderValue)>,
+    /// Reconnect schedule.
+    pub(crate) backoff: crate::backoff::BackoffConfig,
+    /// A connection that stayed up this long resets the backoff.
+    pub(crate) stable_after: Duration,
+    /// Bound of the TCP + WebSocket handshake and the `connected` push.
+    pub(crate) connect_timeout: Duration,
+    /// Most commands waiting for a connection.
+    pub(crate) max_queued: usize,
+}
+
+/// State shared by the task and the handles.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    /// The connection state, as the handles see it.
+    pub(crate) state: watch::Sender<ConnectionState>,
+    /// Client-wide events; taken (closing every receiver) when the task ends.
+    pub(crate) events: Mutex<Option<broadcast::Sender<ClientEvent>>>,
+}
+
+impl Shared {
+    /// The error for a command that can no longer be served.
+    pub(crate) fn final_error(&self) -> Error {
+        match &*self.state.borrow() {
+            ConnectionState::Failed(e) => e.clone(),
+            _ => Error::Closed,
+        }
+    }
+
+    fn emit(&self, event: ClientEvent) {
+        if let Some(tx) = &*self.events.lock().unwrap_or_else(|e| e.into_inner()) {
+            let _ = tx.send(event);
+        }
+    }
+}
+
+/// What a handle asks of the task.
+#[derive(Debug)]
+pub(crate) enum Request {
+    /// Run a command and answer with its `result`.
+    Call(Call),
+    /// Start a client-side subscription.
+    Subscribe {
+        /// The channel.
+        channel: String,
+        /// Tells this subscription apart from earlier ones to the same channel.
+        sub_id: u64,
+        /// Where its events go.
+        events: mpsc::UnboundedSender<SubscriptionEvent>,
+        /// Answered with the first subscribe's outcome.
+        confirm: oneshot::Sender<Result<()>>,
+    },
+    /// End a client-side subscription.
+    Unsubscribe {
+        /// The channel.
+        channel: String,
+        /// Which subscription (ignored if it is no longer the current one).
+        sub_id: u64,
+        /// Answered once the gateway confirmed (or no connection needs it).
+        reply: Option<oneshot::Sender<Result<()>>>,
+    },
+    /// Close the connection and stop.
+    Close {
+        /// Answered when the task has stopped.
+        done: oneshot::Sender<()>,
+    },
+}
+
+/// A command waiting for its reply.
+#[derive(Debug)]
+pub(crate) struct Call {
+    /// The command.
+    pub(crate) body: CommandBody,
+    /// Whether it may be sent again after a connection dropped with it in
+    /// flight (everything but `publish` and `send`).
+    pub(crate) retry_safe: bool,
+    /// Where the result goes.
+    pub(crate) reply: oneshot::Sender<Result<serde_json::Value>>,
+}
+
+/// What the reply to a command in flight is for.
+#[derive(Debug)]
+enum Inflight {
+    Call(Call),
+    Subscribe {
+        channel: String,
+        sub_id: u64,
+    },
+    Unsubscribe {
+        channel: String,
+        reply: Option<oneshot::Sender<Result<()>>>,
+    },
+}
+
+/// One client-side subscription.
+#[derive(Debug)]
+struct SubEntry {
+    sub_id: u64,
+    events: mpsc::UnboundedSender<SubscriptionEvent>,
+    tracker: StreamTracker,
+    /// The `subscribe()` call, until the first reply.
+    confirm: Option<oneshot::Sender<Result<()>>>,
+    /// Id of the subscribe command in flight.
+    cmd: Option<u64>,
+    /// Subscribed (or subscribing) on the current connection.
+    on_connection: bool,
+}
+
+/// How a request or a frame leaves the session.
+enum Flow {
+    Continue,
+    Close,
+    Lost(DisconnectReason),
+}
+
+/// How a connection attempt ended.
+enum Attempt {
+    Connected(Box<Ws>, Welcome),
+    Retry(Error),
+    Failed(Error),
+    Closed,
+}
+
+/// The gateway's `connected` push.
+#[derive(Debug)]
+struct Welcome {
+    client: String,
+    node: String,
+    ping_interval: Duration,
+}
+
+/// A command on the wire.
+#[derive(Serialize)]
+struct Outgoing<'a> {
+    id: u64,
+    #[serde(flatten)]
+    body: &'a CommandBody,
+}
+
+/// Starts the task.
+pub(crate) fn spawn(
+    settings: Arc<Settings>,
+    shared: Arc<Shared>,
+    requests: mpsc::UnboundedReceiver<Request>,
+) {
+    let task = Task {
+        backoff: Backoff::new(settings.backoff),
+        settings,
+        shared,
+        requests,
+        next_id: 0,
+        subs: HashMap::new(),
+        unsubscribing: HashMap::new(),
+        queue: VecDeque::new(),
+        inflight: HashMap::new(),
+        close_waiters: Vec::new(),
+    };
+    tokio::spawn(task.run());
+}
+
+struct Task {
+    settings: Arc<Settings>,
+    shared: Arc<Shared>,
+    requests: mpsc::UnboundedReceiver<Request>,
+    backoff: Backoff,
+    next_id: u64,
+    subs: HashMap<String, SubEntry>,
+    /// Unsubscribes in flight per channel: their messages are dropped.
+    unsubscribing: HashMap<String, u32>,
+    queue: VecDeque<Call>,
+    inflight: HashMap<u64, Inflight>,
+    close_waiters: Vec<oneshot::Sender<()>>,
+}
+
+impl Task {
+    async fn run(mut self) {
+        let end = loop {
+            self.shared.state.send_replace(ConnectionState::Connecting);
+            let retry_in = match self.connect().await {
+                Attempt::Closed => break None,
+                Attempt::Failed(e) => break Some(e),
+                Attempt::Retry(error) => {
+                    let retry_in = self.backoff.next_delay();
+                    tracing::debug!(%error, ?retry_in, "switchboard connect failed");
+                    self.shared
+                        .emit(ClientEvent::ConnectFailed { error, retry_in });
+                    retry_in
+                }
+                Attempt::Connected(mut ws, welcome) => {
+                    let since = Instant::now();
+                    let flow = self.session(&mut ws, welcome).await;
+                    self.connection_lost();
+                    match flow {
+                        Flow::Lost(reason) => {
+                            if since.elapsed() >= self.settings.stable_after {
+                                self.backoff.reset();
+                            }
+                            let retry_in = self.backoff.next_delay();
+                            tracing::debug!(%reason, ?retry_in, "switchboard connection lost");
+                            self.shared.state.send_replace(ConnectionState::Connecting);
+                            self.shared
+                                .emit(ClientEvent::Disconnected { reason, retry_in });
+                            retry_in
+                        }
+                        Flow::Close | Flow::Continue => {
+                            close_politely(&mut ws, true).await;
+                            break None;
+                        }
+                    }
+                }
+            };
+            if !self.pause(retry_in).await {
+                break None;
+            }
+        };
+        self.shutdown(end);
+    }
+
+    /// One connection attempt, serving requests meanwhile.
+    async fn connect(&mut self) -> Attempt {
+        let handshake = handshake(self.settings.clone());
+        tokio::pin!(handshake);
+        loop {
+            tokio::select! {
+                result = &mut handshake => return match result {
+                    Ok((ws, welcome)) => Attempt::Connected(ws, welcome),
+                    Err(e) if e.is_terminal() => Attempt::Failed(e),
+                    Err(e) => Attempt::Retry(e),
+                },
+                request = self.requests.recv() => match request {
+                    None => return Attempt::Closed,
+                    Some(r) => if let Flow::Close = self.on_request(r, None).await {
+                        return Attempt::Closed;
+                    },
+                },
+            }
+        }
+    }
+
+    /// Waits `delay` before the next attempt, serving requests; false if the
+    /// client was closed meanwhile.
+    async fn pause(&mut self, delay: Duration) -> bool {
+        let sleep = tokio::time::sleep(delay);
+        tokio::pin!(sleep);
+        loop {
+            tokio::select! {
+                () = &mut sleep => return true,
+                request = self.requests.recv() => match request {
+                    None => return false,
+                    Some(r) => if let Flow::Close = self.on_request(r, None).await {
+                        return false;
+                    },
+                },
+            }
+        }
+    }
+
+    /// Serves one established connection until it ends or the client closes.
+    async fn session(&mut self, ws: &mut Ws, welcome: Welcome) -> Flow {
+        tracing::debug!(client = %welcome.client, node = %welcome.node, "switchboard connected");
+        self.shared.state.send_replace(ConnectionState::Connected {
+            client_id: welcome.client.clone(),
+            node: welcome.node.clone(),
+        });
+        self.shared.emit(ClientEvent::Connected {
+            client_id: welcome.client,
+            node: welcome.node,
+        });
+        // Resubscribe first, so that queued publishes to those channels come
+        // back to us; then flush the queue.
+        self.subs
+            .retain(|_, e| !e.confirm.as_ref().is_some_and(|c| c.is_closed()));
+        let channels: Vec<String> = self.subs.keys().cloned().collect();
+        for channel in channels {
+            if let Err(e) = self.send_subscribe(ws, &channel).await {
+                return lost(e);
+            }
+        }
+        while let Some(call) = self.queue.pop_front() {
+            if let Err(e) = self.send_call(ws, call).await {
+                return lost(e);
+            }
+        }
+
+        // Anything at all (a ping included) proves the link alive.
+        let dead_after =
+            (!welcome.ping_interval.is_zero()).then(|| welcome.ping_interval * 2 + HEARTBEAT_SLACK);
+        let heartbeat = tokio::time::sleep(dead_after.unwrap_or_default());
+        tokio::pin!(heartbeat);
+        loop {
+            tokio::select! {
+                frame = ws.next() => {
+                    if let Some(d) = dead_after {
+                        heartbeat.as_mut().reset(Instant::now() + d);
+                    }
+                    let flow = match frame {
+                        Some(Ok(Message::Text(text))) => self.on_text(ws, text.as_bytes()).await,
+                        Some(Ok(Message::Close(frame))) => {
+                            let (code, reason) = frame
+                                .map(|f| (u16::from(f.code), f.reason.to_string()))
+                                .unwrap_or((1005, String::new()));
+                            // Let tungstenite send its close reply.
+                            close_politely(ws, false).await;
+                            Flow::Lost(DisconnectReason::Closed { code, reason })
+                        }
+                        Some(Ok(_)) => Flow::Continue, // pings are answered by tungstenite
+                        Some(Err(e)) => Flow::Lost(DisconnectReason::Network(e.to_string())),
+                        None => Flow::Lost(DisconnectReason::Network("connection closed".into())),
+                    };
+                    if !matches!(flow, Flow::Continue) {
+                        return flow;
+                    }
+                }
+                request = self.requests.recv() => {
+                    let flow = match request {
+                        None => Flow::Close,
+                        Some(r) => self.on_request(r, Some(ws)).await,
+                    };
+                    if !matches!(flow, Flow::Continue) {
+                        return flow;
+                    }
+                }
+                () = &mut heartbeat, if dead_after.is_some() => {
+                    return Flow::Lost(DisconnectReason::HeartbeatTimeout(
+                        dead_after.unwrap_or_default(),
+                    ));
+                }
+            }
+        }
+    }
+
+    /// Serves a request; `ws` is the connection, if there is one.
+    async fn on_request(&mut self, request: Request, ws: Option<&mut Ws>) -> Flow {
+        let sent = match request {
+            Request::Call(call) => match ws {
+                Some(ws) => self.send_call(ws, call).await,
+                None => {
+                    self.enqueue(call);
+                    Ok(())
+                }
+            },
+            Request::Subscribe {
+                channel,
+                sub_id,
+                events,
+                confirm,
+            } => {
+                if self.subs.contains_key(&channel) {
+                    let _ = confirm.send(Err(Error::AlreadySubscribed(channel)));
+                    return Flow::Continue;
+                }
+                self.subs.insert(
+                    channel.clone(),
+                    SubEntry {
+                        sub_id,
+                        events,
+                        tracker: StreamTracker::default(),
+                        confirm: Some(confirm),
+                        cmd: None,
+                        on_connection: false,
+                    },
+                );
+                match ws {
+                    Some(ws) => self.send_subscribe(ws, &channel).await,
+                    None => Ok(()),
+                }
+            }
+            Request::Unsubscribe {
+                channel,
+                sub_id,
+                reply,
+            } => {
+                let entry = match self.subs.get(&channel) {
+                    Some(e) if e.sub_id == sub_id => self.subs.remove(&channel),
+                    _ => None,
+                };
+                match (entry, ws) {
+                    (Some(entry), Some(ws)) if entry.on_connection => {
+                        self.send_unsubscribe(ws, channel, reply).await
+                    }
+                    _ => {
+                        if let Some(r) = reply {
+                            let _ = r.send(Ok(()));
+                        }
+                        Ok(())
+                    }
+                }
+            }
+            Request::Close { done } => {
+                self.close_waiters.push(done);
+                return Flow::Close;
+            }
+        };
+        match sent {
+            Ok(()) => Flow::Continue,
+            Err(e) => lost(e),
+        }
+    }
+
+    /// Queues a call until the next connection, within `max_queued`.
+    fn enqueue(&mut self, call: Call) {
+        if self.queue.len() >= self.settings.max_queued {
+            self.queue.retain(|c| !c.reply.is_closed());
+        }
+        if self.queue.len() >= self.settings.max_queued {
+            let _ = call.reply.send(Err(Error::QueueFull(self.queue.len())));
+        } else {
+            self.queue.push_back(call);
+        }
+    }
+
+    fn next_id(&mut self) -> u64 {
+        self.next_id += 1;
+        self.next_id
+    }
+
+    async fn send_call(&mut self, ws: &mut Ws, call: Call) -> Result<(), tungstenite::Error> {
+        if call.reply.is_closed() {
+            return Ok(()); // the caller gave up
+        }
+        let id = self.next_id();
+        let text = encode(id, &call.body);
+        self.inflight.insert(id, Inflight::Call(call));
+        ws.send(Message::text(text)).await
+    }
+
+    async fn send_subscribe(
+        &mut self,
+        ws: &mut Ws,
+        channel: &str,
+    ) -> Result<(), tungstenite::Error> {
+        let id = self.next_id();
+        let Some(entry) = self.subs.get_mut(channel) else {
+            return Ok(());
+        };
+        let since = entry.tracker.begin_subscribe();
+        entry.cmd = Some(id);
+        entry.on_connection = true;
+        self.inflight.insert(
+            id,
+            Inflight::Subscribe {
+                channel: channel.to_owned(),
+                sub_id: entry.sub_id,
+            },
+        );
+        let body = CommandBody::Subscribe {
+            channel: channel.to_owned(),
+            since,
+        };
+        ws.send(Message::text(encode(id, &body))).await
+    }
+
+    async fn send_unsubscribe(
+        &mut self,
+        ws: &mut Ws,
+        channel: String,
+        reply: Option<oneshot::Sender<Result<()>>>,
+    ) -> Result<(), tungstenite::Error> {
+        let id = self.next_id();
+        *self.unsubscribing.entry(channel.clone()).or_default() += 1;
+        let body = CommandBody::Unsubscribe {
+            channel: channel.clone(),
+        };
+        self.inflight
+            .insert(id, Inflight::Unsubscribe { channel, reply });
+        ws.send(Message::text(encode(id, &body))).await
+    }
+
+    /// Handles a text frame from the gateway.
+    async fn on_text(&mut self, ws: &mut Ws, text: &[u8]) -> Flow {
+        let frame = match ServerFrame::decode(text) {
+            Ok(f) => f,
+            Err(e) => {
+                // Most likely a push or field from a newer protocol version.
+                tracing::debug!(error = %e, frame = %String::from_utf8_lossy(text), "switchboard: skipped an unreadable frame");
+                return Flow::Continue;
+            }
+        };
+        let sent = match frame {
+            ServerFrame::Reply(reply) => self.on_reply(ws, reply).await,
+            ServerFrame::Push(push) => {
+                self.on_push(push);
+                Ok(())
+            }
+        };
+        match sent {
+            Ok(()) => Flow::Continue,
+            Err(e) => lost(e),
+        }
+    }
+
+    async fn on_reply(&mut self, ws: &mut Ws, reply: Reply) -> Result<(), tungstenite::Error> {
+        let Some(inflight) = reply.id.and_then(|id| self.inflight.remove(&id)) else {
+            if let Some(e) = reply.error {
+                tracing::warn!(code = e.code.as_str(), message = %e.message, "switchboard: error reply to no command");
+            }
+            return Ok(());
+        };
+        let outcome = match reply.error {
+            Some(e) => Err(Error::Server {
+                code: e.code,
+                message: e.message,
+            }),
+            None => Ok(reply.result.unwrap_or(serde_json::Value::Null)),
+        };
+        match inflight {
+            Inflight::Call(call) => {
+                let _ = call.reply.send(outcome);
+                Ok(())
+            }
+            Inflight::Unsubscribe { channel, reply } => {
+                self.done_unsubscribing(&channel);
+                if let Some(r) = reply {
+                    let _ = r.send(outcome.map(|_| ()));
+                }
+                Ok(())
+            }
+            Inflight::Subscribe { channel, sub_id } => {
+                let id = reply.id.unwrap_or_default();
+                self.on_subscribe_reply(ws, channel, sub_id, id, outcome)
+                    .await
+            }
+        }
+    }
+
+    fn done_unsubscribing(&mut self, channel: &str) {
+        if let Some(n) = self.unsubscribing.get_mut(channel) {
+            *n -= 1;
+            if *n == 0 {
+                self.unsubscribing.remove(channel);
+            }
+        }
+    }
+
+    async fn on_subscribe_reply(
+        &mut self,
+        ws: &mut Ws,
+        channel: String,
+        sub_id: u64,
+        id: u64,
+        outcome: Result<serde_json::Value>,
+    ) -> Result<(), tungstenite::Error> {
+        let Some(entry) = self.subs.get_mut(&channel) else {
+            return Ok(());
+        };
+        if entry.sub_id != sub_id || entry.cmd != Some(id) {
+            return Ok(()); // a reply for an earlier subscription to it
+        }
+        entry.cmd = None;
+        let result = outcome.and_then(|v| {
+            serde_json::from_value::<SubscribeResult>(v)
+                .map_err(|e| Error::Protocol(format!("bad `subscribe` result: {e}")))
+        });
+        let result = match result {
+            Ok(r) => r,
+            Err(error) => {
+                let Some(entry) = self.subs.remove(&channel) else {
+                    return Ok(());
+                };
+                match entry.confirm {
+                    Some(confirm) => {
+                        let _ = confirm.send(Err(error));
+                    }
+                    None => {
+                        tracing::warn!(%channel, %error, "switchboard: resubscribe refused");
+                        let _ = entry.events.send(SubscriptionEvent::Failed(error));
+                    }
+                }
+                return Ok(());
+            }
+        };
+        if entry.confirm.as_ref().is_some_and(|c| c.is_closed()) || entry.events.is_closed() {
+            // Nobody is listening any more (the caller gave up).
+            self.subs.remove(&channel);
+            return self.send_unsubscribe(ws, channel, None).await;
+        }
+        let SubEntry {
+            tracker,
+            events,
+            confirm,
+            ..
+        } = entry;
+        tracker.on_subscribed(&result, &mut |ev| {
+            let _ = events.send(ev);
+        });
+        if let Some(confirm) = confirm.take() {
+            let _ = confirm.send(Ok(()));
+        }
+        Ok(())
+    }
+
+    fn on_push(&mut self, push: Push) {
+        match push {
+            Push::Message {
+                channel,
+                offset,
+                epoch,
+                data,
+            } => {
+                let message = ChannelMessage {
+                    channel,
+                    offset,
+                    epoch,
+                    data,
+                };
+                if let Some(entry) = self.subs.get_mut(&message.channel) {
+                    let SubEntry {
+                        tracker, events, ..
+                    } = entry;
+                    tracker.on_message(message, &mut |ev| {
+                        let _ = events.send(ev);
+                    });
+                } else if !self.unsubscribing.contains_key(&message.channel) {
+                    self.shared.emit(ClientEvent::Message(message));
+                }
+            }
+            Push::Join { channel, member } => {
+                if let Some(entry) = self.subs.get(&channel) {
+                    let _ = entry.events.send(SubscriptionEvent::Join(member));
+                } else if !self.unsubscribing.contains_key(&channel) {
+                    self.shared.emit(ClientEvent::Join { channel, member });
+                }
+            }
+            Push::Leave { channel, member } => {
+                if let Some(entry) = self.subs.get(&channel) {
+                    let _ = entry.events.send(SubscriptionEvent::Leave(member));
+                } else if !self.unsubscribing.contains_key(&channel) {
+                    self.shared.emit(ClientEvent::Leave { channel, member });
+                }
+            }
+            Push::Subscribed {
+                channel,
+                epoch,
+                offset,
+            } => self.shared.emit(ClientEvent::ServerSubscribed {
+                channel,
+                epoch,
+                offset,
+            }),
+            Push::Unsubscribed { channel } => {
+                if let Some(entry) = self.subs.remove(&channel) {
+                    let _ = entry.events.send(SubscriptionEvent::Unsubscribed);
+                    if let Some(confirm) = entry.confirm {
+                        let _ = confirm.send(Err(Error::Protocol(
+                            "the server unsubscribed the channel before confirming it".into(),
+                        )));
+                    }
+                } else if !self.unsubscribing.contains_key(&channel) {
+                    self.shared
+                        .emit(ClientEvent::ServerUnsubscribed { channel });
+                }
+            }
+            Push::Direct { data } => self.shared.emit(ClientEvent::Direct(data)),
+            Push::Connected { .. } => {
+                tracing::debug!("switchboard: a second `connected` push, ignored");
+            }
+        }
+    }
+
+    /// Settles what was in flight on a connection that is gone.
+    fn connection_lost(&mut self) {
+        let mut again: Vec<(u64, Call)> = Vec::new();
+        for (id, inflight) in self.inflight.drain() {
+            match inflight {
+                Inflight::Call(call) if call.retry_safe => again.push((id, call)),
+                Inflight::Call(call) => {
+                    let command = call.body.name();
+                    let _ = call.reply.send(Err(Error::ConnectionLost { command }));
+                }
+                Inflight::Subscribe { .. } => {}
+                // The server forgets the connection's subscriptions anyway.
+                Inflight::Unsubscribe { reply, .. } => {
+                    if let Some(r) = reply {
+                        let _ = r.send(Ok(()));
+                    }
+                }
+            }
+        }
+        again.sort_by_key(|(id, _)| *id);
+        for (_, call) in again.into_iter().rev() {
+            self.queue.push_front(call);
+        }
+        self.unsubscribing.clear();
+        for entry in self.subs.values_mut() {
+            entry.tracker.connection_lost();
+            entry.cmd = None;
+            entry.on_connection = false;
+        }
+    }
+
+    /// Stops for good: `error` is `None` after a close by the application.
+    fn shutdown(mut self, error: Option<Error>) {
+        let (state, event, err) = match error {
+            None => (ConnectionState::Closed, ClientEvent::Closed, Error::Closed),
+            Some(e) => {
+                tracing::warn!(error = %e, "switchboard client stopped");
+                (
+                    ConnectionState::Failed(e.clone()),
+                    ClientEvent::Failed(e.clone()),
+                    e,
+                )
+            }
+        };
+        // State first: a handle whose request bounces reads it.
+        self.shared.state.send_replace(state);
+        self.shared.emit(event);
+        drop(
+            self.shared
+                .events
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take(),
+        );
+        self.requests.close();
+        while let Ok(request) = self.requests.try_recv() {
+            match request {
+                Request::Call(call) => self.queue.push_back(call),
+                Request::Subscribe { confirm, .. } => {
+                    let _ = confirm.send(Err(err.clone()));
+                }
+                Request::Unsubscribe { reply, .. } => {
+                    if let Some(r) = reply {
+                        let _ = r.send(Ok(()));
+                    }
+                }
+                Request::Close { done } => self.close_waiters.push(done),
+            }
+        }
+        self.connection_lost();
+        for call in self.queue.drain(..) {
+            let _ = call.reply.send(Err(err.clone()));
+        }
+        for (_, entry) in self.subs.drain() {
+            match entry.confirm {
+                Some(confirm) => {
+                    let _ = confirm.send(Err(err.clone()));
+                }
+                None if err != Error::Closed => {
+                    let _ = entry.events.send(SubscriptionEvent::Failed(err.clone()));
+                }
+                None => {}
+            }
+        }
+        for done in self.close_waiters.drain(..) {
+            let _ = done.send(());
+        }
+    }
+}
+
+/// The session ends because writing failed.
+fn lost(e: tungstenite::Error) -> Flow {
+    Flow::Lost(DisconnectReason::Network(e.to_string()))
+}
+
+fn encode(id: u64, body: &CommandBody) -> String {
+    serde_json::to_string(&Outgoing { id, body }).expect("commands serialize")
+}
+
+/// Completes a closing handshake, for at most [`CLOSE_GRACE`]: sends a 1000
+/// close frame if `initiate` (else flushes tungstenite's reply to the
+/// gateway's), then reads until the gateway ends the connection.
+async fn close_politely(ws: &mut Ws, initiate: bool) {
+    let frame = initiate.then(|| CloseFrame {
+        code: CloseCode::Normal,
+        reason: "".into(),
+    });
+    let _ = tokio::time::timeout(CLOSE_GRACE, async {
+        let _ = ws.close(frame).await;
+        while let Some(Ok(_)) = ws.next().await {}
+    })
+    .await;
+}
+
+/// Connects, completes the handshake and reads the `connected` push, within
+/// the connect timeout.
+async fn handshake(settings: Arc<Settings>) -> Result<(Box<Ws>, Welcome)> {
+    let timeout = settings.connect_timeout;
+    match tokio::time::timeout(timeout, open(&settings)).await {
+        Ok(result) => result,
+        Err(_) => Err(Error::Transport(format!(
+            "no connection within the connect timeout ({timeout:?})"
+        ))),
+    }
+}
+
+async fn open(settings: &Settings) -> Result<(Box<Ws>, Welcome)> {
+    let request = build_request(settings)?;
+    let (ws, _response) = tokio_tungstenite::connect_async_with_config(request, None, true)
+        .await
+        .map_err(classify)?;
+    let mut ws = Box::new(ws);
+    loop {
+        let frame = match ws.next().await {
+            Some(Ok(f)) => f,
+            Some(Err(e)) => return Err(Error::Transport(e.to_string())),
+            None => {
+                return Err(Error::Transport(
+                    "closed before the `connected` push".into(),
+                ))
+            }
+        };
+        let text = match frame {
+            Message::Text(t) => t,
+            Message::Close(f) => {
+                return Err(Error::Transport(format!(
+                    "closed before the `connected` push: {}",
+                    f.map(|f| format!("{} {}", u16::from(f.code), f.reason))
+                        .unwrap_or_default()
+                )))
+            }
+            _ => continue,
+        };
+        return match ServerFrame::decode(text.as_bytes()) {
+            Ok(ServerFrame::Push(Push::Connected {
+                client,
+                node,
+                ping_interval_ms,
+                ..
+            })) => Ok((
+                ws,
+                Welcome {
+                    client,
+                    node,
+                    ping_interval: Duration::from_millis(ping_interval_ms),
+                },
+            )),
+            _ => Err(Error::Protocol(format!(
+                "expected the `connected` push first, got {:.200}",
+                text.as_str()
+            ))),
+        };
+    }
+}
+
+/// The handshake request: URL, subprotocol, token and extra headers.
+pub(crate) fn build_request(
+    settings: &Settings,
+) -> Result<tungstenite::handshake::client::Request> {
+    let mut request = settings
+        .url
+        .as_str()
+        .into_client_request()
+        .map_err(|e| Error::Config(format!("bad URL {:?}: {e}", settings.url)))?;
+    let headers = request.headers_mut();
+    for (name, value) in &settings.headers {
+        headers.append(name.clone(), value.clone());
+    }
+    headers.insert(
+        header::SEC_WEBSOCKET_PROTOCOL,
+        HeaderValue::from_static(SUBPROTOCOL),
+    );
+    Ok(request)
+}
+
+/// Sorts a failed handshake into terminal and retryable errors.
+pub(crate) fn classify(error: tungstenite::Error) -> Error {
+    use tungstenite::error::ProtocolError;
+    match error {
+        tungstenite::Error::Http(response) => {
+            let status = response.status().as_u16();
+            let body = response.body().as_deref().unwrap_or_default();
+            #[derive(serde::Deserialize)]
+            struct Refusal {
+                code: Option<String>,
+                message: Option<String>,
+            }
+            let (code, message) = match serde_json::from_slice::<Refusal>(body) {
+                Ok(r) => (r.code, r.message),
+                Err(_) => (None, None),
+            };
+            let message = message.unwrap_or_else(|| {
+                let text = String::from_utf8_lossy(body);
+                if text.trim().is_empty() {
+                    response
+                        .status()
+                        .canonical_reason()
+                        .unwrap_or("refused")
+                        .to_owned()
+                } else {
+                    text.chars().take(200).collect()
+                }
+            });
+            Error::Refused {
+                status,
+                code,
+                message,
+            }
+        }
+        tungstenite::Error::Protocol(ProtocolError::SecWebSocketSubProtocolError(e)) => {
+            Error::UnsupportedProtocol(e.to_string())
+        }
+        tungstenite::Error::Url(e) => Error::Config(e.to_string()),
+        other => Error::Transport(other.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tungstenite::http::Response;
+
+    fn refused(status: u16, body: &str) -> Error {
+        let response = Response::builder()
+            .status(status)
+            .body(Some(body.as_bytes().to_vec()))
+            .unwrap();
+        classify(tungstenite::Error::Http(response))
+    }
+
+    #[test]
+    fn handshake_refusals_are_sorted_into_terminal_and_retryable() {
+        for status in [400, 401, 403, 404, 426] {
+            assert!(refused(status, "").is_terminal(), "{status}");
+        }
+        for status in [408, 429, 500, 502, 503] {
+            assert!(!refused(status, "").is_terminal(), "{status}");
+        }
+        assert_eq!(
+            refused(503, r#"{"code":"draining","message":"node is draining"}"#),
+            Error::Refused {
+                status: 503,
+                code: Some("draining".into()),
+                message: "node is draining".into()
+            }
+        );
+        assert_eq!(
+            refused(401, ""),
+            Error::Refused {
+                status: 401,
+                code: None,
+                message: "Unauthorized".into()
+            }
+        );
+        let io =
+            tungstenite::Error::Io(std::io::Error::from(std::io::ErrorKind::ConnectionRefused));
+        assert!(!classify(io).is_terminal());
+        let sub = tungstenite::Error::Protocol(
+            tungstenite::error::ProtocolError::SecWebSocketSubProtocolError(
+                tungstenite::error::SubProtocolError::NoSubProtocol,
+            ),
+        );
+        assert!(matches!(classify(sub), Error::UnsupportedProtocol(_)));
+    }
+
+    #[test]
+    fn commands_are_encoded_flat() {
+        let body = CommandBody::Publish {
+            channel: "chat:a".into(),
+            data: switchboard_proto::origin::Payload::Text("hi".into()),
+        };
+        assert_eq!(
+            encode(3, &body),
+            r#"{"id":3,"cmd":"publish","channel":"chat:a","text":"hi"}"#
+        );
+        assert_eq!(encode(4, &CommandBody::Ping {}), r#"{"id":4,"cmd":"ping"}"#);
+    }
+}

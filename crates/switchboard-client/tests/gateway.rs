@@ -1,0 +1,712 @@
+//! The SDK against a real in-process gateway (`switchboard_test_util`):
+//! exactly-once delivery across forced reconnects, recovery and gaps, the
+//! command round trips, typed errors, reconnect policy and heartbeats.
+
+use std::sync::atomic::{AtomicU32, Ordering::SeqCst};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use switchboard_client::{
+    Client, ClientEvent, ConnectionState, DisconnectReason, Error, ErrorCode, Events, Payload,
+    StreamPosition, Subscription, SubscriptionEvent,
+};
+use switchboard_proto::origin::{ClosedBy, Event, OriginAnswer};
+use switchboard_test_util::{ConnectBehavior, TestGateway, TestOrigin};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+const NAMESPACE: &str =
+    "chat:history-size=1000,history-ttl=10m,presence,join-leave,publish,subscribe";
+const WAIT: Duration = Duration::from_secs(10);
+
+async fn gateway() -> TestGateway {
+    TestGateway::start(configure).await
+}
+
+fn configure(c: &mut switchboard_server::Config) {
+    c.namespace = vec![
+        NAMESPACE.parse().unwrap(),
+        // Short history: recovery fails after 3 missed messages.
+        "tiny:history-size=2,subscribe".parse().unwrap(),
+        // Clients may subscribe but not publish, and nothing is kept.
+        "news:subscribe".parse().unwrap(),
+    ];
+}
+
+/// A client with short reconnect delays, connected.
+async fn client(gw: &TestGateway) -> Client {
+    let client = Client::builder(gw.ws_url("/"))
+        .backoff_initial(Duration::from_millis(20))
+        .backoff_max(Duration::from_millis(200))
+        .connect()
+        .unwrap();
+    tokio::time::timeout(WAIT, client.wait_connected())
+        .await
+        .expect("connected in time")
+        .expect("connects");
+    client
+}
+
+/// `POST /v1/channels/{channel}/messages` with a text message; its offset.
+async fn publish_api(gw: &TestGateway, channel: &str, text: &str) -> u64 {
+    let r = gw
+        .post(
+            &format!("/v1/channels/{channel}/messages"),
+            &serde_json::json!({ "text": text }),
+        )
+        .await;
+    assert_eq!(r.status, 200, "publish {text}: {}", r.body);
+    r.json()["offset"].as_u64().expect("offset")
+}
+
+/// Closes the client's current connection through the control API.
+async fn kill(gw: &TestGateway, id: &str) {
+    let r = gw.delete(&format!("/v1/connections/{id}")).await;
+    assert!(
+        (200..300).contains(&r.status),
+        "DELETE {id}: {} {}",
+        r.status,
+        r.body
+    );
+}
+
+/// The next subscription event, within [`WAIT`].
+async fn next(sub: &mut Subscription) -> SubscriptionEvent {
+    tokio::time::timeout(WAIT, sub.recv())
+        .await
+        .expect("a subscription event in time")
+        .expect("the subscription is open")
+}
+
+/// The next client event matching `pred`, within [`WAIT`].
+async fn wait_event(events: &mut Events, pred: impl Fn(&ClientEvent) -> bool) -> ClientEvent {
+    tokio::time::timeout(WAIT, async {
+        loop {
+            let e = events.recv().await.expect("events open");
+            if pred(&e) {
+                return e;
+            }
+        }
+    })
+    .await
+    .expect("the awaited client event")
+}
+
+/// Waits until the client is connected with an id other than `old`.
+async fn reconnected(client: &Client, old: &str) -> String {
+    tokio::time::timeout(WAIT, async {
+        loop {
+            match client.client_id() {
+                Some(id) if id != old => return id,
+                _ => tokio::time::sleep(Duration::from_millis(5)).await,
+            }
+        }
+    })
+    .await
+    .expect("reconnected in time")
+}
+
+fn text_of(e: &SubscriptionEvent) -> Option<String> {
+    match e {
+        SubscriptionEvent::Message(m) => m.text().map(str::to_owned),
+        _ => None,
+    }
+}
+
+#[tokio::test]
+async fn every_message_exactly_once_in_order_across_three_forced_reconnects() {
+    const TOTAL: u32 = 300;
+    let gw = gateway().await;
+    let client = client(&gw).await;
+    let mut events = client.events();
+    let mut sub = client.subscribe("chat:relay").await.unwrap();
+    assert!(matches!(
+        next(&mut sub).await,
+        SubscriptionEvent::Subscribed {
+            recovered: None,
+            ..
+        }
+    ));
+
+    // The subscriber records everything it is given.
+    let seen = Arc::new(Mutex::new(Vec::<SubscriptionEvent>::new()));
+    let delivered = Arc::new(AtomicU32::new(0));
+    let reader = {
+        let (seen, delivered) = (seen.clone(), delivered.clone());
+        tokio::spawn(async move {
+            while let Some(e) = sub.recv().await {
+                if matches!(e, SubscriptionEvent::Message(_)) {
+                    delivered.fetch_add(1, SeqCst);
+                }
+                seen.lock().unwrap().push(e);
+            }
+        })
+    };
+
+    // The publisher sends numbered messages at a steady pace; the
+    // subscriber's connection is killed three times meanwhile.
+    let gw = Arc::new(gw);
+    let published = Arc::new(AtomicU32::new(0));
+    let publisher = {
+        let (gw, published) = (gw.clone(), published.clone());
+        tokio::spawn(async move {
+            for i in 1..=TOTAL {
+                publish_api(&gw, "chat:relay", &i.to_string()).await;
+                published.store(i, SeqCst);
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+    };
+    let mut id = client.client_id().expect("connected");
+    for at in [60, 140, 220] {
+        tokio::time::timeout(WAIT, async {
+            while published.load(SeqCst) < at {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        })
+        .await
+        .expect("publisher progresses");
+        kill(&gw, &id).await;
+        id = reconnected(&client, &id).await;
+    }
+    publisher.await.unwrap();
+    tokio::time::timeout(WAIT, async {
+        while delivered.load(SeqCst) < TOTAL {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| {
+        panic!(
+            "only {} of {TOTAL} messages delivered",
+            delivered.load(SeqCst)
+        )
+    });
+    // Anything extra (a duplicate) would show up shortly after.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let seen = seen.lock().unwrap().clone();
+    let texts: Vec<String> = seen.iter().filter_map(text_of).collect();
+    let expected: Vec<String> = (1..=TOTAL).map(|i| i.to_string()).collect();
+    assert_eq!(texts, expected, "every message exactly once, in order");
+    let offsets: Vec<u64> = seen
+        .iter()
+        .filter_map(|e| match e {
+            SubscriptionEvent::Message(m) => Some(m.offset),
+            _ => None,
+        })
+        .collect();
+    assert!(offsets.windows(2).all(|w| w[1] == w[0] + 1), "{offsets:?}");
+    assert!(
+        !seen
+            .iter()
+            .any(|e| matches!(e, SubscriptionEvent::Gap { .. })),
+        "no gap: everything was recoverable"
+    );
+    let resubscribes: Vec<_> = seen
+        .iter()
+        .filter_map(|e| match e {
+            SubscriptionEvent::Subscribed { recovered, .. } => Some(*recovered),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        resubscribes,
+        [Some(true); 3],
+        "one recovered resubscribe per reconnect"
+    );
+
+    let mut disconnects = 0;
+    while disconnects < 3 {
+        if let ClientEvent::Disconnected { reason, .. } = wait_event(&mut events, |e| {
+            matches!(e, ClientEvent::Disconnected { .. })
+        })
+        .await
+        {
+            assert!(
+                matches!(reason, DisconnectReason::Closed { code: 1000, .. }),
+                "{reason:?}"
+            );
+            disconnects += 1;
+        }
+    }
+    client.close().await;
+    tokio::time::timeout(WAIT, reader)
+        .await
+        .expect("the subscription stream ends on close")
+        .unwrap();
+}
+
+#[tokio::test]
+async fn publish_presence_history_and_ping_round_trips() {
+    let gw = gateway().await;
+    let alice = client(&gw).await;
+    let mut sub = alice.subscribe("chat:room").await.unwrap();
+    let SubscriptionEvent::Subscribed {
+        epoch,
+        offset,
+        recovered,
+        ..
+    } = next(&mut sub).await
+    else {
+        panic!("Subscribed first");
+    };
+    assert_eq!((offset, recovered), (0, None));
+
+    let published = alice.publish("chat:room", "hello").await.unwrap();
+    assert_eq!((published.offset, &published.epoch), (1, &epoch));
+    let SubscriptionEvent::Message(m) = next(&mut sub).await else {
+        panic!("the message");
+    };
+    assert_eq!(
+        (m.channel.as_str(), m.offset, m.text()),
+        ("chat:room", 1, Some("hello"))
+    );
+    alice.publish("chat:room", vec![0u8, 1, 2]).await.unwrap();
+    let SubscriptionEvent::Message(m) = next(&mut sub).await else {
+        panic!("the binary message");
+    };
+    assert_eq!(m.data, Payload::Binary(vec![0, 1, 2]));
+
+    let presence = alice.presence("chat:room").await.unwrap();
+    assert_eq!(presence.clients, 1);
+    assert_eq!(Some(presence.members[0].client.clone()), alice.client_id());
+
+    // Someone else joins: alice sees it (join-leave).
+    let bob = client(&gw).await;
+    let bob_sub = bob.subscribe("chat:room").await.unwrap();
+    let SubscriptionEvent::Join(member) = next(&mut sub).await else {
+        panic!("bob's join");
+    };
+    assert_eq!(Some(member.client), bob.client_id());
+    assert_eq!(alice.presence("chat:room").await.unwrap().clients, 2);
+    bob_sub.unsubscribe().await.unwrap();
+    let SubscriptionEvent::Leave(member) = next(&mut sub).await else {
+        panic!("bob's leave");
+    };
+    assert_eq!(Some(member.client), bob.client_id());
+
+    let history = alice.history("chat:room", None, None).await.unwrap();
+    assert_eq!(
+        (history.epoch.as_str(), history.offset),
+        (epoch.as_str(), 2)
+    );
+    assert_eq!(history.publications.len(), 2);
+    assert_eq!(history.publications[0].data, Payload::Text("hello".into()));
+    let since = StreamPosition {
+        offset: 1,
+        epoch: epoch.clone(),
+    };
+    let history = alice
+        .history("chat:room", Some(since), Some(10))
+        .await
+        .unwrap();
+    assert_eq!(history.recovered, Some(true));
+    assert_eq!(history.publications.len(), 1);
+    assert_eq!(history.publications[0].offset, 2);
+
+    let rtt = alice.ping().await.unwrap();
+    assert!(rtt < WAIT);
+}
+
+#[tokio::test]
+async fn gateway_errors_are_typed() {
+    let gw = gateway().await;
+    let client = client(&gw).await;
+    let err = client.subscribe("nope:x").await.unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::UnknownNamespace), "{err:?}");
+    let err = client.publish("news:today", "x").await.unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::PermissionDenied), "{err:?}");
+    let err = client.history("news:today", None, None).await.unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::HistoryDisabled), "{err:?}");
+    let err = client.presence("news:today").await.unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::PresenceDisabled), "{err:?}");
+    // Checked by the SDK before anything is sent.
+    assert_eq!(
+        client.subscribe("no-namespace").await.unwrap_err(),
+        Error::InvalidChannel("no-namespace".into())
+    );
+    let _sub = client.subscribe("chat:a").await.unwrap();
+    assert_eq!(
+        client.subscribe("chat:a").await.unwrap_err(),
+        Error::AlreadySubscribed("chat:a".into())
+    );
+    // A failed subscribe leaves nothing behind: the client still works.
+    client.ping().await.unwrap();
+}
+
+#[tokio::test]
+async fn unsubscribe_stops_delivery_and_allows_a_new_subscription() {
+    let gw = gateway().await;
+    let client = client(&gw).await;
+    let mut events = client.events();
+    let sub = client.subscribe("chat:u").await.unwrap();
+    sub.unsubscribe().await.unwrap();
+    assert_eq!(client.presence("chat:u").await.unwrap().clients, 0);
+    publish_api(&gw, "chat:u", "after").await;
+    // Dropping a subscription unsubscribes too.
+    let dropped = client.subscribe("chat:u").await.unwrap();
+    drop(dropped);
+    let mut sub = client.subscribe("chat:u").await.unwrap();
+    assert!(matches!(
+        next(&mut sub).await,
+        SubscriptionEvent::Subscribed { offset: 1, .. }
+    ));
+    publish_api(&gw, "chat:u", "again").await;
+    assert_eq!(text_of(&next(&mut sub).await).as_deref(), Some("again"));
+    // None of it leaked to the client-wide events.
+    client.ping().await.unwrap();
+    let stray = tokio::time::timeout(Duration::from_millis(100), async {
+        loop {
+            match events.recv().await {
+                Some(ClientEvent::Message(m)) => return m,
+                Some(_) => {}
+                None => std::future::pending::<()>().await,
+            }
+        }
+    })
+    .await;
+    assert!(stray.is_err(), "stray message: {stray:?}");
+}
+
+/// A gateway whose origin can hold a reconnecting client's handshake, so the
+/// test decides exactly what is published while it is away.
+async fn gateway_with_origin() -> (TestGateway, TestOrigin) {
+    let origin = TestOrigin::start(None).await;
+    let gw = TestGateway::with_origin(&origin, configure).await;
+    (gw, origin)
+}
+
+/// Kills the client's connection with the origin paused, runs `away` while
+/// the client cannot reconnect, then lets it back in.
+async fn while_away<F: std::future::Future<Output = ()>>(
+    gw: &TestGateway,
+    origin: &TestOrigin,
+    client: &Client,
+    away: F,
+) {
+    let id = client.client_id().expect("connected");
+    origin.pause();
+    kill(gw, &id).await;
+    tokio::time::timeout(WAIT, async {
+        while client.state() != ConnectionState::Connecting {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    })
+    .await
+    .expect("the client notices");
+    away.await;
+    origin.resume();
+    reconnected(client, &id).await;
+}
+
+#[tokio::test]
+async fn missed_messages_are_replayed_after_a_reconnect() {
+    let (gw, origin) = gateway_with_origin().await;
+    let client = client(&gw).await;
+    let mut sub = client.subscribe("chat:replay").await.unwrap();
+    let SubscriptionEvent::Subscribed { epoch, .. } = next(&mut sub).await else {
+        panic!("Subscribed first");
+    };
+    publish_api(&gw, "chat:replay", "1").await;
+    assert_eq!(text_of(&next(&mut sub).await).as_deref(), Some("1"));
+    while_away(&gw, &origin, &client, async {
+        for i in 2..=4 {
+            publish_api(&gw, "chat:replay", &i.to_string()).await;
+        }
+    })
+    .await;
+    assert_eq!(
+        next(&mut sub).await,
+        SubscriptionEvent::Subscribed {
+            epoch,
+            offset: 4,
+            recovered: Some(true),
+            missed: Some(3),
+        }
+    );
+    for i in 2..=4 {
+        assert_eq!(text_of(&next(&mut sub).await), Some(i.to_string()));
+    }
+    publish_api(&gw, "chat:replay", "5").await;
+    assert_eq!(text_of(&next(&mut sub).await).as_deref(), Some("5"));
+}
+
+#[tokio::test]
+async fn an_unrecoverable_reconnect_is_reported_as_a_gap() {
+    let (gw, origin) = gateway_with_origin().await;
+    let client = client(&gw).await;
+    let mut sub = client.subscribe("tiny:t").await.unwrap();
+    let SubscriptionEvent::Subscribed { epoch, .. } = next(&mut sub).await else {
+        panic!("Subscribed first");
+    };
+    publish_api(&gw, "tiny:t", "1").await;
+    assert_eq!(text_of(&next(&mut sub).await).as_deref(), Some("1"));
+    // Five messages while away; the namespace keeps only two.
+    while_away(&gw, &origin, &client, async {
+        for i in 2..=6 {
+            publish_api(&gw, "tiny:t", &i.to_string()).await;
+        }
+    })
+    .await;
+    assert!(matches!(
+        next(&mut sub).await,
+        SubscriptionEvent::Subscribed {
+            recovered: Some(false),
+            offset: 6,
+            ..
+        }
+    ));
+    assert_eq!(
+        next(&mut sub).await,
+        SubscriptionEvent::Gap {
+            last: StreamPosition {
+                offset: 1,
+                epoch: epoch.clone()
+            },
+            resumed: StreamPosition { offset: 6, epoch },
+        }
+    );
+    publish_api(&gw, "tiny:t", "7").await;
+    assert_eq!(text_of(&next(&mut sub).await).as_deref(), Some("7"));
+}
+
+#[tokio::test]
+async fn server_side_subscriptions_and_direct_messages_reach_the_client_events() {
+    let (gw, origin) = gateway_with_origin().await;
+    let client = client(&gw).await;
+    let mut events = client.events();
+    let id = client.client_id().unwrap();
+
+    let r = gw
+        .call(gw.request(
+            reqwest::Method::PUT,
+            &format!("/v1/connections/{id}/channels/chat:srv"),
+        ))
+        .await;
+    assert!((200..300).contains(&r.status), "{} {}", r.status, r.body);
+    let e = wait_event(&mut events, |e| {
+        matches!(e, ClientEvent::ServerSubscribed { .. })
+    })
+    .await;
+    assert!(
+        matches!(&e, ClientEvent::ServerSubscribed { channel, .. } if channel == "chat:srv"),
+        "{e:?}"
+    );
+    publish_api(&gw, "chat:srv", "from the server").await;
+    let e = wait_event(&mut events, |e| matches!(e, ClientEvent::Message(_))).await;
+    let ClientEvent::Message(m) = e else {
+        unreachable!()
+    };
+    assert_eq!(
+        (m.channel.as_str(), m.text()),
+        ("chat:srv", Some("from the server"))
+    );
+
+    assert_eq!(gw.push_text(&id, "direct hi").await, 200);
+    let e = wait_event(&mut events, |e| matches!(e, ClientEvent::Direct(_))).await;
+    assert_eq!(e, ClientEvent::Direct(Payload::Text("direct hi".into())));
+
+    // And `send` reaches the origin.
+    client.send("to the origin").await.unwrap();
+    let got = origin.wait_messages(&id, 1).await;
+    assert_eq!(got[0].payload, Payload::Text("to the origin".into()));
+
+    // `close` completes a closing handshake with 1000.
+    client.close().await;
+    let d = origin.wait_disconnect(&id).await;
+    assert_eq!((d.code, d.closed_by), (1000, ClosedBy::Client));
+    assert_eq!(events.recv().await, Some(ClientEvent::Closed));
+    assert_eq!(events.recv().await, None);
+}
+
+#[tokio::test]
+async fn the_token_reaches_the_origin_in_the_query_and_the_header() {
+    let origin = TestOrigin::start(None).await;
+    let gw = TestGateway::with_origin(&origin, |c| {
+        configure(c);
+        c.forward_header.push("authorization".into());
+    })
+    .await;
+    let client = Client::builder(gw.ws_url("/app?room=1"))
+        .token("s3cret token")
+        .header("X-Extra", "yes")
+        .connect()
+        .unwrap();
+    client.wait_connected().await.unwrap();
+    let connect = origin.connects().pop().expect("a connect event");
+    assert_eq!(connect.path, "/app");
+    assert_eq!(connect.query, "room=1&token=s3cret%20token");
+    assert_eq!(
+        connect.headers.get("authorization").map(String::as_str),
+        Some("Bearer s3cret token")
+    );
+    assert_eq!(connect.subprotocol.as_deref(), Some("switchboard.v1"));
+}
+
+#[tokio::test]
+async fn a_refused_handshake_stops_the_client_and_a_503_is_retried() {
+    let origin = TestOrigin::start(None).await;
+    let gw = TestGateway::with_origin(&origin, configure).await;
+
+    origin.behavior(|b| b.connect = ConnectBehavior::Reject(403, "banned".into()));
+    let client = Client::builder(gw.ws_url("/"))
+        .backoff_initial(Duration::from_millis(10))
+        .connect()
+        .unwrap();
+    let err = tokio::time::timeout(WAIT, client.wait_connected())
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert!(
+        matches!(&err, Error::Refused { status: 403, message, .. } if message == "banned"),
+        "{err:?}"
+    );
+    assert!(err.is_terminal());
+    assert_eq!(client.state(), ConnectionState::Failed(err.clone()));
+    assert_eq!(client.publish("chat:a", "x").await.unwrap_err(), err);
+    assert_eq!(client.subscribe("chat:a").await.unwrap_err(), err);
+
+    // 503 is worth retrying: the client keeps trying until it gets in.
+    origin.behavior(|b| b.connect = ConnectBehavior::Reject(503, "busy".into()));
+    let client = Client::builder(gw.ws_url("/"))
+        .backoff_initial(Duration::from_millis(10))
+        .backoff_max(Duration::from_millis(50))
+        .connect()
+        .unwrap();
+    let mut events = client.events();
+    for _ in 0..2 {
+        let e = wait_event(&mut events, |e| {
+            matches!(e, ClientEvent::ConnectFailed { .. })
+        })
+        .await;
+        assert!(
+            matches!(
+                e,
+                ClientEvent::ConnectFailed {
+                    error: Error::Refused { status: 503, .. },
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+    }
+    origin.behavior(|b| b.connect = ConnectBehavior::Accept(OriginAnswer::default()));
+    tokio::time::timeout(WAIT, client.wait_connected())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(origin
+        .events()
+        .iter()
+        .any(|e| matches!(e, Event::Connect(_))));
+}
+
+/// A TCP proxy whose connections can go silent (stop forwarding, keep the
+/// sockets open), like a dead NAT mapping.
+struct Proxy {
+    addr: std::net::SocketAddr,
+    /// Connections numbered below this are frozen.
+    frozen_below: Arc<AtomicU32>,
+    next: Arc<AtomicU32>,
+}
+
+impl Proxy {
+    async fn start(upstream: std::net::SocketAddr) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let frozen_below = Arc::new(AtomicU32::new(0));
+        let next = Arc::new(AtomicU32::new(0));
+        let (f, n) = (frozen_below.clone(), next.clone());
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = TcpStream::connect(upstream).await else {
+                    continue;
+                };
+                let number = n.fetch_add(1, SeqCst);
+                let (cr, cw) = client.into_split();
+                let (sr, sw) = server.into_split();
+                tokio::spawn(pipe(cr, sw, number, f.clone()));
+                tokio::spawn(pipe(sr, cw, number, f.clone()));
+            }
+        });
+        Self {
+            addr,
+            frozen_below,
+            next,
+        }
+    }
+
+    /// Freezes every connection opened so far.
+    fn freeze(&self) {
+        self.frozen_below.store(self.next.load(SeqCst), SeqCst);
+    }
+}
+
+async fn pipe(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    number: u32,
+    frozen_below: Arc<AtomicU32>,
+) {
+    let mut buf = vec![0u8; 16 << 10];
+    loop {
+        let read = from.read(&mut buf).await;
+        if number < frozen_below.load(SeqCst) {
+            // Swallow everything, forever, without closing either side.
+            std::future::pending::<()>().await;
+        }
+        let n = match read {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_silent_link_is_detected_and_replaced() {
+    let gw = TestGateway::start(|c| {
+        configure(c);
+        c.ping_interval = Duration::from_millis(200);
+    })
+    .await;
+    let proxy = Proxy::start(gw.addr).await;
+    let client = Client::builder(format!("ws://{}/", proxy.addr))
+        .backoff_initial(Duration::from_millis(20))
+        .connect()
+        .unwrap();
+    client.wait_connected().await.unwrap();
+    let mut events = client.events();
+    let first = client.client_id().unwrap();
+    proxy.freeze();
+    // 2 × 200 ms + 5 s of silence, then a reconnect through the proxy (only
+    // the old connection is frozen).
+    let started = tokio::time::Instant::now();
+    let e = tokio::time::timeout(Duration::from_secs(15), async {
+        loop {
+            if let Some(e @ ClientEvent::Disconnected { .. }) = events.recv().await {
+                return e;
+            }
+        }
+    })
+    .await
+    .expect("the dead link is noticed");
+    assert!(
+        matches!(
+            e,
+            ClientEvent::Disconnected {
+                reason: DisconnectReason::HeartbeatTimeout(_),
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+    assert!(
+        started.elapsed() >= Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    reconnected(&client, &first).await;
+}
