@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Reproduces the figures of docs/benchmarks.md: builds the gateway, the echo
 # origin and the bench tool, then runs the scenarios (`cross-node` only if
-# nats-server is on the PATH). Results go to target/bench/*.json.
+# nats-server is on the PATH; `fanout` measures nginx + nchan beside the
+# gateway when both are installed, and says so when they are not: Debian
+# `apt-get install -y nginx libnginx-mod-nchan`). Results go to
+# target/bench/*.json.
 #
 #   tools/switchboard-bench/run.sh            # as documented
 #   tools/switchboard-bench/run.sh --sysctl   # also raise somaxconn and the port range (root)
@@ -23,6 +26,9 @@ bench=target/release/switchboard-bench
 "$bench" idle --connections 19000 --steps 4 --no-tcp-baseline --out target/bench/idle-steps.json
 "$bench" echo --clients 100 --size 64 --duration 10s --out target/bench/echo.json
 "$bench" echo --clients 100 --size 4096 --duration 10s --out target/bench/echo-4k.json
+
+# Channel fan-out: 19,000 subscribers on one channel, Switchboard and nchan.
+"$bench" fanout --subscribers 19000 --out target/bench/fanout.json
 
 if command -v nats-server >/dev/null; then
     "$bench" cross-node --clients 1000 --duration 10s --out target/bench/cross-node.json

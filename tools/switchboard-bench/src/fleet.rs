@@ -104,22 +104,40 @@ impl Fleet {
         idxs: &[usize],
         deadline: Instant,
         what: &str,
-        mut accept: impl FnMut(usize, Report) -> Result<bool, String>,
+        accept: impl FnMut(usize, Report) -> Result<bool, String>,
     ) -> Result<(), String> {
+        let waiting = self.collect_until(idxs, deadline, what, accept)?;
+        if waiting.is_empty() {
+            return Ok(());
+        }
+        let names: Vec<&str> = waiting
+            .iter()
+            .map(|&i| self.procs[i].name.as_str())
+            .collect();
+        Err(format!(
+            "timed out waiting for {what} from {}",
+            names.join(", ")
+        ))
+    }
+
+    /// Like [`Fleet::collect`], but the deadline is no error: returns the
+    /// children still waited for when it passed (empty if none).
+    pub(crate) fn collect_until(
+        &self,
+        idxs: &[usize],
+        deadline: Instant,
+        what: &str,
+        mut accept: impl FnMut(usize, Report) -> Result<bool, String>,
+    ) -> Result<Vec<usize>, String> {
         let mut waiting: HashSet<usize> = idxs.iter().copied().collect();
         while !waiting.is_empty() {
             let left = deadline.saturating_duration_since(Instant::now());
             let (idx, line) = match self.rx.recv_timeout(left) {
                 Ok(l) => l,
                 Err(RecvTimeoutError::Timeout) => {
-                    let names: Vec<&str> = waiting
-                        .iter()
-                        .map(|&i| self.procs[i].name.as_str())
-                        .collect();
-                    return Err(format!(
-                        "timed out waiting for {what} from {}",
-                        names.join(", ")
-                    ));
+                    let mut left: Vec<usize> = waiting.into_iter().collect();
+                    left.sort_unstable();
+                    return Ok(left);
                 }
                 Err(RecvTimeoutError::Disconnected) => return Err("all children are gone".into()),
             };
@@ -147,7 +165,7 @@ impl Fleet {
                 waiting.remove(&idx);
             }
         }
-        Ok(())
+        Ok(Vec::new())
     }
 }
 

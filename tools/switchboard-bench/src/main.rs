@@ -1,6 +1,6 @@
 //! `switchboard-bench`: the load generator of Switchboard.
 //!
-//! Three scenarios, each printing a human table and writing a JSON result file:
+//! Four scenarios, each printing a human table and writing a JSON result file:
 //!
 //! * `idle` opens N WebSocket connections to one gateway process, reports the
 //!   handshake rate beside the raw TCP accept rate of the machine (measured
@@ -17,6 +17,16 @@
 //!   with every client on the first node. It reports commands per second, the
 //!   latency from the control call to the client's receipt, and the NATS
 //!   messages each command costs.
+//! * `fanout` subscribes S clients (19,000 by default) to one channel of one
+//!   gateway and publishes to it through the control API: first single
+//!   messages, each until every subscriber has it (latency of every delivery
+//!   and until the last one), then a sustained rate (deliveries per second
+//!   received, latency, lost and late deliveries), with the server's CPU and
+//!   memory per phase. In the same run, with the same clients, it measures
+//!   nginx with the nchan module as the reference (skipped with a message if
+//!   not installed) and prints both side by side. Its subscribers read raw
+//!   frames and find the publish time stamped in the data without parsing
+//!   JSON (see [`subscriber`]).
 //!
 //! One process may hold at most 20,000 open files on the reference machine, so
 //! clients are sharded over child processes: the tool re-executes itself with
@@ -29,9 +39,12 @@
 
 mod crossnode;
 mod echo;
+mod fanout;
 mod fleet;
+mod http;
 mod idle;
 mod proto;
+mod subscriber;
 mod util;
 mod worker;
 
@@ -64,6 +77,10 @@ enum Command {
     /// the other nodes, beside the same on a single node: commands per
     /// second, latency to receipt, NATS messages per command.
     CrossNode(crossnode::CrossNodeArgs),
+    /// S subscribers on one channel of one gateway, beside nginx + nchan:
+    /// single publishes until every subscriber has them, then a sustained
+    /// rate; latency, deliveries per second, server CPU and memory.
+    Fanout(Box<fanout::FanoutArgs>),
     /// Child role: a shard of clients driven over stdin/stdout.
     #[command(hide = true)]
     Worker(worker::WorkerArgs),
@@ -81,7 +98,7 @@ pub(crate) struct ClientOpts {
     pub(crate) per_process: usize,
 
     /// Client child processes; 0 picks enough for --per-process, and at least
-    /// 2 for `idle` (both cores) and 1 for `echo`.
+    /// 2 for `idle` (both cores) and 1 for `echo` and `fanout`.
     #[arg(long, default_value_t = 0, value_name = "N")]
     pub(crate) workers: usize,
 
@@ -147,6 +164,7 @@ fn main() -> ExitCode {
         Command::Idle(a) => idle::run(a),
         Command::Echo(a) => echo::run(a),
         Command::CrossNode(a) => crossnode::run(a),
+        Command::Fanout(a) => fanout::run(*a),
         Command::Worker(a) => worker::run_worker(a),
         Command::Acceptor(a) => worker::run_acceptor(a),
     };
@@ -175,6 +193,8 @@ mod tests {
             &["b", "idle"][..],
             &["b", "echo"],
             &["b", "cross-node"],
+            &["b", "fanout"],
+            &["b", "fanout", "--servers", "nchan", "--rate", "max"],
             &[
                 "b",
                 "worker",

@@ -97,6 +97,41 @@ pub(crate) fn proc_mem(pid: u32) -> Result<ProcMem, String> {
     })
 }
 
+/// Proportional set size of a process (`Pss` of `/proc/PID/smaps_rollup`),
+/// in bytes: shared pages (nginx's shared memory zone, libraries) divided
+/// among the processes that map them, so the PSS of a process group adds up.
+pub(crate) fn proc_pss(pid: u32) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
+    kb_field(&text, "Pss")
+}
+
+/// The children of a process (`/proc/PID/task/*/children`).
+pub(crate) fn child_pids(pid: u32) -> Vec<u32> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    let mut out: Vec<u32> = tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("children")).ok())
+        .flat_map(|text| {
+            text.split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect::<Vec<u32>>()
+        })
+        .collect();
+    out.sort_unstable();
+    out.dedup();
+    out
+}
+
+/// The hard limit of open files of this process (`Max open files` of
+/// `/proc/self/limits`), if finite.
+pub(crate) fn nofile_hard_limit() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = text.lines().find(|l| l.starts_with("Max open files"))?;
+    line.split_whitespace().nth(4)?.parse().ok()
+}
+
 /// The resident memory of this process, in bytes (0 if unreadable).
 pub(crate) fn own_rss() -> u64 {
     proc_mem(std::process::id()).map(|m| m.rss).unwrap_or(0)
@@ -739,6 +774,16 @@ mod tests {
         assert!(proc_mem(std::process::id()).unwrap().rss > 0);
         assert!(proc_cpu_s(std::process::id()).is_some());
         assert!(context_switches(std::process::id()).is_some());
+        assert!(proc_pss(std::process::id()).is_some_and(|p| p > 0));
+        assert!(nofile_hard_limit().is_some_and(|n| n > 0));
+        let mut child = std::process::Command::new("sleep")
+            .arg("5")
+            .spawn()
+            .unwrap();
+        let kids = child_pids(std::process::id());
+        let _ = child.kill();
+        let _ = child.wait();
+        assert!(kids.contains(&child.id()), "{kids:?}");
     }
 
     #[test]

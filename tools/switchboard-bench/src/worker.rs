@@ -2,8 +2,12 @@
 //! tokio accept loop of the TCP baseline). Both run a single-threaded tokio
 //! runtime, take commands on stdin and report on stdout (see
 //! [`crate::proto`]), and exit at once when stdin reaches end-of-file.
+//!
+//! `fanout` subscribers bypass tungstenite once connected and read raw
+//! frames (see [`crate::subscriber`]).
 
 use crate::proto::{self, Report};
+use crate::subscriber::{self, Tally};
 use crate::util::{self, parse_duration};
 use bytes::Bytes;
 use clap::{Args, ValueEnum};
@@ -40,6 +44,13 @@ pub(crate) enum Mode {
     /// records the stamped messages pushed to it through the control API
     /// until `close`; `report` sends and resets the records.
     Recv,
+    /// Channel subscribers (`fanout`): each offers `--subprotocol` (if
+    /// given), sends the native `subscribe` command for `--subscribe` (if
+    /// given) and waits for its reply, then reads raw frames and records the
+    /// stamped publications until `close`; `report` sends and resets the
+    /// records, and a single-phase message that every live subscriber of the
+    /// worker has is reported at once.
+    Fanout,
 }
 
 /// Options of the hidden `worker` subcommand (set by the coordinator).
@@ -93,6 +104,14 @@ pub(crate) struct WorkerArgs {
     /// Echo: longest wait for one echo.
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     reply_timeout: Duration,
+    /// Fanout: WebSocket subprotocol to offer (and require in the answer).
+    #[arg(long)]
+    subprotocol: Option<String>,
+    /// Fanout: channel to subscribe to with the native `subscribe` command
+    /// once the `connected` push has arrived; without it the connection is
+    /// subscribed by its URL (nchan).
+    #[arg(long)]
+    subscribe: Option<String>,
 }
 
 /// Options of the hidden `acceptor` subcommand.
@@ -253,6 +272,9 @@ struct Shared {
     ids: Mutex<Vec<String>>,
     /// Stamped messages received since the last report.
     received: Mutex<Received>,
+    // Fanout.
+    /// Publications received since the last report.
+    tally: Mutex<Tally>,
 }
 
 /// What `recv` clients received since the last `report`.
@@ -334,6 +356,13 @@ impl Shared {
         self.ok.load(Relaxed) + self.failed.load(Relaxed)
     }
 
+    /// Connections established and not ended.
+    fn live(&self) -> u64 {
+        self.ok
+            .load(Relaxed)
+            .saturating_sub(self.ended.load(Relaxed))
+    }
+
     /// Source address of client `i`: 127.0.0.(2 + (offset + i) mod N).
     fn source_ip(&self, i: usize) -> Option<Ipv4Addr> {
         let n = usize::from(self.args.source_addrs);
@@ -364,6 +393,9 @@ async fn connect_tcp(addr: SocketAddr, src: Option<Ipv4Addr>) -> std::io::Result
 enum Conn {
     Tcp(TcpStream),
     Ws(Box<WebSocketStream<TcpStream>>),
+    /// A `fanout` subscriber: the socket after the handshake (and the
+    /// subscribe reply), and the bytes already read past them.
+    Raw(TcpStream, Vec<u8>),
 }
 
 /// Connects client `i` (and does the WebSocket handshake unless in TCP mode).
@@ -373,6 +405,15 @@ async fn open(sh: &Shared, i: usize) -> Result<Conn, String> {
         .map_err(|e| format!("connect to {}: {e}", sh.args.addr))?;
     if sh.args.mode == Mode::Tcp {
         return Ok(Conn::Tcp(stream));
+    }
+    if sh.args.mode == Mode::Fanout {
+        let (mut stream, rest) =
+            raw_handshake(stream, &sh.request, sh.args.subprotocol.as_deref()).await?;
+        let rest = match &sh.args.subscribe {
+            Some(channel) => native_subscribe(&mut stream, rest, channel).await?,
+            None => rest,
+        };
+        return Ok(Conn::Raw(stream, rest));
     }
     let mut ws = client_handshake(stream, &sh.request, sh.ws_config)
         .await
@@ -399,34 +440,51 @@ const WS_ACCEPT: &str = "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=";
 /// Largest handshake response head accepted.
 const MAX_RESPONSE_HEAD: usize = 16 << 10;
 
-/// The opening handshake request for `url` (`ws://authority/path`).
-fn handshake_request(url: &str) -> Vec<u8> {
+/// The opening handshake request for `url` (`ws://authority/path`),
+/// offering `subprotocol` if given.
+fn handshake_request(url: &str, subprotocol: Option<&str>) -> Vec<u8> {
     let rest = url.strip_prefix("ws://").unwrap_or(url);
     let (authority, path) = match rest.find('/') {
         Some(i) => (&rest[..i], &rest[i..]),
         None => (rest, "/"),
     };
+    let offer = subprotocol
+        .map(|p| format!("Sec-WebSocket-Protocol: {p}\r\n"))
+        .unwrap_or_default();
     format!(
         "GET {path} HTTP/1.1\r\nHost: {authority}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Key: {WS_KEY}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+         Sec-WebSocket-Key: {WS_KEY}\r\nSec-WebSocket-Version: 13\r\n{offer}\r\n"
     )
     .into_bytes()
 }
 
-/// Checks a response head: status 101 and the expected `Sec-WebSocket-Accept`.
-fn check_response(head: &str) -> Result<(), String> {
+/// Checks a response head: status 101, the expected `Sec-WebSocket-Accept`
+/// and, if one was offered, the subprotocol.
+fn check_response(head: &str, subprotocol: Option<&str>) -> Result<(), String> {
     let mut lines = head.split("\r\n");
     let status = lines.next().unwrap_or_default();
     if status.split_whitespace().nth(1) != Some("101") {
         return Err(format!("expected 101, got {status:?}"));
     }
-    let accept = lines
+    let headers: Vec<(&str, &str)> = lines
         .filter_map(|l| l.split_once(':'))
-        .find(|(name, _)| name.trim().eq_ignore_ascii_case("sec-websocket-accept"))
-        .map(|(_, v)| v.trim());
-    match accept {
-        Some(WS_ACCEPT) => Ok(()),
-        other => Err(format!("bad Sec-WebSocket-Accept {other:?}")),
+        .map(|(n, v)| (n.trim(), v.trim()))
+        .collect();
+    let header = |name: &str| {
+        headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| *v)
+    };
+    match header("sec-websocket-accept") {
+        Some(WS_ACCEPT) => {}
+        other => return Err(format!("bad Sec-WebSocket-Accept {other:?}")),
+    }
+    match (subprotocol, header("sec-websocket-protocol")) {
+        (Some(want), got) if got != Some(want) => Err(format!(
+            "subprotocol {want:?} offered, the answer has {got:?}"
+        )),
+        _ => Ok(()),
     }
 }
 
@@ -434,10 +492,21 @@ fn check_response(head: &str) -> Result<(), String> {
 /// response head, checks it, and hands the socket (with any bytes read past
 /// the head) to tungstenite.
 async fn client_handshake(
-    mut stream: TcpStream,
+    stream: TcpStream,
     request: &[u8],
     config: WebSocketConfig,
 ) -> Result<WebSocketStream<TcpStream>, String> {
+    let (stream, rest) = raw_handshake(stream, request, None).await?;
+    Ok(WebSocketStream::from_partially_read(stream, rest, Role::Client, Some(config)).await)
+}
+
+/// The handshake itself: writes the prebuilt request, reads and checks the
+/// response head; returns the socket and the bytes read past the head.
+async fn raw_handshake(
+    mut stream: TcpStream,
+    request: &[u8],
+    subprotocol: Option<&str>,
+) -> Result<(TcpStream, Vec<u8>), String> {
     use tokio::io::AsyncWriteExt;
     stream.write_all(request).await.map_err(|e| e.to_string())?;
     let mut buf = Vec::with_capacity(512);
@@ -456,9 +525,84 @@ async fn client_handshake(
         }
         buf.extend_from_slice(&chunk[..n]);
     };
-    check_response(&String::from_utf8_lossy(&buf[..head_len]))?;
+    check_response(&String::from_utf8_lossy(&buf[..head_len]), subprotocol)?;
     let rest = buf.split_off(head_len);
-    Ok(WebSocketStream::from_partially_read(stream, rest, Role::Client, Some(config)).await)
+    Ok((stream, rest))
+}
+
+/// Reads from `stream` into `buf` (more bytes of a frame), failing at
+/// end-of-file.
+async fn read_into(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Result<(), String> {
+    let mut chunk = [0u8; 4096];
+    match stream.read(&mut chunk).await {
+        Ok(0) => Err("connection ended".into()),
+        Ok(n) => {
+            buf.extend_from_slice(&chunk[..n]);
+            Ok(())
+        }
+        Err(e) => Err(format!("read failed: {e}")),
+    }
+}
+
+/// The native protocol's setup: waits for the `connected` push, sends
+/// `{"id":1,"cmd":"subscribe","channel":...}` and waits for its reply (the
+/// only JSON a subscriber parses). Returns the bytes read past the reply.
+/// Bounded by the caller's handshake timeout.
+async fn native_subscribe(
+    stream: &mut TcpStream,
+    mut buf: Vec<u8>,
+    channel: &str,
+) -> Result<Vec<u8>, String> {
+    use tokio::io::AsyncWriteExt;
+    let mut subscribed = false;
+    loop {
+        let Some(f) = subscriber::next_frame(&buf)? else {
+            read_into(stream, &mut buf).await?;
+            continue;
+        };
+        let payload = &buf[f.start..f.end];
+        match f.opcode {
+            subscriber::OP_TEXT if !subscribed => {
+                let v: serde_json::Value = serde_json::from_slice(payload)
+                    .map_err(|e| format!("first frame is not JSON: {e}"))?;
+                if v.get("push").and_then(|p| p.as_str()) != Some("connected") {
+                    return Err(format!("expected the `connected` push, got {v}"));
+                }
+                let cmd = serde_json::json!({"id": 1, "cmd": "subscribe", "channel": channel});
+                let frame =
+                    subscriber::client_frame(subscriber::OP_TEXT, cmd.to_string().as_bytes());
+                stream
+                    .write_all(&frame)
+                    .await
+                    .map_err(|e| format!("cannot send subscribe: {e}"))?;
+                subscribed = true;
+            }
+            subscriber::OP_TEXT => {
+                let v: serde_json::Value = serde_json::from_slice(payload)
+                    .map_err(|e| format!("frame is not JSON: {e}"))?;
+                if v.get("id").and_then(|i| i.as_u64()) == Some(1) {
+                    if v.get("result").is_some() {
+                        buf.drain(..f.end);
+                        return Ok(buf);
+                    }
+                    return Err(format!("subscribe to {channel:?} failed: {v}"));
+                }
+                // Another push before the reply (none is expected): skipped.
+            }
+            subscriber::OP_PING => {
+                let pong = subscriber::client_frame(subscriber::OP_PONG, payload);
+                stream.write_all(&pong).await.map_err(|e| e.to_string())?;
+            }
+            subscriber::OP_CLOSE => {
+                return Err(format!(
+                    "closed by the server before subscribing: {}",
+                    subscriber::close_reason(payload)
+                ))
+            }
+            _ => {}
+        }
+        buf.drain(..f.end);
+    }
 }
 
 /// One client: connect, then hold (TCP, idle) or run echo loops.
@@ -490,6 +634,7 @@ async fn client(
     };
     match conn {
         Conn::Tcp(s) => hold_tcp(&sh, s, close).await,
+        Conn::Raw(s, rest) => hold_subscriber(&sh, s, rest, close).await,
         Conn::Ws(ws) if matches!(sh.args.mode, Mode::Idle | Mode::Recv) => {
             hold_ws(&sh, *ws, close).await
         }
@@ -541,6 +686,176 @@ async fn hold_ws(
     match dropped {
         None => {
             graceful_close(&mut ws).await;
+            sh.closed.fetch_add(1, Relaxed);
+        }
+        Some(why) => {
+            sh.dropped.fetch_add(1, Relaxed);
+            Shared::note(&sh.first_drop, why);
+        }
+    }
+}
+
+thread_local! {
+    /// The read buffer all `fanout` subscribers of the worker's thread share:
+    /// a subscriber keeps only the bytes of a frame cut by a read's end.
+    static SCRATCH: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0; 64 << 10]);
+}
+
+/// Reads everything available on `s` now and walks its frames: data goes to
+/// the worker's tally, pings are answered. Returns `Ok(Some(reason))` at the
+/// server's close frame or end-of-file, `Ok(None)` when the socket is drained.
+///
+/// A read shorter than the buffer took everything queued, so it ends the pass
+/// and clears the socket's readiness at once, without the extra read that
+/// would only say `WouldBlock` (one system call less per wake-up). That is
+/// safe: the runtime clears readiness only if no event came since it was
+/// observed, and more data raises a new edge-triggered event.
+fn drain_subscriber(
+    sh: &Shared,
+    s: &TcpStream,
+    pending: &mut Vec<u8>,
+) -> Result<Option<String>, String> {
+    use std::io::{ErrorKind, Read};
+    SCRATCH.with(|scratch| {
+        let mut scratch = scratch.borrow_mut();
+        // Bounded: each pass reads new bytes; the socket drains or ends.
+        loop {
+            let step = s.try_io(tokio::io::Interest::READABLE, || {
+                let n = (&*socket2::SockRef::from(s)).read(&mut scratch[..])?;
+                if n == 0 {
+                    return Ok(Some("connection ended".to_owned()));
+                }
+                if let Some(reason) = subscriber_bytes(sh, s, pending, &scratch[..n])
+                    .map_err(std::io::Error::other)?
+                {
+                    return Ok(Some(reason));
+                }
+                if n < scratch.len() {
+                    return Err(ErrorKind::WouldBlock.into());
+                }
+                Ok(None)
+            });
+            match step {
+                Ok(None) => {}
+                Ok(Some(reason)) => return Ok(Some(reason)),
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(None),
+                Err(e) => return Err(format!("read failed: {e}")),
+            }
+        }
+    })
+}
+
+/// Walks the frames of `data`, just read (after the `pending` bytes of a
+/// frame cut by the previous read): records the publications, emits a
+/// single-phase message's completion, answers pings. Returns the server's
+/// close reason if it closed.
+fn subscriber_bytes(
+    sh: &Shared,
+    s: &TcpStream,
+    pending: &mut Vec<u8>,
+    data: &[u8],
+) -> Result<Option<String>, String> {
+    let now = util::unix_nanos();
+    let mut control = subscriber::Control::default();
+    let mut complete = None;
+    let live = sh.live();
+    {
+        let mut tally = sh.tally.lock().expect("not poisoned");
+        let mut on_single = |(seq, count, last_us): proto::Receipts| {
+            if count == live {
+                complete = Some(Report::FanoutComplete {
+                    seq,
+                    count,
+                    last_us,
+                });
+            }
+        };
+        if pending.is_empty() {
+            let used = subscriber::process(data, now, &mut tally, &mut control, &mut on_single)?;
+            pending.extend_from_slice(&data[used..]);
+        } else {
+            pending.extend_from_slice(data);
+            let used = subscriber::process(pending, now, &mut tally, &mut control, &mut on_single)?;
+            pending.drain(..used);
+        }
+    }
+    if let Some(r) = complete {
+        emit(&r);
+    }
+    for pong in &control.pongs {
+        // Best effort: a full socket buffer only delays the pong past the
+        // gateway's timeout if it stays full that long.
+        let _ = s.try_write(pong);
+    }
+    if let Some(reason) = control.closed {
+        return Ok(Some(format!("closed by the server: {reason}")));
+    }
+    if pending.len() > subscriber::MAX_FRAME + 16 {
+        return Err("frame larger than the limit".into());
+    }
+    Ok(None)
+}
+
+/// Holds a `fanout` subscriber: reads raw frames (see [`drain_subscriber`])
+/// until `close`, then closes gracefully.
+async fn hold_subscriber(
+    sh: &Shared,
+    mut s: TcpStream,
+    mut pending: Vec<u8>,
+    mut close: watch::Receiver<bool>,
+) {
+    // Frames that arrived with the handshake or the subscribe reply.
+    let mut ended = if pending.is_empty() {
+        Ok(None)
+    } else {
+        let now = util::unix_nanos();
+        let mut control = subscriber::Control::default();
+        let r = {
+            let mut tally = sh.tally.lock().expect("not poisoned");
+            subscriber::process(&pending, now, &mut tally, &mut control, |_| {})
+        };
+        r.map(|used| {
+            pending.drain(..used);
+            control.closed
+        })
+    };
+    // The setup's read buffer is not needed any more: an idle subscriber
+    // holds no buffer (reads go to the thread's shared one).
+    pending.shrink_to_fit();
+    // Made once: a fresh `wait_for` per wake-up would register and drop a
+    // waiter every time.
+    let closing = close.wait_for(|c| *c);
+    tokio::pin!(closing);
+    // Bounded by `close` (or the connection's end).
+    while matches!(ended, Ok(None)) {
+        tokio::select! {
+            biased;
+            _ = &mut closing => break,
+            r = s.readable() => {
+                ended = match r {
+                    Ok(()) => drain_subscriber(sh, &s, &mut pending),
+                    Err(e) => Err(format!("read failed: {e}")),
+                };
+            }
+        }
+    }
+    let why = match ended {
+        Ok(None) => None,
+        Ok(Some(why)) | Err(why) => Some(why),
+    };
+    match why {
+        None => {
+            let _ = timeout(CLOSE_WAIT, async {
+                use tokio::io::AsyncWriteExt;
+                let frame = subscriber::client_frame(subscriber::OP_CLOSE, &1000u16.to_be_bytes());
+                if s.write_all(&frame).await.is_err() {
+                    return;
+                }
+                // Until the server's close frame and end-of-file.
+                let mut sink = [0u8; 4096];
+                while matches!(s.read(&mut sink).await, Ok(n) if n > 0) {}
+            })
+            .await;
             sh.closed.fetch_add(1, Relaxed);
         }
         Some(why) => {
@@ -685,7 +1000,7 @@ async fn worker_main(args: WorkerArgs) -> Result<ExitCode, String> {
         .read_buffer_size(read_buf)
         .write_buffer_size(0);
     let sh = Arc::new(Shared {
-        request: handshake_request(&args.url),
+        request: handshake_request(&args.url, args.subprotocol.as_deref()),
         args: args.clone(),
         ws_config,
         ok: AtomicU64::new(0),
@@ -707,6 +1022,7 @@ async fn worker_main(args: WorkerArgs) -> Result<ExitCode, String> {
         rtt_us: Mutex::new(util::new_histogram()),
         ids: Mutex::new(Vec::new()),
         received: Mutex::new(Received::new()),
+        tally: Mutex::new(Tally::default()),
     });
     emit(&Report::Ready);
 
@@ -788,6 +1104,32 @@ async fn worker_main(args: WorkerArgs) -> Result<ExitCode, String> {
         first_drop: sh.first_drop.lock().expect("not poisoned").clone(),
     };
     match args.mode {
+        Mode::Fanout => loop {
+            // Bounded: each command either reports or ends the loop; silence
+            // ends it at the command timeout.
+            let cmd = next_command(&mut commands, args.command_timeout).await?;
+            if cmd == proto::REPORT {
+                let t = sh.tally.lock().expect("not poisoned").take();
+                emit(&Report::FanoutReceived {
+                    messages: t.messages,
+                    single_latency_us: t.single_latency_us,
+                    sustained_latency_us: t.sustained_latency_us,
+                    ticks: t.ticks,
+                    unparsed: t.unparsed,
+                    live: sh.live(),
+                    dropped: sh.dropped.load(Relaxed),
+                    first_drop: sh.first_drop.lock().expect("not poisoned").clone(),
+                    rss_bytes: util::own_rss(),
+                });
+            } else if cmd == proto::CLOSE {
+                let _ = close_tx.send(true);
+                wait_ended(CLOSE_WAIT + Duration::from_secs(5)).await;
+                emit(&closed_report());
+                break;
+            } else {
+                return Err(format!("unexpected command {cmd:?}"));
+            }
+        },
         Mode::Tcp | Mode::Idle => {
             wait_command(&mut commands, proto::CLOSE, args.command_timeout).await?;
             let _ = close_tx.send(true);
@@ -854,16 +1196,38 @@ mod tests {
 
     #[test]
     fn handshake_request_and_response() {
-        let req = String::from_utf8(handshake_request("ws://127.0.0.1:8080/chat?x=1")).unwrap();
+        let req =
+            String::from_utf8(handshake_request("ws://127.0.0.1:8080/chat?x=1", None)).unwrap();
         assert!(req.starts_with("GET /chat?x=1 HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n"));
         assert!(req.ends_with("Sec-WebSocket-Version: 13\r\n\r\n"));
-        assert!(String::from_utf8(handshake_request("ws://127.0.0.1:9"))
-            .unwrap()
-            .starts_with("GET / HTTP/1.1"));
+        assert!(
+            String::from_utf8(handshake_request("ws://127.0.0.1:9", None))
+                .unwrap()
+                .starts_with("GET / HTTP/1.1")
+        );
+        let native = String::from_utf8(handshake_request(
+            "ws://127.0.0.1:9/",
+            Some("switchboard.v1"),
+        ))
+        .unwrap();
+        assert!(native.ends_with("Sec-WebSocket-Protocol: switchboard.v1\r\n\r\n"));
         let ok = format!("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nsec-websocket-accept: {WS_ACCEPT}\r\n\r\n");
-        assert_eq!(check_response(&ok), Ok(()));
-        assert!(check_response("HTTP/1.1 503 Service Unavailable\r\n\r\n").is_err());
-        assert!(check_response("HTTP/1.1 101 OK\r\nSec-WebSocket-Accept: nope\r\n\r\n").is_err());
+        assert_eq!(check_response(&ok, None), Ok(()));
+        assert!(check_response(&ok, Some("switchboard.v1")).is_err());
+        let with_protocol = ok.replace(
+            "\r\n\r\n",
+            "\r\nSec-WebSocket-Protocol: switchboard.v1\r\n\r\n",
+        );
+        assert_eq!(
+            check_response(&with_protocol, Some("switchboard.v1")),
+            Ok(())
+        );
+        assert!(check_response("HTTP/1.1 503 Service Unavailable\r\n\r\n", None).is_err());
+        assert!(check_response(
+            "HTTP/1.1 101 OK\r\nSec-WebSocket-Accept: nope\r\n\r\n",
+            None
+        )
+        .is_err());
     }
 
     #[test]
