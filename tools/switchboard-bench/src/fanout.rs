@@ -1710,6 +1710,11 @@ fn sustained_phase(run: &mut Run) -> Result<Sustained, String> {
 // ---------------------------------------------------------------------------
 // The table.
 
+/// `p50 / p99 / max` of a distribution, in milliseconds.
+fn p50_p99_max(p: &Percentiles) -> String {
+    format!("{} / {} / {}", ms(p.p50_ms), ms(p.p99_ms), ms(p.max_ms))
+}
+
 fn ms(v: f64) -> String {
     format!("{v:.2} ms")
 }
@@ -1771,23 +1776,10 @@ fn run_rows(t: &mut Table, r: &ServerRun) {
         "single: deliveries (missing)",
         format!("{} ({})", s.received, s.missing),
     );
-    t.row(
-        "single: latency p50/p99/max",
-        format!(
-            "{} / {} / {}",
-            ms(s.latency.p50_ms),
-            ms(s.latency.p99_ms),
-            ms(s.latency.max_ms)
-        ),
-    );
+    t.row("single: latency p50/p99/max", p50_p99_max(&s.latency));
     t.row(
         "single: all reached p50/p99/max",
-        format!(
-            "{} / {} / {}",
-            ms(s.all_reached.p50_ms),
-            ms(s.all_reached.p99_ms),
-            ms(s.all_reached.max_ms)
-        ),
+        p50_p99_max(&s.all_reached),
     );
     t.row("single: publish call p50", ms(s.publish_call.p50_ms));
     t.row(
@@ -1820,15 +1812,7 @@ fn run_rows(t: &mut Table, r: &ServerRun) {
     ) {
         t.row("sustained: per second min / max", format!("{lo} / {hi}"));
     }
-    t.row(
-        "sustained: latency p50/p99/max",
-        format!(
-            "{} / {} / {}",
-            ms(u.latency.p50_ms),
-            ms(u.latency.p99_ms),
-            ms(u.latency.max_ms)
-        ),
-    );
+    t.row("sustained: latency p50/p99/max", p50_p99_max(&u.latency));
     t.row(
         "sustained: lost / late / duplicates",
         format!(

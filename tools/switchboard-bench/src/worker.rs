@@ -1103,6 +1103,16 @@ async fn worker_main(args: WorkerArgs) -> Result<ExitCode, String> {
         pings: sh.pings.load(Relaxed),
         first_drop: sh.first_drop.lock().expect("not poisoned").clone(),
     };
+    // Closes every client, waits (bounded) for them to end, reports.
+    let close_all = || {
+        let _ = close_tx.send(true);
+        let ended = wait_ended(CLOSE_WAIT + Duration::from_secs(5));
+        let report = &closed_report;
+        async move {
+            ended.await;
+            emit(&report());
+        }
+    };
     match args.mode {
         Mode::Fanout => loop {
             // Bounded: each command either reports or ends the loop; silence
@@ -1122,9 +1132,7 @@ async fn worker_main(args: WorkerArgs) -> Result<ExitCode, String> {
                     rss_bytes: util::own_rss(),
                 });
             } else if cmd == proto::CLOSE {
-                let _ = close_tx.send(true);
-                wait_ended(CLOSE_WAIT + Duration::from_secs(5)).await;
-                emit(&closed_report());
+                close_all().await;
                 break;
             } else {
                 return Err(format!("unexpected command {cmd:?}"));
@@ -1132,9 +1140,7 @@ async fn worker_main(args: WorkerArgs) -> Result<ExitCode, String> {
         },
         Mode::Tcp | Mode::Idle => {
             wait_command(&mut commands, proto::CLOSE, args.command_timeout).await?;
-            let _ = close_tx.send(true);
-            wait_ended(CLOSE_WAIT + Duration::from_secs(5)).await;
-            emit(&closed_report());
+            close_all().await;
         }
         Mode::Recv => loop {
             // Bounded: each command either reports or ends the loop; silence
@@ -1159,9 +1165,7 @@ async fn worker_main(args: WorkerArgs) -> Result<ExitCode, String> {
                     first_drop: sh.first_drop.lock().expect("not poisoned").clone(),
                 });
             } else if cmd == proto::CLOSE {
-                let _ = close_tx.send(true);
-                wait_ended(CLOSE_WAIT + Duration::from_secs(5)).await;
-                emit(&closed_report());
+                close_all().await;
                 break;
             } else {
                 return Err(format!("unexpected command {cmd:?}"));
