@@ -76,36 +76,8 @@ print(" ".join(str(s.getsockname()[1]) for s in socks))
 rm -rf "$REPORTS"
 mkdir -p "$REPORTS"
 
-PIDS=()
-cleanup() {
-    local pid
-    for pid in "${PIDS[@]}"; do
-        kill "$pid" 2>/dev/null || true
-    done
-    for pid in "${PIDS[@]}"; do
-        for _ in $(seq 50); do
-            kill -0 "$pid" 2>/dev/null || break
-            sleep 0.1
-        done
-        kill -9 "$pid" 2>/dev/null || true
-        wait "$pid" 2>/dev/null || true
-    done
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-wait_port() {
-    local port=$1 name=$2 pid=$3
-    for _ in $(seq 100); do
-        if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
-            return 0
-        fi
-        kill -0 "$pid" 2>/dev/null || { echo "error: $name exited; see $REPORTS/$name.log" >&2; exit 1; }
-        sleep 0.1
-    done
-    echo "error: $name did not listen on 127.0.0.1:$port within 10s" >&2
-    exit 1
-}
+# shellcheck source=../lib.sh
+source "$HERE/../lib.sh"
 
 # --- Origin and gateway --------------------------------------------------------
 log "echo origin on 127.0.0.1:$ORIGIN_PORT, gateway on 127.0.0.1:$WS_PORT (control $CONTROL_PORT)"
@@ -115,13 +87,16 @@ wait_port "$ORIGIN_PORT" origin "${PIDS[-1]}"
 
 # 16 MiB messages (case 9.*) travel to the origin as base64 inside JSON and come
 # back the same way: message and queue limits are sized for that, not for
-# production.
+# production. The suite sends thousands of messages per connection as fast as
+# it can, so client rate limits are off.
 "$GATEWAY_BIN" serve \
     --listen "127.0.0.1:$WS_PORT" \
     --control-listen "127.0.0.1:$CONTROL_PORT" \
     --origin "http://127.0.0.1:$ORIGIN_PORT/events" \
     --origin-timeout 60s \
     --max-message-size 20000000 \
+    --client-message-rate 0 \
+    --client-byte-rate 0 \
     --max-outbound-bytes 268435456 \
     --permessage-deflate \
     --log-level warn \

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Reproduces the figures of docs/benchmarks.md: builds the gateway, the echo
-# origin and the bench tool, then runs the scenarios (`cross-node` only if
-# nats-server is on the PATH; `fanout` measures nginx + nchan beside the
+# origin and the bench tool, then runs the scenarios (`cross-node` and the
+# cluster fan-out only if nats-server is on the PATH; `fanout` measures nginx + nchan beside the
 # gateway when both are installed, and says so when they are not: Debian
 # `apt-get install -y nginx libnginx-mod-nchan`). Results go to
 # target/bench/*.json.
@@ -29,6 +29,13 @@ bench=target/release/switchboard-bench
 
 # Channel fan-out: 19,000 subscribers on one channel, Switchboard and nchan.
 "$bench" fanout --subscribers 19000 --out target/bench/fanout.json
+# The same over a cluster: 100,000 subscribers on six nodes joined by NATS
+# (nats-server with JetStream, started by the tool), nchan with 19,000 beside it.
+if command -v nats-server >/dev/null; then
+    "$bench" fanout --nodes 6 --subscribers 100000 --out target/bench/fanout-cluster.json
+else
+    echo "run.sh: nats-server is not on the PATH; skipping the cluster fan-out" >&2
+fi
 
 if command -v nats-server >/dev/null; then
     "$bench" cross-node --clients 1000 --duration 10s --out target/bench/cross-node.json

@@ -212,21 +212,10 @@ impl ClientBuilder {
                 .map_err(|e| Error::Config(format!("header {name} value: {e}")))?;
             headers.push((name, value));
         }
-        let url = match &self.token {
-            Some(token) => {
-                let value = HeaderValue::from_str(&format!("Bearer {token}"))
-                    .map_err(|_| Error::Config("the token is not a valid header value".into()))?;
-                headers.push((
-                    tokio_tungstenite::tungstenite::http::header::AUTHORIZATION,
-                    value,
-                ));
-                with_query_param(&self.url, "token", token)
-            }
-            None => self.url.clone(),
-        };
         let settings = Arc::new(Settings {
-            url,
+            url: self.url.clone(),
             headers,
+            token: std::sync::RwLock::new(self.token.clone()),
             backoff: self.backoff,
             stable_after: self.stable_after,
             connect_timeout: self.connect_timeout,
@@ -240,11 +229,12 @@ impl ClientBuilder {
         });
         let (requests, rx) = mpsc::unbounded_channel();
         let _guard = runtime.enter();
-        connection::spawn(settings, shared.clone(), rx);
+        connection::spawn(settings.clone(), shared.clone(), rx);
         Ok(Client {
             inner: Arc::new(Inner {
                 requests,
                 shared,
+                settings,
                 command_timeout: self.command_timeout,
                 next_sub_id: AtomicU64::new(1),
             }),
@@ -282,6 +272,7 @@ pub struct Client {
 struct Inner {
     requests: mpsc::UnboundedSender<Request>,
     shared: Arc<Shared>,
+    settings: Arc<Settings>,
     command_timeout: Duration,
     next_sub_id: AtomicU64,
 }
@@ -448,6 +439,36 @@ impl Client {
         self.call::<serde_json::Value>(CommandBody::Ping {}, true)
             .await?;
         Ok(started.elapsed())
+    }
+
+    /// Hands the gateway a fresh token for the same user (the answer to a
+    /// [`ClientEvent::TokenExpiring`]), so the connection outlives the old
+    /// one; later reconnects use it too. Returns when it expires (Unix ms, 0
+    /// if never). Errors: [`Error::Server`] with code `token_invalid` when
+    /// the gateway refuses it.
+    pub async fn refresh(&self, token: impl Into<String>) -> Result<u64> {
+        #[derive(serde::Deserialize)]
+        struct Refreshed {
+            expires_at_ms: u64,
+        }
+        let token = token.into();
+        HeaderValue::from_str(&format!("Bearer {token}"))
+            .map_err(|_| Error::Config("the token is not a valid header value".into()))?;
+        let r: Refreshed = self
+            .call(
+                CommandBody::Refresh {
+                    token: token.clone(),
+                },
+                true,
+            )
+            .await?;
+        *self
+            .inner
+            .settings
+            .token
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(token);
+        Ok(r.expires_at_ms)
     }
 
     /// Closes the connection (with a closing handshake) and stops

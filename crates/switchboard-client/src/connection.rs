@@ -50,10 +50,13 @@ const HEARTBEAT_SLACK: Duration = Duration::from_secs(5);
 /// Everything the task needs to know, fixed at [`ClientBuilder::connect`](crate::ClientBuilder::connect).
 #[derive(Debug)]
 pub(crate) struct Settings {
-    /// The URL to connect to, `token` query parameter included.
+    /// The URL to connect to (the token is added to it per handshake).
     pub(crate) url: String,
-    /// Extra handshake headers (`Authorization` included).
+    /// Extra handshake headers.
     pub(crate) headers: Vec<(HeaderName, HeaderValue)>,
+    /// The token sent at each handshake; [`crate::Client::refresh`]
+    /// replaces it.
+    pub(crate) token: std::sync::RwLock<Option<String>>,
     /// Reconnect schedule.
     pub(crate) backoff: crate::backoff::BackoffConfig,
     /// A connection that stayed up this long resets the backoff.
@@ -706,6 +709,10 @@ impl Task {
                 }
             }
             Push::Direct { data } => self.shared.emit(ClientEvent::Direct(data)),
+            Push::Refresh { expires_at_ms } => {
+                self.shared
+                    .emit(ClientEvent::TokenExpiring { expires_at_ms });
+            }
             Push::Connected { .. } => {
                 tracing::debug!("switchboard: a second `connected` push, ignored");
             }
@@ -887,18 +894,33 @@ async fn open(settings: &Settings) -> Result<(Box<Ws>, Welcome)> {
     }
 }
 
-/// The handshake request: URL, subprotocol, token and extra headers.
+/// The handshake request: URL, subprotocol, token and extra headers. The
+/// token goes both as `Authorization: Bearer` and as the `token` query
+/// parameter.
 pub(crate) fn build_request(
     settings: &Settings,
 ) -> Result<tungstenite::handshake::client::Request> {
-    let mut request = settings
-        .url
+    let token = settings
+        .token
+        .read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clone();
+    let url = match &token {
+        Some(t) => crate::client::with_query_param(&settings.url, "token", t),
+        None => settings.url.clone(),
+    };
+    let mut request = url
         .as_str()
         .into_client_request()
         .map_err(|e| Error::Config(format!("bad URL {:?}: {e}", settings.url)))?;
     let headers = request.headers_mut();
     for (name, value) in &settings.headers {
         headers.append(name.clone(), value.clone());
+    }
+    if let Some(t) = &token {
+        let value = HeaderValue::from_str(&format!("Bearer {t}"))
+            .map_err(|_| Error::Config("the token is not a valid header value".into()))?;
+        headers.insert(header::AUTHORIZATION, value);
     }
     headers.insert(
         header::SEC_WEBSOCKET_PROTOCOL,

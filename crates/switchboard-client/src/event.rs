@@ -160,6 +160,13 @@ pub enum ClientEvent {
     /// A direct message for this connection (from the origin or the control
     /// API).
     Direct(Payload),
+    /// The connection's token expires at `expires_at_ms` (Unix ms): hand a
+    /// fresh one to [`Client::refresh`](crate::Client::refresh) before, or
+    /// the gateway closes the connection (4004).
+    TokenExpiring {
+        /// When the current token expires.
+        expires_at_ms: u64,
+    },
     /// The server subscribed this connection to a channel (origin's `connect`
     /// answer or the control API). Its messages arrive as
     /// [`ClientEvent::Message`].

@@ -16,7 +16,10 @@
 //! - A message is delivered only if it is newer than the position in the same
 //!   epoch; anything at or below it is a duplicate and dropped. A message of
 //!   another epoch, or a reply saying recovery was impossible, produces a
-//!   [`SubscriptionEvent::Gap`] and moves the position to the new stream.
+//!   [`SubscriptionEvent::Gap`] and moves the position to the new stream —
+//!   except from a position with offset 0 (nothing seen; in a cluster, a
+//!   channel without messages yet answers the epoch `""`) to the first
+//!   message of an epoch, where nothing can have been missed.
 
 use crate::event::{ChannelMessage, SubscriptionEvent};
 use switchboard_proto::native::{StreamPosition, SubscribeResult};
@@ -92,7 +95,9 @@ impl StreamTracker {
                 self.position = Some(start.clone());
             }
             Some(since) => {
-                let same_epoch = since.epoch == reply.epoch;
+                // From "nothing seen of no epoch yet" the gateway replays an
+                // epoch from its start.
+                let same_epoch = since.epoch == reply.epoch || is_start(&since);
                 let nothing_missed = same_epoch && since.offset >= reply.offset;
                 if nothing_missed || (same_epoch && reply.recovered == Some(true)) {
                     let missed = reply.missed.unwrap_or(0);
@@ -129,6 +134,8 @@ impl StreamTracker {
             // Already delivered.
             Some(pos) if pos.epoch == message.epoch && message.offset <= pos.offset => return,
             Some(pos) if pos.epoch == message.epoch => {}
+            // Nothing seen yet, and this starts its epoch: nothing missed.
+            Some(pos) if pos.offset == 0 && message.offset == 1 => {}
             Some(pos) => emit(SubscriptionEvent::Gap {
                 last: pos.clone(),
                 resumed: StreamPosition {
@@ -141,6 +148,12 @@ impl StreamTracker {
         self.position = Some(message.position());
         emit(SubscriptionEvent::Message(message));
     }
+}
+
+/// The position of a subscription to a channel that had no messages (and,
+/// in a cluster, no epoch yet).
+fn is_start(p: &StreamPosition) -> bool {
+    p.offset == 0 && p.epoch.is_empty()
 }
 
 #[cfg(test)]
@@ -337,6 +350,31 @@ mod tests {
             ["subscribed Some(true) Some(3)", "2@e", "gap 2@e -> 4@e"]
         );
         assert_eq!(messages(&mut t, &[(4, "e"), (5, "e")]), ["5@e"]);
+    }
+
+    #[test]
+    fn the_first_epoch_of_an_empty_channel_is_not_a_gap() {
+        // Live: the channel had no messages, then its first one.
+        let mut t = StreamTracker::default();
+        t.begin_subscribe();
+        subscribe_ok(&mut t, reply(0, "", None, None));
+        assert_eq!(messages(&mut t, &[(1, "e"), (2, "e")]), ["1@e", "2@e"]);
+        // Recovered from before the first one.
+        let mut t = StreamTracker::default();
+        t.begin_subscribe();
+        subscribe_ok(&mut t, reply(0, "", None, None));
+        t.connection_lost();
+        assert_eq!(t.begin_subscribe(), Some(pos(0, "")));
+        messages(&mut t, &[(1, "e"), (2, "e")]);
+        assert_eq!(
+            subscribe_ok(&mut t, reply(2, "e", Some(true), Some(2))),
+            ["subscribed Some(true) Some(2)", "1@e", "2@e"]
+        );
+        // But a later start of another epoch is still a gap.
+        assert_eq!(
+            messages(&mut t, &[(3, "e"), (1, "f")]),
+            ["3@e", "gap 3@e -> 0@f", "1@f"]
+        );
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The SDK against a real in-process gateway (`switchboard_test_util`):
 //! exactly-once delivery across forced reconnects, recovery and gaps, the
-//! command round trips, typed errors, reconnect policy and heartbeats.
+//! command round trips, typed errors, reconnect policy, heartbeats, and
+//! token refresh.
 
 use std::sync::atomic::{AtomicU32, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
@@ -709,4 +710,66 @@ async fn a_silent_link_is_detected_and_replaced() {
         started.elapsed()
     );
     reconnected(&client, &first).await;
+}
+
+/// An HS256 token of `sub` expiring `secs` from now.
+fn token(secret: &str, sub: &str, secs: u64) -> String {
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + secs;
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &serde_json::json!({"sub": sub, "exp": exp}),
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .unwrap()
+}
+
+#[tokio::test]
+async fn a_token_is_refreshed_in_band_and_reconnects_use_the_fresh_one() {
+    const SECRET: &str = "0123456789abcdef0123456789abcdef-sdk";
+    let gw = TestGateway::start(|c| {
+        configure(c);
+        c.jwt_secret = Some(SECRET.into());
+        c.jwt_leeway = Duration::ZERO;
+        c.token_refresh_notice = Duration::from_secs(2);
+    })
+    .await;
+    let client = Client::builder(gw.ws_url("/"))
+        .token(token(SECRET, "ann", 3))
+        .backoff_initial(Duration::from_millis(20))
+        .backoff_max(Duration::from_millis(200))
+        .connect()
+        .unwrap();
+    let mut events = client.events();
+    tokio::time::timeout(WAIT, client.wait_connected())
+        .await
+        .unwrap()
+        .unwrap();
+    let first = client.client_id().expect("connected");
+    let ClientEvent::TokenExpiring { expires_at_ms } = wait_event(&mut events, |e| {
+        matches!(e, ClientEvent::TokenExpiring { .. })
+    })
+    .await
+    else {
+        unreachable!()
+    };
+    // Another user's token is refused, typed.
+    let err = client.refresh(token(SECRET, "bob", 60)).await.unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::TokenInvalid), "{err}");
+    let until = client.refresh(token(SECRET, "ann", 3600)).await.unwrap();
+    assert!(until > expires_at_ms + 3_000_000);
+    // The first token's expiry passes: same connection, still working.
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    client.ping().await.expect("still connected");
+    assert_eq!(client.client_id().as_deref(), Some(first.as_str()));
+    // A reconnect presents the fresh token (the first one has expired).
+    kill(&gw, &first).await;
+    reconnected(&client, &first).await;
+    client
+        .ping()
+        .await
+        .expect("reconnected with the fresh token");
 }

@@ -17,7 +17,10 @@
 //!   JetStream the live node with the smallest id sends it.
 //! - While this node is cut off from NATS nobody is declared dead by it, and
 //!   after it reconnects it waits a full timeout plus one heartbeat (the
-//!   others reconnect too) before it judges again.
+//!   others reconnect too) before it judges again. Nor does it judge while
+//!   its own heartbeats have not come back to it for half a timeout (it is
+//!   starved of CPU or its messages are held up): everyone else's silence
+//!   would be its own.
 //! - A node that was cut off for longer than the timeout looks its own run
 //!   up in the bucket when it is back; if another node reported it lost, it
 //!   closes all its connections (1012) so that the origin's view (all gone)
@@ -73,6 +76,8 @@ pub struct NatsCluster {
     /// A fence check is in flight.
     checking: std::sync::atomic::AtomicBool,
     membership: Mutex<Membership>,
+    /// When this node last heard its own heartbeat back from NATS.
+    own_heard: Mutex<Instant>,
     /// Made on first success.
     kv: tokio::sync::OnceCell<kv::Store>,
     /// After a failure to open the bucket: when to try again.
@@ -119,6 +124,7 @@ impl NatsCluster {
             checking: std::sync::atomic::AtomicBool::new(false),
             reported: Mutex::new(Default::default()),
             membership: Mutex::new(Membership::default()),
+            own_heard: Mutex::new(Instant::now()),
             kv: tokio::sync::OnceCell::new(),
             bucket_retry_at: Mutex::new(None),
             stop: CancellationToken::new(),
@@ -192,7 +198,9 @@ impl NatsCluster {
                 continue;
             };
             if beat.node == self.node.id().as_str() {
-                if beat.instance != *self.instance.lock() {
+                if beat.instance == *self.instance.lock() {
+                    *self.own_heard.lock() = Instant::now();
+                } else {
                     tracing::error!(
                         node = %beat.node,
                         "another process announces this node id: node ids must be unique in a cluster"
@@ -256,8 +264,12 @@ impl NatsCluster {
                 }
             }
             // Judge only after having been connected long enough to hear
-            // from every live node.
-            if self.link.up_for() < timeout + beat {
+            // from every live node, and only while this node hears its own
+            // heartbeats: one that does not (starved of CPU, or its
+            // messages held up) would take everyone else's silence for
+            // their death and fence them all.
+            if self.link.up_for() < timeout + beat || self.own_heard.lock().elapsed() > timeout / 2
+            {
                 continue;
             }
             let mut dead = Vec::new();

@@ -7,6 +7,9 @@
 //!   NATS: heartbeats and membership, commands routed to the node that holds
 //!   a connection, control commands from the origin, and the one `node_down`
 //!   report per lost node.
+//! - [`channels`]: [`NatsChannels`], the [`switchboard_server::ChannelBus`]
+//!   over NATS: channel logs in JetStream streams, interest-based delivery
+//!   to the nodes with subscribers, cluster-wide presence.
 //! - [`origin`]: [`NatsOrigin`], the [`switchboard_server::origin::OriginTransport`]
 //!   over NATS: `connect` as a request, other events published (optionally
 //!   through a JetStream stream, with acks).
@@ -15,10 +18,12 @@
 //! `docs/cluster.md`. Nothing here runs on a single node's hot path: the
 //! gateway only calls in for connections of other nodes.
 
+pub mod channels;
 pub mod cluster;
 pub mod connect;
 pub mod origin;
 
+pub use channels::NatsChannels;
 pub use cluster::NatsCluster;
 pub use connect::{connect, Link, NatsError};
 pub use origin::NatsOrigin;

@@ -79,9 +79,80 @@ impl Subjects {
     /// Queue group of the `<prefix>.control` subscribers.
     pub const CONTROL_QUEUE: &'static str = "switchboard-control";
 
+    /// `<prefix>.chan.<namespace>.<name>`: a channel's live messages and its
+    /// members' joins and leaves, for the nodes with subscribers of it. The
+    /// name is [`channel_token`]-escaped.
+    pub fn channel_live(&self, channel: &str) -> String {
+        self.channel_subject("chan", channel)
+    }
+
+    /// `<prefix>.log.<namespace>.<name>`: a channel's log, in its
+    /// namespace's JetStream stream ([`Subjects::channel_stream`]).
+    pub fn channel_log(&self, channel: &str) -> String {
+        self.channel_subject("log", channel)
+    }
+
+    /// `<prefix>.log.<namespace>.>`: the subjects of a namespace's stream.
+    pub fn channel_log_all(&self, namespace: &str) -> String {
+        format!("{}.log.{namespace}.>", self.prefix)
+    }
+
+    /// The JetStream stream of a namespace's channel logs: the prefix with
+    /// `.` replaced by `_`, then `_ch_<namespace>`.
+    pub fn channel_stream(&self, namespace: &str) -> String {
+        format!("{}_ch_{namespace}", self.prefix.replace('.', "_"))
+    }
+
+    /// `<prefix>.channels.presence`: presence requests (the channel name is
+    /// the payload); every node answers with its own subscribers.
+    pub fn channel_presence(&self) -> String {
+        format!("{}.channels.presence", self.prefix)
+    }
+
+    fn channel_subject(&self, kind: &str, channel: &str) -> String {
+        let (ns, name) = channel.split_once(':').unwrap_or(("", channel));
+        format!("{}.{kind}.{ns}.{}", self.prefix, channel_token(name))
+    }
+
     /// Kinds of events that are published (not requested) to a NATS origin.
     pub const PUBLISHED_EVENT_KINDS: [&'static str; 4] =
         ["message", "disconnect", "keepalive", "node_down"];
+}
+
+/// A channel name (the part after the namespace) as one NATS subject
+/// token: ASCII letters, digits and `-_:=+,@!~` stay, every other byte is
+/// `%XX` (so `.`, `*`, `>` and `%` itself never appear).
+pub fn channel_token(name: &str) -> String {
+    let mut out = String::with_capacity(name.len());
+    for b in name.bytes() {
+        if b.is_ascii_alphanumeric() || b"-_:=+,@!~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// Headers of channel messages on [`Subjects::channel_live`] and in the
+/// log ([`Subjects::channel_log`]).
+pub mod channel_headers {
+    /// The message's offset within its epoch.
+    pub const OFFSET: &str = "Switchboard-Offset";
+    /// The channel's epoch.
+    pub const EPOCH: &str = "Switchboard-Epoch";
+    /// In the log: the stream sequence of the channel's previous message (0:
+    /// the first of its epoch), so the log can be walked back.
+    pub const PREV: &str = "Switchboard-Prev";
+    /// When it was published, Unix time in milliseconds.
+    pub const TIME: &str = "Switchboard-Time";
+    /// `binary` for a binary message (text otherwise).
+    pub const KIND: &str = "Switchboard-Kind";
+    /// On the live subject: `join` or `leave` (the payload is the member's
+    /// JSON) instead of a message.
+    pub const EVENT: &str = "Switchboard-Event";
+    /// The node that sent a join, a leave or a presence request.
+    pub const NODE: &str = "Switchboard-Node";
 }
 
 #[cfg(test)]
@@ -96,6 +167,25 @@ mod tests {
         assert_eq!(s.node_control("n-1"), "acme.prod.node.n-1.control");
         assert_eq!(s.events("connect"), "acme.prod.events.connect");
         assert_eq!(s.kv_bucket(), "acme_prod_cluster");
+        assert_eq!(s.channel_live("chat:room-1"), "acme.prod.chan.chat.room-1");
+        assert_eq!(
+            s.channel_log("chat:a.b>*"),
+            "acme.prod.log.chat.a%2Eb%3E%2A"
+        );
+        assert_eq!(s.channel_log_all("chat"), "acme.prod.log.chat.>");
+        assert_eq!(s.channel_stream("chat"), "acme_prod_ch_chat");
+    }
+
+    #[test]
+    fn channel_tokens_are_single_safe_tokens() {
+        assert_eq!(channel_token("user:42@x"), "user:42@x");
+        assert_eq!(channel_token("a b%é"), "a%20b%25%C3%A9");
+        for name in ["a.b", "*", ">", "x y", "%41"] {
+            let t = channel_token(name);
+            assert!(!t.contains(['.', '*', '>', ' ']), "{t}");
+        }
+        // Distinct names stay distinct.
+        assert_ne!(channel_token("%41"), channel_token("A"));
     }
 
     #[test]

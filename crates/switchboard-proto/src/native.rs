@@ -92,6 +92,12 @@ pub enum CommandBody {
         #[serde(flatten)]
         data: Payload,
     },
+    /// A fresh token for the same user, before the current one expires;
+    /// the reply carries its `expires_at_ms`.
+    Refresh {
+        /// The new JWT.
+        token: String,
+    },
 }
 
 impl CommandBody {
@@ -105,6 +111,7 @@ impl CommandBody {
             Self::History { .. } => "history",
             Self::Ping {} => "ping",
             Self::Send { .. } => "send",
+            Self::Refresh { .. } => "refresh",
         }
     }
 }
@@ -118,6 +125,7 @@ pub const COMMANDS: &[&str] = &[
     "history",
     "ping",
     "send",
+    "refresh",
 ];
 
 /// Why a frame from the client is not a command this version can run.
@@ -212,8 +220,17 @@ pub enum ErrorCode {
     PresenceDisabled,
     /// The origin refused the published message.
     Rejected,
-    /// The origin could not be reached; the command may be retried.
+    /// The origin or the cluster bus could not be reached; the command may
+    /// be retried.
     Unavailable,
+    /// The message is larger than the cluster bus carries.
+    TooLarge,
+    /// The client sends faster than `client-message-rate` or
+    /// `client-byte-rate`: the command was not run.
+    RateLimited,
+    /// A `refresh` token was refused (the message says why), or the gateway
+    /// checks no tokens.
+    TokenInvalid,
     /// A binary frame: commands are JSON text frames.
     UnsupportedFrame,
     /// Something failed inside the gateway.
@@ -235,6 +252,9 @@ impl ErrorCode {
             Self::PresenceDisabled => "presence_disabled",
             Self::Rejected => "rejected",
             Self::Unavailable => "unavailable",
+            Self::TooLarge => "too_large",
+            Self::TokenInvalid => "token_invalid",
+            Self::RateLimited => "rate_limited",
             Self::UnsupportedFrame => "unsupported_frame",
             Self::Internal => "internal",
         }
@@ -405,6 +425,12 @@ pub enum Push {
         /// The message.
         #[serde(flatten)]
         data: Payload,
+    },
+    /// The connection's token expires soon: send a `refresh` command with a
+    /// fresh one before `expires_at_ms`, or the connection is closed (4004).
+    Refresh {
+        /// When the current token expires, Unix time in milliseconds.
+        expires_at_ms: u64,
     },
 }
 

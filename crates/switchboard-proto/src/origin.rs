@@ -107,6 +107,13 @@ pub struct ConnectEvent {
     pub subprotocols: Vec<String>,
     /// The subprotocol the gateway chose, if any.
     pub subprotocol: Option<String>,
+    /// The verified client token's `sub`, when the gateway checks tokens.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_id: Option<String>,
+    /// Every claim of the verified client token, when the gateway checks
+    /// tokens (absent for anonymous clients).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub claims: Option<serde_json::Map<String, serde_json::Value>>,
 }
 
 /// `message`: a client sent a message.
@@ -238,6 +245,10 @@ pub struct OriginAnswer {
     /// `connect` only: channels to subscribe the connection to.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub channels: Vec<String>,
+    /// `connect` only: keep the connection open after its client token
+    /// expires (by default it is closed with 4004 unless refreshed).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub outlive_token: bool,
     /// Messages to deliver right away, before anything sent later; the usual
     /// answer to `message` events.
     #[serde(skip_serializing_if = "Vec::is_empty")]

@@ -116,6 +116,12 @@ impl LocalNode {
         crate::gateway::close_spread(&self.shared, deadline).await
     }
 
+    /// The subscribers of `channel` on this node (for a cluster-wide
+    /// presence answer).
+    pub fn channel_members(&self, channel: &str) -> Vec<switchboard_proto::native::Member> {
+        self.shared.channels.local_members(channel)
+    }
+
     /// Tells the origin that `down_node` (its run `instance`, last heard at
     /// `last_seen_ms`) died without draining: one `node_down` event, retried
     /// until delivered. The backend makes sure one node of the cluster calls this.

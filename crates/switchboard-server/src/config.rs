@@ -59,6 +59,41 @@ pub struct Config {
     /// Control API keys (`Authorization: Bearer <key>`); several allow rotation.
     /// Required when `control-listen` is not a loopback address.
     pub api_key: Vec<String>,
+    /// HMAC secret of client tokens (HS256/384/512), at least 32 bytes.
+    pub jwt_secret: Option<String>,
+    /// PEM files of public keys of client tokens (RSA, EC or Ed25519).
+    pub jwt_public_key: Vec<PathBuf>,
+    /// JWKS URL whose keys verify client tokens (fetched, cached, fetched
+    /// again for an unknown `kid`).
+    pub jwks_url: Option<String>,
+    /// Least time between two JWKS fetches for unknown key ids.
+    #[serde(with = "humantime_serde")]
+    pub jwks_refetch_interval: Duration,
+    /// Accepted `aud` values of client tokens (any when empty).
+    pub jwt_audience: Vec<String>,
+    /// Accepted `iss` values of client tokens (any when empty).
+    pub jwt_issuer: Vec<String>,
+    /// Clock skew allowed when checking `exp` and `nbf`.
+    #[serde(with = "humantime_serde")]
+    pub jwt_leeway: Duration,
+    /// Cookie that may carry the client token.
+    pub jwt_cookie: Option<String>,
+    /// With a key configured, still accept clients without a token.
+    pub allow_anonymous: bool,
+    /// Messages per second a client may send (0: unlimited); bursts of two
+    /// seconds' worth pass.
+    pub client_message_rate: u32,
+    /// Bytes per second a client may send (0: unlimited).
+    pub client_byte_rate: u64,
+    /// How long before its token expires a native client is asked to
+    /// `refresh` it.
+    #[serde(with = "humantime_serde")]
+    pub token_refresh_notice: Duration,
+    /// Web origins whose pages may open connections (`Origin` header):
+    /// `scheme://host[:port]`, the host may start with `*.` for any
+    /// subdomain. Empty: any. Requests without `Origin` (not from a
+    /// browser) are not affected.
+    pub allowed_origins: Vec<String>,
     /// Subprotocols the gateway accepts, in preference order of the client.
     pub subprotocol: Vec<String>,
     /// Offer permessage-deflate to clients that ask for it.
@@ -127,6 +162,8 @@ pub struct Config {
     pub namespace: Vec<Namespace>,
     /// Most channels one connection may be subscribed to.
     pub max_subscriptions: usize,
+    /// Replicas of the JetStream streams keeping channel logs (cluster).
+    pub channel_log_replicas: usize,
 }
 
 impl Config {
@@ -158,6 +195,19 @@ impl Default for Config {
             max_pending_events: 1_000,
             keepalive_interval: Duration::from_secs(30),
             api_key: Vec::new(),
+            jwt_secret: None,
+            jwt_public_key: Vec::new(),
+            jwks_url: None,
+            jwks_refetch_interval: Duration::from_secs(10),
+            jwt_audience: Vec::new(),
+            jwt_issuer: Vec::new(),
+            jwt_leeway: Duration::from_secs(5),
+            jwt_cookie: None,
+            allow_anonymous: false,
+            token_refresh_notice: Duration::from_secs(30),
+            client_message_rate: 100,
+            client_byte_rate: 1024 * 1024,
+            allowed_origins: Vec::new(),
             subprotocol: Vec::new(),
             permessage_deflate: false,
             forward_header: ["user-agent", "origin", "accept-language", "x-forwarded-for"]
@@ -188,6 +238,7 @@ impl Default for Config {
             cluster_request_timeout: Duration::from_millis(1500),
             namespace: Vec::new(),
             max_subscriptions: 128,
+            channel_log_replicas: 1,
         }
     }
 }
@@ -454,11 +505,31 @@ impl Config {
                 ));
             }
         }
-        if self.nats.is_some() && !self.namespace.is_empty() {
+        if let Some(bad_pattern) = self
+            .allowed_origins
+            .iter()
+            .find(|p| crate::origins::OriginPattern::parse(p).is_none())
+        {
             return Err(bad(
-                "namespace",
-                "channels are single-node in this version: namespaces cannot be combined with `nats` yet",
+                "allowed-origins",
+                format!("`{bad_pattern}` is not `scheme://host[:port]` (the host may start with `*.`) or `null`"),
             ));
+        }
+        if self.jwt_secret.as_ref().is_some_and(|s| s.len() < 32) {
+            return Err(bad("jwt-secret", "must be at least 32 bytes"));
+        }
+        if self
+            .jwks_url
+            .as_ref()
+            .is_some_and(|u| !(u.starts_with("https://") || u.starts_with("http://")))
+        {
+            return Err(bad("jwks-url", "must be an http:// or https:// URL"));
+        }
+        if self.jwt_leeway > Duration::from_secs(300) {
+            return Err(bad("jwt-leeway", "must be at most 5m"));
+        }
+        if ![1, 3, 5].contains(&self.channel_log_replicas) {
+            return Err(bad("channel-log-replicas", "must be 1, 3 or 5"));
         }
         if self.max_subscriptions == 0 {
             return Err(bad("max-subscriptions", "must be greater than 0"));

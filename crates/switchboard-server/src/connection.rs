@@ -9,13 +9,14 @@
 use crate::gateway::{now_ms, Shared, SocketGuard};
 use crate::native;
 use crate::pool;
+use crate::ratelimit::{RateLimit, Verdict};
 use crate::registry::Conn;
 use bytes::{Bytes, BytesMut};
 use std::io;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
-use switchboard_proto::native::ErrorCode;
+use switchboard_proto::native::{decode_command, ErrorCode, Push};
 use switchboard_proto::origin::{ClosedBy, DisconnectEvent, Event, MessageEvent, Payload};
 use switchboard_proto::ws::deflate::DeflateParams;
 use switchboard_proto::ws::frame::{encode_close, encode_frame, OpCode};
@@ -167,9 +168,13 @@ struct Task {
     next_ping: Instant,
     pong_deadline: Option<Instant>,
     last_message: Instant,
-    /// Publishes waiting for the origin's approval, run in order by a task
-    /// started on the first one.
-    approvals: Option<tokio::sync::mpsc::Sender<native::PublishJob>>,
+    /// The token expiry (Unix ms) a `refresh` push was sent for.
+    refresh_pushed_for: u64,
+    /// Rate limits, from the first message on.
+    limit: Option<Box<RateLimit>>,
+    /// Commands waiting on the origin or the cluster bus, run in order by a
+    /// task started on the first one.
+    jobs: Option<tokio::sync::mpsc::Sender<native::Job>>,
 }
 
 /// Runs an accepted connection to its end; the guard then sends its
@@ -197,7 +202,9 @@ pub(crate) fn run(
         phase: Phase::Open,
         pong_deadline: None,
         last_message: now,
-        approvals: None,
+        refresh_pushed_for: 0,
+        limit: None,
+        jobs: None,
     };
     async move {
         let _socket = socket;
@@ -280,13 +287,57 @@ impl Task {
                 if let Some(idle) = self.guard.shared.config.idle_timeout {
                     d = d.min(self.last_message + idle);
                 }
+                if let Some(at) = self.token_moment() {
+                    d = d.min(at);
+                }
                 d
             }
         }
     }
 
+    /// The next moment the token's expiry matters: the `refresh` push
+    /// (native, not sent yet), else the expiry itself.
+    fn token_moment(&self) -> Option<Instant> {
+        let exp = self.guard.conn.token_expires_ms.load(Relaxed);
+        if exp == 0 {
+            return None;
+        }
+        let notice = self.guard.shared.config.token_refresh_notice.as_millis() as u64;
+        let at = if self.guard.conn.native && self.refresh_pushed_for != exp {
+            exp.saturating_sub(notice)
+        } else {
+            exp
+        };
+        let ms = at.saturating_sub(now_ms());
+        Some(Instant::now() + Duration::from_millis(ms))
+    }
+
+    /// Closes a connection whose token expired (4004), and asks a native
+    /// one to `refresh` it shortly before.
+    fn check_token(&mut self) {
+        let exp = self.guard.conn.token_expires_ms.load(Relaxed);
+        if exp == 0 {
+            return;
+        }
+        let now = now_ms();
+        if now >= exp {
+            self.start_close(close::TOKEN_EXPIRED, "token expired", ClosedBy::Gateway);
+            return;
+        }
+        let notice = self.guard.shared.config.token_refresh_notice.as_millis() as u64;
+        if self.guard.conn.native && self.refresh_pushed_for != exp && now + notice >= exp {
+            self.refresh_pushed_for = exp;
+            let push = Push::Refresh { expires_at_ms: exp };
+            let s = &self.guard.shared;
+            self.guard.conn.push(native::push_frame(&push), &s.metrics);
+        }
+    }
+
     fn on_timer(&mut self) -> Option<Ending> {
         let now = Instant::now();
+        if let Phase::Open = self.phase {
+            self.check_token();
+        }
         if let Phase::Closing { deadline, .. } = self.phase {
             return (now >= deadline).then(|| {
                 self.end_or(
@@ -439,6 +490,38 @@ impl Task {
         // Any frame proves the peer alive.
         self.pong_deadline = None;
         let closing = matches!(self.phase, Phase::Closing { .. });
+        if let (Message::Text(data) | Message::Binary(data), false) = (&msg, closing) {
+            match self.admit(data.len()) {
+                Verdict::Pass => {}
+                Verdict::Refuse => {
+                    let s = &self.guard.shared;
+                    s.metrics.rate_limited.inc();
+                    if self.guard.conn.native {
+                        // Answered, not run; a raw message is dropped.
+                        let id = match &msg {
+                            Message::Text(t) => decode_command(t).ok().map(|c| c.id),
+                            _ => None,
+                        };
+                        s.metrics.native_errors.inc();
+                        let why = "over client-message-rate or client-byte-rate; slow down";
+                        self.guard.conn.push(
+                            native::error_frame(id, ErrorCode::RateLimited, why),
+                            &s.metrics,
+                        );
+                    }
+                    return Ok(());
+                }
+                Verdict::Close => {
+                    self.guard.shared.metrics.rate_limited.inc();
+                    self.start_close(
+                        close::POLICY_VIOLATION,
+                        "rate limit exceeded",
+                        ClosedBy::Gateway,
+                    );
+                    return Ok(());
+                }
+            }
+        }
         match msg {
             Message::Text(_) | Message::Binary(_) if closing => {}
             Message::Text(data) if self.guard.conn.native => self.on_command(&data),
@@ -496,6 +579,26 @@ impl Task {
         Ok(())
     }
 
+    /// The rate limits' verdict on a message of `len` bytes (the limits are
+    /// set up on the first message).
+    fn admit(&mut self, len: usize) -> Verdict {
+        let cfg = &self.guard.shared.config;
+        if cfg.client_message_rate == 0 && cfg.client_byte_rate == 0 {
+            return Verdict::Pass;
+        }
+        let now = std::time::Instant::now();
+        self.limit
+            .get_or_insert_with(|| {
+                Box::new(RateLimit::new(
+                    cfg.client_message_rate,
+                    cfg.client_byte_rate,
+                    cfg.max_message_size,
+                    now,
+                ))
+            })
+            .check(len, now)
+    }
+
     /// Counts a message from the client (which also proves it active).
     fn count_in(&mut self) {
         self.last_message = Instant::now();
@@ -514,11 +617,11 @@ impl Task {
                     self.guard.conn.push(native::sent_frame(id), &s.metrics);
                 }
             }
-            native::Outcome::Approve(job) => {
+            native::Outcome::Wait(job) => {
                 let s = &self.guard.shared;
-                let tx = self.approvals.get_or_insert_with(|| {
+                let tx = self.jobs.get_or_insert_with(|| {
                     let (tx, rx) = tokio::sync::mpsc::channel(s.config.max_pending_events);
-                    s.conn_tasks.spawn(native::publish_worker(
+                    s.conn_tasks.spawn(native::command_worker(
                         s.clone(),
                         self.guard.conn.clone(),
                         rx,
@@ -532,7 +635,7 @@ impl Task {
                         native::error_frame(
                             Some(e.into_inner().id),
                             ErrorCode::Unavailable,
-                            "too many publishes waiting for the application",
+                            "too many commands waiting for the application or the cluster",
                         ),
                         &s.metrics,
                     );
@@ -607,6 +710,8 @@ mod tests {
             path: "/".into(),
             user_id: None,
             metadata: None,
+            token: None,
+            token_expires_ms: 0,
             subprotocol: None,
             native: false,
             deflate: false,

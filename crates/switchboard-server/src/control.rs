@@ -5,7 +5,8 @@
 //! `docs/control-api.md`. The OpenAPI document is `docs/openapi.json`, served
 //! at `GET /v1/openapi.json`; a test keeps it and [`ROUTES`] equal.
 
-use crate::channels::{Ack, ChannelError};
+use crate::bus::BusError;
+use crate::channels::{Ack, ChannelError, Subscribed};
 use crate::cluster::{ClusterError, CommandReply};
 use crate::gateway::Shared;
 use crate::registry::{CloseRequest, Conn, Outgoing, Queued};
@@ -27,7 +28,7 @@ use switchboard_proto::control::{
     NodeInfo, NodesResponse, PublishCommand, PublishResponse, SendCommand, SendResponse, Stats,
     SubscribeBody, SubscribeCommand, SubscribeResponse, UnsubscribeCommand,
 };
-use switchboard_proto::native::StreamPosition;
+use switchboard_proto::native::{StreamPosition, SubscribeResult};
 use switchboard_proto::origin::{ClosedBy, Payload};
 use switchboard_proto::ws::close;
 use switchboard_proto::ConnectionId;
@@ -367,16 +368,15 @@ pub(crate) async fn execute(s: &Arc<Shared>, cmd: Command, forwarded: bool) -> C
         Command::Info(c) => info_local(s, &c.connection_id),
         Command::Stats => ok(&stats_local(s)),
         Command::Nodes => ok(&nodes_local(s)),
-        Command::Subscribe(c) => subscribe_local(s, c),
+        Command::Subscribe(c) => subscribe_local(s, c).await,
         Command::Unsubscribe(c) => unsubscribe_local(s, c),
-        Command::Publish(c) => publish_local(s, c),
-        Command::History(c) => {
-            answer(
-                s.channels
-                    .history(&c.channel, c.since.as_ref(), c.limit, &s.metrics),
-            )
-        }
-        Command::Presence(c) => answer(s.channels.presence(&c.channel)),
+        Command::Publish(c) => publish_command(s, c).await,
+        Command::History(c) => answer(
+            s.channels
+                .history_async(&c.channel, c.since.as_ref(), c.limit, &s.metrics)
+                .await,
+        ),
+        Command::Presence(c) => answer(s.channels.presence_async(&c.channel).await),
         Command::Channels => ok(&ChannelsResponse {
             channels: s.channels.list(),
         }),
@@ -394,6 +394,12 @@ impl From<ChannelError> for ApiError {
                 (StatusCode::CONFLICT, "too_many_subscriptions")
             }
             ChannelError::ConnectionGone => (StatusCode::NOT_FOUND, "connection_not_found"),
+            ChannelError::Bus(BusError::Unavailable(_)) => {
+                (StatusCode::SERVICE_UNAVAILABLE, "cluster_unavailable")
+            }
+            ChannelError::Bus(BusError::TooLarge(_)) => {
+                (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large")
+            }
             // Not produced by control commands (the origin may do anything).
             ChannelError::PermissionDenied(_) | ChannelError::AlreadySubscribed => {
                 (StatusCode::CONFLICT, "conflict")
@@ -411,19 +417,35 @@ fn answer<T: serde::Serialize>(r: Result<T, ChannelError>) -> CommandReply {
     }
 }
 
-fn subscribe_local(s: &Shared, c: SubscribeCommand) -> CommandReply {
+async fn subscribe_local(s: &Shared, c: SubscribeCommand) -> CommandReply {
     let conn = match lookup(s, &c.connection_id) {
         Ok(conn) => conn,
         Err(e) => return e.into(),
     };
     let ch = &s.channels;
-    match ch.subscribe(&conn, &c.channel, c.since.as_ref(), Ack::Push, &s.metrics) {
-        Ok(r) => ok(&SubscribeResponse {
+    let subscribed = |r: SubscribeResult| {
+        ok(&SubscribeResponse {
             epoch: r.epoch,
             offset: r.offset,
             recovered: r.recovered,
             already: false,
-        }),
+        })
+    };
+    match ch.subscribe(&conn, &c.channel, c.since.as_ref(), Ack::Push, &s.metrics) {
+        Ok(Subscribed::Now(r)) => subscribed(r),
+        // A replica reading the channel's log first (cluster).
+        Ok(Subscribed::Later(rx)) => {
+            match tokio::time::timeout(s.config.cluster_request_timeout, rx).await {
+                Ok(Ok(r)) => subscribed(r),
+                Ok(Err(_)) => ApiError::not_found(&c.connection_id).into(),
+                Err(_) => ApiError::new(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "node_timeout",
+                    "the channel's log did not answer in time; the subscription completes when it does",
+                )
+                .into(),
+            }
+        }
         Err(ChannelError::AlreadySubscribed) => answer(ch.position(&c.channel, &s.metrics).map(
             |(epoch, offset)| SubscribeResponse {
                 epoch,
@@ -451,7 +473,7 @@ fn unsubscribe_local(s: &Shared, c: UnsubscribeCommand) -> CommandReply {
     }
 }
 
-fn publish_local(s: &Shared, c: PublishCommand) -> CommandReply {
+async fn publish_command(s: &Shared, c: PublishCommand) -> CommandReply {
     if c.idempotency_key
         .as_ref()
         .is_some_and(|k| k.is_empty() || k.len() > 256)
@@ -465,12 +487,13 @@ fn publish_local(s: &Shared, c: PublishCommand) -> CommandReply {
     }
     answer(
         s.channels
-            .publish(
+            .publish_async(
                 &c.channel,
                 c.payload,
                 c.idempotency_key.as_deref(),
                 &s.metrics,
             )
+            .await
             .map(|(r, duplicate)| PublishResponse {
                 offset: r.offset,
                 epoch: r.epoch,

@@ -51,12 +51,19 @@ pub enum GatewayError {
     /// The origin transport could not be set up.
     #[error("origin: {0}")]
     Origin(#[from] crate::origin::OriginError),
+    /// The client token settings cannot be used.
+    #[error(transparent)]
+    Auth(#[from] crate::auth::AuthSetupError),
 }
 
 /// State shared by every task of the node.
 #[derive(Debug)]
 pub(crate) struct Shared {
     pub(crate) config: Config,
+    /// Verifies client tokens, when a key is configured.
+    pub(crate) auth: Option<crate::auth::Authenticator>,
+    /// `allowed-origins`, parsed (empty: any).
+    pub(crate) allowed_origins: Vec<crate::origins::OriginPattern>,
     pub(crate) node: NodeId,
     pub(crate) registry: Registry,
     pub(crate) channels: Channels,
@@ -205,9 +212,19 @@ impl Gateway {
         node: NodeId,
         transport: Arc<dyn OriginTransport>,
     ) -> Result<Self, GatewayError> {
+        let auth = crate::auth::Authenticator::new(&config)?;
+        if let Some(a) = &auth {
+            a.prefetch().await;
+        }
         let client = bind_listener(config.listen)?;
         let control = bind_listener(config.control_listen)?;
         let shared = Arc::new(Shared {
+            auth,
+            allowed_origins: config
+                .allowed_origins
+                .iter()
+                .filter_map(|p| crate::origins::OriginPattern::parse(p))
+                .collect(),
             node,
             registry: Registry::new(),
             channels: Channels::new(&config),
@@ -272,6 +289,15 @@ impl Gateway {
     /// A node joins at most once; a second call returns `false`.
     pub fn join_cluster(&self, cluster: Arc<dyn Cluster>) -> bool {
         self.shared.cluster.set(cluster).is_ok()
+    }
+
+    /// Makes `bus` the home of every channel's log, so channels, history,
+    /// recovery and presence span the cluster. Call before serving; a
+    /// second call returns `false`.
+    pub fn join_channel_bus(&self, bus: Arc<dyn crate::bus::ChannelBus>) -> bool {
+        self.shared
+            .channels
+            .join_bus(bus, Arc::downgrade(&self.shared))
     }
 
     /// This node's id.

@@ -301,6 +301,50 @@ async fn decide(
         ));
     }
 
+    let origin = req
+        .headers
+        .iter()
+        .find(|(n, _)| n == "origin")
+        .map(|(_, v)| v.as_str());
+    if !crate::origins::allowed(&shared.allowed_origins, origin) {
+        return Err(refuse(
+            403,
+            "origin_not_allowed",
+            format!(
+                "pages of {} may not connect here",
+                origin.unwrap_or_default()
+            ),
+            "origin_not_allowed",
+        ));
+    }
+    let cookies = parse_cookies(req);
+    let identity = match &shared.auth {
+        None => None,
+        Some(auth) => {
+            match tokio::time::timeout_at(deadline, auth.authenticate(req, &cookies)).await {
+                Ok(Ok(identity)) => identity,
+                Ok(Err(e)) => {
+                    tracing::debug!(%remote, code = e.code(), "client token refused");
+                    return Err(Refusal {
+                        status: e.status(),
+                        code: e.code(),
+                        message: e.to_string(),
+                        extra: "WWW-Authenticate: Bearer\r\n",
+                        metric: "unauthorized",
+                    });
+                }
+                Err(_) => {
+                    return Err(refuse(
+                        503,
+                        "auth_unavailable",
+                        "the signing keys could not be fetched in time; retry later",
+                        "unauthorized",
+                    ))
+                }
+            }
+        }
+    };
+
     // The client's first offer the gateway speaks: the native protocol or
     // one of the configured raw subprotocols.
     let subprotocol = upgrade
@@ -346,9 +390,11 @@ async fn decide(
             .filter(|(n, _)| shared.forward_headers.iter().any(|f| f == n))
             .map(|(n, v)| (n.clone(), v.clone()))
             .collect(),
-        cookies: parse_cookies(req),
+        cookies,
         subprotocols: upgrade.protocols.clone(),
         subprotocol: subprotocol.clone(),
+        user_id: identity.as_ref().and_then(|i| i.user.clone()),
+        claims: identity.as_ref().map(|i| i.claims.clone()),
     });
     let body = batch_body([&serde_json::to_vec(&event).expect("events serialize")[..]]);
     let started = Instant::now();
@@ -408,7 +454,15 @@ async fn decide(
         id,
         remote,
         path: req.path.clone(),
-        user_id: answer.user_id,
+        token: identity.as_ref().map(crate::auth::Identity::state),
+        // Enforced unless the origin lets the connection outlive its token.
+        token_expires_ms: identity
+            .as_ref()
+            .and_then(crate::auth::Identity::expires_at_ms)
+            .filter(|_| !answer.outlive_token)
+            .unwrap_or(0),
+        // The origin's word first, else the token's `sub`.
+        user_id: answer.user_id.or(identity.and_then(|i| i.user)),
         metadata: answer.metadata,
         subprotocol: subprotocol.clone(),
         native: is_native,

@@ -4,7 +4,10 @@
 //! # Layout
 //!
 //! - `channels`: channels on this node — namespaces, subscribers, history
-//!   with offsets and epochs, presence, fan-out.
+//!   with offsets and epochs, presence, fan-out; in a cluster, replicas of
+//!   channels whose log is the bus's.
+//! - [`bus`]: the seam for channels across a cluster (the [`ChannelBus`]
+//!   trait a backend such as NATS implements).
 //! - `native`: the native client protocol `switchboard.v1` (commands in,
 //!   replies and pushes out).
 //! - [`cluster`]: the seam to the other nodes of a cluster (the [`Cluster`]
@@ -13,9 +16,12 @@
 //! - [`config`]: the typed configuration and its validation.
 //! - [`gateway`]: binding, the accept loop, keepalives and the graceful drain.
 //! - `handshake`: one socket's opening handshake and the `connect` decision.
+//! - `auth`: client tokens (JWT) verified at the handshake.
+//! - `origins`: the `Origin` check against cross-site WebSocket hijacking.
 //! - `connection`: the task of one open connection (read, write, ping, close).
 //! - `registry`: live connections and their outbound queues.
 //! - `pool`: read buffers borrowed only while a socket is readable.
+//! - `ratelimit`: per-connection message and byte rate limits.
 //! - [`origin`]: the origin transport trait, the HTTP webhook, and the
 //!   dispatcher that queues, batches and retries events.
 //! - `control`: the control API and the operations endpoints.
@@ -34,6 +40,8 @@
 //! # Ok(()) }
 //! ```
 
+mod auth;
+pub mod bus;
 mod channels;
 pub mod cluster;
 pub mod config;
@@ -44,9 +52,13 @@ mod handshake;
 mod metrics;
 mod native;
 pub mod origin;
+mod origins;
 mod pool;
+mod ratelimit;
 mod registry;
 
+pub use auth::AuthSetupError;
+pub use bus::{BusError, BusEvent, ChannelBus, LogEntry, LogRead, Published, Watch};
 pub use cluster::{Cluster, ClusterError, CommandReply, LocalNode};
 pub use config::{Config, ConfigError, Namespace};
 pub use control::{OPENAPI_JSON, ROUTES};

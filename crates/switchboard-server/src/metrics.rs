@@ -59,6 +59,9 @@ pub(crate) struct Metrics {
     pub(crate) deliveries: Counter,
     pub(crate) native_commands: Family<KindLabel, Counter>,
     pub(crate) native_errors: Counter,
+    pub(crate) bus_received: Counter,
+    pub(crate) rate_limited: Counter,
+    pub(crate) bus_gap_fills: Counter,
 }
 
 fn origin_histogram() -> Histogram {
@@ -99,6 +102,9 @@ impl Metrics {
             deliveries: Counter::default(),
             native_commands: Family::default(),
             native_errors: Counter::default(),
+            bus_received: Counter::default(),
+            rate_limited: Counter::default(),
+            bus_gap_fills: Counter::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -232,6 +238,21 @@ impl Metrics {
             "native_command_errors",
             "Native protocol commands answered with an error",
             m.native_errors.clone(),
+        );
+        r.register(
+            "rate_limited_messages",
+            "Client messages refused for exceeding client-message-rate or client-byte-rate",
+            m.rate_limited.clone(),
+        );
+        r.register(
+            "channel_bus_received",
+            "Channel messages received from the cluster bus (once per message per node with subscribers)",
+            m.bus_received.clone(),
+        );
+        r.register(
+            "channel_bus_gap_fills",
+            "Times messages missing from the bus were read from the channel log",
+            m.bus_gap_fills.clone(),
         );
         Self { registry, ..m }
     }

@@ -12,7 +12,7 @@ use crate::registry::Conn;
 use bytes::Bytes;
 use serde::Serialize;
 use std::sync::Arc;
-use switchboard_proto::native::{decode_command, CommandBody, ErrorCode, Push};
+use switchboard_proto::native::{decode_command, CommandBody, ErrorCode, Push, StreamPosition};
 use switchboard_proto::origin::{Event, Payload, PublishEvent};
 use switchboard_proto::ws::frame::{encode_frame, OpCode};
 
@@ -81,22 +81,50 @@ pub(crate) enum Outcome {
         /// The message.
         data: Payload,
     },
-    /// A publish the origin must approve first (`publish-to-origin`): hand
-    /// it to the connection's [`publish_worker`].
-    Approve(PublishJob),
+    /// A command that waits on the origin or the cluster bus: hand it to
+    /// the connection's [`command_worker`].
+    Wait(Job),
 }
 
-/// A client publish waiting for the origin's approval.
+/// A command that waits on the origin (a publish it must approve) or on the
+/// cluster bus (a publish, history or presence in a cluster).
 #[derive(Debug)]
-pub(crate) struct PublishJob {
+pub(crate) struct Job {
     pub(crate) id: u64,
     channel: String,
-    data: Payload,
+    kind: JobKind,
+}
+
+#[derive(Debug)]
+enum JobKind {
+    Publish {
+        data: Payload,
+        /// `publish-to-origin`: the origin approves it first.
+        approve: bool,
+    },
+    History {
+        since: Option<StreamPosition>,
+        limit: Option<usize>,
+    },
+    Presence,
+    Refresh {
+        token: String,
+    },
 }
 
 /// An empty result, `{}`.
 #[derive(Serialize)]
 struct Empty {}
+
+/// Whether the client may subscribe to `channel` itself: its namespace
+/// lets every client, or the client's token grants it.
+fn may_subscribe(
+    conn: &Conn,
+    channel: &str,
+    ch: &crate::channels::Channels,
+) -> Result<bool, ChannelError> {
+    Ok(ch.namespace(channel)?.client_subscribe || conn.token_grants_subscribe(channel))
+}
 
 /// A client may read a channel's history and presence only if it may
 /// subscribe to it itself or is subscribed to it (by the origin).
@@ -105,7 +133,7 @@ fn may_read(
     channel: &str,
     ch: &crate::channels::Channels,
 ) -> Result<(), ChannelError> {
-    if ch.namespace(channel)?.client_subscribe || conn.is_subscribed(channel) {
+    if may_subscribe(conn, channel, ch)? || conn.is_subscribed(channel) {
         Ok(())
     } else {
         Err(ChannelError::PermissionDenied(
@@ -132,15 +160,14 @@ pub(crate) fn handle(s: &Shared, conn: &Arc<Conn>, text: &[u8]) -> Outcome {
         .inc();
     let id = cmd.id;
     let ch = &s.channels;
+    let clustered = ch.is_clustered();
+    let wait = |channel: String, kind: JobKind| Outcome::Wait(Job { id, channel, kind });
     let answer: Result<Option<Bytes>, ChannelError> = match cmd.body {
-        CommandBody::Subscribe { channel, since } => ch
-            .namespace(&channel)
-            .and_then(|ns| {
-                ns.client_subscribe
-                    .then_some(())
-                    .ok_or(ChannelError::PermissionDenied(
-                        "this namespace takes subscriptions from the origin only",
-                    ))
+        CommandBody::Subscribe { channel, since } => may_subscribe(conn, &channel, ch)
+            .and_then(|may| {
+                may.then_some(()).ok_or(ChannelError::PermissionDenied(
+                    "neither this namespace nor the client's token lets it subscribe here",
+                ))
             })
             // The reply is queued with the channel's messages, in order.
             .and_then(|()| ch.subscribe(conn, &channel, since.as_ref(), Ack::Reply(id), m))
@@ -149,29 +176,47 @@ pub(crate) fn handle(s: &Shared, conn: &Arc<Conn>, text: &[u8]) -> Outcome {
             .unsubscribe(conn, &channel, false, m)
             .map(|_| Some(result_frame(id, &Empty {}))),
         CommandBody::Publish { channel, data } => match ch.namespace(&channel) {
-            Ok(ns) if !ns.client_publish => Err(ChannelError::PermissionDenied(
-                "this namespace does not let clients publish",
-            )),
-            Ok(ns) if ns.publish_to_origin => {
-                return Outcome::Approve(PublishJob { id, channel, data })
+            Ok(ns) if !ns.client_publish && !conn.token_grants_publish(&channel) => {
+                Err(ChannelError::PermissionDenied(
+                    "neither this namespace nor the client's token lets it publish here",
+                ))
+            }
+            Ok(ns) if ns.publish_to_origin || clustered => {
+                let approve = ns.publish_to_origin;
+                return wait(channel, JobKind::Publish { data, approve });
             }
             Ok(_) => ch
                 .publish(&channel, data, None, m)
                 .map(|(r, _)| Some(result_frame(id, &r))),
             Err(e) => Err(e),
         },
-        CommandBody::Presence { channel } => may_read(conn, &channel, ch)
-            .and_then(|()| ch.presence(&channel))
-            .map(|r| Some(result_frame(id, &r))),
+        CommandBody::Presence { channel } => match may_read(conn, &channel, ch) {
+            Ok(()) if clustered => return wait(channel, JobKind::Presence),
+            Ok(()) => ch.presence(&channel).map(|r| Some(result_frame(id, &r))),
+            Err(e) => Err(e),
+        },
         CommandBody::History {
             channel,
             since,
             limit,
-        } => may_read(conn, &channel, ch)
-            .and_then(|()| ch.history(&channel, since.as_ref(), limit, m))
-            .map(|r| Some(result_frame(id, &r))),
+        } => match may_read(conn, &channel, ch) {
+            Ok(()) if clustered => return wait(channel, JobKind::History { since, limit }),
+            Ok(()) => ch
+                .history(&channel, since.as_ref(), limit, m)
+                .map(|r| Some(result_frame(id, &r))),
+            Err(e) => Err(e),
+        },
         CommandBody::Ping {} => Ok(Some(result_frame(id, &Empty {}))),
         CommandBody::Send { data } => return Outcome::ToOrigin { id, data },
+        CommandBody::Refresh { token } => match s.auth {
+            Some(_) => return wait(String::new(), JobKind::Refresh { token }),
+            None => {
+                m.native_errors.inc();
+                let msg = "this gateway checks no tokens";
+                conn.push(error_frame(Some(id), ErrorCode::TokenInvalid, msg), m);
+                return Outcome::Done;
+            }
+        },
     };
     match answer {
         Ok(Some(frame)) => {
@@ -191,23 +236,94 @@ pub(crate) fn sent_frame(id: u64) -> Bytes {
     result_frame(id, &Empty {})
 }
 
-/// Runs one connection's publishes that need the origin's approval, one at a
-/// time and in order (so the channel gets them in the order the client sent
-/// them), without holding up the connection's own task. Ends when the
-/// connection does (its sender is dropped).
-pub(crate) async fn publish_worker(
+/// Runs one connection's commands that wait on the origin or the cluster
+/// bus, one at a time and in order (so a channel gets a client's publishes
+/// in the order it sent them), without holding up the connection's own
+/// task. Ends when the connection does (its sender is dropped).
+pub(crate) async fn command_worker(
     s: Arc<Shared>,
     conn: Arc<Conn>,
-    mut jobs: tokio::sync::mpsc::Receiver<PublishJob>,
+    mut jobs: tokio::sync::mpsc::Receiver<Job>,
 ) {
     while let Some(job) = jobs.recv().await {
-        let frame = approve_and_publish(&s, &conn, job).await;
+        let frame = run_job(&s, &conn, job).await;
         conn.push(frame, &s.metrics);
     }
 }
 
-async fn approve_and_publish(s: &Arc<Shared>, conn: &Conn, job: PublishJob) -> Bytes {
-    let PublishJob { id, channel, data } = job;
+async fn run_job(s: &Arc<Shared>, conn: &Conn, job: Job) -> Bytes {
+    let Job { id, channel, kind } = job;
+    let ch = &s.channels;
+    let m = &s.metrics;
+    let answer = match kind {
+        JobKind::Publish {
+            data,
+            approve: true,
+        } => return approve_and_publish(s, conn, id, channel, data).await,
+        JobKind::Publish { data, .. } => ch
+            .publish_async(&channel, data, None, m)
+            .await
+            .map(|(r, _)| result_frame(id, &r)),
+        JobKind::History { since, limit } => ch
+            .history_async(&channel, since.as_ref(), limit, m)
+            .await
+            .map(|r| result_frame(id, &r)),
+        JobKind::Presence => ch
+            .presence_async(&channel)
+            .await
+            .map(|r| result_frame(id, &r)),
+        JobKind::Refresh { token } => return refresh(s, conn, id, &token).await,
+    };
+    answer.unwrap_or_else(|e| {
+        m.native_errors.inc();
+        error_frame(Some(id), e.code(), &e.to_string())
+    })
+}
+
+/// A `refresh`: the new token must verify and be the same user's; it then
+/// replaces the connection's grants and pushes its expiry back.
+async fn refresh(s: &Shared, conn: &Conn, id: u64, token: &str) -> Bytes {
+    let m = &s.metrics;
+    let refused = |why: String| {
+        m.native_errors.inc();
+        error_frame(Some(id), ErrorCode::TokenInvalid, &why)
+    };
+    let Some(auth) = &s.auth else {
+        return refused("this gateway checks no tokens".into());
+    };
+    let identity = match auth.verify(token).await {
+        Ok(i) => i,
+        Err(e) => return refused(format!("{}: {e}", e.code())),
+    };
+    let mut current = conn.token.lock();
+    if let Some(cur) = current.as_ref() {
+        if cur.user != identity.user {
+            return refused("the token is for another user".into());
+        }
+    }
+    *current = Some(Box::new(identity.state()));
+    drop(current);
+    let expires_at_ms = identity.expires_at_ms().unwrap_or(0);
+    // A connection whose expiry is not enforced (the origin said so) stays so.
+    let _ = conn.token_expires_ms.fetch_update(
+        std::sync::atomic::Ordering::AcqRel,
+        std::sync::atomic::Ordering::Acquire,
+        |old| (old != 0).then_some(expires_at_ms),
+    );
+    #[derive(Serialize)]
+    struct Refreshed {
+        expires_at_ms: u64,
+    }
+    result_frame(id, &Refreshed { expires_at_ms })
+}
+
+async fn approve_and_publish(
+    s: &Arc<Shared>,
+    conn: &Conn,
+    id: u64,
+    channel: String,
+    data: Payload,
+) -> Bytes {
     let event = Event::Publish(PublishEvent {
         id: format!("{}:publish:{:016x}", conn.id, rand::random::<u64>()),
         connection_id: conn.id.to_string(),
@@ -242,7 +358,11 @@ async fn approve_and_publish(s: &Arc<Shared>, conn: &Conn, job: PublishJob) -> B
     match decision {
         Ok(Ok(ConnectDecision::Accept(answer))) => {
             crate::origin::dispatcher::deliver_replies(s, answer.replies);
-            match s.channels.publish(&channel, data, None, &s.metrics) {
+            match s
+                .channels
+                .publish_async(&channel, data, None, &s.metrics)
+                .await
+            {
                 Ok((r, _)) => result_frame(id, &r),
                 Err(e) => {
                     s.metrics.native_errors.inc();

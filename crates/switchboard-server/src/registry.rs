@@ -196,6 +196,10 @@ pub(crate) struct Conn {
     pub(crate) path: Box<str>,
     pub(crate) user_id: Option<Box<str>>,
     pub(crate) metadata: Option<Box<serde_json::Value>>,
+    /// The client's current token (none without one).
+    pub(crate) token: Mutex<Option<Box<crate::auth::TokenState>>>,
+    /// When the current token expires, Unix ms (0: never, or not enforced).
+    pub(crate) token_expires_ms: std::sync::atomic::AtomicU64,
     pub(crate) subprotocol: Option<Box<str>>,
     /// Speaks the native protocol (`switchboard.v1`).
     pub(crate) native: bool,
@@ -231,6 +235,8 @@ pub(crate) struct ConnInit {
     pub(crate) path: String,
     pub(crate) user_id: Option<String>,
     pub(crate) metadata: Option<serde_json::Value>,
+    pub(crate) token: Option<crate::auth::TokenState>,
+    pub(crate) token_expires_ms: u64,
     pub(crate) subprotocol: Option<String>,
     pub(crate) native: bool,
     pub(crate) deflate: bool,
@@ -246,6 +252,8 @@ impl Conn {
             path: init.path.into(),
             user_id: init.user_id.map(Into::into),
             metadata: init.metadata.map(Box::new),
+            token: Mutex::new(init.token.map(Box::new)),
+            token_expires_ms: init.token_expires_ms.into(),
             subprotocol: init.subprotocol.map(Into::into),
             native: init.native,
             deflate: init.deflate,
@@ -294,6 +302,30 @@ impl Conn {
             self.notify.notify_one();
         }
         Queued::Yes
+    }
+
+    /// Whether the client's token grants subscribing to `channel`.
+    pub(crate) fn token_grants_subscribe(&self, channel: &str) -> bool {
+        self.token
+            .lock()
+            .as_ref()
+            .is_some_and(|t| t.grants.may_subscribe(channel))
+    }
+
+    /// Whether the client's token grants publishing on `channel`.
+    pub(crate) fn token_grants_publish(&self, channel: &str) -> bool {
+        self.token
+            .lock()
+            .as_ref()
+            .is_some_and(|t| t.grants.may_publish(channel))
+    }
+
+    /// Closes the connection as a slow consumer (4001) unless it is closing.
+    pub(crate) fn close_slow_now(&self, metrics: &Metrics) {
+        let out = self.out.lock();
+        if !(out.sealed || out.close.is_some()) {
+            self.close_slow(out, metrics);
+        }
     }
 
     /// Drops the queue and asks the task to close the connection as a slow

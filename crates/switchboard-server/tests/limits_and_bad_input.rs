@@ -1,6 +1,6 @@
 //! Malformed frames, oversized messages and heads, non-WebSocket requests,
-//! connection caps and the handshake timeout. After each, the node still
-//! serves other clients.
+//! connection caps, the handshake timeout and client rate limits. After
+//! each, the node still serves other clients.
 
 use futures_util::SinkExt;
 use std::time::{Duration, Instant};
@@ -399,5 +399,81 @@ async fn handshake_timeout_drops_the_socket_without_an_answer() {
     );
     assert!(origin.arrivals().is_empty());
     assert_serves(&gw, &origin).await;
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_over_their_rate_get_errors_then_1008_and_others_are_untouched() {
+    init_tracing();
+    let origin = TestOrigin::start(None).await;
+    let url = origin.url();
+    let gw = TestGateway::start(|c| {
+        c.origin = Some(url);
+        c.client_message_rate = 10;
+    })
+    .await;
+
+    // Native: a burst of 40 pings; the first 20 (two seconds' worth) run,
+    // the rest are answered `rate_limited` with their id.
+    let (mut native, _) = connect_with(
+        &gw.ws_url("/"),
+        &[("Sec-WebSocket-Protocol", "switchboard.v1")],
+    )
+    .await
+    .unwrap();
+    for id in 1..=40 {
+        native
+            .send(WsMessage::text(format!(r#"{{"id":{id},"cmd":"ping"}}"#)))
+            .await
+            .unwrap();
+    }
+    let (mut ok, mut limited) = (0, 0);
+    while ok + limited < 40 {
+        let WsMessage::Text(t) = next_msg(&mut native).await else {
+            continue;
+        };
+        let v: serde_json::Value = serde_json::from_str(&t).unwrap();
+        if v["id"].is_u64() {
+            if v["error"]["code"] == "rate_limited" {
+                limited += 1;
+            } else {
+                assert!(v["result"].is_object(), "{v}");
+                ok += 1;
+            }
+        }
+    }
+    assert_eq!((ok, limited), (20, 20));
+
+    // Raw: a client that keeps flooding is closed with 1008; the messages
+    // over the limit never reach the origin.
+    let mut raw = RawWs::connect(gw.addr, "/", &[]).await;
+    let id = origin.id_for(raw.local_addr).await;
+    // Floods for 1.5 s (past the 1 s of persistence), then reads the
+    // gateway's close frame and answers it.
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_millis(1500) {
+        raw.send_raw(&frame(true, 0x1, b"spam")).await;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let (code, _, _) = raw.expect_close(WAIT).await;
+    raw.send_raw(&frame(true, 0x8, &code.to_be_bytes())).await;
+    assert_eq!(code, 1008);
+    let d = origin.wait_disconnect(&id).await;
+    assert_eq!((d.code, d.closed_by), (1008, ClosedBy::Gateway));
+    let forwarded = origin.messages_of(&id).len();
+    assert!(
+        (20..=60).contains(&forwarded),
+        "{forwarded} messages reached the origin: a burst of 20 plus ~10/s"
+    );
+
+    // A client within its rate is untouched.
+    let mut calm = connect(&gw.ws_url("/")).await;
+    for i in 0..5 {
+        calm.send(WsMessage::text(format!("m{i}"))).await.unwrap();
+    }
+    let calm_id = origin.connects().last().unwrap().connection_id.clone();
+    origin
+        .wait_events(WAIT, |_| origin.messages_of(&calm_id).len() == 5)
+        .await;
     gw.shutdown().await;
 }

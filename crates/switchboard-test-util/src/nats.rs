@@ -190,12 +190,20 @@ impl Drop for NatsServer {
 }
 
 /// A free 127.0.0.1 port below the kernel's ephemeral port range (so that
-/// no port-0 bind can be given it), chosen at random.
+/// no port-0 bind can be given it), chosen at random. When that range
+/// starts too low to leave room below it (a benchmark may widen it to
+/// 1024-65535), a port the kernel hands out.
 fn free_port() -> u16 {
     let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
         .ok()
         .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())
         .unwrap_or(32768);
+    if ephemeral_low < 3024 {
+        return TcpListener::bind(("127.0.0.1", 0))
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("a free port");
+    }
     let (low, high) = if ephemeral_low > 12000 {
         (10000, ephemeral_low)
     } else {

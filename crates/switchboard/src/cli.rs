@@ -142,6 +142,104 @@ pub(crate) struct ServeArgs {
     #[serde(skip_serializing_if = "Option::is_none")]
     api_key: Option<Vec<String>>,
 
+    /// HMAC secret (at least 32 bytes) that signs client tokens (HS256/384/512); with any key, clients need a token.
+    #[arg(
+        long,
+        env = "SWITCHBOARD_JWT_SECRET",
+        value_name = "SECRET",
+        hide_env_values = true
+    )]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    jwt_secret: Option<String>,
+
+    /// PEM file of a public key that signs client tokens: RSA (RS*/PS*), EC (ES256/384) or Ed25519 (EdDSA); repeatable.
+    #[arg(
+        long,
+        env = "SWITCHBOARD_JWT_PUBLIC_KEY",
+        value_name = "FILE",
+        value_delimiter = ','
+    )]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    jwt_public_key: Option<Vec<std::path::PathBuf>>,
+
+    /// JWKS URL whose keys sign client tokens (cached 5 min; fetched again for an unknown `kid`, at most every jwks-refetch-interval).
+    #[arg(long, env = "SWITCHBOARD_JWKS_URL", value_name = "URL")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    jwks_url: Option<String>,
+
+    /// Least time between two JWKS fetches for tokens with an unknown `kid` [default: 10s].
+    #[arg(
+        long,
+        env = "SWITCHBOARD_JWKS_REFETCH_INTERVAL",
+        value_name = "DURATION"
+    )]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    jwks_refetch_interval: Option<String>,
+
+    /// Accepted `aud` of client tokens (repeatable) [default: any].
+    #[arg(
+        long,
+        env = "SWITCHBOARD_JWT_AUDIENCE",
+        value_name = "AUD",
+        value_delimiter = ','
+    )]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    jwt_audience: Option<Vec<String>>,
+
+    /// Accepted `iss` of client tokens (repeatable) [default: any].
+    #[arg(
+        long,
+        env = "SWITCHBOARD_JWT_ISSUER",
+        value_name = "ISS",
+        value_delimiter = ','
+    )]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    jwt_issuer: Option<Vec<String>>,
+
+    /// Clock skew allowed for `exp` and `nbf` [default: 5s].
+    #[arg(long, env = "SWITCHBOARD_JWT_LEEWAY", value_name = "DURATION")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    jwt_leeway: Option<String>,
+
+    /// Cookie that may carry the client token (besides `Authorization: Bearer` and `?token=`).
+    #[arg(long, env = "SWITCHBOARD_JWT_COOKIE", value_name = "NAME")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    jwt_cookie: Option<String>,
+
+    /// Web origins whose pages may connect (`Origin` header), e.g. `https://app.example.com,https://*.example.com`; others get 403 [default: any].
+    #[arg(
+        long,
+        env = "SWITCHBOARD_ALLOWED_ORIGINS",
+        value_name = "ORIGIN",
+        value_delimiter = ','
+    )]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    allowed_origins: Option<Vec<String>>,
+
+    /// Messages per second a client may send, bursts of two seconds' worth allowed; 0 = unlimited [default: 100].
+    #[arg(long, env = "SWITCHBOARD_CLIENT_MESSAGE_RATE", value_name = "N")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    client_message_rate: Option<u32>,
+
+    /// Bytes per second a client may send (bursts of two seconds' worth, at least one max-size message); 0 = unlimited [default: 1048576].
+    #[arg(long, env = "SWITCHBOARD_CLIENT_BYTE_RATE", value_name = "BYTES")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    client_byte_rate: Option<u64>,
+
+    /// How long before its token expires a native client gets a `refresh` push [default: 30s].
+    #[arg(
+        long,
+        env = "SWITCHBOARD_TOKEN_REFRESH_NOTICE",
+        value_name = "DURATION"
+    )]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    token_refresh_notice: Option<String>,
+
+    /// With a token key configured, still accept clients that send no token [default: false].
+    #[arg(long, env = "SWITCHBOARD_ALLOW_ANONYMOUS", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    allow_anonymous: Option<bool>,
+
     /// Accepted subprotocol (repeatable).
     #[arg(
         long,
@@ -304,6 +402,11 @@ pub(crate) struct ServeArgs {
     #[arg(long, env = "SWITCHBOARD_MAX_SUBSCRIPTIONS", value_name = "N")]
     #[serde(skip_serializing_if = "Option::is_none")]
     max_subscriptions: Option<usize>,
+
+    /// Replicas of the JetStream streams that keep channel logs in a cluster (1, 3 or 5; at most the NATS cluster's servers) [default: 1].
+    #[arg(long, env = "SWITCHBOARD_CHANNEL_LOG_REPLICAS", value_name = "N")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    channel_log_replicas: Option<usize>,
 }
 
 /// The result of loading: the gateway's config plus the binary's own settings.

@@ -125,10 +125,17 @@ async fn bind(config: Config) -> Result<Gateway, Startup> {
         Gateway::bind(config).await
     }
     .map_err(failed)?;
-    let cluster = switchboard_nats::NatsCluster::start(client, link, gateway.local_node())
+    let cluster = switchboard_nats::NatsCluster::start(client.clone(), link, gateway.local_node())
         .await
         .map_err(|e| Startup::Other(format!("cannot subscribe on NATS: {e}")))?;
-    gateway.join_cluster(cluster);
+    gateway.join_cluster(cluster.clone());
+    if !gateway.local_node().config().namespace.is_empty() {
+        // Channels span the cluster: their logs live in JetStream.
+        let channels = switchboard_nats::NatsChannels::start(client, gateway.local_node(), cluster)
+            .await
+            .map_err(|e| Startup::Other(format!("cannot subscribe on NATS: {e}")))?;
+        gateway.join_channel_bus(channels);
+    }
     Ok(gateway)
 }
 

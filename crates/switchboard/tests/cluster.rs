@@ -51,73 +51,26 @@ mod common;
 use async_nats::jetstream;
 use async_nats::jetstream::consumer::PullConsumer;
 use bytes::Bytes;
-use common::Node;
+use common::{
+    command, expect_dead, nats_connect, node_of, poll, start_node, start_three, wait_member_ids,
+    wait_members, Node, FORM, HEARTBEAT_TIMEOUT, QUICK, SLACK,
+};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
-use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use switchboard_proto::origin::{
     ClosedBy, ConnectEvent, Event, EventBatch, MessageEvent, NodeDownEvent, Payload,
 };
-use switchboard_proto::ConnectionId;
 use switchboard_test_util::nats::NatsServer;
 use switchboard_test_util::{
     connect, connect_with, expect_close, local_addr, next_msg, TestOrigin, Ws, WsMessage,
 };
 use tokio_tungstenite::tungstenite;
 
-/// `--cluster-heartbeat` of every node.
-const HEARTBEAT: &str = "200ms";
-/// `--cluster-heartbeat-timeout` of every node.
-const HEARTBEAT_TIMEOUT: Duration = Duration::from_millis(1500);
-/// Allowed on top of the heartbeat timeout for a lost node to be dropped.
-const SLACK: Duration = Duration::from_millis(1500);
-/// How long forming a cluster may take.
-const FORM: Duration = Duration::from_secs(10);
-/// Bound of "at once" answers (404 for a lost node's connection, 503
-/// while NATS is away).
-const QUICK: Duration = Duration::from_secs(2);
-
 // ---------------------------------------------------------------------------
 // Helpers
 // ---------------------------------------------------------------------------
-
-/// Starts `switchboard serve` as node `id` of the cluster `prefix` on `nats`,
-/// with test timings; a flag given in `extra` replaces its default here.
-async fn start_node(id: &str, nats: &str, prefix: &str, extra: &[&str]) -> Node {
-    let defaults = [
-        ("--node-id", id),
-        ("--listen", "127.0.0.1:0"),
-        ("--control-listen", "127.0.0.1:0"),
-        ("--nats", nats),
-        ("--nats-prefix", prefix),
-        ("--cluster-heartbeat", HEARTBEAT),
-        ("--cluster-heartbeat-timeout", "1500ms"),
-        ("--cluster-request-timeout", "1s"),
-        ("--drain-spread", "100ms"),
-        ("--drain-timeout", "5s"),
-        ("--origin-retry-initial", "20ms"),
-        ("--origin-retry-max", "200ms"),
-    ];
-    let mut args = Vec::new();
-    for (flag, value) in defaults {
-        if !extra.contains(&flag) {
-            args.extend([flag, value]);
-        }
-    }
-    args.extend_from_slice(extra);
-    Node::start(&args, &[]).await
-}
-
-/// Starts nodes `a`, `b` and `c` of the cluster `prefix`, concurrently.
-async fn start_three(nats: &str, prefix: &str, extra: &[&str]) -> (Node, Node, Node) {
-    tokio::join!(
-        start_node("a", nats, prefix, extra),
-        start_node("b", nats, prefix, extra),
-        start_node("c", nats, prefix, extra),
-    )
-}
 
 /// Nodes `a` and `b` of cluster `prefix` with the HTTP `origin`, once they
 /// see each other.
@@ -133,27 +86,6 @@ async fn start_pair(nats: &NatsServer, origin: &TestOrigin, prefix: &str) -> (No
     (a, b)
 }
 
-/// Calls `check` every 50 ms until it returns `Ok`; panics after `timeout`
-/// naming `what` and showing the last `Err`.
-async fn poll<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<T, String>>,
-{
-    let start = Instant::now();
-    loop {
-        let last = match check().await {
-            Ok(v) => return v,
-            Err(e) => e,
-        };
-        assert!(
-            start.elapsed() < timeout,
-            "timed out after {timeout:?} waiting for {what}; last seen: {last}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -161,82 +93,9 @@ fn now_ms() -> u64 {
         .as_millis() as u64
 }
 
-/// The node part of a connection id.
-fn node_of(id: &str) -> String {
-    ConnectionId::parse(id)
-        .unwrap_or_else(|_| panic!("not a connection id: {id:?}"))
-        .node()
-        .to_owned()
-}
-
 /// A well-formed id on `node` that no connection has.
 fn unknown_on(node: &str) -> String {
     format!("{node}.AAAAAAAAAAAAAAAAAAAAAA")
-}
-
-/// `GET /v1/nodes` of `node` as (node, connections) pairs in the listed
-/// order; `Err` with the answer if it is not a 200 with a node list.
-async fn members(node: &Node) -> Result<Vec<(String, u64)>, String> {
-    let r = node.get("/v1/nodes").await;
-    if r.status != 200 {
-        return Err(format!("{} {}", r.status, r.body));
-    }
-    let v: Value = serde_json::from_str(&r.body).map_err(|e| format!("{e}: {}", r.body))?;
-    let list = v["nodes"]
-        .as_array()
-        .ok_or_else(|| format!("no `nodes` array: {}", r.body))?;
-    Ok(list
-        .iter()
-        .map(|n| {
-            (
-                n["node"].as_str().unwrap_or("?").to_owned(),
-                n["connections"].as_u64().unwrap_or(u64::MAX),
-            )
-        })
-        .collect())
-}
-
-/// Waits (`timeout` in all) until every node of `nodes` lists exactly the
-/// nodes `ids` (in this order), whatever their connection counts.
-async fn wait_member_ids(nodes: &[&Node], ids: &[&str], timeout: Duration) {
-    let deadline = Instant::now() + timeout;
-    for node in nodes {
-        poll(
-            deadline.saturating_duration_since(Instant::now()),
-            &format!("node {} to list exactly {ids:?}", node.node),
-            || async {
-                let got = members(node).await?;
-                if got.iter().map(|(n, _)| n.as_str()).eq(ids.iter().copied()) {
-                    Ok(())
-                } else {
-                    Err(format!("{got:?}"))
-                }
-            },
-        )
-        .await;
-    }
-}
-
-/// Waits (`timeout` in all) until every node of `nodes` lists exactly
-/// `want` (node, connections), in this order.
-async fn wait_members(nodes: &[&Node], want: &[(&str, u64)], timeout: Duration) {
-    let want: Vec<(String, u64)> = want.iter().map(|(n, c)| (n.to_string(), *c)).collect();
-    let deadline = Instant::now() + timeout;
-    for node in nodes {
-        poll(
-            deadline.saturating_duration_since(Instant::now()),
-            &format!("node {} to list {want:?}", node.node),
-            || async {
-                let got = members(node).await?;
-                if got == want {
-                    Ok(())
-                } else {
-                    Err(format!("{got:?}"))
-                }
-            },
-        )
-        .await;
-    }
 }
 
 /// Connects a client to `node` and learns its id from the HTTP test origin.
@@ -250,24 +109,6 @@ async fn client(node: &Node, origin: &TestOrigin, path: &str) -> (Ws, String) {
         node.node
     );
     (ws, id)
-}
-
-/// Waits (at most `within`) for the socket to end: a close frame, an
-/// error or the end of the stream; panics on a data message.
-async fn expect_dead(ws: &mut Ws, within: Duration) {
-    let ended = tokio::time::timeout(within, async {
-        loop {
-            match ws.next().await {
-                None => return "end of stream".to_owned(),
-                Some(Err(e)) => return format!("error: {e}"),
-                Some(Ok(WsMessage::Close(f))) => return format!("close frame {f:?}"),
-                Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_))) => continue,
-                Some(Ok(m)) => panic!("expected the socket to die, got {m:?}"),
-            }
-        }
-    })
-    .await;
-    assert!(ended.is_ok(), "the socket is still open after {within:?}");
 }
 
 /// The `node_down` events the HTTP test origin accepted.
@@ -309,13 +150,6 @@ fn assert_not_found(r: &switchboard_test_util::ApiResponse, what: &str) {
 // ---------------------------------------------------------------------------
 // The origin over NATS, written with async-nats
 // ---------------------------------------------------------------------------
-
-async fn nats_connect(url: &str) -> async_nats::Client {
-    tokio::time::timeout(Duration::from_secs(5), async_nats::connect(url))
-        .await
-        .expect("NATS connect within 5s")
-        .expect("NATS connects")
-}
 
 /// A test origin on NATS: it answers `<prefix>.events.connect` requests
 /// (path `/reject`: `Switchboard-Status: 403` and `{"reason":"nope"}`;
@@ -491,36 +325,6 @@ async fn nats_client(node: &Node, origin: &NatsOrigin, path: &str) -> (Ws, Strin
     );
     assert_eq!(next_msg(&mut ws).await, WsMessage::text("welcome"));
     (ws, id)
-}
-
-/// A control command over NATS: the `Switchboard-Status` of the reply and
-/// its JSON body.
-async fn command(client: &async_nats::Client, subject: &str, body: Value) -> (u16, Value) {
-    let reply = tokio::time::timeout(
-        Duration::from_secs(5),
-        client.request(subject.to_owned(), Bytes::from(body.to_string())),
-    )
-    .await
-    .unwrap_or_else(|_| panic!("no reply on {subject} within 5s to {body}"))
-    .unwrap_or_else(|e| panic!("request on {subject} ({body}) failed: {e}"));
-    let status = reply
-        .headers
-        .as_ref()
-        .and_then(|h| h.get("Switchboard-Status"))
-        .map(|v| v.as_str().to_owned())
-        .unwrap_or_else(|| {
-            panic!("reply to {body} on {subject} has no Switchboard-Status: {reply:?}")
-        });
-    let status = status
-        .parse()
-        .unwrap_or_else(|_| panic!("Switchboard-Status {status:?} is not a number"));
-    let json = serde_json::from_slice(&reply.payload).unwrap_or_else(|e| {
-        panic!(
-            "reply to {body} is not JSON ({e}): {:?}",
-            String::from_utf8_lossy(&reply.payload)
-        )
-    });
-    (status, json)
 }
 
 /// Pulls from `consumer` (acknowledging each message) until `done` holds

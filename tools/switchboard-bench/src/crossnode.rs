@@ -39,8 +39,9 @@
 //! Every child (nats-server, nodes, client workers) is stopped when its owner
 //! is dropped, on error paths too.
 
-use crate::fleet::{self, Fleet, Gateway, Service};
+use crate::fleet::{self, Fleet, Gateway};
 use crate::http::HttpConn;
+use crate::nats::{self, nats_sample, published_delta, NatsSample, NatsServer};
 use crate::proto::{self, Report};
 use crate::util::{self, parse_duration, Machine, Percentiles, Table};
 use crate::{ClientOpts, GatewayOpts};
@@ -349,47 +350,13 @@ pub(crate) fn run(a: CrossNodeArgs) -> Result<ExitCode, String> {
     let origin_addr = rt.block_on(start_origin(origin.clone()))?;
 
     // NATS.
-    let nats_port = util::free_port()?;
-    let mon: SocketAddr = ([127, 0, 0, 1], util::free_port()?).into();
-    let nats_log = a.out.with_extension("nats.log");
-    if let Some(dir) = nats_log.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-    }
-    let mut nats_args: Vec<String> = vec![
-        "-a".into(),
-        "127.0.0.1".into(),
-        "-p".into(),
-        nats_port.to_string(),
-        "-m".into(),
-        mon.port().to_string(),
-        "-l".into(),
-        nats_log.display().to_string(),
-    ];
-    let js_store = a.out.with_extension("jetstream");
-    if a.jetstream {
-        let _ = std::fs::remove_dir_all(&js_store);
-        nats_args.extend(["-js".into(), "-sd".into(), js_store.display().to_string()]);
-    }
-    let mut nats = Service::spawn("nats-server", &a.nats_server_bin, &nats_args)?;
-    util::wait_listening(mon, &mut nats.child, Duration::from_secs(15))
-        .map_err(|e| format!("nats-server: {e} (log: {})", nats_log.display()))?;
-    util::wait_listening(
-        ([127, 0, 0, 1], nats_port).into(),
-        &mut nats.child,
-        Duration::from_secs(15),
-    )
-    .map_err(|e| format!("nats-server: {e}"))?;
-    let nats_server_version = monitor_json(mon, "/varz")
-        .ok()
-        .and_then(|v| v.get("version")?.as_str().map(str::to_owned));
-    let mut nats_server_command = vec![a.nats_server_bin.display().to_string()];
-    nats_server_command.extend(nats_args);
+    let mut nats = NatsServer::start(&a.nats_server_bin, &a.out, a.jetstream)?;
+    let nats_server_version = nats.version.clone();
+    let nats_server_command = nats.command.clone();
+    let mon = nats.mon;
 
     // The nodes.
-    let node_ids: Vec<String> = (0..a.nodes)
-        .map(|i| char::from(b'a' + i).to_string())
-        .collect();
+    let node_ids = nats::node_ids(usize::from(a.nodes));
     let opts = GatewayOpts {
         url: None,
         control: None,
@@ -401,7 +368,7 @@ pub(crate) fn run(a: CrossNodeArgs) -> Result<ExitCode, String> {
     for id in &node_ids {
         let serve = [
             "--nats",
-            &format!("nats://127.0.0.1:{nats_port}"),
+            &nats.url,
             "--node-id",
             id,
             "--origin",
@@ -416,7 +383,12 @@ pub(crate) fn run(a: CrossNodeArgs) -> Result<ExitCode, String> {
     let control_a = nodes[0]
         .control
         .expect("spawned nodes have a control address");
-    wait_nodes(control_a, &node_ids, Duration::from_secs(30))?;
+    nats::wait_nodes(
+        "a",
+        control_a,
+        &node_ids,
+        Instant::now() + Duration::from_secs(30),
+    )?;
     eprintln!(
         "switchboard-bench: nats-server and {} nodes up ({}); GET /v1/nodes on a lists them all",
         node_ids.len(),
@@ -454,10 +426,7 @@ pub(crate) fn run(a: CrossNodeArgs) -> Result<ExitCode, String> {
     for n in &mut nodes {
         n.stop();
     }
-    nats.stop(Duration::from_secs(5));
-    if a.jetstream {
-        let _ = std::fs::remove_dir_all(&js_store);
-    }
+    nats.stop();
 
     let node_commands = nodes.iter().filter_map(|n| n.command.clone()).collect();
     let result = CrossNodeResult {
@@ -486,14 +455,11 @@ pub(crate) fn run(a: CrossNodeArgs) -> Result<ExitCode, String> {
 }
 
 /// Fails if a node or the NATS server has exited.
-fn check_alive(nodes: &mut [Gateway], nats: &mut Service) -> Result<(), String> {
+fn check_alive(nodes: &mut [Gateway], nats: &mut NatsServer) -> Result<(), String> {
     for n in nodes.iter_mut() {
         n.check_alive()?;
     }
-    match nats.child.try_wait() {
-        Ok(None) => Ok(()),
-        _ => Err("nats-server exited".into()),
-    }
+    nats.check_alive()
 }
 
 /// What the phases share.
@@ -1246,104 +1212,6 @@ async fn origin_events(
             StatusCode::OK.into_response()
         }
     }
-}
-
-// ---------------------------------------------------------------------------
-// NATS monitoring and the cluster view.
-
-/// The NATS server's message counters (`GET /varz`) and the messages each
-/// client connection published (`GET /connz`).
-#[derive(Debug, Clone)]
-struct NatsSample {
-    in_msgs: u64,
-    out_msgs: u64,
-    in_bytes: u64,
-    /// `in_msgs` of each client connection, by name (`cid <n>` if unnamed).
-    published: BTreeMap<String, u64>,
-}
-
-/// `GET path` of the NATS monitoring port, as JSON.
-fn monitor_json(mon: SocketAddr, path: &str) -> Result<serde_json::Value, String> {
-    let (status, body) = util::http_get(mon, path)?;
-    if status != 200 {
-        return Err(format!("GET {path}: HTTP {status}"));
-    }
-    serde_json::from_str(&body).map_err(|e| format!("GET {path}: {e}"))
-}
-
-/// Reads the NATS counters.
-fn nats_sample(mon: SocketAddr) -> Result<NatsSample, String> {
-    let v = monitor_json(mon, "/varz")?;
-    let n = |k: &str| {
-        v.get(k)
-            .and_then(|x| x.as_u64())
-            .ok_or_else(|| format!("GET /varz: no {k}"))
-    };
-    let c = monitor_json(mon, "/connz")?;
-    let mut published = BTreeMap::new();
-    for conn in c
-        .get("connections")
-        .and_then(|x| x.as_array())
-        .map(Vec::as_slice)
-        .unwrap_or_default()
-    {
-        let name = match conn.get("name").and_then(|x| x.as_str()) {
-            Some(name) if !name.is_empty() => name.to_owned(),
-            _ => format!(
-                "cid {}",
-                conn.get("cid").and_then(|x| x.as_u64()).unwrap_or(0)
-            ),
-        };
-        let msgs = conn.get("in_msgs").and_then(|x| x.as_u64()).unwrap_or(0);
-        *published.entry(name).or_insert(0) += msgs;
-    }
-    Ok(NatsSample {
-        in_msgs: n("in_msgs")?,
-        out_msgs: n("out_msgs")?,
-        in_bytes: n("in_bytes")?,
-        published,
-    })
-}
-
-/// Messages each connection published between two samples (connections
-/// present in both).
-fn published_delta(v0: &NatsSample, v1: &NatsSample) -> BTreeMap<String, f64> {
-    v1.published
-        .iter()
-        .filter_map(|(k, b)| Some((k.clone(), b.saturating_sub(*v0.published.get(k)?) as f64)))
-        .collect()
-}
-
-/// Polls `GET /v1/nodes` on `control` until it lists every node of `want`.
-fn wait_nodes(control: SocketAddr, want: &[String], limit: Duration) -> Result<(), String> {
-    let deadline = Instant::now() + limit;
-    let mut last = String::from("no answer");
-    while Instant::now() < deadline {
-        match util::http_get(control, "/v1/nodes") {
-            Ok((200, body)) => {
-                let listed: Vec<String> = serde_json::from_str::<serde_json::Value>(&body)
-                    .ok()
-                    .and_then(|v| {
-                        v.get("nodes")?.as_array().map(|ns| {
-                            ns.iter()
-                                .filter_map(|n| n.get("node")?.as_str().map(str::to_owned))
-                                .collect()
-                        })
-                    })
-                    .unwrap_or_default();
-                if want.iter().all(|w| listed.contains(w)) {
-                    return Ok(());
-                }
-                last = body;
-            }
-            Ok((status, body)) => last = format!("HTTP {status}: {body}"),
-            Err(e) => last = e,
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    Err(format!(
-        "GET /v1/nodes on node a did not list {want:?} within {limit:?}; last answer: {last}"
-    ))
 }
 
 // ---------------------------------------------------------------------------

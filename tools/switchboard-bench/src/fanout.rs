@@ -44,12 +44,22 @@
 //! log. nchan keeps its defaults otherwise (a buffer of 10 messages per
 //! channel; Switchboard's `bench` namespace keeps no history).
 //!
-//! The issue's second part, 100,000 subscribers over six gateway nodes joined
-//! by NATS, waits for channels across a cluster: today the gateway refuses
-//! `--namespace` together with `--nats`.
+//! Cluster (`--nodes N`, N > 1; Switchboard only, nchan stays one server, the
+//! reference, with `--nchan-subscribers`): the tool starts its own
+//! `nats-server -js` (see [`crate::nats`]) and N nodes `a`, `b`, ... with
+//! `--nats`, `--node-id` and the same namespace and limits, waits until every
+//! node's `GET /v1/nodes` lists them all, and spreads the subscribers evenly
+//! over the nodes (client workers per node, none holding more than
+//! `--per-process`). Publishes go through `a`'s control API; the server's
+//! count is the sum of every node's `GET /v1/channels`. CPU and memory are
+//! those of all nodes together, nats-server's apart; NATS messages per
+//! publish are `/varz` `in_msgs` and `out_msgs` over the sustained window,
+//! less the background rate measured while the subscribers settle, divided
+//! by the publishes started in the window.
 
 use crate::fleet::{self, Fleet, Gateway, Service};
 use crate::http::HttpConn;
+use crate::nats::{self, NatsSample, NatsServer};
 use crate::proto::{self, Report};
 use crate::subscriber::TICK_NS;
 use crate::util::{self, human_bytes, parse_duration, Machine, Percentiles, Table};
@@ -73,6 +83,11 @@ const NAMESPACE: &str = "bench:subscribe";
 const NCHAN_CHANNEL: &str = "fanout";
 /// Extra headroom of `--rate auto` over `--target-deliveries`.
 const AUTO_RATE_HEADROOM: f64 = 1.15;
+/// nchan's subscribers by default beside a cluster: what one server holds
+/// in the single-node run (the per-process file limit).
+const NCHAN_CLUSTER_DEFAULT: u64 = 19_000;
+/// Open files a node keeps besides its subscribers (listeners, NATS, logs).
+const NODE_SPARE_FILES: u64 = 1_000;
 
 /// A server under test.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, ValueEnum, Serialize)]
@@ -120,10 +135,37 @@ fn parse_rate(s: &str) -> Result<Rate, String> {
 /// Options of `switchboard-bench fanout`.
 #[derive(Debug, Args)]
 pub(crate) struct FanoutArgs {
-    /// Subscribers, all on one channel of one server (a process may hold at
-    /// most 20,000 open files on the reference machine).
+    /// Subscribers, all on one channel of one server, or spread evenly over
+    /// the nodes of a cluster (a process may hold at most 20,000 open files
+    /// on the reference machine).
     #[arg(long, default_value_t = 19_000, value_name = "S", value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     subscribers: u64,
+
+    /// Switchboard nodes: with more than one, the tool starts its own
+    /// `nats-server -js` and nodes `a`, `b`, ... joined through it, spreads
+    /// the subscribers evenly over them (each node may hold the open-file
+    /// limit less 1,000) and publishes through `a`. nchan stays one server.
+    #[arg(long, default_value_t = 1, value_name = "N", value_parser = clap::value_parser!(u8).range(1..=26))]
+    nodes: u8,
+
+    /// nchan's subscribers [default: --subscribers with one node; beside a
+    /// cluster, at most 19,000, what one server holds in the single-node run].
+    #[arg(long, value_name = "S", value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    nchan_subscribers: Option<u64>,
+
+    /// NATS server binary (--nodes above 1).
+    #[arg(long, default_value = "nats-server", value_name = "PATH")]
+    nats_server_bin: PathBuf,
+
+    /// Cluster: the background NATS traffic (heartbeats) is measured while
+    /// the subscribers settle, over at least this long (the settle wait is
+    /// lengthened to it).
+    #[arg(long, default_value = "5s", value_name = "DURATION", value_parser = parse_duration)]
+    quiet: Duration,
+
+    /// Longest wait until every node lists all the nodes (--nodes above 1).
+    #[arg(long, default_value = "30s", value_name = "DURATION", value_parser = parse_duration)]
+    cluster_timeout: Duration,
 
     /// Servers to measure, in this order; nchan is skipped with a message if
     /// nginx or its nchan module is not installed.
@@ -182,7 +224,8 @@ pub(crate) struct FanoutArgs {
     #[arg(long, default_value_t = 64, value_name = "BYTES", value_parser = clap::value_parser!(u32).range(0..=65_536))]
     size: u32,
 
-    /// Wait after connecting before the single phase (the server settles).
+    /// Wait after connecting before the single phase (the server settles;
+    /// in a cluster the background NATS traffic is measured meanwhile).
     #[arg(long, default_value = "2s", value_name = "DURATION", value_parser = parse_duration)]
     settle: Duration,
 
@@ -222,7 +265,8 @@ pub(crate) struct FanoutArgs {
     #[arg(long, value_name = "LIST")]
     client_cpus: Option<String>,
 
-    /// JSON result file.
+    /// JSON result file (in a cluster, nats-server's log and JetStream store
+    /// go beside it; the store is removed after the run).
     #[arg(long, default_value = "target/bench/fanout.json", value_name = "FILE")]
     out: PathBuf,
 
@@ -261,14 +305,18 @@ struct Mem {
 struct Usage {
     /// Length of the phase, seconds.
     seconds: f64,
-    /// The server's processes.
+    /// The server's processes (in a cluster: all nodes together).
     server_cpu: Option<Cpu>,
+    /// nats-server (cluster only).
+    nats_cpu: Option<Cpu>,
     /// The client workers.
     clients_cpu: Option<Cpu>,
     /// This process (the publishers).
     publisher_cpu: Option<Cpu>,
     /// The server's memory at the end of the phase.
     server_mem: Option<Mem>,
+    /// nats-server's memory at the end of the phase (cluster only).
+    nats_mem: Option<Mem>,
     /// Share of the CPUs used by other processes during the phase.
     other_cpu_share: Option<f64>,
 }
@@ -300,6 +348,8 @@ struct Single {
     publish_call: Percentiles,
     /// Server CPU per delivery, microseconds.
     server_cpu_us_per_delivery: Option<f64>,
+    /// Cluster: CPU of the nodes and nats-server per delivery, microseconds.
+    cluster_cpu_us_per_delivery: Option<f64>,
     usage: Usage,
     /// The target: p99 of the deliveries below `--target-p99-ms`, nothing missing.
     target_p99_ms: f64,
@@ -331,6 +381,11 @@ struct Sustained {
     received: u64,
     /// Deliveries of the window's messages not received.
     lost: u64,
+    /// If some were lost: those that arrived by a second look, `--grace`
+    /// × 3 (at most 30 s) later (their latencies are in `latency`).
+    arrived_after_grace: Option<u64>,
+    /// If some were lost: those still missing at the second look.
+    never_arrived: Option<u64>,
     /// Receipts beyond one per subscriber and message.
     duplicates: u64,
     /// Receipts of the window's messages (acknowledged or not) later than
@@ -348,12 +403,82 @@ struct Sustained {
     publish_call: Percentiles,
     /// Server CPU per delivery, microseconds.
     server_cpu_us_per_delivery: Option<f64>,
+    /// Cluster: CPU of the nodes and nats-server per delivery, microseconds.
+    cluster_cpu_us_per_delivery: Option<f64>,
     /// Client CPU per delivery, microseconds.
     clients_cpu_us_per_delivery: Option<f64>,
+    /// Cluster: NATS messages per publish over the window.
+    nats: Option<NatsPerPublish>,
     usage: Usage,
     /// The target: at least `--target-deliveries` per second, nothing lost.
     target_deliveries_per_s: u64,
     target_met: bool,
+}
+
+/// NATS traffic per publish over the sustained window (cluster).
+#[derive(Debug, Clone, Serialize)]
+struct NatsPerPublish {
+    /// Between the two `/varz` readings, seconds.
+    window_s: f64,
+    /// Publishes started in the window (answered or not).
+    publishes: u64,
+    /// `in_msgs` and `out_msgs` growth over the window, as read.
+    in_msgs_raw: u64,
+    out_msgs_raw: u64,
+    /// Background (heartbeats) expected over the window, subtracted.
+    in_msgs_background: f64,
+    out_msgs_background: f64,
+    /// Messages published into NATS per publish.
+    in_msgs_per_publish: f64,
+    /// Messages NATS delivered to its clients per publish.
+    out_msgs_per_publish: f64,
+    /// `in + out` per publish.
+    msgs_per_publish: f64,
+    /// Messages each NATS connection published per publish, by connection
+    /// name (the nodes call theirs `switchboard <id>`).
+    published_per_publish: BTreeMap<String, f64>,
+    /// Nodes holding subscribers: each should receive one copy of a publish.
+    nodes_with_subscribers: usize,
+}
+
+/// Background NATS traffic, measured while the subscribers settle (nothing
+/// published).
+#[derive(Debug, Clone, Default, Serialize)]
+struct NatsBackground {
+    window_s: f64,
+    in_msgs_per_s: f64,
+    out_msgs_per_s: f64,
+    /// Messages each connection published per second, by name.
+    published_per_s: BTreeMap<String, f64>,
+}
+
+/// The cluster's nats-server.
+#[derive(Debug, Serialize)]
+struct NatsRun {
+    version: Option<String>,
+    command: Vec<String>,
+    background: Option<NatsBackground>,
+    /// Its memory with every subscriber connected and settled.
+    mem_subscribed: Option<Mem>,
+}
+
+/// One node of a cluster (or the single gateway).
+#[derive(Debug, Serialize)]
+struct NodeRun {
+    /// `a`, `b`, ... (empty for a single server).
+    node: String,
+    url: String,
+    /// Command line, when spawned.
+    command: Option<Vec<String>>,
+    /// Subscribers sent to this node.
+    subscribers: u64,
+    /// Subscribers the clients count as subscribed on this node.
+    connected: u64,
+    /// Subscribers the node counts (`GET /v1/channels`).
+    server_subscribers: Option<u64>,
+    client_workers: usize,
+    /// The node's memory with every subscriber connected and settled.
+    mem_subscribed: Option<Mem>,
 }
 
 /// One server's run.
@@ -389,6 +514,12 @@ struct ServerRun {
     mem_empty: Option<Mem>,
     /// The server's memory with every subscriber connected and settled.
     mem_subscribed: Option<Mem>,
+    /// `(subscribed − empty) / connected`, PSS (RSS if unreadable), bytes.
+    mem_per_subscriber: Option<f64>,
+    /// The nodes (one for a single server).
+    nodes: Vec<NodeRun>,
+    /// The cluster's nats-server (None for a single server).
+    nats: Option<NatsRun>,
     single: Single,
     sustained: Sustained,
     /// Subscriber connections that ended unexpectedly.
@@ -405,6 +536,10 @@ struct FanoutResult {
     /// Share of all CPUs busy (other processes) in the second before the run.
     background_cpu_busy: f64,
     subscribers: u64,
+    /// Switchboard nodes.
+    nodes: u8,
+    /// nchan's subscribers.
+    nchan_subscribers: u64,
     size: u32,
     messages: u32,
     warmup_s: f64,
@@ -442,37 +577,63 @@ impl Drop for Nchan {
     }
 }
 
+/// Where one share of the subscribers connects: a node, or the one server.
+#[derive(Debug, Clone)]
+struct Endpoint {
+    /// Node id (`a`, `b`, ...) in a cluster, else empty.
+    node: String,
+    ws_addr: SocketAddr,
+    ws_url: String,
+    /// Switchboard: the node's control API (its subscriber count).
+    control: Option<SocketAddr>,
+}
+
 /// A started server and how to reach it.
 #[derive(Debug)]
 struct Server {
     kind: ServerKind,
-    /// Subscribers connect here.
-    ws_addr: SocketAddr,
-    ws_url: String,
-    /// Publishes go here.
+    /// Subscribers to connect, spread evenly over `endpoints`.
+    subscribers: u64,
+    /// Subscribers connect here (one per node).
+    endpoints: Vec<Endpoint>,
+    /// Publishes go here (node `a` in a cluster).
     publish_addr: SocketAddr,
     publish_path: String,
     /// Worker arguments (subprotocol, subscribe command).
     worker_args: Vec<String>,
-    /// The main process.
-    pid: Option<u32>,
+    /// nchan: nginx's master process.
+    master_pid: Option<u32>,
     version: Option<String>,
+    /// The command line (node `a`'s in a cluster).
     command: Vec<String>,
-    gateway: Option<Gateway>,
+    /// Switchboard: the gateway, or the nodes in order (dropped before
+    /// `nats`: fields drop in declaration order).
+    gateways: Vec<Gateway>,
+    /// Cluster: its nats-server.
+    nats: Option<NatsServer>,
     nchan: Option<Nchan>,
 }
 
 impl Server {
-    /// The server's processes: the gateway, or nginx's master and workers.
+    /// The server's processes: the gateway or every node, or nginx's master
+    /// and workers (never nats-server: see [`Server::nats_pid`]).
     fn pids(&self) -> Vec<u32> {
-        let Some(pid) = self.pid else {
-            return Vec::new();
-        };
-        let mut v = vec![pid];
-        if self.kind == ServerKind::Nchan {
-            v.extend(util::child_pids(pid));
+        match self.kind {
+            ServerKind::Switchboard => self.gateways.iter().filter_map(|g| g.pid).collect(),
+            ServerKind::Nchan => {
+                let Some(pid) = self.master_pid else {
+                    return Vec::new();
+                };
+                let mut v = vec![pid];
+                v.extend(util::child_pids(pid));
+                v
+            }
         }
-        v
+    }
+
+    /// The cluster's nats-server.
+    fn nats_pid(&self) -> Option<u32> {
+        self.nats.as_ref().map(NatsServer::pid)
     }
 
     /// The request body publishing `data`.
@@ -491,33 +652,31 @@ impl Server {
         }
     }
 
-    /// Subscribers as the server counts them.
-    fn subscriber_count(&self) -> Result<u64, String> {
+    /// Subscribers as the server counts them, per endpoint.
+    fn subscriber_counts(&self) -> Result<Vec<u64>, String> {
         match self.kind {
-            ServerKind::Switchboard => {
-                let (status, body) = util::http_get(self.publish_addr, "/v1/channels")?;
-                if status != 200 {
-                    return Err(format!("GET /v1/channels: HTTP {status}"));
-                }
-                let v: serde_json::Value =
-                    serde_json::from_str(&body).map_err(|e| format!("GET /v1/channels: {e}"))?;
-                Ok(v.get("channels")
-                    .and_then(|c| c.as_array())
-                    .and_then(|cs| {
-                        cs.iter()
-                            .find(|c| c.get("channel").and_then(|n| n.as_str()) == Some(CHANNEL))
-                    })
-                    .and_then(|c| c.get("subscribers")?.as_u64())
-                    .unwrap_or(0))
-            }
+            ServerKind::Switchboard => self
+                .endpoints
+                .iter()
+                .map(|e| {
+                    let control = e.control.ok_or("no control address")?;
+                    let (status, body) = util::http_get(control, "/v1/channels")?;
+                    if status != 200 {
+                        return Err(format!("GET /v1/channels: HTTP {status}"));
+                    }
+                    channel_subscribers(&body, CHANNEL)
+                        .map_err(|e| format!("GET /v1/channels: {e}"))
+                })
+                .collect(),
             ServerKind::Nchan => {
                 let (status, body) = util::http_get(self.publish_addr, &self.publish_path)?;
                 match status {
-                    404 => Ok(0), // no channel yet
+                    404 => Ok(vec![0]), // no channel yet
                     200 => body
                         .lines()
                         .find_map(|l| l.trim().strip_prefix("active subscribers:"))
                         .and_then(|n| n.trim().parse().ok())
+                        .map(|n| vec![n])
                         .ok_or_else(|| format!("no subscriber count in {body:?}")),
                     _ => Err(format!("GET {}: HTTP {status}", self.publish_path)),
                 }
@@ -525,10 +684,20 @@ impl Server {
         }
     }
 
-    /// Fails if the server has exited.
+    /// Fails if the server (a node, nats-server) has exited.
     fn check_alive(&mut self) -> Result<(), String> {
-        if let Some(g) = &mut self.gateway {
-            g.check_alive()?;
+        let cluster = self.gateways.len() > 1;
+        for (g, e) in self.gateways.iter_mut().zip(&self.endpoints) {
+            g.check_alive().map_err(|err| {
+                if cluster {
+                    format!("node {}: {err}", e.node)
+                } else {
+                    err
+                }
+            })?;
+        }
+        if let Some(n) = &mut self.nats {
+            n.check_alive()?;
         }
         if let Some(n) = &mut self.nchan {
             if let Ok(Some(status)) = n.service.child.try_wait() {
@@ -541,13 +710,43 @@ impl Server {
         Ok(())
     }
 
-    /// Stops the server.
+    /// Stops the server: every node at once, then NATS.
     fn stop(&mut self) {
-        if let Some(g) = &mut self.gateway {
+        for g in &mut self.gateways {
+            g.terminate();
+        }
+        for g in &mut self.gateways {
             g.stop();
+        }
+        if let Some(n) = &mut self.nats {
+            n.stop();
         }
         self.nchan = None;
     }
+}
+
+/// The subscribers of `channel` in a `GET /v1/channels` answer (0 if the
+/// channel is not listed).
+fn channel_subscribers(body: &str, channel: &str) -> Result<u64, String> {
+    let v: serde_json::Value = serde_json::from_str(body).map_err(|e| e.to_string())?;
+    let channels = v
+        .get("channels")
+        .and_then(|c| c.as_array())
+        .ok_or("no channels list")?;
+    Ok(channels
+        .iter()
+        .find(|c| c.get("channel").and_then(|n| n.as_str()) == Some(channel))
+        .and_then(|c| c.get("subscribers")?.as_u64())
+        .unwrap_or(0))
+}
+
+/// `total` split into `parts` shares differing by at most one, the larger
+/// first.
+fn split_even(total: u64, parts: usize) -> Vec<u64> {
+    let n = parts.max(1) as u64;
+    (0..n)
+        .map(|i| total / n + u64::from(i < total % n))
+        .collect()
 }
 
 /// The first line a binary prints for `flag` (stdout or stderr), if it runs.
@@ -564,7 +763,10 @@ fn version_of(bin: &Path, flag: &str) -> Option<String> {
         .map(|l| l.trim().to_owned())
 }
 
-fn start_switchboard(opts: &GatewayOpts) -> Result<Server, String> {
+/// Starts the gateway, or with `--nodes` above 1 nats-server and the nodes.
+fn start_switchboard(a: &FanoutArgs) -> Result<Server, String> {
+    let opts = &a.gateway;
+    let nodes = usize::from(a.nodes);
     let serve = [
         "--namespace",
         NAMESPACE,
@@ -574,19 +776,90 @@ fn start_switchboard(opts: &GatewayOpts) -> Result<Server, String> {
         "0",
     ]
     .map(str::to_owned);
-    let gw = Gateway::start(opts, &serve)?;
-    let control = gw.control.ok_or(
-        "--control is needed with --url: publishing goes through the control API".to_owned(),
-    )?;
     let bin = opts
         .gateway_bin
         .clone()
         .unwrap_or_else(|| util::sibling_bin("switchboard"));
+    // Cluster: nats-server first (dropped last: declared before the nodes).
+    let nats = if nodes > 1 {
+        if opts.url.is_some() {
+            return Err(
+                "--nodes above 1 starts its own cluster; --url measures one running gateway".into(),
+            );
+        }
+        let per_node = a.subscribers.div_ceil(nodes as u64);
+        if let Some(limit) = util::nofile_hard_limit() {
+            let most = limit.saturating_sub(NODE_SPARE_FILES);
+            if per_node > most {
+                return Err(format!(
+                    "{per_node} subscribers per node, more than the {most} a process may hold here (open-file limit {limit} less {NODE_SPARE_FILES}); raise --nodes"
+                ));
+            }
+        }
+        let n = NatsServer::start(&a.nats_server_bin, &a.out, true)?;
+        eprintln!(
+            "switchboard-bench: nats-server {} up with JetStream ({})",
+            n.version.as_deref().unwrap_or("?"),
+            n.url
+        );
+        Some(n)
+    } else {
+        None
+    };
+    let ids = if nodes > 1 {
+        nats::node_ids(nodes)
+    } else {
+        vec![String::new()]
+    };
+    let mut gateways = Vec::new();
+    for id in &ids {
+        let mut args = serve.to_vec();
+        if let Some(n) = &nats {
+            args.extend([
+                "--nats".into(),
+                n.url.clone(),
+                "--node-id".into(),
+                id.clone(),
+            ]);
+        }
+        let gw = Gateway::start(opts, &args).map_err(|e| {
+            if id.is_empty() {
+                e
+            } else {
+                format!("node {id}: {e}")
+            }
+        })?;
+        gateways.push(gw);
+    }
+    let mut endpoints = Vec::new();
+    for (g, id) in gateways.iter().zip(&ids) {
+        let control = g.control.ok_or(
+            "--control is needed with --url: publishing goes through the control API".to_owned(),
+        )?;
+        endpoints.push(Endpoint {
+            node: id.clone(),
+            ws_addr: g.addr,
+            ws_url: g.url.clone(),
+            control: Some(control),
+        });
+    }
+    if nats.is_some() {
+        let deadline = Instant::now() + a.cluster_timeout;
+        for e in &endpoints {
+            let control = e.control.expect("checked above");
+            nats::wait_nodes(&e.node, control, &ids, deadline)?;
+        }
+        eprintln!(
+            "switchboard-bench: {} nodes up ({}); GET /v1/nodes on each lists them all",
+            ids.len(),
+            ids.join(", ")
+        );
+    }
+    let first = &gateways[0];
     Ok(Server {
         kind: ServerKind::Switchboard,
-        ws_addr: gw.addr,
-        ws_url: gw.url.clone(),
-        publish_addr: control,
+        subscribers: a.subscribers,
+        publish_addr: endpoints[0].control.expect("checked above"),
         publish_path: format!("/v1/channels/{CHANNEL}/messages"),
         worker_args: vec![
             "--subprotocol".into(),
@@ -594,13 +867,15 @@ fn start_switchboard(opts: &GatewayOpts) -> Result<Server, String> {
             "--subscribe".into(),
             CHANNEL.into(),
         ],
-        pid: gw.pid,
-        version: gw
+        master_pid: None,
+        version: first
             .command
             .as_ref()
             .and_then(|_| version_of(&bin, "--version")),
-        command: gw.command.clone().unwrap_or_default(),
-        gateway: Some(gw),
+        command: first.command.clone().unwrap_or_default(),
+        endpoints,
+        gateways,
+        nats,
         nchan: None,
     })
 }
@@ -707,7 +982,7 @@ http {{
 }
 
 /// Starts nginx with nchan, or says why it cannot.
-fn start_nchan(a: &FanoutArgs, workers: usize) -> Result<Server, String> {
+fn start_nchan(a: &FanoutArgs, workers: usize, subscribers: u64) -> Result<Server, String> {
     let bin = match &a.nginx_bin {
         Some(b) if b.is_file() => b.clone(),
         Some(b) => return Err(format!("no nginx binary at {}", b.display())),
@@ -736,7 +1011,7 @@ fn start_nchan(a: &FanoutArgs, workers: usize) -> Result<Server, String> {
     // Each worker may hold every subscriber; never above this process's hard limit.
     let nofile = util::nofile_hard_limit()
         .unwrap_or(20_000)
-        .min(a.subscribers + 1_000);
+        .min(subscribers + 1_000);
     let config = nginx_config(&dir, &module, workers, nofile, ws_addr, pub_addr);
     let conf_path = dir.join("nginx.conf");
     std::fs::write(&conf_path, &config)
@@ -783,15 +1058,21 @@ fn start_nchan(a: &FanoutArgs, workers: usize) -> Result<Server, String> {
     command.extend(args);
     Ok(Server {
         kind: ServerKind::Nchan,
-        ws_addr,
-        ws_url: format!("ws://{ws_addr}/sub"),
+        subscribers,
+        endpoints: vec![Endpoint {
+            node: String::new(),
+            ws_addr,
+            ws_url: format!("ws://{ws_addr}/sub"),
+            control: None,
+        }],
         publish_addr: pub_addr,
         publish_path: "/pub".into(),
         worker_args: Vec::new(),
-        pid: Some(pid),
+        master_pid: Some(pid),
         version,
         command,
-        gateway: None,
+        gateways: Vec::new(),
+        nats: None,
         nchan: Some(nchan),
     })
 }
@@ -804,6 +1085,7 @@ fn start_nchan(a: &FanoutArgs, workers: usize) -> Result<Server, String> {
 struct Snapshot {
     at: Instant,
     server_cpu: Option<f64>,
+    nats_cpu: Option<f64>,
     clients_cpu: Option<f64>,
     publisher_cpu: Option<f64>,
     interference: Option<util::Interference>,
@@ -853,6 +1135,10 @@ struct Run<'a> {
     worker_pids: Vec<u32>,
     /// Subscribers connected.
     connected: u64,
+    /// Nodes holding subscribers.
+    nodes_with_subscribers: usize,
+    /// Cluster: background NATS traffic.
+    nats_background: Option<NatsBackground>,
     /// Next sequence number to publish.
     seq: Arc<AtomicU64>,
     problems: &'a mut Vec<String>,
@@ -870,6 +1156,7 @@ impl Run<'_> {
 
     fn all_pids(&self) -> Vec<u32> {
         let mut p = self.server.pids();
+        p.extend(self.server.nats_pid());
         p.extend(&self.worker_pids);
         p.push(std::process::id());
         p
@@ -882,6 +1169,7 @@ impl Run<'_> {
             server_cpu: (!server_pids.is_empty())
                 .then(|| util::cpu_of_all(&server_pids))
                 .flatten(),
+            nats_cpu: self.server.nats_pid().and_then(util::proc_cpu_s),
             clients_cpu: util::cpu_of_all(&self.worker_pids),
             publisher_cpu: util::proc_cpu_s(std::process::id()),
             interference: util::Interference::start(util::cpu_of_all(&self.all_pids())),
@@ -908,9 +1196,11 @@ impl Run<'_> {
         Usage {
             seconds,
             server_cpu: cpu(s0.server_cpu, s1.server_cpu),
+            nats_cpu: cpu(s0.nats_cpu, s1.nats_cpu),
             clients_cpu: cpu(s0.clients_cpu, s1.clients_cpu),
             publisher_cpu: cpu(s0.publisher_cpu, s1.publisher_cpu),
             server_mem: self.mem(),
+            nats_mem: self.server.nats_pid().and_then(|p| mem_of(&[p])),
             other_cpu_share,
         }
     }
@@ -1052,6 +1342,11 @@ pub(crate) fn run(a: FanoutArgs) -> Result<ExitCode, String> {
     } else {
         a.nginx_workers
     };
+    let nchan_subscribers = a.nchan_subscribers.unwrap_or(if a.nodes > 1 {
+        a.subscribers.min(NCHAN_CLUSTER_DEFAULT)
+    } else {
+        a.subscribers
+    });
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -1065,8 +1360,8 @@ pub(crate) fn run(a: FanoutArgs) -> Result<ExitCode, String> {
             continue;
         }
         let server = match kind {
-            ServerKind::Switchboard => start_switchboard(&a.gateway)?,
-            ServerKind::Nchan => match start_nchan(&a, nginx_workers) {
+            ServerKind::Switchboard => start_switchboard(&a)?,
+            ServerKind::Nchan => match start_nchan(&a, nginx_workers, nchan_subscribers) {
                 Ok(s) => s,
                 Err(e) => {
                     let msg = format!("nchan skipped: {e}");
@@ -1076,12 +1371,13 @@ pub(crate) fn run(a: FanoutArgs) -> Result<ExitCode, String> {
                 }
             },
         };
+        let targets: Vec<&str> = server.endpoints.iter().map(|e| e.ws_url.as_str()).collect();
         eprintln!(
             "switchboard-bench: {} up ({}); connecting {} subscribers to {}",
             kind.name(),
             server.version.as_deref().unwrap_or("version unknown"),
-            a.subscribers,
-            server.ws_url
+            server.subscribers,
+            targets.join(", ")
         );
         runs.push(run_server(&a, &rt, server, &mut problems, &mut warnings)?);
     }
@@ -1091,6 +1387,8 @@ pub(crate) fn run(a: FanoutArgs) -> Result<ExitCode, String> {
         machine,
         background_cpu_busy,
         subscribers: a.subscribers,
+        nodes: a.nodes,
+        nchan_subscribers,
         size: a.size,
         messages: a.messages,
         warmup_s: a.warmup.as_secs_f64(),
@@ -1107,6 +1405,66 @@ pub(crate) fn run(a: FanoutArgs) -> Result<ExitCode, String> {
     util::finish(&a.out, &result, result.problems.is_empty())
 }
 
+/// Background NATS traffic between two samples `seconds` apart.
+fn nats_background(v0: &NatsSample, v1: &NatsSample, seconds: f64) -> NatsBackground {
+    let s = seconds.max(1e-9);
+    NatsBackground {
+        window_s: seconds,
+        in_msgs_per_s: v1.in_msgs.saturating_sub(v0.in_msgs) as f64 / s,
+        out_msgs_per_s: v1.out_msgs.saturating_sub(v0.out_msgs) as f64 / s,
+        published_per_s: nats::published_delta(v0, v1)
+            .into_iter()
+            .map(|(k, d)| (k, d / s))
+            .collect(),
+    }
+}
+
+/// NATS messages per publish between two samples `window` seconds apart,
+/// the background subtracted.
+fn nats_per_publish(
+    bg: &NatsBackground,
+    (v0, v1): (&NatsSample, &NatsSample),
+    window: f64,
+    publishes: u64,
+    nodes_with_subscribers: usize,
+) -> NatsPerPublish {
+    let in_raw = v1.in_msgs.saturating_sub(v0.in_msgs);
+    let out_raw = v1.out_msgs.saturating_sub(v0.out_msgs);
+    let (in_bg, out_bg) = (bg.in_msgs_per_s * window, bg.out_msgs_per_s * window);
+    let n = publishes.max(1) as f64;
+    let in_per = (in_raw as f64 - in_bg).max(0.0) / n;
+    let out_per = (out_raw as f64 - out_bg).max(0.0) / n;
+    NatsPerPublish {
+        window_s: window,
+        publishes,
+        in_msgs_raw: in_raw,
+        out_msgs_raw: out_raw,
+        in_msgs_background: in_bg,
+        out_msgs_background: out_bg,
+        in_msgs_per_publish: in_per,
+        out_msgs_per_publish: out_per,
+        msgs_per_publish: in_per + out_per,
+        published_per_publish: nats::published_delta(v0, v1)
+            .into_iter()
+            .map(|(k, d)| {
+                let b = bg.published_per_s.get(&k).copied().unwrap_or(0.0) * window;
+                (k, (d - b).max(0.0) / n)
+            })
+            .collect(),
+        nodes_with_subscribers,
+    }
+}
+
+/// `(subscribed − empty) / subscribers` of PSS (RSS if PSS is unreadable).
+fn per_subscriber(empty: Option<Mem>, subscribed: Option<Mem>, subscribers: u64) -> Option<f64> {
+    let (e, s) = empty.zip(subscribed)?;
+    let (e, s) = match (e.pss, s.pss) {
+        (Some(e), Some(s)) => (e, s),
+        _ => (e.rss, s.rss),
+    };
+    (subscribers > 0).then(|| (s as f64 - e as f64) / subscribers as f64)
+}
+
 /// Connect, single phase, sustained phase, close, for one server.
 fn run_server(
     a: &FanoutArgs,
@@ -1117,22 +1475,20 @@ fn run_server(
 ) -> Result<ServerRun, String> {
     let name = server.kind.name();
     if let Some(cpus) = &a.server_cpus {
-        for p in server.pids() {
+        for p in server.pids().into_iter().chain(server.nats_pid()) {
             pin(p, cpus)?;
         }
     }
     let mem_empty = mem_of(&server.pids());
 
-    // Subscribers: as few processes as the file limit allows. One process
-    // holding all 19,000 costs less per delivery than two (it finds many
-    // sockets ready per wake-up, and the server wakes a sleeping reader less
-    // often), which leaves more CPU to the server.
-    let shards = fleet::shards(
-        a.subscribers as usize,
-        a.clients.per_process,
-        a.clients.workers,
-        1,
-    );
+    // Subscribers: spread evenly over the nodes; on each, as few processes
+    // as the file limit allows. One process holding all 19,000 costs less
+    // per delivery than two (it finds many sockets ready per wake-up, and
+    // the server wakes a sleeping reader less often), which leaves more CPU
+    // to the server.
+    let n_nodes = server.endpoints.len();
+    let per_node = split_even(server.subscribers, n_nodes);
+    let node_workers = split_even(a.clients.workers as u64, n_nodes);
     let mut extra = server.worker_args.clone();
     extra.extend([
         "--command-timeout".to_owned(),
@@ -1144,16 +1500,33 @@ fn run_server(
                 + Duration::from_secs(600),
         ),
     ]);
+    // The handshakes in flight are shared by all nodes' workers.
+    let copts = ClientOpts {
+        concurrency: a.clients.concurrency.div_ceil(n_nodes).max(1),
+        ..a.clients.clone()
+    };
     let mut fleet = Fleet::new();
-    let idxs = fleet::spawn_workers(
-        &mut fleet,
-        "fanout",
-        server.ws_addr,
-        &server.ws_url,
-        &shards,
-        &a.clients,
-        &extra,
-    )?;
+    let mut idxs = Vec::new();
+    // The node of each worker (by fleet index).
+    let mut node_of: HashMap<usize, usize> = HashMap::new();
+    let mut offset = 0;
+    for (i, e) in server.endpoints.iter().enumerate() {
+        let count = per_node[i] as usize;
+        if count == 0 {
+            continue;
+        }
+        let shards: Vec<(usize, usize)> =
+            fleet::shards(count, a.clients.per_process, node_workers[i] as usize, 1)
+                .into_iter()
+                .map(|(o, c)| (o + offset, c))
+                .collect();
+        offset += count;
+        let got = fleet::spawn_workers(
+            &mut fleet, "fanout", e.ws_addr, &e.ws_url, &shards, &copts, &extra,
+        )?;
+        node_of.extend(got.iter().map(|&w| (w, i)));
+        idxs.extend(got);
+    }
     let worker_pids: Vec<u32> = idxs.iter().map(|&i| fleet.pid(i)).collect();
     if let Some(cpus) = &a.client_cpus {
         for &p in &worker_pids {
@@ -1163,11 +1536,12 @@ fn run_server(
     let go = Instant::now();
     fleet.send_each(&idxs, proto::GO)?;
     let (mut connected, mut failed, mut first_error, mut connect_s) = (0, 0, None, 0.0f64);
+    let mut node_connected = vec![0u64; n_nodes];
     fleet.collect(
         &idxs,
         go + a.clients.connect_timeout + Duration::from_secs(15),
         "connected",
-        |_, r| {
+        |w, r| {
             let Report::Connected {
                 ok,
                 failed: f,
@@ -1179,6 +1553,7 @@ fn run_server(
                 return Err(format!("unexpected report {r:?}"));
             };
             connected += ok;
+            node_connected[node_of[&w]] += ok;
             failed += f;
             connect_s = connect_s.max(elapsed_s);
             if first_error.is_none() {
@@ -1190,7 +1565,7 @@ fn run_server(
     if failed > 0 {
         problems.push(format!(
             "{name}: {failed} of {} subscribers could not connect and subscribe; first error: {}",
-            a.subscribers,
+            server.subscribers,
             first_error.as_deref().unwrap_or("?")
         ));
     }
@@ -1204,12 +1579,14 @@ fn run_server(
         "switchboard-bench: {name}: {connected} subscribers subscribed in {connect_s:.1} s ({} client processes)",
         idxs.len()
     );
-    // The server's own count, once it agrees (or after 10 s).
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let server_subscribers = loop {
-        let n = server.subscriber_count();
-        match n {
-            Ok(n) if n == connected || Instant::now() >= deadline => break Some(n),
+    // The server's own count (summed over the nodes), once it agrees (or
+    // after 15 s).
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let node_counts: Option<Vec<u64>> = loop {
+        match server.subscriber_counts() {
+            Ok(c) if c.iter().sum::<u64>() == connected || Instant::now() >= deadline => {
+                break Some(c)
+            }
             Err(e) if Instant::now() >= deadline => {
                 warnings.push(format!("{name}: cannot read the subscriber count: {e}"));
                 break None;
@@ -1217,14 +1594,51 @@ fn run_server(
             _ => std::thread::sleep(Duration::from_millis(200)),
         }
     };
+    let server_subscribers = node_counts.as_ref().map(|c| c.iter().sum::<u64>());
     if let Some(n) = server_subscribers.filter(|n| *n != connected) {
         problems.push(format!(
             "{name}: the server counts {n} subscribers, the clients {connected}"
         ));
     }
-    std::thread::sleep(a.settle);
+    if let Some(c) = node_counts.as_ref().filter(|_| n_nodes > 1) {
+        for (i, (&theirs, &ours)) in c.iter().zip(&node_connected).enumerate() {
+            if theirs != ours {
+                problems.push(format!(
+                    "{name}: node {} counts {theirs} subscribers, its clients {ours}",
+                    server.endpoints[i].node
+                ));
+            }
+        }
+    }
+    // Settle; a cluster's background NATS traffic meanwhile.
+    let nats_bg = match server.nats.as_ref().map(|n| n.mon) {
+        Some(mon) => {
+            let v0 = nats::nats_sample(mon);
+            let t0 = Instant::now();
+            std::thread::sleep(a.settle.max(a.quiet));
+            let v1 = nats::nats_sample(mon);
+            match (v0, v1) {
+                (Ok(v0), Ok(v1)) => Some(nats_background(&v0, &v1, t0.elapsed().as_secs_f64())),
+                (Err(e), _) | (_, Err(e)) => {
+                    warnings.push(format!("{name}: cannot read nats-server's counters: {e}"));
+                    None
+                }
+            }
+        }
+        None => {
+            std::thread::sleep(a.settle);
+            None
+        }
+    };
+    if let Some(bg) = &nats_bg {
+        eprintln!(
+            "switchboard-bench: quiet NATS traffic: {:.1} in_msgs/s, {:.1} out_msgs/s",
+            bg.in_msgs_per_s, bg.out_msgs_per_s
+        );
+    }
     server.check_alive()?;
 
+    let nodes_with_subscribers = node_connected.iter().filter(|n| **n > 0).count();
     let mut run = Run {
         a,
         rt,
@@ -1233,11 +1647,20 @@ fn run_server(
         idxs,
         worker_pids,
         connected,
+        nodes_with_subscribers,
+        nats_background: nats_bg.clone(),
         seq: Arc::new(AtomicU64::new(1)),
         problems,
         warnings,
     };
     let mem_subscribed = run.mem();
+    let node_mem: Vec<Option<Mem>> = run
+        .server
+        .gateways
+        .iter()
+        .map(|g| g.pid.and_then(|p| mem_of(&[p])))
+        .collect();
+    let nats_mem_subscribed = run.server.nats_pid().and_then(|p| mem_of(&[p]));
     let server_pids = run.server.pids();
     let processes = server_pids.len();
     let threads = server_pids
@@ -1285,9 +1708,37 @@ fn run_server(
         idxs,
         ..
     } = run;
+    let workers_per_node = {
+        let mut v = vec![0usize; n_nodes];
+        for w in &idxs {
+            v[node_of[w]] += 1;
+        }
+        v
+    };
     drop(fleet);
     let mut server = server;
     let config = server.nchan.as_ref().map(|n| n.config.clone());
+    let nats_run = server.nats.as_ref().map(|n| NatsRun {
+        version: n.version.clone(),
+        command: n.command.clone(),
+        background: nats_bg,
+        mem_subscribed: nats_mem_subscribed,
+    });
+    let nodes: Vec<NodeRun> = server
+        .endpoints
+        .iter()
+        .enumerate()
+        .map(|(i, e)| NodeRun {
+            node: e.node.clone(),
+            url: e.ws_url.clone(),
+            command: server.gateways.get(i).and_then(|g| g.command.clone()),
+            subscribers: per_node[i],
+            connected: node_connected[i],
+            server_subscribers: node_counts.as_ref().and_then(|c| c.get(i).copied()),
+            client_workers: workers_per_node[i],
+            mem_subscribed: node_mem.get(i).copied().flatten(),
+        })
+        .collect();
     server.stop();
     Ok(ServerRun {
         server: server.kind,
@@ -1296,8 +1747,8 @@ fn run_server(
         config,
         processes,
         threads,
-        url: server.ws_url.clone(),
-        subscribers: a.subscribers,
+        url: server.endpoints[0].ws_url.clone(),
+        subscribers: server.subscribers,
         connected,
         server_subscribers,
         connect_s,
@@ -1305,6 +1756,9 @@ fn run_server(
         clients_rss: last.clients_rss,
         mem_empty,
         mem_subscribed,
+        mem_per_subscriber: per_subscriber(mem_empty, mem_subscribed, connected),
+        nodes,
+        nats: nats_run,
         single,
         sustained,
         dropped,
@@ -1392,6 +1846,12 @@ fn single_phase(run: &mut Run) -> Result<Single, String> {
         .server_cpu
         .filter(|_| received > 0)
         .map(|c| c.seconds * 1e6 / received as f64);
+    out.cluster_cpu_us_per_delivery = out
+        .usage
+        .server_cpu
+        .zip(out.usage.nats_cpu)
+        .filter(|_| received > 0)
+        .map(|(c, n)| (c.seconds + n.seconds) * 1e6 / received as f64);
     out.target_met = out.published == a.messages
         && out.missing == 0
         && out.latency.count > 0
@@ -1608,11 +2068,14 @@ fn sustained_phase(run: &mut Run) -> Result<Sustained, String> {
             .into_std()
             .saturating_duration_since(Instant::now()),
     );
+    let mon = run.server.nats.as_ref().map(|n| n.mon);
     let w0_ns = util::unix_nanos();
     let s0 = run.snapshot();
+    let n0 = mon.map(|m| (Instant::now(), nats::nats_sample(m)));
     std::thread::sleep(end.into_std().saturating_duration_since(Instant::now()));
     let w1_ns = util::unix_nanos();
     let s1 = run.snapshot();
+    let n1 = mon.map(|m| (Instant::now(), nats::nats_sample(m)));
     let published = run
         .rt
         .block_on(async {
@@ -1621,7 +2084,7 @@ fn sustained_phase(run: &mut Run) -> Result<Sustained, String> {
         .map_err(|_| "the publishers did not stop".to_owned())?
         .map_err(|e| format!("a publisher failed: {e}"))?;
     std::thread::sleep(a.grace);
-    let r = run.collect_received()?;
+    let mut r = run.collect_received()?;
     let usage = run.usage(&s0, &s1, "sustained phase");
     let window_s = usage.seconds;
 
@@ -1643,16 +2106,49 @@ fn sustained_phase(run: &mut Run) -> Result<Sustained, String> {
     let (received, lost, duplicates) = r.tally(&published.seqs, r.live);
     let expected = published.seqs.len() as u64 * run.connected;
     let late_us = a.late_after.as_micros() as u64;
+    let lost = lost.max(expected.saturating_sub(received));
+    // Lost, or only late? A second look, bounded.
+    let (arrived_after_grace, never_arrived) = if lost > 0 {
+        let wait = (a.grace * 3).min(Duration::from_secs(30));
+        eprintln!(
+            "switchboard-bench: {name}: {lost} deliveries missing after the grace; looking again in {wait:?}"
+        );
+        std::thread::sleep(wait);
+        let more = run.collect_received()?;
+        let (got, _, _) = more.tally(&published.seqs, more.live);
+        let _ = r.sustained_us.add(&more.sustained_us);
+        (Some(got), Some(lost.saturating_sub(got)))
+    } else {
+        (None, None)
+    };
     let late = if r.sustained_us.is_empty() || r.sustained_us.max() <= late_us {
         0
     } else {
         r.sustained_us
             .count_between(late_us + 1, r.sustained_us.max())
     };
-    let lost = lost.max(expected.saturating_sub(received));
     let per_delivery = |c: Option<Cpu>| {
         c.filter(|_| in_window > 0)
             .map(|c| c.seconds * 1e6 / (deliveries_per_s * window_s))
+    };
+    let cluster_cpu = usage.server_cpu.zip(usage.nats_cpu).map(|(c, n)| Cpu {
+        seconds: c.seconds + n.seconds,
+        cores: c.cores + n.cores,
+    });
+    let nats = match (n0, n1, &run.nats_background) {
+        (Some((t0, Ok(v0))), Some((t1, Ok(v1))), Some(bg)) => Some(nats_per_publish(
+            bg,
+            (&v0, &v1),
+            t1.duration_since(t0).as_secs_f64(),
+            published.seqs.len() as u64 + published.failed,
+            run.nodes_with_subscribers,
+        )),
+        (Some((_, Err(e))), _, _) | (_, Some((_, Err(e))), _) => {
+            run.warnings
+                .push(format!("{name}: cannot read nats-server's counters: {e}"));
+            None
+        }
+        _ => None,
     };
     let out = Sustained {
         rate,
@@ -1666,6 +2162,8 @@ fn sustained_phase(run: &mut Run) -> Result<Sustained, String> {
         expected,
         received,
         lost,
+        arrived_after_grace,
+        never_arrived,
         duplicates,
         late,
         late_after_ms: a.late_after.as_secs_f64() * 1000.0,
@@ -1674,7 +2172,9 @@ fn sustained_phase(run: &mut Run) -> Result<Sustained, String> {
         latency: util::percentiles(&r.sustained_us),
         publish_call: util::percentiles(&published.call_us),
         server_cpu_us_per_delivery: per_delivery(usage.server_cpu),
+        cluster_cpu_us_per_delivery: per_delivery(cluster_cpu),
         clients_cpu_us_per_delivery: per_delivery(usage.clients_cpu),
+        nats,
         usage,
         target_deliveries_per_s: a.target_deliveries,
         target_met: deliveries_per_s >= a.target_deliveries as f64 && lost == 0,
@@ -1696,8 +2196,17 @@ fn sustained_phase(run: &mut Run) -> Result<Sustained, String> {
     }
     if out.lost > 0 {
         run.warnings.push(format!(
-            "{name}: sustained phase: {} of {} deliveries lost (not received within {:?} after the window)",
-            out.lost, out.expected, a.grace
+            "{name}: sustained phase: {} of {} deliveries lost (not received within {:?} after the window); {} arrived later",
+            out.lost,
+            out.expected,
+            a.grace,
+            out.arrived_after_grace.unwrap_or(0)
+        ));
+    }
+    if let Some(n) = out.never_arrived.filter(|n| *n > 0) {
+        run.problems.push(format!(
+            "{name}: sustained phase: {n} deliveries never arrived (still missing {:?} after the grace)",
+            (a.grace * 3).min(Duration::from_secs(30))
         ));
     }
     if out.published == 0 {
@@ -1746,9 +2255,33 @@ fn yes_no(b: bool) -> &'static str {
     }
 }
 
+/// `µs` with two decimals, or n/a.
+fn us(v: Option<f64>) -> String {
+    v.map(|v| format!("{v:.2} µs"))
+        .unwrap_or_else(|| "n/a".into())
+}
+
 fn run_rows(t: &mut Table, r: &ServerRun) {
+    let cluster = r.nodes.len() > 1;
+    let nodes = if cluster {
+        format!(
+            ", {} nodes {} over nats-server {}",
+            r.nodes.len(),
+            r.nodes
+                .iter()
+                .map(|n| n.node.as_str())
+                .collect::<Vec<_>>()
+                .join(","),
+            r.nats
+                .as_ref()
+                .and_then(|n| n.version.as_deref())
+                .unwrap_or("?")
+        )
+    } else {
+        String::new()
+    };
     t.section(&format!(
-        "{}: {} ({} of {} subscribers, {} client processes)",
+        "{}: {}{nodes} ({} of {} subscribers, {} client processes)",
         r.server.name(),
         r.version.as_deref().unwrap_or("version unknown"),
         r.connected,
@@ -1765,8 +2298,43 @@ fn run_rows(t: &mut Table, r: &ServerRun) {
                 .unwrap_or_else(|| "n/a".into())
         ),
     );
-    t.row("server memory, empty", mem(r.mem_empty));
-    t.row("server memory, subscribed", mem(r.mem_subscribed));
+    if cluster {
+        t.row(
+            "per node: subscribers (node counts)",
+            r.nodes
+                .iter()
+                .map(|n| {
+                    let c = n
+                        .server_subscribers
+                        .map(|c| c.to_string())
+                        .unwrap_or_else(|| "?".into());
+                    format!("{} {} ({c})", n.node, n.connected)
+                })
+                .collect::<Vec<_>>()
+                .join(", "),
+        );
+    }
+    let what = if cluster { "nodes" } else { "server" };
+    t.row(&format!("{what} memory, empty"), mem(r.mem_empty));
+    t.row(&format!("{what} memory, subscribed"), mem(r.mem_subscribed));
+    t.row(
+        &format!("{what} memory per subscriber"),
+        r.mem_per_subscriber
+            .map(|b| format!("{} (subscribed − empty)", human_bytes(b)))
+            .unwrap_or_else(|| "n/a".into()),
+    );
+    if let Some(n) = &r.nats {
+        t.row("nats-server memory, subscribed", mem(n.mem_subscribed));
+        if let Some(bg) = &n.background {
+            t.row(
+                "NATS background (while settling)",
+                format!(
+                    "{:.1} in_msgs/s, {:.1} out_msgs/s over {:.1} s",
+                    bg.in_msgs_per_s, bg.out_msgs_per_s, bg.window_s
+                ),
+            );
+        }
+    }
     let s = &r.single;
     t.row(
         "single: published / complete",
@@ -1783,11 +2351,15 @@ fn run_rows(t: &mut Table, r: &ServerRun) {
     );
     t.row("single: publish call p50", ms(s.publish_call.p50_ms));
     t.row(
-        "single: server CPU per delivery",
-        s.server_cpu_us_per_delivery
-            .map(|u| format!("{u:.2} µs"))
-            .unwrap_or_else(|| "n/a".into()),
+        &format!("single: {what} CPU per delivery"),
+        us(s.server_cpu_us_per_delivery),
     );
+    if cluster {
+        t.row(
+            "single: nodes + NATS CPU per delivery",
+            us(s.cluster_cpu_us_per_delivery),
+        );
+    }
     let u = &r.sustained;
     t.row(
         "sustained: messages/s asked / done",
@@ -1814,40 +2386,94 @@ fn run_rows(t: &mut Table, r: &ServerRun) {
     }
     t.row("sustained: latency p50/p99/max", p50_p99_max(&u.latency));
     t.row(
+        "sustained: publish call p50/p99/max",
+        p50_p99_max(&u.publish_call),
+    );
+    t.row(
         "sustained: lost / late / duplicates",
         format!(
             "{} / {} (> {:.0} ms) / {} of {} expected",
             u.lost, u.late, u.late_after_ms, u.duplicates, u.expected
         ),
     );
-    for (phase, usage) in [("single", &s.usage), ("sustained", &u.usage)] {
+    if let (Some(later), Some(never)) = (u.arrived_after_grace, u.never_arrived) {
         t.row(
-            &format!("{phase}: CPU server / clients / publisher"),
+            "sustained: lost: arrived later / never",
+            format!("{later} / {never}"),
+        );
+    }
+    for (phase, usage) in [("single", &s.usage), ("sustained", &u.usage)] {
+        if cluster {
+            t.row(
+                &format!("{phase}: CPU nodes / NATS / clients / publisher"),
+                format!(
+                    "{} / {} / {} / {} cores over {:.1} s",
+                    cores(usage.server_cpu),
+                    cores(usage.nats_cpu),
+                    cores(usage.clients_cpu),
+                    cores(usage.publisher_cpu),
+                    usage.seconds
+                ),
+            );
+        } else {
+            t.row(
+                &format!("{phase}: CPU server / clients / publisher"),
+                format!(
+                    "{} / {} / {} cores over {:.1} s",
+                    cores(usage.server_cpu),
+                    cores(usage.clients_cpu),
+                    cores(usage.publisher_cpu),
+                    usage.seconds
+                ),
+            );
+        }
+        t.row(
+            &format!("{phase}: {what} memory after"),
+            mem(usage.server_mem),
+        );
+        if cluster {
+            t.row(
+                &format!("{phase}: nats-server memory after"),
+                mem(usage.nats_mem),
+            );
+        }
+    }
+    t.row(
+        &format!("sustained: CPU per delivery {what} / clients"),
+        format!(
+            "{} / {}",
+            us(u.server_cpu_us_per_delivery),
+            us(u.clients_cpu_us_per_delivery)
+        ),
+    );
+    if cluster {
+        t.row(
+            "sustained: nodes + NATS CPU per delivery",
+            us(u.cluster_cpu_us_per_delivery),
+        );
+    }
+    if let Some(n) = &u.nats {
+        t.row(
+            "sustained: NATS msgs per publish in / out",
             format!(
-                "{} / {} / {} cores over {:.1} s",
-                cores(usage.server_cpu),
-                cores(usage.clients_cpu),
-                cores(usage.publisher_cpu),
-                usage.seconds
+                "{:.2} / {:.2} = {:.2} ({} publishes; {} nodes with subscribers)",
+                n.in_msgs_per_publish,
+                n.out_msgs_per_publish,
+                n.msgs_per_publish,
+                n.publishes,
+                n.nodes_with_subscribers
             ),
         );
         t.row(
-            &format!("{phase}: server memory after"),
-            mem(usage.server_mem),
+            "sustained: NATS msgs published per publish",
+            n.published_per_publish
+                .iter()
+                .filter(|(_, v)| **v >= 0.005)
+                .map(|(k, v)| format!("{} {v:.2}", k.strip_prefix("switchboard ").unwrap_or(k)))
+                .collect::<Vec<_>>()
+                .join(", "),
         );
     }
-    t.row(
-        "sustained: CPU per delivery server / clients",
-        format!(
-            "{} / {}",
-            u.server_cpu_us_per_delivery
-                .map(|v| format!("{v:.2} µs"))
-                .unwrap_or_else(|| "n/a".into()),
-            u.clients_cpu_us_per_delivery
-                .map(|v| format!("{v:.2} µs"))
-                .unwrap_or_else(|| "n/a".into())
-        ),
-    );
     t.row(
         &format!("target: single p99 < {:.0} ms", s.target_p99_ms),
         format!("{} (p99 {})", yes_no(s.target_met), ms(s.latency.p99_ms)),
@@ -1873,7 +2499,17 @@ fn ratio(a: f64, b: f64) -> String {
 }
 
 fn comparison_rows(t: &mut Table, sb: &ServerRun, nc: &ServerRun) {
-    t.section("switchboard vs nchan (ratio = switchboard / nchan)");
+    let title = if sb.nodes.len() > 1 {
+        format!(
+            "switchboard ({} nodes, {} subscribers) vs nchan (1 server, {}) (ratio = switchboard / nchan)",
+            sb.nodes.len(),
+            sb.connected,
+            nc.connected
+        )
+    } else {
+        "switchboard vs nchan (ratio = switchboard / nchan)".to_owned()
+    };
+    t.section(&title);
     // `(value, decimals, unit)` of each server, then the ratio.
     let mut row = |name: &str, a: f64, b: f64, decimals: usize, unit: &str| {
         let v = |x: f64| {
@@ -1962,6 +2598,15 @@ fn comparison_rows(t: &mut Table, sb: &ServerRun, nc: &ServerRun) {
         2,
         "µs",
     );
+    if sb.nodes.len() > 1 {
+        row(
+            "sustained: + NATS CPU per delivery",
+            nan(s2.cluster_cpu_us_per_delivery),
+            nan(n2.server_cpu_us_per_delivery),
+            2,
+            "µs",
+        );
+    }
     let mib = |m: Option<Mem>| nan(m.map(|m| m.pss.unwrap_or(m.rss) as f64 / (1u64 << 20) as f64));
     row(
         "server memory subscribed (PSS)",
@@ -1977,12 +2622,29 @@ fn comparison_rows(t: &mut Table, sb: &ServerRun, nc: &ServerRun) {
         1,
         "MiB",
     );
+    row(
+        "server memory per subscriber",
+        nan(sb.mem_per_subscriber),
+        nan(nc.mem_per_subscriber),
+        0,
+        "B",
+    );
 }
 
 fn print_table(r: &FanoutResult) {
     let mut t = Table::default();
+    let cluster = if r.nodes > 1 {
+        let nchan = if r.runs.iter().any(|x| x.server == ServerKind::Nchan) {
+            format!(" (nchan: {} on one server)", r.nchan_subscribers)
+        } else {
+            String::new()
+        };
+        format!(" over {} switchboard nodes{nchan}", r.nodes)
+    } else {
+        String::new()
+    };
     t.section(&format!(
-        "fanout: {} subscribers on one channel, {}-byte messages, {} single messages, sustained {:.0} s (+{:.0} s warmup); {} CPUs",
+        "fanout: {} subscribers on one channel{cluster}, {}-byte messages, {} single messages, sustained {:.0} s (+{:.0} s warmup); {} CPUs",
         r.subscribers, r.size, r.messages, r.duration_s, r.warmup_s, r.machine.cpus
     ));
     if r.runs.iter().any(|x| x.server == ServerKind::Nchan) {
@@ -2062,6 +2724,92 @@ mod tests {
         ] {
             assert!(c.contains(want), "{want:?} missing from\n{c}");
         }
+    }
+
+    #[test]
+    fn shares_are_even_and_complete() {
+        assert_eq!(
+            split_even(100_000, 6),
+            [16_667, 16_667, 16_667, 16_667, 16_666, 16_666]
+        );
+        assert_eq!(split_even(19_000, 1), [19_000]);
+        assert_eq!(split_even(2, 3), [1, 1, 0]);
+        assert_eq!(split_even(0, 2), [0, 0]);
+        assert_eq!(split_even(5, 0), [5]);
+        for (total, parts) in [(100_000, 6), (7, 3), (3_000, 3), (1, 26)] {
+            let v = split_even(total, parts);
+            assert_eq!(v.len(), parts);
+            assert_eq!(v.iter().sum::<u64>(), total);
+            assert!(v.iter().max().unwrap() - v.iter().min().unwrap() <= 1);
+        }
+    }
+
+    #[test]
+    fn channel_subscribers_from_the_channel_list() {
+        let body = r#"{"channels":[{"channel":"bench:other","subscribers":3},
+            {"channel":"bench:fanout","epoch":"e","offset":9,"subscribers":16667,"kept":1}]}"#;
+        assert_eq!(channel_subscribers(body, CHANNEL), Ok(16_667));
+        assert_eq!(channel_subscribers(r#"{"channels":[]}"#, CHANNEL), Ok(0));
+        assert!(channel_subscribers("{}", CHANNEL).is_err());
+        assert!(channel_subscribers("<html>", CHANNEL).is_err());
+    }
+
+    fn sample(in_msgs: u64, out_msgs: u64, published: &[(&str, u64)]) -> NatsSample {
+        NatsSample {
+            in_msgs,
+            out_msgs,
+            in_bytes: 0,
+            published: published
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), *v))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn nats_messages_per_publish_less_the_background() {
+        // Background: 2 in and 10 out per second, 1 of the ins from node b.
+        let bg = nats_background(
+            &sample(100, 1_000, &[("switchboard a", 50), ("switchboard b", 50)]),
+            &sample(104, 1_020, &[("switchboard a", 52), ("switchboard b", 52)]),
+            2.0,
+        );
+        assert_eq!(bg.in_msgs_per_s, 2.0);
+        assert_eq!(bg.out_msgs_per_s, 10.0);
+        assert_eq!(bg.published_per_s.get("switchboard b"), Some(&1.0));
+        // 60 publishes over 10 s: 2 in each (append + live), 6 out each.
+        let v0 = sample(0, 0, &[("switchboard a", 0), ("switchboard b", 0)]);
+        let v1 = sample(
+            60 * 2 + 20,
+            60 * 6 + 100,
+            &[("switchboard a", 130), ("switchboard b", 10)],
+        );
+        let n = nats_per_publish(&bg, (&v0, &v1), 10.0, 60, 6);
+        assert_eq!((n.in_msgs_raw, n.out_msgs_raw), (140, 460));
+        assert_eq!(n.in_msgs_per_publish, 2.0);
+        assert_eq!(n.out_msgs_per_publish, 6.0);
+        assert_eq!(n.msgs_per_publish, 8.0);
+        assert_eq!(n.published_per_publish.get("switchboard a"), Some(&2.0));
+        assert_eq!(n.published_per_publish.get("switchboard b"), Some(&0.0));
+        assert_eq!(n.nodes_with_subscribers, 6);
+        // No publish: no division by zero; never negative.
+        let idle = nats_per_publish(&bg, (&v0, &v0), 10.0, 0, 6);
+        assert_eq!(idle.msgs_per_publish, 0.0);
+    }
+
+    #[test]
+    fn memory_per_subscriber_prefers_pss() {
+        let m = |rss, pss| Mem { rss, pss, hwm: rss };
+        let per = per_subscriber(
+            Some(m(10_000, Some(6_000))),
+            Some(m(50_000, Some(26_000))),
+            10,
+        );
+        assert_eq!(per, Some(2_000.0));
+        let per = per_subscriber(Some(m(10_000, None)), Some(m(50_000, Some(26_000))), 10);
+        assert_eq!(per, Some(4_000.0));
+        assert_eq!(per_subscriber(None, Some(m(1, None)), 10), None);
+        assert_eq!(per_subscriber(Some(m(1, None)), Some(m(1, None)), 0), None);
     }
 
     #[test]

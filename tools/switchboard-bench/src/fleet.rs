@@ -327,6 +327,11 @@ impl Gateway {
             "warn".into(),
             "--log-format".into(),
             "text".into(),
+            // The load is the point: no client rate limits.
+            "--client-message-rate".into(),
+            "0".into(),
+            "--client-byte-rate".into(),
+            "0".into(),
         ];
         args.extend(serve_args.iter().cloned());
         args.extend(opts.gateway_arg.iter().cloned());

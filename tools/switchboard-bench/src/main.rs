@@ -26,7 +26,11 @@
 //!   nginx with the nchan module as the reference (skipped with a message if
 //!   not installed) and prints both side by side. Its subscribers read raw
 //!   frames and find the publish time stamped in the data without parsing
-//!   JSON (see [`subscriber`]).
+//!   JSON (see [`subscriber`]). With `--nodes N` the gateway side is a
+//!   cluster: the tool starts `nats-server -js` and N nodes joined through it
+//!   (see [`nats`]), spreads the subscribers over them and publishes through
+//!   the first; it adds the CPU of nats-server and the NATS messages per
+//!   publish.
 //!
 //! One process may hold at most 20,000 open files on the reference machine, so
 //! clients are sharded over child processes: the tool re-executes itself with
@@ -43,6 +47,7 @@ mod fanout;
 mod fleet;
 mod http;
 mod idle;
+mod nats;
 mod proto;
 mod subscriber;
 mod util;
@@ -77,9 +82,10 @@ enum Command {
     /// the other nodes, beside the same on a single node: commands per
     /// second, latency to receipt, NATS messages per command.
     CrossNode(crossnode::CrossNodeArgs),
-    /// S subscribers on one channel of one gateway, beside nginx + nchan:
-    /// single publishes until every subscriber has them, then a sustained
-    /// rate; latency, deliveries per second, server CPU and memory.
+    /// S subscribers on one channel of one gateway (or of a NATS cluster of
+    /// gateways, --nodes), beside nginx + nchan: single publishes until every
+    /// subscriber has them, then a sustained rate; latency, deliveries per
+    /// second, server CPU and memory.
     Fanout(Box<fanout::FanoutArgs>),
     /// Child role: a shard of clients driven over stdin/stdout.
     #[command(hide = true)]
@@ -195,6 +201,7 @@ mod tests {
             &["b", "cross-node"],
             &["b", "fanout"],
             &["b", "fanout", "--servers", "nchan", "--rate", "max"],
+            &["b", "fanout", "--nodes", "6", "--subscribers", "100000"],
             &[
                 "b",
                 "worker",

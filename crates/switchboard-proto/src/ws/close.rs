@@ -36,6 +36,8 @@ pub const SLOW_CONSUMER: CloseCode = 4001;
 pub const ORIGIN_BACKLOG: CloseCode = 4002;
 /// Nothing was received from the client within `idle-timeout`.
 pub const IDLE_TIMEOUT: CloseCode = 4003;
+/// The connection's client token expired and was not refreshed.
+pub const TOKEN_EXPIRED: CloseCode = 4004;
 
 /// Whether a peer may send `code` in a close frame (RFC 6455 §7.4.1 and the
 /// IANA registry): 1000–1003, 1007–1011, and the application range 3000–4999.

@@ -1,16 +1,22 @@
 //! Shared harness for the tests of the real `switchboard` binary: a command
 //! builder with a clean `SWITCHBOARD_*` environment, and [`Node`], a running
 //! `switchboard serve` process whose JSON log is read line by line, with
-//! signals (SIGTERM, SIGKILL) and control API helpers.
+//! signals (SIGTERM, SIGKILL) and control API helpers; and, for the
+//! cluster tests, nodes of one cluster on a NATS server with test timings,
+//! membership waits and bounded polling.
 
 // Each test binary uses a different part of this module.
 #![allow(dead_code)]
 
+use futures_util::StreamExt;
+use serde_json::Value;
+use std::future::Future;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::time::Duration;
-use switchboard_test_util::ApiResponse;
+use std::time::{Duration, Instant};
+use switchboard_proto::ConnectionId;
+use switchboard_test_util::{ApiResponse, Ws, WsMessage};
 
 /// A command for the binary with no inherited `SWITCHBOARD_*` variables.
 pub(crate) fn switchboard(args: &[&str], env: &[(&str, &str)]) -> Command {
@@ -277,4 +283,210 @@ impl Drop for Node {
             let _ = child.wait();
         }
     }
+}
+
+// ---------------------------------------------------------------------------
+// Clusters: nodes on one NATS server, membership, bounded waits
+// ---------------------------------------------------------------------------
+
+/// `--cluster-heartbeat` of every node.
+pub(crate) const HEARTBEAT: &str = "200ms";
+/// `--cluster-heartbeat-timeout` of every node.
+pub(crate) const HEARTBEAT_TIMEOUT: Duration = Duration::from_millis(1500);
+/// Allowed on top of the heartbeat timeout for a lost node to be dropped.
+pub(crate) const SLACK: Duration = Duration::from_millis(1500);
+/// How long forming a cluster may take.
+pub(crate) const FORM: Duration = Duration::from_secs(10);
+/// Bound of "at once" answers (404 for a lost node's connection, 503
+/// while NATS is away).
+pub(crate) const QUICK: Duration = Duration::from_secs(2);
+
+/// Starts `switchboard serve` as node `id` of the cluster `prefix` on `nats`,
+/// with test timings; a flag given in `extra` replaces its default here.
+pub(crate) async fn start_node(id: &str, nats: &str, prefix: &str, extra: &[&str]) -> Node {
+    let defaults = [
+        ("--node-id", id),
+        ("--listen", "127.0.0.1:0"),
+        ("--control-listen", "127.0.0.1:0"),
+        ("--nats", nats),
+        ("--nats-prefix", prefix),
+        ("--cluster-heartbeat", HEARTBEAT),
+        ("--cluster-heartbeat-timeout", "1500ms"),
+        ("--cluster-request-timeout", "1s"),
+        ("--drain-spread", "100ms"),
+        ("--drain-timeout", "5s"),
+        ("--origin-retry-initial", "20ms"),
+        ("--origin-retry-max", "200ms"),
+    ];
+    let mut args = Vec::new();
+    for (flag, value) in defaults {
+        if !extra.contains(&flag) {
+            args.extend([flag, value]);
+        }
+    }
+    args.extend_from_slice(extra);
+    Node::start(&args, &[]).await
+}
+
+/// Starts nodes `a`, `b` and `c` of the cluster `prefix`, concurrently.
+pub(crate) async fn start_three(nats: &str, prefix: &str, extra: &[&str]) -> (Node, Node, Node) {
+    tokio::join!(
+        start_node("a", nats, prefix, extra),
+        start_node("b", nats, prefix, extra),
+        start_node("c", nats, prefix, extra),
+    )
+}
+
+/// Calls `check` every 50 ms until it returns `Ok`; panics after `timeout`
+/// naming `what` and showing the last `Err`.
+pub(crate) async fn poll<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, String>>,
+{
+    let start = Instant::now();
+    loop {
+        let last = match check().await {
+            Ok(v) => return v,
+            Err(e) => e,
+        };
+        assert!(
+            start.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for {what}; last seen: {last}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The node part of a connection id.
+pub(crate) fn node_of(id: &str) -> String {
+    ConnectionId::parse(id)
+        .unwrap_or_else(|_| panic!("not a connection id: {id:?}"))
+        .node()
+        .to_owned()
+}
+
+/// `GET /v1/nodes` of `node` as (node, connections) pairs in the listed
+/// order; `Err` with the answer if it is not a 200 with a node list.
+pub(crate) async fn members(node: &Node) -> Result<Vec<(String, u64)>, String> {
+    let r = node.get("/v1/nodes").await;
+    if r.status != 200 {
+        return Err(format!("{} {}", r.status, r.body));
+    }
+    let v: Value = serde_json::from_str(&r.body).map_err(|e| format!("{e}: {}", r.body))?;
+    let list = v["nodes"]
+        .as_array()
+        .ok_or_else(|| format!("no `nodes` array: {}", r.body))?;
+    Ok(list
+        .iter()
+        .map(|n| {
+            (
+                n["node"].as_str().unwrap_or("?").to_owned(),
+                n["connections"].as_u64().unwrap_or(u64::MAX),
+            )
+        })
+        .collect())
+}
+
+/// Waits (`timeout` in all) until every node of `nodes` lists exactly the
+/// nodes `ids` (in this order), whatever their connection counts.
+pub(crate) async fn wait_member_ids(nodes: &[&Node], ids: &[&str], timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    for node in nodes {
+        poll(
+            deadline.saturating_duration_since(Instant::now()),
+            &format!("node {} to list exactly {ids:?}", node.node),
+            || async {
+                let got = members(node).await?;
+                if got.iter().map(|(n, _)| n.as_str()).eq(ids.iter().copied()) {
+                    Ok(())
+                } else {
+                    Err(format!("{got:?}"))
+                }
+            },
+        )
+        .await;
+    }
+}
+
+/// Waits (`timeout` in all) until every node of `nodes` lists exactly
+/// `want` (node, connections), in this order.
+pub(crate) async fn wait_members(nodes: &[&Node], want: &[(&str, u64)], timeout: Duration) {
+    let want: Vec<(String, u64)> = want.iter().map(|(n, c)| (n.to_string(), *c)).collect();
+    let deadline = Instant::now() + timeout;
+    for node in nodes {
+        poll(
+            deadline.saturating_duration_since(Instant::now()),
+            &format!("node {} to list {want:?}", node.node),
+            || async {
+                let got = members(node).await?;
+                if got == want {
+                    Ok(())
+                } else {
+                    Err(format!("{got:?}"))
+                }
+            },
+        )
+        .await;
+    }
+}
+
+/// Waits (at most `within`) for the socket to end: a close frame, an
+/// error or the end of the stream; panics on a data message.
+pub(crate) async fn expect_dead(ws: &mut Ws, within: Duration) {
+    let ended = tokio::time::timeout(within, async {
+        loop {
+            match ws.next().await {
+                None => return "end of stream".to_owned(),
+                Some(Err(e)) => return format!("error: {e}"),
+                Some(Ok(WsMessage::Close(f))) => return format!("close frame {f:?}"),
+                Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_))) => continue,
+                Some(Ok(m)) => panic!("expected the socket to die, got {m:?}"),
+            }
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "the socket is still open after {within:?}");
+}
+
+/// A NATS client of `url` (5 s at most to connect).
+pub(crate) async fn nats_connect(url: &str) -> async_nats::Client {
+    tokio::time::timeout(Duration::from_secs(5), async_nats::connect(url))
+        .await
+        .expect("NATS connect within 5s")
+        .expect("NATS connects")
+}
+
+/// A control command over NATS: the `Switchboard-Status` of the reply and
+/// its JSON body.
+pub(crate) async fn command(
+    client: &async_nats::Client,
+    subject: &str,
+    body: Value,
+) -> (u16, Value) {
+    let reply = tokio::time::timeout(
+        Duration::from_secs(5),
+        client.request(subject.to_owned(), bytes::Bytes::from(body.to_string())),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("no reply on {subject} within 5s to {body}"))
+    .unwrap_or_else(|e| panic!("request on {subject} ({body}) failed: {e}"));
+    let status = reply
+        .headers
+        .as_ref()
+        .and_then(|h| h.get("Switchboard-Status"))
+        .map(|v| v.as_str().to_owned())
+        .unwrap_or_else(|| {
+            panic!("reply to {body} on {subject} has no Switchboard-Status: {reply:?}")
+        });
+    let status = status
+        .parse()
+        .unwrap_or_else(|_| panic!("Switchboard-Status {status:?} is not a number"));
+    let json = serde_json::from_slice(&reply.payload).unwrap_or_else(|e| {
+        panic!(
+            "reply to {body} is not JSON ({e}): {:?}",
+            String::from_utf8_lossy(&reply.payload)
+        )
+    });
+    (status, json)
 }

@@ -17,8 +17,19 @@
 //! recent idempotency keys; [`Channels::sweep`] expires old messages and
 //! drops idle channels. A dropped channel starts over in a new epoch, which
 //! tells a recovering client plainly that its position is gone.
+//!
+//! In a cluster (a [`ChannelBus`] joined), the channel's log is the bus's:
+//! publishes go to the bus, and this node's state of a channel is a replica
+//! kept while it has local subscribers (see `replica`). Subscribers the
+//! replica cannot answer at once (it is still reading its position, or a
+//! recovery reaches back further than its cache) wait as `pending`, with the
+//! messages that arrive meanwhile, until the log has been read.
 
+mod replica;
+
+use crate::bus::{BusError, ChannelBus};
 use crate::config::{Config, Namespace};
+use crate::gateway::Shared;
 use crate::metrics::Metrics;
 use crate::native;
 use crate::registry::{Conn, KeyHasher, Outgoing};
@@ -26,7 +37,8 @@ use parking_lot::{Mutex, RwLock};
 use serde::Serialize;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::hash::{BuildHasher, BuildHasherDefault};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, OnceLock, Weak};
 use std::time::{Duration, Instant};
 use switchboard_proto::conn_id::ConnKey;
 use switchboard_proto::control::ChannelSummary;
@@ -35,6 +47,7 @@ use switchboard_proto::native::{
     PublishResult, Push, StreamPosition, SubscribeResult,
 };
 use switchboard_proto::origin::Payload;
+use tokio::sync::oneshot;
 
 /// How long a publish's idempotency key is remembered.
 pub(crate) const IDEMPOTENCY_WINDOW: Duration = Duration::from_secs(300);
@@ -64,6 +77,8 @@ pub(crate) enum ChannelError {
     PresenceDisabled,
     #[error("the connection has ended")]
     ConnectionGone,
+    #[error(transparent)]
+    Bus(#[from] BusError),
 }
 
 impl ChannelError {
@@ -78,6 +93,8 @@ impl ChannelError {
             Self::HistoryDisabled => ErrorCode::HistoryDisabled,
             Self::PresenceDisabled => ErrorCode::PresenceDisabled,
             Self::ConnectionGone => ErrorCode::Internal,
+            Self::Bus(BusError::Unavailable(_)) => ErrorCode::Unavailable,
+            Self::Bus(BusError::TooLarge(_)) => ErrorCode::TooLarge,
         }
     }
 }
@@ -93,14 +110,39 @@ pub(crate) enum Ack {
     Push,
 }
 
-/// A kept message.
+/// How a subscribe was answered.
 #[derive(Debug)]
+pub(crate) enum Subscribed {
+    /// At once.
+    Now(SubscribeResult),
+    /// Once the channel's log has been read (cluster); the acknowledgement
+    /// goes to the connection then, and the result here.
+    Later(oneshot::Receiver<SubscribeResult>),
+}
+
+/// A kept message.
+#[derive(Debug, Clone)]
 struct Kept {
     offset: u64,
     time_ms: u64,
     at: Instant,
-    msg: Outgoing,
+    msg: Arc<Outgoing>,
 }
+
+/// A subscriber waiting for the channel's log to be read (cluster).
+#[derive(Debug)]
+struct Pending {
+    ticket: u64,
+    conn: Arc<Conn>,
+    since: Option<StreamPosition>,
+    ack: Ack,
+    /// Messages fanned out while it waited.
+    buffer: Vec<Kept>,
+    done: Option<oneshot::Sender<SubscribeResult>>,
+}
+
+/// Most messages a pending subscriber buffers before it is closed as slow.
+const MAX_PENDING_BUFFER: usize = 100_000;
 
 /// One channel's state; see the module docs for what its lock orders.
 #[derive(Debug)]
@@ -115,6 +157,13 @@ struct State {
     key_order: VecDeque<(Instant, String)>,
     /// Dropped from the node's map: whoever holds it must look up again.
     removed: bool,
+    /// The position is known. Always on a single node; in a cluster, once
+    /// the replica has read it from the log.
+    synced: bool,
+    /// Subscribers waiting for a read of the log (cluster).
+    pending: Vec<Pending>,
+    /// The task watching the channel on the bus (cluster).
+    watcher: Option<tokio::task::AbortHandle>,
 }
 
 impl State {
@@ -136,8 +185,27 @@ impl State {
         }
     }
 
-    fn is_idle(&self) -> bool {
-        self.subscribers.is_empty() && self.history.is_empty() && self.keys.is_empty()
+    /// Nothing to keep: no subscribers and, on a single node, no kept
+    /// messages or keys either (in a cluster they are the log's).
+    fn is_idle(&self, clustered: bool) -> bool {
+        self.subscribers.is_empty()
+            && self.pending.is_empty()
+            && (clustered || (self.history.is_empty() && self.keys.is_empty()))
+    }
+
+    fn new(epoch: Arc<str>, synced: bool) -> Self {
+        Self {
+            epoch,
+            offset: 0,
+            history: VecDeque::new(),
+            subscribers: HashMap::default(),
+            keys: HashMap::new(),
+            key_order: VecDeque::new(),
+            removed: false,
+            synced,
+            pending: Vec::new(),
+            watcher: None,
+        }
     }
 
     fn position(&self) -> (String, u64) {
@@ -173,6 +241,86 @@ fn member(c: &Conn) -> Member {
     }
 }
 
+/// The `join` or `leave` push of a member.
+fn member_push(channel: &str, member: Member, joined: bool) -> Push {
+    let channel = channel.to_owned();
+    if joined {
+        Push::Join { channel, member }
+    } else {
+        Push::Leave { channel, member }
+    }
+}
+
+/// Queues a push on the channel's native subscribers.
+fn tell_natives(st: &State, push: &Push, m: &Metrics) {
+    let mut natives = st.subscribers.values().filter(|c| c.native).peekable();
+    if natives.peek().is_none() {
+        return;
+    }
+    let out = Outgoing::native_only(native::json(push));
+    for c in natives {
+        c.send(&out, m);
+    }
+}
+
+fn presence_of(members: Vec<Member>) -> PresenceResult {
+    let users = members
+        .iter()
+        .filter_map(|m| m.user.as_deref())
+        .collect::<HashSet<_>>()
+        .len();
+    PresenceResult {
+        clients: members.len(),
+        users,
+        members,
+    }
+}
+
+/// The native push of a channel message.
+fn message_json(channel: &str, epoch: &str, offset: u64, data: &Payload) -> bytes::Bytes {
+    native::json(&MessagePush {
+        push: "message",
+        channel,
+        offset,
+        epoch,
+        data,
+    })
+}
+
+/// Puts the message at `offset` (the next one) out: queued on every
+/// subscriber and in every pending subscriber's buffer, and kept if the
+/// namespace keeps history.
+fn fanout(ch: &Channel, st: &mut State, offset: u64, time_ms: u64, data: Payload, m: &Metrics) {
+    debug_assert_eq!(offset, st.offset + 1);
+    let json = message_json(&ch.name, &st.epoch, offset, &data);
+    let msg = Arc::new(Outgoing::publication(data, json));
+    for conn in st.subscribers.values() {
+        conn.send(&msg, m);
+    }
+    m.deliveries.inc_by(st.subscribers.len() as u64);
+    let kept = Kept {
+        offset,
+        time_ms,
+        at: Instant::now(),
+        msg,
+    };
+    for p in &mut st.pending {
+        if p.buffer.len() < MAX_PENDING_BUFFER {
+            p.buffer.push(kept.clone());
+        } else if p.buffer.len() == MAX_PENDING_BUFFER {
+            p.buffer.push(kept.clone());
+            p.conn.close_slow_now(m);
+        }
+    }
+    st.offset = offset;
+    if ch.ns.history_size > 0 {
+        if st.history.len() == ch.ns.history_size {
+            st.history.pop_front();
+        }
+        st.history.push_back(kept);
+    }
+}
+
 /// A channel: its name, its namespace's rules, and its state.
 #[derive(Debug)]
 pub(crate) struct Channel {
@@ -194,6 +342,13 @@ struct MessagePush<'a> {
 
 type Shard = RwLock<HashMap<Arc<str>, Arc<Channel>>>;
 
+/// The cluster's channel bus, and the node for the tasks that use it.
+#[derive(Debug)]
+struct BusLink {
+    bus: Arc<dyn ChannelBus>,
+    shared: Weak<Shared>,
+}
+
 /// Every channel this node holds state for.
 #[derive(Debug)]
 pub(crate) struct Channels {
@@ -201,6 +356,10 @@ pub(crate) struct Channels {
     shards: Box<[Shard]>,
     hasher: std::collections::hash_map::RandomState,
     max_subscriptions: usize,
+    /// Set when the node joins a cluster's channel bus.
+    link: OnceLock<BusLink>,
+    /// Numbers pending subscribers.
+    tickets: AtomicU64,
 }
 
 fn new_epoch() -> Arc<str> {
@@ -219,7 +378,20 @@ impl Channels {
             shards: (0..SHARDS).map(|_| Shard::default()).collect(),
             hasher: Default::default(),
             max_subscriptions: config.max_subscriptions,
+            link: OnceLock::new(),
+            tickets: AtomicU64::new(0),
         }
+    }
+
+    /// Makes the cluster's bus the home of every channel's log. Only before
+    /// the node serves (no channel exists yet); `false` if already joined.
+    pub(crate) fn join_bus(&self, bus: Arc<dyn ChannelBus>, shared: Weak<Shared>) -> bool {
+        self.link.set(BusLink { bus, shared }).is_ok()
+    }
+
+    /// Whether channels live on a cluster's bus.
+    pub(crate) fn is_clustered(&self) -> bool {
+        self.link.get().is_some()
     }
 
     /// The namespace of a channel name, checking the name.
@@ -240,21 +412,16 @@ impl Channels {
         if let Some(c) = shard.read().get(name) {
             return Ok(c.clone());
         }
+        let clustered = self.is_clustered();
         let mut map = shard.write();
         let c = map.entry(name.into()).or_insert_with_key(|name| {
             metrics.channels.inc();
+            // A replica learns its epoch from the log.
+            let epoch = if clustered { "".into() } else { new_epoch() };
             Arc::new(Channel {
                 name: name.clone(),
                 ns: ns.clone(),
-                state: Mutex::new(State {
-                    epoch: new_epoch(),
-                    offset: 0,
-                    history: VecDeque::new(),
-                    subscribers: HashMap::default(),
-                    keys: HashMap::new(),
-                    key_order: VecDeque::new(),
-                    removed: false,
-                }),
+                state: Mutex::new(State::new(epoch, !clustered)),
             })
         });
         Ok(c.clone())
@@ -280,7 +447,9 @@ impl Channels {
 
     /// Subscribes a connection. With `since`, the missed messages are queued
     /// first (or `recovered: false` is answered); then the acknowledgement;
-    /// then, as they come, live messages.
+    /// then, as they come, live messages. In a cluster, when the replica
+    /// cannot answer from what it holds, the subscriber waits for a read of
+    /// the log and is answered [`Subscribed::Later`].
     pub(crate) fn subscribe(
         &self,
         conn: &Arc<Conn>,
@@ -288,17 +457,41 @@ impl Channels {
         since: Option<&StreamPosition>,
         ack: Ack,
         metrics: &Metrics,
-    ) -> Result<SubscribeResult, ChannelError> {
+    ) -> Result<Subscribed, ChannelError> {
         self.with_state(channel, metrics, |ch, st| {
             let mut subs = conn.subs.lock();
             if subs.closed {
                 return Err(ChannelError::ConnectionGone);
             }
-            if st.subscribers.contains_key(&conn.key) {
+            if st.subscribers.contains_key(&conn.key)
+                || st.pending.iter().any(|p| p.conn.key == conn.key)
+            {
                 return Err(ChannelError::AlreadySubscribed);
             }
             if subs.channels.len() >= self.max_subscriptions {
                 return Err(ChannelError::TooManySubscriptions(self.max_subscriptions));
+            }
+            let recoverable = since.is_some_and(|since| st.after(since).is_some());
+            let now = st.synced && (since.is_none() || recoverable || !self.is_clustered());
+            if !now {
+                let link = self.link.get().expect("only replicas are ever unsynced");
+                let (tx, rx) = oneshot::channel();
+                let ticket = self.tickets.fetch_add(1, Relaxed);
+                st.pending.push(Pending {
+                    ticket,
+                    conn: conn.clone(),
+                    since: since.cloned(),
+                    ack,
+                    buffer: Vec::new(),
+                    done: Some(tx),
+                });
+                subs.channels.push(Arc::clone(ch));
+                if st.watcher.is_none() {
+                    st.watcher = replica::watch(link, ch);
+                } else if st.synced {
+                    replica::complete_later(link, ch, ticket);
+                }
+                return Ok(Subscribed::Later(rx));
             }
             let (epoch, offset) = st.position();
             let mut result = SubscribeResult {
@@ -311,7 +504,7 @@ impl Channels {
                 match st.after(since) {
                     Some(missed) => {
                         let n = missed.clone().count() as u64;
-                        conn.send_all(missed.map(|k| &k.msg), metrics);
+                        conn.send_all(missed.map(|k| &*k.msg), metrics);
                         metrics.deliveries.inc_by(n);
                         result.recovered = Some(true);
                         result.missed = Some(n);
@@ -319,34 +512,53 @@ impl Channels {
                     None => result.recovered = Some(false),
                 }
             }
-            match ack {
-                Ack::Reply(id) => {
-                    conn.push(native::result_frame(id, &result), metrics);
-                }
-                Ack::Push if conn.native => {
-                    let push = Push::Subscribed {
-                        channel: ch.name.to_string(),
-                        epoch: result.epoch.clone(),
-                        offset: result.offset,
-                    };
-                    conn.push(native::push_frame(&push), metrics);
-                }
-                Ack::Push => {}
-            }
-            if ch.ns.join_leave {
-                let join = Outgoing::native_only(native::json(&Push::Join {
-                    channel: ch.name.to_string(),
-                    member: member(conn),
-                }));
-                for other in st.subscribers.values().filter(|c| c.native) {
-                    other.send(&join, metrics);
-                }
-            }
+            self.acknowledge(ch, st, conn, ack, &result, metrics);
             st.subscribers.insert(conn.key, conn.clone());
             subs.channels.push(Arc::clone(ch));
             metrics.subscriptions.inc();
-            Ok(result)
+            Ok(Subscribed::Now(result))
         })?
+    }
+
+    /// Queues a new subscriber's acknowledgement and tells the channel's
+    /// other subscribers (of every node) that it joined.
+    fn acknowledge(
+        &self,
+        ch: &Channel,
+        st: &State,
+        conn: &Conn,
+        ack: Ack,
+        result: &SubscribeResult,
+        metrics: &Metrics,
+    ) {
+        match ack {
+            Ack::Reply(id) => {
+                conn.push(native::result_frame(id, result), metrics);
+            }
+            Ack::Push if conn.native => {
+                let push = Push::Subscribed {
+                    channel: ch.name.to_string(),
+                    epoch: result.epoch.clone(),
+                    offset: result.offset,
+                };
+                conn.push(native::push_frame(&push), metrics);
+            }
+            Ack::Push => {}
+        }
+        self.announce_member(ch, st, conn, true, metrics);
+    }
+
+    /// Tells a channel's other subscribers, on every node, that `conn`
+    /// joined or left (if the namespace pushes joins and leaves).
+    fn announce_member(&self, ch: &Channel, st: &State, conn: &Conn, joined: bool, m: &Metrics) {
+        if !ch.ns.join_leave {
+            return;
+        }
+        let who = member(conn);
+        if let Some(link) = self.link.get() {
+            link.bus.announce(&ch.name, &who, joined);
+        }
+        tell_natives(st, &member_push(&ch.name, who, joined), m);
     }
 
     /// Unsubscribes a connection; `notify` sends a native connection an
@@ -391,25 +603,41 @@ impl Channels {
 
     fn remove_subscriber(&self, ch: &Channel, conn: &Conn, metrics: &Metrics) {
         let mut st = ch.state.lock();
+        if let Some(i) = st.pending.iter().position(|p| p.conn.key == conn.key) {
+            // Never announced: it goes quietly, but a native subscribe
+            // command still gets its answer (where it would have started).
+            let p = st.pending.swap_remove(i);
+            if let Ack::Reply(id) = p.ack {
+                let (epoch, offset) = st.position();
+                let result = SubscribeResult {
+                    epoch,
+                    offset,
+                    recovered: p.since.as_ref().map(|_| false),
+                    missed: None,
+                };
+                conn.push(native::result_frame(id, &result), metrics);
+            }
+            return;
+        }
+        self.drop_subscriber(ch, &mut st, conn, metrics);
+    }
+
+    /// Removes a subscriber from the channel's state and tells the others
+    /// (of every node) that it left.
+    fn drop_subscriber(&self, ch: &Channel, st: &mut State, conn: &Conn, metrics: &Metrics) {
         if st.subscribers.remove(&conn.key).is_none() {
             return;
         }
         metrics.subscriptions.dec();
-        if ch.ns.join_leave && !st.subscribers.is_empty() {
-            let leave = Outgoing::native_only(native::json(&Push::Leave {
-                channel: ch.name.to_string(),
-                member: member(conn),
-            }));
-            for other in st.subscribers.values().filter(|c| c.native) {
-                other.send(&leave, metrics);
-            }
-        }
+        self.announce_member(ch, st, conn, false, metrics);
     }
 
-    /// Publishes a message: the next offset, kept if the namespace keeps
-    /// history, queued on every subscriber. With an idempotency key already
-    /// used on this channel within [`IDEMPOTENCY_WINDOW`], nothing is
-    /// published and the first publish's position is returned with `true`.
+    /// Publishes a message on a single node: the next offset, kept if the
+    /// namespace keeps history, queued on every subscriber. With an
+    /// idempotency key already used on this channel within
+    /// [`IDEMPOTENCY_WINDOW`], nothing is published and the first publish's
+    /// position is returned with `true`. In a cluster, see
+    /// [`Channels::publish_async`].
     pub(crate) fn publish(
         &self,
         channel: &str,
@@ -417,6 +645,7 @@ impl Channels {
         key: Option<&str>,
         metrics: &Metrics,
     ) -> Result<(PublishResult, bool), ChannelError> {
+        debug_assert!(!self.is_clustered(), "a cluster publishes through its bus");
         let mut data = Some(data);
         self.with_state(channel, metrics, |ch, st| {
             if let Some(offset) = key.and_then(|k| st.keys.get(k)) {
@@ -427,32 +656,9 @@ impl Channels {
                 return (result, true);
             }
             let data = data.take().expect("published once");
-            st.offset += 1;
-            let offset = st.offset;
-            let json = native::json(&MessagePush {
-                push: "message",
-                channel: &ch.name,
-                offset,
-                epoch: &st.epoch,
-                data: &data,
-            });
-            let msg = Outgoing::publication(data, json);
-            for conn in st.subscribers.values() {
-                conn.send(&msg, metrics);
-            }
+            let offset = st.offset + 1;
+            fanout(ch, st, offset, crate::gateway::now_ms(), data, metrics);
             metrics.publications.inc();
-            metrics.deliveries.inc_by(st.subscribers.len() as u64);
-            if ch.ns.history_size > 0 {
-                if st.history.len() == ch.ns.history_size {
-                    st.history.pop_front();
-                }
-                st.history.push_back(Kept {
-                    offset,
-                    time_ms: crate::gateway::now_ms(),
-                    at: Instant::now(),
-                    msg,
-                });
-            }
             if let Some(k) = key {
                 if st.keys.len() >= MAX_IDEMPOTENCY_KEYS {
                     if let Some((_, old)) = st.key_order.pop_front() {
@@ -470,9 +676,33 @@ impl Channels {
         })
     }
 
+    /// Publishes a message, on a single node or through the cluster's bus
+    /// (which delivers it to this node's subscribers too, in order).
+    pub(crate) async fn publish_async(
+        &self,
+        channel: &str,
+        data: Payload,
+        key: Option<&str>,
+        metrics: &Metrics,
+    ) -> Result<(PublishResult, bool), ChannelError> {
+        let Some(link) = self.link.get() else {
+            return self.publish(channel, data, key, metrics);
+        };
+        let ns = self.namespace(channel)?;
+        let p = link.bus.publish(ns, channel, &data, key).await?;
+        if !p.duplicate {
+            metrics.publications.inc();
+        }
+        let result = PublishResult {
+            offset: p.offset,
+            epoch: p.epoch,
+        };
+        Ok((result, p.duplicate))
+    }
+
     /// The kept messages of a channel: after `since`, at most the oldest
     /// `limit` of them (so pages follow on); without `since`, at most the
-    /// newest `limit`.
+    /// newest `limit`. On a single node; see [`Channels::history_async`].
     pub(crate) fn history(
         &self,
         channel: &str,
@@ -515,6 +745,38 @@ impl Channels {
         })
     }
 
+    /// [`Channels::history`], read from the cluster's log when there is one.
+    pub(crate) async fn history_async(
+        &self,
+        channel: &str,
+        since: Option<&StreamPosition>,
+        limit: Option<usize>,
+        metrics: &Metrics,
+    ) -> Result<HistoryResult, ChannelError> {
+        let Some(link) = self.link.get() else {
+            return self.history(channel, since, limit, metrics);
+        };
+        let ns = self.namespace(channel)?;
+        if ns.history_size == 0 {
+            return Err(ChannelError::HistoryDisabled);
+        }
+        let read = link.bus.read(ns, channel, since, limit).await?;
+        Ok(HistoryResult {
+            epoch: read.epoch,
+            offset: read.offset,
+            recovered: since.map(|_| read.complete),
+            publications: read
+                .entries
+                .into_iter()
+                .map(|e| Publication {
+                    offset: e.offset,
+                    time_ms: e.time_ms,
+                    data: e.data,
+                })
+                .collect(),
+        })
+    }
+
     /// A channel's epoch and newest offset.
     pub(crate) fn position(
         &self,
@@ -524,32 +786,41 @@ impl Channels {
         self.with_state(channel, metrics, |_, st| st.position())
     }
 
-    /// Who is subscribed to a channel.
+    /// Who is subscribed to a channel on this node.
     pub(crate) fn presence(&self, channel: &str) -> Result<PresenceResult, ChannelError> {
         if !self.namespace(channel)?.presence {
             return Err(ChannelError::PresenceDisabled);
         }
-        let shard = self.shard(channel);
-        let Some(ch) = shard.read().get(channel).cloned() else {
-            // Nobody there: answer without creating the channel.
-            return Ok(PresenceResult {
-                members: Vec::new(),
-                clients: 0,
-                users: 0,
-            });
+        Ok(presence_of(self.local_members(channel)))
+    }
+
+    /// Who is subscribed to a channel, on every node of the cluster.
+    pub(crate) async fn presence_async(
+        &self,
+        channel: &str,
+    ) -> Result<PresenceResult, ChannelError> {
+        let Some(link) = self.link.get() else {
+            return self.presence(channel);
+        };
+        if !self.namespace(channel)?.presence {
+            return Err(ChannelError::PresenceDisabled);
+        }
+        let mut members = link.bus.presence(channel).await?;
+        members.extend(self.local_members(channel));
+        members.sort_by(|a, b| a.client.cmp(&b.client));
+        members.dedup_by(|a, b| a.client == b.client);
+        Ok(presence_of(members))
+    }
+
+    /// The members of a channel on this node (none for an unknown or
+    /// absent channel).
+    pub(crate) fn local_members(&self, channel: &str) -> Vec<Member> {
+        // Nobody there: answer without creating the channel.
+        let Some(ch) = self.shard(channel).read().get(channel).cloned() else {
+            return Vec::new();
         };
         let st = ch.state.lock();
-        let members: Vec<Member> = st.members().collect();
-        let users = members
-            .iter()
-            .filter_map(|m| m.user.as_deref())
-            .collect::<HashSet<_>>()
-            .len();
-        Ok(PresenceResult {
-            clients: members.len(),
-            users,
-            members,
-        })
+        st.members().collect()
     }
 
     /// Every channel of the node, sorted by name.
@@ -575,9 +846,11 @@ impl Channels {
         out
     }
 
-    /// Expires old messages and idempotency keys and drops idle channels.
+    /// Expires old messages and idempotency keys and drops idle channels
+    /// (a replica stops watching its channel).
     pub(crate) fn sweep(&self, metrics: &Metrics) {
         let now = Instant::now();
+        let clustered = self.is_clustered();
         for shard in self.shards.iter() {
             // Idle channels are found under the read lock, removed under the
             // write lock after a second look.
@@ -587,7 +860,7 @@ impl Channels {
                 .filter(|ch| {
                     let mut st = ch.state.lock();
                     st.expire(ch.ns.history_ttl, now);
-                    st.is_idle()
+                    st.is_idle(clustered)
                 })
                 .cloned()
                 .collect();
@@ -597,8 +870,11 @@ impl Channels {
             let mut map = shard.write();
             for ch in idle {
                 let mut st = ch.state.lock();
-                if st.is_idle() && !st.removed {
+                if st.is_idle(clustered) && !st.removed {
                     st.removed = true;
+                    if let Some(w) = st.watcher.take() {
+                        w.abort();
+                    }
                     map.remove(&ch.name);
                     metrics.channels.dec();
                 }
@@ -612,22 +888,17 @@ mod tests {
     use super::*;
 
     fn state(epoch: &str, offsets: std::ops::RangeInclusive<u64>, top: u64) -> State {
-        State {
-            epoch: epoch.into(),
-            offset: top,
-            history: offsets
-                .map(|offset| Kept {
-                    offset,
-                    time_ms: 0,
-                    at: Instant::now(),
-                    msg: Outgoing::new(Payload::Text(offset.to_string())),
-                })
-                .collect(),
-            subscribers: HashMap::default(),
-            keys: HashMap::new(),
-            key_order: VecDeque::new(),
-            removed: false,
-        }
+        let mut st = State::new(epoch.into(), true);
+        st.offset = top;
+        st.history = offsets
+            .map(|offset| Kept {
+                offset,
+                time_ms: 0,
+                at: Instant::now(),
+                msg: Arc::new(Outgoing::new(Payload::Text(offset.to_string()))),
+            })
+            .collect();
+        st
     }
 
     fn pos(offset: u64, epoch: &str) -> StreamPosition {
@@ -669,6 +940,6 @@ mod tests {
             Instant::now() + Duration::from_secs(61),
         );
         assert!(st.history.is_empty() && st.keys.is_empty());
-        assert!(st.is_idle());
+        assert!(st.is_idle(false));
     }
 }
