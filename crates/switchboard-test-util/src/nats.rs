@@ -39,6 +39,7 @@ impl NatsServer {
     /// Starts `nats-server -a 127.0.0.1 -p <free port>`, plus `-js -sd <fresh
     /// dir>` with `jetstream`, and waits until the port accepts connections.
     pub fn start(jetstream: bool) -> Self {
+        crate::failure::remember_panics();
         static COUNTER: AtomicU32 = AtomicU32::new(0);
         let name = format!(
             "switchboard-test-{}-{}",
@@ -184,6 +185,22 @@ impl NatsServer {
 
 impl Drop for NatsServer {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            // A failing test: was the server still there, and what did it say?
+            let state = match self.child.as_mut().map(Child::try_wait) {
+                None => "not running (killed by the test)".to_owned(),
+                Some(Ok(None)) => "running".to_owned(),
+                Some(Ok(Some(status))) => format!("EXITED on its own with {status}"),
+                Some(Err(e)) => format!("unknown ({e})"),
+            };
+            eprintln!(
+                "--- nats-server {} on port {}: {state}; its log tail ---\n{}",
+                self.name,
+                self.port,
+                crate::failure::log_tail(&self.log(), 15)
+            );
+            crate::failure::repeat_panic_message();
+        }
         self.kill();
         let _ = std::fs::remove_dir_all(&self.dir);
     }

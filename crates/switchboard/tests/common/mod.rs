@@ -49,6 +49,7 @@ impl Node {
     /// Starts the binary (logging JSON to stderr) and waits for its
     /// "switchboard node started" line.
     pub(crate) async fn start(args: &[&str], env: &[(&str, &str)]) -> Self {
+        switchboard_test_util::failure::remember_panics();
         let mut all = vec!["serve", "--log-format", "json", "--log-level", "info"];
         all.extend_from_slice(args);
         let mut child = switchboard(&all, env)
@@ -269,13 +270,10 @@ impl Drop for Node {
         if std::thread::panicking() {
             // A failing test: show what this node logged (the tail).
             let log = self.log();
-            let lines: Vec<&str> = log.lines().collect();
-            let tail = &lines[lines.len().saturating_sub(60)..];
             eprintln!(
-                "--- last {} log lines of node {:?} ---\n{}",
-                tail.len(),
+                "--- log tail of node {:?} ---\n{}",
                 self.node,
-                tail.join("\n")
+                switchboard_test_util::failure::log_tail(&log, 20)
             );
         }
         if let Some(mut child) = self.child.take() {
