@@ -94,6 +94,19 @@ pub struct Config {
     /// subdomain. Empty: any. Requests without `Origin` (not from a
     /// browser) are not affected.
     pub allowed_origins: Vec<String>,
+    /// PEM certificate chain: both listeners speak TLS (needs `tls-key`).
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of `tls-cert` (PKCS#8, PKCS#1 or SEC1).
+    pub tls_key: Option<PathBuf>,
+    /// How often the two files are checked for changes; a changed pair is
+    /// loaded for new handshakes without a restart (0s: never).
+    #[serde(with = "humantime_serde")]
+    pub tls_reload_interval: Duration,
+    /// Oldest TLS version accepted: `1.2` or `1.3`.
+    pub tls_min_version: TlsVersion,
+    /// Accept API keys on a control listener that is neither loopback nor
+    /// TLS (keys would cross the network in clear text).
+    pub control_allow_plaintext: bool,
     /// Subprotocols the gateway accepts, in preference order of the client.
     pub subprotocol: Vec<String>,
     /// Offer permessage-deflate to clients that ask for it.
@@ -173,6 +186,17 @@ impl Config {
     }
 }
 
+/// The oldest TLS version a listener accepts (`tls-min-version`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TlsVersion {
+    /// TLS 1.2 and 1.3.
+    #[serde(rename = "1.2")]
+    V1_2,
+    /// TLS 1.3 only.
+    #[serde(rename = "1.3")]
+    V1_3,
+}
+
 /// The `origin` value selecting the NATS origin transport.
 pub const NATS_ORIGIN: &str = "nats";
 
@@ -208,6 +232,11 @@ impl Default for Config {
             client_message_rate: 100,
             client_byte_rate: 1024 * 1024,
             allowed_origins: Vec::new(),
+            tls_cert: None,
+            tls_key: None,
+            tls_reload_interval: Duration::from_secs(10),
+            tls_min_version: TlsVersion::V1_2,
+            control_allow_plaintext: false,
             subprotocol: Vec::new(),
             permessage_deflate: false,
             forward_header: ["user-agent", "origin", "accept-language", "x-forwarded-for"]
@@ -438,6 +467,29 @@ impl Config {
                 "required when control-listen is not a loopback address",
             ));
         }
+        if self.tls_cert.is_some() != self.tls_key.is_some() {
+            return Err(bad(
+                if self.tls_cert.is_some() {
+                    "tls-key"
+                } else {
+                    "tls-cert"
+                },
+                "tls-cert and tls-key go together",
+            ));
+        }
+        if !self.control_listen.ip().is_loopback()
+            && self.tls_cert.is_none()
+            && !self.control_allow_plaintext
+        {
+            return Err(bad(
+                "control-listen",
+                "API keys on a non-loopback address need TLS (tls-cert, tls-key); \
+                 set control-allow-plaintext if the network is private",
+            ));
+        }
+        if self.tls_reload_interval > MAX_DURATION {
+            return Err(bad("tls-reload-interval", "must not exceed 7 days"));
+        }
         if self.api_key.iter().any(|k| k.len() < 16) {
             return Err(bad("api-key", "keys must be at least 16 characters"));
         }
@@ -628,6 +680,14 @@ mod tests {
         };
         assert_eq!(c.validate().unwrap_err().field, "api-key");
         c.api_key = vec!["0123456789abcdef".into()];
+        // Keys on a non-loopback listener: TLS, or an explicit opt-out.
+        assert_eq!(c.validate().unwrap_err().field, "control-listen");
+        c.control_allow_plaintext = true;
+        c.validate().unwrap();
+        c.control_allow_plaintext = false;
+        c.tls_cert = Some("cert.pem".into());
+        assert_eq!(c.validate().unwrap_err().field, "tls-key");
+        c.tls_key = Some("key.pem".into());
         c.validate().unwrap();
         c.origin = Some("ftp://x".into());
         assert_eq!(c.validate().unwrap_err().field, "origin");

@@ -179,11 +179,31 @@ fn parse_json<T: DeserializeOwned>(body: Body) -> Result<T, ApiError> {
 }
 
 pub(crate) async fn serve(shared: Arc<Shared>, listener: TcpListener, stop: CancellationToken) {
-    let app = router(shared);
-    if let Err(e) = axum::serve(listener, app)
-        .with_graceful_shutdown(stop.cancelled_owned())
-        .await
-    {
+    let app = router(shared.clone());
+    let served = match &shared.tls {
+        None => {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(stop.cancelled_owned())
+                .await
+        }
+        Some(tls) => {
+            match crate::tls::ControlListener::start(
+                listener,
+                tls,
+                shared.config.handshake_timeout,
+                shared.clone(),
+                stop.clone(),
+            ) {
+                Ok(listener) => {
+                    axum::serve(listener, app)
+                        .with_graceful_shutdown(stop.cancelled_owned())
+                        .await
+                }
+                Err(e) => Err(e),
+            }
+        }
+    };
+    if let Err(e) = served {
         tracing::error!(error = %e, "control listener failed");
     }
 }

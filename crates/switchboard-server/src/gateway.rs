@@ -17,6 +17,7 @@ use crate::origin::dispatcher::{self, Dispatcher};
 use crate::origin::http::HttpOrigin;
 use crate::origin::{DevOrigin, OriginTransport};
 use crate::registry::{CloseRequest, Registry};
+use crate::stream::ClientStream;
 use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::future::Future;
@@ -54,6 +55,9 @@ pub enum GatewayError {
     /// The client token settings cannot be used.
     #[error(transparent)]
     Auth(#[from] crate::auth::AuthSetupError),
+    /// The TLS certificate or key cannot be used.
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsSetupError),
 }
 
 /// State shared by every task of the node.
@@ -64,6 +68,8 @@ pub(crate) struct Shared {
     pub(crate) auth: Option<crate::auth::Authenticator>,
     /// `allowed-origins`, parsed (empty: any).
     pub(crate) allowed_origins: Vec<crate::origins::OriginPattern>,
+    /// TLS on both listeners, when a certificate is configured.
+    pub(crate) tls: Option<Arc<crate::tls::Tls>>,
     pub(crate) node: NodeId,
     pub(crate) registry: Registry,
     pub(crate) channels: Channels,
@@ -216,10 +222,12 @@ impl Gateway {
         if let Some(a) = &auth {
             a.prefetch().await;
         }
+        let tls = crate::tls::Tls::from_config(&config)?;
         let client = bind_listener(config.listen)?;
         let control = bind_listener(config.control_listen)?;
         let shared = Arc::new(Shared {
             auth,
+            tls,
             allowed_origins: config
                 .allowed_origins
                 .iter()
@@ -330,6 +338,13 @@ impl Gateway {
         let stop_background = CancellationToken::new();
         workers.spawn(keepalive_loop(shared.clone(), stop_background.clone()));
         workers.spawn(sweep_loop(shared.clone(), stop_background.clone()));
+        if let Some(tls) = &shared.tls {
+            workers.spawn(tls.clone().reload_loop(
+                shared.config.tls_reload_interval,
+                shared.clone(),
+                stop_background.clone(),
+            ));
+        }
         let control_stop = CancellationToken::new();
         let control_task = tokio::spawn(control::serve(
             shared.clone(),
@@ -429,13 +444,27 @@ fn accept_one(shared: &Arc<Shared>, stream: TcpStream, remote: SocketAddr) {
     }
     let _ = stream.set_nodelay(true);
     let (guard, per_ip) = shared.track_socket(remote.ip());
-    shared.conn_tasks.spawn(handshake::handle(
-        shared.clone(),
-        stream,
-        remote,
-        guard,
-        per_ip,
-    ));
+    match &shared.tls {
+        None => {
+            shared.conn_tasks.spawn(handshake::handle(
+                shared.clone(),
+                ClientStream::Tcp(stream),
+                remote,
+                guard,
+                per_ip,
+            ));
+        }
+        Some(tls) => {
+            let (shared, tls) = (shared.clone(), tls.clone());
+            shared.clone().conn_tasks.spawn(async move {
+                // The socket counts (and is capped) from accept on; its
+                // guard is dropped with it if TLS fails.
+                if let Some(stream) = crate::tls::accept_client(&shared, &tls, stream).await {
+                    handshake::handle(shared, stream, remote, guard, per_ip).await;
+                }
+            });
+        }
+    }
 }
 
 /// Closes every connection with 1012, spread evenly over `drain-spread`:

@@ -11,6 +11,7 @@ use crate::origin::dispatcher::batch_body;
 use crate::origin::{ConnectDecision, OriginError};
 use crate::pool;
 use crate::registry::{CloseRequest, Conn, ConnInit, Outgoing};
+use crate::stream::ClientStream;
 use bytes::BytesMut;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -23,7 +24,6 @@ use switchboard_proto::ws::close;
 use switchboard_proto::ws::handshake::{self as hs, HeadError, Request, UpgradeError};
 use switchboard_proto::ConnectionId;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 /// A refusal: HTTP status, stable code, message, extra header lines.
 struct Refusal {
@@ -59,7 +59,7 @@ pub(crate) const MAX_REFUSING: usize = 1_024;
 /// Runs the handshake of one accepted socket, then starts the connection task.
 pub(crate) async fn handle(
     shared: Arc<Shared>,
-    mut stream: TcpStream,
+    mut stream: ClientStream,
     remote: SocketAddr,
     socket: SocketGuard,
     per_ip: u32,
@@ -175,7 +175,7 @@ fn over_capacity(shared: &Shared, per_ip: u32) -> Option<Refusal> {
 /// client has read the answer.
 async fn answer_refusal(
     shared: &Shared,
-    stream: &mut TcpStream,
+    stream: &mut ClientStream,
     r: Refusal,
     deadline: tokio::time::Instant,
 ) {
@@ -201,7 +201,7 @@ async fn answer_refusal(
 /// Reads until a whole request head is in `buf`, which is borrowed from the
 /// pool only once the socket is readable. `Err(None)`: the socket closed.
 async fn read_head(
-    stream: &mut TcpStream,
+    stream: &mut ClientStream,
     buf: &mut BytesMut,
     max: usize,
 ) -> Result<(Request, usize), Option<Refusal>> {

@@ -18,6 +18,8 @@
 //! - `handshake`: one socket's opening handshake and the `connect` decision.
 //! - `auth`: client tokens (JWT) verified at the handshake.
 //! - `origins`: the `Origin` check against cross-site WebSocket hijacking.
+//! - `tls`: TLS on both listeners (rustls), with certificate reload.
+//! - `stream`: a client connection's byte stream, plain TCP or behind TLS.
 //! - `connection`: the task of one open connection (read, write, ping, close).
 //! - `registry`: live connections and their outbound queues.
 //! - `pool`: read buffers borrowed only while a socket is readable.
@@ -56,10 +58,13 @@ mod origins;
 mod pool;
 mod ratelimit;
 mod registry;
+mod stream;
+mod tls;
 
 pub use auth::AuthSetupError;
 pub use bus::{BusError, BusEvent, ChannelBus, LogEntry, LogRead, Published, Watch};
 pub use cluster::{Cluster, ClusterError, CommandReply, LocalNode};
-pub use config::{Config, ConfigError, Namespace};
+pub use config::{Config, ConfigError, Namespace, TlsVersion};
 pub use control::{OPENAPI_JSON, ROUTES};
 pub use gateway::{DrainReport, Gateway, GatewayError};
+pub use tls::TlsSetupError;

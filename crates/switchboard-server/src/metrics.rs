@@ -62,6 +62,8 @@ pub(crate) struct Metrics {
     pub(crate) bus_received: Counter,
     pub(crate) rate_limited: Counter,
     pub(crate) bus_gap_fills: Counter,
+    pub(crate) tls_reloads: Family<ResultLabel, Counter>,
+    pub(crate) control_tls_failures: Counter,
 }
 
 fn origin_histogram() -> Histogram {
@@ -105,6 +107,8 @@ impl Metrics {
             bus_received: Counter::default(),
             rate_limited: Counter::default(),
             bus_gap_fills: Counter::default(),
+            tls_reloads: Family::default(),
+            control_tls_failures: Counter::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -253,6 +257,16 @@ impl Metrics {
             "channel_bus_gap_fills",
             "Times messages missing from the bus were read from the channel log",
             m.bus_gap_fills.clone(),
+        );
+        r.register(
+            "tls_reloads",
+            "Changes of the TLS certificate files seen, by result (reloaded, failed: the current certificate is kept)",
+            m.tls_reloads.clone(),
+        );
+        r.register(
+            "control_tls_handshake_failures",
+            "Control API connections whose TLS handshake failed or timed out",
+            m.control_tls_failures.clone(),
         );
         Self { registry, ..m }
     }

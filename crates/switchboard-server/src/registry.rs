@@ -7,6 +7,7 @@
 //! touches the socket.
 
 use crate::metrics::Metrics;
+use crate::stream::ClientStream;
 use bytes::{Buf, Bytes};
 use parking_lot::{Mutex, MutexGuard, RwLock};
 use std::collections::{HashMap, VecDeque};
@@ -22,7 +23,6 @@ use switchboard_proto::origin::{ClosedBy, Payload};
 use switchboard_proto::ws::deflate::deflate_message;
 use switchboard_proto::ws::frame::{encode_frame_with, OpCode};
 use switchboard_proto::ConnectionId;
-use tokio::net::TcpStream;
 use tokio::sync::Notify;
 
 /// Messages smaller than this are sent uncompressed even when
@@ -383,7 +383,7 @@ impl Conn {
     /// like any frame otherwise.
     pub(crate) fn send_control(
         &self,
-        stream: &TcpStream,
+        stream: &ClientStream,
         frame: Bytes,
         metrics: &Metrics,
     ) -> Queued {
@@ -471,7 +471,7 @@ impl Conn {
     /// Writes queued frames until the queue is empty (`Ok(true)`) or the socket
     /// would block (`Ok(false)`). Frames go out with vectored writes straight
     /// from the shared `Bytes`: there is no per-connection write buffer.
-    pub(crate) fn flush(&self, stream: &TcpStream, metrics: &Metrics) -> io::Result<bool> {
+    pub(crate) fn flush(&self, stream: &ClientStream, metrics: &Metrics) -> io::Result<bool> {
         let mut out = self.out.lock();
         loop {
             if out.frames.is_empty() {

@@ -240,6 +240,31 @@ pub(crate) struct ServeArgs {
     #[serde(skip_serializing_if = "Option::is_none")]
     allow_anonymous: Option<bool>,
 
+    /// PEM certificate chain: both listeners speak TLS (with --tls-key) [default: none].
+    #[arg(long, env = "SWITCHBOARD_TLS_CERT", value_name = "FILE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tls_cert: Option<String>,
+
+    /// PEM private key of --tls-cert [default: none].
+    #[arg(long, env = "SWITCHBOARD_TLS_KEY", value_name = "FILE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tls_key: Option<String>,
+
+    /// How often the certificate and key files are checked for changes; changed files are loaded without a restart, 0s = never [default: 10s].
+    #[arg(long, env = "SWITCHBOARD_TLS_RELOAD_INTERVAL", value_name = "DURATION")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tls_reload_interval: Option<String>,
+
+    /// Oldest TLS version accepted: 1.2 or 1.3 [default: 1.2].
+    #[arg(long, env = "SWITCHBOARD_TLS_MIN_VERSION", value_name = "VERSION")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tls_min_version: Option<String>,
+
+    /// Allow a control listener that is neither loopback nor TLS (API keys in clear text) [default: false].
+    #[arg(long, env = "SWITCHBOARD_CONTROL_ALLOW_PLAINTEXT", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    control_allow_plaintext: Option<bool>,
+
     /// Accepted subprotocol (repeatable).
     #[arg(
         long,

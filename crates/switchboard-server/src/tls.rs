@@ -1,0 +1,363 @@
+//! TLS on both listeners (rustls): the certificate and key, reloaded when
+//! their files change; the client listener's pump that terminates TLS; and
+//! the control listener's acceptor.
+//!
+//! A TLS client's connection task is the same as a plain one's: it reads and
+//! writes plaintext on one end of a local socket pair, and a pump task moves
+//! bytes between the other end and the TLS stream. So the connection task
+//! keeps its readiness-based design (no buffer while idle); the TLS session
+//! and the pump's two copy buffers are what TLS adds to a connection
+//! (docs/security.md, "TLS").
+
+use crate::config::{Config, TlsVersion};
+use crate::gateway::Shared;
+use crate::metrics::Metrics;
+use crate::stream::ClientStream;
+use parking_lot::{Mutex, RwLock};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use rustls::ServerConfig;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream, UnixStream};
+use tokio_rustls::server::TlsStream;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+
+/// How long the pump keeps the other direction open once one has ended
+/// (the client closed, or the connection task did), so a close frame or
+/// `close_notify` still gets through, but a peer cannot hold the socket.
+const LINGER: Duration = Duration::from_secs(5);
+
+/// Control connections whose TLS handshake is done, waiting for `accept`.
+const CONTROL_BACKLOG: usize = 64;
+
+/// Why the TLS settings cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsSetupError {
+    /// A file could not be read or holds no usable PEM item.
+    #[error("{path}: {problem}")]
+    File {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        problem: String,
+    },
+    /// The key cannot sign, or is not the certificate's.
+    #[error("tls-key: {0}")]
+    Key(String),
+    /// rustls refused the configuration.
+    #[error("tls: {0}")]
+    Rustls(#[from] rustls::Error),
+}
+
+/// The TLS side of a node: the acceptor both listeners use, and the
+/// certificate store it reads from.
+pub(crate) struct Tls {
+    acceptor: TlsAcceptor,
+    store: Arc<CertStore>,
+}
+
+impl std::fmt::Debug for Tls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tls").field("store", &self.store).finish()
+    }
+}
+
+impl Tls {
+    /// Loads the certificate and key when `tls-cert` is set (validation has
+    /// checked `tls-key` is too); `None` without TLS.
+    pub(crate) fn from_config(config: &Config) -> Result<Option<Arc<Self>>, TlsSetupError> {
+        let (Some(cert), Some(key)) = (&config.tls_cert, &config.tls_key) else {
+            return Ok(None);
+        };
+        let store = Arc::new(CertStore::load(cert.clone(), key.clone())?);
+        let versions: &[&rustls::SupportedProtocolVersion] = match config.tls_min_version {
+            TlsVersion::V1_2 => &[&rustls::version::TLS13, &rustls::version::TLS12],
+            TlsVersion::V1_3 => &[&rustls::version::TLS13],
+        };
+        let mut server =
+            ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                .with_protocol_versions(versions)?
+                .with_no_client_auth()
+                .with_cert_resolver(store.clone());
+        // Both listeners speak HTTP/1.1 only (a WebSocket upgrade needs it).
+        server.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(Some(Arc::new(Self {
+            acceptor: TlsAcceptor::from(Arc::new(server)),
+            store,
+        })))
+    }
+
+    /// Checks the files every `interval` and swaps in a changed pair once it
+    /// loads; a pair that does not load (half written, or wrong) leaves the
+    /// current one in place and is retried when the files change again.
+    pub(crate) async fn reload_loop(
+        self: Arc<Self>,
+        interval: Duration,
+        shared: Arc<Shared>,
+        stop: CancellationToken,
+    ) {
+        if interval.is_zero() {
+            return;
+        }
+        let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let store = self.store.clone();
+            let outcome = tokio::task::spawn_blocking(move || store.reload_if_changed())
+                .await
+                .ok()
+                .flatten();
+            match outcome {
+                None => {}
+                Some(Ok(())) => {
+                    tracing::info!("TLS certificate reloaded");
+                    shared.metrics.tls_reload("reloaded");
+                }
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, "TLS certificate files changed but do not load; keeping the current certificate");
+                    shared.metrics.tls_reload("failed");
+                }
+            }
+        }
+    }
+}
+
+/// When the two files were last seen changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Stamp {
+    cert: Option<(SystemTime, u64)>,
+    key: Option<(SystemTime, u64)>,
+}
+
+impl Stamp {
+    fn of(cert: &Path, key: &Path) -> Self {
+        let stamp = |p: &Path| {
+            std::fs::metadata(p)
+                .ok()
+                .and_then(|m| Some((m.modified().ok()?, m.len())))
+        };
+        Self {
+            cert: stamp(cert),
+            key: stamp(key),
+        }
+    }
+}
+
+/// The current certificate and key, what new handshakes are given.
+#[derive(Debug)]
+struct CertStore {
+    cert_path: PathBuf,
+    key_path: PathBuf,
+    current: RwLock<Arc<CertifiedKey>>,
+    /// The files as last loaded or tried.
+    seen: Mutex<Stamp>,
+}
+
+impl CertStore {
+    fn load(cert_path: PathBuf, key_path: PathBuf) -> Result<Self, TlsSetupError> {
+        let seen = Stamp::of(&cert_path, &key_path);
+        let pair = load_pair(&cert_path, &key_path)?;
+        Ok(Self {
+            cert_path,
+            key_path,
+            current: RwLock::new(Arc::new(pair)),
+            seen: Mutex::new(seen),
+        })
+    }
+
+    /// `None` if the files are as last seen; otherwise the outcome of
+    /// loading them.
+    fn reload_if_changed(&self) -> Option<Result<(), TlsSetupError>> {
+        let now = Stamp::of(&self.cert_path, &self.key_path);
+        {
+            let mut seen = self.seen.lock();
+            if *seen == now {
+                return None;
+            }
+            *seen = now;
+        }
+        Some(load_pair(&self.cert_path, &self.key_path).map(|pair| {
+            *self.current.write() = Arc::new(pair);
+        }))
+    }
+}
+
+impl ResolvesServerCert for CertStore {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.current.read().clone())
+    }
+}
+
+/// Reads a PEM certificate chain and its PEM private key (PKCS#8, PKCS#1
+/// or SEC1), and checks that they belong together.
+fn load_pair(cert_path: &Path, key_path: &Path) -> Result<CertifiedKey, TlsSetupError> {
+    let file_error = |path: &Path, problem: String| TlsSetupError::File {
+        path: path.to_owned(),
+        problem,
+    };
+    let certs = CertificateDer::pem_file_iter(cert_path)
+        .and_then(|items| items.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| file_error(cert_path, e.to_string()))?;
+    if certs.is_empty() {
+        return Err(file_error(
+            cert_path,
+            "no CERTIFICATE in this PEM file".into(),
+        ));
+    }
+    let key =
+        PrivateKeyDer::from_pem_file(key_path).map_err(|e| file_error(key_path, e.to_string()))?;
+    let signing = rustls::crypto::ring::default_provider()
+        .key_provider
+        .load_private_key(key)
+        .map_err(|e| TlsSetupError::Key(e.to_string()))?;
+    let pair = CertifiedKey::new(certs, signing);
+    pair.keys_match().map_err(|e| {
+        TlsSetupError::Key(format!("does not match the certificate in tls-cert: {e}"))
+    })?;
+    Ok(pair)
+}
+
+/// The TLS handshake of a client socket (bounded by `handshake-timeout`);
+/// on success the pump is started and the plaintext end returned.
+pub(crate) async fn accept_client(
+    shared: &Arc<Shared>,
+    tls: &Tls,
+    tcp: TcpStream,
+) -> Option<ClientStream> {
+    let accepted =
+        tokio::time::timeout(shared.config.handshake_timeout, tls.acceptor.accept(tcp)).await;
+    let stream = match accepted {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, "TLS handshake failed");
+            shared.metrics.handshake("tls_failed");
+            return None;
+        }
+        Err(_) => {
+            shared.metrics.handshake("tls_timeout");
+            return None;
+        }
+    };
+    let (ours, pumps) = match UnixStream::pair() {
+        Ok(pair) => pair,
+        Err(e) => {
+            tracing::warn!(error = %e, "no socket pair for a TLS connection");
+            shared.metrics.handshake("tls_failed");
+            return None;
+        }
+    };
+    shared.conn_tasks.spawn(pump(stream, pumps));
+    Some(ClientStream::Tls(ours))
+}
+
+/// Moves bytes both ways between a client's TLS stream and the connection
+/// task's plaintext socket; when one direction ends, the other gets
+/// [`LINGER`] to finish.
+async fn pump(tls: TlsStream<TcpStream>, plain: UnixStream) {
+    let (mut from_client, mut to_client) = tokio::io::split(tls);
+    let (mut from_task, mut to_task) = plain.into_split();
+    let up = async move {
+        let _ = tokio::io::copy(&mut from_client, &mut to_task).await;
+        let _ = to_task.shutdown().await;
+    };
+    let down = async move {
+        let _ = tokio::io::copy(&mut from_task, &mut to_client).await;
+        // Sends close_notify, then closes the TCP write side.
+        let _ = to_client.shutdown().await;
+    };
+    tokio::pin!(up, down);
+    tokio::select! {
+        () = &mut down => { let _ = tokio::time::timeout(LINGER, up).await; }
+        () = &mut up => { let _ = tokio::time::timeout(LINGER, down).await; }
+    }
+}
+
+/// The control listener behind TLS, for `axum::serve`: a task accepts TCP
+/// connections and runs each TLS handshake in a task of its own (so a slow
+/// handshake delays nobody); finished ones wait here for `accept`.
+#[derive(Debug)]
+pub(crate) struct ControlListener {
+    ready: tokio::sync::mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)>,
+    local: SocketAddr,
+}
+
+impl ControlListener {
+    /// Starts accepting on `listener` until `stop` fires.
+    pub(crate) fn start(
+        listener: TcpListener,
+        tls: &Tls,
+        handshake_timeout: Duration,
+        shared: Arc<Shared>,
+        stop: CancellationToken,
+    ) -> std::io::Result<Self> {
+        let local = listener.local_addr()?;
+        let (tx, ready) = tokio::sync::mpsc::channel(CONTROL_BACKLOG);
+        let acceptor = tls.acceptor.clone();
+        tokio::spawn(async move {
+            loop {
+                let (tcp, remote) = tokio::select! {
+                    _ = stop.cancelled() => return,
+                    r = listener.accept() => match r {
+                        Ok(pair) => pair,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "control accept failed");
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            continue;
+                        }
+                    },
+                };
+                let acceptor = acceptor.clone();
+                let tx = tx.clone();
+                let shared = shared.clone();
+                tokio::spawn(async move {
+                    match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
+                        Ok(Ok(stream)) => {
+                            let _ = tx.send((stream, remote)).await;
+                        }
+                        _ => {
+                            shared.metrics.control_tls_failures.inc();
+                        }
+                    }
+                });
+            }
+        });
+        Ok(Self { ready, local })
+    }
+}
+
+impl axum::serve::Listener for ControlListener {
+    type Io = TlsStream<TcpStream>;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        match self.ready.recv().await {
+            Some(conn) => conn,
+            // Stopped: no more connections; the server is shutting down.
+            None => std::future::pending().await,
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        Ok(self.local)
+    }
+}
+
+impl Metrics {
+    /// Counts a certificate reload attempt by its outcome.
+    pub(crate) fn tls_reload(&self, result: &'static str) {
+        self.tls_reloads
+            .get_or_create(&crate::metrics::ResultLabel { result })
+            .inc();
+    }
+}

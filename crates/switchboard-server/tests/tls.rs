@@ -1,0 +1,359 @@
+//! TLS on both listeners, end to end: real rustls clients (WebSocket over
+//! TLS, HTTPS to the control API) against a gateway started with the test
+//! certificates of `fixtures/tls` (see its `gen.sh`); certificate reload
+//! without restart; the minimum protocol version; and what plain clients
+//! get from a TLS listener.
+
+use futures_util::{SinkExt, StreamExt};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use switchboard_proto::origin::Payload;
+use switchboard_server::{Config, Gateway, GatewayError, TlsVersion};
+use switchboard_test_util::{eventually, metric_value, TestGateway, TestOrigin, WsMessage, WAIT};
+use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
+use tokio_rustls::TlsConnector;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+
+type Wss = tokio_tungstenite::WebSocketStream<TlsStream<TcpStream>>;
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/tls")
+        .join(name)
+}
+
+/// A fresh directory holding `cert.pem` and `key.pem`, copies of server
+/// certificate `which` ("a" or "b"), so a test can overwrite them.
+struct CertDir(PathBuf);
+
+impl CertDir {
+    fn new(test: &str, which: &str) -> Self {
+        let dir =
+            std::env::temp_dir().join(format!("switchboard-tls-{}-{test}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let d = Self(dir);
+        d.install(which);
+        d
+    }
+
+    fn cert(&self) -> PathBuf {
+        self.0.join("cert.pem")
+    }
+
+    fn key(&self) -> PathBuf {
+        self.0.join("key.pem")
+    }
+
+    fn install(&self, which: &str) {
+        std::fs::copy(fixture(&format!("server-{which}.pem")), self.cert()).expect("copy cert");
+        std::fs::copy(fixture(&format!("server-{which}-key.pem")), self.key()).expect("copy key");
+    }
+
+    fn configure(&self, c: &mut Config) {
+        c.tls_cert = Some(self.cert());
+        c.tls_key = Some(self.key());
+    }
+}
+
+impl Drop for CertDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The DER of fixture certificate `which`.
+fn der_of(which: &str) -> Vec<u8> {
+    CertificateDer::from_pem_file(fixture(&format!("server-{which}.pem")))
+        .expect("fixture certificate")
+        .to_vec()
+}
+
+/// A client config trusting the test CA only, limited to `versions`.
+fn client_config(
+    versions: &[&'static rustls::SupportedProtocolVersion],
+) -> Arc<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_file(fixture("ca.pem")).expect("CA"))
+        .expect("add CA");
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    Arc::new(
+        rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(versions)
+            .expect("versions")
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    )
+}
+
+/// A TLS connection to `addr` as `localhost`, with the default versions.
+async fn tls_connect(addr: std::net::SocketAddr) -> std::io::Result<TlsStream<TcpStream>> {
+    tls_connect_with(addr, rustls::DEFAULT_VERSIONS).await
+}
+
+async fn tls_connect_with(
+    addr: std::net::SocketAddr,
+    versions: &[&'static rustls::SupportedProtocolVersion],
+) -> std::io::Result<TlsStream<TcpStream>> {
+    let tcp = TcpStream::connect(addr).await?;
+    let name = ServerName::try_from("localhost").expect("name");
+    tokio::time::timeout(
+        WAIT,
+        TlsConnector::from(client_config(versions)).connect(name, tcp),
+    )
+    .await
+    .expect("TLS handshake within WAIT")
+}
+
+/// The certificate the server presented on `stream`.
+fn presented(stream: &TlsStream<TcpStream>) -> Vec<u8> {
+    stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .expect("a server certificate")
+        .to_vec()
+}
+
+/// A WebSocket over TLS to the gateway's client listener; also returns the
+/// certificate it was shown and the local address (how the origin names it).
+async fn wss(gw: &TestGateway) -> (Wss, Vec<u8>, std::net::SocketAddr) {
+    let tls = tls_connect(gw.addr)
+        .await
+        .expect("TLS to the client listener");
+    let cert = presented(&tls);
+    let local = tls.get_ref().0.local_addr().expect("local addr");
+    let url = format!("wss://localhost:{}/", gw.addr.port());
+    let (ws, resp) = tokio::time::timeout(WAIT, tokio_tungstenite::client_async(url, tls))
+        .await
+        .expect("WebSocket handshake within WAIT")
+        .expect("WebSocket handshake over TLS");
+    assert_eq!(resp.status(), 101);
+    (ws, cert, local)
+}
+
+/// An HTTPS client trusting the test CA.
+fn https() -> reqwest::Client {
+    let ca = std::fs::read(fixture("ca.pem")).expect("CA");
+    reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(&ca).expect("CA pem"))
+        .timeout(WAIT)
+        .build()
+        .expect("https client")
+}
+
+fn control_url(gw: &TestGateway, path: &str) -> String {
+    format!("https://localhost:{}{}", gw.control.port(), path)
+}
+
+async fn next_text(ws: &mut Wss) -> String {
+    loop {
+        match tokio::time::timeout(WAIT, ws.next()).await {
+            Ok(Some(Ok(WsMessage::Text(t)))) => return t.to_string(),
+            Ok(Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_)))) => continue,
+            other => panic!("expected a text message, got {other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn clients_and_the_control_api_speak_tls_and_plain_peers_get_nothing_through() {
+    let certs = CertDir::new("both", "a");
+    let origin = TestOrigin::start(None).await;
+    let gw = TestGateway::with_origin(&origin, |c| certs.configure(c)).await;
+
+    // A client over TLS reaches the origin, and the origin reaches it back
+    // through the control API over HTTPS, a large message included (it
+    // crosses the pump in many TLS records).
+    let (mut ws, cert, local) = wss(&gw).await;
+    assert_eq!(cert, der_of("a"));
+    let id = origin.id_for(local).await;
+    ws.send(WsMessage::text("hello over tls"))
+        .await
+        .expect("send");
+    let got = origin.wait_messages(&id, 1).await;
+    assert_eq!(got[0].payload, Payload::Text("hello over tls".into()));
+
+    let api = https();
+    let big = "x".repeat(300_000);
+    for text in ["pushed over https", big.as_str()] {
+        let resp = api
+            .post(control_url(&gw, &format!("/v1/connections/{id}/messages")))
+            .json(&serde_json::json!({ "text": text }))
+            .send()
+            .await
+            .expect("HTTPS to the control API");
+        assert!(resp.status().is_success(), "{}", resp.status());
+        assert_eq!(next_text(&mut ws).await, text);
+    }
+    let health = api
+        .get(control_url(&gw, "/healthz"))
+        .send()
+        .await
+        .expect("healthz");
+    assert_eq!(health.status(), 200);
+
+    // The close handshake crosses the pump both ways.
+    ws.close(Some(CloseFrame {
+        code: CloseCode::Normal,
+        reason: "bye".into(),
+    }))
+    .await
+    .expect("close");
+    loop {
+        match tokio::time::timeout(WAIT, ws.next())
+            .await
+            .expect("closed within WAIT")
+        {
+            Some(Ok(WsMessage::Close(_))) | None => break,
+            Some(Ok(_)) => {}
+            Some(Err(e)) => panic!("close over TLS: {e}"),
+        }
+    }
+    let d = origin.wait_disconnect(&id).await;
+    assert_eq!((d.code, d.reason.as_str()), (1000, "bye"), "{d:?}");
+
+    // Plain WebSocket and plain HTTP to TLS listeners: no upgrade, no answer.
+    let plain = tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(gw.ws_url("/")))
+        .await
+        .expect("plain attempt ends within WAIT");
+    assert!(
+        plain.is_err(),
+        "a plain WebSocket must not open on a TLS listener"
+    );
+    let plain_api = reqwest::Client::new()
+        .get(format!("http://{}/healthz", gw.control))
+        .timeout(WAIT)
+        .send()
+        .await;
+    assert!(
+        plain_api.is_err() || !plain_api.as_ref().unwrap().status().is_success(),
+        "plain HTTP must not reach the control API: {plain_api:?}"
+    );
+    eventually(WAIT, "a failed TLS handshake counted", || async {
+        let m = api
+            .get(control_url(&gw, "/metrics"))
+            .send()
+            .await
+            .expect("metrics");
+        let text = m.text().await.expect("metrics body");
+        metric_value(&text, "switchboard_handshakes_total{result=\"tls_failed\"}") >= 1.0
+            && metric_value(&text, "switchboard_control_tls_handshake_failures_total") >= 1.0
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_renewed_certificate_is_served_to_new_connections_without_a_restart() {
+    let certs = CertDir::new("reload", "a");
+    let origin = TestOrigin::start(None).await;
+    let gw = TestGateway::with_origin(&origin, |c| {
+        certs.configure(c);
+        c.tls_reload_interval = Duration::from_millis(100);
+    })
+    .await;
+    let (mut before, cert, local) = wss(&gw).await;
+    assert_eq!(cert, der_of("a"));
+    let id = origin.id_for(local).await;
+
+    // Renewal: new files in place. New handshakes get b; the open
+    // connection carries on with the session it has.
+    certs.install("b");
+    eventually(WAIT, "new handshakes to present certificate b", || async {
+        presented(&tls_connect(gw.addr).await.expect("TLS")) == der_of("b")
+    })
+    .await;
+    let (_after, cert, _) = wss(&gw).await;
+    assert_eq!(cert, der_of("b"));
+    let api = https();
+    let resp = api
+        .post(control_url(&gw, &format!("/v1/connections/{id}/messages")))
+        .json(&serde_json::json!({ "text": "still here" }))
+        .send()
+        .await
+        .expect("control API");
+    assert!(resp.status().is_success());
+    assert_eq!(next_text(&mut before).await, "still here");
+
+    // A broken pair (a half-written renewal) is not loaded: b stays.
+    std::fs::write(certs.cert(), "not a certificate").expect("write");
+    eventually(WAIT, "the failed reload counted", || async {
+        let m = api
+            .get(control_url(&gw, "/metrics"))
+            .send()
+            .await
+            .expect("metrics");
+        let text = m.text().await.expect("body");
+        metric_value(&text, "switchboard_tls_reloads_total{result=\"failed\"}") >= 1.0
+    })
+    .await;
+    assert_eq!(
+        presented(&tls_connect(gw.addr).await.expect("TLS")),
+        der_of("b")
+    );
+    let m = api
+        .get(control_url(&gw, "/metrics"))
+        .send()
+        .await
+        .expect("metrics");
+    let text = m.text().await.expect("body");
+    assert_eq!(
+        metric_value(&text, "switchboard_tls_reloads_total{result=\"reloaded\"}"),
+        1.0
+    );
+}
+
+#[tokio::test]
+async fn tls_min_version_1_3_refuses_a_tls_1_2_client() {
+    let certs = CertDir::new("versions", "a");
+    let tls12: &[&'static rustls::SupportedProtocolVersion] = &[&rustls::version::TLS12];
+
+    let default = TestGateway::start(|c| certs.configure(c)).await;
+    let s = tls_connect_with(default.addr, tls12)
+        .await
+        .expect("TLS 1.2 by default");
+    assert_eq!(
+        s.get_ref().1.protocol_version(),
+        Some(rustls::ProtocolVersion::TLSv1_2)
+    );
+
+    let strict = TestGateway::start(|c| {
+        certs.configure(c);
+        c.tls_min_version = TlsVersion::V1_3;
+    })
+    .await;
+    assert!(
+        tls_connect_with(strict.addr, tls12).await.is_err(),
+        "a TLS 1.2-only client must be refused with tls-min-version 1.3"
+    );
+    let s = tls_connect(strict.addr).await.expect("TLS 1.3");
+    assert_eq!(
+        s.get_ref().1.protocol_version(),
+        Some(rustls::ProtocolVersion::TLSv1_3)
+    );
+}
+
+#[tokio::test]
+async fn a_key_that_is_not_the_certificates_stops_startup() {
+    let certs = CertDir::new("mismatch", "a");
+    std::fs::copy(fixture("server-b-key.pem"), certs.key()).expect("copy");
+    let config = Config {
+        listen: "127.0.0.1:0".parse().expect("addr"),
+        control_listen: "127.0.0.1:0".parse().expect("addr"),
+        tls_cert: Some(certs.cert()),
+        tls_key: Some(certs.key()),
+        ..Config::default()
+    };
+    match Gateway::bind(config).await {
+        Err(GatewayError::Tls(e)) => assert!(e.to_string().contains("does not match"), "{e}"),
+        Err(e) => panic!("expected a TLS error, got {e}"),
+        Ok(_) => panic!("a mismatched key must stop startup"),
+    }
+}
