@@ -97,6 +97,7 @@ wait_port "$ORIGIN_PORT" origin "${PIDS[-1]}"
     --max-message-size 20000000 \
     --client-message-rate 0 \
     --client-byte-rate 0 \
+    --max-handshakes-per-ip 0 \
     --max-outbound-bytes 268435456 \
     --permessage-deflate \
     --log-level warn \

@@ -133,6 +133,11 @@ pub struct Config {
     pub max_connections: usize,
     /// Most client sockets open at once from one IP address (503 beyond; 0: no cap).
     pub max_connections_per_ip: usize,
+    /// Handshakes per second one IP address may start, in bursts of two
+    /// seconds' worth (429 beyond, or the socket closed before TLS; 0: no limit).
+    pub max_handshakes_per_ip: u32,
+    /// Open connections per user, by the token's `sub` (429 beyond; 0: no cap).
+    pub max_connections_per_user: u32,
     /// Bytes queued for one client before it is closed as a slow consumer (4001).
     pub max_outbound_bytes: usize,
     /// Upper bound of a graceful drain.
@@ -250,6 +255,8 @@ impl Default for Config {
             max_header_bytes: 8 << 10,
             max_connections: 1_000_000,
             max_connections_per_ip: 10_000,
+            max_handshakes_per_ip: 100,
+            max_connections_per_user: 100,
             max_outbound_bytes: 512 << 10,
             drain_timeout: Duration::from_secs(30),
             drain_spread: Duration::from_secs(5),

@@ -710,6 +710,7 @@ mod tests {
             path: "/".into(),
             user_id: None,
             metadata: None,
+            user_slot: None,
             token: None,
             token_expires_ms: 0,
             subprotocol: None,

@@ -90,6 +90,10 @@ pub(crate) struct Shared {
     /// Open client sockets, handshaking ones included.
     pub(crate) sockets: AtomicUsize,
     per_ip: Mutex<HashMap<IpAddr, u32>>,
+    /// `max-handshakes-per-ip`, when set.
+    pub(crate) handshake_rate: Option<crate::admission::HandshakeRate>,
+    /// `max-connections-per-user`, when set.
+    pub(crate) user_counts: Option<Arc<crate::admission::UserCounts>>,
     /// Sockets being answered with a capacity refusal.
     pub(crate) refusing: AtomicUsize,
 }
@@ -256,6 +260,8 @@ impl Gateway {
             conn_tasks: TaskTracker::new(),
             sockets: AtomicUsize::new(0),
             per_ip: Mutex::new(HashMap::new()),
+            handshake_rate: crate::admission::HandshakeRate::new(config.max_handshakes_per_ip),
+            user_counts: crate::admission::UserCounts::new(config.max_connections_per_user),
             refusing: AtomicUsize::new(0),
             config,
         });
@@ -444,6 +450,13 @@ fn accept_one(shared: &Arc<Shared>, stream: TcpStream, remote: SocketAddr) {
     }
     let _ = stream.set_nodelay(true);
     let (guard, per_ip) = shared.track_socket(remote.ip());
+    let admission = handshake::Admission {
+        per_ip,
+        rate_ok: shared
+            .handshake_rate
+            .as_ref()
+            .is_none_or(|r| r.admit(remote.ip(), std::time::Instant::now())),
+    };
     match &shared.tls {
         None => {
             shared.conn_tasks.spawn(handshake::handle(
@@ -451,8 +464,13 @@ fn accept_one(shared: &Arc<Shared>, stream: TcpStream, remote: SocketAddr) {
                 ClientStream::Tcp(stream),
                 remote,
                 guard,
-                per_ip,
+                admission,
             ));
+        }
+        Some(_) if !admission.rate_ok => {
+            // Not worth a TLS handshake, which costs the server more than
+            // the client: closed at once, without an answer.
+            shared.metrics.handshake("too_many_handshakes");
         }
         Some(tls) => {
             let (shared, tls) = (shared.clone(), tls.clone());
@@ -460,7 +478,7 @@ fn accept_one(shared: &Arc<Shared>, stream: TcpStream, remote: SocketAddr) {
                 // The socket counts (and is capped) from accept on; its
                 // guard is dropped with it if TLS fails.
                 if let Some(stream) = crate::tls::accept_client(&shared, &tls, stream).await {
-                    handshake::handle(shared, stream, remote, guard, per_ip).await;
+                    handshake::handle(shared, stream, remote, guard, admission).await;
                 }
             });
         }
@@ -494,13 +512,19 @@ pub(crate) async fn close_spread(shared: &Arc<Shared>, deadline: tokio::time::In
 /// How often expired channel messages and idle channels are dropped.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 
-/// Expires channel history and drops idle channels, every [`SWEEP_INTERVAL`].
+/// Expires channel history, drops idle channels and forgets refilled
+/// handshake buckets, every [`SWEEP_INTERVAL`].
 async fn sweep_loop(shared: Arc<Shared>, stop: CancellationToken) {
     let mut tick = tokio::time::interval(SWEEP_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
-            _ = tick.tick() => shared.channels.sweep(&shared.metrics),
+            _ = tick.tick() => {
+                shared.channels.sweep(&shared.metrics);
+                if let Some(rate) = &shared.handshake_rate {
+                    rate.sweep(std::time::Instant::now());
+                }
+            }
             _ = stop.cancelled() => return,
         }
     }

@@ -56,15 +56,24 @@ const REFUSAL_READ_TIMEOUT: Duration = Duration::from_secs(2);
 /// Refused sockets answered at once; past this many, more are closed unanswered.
 pub(crate) const MAX_REFUSING: usize = 1_024;
 
+/// What was decided about a socket at accept, before reading from it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Admission {
+    /// Sockets the client's address holds, this one included.
+    pub(crate) per_ip: u32,
+    /// Within `max-handshakes-per-ip`.
+    pub(crate) rate_ok: bool,
+}
+
 /// Runs the handshake of one accepted socket, then starts the connection task.
 pub(crate) async fn handle(
     shared: Arc<Shared>,
     mut stream: ClientStream,
     remote: SocketAddr,
     socket: SocketGuard,
-    per_ip: u32,
+    admission: Admission,
 ) {
-    if let Some(refusal) = over_capacity(&shared, per_ip) {
+    if let Some(refusal) = over_capacity(&shared, admission) {
         // Decided before reading anything: such sockets get a short deadline
         // and a bounded number of answering tasks, so they cannot pile up.
         if shared.refusing.fetch_add(1, Relaxed) < MAX_REFUSING {
@@ -147,9 +156,10 @@ pub(crate) async fn handle(
     ));
 }
 
-/// The refusal for a socket over `max-connections` or the per-IP cap.
-/// `per_ip`: sockets the client's address holds, this one included.
-fn over_capacity(shared: &Shared, per_ip: u32) -> Option<Refusal> {
+/// The refusal for a socket over `max-connections`, the per-IP cap or the
+/// per-IP handshake rate.
+fn over_capacity(shared: &Shared, admission: Admission) -> Option<Refusal> {
+    let per_ip = admission.per_ip;
     let cfg = &shared.config;
     if shared.sockets.load(Relaxed) > cfg.max_connections {
         return Some(refuse(
@@ -166,6 +176,15 @@ fn over_capacity(shared: &Shared, per_ip: u32) -> Option<Refusal> {
             "per-address connection limit reached",
             "over_capacity",
         ));
+    }
+    if !admission.rate_ok {
+        return Some(Refusal {
+            status: 429,
+            code: "too_many_handshakes",
+            message: "too many connection attempts from this address; retry later".into(),
+            extra: "Retry-After: 1\r\n",
+            metric: "too_many_handshakes",
+        });
     }
     None
 }
@@ -345,6 +364,29 @@ async fn decide(
         }
     };
 
+    // Counted from here to the connection's end; a refusal below frees it.
+    let user_slot = match (
+        &shared.user_counts,
+        identity.as_ref().and_then(|i| i.user.as_deref()),
+    ) {
+        (Some(counts), Some(user)) => match counts.acquire(user) {
+            Some(slot) => Some(Box::new(slot)),
+            None => {
+                return Err(Refusal {
+                    status: 429,
+                    code: "too_many_connections_for_user",
+                    message: format!(
+                        "this user already holds {} connections on this node",
+                        cfg.max_connections_per_user
+                    ),
+                    extra: "",
+                    metric: "too_many_connections_for_user",
+                })
+            }
+        },
+        _ => None,
+    };
+
     // The client's first offer the gateway speaks: the native protocol or
     // one of the configured raw subprotocols.
     let subprotocol = upgrade
@@ -464,6 +506,7 @@ async fn decide(
         // The origin's word first, else the token's `sub`.
         user_id: answer.user_id.or(identity.and_then(|i| i.user)),
         metadata: answer.metadata,
+        user_slot,
         subprotocol: subprotocol.clone(),
         native: is_native,
         // Outbound compression: off when the client limited the server window.

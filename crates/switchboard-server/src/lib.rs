@@ -24,6 +24,7 @@
 //! - `registry`: live connections and their outbound queues.
 //! - `pool`: read buffers borrowed only while a socket is readable.
 //! - `ratelimit`: per-connection message and byte rate limits.
+//! - `admission`: the per-IP handshake rate and the per-user connection cap.
 //! - [`origin`]: the origin transport trait, the HTTP webhook, and the
 //!   dispatcher that queues, batches and retries events.
 //! - `control`: the control API and the operations endpoints.
@@ -42,6 +43,7 @@
 //! # Ok(()) }
 //! ```
 
+mod admission;
 mod auth;
 pub mod bus;
 mod channels;

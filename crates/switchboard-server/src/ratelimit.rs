@@ -16,8 +16,9 @@ use std::time::{Duration, Instant};
 /// How long a client may keep exceeding its limits before it is closed.
 pub(crate) const PERSIST: Duration = Duration::from_secs(1);
 
+/// A token bucket: `capacity` tokens, refilled at `rate` per second.
 #[derive(Debug)]
-struct Bucket {
+pub(crate) struct Bucket {
     /// Tokens per second.
     rate: f64,
     capacity: f64,
@@ -26,7 +27,8 @@ struct Bucket {
 }
 
 impl Bucket {
-    fn new(rate: f64, capacity: f64, now: Instant) -> Self {
+    /// A full bucket.
+    pub(crate) fn new(rate: f64, capacity: f64, now: Instant) -> Self {
         Self {
             rate,
             capacity,
@@ -39,6 +41,23 @@ impl Bucket {
         let dt = now.saturating_duration_since(self.last).as_secs_f64();
         self.tokens = (self.tokens + dt * self.rate).min(self.capacity);
         self.last = now;
+    }
+
+    /// Takes `n` tokens if there are that many.
+    pub(crate) fn take(&mut self, n: f64, now: Instant) -> bool {
+        self.refill(now);
+        if self.tokens >= n {
+            self.tokens -= n;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Whether it would be full at `now`.
+    pub(crate) fn is_full(&self, now: Instant) -> bool {
+        let dt = now.saturating_duration_since(self.last).as_secs_f64();
+        self.tokens + dt * self.rate >= self.capacity
     }
 }
 

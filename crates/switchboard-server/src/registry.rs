@@ -196,6 +196,8 @@ pub(crate) struct Conn {
     pub(crate) path: Box<str>,
     pub(crate) user_id: Option<Box<str>>,
     pub(crate) metadata: Option<Box<serde_json::Value>>,
+    /// Its place in `max-connections-per-user`, freed with the connection.
+    _user_slot: Option<Box<crate::admission::UserSlot>>,
     /// The client's current token (none without one).
     pub(crate) token: Mutex<Option<Box<crate::auth::TokenState>>>,
     /// When the current token expires, Unix ms (0: never, or not enforced).
@@ -235,6 +237,7 @@ pub(crate) struct ConnInit {
     pub(crate) path: String,
     pub(crate) user_id: Option<String>,
     pub(crate) metadata: Option<serde_json::Value>,
+    pub(crate) user_slot: Option<Box<crate::admission::UserSlot>>,
     pub(crate) token: Option<crate::auth::TokenState>,
     pub(crate) token_expires_ms: u64,
     pub(crate) subprotocol: Option<String>,
@@ -252,6 +255,7 @@ impl Conn {
             path: init.path.into(),
             user_id: init.user_id.map(Into::into),
             metadata: init.metadata.map(Box::new),
+            _user_slot: init.user_slot,
             token: Mutex::new(init.token.map(Box::new)),
             token_expires_ms: init.token_expires_ms.into(),
             subprotocol: init.subprotocol.map(Into::into),

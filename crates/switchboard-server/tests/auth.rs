@@ -699,3 +699,50 @@ async fn raw_connections_close_at_token_expiry_unless_the_origin_lets_them_outli
     assert_eq!(next_msg(&mut ws).await, WsMessage::text("still here"));
     gw.shutdown().await;
 }
+
+/// `max-connections-per-user`: counted by the token's `sub` on this node,
+/// refused with 429 before the origin hears of it, freed when a connection
+/// ends; other users and anonymous clients are not affected.
+#[tokio::test]
+async fn a_user_over_max_connections_per_user_gets_429_until_one_closes() {
+    let (origin, gw) = with_origin(|c| {
+        c.jwt_secret = Some(SECRET.into());
+        c.allow_anonymous = true;
+        c.max_connections_per_user = 2;
+    })
+    .await;
+    let ann = hs(&claims(json!({"sub": "ann"})), SECRET.as_bytes());
+    let auth = format!("Bearer {ann}");
+    let first = RawWs::connect(gw.addr, "/", &[("Authorization", &auth)]).await;
+    let _second = RawWs::connect(gw.addr, "/", &[("Authorization", &auth)]).await;
+    let arrivals = origin.arrivals().len();
+    let (status, code, _) = bearer(&gw, &ann).await;
+    assert_eq!(
+        (status, code.as_str()),
+        (429, "too_many_connections_for_user")
+    );
+    assert_eq!(
+        origin.arrivals().len(),
+        arrivals,
+        "refused before the origin is asked"
+    );
+    assert_eq!(
+        gw.metric("switchboard_handshakes_total{result=\"too_many_connections_for_user\"}")
+            .await,
+        1.0
+    );
+
+    // Another user, and clients without a token, are not counted with ann.
+    let bob = hs(&claims(json!({"sub": "bob"})), SECRET.as_bytes());
+    assert_eq!(bearer(&gw, &bob).await.0, 101);
+    assert_eq!(handshake(&gw, "/", &[]).await.0, 101);
+
+    // One of ann's connections ends: her next one is let in.
+    let id = origin.id_for(first.local_addr).await;
+    drop(first);
+    origin.wait_disconnect(&id).await;
+    eventually(WAIT, "ann's slot freed", || async {
+        bearer(&gw, &ann).await.0 == 101
+    })
+    .await;
+}

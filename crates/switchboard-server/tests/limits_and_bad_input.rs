@@ -477,3 +477,73 @@ async fn clients_over_their_rate_get_errors_then_1008_and_others_are_untouched()
         .await;
     gw.shutdown().await;
 }
+
+/// `max-handshakes-per-ip`: an address gets a burst of two seconds' worth,
+/// then 429 `too_many_handshakes` with `Retry-After`, before the origin is
+/// asked; other addresses are not affected, and the address is let in
+/// again once its bucket refills.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_address_over_its_handshake_rate_gets_429_and_others_do_not() {
+    let origin = TestOrigin::start(None).await;
+    let gw = TestGateway::with_origin(&origin, |c| c.max_handshakes_per_ip = 5).await;
+    // Ten (the burst) are let in; the rest of a quick run is refused.
+    let mut statuses = Vec::new();
+    let mut open = Vec::new();
+    let mut refusal = None;
+    for _ in 0..14 {
+        match connect_with(&gw.ws_url("/"), &[]).await {
+            Ok((ws, _)) => {
+                statuses.push(101);
+                open.push(ws);
+            }
+            Err(tokio_tungstenite::tungstenite::Error::Http(r)) => {
+                statuses.push(r.status().as_u16());
+                refusal.get_or_insert(r);
+            }
+            Err(e) => panic!("handshake: {e}"),
+        }
+    }
+    let admitted = open.len();
+    // The run takes some milliseconds: a token may refill meanwhile.
+    assert!(
+        (10..=11).contains(&admitted) && statuses[..10].iter().all(|s| *s == 101),
+        "{statuses:?}"
+    );
+    let refusal = refusal.expect("a refusal");
+    assert_eq!(refusal.status(), 429);
+    let body: serde_json::Value =
+        serde_json::from_slice(refusal.body().as_deref().unwrap_or_default()).expect("JSON body");
+    assert_eq!(body["code"], "too_many_handshakes");
+    assert_eq!(
+        refusal
+            .headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok()),
+        Some("1")
+    );
+    assert_eq!(
+        origin.connects().len(),
+        admitted,
+        "refused before the origin is asked"
+    );
+    assert_eq!(
+        gw.metric("switchboard_handshakes_total{result=\"too_many_handshakes\"}")
+            .await,
+        (14 - admitted) as f64
+    );
+
+    // Another address has its own bucket.
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket
+        .bind("127.0.0.2:0".parse().unwrap())
+        .expect("bind 127.0.0.2");
+    let other = socket.connect(gw.addr).await.expect("connect");
+    let ws = RawWs::handshake(other, "/", &[]).await;
+    assert_eq!(ws.local_addr.ip().to_string(), "127.0.0.2");
+
+    // 127.0.0.1 refills at 5 per second.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    connect_with(&gw.ws_url("/"), &[])
+        .await
+        .expect("let in again after a refill");
+}

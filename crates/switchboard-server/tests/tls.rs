@@ -357,3 +357,39 @@ async fn a_key_that_is_not_the_certificates_stops_startup() {
         Ok(_) => panic!("a mismatched key must stop startup"),
     }
 }
+
+#[tokio::test]
+async fn an_address_over_its_handshake_rate_is_closed_before_any_tls_work() {
+    let certs = CertDir::new("rate", "a");
+    let gw = TestGateway::start(|c| {
+        certs.configure(c);
+        c.max_handshakes_per_ip = 1;
+    })
+    .await;
+    // A burst of two, then the socket is closed before the TLS handshake.
+    let _one = tls_connect(gw.addr).await.expect("first");
+    let _two = tls_connect(gw.addr).await.expect("second");
+    assert!(
+        tls_connect(gw.addr).await.is_err(),
+        "the third must be closed"
+    );
+    let api = https();
+    let m = api
+        .get(control_url(&gw, "/metrics"))
+        .send()
+        .await
+        .expect("metrics");
+    let text = m.text().await.expect("body");
+    assert_eq!(
+        metric_value(
+            &text,
+            "switchboard_handshakes_total{result=\"too_many_handshakes\"}"
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric_value(&text, "switchboard_handshakes_total{result=\"tls_failed\"}"),
+        0.0,
+        "no TLS handshake was attempted"
+    );
+}

@@ -330,6 +330,16 @@ pub(crate) struct ServeArgs {
     #[serde(skip_serializing_if = "Option::is_none")]
     max_connections_per_ip: Option<usize>,
 
+    /// Handshakes per second one IP may start, bursts of two seconds' worth; more get 429 (or, with TLS, are closed before the TLS handshake); 0 means no limit [default: 100].
+    #[arg(long, env = "SWITCHBOARD_MAX_HANDSHAKES_PER_IP", value_name = "N")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_handshakes_per_ip: Option<u32>,
+
+    /// Most open connections per user (the token's `sub`) on this node; more get 429; 0 means no cap [default: 100].
+    #[arg(long, env = "SWITCHBOARD_MAX_CONNECTIONS_PER_USER", value_name = "N")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_connections_per_user: Option<u32>,
+
     /// Bytes queued for one client before it is closed as a slow consumer (4001) [default: 524288].
     #[arg(long, env = "SWITCHBOARD_MAX_OUTBOUND_BYTES", value_name = "BYTES")]
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -327,10 +327,13 @@ impl Gateway {
             "warn".into(),
             "--log-format".into(),
             "text".into(),
-            // The load is the point: no client rate limits.
+            // The load is the point: no client rate limits, and thousands
+            // of handshakes a second from a few loopback addresses.
             "--client-message-rate".into(),
             "0".into(),
             "--client-byte-rate".into(),
+            "0".into(),
+            "--max-handshakes-per-ip".into(),
             "0".into(),
         ];
         args.extend(serve_args.iter().cloned());
