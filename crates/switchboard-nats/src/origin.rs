@@ -242,6 +242,10 @@ impl OriginTransport for NatsOrigin {
         self.decide("publish", body)
     }
 
+    fn subscribe(&self, body: Bytes) -> BoxFuture<'_, Result<ConnectDecision, OriginError>> {
+        self.decide("subscribe", body)
+    }
+
     fn deliver(&self, body: Bytes) -> BoxFuture<'_, Result<OriginAnswer, OriginError>> {
         Box::pin(async move {
             self.check_link()?;

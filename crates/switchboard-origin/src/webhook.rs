@@ -14,7 +14,7 @@ use switchboard_proto::origin::signature::{self, VerifyError};
 pub use switchboard_proto::origin::signature::{SIGNATURE_HEADER, TIMESTAMP_HEADER};
 pub use switchboard_proto::origin::{
     ClosedBy, ConnectEvent, DisconnectEvent, Event, EventBatch, KeepaliveEvent, MessageEvent,
-    NodeDownEvent, OriginAnswer, Payload, PublishEvent, Rejection, Reply,
+    NodeDownEvent, OriginAnswer, Payload, PublishEvent, Rejection, Reply, SubscribeEvent,
 };
 
 /// How far the signing time may be from the origin's clock, either way,
@@ -261,6 +261,15 @@ impl Batch {
         }
     }
 
+    /// Whether this request is a `subscribe` (always alone in its request),
+    /// answered synchronously: 2xx subscribes, 4xx/5xx refuses.
+    pub fn subscribe(&self) -> Option<&SubscribeEvent> {
+        match self.events.as_slice() {
+            [Event::Subscribe(e)] => Some(e),
+            _ => None,
+        }
+    }
+
     /// The known events as an [`EventBatch`].
     pub fn into_event_batch(self) -> EventBatch {
         EventBatch {
@@ -278,6 +287,7 @@ const KNOWN_TYPES: &[&str] = &[
     "keepalive",
     "node_down",
     "publish",
+    "subscribe",
 ];
 
 /// Parses a (verified) request body `{"events": [...]}`.

@@ -59,6 +59,11 @@ pub enum Event {
     /// `publish-to-origin`; answered synchronously like `connect`: 2xx
     /// publishes, 4xx/5xx refuses with the answer's `reason`.
     Publish(PublishEvent),
+    /// A native client subscribes to a channel of a namespace with
+    /// `subscribe-to-origin` (and its token does not grant the channel);
+    /// answered synchronously like `connect`: 2xx subscribes, 4xx/5xx
+    /// refuses with the answer's `reason`.
+    Subscribe(SubscribeEvent),
 }
 
 impl Event {
@@ -71,6 +76,7 @@ impl Event {
             Self::Keepalive(_) => "keepalive",
             Self::NodeDown(_) => "node_down",
             Self::Publish(_) => "publish",
+            Self::Subscribe(_) => "subscribe",
         }
     }
 }
@@ -156,6 +162,24 @@ pub struct PublishEvent {
     /// The message.
     #[serde(flatten)]
     pub payload: Payload,
+}
+
+/// `subscribe`: a client asks to subscribe to a channel.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SubscribeEvent {
+    /// Unique id of this request.
+    pub id: String,
+    /// The connection asking.
+    pub connection_id: String,
+    /// The node holding the connection.
+    pub node: String,
+    /// Unix time in milliseconds.
+    pub timestamp_ms: u64,
+    /// The user id of the connection, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_id: Option<String>,
+    /// The channel.
+    pub channel: String,
 }
 
 /// Who ended a connection.

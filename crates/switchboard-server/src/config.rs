@@ -290,7 +290,10 @@ impl Default for Config {
 /// `subscribe` (clients may subscribe themselves; otherwise only the origin
 /// subscribes them), `publish-to-origin` (each client publish is first sent
 /// to the origin as a `publish` event, which accepts or refuses it; needs
-/// `publish`).
+/// `publish`), `subscribe-to-origin` (a client subscribe its token does not
+/// grant is sent to the origin as a `subscribe` event, which accepts or
+/// refuses it with a reason the client sees; `subscribe` is then not
+/// consulted).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
 pub struct Namespace {
@@ -310,6 +313,9 @@ pub struct Namespace {
     pub client_subscribe: bool,
     /// Whether client publishes need the origin's approval.
     pub publish_to_origin: bool,
+    /// Whether the origin decides client subscriptions its token does not
+    /// grant (a `subscribe` event); `subscribe` is then not consulted.
+    pub subscribe_to_origin: bool,
 }
 
 /// Largest `history-size` of a namespace.
@@ -327,6 +333,7 @@ impl Namespace {
             client_publish: false,
             client_subscribe: false,
             publish_to_origin: false,
+            subscribe_to_origin: false,
         }
     }
 }
@@ -379,6 +386,7 @@ impl std::str::FromStr for Namespace {
                 "publish" => ns.client_publish = flag(value)?,
                 "subscribe" => ns.client_subscribe = flag(value)?,
                 "publish-to-origin" => ns.publish_to_origin = flag(value)?,
+                "subscribe-to-origin" => ns.subscribe_to_origin = flag(value)?,
                 other => return Err(format!("unknown namespace option `{other}`")),
             }
         }
@@ -415,6 +423,7 @@ impl std::fmt::Display for Namespace {
             (self.client_publish, "publish"),
             (self.client_subscribe, "subscribe"),
             (self.publish_to_origin, "publish-to-origin"),
+            (self.subscribe_to_origin, "subscribe-to-origin"),
         ] {
             if on {
                 write!(f, ",{opt}")?;

@@ -13,7 +13,7 @@ use bytes::Bytes;
 use serde::Serialize;
 use std::sync::Arc;
 use switchboard_proto::native::{decode_command, CommandBody, ErrorCode, Push, StreamPosition};
-use switchboard_proto::origin::{Event, Payload, PublishEvent};
+use switchboard_proto::origin::{Event, OriginAnswer, Payload, PublishEvent, SubscribeEvent};
 use switchboard_proto::ws::frame::{encode_frame, OpCode};
 
 /// JSON bytes of a value that always serializes.
@@ -86,8 +86,9 @@ pub(crate) enum Outcome {
     Wait(Job),
 }
 
-/// A command that waits on the origin (a publish it must approve) or on the
-/// cluster bus (a publish, history or presence in a cluster).
+/// A command that waits on the origin (a publish or subscribe it must
+/// approve) or on the cluster bus (a publish, history or presence in a
+/// cluster).
 #[derive(Debug)]
 pub(crate) struct Job {
     pub(crate) id: u64,
@@ -110,20 +111,26 @@ enum JobKind {
     Refresh {
         token: String,
     },
+    /// `subscribe-to-origin`: the origin approves it first.
+    Subscribe {
+        since: Option<StreamPosition>,
+    },
 }
 
 /// An empty result, `{}`.
 #[derive(Serialize)]
 struct Empty {}
 
-/// Whether the client may subscribe to `channel` itself: its namespace
-/// lets every client, or the client's token grants it.
+/// Whether the client may subscribe to `channel` itself without asking the
+/// origin: its token grants it, or its namespace lets every client (and
+/// does not leave the decision to the origin).
 fn may_subscribe(
     conn: &Conn,
     channel: &str,
     ch: &crate::channels::Channels,
 ) -> Result<bool, ChannelError> {
-    Ok(ch.namespace(channel)?.client_subscribe || conn.token_grants_subscribe(channel))
+    let ns = ch.namespace(channel)?;
+    Ok(conn.token_grants_subscribe(channel) || (ns.client_subscribe && !ns.subscribe_to_origin))
 }
 
 /// A client may read a channel's history and presence only if it may
@@ -140,6 +147,25 @@ fn may_read(
             "only subscribers may read this channel's history and presence",
         ))
     }
+}
+
+/// A subscribe the client may make itself; the reply is queued with the
+/// channel's messages, in order.
+fn subscribe_now(
+    conn: &Arc<Conn>,
+    channel: &str,
+    since: Option<&StreamPosition>,
+    id: u64,
+    ch: &crate::channels::Channels,
+    m: &crate::metrics::Metrics,
+) -> Result<Option<Bytes>, ChannelError> {
+    if !may_subscribe(conn, channel, ch)? {
+        return Err(ChannelError::PermissionDenied(
+            "neither this namespace nor the client's token lets it subscribe here",
+        ));
+    }
+    ch.subscribe(conn, channel, since, Ack::Reply(id), m)
+        .map(|_| None)
 }
 
 /// Runs one command frame of a native connection and queues its reply.
@@ -163,15 +189,13 @@ pub(crate) fn handle(s: &Shared, conn: &Arc<Conn>, text: &[u8]) -> Outcome {
     let clustered = ch.is_clustered();
     let wait = |channel: String, kind: JobKind| Outcome::Wait(Job { id, channel, kind });
     let answer: Result<Option<Bytes>, ChannelError> = match cmd.body {
-        CommandBody::Subscribe { channel, since } => may_subscribe(conn, &channel, ch)
-            .and_then(|may| {
-                may.then_some(()).ok_or(ChannelError::PermissionDenied(
-                    "neither this namespace nor the client's token lets it subscribe here",
-                ))
-            })
-            // The reply is queued with the channel's messages, in order.
-            .and_then(|()| ch.subscribe(conn, &channel, since.as_ref(), Ack::Reply(id), m))
-            .map(|_| None),
+        CommandBody::Subscribe { channel, since } => match ch.namespace(&channel) {
+            Ok(ns) if ns.subscribe_to_origin && !conn.token_grants_subscribe(&channel) => {
+                return wait(channel, JobKind::Subscribe { since });
+            }
+            Ok(_) => subscribe_now(conn, &channel, since.as_ref(), id, ch, m),
+            Err(e) => Err(e),
+        },
         CommandBody::Unsubscribe { channel } => ch
             .unsubscribe(conn, &channel, false, m)
             .map(|_| Some(result_frame(id, &Empty {}))),
@@ -246,20 +270,25 @@ pub(crate) async fn command_worker(
     mut jobs: tokio::sync::mpsc::Receiver<Job>,
 ) {
     while let Some(job) = jobs.recv().await {
-        let frame = run_job(&s, &conn, job).await;
-        conn.push(frame, &s.metrics);
+        if let Some(frame) = run_job(&s, &conn, job).await {
+            conn.push(frame, &s.metrics);
+        }
     }
 }
 
-async fn run_job(s: &Arc<Shared>, conn: &Conn, job: Job) -> Bytes {
+/// Runs a job; its reply, unless it was queued already (a subscribe's).
+async fn run_job(s: &Arc<Shared>, conn: &Arc<Conn>, job: Job) -> Option<Bytes> {
     let Job { id, channel, kind } = job;
     let ch = &s.channels;
     let m = &s.metrics;
     let answer = match kind {
+        JobKind::Subscribe { since } => {
+            return approve_and_subscribe(s, conn, id, channel, since).await
+        }
         JobKind::Publish {
             data,
             approve: true,
-        } => return approve_and_publish(s, conn, id, channel, data).await,
+        } => return Some(approve_and_publish(s, conn, id, channel, data).await),
         JobKind::Publish { data, .. } => ch
             .publish_async(&channel, data, None, m)
             .await
@@ -272,12 +301,12 @@ async fn run_job(s: &Arc<Shared>, conn: &Conn, job: Job) -> Bytes {
             .presence_async(&channel)
             .await
             .map(|r| result_frame(id, &r)),
-        JobKind::Refresh { token } => return refresh(s, conn, id, &token).await,
+        JobKind::Refresh { token } => return Some(refresh(s, conn, id, &token).await),
     };
-    answer.unwrap_or_else(|e| {
+    Some(answer.unwrap_or_else(|e| {
         m.native_errors.inc();
         error_frame(Some(id), e.code(), &e.to_string())
-    })
+    }))
 }
 
 /// A `refresh`: the new token must verify and be the same user's; it then
@@ -317,6 +346,57 @@ async fn refresh(s: &Shared, conn: &Conn, id: u64, token: &str) -> Bytes {
     result_frame(id, &Refreshed { expires_at_ms })
 }
 
+/// Sends a synchronous `publish` or `subscribe` event (alone in its batch)
+/// and waits, at most `origin-timeout`, for the origin's decision. Replies
+/// in an accepting answer are delivered; otherwise the error frame for the
+/// command `id` is returned: `rejected` with the origin's reason, or
+/// `unavailable`.
+async fn ask_origin(
+    s: &Arc<Shared>,
+    conn: &Conn,
+    id: u64,
+    event: &Event,
+    kind: &'static str,
+) -> Result<(), Bytes> {
+    let json = serde_json::to_vec(event).expect("events serialize");
+    let body = batch_body([&json[..]]);
+    let label = KindLabel { kind };
+    let started = std::time::Instant::now();
+    let request = match event {
+        Event::Subscribe(_) => s.transport.subscribe(body),
+        _ => s.transport.publish(body),
+    };
+    let decision = tokio::time::timeout(s.config.origin_timeout, request).await;
+    s.metrics
+        .origin_duration
+        .get_or_create(&label)
+        .observe(started.elapsed().as_secs_f64());
+    let failed = |why: String| {
+        s.metrics.origin_failures.get_or_create(&label).inc();
+        s.metrics.native_errors.inc();
+        tracing::warn!(connection = %conn.id, error = %why, "{kind} event failed");
+        error_frame(
+            Some(id),
+            ErrorCode::Unavailable,
+            "the application is unavailable; retry later",
+        )
+    };
+    match decision {
+        Ok(Ok(ConnectDecision::Accept(OriginAnswer { replies, .. }))) => {
+            crate::origin::dispatcher::deliver_replies(s, replies);
+            Ok(())
+        }
+        Ok(Ok(ConnectDecision::Reject { reason, .. })) => {
+            s.metrics.native_errors.inc();
+            let reason = reason.unwrap_or_else(|| "refused by the application".into());
+            Err(error_frame(Some(id), ErrorCode::Rejected, &reason))
+        }
+        Ok(Err(e)) => Err(failed(e.to_string())),
+        Err(_) => Err(failed("no answer within origin-timeout".into())),
+    }
+}
+
+/// `publish-to-origin`: the origin approves the publish, then it is made.
 async fn approve_and_publish(
     s: &Arc<Shared>,
     conn: &Conn,
@@ -333,49 +413,53 @@ async fn approve_and_publish(
         channel: channel.clone(),
         payload: data,
     });
-    let json = serde_json::to_vec(&event).expect("events serialize");
-    let body = batch_body([&json[..]]);
+    if let Err(refused) = ask_origin(s, conn, id, &event, "publish").await {
+        return refused;
+    }
     let Event::Publish(PublishEvent { payload: data, .. }) = event else {
         unreachable!("built above as a publish event");
     };
-    let kind = KindLabel { kind: "publish" };
-    let started = std::time::Instant::now();
-    let decision = tokio::time::timeout(s.config.origin_timeout, s.transport.publish(body)).await;
-    s.metrics
-        .origin_duration
-        .get_or_create(&kind)
-        .observe(started.elapsed().as_secs_f64());
-    let failed = |why: String| {
-        s.metrics.origin_failures.get_or_create(&kind).inc();
-        s.metrics.native_errors.inc();
-        tracing::warn!(connection = %conn.id, error = %why, "publish event failed");
-        error_frame(
-            Some(id),
-            ErrorCode::Unavailable,
-            "the application is unavailable; retry later",
-        )
-    };
-    match decision {
-        Ok(Ok(ConnectDecision::Accept(answer))) => {
-            crate::origin::dispatcher::deliver_replies(s, answer.replies);
-            match s
-                .channels
-                .publish_async(&channel, data, None, &s.metrics)
-                .await
-            {
-                Ok((r, _)) => result_frame(id, &r),
-                Err(e) => {
-                    s.metrics.native_errors.inc();
-                    error_frame(Some(id), e.code(), &e.to_string())
-                }
-            }
-        }
-        Ok(Ok(ConnectDecision::Reject { reason, .. })) => {
+    match s
+        .channels
+        .publish_async(&channel, data, None, &s.metrics)
+        .await
+    {
+        Ok((r, _)) => result_frame(id, &r),
+        Err(e) => {
             s.metrics.native_errors.inc();
-            let reason = reason.unwrap_or_else(|| "refused by the application".into());
-            error_frame(Some(id), ErrorCode::Rejected, &reason)
+            error_frame(Some(id), e.code(), &e.to_string())
         }
-        Ok(Err(e)) => failed(e.to_string()),
-        Err(_) => failed("no answer within origin-timeout".into()),
+    }
+}
+
+/// `subscribe-to-origin`: the origin approves the subscription, then it is
+/// made (its reply queued with the channel's messages); `None` once it is.
+async fn approve_and_subscribe(
+    s: &Arc<Shared>,
+    conn: &Arc<Conn>,
+    id: u64,
+    channel: String,
+    since: Option<StreamPosition>,
+) -> Option<Bytes> {
+    let event = Event::Subscribe(SubscribeEvent {
+        id: format!("{}:subscribe:{:016x}", conn.id, rand::random::<u64>()),
+        connection_id: conn.id.to_string(),
+        node: s.node.to_string(),
+        timestamp_ms: now_ms(),
+        user_id: conn.user_id.as_deref().map(str::to_owned),
+        channel: channel.clone(),
+    });
+    if let Err(refused) = ask_origin(s, conn, id, &event, "subscribe").await {
+        return Some(refused);
+    }
+    match s
+        .channels
+        .subscribe(conn, &channel, since.as_ref(), Ack::Reply(id), &s.metrics)
+    {
+        Ok(_) => None,
+        Err(e) => {
+            s.metrics.native_errors.inc();
+            Some(error_frame(Some(id), e.code(), &e.to_string()))
+        }
     }
 }

@@ -746,3 +746,146 @@ async fn a_user_over_max_connections_per_user_gets_429_until_one_closes() {
     })
     .await;
 }
+
+/// `subscribe-to-origin`: a client subscribe its token does not grant is
+/// decided by the origin (a `subscribe` event); a refusal reaches the client
+/// as `rejected` with the origin's reason, and the client gets nothing of
+/// that channel (messages, history, presence). Granted channels skip the
+/// origin.
+#[tokio::test]
+async fn the_origin_decides_subscriptions_of_subscribe_to_origin_namespaces() {
+    let (origin, gw) = with_origin(|c| {
+        c.jwt_secret = Some(SECRET.into());
+        c.namespace = vec!["team:history-size=10,presence,subscribe-to-origin"
+            .parse()
+            .unwrap()];
+    })
+    .await;
+    origin.behavior(|b| b.reject_subscribe_containing = Some("secret".into()));
+    let token = hs(
+        &claims(json!({"sub": "ann", "channels": ["team:granted"]})),
+        SECRET.as_bytes(),
+    );
+    let mut ws = native_client(&gw, &token).await;
+    let mut pushes = Vec::new();
+
+    // Allowed by the origin: subscribed, with the event it was asked.
+    let r = command(
+        &mut ws,
+        1,
+        json!({"cmd": "subscribe", "channel": "team:open"}),
+        &mut pushes,
+    )
+    .await;
+    assert!(r["result"].is_object(), "{r}");
+    let asked: Vec<_> = origin
+        .events()
+        .into_iter()
+        .filter_map(|e| match e {
+            switchboard_proto::origin::Event::Subscribe(s) => Some(s),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(asked.len(), 1, "{asked:?}");
+    assert_eq!(asked[0].channel, "team:open");
+    assert_eq!(asked[0].user_id.as_deref(), Some("ann"));
+
+    // Refused by the origin: the client sees its reason, and nothing of the channel.
+    let r = command(
+        &mut ws,
+        2,
+        json!({"cmd": "subscribe", "channel": "team:secret-plans"}),
+        &mut pushes,
+    )
+    .await;
+    assert_eq!(r["error"]["code"], "rejected", "{r}");
+    assert_eq!(r["error"]["message"], "no access to team:secret-plans");
+    gw.post(
+        "/v1/channels/team:secret-plans/messages",
+        &json!({"text": "classified"}),
+    )
+    .await;
+    for (id, cmd) in [
+        (3, json!({"cmd": "history", "channel": "team:secret-plans"})),
+        (
+            4,
+            json!({"cmd": "presence", "channel": "team:secret-plans"}),
+        ),
+    ] {
+        let r = command(&mut ws, id, cmd, &mut pushes).await;
+        assert!(denied(&r), "{r}");
+    }
+
+    // A channel the token grants is not asked of the origin.
+    let r = command(
+        &mut ws,
+        5,
+        json!({"cmd": "subscribe", "channel": "team:granted"}),
+        &mut pushes,
+    )
+    .await;
+    assert!(r["result"].is_object(), "{r}");
+    let subscribe_events = origin
+        .arrivals()
+        .iter()
+        .flatten()
+        .filter(|e| matches!(e, switchboard_proto::origin::Event::Subscribe(_)))
+        .count();
+    assert_eq!(subscribe_events, 2, "team:open and team:secret-plans only");
+
+    // Live messages: the open channel's arrive, the refused one's never did.
+    gw.post("/v1/channels/team:open/messages", &json!({"text": "hello"}))
+        .await;
+    let r = command(&mut ws, 6, json!({"cmd": "ping"}), &mut pushes).await;
+    assert!(r["result"].is_object());
+    let texts: Vec<_> = pushes
+        .iter()
+        .filter(|p| p["push"] == "message")
+        .map(|p| (p["channel"].clone(), p["text"].clone()))
+        .collect();
+    assert_eq!(
+        texts,
+        vec![(json!("team:open"), json!("hello"))],
+        "{pushes:?}"
+    );
+}
+
+/// The origin unreachable: a `subscribe-to-origin` subscribe is answered
+/// `unavailable`, never let through.
+#[tokio::test]
+async fn a_subscribe_the_origin_cannot_decide_is_refused_as_unavailable() {
+    let (origin, gw) = with_origin(|c| {
+        c.namespace = vec!["team:subscribe-to-origin".parse().unwrap()];
+        c.origin_timeout = Duration::from_millis(300);
+    })
+    .await;
+    let (mut ws, _) = connect_with(
+        &gw.ws_url("/"),
+        &[("Sec-WebSocket-Protocol", "switchboard.v1")],
+    )
+    .await
+    .expect("connects");
+    // The origin stops answering: no answer within origin-timeout.
+    origin.pause();
+    let mut pushes = Vec::new();
+    let r = command(
+        &mut ws,
+        1,
+        json!({"cmd": "subscribe", "channel": "team:x"}),
+        &mut pushes,
+    )
+    .await;
+    assert_eq!(r["error"]["code"], "unavailable", "{r}");
+    origin.resume();
+    let r = command(
+        &mut ws,
+        2,
+        json!({"cmd": "subscribe", "channel": "team:x"}),
+        &mut pushes,
+    )
+    .await;
+    assert!(
+        r["result"].is_object(),
+        "answered again once the origin is back: {r}"
+    );
+}

@@ -79,6 +79,9 @@ pub struct Behavior {
     /// Refuse (403, reason `"refused: <text>"`) every `publish` event whose
     /// text contains this; accept the others.
     pub reject_publish_containing: Option<String>,
+    /// Refuse (403, reason `"no access to <channel>"`) every `subscribe`
+    /// event whose channel contains this; accept the others.
+    pub reject_subscribe_containing: Option<String>,
 }
 
 impl Default for Behavior {
@@ -91,6 +94,7 @@ impl Default for Behavior {
             close_connections: false,
             refuse_next_connections: 0,
             reject_publish_containing: None,
+            reject_subscribe_containing: None,
         }
     }
 }
@@ -431,6 +435,14 @@ async fn handle(State(s): State<Arc<OriginState>>, headers: HeaderMap, body: Byt
             (403, serde_json::json!({ "reason": reason }).to_string())
         } else {
             (200, "{}".to_owned())
+        }
+    } else if let Some(Event::Subscribe(e)) = batch.events.first() {
+        match &behavior.reject_subscribe_containing {
+            Some(bad) if e.channel.contains(bad.as_str()) => {
+                let reason = format!("no access to {}", e.channel);
+                (403, serde_json::json!({ "reason": reason }).to_string())
+            }
+            _ => (200, "{}".to_owned()),
         }
     } else if is_connect {
         match behavior.connect {

@@ -129,6 +129,10 @@ impl OriginTransport for HttpOrigin {
         self.decide(body)
     }
 
+    fn subscribe(&self, body: Bytes) -> BoxFuture<'_, Result<ConnectDecision, OriginError>> {
+        self.decide(body)
+    }
+
     fn deliver(&self, body: Bytes) -> BoxFuture<'_, Result<OriginAnswer, OriginError>> {
         Box::pin(async move {
             let (status, body) = self.post(body).await?;

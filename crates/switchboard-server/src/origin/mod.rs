@@ -72,6 +72,10 @@ pub trait OriginTransport: Send + Sync + std::fmt::Debug + 'static {
     /// Sends a batch holding one `publish` event and returns the decision
     /// (accepted: publish; rejected: the client is told the reason).
     fn publish(&self, body: Bytes) -> BoxFuture<'_, Result<ConnectDecision, OriginError>>;
+
+    /// Sends a batch holding one `subscribe` event and returns the decision
+    /// (accepted: subscribe; rejected: the client is told the reason).
+    fn subscribe(&self, body: Bytes) -> BoxFuture<'_, Result<ConnectDecision, OriginError>>;
 }
 
 /// Dev mode (no origin configured): accepts every connection and discards events.
@@ -88,6 +92,10 @@ impl OriginTransport for DevOrigin {
     }
 
     fn publish(&self, _body: Bytes) -> BoxFuture<'_, Result<ConnectDecision, OriginError>> {
+        Box::pin(async { Ok(ConnectDecision::Accept(OriginAnswer::default())) })
+    }
+
+    fn subscribe(&self, _body: Bytes) -> BoxFuture<'_, Result<ConnectDecision, OriginError>> {
         Box::pin(async { Ok(ConnectDecision::Accept(OriginAnswer::default())) })
     }
 }
