@@ -98,6 +98,13 @@ pub enum CommandBody {
         /// The new JWT.
         token: String,
     },
+    /// The token of a connection opened without one (a browser cannot set
+    /// an `Authorization` header): only as its very first frame; the reply
+    /// follows the `connected` push and carries `expires_at_ms`.
+    Authenticate {
+        /// The JWT.
+        token: String,
+    },
 }
 
 impl CommandBody {
@@ -112,6 +119,7 @@ impl CommandBody {
             Self::Ping {} => "ping",
             Self::Send { .. } => "send",
             Self::Refresh { .. } => "refresh",
+            Self::Authenticate { .. } => "authenticate",
         }
     }
 }
@@ -126,6 +134,7 @@ pub const COMMANDS: &[&str] = &[
     "ping",
     "send",
     "refresh",
+    "authenticate",
 ];
 
 /// Why a frame from the client is not a command this version can run.

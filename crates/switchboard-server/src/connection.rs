@@ -19,7 +19,6 @@ use std::sync::Arc;
 use std::time::Duration;
 use switchboard_proto::native::{decode_command, ErrorCode, Push};
 use switchboard_proto::origin::{ClosedBy, DisconnectEvent, Event, MessageEvent, Payload};
-use switchboard_proto::ws::deflate::DeflateParams;
 use switchboard_proto::ws::frame::{encode_close, encode_frame, OpCode};
 use switchboard_proto::ws::{close, Decoder, Message};
 use switchboard_proto::ConnectionId;
@@ -187,13 +186,13 @@ pub(crate) fn run(
     stream: ClientStream,
     guard: DisconnectGuard,
     leftover: Option<BytesMut>,
-    deflate: Option<DeflateParams>,
+    decoder: Decoder,
     socket: SocketGuard,
 ) -> impl std::future::Future<Output = ()> + Send {
     let config = &guard.shared.config;
     let now = Instant::now();
     let mut task = Task {
-        decoder: Decoder::new(config.max_message_size, deflate),
+        decoder,
         next_ping: now + config.ping_interval,
         guard,
         stream,
@@ -724,7 +723,7 @@ mod tests {
             crate::stream::ClientStream::Tcp(client),
             disconnect,
             None,
-            None,
+            Decoder::new(1 << 20, None),
             socket,
         );
         let size = std::mem::size_of_val(&fut);

@@ -1,7 +1,9 @@
 //! The opening handshake of one client socket: read the request head, check
 //! it and the node's limits, ask the origin (`connect`), then answer 101 and
 //! hand over to the connection task — or answer with an error status and a
-//! JSON body. Every refusal is listed in `docs/protocol.md`.
+//! JSON body. A native client without a token is answered 101 first and
+//! owes an `authenticate` command before the origin is asked (refusals are
+//! then close frames). Every refusal is listed in `docs/protocol.md`.
 
 use crate::channels::Ack;
 use crate::connection;
@@ -21,6 +23,8 @@ use std::time::{Duration, Instant};
 use switchboard_proto::native;
 use switchboard_proto::origin::{ClosedBy, ConnectEvent, Event};
 use switchboard_proto::ws::close;
+use switchboard_proto::ws::decoder::{Decoder, Message};
+use switchboard_proto::ws::deflate::DeflateParams;
 use switchboard_proto::ws::handshake::{self as hs, HeadError, Request, UpgradeError};
 use switchboard_proto::ConnectionId;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -108,7 +112,21 @@ pub(crate) async fn handle(
         Ok(Err(Some(refusal))) => Err(refusal),
         Ok(Ok((req, head_len))) => {
             let _ = buf.split_to(head_len);
-            decide(&shared, &req, remote, deadline).await
+            match decide(&shared, &req, remote, deadline).await {
+                Ok(Decision::Accepted(accepted)) => Ok(accepted),
+                Ok(Decision::FirstCommand(opening)) => {
+                    let pending = Pending {
+                        stream,
+                        buf,
+                        req,
+                        remote,
+                        deadline,
+                        socket,
+                    };
+                    return first_command(shared, pending, opening).await;
+                }
+                Err(r) => Err(r),
+            }
         }
     };
     let Accepted {
@@ -150,10 +168,169 @@ pub(crate) async fn handle(
     };
     // A task of its own, so the connection holds none of the handshake's
     // state while it lives.
+    let decoder = Decoder::new(shared.config.max_message_size, deflate);
     let tasks = shared.conn_tasks.clone();
     tasks.spawn(connection::run(
-        stream, disconnect, leftover, deflate, socket,
+        stream, disconnect, leftover, decoder, socket,
     ));
+}
+
+/// A native client that has been answered 101 without a token, and owes
+/// its `authenticate` command.
+struct Pending {
+    stream: ClientStream,
+    /// Bytes after the request head.
+    buf: BytesMut,
+    req: Request,
+    remote: SocketAddr,
+    /// The handshake's deadline, which the first command must also meet.
+    deadline: tokio::time::Instant,
+    socket: SocketGuard,
+}
+
+/// The in-band half of a handshake: answers 101, reads the first frame
+/// (which must be `authenticate` with a valid token, within the handshake's
+/// deadline), then asks the origin as a handshake with a token would. Any
+/// failure is a close frame: 4005 for the token, 4006 for a refusal after it.
+async fn first_command(shared: Arc<Shared>, p: Pending, opening: Opening) {
+    let Pending {
+        mut stream,
+        mut buf,
+        req,
+        remote,
+        deadline,
+        socket,
+    } = p;
+    let sent = tokio::time::timeout_at(deadline, stream.write_all(&opening.response())).await;
+    if !matches!(sent, Ok(Ok(()))) {
+        return;
+    }
+    let mut decoder = Decoder::new(shared.config.max_message_size, opening.deflate);
+    let first =
+        tokio::time::timeout_at(deadline, read_message(&mut stream, &mut buf, &mut decoder)).await;
+    let command = match first {
+        Err(_) => {
+            shared.metrics.handshake("timeout");
+            let why = "token_missing: no authenticate command within handshake-timeout";
+            return close_unopened(&mut stream, close::AUTHENTICATION_FAILED, why).await;
+        }
+        Ok(None) => return, // closed, or not a WebSocket stream
+        Ok(Some(Message::Text(text))) => native::decode_command(&text).ok(),
+        Ok(Some(_)) => None,
+    };
+    let Some(native::Command {
+        id,
+        body: native::CommandBody::Authenticate { token },
+    }) = command
+    else {
+        shared.metrics.handshake("unauthorized");
+        let why = "token_missing: the first command must be authenticate";
+        return close_unopened(&mut stream, close::AUTHENTICATION_FAILED, why).await;
+    };
+    let Some(auth) = &shared.auth else {
+        return; // decide() defers only when tokens are checked
+    };
+    let identity = match tokio::time::timeout_at(deadline, auth.verify(&token)).await {
+        Ok(Ok(identity)) => identity,
+        Ok(Err(e)) => {
+            tracing::debug!(%remote, code = e.code(), "client token refused");
+            shared.metrics.handshake("unauthorized");
+            let why = format!("{}: {e}", e.code());
+            return close_unopened(&mut stream, close::AUTHENTICATION_FAILED, &why).await;
+        }
+        Err(_) => {
+            shared.metrics.handshake("unauthorized");
+            let why = "auth_unavailable: the signing keys could not be fetched in time";
+            return close_unopened(&mut stream, close::TRY_AGAIN_LATER, why).await;
+        }
+    };
+    let expires_at_ms = identity.expires_at_ms().unwrap_or(0);
+    let cookies = parse_cookies(&req);
+    let conn = match admit(
+        &shared,
+        &req,
+        remote,
+        deadline,
+        opening,
+        cookies,
+        Some(identity),
+    )
+    .await
+    {
+        Ok(Accepted { conn, .. }) => conn,
+        Err(r) => {
+            shared.metrics.handshake(r.metric);
+            let why = format!("{}: {}", r.code, r.message);
+            return close_unopened(&mut stream, close::REFUSED, &why).await;
+        }
+    };
+    shared.metrics.handshake("accepted");
+    let disconnect = connection::DisconnectGuard::new(shared.clone(), conn.clone());
+    #[derive(serde::Serialize)]
+    struct Authenticated {
+        expires_at_ms: u64,
+    }
+    // After the `connected` push, which `admit` queued first.
+    conn.push(
+        crate::native::result_frame(id, &Authenticated { expires_at_ms }),
+        &shared.metrics,
+    );
+    if shared.draining.load(Relaxed) {
+        conn.request_close(CloseRequest {
+            code: close::SERVICE_RESTART,
+            reason: "server restart, reconnect".into(),
+            by: ClosedBy::Gateway,
+            flush_first: true,
+        });
+    }
+    let leftover = if buf.is_empty() {
+        pool::give(buf);
+        None
+    } else {
+        Some(buf)
+    };
+    let tasks = shared.conn_tasks.clone();
+    tasks.spawn(connection::run(
+        stream, disconnect, leftover, decoder, socket,
+    ));
+}
+
+/// Reads until `decoder` yields a data or close message (pings and pongs
+/// are skipped); `None` if the stream ends, fails or breaks the protocol.
+async fn read_message(
+    stream: &mut ClientStream,
+    buf: &mut BytesMut,
+    decoder: &mut Decoder,
+) -> Option<Message> {
+    loop {
+        match decoder.decode(buf) {
+            Ok(Some(Message::Ping(_) | Message::Pong(_))) => continue,
+            Ok(Some(m)) => return Some(m),
+            Ok(None) => {}
+            Err(_) => return None,
+        }
+        if buf.capacity() - buf.len() < 1024 {
+            buf.reserve(4096);
+        }
+        match stream.read_buf(buf).await {
+            Ok(0) | Err(_) => return None,
+            Ok(_) => {}
+        }
+    }
+}
+
+/// Closes a WebSocket that never became a connection: a close frame with
+/// `code` and `reason`, then (briefly) whatever the client still sends.
+async fn close_unopened(stream: &mut ClientStream, code: u16, reason: &str) {
+    let frame = switchboard_proto::ws::frame::encode_close(code, reason);
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        stream.write_all(&frame).await?;
+        stream.shutdown().await?;
+        let mut sink = [0u8; 1024];
+        while stream.read(&mut sink).await? > 0 {}
+        std::io::Result::Ok(())
+    })
+    .await;
 }
 
 /// The refusal for a socket over `max-connections`, the per-IP cap or the
@@ -274,7 +451,36 @@ async fn read_head(
 struct Accepted {
     conn: Arc<Conn>,
     response: Vec<u8>,
-    deflate: Option<switchboard_proto::ws::deflate::DeflateParams>,
+    deflate: Option<DeflateParams>,
+}
+
+/// A valid upgrade the node can take, before the client's identity is known.
+struct Opening {
+    upgrade: hs::Upgrade,
+    /// The subprotocol chosen (the native one or a configured raw one).
+    subprotocol: Option<String>,
+    is_native: bool,
+    /// permessage-deflate, if offered and enabled.
+    deflate: Option<DeflateParams>,
+}
+
+impl Opening {
+    /// The 101 answer.
+    fn response(&self) -> Vec<u8> {
+        let ext = self.deflate.map(|d| d.response_header());
+        hs::switching_protocols(
+            &self.upgrade.key,
+            self.subprotocol.as_deref(),
+            ext.as_deref(),
+        )
+    }
+}
+
+/// What the handshake decided.
+enum Decision {
+    Accepted(Accepted),
+    /// A native client without a token: it is to send `authenticate` first.
+    FirstCommand(Opening),
 }
 
 async fn decide(
@@ -282,7 +488,46 @@ async fn decide(
     req: &Request,
     remote: SocketAddr,
     deadline: tokio::time::Instant,
-) -> Result<Accepted, Refusal> {
+) -> Result<Decision, Refusal> {
+    let opening = open(shared, req)?;
+    let cookies = parse_cookies(req);
+    let identity = match &shared.auth {
+        None => None,
+        Some(auth) => {
+            match tokio::time::timeout_at(deadline, auth.authenticate(req, &cookies)).await {
+                Ok(Ok(identity)) => identity,
+                Ok(Err(crate::auth::AuthError::Missing(_))) if opening.is_native => {
+                    return Ok(Decision::FirstCommand(opening));
+                }
+                Ok(Err(e)) => {
+                    tracing::debug!(%remote, code = e.code(), "client token refused");
+                    return Err(Refusal {
+                        status: e.status(),
+                        code: e.code(),
+                        message: e.to_string(),
+                        extra: "WWW-Authenticate: Bearer\r\n",
+                        metric: "unauthorized",
+                    });
+                }
+                Err(_) => {
+                    return Err(refuse(
+                        503,
+                        "auth_unavailable",
+                        "the signing keys could not be fetched in time; retry later",
+                        "unauthorized",
+                    ))
+                }
+            }
+        }
+    };
+    admit(shared, req, remote, deadline, opening, cookies, identity)
+        .await
+        .map(Decision::Accepted)
+}
+
+/// Checks the upgrade request and the node's state, and picks the
+/// subprotocol and compression.
+fn open(shared: &Shared, req: &Request) -> Result<Opening, Refusal> {
     let cfg = &shared.config;
     let upgrade = hs::validate_upgrade(req).map_err(|e| match e {
         UpgradeError::NotUpgrade => Refusal {
@@ -336,57 +581,6 @@ async fn decide(
             "origin_not_allowed",
         ));
     }
-    let cookies = parse_cookies(req);
-    let identity = match &shared.auth {
-        None => None,
-        Some(auth) => {
-            match tokio::time::timeout_at(deadline, auth.authenticate(req, &cookies)).await {
-                Ok(Ok(identity)) => identity,
-                Ok(Err(e)) => {
-                    tracing::debug!(%remote, code = e.code(), "client token refused");
-                    return Err(Refusal {
-                        status: e.status(),
-                        code: e.code(),
-                        message: e.to_string(),
-                        extra: "WWW-Authenticate: Bearer\r\n",
-                        metric: "unauthorized",
-                    });
-                }
-                Err(_) => {
-                    return Err(refuse(
-                        503,
-                        "auth_unavailable",
-                        "the signing keys could not be fetched in time; retry later",
-                        "unauthorized",
-                    ))
-                }
-            }
-        }
-    };
-
-    // Counted from here to the connection's end; a refusal below frees it.
-    let user_slot = match (
-        &shared.user_counts,
-        identity.as_ref().and_then(|i| i.user.as_deref()),
-    ) {
-        (Some(counts), Some(user)) => match counts.acquire(user) {
-            Some(slot) => Some(Box::new(slot)),
-            None => {
-                return Err(Refusal {
-                    status: 429,
-                    code: "too_many_connections_for_user",
-                    message: format!(
-                        "this user already holds {} connections on this node",
-                        cfg.max_connections_per_user
-                    ),
-                    extra: "",
-                    metric: "too_many_connections_for_user",
-                })
-            }
-        },
-        _ => None,
-    };
-
     // The client's first offer the gateway speaks: the native protocol or
     // one of the configured raw subprotocols.
     let subprotocol = upgrade
@@ -417,6 +611,57 @@ async fn decide(
     } else {
         None
     };
+    Ok(Opening {
+        upgrade,
+        subprotocol,
+        is_native,
+        deflate,
+    })
+}
+
+/// Asks the origin about a client whose identity is settled, and on
+/// acceptance registers its connection.
+async fn admit(
+    shared: &Arc<Shared>,
+    req: &Request,
+    remote: SocketAddr,
+    deadline: tokio::time::Instant,
+    opening: Opening,
+    cookies: BTreeMap<String, String>,
+    identity: Option<crate::auth::Identity>,
+) -> Result<Accepted, Refusal> {
+    let cfg = &shared.config;
+    let Opening {
+        upgrade,
+        subprotocol,
+        is_native,
+        deflate,
+    } = &opening;
+    let is_native = *is_native;
+    let deflate = *deflate;
+    // Counted from here to the connection's end; a refusal below frees it.
+    let user_slot = match (
+        &shared.user_counts,
+        identity.as_ref().and_then(|i| i.user.as_deref()),
+    ) {
+        (Some(counts), Some(user)) => match counts.acquire(user) {
+            Some(slot) => Some(Box::new(slot)),
+            None => {
+                return Err(Refusal {
+                    status: 429,
+                    code: "too_many_connections_for_user",
+                    message: format!(
+                        "this user already holds {} connections on this node",
+                        cfg.max_connections_per_user
+                    ),
+                    extra: "",
+                    metric: "too_many_connections_for_user",
+                })
+            }
+        },
+        _ => None,
+    };
+
     let id = ConnectionId::generate(&shared.node);
     let event = Event::Connect(ConnectEvent {
         id: format!("{id}:connect"),
@@ -535,9 +780,8 @@ async fn decide(
         }
     }
     crate::origin::dispatcher::deliver_replies(shared, answer.replies);
-    let ext = deflate.map(|d| d.response_header());
     Ok(Accepted {
-        response: hs::switching_protocols(&upgrade.key, subprotocol.as_deref(), ext.as_deref()),
+        response: opening.response(),
         conn,
         deflate,
     })

@@ -232,6 +232,12 @@ pub(crate) fn handle(s: &Shared, conn: &Arc<Conn>, text: &[u8]) -> Outcome {
         },
         CommandBody::Ping {} => Ok(Some(result_frame(id, &Empty {}))),
         CommandBody::Send { data } => return Outcome::ToOrigin { id, data },
+        CommandBody::Authenticate { .. } => {
+            m.native_errors.inc();
+            let msg = "authenticate is only the first command of a connection opened without a token; send refresh to replace a token";
+            conn.push(error_frame(Some(id), ErrorCode::BadCommand, msg), m);
+            return Outcome::Done;
+        }
         CommandBody::Refresh { token } => match s.auth {
             Some(_) => return wait(String::new(), JobKind::Refresh { token }),
             None => {

@@ -889,3 +889,150 @@ async fn a_subscribe_the_origin_cannot_decide_is_refused_as_unavailable() {
         "answered again once the origin is back: {r}"
     );
 }
+
+/// A native client opened without a token (`wss://…` from a browser, which
+/// cannot set headers).
+async fn native_without_token(gw: &TestGateway) -> Ws {
+    let (ws, resp) = connect_with(
+        &gw.ws_url("/"),
+        &[("Sec-WebSocket-Protocol", "switchboard.v1")],
+    )
+    .await
+    .expect("a native client without a token gets 101");
+    assert_eq!(resp.status(), 101);
+    ws
+}
+
+/// The token in the first command: the origin hears of the client only
+/// once it is verified, with its claims; the reply follows `connected`.
+#[tokio::test]
+async fn a_native_client_may_send_its_token_as_the_first_command() {
+    let (origin, gw) = with_origin(|c| {
+        c.jwt_secret = Some(SECRET.into());
+        c.namespace = vec!["room:history-size=10".parse().unwrap()];
+    })
+    .await;
+    let mut ws = native_without_token(&gw).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(
+        origin.arrivals().is_empty(),
+        "no connect before the token is verified"
+    );
+
+    let token = hs(&claims(json!({"channels": ["room:a"]})), SECRET.as_bytes());
+    use futures_util::SinkExt;
+    ws.send(WsMessage::text(
+        json!({"id": 1, "cmd": "authenticate", "token": token}).to_string(),
+    ))
+    .await
+    .unwrap();
+    let first: Value = match next_msg(&mut ws).await {
+        WsMessage::Text(t) => serde_json::from_str(&t).unwrap(),
+        m => panic!("{m:?}"),
+    };
+    assert_eq!(first["push"], "connected", "{first}");
+    let reply: Value = match next_msg(&mut ws).await {
+        WsMessage::Text(t) => serde_json::from_str(&t).unwrap(),
+        m => panic!("{m:?}"),
+    };
+    assert_eq!(reply["id"], 1, "{reply}");
+    assert_eq!(
+        reply["result"]["expires_at_ms"],
+        json!((now() + 3600) * 1000)
+    );
+    let connects = origin.connects();
+    assert_eq!(connects.len(), 1);
+    assert_eq!(connects[0].user_id.as_deref(), Some("alice"));
+    assert_eq!(connects[0].claims.as_ref().unwrap()["plan"], "pro");
+
+    // A connection like any other: its token's grants apply, and a second
+    // `authenticate` is refused (refresh replaces a token).
+    let mut pushes = Vec::new();
+    let r = command(
+        &mut ws,
+        2,
+        json!({"cmd": "subscribe", "channel": "room:a"}),
+        &mut pushes,
+    )
+    .await;
+    assert!(r["result"].is_object(), "{r}");
+    let r = command(
+        &mut ws,
+        3,
+        json!({"cmd": "subscribe", "channel": "room:b"}),
+        &mut pushes,
+    )
+    .await;
+    assert!(denied(&r), "{r}");
+    let r = command(
+        &mut ws,
+        4,
+        json!({"cmd": "authenticate", "token": token}),
+        &mut pushes,
+    )
+    .await;
+    assert_eq!(r["error"]["code"], "bad_command", "{r}");
+}
+
+/// Every way the first command can fail closes the WebSocket with 4005
+/// (the token) or 4006 (a refusal after it), before or without the origin.
+#[tokio::test]
+async fn a_first_command_that_does_not_authenticate_closes_with_4005_or_4006() {
+    let (origin, gw) = with_origin(|c| {
+        c.jwt_secret = Some(SECRET.into());
+        c.handshake_timeout = Duration::from_millis(500);
+    })
+    .await;
+    use futures_util::SinkExt;
+    let expired = hs(&claims(json!({"exp": now() - 60})), SECRET.as_bytes());
+    let cases = [
+        (Some(json!({"id": 1, "cmd": "ping"})), 4005, "token_missing"),
+        (
+            Some(json!({"id": 1, "cmd": "authenticate", "token": expired})),
+            4005,
+            "token_expired",
+        ),
+        (
+            Some(json!({"id": 1, "cmd": "authenticate", "token": "not.a.jwt"})),
+            4005,
+            "token_malformed",
+        ),
+        // Nothing within handshake-timeout.
+        (None, 4005, "token_missing"),
+    ];
+    for (first, code, reason) in cases {
+        let mut ws = native_without_token(&gw).await;
+        if let Some(cmd) = &first {
+            ws.send(WsMessage::text(cmd.to_string())).await.unwrap();
+        }
+        let (got, why, before) = expect_close(&mut ws).await;
+        assert_eq!(got, code, "{first:?}: {why}");
+        assert!(why.starts_with(reason), "{first:?}: {why}");
+        assert!(before.is_empty(), "nothing but the close: {before:?}");
+    }
+    assert!(
+        origin.arrivals().is_empty(),
+        "the origin never heard of them"
+    );
+    assert_eq!(
+        gw.metric("switchboard_handshakes_total{result=\"unauthorized\"}")
+            .await,
+        3.0
+    );
+
+    // A valid token the origin then refuses: 4006 with its reason.
+    origin.behavior(|b| b.connect = ConnectBehavior::Reject(403, "banned".into()));
+    let mut ws = native_without_token(&gw).await;
+    let token = hs(&claims(json!({})), SECRET.as_bytes());
+    ws.send(WsMessage::text(
+        json!({"id": 1, "cmd": "authenticate", "token": token}).to_string(),
+    ))
+    .await
+    .unwrap();
+    let (got, why, _) = expect_close(&mut ws).await;
+    assert_eq!((got, why.as_str()), (4006, "rejected_by_origin: banned"));
+
+    // A raw client without a token is still refused at the handshake.
+    let (status, code, _) = handshake(&gw, "/", &[]).await;
+    assert_eq!((status, code.as_str()), (401, "token_missing"));
+}

@@ -38,6 +38,14 @@ pub const ORIGIN_BACKLOG: CloseCode = 4002;
 pub const IDLE_TIMEOUT: CloseCode = 4003;
 /// The connection's client token expired and was not refreshed.
 pub const TOKEN_EXPIRED: CloseCode = 4004;
+/// A native connection opened without a token did not authenticate with its
+/// first command (none in time, not `authenticate`, or a refused token; the
+/// reason starts with the refusal code, e.g. `token_expired`).
+pub const AUTHENTICATION_FAILED: CloseCode = 4005;
+/// A native connection authenticated by its first command was then refused
+/// (by the origin, or a limit); the reason starts with the code an HTTP
+/// refusal would carry, e.g. `rejected_by_origin`.
+pub const REFUSED: CloseCode = 4006;
 
 /// Whether a peer may send `code` in a close frame (RFC 6455 §7.4.1 and the
 /// IANA registry): 1000–1003, 1007–1011, and the application range 3000–4999.
