@@ -180,6 +180,10 @@ pub struct Config {
     pub namespace: Vec<Namespace>,
     /// Most channels one connection may be subscribed to.
     pub max_subscriptions: usize,
+    /// Longest channel name accepted, in bytes (at most 255).
+    pub max_channel_length: usize,
+    /// Most header lines in a request head (431 beyond; at most 256).
+    pub max_header_count: usize,
     /// Replicas of the JetStream streams keeping channel logs (cluster).
     pub channel_log_replicas: usize,
 }
@@ -274,6 +278,8 @@ impl Default for Config {
             cluster_request_timeout: Duration::from_millis(1500),
             namespace: Vec::new(),
             max_subscriptions: 128,
+            max_channel_length: 255,
+            max_header_count: 64,
             channel_log_replicas: 1,
         }
     }
@@ -525,6 +531,14 @@ impl Config {
         }
         if self.max_header_bytes < 256 {
             return Err(bad("max-header-bytes", "must be at least 256"));
+        }
+        if !(8..=switchboard_proto::ws::handshake::MAX_HEADERS_LIMIT)
+            .contains(&self.max_header_count)
+        {
+            return Err(bad("max-header-count", "must be 8..=256"));
+        }
+        if !(3..=switchboard_proto::native::MAX_CHANNEL_LEN).contains(&self.max_channel_length) {
+            return Err(bad("max-channel-length", "must be 3..=255"));
         }
         for (field, d) in [
             ("ping-interval", self.ping_interval),

@@ -501,7 +501,7 @@ impl Task {
                             Message::Text(t) => decode_command(t).ok().map(|c| c.id),
                             _ => None,
                         };
-                        s.metrics.native_errors.inc();
+                        s.metrics.native_error(ErrorCode::RateLimited);
                         let why = "over client-message-rate or client-byte-rate; slow down";
                         self.guard.conn.push(
                             native::error_frame(id, ErrorCode::RateLimited, why),
@@ -526,7 +526,7 @@ impl Task {
             Message::Text(data) if self.guard.conn.native => self.on_command(&data),
             Message::Binary(_) if self.guard.conn.native => {
                 let s = &self.guard.shared;
-                s.metrics.native_errors.inc();
+                s.metrics.native_error(ErrorCode::UnsupportedFrame);
                 self.guard.conn.push(
                     native::error_frame(
                         None,
@@ -629,7 +629,7 @@ impl Task {
                 });
                 if let Err(e) = tx.try_send(job) {
                     // At most `max-pending-events` wait for the origin.
-                    s.metrics.native_errors.inc();
+                    s.metrics.native_error(ErrorCode::Unavailable);
                     self.guard.conn.push(
                         native::error_frame(
                             Some(e.into_inner().id),

@@ -83,10 +83,8 @@ pub(crate) async fn handle(
         if shared.refusing.fetch_add(1, Relaxed) < MAX_REFUSING {
             let deadline = tokio::time::Instant::now() + REFUSAL_READ_TIMEOUT;
             let mut buf = BytesMut::new();
-            let head = tokio::time::timeout_at(
-                deadline,
-                read_head(&mut stream, &mut buf, shared.config.max_header_bytes),
-            );
+            let head =
+                tokio::time::timeout_at(deadline, read_head(&mut stream, &mut buf, &shared.config));
             if matches!(head.await, Ok(Ok(_))) {
                 answer_refusal(&shared, &mut stream, refusal, deadline).await;
             }
@@ -97,11 +95,8 @@ pub(crate) async fn handle(
     let deadline = tokio::time::Instant::now() + shared.config.handshake_timeout;
     // Empty until the socket is readable: a silent socket holds no buffer.
     let mut buf = BytesMut::new();
-    let head = tokio::time::timeout_at(
-        deadline,
-        read_head(&mut stream, &mut buf, shared.config.max_header_bytes),
-    )
-    .await;
+    let head =
+        tokio::time::timeout_at(deadline, read_head(&mut stream, &mut buf, &shared.config)).await;
     let result = match head {
         Err(_) => {
             // Slow or silent client: drop without an answer.
@@ -399,8 +394,9 @@ async fn answer_refusal(
 async fn read_head(
     stream: &mut ClientStream,
     buf: &mut BytesMut,
-    max: usize,
+    config: &crate::Config,
 ) -> Result<(Request, usize), Option<Refusal>> {
+    let (max, max_headers) = (config.max_header_bytes, config.max_header_count);
     let too_large = || {
         Some(refuse(
             431,
@@ -422,7 +418,7 @@ async fn read_head(
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
             Err(_) => return Err(None),
         }
-        match hs::parse_request(buf) {
+        match hs::parse_request_with(buf, max_headers) {
             // A whole head can arrive in one read: check its size here too.
             Ok(Some((_, len))) if len > max => return Err(too_large()),
             Ok(Some(done)) => return Ok(done),

@@ -20,6 +20,12 @@ pub(crate) struct KindLabel {
     pub(crate) kind: &'static str,
 }
 
+/// Label for native protocol errors: the `error.code` sent.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct CodeLabel {
+    pub(crate) code: &'static str,
+}
+
 /// Label for disconnects.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub(crate) struct ClosedByLabel {
@@ -58,7 +64,7 @@ pub(crate) struct Metrics {
     pub(crate) publications: Counter,
     pub(crate) deliveries: Counter,
     pub(crate) native_commands: Family<KindLabel, Counter>,
-    pub(crate) native_errors: Counter,
+    pub(crate) native_errors: Family<CodeLabel, Counter>,
     pub(crate) bus_received: Counter,
     pub(crate) rate_limited: Counter,
     pub(crate) bus_gap_fills: Counter,
@@ -103,7 +109,7 @@ impl Metrics {
             publications: Counter::default(),
             deliveries: Counter::default(),
             native_commands: Family::default(),
-            native_errors: Counter::default(),
+            native_errors: Family::default(),
             bus_received: Counter::default(),
             rate_limited: Counter::default(),
             bus_gap_fills: Counter::default(),
@@ -269,6 +275,15 @@ impl Metrics {
             m.control_tls_failures.clone(),
         );
         Self { registry, ..m }
+    }
+
+    /// Counts a native protocol error answer by its code.
+    pub(crate) fn native_error(&self, code: switchboard_proto::native::ErrorCode) {
+        self.native_errors
+            .get_or_create(&CodeLabel {
+                code: code.as_str(),
+            })
+            .inc();
     }
 
     /// Counts a handshake outcome; anything but `accepted` is a rejection.

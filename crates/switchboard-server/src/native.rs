@@ -174,7 +174,7 @@ pub(crate) fn handle(s: &Shared, conn: &Arc<Conn>, text: &[u8]) -> Outcome {
     let cmd = match decode_command(text) {
         Ok(cmd) => cmd,
         Err(e) => {
-            m.native_errors.inc();
+            m.native_error(e.code());
             conn.push(error_frame(e.id(), e.code(), &e.to_string()), m);
             return Outcome::Done;
         }
@@ -233,7 +233,7 @@ pub(crate) fn handle(s: &Shared, conn: &Arc<Conn>, text: &[u8]) -> Outcome {
         CommandBody::Ping {} => Ok(Some(result_frame(id, &Empty {}))),
         CommandBody::Send { data } => return Outcome::ToOrigin { id, data },
         CommandBody::Authenticate { .. } => {
-            m.native_errors.inc();
+            m.native_error(ErrorCode::BadCommand);
             let msg = "authenticate is only the first command of a connection opened without a token; send refresh to replace a token";
             conn.push(error_frame(Some(id), ErrorCode::BadCommand, msg), m);
             return Outcome::Done;
@@ -241,7 +241,7 @@ pub(crate) fn handle(s: &Shared, conn: &Arc<Conn>, text: &[u8]) -> Outcome {
         CommandBody::Refresh { token } => match s.auth {
             Some(_) => return wait(String::new(), JobKind::Refresh { token }),
             None => {
-                m.native_errors.inc();
+                m.native_error(ErrorCode::TokenInvalid);
                 let msg = "this gateway checks no tokens";
                 conn.push(error_frame(Some(id), ErrorCode::TokenInvalid, msg), m);
                 return Outcome::Done;
@@ -254,7 +254,7 @@ pub(crate) fn handle(s: &Shared, conn: &Arc<Conn>, text: &[u8]) -> Outcome {
         }
         Ok(None) => {}
         Err(e) => {
-            m.native_errors.inc();
+            m.native_error(e.code());
             conn.push(error_frame(Some(id), e.code(), &e.to_string()), m);
         }
     }
@@ -310,7 +310,7 @@ async fn run_job(s: &Arc<Shared>, conn: &Arc<Conn>, job: Job) -> Option<Bytes> {
         JobKind::Refresh { token } => return Some(refresh(s, conn, id, &token).await),
     };
     Some(answer.unwrap_or_else(|e| {
-        m.native_errors.inc();
+        m.native_error(e.code());
         error_frame(Some(id), e.code(), &e.to_string())
     }))
 }
@@ -320,7 +320,7 @@ async fn run_job(s: &Arc<Shared>, conn: &Arc<Conn>, job: Job) -> Option<Bytes> {
 async fn refresh(s: &Shared, conn: &Conn, id: u64, token: &str) -> Bytes {
     let m = &s.metrics;
     let refused = |why: String| {
-        m.native_errors.inc();
+        m.native_error(ErrorCode::TokenInvalid);
         error_frame(Some(id), ErrorCode::TokenInvalid, &why)
     };
     let Some(auth) = &s.auth else {
@@ -379,7 +379,7 @@ async fn ask_origin(
         .observe(started.elapsed().as_secs_f64());
     let failed = |why: String| {
         s.metrics.origin_failures.get_or_create(&label).inc();
-        s.metrics.native_errors.inc();
+        s.metrics.native_error(ErrorCode::Unavailable);
         tracing::warn!(connection = %conn.id, error = %why, "{kind} event failed");
         error_frame(
             Some(id),
@@ -393,7 +393,7 @@ async fn ask_origin(
             Ok(())
         }
         Ok(Ok(ConnectDecision::Reject { reason, .. })) => {
-            s.metrics.native_errors.inc();
+            s.metrics.native_error(ErrorCode::Rejected);
             let reason = reason.unwrap_or_else(|| "refused by the application".into());
             Err(error_frame(Some(id), ErrorCode::Rejected, &reason))
         }
@@ -432,7 +432,7 @@ async fn approve_and_publish(
     {
         Ok((r, _)) => result_frame(id, &r),
         Err(e) => {
-            s.metrics.native_errors.inc();
+            s.metrics.native_error(e.code());
             error_frame(Some(id), e.code(), &e.to_string())
         }
     }
@@ -464,7 +464,7 @@ async fn approve_and_subscribe(
     {
         Ok(_) => None,
         Err(e) => {
-            s.metrics.native_errors.inc();
+            s.metrics.native_error(e.code());
             Some(error_frame(Some(id), e.code(), &e.to_string()))
         }
     }

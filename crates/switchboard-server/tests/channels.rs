@@ -437,8 +437,15 @@ async fn protocol_errors_are_answered_and_the_connection_stays() {
     );
     // Still a working session.
     assert_eq!(a.ok(json!({"cmd": "ping"})).await, json!({}));
-    let errors = gw.metric("switchboard_native_command_errors_total").await;
-    assert_eq!(errors, 16.0);
+    let metrics = gw.get("/metrics").await.body;
+    assert_eq!(
+        metric_sum(&metrics, "switchboard_native_command_errors_total"),
+        16.0
+    );
+    for code in ["already_subscribed", "too_many_subscriptions"] {
+        let series = format!("switchboard_native_command_errors_total{{code=\"{code}\"}}");
+        assert_eq!(metric_value(&metrics, &series), 1.0, "{series}");
+    }
 }
 
 #[tokio::test]
@@ -855,4 +862,34 @@ async fn the_origin_approves_or_refuses_client_publishes() {
     reader.quiet().await;
     let h = gw.get("/v1/channels").await.json();
     assert_eq!(h["channels"][0]["offset"], 3);
+}
+
+/// `max-channel-length`: longer names are `bad_channel` for clients and the
+/// control API alike; names at the limit work.
+#[tokio::test]
+async fn channel_names_over_max_channel_length_are_bad_channels() {
+    let gw = gateway(|c| c.max_channel_length = 16).await;
+    let mut a = Native::connect(&gw).await;
+    let at_limit = "chat:0123456789a"; // 16 bytes
+    let over = "chat:0123456789ab"; // 17 bytes
+    a.ok(json!({"cmd": "subscribe", "channel": at_limit})).await;
+    assert_eq!(
+        a.err(json!({"cmd": "subscribe", "channel": over})).await,
+        "bad_channel"
+    );
+    let r = gw
+        .post(
+            &format!("/v1/channels/{over}/messages"),
+            &json!({"text": "x"}),
+        )
+        .await;
+    assert_eq!((r.status, r.code().as_str()), (400, "bad_channel"));
+    let metrics = gw.get("/metrics").await.body;
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "switchboard_native_command_errors_total{code=\"bad_channel\"}"
+        ),
+        1.0
+    );
 }

@@ -276,6 +276,18 @@ async fn oversized_request_heads_get_431() {
     drop(raw);
     assert_serves(&gw, &origin).await;
     gw.shutdown().await;
+
+    // The header-line cap is a setting too.
+    let gw = TestGateway::with_origin(&origin, |c| c.max_header_count = 10).await;
+    let r = raw_request(gw.addr, upgrade_request("/", &[("X-A", "1"); 8]).as_bytes())
+        .await
+        .expect("an answer");
+    assert_eq!(
+        (r.status, r.json()["code"].as_str()),
+        (431, Some("header_too_large"))
+    );
+    let raw = RawWs::connect(gw.addr, "/", &[("X-A", "1"); 2]).await;
+    assert_eq!(raw.response.status, 101);
 }
 
 /// Retries a handshake refused with 503 until it succeeds: a socket's slot is

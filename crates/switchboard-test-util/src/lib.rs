@@ -734,6 +734,17 @@ impl TestGateway {
     }
 }
 
+/// The sum of every series of metric `name` (whatever its labels) in a
+/// Prometheus/OpenMetrics text exposition; 0 when absent.
+pub fn metric_sum(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter_map(|l| l.strip_prefix(name))
+        .filter(|rest| rest.starts_with(' ') || rest.starts_with('{'))
+        .filter_map(|rest| rest.rsplit(' ').next())
+        .filter_map(|v| v.parse::<f64>().ok())
+        .sum()
+}
+
 /// The value of `series` in a Prometheus/OpenMetrics text exposition; 0 when absent.
 pub fn metric_value(text: &str, series: &str) -> f64 {
     text.lines()

@@ -438,6 +438,16 @@ pub(crate) struct ServeArgs {
     #[serde(skip_serializing_if = "Option::is_none")]
     max_subscriptions: Option<usize>,
 
+    /// Longest channel name in bytes, 3..=255; longer names get `bad_channel` [default: 255].
+    #[arg(long, env = "SWITCHBOARD_MAX_CHANNEL_LENGTH", value_name = "BYTES")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_channel_length: Option<usize>,
+
+    /// Most header lines in a request head, 8..=256; more get 431 [default: 64].
+    #[arg(long, env = "SWITCHBOARD_MAX_HEADER_COUNT", value_name = "N")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_header_count: Option<usize>,
+
     /// Replicas of the JetStream streams that keep channel logs in a cluster (1, 3 or 5; at most the NATS cluster's servers) [default: 1].
     #[arg(long, env = "SWITCHBOARD_CHANNEL_LOG_REPLICAS", value_name = "N")]
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -5,8 +5,12 @@ use super::deflate::{self, DeflateParams};
 use base64::Engine;
 use sha1::{Digest, Sha1};
 
-/// Most header lines accepted in a request head; more is answered with 431.
+/// Most header lines accepted in a request head by default; more is
+/// answered with 431.
 pub const MAX_HEADERS: usize = 64;
+
+/// The highest header-line limit [`parse_request_with`] accepts.
+pub const MAX_HEADERS_LIMIT: usize = 256;
 
 /// A parsed HTTP/1.1 request head.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -51,7 +55,7 @@ impl Request {
 /// The request head could not be parsed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum HeadError {
-    /// More than [`MAX_HEADERS`] header lines (answered with 431).
+    /// More header lines than allowed (answered with 431).
     #[error("too many headers")]
     TooManyHeaders,
     /// Not a valid HTTP/1.x request head (answered with 400).
@@ -59,11 +63,21 @@ pub enum HeadError {
     Malformed,
 }
 
-/// Parses a request head from the front of `buf`. `Ok(None)`: incomplete.
-/// On success returns the request and the length of the head in bytes.
+/// Parses a request head from the front of `buf`, with at most
+/// [`MAX_HEADERS`] header lines. `Ok(None)`: incomplete. On success returns
+/// the request and the length of the head in bytes.
 pub fn parse_request(buf: &[u8]) -> Result<Option<(Request, usize)>, HeadError> {
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut req = httparse::Request::new(&mut headers);
+    parse_request_with(buf, MAX_HEADERS)
+}
+
+/// Like [`parse_request`], with at most `max_headers` header lines
+/// (capped at [`MAX_HEADERS_LIMIT`]).
+pub fn parse_request_with(
+    buf: &[u8],
+    max_headers: usize,
+) -> Result<Option<(Request, usize)>, HeadError> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS_LIMIT];
+    let mut req = httparse::Request::new(&mut headers[..max_headers.min(MAX_HEADERS_LIMIT)]);
     let len = match req.parse(buf) {
         Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) => return Ok(None),

@@ -356,6 +356,8 @@ pub(crate) struct Channels {
     shards: Box<[Shard]>,
     hasher: std::collections::hash_map::RandomState,
     max_subscriptions: usize,
+    /// `max-channel-length`.
+    max_channel_length: usize,
     /// Set when the node joins a cluster's channel bus.
     link: OnceLock<BusLink>,
     /// Numbers pending subscribers.
@@ -378,6 +380,7 @@ impl Channels {
             shards: (0..SHARDS).map(|_| Shard::default()).collect(),
             hasher: Default::default(),
             max_subscriptions: config.max_subscriptions,
+            max_channel_length: config.max_channel_length,
             link: OnceLock::new(),
             tickets: AtomicU64::new(0),
         }
@@ -396,6 +399,9 @@ impl Channels {
 
     /// The namespace of a channel name, checking the name.
     pub(crate) fn namespace(&self, channel: &str) -> Result<&Arc<Namespace>, ChannelError> {
+        if channel.len() > self.max_channel_length {
+            return Err(ChannelError::BadChannel);
+        }
         let ns = channel_namespace(channel).ok_or(ChannelError::BadChannel)?;
         self.namespaces
             .get(ns)
