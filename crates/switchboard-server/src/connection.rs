@@ -62,6 +62,11 @@ impl DisconnectGuard {
         }
     }
 
+    /// The connection it reports on.
+    pub(crate) fn conn(&self) -> &Arc<Conn> {
+        &self.conn
+    }
+
     /// Records how the connection ended and sends the event.
     pub(crate) fn finish(mut self, code: u16, reason: &str, by: ClosedBy) {
         self.ending = Some(Box::new(Ending {

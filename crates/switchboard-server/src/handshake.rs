@@ -147,8 +147,22 @@ pub(crate) async fn handle(
             return;
         }
     }
+    let decoder = Decoder::new(shared.config.max_message_size, deflate);
+    start(&shared, stream, disconnect, buf, decoder, socket);
+}
+
+/// Starts the task of an accepted connection, whose 101 is sent: `buf`
+/// holds the bytes that came after the handshake.
+fn start(
+    shared: &Arc<Shared>,
+    stream: ClientStream,
+    disconnect: connection::DisconnectGuard,
+    buf: BytesMut,
+    decoder: Decoder,
+    socket: SocketGuard,
+) {
     if shared.draining.load(Relaxed) {
-        conn.request_close(CloseRequest {
+        disconnect.conn().request_close(CloseRequest {
             code: close::SERVICE_RESTART,
             reason: "server restart, reconnect".into(),
             by: ClosedBy::Gateway,
@@ -163,9 +177,7 @@ pub(crate) async fn handle(
     };
     // A task of its own, so the connection holds none of the handshake's
     // state while it lives.
-    let decoder = Decoder::new(shared.config.max_message_size, deflate);
-    let tasks = shared.conn_tasks.clone();
-    tasks.spawn(connection::run(
+    shared.conn_tasks.spawn(connection::run(
         stream, disconnect, leftover, decoder, socket,
     ));
 }
@@ -270,24 +282,7 @@ async fn first_command(shared: Arc<Shared>, p: Pending, opening: Opening) {
         crate::native::result_frame(id, &Authenticated { expires_at_ms }),
         &shared.metrics,
     );
-    if shared.draining.load(Relaxed) {
-        conn.request_close(CloseRequest {
-            code: close::SERVICE_RESTART,
-            reason: "server restart, reconnect".into(),
-            by: ClosedBy::Gateway,
-            flush_first: true,
-        });
-    }
-    let leftover = if buf.is_empty() {
-        pool::give(buf);
-        None
-    } else {
-        Some(buf)
-    };
-    let tasks = shared.conn_tasks.clone();
-    tasks.spawn(connection::run(
-        stream, disconnect, leftover, decoder, socket,
-    ));
+    start(&shared, stream, disconnect, buf, decoder, socket);
 }
 
 /// Reads until `decoder` yields a data or close message (pings and pongs

@@ -149,6 +149,17 @@ fn https() -> reqwest::Client {
         .expect("https client")
 }
 
+/// The node's `/metrics` text, over HTTPS.
+async fn metrics(api: &reqwest::Client, gw: &TestGateway) -> String {
+    api.get(control_url(gw, "/metrics"))
+        .send()
+        .await
+        .expect("metrics over HTTPS")
+        .text()
+        .await
+        .expect("metrics body")
+}
+
 fn control_url(gw: &TestGateway, path: &str) -> String {
     format!("https://localhost:{}{}", gw.control.port(), path)
 }
@@ -238,12 +249,7 @@ async fn clients_and_the_control_api_speak_tls_and_plain_peers_get_nothing_throu
         "plain HTTP must not reach the control API: {plain_api:?}"
     );
     eventually(WAIT, "a failed TLS handshake counted", || async {
-        let m = api
-            .get(control_url(&gw, "/metrics"))
-            .send()
-            .await
-            .expect("metrics");
-        let text = m.text().await.expect("metrics body");
+        let text = metrics(&api, &gw).await;
         metric_value(&text, "switchboard_handshakes_total{result=\"tls_failed\"}") >= 1.0
             && metric_value(&text, "switchboard_control_tls_handshake_failures_total") >= 1.0
     })
@@ -285,12 +291,7 @@ async fn a_renewed_certificate_is_served_to_new_connections_without_a_restart() 
     // A broken pair (a half-written renewal) is not loaded: b stays.
     std::fs::write(certs.cert(), "not a certificate").expect("write");
     eventually(WAIT, "the failed reload counted", || async {
-        let m = api
-            .get(control_url(&gw, "/metrics"))
-            .send()
-            .await
-            .expect("metrics");
-        let text = m.text().await.expect("body");
+        let text = metrics(&api, &gw).await;
         metric_value(&text, "switchboard_tls_reloads_total{result=\"failed\"}") >= 1.0
     })
     .await;
@@ -298,12 +299,7 @@ async fn a_renewed_certificate_is_served_to_new_connections_without_a_restart() 
         presented(&tls_connect(gw.addr).await.expect("TLS")),
         der_of("b")
     );
-    let m = api
-        .get(control_url(&gw, "/metrics"))
-        .send()
-        .await
-        .expect("metrics");
-    let text = m.text().await.expect("body");
+    let text = metrics(&api, &gw).await;
     assert_eq!(
         metric_value(&text, "switchboard_tls_reloads_total{result=\"reloaded\"}"),
         1.0
@@ -374,12 +370,7 @@ async fn an_address_over_its_handshake_rate_is_closed_before_any_tls_work() {
         "the third must be closed"
     );
     let api = https();
-    let m = api
-        .get(control_url(&gw, "/metrics"))
-        .send()
-        .await
-        .expect("metrics");
-    let text = m.text().await.expect("body");
+    let text = metrics(&api, &gw).await;
     assert_eq!(
         metric_value(
             &text,
