@@ -176,6 +176,7 @@ def native_seeds():
         "send-text": b'{"id":9,"cmd":"send","text":"hello"}',
         "send-binary": b'{"id":10,"cmd":"send","binary":""}',
         "refresh": b'{"id":11,"cmd":"refresh","token":"eyJhbGciOiJIUzI1NiJ9.e30.x"}',
+        "authenticate": b'{"id":1,"cmd":"authenticate","token":"eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJhbm4ifQ.c2ln"}',
         "unknown-cmd": b'{"id":12,"cmd":"teleport"}',
         "bad-fields": b'{"id":13,"cmd":"subscribe"}',
         "no-id": b'{"cmd":"ping"}',

@@ -21,7 +21,10 @@ fn channel(body: &CommandBody) -> Option<&str> {
         | CommandBody::Publish { channel, .. }
         | CommandBody::Presence { channel }
         | CommandBody::History { channel, .. } => Some(channel),
-        CommandBody::Ping {} | CommandBody::Send { .. } | CommandBody::Refresh { .. } => None,
+        CommandBody::Ping {}
+        | CommandBody::Send { .. }
+        | CommandBody::Refresh { .. }
+        | CommandBody::Authenticate { .. } => None,
     }
 }
 
