@@ -341,7 +341,7 @@ fn over_capacity(shared: &Shared, admission: Admission) -> Option<Refusal> {
             503,
             "too_many_connections_from_ip",
             "per-address connection limit reached",
-            "over_capacity",
+            "too_many_connections_from_ip",
         ));
     }
     if !admission.rate_ok {

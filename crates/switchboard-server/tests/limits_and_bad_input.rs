@@ -322,6 +322,11 @@ async fn per_ip_cap_gives_503() {
     assert_eq!(r.status, 503);
     assert_eq!(r.json()["code"], "too_many_connections_from_ip");
     assert_eq!(
+        gw.metric("switchboard_handshakes_total{result=\"too_many_connections_from_ip\"}")
+            .await,
+        1.0
+    );
+    assert_eq!(
         origin.arrivals().len(),
         2,
         "refused before asking the origin"
