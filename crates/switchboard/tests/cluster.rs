@@ -1879,3 +1879,82 @@ async fn a_large_batch_to_one_node_is_split_and_delivered_once() {
         push_and_receive(&a, &idb, &mut wb, &format!("after {total}")).await;
     }
 }
+
+/// `subscribe-to-origin` over NATS: a native client's subscribe is a request
+/// on `<prefix>.events.subscribe`; the origin's `Switchboard-Status: 403`
+/// reaches the client as `rejected` with its reason, a 2xx subscribes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscribe_is_decided_by_the_origin_over_nats() {
+    let nats = NatsServer::start(true); // channels in a cluster need JetStream
+    let nc = nats_connect(&nats.url()).await;
+    let _origin = NatsOrigin::start(&nc, "sub", false).await;
+    let mut requests = nc
+        .subscribe("sub.events.subscribe")
+        .await
+        .expect("subscribe to subscribe requests");
+    let responder = nc.clone();
+    let asked = Arc::new(Mutex::new(Vec::new()));
+    let seen = asked.clone();
+    tokio::spawn(async move {
+        while let Some(msg) = requests.next().await {
+            let Some(reply) = msg.reply.clone() else {
+                continue;
+            };
+            let batch: EventBatch = serde_json::from_slice(&msg.payload).expect("a batch");
+            let [Event::Subscribe(ev)] = batch.events.as_slice() else {
+                panic!("a subscribe request holds one subscribe event: {batch:?}");
+            };
+            seen.lock().unwrap().push(ev.channel.clone());
+            let mut headers = async_nats::HeaderMap::new();
+            let body = if ev.channel.contains("secret") {
+                headers.insert("Switchboard-Status", "403");
+                Bytes::from(format!(r#"{{"reason":"no access to {}"}}"#, ev.channel))
+            } else {
+                Bytes::new()
+            };
+            let _ = responder.publish_with_headers(reply, headers, body).await;
+            let _ = responder.flush().await;
+        }
+    });
+    let mut a = start_node(
+        "a",
+        &nats.url(),
+        "sub",
+        &[
+            "--origin",
+            "nats",
+            "--namespace",
+            "team:subscribe-to-origin",
+        ],
+    )
+    .await;
+    wait_nats_connected(&mut a).await;
+    let (mut ws, _) = connect_with(
+        &a.ws_url("/native"),
+        &[("Sec-WebSocket-Protocol", "switchboard.v1")],
+    )
+    .await
+    .expect("a native client connects");
+
+    let ok = subscribe_reply(&mut ws, 1, "team:open").await;
+    assert!(ok["result"].is_object(), "{ok}");
+    let refused = subscribe_reply(&mut ws, 2, "team:secret").await;
+    assert_eq!(refused["error"]["code"], "rejected", "{refused}");
+    assert_eq!(refused["error"]["message"], "no access to team:secret");
+    assert_eq!(*asked.lock().unwrap(), ["team:open", "team:secret"]);
+}
+
+/// Sends a native `subscribe` and returns its reply (pushes are skipped).
+async fn subscribe_reply(ws: &mut Ws, id: u64, channel: &str) -> Value {
+    let cmd = json!({"id": id, "cmd": "subscribe", "channel": channel}).to_string();
+    ws.send(WsMessage::text(cmd)).await.expect("send");
+    loop {
+        let WsMessage::Text(t) = next_msg(ws).await else {
+            continue;
+        };
+        let v: Value = serde_json::from_str(&t).expect("JSON");
+        if v["id"] == json!(id) {
+            return v;
+        }
+    }
+}
