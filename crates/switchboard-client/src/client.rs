@@ -100,6 +100,9 @@ pub struct ClientBuilder {
     command_timeout: Duration,
     max_queued: usize,
     event_capacity: usize,
+    /// PEM CA certificates to trust instead of the web PKI roots.
+    #[cfg(feature = "rustls-tls")]
+    tls_roots_pem: Option<Vec<u8>>,
 }
 
 impl ClientBuilder {
@@ -114,7 +117,18 @@ impl ClientBuilder {
             command_timeout: DEFAULT_COMMAND_TIMEOUT,
             max_queued: DEFAULT_MAX_QUEUED,
             event_capacity: DEFAULT_EVENT_CAPACITY,
+            #[cfg(feature = "rustls-tls")]
+            tls_roots_pem: None,
         }
+    }
+
+    /// `wss://` only: trust the CA certificates in this PEM text instead of
+    /// the web PKI roots — for a gateway whose certificate comes from a
+    /// private CA (or is self-signed, during development).
+    #[cfg(feature = "rustls-tls")]
+    pub fn tls_roots_pem(mut self, pem: impl Into<Vec<u8>>) -> Self {
+        self.tls_roots_pem = Some(pem.into());
+        self
     }
 
     /// A credential for the origin: sent both as the `token` query parameter
@@ -212,7 +226,15 @@ impl ClientBuilder {
                 .map_err(|e| Error::Config(format!("header {name} value: {e}")))?;
             headers.push((name, value));
         }
+        #[cfg(feature = "rustls-tls")]
+        let tls = self
+            .tls_roots_pem
+            .as_deref()
+            .map(connection::tls_config)
+            .transpose()?;
         let settings = Arc::new(Settings {
+            #[cfg(feature = "rustls-tls")]
+            tls,
             url: self.url.clone(),
             headers,
             token: std::sync::RwLock::new(self.token.clone()),

@@ -65,6 +65,35 @@ pub(crate) struct Settings {
     pub(crate) connect_timeout: Duration,
     /// Most commands waiting for a connection.
     pub(crate) max_queued: usize,
+    /// The TLS settings of `wss://` when not the default (web PKI roots).
+    #[cfg(feature = "rustls-tls")]
+    pub(crate) tls: Option<Arc<rustls::ClientConfig>>,
+}
+
+/// A TLS client configuration trusting only the CA certificates of `pem`.
+#[cfg(feature = "rustls-tls")]
+pub(crate) fn tls_config(pem: &[u8]) -> Result<Arc<rustls::ClientConfig>> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::CertificateDer;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(pem) {
+        let cert = cert.map_err(|e| Error::Config(format!("tls_roots_pem: {e}")))?;
+        roots
+            .add(cert)
+            .map_err(|e| Error::Config(format!("tls_roots_pem: {e}")))?;
+    }
+    if roots.is_empty() {
+        return Err(Error::Config(
+            "tls_roots_pem: no CERTIFICATE in the PEM text".into(),
+        ));
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| Error::Config(format!("tls: {e}")))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(config))
 }
 
 /// State shared by the task and the handles.
@@ -847,9 +876,19 @@ async fn handshake(settings: Arc<Settings>) -> Result<(Box<Ws>, Welcome)> {
 
 async fn open(settings: &Settings) -> Result<(Box<Ws>, Welcome)> {
     let request = build_request(settings)?;
-    let (ws, _response) = tokio_tungstenite::connect_async_with_config(request, None, true)
-        .await
-        .map_err(classify)?;
+    #[cfg(feature = "rustls-tls")]
+    let connecting = tokio_tungstenite::connect_async_tls_with_config(
+        request,
+        None,
+        true,
+        settings
+            .tls
+            .clone()
+            .map(tokio_tungstenite::Connector::Rustls),
+    );
+    #[cfg(not(feature = "rustls-tls"))]
+    let connecting = tokio_tungstenite::connect_async_with_config(request, None, true);
+    let (ws, _response) = connecting.await.map_err(classify)?;
     let mut ws = Box::new(ws);
     loop {
         let frame = match ws.next().await {

@@ -773,3 +773,51 @@ async fn a_token_is_refreshed_in_band_and_reconnects_use_the_fresh_one() {
         .await
         .expect("reconnected with the fresh token");
 }
+
+/// `wss://` to a gateway with TLS on, its certificate from a private CA
+/// (the test fixtures of switchboard-server): trusted with `tls_roots_pem`,
+/// the client subscribes and gets what is published; without it (web PKI
+/// roots only) it never connects.
+#[tokio::test]
+async fn wss_with_a_private_ca_connects_and_the_web_pki_default_does_not() {
+    let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../switchboard-server/tests/fixtures/tls");
+    let gw = TestGateway::start(|c| {
+        configure(c);
+        c.tls_cert = Some(fixtures.join("server-a.pem"));
+        c.tls_key = Some(fixtures.join("server-a-key.pem"));
+    })
+    .await;
+    let url = format!("wss://localhost:{}/", gw.addr.port());
+    let ca = std::fs::read(fixtures.join("ca.pem")).unwrap();
+    let client = Client::builder(&url).tls_roots_pem(ca).connect().unwrap();
+    tokio::time::timeout(WAIT, client.wait_connected())
+        .await
+        .expect("connected in time")
+        .expect("connects over TLS");
+    let mut sub = client.subscribe("chat:tls").await.unwrap();
+    client.publish("chat:tls", "over tls").await.unwrap();
+    let got = tokio::time::timeout(WAIT, async {
+        loop {
+            let e = futures_util::StreamExt::next(&mut sub).await.expect("open");
+            if let Some(t) = text_of(&e) {
+                return t;
+            }
+        }
+    })
+    .await
+    .expect("the message in time");
+    assert_eq!(got, "over tls");
+
+    let untrusting = Client::builder(&url).connect().unwrap();
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), untrusting.wait_connected())
+            .await
+            .is_err(),
+        "a certificate of an unknown CA must not be accepted"
+    );
+    assert!(Client::builder(&url)
+        .tls_roots_pem("not pem")
+        .connect()
+        .is_err());
+}
