@@ -261,7 +261,7 @@ pub(crate) fn run(a: EchoArgs) -> Result<ExitCode, String> {
             cpu_of(gw.pid),
             cpu_of(origin_pid),
             clients_cpu(),
-            gw.control.and_then(|c| util::gateway_stats(c).ok()),
+            gw.stats().and_then(Result::ok),
             gw.control.and_then(|c| util::OriginCounters::read(c).ok()),
             gw.pid.and_then(util::context_switches),
         )

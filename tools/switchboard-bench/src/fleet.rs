@@ -6,6 +6,7 @@
 //! exit in time), services get SIGTERM and then SIGKILL.
 
 use crate::proto::Report;
+use crate::tls::TlsClient;
 use std::collections::HashSet;
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, ChildStdin, Command, Stdio};
@@ -278,6 +279,8 @@ pub(crate) struct Gateway {
     pub(crate) command: Option<Vec<String>>,
     /// The process, when spawned.
     pub(crate) service: Option<Service>,
+    /// How to reach it when it speaks TLS (`wss://`, `https://` control API).
+    pub(crate) tls: Option<TlsClient>,
 }
 
 impl Gateway {
@@ -285,8 +288,24 @@ impl Gateway {
     /// loopback ports with `serve_args` (and the user's `--gateway-arg`s) and
     /// waits until it is ready.
     pub(crate) fn start(opts: &crate::GatewayOpts, serve_args: &[String]) -> Result<Self, String> {
+        Self::start_with_tls(opts, serve_args, None)
+    }
+
+    /// [`Gateway::start`] for a gateway that speaks TLS when `tls` is given:
+    /// `serve_args` must then turn TLS on (see [`crate::tls::TlsOpts`]), and
+    /// a `--url` must be `wss://`.
+    pub(crate) fn start_with_tls(
+        opts: &crate::GatewayOpts,
+        serve_args: &[String],
+        tls: Option<TlsClient>,
+    ) -> Result<Self, String> {
         if let Some(url) = &opts.url {
             let addr = crate::util::loopback_ws_addr(url)?;
+            if url.starts_with("wss://") != tls.is_some() {
+                return Err(format!(
+                    "--url {url}: use a wss:// URL with --tls (idle only), a ws:// one without"
+                ));
+            }
             if let Some(c) = opts.control {
                 crate::util::require_loopback(c)?;
             }
@@ -307,6 +326,7 @@ impl Gateway {
                 pid: opts.gateway_pid,
                 command: None,
                 service: None,
+                tls,
             });
         }
         let bin = opts
@@ -339,17 +359,31 @@ impl Gateway {
         args.extend(serve_args.iter().cloned());
         args.extend(opts.gateway_arg.iter().cloned());
         let mut service = Service::spawn("gateway", &bin, &args)?;
-        crate::util::wait_ready(control, &mut service.child, Duration::from_secs(15))?;
+        crate::util::wait_ready(
+            control,
+            tls.as_ref(),
+            &mut service.child,
+            Duration::from_secs(15),
+        )?;
         let mut command = vec![bin.display().to_string()];
         command.extend(args);
+        let scheme = if tls.is_some() { "wss" } else { "ws" };
         Ok(Self {
-            url: format!("ws://{addr}/"),
+            url: format!("{scheme}://{addr}/"),
             addr,
             control: Some(control),
             pid: Some(service.pid()),
             command: Some(command),
             service: Some(service),
+            tls,
         })
+    }
+
+    /// `GET /v1/stats` of its control listener (over TLS if it speaks it);
+    /// `None` when the control listener is unknown.
+    pub(crate) fn stats(&self) -> Option<Result<switchboard_proto::control::Stats, String>> {
+        self.control
+            .map(|c| crate::util::gateway_stats(c, self.tls.as_ref()))
     }
 
     /// Fails if the spawned gateway has exited.

@@ -13,9 +13,15 @@
 //!    is read again and RSS per connection = (after - before) / N.
 //! 5. The clients close gracefully; the RSS after the close shows what the
 //!    gateway gives back.
+//!
+//! With `--tls` the spawned gateway gets a certificate (the server crate's
+//! test fixture by default), the clients do a full TLS handshake before the
+//! WebSocket one (so the handshake rate and latency include it), and the
+//! control API is read over HTTPS; the TCP baseline stays plain.
 
 use crate::fleet::{self, Fleet, Gateway};
 use crate::proto::{self, Report};
+use crate::tls::TlsOpts;
 use crate::util::{self, human_bytes, parse_duration, Machine, Percentiles, ProcMem, Table};
 use crate::{ClientOpts, GatewayOpts};
 use clap::Args;
@@ -31,7 +37,8 @@ const TARGET_RSS_PER_CONN: f64 = 2048.0;
 #[derive(Debug, Args)]
 pub(crate) struct IdleArgs {
     /// WebSocket connections to open and hold. One gateway process may hold
-    /// at most ~19,900 (it is limited to 20,000 open files).
+    /// at most ~19,900 (it is limited to 20,000 open files), or ~6,600 with
+    /// --tls (three files per TLS connection).
     #[arg(long, default_value_t = 19_000, value_name = "N")]
     connections: usize,
 
@@ -67,6 +74,9 @@ pub(crate) struct IdleArgs {
 
     #[command(flatten)]
     gateway: GatewayOpts,
+
+    #[command(flatten)]
+    tls: TlsOpts,
 }
 
 /// The raw TCP accept baseline.
@@ -208,6 +218,8 @@ struct IdleResult {
     source_addrs: u8,
     concurrency: usize,
     gateway_url: String,
+    /// Whether the clients and the control API spoke TLS to the gateway.
+    tls: bool,
     gateway_command: Option<Vec<String>>,
     tcp_baseline: Option<TcpBaseline>,
     handshakes: Handshakes,
@@ -301,10 +313,14 @@ pub(crate) fn run(a: IdleArgs) -> Result<ExitCode, String> {
     if a.connections == 0 {
         return Err("--connections must be at least 1".into());
     }
-    if a.gateway.url.is_none() && a.connections > 19_900 {
+    // The gateway holds one file per plain connection, three per TLS one
+    // (the client's socket and a local socket pair to the connection task).
+    let files_per_conn = if a.tls.tls { 3 } else { 1 };
+    if a.gateway.url.is_none() && a.connections * files_per_conn > 19_900 {
         eprintln!(
-            "switchboard-bench: warning: {} connections exceed what one gateway process can hold with 20,000 open files",
-            a.connections
+            "switchboard-bench: warning: {} {}connections exceed what one gateway process can hold with 20,000 open files",
+            a.connections,
+            if a.tls.tls { "TLS " } else { "" }
         );
     }
     let shards = fleet::shards(a.connections, a.clients.per_process, a.clients.workers, 2);
@@ -356,13 +372,16 @@ pub(crate) fn run(a: IdleArgs) -> Result<ExitCode, String> {
     }
 
     // 2. The gateway.
-    let serve_args = vec![
+    let mut serve_args = vec![
         "--max-connections-per-ip".into(),
         "0".into(),
         "--ping-interval".into(),
         util::gateway_duration(a.ping_interval),
     ];
-    let mut gw = Gateway::start(&a.gateway, &serve_args)?;
+    if a.gateway.url.is_none() {
+        serve_args.extend(a.tls.serve_args()?);
+    }
+    let mut gw = Gateway::start_with_tls(&a.gateway, &serve_args, a.tls.client()?)?;
     if gw.pid.is_none() {
         eprintln!(
             "switchboard-bench: warning: no --gateway-pid; the gateway's memory is not measured"
@@ -384,12 +403,13 @@ pub(crate) fn run(a: IdleArgs) -> Result<ExitCode, String> {
     let mut workers = Fleet::new();
     // Workers give up on a silent coordinator after this long.
     let command_timeout = a.settle + a.clients.connect_timeout + Duration::from_secs(600);
-    let extra = [
+    let mut extra = vec![
         "--steps".to_owned(),
         steps.to_string(),
         "--command-timeout".to_owned(),
         util::gateway_duration(command_timeout),
     ];
+    extra.extend(a.tls.worker_args()?);
     let idxs = fleet::spawn_workers(
         &mut workers,
         "idle",
@@ -471,7 +491,7 @@ pub(crate) fn run(a: IdleArgs) -> Result<ExitCode, String> {
             rss: m.rss,
         });
     }
-    let stats_open = gw.control.map(util::gateway_stats).transpose()?;
+    let stats_open = gw.stats().transpose()?;
     if totals.failed > 0 {
         problems.push(format!(
             "{} of {} WebSocket connections failed; first error: {}",
@@ -512,7 +532,7 @@ pub(crate) fn run(a: IdleArgs) -> Result<ExitCode, String> {
     let mem_after = gw.pid.map(util::proc_mem).transpose()?;
     let slab_after = util::kernel_slab();
     let caches_after = util::slab_caches();
-    let stats_held = gw.control.map(util::gateway_stats).transpose()?;
+    let stats_held = gw.stats().transpose()?;
     if let Some(s) = &stats_held {
         if s.connections != totals.ok {
             problems.push(format!(
@@ -550,7 +570,7 @@ pub(crate) fn run(a: IdleArgs) -> Result<ExitCode, String> {
     if let Some(control) = gw.control {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            let s = util::gateway_stats(control)?;
+            let s = util::gateway_stats(control, gw.tls.as_ref())?;
             let done = s.connections == 0;
             stats_closed = Some(s);
             if done || Instant::now() >= deadline {
@@ -596,6 +616,7 @@ pub(crate) fn run(a: IdleArgs) -> Result<ExitCode, String> {
         source_addrs: a.clients.source_addrs,
         concurrency: a.clients.concurrency,
         gateway_url: gw.url.clone(),
+        tls: gw.tls.is_some(),
         gateway_command: gw.command.clone(),
         handshake_to_accept_ratio: tcp_baseline
             .as_ref()
@@ -768,15 +789,22 @@ fn opt_count(v: Option<u64>) -> String {
 fn print_table(r: &IdleResult) {
     let mut t = Table::default();
     t.section(&format!(
-        "idle: {} connections, {} client processes, {} source addresses",
-        r.connections, r.workers, r.source_addrs
+        "idle: {} {}connections, {} client processes, {} source addresses",
+        r.connections,
+        if r.tls { "TLS " } else { "" },
+        r.workers,
+        r.source_addrs
     ));
     if let Some(b) = &r.tcp_baseline {
         t.section("raw TCP accept (plain tokio accept loop)");
         tcp_baseline_rows(&mut t, b);
     }
     let h = &r.handshakes;
-    t.section("WebSocket handshakes (gateway)");
+    t.section(if r.tls {
+        "TLS + WebSocket handshakes (gateway)"
+    } else {
+        "WebSocket handshakes (gateway)"
+    });
     t.row(
         "connected",
         format!("{} of {} ({} failed)", h.connected, h.connections, h.failed),

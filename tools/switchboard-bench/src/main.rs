@@ -6,7 +6,8 @@
 //!   handshake rate beside the raw TCP accept rate of the machine (measured
 //!   with a plain tokio accept loop and the same clients), holds the
 //!   connections idle (answering pings) for a settle period and reports the
-//!   gateway's RSS per connection.
+//!   gateway's RSS per connection. With `--tls` the gateway and its clients
+//!   speak TLS (see [`tls`]), so the same figures show what TLS costs.
 //! * `echo` runs M clients that each send a message, wait for the echo through
 //!   the gateway and the echo origin, and repeat; it reports round trips per
 //!   second and the latency distribution (HDR histogram).
@@ -50,6 +51,7 @@ mod idle;
 mod nats;
 mod proto;
 mod subscriber;
+mod tls;
 mod util;
 mod worker;
 
@@ -197,6 +199,7 @@ mod tests {
     fn defaults_of_every_role_parse() {
         for argv in [
             &["b", "idle"][..],
+            &["b", "idle", "--tls", "--connections", "6000"],
             &["b", "echo"],
             &["b", "cross-node"],
             &["b", "fanout"],
@@ -211,6 +214,20 @@ mod tests {
                 "127.0.0.1:1",
                 "--count",
                 "1",
+            ],
+            &[
+                "b",
+                "worker",
+                "--mode",
+                "idle",
+                "--addr",
+                "127.0.0.1:1",
+                "--url",
+                "wss://127.0.0.1:1/",
+                "--count",
+                "1",
+                "--tls-ca",
+                "ca.pem",
             ],
             &["b", "acceptor", "--expect", "1"],
         ] {

@@ -1,7 +1,8 @@
-//! Helpers: durations, `/proc` readings, a tiny HTTP/1.1 GET, loopback URL
+//! Helpers: durations, `/proc` readings, a tiny HTTP/1.1 GET (plain or TLS), loopback URL
 //! checks, histograms and table printing.
 
 use crate::proto::Buckets;
+use crate::tls::TlsClient;
 use hdrhistogram::Histogram;
 use serde::Serialize;
 use std::io::{Read, Write};
@@ -380,12 +381,14 @@ fn is_loopback(ip: IpAddr) -> bool {
     ip.is_loopback()
 }
 
-/// Splits `ws://HOST:PORT/path` into a loopback socket address; refuses
-/// anything that does not resolve to loopback only.
+/// Splits `ws://HOST:PORT/path` (or `wss://...`) into a loopback socket
+/// address; refuses anything that does not resolve to loopback only.
 pub(crate) fn loopback_ws_addr(url: &str) -> Result<SocketAddr, String> {
-    let rest = url
-        .strip_prefix("ws://")
-        .ok_or_else(|| format!("{url:?}: only ws:// URLs are supported"))?;
+    let (rest, default_port) = match (url.strip_prefix("ws://"), url.strip_prefix("wss://")) {
+        (Some(rest), _) => (rest, 80),
+        (_, Some(rest)) => (rest, 443),
+        _ => return Err(format!("{url:?}: only ws:// and wss:// URLs are supported")),
+    };
     let authority = rest.split('/').next().unwrap_or_default();
     let with_port = if authority
         .rsplit_once(':')
@@ -393,7 +396,7 @@ pub(crate) fn loopback_ws_addr(url: &str) -> Result<SocketAddr, String> {
     {
         authority.to_owned()
     } else {
-        format!("{authority}:80")
+        format!("{authority}:{default_port}")
     };
     let addrs: Vec<SocketAddr> = with_port
         .to_socket_addrs()
@@ -428,21 +431,27 @@ pub(crate) fn free_port() -> Result<u16, String> {
 
 /// `GET path` over HTTP/1.1 with a 5 s bound; returns the status and body.
 pub(crate) fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String), String> {
+    http_get_over(addr, None, path)
+}
+
+/// [`http_get`], over TLS (`https://`) when `tls` is given.
+pub(crate) fn http_get_over(
+    addr: SocketAddr,
+    tls: Option<&TlsClient>,
+    path: &str,
+) -> Result<(u16, String), String> {
     const LIMIT: Duration = Duration::from_secs(5);
-    let mut s = TcpStream::connect_timeout(&addr, LIMIT)
-        .map_err(|e| format!("GET http://{addr}{path}: {e}"))?;
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let s = TcpStream::connect_timeout(&addr, LIMIT)
+        .map_err(|e| format!("GET {scheme}://{addr}{path}: {e}"))?;
     s.set_read_timeout(Some(LIMIT)).map_err(|e| e.to_string())?;
     s.set_write_timeout(Some(LIMIT))
         .map_err(|e| e.to_string())?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .map_err(|e| e.to_string())?;
-    let mut raw = Vec::new();
-    s.take(16 << 20)
-        .read_to_end(&mut raw)
-        .map_err(|e| format!("GET http://{addr}{path}: {e}"))?;
+    let raw = match tls {
+        None => get_raw(s, addr, path),
+        Some(tls) => get_raw(tls.connect_blocking(s)?, addr, path),
+    }
+    .map_err(|e| format!("GET {scheme}://{addr}{path}: {e}"))?;
     let text = String::from_utf8_lossy(&raw);
     let (head, body) = text.split_once("\r\n\r\n").ok_or("malformed HTTP answer")?;
     let status = head
@@ -459,6 +468,22 @@ pub(crate) fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String), St
         body.to_owned()
     };
     Ok((status, body))
+}
+
+/// Sends `GET path` with `Connection: close` and reads the whole answer
+/// (at most 16 MiB).
+fn get_raw(mut s: impl Read + Write, addr: SocketAddr, path: &str) -> std::io::Result<Vec<u8>> {
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    s.flush()?;
+    let mut raw = Vec::new();
+    match s.take(16 << 20).read_to_end(&mut raw) {
+        // A TLS peer that closes without close_notify: the answer is what came.
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && !raw.is_empty() => Ok(raw),
+        r => r.map(|_| raw),
+    }
 }
 
 /// Decodes a chunked body (enough for small JSON answers).
@@ -480,11 +505,12 @@ fn dechunk(mut body: &str) -> String {
     out
 }
 
-/// `GET /v1/stats` of a gateway's control listener.
+/// `GET /v1/stats` of a gateway's control listener (over TLS with `tls`).
 pub(crate) fn gateway_stats(
     control: SocketAddr,
+    tls: Option<&TlsClient>,
 ) -> Result<switchboard_proto::control::Stats, String> {
-    let (status, body) = http_get(control, "/v1/stats")?;
+    let (status, body) = http_get_over(control, tls, "/v1/stats")?;
     if status != 200 {
         return Err(format!("GET /v1/stats: HTTP {status}: {body}"));
     }
@@ -530,9 +556,11 @@ impl OriginCounters {
     }
 }
 
-/// Polls `GET /readyz` until it answers 200, the process exits, or `limit` passes.
+/// Polls `GET /readyz` (over TLS with `tls`) until it answers 200, the
+/// process exits, or `limit` passes.
 pub(crate) fn wait_ready(
     control: SocketAddr,
+    tls: Option<&TlsClient>,
     child: &mut std::process::Child,
     limit: Duration,
 ) -> Result<(), String> {
@@ -541,7 +569,7 @@ pub(crate) fn wait_ready(
         if let Ok(Some(status)) = child.try_wait() {
             return Err(format!("the gateway exited during startup ({status})"));
         }
-        if matches!(http_get(control, "/readyz"), Ok((200, _))) {
+        if matches!(http_get_over(control, tls, "/readyz"), Ok((200, _))) {
             return Ok(());
         }
         std::thread::sleep(Duration::from_millis(50));
@@ -760,7 +788,9 @@ mod tests {
         );
         assert_eq!(loopback_ws_addr("ws://127.0.0.1:9").unwrap().port(), 9);
         assert!(loopback_ws_addr("ws://10.0.0.1:8080/").is_err());
-        assert!(loopback_ws_addr("wss://127.0.0.1:8080/").is_err());
+        assert_eq!(loopback_ws_addr("wss://127.0.0.1/").unwrap().port(), 443);
+        assert!(loopback_ws_addr("wss://10.0.0.1:8080/").is_err());
+        assert!(loopback_ws_addr("http://127.0.0.1:8080/").is_err());
         assert!(require_loopback("192.168.1.1:80".parse().unwrap()).is_err());
     }
 

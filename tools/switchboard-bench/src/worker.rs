@@ -5,9 +5,13 @@
 //!
 //! `fanout` subscribers bypass tungstenite once connected and read raw
 //! frames (see [`crate::subscriber`]).
+//!
+//! With `--tls-ca`, WebSocket clients do a TLS handshake (see [`crate::tls`])
+//! before the WebSocket one, and the same code drives the TLS stream.
 
 use crate::proto::{self, Report};
 use crate::subscriber::{self, Tally};
+use crate::tls::TlsClient;
 use crate::util::{self, parse_duration};
 use bytes::Bytes;
 use clap::{Args, ValueEnum};
@@ -15,14 +19,16 @@ use futures_util::{SinkExt, StreamExt};
 use hdrhistogram::Histogram;
 use std::io::{BufRead, Write};
 use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::{mpsc, watch, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::time::{sleep, timeout, timeout_at, Instant};
+use tokio_rustls::client::TlsStream;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
@@ -112,6 +118,13 @@ pub(crate) struct WorkerArgs {
     /// subscribed by its URL (nchan).
     #[arg(long)]
     subscribe: Option<String>,
+    /// Speak TLS (a `wss://` URL), trusting the CA certificate(s) of this PEM
+    /// file; modes `idle`, `echo` and `recv` only.
+    #[arg(long)]
+    tls_ca: Option<PathBuf>,
+    /// With --tls-ca: the name the server's certificate must hold (and SNI).
+    #[arg(long, default_value = "localhost")]
+    tls_server_name: String,
 }
 
 /// Options of the hidden `acceptor` subcommand.
@@ -244,6 +257,8 @@ pub(crate) fn run_acceptor(a: AcceptorArgs) -> Result<ExitCode, String> {
 struct Shared {
     args: WorkerArgs,
     ws_config: WebSocketConfig,
+    /// The TLS client, with `--tls-ca`.
+    tls: Option<TlsClient>,
     /// The handshake request, built once.
     request: Vec<u8>,
     ok: AtomicU64,
@@ -393,6 +408,8 @@ async fn connect_tcp(addr: SocketAddr, src: Option<Ipv4Addr>) -> std::io::Result
 enum Conn {
     Tcp(TcpStream),
     Ws(Box<WebSocketStream<TcpStream>>),
+    /// A WebSocket over TLS (`--tls-ca`).
+    Wss(Box<WebSocketStream<TlsStream<TcpStream>>>),
     /// A `fanout` subscriber: the socket after the handshake (and the
     /// subscribe reply), and the bytes already read past them.
     Raw(TcpStream, Vec<u8>),
@@ -415,6 +432,24 @@ async fn open(sh: &Shared, i: usize) -> Result<Conn, String> {
         };
         return Ok(Conn::Raw(stream, rest));
     }
+    match &sh.tls {
+        None => Ok(Conn::Ws(Box::new(open_ws(sh, stream).await?))),
+        Some(tls) => {
+            let stream = tls
+                .connect(stream)
+                .await
+                .map_err(|e| format!("TLS handshake: {e}"))?;
+            Ok(Conn::Wss(Box::new(open_ws(sh, stream).await?)))
+        }
+    }
+}
+
+/// The WebSocket handshake over a connected stream (and, in `recv` mode,
+/// the origin's welcome message).
+async fn open_ws<S>(sh: &Shared, stream: S) -> Result<WebSocketStream<S>, String>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     let mut ws = client_handshake(stream, &sh.request, sh.ws_config)
         .await
         .map_err(|e| format!("handshake: {e}"))?;
@@ -428,7 +463,7 @@ async fn open(sh: &Shared, i: usize) -> Result<Conn, String> {
             .map_err(|_| "welcome message is not UTF-8".to_owned())?;
         sh.ids.lock().expect("not poisoned").push(id);
     }
-    Ok(Conn::Ws(Box::new(ws)))
+    Ok(ws)
 }
 
 /// The RFC 6455 sample key and its accept value. One fixed key keeps the
@@ -440,10 +475,13 @@ const WS_ACCEPT: &str = "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=";
 /// Largest handshake response head accepted.
 const MAX_RESPONSE_HEAD: usize = 16 << 10;
 
-/// The opening handshake request for `url` (`ws://authority/path`),
-/// offering `subprotocol` if given.
+/// The opening handshake request for `url` (`ws://authority/path` or
+/// `wss://...`), offering `subprotocol` if given.
 fn handshake_request(url: &str, subprotocol: Option<&str>) -> Vec<u8> {
-    let rest = url.strip_prefix("ws://").unwrap_or(url);
+    let rest = url
+        .strip_prefix("ws://")
+        .or_else(|| url.strip_prefix("wss://"))
+        .unwrap_or(url);
     let (authority, path) = match rest.find('/') {
         Some(i) => (&rest[..i], &rest[i..]),
         None => (rest, "/"),
@@ -491,24 +529,32 @@ fn check_response(head: &str, subprotocol: Option<&str>) -> Result<(), String> {
 /// A minimal client handshake: writes the prebuilt request, reads the
 /// response head, checks it, and hands the socket (with any bytes read past
 /// the head) to tungstenite.
-async fn client_handshake(
-    stream: TcpStream,
+async fn client_handshake<S>(
+    stream: S,
     request: &[u8],
     config: WebSocketConfig,
-) -> Result<WebSocketStream<TcpStream>, String> {
+) -> Result<WebSocketStream<S>, String>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     let (stream, rest) = raw_handshake(stream, request, None).await?;
     Ok(WebSocketStream::from_partially_read(stream, rest, Role::Client, Some(config)).await)
 }
 
 /// The handshake itself: writes the prebuilt request, reads and checks the
 /// response head; returns the socket and the bytes read past the head.
-async fn raw_handshake(
-    mut stream: TcpStream,
+async fn raw_handshake<S>(
+    mut stream: S,
     request: &[u8],
     subprotocol: Option<&str>,
-) -> Result<(TcpStream, Vec<u8>), String> {
+) -> Result<(S, Vec<u8>), String>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     use tokio::io::AsyncWriteExt;
     stream.write_all(request).await.map_err(|e| e.to_string())?;
+    // A no-op on a socket; over TLS, sends the records still buffered.
+    stream.flush().await.map_err(|e| e.to_string())?;
     let mut buf = Vec::with_capacity(512);
     // Bounded by MAX_RESPONSE_HEAD (and the caller's timeout).
     let head_len = loop {
@@ -635,12 +681,27 @@ async fn client(
     match conn {
         Conn::Tcp(s) => hold_tcp(&sh, s, close).await,
         Conn::Raw(s, rest) => hold_subscriber(&sh, s, rest, close).await,
-        Conn::Ws(ws) if matches!(sh.args.mode, Mode::Idle | Mode::Recv) => {
-            hold_ws(&sh, *ws, close).await
-        }
-        Conn::Ws(ws) => echo_loop(&sh, i, *ws, run).await,
+        Conn::Ws(ws) => use_ws(&sh, i, *ws, close, run).await,
+        Conn::Wss(ws) => use_ws(&sh, i, *ws, close, run).await,
     }
     sh.ended.fetch_add(1, Relaxed);
+}
+
+/// Holds a WebSocket connection (`idle`, `recv`) or runs its echo loop.
+async fn use_ws<S>(
+    sh: &Shared,
+    i: usize,
+    ws: WebSocketStream<S>,
+    close: watch::Receiver<bool>,
+    run: watch::Receiver<Option<Instant>>,
+) where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    if matches!(sh.args.mode, Mode::Idle | Mode::Recv) {
+        hold_ws(sh, ws, close).await
+    } else {
+        echo_loop(sh, i, ws, run).await
+    }
 }
 
 /// Holds a plain TCP connection until `close` (or the peer ends it).
@@ -660,11 +721,10 @@ async fn hold_tcp(sh: &Shared, mut s: TcpStream, mut close: watch::Receiver<bool
 /// Holds a WebSocket connection, reading so that pings are answered (and
 /// recording data messages, which only `recv` clients get), until `close`;
 /// then closes it gracefully.
-async fn hold_ws(
-    sh: &Shared,
-    mut ws: WebSocketStream<TcpStream>,
-    mut close: watch::Receiver<bool>,
-) {
+async fn hold_ws<S>(sh: &Shared, mut ws: WebSocketStream<S>, mut close: watch::Receiver<bool>)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     let dropped = loop {
         tokio::select! {
             biased;
@@ -866,7 +926,10 @@ async fn hold_subscriber(
 }
 
 /// Sends a close frame and reads until the peer's close (bounded).
-async fn graceful_close(ws: &mut WebSocketStream<TcpStream>) {
+async fn graceful_close<S>(ws: &mut WebSocketStream<S>)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     let _ = timeout(CLOSE_WAIT, async {
         if ws.close(None).await.is_err() {
             return;
@@ -878,7 +941,10 @@ async fn graceful_close(ws: &mut WebSocketStream<TcpStream>) {
 }
 
 /// The next data message's payload, skipping control frames.
-async fn next_data(ws: &mut WebSocketStream<TcpStream>) -> Result<Bytes, String> {
+async fn next_data<S>(ws: &mut WebSocketStream<S>) -> Result<Bytes, String>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     // Bounded by the caller's timeout.
     loop {
         match ws.next().await {
@@ -902,12 +968,14 @@ fn stamp(payload: &mut [u8], seq: u64) {
 /// One echo client: after `run`, send / wait for the echo / repeat until the
 /// end of the measured window; round trips that start after the warmup and
 /// end inside the window are recorded.
-async fn echo_loop(
+async fn echo_loop<S>(
     sh: &Shared,
     i: usize,
-    mut ws: WebSocketStream<TcpStream>,
+    mut ws: WebSocketStream<S>,
     mut run: watch::Receiver<Option<Instant>>,
-) {
+) where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     let a = &sh.args;
     let start = match timeout(a.command_timeout, run.wait_for(Option::is_some)).await {
         Ok(Ok(v)) => v.expect("waited for Some"),
@@ -980,15 +1048,28 @@ pub(crate) fn run_worker(args: WorkerArgs) -> Result<ExitCode, String> {
                 args.url, args.addr
             ));
         }
+        if args.url.starts_with("wss://") != args.tls_ca.is_some() {
+            return Err(format!(
+                "--url {}: a wss:// URL goes with --tls-ca, a ws:// one without",
+                args.url
+            ));
+        }
     }
+    let tls = match &args.tls_ca {
+        Some(_) if matches!(args.mode, Mode::Tcp | Mode::Fanout) => {
+            return Err(format!("--tls-ca does not apply to mode {:?}", args.mode));
+        }
+        Some(ca) => Some(TlsClient::load(ca, &args.tls_server_name)?),
+        None => None,
+    };
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| format!("cannot start the runtime: {e}"))?;
-    rt.block_on(worker_main(args))
+    rt.block_on(worker_main(args, tls))
 }
 
-async fn worker_main(args: WorkerArgs) -> Result<ExitCode, String> {
+async fn worker_main(args: WorkerArgs, tls: Option<TlsClient>) -> Result<ExitCode, String> {
     let mut commands = stdin_commands();
     // Small client buffers: the tool holds tens of thousands of these.
     let read_buf = if args.mode == Mode::Echo {
@@ -1003,6 +1084,7 @@ async fn worker_main(args: WorkerArgs) -> Result<ExitCode, String> {
         request: handshake_request(&args.url, args.subprotocol.as_deref()),
         args: args.clone(),
         ws_config,
+        tls,
         ok: AtomicU64::new(0),
         failed: AtomicU64::new(0),
         target: AtomicU64::new(0),
@@ -1208,6 +1290,11 @@ mod tests {
             String::from_utf8(handshake_request("ws://127.0.0.1:9", None))
                 .unwrap()
                 .starts_with("GET / HTTP/1.1")
+        );
+        assert!(
+            String::from_utf8(handshake_request("wss://127.0.0.1:9/tls", None))
+                .unwrap()
+                .starts_with("GET /tls HTTP/1.1\r\nHost: 127.0.0.1:9\r\n")
         );
         let native = String::from_utf8(handshake_request(
             "ws://127.0.0.1:9/",
