@@ -151,7 +151,9 @@ pub(crate) fn void_disconnect(s: &Shared, id: &ConnectionId, reason: &str) {
 }
 
 enum Phase {
-    Open,
+    /// `heartbeat` is when to ping, or, once a ping is out, by when some
+    /// frame must have come back.
+    Open { awaiting_pong: bool },
     /// Our close frame is queued (or sent); waiting for the client's.
     Closing {
         peer_closed: bool,
@@ -165,20 +167,29 @@ struct Task {
     guard: DisconnectGuard,
     stream: ClientStream,
     decoder: Decoder,
-    /// Unconsumed bytes of an incomplete frame; `None` when idle.
-    rbuf: Option<BytesMut>,
+    /// Unconsumed bytes of an incomplete frame, parked between reads;
+    /// `None` when idle. Boxed: a pointer is what idle connections pay.
+    rbuf: Option<Box<BytesMut>>,
     seq: u64,
     phase: Phase,
-    next_ping: Instant,
-    pong_deadline: Option<Instant>,
+    /// The next ping, or the pong deadline (see [`Phase::Open`]).
+    heartbeat: Instant,
     last_message: Instant,
-    /// The token expiry (Unix ms) a `refresh` push was sent for.
-    refresh_pushed_for: u64,
+    /// What only a connection that has sent something needs; boxed, so
+    /// an idle connection pays a pointer.
+    busy: Option<Box<Busy>>,
+}
+
+/// The state of a connection's task that comes with its first messages.
+#[derive(Default)]
+struct Busy {
     /// Rate limits, from the first message on.
-    limit: Option<Box<RateLimit>>,
+    limit: Option<RateLimit>,
     /// Commands waiting on the origin or the cluster bus, run in order by a
     /// task started on the first one.
     jobs: Option<tokio::sync::mpsc::Sender<native::Job>>,
+    /// The token expiry (Unix ms) a `refresh` push was sent for.
+    refresh_pushed_for: u64,
 }
 
 /// Runs an accepted connection to its end; the guard then sends its
@@ -198,17 +209,16 @@ pub(crate) fn run(
     let now = Instant::now();
     let mut task = Task {
         decoder,
-        next_ping: now + config.ping_interval,
+        heartbeat: now + config.ping_interval,
         guard,
         stream,
-        rbuf: leftover,
+        rbuf: leftover.map(Box::new),
         seq: 0,
-        phase: Phase::Open,
-        pong_deadline: None,
+        phase: Phase::Open {
+            awaiting_pong: false,
+        },
         last_message: now,
-        refresh_pushed_for: 0,
-        limit: None,
-        jobs: None,
+        busy: None,
     };
     async move {
         let _socket = socket;
@@ -222,15 +232,17 @@ pub(crate) fn run(
 impl Task {
     async fn drive(&mut self) -> Ending {
         // Bytes that arrived with the handshake.
-        if self.rbuf.is_some() {
-            if let Err(end) = self.decode_buffered() {
+        if let Some(mut buf) = self.rbuf.take().map(|b| *b) {
+            let decoded = self.decode_buffered(&mut buf);
+            self.park(buf);
+            if let Err(end) = decoded {
                 return end;
             }
         }
         let sleep = tokio::time::sleep_until(self.next_deadline());
         tokio::pin!(sleep);
         loop {
-            if let Phase::Open = self.phase {
+            if let Phase::Open { .. } = self.phase {
                 if let Some(req) = self.guard.conn.take_close() {
                     self.start_close(req.code, &req.reason, req.by);
                 }
@@ -286,8 +298,8 @@ impl Task {
     fn next_deadline(&self) -> Instant {
         match self.phase {
             Phase::Closing { deadline, .. } => deadline,
-            Phase::Open => {
-                let mut d = self.pong_deadline.unwrap_or(self.next_ping);
+            Phase::Open { .. } => {
+                let mut d = self.heartbeat;
                 if let Some(idle) = self.guard.shared.config.idle_timeout {
                     d = d.min(self.last_message + idle);
                 }
@@ -307,7 +319,7 @@ impl Task {
             return None;
         }
         let notice = self.guard.shared.config.token_refresh_notice.as_millis() as u64;
-        let at = if self.guard.conn.native && self.refresh_pushed_for != exp {
+        let at = if self.guard.conn.native && self.refresh_pushed_for() != exp {
             exp.saturating_sub(notice)
         } else {
             exp
@@ -329,8 +341,8 @@ impl Task {
             return;
         }
         let notice = self.guard.shared.config.token_refresh_notice.as_millis() as u64;
-        if self.guard.conn.native && self.refresh_pushed_for != exp && now + notice >= exp {
-            self.refresh_pushed_for = exp;
+        if self.guard.conn.native && self.refresh_pushed_for() != exp && now + notice >= exp {
+            self.busy().refresh_pushed_for = exp;
             let push = Push::Refresh { expires_at_ms: exp };
             let s = &self.guard.shared;
             self.guard.conn.push(native::push_frame(&push), &s.metrics);
@@ -339,7 +351,7 @@ impl Task {
 
     fn on_timer(&mut self) -> Option<Ending> {
         let now = Instant::now();
-        if let Phase::Open = self.phase {
+        if let Phase::Open { .. } = self.phase {
             self.check_token();
         }
         if let Phase::Closing { deadline, .. } = self.phase {
@@ -351,7 +363,13 @@ impl Task {
                 )
             });
         }
-        if self.pong_deadline.is_some_and(|d| now >= d) {
+        let awaiting_pong = matches!(
+            self.phase,
+            Phase::Open {
+                awaiting_pong: true
+            }
+        );
+        if awaiting_pong && now >= self.heartbeat {
             return Some(Ending {
                 code: close::ABNORMAL,
                 reason: "pong timeout".into(),
@@ -364,11 +382,11 @@ impl Task {
                 return None;
             }
         }
-        if now >= self.next_ping {
-            self.next_ping = now + self.guard.shared.config.ping_interval;
-            if self.pong_deadline.is_none() {
-                self.pong_deadline = Some(now + self.guard.shared.config.pong_timeout);
-            }
+        if now >= self.heartbeat {
+            self.heartbeat = now + self.guard.shared.config.pong_timeout;
+            self.phase = Phase::Open {
+                awaiting_pong: true,
+            };
             self.guard
                 .conn
                 .send_control(&self.stream, PING.clone(), &self.guard.shared.metrics);
@@ -408,7 +426,7 @@ impl Task {
 
     /// Reads what the socket has (up to a budget) and handles every complete message.
     fn read_ready(&mut self) -> Result<(), Ending> {
-        let mut buf = self.rbuf.take().unwrap_or_else(pool::take);
+        let mut buf = self.rbuf.take().map_or_else(pool::take, |b| *b);
         let mut total = 0;
         let result = loop {
             if buf.capacity() - buf.len() < 1024 {
@@ -426,9 +444,9 @@ impl Task {
                     total += n;
                     self.guard.conn.bytes_in.fetch_add(n as u64, Relaxed);
                     self.guard.shared.metrics.bytes_in.inc_by(n as u64);
-                    self.rbuf = Some(buf);
-                    self.decode_buffered()?;
-                    buf = self.rbuf.take().unwrap_or_else(pool::take);
+                    if let Err(end) = self.decode_buffered(&mut buf) {
+                        break Err(end);
+                    }
                     if total >= READ_BUDGET {
                         break Ok(());
                     }
@@ -439,31 +457,32 @@ impl Task {
                 }
             }
         };
-        if buf.is_empty() {
-            pool::give(buf);
-        } else {
-            self.rbuf = Some(buf);
-        }
+        self.park(buf);
         result
     }
 
-    /// Decodes and handles every complete message in `rbuf`.
-    fn decode_buffered(&mut self) -> Result<(), Ending> {
-        let Some(mut buf) = self.rbuf.take() else {
-            return Ok(());
-        };
-        let result = loop {
-            match self.decoder.decode(&mut buf) {
+    /// Keeps the bytes of an incomplete frame for the next read; an empty
+    /// buffer goes back to the pool.
+    fn park(&mut self, buf: BytesMut) {
+        if buf.is_empty() {
+            pool::give(buf);
+        } else {
+            self.rbuf = Some(Box::new(buf));
+        }
+    }
+
+    /// Decodes and handles every complete message in `buf`.
+    fn decode_buffered(&mut self, buf: &mut BytesMut) -> Result<(), Ending> {
+        loop {
+            match self.decoder.decode(buf) {
                 Ok(Some(msg)) => {
-                    if let Err(end) = self.on_message(msg) {
-                        break Err(end);
-                    }
+                    self.on_message(msg)?;
                 }
-                Ok(None) => break Ok(()),
+                Ok(None) => return Ok(()),
                 Err(e) => {
                     buf.clear();
                     match &mut self.phase {
-                        Phase::Open => {
+                        Phase::Open { .. } => {
                             self.guard.shared.metrics.protocol_errors.inc();
                             self.start_close(e.close_code(), &e.to_string(), ClosedBy::Gateway);
                             // Nothing more will be read that we can trust.
@@ -477,22 +496,24 @@ impl Task {
                         // way nothing more will come: stop waiting for it.
                         Phase::Closing { peer_closed, .. } => *peer_closed = true,
                     }
-                    break Ok(());
+                    return Ok(());
                 }
             }
-        };
-        if buf.is_empty() {
-            pool::give(buf);
-        } else {
-            self.rbuf = Some(buf);
         }
-        result
     }
 
     fn on_message(&mut self, msg: Message) -> Result<(), Ending> {
         self.guard.shared.metrics.frames_in.inc();
-        // Any frame proves the peer alive.
-        self.pong_deadline = None;
+        // Any frame proves the peer alive: the next ping an interval on.
+        if let Phase::Open {
+            awaiting_pong: true,
+        } = self.phase
+        {
+            self.phase = Phase::Open {
+                awaiting_pong: false,
+            };
+            self.heartbeat = Instant::now() + self.guard.shared.config.ping_interval;
+        }
         let closing = matches!(self.phase, Phase::Closing { .. });
         if let (Message::Text(data) | Message::Binary(data), false) = (&msg, closing) {
             match self.admit(data.len()) {
@@ -560,7 +581,7 @@ impl Task {
             }
             Message::Pong(_) => {}
             Message::Close(code, reason) => match &mut self.phase {
-                Phase::Open => {
+                Phase::Open { .. } => {
                     let reason = String::from_utf8_lossy(&reason).into_owned();
                     let echo = match code {
                         Some(c) => encode_close(c, ""),
@@ -591,16 +612,24 @@ impl Task {
             return Verdict::Pass;
         }
         let now = std::time::Instant::now();
-        self.limit
-            .get_or_insert_with(|| {
-                Box::new(RateLimit::new(
-                    cfg.client_message_rate,
-                    cfg.client_byte_rate,
-                    cfg.max_message_size,
-                    now,
-                ))
-            })
+        let (messages, bytes, max) = (
+            cfg.client_message_rate,
+            cfg.client_byte_rate,
+            cfg.max_message_size,
+        );
+        self.busy()
+            .limit
+            .get_or_insert_with(|| RateLimit::new(messages, bytes, max, now))
             .check(len, now)
+    }
+
+    /// The busy part of the state, made on first use.
+    fn busy(&mut self) -> &mut Busy {
+        self.busy.get_or_insert_with(Default::default)
+    }
+
+    fn refresh_pushed_for(&self) -> u64 {
+        self.busy.as_ref().map_or(0, |b| b.refresh_pushed_for)
     }
 
     /// Counts a message from the client (which also proves it active).
@@ -623,7 +652,8 @@ impl Task {
             }
             native::Outcome::Wait(job) => {
                 let s = &self.guard.shared;
-                let tx = self.jobs.get_or_insert_with(|| {
+                let busy = self.busy.get_or_insert_with(Default::default);
+                let tx = busy.jobs.get_or_insert_with(|| {
                     let (tx, rx) = tokio::sync::mpsc::channel(s.config.max_pending_events);
                     s.conn_tasks.spawn(native::command_worker(
                         s.clone(),
@@ -734,8 +764,11 @@ mod tests {
         let size = std::mem::size_of_val(&fut);
         eprintln!("connection future: {size} bytes");
         // The largest part of an idle connection's memory (docs/benchmarks.md):
-        // catch regressions here, measure with the bench tool. (704 before
-        // the stream became plain-or-TLS: the enum's tag costs 8 bytes.)
-        assert!(size <= 712, "connection future is {size} bytes");
+        // catch regressions here, measure with the bench tool. tokio
+        // allocates a task in 128-byte steps (its cell is cache-line
+        // aligned): with its header, trailer and the task tracker's token,
+        // a future of up to 656 bytes fits a 768-byte cell; 8 more cost a
+        // whole step, 128 bytes per connection.
+        assert!(size <= 656, "connection future is {size} bytes");
     }
 }
