@@ -6,8 +6,8 @@
 //! writes plaintext on one end of a local socket pair, and a pump task moves
 //! bytes between the other end and the TLS stream. So the connection task
 //! keeps its readiness-based design (no buffer while idle); the TLS session
-//! and the pump's two copy buffers are what TLS adds to a connection
-//! (docs/security.md, "TLS").
+//! and the pump (which, likewise, borrows a buffer only while bytes move)
+//! are what TLS adds to a connection (docs/security.md, "TLS").
 
 use crate::config::{Config, TlsVersion};
 use crate::gateway::Shared;
@@ -262,25 +262,121 @@ pub(crate) async fn accept_client(
 }
 
 /// Moves bytes both ways between a client's TLS stream and the connection
-/// task's plaintext socket; when one direction ends, the other gets
-/// [`LINGER`] to finish.
-async fn pump(tls: TlsStream<TcpStream>, plain: UnixStream) {
-    let (mut from_client, mut to_client) = tokio::io::split(tls);
-    let (mut from_task, mut to_task) = plain.into_split();
-    let up = async move {
-        let _ = tokio::io::copy(&mut from_client, &mut to_task).await;
-        let _ = to_task.shutdown().await;
-    };
-    let down = async move {
-        let _ = tokio::io::copy(&mut from_task, &mut to_client).await;
-        // Sends close_notify, then closes the TCP write side.
-        let _ = to_client.shutdown().await;
-    };
-    tokio::pin!(up, down);
-    tokio::select! {
-        () = &mut down => { let _ = tokio::time::timeout(LINGER, up).await; }
-        () = &mut up => { let _ = tokio::time::timeout(LINGER, down).await; }
+/// task's plaintext socket, holding a (pooled) buffer only while bytes are
+/// moving, as the connection task does: an idle TLS connection costs its
+/// rustls session and this future, no copy buffers. When one direction
+/// ends, the other gets [`LINGER`] to finish.
+async fn pump(mut tls: TlsStream<TcpStream>, mut plain: UnixStream) {
+    let (mut from_client, mut from_task) = (true, true);
+    let mut linger: Option<tokio::time::Instant> = None;
+    // The client may have sent its first bytes with the end of the TLS
+    // handshake: they are already in rustls, and the socket will not turn
+    // readable for them.
+    match client_to_task(&mut tls, &mut plain).await {
+        Flow::Open => {}
+        Flow::Ended => {
+            from_client = false;
+            linger = Some(tokio::time::Instant::now() + LINGER);
+        }
+        Flow::Failed => return,
     }
+    while from_client || from_task {
+        let deadline = linger.unwrap_or_else(|| tokio::time::Instant::now() + LINGER);
+        tokio::select! {
+            ready = tls.get_ref().0.readable(), if from_client => {
+                if ready.is_err() {
+                    return;
+                }
+                match client_to_task(&mut tls, &mut plain).await {
+                    Flow::Open => {}
+                    Flow::Ended => {
+                        from_client = false;
+                        linger.get_or_insert(tokio::time::Instant::now() + LINGER);
+                    }
+                    Flow::Failed => return,
+                }
+            }
+            ready = plain.readable(), if from_task => {
+                if ready.is_err() {
+                    return;
+                }
+                match task_to_client(&mut plain, &mut tls).await {
+                    Flow::Open => {}
+                    Flow::Ended => {
+                        from_task = false;
+                        linger.get_or_insert(tokio::time::Instant::now() + LINGER);
+                    }
+                    Flow::Failed => return,
+                }
+            }
+            () = tokio::time::sleep_until(deadline), if linger.is_some() => return,
+        }
+    }
+}
+
+/// What became of one direction of the pump.
+enum Flow {
+    /// Still open.
+    Open,
+    /// Its sender closed (the end was passed on).
+    Ended,
+    /// An error: give up the connection.
+    Failed,
+}
+
+/// Decrypts what the client sent that is there now and passes it on.
+async fn client_to_task(tls: &mut TlsStream<TcpStream>, plain: &mut UnixStream) -> Flow {
+    use futures_util::FutureExt;
+    use tokio::io::AsyncReadExt;
+    let mut buf = crate::pool::take();
+    let flow = loop {
+        // Without waiting: a partial record stays in rustls until more comes.
+        match tls.read_buf(&mut buf).now_or_never() {
+            None => break Flow::Open,
+            Some(Ok(0)) => {
+                let _ = plain.shutdown().await;
+                break Flow::Ended;
+            }
+            Some(Ok(_)) => {
+                if plain.write_all(&buf).await.is_err() {
+                    break Flow::Failed;
+                }
+                buf.clear();
+            }
+            Some(Err(_)) => break Flow::Failed,
+        }
+    };
+    crate::pool::give(buf);
+    flow
+}
+
+/// Encrypts what the connection task wrote that is there now and sends it.
+async fn task_to_client(plain: &mut UnixStream, tls: &mut TlsStream<TcpStream>) -> Flow {
+    let mut buf = crate::pool::take();
+    let flow = loop {
+        match plain.try_read_buf(&mut buf) {
+            Ok(0) => {
+                // Sends close_notify, then closes the TCP write side.
+                let _ = tls.shutdown().await;
+                break Flow::Ended;
+            }
+            Ok(_) => {
+                if tls.write_all(&buf).await.is_err() {
+                    break Flow::Failed;
+                }
+                buf.clear();
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                break match tls.flush().await {
+                    Ok(()) => Flow::Open,
+                    Err(_) => Flow::Failed,
+                };
+            }
+            Err(_) => break Flow::Failed,
+        }
+    };
+    crate::pool::give(buf);
+    flow
 }
 
 /// The control listener behind TLS, for `axum::serve`: a task accepts TCP
