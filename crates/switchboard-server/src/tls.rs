@@ -261,86 +261,113 @@ pub(crate) async fn accept_client(
     Some(ClientStream::Tls(ours))
 }
 
+/// Bytes moved in one direction before the pump turns to the other, so a
+/// client streaming in cannot hold up what the gateway sends it (or the
+/// other way round).
+const TURN_BUDGET: usize = 64 << 10;
+
 /// Moves bytes both ways between a client's TLS stream and the connection
 /// task's plaintext socket, holding a (pooled) buffer only while bytes are
 /// moving, as the connection task does: an idle TLS connection costs its
-/// rustls session and this future, no copy buffers. When one direction
-/// ends, the other gets [`LINGER`] to finish.
+/// rustls session and this future, no copy buffers. The directions take
+/// turns of at most [`TURN_BUDGET`] bytes; when one ends, the other gets
+/// [`LINGER`] to finish.
 async fn pump(mut tls: TlsStream<TcpStream>, mut plain: UnixStream) {
-    let (mut from_client, mut from_task) = (true, true);
-    let mut linger: Option<tokio::time::Instant> = None;
     // The client may have sent its first bytes with the end of the TLS
     // handshake: they are already in rustls, and the socket will not turn
-    // readable for them.
-    match client_to_task(&mut tls, &mut plain).await {
-        Flow::Open => {}
-        Flow::Ended => {
-            from_client = false;
-            linger = Some(tokio::time::Instant::now() + LINGER);
+    // readable for them. So both sides start by trying.
+    let (mut client, mut task) = (Side::Try, Side::Try);
+    let mut linger: Option<tokio::time::Instant> = None;
+    loop {
+        if client == Side::Try {
+            client = match client_to_task(&mut tls, &mut plain).await {
+                Flow::More => Side::Try,
+                Flow::Drained => Side::Wait,
+                Flow::Ended => Side::Closed,
+                Flow::Failed => return,
+            };
         }
-        Flow::Failed => return,
-    }
-    while from_client || from_task {
+        if task == Side::Try {
+            task = match task_to_client(&mut plain, &mut tls).await {
+                Flow::More => Side::Try,
+                Flow::Drained => Side::Wait,
+                Flow::Ended => Side::Closed,
+                Flow::Failed => return,
+            };
+        }
+        match (client, task) {
+            (Side::Closed, Side::Closed) => return,
+            (Side::Try, _) | (_, Side::Try) => continue,
+            (Side::Closed, _) | (_, Side::Closed) => {
+                linger.get_or_insert_with(|| tokio::time::Instant::now() + LINGER);
+            }
+            _ => {}
+        }
         let deadline = linger.unwrap_or_else(|| tokio::time::Instant::now() + LINGER);
         tokio::select! {
-            ready = tls.get_ref().0.readable(), if from_client => {
+            ready = tls.get_ref().0.readable(), if client == Side::Wait => {
                 if ready.is_err() {
                     return;
                 }
-                match client_to_task(&mut tls, &mut plain).await {
-                    Flow::Open => {}
-                    Flow::Ended => {
-                        from_client = false;
-                        linger.get_or_insert(tokio::time::Instant::now() + LINGER);
-                    }
-                    Flow::Failed => return,
-                }
+                client = Side::Try;
             }
-            ready = plain.readable(), if from_task => {
+            ready = plain.readable(), if task == Side::Wait => {
                 if ready.is_err() {
                     return;
                 }
-                match task_to_client(&mut plain, &mut tls).await {
-                    Flow::Open => {}
-                    Flow::Ended => {
-                        from_task = false;
-                        linger.get_or_insert(tokio::time::Instant::now() + LINGER);
-                    }
-                    Flow::Failed => return,
-                }
+                task = Side::Try;
             }
             () = tokio::time::sleep_until(deadline), if linger.is_some() => return,
         }
     }
 }
 
-/// What became of one direction of the pump.
+/// Where one direction of the pump stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Side {
+    /// Bytes may be there: move them now.
+    Try,
+    /// Nothing there: wait for the socket to be readable.
+    Wait,
+    /// Its sender closed.
+    Closed,
+}
+
+/// What one turn of a direction did.
 enum Flow {
-    /// Still open.
-    Open,
+    /// Moved its budget; there may be more.
+    More,
+    /// Moved all there was.
+    Drained,
     /// Its sender closed (the end was passed on).
     Ended,
     /// An error: give up the connection.
     Failed,
 }
 
-/// Decrypts what the client sent that is there now and passes it on.
+/// Decrypts what the client sent that is there now (a turn's worth) and
+/// passes it on.
 async fn client_to_task(tls: &mut TlsStream<TcpStream>, plain: &mut UnixStream) -> Flow {
     use futures_util::FutureExt;
     use tokio::io::AsyncReadExt;
     let mut buf = crate::pool::take();
+    let mut moved = 0;
     let flow = loop {
+        if moved >= TURN_BUDGET {
+            break Flow::More;
+        }
         // Without waiting: a partial record stays in rustls until more comes.
         match tls.read_buf(&mut buf).now_or_never() {
-            None => break Flow::Open,
+            None => break Flow::Drained,
             Some(Ok(0)) => {
                 let _ = plain.shutdown().await;
                 break Flow::Ended;
             }
-            Some(Ok(_)) => {
+            Some(Ok(n)) => {
                 if plain.write_all(&buf).await.is_err() {
                     break Flow::Failed;
                 }
+                moved += n;
                 buf.clear();
             }
             Some(Err(_)) => break Flow::Failed,
@@ -350,25 +377,34 @@ async fn client_to_task(tls: &mut TlsStream<TcpStream>, plain: &mut UnixStream) 
     flow
 }
 
-/// Encrypts what the connection task wrote that is there now and sends it.
+/// Encrypts what the connection task wrote that is there now (a turn's
+/// worth) and sends it.
 async fn task_to_client(plain: &mut UnixStream, tls: &mut TlsStream<TcpStream>) -> Flow {
     let mut buf = crate::pool::take();
+    let mut moved = 0;
     let flow = loop {
+        if moved >= TURN_BUDGET {
+            break match tls.flush().await {
+                Ok(()) => Flow::More,
+                Err(_) => Flow::Failed,
+            };
+        }
         match plain.try_read_buf(&mut buf) {
             Ok(0) => {
                 // Sends close_notify, then closes the TCP write side.
                 let _ = tls.shutdown().await;
                 break Flow::Ended;
             }
-            Ok(_) => {
+            Ok(n) => {
                 if tls.write_all(&buf).await.is_err() {
                     break Flow::Failed;
                 }
+                moved += n;
                 buf.clear();
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                 break match tls.flush().await {
-                    Ok(()) => Flow::Open,
+                    Ok(()) => Flow::Drained,
                     Err(_) => Flow::Failed,
                 };
             }

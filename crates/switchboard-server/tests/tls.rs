@@ -384,3 +384,46 @@ async fn an_address_over_its_handshake_rate_is_closed_before_any_tls_work() {
         "no TLS handshake was attempted"
     );
 }
+
+/// Both directions of the pump at once, with messages larger than its
+/// buffers: a client streams large messages while the origin echoes each
+/// one back; every byte arrives, in order, both ways.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_messages_cross_the_tls_pump_both_ways_at_once() {
+    let certs = CertDir::new("bulk", "a");
+    let origin = TestOrigin::start(None).await;
+    origin.behavior(|b| b.echo = true);
+    let gw = TestGateway::with_origin(&origin, |c| {
+        certs.configure(c);
+        // Integrity is the point here, not the limits: no rate limits, room
+        // for the whole stream in the outbound queue (a debug-build client
+        // reads slower than the origin echoes), one event per origin request
+        // (the test origin takes bodies of up to 2 MB).
+        c.client_byte_rate = 0;
+        c.client_message_rate = 0;
+        c.max_outbound_bytes = 64 << 20;
+        c.origin_batch_size = 1;
+    })
+    .await;
+    let (ws, _, _) = wss(&gw).await;
+    let (mut tx, mut rx) = ws.split();
+    const N: usize = 20;
+    let message = |i: usize| format!("{i:04}-{}", "x".repeat(200_000 + i * 1_000));
+    let sender = tokio::spawn(async move {
+        for i in 0..N {
+            tx.send(WsMessage::text(message(i))).await.expect("send");
+        }
+        tx
+    });
+    for i in 0..N {
+        let got = loop {
+            match tokio::time::timeout(WAIT, rx.next()).await {
+                Ok(Some(Ok(WsMessage::Text(t)))) => break t.to_string(),
+                Ok(Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_)))) => continue,
+                other => panic!("echo {i}: {other:?}"),
+            }
+        };
+        assert!(got == message(i), "echo {i} differs ({} bytes)", got.len());
+    }
+    drop(sender.await.expect("sender"));
+}
