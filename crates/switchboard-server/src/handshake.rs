@@ -221,9 +221,14 @@ async fn first_command(shared: Arc<Shared>, p: Pending, opening: Opening) {
             let why = "token_missing: no authenticate command within handshake-timeout";
             return close_unopened(&mut stream, close::AUTHENTICATION_FAILED, why).await;
         }
-        Ok(None) => return, // closed, or not a WebSocket stream
-        Ok(Some(Message::Text(text))) => native::decode_command(&text).ok(),
-        Ok(Some(_)) => None,
+        Ok(Err(FirstFrame::Closed)) => return,
+        Ok(Err(FirstFrame::TooLarge)) => {
+            shared.metrics.handshake("unauthorized");
+            let why = "token_malformed: the first message must be one text frame under 16 KiB";
+            return close_unopened(&mut stream, close::AUTHENTICATION_FAILED, why).await;
+        }
+        Ok(Ok(Message::Text(text))) => native::decode_command(&text).ok(),
+        Ok(Ok(_)) => None,
     };
     let Some(native::Command {
         id,
@@ -285,25 +290,42 @@ async fn first_command(shared: Arc<Shared>, p: Pending, opening: Opening) {
     start(&shared, stream, disconnect, buf, decoder, socket);
 }
 
+/// Most bytes a client may send before its `authenticate` command is
+/// complete (a token is a few hundred bytes to a few KiB).
+const FIRST_FRAME_MAX: usize = 16 << 10;
+
+/// Why no first message could be read.
+enum FirstFrame {
+    /// The stream ended, failed or broke the protocol.
+    Closed,
+    /// Over [`FIRST_FRAME_MAX`] bytes without a whole message.
+    TooLarge,
+}
+
 /// Reads until `decoder` yields a data or close message (pings and pongs
-/// are skipped); `None` if the stream ends, fails or breaks the protocol.
+/// are skipped), buffering at most [`FIRST_FRAME_MAX`] bytes.
 async fn read_message(
     stream: &mut ClientStream,
     buf: &mut BytesMut,
     decoder: &mut Decoder,
-) -> Option<Message> {
+) -> Result<Message, FirstFrame> {
     loop {
         match decoder.decode(buf) {
             Ok(Some(Message::Ping(_) | Message::Pong(_))) => continue,
-            Ok(Some(m)) => return Some(m),
+            Ok(Some(m)) => return Ok(m),
             Ok(None) => {}
-            Err(_) => return None,
+            Err(_) => return Err(FirstFrame::Closed),
+        }
+        if buf.len() >= FIRST_FRAME_MAX || decoder.in_message() {
+            // A fragmented first message, or one frame larger than a
+            // command with a token needs.
+            return Err(FirstFrame::TooLarge);
         }
         if buf.capacity() - buf.len() < 1024 {
             buf.reserve(4096);
         }
         match stream.read_buf(buf).await {
-            Ok(0) | Err(_) => return None,
+            Ok(0) | Err(_) => return Err(FirstFrame::Closed),
             Ok(_) => {}
         }
     }

@@ -999,6 +999,12 @@ async fn a_first_command_that_does_not_authenticate_closes_with_4005_or_4006() {
         ),
         // Nothing within handshake-timeout.
         (None, 4005, "token_missing"),
+        // A first frame far larger than a token needs.
+        (
+            Some(json!({"id": 1, "cmd": "authenticate", "token": "x".repeat(20_000)})),
+            4005,
+            "token_malformed",
+        ),
     ];
     for (first, code, reason) in cases {
         let mut ws = native_without_token(&gw).await;
@@ -1017,7 +1023,7 @@ async fn a_first_command_that_does_not_authenticate_closes_with_4005_or_4006() {
     assert_eq!(
         gw.metric("switchboard_handshakes_total{result=\"unauthorized\"}")
             .await,
-        3.0
+        4.0
     );
 
     // A valid token the origin then refuses: 4006 with its reason.
