@@ -155,13 +155,22 @@ impl Stamp {
 }
 
 /// The current certificate and key, what new handshakes are given.
-#[derive(Debug)]
 struct CertStore {
     cert_path: PathBuf,
     key_path: PathBuf,
     current: RwLock<Arc<CertifiedKey>>,
     /// The files as last loaded or tried.
     seen: Mutex<Stamp>,
+}
+
+/// The paths only: nothing of the key is ever printed.
+impl std::fmt::Debug for CertStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CertStore")
+            .field("cert_path", &self.cert_path)
+            .field("key_path", &self.key_path)
+            .finish_non_exhaustive()
+    }
 }
 
 impl CertStore {
