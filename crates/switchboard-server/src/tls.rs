@@ -289,20 +289,16 @@ async fn pump(mut tls: TlsStream<TcpStream>, mut plain: UnixStream) {
     let mut linger: Option<tokio::time::Instant> = None;
     loop {
         if client == Side::Try {
-            client = match client_to_task(&mut tls, &mut plain).await {
-                Flow::More => Side::Try,
-                Flow::Drained => Side::Wait,
-                Flow::Ended => Side::Closed,
-                Flow::Failed => return,
+            let Some(next) = client_to_task(&mut tls, &mut plain).await.next() else {
+                return;
             };
+            client = next;
         }
         if task == Side::Try {
-            task = match task_to_client(&mut plain, &mut tls).await {
-                Flow::More => Side::Try,
-                Flow::Drained => Side::Wait,
-                Flow::Ended => Side::Closed,
-                Flow::Failed => return,
+            let Some(next) = task_to_client(&mut plain, &mut tls).await.next() else {
+                return;
             };
+            task = next;
         }
         match (client, task) {
             (Side::Closed, Side::Closed) => return,
@@ -352,6 +348,18 @@ enum Flow {
     Ended,
     /// An error: give up the connection.
     Failed,
+}
+
+impl Flow {
+    /// Where the direction stands after this turn; `None` after an error.
+    fn next(self) -> Option<Side> {
+        match self {
+            Self::More => Some(Side::Try),
+            Self::Drained => Some(Side::Wait),
+            Self::Ended => Some(Side::Closed),
+            Self::Failed => None,
+        }
+    }
 }
 
 /// Decrypts what the client sent that is there now (a turn's worth) and
