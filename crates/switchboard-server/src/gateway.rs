@@ -427,17 +427,23 @@ async fn accept_loop(
     loop {
         let (stream, remote) = tokio::select! {
             _ = &mut shutdown => return,
-            r = listener.accept() => match r {
-                Ok(pair) => pair,
-                Err(e) => {
-                    // EMFILE and friends: back off instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
+            pair = accept(listener, "client") => pair,
         };
         accept_one(shared, stream, remote);
+    }
+}
+
+/// The next socket of `listener` (`which` names it in logs). Errors such as
+/// EMFILE are logged and retried after a short pause instead of spinning.
+pub(crate) async fn accept(listener: &TcpListener, which: &str) -> (TcpStream, SocketAddr) {
+    loop {
+        match listener.accept().await {
+            Ok(pair) => return pair,
+            Err(e) => {
+                tracing::warn!(error = %e, listener = which, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
     }
 }
 

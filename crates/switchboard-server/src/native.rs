@@ -357,13 +357,8 @@ async fn refresh(s: &Shared, conn: &Conn, id: u64, token: &str) -> Bytes {
 /// in an accepting answer are delivered; otherwise the error frame for the
 /// command `id` is returned: `rejected` with the origin's reason, or
 /// `unavailable`.
-async fn ask_origin(
-    s: &Arc<Shared>,
-    conn: &Conn,
-    id: u64,
-    event: &Event,
-    kind: &'static str,
-) -> Result<(), Bytes> {
+async fn ask_origin(s: &Arc<Shared>, conn: &Conn, id: u64, event: &Event) -> Result<(), Bytes> {
+    let kind = event.kind();
     let json = serde_json::to_vec(event).expect("events serialize");
     let body = batch_body([&json[..]]);
     let label = KindLabel { kind };
@@ -419,7 +414,7 @@ async fn approve_and_publish(
         channel: channel.clone(),
         payload: data,
     });
-    if let Err(refused) = ask_origin(s, conn, id, &event, "publish").await {
+    if let Err(refused) = ask_origin(s, conn, id, &event).await {
         return refused;
     }
     let Event::Publish(PublishEvent { payload: data, .. }) = event else {
@@ -455,7 +450,7 @@ async fn approve_and_subscribe(
         user_id: conn.user_id.as_deref().map(str::to_owned),
         channel: channel.clone(),
     });
-    if let Err(refused) = ask_origin(s, conn, id, &event, "subscribe").await {
+    if let Err(refused) = ask_origin(s, conn, id, &event).await {
         return Some(refused);
     }
     match s

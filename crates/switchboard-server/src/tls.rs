@@ -457,14 +457,7 @@ impl ControlListener {
             loop {
                 let (tcp, remote) = tokio::select! {
                     _ = stop.cancelled() => return,
-                    r = listener.accept() => match r {
-                        Ok(pair) => pair,
-                        Err(e) => {
-                            tracing::warn!(error = %e, "control accept failed");
-                            tokio::time::sleep(Duration::from_millis(50)).await;
-                            continue;
-                        }
-                    },
+                    pair = crate::gateway::accept(&listener, "control") => pair,
                 };
                 let acceptor = acceptor.clone();
                 let tx = tx.clone();
