@@ -193,11 +193,16 @@ impl Drop for NatsServer {
                 Some(Ok(Some(status))) => format!("EXITED on its own with {status}"),
                 Some(Err(e)) => format!("unknown ({e})"),
             };
+            let log = self.log();
+            // A Go panic: its message and first frames say more than the
+            // end of the goroutine dump.
+            let shown = match log.find("panic:") {
+                Some(at) => log[at..].lines().take(25).collect::<Vec<_>>().join("\n"),
+                None => crate::failure::log_tail(&log, 15),
+            };
             eprintln!(
-                "--- nats-server {} on port {}: {state}; its log tail ---\n{}",
-                self.name,
-                self.port,
-                crate::failure::log_tail(&self.log(), 15)
+                "--- nats-server {} on port {}: {state}; its log ---\n{shown}",
+                self.name, self.port,
             );
             crate::failure::repeat_panic_message();
         }
