@@ -29,7 +29,7 @@
 
 use crate::cluster::NatsCluster;
 use async_nats::header::{HeaderMap, NATS_EXPECTED_LAST_SUBJECT_SEQUENCE, NATS_MESSAGE_ID};
-use async_nats::jetstream::context::PublishErrorKind;
+use async_nats::jetstream::context::{CreateStreamErrorKind, PublishErrorKind};
 use async_nats::jetstream::message::PublishMessage;
 use async_nats::jetstream::stream::{
     self, DiscardPolicy, LastRawMessageErrorKind, StorageType, Stream,
@@ -215,10 +215,29 @@ impl NatsChannels {
             num_replicas: self.node.config().channel_log_replicas,
             ..Default::default()
         };
-        self.js
-            .create_or_update_stream(config.clone())
-            .await
-            .map_err(bus_down)?;
+        // Create first: creating a stream that exists with the same limits
+        // succeeds, so nodes starting together all get here without an
+        // update. Only limits changed since the stream was made (another
+        // history-size, say) need an update. (`create_or_update_stream`
+        // updates first, and nodes starting together then update a stream
+        // another node is still creating: nats-server 2.9 crashes on that,
+        // a nil dereference in `updateWithAdvisory`.)
+        match self.js.create_stream(config.clone()).await {
+            Ok(_) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    CreateStreamErrorKind::JetStream(j)
+                        if j.error_code() == js::ErrorCode::STREAM_NAME_EXIST
+                ) =>
+            {
+                self.js
+                    .update_stream(config.clone())
+                    .await
+                    .map_err(bus_down)?;
+            }
+            Err(e) => return Err(bus_down(e)),
+        }
         let s = self
             .js
             .get_stream_no_info(&config.name)

@@ -2041,3 +2041,51 @@ async fn the_rust_sdk_gets_messages_from_other_nodes_and_recovers_through_the_cl
     on_a.close().await;
     on_b.close().await;
 }
+
+// ---------------------------------------------------------------------------
+// Namespace limits changed between runs
+// ---------------------------------------------------------------------------
+
+/// A node started with a larger `history-size` than the stream was made
+/// with brings the namespace's stream to it (the only case that updates a
+/// stream; nodes starting together with the same limits only create it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_with_new_history_limits_updates_the_namespace_stream() {
+    let nats = NatsServer::start(true);
+    let ch = "log:x";
+    let a = start_node(
+        "a",
+        &nats.url(),
+        "limits",
+        &["--namespace", "log:history-size=3"],
+    )
+    .await;
+    for i in 1..=5 {
+        publish(&a, ch, json!({"text": i.to_string()})).await;
+    }
+    let h = a.get(&format!("/v1/channels/{ch}/messages")).await.json();
+    assert_eq!(
+        h["publications"].as_array().unwrap().len(),
+        3,
+        "history-size=3 keeps 3: {h}"
+    );
+    drop(a);
+
+    let b = start_node(
+        "b",
+        &nats.url(),
+        "limits",
+        &["--namespace", "log:history-size=10"],
+    )
+    .await;
+    for i in 6..=15 {
+        publish(&b, ch, json!({"text": i.to_string()})).await;
+    }
+    let h = b.get(&format!("/v1/channels/{ch}/messages")).await.json();
+    let want: Vec<(u64, String)> = (6..=15).map(|i| (i, i.to_string())).collect();
+    assert_eq!(
+        offsets_and_texts(h["publications"].as_array().unwrap()),
+        want,
+        "the stream now keeps 10 per channel: {h}"
+    );
+}
