@@ -21,10 +21,25 @@
 //!   its own heartbeats have not come back to it for half a timeout (it is
 //!   starved of CPU or its messages are held up): everyone else's silence
 //!   would be its own.
-//! - A node that was cut off for longer than the timeout looks its own run
-//!   up in the bucket when it is back; if another node reported it lost, it
-//!   closes all its connections (1012) so that the origin's view (all gone)
-//!   holds, and its clients reconnect and are announced afresh.
+//! - Leases (fencing): each heartbeat carries a sequence number; when a
+//!   node hears one of its own back, it renews its lease
+//!   ([`switchboard_server::Lease`]) until half a timeout after that
+//!   heartbeat was sent. Nobody declares it lost before a full timeout after
+//!   that send, so once the lease has run out the node holds its origin
+//!   events, refuses new clients and answers commands for its connections
+//!   503 — before anyone may have reported it.
+//! - When its heartbeats come back after the lease ran out and a report
+//!   was possible (a timeout, less one heartbeat, since the newest heartbeat
+//!   it had heard back), the node waits one heartbeat, then looks up whether
+//!   its run was reported: the key `down.<node>.<instance>` in the bucket,
+//!   or without the bucket a request on `<prefix>.nodes.reported` that only
+//!   the reporting node answers. Reported: it fences itself
+//!   ([`LocalNode::fence`]: events about its connections dropped, clients
+//!   closed with 1012 without `disconnect`s) and starts a new run (new
+//!   `instance`). Not reported: the lease is renewed and the held events
+//!   leave in order.
+//! - Once per timeout while connected, a node also looks its own run up in
+//!   the bucket, for the case where it heard itself but the others did not.
 
 use crate::connect::Link;
 use async_nats::jetstream::kv;
@@ -43,6 +58,9 @@ use tokio_util::sync::CancellationToken;
 
 /// Pause before trying again to open the key-value bucket.
 const BUCKET_RETRY: Duration = Duration::from_secs(60);
+
+/// How many heartbeats sent are remembered to match them when they come back.
+const SENT_MEMORY: usize = 64;
 
 /// How long a dropped node is remembered (commands for it fail at once).
 const GONE_MEMORY: Duration = Duration::from_secs(600);
@@ -78,6 +96,17 @@ pub struct NatsCluster {
     membership: Mutex<Membership>,
     /// When this node last heard its own heartbeat back from NATS.
     own_heard: Mutex<Instant>,
+    /// Runs of this node ended by a fence.
+    retired: Mutex<std::collections::HashSet<String>>,
+    /// Sequence number of the last heartbeat sent.
+    seq: std::sync::atomic::AtomicU64,
+    /// Recent heartbeats sent: sequence number and when.
+    sent: Mutex<std::collections::VecDeque<(u64, Instant)>>,
+    /// When the newest heartbeat heard back was sent.
+    confirmed_send: Mutex<Option<Instant>>,
+    /// The lease ran out long enough ago that the cluster may have reported
+    /// this node lost: renewals wait until that is looked up.
+    suspect: std::sync::atomic::AtomicBool,
     /// Made on first success.
     kv: tokio::sync::OnceCell<kv::Store>,
     /// After a failure to open the bucket: when to try again.
@@ -116,6 +145,7 @@ impl NatsCluster {
         let shared = client
             .queue_subscribe(subjects.control(), Subjects::CONTROL_QUEUE.into())
             .await?;
+        let reported_asks = client.subscribe(subjects.reported()).await?;
         let cluster = Arc::new(Self {
             client,
             link,
@@ -125,6 +155,11 @@ impl NatsCluster {
             reported: Mutex::new(Default::default()),
             membership: Mutex::new(Membership::default()),
             own_heard: Mutex::new(Instant::now()),
+            retired: Mutex::new(Default::default()),
+            seq: std::sync::atomic::AtomicU64::new(0),
+            sent: Mutex::new(std::collections::VecDeque::new()),
+            confirmed_send: Mutex::new(None),
+            suspect: std::sync::atomic::AtomicBool::new(false),
             kv: tokio::sync::OnceCell::new(),
             bucket_retry_at: Mutex::new(None),
             stop: CancellationToken::new(),
@@ -137,6 +172,7 @@ impl NatsCluster {
         tokio::spawn(cluster.clone().serve(own));
         tokio::spawn(cluster.clone().serve(shared));
         tokio::spawn(cluster.clone().watch());
+        tokio::spawn(cluster.clone().answer_reported(reported_asks));
         // Make the bucket early so the first report does not wait for it.
         let early = cluster.clone();
         tokio::spawn(async move {
@@ -156,8 +192,9 @@ impl NatsCluster {
         Ok(cluster)
     }
 
-    fn heartbeat(&self, leaving: bool) -> Bytes {
+    fn heartbeat(&self, leaving: bool, seq: u64) -> Bytes {
         let beat = Heartbeat {
+            seq,
             node: self.node.id().to_string(),
             instance: self.instance.lock().clone(),
             connections: self.node.connections(),
@@ -178,12 +215,168 @@ impl NatsCluster {
                 _ = self.stop_announcing.cancelled() => return,
             }
             if self.link.is_up() {
+                let seq = self.seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+                let sent_at = Instant::now();
+                {
+                    let mut sent = self.sent.lock();
+                    sent.push_back((seq, sent_at));
+                    while sent.len() > SENT_MEMORY {
+                        sent.pop_front();
+                    }
+                }
+                // From the first announcement of a run on, the others may
+                // declare it lost: the lease binds (see the module doc).
+                let lease = self.node.lease();
+                if lease.remaining().is_none() && !lease.is_fencing() {
+                    lease.renew_until(sent_at + self.lease_span());
+                }
                 let _ = self
                     .client
-                    .publish(self.subjects.heartbeat(), self.heartbeat(false))
+                    .publish(self.subjects.heartbeat(), self.heartbeat(false, seq))
                     .await;
             }
         }
+    }
+
+    /// How long the lease runs after a heartbeat is sent: half the heartbeat
+    /// timeout, so it runs out at least half a timeout before anyone may
+    /// declare this node lost.
+    fn lease_span(&self) -> Duration {
+        self.node.config().cluster_heartbeat_timeout / 2
+    }
+
+    /// One of this run's heartbeats, sent at `sent_at`, came back: renew the
+    /// lease, unless it ran out so long ago that the cluster may have
+    /// reported this node lost; then look that up first.
+    fn own_beat_back(self: &Arc<Self>, sent_at: Instant) {
+        let previous = {
+            let mut confirmed = self.confirmed_send.lock();
+            let previous = *confirmed;
+            if previous.is_none_or(|p| p < sent_at) {
+                *confirmed = Some(sent_at);
+            }
+            previous
+        };
+        let lease = self.node.lease();
+        if lease.is_fencing() || self.suspect.load(std::sync::atomic::Ordering::Acquire) {
+            return;
+        }
+        let cfg = self.node.config();
+        // Nobody may declare this node lost earlier than a timeout after the
+        // newest heartbeat it had heard back; keep one heartbeat of margin
+        // for a report that is on its way.
+        let could_be_reported = previous
+            .is_some_and(|p| p.elapsed() + cfg.cluster_heartbeat >= cfg.cluster_heartbeat_timeout);
+        if lease.is_held() || !could_be_reported {
+            lease.renew_until(sent_at + self.lease_span());
+            return;
+        }
+        if !self.suspect.swap(true, std::sync::atomic::Ordering::AcqRel) {
+            tracing::warn!(
+                "this node's lease ran out while it was cut off from NATS; holding origin events until it knows whether it was reported lost"
+            );
+            tokio::spawn(self.clone().resolve_suspicion());
+        }
+    }
+
+    /// After a cut-off long enough to have been reported lost: looks the
+    /// report up, then fences the node or renews its lease.
+    async fn resolve_suspicion(self: Arc<Self>) {
+        let cfg = self.node.config();
+        // Reports decided just before this node's heartbeats came back land
+        // within a heartbeat.
+        tokio::time::sleep(cfg.cluster_heartbeat).await;
+        let instance = self.instance.lock().clone();
+        loop {
+            match self.was_reported(&instance).await {
+                Some(true) => {
+                    self.fence(&instance).await;
+                    break;
+                }
+                Some(false) => {
+                    if let Some(sent_at) = *self.confirmed_send.lock() {
+                        self.node.lease().renew_until(sent_at + self.lease_span());
+                    }
+                    tracing::info!("this node was not reported lost; lease renewed, held origin events leave now");
+                    break;
+                }
+                None => tokio::time::sleep(cfg.cluster_heartbeat).await,
+            }
+        }
+        self.suspect
+            .store(false, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Whether the cluster reported this run lost: the bucket's key if the
+    /// bucket is there, else the answer of the node that reported it (see
+    /// [`Subjects::reported`]). `None`: cannot tell now (not connected).
+    async fn was_reported(&self, instance: &str) -> Option<bool> {
+        if !self.link.is_up() {
+            return None;
+        }
+        let run = format!("{}.{instance}", self.node.id());
+        if let Some(store) = self.bucket().await {
+            let key = format!("down.{run}");
+            match tokio::time::timeout(Duration::from_secs(2), store.get(&key)).await {
+                Ok(Ok(found)) => return Some(found.is_some()),
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "cannot read the lost-node reports; asking the other nodes")
+                }
+                Err(_) => tracing::warn!(
+                    "reading the lost-node reports timed out; asking the other nodes"
+                ),
+            }
+        }
+        let ask = self
+            .client
+            .request(self.subjects.reported(), Bytes::from(run.into_bytes()));
+        match tokio::time::timeout(self.node.config().cluster_request_timeout, ask).await {
+            Ok(Ok(_)) => Some(true),
+            Ok(Err(e)) if e.kind() == async_nats::RequestErrorKind::NoResponders => Some(false),
+            // Only a node that reported this run answers.
+            Err(_) => Some(false),
+            Ok(Err(e)) if e.kind() == async_nats::RequestErrorKind::TimedOut => Some(false),
+            Ok(Err(_)) => None,
+        }
+    }
+
+    /// Answers "was this run reported?" when this node reported it.
+    async fn answer_reported(self: Arc<Self>, mut asks: async_nats::Subscriber) {
+        loop {
+            let msg = tokio::select! {
+                m = asks.next() => match m { Some(m) => m, None => return },
+                _ = self.stop.cancelled() => return,
+            };
+            let run = String::from_utf8_lossy(&msg.payload).into_owned();
+            let reported = self.reported.lock().contains(&run);
+            if let (true, Some(reply)) = (reported, msg.reply) {
+                let me = Bytes::from(self.node.id().to_string());
+                let _ = self.client.publish(reply, me).await;
+            }
+        }
+    }
+
+    /// The cluster reported the run `instance` lost: a new run, and the node
+    /// fences itself (see [`LocalNode::fence`]), unless that run is over
+    /// already (a second finding of the same report).
+    async fn fence(&self, instance: &str) {
+        {
+            let mut current = self.instance.lock();
+            if *current != instance {
+                return;
+            }
+            // A new run: if this node is lost again, that is a new report,
+            // and heartbeats sent meanwhile do not revive the old one.
+            let old = std::mem::replace(&mut *current, new_instance());
+            self.retired.lock().insert(old);
+        }
+        self.sent.lock().clear();
+        *self.confirmed_send.lock() = None;
+        tracing::warn!(
+            "this node was reported lost while cut off; fencing: closing its connections without events so clients reconnect"
+        );
+        let closed = self.node.fence().await;
+        tracing::info!(closed, "fence over; serving as a new run");
     }
 
     /// Records everyone's heartbeats.
@@ -200,6 +393,17 @@ impl NatsCluster {
             if beat.node == self.node.id().as_str() {
                 if beat.instance == *self.instance.lock() {
                     *self.own_heard.lock() = Instant::now();
+                    let sent_at = self
+                        .sent
+                        .lock()
+                        .iter()
+                        .find(|(seq, _)| *seq == beat.seq)
+                        .map(|(_, at)| *at);
+                    if let Some(sent_at) = sent_at {
+                        self.own_beat_back(sent_at);
+                    }
+                } else if self.retired.lock().contains(&beat.instance) {
+                    // Our own heartbeat from before a fence, late.
                 } else {
                     tracing::error!(
                         node = %beat.node,
@@ -403,9 +607,10 @@ impl NatsCluster {
     /// After a long cut-off: if the cluster reported this run lost, close
     /// every connection (see the module doc).
     async fn fence_if_reported(self: Arc<Self>) {
+        let instance = self.instance.lock().clone();
         let reported = match tokio::time::timeout(Duration::from_secs(2), async {
             let store = self.bucket().await?;
-            let key = format!("down.{}.{}", self.node.id(), self.instance.lock().clone());
+            let key = format!("down.{}.{instance}", self.node.id());
             store.get(&key).await.ok().flatten()
         })
         .await
@@ -414,14 +619,11 @@ impl NatsCluster {
             _ => None,
         };
         if let Some(by) = reported {
-            // A new run: if this node is lost again, that is a new report.
-            *self.instance.lock() = new_instance();
             tracing::warn!(
                 reported_by = %String::from_utf8_lossy(&by),
-                "this node was reported lost while cut off from NATS; closing its connections so clients reconnect"
+                "this node was reported lost"
             );
-            let closed = self.node.close_all().await;
-            tracing::info!(closed, "connections closed after the lost-node report");
+            self.fence(&instance).await;
         }
         self.checking
             .store(false, std::sync::atomic::Ordering::Release);
@@ -537,7 +739,13 @@ impl Cluster for NatsCluster {
             if self.link.is_up() {
                 let _ = self
                     .client
-                    .publish(self.subjects.heartbeat(), self.heartbeat(true))
+                    .publish(
+                        self.subjects.heartbeat(),
+                        self.heartbeat(
+                            true,
+                            self.seq.load(std::sync::atomic::Ordering::Relaxed) + 1,
+                        ),
+                    )
                     .await;
                 let _ = tokio::time::timeout(Duration::from_secs(1), self.client.flush()).await;
             }

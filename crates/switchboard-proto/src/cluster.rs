@@ -25,6 +25,11 @@ pub struct Heartbeat {
     /// The node is leaving the cluster gracefully (no `node_down` follows).
     #[serde(default)]
     pub leaving: bool,
+    /// Sequence number of this heartbeat within the run: the sender matches
+    /// its own heartbeats coming back to the time it sent them, to renew its
+    /// lease (absent from nodes that predate leases: 0).
+    #[serde(default)]
+    pub seq: u64,
 }
 
 /// A node sent a command with this header to another node: execute it there
@@ -51,6 +56,13 @@ impl Subjects {
     /// `<prefix>.nodes.heartbeat`: every node's [`Heartbeat`].
     pub fn heartbeat(&self) -> String {
         format!("{}.nodes.heartbeat", self.prefix)
+    }
+
+    /// `<prefix>.nodes.reported`: a node back from a cut-off asks whether
+    /// its run (payload `<node>.<instance>`) was reported lost; only a node
+    /// that reported it answers. Used when the key-value bucket is missing.
+    pub fn reported(&self) -> String {
+        format!("{}.nodes.reported", self.prefix)
     }
 
     /// `<prefix>.control`: commands any node answers (queue group

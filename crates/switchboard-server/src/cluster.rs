@@ -18,6 +18,9 @@ use switchboard_proto::control::NodeInfo;
 use switchboard_proto::origin::{Event, NodeDownEvent};
 use switchboard_proto::NodeId;
 
+/// How long a fence waits for its connections to close.
+const FENCE_CLOSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// A command's answer: the HTTP status of the equivalent control API route
 /// and its JSON body.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -106,14 +109,55 @@ impl LocalNode {
         control::execute_json(&self.shared, command, forwarded).await
     }
 
-    /// Closes every connection with 1012 ("reconnect"), spread over
-    /// `drain-spread` like a drain, and returns how many there were. For a
-    /// node the cluster has reported lost (it was cut off, not dead): its
-    /// clients reconnect and are announced to the origin afresh, so the
-    /// origin's view — all of this node's connections gone — becomes true.
-    pub async fn close_all(&self) -> usize {
-        let deadline = tokio::time::Instant::now() + self.shared.config.drain_timeout;
-        crate::gateway::close_spread(&self.shared, deadline).await
+    /// The node's lease (see [`crate::lease`]): the backend binds it when it
+    /// first announces this node, renews it as its heartbeats come back, and
+    /// lets it run out while cut off.
+    pub fn lease(&self) -> &crate::lease::Lease {
+        &self.shared.lease
+    }
+
+    /// Fences the node after the cluster reported it lost: drops every
+    /// queued event about its connections, closes them all with 1012
+    /// ("reconnect") without `disconnect` events — the origin retired them
+    /// with `node_down` — and refuses new ones meanwhile. Returns how many
+    /// were closed. Afterwards the lease is unlimited again: the backend
+    /// starts a new run (a new instance) and binds it when it announces it.
+    pub async fn fence(&self) -> usize {
+        let s = &self.shared;
+        s.lease.set_fencing(true);
+        s.dispatcher.set_fencing(true);
+        s.metrics.fences.inc();
+        let deadline = tokio::time::Instant::now() + FENCE_CLOSE_TIMEOUT;
+        let mut closed = 0;
+        // Connections accepted just before the fence began register late:
+        // close until none is left.
+        loop {
+            let conns = s.registry.snapshot();
+            if conns.is_empty() || tokio::time::Instant::now() >= deadline {
+                break;
+            }
+            for c in &conns {
+                c.request_close(crate::registry::CloseRequest {
+                    code: switchboard_proto::ws::close::SERVICE_RESTART,
+                    reason: "node fenced, reconnect".into(),
+                    by: switchboard_proto::origin::ClosedBy::Gateway,
+                    flush_first: false,
+                });
+            }
+            closed = closed.max(conns.len());
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        let left = s.registry.len();
+        if left > 0 {
+            tracing::error!(left, "connections still open at the end of the fence");
+        }
+        s.lease.unbind();
+        s.dispatcher.set_fencing(false);
+        s.metrics
+            .fenced_events
+            .inc_by(s.dispatcher.take_fenced_drops());
+        s.lease.set_fencing(false);
+        closed
     }
 
     /// The subscribers of `channel` on this node (for a cluster-wide
@@ -139,7 +183,8 @@ impl LocalNode {
             "node lost without draining; telling the origin"
         );
         let json = Bytes::from(serde_json::to_vec(&event).expect("events serialize"));
-        // Reliable: never refused, like disconnects (at most one per lost node).
-        let _ = s.dispatcher.enqueue(&[0; 16], json, None, true);
+        // Reliable: never refused, like disconnects (at most one per lost
+        // node), and kept through a fence of this node.
+        s.dispatcher.enqueue_cluster_event(json);
     }
 }

@@ -86,6 +86,10 @@ impl Drop for DisconnectGuard {
         });
         let s = &self.shared;
         let c = &self.conn;
+        // Read before leaving the registry, which a fence waits to see empty:
+        // a connection closed by a fence sends no `disconnect` (the origin
+        // has retired it with `node_down`).
+        let fenced = s.lease.is_fencing();
         s.registry.remove(&c.key);
         c.finish();
         s.channels.unsubscribe_all(c, &s.metrics);
@@ -100,6 +104,10 @@ impl Drop for DisconnectGuard {
             .disconnects
             .get_or_create(&crate::metrics::ClosedByLabel { closed_by: by })
             .inc();
+        if fenced {
+            s.metrics.fenced_events.inc();
+            return;
+        }
         enqueue_disconnect(
             s,
             DisconnectEvent {

@@ -381,6 +381,28 @@ pub(crate) async fn execute(s: &Arc<Shared>, cmd: Command, forwarded: bool) -> C
     if let Some(node) = target {
         return forward(s, node, &cmd).await;
     }
+    let acts_on_connections = matches!(
+        cmd,
+        Command::Send(_)
+            | Command::SendBatch(_)
+            | Command::Close(_)
+            | Command::Subscribe(_)
+            | Command::Unsubscribe(_)
+    );
+    if acts_on_connections && !s.lease.is_held() {
+        // The cluster may have reported this node lost: its connections are
+        // retired (see `crate::lease`).
+        s.metrics
+            .lease_refusals
+            .get_or_create(&crate::metrics::KindLabel { kind: "command" })
+            .inc();
+        return ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "node_cut_off",
+            "this node is cut off from its cluster and may have been reported lost",
+        )
+        .into();
+    }
     match cmd {
         Command::Send(c) => send_local(s, c),
         Command::SendBatch(b) => send_batch_routed(s, b, forwarded).await,

@@ -96,6 +96,8 @@ pub(crate) struct Shared {
     pub(crate) user_counts: Option<Arc<crate::admission::UserCounts>>,
     /// Sockets being answered with a capacity refusal.
     pub(crate) refusing: AtomicUsize,
+    /// The right to speak for this node's connections (see [`crate::lease`]).
+    pub(crate) lease: Arc<crate::lease::Lease>,
 }
 
 impl Shared {
@@ -188,6 +190,7 @@ impl Gateway {
     pub async fn bind(config: Config) -> Result<Self, GatewayError> {
         config.validate()?;
         let node = node_id(&config);
+        let lease = Arc::new(crate::lease::Lease::unlimited());
         let transport: Arc<dyn OriginTransport> = match &config.origin {
             Some(_) if config.origin_is_nats() => {
                 return Err(GatewayError::Config(ConfigError {
@@ -195,16 +198,19 @@ impl Gateway {
                     problem: "the NATS origin needs a NATS backend: use bind_with_transport".into(),
                 }))
             }
-            Some(url) => Arc::new(HttpOrigin::new(
-                url,
-                config.origin_secret.as_deref(),
-                config.origin_timeout,
-                node.as_str(),
-            )?),
+            Some(url) => Arc::new(
+                HttpOrigin::new(
+                    url,
+                    config.origin_secret.as_deref(),
+                    config.origin_timeout,
+                    node.as_str(),
+                )?
+                .gated_by(lease.clone()),
+            ),
             None => Arc::new(DevOrigin),
         };
         // The node id the transport sends in `x-switchboard-node` (random when unset).
-        Self::bind_node(config, node, transport).await
+        Self::bind_node(config, node, transport, lease).await
     }
 
     /// Like [`Gateway::bind`], with a given origin transport.
@@ -214,13 +220,15 @@ impl Gateway {
     ) -> Result<Self, GatewayError> {
         config.validate()?;
         let node = node_id(&config);
-        Self::bind_node(config, node, transport).await
+        let lease = Arc::new(crate::lease::Lease::unlimited());
+        Self::bind_node(config, node, transport, lease).await
     }
 
     async fn bind_node(
         config: Config,
         node: NodeId,
         transport: Arc<dyn OriginTransport>,
+        lease: Arc<crate::lease::Lease>,
     ) -> Result<Self, GatewayError> {
         let auth = crate::auth::Authenticator::new(&config)?;
         if let Some(a) = &auth {
@@ -263,6 +271,7 @@ impl Gateway {
             handshake_rate: crate::admission::HandshakeRate::new(config.max_handshakes_per_ip),
             user_counts: crate::admission::UserCounts::new(config.max_connections_per_user),
             refusing: AtomicUsize::new(0),
+            lease,
             config,
         });
         Ok(Self {
@@ -566,6 +575,11 @@ async fn keepalive_loop(shared: Arc<Shared>, stop: CancellationToken) {
             });
             let json = serde_json::to_vec(&event).expect("events serialize");
             let body = dispatcher::batch_body([&json[..]]);
+            if !shared.lease.is_held() {
+                // Cut off from the cluster (or fenced): the next round
+                // follows the renewal.
+                break;
+            }
             let started = Instant::now();
             // A drain does not wait for keepalives.
             let r = tokio::select! {

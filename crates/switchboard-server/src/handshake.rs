@@ -697,6 +697,16 @@ async fn admit(
         claims: identity.as_ref().map(|i| i.claims.clone()),
     });
     let body = batch_body([&serde_json::to_vec(&event).expect("events serialize")[..]]);
+    if !shared.lease.is_held() {
+        // Cut off from the cluster, which may report this node lost at any
+        // moment: its new connections would be retired at once.
+        return Err(refuse(
+            503,
+            "node_cut_off",
+            "this node is cut off from its cluster; retry",
+            "node_cut_off",
+        ));
+    }
     let started = Instant::now();
     let decision = tokio::time::timeout_at(deadline, shared.transport.connect(body)).await;
     let kind = KindLabel { kind: "connect" };

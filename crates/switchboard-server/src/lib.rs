@@ -15,6 +15,8 @@
 //!   backend may do with this node.
 //! - [`config`]: the typed configuration and its validation.
 //! - [`gateway`]: binding, the accept loop, keepalives and the graceful drain.
+//! - [`lease`]: the node's right to speak for its connections in a
+//!   cluster (fencing of a node reported lost).
 //! - `handshake`: one socket's opening handshake and the `connect` decision.
 //! - `auth`: client tokens (JWT) verified at the handshake.
 //! - `origins`: the `Origin` check against cross-site WebSocket hijacking.
@@ -53,6 +55,7 @@ mod connection;
 mod control;
 pub mod gateway;
 mod handshake;
+pub mod lease;
 mod metrics;
 mod native;
 pub mod origin;
@@ -69,4 +72,5 @@ pub use cluster::{Cluster, ClusterError, CommandReply, LocalNode};
 pub use config::{Config, ConfigError, Namespace, TlsVersion};
 pub use control::{OPENAPI_JSON, ROUTES};
 pub use gateway::{DrainReport, Gateway, GatewayError};
+pub use lease::{Lease, LeaseState};
 pub use tls::TlsSetupError;

@@ -57,6 +57,9 @@ pub(crate) struct Metrics {
     pub(crate) origin_queue_depth: Gauge,
     pub(crate) origin_events_delivered: Counter,
     pub(crate) origin_events_dropped: Counter,
+    pub(crate) fences: Counter,
+    pub(crate) fenced_events: Counter,
+    pub(crate) lease_refusals: Family<KindLabel, Counter>,
     pub(crate) forwarded: Counter,
     pub(crate) forward_failures: Counter,
     pub(crate) channels: Gauge,
@@ -102,6 +105,9 @@ impl Metrics {
             origin_queue_depth: Gauge::default(),
             origin_events_delivered: Counter::default(),
             origin_events_dropped: Counter::default(),
+            fences: Counter::default(),
+            fenced_events: Counter::default(),
+            lease_refusals: Family::default(),
             forwarded: Counter::default(),
             forward_failures: Counter::default(),
             channels: Gauge::default(),
@@ -218,6 +224,21 @@ impl Metrics {
             "origin_events_dropped",
             "Events given up on (permanent origin error, or drain timeout)",
             m.origin_events_dropped.clone(),
+        );
+        r.register(
+            "fences",
+            "Times this node found itself reported lost and fenced itself (closed its connections without events)",
+            m.fences.clone(),
+        );
+        r.register(
+            "fenced_events",
+            "Origin events about this node's connections dropped because the node was fenced",
+            m.fenced_events.clone(),
+        );
+        r.register(
+            "lease_refusals",
+            "Requests refused while this node's cluster lease had run out, by kind (command, publish, subscribe)",
+            m.lease_refusals.clone(),
         );
         r.register(
             "channels",

@@ -363,6 +363,16 @@ async fn ask_origin(s: &Arc<Shared>, conn: &Conn, id: u64, event: &Event) -> Res
     let body = batch_body([&json[..]]);
     let label = KindLabel { kind };
     let started = std::time::Instant::now();
+    if !s.lease.is_held() {
+        // Cut off from the cluster: see `crate::lease`.
+        s.metrics.lease_refusals.get_or_create(&label).inc();
+        s.metrics.native_error(ErrorCode::Unavailable);
+        return Err(error_frame(
+            Some(id),
+            ErrorCode::Unavailable,
+            "this node is cut off from its cluster; retry",
+        ));
+    }
     let request = match event {
         Event::Subscribe(_) => s.transport.subscribe(body),
         _ => s.transport.publish(body),

@@ -53,7 +53,7 @@ use async_nats::jetstream::consumer::PullConsumer;
 use bytes::Bytes;
 use common::{
     command, expect_dead, nats_connect, node_of, poll, start_node, start_three, wait_member_ids,
-    wait_members, Node, FORM, HEARTBEAT_TIMEOUT, QUICK, SLACK,
+    wait_members, CutProxy, Node, FORM, HEARTBEAT_TIMEOUT, QUICK, SLACK,
 };
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
@@ -1176,26 +1176,54 @@ async fn nats_restart_local_commands_keep_working_and_the_cluster_recovers() {
             &json!({"messages": [{"connection_ids": [ida1, idb], "text": "batch"}]}),
         )
         .await;
-    let mut want = serde_json::Map::new();
-    want.insert(ida1.clone(), json!("delivered"));
-    want.insert(idb.clone(), json!("unknown"));
-    assert_eq!(
-        (r.status, r.json()),
-        (200, json!({"results": [want]})),
-        "{}",
-        r.body
-    );
-    assert_eq!(next_msg(&mut wa1).await, WsMessage::text("batch"));
+    // (Or, once a's lease has run out, 503 node_cut_off: see below.)
+    if r.code() != "node_cut_off" {
+        let mut want = serde_json::Map::new();
+        want.insert(ida1.clone(), json!("delivered"));
+        want.insert(idb.clone(), json!("unknown"));
+        assert_eq!(
+            (r.status, r.json()),
+            (200, json!({"results": [want]})),
+            "{}",
+            r.body
+        );
+        assert_eq!(next_msg(&mut wa1).await, WsMessage::text("batch"));
+    }
 
-    // Local sends work during the whole outage, longer than a heartbeat
-    // timeout.
+    // Local sends work while a node's lease runs (half a heartbeat timeout
+    // after its last heartbeat came back), then answer 503 node_cut_off:
+    // a node cannot tell an outage of NATS from being cut off alone, when
+    // the others may report it lost (docs/cluster.md#fencing).
     let mut n = 0;
+    let mut cut_off = [false, false];
     while killed.elapsed() < HEARTBEAT_TIMEOUT + Duration::from_secs(1) {
         n += 1;
-        push_and_receive(&a, &ida2, &mut wa2, &format!("local {n}")).await;
-        push_and_receive(&c, &idc, &mut wc, &format!("local {n}")).await;
+        for (i, (node, id, ws)) in [(&a, &ida2, &mut wa2), (&c, &idc, &mut wc)]
+            .into_iter()
+            .enumerate()
+        {
+            let text = format!("local {n}");
+            let r = node.push_text(id, &text).await;
+            if r.status == 200 {
+                assert!(!cut_off[i], "delivered after node_cut_off on {}", node.node);
+                assert_eq!(next_msg(ws).await, WsMessage::text(&text), "on {id}");
+            } else {
+                assert_eq!(
+                    (r.status, r.code().as_str()),
+                    (503, "node_cut_off"),
+                    "{}",
+                    r.body
+                );
+                cut_off[i] = true;
+            }
+        }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    assert_eq!(
+        cut_off,
+        [true, true],
+        "leases still held a timeout into the outage"
+    );
 
     // NATS comes back on the same port; the nodes reconnect by themselves
     // and every cross-node route works again (15 s at most).
@@ -1213,6 +1241,10 @@ async fn nats_restart_local_commands_keep_working_and_the_cluster_recovers() {
     send_until_delivered(&c, &ida1, &mut wa1, restarted + recover, &[], &attempts).await;
     send_until_delivered(&b, &idc, &mut wc, restarted + recover, &[], &attempts).await;
     wait_member_ids(&[&a, &b, &c], &["a", "b", "c"], FORM).await;
+    // Not reported (nobody judges while NATS is away): the leases are
+    // renewed, local sends work again, and no client was closed.
+    push_and_receive(&a, &ida2, &mut wa2, "local again").await;
+    push_and_receive(&c, &idc, &mut wc, "local again").await;
 
     // Nobody was declared dead because NATS was away: give a false report
     // a heartbeat timeout (and some) to show up.
@@ -1526,55 +1558,11 @@ async fn a_node_restarted_under_the_same_id_gets_its_previous_run_reported_at_on
     assert_eq!(downs.len(), 1, "{downs:#?}");
 }
 
-/// A TCP proxy in front of NATS that can cut every connection through it
-/// (and refuse new ones) and be restored: a node cut off from NATS while
-/// everything else runs.
-struct CutProxy {
-    addr: std::net::SocketAddr,
-    cut: Arc<tokio::sync::watch::Sender<bool>>,
-}
-
-impl CutProxy {
-    async fn start(target: std::net::SocketAddr) -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind proxy");
-        let addr = listener.local_addr().unwrap();
-        let cut = Arc::new(tokio::sync::watch::Sender::new(false));
-        let state = cut.clone();
-        tokio::spawn(async move {
-            while let Ok((mut inbound, _)) = listener.accept().await {
-                let mut cut = state.subscribe();
-                if *cut.borrow() {
-                    continue; // dropped: refused
-                }
-                tokio::spawn(async move {
-                    let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await else {
-                        return;
-                    };
-                    tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
-                        _ = cut.wait_for(|c| *c) => {}
-                    }
-                });
-            }
-        });
-        Self { addr, cut }
-    }
-
-    fn url(&self) -> String {
-        format!("nats://{}", self.addr)
-    }
-
-    fn set_cut(&self, cut: bool) {
-        self.cut.send_replace(cut);
-    }
-}
-
 /// A node cut off from NATS (alive, serving its own clients) for longer
 /// than the heartbeat timeout is reported lost once; when it reconnects it
-/// finds the report and closes its clients with 1012 (so the origin's view,
-/// all gone, is true), then serves again as a member.
+/// finds the report and fences itself: it closes its clients with 1012
+/// without `disconnect` events (the origin retired them with `node_down`),
+/// then serves again as a member.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_cut_off_from_nats_is_reported_once_and_fences_itself_on_return() {
     let nats = NatsServer::start(true);
@@ -1647,12 +1635,25 @@ async fn a_node_cut_off_from_nats_is_reported_once_and_fences_itself_on_return()
             .await
             .unwrap_or_else(|_| panic!("{id} not closed within 8s of NATS coming back"));
         assert_eq!(code, 1012, "{id}");
-        let d = origin.wait_disconnect(id).await;
-        assert_eq!((d.closed_by, d.code), (ClosedBy::Gateway, 1012), "{d:?}");
     }
-    // And is a member serving again.
+    // And is a member serving again, once the fence is over (until then it
+    // refuses clients with 503 node_cut_off).
     wait_member_ids(&[&a, &b, &c], &["a", "b", "c"], FORM).await;
-    let (mut wn, idn) = client(&c, &origin, "/c-again").await;
+    let fence_over = Instant::now() + Duration::from_secs(8);
+    let mut wn = loop {
+        match connect_with(&c.ws_url("/c-again"), &[]).await {
+            Ok((ws, _)) => break ws,
+            Err(tungstenite::Error::Http(resp)) if Instant::now() < fence_over => {
+                let body = String::from_utf8_lossy(resp.body().as_deref().unwrap_or_default())
+                    .into_owned();
+                assert_eq!(resp.status(), 503, "{body}");
+                assert!(body.contains("node_cut_off"), "{body}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("client of c after the fence: {e}"),
+        }
+    };
+    let idn = origin.id_for(local_addr(&wn)).await;
     push_and_receive(&a, &idn, &mut wn, "welcome back").await;
     send_until_delivered(&c, &ida, &mut wa, Instant::now() + QUICK, &late, &attempts).await;
 
@@ -1660,6 +1661,14 @@ async fn a_node_cut_off_from_nats_is_reported_once_and_fences_itself_on_return()
     let downs = node_downs(&origin);
     assert_eq!(downs.len(), 1, "{downs:#?}");
     assert_eq!(downs[0].down_node, "c", "{downs:#?}");
+    for id in [&idc1, &idc2] {
+        assert!(
+            origin.disconnects_of(id).is_empty(),
+            "a disconnect followed node_down for {id}: {:?}; events: {:#?}",
+            origin.disconnects_of(id),
+            origin.events()
+        );
+    }
 }
 
 // ---------------------------------------------------------------------------

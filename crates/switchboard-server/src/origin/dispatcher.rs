@@ -15,13 +15,14 @@
 //! per accepted connection.
 
 use crate::gateway::Shared;
+use crate::lease::LeaseState;
 use crate::metrics::KindLabel;
 use crate::registry::{Conn, Outgoing};
 use bytes::{BufMut, Bytes, BytesMut};
 use parking_lot::Mutex;
 use rand::Rng;
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use switchboard_proto::conn_id::ConnKey;
@@ -37,6 +38,9 @@ pub(crate) struct Backlog;
 struct QueuedEvent {
     json: Bytes,
     conn: Option<Arc<Conn>>,
+    /// About the cluster (`node_down`), not about this node's connections:
+    /// kept through a fence.
+    about_cluster: bool,
 }
 
 #[derive(Debug, Default)]
@@ -55,6 +59,10 @@ pub(crate) struct Dispatcher {
     max_pending_bytes: usize,
     max_per_conn: usize,
     closing: AtomicBool,
+    /// The node is fencing itself: events about its connections are dropped.
+    fencing: AtomicBool,
+    /// Events dropped by fences, not yet added to the metric.
+    fenced_drops: AtomicU64,
 }
 
 impl Dispatcher {
@@ -72,6 +80,8 @@ impl Dispatcher {
             max_pending_bytes,
             max_per_conn,
             closing: AtomicBool::new(false),
+            fencing: AtomicBool::new(false),
+            fenced_drops: AtomicU64::new(0),
         }
     }
 
@@ -91,13 +101,32 @@ impl Dispatcher {
     }
 
     /// Queues an event of `key`'s connection. `reliable` events (disconnects)
-    /// are never refused.
+    /// are never refused. While the node fences itself (see
+    /// [`crate::lease`]) the event is dropped, counted, and reported queued:
+    /// the origin has retired the connection already.
     pub(crate) fn enqueue(
         &self,
         key: &ConnKey,
         json: Bytes,
         conn: Option<&Arc<Conn>>,
         reliable: bool,
+    ) -> Result<(), Backlog> {
+        self.push(key, json, conn, reliable, false)
+    }
+
+    /// Queues an event about the cluster (`node_down`): never refused, and
+    /// kept through a fence.
+    pub(crate) fn enqueue_cluster_event(&self, json: Bytes) {
+        let _ = self.push(&[0; 16], json, None, true, true);
+    }
+
+    fn push(
+        &self,
+        key: &ConnKey,
+        json: Bytes,
+        conn: Option<&Arc<Conn>>,
+        reliable: bool,
+        about_cluster: bool,
     ) -> Result<(), Backlog> {
         if !reliable {
             if self.pending() >= self.max_pending
@@ -111,18 +140,59 @@ impl Dispatcher {
                 }
             }
         }
+        let lane = &self.lanes[usize::from(key[0]) % self.lanes.len()];
+        let mut queue = lane.queue.lock();
+        // Checked under the lane's lock, which `purge_for_fence` takes after
+        // the fence began: an event is either purged or never queued.
+        if !about_cluster && self.fencing.load(Relaxed) {
+            self.fenced_drops.fetch_add(1, Relaxed);
+            return Ok(());
+        }
         if let Some(c) = conn {
             c.pending_events.fetch_add(1, Relaxed);
         }
         self.pending.fetch_add(1, Relaxed);
         self.pending_bytes.fetch_add(json.len(), Relaxed);
-        let lane = &self.lanes[usize::from(key[0]) % self.lanes.len()];
-        lane.queue.lock().push_back(QueuedEvent {
+        queue.push_back(QueuedEvent {
             json,
             conn: conn.cloned(),
+            about_cluster,
         });
+        drop(queue);
         lane.notify.notify_one();
         Ok(())
+    }
+
+    /// Starts or ends a fence. Starting one drops every queued event about
+    /// this node's connections; while it lasts, new ones are dropped as they
+    /// come. Both are counted (see [`Dispatcher::take_fenced_drops`]).
+    pub(crate) fn set_fencing(&self, on: bool) {
+        self.fencing.store(on, Relaxed);
+        if !on {
+            return;
+        }
+        let (mut n, mut bytes) = (0, 0);
+        for lane in self.lanes.iter() {
+            lane.queue.lock().retain(|e| {
+                if e.about_cluster {
+                    return true;
+                }
+                if let Some(c) = &e.conn {
+                    c.pending_events.fetch_sub(1, Relaxed);
+                }
+                n += 1;
+                bytes += e.json.len();
+                false
+            });
+        }
+        self.pending.fetch_sub(n, Relaxed);
+        self.pending_bytes.fetch_sub(bytes, Relaxed);
+        self.fenced_drops.fetch_add(n as u64, Relaxed);
+    }
+
+    /// Events dropped by fences since the last call.
+    pub(crate) fn take_fenced_drops(&self) -> u64 {
+        self.fenced_drops.swap(0, Relaxed)
     }
 
     /// No more events will be queued: lanes exit once empty.
@@ -177,17 +247,49 @@ pub(crate) async fn run_lane(shared: Arc<Shared>, idx: usize) {
             tokio::time::sleep(cfg.origin_batch_linger).await;
             batch.extend(take(lane, cfg.origin_batch_size - batch.len()));
         }
-        let body = batch_body(batch.iter().map(|e| &e.json[..]));
+        let mut body = batch_body(batch.iter().map(|e| &e.json[..]));
         let mut attempt = 0u32;
         let answer = loop {
+            // Speak only while the lease is held (see `crate::lease`).
+            if !shared.lease.is_held() {
+                let state = tokio::select! {
+                    s = shared.lease.wait(LEASE_POLL) => s,
+                    _ = shared.give_up.cancelled() => {
+                        settle(&shared, &batch, false);
+                        drop_rest(&shared, lane);
+                        return;
+                    }
+                };
+                if state == LeaseState::Fencing {
+                    // The origin has retired these connections: only
+                    // events about the cluster still go.
+                    let (keep, fenced): (Vec<_>, Vec<_>) =
+                        batch.into_iter().partition(|e| e.about_cluster);
+                    settle(&shared, &fenced, false);
+                    shared.metrics.fenced_events.inc_by(fenced.len() as u64);
+                    batch = keep;
+                    if batch.is_empty() {
+                        break None;
+                    }
+                    body = batch_body(batch.iter().map(|e| &e.json[..]));
+                    // Fenced connections' events stay out until the fence ends.
+                    tokio::time::sleep(LEASE_POLL).await;
+                    continue;
+                }
+            }
             let started = Instant::now();
             let result = tokio::select! {
-                r = shared.transport.deliver(body.clone()) => r,
+                r = guarded_deliver(&shared, body.clone()) => r,
                 _ = shared.give_up.cancelled() => {
                     settle(&shared, &batch, false);
                     drop_rest(&shared, lane);
                     return;
                 }
+            };
+            let result = match result {
+                // The lease ran out just now: wait for it above.
+                None | Some(Err(super::OriginError::LeaseLost)) => continue,
+                Some(r) => r,
             };
             shared
                 .metrics
@@ -227,6 +329,23 @@ pub(crate) async fn run_lane(shared: Arc<Shared>, idx: usize) {
         }
         settle(&shared, &batch, delivered);
     }
+}
+
+/// How often a lane waiting for the lease looks at it again (the lease runs
+/// out by the clock, so no wake-up says so).
+const LEASE_POLL: Duration = Duration::from_millis(50);
+
+/// Sends `body` if the lease is held at the moment the request starts: the
+/// check and the start of the send happen in one poll, so a node stalled in
+/// between sends nothing stale when it resumes (`None`: not sent).
+async fn guarded_deliver(
+    shared: &Shared,
+    body: Bytes,
+) -> Option<Result<switchboard_proto::origin::OriginAnswer, super::OriginError>> {
+    if !shared.lease.is_held() {
+        return None;
+    }
+    Some(shared.transport.deliver(body).await)
 }
 
 fn take(lane: &Lane, max: usize) -> Vec<QueuedEvent> {

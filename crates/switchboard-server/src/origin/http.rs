@@ -16,6 +16,8 @@ pub struct HttpOrigin {
     url: reqwest::Url,
     secret: Option<Vec<u8>>,
     node: String,
+    /// When set, a request's body is written only while this lease is held.
+    lease: Option<std::sync::Arc<crate::lease::Lease>>,
 }
 
 impl HttpOrigin {
@@ -62,7 +64,19 @@ impl HttpOrigin {
             url,
             secret: secret.map(|s| s.as_bytes().to_vec()),
             node: node.to_owned(),
+            lease: None,
         })
+    }
+
+    /// Writes each request's body only if `lease` is held at that moment:
+    /// the check runs in the connection's writer as it takes the body, so a
+    /// node frozen between deciding to send and sending (SIGSTOP, a long
+    /// pause) does not send a stale request when it resumes after the
+    /// cluster reported it lost. Such a request fails with
+    /// [`OriginError::LeaseLost`].
+    pub fn gated_by(mut self, lease: std::sync::Arc<crate::lease::Lease>) -> Self {
+        self.lease = Some(lease);
+        self
     }
 
     async fn post(&self, body: Bytes) -> Result<(u16, Bytes), OriginError> {
@@ -86,7 +100,30 @@ impl HttpOrigin {
         // An answer may echo its request (a reply to a message near
         // `max-message-size`), so the cap grows with the request.
         let max_answer = MAX_ANSWER_BYTES.max(body.len().saturating_mul(2));
-        let resp = req.body(body).send().await.map_err(classify)?;
+        let resp = match &self.lease {
+            None => req.body(body).send().await,
+            Some(lease) => {
+                let gate = lease.clone();
+                let len = body.len();
+                let chunk = futures_util::stream::once(async move {
+                    if gate.is_held() {
+                        Ok(body)
+                    } else {
+                        Err(LeaseRanOut)
+                    }
+                });
+                req.header("content-length", len)
+                    .body(reqwest::Body::wrap_stream(chunk))
+                    .send()
+                    .await
+            }
+        };
+        let resp = match resp {
+            Err(_) if self.lease.as_ref().is_some_and(|l| !l.is_held()) => {
+                return Err(OriginError::LeaseLost)
+            }
+            other => other.map_err(classify)?,
+        };
         let status = resp.status().as_u16();
         if resp.content_length().is_some_and(|l| l > max_answer as u64) {
             return Err(OriginError::BadAnswer("answer too large".into()));
@@ -104,6 +141,11 @@ impl HttpOrigin {
         Ok((status, body.freeze()))
     }
 }
+
+/// The body stream's error when the lease ran out before it was written.
+#[derive(Debug, thiserror::Error)]
+#[error("the node's cluster lease ran out")]
+struct LeaseRanOut;
 
 fn classify(e: reqwest::Error) -> OriginError {
     if e.is_timeout() {

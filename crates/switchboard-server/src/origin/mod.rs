@@ -48,6 +48,10 @@ pub enum OriginError {
     /// A 2xx whose body is not a valid answer.
     #[error("invalid origin answer: {0}")]
     BadAnswer(String),
+    /// Not sent: the node's cluster lease ran out before the request was
+    /// written (see [`crate::lease`]). Sent again once the lease is renewed.
+    #[error("not sent: this node's cluster lease ran out")]
+    LeaseLost,
 }
 
 impl OriginError {
@@ -55,7 +59,7 @@ impl OriginError {
     pub fn is_retryable(&self) -> bool {
         matches!(
             self,
-            Self::Unreachable(_) | Self::Timeout | Self::Retryable(_)
+            Self::Unreachable(_) | Self::Timeout | Self::Retryable(_) | Self::LeaseLost
         )
     }
 }

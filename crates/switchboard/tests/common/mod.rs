@@ -488,3 +488,48 @@ pub(crate) async fn command(
     });
     (status, json)
 }
+
+/// A TCP proxy in front of NATS that can cut every connection through it
+/// (and refuse new ones) and be restored: a node cut off from NATS while
+/// everything else runs.
+pub(crate) struct CutProxy {
+    addr: std::net::SocketAddr,
+    cut: std::sync::Arc<tokio::sync::watch::Sender<bool>>,
+}
+
+impl CutProxy {
+    pub(crate) async fn start(target: std::net::SocketAddr) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind proxy");
+        let addr = listener.local_addr().unwrap();
+        let cut = std::sync::Arc::new(tokio::sync::watch::Sender::new(false));
+        let state = cut.clone();
+        tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                let mut cut = state.subscribe();
+                if *cut.borrow() {
+                    continue; // dropped: refused
+                }
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = cut.wait_for(|c| *c) => {}
+                    }
+                });
+            }
+        });
+        Self { addr, cut }
+    }
+
+    pub(crate) fn url(&self) -> String {
+        format!("nats://{}", self.addr)
+    }
+
+    pub(crate) fn set_cut(&self, cut: bool) {
+        self.cut.send_replace(cut);
+    }
+}
