@@ -286,15 +286,17 @@ impl ConnState {
         }
     }
 
-    /// hyper flushed what it wrote.
-    fn flushed(&self) {
+    /// hyper flushed what it wrote; whether the connection went idle.
+    fn flushed(&self) -> bool {
         let mut p = self.phase.lock();
-        if p.0 == Phase::Finishing {
-            p.0 = Phase::Idle {
-                since: Instant::now(),
-                fresh: false,
-            };
+        if p.0 != Phase::Finishing {
+            return false;
         }
+        p.0 = Phase::Idle {
+            since: Instant::now(),
+            fresh: false,
+        };
+        true
     }
 
     /// Whether a request is in progress (so hyper writes its answer).
@@ -372,6 +374,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Guarded<S> {
         Poll::Ready(Ok(()))
     }
 
+    /// Sets the timer to the connection's deadline and registers `cx` to be
+    /// woken by it; the deadline and why, if there is one.
+    fn arm_timer(&mut self, cx: &mut Context<'_>) -> Option<(Poll<()>, Expiry)> {
+        let (deadline, expiry) = self.state.deadline(&self.limits)?;
+        if self.timer.deadline() != deadline {
+            self.timer.as_mut().reset(deadline);
+        }
+        Some((self.timer.as_mut().poll(cx), expiry))
+    }
+
     /// The deadline of `expiry` passed.
     fn expire(&mut self, expiry: Expiry) {
         self.expired = true;
@@ -419,15 +431,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for Guarded<S> {
             }
             Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
             Poll::Pending => {
-                let Some((deadline, expiry)) = this.state.deadline(&this.limits) else {
+                let Some((Poll::Ready(()), expiry)) = this.arm_timer(cx) else {
                     return Poll::Pending;
                 };
-                if this.timer.deadline() != deadline {
-                    this.timer.as_mut().reset(deadline);
-                }
-                if this.timer.as_mut().poll(cx).is_pending() {
-                    return Poll::Pending;
-                }
                 this.expire(expiry);
                 ready!(this.poll_out(cx))?;
                 Poll::Ready(Ok(()))
@@ -471,7 +477,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Guarded<S> {
         let this = self.get_mut();
         ready!(this.poll_out(cx))?;
         ready!(Pin::new(&mut this.inner).poll_flush(cx))?;
-        this.state.flushed();
+        if this.state.flushed() {
+            // hyper may already be waiting on a read it started while the
+            // request was served, so no `poll_read` comes until the client
+            // sends something: the idle deadline wakes the connection.
+            this.arm_timer(cx);
+        }
         Poll::Ready(Ok(()))
     }
 
