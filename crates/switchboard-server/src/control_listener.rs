@@ -245,6 +245,8 @@ enum Expiry {
 #[derive(Debug)]
 struct ConnState {
     phase: Mutex<(Phase, u64)>,
+    /// A refusal or timeout of this connection was counted.
+    counted: std::sync::atomic::AtomicBool,
 }
 
 impl ConnState {
@@ -257,6 +259,7 @@ impl ConnState {
                 },
                 0,
             )),
+            counted: Default::default(),
         }
     }
 
@@ -387,6 +390,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Guarded<S> {
     /// The deadline of `expiry` passed.
     fn expire(&mut self, expiry: Expiry) {
         self.expired = true;
+        self.state.counted.store(true, Relaxed);
         let m = &self.shared.metrics;
         match expiry {
             Expiry::Silent => m.control_refusal("header_timeout"),
@@ -465,6 +469,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Guarded<S> {
                         .unwrap_or(400);
                     let (answer, reason) = instead_of_hyper(status);
                     this.shared.metrics.control_refusal(reason);
+                    this.state.counted.store(true, Relaxed);
                     this.out = Some(answer);
                 }
             }
@@ -610,6 +615,8 @@ pub(crate) async fn serve_connection<S>(
     let limits = Limits::of(&shared.config);
     let state = Arc::new(ConnState::new());
     let io = Guarded::new(io, state.clone(), limits, shared.clone());
+    let conn_state = state.clone();
+    let metrics_of = shared.clone();
     let service = hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
         let generation = state.begin_request();
         let mut app = app.clone();
@@ -649,6 +656,11 @@ pub(crate) async fn serve_connection<S>(
         }
     };
     if let Err(e) = served {
+        // A parse error hyper closed on without an answer (an HTTP/2
+        // preface) is counted as `bad_request` too.
+        if e.is_parse() && !conn_state.counted.load(Relaxed) {
+            metrics_of.metrics.control_refusal("bad_request");
+        }
         tracing::debug!(error = %e, "control connection ended with an error");
     }
     drop(slot);

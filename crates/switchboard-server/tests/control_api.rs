@@ -675,6 +675,16 @@ async fn errors_found_before_routing_are_json() {
         400,
         "bad_request",
     );
+    // Not HTTP at all (a TLS ClientHello).
+    let mut hello = vec![
+        0x16, 0x03, 0x01, 0x00, 0xa5, 0x01, 0x00, 0x00, 0xa1, 0x03, 0x03,
+    ];
+    hello.extend_from_slice(&[0; 64]);
+    assert_raw_error(&raw(&gw, &hello).await, 400, "bad_request");
+    // An HTTP/2 preface: closed without an answer, but counted.
+    assert!(raw_request(gw.control, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .await
+        .is_none());
     let many: String = (0..200).map(|i| format!("X-H{i}: v\r\n")).collect();
     let many = format!("GET /healthz HTTP/1.1\r\nHost: x\r\n{many}\r\n");
     assert_raw_error(&raw(&gw, many.as_bytes()).await, 431, "headers_too_large");
@@ -685,10 +695,22 @@ async fn errors_found_before_routing_are_json() {
     )
     .await;
     assert_eq!(ok.status, 200);
-    let refused = gw
-        .metric("switchboard_control_refusals_total{reason=\"bad_request\"}")
-        .await;
-    assert_eq!(refused, 2.0);
+    // Counted when each connection ends, which may be just after the
+    // client saw it close.
+    eventually(WAIT, "4 bad_request refusals counted", || async {
+        gw.metric("switchboard_control_refusals_total{reason=\"bad_request\"}")
+            .await
+            == 4.0
+    })
+    .await;
+    for (reason, n) in [("uri_too_long", 1.0), ("headers_too_large", 1.0)] {
+        let got = gw
+            .metric(&format!(
+                "switchboard_control_refusals_total{{reason=\"{reason}\"}}"
+            ))
+            .await;
+        assert_eq!(got, n, "{reason}");
+    }
     gw.shutdown().await;
 }
 
