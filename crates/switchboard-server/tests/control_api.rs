@@ -623,6 +623,17 @@ async fn invalid_escapes_and_two_payloads_are_refused() {
         400,
         "invalid_body",
     );
+    // The same with a key spelled with an escape.
+    assert_error(
+        &gw.call(
+            gw.request(Method::POST, "/v1/channels/room:1/messages")
+                .header("content-type", "application/json")
+                .body(r#"{"\u0074ext": "x", "binary": "AAH/"}"#),
+        )
+        .await,
+        400,
+        "invalid_body",
+    );
     let batch = serde_json::json!({"messages": [
         {"connection_ids": [id], "text": "x"},
         {"connection_ids": [id], "text": "x", "binary": "AAH/"},
