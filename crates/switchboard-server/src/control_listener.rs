@@ -391,14 +391,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Guarded<S> {
     fn expire(&mut self, expiry: Expiry) {
         self.expired = true;
         self.state.counted.store(true, Relaxed);
+        // Whatever hyper writes from now on is dropped: our answer, if
+        // any, is the last thing the client gets.
+        let answered_by_hyper = std::mem::replace(&mut self.swallowing, true);
         let m = &self.shared.metrics;
         match expiry {
             Expiry::Silent => m.control_refusal("header_timeout"),
             Expiry::Idle => m.control_refusal("idle_timeout"),
             Expiry::Head => {
                 m.control_refusal("header_timeout");
-                if !self.swallowing {
-                    self.swallowing = true;
+                if !answered_by_hyper {
                     self.out = Some(canned(
                         408,
                         "request_timeout",
