@@ -11,8 +11,11 @@
 //!   algorithm family, so an HS256 token is never checked against an RSA
 //!   public key used as an HMAC secret (algorithm confusion), and `none` is
 //!   never accepted.
-//! - **Claims.** `exp` is required; `exp`, `nbf`, `aud` (if configured) and
-//!   `iss` (if configured) are checked with `jwt-leeway`. The verified
+//! - **Claims.** `exp` is required; `exp` and `nbf` are checked with
+//!   `jwt-leeway`. When `jwt-audience` (`jwt-issuer`) is configured, `aud`
+//!   (`iss`) is required too: a token without it, or with `null` or a value
+//!   that is not a string (or, for `aud`, a list of strings), is refused
+//!   exactly like one with a wrong value. The verified
 //!   claims go to the origin in the `connect` event; `sub` becomes the
 //!   connection's user id unless the origin names another.
 //! - **Where the token is.** `Authorization: Bearer <token>`, the `token`
@@ -407,6 +410,7 @@ impl Authenticator {
         for key in &candidates {
             match jsonwebtoken::decode::<Map<String, Value>>(token, key, &v) {
                 Ok(data) => {
+                    self.require_audience_and_issuer(&data.claims)?;
                     let user = data
                         .claims
                         .get("sub")
@@ -440,6 +444,33 @@ impl Authenticator {
             }
         }
         Err(last)
+    }
+
+    /// Refuses a verified token that lacks a configured `aud` or `iss`.
+    ///
+    /// jsonwebtoken only checks these claims when they are there (and
+    /// skips values it cannot parse, such as `null` or a number), so a
+    /// token without them would pass: when an audience (issuer) is
+    /// configured, `aud` (`iss`) must be a string or a list of strings, or
+    /// the token is refused like one with a wrong value. Checked in this
+    /// order, so a token lacking both is refused for its audience.
+    fn require_audience_and_issuer(&self, claims: &Map<String, Value>) -> Result<(), AuthError> {
+        fn strings(v: Option<&Value>) -> bool {
+            match v {
+                Some(Value::String(_)) => true,
+                Some(Value::Array(items)) => {
+                    !items.is_empty() && items.iter().all(Value::is_string)
+                }
+                _ => false,
+            }
+        }
+        if !self.audience.is_empty() && !strings(claims.get("aud")) {
+            return Err(AuthError::WrongAudience);
+        }
+        if !self.issuer.is_empty() && !strings(claims.get("iss")) {
+            return Err(AuthError::WrongIssuer);
+        }
+        Ok(())
     }
 
     /// The JWKS key `kid`, fetching the set again when it is unknown (at

@@ -107,6 +107,24 @@ pub struct Config {
     /// Accept API keys on a control listener that is neither loopback nor
     /// TLS (keys would cross the network in clear text).
     pub control_allow_plaintext: bool,
+    /// Control listener: time allowed for a request head, from its first
+    /// byte (or from the accept, for a new connection) to its end. A head
+    /// begun and not finished gets a 408 `request_timeout`; a connection
+    /// that sent nothing is closed without an answer.
+    #[serde(with = "humantime_serde")]
+    pub control_header_timeout: Duration,
+    /// Control listener: time allowed to receive a request's whole body,
+    /// from the end of its head (408 `request_timeout`, then closed).
+    #[serde(with = "humantime_serde")]
+    pub control_body_timeout: Duration,
+    /// Control listener: a keep-alive connection with no request in
+    /// progress for this long is closed (without an answer).
+    #[serde(with = "humantime_serde")]
+    pub control_idle_timeout: Duration,
+    /// Control listener: most connections open at once; one more gets a 503
+    /// `too_many_connections` (plain HTTP) or is closed before its TLS
+    /// handshake.
+    pub control_max_connections: usize,
     /// Subprotocols the gateway accepts, in preference order of the client.
     pub subprotocol: Vec<String>,
     /// Offer permessage-deflate to clients that ask for it.
@@ -246,6 +264,10 @@ impl Default for Config {
             tls_reload_interval: Duration::from_secs(10),
             tls_min_version: TlsVersion::V1_2,
             control_allow_plaintext: false,
+            control_header_timeout: Duration::from_secs(10),
+            control_body_timeout: Duration::from_secs(30),
+            control_idle_timeout: Duration::from_secs(60),
+            control_max_connections: 1024,
             subprotocol: Vec::new(),
             permessage_deflate: false,
             forward_header: ["user-agent", "origin", "accept-language", "x-forwarded-for"]
@@ -524,6 +546,7 @@ impl Config {
             ("max-message-size", self.max_message_size),
             ("max-connections", self.max_connections),
             ("max-outbound-bytes", self.max_outbound_bytes),
+            ("control-max-connections", self.control_max_connections),
         ] {
             if v == 0 {
                 return Err(bad(field, "must be greater than 0"));
@@ -546,6 +569,9 @@ impl Config {
             ("handshake-timeout", self.handshake_timeout),
             ("origin-timeout", self.origin_timeout),
             ("origin-retry-initial", self.origin_retry_initial),
+            ("control-header-timeout", self.control_header_timeout),
+            ("control-body-timeout", self.control_body_timeout),
+            ("control-idle-timeout", self.control_idle_timeout),
         ] {
             if d.is_zero() {
                 return Err(bad(field, "must be greater than 0"));
@@ -561,6 +587,9 @@ impl Config {
             ("keepalive-interval", self.keepalive_interval),
             ("drain-timeout", self.drain_timeout),
             ("idle-timeout", self.idle_timeout.unwrap_or_default()),
+            ("control-header-timeout", self.control_header_timeout),
+            ("control-body-timeout", self.control_body_timeout),
+            ("control-idle-timeout", self.control_idle_timeout),
         ] {
             if d > MAX_DURATION {
                 return Err(bad(field, "must not exceed 7 days"));

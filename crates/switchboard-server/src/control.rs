@@ -8,6 +8,7 @@
 use crate::bus::BusError;
 use crate::channels::{Ack, ChannelError, Subscribed};
 use crate::cluster::{ClusterError, CommandReply};
+use crate::control_listener::{serve_connection, Slots};
 use crate::gateway::Shared;
 use crate::registry::{CloseRequest, Conn, Outgoing, Queued};
 use axum::body::Bytes;
@@ -34,6 +35,7 @@ use switchboard_proto::ws::close;
 use switchboard_proto::ConnectionId;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 /// The OpenAPI 3 document of the control API.
 pub const OPENAPI_JSON: &str = include_str!("../../../docs/openapi.json");
@@ -137,6 +139,11 @@ impl IntoResponse for ApiError {
             r.headers_mut()
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
+        if self.status == StatusCode::REQUEST_TIMEOUT {
+            // The rest of the body may still come: the connection ends here.
+            r.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
         r
     }
 }
@@ -162,9 +169,47 @@ impl<S: Send + Sync> axum::extract::FromRequestParts<S> for ConnPath {
 /// A request body, or the JSON error for one that could not be read.
 type Body = Result<Bytes, axum::extract::rejection::BytesRejection>;
 
+/// Whether a command's JSON carries both `text` and `binary` at its top
+/// level or in one of its `messages` (a message is exactly one of them;
+/// serde's `flatten` would otherwise take the first and drop the other).
+fn two_payloads(v: &serde_json::Value) -> bool {
+    let both = |m: &serde_json::Value| {
+        m.as_object()
+            .is_some_and(|o| o.contains_key("text") && o.contains_key("binary"))
+    };
+    both(v)
+        || v.get("messages")
+            .and_then(serde_json::Value::as_array)
+            .is_some_and(|ms| ms.iter().any(both))
+}
+
+/// Refuses a body that gives a message both as `text` and as `binary`.
+fn single_payload(json: &[u8]) -> Result<(), ApiError> {
+    let has = |needle: &[u8]| json.windows(needle.len()).any(|w| w == needle);
+    // Parsed a second time only when it may hold both keys (a key may
+    // also be spelled with `\u` escapes).
+    if !(has(b"\\u") || (has(b"binary") && has(b"text"))) {
+        return Ok(());
+    }
+    match serde_json::from_slice::<serde_json::Value>(json) {
+        Ok(v) if two_payloads(&v) => Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_body",
+            "a message is exactly one of `text` or `binary`, not both",
+        )),
+        _ => Ok(()),
+    }
+}
+
 fn parse_json<T: DeserializeOwned>(body: Body) -> Result<T, ApiError> {
     let body = body.map_err(|e| {
-        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        if crate::control_listener::is_body_timeout(&e) {
+            ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "request_timeout",
+                e.body_text(),
+            )
+        } else if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "payload_too_large",
@@ -174,38 +219,66 @@ fn parse_json<T: DeserializeOwned>(body: Body) -> Result<T, ApiError> {
             ApiError::new(StatusCode::BAD_REQUEST, "invalid_body", e.body_text())
         }
     })?;
+    single_payload(&body)?;
     serde_json::from_slice(&body)
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_body", e.to_string()))
 }
 
+/// Serves the control listener until `stop` fires, then gives requests in
+/// progress a moment to finish. Connections are bounded as
+/// [`crate::control_listener`] describes.
 pub(crate) async fn serve(shared: Arc<Shared>, listener: TcpListener, stop: CancellationToken) {
     let app = router(shared.clone());
-    let served = match &shared.tls {
-        None => {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(stop.cancelled_owned())
-                .await
-        }
+    let slots = Slots::new(shared.clone());
+    let connections = TaskTracker::new();
+    match &shared.tls {
+        None => loop {
+            let (tcp, _remote) = tokio::select! {
+                _ = stop.cancelled() => break,
+                pair = crate::gateway::accept(&listener, "control") => pair,
+            };
+            let Some(slot) = slots.take() else {
+                slots.refuse(tcp);
+                continue;
+            };
+            let _ = tcp.set_nodelay(true);
+            connections.spawn(serve_connection(
+                tcp,
+                slot,
+                app.clone(),
+                shared.clone(),
+                stop.clone(),
+            ));
+        },
         Some(tls) => {
-            match crate::tls::ControlListener::start(
+            let mut tls_listener = crate::tls::ControlListener::start(
                 listener,
                 tls,
                 shared.config.handshake_timeout,
                 shared.clone(),
+                slots,
                 stop.clone(),
-            ) {
-                Ok(listener) => {
-                    axum::serve(listener, app)
-                        .with_graceful_shutdown(stop.cancelled_owned())
-                        .await
-                }
-                Err(e) => Err(e),
+            );
+            loop {
+                let (stream, slot) = tokio::select! {
+                    _ = stop.cancelled() => break,
+                    next = tls_listener.accept() => match next {
+                        Some(next) => next,
+                        None => break,
+                    },
+                };
+                connections.spawn(serve_connection(
+                    stream,
+                    slot,
+                    app.clone(),
+                    shared.clone(),
+                    stop.clone(),
+                ));
             }
         }
-    };
-    if let Err(e) = served {
-        tracing::error!(error = %e, "control listener failed");
     }
+    connections.close();
+    connections.wait().await;
 }
 
 pub(crate) fn router(shared: Arc<Shared>) -> Router {
@@ -359,6 +432,9 @@ async fn forward(s: &Shared, node: &str, cmd: &Command) -> CommandReply {
 
 /// Executes a command given as JSON (from the cluster backend).
 pub(crate) async fn execute_json(s: &Arc<Shared>, json: &[u8], forwarded: bool) -> CommandReply {
+    if let Err(e) = single_payload(json) {
+        return e.into();
+    }
     match serde_json::from_slice::<Command>(json) {
         Ok(cmd) => execute(s, cmd, forwarded).await,
         Err(e) => ApiError::new(StatusCode::BAD_REQUEST, "invalid_body", e.to_string()).into(),
@@ -817,13 +893,55 @@ async fn close_connection(
     Ok(execute(&s, cmd, false).await)
 }
 
+/// Whether every `%` of `path` starts an escape of two hex digits (axum
+/// decodes `%ZZ` leniently, as itself).
+fn escapes_are_valid(path: &str) -> bool {
+    let b = path.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            if !(i + 2 < b.len() && b[i + 1].is_ascii_hexdigit() && b[i + 2].is_ascii_hexdigit()) {
+                return false;
+            }
+            i += 3;
+        } else {
+            i += 1;
+        }
+    }
+    true
+}
+
+/// Decoded path segments of a channel route (`{channel}`, or `{id}` and
+/// `{channel}`); a path that is not valid percent-encoded UTF-8 answers
+/// 400 `bad_channel`.
+struct Segments<T>(T);
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned + Send> axum::extract::FromRequestParts<S>
+    for Segments<T>
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, ApiError> {
+        if !escapes_are_valid(parts.uri.path()) {
+            return Err(undecodable());
+        }
+        match Path::<T>::from_request_parts(parts, state).await {
+            Ok(Path(v)) => Ok(Self(v)),
+            Err(_) => Err(undecodable()),
+        }
+    }
+}
+
 /// The `{id}` and `{channel}` path segments.
-type ConnChannelPath = Result<Path<(String, String)>, axum::extract::rejection::PathRejection>;
+type ConnChannelPath = Segments<(String, String)>;
 
 /// The `{channel}` path segment.
-type ChannelPath = Result<Path<String>, axum::extract::rejection::PathRejection>;
+type ChannelPath = Segments<String>;
 
-fn undecodable(_: axum::extract::rejection::PathRejection) -> ApiError {
+fn undecodable() -> ApiError {
     ApiError::new(
         StatusCode::BAD_REQUEST,
         "bad_channel",
@@ -836,7 +954,7 @@ async fn subscribe(
     path: ConnChannelPath,
     body: Body,
 ) -> Result<CommandReply, ApiError> {
-    let Path((connection_id, channel)) = path.map_err(undecodable)?;
+    let Segments((connection_id, channel)) = path;
     let since = match &body {
         Ok(b) if b.iter().all(u8::is_ascii_whitespace) => None,
         _ => parse_json::<SubscribeBody>(body)?.since,
@@ -853,7 +971,7 @@ async fn unsubscribe(
     State(s): State<Arc<Shared>>,
     path: ConnChannelPath,
 ) -> Result<CommandReply, ApiError> {
-    let Path((connection_id, channel)) = path.map_err(undecodable)?;
+    let Segments((connection_id, channel)) = path;
     let cmd = Command::Unsubscribe(UnsubscribeCommand {
         connection_id,
         channel,
@@ -870,7 +988,7 @@ async fn publish(
     path: ChannelPath,
     body: Body,
 ) -> Result<CommandReply, ApiError> {
-    let Path(channel) = path.map_err(undecodable)?;
+    let Segments(channel) = path;
     let mut cmd: PublishCommand = parse_json(body)?;
     cmd.channel = channel;
     Ok(execute(&s, Command::Publish(cmd), false).await)
@@ -890,7 +1008,7 @@ async fn history(
     path: ChannelPath,
     query: Result<Query<HistoryQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<CommandReply, ApiError> {
-    let Path(channel) = path.map_err(undecodable)?;
+    let Segments(channel) = path;
     let Query(q) = query
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_query", e.body_text()))?;
     let since = match (q.since, q.epoch) {
@@ -916,7 +1034,7 @@ async fn presence(
     State(s): State<Arc<Shared>>,
     path: ChannelPath,
 ) -> Result<CommandReply, ApiError> {
-    let Path(channel) = path.map_err(undecodable)?;
+    let Segments(channel) = path;
     Ok(execute(&s, Command::Presence(ChannelRef { channel }), false).await)
 }
 

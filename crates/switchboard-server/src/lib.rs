@@ -53,6 +53,7 @@ pub mod cluster;
 pub mod config;
 mod connection;
 mod control;
+mod control_listener;
 pub mod gateway;
 mod handshake;
 pub mod lease;

@@ -32,6 +32,12 @@ pub(crate) struct ClosedByLabel {
     pub(crate) closed_by: &'static str,
 }
 
+/// Label for control listener refusals and timeouts.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct ReasonLabel {
+    pub(crate) reason: &'static str,
+}
+
 /// Every metric of the node.
 #[derive(Debug)]
 pub(crate) struct Metrics {
@@ -73,6 +79,10 @@ pub(crate) struct Metrics {
     pub(crate) bus_gap_fills: Counter,
     pub(crate) tls_reloads: Family<ResultLabel, Counter>,
     pub(crate) control_tls_failures: Counter,
+    /// Control listener connections open now.
+    pub(crate) control_connections: Gauge,
+    /// Control listener refusals and timeouts, by reason.
+    pub(crate) control_refusals: Family<ReasonLabel, Counter>,
 }
 
 fn origin_histogram() -> Histogram {
@@ -121,6 +131,8 @@ impl Metrics {
             bus_gap_fills: Counter::default(),
             tls_reloads: Family::default(),
             control_tls_failures: Counter::default(),
+            control_connections: Gauge::default(),
+            control_refusals: Family::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -295,6 +307,16 @@ impl Metrics {
             "Control API connections whose TLS handshake failed or timed out",
             m.control_tls_failures.clone(),
         );
+        r.register(
+            "control_connections",
+            "Connections open on the control listener",
+            m.control_connections.clone(),
+        );
+        r.register(
+            "control_refusals",
+            "Control listener requests and connections refused or timed out, by reason (bad_request, uri_too_long, headers_too_large, header_timeout, body_timeout, idle_timeout, over_capacity)",
+            m.control_refusals.clone(),
+        );
         Self { registry, ..m }
     }
 
@@ -313,6 +335,13 @@ impl Metrics {
         if result != "accepted" {
             self.handshakes_rejected.inc();
         }
+    }
+
+    /// Counts a control listener refusal or timeout by its reason.
+    pub(crate) fn control_refusal(&self, reason: &'static str) {
+        self.control_refusals
+            .get_or_create(&ReasonLabel { reason })
+            .inc();
     }
 
     pub(crate) fn encode(&self) -> String {

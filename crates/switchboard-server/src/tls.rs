@@ -10,6 +10,7 @@
 //! are what TLS adds to a connection (docs/security.md, "TLS").
 
 use crate::config::{Config, TlsVersion};
+use crate::control_listener::{Slot, Slots};
 use crate::gateway::Shared;
 use crate::metrics::Metrics;
 use crate::stream::ClientStream;
@@ -19,7 +20,6 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls::ServerConfig;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -432,13 +432,14 @@ async fn task_to_client(plain: &mut UnixStream, tls: &mut TlsStream<TcpStream>) 
     flow
 }
 
-/// The control listener behind TLS, for `axum::serve`: a task accepts TCP
-/// connections and runs each TLS handshake in a task of its own (so a slow
-/// handshake delays nobody); finished ones wait here for `accept`.
+/// The control listener behind TLS: a task accepts TCP connections, takes
+/// each a slot of `control-max-connections` (one over the cap is closed at
+/// once, before any handshake) and runs its TLS handshake in a task of its
+/// own (so a slow handshake delays nobody); finished ones wait here for
+/// [`ControlListener::accept`].
 #[derive(Debug)]
 pub(crate) struct ControlListener {
-    ready: tokio::sync::mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)>,
-    local: SocketAddr,
+    ready: tokio::sync::mpsc::Receiver<(TlsStream<TcpStream>, Slot)>,
 }
 
 impl ControlListener {
@@ -448,24 +449,28 @@ impl ControlListener {
         tls: &Tls,
         handshake_timeout: Duration,
         shared: Arc<Shared>,
+        slots: Slots,
         stop: CancellationToken,
-    ) -> std::io::Result<Self> {
-        let local = listener.local_addr()?;
+    ) -> Self {
         let (tx, ready) = tokio::sync::mpsc::channel(CONTROL_BACKLOG);
         let acceptor = tls.acceptor.clone();
         tokio::spawn(async move {
             loop {
-                let (tcp, remote) = tokio::select! {
+                let (tcp, _remote) = tokio::select! {
                     _ = stop.cancelled() => return,
                     pair = crate::gateway::accept(&listener, "control") => pair,
                 };
+                let Some(slot) = slots.take() else {
+                    continue; // dropped: closed without a handshake
+                };
+                let _ = tcp.set_nodelay(true);
                 let acceptor = acceptor.clone();
                 let tx = tx.clone();
                 let shared = shared.clone();
                 tokio::spawn(async move {
                     match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
                         Ok(Ok(stream)) => {
-                            let _ = tx.send((stream, remote)).await;
+                            let _ = tx.send((stream, slot)).await;
                         }
                         _ => {
                             shared.metrics.control_tls_failures.inc();
@@ -474,24 +479,12 @@ impl ControlListener {
                 });
             }
         });
-        Ok(Self { ready, local })
-    }
-}
-
-impl axum::serve::Listener for ControlListener {
-    type Io = TlsStream<TcpStream>;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        match self.ready.recv().await {
-            Some(conn) => conn,
-            // Stopped: no more connections; the server is shutting down.
-            None => std::future::pending().await,
-        }
+        Self { ready }
     }
 
-    fn local_addr(&self) -> std::io::Result<Self::Addr> {
-        Ok(self.local)
+    /// The next connection whose handshake is done; `None` once stopped.
+    pub(crate) async fn accept(&mut self) -> Option<(TlsStream<TcpStream>, Slot)> {
+        self.ready.recv().await
     }
 }
 

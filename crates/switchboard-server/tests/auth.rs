@@ -282,6 +282,86 @@ async fn every_bad_token_is_refused_with_401_and_its_code_before_the_origin_hear
     gw.shutdown().await;
 }
 
+/// Issue 11 (2): with `--jwt-audience` and `--jwt-issuer` configured, a
+/// token must carry them; a missing, `null` or ill-typed `aud` / `iss` is
+/// refused like a wrong one (jsonwebtoken alone only checks the claims
+/// that are there).
+#[tokio::test]
+async fn a_configured_audience_and_issuer_are_required_not_only_checked_when_present() {
+    let (origin, gw) = with_origin(|c| {
+        c.jwt_secret = Some(SECRET.into());
+        c.jwt_audience = vec!["switchboard".into()];
+        c.jwt_issuer = vec!["https://auth.example".into()];
+    })
+    .await;
+    let token = |aud: Option<Value>, iss: Option<Value>| {
+        let mut c = claims(json!({}));
+        let o = c.as_object_mut().unwrap();
+        if let Some(a) = aud {
+            o.insert("aud".into(), a);
+        }
+        if let Some(i) = iss {
+            o.insert("iss".into(), i);
+        }
+        hs(&c, SECRET.as_bytes())
+    };
+    let aud = || Some(json!("switchboard"));
+    let iss = || Some(json!("https://auth.example"));
+    assert_eq!(bearer(&gw, &token(aud(), iss())).await.0, 101);
+    assert_eq!(
+        bearer(&gw, &token(Some(json!(["other", "switchboard"])), iss()))
+            .await
+            .0,
+        101,
+        "an aud list naming this gateway is fine"
+    );
+    let cases: Vec<(&str, String, &str)> = vec![
+        ("no aud", token(None, iss()), "token_wrong_audience"),
+        ("no iss", token(aud(), None), "token_wrong_issuer"),
+        ("neither", token(None, None), "token_wrong_audience"),
+        (
+            "aud null",
+            token(Some(Value::Null), iss()),
+            "token_wrong_audience",
+        ),
+        (
+            "iss null",
+            token(aud(), Some(Value::Null)),
+            "token_wrong_issuer",
+        ),
+        (
+            "aud a number",
+            token(Some(json!(7)), iss()),
+            "token_wrong_audience",
+        ),
+        (
+            "aud an empty list",
+            token(Some(json!([])), iss()),
+            "token_wrong_audience",
+        ),
+        (
+            "aud a list with a non-string",
+            token(Some(json!(["switchboard", 1])), iss()),
+            "token_wrong_audience",
+        ),
+        (
+            "iss an object",
+            token(aud(), Some(json!({}))),
+            "token_wrong_issuer",
+        ),
+    ];
+    for (what, token, code) in &cases {
+        let (status, got, _) = bearer(&gw, token).await;
+        assert_eq!((status, got.as_str()), (401, *code), "{what}");
+    }
+    assert_eq!(
+        origin.connects().len(),
+        2,
+        "only the good tokens reached the origin"
+    );
+    gw.shutdown().await;
+}
+
 #[tokio::test]
 async fn public_keys_verify_rs256_es256_and_eddsa_and_refuse_algorithm_confusion() {
     let (_origin, gw) = with_origin(|c| {

@@ -574,3 +574,189 @@ async fn every_route_answers() {
     drop(ws);
     gw.shutdown().await;
 }
+
+/// Issue 11 (6): a path with an invalid percent-escape is 400 `bad_channel`
+/// (axum alone decodes `%ZZ` as itself), and a message carrying both `text`
+/// and `binary` is 400 `invalid_body` on every route that takes messages.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_escapes_and_two_payloads_are_refused() {
+    let (origin, gw) = setup().await;
+    let (ws, id) = connect_id(&gw, &origin, "/").await;
+    let text = serde_json::json!({"text": "x"});
+    for path in [
+        "/v1/channels/room:%ZZ/messages",
+        "/v1/channels/room:a%2/messages",
+        "/v1/channels/room:a%/messages",
+    ] {
+        assert_error(&gw.post(path, &text).await, 400, "bad_channel");
+        assert_error(&gw.get(path).await, 400, "bad_channel");
+    }
+    assert_error(
+        &gw.get("/v1/channels/room:%ZZ/presence").await,
+        400,
+        "bad_channel",
+    );
+    assert_error(
+        &gw.call(gw.request(
+            Method::PUT,
+            &format!("/v1/connections/{id}/channels/room:%G1"),
+        ))
+        .await,
+        400,
+        "bad_channel",
+    );
+    // A valid escape still works.
+    let r = gw.post("/v1/channels/room:a%20b/messages", &text).await;
+    assert_error(&r, 400, "bad_channel"); // whitespace is not allowed in a name
+    let r = gw.post("/v1/channels/room:%41/messages", &text).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+
+    let both = serde_json::json!({"text": "x", "binary": "AAH/"});
+    assert_error(
+        &gw.post("/v1/channels/room:1/messages", &both).await,
+        400,
+        "invalid_body",
+    );
+    assert_error(
+        &gw.post(&format!("/v1/connections/{id}/messages"), &both)
+            .await,
+        400,
+        "invalid_body",
+    );
+    // The same with a key spelled with an escape.
+    assert_error(
+        &gw.call(
+            gw.request(Method::POST, "/v1/channels/room:1/messages")
+                .header("content-type", "application/json")
+                .body(r#"{"\u0074ext": "x", "binary": "AAH/"}"#),
+        )
+        .await,
+        400,
+        "invalid_body",
+    );
+    let batch = serde_json::json!({"messages": [
+        {"connection_ids": [id], "text": "x"},
+        {"connection_ids": [id], "text": "x", "binary": "AAH/"},
+    ]});
+    assert_error(&gw.post("/v1/messages", &batch).await, 400, "invalid_body");
+    let history = gw.get("/v1/channels/room:1/messages").await;
+    assert_eq!(
+        history.json()["offset"],
+        0,
+        "nothing was published: {}",
+        history.body
+    );
+    drop(ws);
+    gw.shutdown().await;
+}
+
+/// Raw bytes to the control listener; the answer, read until it closes.
+async fn raw(gw: &TestGateway, request: &[u8]) -> RawResponse {
+    raw_request(gw.control, request)
+        .await
+        .unwrap_or_else(|| panic!("no answer to {:?}", String::from_utf8_lossy(request)))
+}
+
+fn assert_raw_error(r: &RawResponse, status: u16, code: &str) {
+    assert_eq!(r.status, status, "{r:?}");
+    assert_eq!(r.header("content-type"), Some("application/json"), "{r:?}");
+    let v = r.json();
+    assert_eq!(v["code"], code, "{v}");
+    assert!(v["message"].as_str().is_some_and(|m| !m.is_empty()), "{v}");
+}
+
+/// Issue 11 (6): the errors hyper finds before any route (a URI over its
+/// limit, a malformed head, too many or too large headers) are JSON errors
+/// with documented codes too, not empty bodies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn errors_found_before_routing_are_json() {
+    let (_origin, gw) = setup().await;
+    let long = format!(
+        "GET /v1/{} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        "a".repeat(100 * 1024)
+    );
+    assert_raw_error(&raw(&gw, long.as_bytes()).await, 414, "uri_too_long");
+    assert_raw_error(
+        &raw(&gw, b"BLAH\x01 / HTTP/1.1\r\nHost: x\r\n\r\n").await,
+        400,
+        "bad_request",
+    );
+    assert_raw_error(
+        &raw(&gw, b"GET / HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n").await,
+        400,
+        "bad_request",
+    );
+    // Not HTTP at all (a TLS ClientHello).
+    let mut hello = vec![
+        0x16, 0x03, 0x01, 0x00, 0xa5, 0x01, 0x00, 0x00, 0xa1, 0x03, 0x03,
+    ];
+    hello.extend_from_slice(&[0; 64]);
+    assert_raw_error(&raw(&gw, &hello).await, 400, "bad_request");
+    // An HTTP/2 preface: closed without an answer, but counted.
+    assert!(raw_request(gw.control, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .await
+        .is_none());
+    let many: String = (0..200).map(|i| format!("X-H{i}: v\r\n")).collect();
+    let many = format!("GET /healthz HTTP/1.1\r\nHost: x\r\n{many}\r\n");
+    assert_raw_error(&raw(&gw, many.as_bytes()).await, 431, "headers_too_large");
+    // The listener still serves.
+    let ok = raw(
+        &gw,
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(ok.status, 200);
+    // Counted when each connection ends, which may be just after the
+    // client saw it close.
+    eventually(WAIT, "4 bad_request refusals counted", || async {
+        gw.metric("switchboard_control_refusals_total{reason=\"bad_request\"}")
+            .await
+            == 4.0
+    })
+    .await;
+    for (reason, n) in [("uri_too_long", 1.0), ("headers_too_large", 1.0)] {
+        let got = gw
+            .metric(&format!(
+                "switchboard_control_refusals_total{{reason=\"{reason}\"}}"
+            ))
+            .await;
+        assert_eq!(got, n, "{reason}");
+    }
+    gw.shutdown().await;
+}
+
+/// Issue 11 (6): every status the control listener can answer outside a
+/// route's own ones (400, 408, 414, 431, 503) is in `docs/openapi.json`
+/// for every operation, with the codes in the `Error` schema.
+#[test]
+fn openapi_documents_the_listener_errors_on_every_operation() {
+    let doc: serde_json::Value = serde_json::from_str(switchboard_server::OPENAPI_JSON).unwrap();
+    let codes: Vec<&str> = doc["components"]["schemas"]["Error"]["properties"]["code"]["enum"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c.as_str().unwrap())
+        .collect();
+    for code in [
+        "bad_request",
+        "uri_too_long",
+        "headers_too_large",
+        "request_timeout",
+        "too_many_connections",
+    ] {
+        assert!(codes.contains(&code), "{code} is not in the Error schema");
+    }
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for (method, op) in item.as_object().unwrap() {
+            if !HTTP_METHODS.contains(&method.as_str()) {
+                continue;
+            }
+            for status in ["400", "408", "414", "431", "503"] {
+                assert!(
+                    op["responses"].get(status).is_some(),
+                    "{method} {path} does not list {status}"
+                );
+            }
+        }
+    }
+}

@@ -427,3 +427,113 @@ async fn large_messages_cross_the_tls_pump_both_ways_at_once() {
     }
     drop(sender.await.expect("sender"));
 }
+
+/// Reads `s` until the server closes it (at most `WAIT`).
+async fn read_until_closed(s: &mut TlsStream<TcpStream>) -> (Vec<u8>, std::time::Instant) {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    tokio::time::timeout(WAIT, async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return std::time::Instant::now(),
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await
+    .map(|t| (got, t))
+    .expect("the TLS control listener closed the connection in time")
+}
+
+/// Issue 11 (3): the control listener over TLS has the same header, body
+/// and idle timeouts and the same connection cap as over plain HTTP (over
+/// the cap, a connection is closed before its handshake).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_tls_control_listener_times_out_slow_peers_and_caps_connections() {
+    use tokio::io::AsyncWriteExt;
+    let certs = CertDir::new("control-limits", "a");
+    let origin = TestOrigin::start(None).await;
+    let gw = TestGateway::with_origin(&origin, |c| {
+        certs.configure(c);
+        c.control_header_timeout = Duration::from_millis(300);
+        c.control_body_timeout = Duration::from_millis(300);
+        c.control_idle_timeout = Duration::from_millis(300);
+        c.control_max_connections = 3;
+    })
+    .await;
+    let json_answer = |got: &[u8]| {
+        let text = String::from_utf8_lossy(got).to_string();
+        let (head, body) = text.split_once("\r\n\r\n").expect("an answer");
+        let status: u16 = head.split(' ').nth(1).unwrap().parse().unwrap();
+        let v: serde_json::Value = serde_json::from_str(body).expect("a JSON body");
+        (status, v["code"].as_str().unwrap_or_default().to_owned())
+    };
+
+    // A half-sent head: 408 request_timeout, closed.
+    let mut s = tls_connect(gw.control).await.expect("TLS");
+    let start = std::time::Instant::now();
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let (got, closed) = read_until_closed(&mut s).await;
+    assert_eq!(json_answer(&got), (408, "request_timeout".into()));
+    assert!(closed - start < Duration::from_secs(2));
+
+    // A body shorter than its Content-Length: 408 request_timeout, closed.
+    let mut s = tls_connect(gw.control).await.expect("TLS");
+    s.write_all(
+        b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Length: 50\r\n\r\n{\"messages\"",
+    )
+    .await
+    .unwrap();
+    let (got, _) = read_until_closed(&mut s).await;
+    assert_eq!(json_answer(&got), (408, "request_timeout".into()));
+
+    // Silent after the handshake, and idle after an answer: closed.
+    let mut silent = tls_connect(gw.control).await.expect("TLS");
+    let mut idle = tls_connect(gw.control).await.expect("TLS");
+    idle.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let (got, _) = read_until_closed(&mut idle).await;
+    assert!(
+        String::from_utf8_lossy(&got).starts_with("HTTP/1.1 200"),
+        "{got:?}"
+    );
+    let (got, _) = read_until_closed(&mut silent).await;
+    assert!(got.is_empty());
+
+    // Over the cap: no handshake at all (once the slots of the connections
+    // closed above are free again).
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let held: Vec<_> = futures_util::future::join_all((0..3).map(|_| tls_connect(gw.control)))
+        .await
+        .into_iter()
+        .map(|r| r.expect("TLS within the cap"))
+        .collect();
+    assert!(
+        tls_connect(gw.control).await.is_err(),
+        "a connection over the cap gets no handshake"
+    );
+    drop(held);
+    let api = https();
+    eventually(WAIT, "a freed control slot", || async {
+        api.get(control_url(&gw, "/healthz")).send().await.is_ok()
+    })
+    .await;
+    let text = metrics(&api, &gw).await;
+    for (reason, at_least) in [
+        ("header_timeout", 2.0),
+        ("body_timeout", 1.0),
+        ("idle_timeout", 1.0),
+        ("over_capacity", 1.0),
+    ] {
+        let got = metric_value(
+            &text,
+            &format!("switchboard_control_refusals_total{{reason=\"{reason}\"}}"),
+        );
+        assert!(got >= at_least, "{reason}: {got}");
+    }
+    gw.shutdown().await;
+}

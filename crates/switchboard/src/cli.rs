@@ -265,6 +265,38 @@ pub(crate) struct ServeArgs {
     #[serde(skip_serializing_if = "Option::is_none")]
     control_allow_plaintext: Option<bool>,
 
+    /// Control listener: time allowed for a request head; a begun head gets 408 [default: 10s].
+    #[arg(
+        long,
+        env = "SWITCHBOARD_CONTROL_HEADER_TIMEOUT",
+        value_name = "DURATION"
+    )]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    control_header_timeout: Option<String>,
+
+    /// Control listener: time allowed for a request body; then 408 and closed [default: 30s].
+    #[arg(
+        long,
+        env = "SWITCHBOARD_CONTROL_BODY_TIMEOUT",
+        value_name = "DURATION"
+    )]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    control_body_timeout: Option<String>,
+
+    /// Control listener: close keep-alive connections idle for this long [default: 60s].
+    #[arg(
+        long,
+        env = "SWITCHBOARD_CONTROL_IDLE_TIMEOUT",
+        value_name = "DURATION"
+    )]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    control_idle_timeout: Option<String>,
+
+    /// Control listener: most connections at once; more get 503 [default: 1024].
+    #[arg(long, env = "SWITCHBOARD_CONTROL_MAX_CONNECTIONS", value_name = "N")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    control_max_connections: Option<usize>,
+
     /// Accepted subprotocol (repeatable).
     #[arg(
         long,
