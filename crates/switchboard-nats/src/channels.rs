@@ -47,8 +47,8 @@ use switchboard_proto::native::{Member, StreamPosition};
 use switchboard_proto::origin::Payload;
 use switchboard_server::origin::BoxFuture;
 use switchboard_server::{
-    BusError, BusEvent, ChannelBus, Cluster, LocalNode, LogEntry, LogRead, Namespace, Published,
-    Watch,
+    BusError, BusEvent, ChannelBus, Cluster, LocalNode, LogEntry, LogRead, Namespace, Node,
+    Published, Watch,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -466,9 +466,7 @@ impl NatsChannels {
             let Some(reply) = msg.reply.clone() else {
                 continue;
             };
-            if msg.headers.as_ref().and_then(|hs| header(hs, h::NODE))
-                == Some(self.node.id().as_str())
-            {
+            if msg.headers.as_ref().and_then(|hs| header(hs, h::NODE)) == Some(self.node.id()) {
                 continue;
             }
             let Ok(channel) = std::str::from_utf8(&msg.payload) else {
@@ -585,7 +583,7 @@ impl ChannelBus for NatsChannels {
     fn announce(&self, channel: &str, member: &Member, joined: bool) {
         let mut headers = HeaderMap::new();
         headers.insert(h::EVENT, if joined { "join" } else { "leave" });
-        headers.insert(h::NODE, self.node.id().as_str());
+        headers.insert(h::NODE, self.node.id());
         let body = Bytes::from(serde_json::to_vec(member).expect("members serialize"));
         if self
             .announce
@@ -609,7 +607,7 @@ impl ChannelBus for NatsChannels {
                 .await
                 .map_err(bus_down)?;
             let mut headers = HeaderMap::new();
-            headers.insert(h::NODE, self.node.id().as_str());
+            headers.insert(h::NODE, self.node.id());
             self.client
                 .publish_with_reply_and_headers(
                     self.subjects.channel_presence(),

@@ -53,7 +53,7 @@ use std::time::{Duration, Instant};
 use switchboard_proto::cluster::{Heartbeat, Subjects, FORWARDED_HEADER};
 use switchboard_proto::control::{NodeInfo, STATUS_HEADER};
 use switchboard_server::origin::BoxFuture;
-use switchboard_server::{Cluster, ClusterError, CommandReply, LocalNode};
+use switchboard_server::{Cluster, ClusterError, CommandReply, LocalNode, Node};
 use tokio_util::sync::CancellationToken;
 
 /// Pause before trying again to open the key-value bucket.
@@ -139,9 +139,7 @@ impl NatsCluster {
     ) -> Result<Arc<Self>, async_nats::SubscribeError> {
         let subjects = Subjects::new(&node.config().nats_prefix);
         let beats = client.subscribe(subjects.heartbeat()).await?;
-        let own = client
-            .subscribe(subjects.node_control(node.id().as_str()))
-            .await?;
+        let own = client.subscribe(subjects.node_control(node.id())).await?;
         let shared = client
             .queue_subscribe(subjects.control(), Subjects::CONTROL_QUEUE.into())
             .await?;
@@ -390,7 +388,7 @@ impl NatsCluster {
                 tracing::debug!("unreadable heartbeat ignored");
                 continue;
             };
-            if beat.node == self.node.id().as_str() {
+            if beat.node == self.node.id() {
                 if beat.instance == *self.instance.lock() {
                     *self.own_heard.lock() = Instant::now();
                     let sent_at = self
@@ -630,7 +628,7 @@ impl NatsCluster {
     }
 
     fn smallest_live(&self) -> bool {
-        let me = self.node.id().as_str();
+        let me = self.node.id();
         self.membership
             .lock()
             .members
@@ -686,7 +684,7 @@ impl Cluster for NatsCluster {
                 return Err(ClusterError::NodeGone(node));
             }
             let mut headers = HeaderMap::new();
-            headers.insert(FORWARDED_HEADER, self.node.id().as_str());
+            headers.insert(FORWARDED_HEADER, self.node.id());
             let subject = self.subjects.node_control(&node);
             let timeout = self.node.config().cluster_request_timeout;
             let request = self.client.request_with_headers(subject, headers, command);

@@ -7,7 +7,6 @@
 
 use crate::bus::BusError;
 use crate::channels::{Ack, ChannelError, Subscribed};
-use crate::cluster::{ClusterError, CommandReply};
 use crate::control_listener::{serve_connection, Slots};
 use crate::gateway::Shared;
 use crate::registry::{CloseRequest, Conn, Outgoing, Queued};
@@ -23,6 +22,7 @@ use std::collections::BTreeMap;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use subtle::ConstantTimeEq;
+use switchboard_backend::{ClusterError, CommandReply};
 use switchboard_proto::control::{
     BatchMessage, BatchSendRequest, BatchSendResponse, ChannelRef, ChannelsResponse, CloseCommand,
     CloseParams, Command, ConnectionInfo, ConnectionRef, Delivery, ErrorBody, HistoryCommand,
@@ -113,10 +113,21 @@ fn ok(body: &impl serde::Serialize) -> CommandReply {
     reply(StatusCode::OK, body)
 }
 
-impl IntoResponse for CommandReply {
+/// A command's reply as the HTTP response of its route.
+#[derive(Debug)]
+struct Answer(CommandReply);
+
+impl From<CommandReply> for Answer {
+    fn from(reply: CommandReply) -> Self {
+        Self(reply)
+    }
+}
+
+impl IntoResponse for Answer {
     fn into_response(self) -> Response {
-        let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::BAD_GATEWAY);
-        let mut r = (status, self.body).into_response();
+        let Self(reply) = self;
+        let status = StatusCode::from_u16(reply.status).unwrap_or(StatusCode::BAD_GATEWAY);
+        let mut r = (status, reply.body).into_response();
         r.headers_mut().insert(
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
@@ -856,41 +867,42 @@ async fn send_one(
     State(s): State<Arc<Shared>>,
     ConnPath(id): ConnPath,
     body: Body,
-) -> Result<CommandReply, ApiError> {
+) -> Result<Answer, ApiError> {
     let payload: Payload = parse_json(body)?;
     let cmd = Command::Send(SendCommand {
         connection_id: id,
         payload,
     });
-    Ok(execute(&s, cmd, false).await)
+    Ok(execute(&s, cmd, false).await.into())
 }
 
-async fn send_batch(State(s): State<Arc<Shared>>, body: Body) -> Result<CommandReply, ApiError> {
+async fn send_batch(State(s): State<Arc<Shared>>, body: Body) -> Result<Answer, ApiError> {
     let req: BatchSendRequest = parse_json(body)?;
-    Ok(execute(&s, Command::SendBatch(req), false).await)
+    Ok(execute(&s, Command::SendBatch(req), false).await.into())
 }
 
-async fn connection_info(State(s): State<Arc<Shared>>, ConnPath(id): ConnPath) -> CommandReply {
+async fn connection_info(State(s): State<Arc<Shared>>, ConnPath(id): ConnPath) -> Answer {
     execute(
         &s,
         Command::Info(ConnectionRef { connection_id: id }),
         false,
     )
     .await
+    .into()
 }
 
 async fn close_connection(
     State(s): State<Arc<Shared>>,
     ConnPath(id): ConnPath,
     params: Result<Query<CloseParams>, axum::extract::rejection::QueryRejection>,
-) -> Result<CommandReply, ApiError> {
+) -> Result<Answer, ApiError> {
     let Query(params) = params
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_query", e.body_text()))?;
     let cmd = Command::Close(CloseCommand {
         connection_id: id,
         params,
     });
-    Ok(execute(&s, cmd, false).await)
+    Ok(execute(&s, cmd, false).await.into())
 }
 
 /// Whether every `%` of `path` starts an escape of two hex digits (axum
@@ -953,7 +965,7 @@ async fn subscribe(
     State(s): State<Arc<Shared>>,
     path: ConnChannelPath,
     body: Body,
-) -> Result<CommandReply, ApiError> {
+) -> Result<Answer, ApiError> {
     let Segments((connection_id, channel)) = path;
     let since = match &body {
         Ok(b) if b.iter().all(u8::is_ascii_whitespace) => None,
@@ -964,34 +976,34 @@ async fn subscribe(
         channel,
         since,
     });
-    Ok(execute(&s, cmd, false).await)
+    Ok(execute(&s, cmd, false).await.into())
 }
 
 async fn unsubscribe(
     State(s): State<Arc<Shared>>,
     path: ConnChannelPath,
-) -> Result<CommandReply, ApiError> {
+) -> Result<Answer, ApiError> {
     let Segments((connection_id, channel)) = path;
     let cmd = Command::Unsubscribe(UnsubscribeCommand {
         connection_id,
         channel,
     });
-    Ok(execute(&s, cmd, false).await)
+    Ok(execute(&s, cmd, false).await.into())
 }
 
-async fn list_channels(State(s): State<Arc<Shared>>) -> CommandReply {
-    execute(&s, Command::Channels, false).await
+async fn list_channels(State(s): State<Arc<Shared>>) -> Answer {
+    execute(&s, Command::Channels, false).await.into()
 }
 
 async fn publish(
     State(s): State<Arc<Shared>>,
     path: ChannelPath,
     body: Body,
-) -> Result<CommandReply, ApiError> {
+) -> Result<Answer, ApiError> {
     let Segments(channel) = path;
     let mut cmd: PublishCommand = parse_json(body)?;
     cmd.channel = channel;
-    Ok(execute(&s, Command::Publish(cmd), false).await)
+    Ok(execute(&s, Command::Publish(cmd), false).await.into())
 }
 
 /// Query of `GET /v1/channels/{channel}/messages`.
@@ -1007,7 +1019,7 @@ async fn history(
     State(s): State<Arc<Shared>>,
     path: ChannelPath,
     query: Result<Query<HistoryQuery>, axum::extract::rejection::QueryRejection>,
-) -> Result<CommandReply, ApiError> {
+) -> Result<Answer, ApiError> {
     let Segments(channel) = path;
     let Query(q) = query
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_query", e.body_text()))?;
@@ -1027,15 +1039,16 @@ async fn history(
         since,
         limit: q.limit,
     });
-    Ok(execute(&s, cmd, false).await)
+    Ok(execute(&s, cmd, false).await.into())
 }
 
-async fn presence(
-    State(s): State<Arc<Shared>>,
-    path: ChannelPath,
-) -> Result<CommandReply, ApiError> {
+async fn presence(State(s): State<Arc<Shared>>, path: ChannelPath) -> Result<Answer, ApiError> {
     let Segments(channel) = path;
-    Ok(execute(&s, Command::Presence(ChannelRef { channel }), false).await)
+    Ok(
+        execute(&s, Command::Presence(ChannelRef { channel }), false)
+            .await
+            .into(),
+    )
 }
 
 async fn stats(State(s): State<Arc<Shared>>) -> Json<Stats> {

@@ -8,7 +8,7 @@
 //! (disconnects included) is delivered, all within `drain-timeout`.
 
 use crate::channels::Channels;
-use crate::cluster::{Cluster, LocalNode};
+use crate::cluster::LocalNode;
 use crate::config::{Config, ConfigError};
 use crate::control;
 use crate::handshake;
@@ -25,6 +25,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use switchboard_backend::Cluster;
 use switchboard_proto::origin::{ClosedBy, Event, KeepaliveEvent};
 use switchboard_proto::ws::close;
 use switchboard_proto::NodeId;

@@ -47,7 +47,6 @@
 
 mod admission;
 mod auth;
-pub mod bus;
 mod channels;
 pub mod cluster;
 pub mod config;
@@ -56,7 +55,6 @@ mod control;
 mod control_listener;
 pub mod gateway;
 mod handshake;
-pub mod lease;
 mod metrics;
 mod native;
 pub mod origin;
@@ -68,10 +66,13 @@ mod stream;
 mod tls;
 
 pub use auth::AuthSetupError;
-pub use bus::{BusError, BusEvent, ChannelBus, LogEntry, LogRead, Published, Watch};
-pub use cluster::{Cluster, ClusterError, CommandReply, LocalNode};
+pub use cluster::LocalNode;
 pub use config::{Config, ConfigError, Namespace, TlsVersion};
 pub use control::{OPENAPI_JSON, ROUTES};
 pub use gateway::{DrainReport, Gateway, GatewayError};
-pub use lease::{Lease, LeaseState};
+pub use switchboard_backend::{
+    bus, lease, BusError, BusEvent, ChannelBus, Cluster, ClusterError, CommandReply, LogEntry,
+    LogRead, Node, Published, Watch,
+};
+pub use switchboard_backend::{Lease, LeaseState};
 pub use tls::TlsSetupError;

@@ -12,12 +12,12 @@
 //! back far enough. Presence is each node's own subscribers, gathered from
 //! every live node when asked.
 //!
-//! The gateway side of this (replicas, recovery, fan-out) is in
-//! `channels`; a backend implements the trait and hands it to
-//! [`crate::Gateway::join_channel_bus`].
+//! The gateway side of this (replicas, recovery, fan-out) is in the server
+//! crate's `channels`; a backend implements the trait and hands it to
+//! `Gateway::join_channel_bus`.
 
-use crate::config::Namespace;
-use crate::origin::BoxFuture;
+use crate::namespace::Namespace;
+use crate::BoxFuture;
 use futures_util::Stream;
 use std::pin::Pin;
 use switchboard_proto::native::{Member, StreamPosition};

@@ -119,6 +119,15 @@ impl Lease {
         self.changed.notify_waiters();
     }
 
+    /// Ends the lease at once (if bound): the backend knows the node is cut
+    /// off.
+    pub fn revoke(&self) {
+        if self.expires.load(Acquire) != UNLIMITED {
+            self.expires.store(0, Release);
+        }
+        self.changed.notify_waiters();
+    }
+
     /// Sets the lease to unlimited again: the node starts a new run that the
     /// cluster has not heard of yet.
     pub fn unbind(&self) {
@@ -126,8 +135,8 @@ impl Lease {
         self.changed.notify_waiters();
     }
 
-    /// Starts or ends a fence (see the module doc).
-    pub(crate) fn set_fencing(&self, on: bool) {
+    /// Starts or ends a fence (see the module doc). Called by the node.
+    pub fn set_fencing(&self, on: bool) {
         self.fencing.store(on, Release);
         self.changed.notify_waiters();
     }

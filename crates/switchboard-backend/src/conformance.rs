@@ -1,0 +1,470 @@
+//! The conformance suite every backend must pass: routing a command to the
+//! node that holds a connection, membership and node loss, channel publish
+//! with contiguous offsets and idempotency, live delivery in offset order,
+//! history and recovery reads, presence, joins and leaves.
+//!
+//! It talks to a backend through the traits only, with [`StandInNode`]s in
+//! place of gateways, so it checks exactly what the gateway relies on. A
+//! backend's tests implement [`Backend`] and call [`run`]; the in-memory
+//! backend runs it in this crate's tests, the NATS backend against a real
+//! `nats-server` in its own.
+
+use crate::bus::{BusEvent, ChannelBus};
+use crate::cluster::{Cluster, ClusterError, CommandReply, Node};
+use crate::lease::Lease;
+use crate::memory::MemoryHub;
+use crate::namespace::Namespace;
+use crate::BoxFuture;
+use bytes::Bytes;
+use futures_util::StreamExt;
+use parking_lot::Mutex;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+use switchboard_proto::native::{Member, StreamPosition};
+use switchboard_proto::origin::Payload;
+
+/// A node of a test cluster: records what the backend asks of it.
+#[derive(Debug)]
+pub struct StandInNode {
+    id: String,
+    lease: Lease,
+    /// Commands executed: body and `forwarded`.
+    pub executed: Mutex<Vec<(Bytes, bool)>>,
+    /// Members it answers presence with, by channel.
+    pub members: Mutex<HashMap<String, Vec<Member>>>,
+    /// `node_down` reports it was asked to send: node and instance.
+    pub reports: Mutex<Vec<(String, String)>>,
+    /// Times it was fenced.
+    pub fences: Mutex<usize>,
+}
+
+impl StandInNode {
+    /// A node called `id`.
+    pub fn new(id: &str) -> Arc<Self> {
+        Arc::new(Self {
+            id: id.to_owned(),
+            lease: Lease::unlimited(),
+            executed: Mutex::default(),
+            members: Mutex::default(),
+            reports: Mutex::default(),
+            fences: Mutex::default(),
+        })
+    }
+}
+
+impl Node for StandInNode {
+    fn id(&self) -> &str {
+        &self.id
+    }
+
+    fn connections(&self) -> u64 {
+        0
+    }
+
+    fn is_draining(&self) -> bool {
+        false
+    }
+
+    fn started_at_ms(&self) -> u64 {
+        0
+    }
+
+    fn execute<'a>(&'a self, command: &'a [u8], forwarded: bool) -> BoxFuture<'a, CommandReply> {
+        Box::pin(async move {
+            self.executed
+                .lock()
+                .push((Bytes::copy_from_slice(command), forwarded));
+            let body = serde_json::json!({ "ran_on": self.id });
+            CommandReply {
+                status: 200,
+                body: Bytes::from(body.to_string()),
+            }
+        })
+    }
+
+    fn channel_members(&self, channel: &str) -> Vec<Member> {
+        self.members
+            .lock()
+            .get(channel)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    fn report_node_down(&self, down_node: &str, instance: &str, _last_seen_ms: u64) {
+        self.reports
+            .lock()
+            .push((down_node.to_owned(), instance.to_owned()));
+    }
+
+    fn lease(&self) -> &Lease {
+        &self.lease
+    }
+
+    fn fence(&self) -> BoxFuture<'_, usize> {
+        Box::pin(async move {
+            *self.fences.lock() += 1;
+            self.lease.unbind();
+            0
+        })
+    }
+}
+
+/// A node joined to a backend's cluster.
+pub struct Joined {
+    /// The stand-in gateway.
+    pub node: Arc<StandInNode>,
+    /// Its cluster handle.
+    pub cluster: Arc<dyn Cluster>,
+    /// Its channel bus.
+    pub bus: Arc<dyn ChannelBus>,
+    /// Whatever the backend needs to kill it.
+    pub handle: Box<dyn std::any::Any + Send + Sync>,
+}
+
+impl std::fmt::Debug for Joined {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Joined")
+            .field("node", &self.node.id)
+            .finish()
+    }
+}
+
+/// A backend under test.
+pub trait Backend: Sync {
+    /// Joins `node` to the cluster named `cluster` (each test uses its own,
+    /// so tests do not see each other's nodes), with `namespaces`.
+    fn join<'a>(
+        &'a self,
+        cluster: &'a str,
+        node: Arc<StandInNode>,
+        namespaces: &'a [Namespace],
+    ) -> BoxFuture<'a, Joined>;
+
+    /// Kills the node: it stops without leaving, as a crashed process.
+    fn kill(&self, cluster: &str, joined: Joined) -> BoxFuture<'_, ()>;
+
+    /// How long the backend may take to notice a joined or lost node.
+    fn settle(&self) -> Duration;
+}
+
+/// Runs every check against `backend`; panics on the first failure.
+pub async fn run(backend: &dyn Backend) {
+    commands_reach_the_node_that_holds_the_connection(backend).await;
+    a_lost_node_is_reported_once(backend).await;
+    publishes_get_contiguous_offsets_and_keys_publish_once(backend).await;
+    watchers_get_every_message_in_offset_order(backend).await;
+    reads_serve_history_and_exact_recovery(backend).await;
+    presence_and_joins_span_the_nodes(backend).await;
+}
+
+fn namespace() -> Namespace {
+    "conf:history-size=5,presence,join-leave,publish,subscribe"
+        .parse()
+        .expect("a valid namespace")
+}
+
+/// Polls `check` every 20 ms until it holds, for at most `within`.
+async fn eventually(within: Duration, what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + within;
+    while !check() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what} within {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn join_all(backend: &dyn Backend, cluster: &str, ids: &[&str]) -> Vec<Joined> {
+    let ns = [namespace()];
+    let mut nodes = Vec::new();
+    for id in ids {
+        nodes.push(backend.join(cluster, StandInNode::new(id), &ns).await);
+    }
+    let want = ids.len() - 1;
+    for n in &nodes {
+        let cluster = n.cluster.clone();
+        eventually(backend.settle(), "every node sees the others", || {
+            cluster.peers().len() == want
+        })
+        .await;
+    }
+    nodes
+}
+
+async fn commands_reach_the_node_that_holds_the_connection(backend: &dyn Backend) {
+    let nodes = join_all(backend, "route", &["a", "b"]).await;
+    let (a, b) = (&nodes[0], &nodes[1]);
+    let command = Bytes::from_static(br#"{"op":"info","connection_id":"b.x"}"#);
+    let reply = a
+        .cluster
+        .forward("b", command.clone())
+        .await
+        .expect("forwarded");
+    assert_eq!(reply.status, 200);
+    assert_eq!(&reply.body[..], br#"{"ran_on":"b"}"#);
+    assert_eq!(b.node.executed.lock().as_slice(), [(command, true)]);
+    assert!(a.node.executed.lock().is_empty());
+    match a.cluster.forward("nobody", Bytes::from_static(b"{}")).await {
+        Err(ClusterError::NodeGone(_) | ClusterError::Timeout(_)) => {}
+        other => panic!("a command for an unknown node: {other:?}"),
+    }
+    let peers = a.cluster.peers();
+    assert_eq!(peers.len(), 1);
+    assert_eq!(peers[0].node, "b");
+    assert!(!peers[0].is_self);
+}
+
+async fn a_lost_node_is_reported_once(backend: &dyn Backend) {
+    let mut nodes = join_all(backend, "loss", &["a", "b", "c"]).await;
+    let c = nodes.pop().expect("three nodes");
+    backend.kill("loss", c).await;
+    let reports = || {
+        nodes
+            .iter()
+            .flat_map(|n| n.node.reports.lock().clone())
+            .collect::<Vec<_>>()
+    };
+    eventually(backend.settle() * 3, "the lost node reported", || {
+        !reports().is_empty()
+    })
+    .await;
+    // Give a second report time to show up: there must be none.
+    tokio::time::sleep(backend.settle()).await;
+    let all = reports();
+    assert_eq!(all.len(), 1, "{all:?}");
+    assert_eq!(all[0].0, "c");
+    for n in &nodes {
+        let cluster = n.cluster.clone();
+        eventually(backend.settle(), "the lost node dropped", || {
+            cluster.peers().iter().all(|p| p.node != "c")
+        })
+        .await;
+    }
+}
+
+async fn publishes_get_contiguous_offsets_and_keys_publish_once(backend: &dyn Backend) {
+    let nodes = join_all(backend, "offsets", &["a", "b"]).await;
+    let ns = namespace();
+    let mut epoch = None;
+    for i in 1..=8u64 {
+        let bus = &nodes[(i % 2) as usize].bus;
+        let p = bus
+            .publish(&ns, "conf:o", &Payload::Text(format!("m{i}")), None)
+            .await
+            .expect("published");
+        assert_eq!(p.offset, i, "offsets contiguous across nodes");
+        assert!(!p.duplicate);
+        assert_eq!(epoch.get_or_insert(p.epoch.clone()), &p.epoch, "one epoch");
+    }
+    let text = Payload::Text("once".into());
+    let first = nodes[0]
+        .bus
+        .publish(&ns, "conf:o", &text, Some("k1"))
+        .await
+        .expect("published");
+    let again = nodes[1]
+        .bus
+        .publish(&ns, "conf:o", &text, Some("k1"))
+        .await
+        .expect("answered");
+    assert!(!first.duplicate);
+    assert!(again.duplicate, "{again:?}");
+    assert_eq!((again.epoch, again.offset), (first.epoch, first.offset));
+    let next = nodes[1]
+        .bus
+        .publish(&ns, "conf:o", &text, None)
+        .await
+        .expect("published");
+    assert_eq!(next.offset, first.offset + 1, "a duplicate takes no offset");
+}
+
+async fn watchers_get_every_message_in_offset_order(backend: &dyn Backend) {
+    let nodes = join_all(backend, "watch", &["a", "b"]).await;
+    let ns = namespace();
+    let mut on_a = nodes[0].bus.watch("conf:w").await.expect("watch");
+    let mut on_b = nodes[1].bus.watch("conf:w").await.expect("watch");
+    for i in 1..=6 {
+        nodes[(i % 2) as usize]
+            .bus
+            .publish(&ns, "conf:w", &Payload::Text(format!("w{i}")), None)
+            .await
+            .expect("published");
+    }
+    for watch in [&mut on_a, &mut on_b] {
+        let mut offsets = Vec::new();
+        while offsets.len() < 6 {
+            let event = tokio::time::timeout(Duration::from_secs(5), watch.next())
+                .await
+                .expect("a message within 5 s")
+                .expect("the watch goes on");
+            if let BusEvent::Message { entry, .. } = event {
+                assert_eq!(entry.data, Payload::Text(format!("w{}", entry.offset)));
+                offsets.push(entry.offset);
+            }
+        }
+        assert_eq!(
+            offsets,
+            (1..=6).collect::<Vec<_>>(),
+            "own node's included, in order"
+        );
+    }
+}
+
+async fn reads_serve_history_and_exact_recovery(backend: &dyn Backend) {
+    let nodes = join_all(backend, "history", &["a", "b"]).await;
+    let ns = namespace();
+    let (a, b) = (&nodes[0].bus, &nodes[1].bus);
+    let empty = a.read(&ns, "conf:h", None, None).await.expect("read");
+    assert_eq!(
+        (empty.offset, empty.entries.len(), empty.complete),
+        (0, 0, true)
+    );
+    let mut epoch = String::new();
+    for i in 1..=7 {
+        epoch = a
+            .publish(&ns, "conf:h", &Payload::Text(format!("h{i}")), None)
+            .await
+            .expect("published")
+            .epoch;
+    }
+    let offsets = |r: &crate::bus::LogRead| r.entries.iter().map(|e| e.offset).collect::<Vec<_>>();
+    // The newest, within history-size (5).
+    let all = b.read(&ns, "conf:h", None, None).await.expect("read");
+    assert_eq!((all.epoch.as_str(), all.offset), (epoch.as_str(), 7));
+    assert_eq!(offsets(&all), [3, 4, 5, 6, 7]);
+    let last = b.read(&ns, "conf:h", None, Some(2)).await.expect("read");
+    assert_eq!(offsets(&last), [6, 7]);
+    let position = b.read(&ns, "conf:h", None, Some(0)).await.expect("read");
+    assert_eq!((position.offset, position.entries.len()), (7, 0));
+    // Recovery from a position: exactly what follows, or plainly incomplete.
+    let since = |offset, epoch: &str| StreamPosition {
+        offset,
+        epoch: epoch.to_owned(),
+    };
+    let missed = b
+        .read(&ns, "conf:h", Some(&since(4, &epoch)), None)
+        .await
+        .expect("read");
+    assert!(missed.complete);
+    assert_eq!(offsets(&missed), [5, 6, 7]);
+    let limited = b
+        .read(&ns, "conf:h", Some(&since(2, &epoch)), Some(2))
+        .await
+        .expect("read");
+    assert!(limited.complete);
+    assert_eq!(offsets(&limited), [3, 4]);
+    let current = b
+        .read(&ns, "conf:h", Some(&since(7, &epoch)), None)
+        .await
+        .expect("read");
+    assert!(current.complete && current.entries.is_empty());
+    for (gone, why) in [
+        (since(1, &epoch), "older than the history"),
+        (since(3, "another-epoch"), "another epoch"),
+        (since(9, &epoch), "a position from the future"),
+        (since(0, ""), "from the start, which is gone"),
+    ] {
+        let r = b
+            .read(&ns, "conf:h", Some(&gone), None)
+            .await
+            .expect("read");
+        assert!(!r.complete, "{why}: {r:?}");
+        assert!(r.entries.is_empty(), "{why}");
+    }
+    let fresh = b
+        .read(&ns, "conf:none", Some(&since(0, "")), None)
+        .await
+        .expect("read");
+    assert!(fresh.complete, "nothing published: nothing missed");
+    let lost = b
+        .read(&ns, "conf:none", Some(&since(3, "e")), None)
+        .await
+        .expect("read");
+    assert!(!lost.complete, "a position in a channel with no log");
+}
+
+async fn presence_and_joins_span_the_nodes(backend: &dyn Backend) {
+    let nodes = join_all(backend, "presence", &["a", "b", "c"]).await;
+    let member = |client: &str| Member {
+        client: client.to_owned(),
+        user: Some(format!("u-{client}")),
+        info: None,
+    };
+    nodes[1]
+        .node
+        .members
+        .lock()
+        .insert("conf:p".into(), vec![member("b.1"), member("b.2")]);
+    nodes[2]
+        .node
+        .members
+        .lock()
+        .insert("conf:p".into(), vec![member("c.1")]);
+    let mut seen = nodes[0].bus.presence("conf:p").await.expect("presence");
+    seen.sort_by(|x, y| x.client.cmp(&y.client));
+    assert_eq!(seen, [member("b.1"), member("b.2"), member("c.1")]);
+
+    let mut on_a = nodes[0].bus.watch("conf:p").await.expect("watch");
+    let mut on_b = nodes[1].bus.watch("conf:p").await.expect("watch");
+    nodes[1].bus.announce("conf:p", &member("b.3"), true);
+    nodes[1].bus.announce("conf:p", &member("b.3"), false);
+    let first = tokio::time::timeout(Duration::from_secs(5), on_a.next()).await;
+    assert_eq!(
+        first.expect("a join within 5 s"),
+        Some(BusEvent::Join(member("b.3")))
+    );
+    let second = tokio::time::timeout(Duration::from_secs(5), on_a.next()).await;
+    assert_eq!(
+        second.expect("a leave within 5 s"),
+        Some(BusEvent::Leave(member("b.3")))
+    );
+    // The announcing node does not hear itself.
+    let own = tokio::time::timeout(Duration::from_millis(300), on_b.next()).await;
+    assert!(own.is_err(), "the announcing node got {own:?}");
+}
+
+/// The in-memory backend, for [`run`]: one [`MemoryHub`] per cluster name.
+#[derive(Debug, Default)]
+pub struct MemoryBackend {
+    hubs: Mutex<HashMap<String, Arc<MemoryHub>>>,
+}
+
+impl MemoryBackend {
+    fn hub(&self, cluster: &str) -> Arc<MemoryHub> {
+        self.hubs
+            .lock()
+            .entry(cluster.to_owned())
+            .or_insert_with(MemoryHub::new)
+            .clone()
+    }
+}
+
+impl Backend for MemoryBackend {
+    fn join<'a>(
+        &'a self,
+        cluster: &'a str,
+        node: Arc<StandInNode>,
+        _namespaces: &'a [Namespace],
+    ) -> BoxFuture<'a, Joined> {
+        Box::pin(async move {
+            let (c, bus) = self.hub(cluster).join(node.clone());
+            Joined {
+                node,
+                cluster: c,
+                bus,
+                handle: Box::new(()),
+            }
+        })
+    }
+
+    fn kill(&self, cluster: &str, joined: Joined) -> BoxFuture<'_, ()> {
+        let hub = self.hub(cluster);
+        Box::pin(async move { hub.kill(joined.node.id()) })
+    }
+
+    fn settle(&self) -> Duration {
+        Duration::from_millis(200)
+    }
+}
