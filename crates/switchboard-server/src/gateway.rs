@@ -96,6 +96,9 @@ pub(crate) struct Shared {
     pub(crate) user_counts: Option<Arc<crate::admission::UserCounts>>,
     /// Sockets being answered with a capacity refusal.
     pub(crate) refusing: AtomicUsize,
+    /// Client sockets the node holds and refuses at once, under the
+    /// open-file limit.
+    pub(crate) capacity: crate::fds::Capacity,
 }
 
 impl Shared {
@@ -263,6 +266,7 @@ impl Gateway {
             handshake_rate: crate::admission::HandshakeRate::new(config.max_handshakes_per_ip),
             user_counts: crate::admission::UserCounts::new(config.max_connections_per_user),
             refusing: AtomicUsize::new(0),
+            capacity: crate::fds::Capacity::new(&config, crate::fds::nofile_limit()),
             config,
         });
         Ok(Self {
@@ -331,10 +335,22 @@ impl Gateway {
                 "DEV MODE: no origin configured; every connection is accepted and events are discarded"
             );
         }
+        let cap = shared.capacity;
+        if cap.lowered {
+            tracing::warn!(
+                max_connections = shared.config.max_connections,
+                lowered_to = cap.max_connections,
+                fd_limit = cap.fd_limit,
+                "max-connections lowered to fit the open-file limit (RLIMIT_NOFILE)"
+            );
+        }
         tracing::info!(
             node = %shared.node,
             listen = %client.local_addr().map(|a| a.to_string()).unwrap_or_default(),
             control = %control.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+            max_connections = cap.max_connections,
+            fd_limit = cap.fd_limit,
+            fd_reserve = cap.reserve,
             "switchboard node started"
         );
         let workers = TaskTracker::new();
@@ -424,13 +440,134 @@ async fn accept_loop(
     shutdown: impl Future<Output = ()>,
 ) {
     tokio::pin!(shutdown);
+    let mut acceptor = ClientAcceptor::new();
     loop {
         let (stream, remote) = tokio::select! {
             _ = &mut shutdown => return,
-            pair = accept(listener, "client") => pair,
+            pair = acceptor.accept(shared, listener) => pair,
         };
         accept_one(shared, stream, remote);
     }
+}
+
+/// Longest pause of the client accept loop after failed `accept()` calls.
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+/// Accepts client sockets. When `accept()` fails for want of descriptors
+/// (EMFILE, ENFILE), the pending client would wait in the backlog,
+/// unanswered, until some descriptor frees up: instead, a spare descriptor
+/// held for this is closed, the client is accepted, answered 503
+/// `over_capacity` and closed, and the spare is taken again. Every failure
+/// counts in `switchboard_accept_errors_total{listener="client"}` and is
+/// followed by a pause that doubles while failures go on (up to
+/// [`ACCEPT_BACKOFF_MAX`]), so the loop never spins; the log says so at
+/// most once a second.
+#[derive(Debug)]
+struct ClientAcceptor {
+    spare: Option<std::fs::File>,
+    backoff: Duration,
+    last_log: Option<Instant>,
+    unlogged: u64,
+}
+
+impl ClientAcceptor {
+    fn new() -> Self {
+        Self {
+            spare: open_spare(),
+            backoff: Duration::ZERO,
+            last_log: None,
+            unlogged: 0,
+        }
+    }
+
+    async fn accept(
+        &mut self,
+        shared: &Arc<Shared>,
+        listener: &TcpListener,
+    ) -> (TcpStream, SocketAddr) {
+        loop {
+            let e = match listener.accept().await {
+                Ok(pair) => {
+                    self.backoff = Duration::ZERO;
+                    return pair;
+                }
+                Err(e) => e,
+            };
+            shared
+                .metrics
+                .accept_errors
+                .get_or_create(&crate::metrics::ListenerLabel { listener: "client" })
+                .inc();
+            let out_of_fds = is_out_of_descriptors(&e);
+            let shed = out_of_fds && self.shed(shared, listener);
+            self.unlogged += 1;
+            if self
+                .last_log
+                .is_none_or(|t| t.elapsed() >= Duration::from_secs(1))
+            {
+                tracing::warn!(
+                    error = %e,
+                    listener = "client",
+                    failures = self.unlogged,
+                    out_of_descriptors = out_of_fds,
+                    "accept failed; pausing (clients waiting meanwhile are answered 503 when a spare descriptor allows)"
+                );
+                self.last_log = Some(Instant::now());
+                self.unlogged = 0;
+            }
+            self.backoff = if shed {
+                // A client was answered: the backlog moves; keep going.
+                Duration::from_millis(5)
+            } else {
+                (self.backoff * 2).clamp(Duration::from_millis(10), ACCEPT_BACKOFF_MAX)
+            };
+            tokio::time::sleep(self.backoff).await;
+        }
+    }
+
+    /// Frees the spare descriptor to accept one waiting client, answers it
+    /// 503 and closes it; `true` if a client was answered.
+    fn shed(&mut self, shared: &Arc<Shared>, listener: &TcpListener) -> bool {
+        use futures_util::FutureExt;
+        if self.spare.take().is_none() {
+            self.spare = open_spare();
+            return false;
+        }
+        let answered = match listener.accept().now_or_never() {
+            Some(Ok((stream, _))) => {
+                // Without waiting: what the client sent is read first (so
+                // that closing does not reset the connection), then the
+                // answer goes into the empty socket buffer.
+                let mut sink = [0u8; 4096];
+                while matches!(stream.try_read(&mut sink), Ok(n) if n > 0) {}
+                let answer = switchboard_proto::ws::handshake::error_response(
+                    503,
+                    "over_capacity",
+                    "connection limit reached",
+                    "",
+                );
+                let _ = stream.try_write(&answer);
+                shared.metrics.handshake("over_capacity");
+                true
+            }
+            _ => false,
+        };
+        self.spare = open_spare();
+        answered
+    }
+}
+
+/// A descriptor held in reserve by the client accept loop.
+fn open_spare() -> Option<std::fs::File> {
+    std::fs::File::open("/dev/null").ok()
+}
+
+/// EMFILE (the process's limit) or ENFILE (the system's).
+fn is_out_of_descriptors(e: &std::io::Error) -> bool {
+    // The same numbers on Linux and the BSDs.
+    const ENFILE: i32 = 23;
+    const EMFILE: i32 = 24;
+    matches!(e.raw_os_error(), Some(EMFILE | ENFILE))
 }
 
 /// The next socket of `listener` (`which` names it in logs). Errors such as
@@ -449,8 +586,9 @@ pub(crate) async fn accept(listener: &TcpListener, which: &str) -> (TcpStream, S
 
 fn accept_one(shared: &Arc<Shared>, stream: TcpStream, remote: SocketAddr) {
     // Far over capacity: not even a task to answer it (handshake.rs answers
-    // at most MAX_REFUSING refusals at once).
-    if shared.sockets.load(Relaxed) >= shared.config.max_connections + handshake::MAX_REFUSING {
+    // at most `capacity.refusing` refusals at once).
+    let cap = &shared.capacity;
+    if shared.sockets.load(Relaxed) >= cap.max_connections + cap.refusing {
         shared.metrics.handshake("over_capacity");
         return; // dropped: closes the socket
     }

@@ -57,9 +57,6 @@ fn refuse(
 /// proper answer rather than a reset.
 const REFUSAL_READ_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Refused sockets answered at once; past this many, more are closed unanswered.
-pub(crate) const MAX_REFUSING: usize = 1_024;
-
 /// What was decided about a socket at accept, before reading from it.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Admission {
@@ -80,7 +77,7 @@ pub(crate) async fn handle(
     if let Some(refusal) = over_capacity(&shared, admission) {
         // Decided before reading anything: such sockets get a short deadline
         // and a bounded number of answering tasks, so they cannot pile up.
-        if shared.refusing.fetch_add(1, Relaxed) < MAX_REFUSING {
+        if shared.refusing.fetch_add(1, Relaxed) < shared.capacity.refusing {
             let deadline = tokio::time::Instant::now() + REFUSAL_READ_TIMEOUT;
             let mut buf = BytesMut::new();
             let head =
@@ -350,7 +347,7 @@ async fn close_unopened(stream: &mut ClientStream, code: u16, reason: &str) {
 fn over_capacity(shared: &Shared, admission: Admission) -> Option<Refusal> {
     let per_ip = admission.per_ip;
     let cfg = &shared.config;
-    if shared.sockets.load(Relaxed) > cfg.max_connections {
+    if shared.sockets.load(Relaxed) > shared.capacity.max_connections {
         return Some(refuse(
             503,
             "over_capacity",

@@ -51,6 +51,7 @@ pub mod cluster;
 pub mod config;
 mod connection;
 mod control;
+pub mod fds;
 pub mod gateway;
 mod handshake;
 mod metrics;

@@ -14,6 +14,12 @@ pub(crate) struct ResultLabel {
     pub(crate) result: &'static str,
 }
 
+/// Label for listeners (`client`, `control`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct ListenerLabel {
+    pub(crate) listener: &'static str,
+}
+
 /// Label for origin request kinds.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub(crate) struct KindLabel {
@@ -70,6 +76,7 @@ pub(crate) struct Metrics {
     pub(crate) bus_gap_fills: Counter,
     pub(crate) tls_reloads: Family<ResultLabel, Counter>,
     pub(crate) control_tls_failures: Counter,
+    pub(crate) accept_errors: Family<ListenerLabel, Counter>,
 }
 
 fn origin_histogram() -> Histogram {
@@ -115,6 +122,7 @@ impl Metrics {
             bus_gap_fills: Counter::default(),
             tls_reloads: Family::default(),
             control_tls_failures: Counter::default(),
+            accept_errors: Family::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -273,6 +281,11 @@ impl Metrics {
             "control_tls_handshake_failures",
             "Control API connections whose TLS handshake failed or timed out",
             m.control_tls_failures.clone(),
+        );
+        r.register(
+            "accept_errors",
+            "Failed accept() calls by listener (EMFILE/ENFILE: out of file descriptors)",
+            m.accept_errors.clone(),
         );
         Self { registry, ..m }
     }
