@@ -535,19 +535,8 @@ impl ClientAcceptor {
         }
         let answered = match listener.accept().now_or_never() {
             Some(Ok((stream, _))) => {
-                // Without waiting: what the client sent is read first (so
-                // that closing does not reset the connection), then the
-                // answer goes into the empty socket buffer.
-                let mut sink = [0u8; 4096];
-                while matches!(stream.try_read(&mut sink), Ok(n) if n > 0) {}
-                let answer = switchboard_proto::ws::handshake::error_response(
-                    503,
-                    "over_capacity",
-                    "connection limit reached",
-                    "",
-                );
-                let _ = stream.try_write(&answer);
                 shared.metrics.handshake("over_capacity");
+                handshake::over_capacity_now(stream);
                 true
             }
             _ => false,
@@ -590,6 +579,9 @@ fn accept_one(shared: &Arc<Shared>, stream: TcpStream, remote: SocketAddr) {
     let cap = &shared.capacity;
     if shared.sockets.load(Relaxed) >= cap.max_connections + cap.refusing {
         shared.metrics.handshake("over_capacity");
+        if shared.tls.is_none() {
+            handshake::over_capacity_now(stream);
+        }
         return; // dropped: closes the socket
     }
     let _ = stream.set_nodelay(true);
