@@ -440,39 +440,63 @@ async fn accept_loop(
     shutdown: impl Future<Output = ()>,
 ) {
     tokio::pin!(shutdown);
-    let mut acceptor = ClientAcceptor::new();
+    let shed = if shared.tls.is_some() {
+        Shed::CloseClient
+    } else {
+        Shed::Answer503
+    };
+    let mut acceptor = Acceptor::new("client", shed);
     loop {
         let (stream, remote) = tokio::select! {
             _ = &mut shutdown => return,
-            pair = acceptor.accept(shared, listener) => pair,
+            pair = acceptor.accept(listener, &shared.metrics) => pair,
         };
         accept_one(shared, stream, remote);
     }
 }
 
-/// Longest pause of the client accept loop after failed `accept()` calls.
+/// Longest pause of an accept loop after failed `accept()` calls.
 const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 
-/// Accepts client sockets. When `accept()` fails for want of descriptors
-/// (EMFILE, ENFILE), the pending client would wait in the backlog,
-/// unanswered, until some descriptor frees up: instead, a spare descriptor
-/// held for this is closed, the client is accepted, answered 503
-/// `over_capacity` and closed, and the spare is taken again. Every failure
-/// counts in `switchboard_accept_errors_total{listener="client"}` and is
-/// followed by a pause that doubles while failures go on (up to
+/// What an accept loop does with a socket it takes only to answer it
+/// (see [`Acceptor`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Shed {
+    /// Answer 503 `over_capacity` (plain HTTP) and close; counted as a
+    /// handshake refusal.
+    Answer503,
+    /// Close at once (TLS listeners: nothing can be said before TLS is up);
+    /// counted as a handshake refusal.
+    CloseClient,
+    /// Close at once (control listener with TLS).
+    Close,
+}
+
+/// Accepts the sockets of one listener. When `accept()` fails for want of
+/// descriptors (EMFILE, ENFILE), the pending client would wait in the
+/// backlog, unanswered, until some descriptor frees up: instead, a spare
+/// descriptor held for this is closed, the client is accepted, answered
+/// (see [`Shed`]) and closed, and the spare is taken again. Every failure
+/// counts in `switchboard_accept_errors_total{listener}` and is followed by
+/// a pause that doubles while failures go on (up to
 /// [`ACCEPT_BACKOFF_MAX`]), so the loop never spins; the log says so at
 /// most once a second.
 #[derive(Debug)]
-struct ClientAcceptor {
+pub(crate) struct Acceptor {
+    listener: &'static str,
+    shed: Shed,
     spare: Option<std::fs::File>,
     backoff: Duration,
     last_log: Option<Instant>,
     unlogged: u64,
 }
 
-impl ClientAcceptor {
-    fn new() -> Self {
+impl Acceptor {
+    /// An acceptor for the listener named `listener` in logs and metrics.
+    pub(crate) fn new(listener: &'static str, shed: Shed) -> Self {
         Self {
+            listener,
+            shed,
             spare: open_spare(),
             backoff: Duration::ZERO,
             last_log: None,
@@ -480,10 +504,11 @@ impl ClientAcceptor {
         }
     }
 
-    async fn accept(
+    /// The next socket of `listener`.
+    pub(crate) async fn accept(
         &mut self,
-        shared: &Arc<Shared>,
         listener: &TcpListener,
+        metrics: &Metrics,
     ) -> (TcpStream, SocketAddr) {
         loop {
             let e = match listener.accept().await {
@@ -493,13 +518,14 @@ impl ClientAcceptor {
                 }
                 Err(e) => e,
             };
-            shared
-                .metrics
+            metrics
                 .accept_errors
-                .get_or_create(&crate::metrics::ListenerLabel { listener: "client" })
+                .get_or_create(&crate::metrics::ListenerLabel {
+                    listener: self.listener,
+                })
                 .inc();
             let out_of_fds = is_out_of_descriptors(&e);
-            let shed = out_of_fds && self.shed(shared, listener);
+            let shed = out_of_fds && self.shed_one(listener, metrics);
             self.unlogged += 1;
             if self
                 .last_log
@@ -507,10 +533,10 @@ impl ClientAcceptor {
             {
                 tracing::warn!(
                     error = %e,
-                    listener = "client",
+                    listener = self.listener,
                     failures = self.unlogged,
                     out_of_descriptors = out_of_fds,
-                    "accept failed; pausing (clients waiting meanwhile are answered 503 when a spare descriptor allows)"
+                    "accept failed; pausing (waiting clients are refused meanwhile while a spare descriptor allows)"
                 );
                 self.last_log = Some(Instant::now());
                 self.unlogged = 0;
@@ -525,28 +551,34 @@ impl ClientAcceptor {
         }
     }
 
-    /// Frees the spare descriptor to accept one waiting client, answers it
-    /// 503 and closes it; `true` if a client was answered.
-    fn shed(&mut self, shared: &Arc<Shared>, listener: &TcpListener) -> bool {
+    /// Frees the spare descriptor to accept one waiting client, refuses it
+    /// and closes it; `true` if a client was refused.
+    fn shed_one(&mut self, listener: &TcpListener, metrics: &Metrics) -> bool {
         use futures_util::FutureExt;
         if self.spare.take().is_none() {
             self.spare = open_spare();
             return false;
         }
-        let answered = match listener.accept().now_or_never() {
+        let refused = match listener.accept().now_or_never() {
             Some(Ok((stream, _))) => {
-                shared.metrics.handshake("over_capacity");
-                handshake::over_capacity_now(stream);
+                match self.shed {
+                    Shed::Answer503 => {
+                        metrics.handshake("over_capacity");
+                        handshake::over_capacity_now(stream);
+                    }
+                    Shed::CloseClient => metrics.handshake("over_capacity"),
+                    Shed::Close => {}
+                }
                 true
             }
             _ => false,
         };
         self.spare = open_spare();
-        answered
+        refused
     }
 }
 
-/// A descriptor held in reserve by the client accept loop.
+/// A descriptor held in reserve by an accept loop.
 fn open_spare() -> Option<std::fs::File> {
     std::fs::File::open("/dev/null").ok()
 }
@@ -557,20 +589,6 @@ fn is_out_of_descriptors(e: &std::io::Error) -> bool {
     const ENFILE: i32 = 23;
     const EMFILE: i32 = 24;
     matches!(e.raw_os_error(), Some(EMFILE | ENFILE))
-}
-
-/// The next socket of `listener` (`which` names it in logs). Errors such as
-/// EMFILE are logged and retried after a short pause instead of spinning.
-pub(crate) async fn accept(listener: &TcpListener, which: &str) -> (TcpStream, SocketAddr) {
-    loop {
-        match listener.accept().await {
-            Ok(pair) => return pair,
-            Err(e) => {
-                tracing::warn!(error = %e, listener = which, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-    }
 }
 
 fn accept_one(shared: &Arc<Shared>, stream: TcpStream, remote: SocketAddr) {
