@@ -87,7 +87,8 @@ pub(crate) struct Shared {
     pub(crate) give_up: CancellationToken,
     /// Connection and handshake tasks.
     pub(crate) conn_tasks: TaskTracker,
-    /// Open client sockets, handshaking ones included.
+    /// Open client sockets, handshaking ones included (not those refused
+    /// at accept: they count in `refusing`).
     pub(crate) sockets: AtomicUsize,
     per_ip: Mutex<HashMap<IpAddr, u32>>,
     /// `max-handshakes-per-ip`, when set.
@@ -593,9 +594,11 @@ fn is_out_of_descriptors(e: &std::io::Error) -> bool {
 
 fn accept_one(shared: &Arc<Shared>, stream: TcpStream, remote: SocketAddr) {
     // Far over capacity: not even a task to answer it (handshake.rs answers
-    // at most `capacity.refusing` refusals at once).
+    // at most `capacity.refusing` refusals at once, which no longer count
+    // in `sockets`).
     let cap = &shared.capacity;
-    if shared.sockets.load(Relaxed) >= cap.max_connections + cap.refusing {
+    let held = shared.sockets.load(Relaxed) + shared.refusing.load(Relaxed);
+    if held >= cap.max_connections + cap.refusing {
         shared.metrics.handshake("over_capacity");
         if shared.tls.is_none() {
             handshake::over_capacity_now(stream);

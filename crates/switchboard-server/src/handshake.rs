@@ -94,6 +94,11 @@ pub(crate) async fn handle(
         // Decided before reading anything, and counted now: whatever the
         // client does next, it was refused.
         shared.metrics.handshake(refusal.metric);
+        // From here on the socket holds no slot of the caps (the node's and
+        // its address's), only one of the bounded refusing window: refused
+        // sockets waiting for their head do not turn away the clients that
+        // come once slots free up.
+        drop(socket);
         if shared.refusing.fetch_add(1, Relaxed) < shared.capacity.refusing {
             // The client gets its answer once it has sent its head (so that
             // closing does not reset the connection before it reads it), or

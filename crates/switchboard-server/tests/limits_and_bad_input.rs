@@ -355,11 +355,12 @@ async fn max_connections_gives_503() {
         assert_eq!(r.status, 503);
         assert_eq!(r.json()["code"], "over_capacity");
     }
-    // A half-open handshake holds a slot too: it takes the one `a` frees.
-    let mut pending = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
-    pending.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
+    // A half-open handshake holds a slot too: it takes the one `a` frees
+    // (the refused sockets above hold none).
     drop(a);
     origin.wait_disconnect(&a_id).await;
+    let mut pending = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    pending.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
     let r = raw_request(gw.addr, upgrade_request("/", &[]).as_bytes())
         .await
         .expect("answer");

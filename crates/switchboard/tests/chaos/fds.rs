@@ -4,7 +4,8 @@
 //! - It raises its soft limit to the hard one, derives its connection cap
 //!   from it (logged in "switchboard node started") and answers handshakes
 //!   beyond the cap 503 `over_capacity` at once, while `/healthz` and the
-//!   control API keep answering.
+//!   control API keep answering; refused sockets that send nothing hold no
+//!   slot, and past the refusing window are answered at once.
 //! - When the descriptors run out anyway (here: idle control connections
 //!   take them), a new client is answered 503 rather than left waiting in
 //!   the listen backlog, and the failed `accept()` is counted.
@@ -119,7 +120,16 @@ async fn at_the_open_file_limit_handshakes_get_503_and_the_control_api_answers()
         refused as f64
     );
 
-    // A freed slot is taken again.
+    // Silent sockets past the cap: the first ones wait for their head in
+    // the (small, under this limit) refusing window, the rest are answered
+    // at once; either way a handshake is still answered at once...
+    let mut silent = Vec::new();
+    for _ in 0..40 {
+        silent.push(TcpStream::connect(node.listen).await.expect("connect"));
+    }
+    let (status, body, _) = handshake(&node).await;
+    assert_eq!(status, 503, "{body}");
+    // ... and they hold no slot: one that frees is taken again at once.
     drop(open.pop());
     let deadline = tokio::time::Instant::now() + ANSWER;
     loop {
@@ -134,6 +144,7 @@ async fn at_the_open_file_limit_handshakes_get_503_and_the_control_api_answers()
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    drop(silent);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
