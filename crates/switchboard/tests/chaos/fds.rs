@@ -155,7 +155,21 @@ async fn out_of_descriptors_a_new_client_gets_503_not_a_hang() {
     for _ in 0..HARD {
         hogs.push(TcpStream::connect(node.control).await.expect("connect"));
     }
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Until the node has taken them all.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let fds = || {
+        std::fs::read_dir(format!("/proc/{}/fd", node.pid))
+            .map(|d| d.count() as u64)
+            .unwrap_or(0)
+    };
+    while fds() < HARD {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the node holds {} descriptors of {HARD} after 5s",
+            fds()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 
     let (status, body, _socket) = handshake(&node).await;
     assert_eq!(status, 503, "{body}");
