@@ -235,8 +235,14 @@ async fn first_command(shared: Arc<Shared>, p: Pending, opening: Opening) {
         socket,
     } = p;
     let sent = tokio::time::timeout_at(deadline, stream.write_all(&opening.response())).await;
-    if !matches!(sent, Ok(Ok(()))) {
-        return;
+    match sent {
+        Ok(Ok(())) => {}
+        Ok(Err(_)) => return, // the client is gone
+        Err(_) => {
+            // A client that does not read: no room for a close frame either.
+            shared.metrics.handshake("timeout");
+            return;
+        }
     }
     let mut decoder = Decoder::new(shared.config.max_message_size, opening.deflate);
     let first =
