@@ -291,6 +291,12 @@ impl Gateway {
             .expect("a bound listener has an address")
     }
 
+    /// The client sockets this node holds and refuses at once: its
+    /// `max-connections` under the open-file limit it was bound with.
+    pub fn capacity(&self) -> crate::fds::Capacity {
+        self.shared.capacity
+    }
+
     #[cfg(test)]
     pub(crate) fn shared(&self) -> Arc<Shared> {
         self.shared.clone()
