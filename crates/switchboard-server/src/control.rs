@@ -243,24 +243,28 @@ pub(crate) async fn serve(shared: Arc<Shared>, listener: TcpListener, stop: Canc
     let slots = Slots::new(shared.clone());
     let connections = TaskTracker::new();
     match &shared.tls {
-        None => loop {
-            let (tcp, _remote) = tokio::select! {
-                _ = stop.cancelled() => break,
-                pair = crate::gateway::accept(&listener, "control") => pair,
-            };
-            let Some(slot) = slots.take() else {
-                slots.refuse(tcp);
-                continue;
-            };
-            let _ = tcp.set_nodelay(true);
-            connections.spawn(serve_connection(
-                tcp,
-                slot,
-                app.clone(),
-                shared.clone(),
-                stop.clone(),
-            ));
-        },
+        None => {
+            let mut acceptor =
+                crate::gateway::Acceptor::new("control", crate::gateway::Shed::Close);
+            loop {
+                let (tcp, _remote) = tokio::select! {
+                    _ = stop.cancelled() => break,
+                    pair = acceptor.accept(&listener, &shared.metrics) => pair,
+                };
+                let Some(slot) = slots.take() else {
+                    slots.refuse(tcp);
+                    continue;
+                };
+                let _ = tcp.set_nodelay(true);
+                connections.spawn(serve_connection(
+                    tcp,
+                    slot,
+                    app.clone(),
+                    shared.clone(),
+                    stop.clone(),
+                ));
+            }
+        }
         Some(tls) => {
             let mut tls_listener = crate::tls::ControlListener::start(
                 listener,

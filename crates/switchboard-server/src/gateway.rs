@@ -88,7 +88,8 @@ pub(crate) struct Shared {
     pub(crate) give_up: CancellationToken,
     /// Connection and handshake tasks.
     pub(crate) conn_tasks: TaskTracker,
-    /// Open client sockets, handshaking ones included.
+    /// Open client sockets, handshaking ones included (not those refused
+    /// at accept: they count in `refusing`).
     pub(crate) sockets: AtomicUsize,
     per_ip: Mutex<HashMap<IpAddr, u32>>,
     /// `max-handshakes-per-ip`, when set.
@@ -99,6 +100,9 @@ pub(crate) struct Shared {
     pub(crate) refusing: AtomicUsize,
     /// The right to speak for this node's connections (see [`crate::lease`]).
     pub(crate) lease: Arc<crate::lease::Lease>,
+    /// Client sockets the node holds and refuses at once, under the
+    /// open-file limit.
+    pub(crate) capacity: crate::fds::Capacity,
 }
 
 impl Shared {
@@ -273,6 +277,7 @@ impl Gateway {
             user_counts: crate::admission::UserCounts::new(config.max_connections_per_user),
             refusing: AtomicUsize::new(0),
             lease,
+            capacity: crate::fds::Capacity::new(&config, crate::fds::nofile_limit()),
             config,
         });
         Ok(Self {
@@ -294,6 +299,12 @@ impl Gateway {
         self.control
             .local_addr()
             .expect("a bound listener has an address")
+    }
+
+    /// The client sockets this node holds and refuses at once: its
+    /// `max-connections` under the open-file limit it was bound with.
+    pub fn capacity(&self) -> crate::fds::Capacity {
+        self.shared.capacity
     }
 
     #[cfg(test)]
@@ -341,10 +352,22 @@ impl Gateway {
                 "DEV MODE: no origin configured; every connection is accepted and events are discarded"
             );
         }
+        let cap = shared.capacity;
+        if cap.lowered {
+            tracing::warn!(
+                max_connections = shared.config.max_connections,
+                lowered_to = cap.max_connections,
+                fd_limit = cap.fd_limit,
+                "max-connections lowered to fit the open-file limit (RLIMIT_NOFILE)"
+            );
+        }
         tracing::info!(
             node = %shared.node,
             listen = %client.local_addr().map(|a| a.to_string()).unwrap_or_default(),
             control = %control.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+            max_connections = cap.max_connections,
+            fd_limit = cap.fd_limit,
+            fd_reserve = cap.reserve,
             "switchboard node started"
         );
         let workers = TaskTracker::new();
@@ -434,34 +457,168 @@ async fn accept_loop(
     shutdown: impl Future<Output = ()>,
 ) {
     tokio::pin!(shutdown);
+    let shed = if shared.tls.is_some() {
+        Shed::CloseClient
+    } else {
+        Shed::Answer503
+    };
+    let mut acceptor = Acceptor::new("client", shed);
     loop {
         let (stream, remote) = tokio::select! {
             _ = &mut shutdown => return,
-            pair = accept(listener, "client") => pair,
+            pair = acceptor.accept(listener, &shared.metrics) => pair,
         };
         accept_one(shared, stream, remote);
     }
 }
 
-/// The next socket of `listener` (`which` names it in logs). Errors such as
-/// EMFILE are logged and retried after a short pause instead of spinning.
-pub(crate) async fn accept(listener: &TcpListener, which: &str) -> (TcpStream, SocketAddr) {
-    loop {
-        match listener.accept().await {
-            Ok(pair) => return pair,
-            Err(e) => {
-                tracing::warn!(error = %e, listener = which, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
+/// Longest pause of an accept loop after failed `accept()` calls.
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+/// What an accept loop does with a socket it takes only to answer it
+/// (see [`Acceptor`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Shed {
+    /// Answer 503 `over_capacity` (plain HTTP) and close; counted as a
+    /// handshake refusal.
+    Answer503,
+    /// Close at once (TLS listeners: nothing can be said before TLS is up);
+    /// counted as a handshake refusal.
+    CloseClient,
+    /// Close at once (control listener with TLS).
+    Close,
+}
+
+/// Accepts the sockets of one listener. When `accept()` fails for want of
+/// descriptors (EMFILE, ENFILE), the pending client would wait in the
+/// backlog, unanswered, until some descriptor frees up: instead, a spare
+/// descriptor held for this is closed, the client is accepted, answered
+/// (see [`Shed`]) and closed, and the spare is taken again. Every failure
+/// counts in `switchboard_accept_errors_total{listener}` and is followed by
+/// a pause that doubles while failures go on (up to
+/// [`ACCEPT_BACKOFF_MAX`]), so the loop never spins; the log says so at
+/// most once a second.
+#[derive(Debug)]
+pub(crate) struct Acceptor {
+    listener: &'static str,
+    shed: Shed,
+    spare: Option<std::fs::File>,
+    backoff: Duration,
+    last_log: Option<Instant>,
+    unlogged: u64,
+}
+
+impl Acceptor {
+    /// An acceptor for the listener named `listener` in logs and metrics.
+    pub(crate) fn new(listener: &'static str, shed: Shed) -> Self {
+        Self {
+            listener,
+            shed,
+            spare: open_spare(),
+            backoff: Duration::ZERO,
+            last_log: None,
+            unlogged: 0,
         }
     }
+
+    /// The next socket of `listener`.
+    pub(crate) async fn accept(
+        &mut self,
+        listener: &TcpListener,
+        metrics: &Metrics,
+    ) -> (TcpStream, SocketAddr) {
+        loop {
+            let e = match listener.accept().await {
+                Ok(pair) => {
+                    self.backoff = Duration::ZERO;
+                    return pair;
+                }
+                Err(e) => e,
+            };
+            metrics
+                .accept_errors
+                .get_or_create(&crate::metrics::ListenerLabel {
+                    listener: self.listener,
+                })
+                .inc();
+            let out_of_fds = is_out_of_descriptors(&e);
+            let shed = out_of_fds && self.shed_one(listener, metrics);
+            self.unlogged += 1;
+            if self
+                .last_log
+                .is_none_or(|t| t.elapsed() >= Duration::from_secs(1))
+            {
+                tracing::warn!(
+                    error = %e,
+                    listener = self.listener,
+                    failures = self.unlogged,
+                    out_of_descriptors = out_of_fds,
+                    "accept failed; pausing (waiting clients are refused meanwhile while a spare descriptor allows)"
+                );
+                self.last_log = Some(Instant::now());
+                self.unlogged = 0;
+            }
+            self.backoff = if shed {
+                // A client was answered: the backlog moves; keep going.
+                Duration::from_millis(5)
+            } else {
+                (self.backoff * 2).clamp(Duration::from_millis(10), ACCEPT_BACKOFF_MAX)
+            };
+            tokio::time::sleep(self.backoff).await;
+        }
+    }
+
+    /// Frees the spare descriptor to accept one waiting client, refuses it
+    /// and closes it; `true` if a client was refused.
+    fn shed_one(&mut self, listener: &TcpListener, metrics: &Metrics) -> bool {
+        use futures_util::FutureExt;
+        if self.spare.take().is_none() {
+            self.spare = open_spare();
+            return false;
+        }
+        let refused = match listener.accept().now_or_never() {
+            Some(Ok((stream, _))) => {
+                match self.shed {
+                    Shed::Answer503 => {
+                        metrics.handshake("over_capacity");
+                        handshake::over_capacity_now(stream);
+                    }
+                    Shed::CloseClient => metrics.handshake("over_capacity"),
+                    Shed::Close => {}
+                }
+                true
+            }
+            _ => false,
+        };
+        self.spare = open_spare();
+        refused
+    }
+}
+
+/// A descriptor held in reserve by an accept loop.
+fn open_spare() -> Option<std::fs::File> {
+    std::fs::File::open("/dev/null").ok()
+}
+
+/// EMFILE (the process's limit) or ENFILE (the system's).
+fn is_out_of_descriptors(e: &std::io::Error) -> bool {
+    // The same numbers on Linux and the BSDs.
+    const ENFILE: i32 = 23;
+    const EMFILE: i32 = 24;
+    matches!(e.raw_os_error(), Some(EMFILE | ENFILE))
 }
 
 fn accept_one(shared: &Arc<Shared>, stream: TcpStream, remote: SocketAddr) {
     // Far over capacity: not even a task to answer it (handshake.rs answers
-    // at most MAX_REFUSING refusals at once).
-    if shared.sockets.load(Relaxed) >= shared.config.max_connections + handshake::MAX_REFUSING {
+    // at most `capacity.refusing` refusals at once, which no longer count
+    // in `sockets`).
+    let cap = &shared.capacity;
+    let held = shared.sockets.load(Relaxed) + shared.refusing.load(Relaxed);
+    if held >= cap.max_connections + cap.refusing {
         shared.metrics.handshake("over_capacity");
+        if shared.tls.is_none() {
+            handshake::over_capacity_now(stream);
+        }
         return; // dropped: closes the socket
     }
     let _ = stream.set_nodelay(true);

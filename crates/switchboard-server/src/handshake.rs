@@ -53,12 +53,24 @@ fn refuse(
     }
 }
 
-/// Time a refused client gets to send its request head, so that it reads a
-/// proper answer rather than a reset.
-const REFUSAL_READ_TIMEOUT: Duration = Duration::from_secs(2);
+/// Longest time an answered refusal stays open, reading what the client
+/// still sends, so that closing does not reset the connection before the
+/// client has read the answer.
+const REFUSAL_LINGER: Duration = Duration::from_secs(1);
 
-/// Refused sockets answered at once; past this many, more are closed unanswered.
-pub(crate) const MAX_REFUSING: usize = 1_024;
+/// The answer to a client that has not sent its whole request head within
+/// `handshake-timeout`.
+fn timeout_refusal(shared: &Shared) -> Refusal {
+    refuse(
+        408,
+        "handshake_timeout",
+        format!(
+            "no complete request head within {}",
+            humantime::format_duration(shared.config.handshake_timeout)
+        ),
+        "timeout",
+    )
+}
 
 /// What was decided about a socket at accept, before reading from it.
 #[derive(Debug, Clone, Copy)]
@@ -77,31 +89,45 @@ pub(crate) async fn handle(
     socket: SocketGuard,
     admission: Admission,
 ) {
+    let deadline = tokio::time::Instant::now() + shared.config.handshake_timeout;
     if let Some(refusal) = over_capacity(&shared, admission) {
-        // Decided before reading anything: such sockets get a short deadline
-        // and a bounded number of answering tasks, so they cannot pile up.
-        if shared.refusing.fetch_add(1, Relaxed) < MAX_REFUSING {
-            let deadline = tokio::time::Instant::now() + REFUSAL_READ_TIMEOUT;
+        // Decided before reading anything, and counted now: whatever the
+        // client does next, it was refused.
+        shared.metrics.handshake(refusal.metric);
+        // From here on the socket holds no slot of the caps (the node's and
+        // its address's), only one of the bounded refusing window: refused
+        // sockets waiting for their head do not turn away the clients that
+        // come once slots free up.
+        drop(socket);
+        if shared.refusing.fetch_add(1, Relaxed) < shared.capacity.refusing {
+            // The client gets its answer once it has sent its head (so that
+            // closing does not reset the connection before it reads it), or
+            // at the handshake timeout without it.
             let mut buf = BytesMut::new();
             let head =
-                tokio::time::timeout_at(deadline, read_head(&mut stream, &mut buf, &shared.config));
-            if matches!(head.await, Ok(Ok(_))) {
-                answer_refusal(&shared, &mut stream, refusal, deadline).await;
+                tokio::time::timeout_at(deadline, read_head(&mut stream, &mut buf, &shared.config))
+                    .await;
+            if !matches!(head, Ok(Err(None))) {
+                let linger = tokio::time::Instant::now() + REFUSAL_LINGER;
+                write_refusal(&mut stream, refusal, linger).await;
             }
+        } else {
+            // Too many being answered: answered without waiting, if the
+            // socket buffer takes it.
+            refuse_now(&stream, &refusal);
         }
         shared.refusing.fetch_sub(1, Relaxed);
         return;
     }
-    let deadline = tokio::time::Instant::now() + shared.config.handshake_timeout;
     // Empty until the socket is readable: a silent socket holds no buffer.
     let mut buf = BytesMut::new();
     let head =
         tokio::time::timeout_at(deadline, read_head(&mut stream, &mut buf, &shared.config)).await;
     let result = match head {
         Err(_) => {
-            // Slow or silent client: drop without an answer.
-            shared.metrics.handshake("timeout");
-            return;
+            // Slow or silent client (slowloris): 408, then closed.
+            let linger = tokio::time::Instant::now() + REFUSAL_LINGER;
+            return answer_refusal(&shared, &mut stream, timeout_refusal(&shared), linger).await;
         }
         Ok(Err(None)) => return, // closed or I/O error before a full head
         Ok(Err(Some(refusal))) => Err(refusal),
@@ -209,8 +235,14 @@ async fn first_command(shared: Arc<Shared>, p: Pending, opening: Opening) {
         socket,
     } = p;
     let sent = tokio::time::timeout_at(deadline, stream.write_all(&opening.response())).await;
-    if !matches!(sent, Ok(Ok(()))) {
-        return;
+    match sent {
+        Ok(Ok(())) => {}
+        Ok(Err(_)) => return, // the client is gone
+        Err(_) => {
+            // A client that does not read: no room for a close frame either.
+            shared.metrics.handshake("timeout");
+            return;
+        }
     }
     let mut decoder = Decoder::new(shared.config.max_message_size, opening.deflate);
     let first =
@@ -350,13 +382,8 @@ async fn close_unopened(stream: &mut ClientStream, code: u16, reason: &str) {
 fn over_capacity(shared: &Shared, admission: Admission) -> Option<Refusal> {
     let per_ip = admission.per_ip;
     let cfg = &shared.config;
-    if shared.sockets.load(Relaxed) > cfg.max_connections {
-        return Some(refuse(
-            503,
-            "over_capacity",
-            "connection limit reached",
-            "over_capacity",
-        ));
+    if shared.sockets.load(Relaxed) > shared.capacity.max_connections {
+        return Some(capacity_refusal());
     }
     if cfg.max_connections_per_ip > 0 && per_ip as usize > cfg.max_connections_per_ip {
         return Some(refuse(
@@ -378,9 +405,7 @@ fn over_capacity(shared: &Shared, admission: Admission) -> Option<Refusal> {
     None
 }
 
-/// Writes a refusal, then reads (and discards) what the client still sends
-/// for a moment, so that closing does not reset the connection before the
-/// client has read the answer.
+/// Counts a refusal and answers it (see [`write_refusal`]).
 async fn answer_refusal(
     shared: &Shared,
     stream: &mut ClientStream,
@@ -388,8 +413,49 @@ async fn answer_refusal(
     deadline: tokio::time::Instant,
 ) {
     shared.metrics.handshake(r.metric);
+    let linger = deadline.min(tokio::time::Instant::now() + REFUSAL_LINGER);
+    write_refusal(stream, r, linger).await;
+}
+
+/// Answers a refusal without waiting: what the client sent so far is read
+/// and dropped, then the answer is written if the socket buffer takes it
+/// at once. For sockets the node cannot spend a task on.
+fn refuse_now(stream: &ClientStream, r: &Refusal) {
     let resp = hs::error_response(r.status, r.code, &r.message, r.extra);
-    let linger = deadline.min(tokio::time::Instant::now() + Duration::from_secs(1));
+    let mut sink = [0u8; 4096];
+    match stream {
+        ClientStream::Tcp(s) => {
+            while matches!(s.try_read(&mut sink), Ok(n) if n > 0) {}
+            let _ = s.try_write(&resp);
+        }
+        ClientStream::Tls(s) => {
+            while matches!(s.try_read(&mut sink), Ok(n) if n > 0) {}
+            let _ = s.try_write(&resp);
+        }
+    }
+}
+
+/// Answers 503 `over_capacity` on a plain TCP socket without waiting (see
+/// [`refuse_now`]); the accept loop's answer when it cannot take a socket.
+pub(crate) fn over_capacity_now(tcp: tokio::net::TcpStream) {
+    refuse_now(&ClientStream::Tcp(tcp), &capacity_refusal());
+}
+
+/// 503 `over_capacity`.
+fn capacity_refusal() -> Refusal {
+    refuse(
+        503,
+        "over_capacity",
+        "connection limit reached",
+        "over_capacity",
+    )
+}
+
+/// Writes a refusal, then reads (and discards) what the client still sends
+/// until `linger`, so that closing does not reset the connection before the
+/// client has read the answer.
+async fn write_refusal(stream: &mut ClientStream, r: Refusal, linger: tokio::time::Instant) {
+    let resp = hs::error_response(r.status, r.code, &r.message, r.extra);
     let _ = tokio::time::timeout_at(linger, async {
         stream.write_all(&resp).await?;
         stream.shutdown().await?;

@@ -53,6 +53,7 @@ pub mod config;
 mod connection;
 mod control;
 mod control_listener;
+pub mod fds;
 pub mod gateway;
 mod handshake;
 mod metrics;

@@ -14,6 +14,12 @@ pub(crate) struct ResultLabel {
     pub(crate) result: &'static str,
 }
 
+/// Label for listeners (`client`, `control`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct ListenerLabel {
+    pub(crate) listener: &'static str,
+}
+
 /// Label for origin request kinds.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub(crate) struct KindLabel {
@@ -83,6 +89,7 @@ pub(crate) struct Metrics {
     pub(crate) control_connections: Gauge,
     /// Control listener refusals and timeouts, by reason.
     pub(crate) control_refusals: Family<ReasonLabel, Counter>,
+    pub(crate) accept_errors: Family<ListenerLabel, Counter>,
 }
 
 fn origin_histogram() -> Histogram {
@@ -133,6 +140,7 @@ impl Metrics {
             control_tls_failures: Counter::default(),
             control_connections: Gauge::default(),
             control_refusals: Family::default(),
+            accept_errors: Family::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -316,6 +324,11 @@ impl Metrics {
             "control_refusals",
             "Control listener requests and connections refused or timed out, by reason (bad_request, uri_too_long, headers_too_large, header_timeout, body_timeout, idle_timeout, over_capacity)",
             m.control_refusals.clone(),
+        );
+        r.register(
+            "accept_errors",
+            "Failed accept() calls by listener (EMFILE/ENFILE: out of file descriptors)",
+            m.accept_errors.clone(),
         );
         Self { registry, ..m }
     }

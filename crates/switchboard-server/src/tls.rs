@@ -455,10 +455,12 @@ impl ControlListener {
         let (tx, ready) = tokio::sync::mpsc::channel(CONTROL_BACKLOG);
         let acceptor = tls.acceptor.clone();
         tokio::spawn(async move {
+            let mut accepting =
+                crate::gateway::Acceptor::new("control", crate::gateway::Shed::Close);
             loop {
                 let (tcp, _remote) = tokio::select! {
                     _ = stop.cancelled() => return,
-                    pair = crate::gateway::accept(&listener, "control") => pair,
+                    pair = accepting.accept(&listener, &shared.metrics) => pair,
                 };
                 let Some(slot) = slots.take() else {
                     continue; // dropped: closed without a handshake

@@ -355,11 +355,12 @@ async fn max_connections_gives_503() {
         assert_eq!(r.status, 503);
         assert_eq!(r.json()["code"], "over_capacity");
     }
-    // A half-open handshake holds a slot too: it takes the one `a` frees.
-    let mut pending = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
-    pending.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
+    // A half-open handshake holds a slot too: it takes the one `a` frees
+    // (the refused sockets above hold none).
     drop(a);
     origin.wait_disconnect(&a_id).await;
+    let mut pending = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    pending.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
     let r = raw_request(gw.addr, upgrade_request("/", &[]).as_bytes())
         .await
         .expect("answer");
@@ -383,8 +384,32 @@ async fn max_connections_gives_503() {
     gw.shutdown().await;
 }
 
+/// Reads what the gateway sends on `s` until it closes (`WAIT` at most) and
+/// returns the answer's status and JSON body; `None` if it closed without
+/// an answer.
+async fn read_answer(s: &mut tokio::net::TcpStream) -> Option<(u16, serde_json::Value)> {
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(WAIT, async {
+        let mut chunk = [0u8; 4096];
+        loop {
+            match s.read(&mut chunk).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    })
+    .await;
+    assert!(read.is_ok(), "neither answered nor closed within 5s");
+    let text = String::from_utf8_lossy(&buf);
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    let status = head.split(' ').nth(1)?.parse().ok()?;
+    Some((status, serde_json::from_str(body).expect("a JSON body")))
+}
+
+/// A client that has not sent its whole head within `handshake-timeout`
+/// is answered 408 `handshake_timeout`, then closed, and counted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn handshake_timeout_drops_the_socket_without_an_answer() {
+async fn handshake_timeout_answers_408_and_counts_it() {
     let origin = TestOrigin::start(None).await;
     let gw = TestGateway::with_origin(&origin, |c| {
         c.handshake_timeout = Duration::from_millis(300)
@@ -394,19 +419,16 @@ async fn handshake_timeout_drops_the_socket_without_an_answer() {
         let started = Instant::now();
         let mut s = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
         s.write_all(partial).await.unwrap();
-        let mut buf = Vec::new();
-        let n = tokio::time::timeout(WAIT, s.read_to_end(&mut buf))
-            .await
-            .expect("dropped within 5s");
+        let answer = read_answer(&mut s).await;
         let took = started.elapsed();
-        assert!(
-            n.is_err() || buf.is_empty(),
-            "no answer expected, got {:?}",
-            String::from_utf8_lossy(&buf)
+        let (status, body) = answer.expect("an answer");
+        assert_eq!(
+            (status, body["code"].as_str()),
+            (408, Some("handshake_timeout"))
         );
         assert!(
             took >= Duration::from_millis(250),
-            "dropped before the timeout: {took:?}"
+            "answered before the timeout: {took:?}"
         );
     }
     assert_eq!(
@@ -416,6 +438,58 @@ async fn handshake_timeout_drops_the_socket_without_an_answer() {
     );
     assert!(origin.arrivals().is_empty());
     assert_serves(&gw, &origin).await;
+    gw.shutdown().await;
+}
+
+/// A socket over `max-handshakes-per-ip` is counted at once and answered
+/// 429 whenever its head comes within `handshake-timeout` (here after
+/// 2.5 s), or at the timeout if it never comes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_socket_is_counted_and_answered_even_when_its_head_is_late() {
+    let origin = TestOrigin::start(None).await;
+    let gw = TestGateway::with_origin(&origin, |c| {
+        c.max_handshakes_per_ip = 1;
+        c.handshake_timeout = Duration::from_secs(3);
+    })
+    .await;
+    // The burst: two handshakes.
+    let (_a, _) = connect_id(&gw, &origin, "/").await;
+    let (_b, _) = connect_id(&gw, &origin, "/").await;
+    let started = Instant::now();
+    let mut late = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let mut silent = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    // Counted before any answer.
+    let metric = "switchboard_handshakes_total{result=\"too_many_handshakes\"}";
+    let deadline = Instant::now() + Duration::from_secs(1);
+    while gw.metric(metric).await < 2.0 {
+        assert!(Instant::now() < deadline, "refusals not counted at accept");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    late.write_all(upgrade_request("/", &[]).as_bytes())
+        .await
+        .expect("still open after 2.5s");
+    let (status, body) = read_answer(&mut late)
+        .await
+        .expect("a late head is answered");
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (429, Some("too_many_handshakes"))
+    );
+    let (status, body) = read_answer(&mut silent)
+        .await
+        .expect("a silent socket is answered at the timeout");
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (429, Some("too_many_handshakes"))
+    );
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(2900),
+        "the silent one answered before the timeout: {took:?}"
+    );
+    assert_eq!(gw.metric(metric).await, 2.0, "each counted once");
+    assert_eq!(origin.connects().len(), 2);
     gw.shutdown().await;
 }
 

@@ -43,6 +43,12 @@ fn serve(args: cli::ServeArgs) -> ExitCode {
         eprintln!("switchboard: {e}");
         return ExitCode::from(EX_USAGE);
     }
+    // Every client socket is a descriptor: take all the process may have.
+    // The node derives its connection cap from the result (logged in
+    // "switchboard node started").
+    if let Err(e) = switchboard_server::fds::raise_nofile_limit() {
+        tracing::warn!(error = %e, "cannot raise the open-file limit; keeping the current one");
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -42,6 +42,8 @@ pub(crate) struct Node {
     pub(crate) listen: SocketAddr,
     pub(crate) control: SocketAddr,
     pub(crate) node: String,
+    /// The "switchboard node started" log line.
+    pub(crate) started: Value,
     http: reqwest::Client,
 }
 
@@ -49,10 +51,42 @@ impl Node {
     /// Starts the binary (logging JSON to stderr) and waits for its
     /// "switchboard node started" line.
     pub(crate) async fn start(args: &[&str], env: &[(&str, &str)]) -> Self {
-        switchboard_test_util::failure::remember_panics();
         let mut all = vec!["serve", "--log-format", "json", "--log-level", "info"];
         all.extend_from_slice(args);
-        let mut child = switchboard(&all, env)
+        Self::spawn(switchboard(&all, env)).await
+    }
+
+    /// Like [`Node::start`], under an open-file limit: soft `soft`, hard
+    /// `hard` (`ulimit -Sn` / `-Hn` in a shell that then runs the binary).
+    pub(crate) async fn start_with_nofile(
+        args: &[&str],
+        env: &[(&str, &str)],
+        soft: u64,
+        hard: u64,
+    ) -> Self {
+        let mut all = vec!["serve", "--log-format", "json", "--log-level", "info"];
+        all.extend_from_slice(args);
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c")
+            .arg(format!(
+                "ulimit -Sn {soft} && ulimit -Hn {hard} && exec \"$0\" \"$@\""
+            ))
+            .arg(env!("CARGO_BIN_EXE_switchboard"))
+            .args(all);
+        for (k, _) in std::env::vars() {
+            if k.starts_with("SWITCHBOARD_") {
+                cmd.env_remove(k);
+            }
+        }
+        cmd.envs(env.iter().copied());
+        Self::spawn(cmd).await
+    }
+
+    /// Runs `cmd` (the binary, logging JSON to stderr) and waits for its
+    /// "switchboard node started" line.
+    async fn spawn(mut cmd: Command) -> Self {
+        switchboard_test_util::failure::remember_panics();
+        let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -77,6 +111,7 @@ impl Node {
             listen: "0.0.0.0:0".parse().unwrap(),
             control: "0.0.0.0:0".parse().unwrap(),
             node: String::new(),
+            started: Value::Null,
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(5))
                 .build()
@@ -86,6 +121,7 @@ impl Node {
         node.listen = started["listen"].as_str().unwrap().parse().unwrap();
         node.control = started["control"].as_str().unwrap().parse().unwrap();
         node.node = started["node"].as_str().unwrap().to_owned();
+        node.started = started;
         node
     }
 
