@@ -181,21 +181,35 @@ pub(crate) async fn run_lane(shared: Arc<Shared>, idx: usize) {
         let mut attempt = 0u32;
         let answer = loop {
             let started = Instant::now();
-            let result = tokio::select! {
-                r = shared.transport.deliver(body.clone()) => r,
-                _ = shared.give_up.cancelled() => {
-                    settle(&shared, &batch, false);
-                    drop_rest(&shared, lane);
-                    return;
+            // Control-API messages to these connections wait for this
+            // attempt's replies, for `origin-timeout` at most.
+            let mut holds = Holds::new(&batch);
+            let deliver = shared.transport.deliver(body.clone());
+            tokio::pin!(deliver);
+            let hold_limit = tokio::time::sleep(cfg.origin_timeout);
+            tokio::pin!(hold_limit);
+            let result = loop {
+                tokio::select! {
+                    r = &mut deliver => break r,
+                    _ = &mut hold_limit, if !holds.is_empty() => holds.release(),
+                    _ = shared.give_up.cancelled() => {
+                        drop(holds);
+                        settle(&shared, &batch, false);
+                        drop_rest(&shared, lane);
+                        return;
+                    }
                 }
             };
+            if result.is_err() {
+                holds.release();
+            }
             shared
                 .metrics
                 .origin_duration
                 .get_or_create(&KindLabel { kind: "events" })
                 .observe(started.elapsed().as_secs_f64());
             match result {
-                Ok(answer) => break Some(answer),
+                Ok(answer) => break Some((answer, holds)),
                 Err(e) => {
                     shared
                         .metrics
@@ -222,10 +236,46 @@ pub(crate) async fn run_lane(shared: Arc<Shared>, idx: usize) {
             }
         };
         let delivered = answer.is_some();
-        if let Some(answer) = answer {
+        if let Some((answer, holds)) = answer {
             deliver_replies(&shared, answer.replies);
+            // Then what the control API sent meanwhile.
+            drop(holds);
         }
         settle(&shared, &batch, delivered);
+    }
+}
+
+/// The connections of a batch in flight, each held once
+/// ([`Conn::hold_for_replies`]) until released or dropped.
+struct Holds(Vec<Arc<Conn>>);
+
+impl Holds {
+    fn new(batch: &[QueuedEvent]) -> Self {
+        let mut conns: Vec<Arc<Conn>> = batch.iter().filter_map(|e| e.conn.clone()).collect();
+        if conns.len() > 1 {
+            conns.sort_unstable_by_key(|c| Arc::as_ptr(c));
+            conns.dedup_by(|a, b| Arc::ptr_eq(a, b));
+        }
+        for c in &conns {
+            c.hold_for_replies();
+        }
+        Self(conns)
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    fn release(&mut self) {
+        for c in self.0.drain(..) {
+            c.release_hold();
+        }
+    }
+}
+
+impl Drop for Holds {
+    fn drop(&mut self) {
+        self.release();
     }
 }
 
@@ -275,7 +325,7 @@ pub(crate) fn deliver_replies(shared: &Shared, replies: Vec<Reply>) {
             tracing::debug!(connection_id = %reply.connection_id, "reply to an unknown connection dropped");
             continue;
         };
-        conn.send(&Outgoing::new(reply.payload), &shared.metrics);
+        conn.send_reply(&Outgoing::new(reply.payload), &shared.metrics);
     }
 }
 
