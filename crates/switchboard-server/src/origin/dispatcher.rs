@@ -84,10 +84,14 @@ impl Dispatcher {
         self.pending.load(Relaxed)
     }
 
-    /// Whether the node-wide queue has room for new connections' events.
-    pub(crate) fn has_room(&self) -> bool {
+    /// Whether the node-wide queue has room for a new connection's events:
+    /// one more event, and one `message` event of `max_message` bytes (see
+    /// [`connect_headroom`]), so that a client let in is not closed with
+    /// 4002 on its first message because the queue sat just under its cap.
+    pub(crate) fn has_room(&self, max_message: usize) -> bool {
+        let headroom = connect_headroom(max_message, self.max_pending_bytes);
         self.pending() < self.max_pending
-            && self.pending_bytes.load(Relaxed) < self.max_pending_bytes
+            && self.pending_bytes.load(Relaxed) + headroom <= self.max_pending_bytes
     }
 
     /// Queues an event of `key`'s connection. `reliable` events (disconnects)
@@ -132,6 +136,17 @@ impl Dispatcher {
             lane.notify.notify_one();
         }
     }
+}
+
+/// Bytes of event JSON a handshake needs free in the node-wide queue: a
+/// `message` event of `max_message` bytes (binary data grows by a third in
+/// base64, plus 1 KiB of envelope), but at most a quarter of the queue, so
+/// a small queue still lets clients in.
+pub(crate) fn connect_headroom(max_message: usize, max_pending_bytes: usize) -> usize {
+    let event = max_message
+        .saturating_add(max_message / 3)
+        .saturating_add(1024);
+    event.min(max_pending_bytes / 4)
 }
 
 /// Wraps serialized events into the request body `{"events":[...]}`.
@@ -341,6 +356,26 @@ mod tests {
             let exp = (i * 2u32.pow(attempt.min(20))).min(m);
             assert!(d >= exp / 2 && d <= exp, "{attempt}: {d:?}");
         }
+    }
+
+    #[test]
+    fn handshakes_need_room_for_one_max_size_message() {
+        let d = Dispatcher::new(1, 100, 10_000, 10);
+        assert_eq!(connect_headroom(3000, 10_000), 2500, "a quarter at most");
+        assert_eq!(connect_headroom(600, 10_000), 1824);
+        assert!(d.has_room(600));
+        let key = [0u8; 16];
+        d.enqueue(&key, Bytes::from(vec![b'x'; 8_176]), None, false)
+            .unwrap();
+        assert!(d.has_room(600), "1,824 bytes free");
+        d.enqueue(&key, Bytes::from(vec![b'x'; 1]), None, false)
+            .unwrap();
+        assert!(!d.has_room(600), "1,823 bytes free: not enough");
+        assert!(
+            d.enqueue(&key, Bytes::from(vec![b'x'; 600]), None, false)
+                .is_ok(),
+            "the queue itself still takes events up to its cap"
+        );
     }
 
     #[test]
