@@ -297,7 +297,12 @@ impl Drop for Holds {
 fn take(lane: &Lane, max: usize) -> Vec<QueuedEvent> {
     let mut q = lane.queue.lock();
     let n = q.len().min(max);
-    q.drain(..n).collect()
+    let batch = q.drain(..n).collect();
+    if q.is_empty() && q.capacity() > 4096 {
+        // A backlog grew the queue: give the memory back once it drained.
+        *q = VecDeque::new();
+    }
+    batch
 }
 
 /// Accounts for events that left the queue.
