@@ -788,12 +788,7 @@ impl Task {
             .guard
             .shared
             .dispatcher
-            .enqueue(
-                &self.guard.conn.key,
-                json.into(),
-                Some(&self.guard.conn),
-                false,
-            )
+            .enqueue(&self.guard.conn.key, json, Some(&self.guard.conn), false)
             .is_err()
         {
             self.start_close(close::ORIGIN_BACKLOG, "origin backlog", ClosedBy::Gateway);

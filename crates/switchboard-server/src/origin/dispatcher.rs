@@ -268,7 +268,7 @@ impl Holds {
     fn new(batch: &[QueuedEvent]) -> Self {
         let mut conns: Vec<Arc<Conn>> = batch.iter().filter_map(|e| e.conn.clone()).collect();
         if conns.len() > 1 {
-            conns.sort_unstable_by_key(|c| Arc::as_ptr(c));
+            conns.sort_unstable_by_key(Arc::as_ptr);
             conns.dedup_by(|a, b| Arc::ptr_eq(a, b));
         }
         for c in &conns {
