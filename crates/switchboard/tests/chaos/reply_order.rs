@@ -159,3 +159,38 @@ async fn replies_come_before_later_pushes_answer_in_one_segment() {
 async fn replies_come_before_later_pushes_body_after_head() {
     replies_come_first(Answer::BodyLater(Duration::from_millis(3))).await;
 }
+
+/// The hold is bounded: with the origin sitting on a request, a push to the
+/// connection goes out once the attempt ends at `origin-timeout`, not
+/// whenever the origin finally answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_waits_for_replies_at_most_origin_timeout() {
+    use switchboard_test_util::{connect_id, next_msg, TestOrigin};
+    let origin = TestOrigin::start(None).await;
+    let gw = TestGateway::with_origin(&origin, |c| {
+        c.origin_timeout = Duration::from_millis(500);
+    })
+    .await;
+    let (mut ws, id) = connect_id(&gw, &origin, "/").await;
+    origin.pause();
+    ws.send(WsMessage::text("hello")).await.expect("send");
+    // The request carrying it is at the origin, unanswered.
+    origin
+        .wait_arrivals(WAIT, |a| {
+            a.iter().flatten().any(|e| {
+                matches!(e, switchboard_proto::origin::Event::Message(m) if m.connection_id == id)
+            })
+        })
+        .await;
+    let started = std::time::Instant::now();
+    assert_eq!(gw.push_text(&id, "pushed").await, 200);
+    assert_eq!(next_msg(&mut ws).await, WsMessage::text("pushed"));
+    let held = started.elapsed();
+    assert!(
+        held < Duration::from_millis(1500),
+        "the push waited {held:?} for an origin that does not answer"
+    );
+    origin.resume();
+    drop(ws);
+    gw.shutdown().await;
+}
