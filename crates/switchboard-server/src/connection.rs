@@ -580,21 +580,19 @@ impl Task {
                 match self.admit(data.len()) {
                     Verdict::Pass => {}
                     Verdict::Refuse => {
+                        // Native: answered, not run.
                         let s = &self.guard.shared;
                         s.metrics.rate_limited.inc();
-                        if self.guard.conn.native {
-                            // Answered, not run; a raw message is dropped.
-                            let id = match &msg {
-                                Message::Text(t) => decode_command(t).ok().map(|c| c.id),
-                                _ => None,
-                            };
-                            s.metrics.native_error(ErrorCode::RateLimited);
-                            let why = "over client-message-rate or client-byte-rate; slow down";
-                            self.guard.conn.push(
-                                native::error_frame(id, ErrorCode::RateLimited, why),
-                                &s.metrics,
-                            );
-                        }
+                        let id = match &msg {
+                            Message::Text(t) => decode_command(t).ok().map(|c| c.id),
+                            _ => None,
+                        };
+                        s.metrics.native_error(ErrorCode::RateLimited);
+                        let why = "over client-message-rate or client-byte-rate; slow down";
+                        self.guard.conn.push(
+                            native::error_frame(id, ErrorCode::RateLimited, why),
+                            &s.metrics,
+                        );
                         return Ok(());
                     }
                     Verdict::Close => {
