@@ -198,6 +198,10 @@ struct Busy {
     jobs: Option<tokio::sync::mpsc::Sender<native::Job>>,
     /// The token expiry (Unix ms) a `refresh` push was sent for.
     refresh_pushed_for: u64,
+    /// A raw client over its rate: nothing is read from its socket until
+    /// then, so TCP slows the sender and nothing is dropped. Bytes already
+    /// read wait in the parked read buffer (at most one read's worth).
+    paused_until: Option<Instant>,
 }
 
 /// Runs an accepted connection to its end; the guard then sends its
@@ -275,10 +279,12 @@ impl Task {
             if sleep.deadline() != deadline {
                 sleep.as_mut().reset(deadline);
             }
-            let interest = if drained {
-                Interest::READABLE
-            } else {
-                Interest::READABLE | Interest::WRITABLE
+            // A paused reader waits for writability only, or for errors.
+            let interest = match (drained, self.paused().is_some()) {
+                (true, false) => Interest::READABLE,
+                (false, false) => Interest::READABLE | Interest::WRITABLE,
+                (false, true) => Interest::WRITABLE,
+                (true, true) => Interest::ERROR,
             };
             tokio::select! {
                 biased;
@@ -287,7 +293,12 @@ impl Task {
                         Ok(r) => r,
                         Err(_) => return self.end_or(close::ABNORMAL, "socket error", ClosedBy::Network),
                     };
-                    if ready.is_readable() || ready.is_read_closed() {
+                    if ready.is_error() {
+                        // Only asked for while paused (an RST, say).
+                        return self.end_or(close::ABNORMAL, "socket error", ClosedBy::Network);
+                    }
+                    let reading = self.paused().is_none();
+                    if reading && (ready.is_readable() || ready.is_read_closed()) {
                         if let Err(end) = self.read_ready() {
                             return end;
                         }
@@ -312,6 +323,9 @@ impl Task {
                     d = d.min(self.last_message + idle);
                 }
                 if let Some(at) = self.token_moment() {
+                    d = d.min(at);
+                }
+                if let Some(at) = self.paused() {
                     d = d.min(at);
                 }
                 d
@@ -359,6 +373,11 @@ impl Task {
 
     fn on_timer(&mut self) -> Option<Ending> {
         let now = Instant::now();
+        if self.paused().is_some_and(|at| now >= at) {
+            if let Err(end) = self.resume(now) {
+                return Some(end);
+            }
+        }
         if let Phase::Open { .. } = self.phase {
             self.check_token();
         }
@@ -377,7 +396,9 @@ impl Task {
                 awaiting_pong: true
             }
         );
-        if awaiting_pong && now >= self.heartbeat {
+        // A paused reader cannot see the pong; the wait restarts on resuming.
+        let paused = self.paused().is_some();
+        if awaiting_pong && now >= self.heartbeat && !paused {
             return Some(Ending {
                 code: close::ABNORMAL,
                 reason: "pong timeout".into(),
@@ -385,7 +406,7 @@ impl Task {
             });
         }
         if let Some(idle) = self.guard.shared.config.idle_timeout {
-            if now >= self.last_message + idle {
+            if now >= self.last_message + idle && !paused {
                 self.start_close(close::IDLE_TIMEOUT, "idle timeout", ClosedBy::Gateway);
                 return None;
             }
@@ -400,6 +421,38 @@ impl Task {
                 .send_control(&self.stream, PING.clone(), &self.guard.shared.metrics);
         }
         None
+    }
+
+    /// When reading resumes, if it is paused (a raw client over its rate).
+    fn paused(&self) -> Option<Instant> {
+        match self.phase {
+            Phase::Open { .. } => self.busy.as_ref().and_then(|b| b.paused_until),
+            // The client's close frame must be read.
+            Phase::Closing { .. } => None,
+        }
+    }
+
+    /// Ends a pause: the client gets a fresh pong window (its pong may
+    /// have waited behind its messages), and the bytes already read are
+    /// handled (which may pause it again).
+    fn resume(&mut self, now: Instant) -> Result<(), Ending> {
+        if let Some(b) = &mut self.busy {
+            b.paused_until = None;
+        }
+        if let Phase::Open {
+            awaiting_pong: true,
+        } = self.phase
+        {
+            self.heartbeat = self
+                .heartbeat
+                .max(now + self.guard.shared.config.pong_timeout);
+        }
+        if let Some(mut buf) = self.rbuf.take().map(|b| *b) {
+            let decoded = self.decode_buffered(&mut buf);
+            self.park(buf);
+            decoded?;
+        }
+        Ok(())
     }
 
     /// Queues our close frame and waits for the client's.
@@ -455,7 +508,7 @@ impl Task {
                     if let Err(end) = self.decode_buffered(&mut buf) {
                         break Err(end);
                     }
-                    if total >= READ_BUDGET {
+                    if total >= READ_BUDGET || self.paused().is_some() {
                         break Ok(());
                     }
                 }
@@ -485,6 +538,10 @@ impl Task {
             match self.decoder.decode(buf) {
                 Ok(Some(msg)) => {
                     self.on_message(msg)?;
+                    if self.paused().is_some() {
+                        // The rest waits, undecoded, until reading resumes.
+                        return Ok(());
+                    }
                 }
                 Ok(None) => return Ok(()),
                 Err(e) => {
@@ -524,13 +581,16 @@ impl Task {
         }
         let closing = matches!(self.phase, Phase::Closing { .. });
         if let (Message::Text(data) | Message::Binary(data), false) = (&msg, closing) {
-            match self.admit(data.len()) {
-                Verdict::Pass => {}
-                Verdict::Refuse => {
-                    let s = &self.guard.shared;
-                    s.metrics.rate_limited.inc();
-                    if self.guard.conn.native {
-                        // Answered, not run; a raw message is dropped.
+            if !self.guard.conn.native {
+                // Raw: taken, and the reader slows down instead.
+                self.throttle(data.len());
+            } else {
+                match self.admit(data.len()) {
+                    Verdict::Pass => {}
+                    Verdict::Refuse => {
+                        // Native: answered, not run.
+                        let s = &self.guard.shared;
+                        s.metrics.rate_limited.inc();
                         let id = match &msg {
                             Message::Text(t) => decode_command(t).ok().map(|c| c.id),
                             _ => None,
@@ -541,17 +601,17 @@ impl Task {
                             native::error_frame(id, ErrorCode::RateLimited, why),
                             &s.metrics,
                         );
+                        return Ok(());
                     }
-                    return Ok(());
-                }
-                Verdict::Close => {
-                    self.guard.shared.metrics.rate_limited.inc();
-                    self.start_close(
-                        close::POLICY_VIOLATION,
-                        "rate limit exceeded",
-                        ClosedBy::Gateway,
-                    );
-                    return Ok(());
+                    Verdict::Close => {
+                        self.guard.shared.metrics.rate_limited.inc();
+                        self.start_close(
+                            close::POLICY_VIOLATION,
+                            "rate limit exceeded",
+                            ClosedBy::Gateway,
+                        );
+                        return Ok(());
+                    }
                 }
             }
         }
@@ -631,6 +691,31 @@ impl Task {
             .check(len, now)
     }
 
+    /// Charges a raw client's message of `len` bytes to its rate limits
+    /// and, when it is over them, stops reading for as long as it takes
+    /// the buckets to refill ([`RateLimit::throttle`]).
+    fn throttle(&mut self, len: usize) {
+        let cfg = &self.guard.shared.config;
+        if cfg.client_message_rate == 0 && cfg.client_byte_rate == 0 {
+            return;
+        }
+        let now = std::time::Instant::now();
+        let (messages, bytes, max) = (
+            cfg.client_message_rate,
+            cfg.client_byte_rate,
+            cfg.max_message_size,
+        );
+        let busy = self.busy();
+        let wait = busy
+            .limit
+            .get_or_insert_with(|| RateLimit::new(messages, bytes, max, now))
+            .throttle(len, now);
+        if !wait.is_zero() {
+            busy.paused_until = Some(Instant::now() + wait);
+            self.guard.shared.metrics.rate_limited.inc();
+        }
+    }
+
     /// The busy part of the state, made on first use.
     fn busy(&mut self) -> &mut Busy {
         self.busy.get_or_insert_with(Default::default)
@@ -690,6 +775,11 @@ impl Task {
     /// the connection is being closed.
     fn on_data(&mut self, payload: Payload) -> bool {
         self.seq += 1;
+        let data_len = match &payload {
+            Payload::Text(t) => t.len(),
+            // Base64 in the JSON.
+            Payload::Binary(b) => b.len() / 3 * 4 + 4,
+        };
         let event = Event::Message(MessageEvent {
             id: format!("{}:{}", self.guard.conn.id, self.seq),
             connection_id: self.guard.conn.id.to_string(),
@@ -699,17 +789,12 @@ impl Task {
             user_id: self.guard.conn.user_id.as_deref().map(str::to_owned),
             payload,
         });
-        let json = serde_json::to_vec(&event).expect("events serialize");
+        let json = queued_json(&event, data_len);
         if self
             .guard
             .shared
             .dispatcher
-            .enqueue(
-                &self.guard.conn.key,
-                json.into(),
-                Some(&self.guard.conn),
-                false,
-            )
+            .enqueue(&self.guard.conn.key, json, Some(&self.guard.conn), false)
             .is_err()
         {
             self.start_close(close::ORIGIN_BACKLOG, "origin backlog", ClosedBy::Gateway);
@@ -717,6 +802,21 @@ impl Task {
         }
         true
     }
+}
+
+/// Serializes an event that will wait in the origin queue, in a buffer of
+/// about its size: a queued event keeps its allocation for as long as the
+/// origin is away, and the doubling growth of a plain `to_vec` would make
+/// that up to twice the JSON (`--origin-queue-bytes` counts the JSON).
+fn queued_json(event: &Event, data_len: usize) -> Bytes {
+    // The envelope (ids, node, timestamp, seq) is under 256 bytes; text
+    // may grow a little by escaping.
+    let mut json = Vec::with_capacity(data_len + data_len / 16 + 256);
+    serde_json::to_writer(&mut json, event).expect("events serialize");
+    if json.capacity() > json.len() + json.len() / 2 {
+        json.shrink_to_fit();
+    }
+    Bytes::from(json)
 }
 
 fn bytes_to_string(b: Bytes) -> String {

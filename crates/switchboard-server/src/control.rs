@@ -640,7 +640,7 @@ fn send_local(s: &Shared, c: SendCommand) -> CommandReply {
         Ok(conn) => conn,
         Err(e) => return e.into(),
     };
-    match conn.send(&Outgoing::new(c.payload), &s.metrics) {
+    match conn.send_after_replies(&Outgoing::new(c.payload), &s.metrics) {
         Queued::Yes => ok(&SendResponse {
             status: Delivery::Delivered,
         }),
@@ -700,7 +700,7 @@ async fn send_batch_routed(
         // Encoded once, shared by every local recipient.
         let out = Outgoing::new(payload);
         for id in local {
-            let status = match lookup(s, &id).map(|c| c.send(&out, &s.metrics)) {
+            let status = match lookup(s, &id).map(|c| c.send_after_replies(&out, &s.metrics)) {
                 Ok(Queued::Yes) => Delivery::Delivered,
                 _ => Delivery::Unknown,
             };

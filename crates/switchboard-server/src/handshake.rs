@@ -635,7 +635,7 @@ fn open(shared: &Shared, req: &Request) -> Result<Opening, Refusal> {
             "draining",
         ));
     }
-    if !shared.dispatcher.has_room() {
+    if !shared.dispatcher.has_room(shared.config.max_message_size) {
         return Err(refuse(
             503,
             "origin_backlog",

@@ -1,6 +1,7 @@
 //! Per-connection rate limits: token buckets for messages and bytes a
 //! client sends, and the verdict for each message (pass, refuse, or close
-//! when the excess persists).
+//! when the excess persists) — or, for raw clients, how long to stop
+//! reading ([`RateLimit::throttle`]).
 //!
 //! Each bucket holds two seconds' worth of its rate (at least one message
 //! of `max-message-size`, so any allowed message can pass) and refills
@@ -54,6 +55,18 @@ impl Bucket {
         }
     }
 
+    /// Takes `n` tokens even if that leaves the bucket in debt, and returns
+    /// how long until the debt is repaid (zero when there was none).
+    fn take_or_owe(&mut self, n: f64, now: Instant) -> Duration {
+        self.refill(now);
+        self.tokens -= n;
+        if self.tokens >= 0.0 {
+            Duration::ZERO
+        } else {
+            Duration::from_secs_f64(-self.tokens / self.rate)
+        }
+    }
+
     /// Whether it would be full at `now`.
     pub(crate) fn is_full(&self, now: Instant) -> bool {
         let dt = now.saturating_duration_since(self.last).as_secs_f64();
@@ -95,6 +108,24 @@ impl RateLimit {
             over_since: None,
             last_refused: None,
         }
+    }
+
+    /// Admits a message of `len` bytes arriving at `now` whatever the
+    /// buckets hold, and returns how long the client must wait before its
+    /// next message: zero within the limits, else until both buckets are out
+    /// of debt. For raw clients, whose reader stops for that long so TCP
+    /// slows the sender down and nothing is dropped. The wait is at most one
+    /// message's worth: under `1 / rate` for the message bucket, `len /
+    /// rate` for the byte bucket.
+    pub(crate) fn throttle(&mut self, len: usize, now: Instant) -> Duration {
+        let mut wait = Duration::ZERO;
+        if let Some(b) = &mut self.messages {
+            wait = wait.max(b.take_or_owe(1.0, now));
+        }
+        if let Some(b) = &mut self.bytes {
+            wait = wait.max(b.take_or_owe(len as f64, now));
+        }
+        wait
     }
 
     /// The verdict on a message of `len` bytes arriving at `now`.
@@ -171,6 +202,37 @@ mod tests {
             verdicts.push(flood.check(1, t));
         }
         assert_eq!(verdicts.last(), Some(&Verdict::Close), "{verdicts:?}");
+    }
+
+    #[test]
+    fn throttling_admits_everything_at_the_rate() {
+        let t0 = Instant::now();
+        let mut r = RateLimit::new(10, 0, 1024, t0);
+        for i in 0..20 {
+            assert_eq!(r.throttle(10, t0), Duration::ZERO, "burst message {i}");
+        }
+        // The 21st is admitted, and the next must wait a tenth of a second.
+        let wait = r.throttle(10, t0);
+        assert!(
+            (wait.as_secs_f64() - 0.1).abs() < 1e-6,
+            "{wait:?} after the burst"
+        );
+        // A client that waits as told keeps a steady 10/s.
+        let mut t = t0 + wait;
+        for _ in 0..50 {
+            let w = r.throttle(10, t);
+            assert!(w <= Duration::from_millis(101), "{w:?}");
+            t += w;
+        }
+        assert!(
+            (t - t0).as_secs_f64() > 4.9,
+            "50 messages past the burst took {:?}",
+            t - t0
+        );
+        // Bytes: the wait is what the byte bucket lacks.
+        let mut b = RateLimit::new(0, 1000, 1000, t0);
+        assert_eq!(b.throttle(2000, t0), Duration::ZERO, "two seconds' worth");
+        assert_eq!(b.throttle(500, t0), Duration::from_millis(500));
     }
 
     #[test]

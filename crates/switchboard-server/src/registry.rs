@@ -158,6 +158,12 @@ struct Outbound {
     sealed: bool,
     /// The front frame is partly written to the socket.
     front_partial: bool,
+    /// Origin requests carrying this connection's events now in flight:
+    /// control-API messages queued meanwhile wait for their replies.
+    holds: u16,
+    /// How many frames at the back of `frames` wait for those replies
+    /// (not written yet). Fits the padding: idle connections do not grow.
+    held: u32,
 }
 
 impl Outbound {
@@ -172,6 +178,7 @@ impl Outbound {
         };
         self.frames.clear();
         self.queued_bytes = 0;
+        self.held = 0;
         if let Some(rest) = keep {
             self.queued_bytes = rest.len();
             self.frames.push_back(rest);
@@ -185,6 +192,19 @@ pub(crate) enum Queued {
     Yes,
     /// The connection is closing or gone.
     Closed,
+}
+
+/// Where a frame joins the outbound queue, relative to frames held back
+/// until the origin's replies are delivered (see [`Conn::hold_for_replies`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Place {
+    /// At the back, so it waits behind held frames while there are any.
+    Back,
+    /// A control-API message: held too while an origin request carrying
+    /// this connection's events is in flight.
+    AfterReplies,
+    /// Before the held frames: the origin's replies, pings and pongs.
+    BeforeHeld,
 }
 
 /// The shared half of a connection: identity, counters and outbound queue.
@@ -277,8 +297,24 @@ impl Conn {
     /// Queues a data message. Past `max-outbound-bytes` the connection is
     /// marked for closing as a slow consumer (4001) and its queue is dropped.
     pub(crate) fn send(&self, msg: &Outgoing, metrics: &Metrics) -> Queued {
+        self.send_at(msg, Place::Back, metrics)
+    }
+
+    /// Queues a message sent through the control API: while an origin
+    /// request carrying this connection's events is in flight, it waits
+    /// until that request's replies are queued, so replies come first.
+    pub(crate) fn send_after_replies(&self, msg: &Outgoing, metrics: &Metrics) -> Queued {
+        self.send_at(msg, Place::AfterReplies, metrics)
+    }
+
+    /// Queues an origin reply: ahead of the control-API messages held for it.
+    pub(crate) fn send_reply(&self, msg: &Outgoing, metrics: &Metrics) -> Queued {
+        self.send_at(msg, Place::BeforeHeld, metrics)
+    }
+
+    fn send_at(&self, msg: &Outgoing, place: Place, metrics: &Metrics) -> Queued {
         let frame = msg.frame_for(self.native, self.deflate);
-        let r = self.push(frame, metrics);
+        let r = self.push_at(frame, place, metrics);
         if r == Queued::Yes {
             self.messages_out.fetch_add(1, Relaxed);
             metrics.messages_out.inc();
@@ -286,8 +322,13 @@ impl Conn {
         r
     }
 
-    /// Queues a control frame (pong, ping, close), under the same byte bound.
+    /// Queues a protocol frame (a native reply or push), under the same
+    /// byte bound.
     pub(crate) fn push(&self, frame: Bytes, metrics: &Metrics) -> Queued {
+        self.push_at(frame, Place::Back, metrics)
+    }
+
+    fn push_at(&self, frame: Bytes, place: Place, metrics: &Metrics) -> Queued {
         let mut out = self.out.lock();
         if out.sealed || out.close.is_some() {
             return Queued::Closed;
@@ -297,15 +338,48 @@ impl Conn {
         if out.queued_bytes > 0 && out.queued_bytes + frame.len() > self.max_outbound {
             return self.close_slow(out, metrics);
         }
-        let was_empty = out.frames.is_empty();
+        let held = out.held as usize;
+        let was_empty = out.frames.len() == held;
+        let hold = match place {
+            Place::Back => held > 0,
+            Place::AfterReplies => held > 0 || out.holds > 0,
+            Place::BeforeHeld => false,
+        };
         out.queued_bytes += frame.len();
-        out.frames.push_back(frame);
+        if hold {
+            out.held = out.held.saturating_add(1);
+            out.frames.push_back(frame);
+        } else {
+            let at = out.frames.len() - held;
+            out.frames.insert(at, frame);
+        }
         drop(out);
         metrics.frames_out.inc();
-        if was_empty {
+        if was_empty && !hold {
             self.notify.notify_one();
         }
         Queued::Yes
+    }
+
+    /// An origin request carrying this connection's events is about to be
+    /// sent: control-API messages queued from now on wait for its replies
+    /// (until [`Conn::release_hold`]).
+    pub(crate) fn hold_for_replies(&self) {
+        let mut out = self.out.lock();
+        out.holds = out.holds.saturating_add(1);
+    }
+
+    /// The request's replies are queued (or it failed, or took longer than
+    /// `origin-timeout`): once no request holds the connection, the held
+    /// messages go out.
+    pub(crate) fn release_hold(&self) {
+        let mut out = self.out.lock();
+        out.holds = out.holds.saturating_sub(1);
+        if out.holds == 0 && out.held > 0 {
+            out.held = 0;
+            drop(out);
+            self.notify.notify_one();
+        }
     }
 
     /// Whether the client's token grants subscribing to `channel`.
@@ -370,6 +444,10 @@ impl Conn {
         let was_empty = out.frames.is_empty();
         let n = frames.len() as u64;
         out.queued_bytes += total;
+        if out.held > 0 {
+            // Behind held frames, so held as well.
+            out.held = out.held.saturating_add(frames.len() as u32);
+        }
         out.frames.extend(frames);
         drop(out);
         self.messages_out.fetch_add(n, Relaxed);
@@ -414,7 +492,8 @@ impl Conn {
                 }
             }
         }
-        self.push(frame, metrics)
+        // Heartbeats are never held back behind messages waiting for replies.
+        self.push_at(frame, Place::BeforeHeld, metrics)
     }
 
     /// Asks the connection's task to close; the first request wins.
@@ -445,6 +524,8 @@ impl Conn {
             return;
         }
         out.sealed = true;
+        // Everything queued goes out before the close frame.
+        out.held = 0;
         out.queued_bytes += frame.len();
         out.frames.push_back(frame);
     }
@@ -456,6 +537,7 @@ impl Conn {
         out.close = None;
         out.frames = VecDeque::new();
         out.queued_bytes = 0;
+        out.held = 0;
     }
 
     /// Whether it is subscribed to `channel`.
@@ -475,11 +557,13 @@ impl Conn {
     /// Writes queued frames until the queue is empty (`Ok(true)`) or the socket
     /// would block (`Ok(false)`). Frames go out with vectored writes straight
     /// from the shared `Bytes`: there is no per-connection write buffer.
+    /// Frames held for an origin answer stay queued (and count as empty here).
     pub(crate) fn flush(&self, stream: &ClientStream, metrics: &Metrics) -> io::Result<bool> {
         let mut out = self.out.lock();
         loop {
-            if out.frames.is_empty() {
-                if out.frames.capacity() > 4 {
+            let writable = out.frames.len() - out.held as usize;
+            if writable == 0 {
+                if out.frames.is_empty() && out.frames.capacity() > 4 {
                     // A burst grew the queue: give the memory back while idle.
                     // The smallest allocation (4 frames, 128 bytes) is kept so
                     // steady traffic does not allocate per message.
@@ -489,7 +573,7 @@ impl Conn {
             }
             let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
             let mut n = 0;
-            for (slot, frame) in slices.iter_mut().zip(out.frames.iter()) {
+            for (slot, frame) in slices.iter_mut().zip(out.frames.iter().take(writable)) {
                 *slot = IoSlice::new(frame);
                 n += 1;
             }
@@ -600,5 +684,21 @@ impl Registry {
                 f(&c.id);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every connection has an outbound state: holding messages for the
+    /// origin's replies must fit its padding, not grow idle connections.
+    #[test]
+    fn outbound_state_stays_small() {
+        assert!(
+            std::mem::size_of::<Mutex<Outbound>>() <= 64,
+            "{} bytes",
+            std::mem::size_of::<Mutex<Outbound>>()
+        );
     }
 }

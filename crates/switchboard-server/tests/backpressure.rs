@@ -4,7 +4,7 @@
 //! queue refuses new handshakes.
 
 use futures_util::SinkExt;
-use switchboard_proto::origin::ClosedBy;
+use switchboard_proto::origin::{ClosedBy, Event};
 use switchboard_test_util::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -179,6 +179,67 @@ async fn one_large_message_is_delivered_not_treated_as_slow() {
     assert_eq!(gw.push_text(&id, &big).await, 200);
     assert_eq!(next_msg(&mut ws).await, WsMessage::text(big));
     assert!(gw.connection(&id).await.is_some(), "the client was closed");
+    drop(ws);
+    gw.shutdown().await;
+}
+
+/// After `--origin-queue-bytes` closed clients with 4002 the queue can sit
+/// just under its cap: a new client let in then would be closed on its first
+/// message. Handshakes get 503 until one max-size message event fits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handshakes_get_503_while_the_queue_cannot_take_a_first_message() {
+    const CAP: usize = 16 << 10;
+    let origin = TestOrigin::start(None).await;
+    let gw = TestGateway::with_origin(&origin, |c| {
+        c.origin_queue_bytes = CAP;
+        // A handshake needs a quarter of the queue free (4 KiB).
+        c.max_message_size = 4 << 10;
+        c.origin_concurrency = 1;
+    })
+    .await;
+    let (mut ws, id) = connect_id(&gw, &origin, "/").await;
+    origin.pause();
+    let filler = "z".repeat(1000);
+    ws.send(WsMessage::text(format!("10 {filler}")))
+        .await
+        .unwrap();
+    let first = origin
+        .wait_arrivals(WAIT, |a| {
+            a.iter()
+                .flatten()
+                .any(|e| matches!(e, Event::Message(m) if m.seq == 1))
+        })
+        .await;
+    let event = first.into_iter().flatten().last().unwrap();
+    let size = serde_json::to_vec(&event).unwrap().len();
+    // Fill the queue to about 2 KiB under its cap: every event fits, and
+    // no client is closed.
+    let n = (CAP - 2048) / size;
+    for i in 11..10 + n {
+        ws.send(WsMessage::text(format!("{i} {filler}")))
+            .await
+            .unwrap();
+    }
+    eventually(WAIT, "the events queued", || async {
+        gw.stats().await.origin_queue_depth == n as u64
+    })
+    .await;
+    let r = raw_request(gw.addr, upgrade_request("/", &[]).as_bytes())
+        .await
+        .expect("answer");
+    assert_eq!(
+        (r.status, r.json()["code"].as_str()),
+        (503, Some("origin_backlog")),
+        "a handshake while the queue ({n} events of {size} bytes, cap {CAP}) \
+         cannot take one more max-size message"
+    );
+    origin.resume();
+    assert_eq!(origin.wait_messages(&id, n).await.len(), n);
+    eventually(WAIT, "an empty queue", || async {
+        gw.stats().await.origin_queue_depth == 0
+    })
+    .await;
+    assert_serves(&gw, &origin).await;
     drop(ws);
     gw.shutdown().await;
 }

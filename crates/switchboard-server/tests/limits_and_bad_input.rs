@@ -494,7 +494,7 @@ async fn a_refused_socket_is_counted_and_answered_even_when_its_head_is_late() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn clients_over_their_rate_get_errors_then_1008_and_others_are_untouched() {
+async fn native_clients_over_their_rate_get_errors_raw_ones_are_slowed_others_untouched() {
     init_tracing();
     let origin = TestOrigin::start(None).await;
     let url = origin.url();
@@ -535,27 +535,44 @@ async fn clients_over_their_rate_get_errors_then_1008_and_others_are_untouched()
     }
     assert_eq!((ok, limited), (20, 20));
 
-    // Raw: a client that keeps flooding is closed with 1008; the messages
-    // over the limit never reach the origin.
+    // Raw: a flooding client is slowed down, not cut off: the gateway stops
+    // reading until its bucket refills, so every message reaches the origin
+    // (in order) at the rate, and the connection stays open.
     let mut raw = RawWs::connect(gw.addr, "/", &[]).await;
     let id = origin.id_for(raw.local_addr).await;
-    // Floods for 1.5 s (past the 1 s of persistence), then reads the
-    // gateway's close frame and answers it.
     let started = Instant::now();
-    while started.elapsed() < Duration::from_millis(1500) {
-        raw.send_raw(&frame(true, 0x1, b"spam")).await;
-        tokio::time::sleep(Duration::from_millis(5)).await;
+    for i in 0..40 {
+        raw.send_raw(&frame(true, 0x1, format!("spam {i}").as_bytes()))
+            .await;
     }
-    let (code, _, _) = raw.expect_close(WAIT).await;
-    raw.send_raw(&frame(true, 0x8, &code.to_be_bytes())).await;
-    assert_eq!(code, 1008);
-    let d = origin.wait_disconnect(&id).await;
-    assert_eq!((d.code, d.closed_by), (1008, ClosedBy::Gateway));
-    let forwarded = origin.messages_of(&id).len();
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let early = origin.messages_of(&id).len();
     assert!(
-        (20..=60).contains(&forwarded),
-        "{forwarded} messages reached the origin: a burst of 20 plus ~10/s"
+        (20..=33).contains(&early),
+        "{early} messages reached the origin after 1 s: a burst of 20 plus ~10/s"
     );
+    // A ping sent behind the flood is answered once its turn comes.
+    raw.send_raw(&frame(true, 0x9, b"still there?")).await;
+    let pong = loop {
+        let f = raw.next_frame(WAIT).await.expect("open");
+        if f.opcode == 0xA {
+            break f;
+        }
+    };
+    assert_eq!(pong.payload, b"still there?");
+    let all = origin.wait_messages(&id, 40).await;
+    let texts: Vec<_> = all.iter().map(|m| m.payload.clone()).collect();
+    let want: Vec<_> = (0..40)
+        .map(|i| Payload::Text(format!("spam {i}")))
+        .collect();
+    assert_eq!(texts, want, "every message, in order");
+    assert!(
+        started.elapsed() >= Duration::from_millis(1800),
+        "20 messages past the burst took {:?}, at 10/s",
+        started.elapsed()
+    );
+    assert!(gw.metric("switchboard_rate_limited_messages_total").await >= 20.0);
+    assert!(origin.disconnects_of(&id).is_empty(), "not closed");
 
     // A client within its rate is untouched.
     let mut calm = connect(&gw.ws_url("/")).await;
@@ -566,6 +583,31 @@ async fn clients_over_their_rate_get_errors_then_1008_and_others_are_untouched()
     origin
         .wait_events(WAIT, |_| origin.messages_of(&calm_id).len() == 5)
         .await;
+    gw.shutdown().await;
+}
+
+/// A raw client doing request/response faster than `client-message-rate`
+/// (each message waits for the origin's reply) gets every answer: past
+/// its burst it is slowed down, never dropped and left waiting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_raw_request_response_loop_over_the_rate_gets_every_answer() {
+    let origin = TestOrigin::start(None).await;
+    origin.behavior(|b| b.echo = true);
+    let gw = TestGateway::with_origin(&origin, |c| c.client_message_rate = 100).await;
+    let mut ws = connect(&gw.ws_url("/")).await;
+    let started = Instant::now();
+    for i in 0..400 {
+        let text = format!("request {i}");
+        ws.send(WsMessage::text(text.clone())).await.unwrap();
+        assert_eq!(next_msg(&mut ws).await, WsMessage::text(text), "answer {i}");
+    }
+    // A burst of 200, then 100/s.
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(1800),
+        "400 round trips in {took:?}"
+    );
+    assert!(gw.metric("switchboard_rate_limited_messages_total").await > 0.0);
     gw.shutdown().await;
 }
 

@@ -94,10 +94,14 @@ impl Dispatcher {
         self.pending.load(Relaxed)
     }
 
-    /// Whether the node-wide queue has room for new connections' events.
-    pub(crate) fn has_room(&self) -> bool {
+    /// Whether the node-wide queue has room for a new connection's events:
+    /// one more event, and one `message` event of `max_message` bytes (see
+    /// [`connect_headroom`]), so that a client let in is not closed with
+    /// 4002 on its first message because the queue sat just under its cap.
+    pub(crate) fn has_room(&self, max_message: usize) -> bool {
+        let headroom = connect_headroom(max_message, self.max_pending_bytes);
         self.pending() < self.max_pending
-            && self.pending_bytes.load(Relaxed) < self.max_pending_bytes
+            && self.pending_bytes.load(Relaxed) + headroom <= self.max_pending_bytes
     }
 
     /// Queues an event of `key`'s connection. `reliable` events (disconnects)
@@ -204,6 +208,17 @@ impl Dispatcher {
     }
 }
 
+/// Bytes of event JSON a handshake needs free in the node-wide queue: a
+/// `message` event of `max_message` bytes (binary data grows by a third in
+/// base64, plus 1 KiB of envelope), but at most a quarter of the queue, so
+/// a small queue still lets clients in.
+pub(crate) fn connect_headroom(max_message: usize, max_pending_bytes: usize) -> usize {
+    let event = max_message
+        .saturating_add(max_message / 3)
+        .saturating_add(1024);
+    event.min(max_pending_bytes / 4)
+}
+
 /// Wraps serialized events into the request body `{"events":[...]}`.
 pub(crate) fn batch_body<'a>(events: impl IntoIterator<Item = &'a [u8]>) -> Bytes {
     let mut body = BytesMut::with_capacity(256);
@@ -278,26 +293,43 @@ pub(crate) async fn run_lane(shared: Arc<Shared>, idx: usize) {
                 }
             }
             let started = Instant::now();
-            let result = tokio::select! {
-                r = guarded_deliver(&shared, body.clone()) => r,
-                _ = shared.give_up.cancelled() => {
-                    settle(&shared, &batch, false);
-                    drop_rest(&shared, lane);
-                    return;
+            // Control-API messages to these connections wait for this
+            // attempt's replies, for `origin-timeout` at most.
+            let mut holds = Holds::new(&batch);
+            let deliver = guarded_deliver(&shared, body.clone());
+            tokio::pin!(deliver);
+            let hold_limit = tokio::time::sleep(cfg.origin_timeout);
+            tokio::pin!(hold_limit);
+            let result = loop {
+                tokio::select! {
+                    r = &mut deliver => break r,
+                    _ = &mut hold_limit, if !holds.is_empty() => holds.release(),
+                    _ = shared.give_up.cancelled() => {
+                        drop(holds);
+                        settle(&shared, &batch, false);
+                        drop_rest(&shared, lane);
+                        return;
+                    }
                 }
             };
             let result = match result {
                 // The lease ran out just now: wait for it above.
-                None | Some(Err(super::OriginError::LeaseLost)) => continue,
+                None | Some(Err(super::OriginError::LeaseLost)) => {
+                    holds.release();
+                    continue;
+                }
                 Some(r) => r,
             };
+            if result.is_err() {
+                holds.release();
+            }
             shared
                 .metrics
                 .origin_duration
                 .get_or_create(&KindLabel { kind: "events" })
                 .observe(started.elapsed().as_secs_f64());
             match result {
-                Ok(answer) => break Some(answer),
+                Ok(answer) => break Some((answer, holds)),
                 Err(e) => {
                     shared
                         .metrics
@@ -324,8 +356,10 @@ pub(crate) async fn run_lane(shared: Arc<Shared>, idx: usize) {
             }
         };
         let delivered = answer.is_some();
-        if let Some(answer) = answer {
+        if let Some((answer, holds)) = answer {
             deliver_replies(&shared, answer.replies);
+            // Then what the control API sent meanwhile.
+            drop(holds);
         }
         settle(&shared, &batch, delivered);
     }
@@ -348,10 +382,49 @@ async fn guarded_deliver(
     Some(shared.transport.deliver(body).await)
 }
 
+/// The connections of a batch in flight, each held once
+/// ([`Conn::hold_for_replies`]) until released or dropped.
+struct Holds(Vec<Arc<Conn>>);
+
+impl Holds {
+    fn new(batch: &[QueuedEvent]) -> Self {
+        let mut conns: Vec<Arc<Conn>> = batch.iter().filter_map(|e| e.conn.clone()).collect();
+        if conns.len() > 1 {
+            conns.sort_unstable_by_key(Arc::as_ptr);
+            conns.dedup_by(|a, b| Arc::ptr_eq(a, b));
+        }
+        for c in &conns {
+            c.hold_for_replies();
+        }
+        Self(conns)
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    fn release(&mut self) {
+        for c in self.0.drain(..) {
+            c.release_hold();
+        }
+    }
+}
+
+impl Drop for Holds {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
 fn take(lane: &Lane, max: usize) -> Vec<QueuedEvent> {
     let mut q = lane.queue.lock();
     let n = q.len().min(max);
-    q.drain(..n).collect()
+    let batch = q.drain(..n).collect();
+    if q.is_empty() && q.capacity() > 4096 {
+        // A backlog grew the queue: give the memory back once it drained.
+        *q = VecDeque::new();
+    }
+    batch
 }
 
 /// Accounts for events that left the queue.
@@ -394,7 +467,7 @@ pub(crate) fn deliver_replies(shared: &Shared, replies: Vec<Reply>) {
             tracing::debug!(connection_id = %reply.connection_id, "reply to an unknown connection dropped");
             continue;
         };
-        conn.send(&Outgoing::new(reply.payload), &shared.metrics);
+        conn.send_reply(&Outgoing::new(reply.payload), &shared.metrics);
     }
 }
 
@@ -410,6 +483,26 @@ mod tests {
             let exp = (i * 2u32.pow(attempt.min(20))).min(m);
             assert!(d >= exp / 2 && d <= exp, "{attempt}: {d:?}");
         }
+    }
+
+    #[test]
+    fn handshakes_need_room_for_one_max_size_message() {
+        let d = Dispatcher::new(1, 100, 10_000, 10);
+        assert_eq!(connect_headroom(3000, 10_000), 2500, "a quarter at most");
+        assert_eq!(connect_headroom(600, 10_000), 1824);
+        assert!(d.has_room(600));
+        let key = [0u8; 16];
+        d.enqueue(&key, Bytes::from(vec![b'x'; 8_176]), None, false)
+            .unwrap();
+        assert!(d.has_room(600), "1,824 bytes free");
+        d.enqueue(&key, Bytes::from(vec![b'x'; 1]), None, false)
+            .unwrap();
+        assert!(!d.has_room(600), "1,823 bytes free: not enough");
+        assert!(
+            d.enqueue(&key, Bytes::from(vec![b'x'; 600]), None, false)
+                .is_ok(),
+            "the queue itself still takes events up to its cap"
+        );
     }
 
     #[test]

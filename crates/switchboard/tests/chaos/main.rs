@@ -11,3 +11,4 @@ mod common;
 mod control_listener;
 mod fds;
 mod fencing;
+mod reply_order;
