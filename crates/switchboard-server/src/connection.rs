@@ -233,10 +233,12 @@ pub(crate) fn run(
         busy: None,
     };
     async move {
-        let _socket = socket;
         let ending = task.drive().await;
-        // The socket closes first, then the guard queues the `disconnect`.
-        let Task { guard, .. } = task;
+        // The socket closes and its slot is free before the guard queues the
+        // `disconnect`: an origin that hears of it can count on the room.
+        let Task { guard, stream, .. } = task;
+        drop(stream);
+        drop(socket);
         guard.finish(ending.code, &ending.reason, ending.by);
     }
 }

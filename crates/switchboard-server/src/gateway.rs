@@ -625,6 +625,7 @@ fn accept_one(shared: &Arc<Shared>, stream: TcpStream, remote: SocketAddr) {
     let (guard, per_ip) = shared.track_socket(remote.ip());
     let admission = handshake::Admission {
         per_ip,
+        sockets: shared.sockets.load(Relaxed),
         rate_ok: shared
             .handshake_rate
             .as_ref()

@@ -79,6 +79,9 @@ pub(crate) struct Admission {
     pub(crate) per_ip: u32,
     /// Within `max-handshakes-per-ip`.
     pub(crate) rate_ok: bool,
+    /// Sockets the node held when this one was accepted, this one included:
+    /// read at accept, so sockets are judged in the order they came.
+    pub(crate) sockets: usize,
 }
 
 /// Runs the handshake of one accepted socket, then starts the connection task.
@@ -382,7 +385,7 @@ async fn close_unopened(stream: &mut ClientStream, code: u16, reason: &str) {
 fn over_capacity(shared: &Shared, admission: Admission) -> Option<Refusal> {
     let per_ip = admission.per_ip;
     let cfg = &shared.config;
-    if shared.sockets.load(Relaxed) > shared.capacity.max_connections {
+    if admission.sockets > shared.capacity.max_connections {
         return Some(capacity_refusal());
     }
     if cfg.max_connections_per_ip > 0 && per_ip as usize > cfg.max_connections_per_ip {
