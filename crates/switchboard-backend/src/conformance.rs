@@ -436,7 +436,7 @@ impl MemoryBackend {
         self.hubs
             .lock()
             .entry(cluster.to_owned())
-            .or_insert_with(MemoryHub::new)
+            .or_default()
             .clone()
     }
 }

@@ -28,6 +28,7 @@
 //!   subject.
 
 use crate::cluster::NatsCluster;
+use crate::NatsConfig;
 use async_nats::header::{HeaderMap, NATS_EXPECTED_LAST_SUBJECT_SEQUENCE, NATS_MESSAGE_ID};
 use async_nats::jetstream::context::{CreateStreamErrorKind, PublishErrorKind};
 use async_nats::jetstream::message::PublishMessage;
@@ -42,14 +43,13 @@ use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use switchboard_backend::{
+    BoxFuture, BusError, BusEvent, ChannelBus, Cluster, LogEntry, LogRead, Namespace, Node,
+    Published, Watch,
+};
 use switchboard_proto::cluster::{channel_headers as h, Subjects};
 use switchboard_proto::native::{Member, StreamPosition};
 use switchboard_proto::origin::Payload;
-use switchboard_server::origin::BoxFuture;
-use switchboard_server::{
-    BusError, BusEvent, ChannelBus, Cluster, LocalNode, LogEntry, LogRead, Namespace, Node,
-    Published, Watch,
-};
 use tokio_util::sync::CancellationToken;
 
 /// Longest idempotency window (JetStream's duplicate window).
@@ -88,7 +88,8 @@ pub struct NatsChannels {
     client: Client,
     js: Context,
     subjects: Subjects,
-    node: LocalNode,
+    node: Arc<dyn Node>,
+    config: NatsConfig,
     cluster: Arc<NatsCluster>,
     /// Streams by namespace, once made.
     streams: Mutex<HashMap<String, Stream<()>>>,
@@ -156,12 +157,12 @@ impl NatsChannels {
     /// use if JetStream is not there yet).
     pub async fn start(
         client: Client,
-        node: LocalNode,
+        node: Arc<dyn Node>,
+        config: NatsConfig,
         cluster: Arc<NatsCluster>,
     ) -> Result<Arc<Self>, async_nats::SubscribeError> {
-        let config = node.config();
-        let subjects = Subjects::new(&config.nats_prefix);
-        let timeout = config.cluster_request_timeout;
+        let subjects = Subjects::new(&config.prefix);
+        let timeout = config.request_timeout;
         let requests = client.subscribe(subjects.channel_presence()).await?;
         let (tx, rx) = tokio::sync::mpsc::channel(ANNOUNCE_QUEUE);
         let mut context = js::new(client.clone());
@@ -171,6 +172,7 @@ impl NatsChannels {
             client,
             subjects,
             node,
+            config,
             cluster,
             streams: Mutex::new(HashMap::new()),
             appenders: Mutex::new(HashMap::new()),
@@ -183,7 +185,7 @@ impl NatsChannels {
         tokio::spawn(bus.clone().forget_idle_tails());
         let early = bus.clone();
         tokio::spawn(async move {
-            for ns in early.node.config().namespace.clone() {
+            for ns in early.config.namespaces.clone() {
                 if let Err(e) = early.stream(&ns).await {
                     tracing::warn!(namespace = %ns.name, error = %e, "channel log stream not ready yet; will retry on first use");
                 }
@@ -212,7 +214,7 @@ impl NatsChannels {
             duplicate_window: IDEMPOTENCY_WINDOW.min(ttl),
             storage: StorageType::File,
             discard: DiscardPolicy::Old,
-            num_replicas: self.node.config().channel_log_replicas,
+            num_replicas: self.config.channel_log_replicas,
             ..Default::default()
         };
         // Create first: creating a stream that exists with the same limits

@@ -23,7 +23,7 @@
 //!   would be its own.
 //! - Leases (fencing): each heartbeat carries a sequence number; when a
 //!   node hears one of its own back, it renews its lease
-//!   ([`switchboard_server::Lease`]) until half a timeout after that
+//!   ([`switchboard_backend::Lease`]) until half a timeout after that
 //!   heartbeat was sent. Nobody declares it lost before a full timeout after
 //!   that send, so once the lease has run out the node holds its origin
 //!   events, refuses new clients and answers commands for its connections
@@ -34,7 +34,7 @@
 //!   its run was reported: the key `down.<node>.<instance>` in the bucket,
 //!   or without the bucket a request on `<prefix>.nodes.reported` that only
 //!   the reporting node answers. Reported: it fences itself
-//!   ([`LocalNode::fence`]: events about its connections dropped, clients
+//!   ([`Node::fence`]: events about its connections dropped, clients
 //!   closed with 1012 without `disconnect`s) and starts a new run (new
 //!   `instance`). Not reported: the lease is renewed and the held events
 //!   leave in order.
@@ -42,6 +42,7 @@
 //!   the bucket, for the case where it heard itself but the others did not.
 
 use crate::connect::Link;
+use crate::NatsConfig;
 use async_nats::jetstream::kv;
 use async_nats::{Client, HeaderMap, Message};
 use bytes::Bytes;
@@ -50,10 +51,9 @@ use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use switchboard_backend::{BoxFuture, Cluster, ClusterError, CommandReply, Node};
 use switchboard_proto::cluster::{Heartbeat, Subjects, FORWARDED_HEADER};
 use switchboard_proto::control::{NodeInfo, STATUS_HEADER};
-use switchboard_server::origin::BoxFuture;
-use switchboard_server::{Cluster, ClusterError, CommandReply, LocalNode, Node};
 use tokio_util::sync::CancellationToken;
 
 /// Pause before trying again to open the key-value bucket.
@@ -84,7 +84,8 @@ struct Membership {
 pub struct NatsCluster {
     client: Client,
     link: Arc<Link>,
-    node: LocalNode,
+    node: Arc<dyn Node>,
+    config: NatsConfig,
     subjects: Subjects,
     /// Random id of this run; renewed when the node fences itself.
     instance: Mutex<String>,
@@ -135,9 +136,10 @@ impl NatsCluster {
     pub async fn start(
         client: Client,
         link: Arc<Link>,
-        node: LocalNode,
+        node: Arc<dyn Node>,
+        config: NatsConfig,
     ) -> Result<Arc<Self>, async_nats::SubscribeError> {
-        let subjects = Subjects::new(&node.config().nats_prefix);
+        let subjects = Subjects::new(&config.prefix);
         let beats = client.subscribe(subjects.heartbeat()).await?;
         let own = client.subscribe(subjects.node_control(node.id())).await?;
         let shared = client
@@ -164,6 +166,7 @@ impl NatsCluster {
             announcer: Mutex::new(None),
             stop_announcing: CancellationToken::new(),
             node,
+            config,
         });
         *cluster.announcer.lock() = Some(tokio::spawn(cluster.clone().announce()));
         tokio::spawn(cluster.clone().listen(beats));
@@ -184,7 +187,7 @@ impl NatsCluster {
         });
         tracing::info!(
             node = %cluster.node.id(),
-            prefix = %cluster.node.config().nats_prefix,
+            prefix = %cluster.config.prefix,
             "joined the cluster over NATS"
         );
         Ok(cluster)
@@ -205,7 +208,7 @@ impl NatsCluster {
 
     /// Publishes this node's heartbeat every `cluster-heartbeat`.
     async fn announce(self: Arc<Self>) {
-        let mut tick = tokio::time::interval(self.node.config().cluster_heartbeat);
+        let mut tick = tokio::time::interval(self.config.heartbeat);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
@@ -240,7 +243,7 @@ impl NatsCluster {
     /// timeout, so it runs out at least half a timeout before anyone may
     /// declare this node lost.
     fn lease_span(&self) -> Duration {
-        self.node.config().cluster_heartbeat_timeout / 2
+        self.config.heartbeat_timeout / 2
     }
 
     /// One of this run's heartbeats, sent at `sent_at`, came back: renew the
@@ -259,12 +262,12 @@ impl NatsCluster {
         if lease.is_fencing() || self.suspect.load(std::sync::atomic::Ordering::Acquire) {
             return;
         }
-        let cfg = self.node.config();
+        let cfg = &self.config;
         // Nobody may declare this node lost earlier than a timeout after the
         // newest heartbeat it had heard back; keep one heartbeat of margin
         // for a report that is on its way.
-        let could_be_reported = previous
-            .is_some_and(|p| p.elapsed() + cfg.cluster_heartbeat >= cfg.cluster_heartbeat_timeout);
+        let could_be_reported =
+            previous.is_some_and(|p| p.elapsed() + cfg.heartbeat >= cfg.heartbeat_timeout);
         if lease.is_held() || !could_be_reported {
             lease.renew_until(sent_at + self.lease_span());
             return;
@@ -280,10 +283,10 @@ impl NatsCluster {
     /// After a cut-off long enough to have been reported lost: looks the
     /// report up, then fences the node or renews its lease.
     async fn resolve_suspicion(self: Arc<Self>) {
-        let cfg = self.node.config();
+        let cfg = &self.config;
         // Reports decided just before this node's heartbeats came back land
         // within a heartbeat.
-        tokio::time::sleep(cfg.cluster_heartbeat).await;
+        tokio::time::sleep(cfg.heartbeat).await;
         let instance = self.instance.lock().clone();
         loop {
             match self.was_reported(&instance).await {
@@ -298,7 +301,7 @@ impl NatsCluster {
                     tracing::info!("this node was not reported lost; lease renewed, held origin events leave now");
                     break;
                 }
-                None => tokio::time::sleep(cfg.cluster_heartbeat).await,
+                None => tokio::time::sleep(cfg.heartbeat).await,
             }
         }
         self.suspect
@@ -328,7 +331,7 @@ impl NatsCluster {
         let ask = self
             .client
             .request(self.subjects.reported(), Bytes::from(run.into_bytes()));
-        match tokio::time::timeout(self.node.config().cluster_request_timeout, ask).await {
+        match tokio::time::timeout(self.config.request_timeout, ask).await {
             Ok(Ok(_)) => Some(true),
             Ok(Err(e)) if e.kind() == async_nats::RequestErrorKind::NoResponders => Some(false),
             // Only a node that reported this run answers.
@@ -355,7 +358,7 @@ impl NatsCluster {
     }
 
     /// The cluster reported the run `instance` lost: a new run, and the node
-    /// fences itself (see [`LocalNode::fence`]), unless that run is over
+    /// fences itself (see [`Node::fence`]), unless that run is over
     /// already (a second finding of the same report).
     async fn fence(&self, instance: &str) {
         {
@@ -445,8 +448,8 @@ impl NatsCluster {
 
     /// Drops nodes not heard from in time, and forgets long-gone ones.
     async fn watch(self: Arc<Self>) {
-        let cfg = self.node.config();
-        let (beat, timeout) = (cfg.cluster_heartbeat, cfg.cluster_heartbeat_timeout);
+        let cfg = &self.config;
+        let (beat, timeout) = (cfg.heartbeat, cfg.heartbeat_timeout);
         let mut tick = tokio::time::interval(beat / 2);
         let mut last_check = Instant::now();
         loop {
@@ -669,6 +672,17 @@ impl NatsCluster {
     }
 }
 
+impl NatsCluster {
+    /// Stops every task at once without announcing `leaving`, as a crash
+    /// would: the others report this node lost after the heartbeat timeout.
+    /// For tests and embedders that tear a node down; a node that drains
+    /// calls [`Cluster::leave`] instead.
+    pub fn halt(&self) {
+        self.stop_announcing.cancel();
+        self.stop.cancel();
+    }
+}
+
 impl Cluster for NatsCluster {
     fn forward(
         &self,
@@ -686,7 +700,7 @@ impl Cluster for NatsCluster {
             let mut headers = HeaderMap::new();
             headers.insert(FORWARDED_HEADER, self.node.id());
             let subject = self.subjects.node_control(&node);
-            let timeout = self.node.config().cluster_request_timeout;
+            let timeout = self.config.request_timeout;
             let request = self.client.request_with_headers(subject, headers, command);
             let msg = match tokio::time::timeout(timeout, request).await {
                 Err(_) => return Err(ClusterError::Timeout(node)),

@@ -2,12 +2,12 @@
 //! reconnects with a short capped delay, and the [`Link`] state the cluster
 //! and the origin transport consult before relying on the bus.
 
+use crate::NatsConfig;
 use async_nats::{Client, ConnectOptions, Event};
 use parking_lot::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use switchboard_server::Config;
 
 /// Why the NATS connection could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -72,18 +72,18 @@ impl Link {
     }
 }
 
-/// Connects to the NATS server(s) of `config.nats` as node `node`.
+/// Connects to the NATS server(s) of `config.urls` as node `node`.
 ///
 /// The node starts even while NATS is unreachable (it keeps trying, and
 /// serves its own connections meanwhile) and reconnects forever, waiting at
 /// most `min(cluster-heartbeat, 1 s)` between attempts so all nodes are back
 /// within about one heartbeat of NATS.
-pub async fn connect(config: &Config, node: &str) -> Result<(Client, Arc<Link>), NatsError> {
-    let url = config
-        .nats
-        .as_deref()
-        .ok_or_else(|| NatsError::Connect("no `nats` URL configured".into()))?;
-    let mut opts = match &config.nats_creds {
+pub async fn connect(config: &NatsConfig, node: &str) -> Result<(Client, Arc<Link>), NatsError> {
+    let url = config.urls.as_str();
+    if url.trim().is_empty() {
+        return Err(NatsError::Connect("no NATS URL configured".into()));
+    }
+    let mut opts = match &config.creds {
         Some(path) => ConnectOptions::with_credentials_file(path)
             .await
             .map_err(|source| NatsError::File {
@@ -93,7 +93,7 @@ pub async fn connect(config: &Config, node: &str) -> Result<(Client, Arc<Link>),
             })?,
         None => ConnectOptions::new(),
     };
-    if let Some(path) = &config.nats_nkey {
+    if let Some(path) = &config.nkey {
         let seed = std::fs::read_to_string(path).map_err(|source| NatsError::File {
             what: "nats-nkey",
             path: path.clone(),
@@ -101,18 +101,18 @@ pub async fn connect(config: &Config, node: &str) -> Result<(Client, Arc<Link>),
         })?;
         opts = opts.nkey(seed.trim().to_owned());
     }
-    if let Some(ca) = &config.nats_tls_ca {
+    if let Some(ca) = &config.tls_ca {
         opts = opts.add_root_certificates(ca.clone());
     }
-    if let (Some(cert), Some(key)) = (&config.nats_tls_cert, &config.nats_tls_key) {
+    if let (Some(cert), Some(key)) = (&config.tls_cert, &config.tls_key) {
         opts = opts.add_client_certificate(cert.clone(), key.clone());
     }
-    if config.nats_tls_required {
+    if config.tls_required {
         opts = opts.require_tls(true);
     }
     let link = Arc::new(Link::new());
     let events = link.clone();
-    let max_delay = config.cluster_heartbeat.min(Duration::from_secs(1));
+    let max_delay = config.heartbeat.min(Duration::from_secs(1));
     let opts = opts
         .name(format!("switchboard {node}"))
         .retry_on_initial_connect()

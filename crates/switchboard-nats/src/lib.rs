@@ -1,16 +1,17 @@
 //! The NATS backend of Switchboard: a cluster of nodes joined by NATS, and
 //! the origin reached over NATS.
 //!
+//! - [`config`]: [`NatsConfig`], the backend's own settings.
 //! - [`connect`]: the NATS connection, with credentials, TLS, endless
 //!   reconnects, and a [`Link`] that knows whether it is up and since when.
-//! - [`cluster`]: [`NatsCluster`], the [`switchboard_server::Cluster`] over
+//! - [`cluster`]: [`NatsCluster`], the [`switchboard_backend::Cluster`] over
 //!   NATS: heartbeats and membership, commands routed to the node that holds
 //!   a connection, control commands from the origin, and the one `node_down`
 //!   report per lost node.
-//! - [`channels`]: [`NatsChannels`], the [`switchboard_server::ChannelBus`]
+//! - [`channels`]: [`NatsChannels`], the [`switchboard_backend::ChannelBus`]
 //!   over NATS: channel logs in JetStream streams, interest-based delivery
 //!   to the nodes with subscribers, cluster-wide presence.
-//! - [`origin`]: [`NatsOrigin`], the [`switchboard_server::origin::OriginTransport`]
+//! - [`origin`]: [`NatsOrigin`], the [`switchboard_backend::OriginTransport`]
 //!   over NATS: `connect` as a request, other events published (optionally
 //!   through a JetStream stream, with acks).
 //!
@@ -20,11 +21,13 @@
 
 pub mod channels;
 pub mod cluster;
+pub mod config;
 pub mod connect;
 pub mod origin;
 
 pub use channels::NatsChannels;
 pub use cluster::NatsCluster;
+pub use config::NatsConfig;
 pub use connect::{connect, Link, NatsError};
 pub use origin::NatsOrigin;
 

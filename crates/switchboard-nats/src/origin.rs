@@ -21,6 +21,7 @@
 //!   retried forever. Keep `max-message-size` under `max_payload` with `--origin nats`.
 
 use crate::connect::Link;
+use crate::NatsConfig;
 use async_nats::jetstream;
 use async_nats::{Client, HeaderMap};
 use bytes::{BufMut, Bytes, BytesMut};
@@ -29,10 +30,9 @@ use serde_json::value::RawValue;
 use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Duration;
+use switchboard_backend::{BoxFuture, ConnectDecision, OriginError, OriginTransport};
 use switchboard_proto::cluster::{Subjects, NODE_HEADER};
 use switchboard_proto::origin::{OriginAnswer, Rejection};
-use switchboard_server::origin::{BoxFuture, ConnectDecision, OriginError, OriginTransport};
-use switchboard_server::Config;
 
 /// Sends events to an origin listening on NATS.
 #[derive(Debug)]
@@ -137,8 +137,8 @@ impl NatsOrigin {
 
     /// A transport for node `node` using `client`, per `config`
     /// (`nats-prefix`, `origin-timeout`, `nats-event-stream`).
-    pub fn new(client: Client, link: Arc<Link>, config: &Config, node: &str) -> Self {
-        let stream = config.nats_event_stream.as_ref().map(|name| Stream {
+    pub fn new(client: Client, link: Arc<Link>, config: &NatsConfig, node: &str) -> Self {
+        let stream = config.event_stream.as_ref().map(|name| Stream {
             name: name.clone(),
             js: jetstream::new(client.clone()),
             ready: tokio::sync::OnceCell::new(),
@@ -146,7 +146,7 @@ impl NatsOrigin {
         Self {
             client,
             link,
-            subjects: Subjects::new(&config.nats_prefix),
+            subjects: Subjects::new(&config.prefix),
             node: node.to_owned(),
             timeout: config.origin_timeout,
             stream,

@@ -110,7 +110,8 @@ async fn bind(config: Config) -> Result<Gateway, Startup> {
         ..config
     };
     let node = config.node_id.clone().unwrap_or_default();
-    let (client, link) = switchboard_nats::connect(&config, &node)
+    let nats = nats_config(&config);
+    let (client, link) = switchboard_nats::connect(&nats, &node)
         .await
         .map_err(|e| Startup::Other(e.to_string()))?;
     // Give the first connection a moment, so a node that can reach NATS
@@ -124,25 +125,47 @@ async fn bind(config: Config) -> Result<Gateway, Startup> {
         tracing::warn!("NATS not reachable yet; serving local clients and still trying");
     }
     let gateway = if config.origin_is_nats() {
-        let origin =
-            switchboard_nats::NatsOrigin::new(client.clone(), link.clone(), &config, &node);
+        let origin = switchboard_nats::NatsOrigin::new(client.clone(), link.clone(), &nats, &node);
         Gateway::bind_with_transport(config, Arc::new(origin)).await
     } else {
         Gateway::bind(config).await
     }
     .map_err(failed)?;
-    let cluster = switchboard_nats::NatsCluster::start(client.clone(), link, gateway.local_node())
-        .await
-        .map_err(|e| Startup::Other(format!("cannot subscribe on NATS: {e}")))?;
+    let local: Arc<dyn switchboard_server::Node> = Arc::new(gateway.local_node());
+    let cluster =
+        switchboard_nats::NatsCluster::start(client.clone(), link, local.clone(), nats.clone())
+            .await
+            .map_err(|e| Startup::Other(format!("cannot subscribe on NATS: {e}")))?;
     gateway.join_cluster(cluster.clone());
-    if !gateway.local_node().config().namespace.is_empty() {
+    if !nats.namespaces.is_empty() {
         // Channels span the cluster: their logs live in JetStream.
-        let channels = switchboard_nats::NatsChannels::start(client, gateway.local_node(), cluster)
+        let channels = switchboard_nats::NatsChannels::start(client, local, nats, cluster)
             .await
             .map_err(|e| Startup::Other(format!("cannot subscribe on NATS: {e}")))?;
         gateway.join_channel_bus(channels);
     }
     Ok(gateway)
+}
+
+/// The NATS backend's settings, from the node's configuration.
+fn nats_config(config: &Config) -> switchboard_nats::NatsConfig {
+    switchboard_nats::NatsConfig {
+        prefix: config.nats_prefix.clone(),
+        creds: config.nats_creds.clone(),
+        nkey: config.nats_nkey.clone(),
+        tls_ca: config.nats_tls_ca.clone(),
+        tls_cert: config.nats_tls_cert.clone(),
+        tls_key: config.nats_tls_key.clone(),
+        tls_required: config.nats_tls_required,
+        heartbeat: config.cluster_heartbeat,
+        heartbeat_timeout: config.cluster_heartbeat_timeout,
+        request_timeout: config.cluster_request_timeout,
+        namespaces: config.namespace.clone(),
+        channel_log_replicas: config.channel_log_replicas,
+        event_stream: config.nats_event_stream.clone(),
+        origin_timeout: config.origin_timeout,
+        ..switchboard_nats::NatsConfig::new(config.nats.clone().unwrap_or_default())
+    }
 }
 
 /// Resolves on the first SIGTERM or SIGINT.

@@ -1,0 +1,82 @@
+//! The backend conformance suite (`switchboard_backend::conformance`) on
+//! NATS: every node is a stand-in with its own NATS connection, every check
+//! its own subject prefix, on a test-started `nats-server -js`.
+
+use std::sync::Arc;
+use std::time::Duration;
+use switchboard_backend::conformance::{self, Backend, Joined, StandInNode};
+use switchboard_backend::{BoxFuture, Namespace, Node};
+use switchboard_nats::{NatsChannels, NatsCluster, NatsConfig};
+use switchboard_test_util::nats::NatsServer;
+
+struct Nats {
+    server: NatsServer,
+}
+
+impl Backend for Nats {
+    fn join<'a>(
+        &'a self,
+        cluster: &'a str,
+        node: Arc<StandInNode>,
+        namespaces: &'a [Namespace],
+    ) -> BoxFuture<'a, Joined> {
+        Box::pin(async move {
+            let config = NatsConfig {
+                prefix: format!("conformance-{cluster}"),
+                heartbeat: Duration::from_millis(100),
+                heartbeat_timeout: Duration::from_millis(600),
+                request_timeout: Duration::from_millis(500),
+                namespaces: namespaces.to_vec(),
+                ..NatsConfig::new(self.server.url())
+            };
+            let (client, link) = switchboard_nats::connect(&config, node.id())
+                .await
+                .expect("connect to NATS");
+            for _ in 0..250 {
+                if link.is_up() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            assert!(link.is_up(), "connected to NATS within 5 s");
+            let as_node: Arc<dyn Node> = node.clone();
+            let cluster = NatsCluster::start(client.clone(), link, as_node.clone(), config.clone())
+                .await
+                .expect("cluster started");
+            let bus = NatsChannels::start(client, as_node, config, cluster.clone())
+                .await
+                .expect("channels started");
+            Joined {
+                node,
+                cluster: cluster.clone(),
+                bus: bus.clone(),
+                handle: Box::new((cluster, bus)),
+            }
+        })
+    }
+
+    fn kill(&self, _cluster: &str, joined: Joined) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            let (cluster, bus) = joined
+                .handle
+                .downcast_ref::<(Arc<NatsCluster>, Arc<NatsChannels>)>()
+                .expect("a NATS node");
+            cluster.halt();
+            bus.stop();
+        })
+    }
+
+    fn settle(&self) -> Duration {
+        // The heartbeat timeout, the wait after connecting before judging,
+        // and scheduling slack.
+        Duration::from_secs(3)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_conformance_suite_passes_on_nats() {
+    let backend = Nats {
+        server: NatsServer::start(true),
+    };
+    conformance::run(&backend).await;
+}
