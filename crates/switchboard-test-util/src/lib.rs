@@ -596,6 +596,12 @@ impl TestGateway {
     /// 127.0.0.1 port 0, `drain-spread` 100 ms, `drain-timeout` 10 s,
     /// `origin-retry-initial` 20 ms, `origin-retry-max` 200 ms.
     pub async fn start(f: impl FnOnce(&mut Config)) -> Self {
+        Self::start_joined(f, |_| {}).await
+    }
+
+    /// Like [`TestGateway::start`], with `join` called on the bound gateway
+    /// before it runs (to join it to a cluster backend).
+    pub async fn start_joined(f: impl FnOnce(&mut Config), join: impl FnOnce(&Gateway)) -> Self {
         let mut config = Config {
             listen: "127.0.0.1:0".parse().expect("valid"),
             control_listen: "127.0.0.1:0".parse().expect("valid"),
@@ -607,6 +613,7 @@ impl TestGateway {
         };
         f(&mut config);
         let gw = Gateway::bind(config.clone()).await.expect("gateway binds");
+        join(&gw);
         let (addr, control, node) = (
             gw.client_addr(),
             gw.control_addr(),

@@ -1100,7 +1100,7 @@ async fn nats_restart_local_commands_keep_working_and_the_cluster_recovers() {
     let mut nats = NatsServer::start(false);
     let origin = TestOrigin::start(None).await;
     let url = origin.url();
-    let (a, b, c) = start_three(&nats.url(), "restart", &["--origin", &url]).await;
+    let (mut a, mut b, mut c) = start_three(&nats.url(), "restart", &["--origin", &url]).await;
     wait_member_ids(&[&a, &b, &c], &["a", "b", "c"], FORM).await;
     let (mut wa1, ida1) = client(&a, &origin, "/a1").await;
     let (mut wa2, ida2) = client(&a, &origin, "/a2").await;
@@ -1138,6 +1138,11 @@ async fn nats_restart_local_commands_keep_working_and_the_cluster_recovers() {
     )
     .await;
     let attempts = attempts.into_inner().unwrap();
+    // Every node has noticed by now (or does within its NATS ping): its
+    // commands for the others are refused at once, never left to time out.
+    for node in [&mut a, &mut b, &mut c] {
+        wait_nats_lost(node).await;
+    }
     for (node, method, path) in [
         (&a, reqwest::Method::GET, format!("/v1/connections/{idc}")),
         (
@@ -1674,6 +1679,18 @@ async fn a_node_cut_off_from_nats_is_reported_once_and_fences_itself_on_return()
 // ---------------------------------------------------------------------------
 // 6. NATS limits and stray replies
 // ---------------------------------------------------------------------------
+
+/// Waits (10 s at most) until `node` has logged that it lost NATS.
+async fn wait_nats_lost(node: &mut Node) {
+    let said = |l: &String| {
+        serde_json::from_str::<Value>(l)
+            .is_ok_and(|v| v["message"] == "lost the NATS connection; reconnecting")
+    };
+    if !node.seen.iter().any(said) {
+        node.wait_log("lost the NATS connection; reconnecting")
+            .await;
+    }
+}
 
 /// Waits (10 s at most) until `node` has logged its connection to NATS
 /// (a node serves before that; a lone node has no membership to wait for).
