@@ -111,7 +111,7 @@ impl Node for LocalNode {
     fn report_node_down(&self, down_node: &str, instance: &str, last_seen_ms: u64) {
         let s = &self.shared;
         let event = Event::NodeDown(NodeDownEvent {
-            id: format!("{down_node}:{instance}:node_down"),
+            id: crate::origin::ask::event_id::node_down(down_node, instance),
             node: s.node.to_string(),
             timestamp_ms: now_ms(),
             down_node: down_node.to_owned(),

@@ -8,6 +8,7 @@
 
 use crate::gateway::{now_ms, Shared, SocketGuard};
 use crate::native;
+use crate::origin::ask::event_id;
 use crate::pool;
 use crate::ratelimit::{RateLimit, Verdict};
 use crate::registry::Conn;
@@ -111,7 +112,7 @@ impl Drop for DisconnectGuard {
         enqueue_disconnect(
             s,
             DisconnectEvent {
-                id: format!("{}:disconnect", c.id),
+                id: event_id::disconnect(&c.id),
                 connection_id: c.id.to_string(),
                 node: s.node.to_string(),
                 timestamp_ms: now_ms(),
@@ -143,7 +144,7 @@ pub(crate) fn void_disconnect(s: &Shared, id: &ConnectionId, reason: &str) {
     enqueue_disconnect(
         s,
         DisconnectEvent {
-            id: format!("{id}:disconnect"),
+            id: event_id::disconnect(id),
             connection_id: id.to_string(),
             node: s.node.to_string(),
             timestamp_ms: now_ms(),
@@ -783,7 +784,7 @@ impl Task {
             Payload::Binary(b) => b.len() / 3 * 4 + 4,
         };
         let event = Event::Message(MessageEvent {
-            id: format!("{}:{}", self.guard.conn.id, self.seq),
+            id: event_id::message(&self.guard.conn.id, self.seq),
             connection_id: self.guard.conn.id.to_string(),
             node: self.guard.shared.node.to_string(),
             timestamp_ms: now_ms(),

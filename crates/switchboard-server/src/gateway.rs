@@ -724,9 +724,11 @@ async fn keepalive_loop(shared: Arc<Shared>, stop: CancellationToken) {
         for (i, chunk) in ids.chunks(KEEPALIVE_CHUNK).enumerate() {
             let event = Event::Keepalive(KeepaliveEvent {
                 // Unique across runs of a node id (JetStream deduplicates on it).
-                id: format!(
-                    "{}:keepalive:{}:{round}:{i}",
-                    shared.node, shared.started_at_ms
+                id: crate::origin::ask::event_id::keepalive(
+                    &shared.node,
+                    shared.started_at_ms,
+                    round,
+                    i,
                 ),
                 node: shared.node.to_string(),
                 timestamp_ms: now_ms(),

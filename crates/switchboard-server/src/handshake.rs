@@ -8,8 +8,7 @@
 use crate::channels::Ack;
 use crate::connection;
 use crate::gateway::{now_ms, Shared, SocketGuard};
-use crate::metrics::KindLabel;
-use crate::origin::dispatcher::batch_body;
+use crate::origin::ask::{ask, event_id, log_failure, AskError};
 use crate::origin::{ConnectDecision, OriginError};
 use crate::pool;
 use crate::registry::{CloseRequest, Conn, ConnInit, Outgoing};
@@ -19,7 +18,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use switchboard_proto::native;
 use switchboard_proto::origin::{ClosedBy, ConnectEvent, Event};
 use switchboard_proto::ws::close;
@@ -746,7 +745,7 @@ async fn admit(
 
     let id = ConnectionId::generate(&shared.node);
     let event = Event::Connect(ConnectEvent {
-        id: format!("{id}:connect"),
+        id: event_id::connect(&id),
         connection_id: id.to_string(),
         node: shared.node.to_string(),
         timestamp_ms: now_ms(),
@@ -765,28 +764,10 @@ async fn admit(
         user_id: identity.as_ref().and_then(|i| i.user.clone()),
         claims: identity.as_ref().map(|i| i.claims.clone()),
     });
-    let body = batch_body([&serde_json::to_vec(&event).expect("events serialize")[..]]);
-    if !shared.lease.is_held() {
-        // Cut off from the cluster, which may report this node lost at any
-        // moment: its new connections would be retired at once.
-        return Err(refuse(
-            503,
-            "node_cut_off",
-            "this node is cut off from its cluster; retry",
-            "node_cut_off",
-        ));
-    }
-    let started = Instant::now();
-    let decision = tokio::time::timeout_at(deadline, shared.transport.connect(body)).await;
-    let kind = KindLabel { kind: "connect" };
-    shared
-        .metrics
-        .origin_duration
-        .get_or_create(&kind)
-        .observe(started.elapsed().as_secs_f64());
+    let decision = ask(shared, &event, deadline).await;
     let answer = match decision {
-        Ok(Ok(ConnectDecision::Accept(answer))) => answer,
-        Ok(Ok(ConnectDecision::Reject { status, reason })) => {
+        Ok(ConnectDecision::Accept(answer)) => answer,
+        Ok(ConnectDecision::Reject { status, reason }) => {
             let status = if (400..=599).contains(&status) {
                 status
             } else {
@@ -799,31 +780,41 @@ async fn admit(
                 "rejected",
             ));
         }
-        Ok(Err(e)) => {
-            shared.metrics.origin_failures.get_or_create(&kind).inc();
-            tracing::warn!(error = %e, "connect event failed");
-            if matches!(e, OriginError::BadAnswer(_) | OriginError::Timeout) {
+        Err(AskError::CutOff) => {
+            // Cut off from the cluster, which may report this node lost at
+            // any moment: its new connections would be retired at once.
+            return Err(refuse(
+                503,
+                "node_cut_off",
+                "this node is cut off from its cluster; retry",
+                "node_cut_off",
+            ));
+        }
+        Err(e) => {
+            log_failure("connect", &id, &e);
+            let (message, why) = match &e {
+                AskError::TimedOut => (
+                    "the application did not answer in time",
+                    "connect not completed: answer came after handshake-timeout".to_owned(),
+                ),
+                AskError::Failed(e) => (
+                    "the application is unavailable; retry later",
+                    format!("connect not completed: {e}"),
+                ),
+                AskError::CutOff => unreachable!("answered above"),
+            };
+            if matches!(
+                e,
+                AskError::TimedOut
+                    | AskError::Failed(OriginError::BadAnswer(_) | OriginError::Timeout)
+            ) {
                 // The origin may have taken it as accepted.
-                connection::void_disconnect(shared, &id, &format!("connect not completed: {e}"));
+                connection::void_disconnect(shared, &id, &why);
             }
             return Err(refuse(
                 503,
                 "origin_unavailable",
-                "the application is unavailable; retry later",
-                "origin_unavailable",
-            ));
-        }
-        Err(_) => {
-            shared.metrics.origin_failures.get_or_create(&kind).inc();
-            connection::void_disconnect(
-                shared,
-                &id,
-                "connect not completed: answer came after handshake-timeout",
-            );
-            return Err(refuse(
-                503,
-                "origin_unavailable",
-                "the application did not answer in time",
+                message,
                 "origin_unavailable",
             ));
         }

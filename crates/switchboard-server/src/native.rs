@@ -6,7 +6,7 @@
 use crate::channels::{Ack, ChannelError};
 use crate::gateway::{now_ms, Shared};
 use crate::metrics::KindLabel;
-use crate::origin::dispatcher::batch_body;
+use crate::origin::ask::{ask, event_id, log_failure, AskError};
 use crate::origin::ConnectDecision;
 use crate::registry::Conn;
 use bytes::Bytes;
@@ -358,52 +358,26 @@ async fn refresh(s: &Shared, conn: &Conn, id: u64, token: &str) -> Bytes {
 /// command `id` is returned: `rejected` with the origin's reason, or
 /// `unavailable`.
 async fn ask_origin(s: &Arc<Shared>, conn: &Conn, id: u64, event: &Event) -> Result<(), Bytes> {
-    let kind = event.kind();
-    let json = serde_json::to_vec(event).expect("events serialize");
-    let body = batch_body([&json[..]]);
-    let label = KindLabel { kind };
-    let started = std::time::Instant::now();
-    if !s.lease.is_held() {
-        // Cut off from the cluster: see `crate::lease`.
-        s.metrics.lease_refusals.get_or_create(&label).inc();
-        s.metrics.native_error(ErrorCode::Unavailable);
-        return Err(error_frame(
-            Some(id),
-            ErrorCode::Unavailable,
-            "this node is cut off from its cluster; retry",
-        ));
-    }
-    let request = match event {
-        Event::Subscribe(_) => s.transport.subscribe(body),
-        _ => s.transport.publish(body),
-    };
-    let decision = tokio::time::timeout(s.config.origin_timeout, request).await;
-    s.metrics
-        .origin_duration
-        .get_or_create(&label)
-        .observe(started.elapsed().as_secs_f64());
-    let failed = |why: String| {
-        s.metrics.origin_failures.get_or_create(&label).inc();
-        s.metrics.native_error(ErrorCode::Unavailable);
-        tracing::warn!(connection = %conn.id, error = %why, "{kind} event failed");
-        error_frame(
-            Some(id),
-            ErrorCode::Unavailable,
-            "the application is unavailable; retry later",
-        )
-    };
-    match decision {
-        Ok(Ok(ConnectDecision::Accept(OriginAnswer { replies, .. }))) => {
+    let deadline = tokio::time::Instant::now() + s.config.origin_timeout;
+    match ask(s, event, deadline).await {
+        Ok(ConnectDecision::Accept(OriginAnswer { replies, .. })) => {
             crate::origin::dispatcher::deliver_replies(s, replies);
             Ok(())
         }
-        Ok(Ok(ConnectDecision::Reject { reason, .. })) => {
+        Ok(ConnectDecision::Reject { reason, .. }) => {
             s.metrics.native_error(ErrorCode::Rejected);
             let reason = reason.unwrap_or_else(|| "refused by the application".into());
             Err(error_frame(Some(id), ErrorCode::Rejected, &reason))
         }
-        Ok(Err(e)) => Err(failed(e.to_string())),
-        Err(_) => Err(failed("no answer within origin-timeout".into())),
+        Err(e) => {
+            log_failure(event.kind(), &conn.id, &e);
+            s.metrics.native_error(ErrorCode::Unavailable);
+            let message = match e {
+                AskError::CutOff => "this node is cut off from its cluster; retry",
+                _ => "the application is unavailable; retry later",
+            };
+            Err(error_frame(Some(id), ErrorCode::Unavailable, message))
+        }
     }
 }
 
@@ -416,7 +390,7 @@ async fn approve_and_publish(
     data: Payload,
 ) -> Bytes {
     let event = Event::Publish(PublishEvent {
-        id: format!("{}:publish:{:016x}", conn.id, rand::random::<u64>()),
+        id: event_id::decision(&conn.id, "publish"),
         connection_id: conn.id.to_string(),
         node: s.node.to_string(),
         timestamp_ms: now_ms(),
@@ -453,7 +427,7 @@ async fn approve_and_subscribe(
     since: Option<StreamPosition>,
 ) -> Option<Bytes> {
     let event = Event::Subscribe(SubscribeEvent {
-        id: format!("{}:subscribe:{:016x}", conn.id, rand::random::<u64>()),
+        id: event_id::decision(&conn.id, "subscribe"),
         connection_id: conn.id.to_string(),
         node: s.node.to_string(),
         timestamp_ms: now_ms(),

@@ -5,6 +5,7 @@
 //! The transport only moves bodies; ordering, batching, retries and bounds live
 //! in the dispatcher, so a NATS or Redis transport plugs in without repeating them.
 
+pub(crate) mod ask;
 pub mod dispatcher;
 pub mod http;
 
