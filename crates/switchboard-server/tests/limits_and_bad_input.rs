@@ -6,7 +6,7 @@ use futures_util::SinkExt;
 use std::time::{Duration, Instant};
 use switchboard_proto::origin::{ClosedBy, Payload};
 use switchboard_test_util::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 
 fn frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
     RawWs::encode(fin, false, opcode, payload, true)
@@ -388,22 +388,8 @@ async fn max_connections_gives_503() {
 /// returns the answer's status and JSON body; `None` if it closed without
 /// an answer.
 async fn read_answer(s: &mut tokio::net::TcpStream) -> Option<(u16, serde_json::Value)> {
-    let mut buf = Vec::new();
-    let read = tokio::time::timeout(WAIT, async {
-        let mut chunk = [0u8; 4096];
-        loop {
-            match s.read(&mut chunk).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            }
-        }
-    })
-    .await;
-    assert!(read.is_ok(), "neither answered nor closed within 5s");
-    let text = String::from_utf8_lossy(&buf);
-    let (head, body) = text.split_once("\r\n\r\n")?;
-    let status = head.split(' ').nth(1)?.parse().ok()?;
-    Some((status, serde_json::from_str(body).expect("a JSON body")))
+    let r = read_response(s).await?;
+    Some((r.status, r.json()))
 }
 
 /// A client that has not sent its whole head within `handshake-timeout`

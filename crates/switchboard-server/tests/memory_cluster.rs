@@ -57,6 +57,18 @@ async fn subscriber(gw: &TestGateway, channel: &str) -> Ws {
     ws
 }
 
+/// Asserts a push to `id` through `gw`'s control API is refused with
+/// `status` and `code`.
+async fn expect_refused_push(gw: &TestGateway, id: &str, status: u16, code: &str) {
+    let r = gw
+        .post(
+            &format!("/v1/connections/{id}/messages"),
+            &json!({"text": "x"}),
+        )
+        .await;
+    assert_eq!((r.status, r.code().as_str()), (status, code), "{}", r.body);
+}
+
 async fn json_frame(ws: &mut Ws) -> Value {
     match next_msg(ws).await {
         WsMessage::Text(t) => serde_json::from_str(&t).expect("JSON"),
@@ -145,18 +157,7 @@ async fn a_killed_node_is_reported_once_and_its_connections_are_gone() {
         (downs[0].down_node.as_str(), downs[0].node.as_str()),
         ("c", "a")
     );
-    let r = a
-        .post(
-            &format!("/v1/connections/{id}/messages"),
-            &json!({"text": "x"}),
-        )
-        .await;
-    assert_eq!(
-        (r.status, r.code().as_str()),
-        (404, "connection_not_found"),
-        "{}",
-        r.body
-    );
+    expect_refused_push(&a, &id, 404, "connection_not_found").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -169,18 +170,7 @@ async fn a_cut_off_node_holds_its_events_and_delivers_them_if_not_reported() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(origin.messages_of(&id).is_empty(), "sent while cut off");
     // Commands for its connections and new clients are refused meanwhile.
-    let r = b
-        .post(
-            &format!("/v1/connections/{id}/messages"),
-            &json!({"text": "x"}),
-        )
-        .await;
-    assert_eq!(
-        (r.status, r.code().as_str()),
-        (503, "node_cut_off"),
-        "{}",
-        r.body
-    );
+    expect_refused_push(&b, &id, 503, "node_cut_off").await;
     let refused = connect_with(&b.ws_url("/new"), &[]).await;
     assert!(refused.is_err(), "a cut-off node took a client");
 

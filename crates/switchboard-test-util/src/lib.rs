@@ -960,6 +960,12 @@ pub async fn raw_request(addr: SocketAddr, request: &[u8]) -> Option<RawResponse
     let mut s = TcpStream::connect(addr).await.expect("tcp connect");
     // The server may answer and close before reading everything (e.g. 431).
     let _ = s.write_all(request).await;
+    read_response(&mut s).await
+}
+
+/// Reads the answer on `s` until the server closes the connection (5 s at
+/// most, else panics). Returns `None` if it closed without answering.
+pub async fn read_response(s: &mut TcpStream) -> Option<RawResponse> {
     let mut buf = Vec::new();
     let read = tokio::time::timeout(WAIT, async {
         let mut chunk = [0u8; 4096];
