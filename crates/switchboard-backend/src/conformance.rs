@@ -468,3 +468,46 @@ impl Backend for MemoryBackend {
         Duration::from_millis(200)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::ClusterError;
+
+    #[tokio::test]
+    async fn a_cut_off_node_loses_its_lease_and_is_fenced_only_if_reported() {
+        let hub = MemoryHub::new();
+        let (a, b) = (StandInNode::new("a"), StandInNode::new("b"));
+        let _ha = hub.join(a.clone());
+        let (cb, _) = hub.join(b.clone());
+        assert!(b.lease().is_held());
+
+        // Cut off, back before anyone gave up: renewed, not fenced.
+        hub.cut("b");
+        assert!(!b.lease().is_held());
+        let refused = cb.forward("a", Bytes::from_static(b"{}")).await;
+        assert!(
+            matches!(refused, Err(ClusterError::Unavailable(_))),
+            "{refused:?}"
+        );
+        hub.restore("b").await;
+        assert!(b.lease().is_held());
+        assert_eq!((*b.fences.lock(), a.reports.lock().len()), (0, 0));
+
+        // Cut off and reported: one report, and a fence on return.
+        hub.cut("b");
+        hub.report_lost("b");
+        hub.report_lost("b");
+        assert_eq!(a.reports.lock().len(), 1);
+        assert_eq!(a.reports.lock()[0].0, "b");
+        hub.restore("b").await;
+        assert_eq!(*b.fences.lock(), 1);
+        assert!(b.lease().is_held());
+        assert!(cb.forward("a", Bytes::from_static(b"{}")).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn the_conformance_suite_passes_in_memory() {
+        run(&MemoryBackend::default()).await;
+    }
+}

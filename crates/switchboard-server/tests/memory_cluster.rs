@@ -218,3 +218,46 @@ async fn a_cut_off_node_reported_lost_is_fenced_without_a_word_to_the_origin() {
     let (_ws2, id2) = connect_id(&b, &origin, "/after").await;
     assert!(id2.starts_with("b."));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_missed_messages_fills_the_gap_from_the_log() {
+    let origin = TestOrigin::start(None).await;
+    let (hub, a, b, _c) = three(&origin).await;
+    let mut on_b = subscriber(&b, "chat:gap").await;
+    let publish = |i: u64| {
+        let a = &a;
+        async move {
+            let r = a
+                .post(
+                    "/v1/channels/chat:gap/messages",
+                    &json!({"text": format!("g{i}")}),
+                )
+                .await;
+            assert_eq!(
+                (r.status, r.json()["offset"].as_u64()),
+                (200, Some(i)),
+                "{}",
+                r.body
+            );
+        }
+    };
+    publish(1).await;
+    // b hears nothing of 2..=5 (cut off), then is back unreported; the next
+    // message shows the gap, which b's replica fills from the log.
+    hub.cut("b");
+    for i in 2..=5 {
+        publish(i).await;
+    }
+    hub.restore("b").await;
+    publish(6).await;
+    for i in 1..=6u64 {
+        let m = json_frame(&mut on_b).await;
+        assert_eq!(
+            (m["push"].as_str(), m["offset"].as_u64(), m["text"].as_str()),
+            (Some("message"), Some(i), Some(format!("g{i}").as_str())),
+            "{m}"
+        );
+    }
+    let more = tokio::time::timeout(Duration::from_millis(200), on_b.next()).await;
+    assert!(more.is_err(), "a message came twice: {more:?}");
+}
