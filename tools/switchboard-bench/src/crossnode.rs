@@ -80,7 +80,7 @@ pub(crate) async fn run(opts: &Opts, a: Args) -> Result<bool, String> {
     let (_origin, origin) = echo_origin(true).await?;
     let serve = ["--origin".to_owned(), format!("http://{origin}/events")];
     let cluster = Cluster::start(opts, usize::from(a.nodes), a.jetstream, &serve).await?;
-    let nats_pid = cluster.nats_pid(&api).await;
+    let nats_pid = cluster.nats_pid();
     let m0 = cluster.nats_msgs(&api).await?;
     tokio::time::sleep(a.quiet).await;
     let m1 = cluster.nats_msgs(&api).await?;

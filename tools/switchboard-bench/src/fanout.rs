@@ -154,7 +154,7 @@ pub(crate) async fn run(opts: &Opts, a: Args) -> Result<bool, String> {
     let mut server_pids: Vec<u32> = nodes.iter().filter_map(Gateway::pid).collect();
     server_pids.extend(&a.server_pid);
     let nats_pid = match &cluster {
-        Some(c) => c.nats_pid(&api).await,
+        Some(c) => c.nats_pid(),
         None => None,
     };
     let empty = measure::memory(&server_pids);

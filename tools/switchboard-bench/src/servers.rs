@@ -189,7 +189,7 @@ pub(crate) struct Cluster {
     /// The nodes, `a` first. Declared before `nats`: dropped first.
     pub(crate) nodes: Vec<Gateway>,
     /// The NATS server.
-    _nats: NatsServer,
+    nats: NatsServer,
     /// Its monitoring endpoint (`/varz`).
     pub(crate) monitor: SocketAddr,
 }
@@ -239,7 +239,7 @@ impl Cluster {
         }
         Ok(Self {
             nodes,
-            _nats: nats,
+            nats,
             monitor,
         })
     }
@@ -249,10 +249,9 @@ impl Cluster {
         self.nodes.iter().filter_map(Gateway::pid).collect()
     }
 
-    /// The nats-server's process id (from `/varz`).
-    pub(crate) async fn nats_pid(&self, api: &Api) -> Option<u32> {
-        let v = api.get_json(self.monitor, "/varz").await.ok()?;
-        v["pid"].as_u64().map(|p| p as u32)
+    /// The nats-server's process id.
+    pub(crate) fn nats_pid(&self) -> Option<u32> {
+        self.nats.pid()
     }
 
     /// `/varz` `in_msgs` and `out_msgs` now.
