@@ -173,6 +173,11 @@ pub(crate) async fn run(opts: &Opts, a: Args) -> Result<bool, String> {
             configs.push(c);
         }
     }
+    // The handshakes in flight are shared by every worker of every node.
+    let k = configs.len();
+    configs
+        .iter_mut()
+        .for_each(|c| c.concurrency = opts.concurrency.div_ceil(k));
     let mut fleet = Fleet::spawn(&configs)?;
     let c = fleet.connect(opts.connect_timeout).await?;
     if c.open < a.subscribers {

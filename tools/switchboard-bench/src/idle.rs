@@ -109,7 +109,7 @@ pub(crate) async fn run(opts: &Opts, a: Args) -> Result<bool, String> {
         c.latency.brief(),
     );
     t.row(
-        "CPU per handshake: gateway / clients",
+        "CPU per handshake: server / clients",
         format!(
             "{:.1} / {:.1} µs",
             per_handshake_us(cpu[0].1),
@@ -149,14 +149,14 @@ pub(crate) async fn run(opts: &Opts, a: Args) -> Result<bool, String> {
     let closed = rss(pid);
 
     let per_conn = (held - before) / c.open.max(1) as f64;
-    t.row("gateway RSS empty", human_bytes(before));
-    t.row("gateway RSS right after connecting", human_bytes(connected));
+    t.row("server RSS empty", human_bytes(before));
+    t.row("server RSS right after connecting", human_bytes(connected));
     t.row(
-        format!("gateway RSS after {:?} idle", a.hold),
+        format!("server RSS after {:?} idle", a.hold),
         human_bytes(held),
     );
-    t.row("gateway RSS per connection", format!("{per_conn:.0} B"));
-    t.row("gateway RSS after the close", human_bytes(closed));
+    t.row("server RSS per connection", format!("{per_conn:.0} B"));
+    t.row("server RSS after the close", human_bytes(closed));
     t.row("pings answered during the hold", pings.to_string());
     t.row("clean closes", format!("{clean} of {}", c.open));
     t.print(&format!("idle: {n} connections, one gateway"));
