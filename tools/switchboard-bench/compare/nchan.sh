@@ -59,7 +59,7 @@ http {
 CONF
 "$nginx" -p "$dir" -c "$dir/nginx.conf" &
 master=$!
-trap 'kill "$master" 2>/dev/null; wait "$master" 2>/dev/null; rm -rf "$dir"' EXIT
+trap 'kill "$master" 2>/dev/null; wait "$master" 2>/dev/null || true; rm -rf "$dir"' EXIT
 for _ in $(seq 100); do
     (exec 3<>"/dev/tcp/127.0.0.1/$pub_port") 2>/dev/null && break
     sleep 0.1

@@ -30,7 +30,7 @@ wss.on("listening", () => console.error("node-ws: listening"));
 JS
 NODE_PATH="$dir/node_modules" node "$dir/server.js" "$port" &
 server=$!
-trap 'kill "$server" 2>/dev/null; wait "$server" 2>/dev/null' EXIT
+trap 'kill "$server" 2>/dev/null; wait "$server" 2>/dev/null || true' EXIT
 for _ in $(seq 100); do
     (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break
     sleep 0.1

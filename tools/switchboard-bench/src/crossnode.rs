@@ -145,7 +145,8 @@ pub(crate) async fn run(opts: &Opts, a: Args) -> Result<bool, String> {
             let n0 = cluster.nats_msgs(&api).await?;
             let cpu = CpuMeter::start(vec![("nodes + nats-server", pids.clone())]);
             tokio::time::sleep_until(end.into()).await;
-            let cores = cpu.cores()[0].1;
+            let all_cores = cpu.cores();
+            let cores = measure::cores_of(&all_cores, "nodes + nats-server");
             let n1 = cluster.nats_msgs(&api).await?;
             let (calls, skipped) = calls.join().await?;
             tokio::time::sleep(Duration::from_secs(2)).await;
@@ -216,6 +217,14 @@ pub(crate) async fn run(opts: &Opts, a: Args) -> Result<bool, String> {
                 format!("{:.1} µs", cores * secs / ok.max(1) as f64 * 1e6),
             );
             t.row(
+                "— CPU: nodes + nats-server / tool / others",
+                format!(
+                    "{cores:.2} / {:.2} / {:.2} cores",
+                    measure::cores_of(&all_cores, "tool"),
+                    measure::cores_of(&all_cores, "others")
+                ),
+            );
+            t.row(
                 "— NATS messages per command in / out",
                 format!(
                     "{:.2} / {:.2}",
@@ -233,7 +242,7 @@ pub(crate) async fn run(opts: &Opts, a: Args) -> Result<bool, String> {
                 "latency_ms": latency,
                 "every_receipt_ms": Percentiles::of(&all),
                 "answer_ms": Percentiles::of(&answers),
-                "cpu_cores": cores,
+                "cpu_cores": all_cores,
                 "nats_in_per_command": per_cmd(n1.0 - n0.0, background.0),
                 "nats_out_per_command": per_cmd(n1.1 - n0.1, background.1),
             }));

@@ -95,7 +95,10 @@ pub(crate) async fn run(opts: &Opts, a: Args) -> Result<bool, String> {
     }
     t.row(
         "gateway CPU per round trip",
-        format!("{:.1} µs", cpu[0].1 / rate.max(1e-9) * 1e6),
+        format!(
+            "{:.1} µs",
+            measure::cores_of(&cpu, "gateway") / rate.max(1e-9) * 1e6
+        ),
     );
     t.print(&format!("echo: {} clients × {} B", a.clients, a.size));
     measure::write_json(

@@ -308,14 +308,24 @@ pub(crate) async fn run(opts: &Opts, a: Args) -> Result<bool, String> {
     };
     let (sent, skipped) = callers.join().await?;
     tokio::time::sleep(a.grace).await;
-    let sustained = merge(&fleet.receipts(SUSTAINED).await?);
+    let mut sustained = merge(&fleet.receipts(SUSTAINED).await?);
     let in_window: Vec<&Sent> = sent.iter().filter(|s| s.phase == SUSTAINED).collect();
     let acked: Vec<u64> = in_window.iter().filter(|s| s.ok).map(|s| s.seq).collect();
     let refused = in_window.len() - acked.len();
-    let lost: u64 = acked
-        .iter()
-        .map(|seq| live.saturating_sub(sustained.per_message.get(seq).copied().unwrap_or(0)))
-        .sum();
+    let missing = |m: &Merged| -> u64 {
+        acked
+            .iter()
+            .map(|seq| live.saturating_sub(m.per_message.get(seq).copied().unwrap_or(0)))
+            .sum()
+    };
+    // Missing after the grace: look again later (bounded) before calling
+    // them lost; those that arrived then are late, and in the latencies.
+    let missing_after_grace = missing(&sustained);
+    if missing_after_grace > 0 {
+        tokio::time::sleep((a.grace * 3).min(Duration::from_secs(30))).await;
+        sustained = merge(&fleet.receipts(SUSTAINED).await?);
+    }
+    let lost = missing(&sustained);
     if lost > 0 {
         problems.push(format!("{lost} sustained deliveries lost"));
     }
@@ -381,7 +391,7 @@ pub(crate) async fn run(opts: &Opts, a: Args) -> Result<bool, String> {
     t.row(
         "— server CPU per delivery",
         per_delivery(
-            cores_of(&single_cpu, "server") * single_secs,
+            measure::cores_of(&single_cpu, "server") * single_secs,
             single.receipts as f64,
         ),
     );
@@ -399,8 +409,11 @@ pub(crate) async fn run(opts: &Opts, a: Args) -> Result<bool, String> {
         format!("{:.2} ms", Percentiles::of(&publish_answers).p50),
     );
     t.row(
-        "— lost / late",
-        format!("{lost} of {} / {late}", acked.len() as u64 * live),
+        "— lost / late / missing after the grace",
+        format!(
+            "{lost} of {} / {late} / {missing_after_grace}",
+            acked.len() as u64 * live
+        ),
     );
     for (g, cores) in &cpu {
         t.row(
@@ -447,6 +460,7 @@ pub(crate) async fn run(opts: &Opts, a: Args) -> Result<bool, String> {
                 "deliveries_per_second": deliveries_per_s,
                 "latency_ms": latency,
                 "publish_answer_ms": Percentiles::of(&publish_answers),
+                "missing_after_grace": missing_after_grace,
                 "lost": lost,
                 "late": late,
                 "cpu_cores": cpu,
@@ -458,11 +472,6 @@ pub(crate) async fn run(opts: &Opts, a: Args) -> Result<bool, String> {
     )?;
     fleet.close().await?;
     Ok(crate::report_problems(&problems))
-}
-
-/// Cores of the named group (0 if it was not measured).
-fn cores_of(cpu: &[(&'static str, f64)], name: &str) -> f64 {
-    cpu.iter().find(|c| c.0 == name).map_or(0.0, |c| c.1)
 }
 
 /// Publishes one stamped message; never fails (a failure is not `ok`).

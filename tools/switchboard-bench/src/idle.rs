@@ -80,7 +80,7 @@ pub(crate) async fn run(opts: &Opts, a: Args) -> Result<bool, String> {
     let configs = opts.workers_for(&gw, n, 2, None, Mode::Idle);
     let mut fleet = Fleet::spawn(&configs)?;
     let cpu = measure::CpuMeter::start(vec![
-        ("gateway", pid.into_iter().collect()),
+        ("server", pid.into_iter().collect()),
         ("clients", fleet.pids()),
     ]);
     let c = fleet.connect(opts.connect_timeout).await?;
@@ -112,11 +112,20 @@ pub(crate) async fn run(opts: &Opts, a: Args) -> Result<bool, String> {
         "CPU per handshake: server / clients",
         format!(
             "{:.1} / {:.1} µs",
-            per_handshake_us(cpu[0].1),
-            per_handshake_us(cpu[1].1)
+            per_handshake_us(measure::cores_of(&cpu, "server")),
+            per_handshake_us(measure::cores_of(&cpu, "clients"))
         ),
     );
 
+    t.row(
+        "CPU while connecting: server / clients / others",
+        format!(
+            "{:.2} / {:.2} / {:.2} cores",
+            measure::cores_of(&cpu, "server"),
+            measure::cores_of(&cpu, "clients"),
+            measure::cores_of(&cpu, "others")
+        ),
+    );
     eprintln!(
         "switchboard-bench: holding {} connections for {:?}",
         c.open, a.hold
@@ -159,7 +168,7 @@ pub(crate) async fn run(opts: &Opts, a: Args) -> Result<bool, String> {
     t.row("server RSS after the close", human_bytes(closed));
     t.row("pings answered during the hold", pings.to_string());
     t.row("clean closes", format!("{clean} of {}", c.open));
-    t.print(&format!("idle: {n} connections, one gateway"));
+    t.print(&format!("idle: {n} connections, one server"));
 
     measure::write_json(
         opts.json.as_deref(),
@@ -170,7 +179,7 @@ pub(crate) async fn run(opts: &Opts, a: Args) -> Result<bool, String> {
             "connections": n,
             "tcp_baseline": baseline.map(|(rate, secs)| json!({"rate": rate, "seconds": secs})),
             "handshakes": c,
-            "cpu_cores_while_connecting": {"gateway": cpu[0].1, "clients": cpu[1].1},
+            "cpu_cores_while_connecting": cpu,
             "rss": {"before": before, "connected": connected, "held": held, "closed": closed},
             "rss_per_connection": per_conn,
             "hold_seconds": a.hold.as_secs_f64(),

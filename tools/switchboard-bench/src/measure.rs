@@ -75,11 +75,31 @@ pub(crate) fn cpu_of(pids: &[u32]) -> f64 {
     pids.iter().filter_map(|&p| cpu_seconds(p)).sum()
 }
 
-/// CPU used by sets of processes over a phase, in cores.
+/// CPU time used by the whole machine so far (all CPUs, `/proc/stat`), seconds.
+fn machine_busy() -> f64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let Some(cpu) = stat.lines().next() else {
+        return 0.0;
+    };
+    // user nice system idle iowait irq softirq steal: all but idle and iowait.
+    let f: Vec<u64> = cpu
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    let busy: u64 = f.iter().take(8).sum::<u64>() - f.get(3).unwrap_or(&0) - f.get(4).unwrap_or(&0);
+    busy as f64 / 100.0
+}
+
+/// CPU used by sets of processes over a phase, in cores; besides them, the
+/// tool's own process and everything else on the machine ("others": other
+/// processes, and the kernel's softirq work that no process is charged
+/// for), so that a run disturbed by other load shows it.
 #[derive(Debug)]
 pub(crate) struct CpuMeter {
     start: std::time::Instant,
     groups: Vec<(&'static str, Vec<u32>, f64)>,
+    machine: f64,
 }
 
 impl CpuMeter {
@@ -88,6 +108,7 @@ impl CpuMeter {
     pub(crate) fn start(groups: Vec<(&'static str, Vec<u32>)>) -> Self {
         let groups = groups
             .into_iter()
+            .chain([("tool", vec![std::process::id()])])
             .filter(|(_, pids)| !pids.is_empty())
             .map(|(name, pids)| {
                 let c = cpu_of(&pids);
@@ -97,6 +118,7 @@ impl CpuMeter {
         Self {
             start: std::time::Instant::now(),
             groups,
+            machine: machine_busy(),
         }
     }
 
@@ -105,14 +127,25 @@ impl CpuMeter {
         self.start.elapsed().as_secs_f64()
     }
 
-    /// Cores used by each group since the start.
+    /// Cores used by each group since the start, then by the tool itself
+    /// and by the rest of the machine ("others").
     pub(crate) fn cores(&self) -> Vec<(&'static str, f64)> {
         let wall = self.start.elapsed().as_secs_f64().max(1e-9);
-        self.groups
+        let mut cores: Vec<_> = self
+            .groups
             .iter()
             .map(|(name, pids, c0)| (*name, (cpu_of(pids) - c0) / wall))
-            .collect()
+            .collect();
+        let ours: f64 = cores.iter().map(|c| c.1).sum();
+        let machine = (machine_busy() - self.machine) / wall;
+        cores.push(("others", (machine - ours).max(0.0)));
+        cores
     }
+}
+
+/// Cores of the named group (0 if it was not measured).
+pub(crate) fn cores_of(cpu: &[(&'static str, f64)], name: &str) -> f64 {
+    cpu.iter().find(|c| c.0 == name).map_or(0.0, |c| c.1)
 }
 
 /// The machine the figures come from.
