@@ -585,27 +585,10 @@ async fn open(sh: &Shared, i: usize) -> Result<(TcpStream, Vec<u8>, Option<Strin
     Ok((s, buf, id))
 }
 
-/// Reads the next text frame as JSON (answering pings), during setup.
+/// Reads the next data frame as JSON (answering pings), during setup.
 async fn next_json(s: &mut TcpStream, buf: &mut Vec<u8>) -> Result<serde_json::Value, String> {
-    loop {
-        if let Some(f) = next_frame(buf, 0)? {
-            let payload = buf[f.payload.clone()].to_vec();
-            buf.drain(..f.payload.end);
-            match f.opcode {
-                OP_TEXT => return serde_json::from_slice(&payload).map_err(|e| e.to_string()),
-                OP_PING => {
-                    let pong = client_frame(OP_PONG, &payload);
-                    s.write_all(&pong).await.map_err(|e| e.to_string())?;
-                }
-                OP_CLOSE => return Err("closed by the server during setup".into()),
-                _ => {}
-            }
-            continue;
-        }
-        if s.read_buf(buf).await.map_err(|e| e.to_string())? == 0 {
-            return Err("connection ended during setup".into());
-        }
-    }
+    let data = next_data(s, buf).await?;
+    serde_json::from_slice(&data).map_err(|e| format!("not JSON: {e}"))
 }
 
 /// Holds a connection until the worker is told to close: reads and handles
