@@ -334,9 +334,22 @@ impl Tally {
     }
 }
 
+/// Round trips the echo clients of a worker timed in the window.
+#[derive(Debug, Default)]
+struct Echoed {
+    round_trips: u64,
+    latency: Option<Histogram<u64>>,
+    error: Option<String>,
+}
+
+/// The echo window: start (Unix ns), warm-up and window (ms).
+type EchoWindow = (u64, u64, u64);
+
 /// State shared by the clients of a worker (one thread).
 struct Shared {
     cfg: WorkerConfig,
+    echo_window: watch::Receiver<Option<EchoWindow>>,
+    echoed: RefCell<Echoed>,
     request: Vec<u8>,
     tally: RefCell<Tally>,
     buf: RefCell<Vec<u8>>,
@@ -369,6 +382,7 @@ async fn worker(cfg: WorkerConfig) -> Result<(), String> {
         }
     });
     let (close_tx, close) = watch::channel(false);
+    let (window_tx, echo_window) = watch::channel(None);
     let request = format!(
         "GET /{path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{offer}\r\n",
@@ -383,6 +397,8 @@ async fn worker(cfg: WorkerConfig) -> Result<(), String> {
     .into_bytes();
     let sh = Rc::new(Shared {
         cfg,
+        echo_window,
+        echoed: RefCell::default(),
         request,
         tally: RefCell::default(),
         buf: RefCell::new(Vec::with_capacity(READ_CHUNK)),
@@ -422,10 +438,10 @@ async fn worker(cfg: WorkerConfig) -> Result<(), String> {
                 warmup_ms,
                 window_ms,
             } => {
-                ECHO.with(|e| e.borrow_mut().replace((start_ns, warmup_ms, window_ms)));
+                let _ = window_tx.send(Some((start_ns, warmup_ms, window_ms)));
                 let _ = sh
                     .out
-                    .send(echo_window(start_ns, warmup_ms, window_ms).await);
+                    .send(echo_report(&sh, start_ns, warmup_ms, window_ms).await);
             }
             Cmd::Receipts(phase) => {
                 let r = sh.tally.borrow_mut().take(phase);
@@ -439,27 +455,22 @@ async fn worker(cfg: WorkerConfig) -> Result<(), String> {
     Ok(())
 }
 
-thread_local! {
-    /// The echo window the clients run in (start ns, warm-up ms, window ms).
-    static ECHO: RefCell<Option<(u64, u64, u64)>> = const { RefCell::new(None) };
-    /// Echo results of this worker's clients.
-    static ECHOED: RefCell<(u64, Option<Histogram<u64>>, Option<String>)> = const { RefCell::new((0, None, None)) };
-}
-
 /// Waits until the echo window (and one round trip's grace) is over and
 /// reports what the clients timed.
-async fn echo_window(start_ns: u64, warmup_ms: u64, window_ms: u64) -> Report {
+async fn echo_report(sh: &Shared, start_ns: u64, warmup_ms: u64, window_ms: u64) -> Report {
     let end_ns = start_ns + (warmup_ms + window_ms) * 1_000_000;
     let wait = end_ns.saturating_sub(unix_nanos()) + 200_000_000;
     tokio::time::sleep(Duration::from_nanos(wait)).await;
-    ECHOED.with(|e| {
-        let (n, h, err) = &mut *e.borrow_mut();
-        Report::Echoed {
-            round_trips: *n,
-            latency: h.as_ref().map(measure::to_buckets).unwrap_or_default(),
-            error: err.take(),
-        }
-    })
+    let mut e = sh.echoed.borrow_mut();
+    Report::Echoed {
+        round_trips: e.round_trips,
+        latency: e
+            .latency
+            .as_ref()
+            .map(measure::to_buckets)
+            .unwrap_or_default(),
+        error: e.error.take(),
+    }
 }
 
 /// Opens every connection of the worker, `concurrency` at a time.
@@ -598,13 +609,11 @@ async fn hold(sh: Rc<Shared>, mut s: TcpStream, mut rest: Vec<u8>) -> bool {
     let mut close = sh.close.clone();
     if let Mode::Echo(size) = sh.cfg.mode {
         let r = tokio::select! {
-            r = echo_loop(&mut s, &mut rest, size) => r,
+            r = echo_loop(&sh, &mut s, &mut rest, size) => r,
             _ = close.wait_for(|c| *c) => Ok(()),
         };
         if let Err(e) = r {
-            ECHOED.with(|x| {
-                x.borrow_mut().2.get_or_insert(e);
-            });
+            sh.echoed.borrow_mut().error.get_or_insert(e);
             return false;
         }
         return close_ws(&mut s, &mut rest).await;
@@ -694,14 +703,19 @@ fn close_reason(p: &[u8]) -> String {
 
 /// One client's echo loop, in the window of [`Cmd::Echo`]: sends a stamped
 /// message, waits for the identical echo (5 s at most), and repeats.
-async fn echo_loop(s: &mut TcpStream, rest: &mut Vec<u8>, size: usize) -> Result<(), String> {
-    // Wait for the window to be set (the clients connect first).
-    let (start_ns, warmup_ms, window_ms) = loop {
-        if let Some(w) = ECHO.with(|e| *e.borrow()) {
-            break w;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    };
+async fn echo_loop(
+    sh: &Shared,
+    s: &mut TcpStream,
+    rest: &mut Vec<u8>,
+    size: usize,
+) -> Result<(), String> {
+    // The clients connect first; then the window is set.
+    let mut window = sh.echo_window.clone();
+    let (start_ns, warmup_ms, window_ms) = window
+        .wait_for(Option::is_some)
+        .await
+        .map_err(|_| "the worker ended")?
+        .expect("set");
     let measured_from = start_ns + warmup_ms * 1_000_000;
     let end = measured_from + window_ms * 1_000_000;
     tokio::time::sleep(Duration::from_nanos(start_ns.saturating_sub(unix_nanos()))).await;
@@ -724,12 +738,11 @@ async fn echo_loop(s: &mut TcpStream, rest: &mut Vec<u8>, size: usize) -> Result
         }
         let t1 = unix_nanos();
         if t0 >= measured_from && t1 <= end {
-            ECHOED.with(|e| {
-                let mut e = e.borrow_mut();
-                e.0 += 1;
-                e.1.get_or_insert_with(measure::histogram)
-                    .saturating_record((t1 - t0) / 1000);
-            });
+            let mut e = sh.echoed.borrow_mut();
+            e.round_trips += 1;
+            e.latency
+                .get_or_insert_with(measure::histogram)
+                .saturating_record((t1 - t0) / 1000);
         }
     }
 }
