@@ -75,26 +75,27 @@ pub(crate) fn cpu_of(pids: &[u32]) -> f64 {
     pids.iter().filter_map(|&p| cpu_seconds(p)).sum()
 }
 
-/// CPU time used by the whole machine so far (all CPUs, `/proc/stat`), seconds.
+/// CPU time the whole machine spent in processes so far (all CPUs,
+/// `/proc/stat` user, nice, system and steal), seconds. Interrupt and softirq
+/// time is left out: on loopback it is mostly the network stack carrying
+/// the benchmark's own traffic.
 fn machine_busy() -> f64 {
     let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
-    let Some(cpu) = stat.lines().next() else {
-        return 0.0;
-    };
-    // user nice system idle iowait irq softirq steal: all but idle and iowait.
-    let f: Vec<u64> = cpu
+    let f: Vec<u64> = stat
+        .lines()
+        .next()
+        .unwrap_or_default()
         .split_whitespace()
         .skip(1)
         .filter_map(|v| v.parse().ok())
         .collect();
-    let busy: u64 = f.iter().take(8).sum::<u64>() - f.get(3).unwrap_or(&0) - f.get(4).unwrap_or(&0);
-    busy as f64 / 100.0
+    let field = |i: usize| f.get(i).copied().unwrap_or(0);
+    (field(0) + field(1) + field(2) + field(7)) as f64 / 100.0
 }
 
 /// CPU used by sets of processes over a phase, in cores; besides them, the
-/// tool's own process and everything else on the machine ("others": other
-/// processes, and the kernel's softirq work that no process is charged
-/// for), so that a run disturbed by other load shows it.
+/// tool's own process and every other process on the machine ("others"),
+/// so that a run disturbed by other load shows it.
 #[derive(Debug)]
 pub(crate) struct CpuMeter {
     start: std::time::Instant,
