@@ -25,6 +25,8 @@ bench="$target/release/switchboard-bench"
 out="$target/bench"
 
 "$bench" idle --connections 19000 --json "$out/idle.json"
+"$bench" idle --connections 6000 --no-tcp-baseline --json "$out/idle-6k.json"
+"$bench" idle --connections 6000 --no-tcp-baseline --tls --json "$out/idle-tls-6k.json"
 "$bench" echo --clients 100 --size 64 --duration 10s --json "$out/echo.json"
 "$bench" echo --clients 100 --size 4096 --duration 10s --json "$out/echo-4k.json"
 "$bench" fanout --subscribers 19000 --json "$out/fanout.json"

@@ -26,6 +26,10 @@
 //!
 //! Latency is the receipt time minus the send time written in the stamp by
 //! another process of the same machine, on the same clock.
+//!
+//! With [`WorkerConfig::tls`] the clients do a full TLS handshake (rustls,
+//! no session resumption, as clients arriving for the first time) before the
+//! WebSocket one and read through TLS into a buffer of their own.
 
 use crate::measure::{self, unix_nanos, Buckets};
 use hdrhistogram::Histogram;
@@ -33,12 +37,16 @@ use serde::{Deserialize, Serialize};
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
 use std::net::{Ipv4Addr, SocketAddr};
+use std::pin::Pin;
 use std::rc::Rc;
+use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 use switchboard_proto::ws::frame::{apply_mask, parse_header};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::{mpsc, watch, Semaphore};
+use tokio_rustls::rustls::{self, pki_types::pem::PemObject, pki_types::ServerName};
 
 /// Most connections one process holds: the open-file limit is 20,000.
 pub(crate) const MAX_PER_PROCESS: usize = 19_000;
@@ -92,6 +100,8 @@ pub(crate) struct WorkerConfig {
     pub(crate) concurrency: usize,
     /// What the clients do.
     pub(crate) mode: Mode,
+    /// TLS: the CA file (PEM) the clients trust and the server name they check.
+    pub(crate) tls: Option<(std::path::PathBuf, String)>,
 }
 
 /// A command from the coordinator.
@@ -268,6 +278,86 @@ fn next_frame(buf: &[u8], at: usize) -> Result<Option<Frame>, String> {
     }))
 }
 
+// === Streams ===
+
+/// A client's connection: plain TCP, or TLS over it.
+enum Stream {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+/// Writes all of `bytes` and flushes (over TLS, the records still buffered).
+async fn send(s: &mut Stream, bytes: &[u8]) -> Result<(), String> {
+    s.write_all(bytes).await.map_err(|e| e.to_string())?;
+    s.flush().await.map_err(|e| e.to_string())
+}
+
+/// The TLS client of a worker: trusts the CA file, checks `name`, offers
+/// ALPN `http/1.1`, never resumes a session.
+fn tls_client(
+    ca: &std::path::Path,
+    name: &str,
+) -> Result<(tokio_rustls::TlsConnector, ServerName<'static>), String> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls::pki_types::CertificateDer::pem_file_iter(ca)
+        .map_err(|e| format!("{}: {e}", ca.display()))?
+    {
+        roots
+            .add(cert.map_err(|e| format!("{}: {e}", ca.display()))?)
+            .map_err(|e| e.to_string())?;
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    config.resumption = rustls::client::Resumption::disabled();
+    let name = ServerName::try_from(name.to_owned()).map_err(|e| e.to_string())?;
+    Ok((tokio_rustls::TlsConnector::from(Arc::new(config)), name))
+}
+
 // === The worker ===
 
 /// The tallies of one worker's thread.
@@ -348,6 +438,7 @@ type EchoWindow = (u64, u64, u64);
 /// State shared by the clients of a worker (one thread).
 struct Shared {
     cfg: WorkerConfig,
+    tls: Option<(tokio_rustls::TlsConnector, ServerName<'static>)>,
     echo_window: watch::Receiver<Option<EchoWindow>>,
     echoed: RefCell<Echoed>,
     request: Vec<u8>,
@@ -395,8 +486,13 @@ async fn worker(cfg: WorkerConfig) -> Result<(), String> {
             .unwrap_or_default(),
     )
     .into_bytes();
+    let tls = match &cfg.tls {
+        Some((ca, name)) => Some(tls_client(ca, name)?),
+        None => None,
+    };
     let sh = Rc::new(Shared {
         cfg,
+        tls,
         echo_window,
         echoed: RefCell::default(),
         request,
@@ -474,7 +570,7 @@ async fn echo_report(sh: &Shared, start_ns: u64, warmup_ms: u64, window_ms: u64)
 }
 
 /// Opens every connection of the worker, `concurrency` at a time.
-async fn connect_all(sh: &Rc<Shared>) -> (Vec<(TcpStream, Vec<u8>)>, Report) {
+async fn connect_all(sh: &Rc<Shared>) -> (Vec<(Stream, Vec<u8>)>, Report) {
     let permits = Rc::new(Semaphore::new(sh.cfg.concurrency.max(1)));
     let mut tasks = Vec::with_capacity(sh.cfg.count);
     for i in 0..sh.cfg.count {
@@ -518,7 +614,7 @@ async fn connect_all(sh: &Rc<Shared>) -> (Vec<(TcpStream, Vec<u8>)>, Report) {
 /// Connects client `i`: TCP from its source address, then (unless in TCP
 /// mode) the handshake and the mode's setup. Returns the socket, the bytes
 /// read past the setup and the greeting's connection id.
-async fn open(sh: &Shared, i: usize) -> Result<(TcpStream, Vec<u8>, Option<String>), String> {
+async fn open(sh: &Shared, i: usize) -> Result<(Stream, Vec<u8>, Option<String>), String> {
     let cfg = &sh.cfg;
     let sock = socket2::Socket::new(
         socket2::Domain::for_address(cfg.addr),
@@ -533,15 +629,25 @@ async fn open(sh: &Shared, i: usize) -> Result<(TcpStream, Vec<u8>, Option<Strin
         sock.bind(&SocketAddr::from((ip, 0)).into())
             .map_err(|e| format!("bind {ip}: {e}"))?;
     }
-    let mut s = TcpSocket::from_std_stream(sock.into())
+    let tcp = TcpSocket::from_std_stream(sock.into())
         .connect(cfg.addr)
         .await
         .map_err(|e| format!("connect to {}: {e}", cfg.addr))?;
-    s.set_nodelay(true).map_err(|e| e.to_string())?;
+    tcp.set_nodelay(true).map_err(|e| e.to_string())?;
+    let mut s = match &sh.tls {
+        Some((connector, name)) if cfg.mode != Mode::Tcp => {
+            let tls = connector
+                .connect(name.clone(), tcp)
+                .await
+                .map_err(|e| format!("TLS handshake: {e}"))?;
+            Stream::Tls(Box::new(tls))
+        }
+        _ => Stream::Plain(tcp),
+    };
     if cfg.mode == Mode::Tcp {
         return Ok((s, Vec::new(), None));
     }
-    s.write_all(&sh.request).await.map_err(|e| e.to_string())?;
+    send(&mut s, &sh.request).await?;
     let mut buf = Vec::with_capacity(1024);
     let head = loop {
         if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
@@ -574,8 +680,7 @@ async fn open(sh: &Shared, i: usize) -> Result<(TcpStream, Vec<u8>, Option<Strin
         loop {
             let v = next_json(&mut s, &mut buf).await?;
             if !sent && v["push"] == "connected" {
-                let f = client_frame(OP_TEXT, cmd.as_bytes());
-                s.write_all(&f).await.map_err(|e| e.to_string())?;
+                send(&mut s, &client_frame(OP_TEXT, cmd.as_bytes())).await?;
                 sent = true;
             } else if v["id"] == 1 {
                 if v.get("result").is_none() {
@@ -597,7 +702,7 @@ async fn open(sh: &Shared, i: usize) -> Result<(TcpStream, Vec<u8>, Option<Strin
 }
 
 /// Reads the next data frame as JSON (answering pings), during setup.
-async fn next_json(s: &mut TcpStream, buf: &mut Vec<u8>) -> Result<serde_json::Value, String> {
+async fn next_json(s: &mut Stream, buf: &mut Vec<u8>) -> Result<serde_json::Value, String> {
     let data = next_data(s, buf).await?;
     serde_json::from_slice(&data).map_err(|e| format!("not JSON: {e}"))
 }
@@ -605,7 +710,7 @@ async fn next_json(s: &mut TcpStream, buf: &mut Vec<u8>) -> Result<serde_json::V
 /// Holds a connection until the worker is told to close: reads and handles
 /// frames (or, in echo mode, runs the echo loop when told). Returns whether
 /// the close was clean.
-async fn hold(sh: Rc<Shared>, mut s: TcpStream, mut rest: Vec<u8>) -> bool {
+async fn hold(sh: Rc<Shared>, mut s: Stream, mut rest: Vec<u8>) -> bool {
     let mut close = sh.close.clone();
     if let Mode::Echo(size) = sh.cfg.mode {
         let r = tokio::select! {
@@ -620,29 +725,44 @@ async fn hold(sh: Rc<Shared>, mut s: TcpStream, mut rest: Vec<u8>) -> bool {
     }
     let tcp = sh.cfg.mode == Mode::Tcp;
     let ended = loop {
-        tokio::select! {
-            r = s.readable() => if let Err(e) = r { break Some(e.to_string()) },
-            _ = close.wait_for(|c| *c) => break None,
-        }
         let mut pongs = Vec::new();
-        let outcome = {
-            let mut buf = sh.buf.borrow_mut();
-            buf.clear();
-            buf.extend_from_slice(&rest);
-            rest.clear();
-            buf.reserve(READ_CHUNK);
-            match s.try_read_buf(&mut *buf) {
-                Ok(0) => Err("ended by the server".to_owned()),
-                Ok(_) if tcp => Ok(()),
-                Ok(_) => handle_frames(&sh, &buf, &mut rest, &mut pongs),
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(()),
-                Err(e) => Err(e.to_string()),
+        let outcome = match &mut s {
+            // TLS: read into the connection's own buffer.
+            Stream::Tls(tls) => tokio::select! {
+                r = tls.read_buf(&mut rest) => match r {
+                    Ok(0) => Err("ended by the server".to_owned()),
+                    Ok(_) => {
+                        let data = std::mem::take(&mut rest);
+                        handle_frames(&sh, &data, &mut rest, &mut pongs)
+                    }
+                    Err(e) => Err(e.to_string()),
+                },
+                _ = close.wait_for(|c| *c) => break None,
+            },
+            // Plain: read when readable into the worker's shared buffer.
+            Stream::Plain(stream) => {
+                tokio::select! {
+                    r = stream.readable() => if let Err(e) = r { break Some(e.to_string()) },
+                    _ = close.wait_for(|c| *c) => break None,
+                }
+                let mut buf = sh.buf.borrow_mut();
+                buf.clear();
+                buf.extend_from_slice(&rest);
+                rest.clear();
+                buf.reserve(READ_CHUNK);
+                match stream.try_read_buf(&mut *buf) {
+                    Ok(0) => Err("ended by the server".to_owned()),
+                    Ok(_) if tcp => Ok(()),
+                    Ok(_) => handle_frames(&sh, &buf, &mut rest, &mut pongs),
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(()),
+                    Err(e) => Err(e.to_string()),
+                }
             }
         };
         if let Err(e) = outcome {
             break Some(e);
         }
-        if !pongs.is_empty() && s.write_all(&pongs).await.is_err() {
+        if !pongs.is_empty() && send(&mut s, &pongs).await.is_err() {
             break Some("cannot answer a ping".into());
         }
     };
@@ -705,7 +825,7 @@ fn close_reason(p: &[u8]) -> String {
 /// message, waits for the identical echo (5 s at most), and repeats.
 async fn echo_loop(
     sh: &Shared,
-    s: &mut TcpStream,
+    s: &mut Stream,
     rest: &mut Vec<u8>,
     size: usize,
 ) -> Result<(), String> {
@@ -727,9 +847,7 @@ async fn echo_loop(
         }
         seq += 1;
         let text = stamp(b'e', seq, t0, size);
-        s.write_all(&client_frame(OP_TEXT, text.as_bytes()))
-            .await
-            .map_err(|e| e.to_string())?;
+        send(s, &client_frame(OP_TEXT, text.as_bytes())).await?;
         match tokio::time::timeout(Duration::from_secs(5), next_data(s, rest)).await {
             Ok(Ok(p)) if p == text.as_bytes() => {}
             Ok(Ok(_)) => return Err("the echo differs from the message".into()),
@@ -748,7 +866,7 @@ async fn echo_loop(
 }
 
 /// The next data frame's payload (answering pings).
-async fn next_data(s: &mut TcpStream, buf: &mut Vec<u8>) -> Result<Vec<u8>, String> {
+async fn next_data(s: &mut Stream, buf: &mut Vec<u8>) -> Result<Vec<u8>, String> {
     loop {
         if let Some(f) = next_frame(buf, 0)? {
             let payload = buf[f.payload.clone()].to_vec();
@@ -756,8 +874,7 @@ async fn next_data(s: &mut TcpStream, buf: &mut Vec<u8>) -> Result<Vec<u8>, Stri
             match f.opcode {
                 OP_TEXT | OP_BINARY => return Ok(payload),
                 OP_PING => {
-                    let pong = client_frame(OP_PONG, &payload);
-                    s.write_all(&pong).await.map_err(|e| e.to_string())?;
+                    send(s, &client_frame(OP_PONG, &payload)).await?;
                 }
                 OP_CLOSE => {
                     return Err(format!("closed by the server: {}", close_reason(&payload)))
@@ -773,8 +890,8 @@ async fn next_data(s: &mut TcpStream, buf: &mut Vec<u8>) -> Result<Vec<u8>, Stri
 }
 
 /// Sends a close frame (1000) and waits for the server's, bounded.
-async fn close_ws(s: &mut TcpStream, rest: &mut Vec<u8>) -> bool {
-    if s.write_all(&client_frame(OP_CLOSE, &1000u16.to_be_bytes()))
+async fn close_ws(s: &mut Stream, rest: &mut Vec<u8>) -> bool {
+    if send(s, &client_frame(OP_CLOSE, &1000u16.to_be_bytes()))
         .await
         .is_err()
     {

@@ -12,6 +12,11 @@
 //!    gateway must still count all of them. RSS per connection =
 //!    (after the hold − before) / N.
 //! 5. The clients close gracefully; the RSS after shows what is given back.
+//!
+//! With `--tls` the spawned gateway gets a certificate (the server crate's
+//! test fixture by default; run from the workspace root), the clients do a
+//! full TLS handshake before the WebSocket one, and the control API is read
+//! over HTTPS; the TCP baseline stays plain.
 
 use crate::engine::{Fleet, Mode};
 use crate::measure::{self, human_bytes, Table};
@@ -19,6 +24,7 @@ use crate::servers::{Api, Gateway};
 use crate::Opts;
 use serde_json::json;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
@@ -47,6 +53,34 @@ pub(crate) struct Args {
     /// Process id of the --url gateway (for its memory and CPU).
     #[arg(long, requires = "url")]
     gateway_pid: Option<u32>,
+    /// Speak TLS: the spawned gateway gets --tls-cert and --tls-key (both of
+    /// its listeners then speak TLS) and the clients connect with TLS.
+    #[arg(long)]
+    tls: bool,
+    /// Certificate chain (PEM) of the spawned gateway.
+    #[arg(
+        long,
+        requires = "tls",
+        default_value = "crates/switchboard-server/tests/fixtures/tls/server-a.pem"
+    )]
+    tls_cert: PathBuf,
+    /// Private key (PEM) of --tls-cert.
+    #[arg(
+        long,
+        requires = "tls",
+        default_value = "crates/switchboard-server/tests/fixtures/tls/server-a-key.pem"
+    )]
+    tls_key: PathBuf,
+    /// CA certificate (PEM) the clients trust.
+    #[arg(
+        long,
+        requires = "tls",
+        default_value = "crates/switchboard-server/tests/fixtures/tls/ca.pem"
+    )]
+    tls_ca: PathBuf,
+    /// Name the clients check the certificate against (and send as SNI).
+    #[arg(long, requires = "tls", default_value = "localhost")]
+    tls_server_name: String,
 }
 
 /// Runs the scenario; `Ok(false)` if the measurement is invalid.
@@ -65,11 +99,22 @@ pub(crate) async fn run(opts: &Opts, a: Args) -> Result<bool, String> {
         Some(b)
     };
 
+    let api = if a.tls {
+        Api::with_ca(&a.tls_ca)?
+    } else {
+        Api::new()
+    };
     let gw = match &a.url {
         Some(url) => Gateway::external(url, a.control)?,
         None => {
             let ping = humantime::format_duration(a.ping_interval).to_string();
-            Gateway::spawn(opts, &["--ping-interval".into(), ping]).await?
+            let mut args = vec!["--ping-interval".into(), ping];
+            if a.tls {
+                let path = |p: &PathBuf| p.display().to_string();
+                args.extend(["--tls-cert".into(), path(&a.tls_cert)]);
+                args.extend(["--tls-key".into(), path(&a.tls_key)]);
+            }
+            Gateway::spawn_with(opts, &args, &api).await?
         }
     };
     let pid = gw.pid().or(a.gateway_pid);
@@ -77,7 +122,12 @@ pub(crate) async fn run(opts: &Opts, a: Args) -> Result<bool, String> {
     let rss = |pid: Option<u32>| pid.and_then(measure::rss).unwrap_or(0) as f64;
     let before = rss(pid);
 
-    let configs = opts.workers_for(&gw, n, 2, None, Mode::Idle);
+    let mut configs = opts.workers_for(&gw, n, 2, None, Mode::Idle);
+    if a.tls {
+        for c in &mut configs {
+            c.tls = Some((a.tls_ca.clone(), a.tls_server_name.clone()));
+        }
+    }
     let mut fleet = Fleet::spawn(&configs)?;
     let cpu = measure::CpuMeter::start(vec![
         ("server", pid.into_iter().collect()),
@@ -133,7 +183,7 @@ pub(crate) async fn run(opts: &Opts, a: Args) -> Result<bool, String> {
     tokio::time::sleep(a.hold).await;
     let held = rss(pid);
     let counted = match gw.control {
-        Some(control) => Some(Api::new().connections(control).await?),
+        Some(control) => Some(api.connections(control).await?),
         None => None,
     };
     if counted.is_some_and(|k| k != c.open as u64) {
@@ -168,7 +218,8 @@ pub(crate) async fn run(opts: &Opts, a: Args) -> Result<bool, String> {
     t.row("server RSS after the close", human_bytes(closed));
     t.row("pings answered during the hold", pings.to_string());
     t.row("clean closes", format!("{clean} of {}", c.open));
-    t.print(&format!("idle: {n} connections, one server"));
+    let tls = if a.tls { " over TLS" } else { "" };
+    t.print(&format!("idle: {n} connections{tls}, one server"));
 
     measure::write_json(
         opts.json.as_deref(),
@@ -177,6 +228,7 @@ pub(crate) async fn run(opts: &Opts, a: Args) -> Result<bool, String> {
             "machine": measure::machine(),
             "gateway_command": gw.command(),
             "connections": n,
+            "tls": a.tls,
             "tcp_baseline": baseline.map(|(rate, secs)| json!({"rate": rate, "seconds": secs})),
             "handshakes": c,
             "cpu_cores_while_connecting": cpu,

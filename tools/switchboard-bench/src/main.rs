@@ -135,6 +135,7 @@ impl Opts {
                 source_addrs: self.source_addrs,
                 concurrency: self.concurrency.div_ceil(n),
                 mode: mode.clone(),
+                tls: None,
             })
             .collect()
     }

@@ -97,6 +97,16 @@ impl Gateway {
     /// limits off, `args` and the user's `--gateway-arg`s, and waits until
     /// `GET /readyz` answers 200.
     pub(crate) async fn spawn(opts: &Opts, args: &[String]) -> Result<Self, String> {
+        Self::spawn_with(opts, args, &Api::new()).await
+    }
+
+    /// [`Gateway::spawn`], asking for readiness through `api` (HTTPS when
+    /// `args` turn TLS on).
+    pub(crate) async fn spawn_with(
+        opts: &Opts,
+        args: &[String],
+        api: &Api,
+    ) -> Result<Self, String> {
         let addr: SocketAddr = ([127, 0, 0, 1], free_port()?).into();
         let control: SocketAddr = ([127, 0, 0, 1], free_port()?).into();
         let mut all: Vec<String> = [
@@ -125,7 +135,6 @@ impl Gateway {
             .clone()
             .unwrap_or_else(|| sibling_bin("switchboard"));
         let mut proc = Proc::spawn(&bin, &all)?;
-        let api = Api::new();
         let deadline = Instant::now() + READY_TIMEOUT;
         loop {
             proc.check_alive()?;
@@ -147,11 +156,13 @@ impl Gateway {
         })
     }
 
-    /// A server someone else started: `ws://HOST:PORT/PATH` on loopback.
+    /// A server someone else started: `ws://HOST:PORT/PATH` (or `wss://`)
+    /// on loopback.
     pub(crate) fn external(url: &str, control: Option<SocketAddr>) -> Result<Self, String> {
         let target = url
             .strip_prefix("ws://")
-            .ok_or_else(|| format!("--url {url}: only ws:// URLs"))?;
+            .or_else(|| url.strip_prefix("wss://"))
+            .ok_or_else(|| format!("--url {url}: a ws:// or wss:// URL"))?;
         let authority = target.split('/').next().unwrap_or_default();
         let addr: SocketAddr = authority
             .parse()
@@ -287,25 +298,45 @@ pub(crate) async fn echo_origin(greet: bool) -> Result<(Proc, SocketAddr), Strin
 #[derive(Debug, Clone)]
 pub(crate) struct Api {
     client: reqwest::Client,
+    /// `http`, or `https` for a gateway that speaks TLS.
+    scheme: &'static str,
 }
 
 impl Api {
     /// A client with up to 64 idle connections per host.
     pub(crate) fn new() -> Self {
-        let client = reqwest::Client::builder()
+        Self {
+            client: Self::builder().build().expect("a reqwest client"),
+            scheme: "http",
+        }
+    }
+
+    /// An HTTPS client trusting the CA certificate of the PEM file `ca`.
+    pub(crate) fn with_ca(ca: &std::path::Path) -> Result<Self, String> {
+        let pem = std::fs::read(ca).map_err(|e| format!("{}: {e}", ca.display()))?;
+        let cert = reqwest::Certificate::from_pem(&pem).map_err(|e| e.to_string())?;
+        let client = Self::builder()
+            .add_root_certificate(cert)
+            .build()
+            .map_err(|e| e.to_string())?;
+        Ok(Self {
+            client,
+            scheme: "https",
+        })
+    }
+
+    fn builder() -> reqwest::ClientBuilder {
+        reqwest::Client::builder()
             .timeout(Duration::from_secs(5))
             .pool_max_idle_per_host(64)
             .no_proxy()
-            .build()
-            .expect("a reqwest client");
-        Self { client }
     }
 
     /// `GET http://addr/path`, failing unless 200; the body.
     pub(crate) async fn get(&self, addr: SocketAddr, path: &str) -> Result<String, String> {
         let r = self
             .client
-            .get(format!("http://{addr}{path}"))
+            .get(format!("{}://{addr}{path}", self.scheme))
             .send()
             .await
             .map_err(|e| e.to_string())?;
