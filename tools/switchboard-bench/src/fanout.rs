@@ -62,8 +62,9 @@ pub(crate) struct Args {
     /// Longest wait for a single message to reach everyone.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     single_timeout: Duration,
-    /// Sustained messages per second: a number, or `auto` (500,000
-    /// deliveries/s over the subscribers, plus 15 %).
+    /// Sustained messages per second: a number, `auto` (500,000
+    /// deliveries/s over the subscribers, plus 15 %) or `max` (publishers
+    /// back to back).
     #[arg(long, default_value = "auto")]
     rate: String,
     /// Paced publishers, each with one request in flight.
@@ -268,13 +269,18 @@ pub(crate) async fn run(opts: &Opts, a: Args) -> Result<bool, String> {
     }
 
     // 2. Sustained rate.
-    let rate = match a.rate.as_str() {
-        "auto" => (TARGET_DELIVERIES * 1.15 / a.subscribers.max(1) as f64)
-            .ceil()
-            .max(1.0),
-        r => r
-            .parse()
-            .map_err(|_| format!("--rate {r}: a number or auto"))?,
+    // `None`: back to back (`--rate max`).
+    let rate: Option<f64> = match a.rate.as_str() {
+        "auto" => Some(
+            (TARGET_DELIVERIES * 1.15 / a.subscribers.max(1) as f64)
+                .ceil()
+                .max(1.0),
+        ),
+        "max" => None,
+        r => Some(
+            r.parse()
+                .map_err(|_| format!("--rate {r}: a number, auto or max"))?,
+        ),
     };
     let t0 = Instant::now() + Duration::from_millis(200);
     let window_start = t0 + a.warmup;
@@ -286,7 +292,7 @@ pub(crate) async fn run(opts: &Opts, a: Args) -> Result<bool, String> {
     let callers = {
         let (api, url) = (api.clone(), publish_url.clone());
         let (size, from) = (a.size, window_ns.0);
-        Callers::start(a.publishers, Some(rate), t0, end, move |seq| {
+        Callers::start(a.publishers, rate, t0, end, move |seq| {
             let (api, url) = (api.clone(), url.clone());
             async move { publish(&api, &url, native, (WARMUP, SUSTAINED, from), seq, size).await }
         })
@@ -398,7 +404,8 @@ pub(crate) async fn run(opts: &Opts, a: Args) -> Result<bool, String> {
     t.row(
         "sustained: messages published/s",
         format!(
-            "{published_per_s:.1} of {rate} asked ({} slots skipped, {refused} refused)",
+            "{published_per_s:.1} of {} asked ({} slots skipped, {refused} refused)",
+            rate.map_or("max".to_owned(), |r| r.to_string()),
             skipped
         ),
     );
