@@ -1,16 +1,16 @@
 #!/usr/bin/env bash
 # Reproduces the figures of docs/benchmarks.md: builds the gateway, the echo
-# origin and the bench tool, then runs the scenarios (`cross-node` and the
-# cluster fan-out only if nats-server is on the PATH; `fanout` measures nginx + nchan beside the
-# gateway when both are installed, and says so when they are not: Debian
-# `apt-get install -y nginx libnginx-mod-nchan`). Results go to
-# target/bench/*.json.
+# origin and the bench, then runs every scenario at the documented scale.
+# Results go to $CARGO_TARGET_DIR/bench/*.json (target/bench by default).
 #
 #   tools/switchboard-bench/run.sh            # as documented
 #   tools/switchboard-bench/run.sh --sysctl   # also raise somaxconn and the port range (root)
 #
-# Everything runs on loopback. The tool itself needs none of the sysctls: it
-# spreads clients over 16 source addresses, so the default port range is plenty.
+# The cluster scenarios need nats-server on the PATH (with JetStream for the
+# cluster fan-out); the nchan comparison needs nginx and its nchan module
+# (Debian: apt-get install -y nginx libnginx-mod-nchan). Each is skipped with
+# a message when missing. Everything runs on loopback; the clients spread over
+# 16 source addresses, so the default ephemeral port range is plenty.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -20,27 +20,29 @@ if [[ "${1:-}" == "--sysctl" ]]; then
 fi
 
 cargo build --release -p switchboard -p switchboard-examples -p switchboard-bench
-bench=target/release/switchboard-bench
+target="${CARGO_TARGET_DIR:-target}"
+bench="$target/release/switchboard-bench"
+out="$target/bench"
 
-"$bench" idle --connections 19000 --out target/bench/idle.json
-"$bench" idle --connections 19000 --steps 4 --no-tcp-baseline --out target/bench/idle-steps.json
-"$bench" echo --clients 100 --size 64 --duration 10s --out target/bench/echo.json
-"$bench" echo --clients 100 --size 4096 --duration 10s --out target/bench/echo-4k.json
+"$bench" idle --connections 19000 --json "$out/idle.json"
+"$bench" idle --connections 6000 --no-tcp-baseline --json "$out/idle-6k.json"
+"$bench" idle --connections 6000 --no-tcp-baseline --tls --json "$out/idle-tls-6k.json"
+"$bench" echo --clients 100 --size 64 --duration 10s --json "$out/echo.json"
+"$bench" echo --clients 100 --size 4096 --duration 10s --json "$out/echo-4k.json"
+"$bench" fanout --subscribers 19000 --json "$out/fanout.json"
 
-# Channel fan-out: 19,000 subscribers on one channel, Switchboard and nchan.
-"$bench" fanout --subscribers 19000 --out target/bench/fanout.json
-# The same over a cluster: 100,000 subscribers on six nodes joined by NATS
-# (nats-server with JetStream, started by the tool), nchan with 19,000 beside it.
-if command -v nats-server >/dev/null; then
-    "$bench" fanout --nodes 6 --subscribers 100000 --out target/bench/fanout-cluster.json
+if command -v nginx >/dev/null; then
+    BENCH="$bench" tools/switchboard-bench/compare/nchan.sh --subscribers 19000 \
+        --json "$out/fanout-nchan.json"
 else
-    echo "run.sh: nats-server is not on the PATH; skipping the cluster fan-out" >&2
+    echo "run.sh: nginx is not installed; skipping the nchan comparison" >&2
 fi
 
 if command -v nats-server >/dev/null; then
-    "$bench" cross-node --clients 1000 --duration 10s --out target/bench/cross-node.json
+    "$bench" fanout --nodes 6 --subscribers 100000 --json "$out/fanout-cluster.json"
+    "$bench" cross-node --clients 1000 --duration 10s --json "$out/cross-node.json"
     "$bench" cross-node --clients 1000 --duration 10s --rate 10000 --batch-rate 50 \
-        --out target/bench/cross-node-paced.json
+        --json "$out/cross-node-paced.json"
 else
-    echo "run.sh: nats-server is not on the PATH; skipping cross-node" >&2
+    echo "run.sh: nats-server is not on the PATH; skipping the cluster scenarios" >&2
 fi

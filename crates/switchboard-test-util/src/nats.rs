@@ -30,6 +30,8 @@ pub struct NatsServer {
     child: Option<Child>,
     port: u16,
     jetstream: bool,
+    /// Further command-line arguments, given again on restart.
+    extra_args: Vec<String>,
     dir: PathBuf,
     /// `--server_name`, unique per harness: how it recognises its server.
     name: String,
@@ -39,6 +41,12 @@ impl NatsServer {
     /// Starts `nats-server -a 127.0.0.1 -p <free port>`, plus `-js -sd <fresh
     /// dir>` with `jetstream`, and waits until the port accepts connections.
     pub fn start(jetstream: bool) -> Self {
+        Self::start_with(jetstream, &[])
+    }
+
+    /// [`NatsServer::start`] with further `nats-server` arguments (e.g. `-m
+    /// PORT` for the monitoring endpoint the benchmarks read).
+    pub fn start_with(jetstream: bool, extra_args: &[String]) -> Self {
         crate::failure::remember_panics();
         static COUNTER: AtomicU32 = AtomicU32::new(0);
         let name = format!(
@@ -53,6 +61,7 @@ impl NatsServer {
             child: None,
             port: 0,
             jetstream,
+            extra_args: extra_args.to_vec(),
             dir,
             name,
         };
@@ -72,6 +81,11 @@ impl NatsServer {
     /// `nats://127.0.0.1:PORT`.
     pub fn url(&self) -> String {
         format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// The process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     /// The port it listens on.
@@ -138,6 +152,7 @@ impl NatsServer {
         if self.jetstream {
             cmd.arg("-js").arg("-sd").arg(path_str(&self.store_dir()));
         }
+        cmd.args(&self.extra_args);
         let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::null())
