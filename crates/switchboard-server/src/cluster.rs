@@ -51,7 +51,7 @@ impl LocalNode {
                 break;
             }
             for c in &conns {
-                c.request_close(crate::registry::CloseRequest {
+                c.request_close(crate::conn::CloseRequest {
                     code: switchboard_proto::ws::close::SERVICE_RESTART,
                     reason: "node fenced, reconnect".into(),
                     by: switchboard_proto::origin::ClosedBy::Gateway,

@@ -460,7 +460,7 @@ impl Config {
         if let Some(bad_pattern) = self
             .allowed_origins
             .iter()
-            .find(|p| crate::origins::OriginPattern::parse(p).is_none())
+            .find(|p| crate::allowed_origins::OriginPattern::parse(p).is_none())
         {
             return Err(bad(
                 "allowed-origins",

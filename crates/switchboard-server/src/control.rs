@@ -7,9 +7,9 @@
 
 use crate::bus::BusError;
 use crate::channels::{Ack, ChannelError, Subscribed};
-use crate::control_listener::{serve_connection, Slots};
+use crate::conn::{CloseRequest, Conn, Outgoing, Queued};
+use crate::edge::control_listener::{serve_connection, Slots};
 use crate::gateway::Shared;
-use crate::registry::{CloseRequest, Conn, Outgoing, Queued};
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
 use axum::http::{header, HeaderValue, StatusCode};
@@ -214,7 +214,7 @@ fn single_payload(json: &[u8]) -> Result<(), ApiError> {
 
 fn parse_json<T: DeserializeOwned>(body: Body) -> Result<T, ApiError> {
     let body = body.map_err(|e| {
-        if crate::control_listener::is_body_timeout(&e) {
+        if crate::edge::control_listener::is_body_timeout(&e) {
             ApiError::new(
                 StatusCode::REQUEST_TIMEOUT,
                 "request_timeout",
@@ -237,7 +237,7 @@ fn parse_json<T: DeserializeOwned>(body: Body) -> Result<T, ApiError> {
 
 /// Serves the control listener until `stop` fires, then gives requests in
 /// progress a moment to finish. Connections are bounded as
-/// [`crate::control_listener`] describes.
+/// [`crate::edge::control_listener`] describes.
 pub(crate) async fn serve(shared: Arc<Shared>, listener: TcpListener, stop: CancellationToken) {
     let app = router(shared.clone());
     let slots = Slots::new(shared.clone());
@@ -266,7 +266,7 @@ pub(crate) async fn serve(shared: Arc<Shared>, listener: TcpListener, stop: Canc
             }
         }
         Some(tls) => {
-            let mut tls_listener = crate::tls::ControlListener::start(
+            let mut tls_listener = crate::edge::tls::ControlListener::start(
                 listener,
                 tls,
                 shared.config.handshake_timeout,

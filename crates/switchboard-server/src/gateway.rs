@@ -10,14 +10,14 @@
 use crate::channels::Channels;
 use crate::cluster::LocalNode;
 use crate::config::{Config, ConfigError};
+use crate::conn::{CloseRequest, Registry};
 use crate::control;
-use crate::handshake;
+use crate::edge::handshake;
+use crate::edge::stream::ClientStream;
 use crate::metrics::Metrics;
 use crate::origin::dispatcher::{self, Dispatcher};
 use crate::origin::http::HttpOrigin;
 use crate::origin::{DevOrigin, OriginTransport};
-use crate::registry::{CloseRequest, Registry};
-use crate::stream::ClientStream;
 use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::future::Future;
@@ -55,10 +55,10 @@ pub enum GatewayError {
     Origin(#[from] crate::origin::OriginError),
     /// The client token settings cannot be used.
     #[error(transparent)]
-    Auth(#[from] crate::auth::AuthSetupError),
+    Auth(#[from] crate::admission::tokens::AuthSetupError),
     /// The TLS certificate or key cannot be used.
     #[error(transparent)]
-    Tls(#[from] crate::tls::TlsSetupError),
+    Tls(#[from] crate::edge::tls::TlsSetupError),
 }
 
 /// State shared by every task of the node.
@@ -66,11 +66,11 @@ pub enum GatewayError {
 pub(crate) struct Shared {
     pub(crate) config: Config,
     /// Verifies client tokens, when a key is configured.
-    pub(crate) auth: Option<crate::auth::Authenticator>,
+    pub(crate) auth: Option<crate::admission::tokens::Authenticator>,
     /// `allowed-origins`, parsed (empty: any).
-    pub(crate) allowed_origins: Vec<crate::origins::OriginPattern>,
+    pub(crate) allowed_origins: Vec<crate::allowed_origins::OriginPattern>,
     /// TLS on both listeners, when a certificate is configured.
-    pub(crate) tls: Option<Arc<crate::tls::Tls>>,
+    pub(crate) tls: Option<Arc<crate::edge::tls::Tls>>,
     pub(crate) node: NodeId,
     pub(crate) registry: Registry,
     pub(crate) channels: Channels,
@@ -102,7 +102,7 @@ pub(crate) struct Shared {
     pub(crate) lease: Arc<crate::lease::Lease>,
     /// Client sockets the node holds and refuses at once, under the
     /// open-file limit.
-    pub(crate) capacity: crate::fds::Capacity,
+    pub(crate) capacity: crate::admission::fds::Capacity,
 }
 
 impl Shared {
@@ -235,11 +235,11 @@ impl Gateway {
         transport: Arc<dyn OriginTransport>,
         lease: Arc<crate::lease::Lease>,
     ) -> Result<Self, GatewayError> {
-        let auth = crate::auth::Authenticator::new(&config)?;
+        let auth = crate::admission::tokens::Authenticator::new(&config)?;
         if let Some(a) = &auth {
             a.prefetch().await;
         }
-        let tls = crate::tls::Tls::from_config(&config)?;
+        let tls = crate::edge::tls::Tls::from_config(&config)?;
         let client = bind_listener(config.listen)?;
         let control = bind_listener(config.control_listen)?;
         let shared = Arc::new(Shared {
@@ -248,7 +248,7 @@ impl Gateway {
             allowed_origins: config
                 .allowed_origins
                 .iter()
-                .filter_map(|p| crate::origins::OriginPattern::parse(p))
+                .filter_map(|p| crate::allowed_origins::OriginPattern::parse(p))
                 .collect(),
             node,
             registry: Registry::new(),
@@ -277,7 +277,10 @@ impl Gateway {
             user_counts: crate::admission::UserCounts::new(config.max_connections_per_user),
             refusing: AtomicUsize::new(0),
             lease,
-            capacity: crate::fds::Capacity::new(&config, crate::fds::nofile_limit()),
+            capacity: crate::admission::fds::Capacity::new(
+                &config,
+                crate::admission::fds::nofile_limit(),
+            ),
             config,
         });
         Ok(Self {
@@ -303,7 +306,7 @@ impl Gateway {
 
     /// The client sockets this node holds and refuses at once: its
     /// `max-connections` under the open-file limit it was bound with.
-    pub fn capacity(&self) -> crate::fds::Capacity {
+    pub fn capacity(&self) -> crate::admission::fds::Capacity {
         self.shared.capacity
     }
 
@@ -651,7 +654,7 @@ fn accept_one(shared: &Arc<Shared>, stream: TcpStream, remote: SocketAddr) {
             shared.clone().conn_tasks.spawn(async move {
                 // The socket counts (and is capped) from accept on; its
                 // guard is dropped with it if TLS fails.
-                if let Some(stream) = crate::tls::accept_client(&shared, &tls, stream).await {
+                if let Some(stream) = crate::edge::tls::accept_client(&shared, &tls, stream).await {
                     handshake::handle(shared, stream, remote, guard, admission).await;
                 }
             });

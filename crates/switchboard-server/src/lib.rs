@@ -3,34 +3,31 @@
 //!
 //! # Layout
 //!
-//! - `channels`: channels on this node — namespaces, subscribers, history
+//! Leaves first; see ARCHITECTURE.md for the rules and the data flows.
+//!
+//! - Leaves: [`config`] (typed configuration and its validation), `metrics`
+//!   (Prometheus), `allowed_origins` (the `Origin` patterns against
+//!   cross-site WebSocket hijacking).
+//! - `admission/`: client tokens (JWT), per-IP handshake rates and per-user
+//!   caps, per-connection rate limits, the open-file budget ([`fds`]).
+//! - `conn`: a connection's shared half (`Conn`, its outbound queue) and
+//!   the sharded registry of live connections.
+//! - `channels/`: channels on this node — namespaces, subscribers, history
 //!   with offsets and epochs, presence, fan-out; in a cluster, replicas of
 //!   channels whose log is the bus's.
-//! - [`bus`]: the seam for channels across a cluster (the [`ChannelBus`]
-//!   trait a backend such as NATS implements).
-//! - `native`: the native client protocol `switchboard.v1` (commands in,
-//!   replies and pushes out).
-//! - [`cluster`]: the seam to the other nodes of a cluster (the [`Cluster`]
-//!   trait a backend such as NATS implements) and [`LocalNode`], what a
-//!   backend may do with this node.
-//! - [`config`]: the typed configuration and its validation.
-//! - [`gateway`]: binding, the accept loop, keepalives and the graceful drain.
-//! - [`lease`]: the node's right to speak for its connections in a
-//!   cluster (fencing of a node reported lost).
-//! - `handshake`: one socket's opening handshake and the `connect` decision.
-//! - `auth`: client tokens (JWT) verified at the handshake.
-//! - `origins`: the `Origin` check against cross-site WebSocket hijacking.
-//! - `tls`: TLS on both listeners (rustls), with certificate reload.
-//! - `stream`: a client connection's byte stream, plain TCP or behind TLS.
-//! - `connection`: the task of one open connection (read, write, ping, close).
-//! - `registry`: live connections and their outbound queues.
-//! - `pool`: read buffers borrowed only while a socket is readable.
-//! - `ratelimit`: per-connection message and byte rate limits.
-//! - `admission`: the per-IP handshake rate and the per-user connection cap.
-//! - [`origin`]: the origin transport trait, the HTTP webhook, and the
-//!   dispatcher that queues, batches and retries events.
-//! - `control`: the control API and the operations endpoints.
-//! - `metrics`: Prometheus metrics.
+//! - [`origin`]: the HTTP webhook, the dispatcher that queues, batches and
+//!   retries events, and `ask`, the one place that asks the origin for a
+//!   decision and makes event ids.
+//! - `control` and `native`: control commands (executed here or forwarded,
+//!   with their HTTP routes) and the native protocol `switchboard.v1`.
+//! - `edge/`: client streams (plain or TLS, with certificate reload), read
+//!   buffers borrowed while readable, the opening handshake and `connect`
+//!   decision, the task of each connection, the control HTTP listener.
+//! - [`gateway`]: binding, the accept loops, keepalives and the graceful
+//!   drain; [`cluster`]: [`LocalNode`], the node as a backend sees it.
+//! - The seams with other nodes and the origin (`Cluster`, `ChannelBus`,
+//!   `OriginTransport`, [`lease`]) live in `switchboard-backend` and are
+//!   re-exported here.
 //!
 //! # Embedding
 //!
@@ -46,34 +43,27 @@
 //! ```
 
 mod admission;
-mod auth;
+mod allowed_origins;
 mod channels;
 pub mod cluster;
 pub mod config;
-mod connection;
+mod conn;
 mod control;
-mod control_listener;
-pub mod fds;
+mod edge;
 pub mod gateway;
-mod handshake;
 mod metrics;
 mod native;
 pub mod origin;
-mod origins;
-mod pool;
-mod ratelimit;
-mod registry;
-mod stream;
-mod tls;
 
-pub use auth::AuthSetupError;
+pub use admission::fds;
+pub use admission::tokens::AuthSetupError;
 pub use cluster::LocalNode;
 pub use config::{Config, ConfigError, Namespace, TlsVersion};
 pub use control::{OPENAPI_JSON, ROUTES};
+pub use edge::tls::TlsSetupError;
 pub use gateway::{DrainReport, Gateway, GatewayError};
 pub use switchboard_backend::{
     bus, lease, BusError, BusEvent, ChannelBus, Cluster, ClusterError, CommandReply, LogEntry,
     LogRead, Node, Published, Watch,
 };
 pub use switchboard_backend::{Lease, LeaseState};
-pub use tls::TlsSetupError;

@@ -4,11 +4,11 @@
 //! `docs/protocol.md`.
 
 use crate::channels::{Ack, ChannelError};
+use crate::conn::Conn;
 use crate::gateway::{now_ms, Shared};
 use crate::metrics::KindLabel;
 use crate::origin::ask::{ask, event_id, log_failure, AskError};
 use crate::origin::ConnectDecision;
-use crate::registry::Conn;
 use bytes::Bytes;
 use serde::Serialize;
 use std::sync::Arc;

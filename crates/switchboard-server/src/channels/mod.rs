@@ -29,10 +29,10 @@ mod replica;
 
 use crate::bus::{BusError, ChannelBus};
 use crate::config::{Config, Namespace};
+use crate::conn::{Conn, KeyHasher, Outgoing};
 use crate::gateway::Shared;
 use crate::metrics::Metrics;
 use crate::native;
-use crate::registry::{Conn, KeyHasher, Outgoing};
 use parking_lot::{Mutex, RwLock};
 use serde::Serialize;
 use std::collections::{HashMap, HashSet, VecDeque};

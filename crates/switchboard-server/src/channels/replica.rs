@@ -21,11 +21,11 @@ use super::{
     fanout, member_push, message_json, tell_natives, BusLink, Channel, Channels, Kept, State,
 };
 use crate::bus::{BusError, BusEvent, LogEntry, LogRead};
+use crate::conn::{Conn, Outgoing};
 use crate::gateway::Shared;
 use crate::metrics::Metrics;
 use crate::native;
 use crate::origin::BoxFuture;
-use crate::registry::{Conn, Outgoing};
 use futures_util::StreamExt;
 use std::sync::Arc;
 use std::time::{Duration, Instant};

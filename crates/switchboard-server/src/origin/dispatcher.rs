@@ -14,10 +14,10 @@
 //! connection count — because the origin is promised exactly one `disconnect`
 //! per accepted connection.
 
+use crate::conn::{Conn, Outgoing};
 use crate::gateway::Shared;
 use crate::lease::LeaseState;
 use crate::metrics::KindLabel;
-use crate::registry::{Conn, Outgoing};
 use bytes::{BufMut, Bytes, BytesMut};
 use parking_lot::Mutex;
 use rand::Rng;

@@ -10,10 +10,10 @@
 //! are what TLS adds to a connection (docs/security.md, "TLS").
 
 use crate::config::{Config, TlsVersion};
-use crate::control_listener::{Slot, Slots};
+use crate::edge::control_listener::{Slot, Slots};
+use crate::edge::stream::ClientStream;
 use crate::gateway::Shared;
 use crate::metrics::Metrics;
-use crate::stream::ClientStream;
 use parking_lot::{Mutex, RwLock};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -367,7 +367,7 @@ impl Flow {
 async fn client_to_task(tls: &mut TlsStream<TcpStream>, plain: &mut UnixStream) -> Flow {
     use futures_util::FutureExt;
     use tokio::io::AsyncReadExt;
-    let mut buf = crate::pool::take();
+    let mut buf = crate::edge::pool::take();
     let mut moved = 0;
     let flow = loop {
         if moved >= TURN_BUDGET {
@@ -390,14 +390,14 @@ async fn client_to_task(tls: &mut TlsStream<TcpStream>, plain: &mut UnixStream) 
             Some(Err(_)) => break Flow::Failed,
         }
     };
-    crate::pool::give(buf);
+    crate::edge::pool::give(buf);
     flow
 }
 
 /// Encrypts what the connection task wrote that is there now (a turn's
 /// worth) and sends it.
 async fn task_to_client(plain: &mut UnixStream, tls: &mut TlsStream<TcpStream>) -> Flow {
-    let mut buf = crate::pool::take();
+    let mut buf = crate::edge::pool::take();
     let mut moved = 0;
     let flow = loop {
         if moved >= TURN_BUDGET {
@@ -428,7 +428,7 @@ async fn task_to_client(plain: &mut UnixStream, tls: &mut TlsStream<TcpStream>) 
             Err(_) => break Flow::Failed,
         }
     };
-    crate::pool::give(buf);
+    crate::edge::pool::give(buf);
     flow
 }
 

@@ -5,7 +5,7 @@
 //! The per-IP connection count lives with the socket count in `gateway`
 //! (`Shared::track_socket`), as it is taken at accept.
 
-use crate::ratelimit::Bucket;
+use crate::admission::ratelimit::Bucket;
 use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::net::IpAddr;

@@ -6,13 +6,13 @@
 //! then close frames). Every refusal is listed in `docs/protocol.md`.
 
 use crate::channels::Ack;
-use crate::connection;
+use crate::conn::{CloseRequest, Conn, ConnInit, Outgoing};
+use crate::edge::connection;
+use crate::edge::pool;
+use crate::edge::stream::ClientStream;
 use crate::gateway::{now_ms, Shared, SocketGuard};
 use crate::origin::ask::{ask, event_id, log_failure, AskError};
 use crate::origin::{ConnectDecision, OriginError};
-use crate::pool;
-use crate::registry::{CloseRequest, Conn, ConnInit, Outgoing};
-use crate::stream::ClientStream;
 use bytes::BytesMut;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -577,7 +577,7 @@ async fn decide(
         Some(auth) => {
             match tokio::time::timeout_at(deadline, auth.authenticate(req, &cookies)).await {
                 Ok(Ok(identity)) => identity,
-                Ok(Err(crate::auth::AuthError::Missing(_))) if opening.is_native => {
+                Ok(Err(crate::admission::tokens::AuthError::Missing(_))) if opening.is_native => {
                     return Ok(Decision::FirstCommand(opening));
                 }
                 Ok(Err(e)) => {
@@ -651,7 +651,7 @@ fn open(shared: &Shared, req: &Request) -> Result<Opening, Refusal> {
         .iter()
         .find(|(n, _)| n == "origin")
         .map(|(_, v)| v.as_str());
-    if !crate::origins::allowed(&shared.allowed_origins, origin) {
+    if !crate::allowed_origins::allowed(&shared.allowed_origins, origin) {
         return Err(refuse(
             403,
             "origin_not_allowed",
@@ -709,7 +709,7 @@ async fn admit(
     deadline: tokio::time::Instant,
     opening: Opening,
     cookies: BTreeMap<String, String>,
-    identity: Option<crate::auth::Identity>,
+    identity: Option<crate::admission::tokens::Identity>,
 ) -> Result<Accepted, Refusal> {
     let cfg = &shared.config;
     let Opening {
@@ -824,11 +824,13 @@ async fn admit(
         id,
         remote,
         path: req.path.clone(),
-        token: identity.as_ref().map(crate::auth::Identity::state),
+        token: identity
+            .as_ref()
+            .map(crate::admission::tokens::Identity::state),
         // Enforced unless the origin lets the connection outlive its token.
         token_expires_ms: identity
             .as_ref()
-            .and_then(crate::auth::Identity::expires_at_ms)
+            .and_then(crate::admission::tokens::Identity::expires_at_ms)
             .filter(|_| !answer.outlive_token)
             .unwrap_or(0),
         // The origin's word first, else the token's `sub`.

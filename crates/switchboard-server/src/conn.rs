@@ -6,8 +6,8 @@
 //! recipients) onto the connection's queue and wakes its task; only that task
 //! touches the socket.
 
+use crate::edge::stream::ClientStream;
 use crate::metrics::Metrics;
-use crate::stream::ClientStream;
 use bytes::{Buf, Bytes};
 use parking_lot::{Mutex, MutexGuard, RwLock};
 use std::collections::{HashMap, VecDeque};
@@ -219,7 +219,7 @@ pub(crate) struct Conn {
     /// Its place in `max-connections-per-user`, freed with the connection.
     _user_slot: Option<Box<crate::admission::UserSlot>>,
     /// The client's current token (none without one).
-    pub(crate) token: Mutex<Option<Box<crate::auth::TokenState>>>,
+    pub(crate) token: Mutex<Option<Box<crate::admission::tokens::TokenState>>>,
     /// When the current token expires, Unix ms (0: never, or not enforced).
     pub(crate) token_expires_ms: std::sync::atomic::AtomicU64,
     pub(crate) subprotocol: Option<Box<str>>,
@@ -258,7 +258,7 @@ pub(crate) struct ConnInit {
     pub(crate) user_id: Option<String>,
     pub(crate) metadata: Option<serde_json::Value>,
     pub(crate) user_slot: Option<Box<crate::admission::UserSlot>>,
-    pub(crate) token: Option<crate::auth::TokenState>,
+    pub(crate) token: Option<crate::admission::tokens::TokenState>,
     pub(crate) token_expires_ms: u64,
     pub(crate) subprotocol: Option<String>,
     pub(crate) native: bool,

@@ -4,15 +4,15 @@
 //! [`Conn`] being woken (a frame queued or a close requested), and one timer
 //! (next ping, pong deadline, idle deadline or closing deadline, whichever is
 //! first). While idle it holds no read buffer, no write buffer and no
-//! fragment buffer; see [`crate::pool`].
+//! fragment buffer; see [`crate::edge::pool`].
 
+use crate::admission::ratelimit::{RateLimit, Verdict};
+use crate::conn::Conn;
+use crate::edge::pool;
+use crate::edge::stream::ClientStream;
 use crate::gateway::{now_ms, Shared, SocketGuard};
 use crate::native;
 use crate::origin::ask::event_id;
-use crate::pool;
-use crate::ratelimit::{RateLimit, Verdict};
-use crate::registry::Conn;
-use crate::stream::ClientStream;
 use bytes::{Bytes, BytesMut};
 use std::io;
 use std::sync::atomic::Ordering::Relaxed;
@@ -830,7 +830,7 @@ fn bytes_to_string(b: Bytes) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::registry::ConnInit;
+    use crate::conn::ConnInit;
     use crate::{Config, Gateway};
 
     /// The connection task is what a million idle connections multiply: its
@@ -866,7 +866,7 @@ mod tests {
         let (socket, _) = shared.track_socket(remote.ip());
         let disconnect = DisconnectGuard::new(shared.clone(), conn);
         let fut = run(
-            crate::stream::ClientStream::Tcp(client),
+            crate::edge::stream::ClientStream::Tcp(client),
             disconnect,
             None,
             Decoder::new(1 << 20, None),
