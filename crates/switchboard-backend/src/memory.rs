@@ -402,12 +402,8 @@ impl ChannelBus for MemoryBus {
             let after = match since {
                 None => {
                     let n = limit.unwrap_or(usize::MAX).min(log.entries.len());
-                    read.entries = log
-                        .entries
-                        .iter()
-                        .skip(log.entries.len() - n)
-                        .cloned()
-                        .collect();
+                    let newest = log.entries.len() - n..;
+                    read.entries = log.entries.range(newest).cloned().collect();
                     return Ok(read);
                 }
                 Some(s) if s.epoch.is_empty() && s.offset == 0 => 0,

@@ -9,32 +9,15 @@
 use bytes::BytesMut;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use std::hint::black_box;
-use switchboard_proto::ws::frame::apply_mask;
+use switchboard_proto::ws::frame::{encode_client_frame, OpCode};
 use switchboard_proto::ws::{Decoder, Message};
 
 /// The largest message the benchmarks let through (the gateway's default).
 const MAX_MESSAGE: usize = 1 << 20;
 
 /// A masked client frame, as a browser sends it.
-fn client_frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
-    let mask = [0x12, 0x34, 0x56, 0x78];
-    let mut f = vec![if fin { 0x80 } else { 0 } | opcode];
-    match payload.len() {
-        n if n < 126 => f.push(0x80 | n as u8),
-        n if n <= 0xFFFF => {
-            f.push(0x80 | 126);
-            f.extend_from_slice(&(n as u16).to_be_bytes());
-        }
-        n => {
-            f.push(0x80 | 127);
-            f.extend_from_slice(&(n as u64).to_be_bytes());
-        }
-    }
-    f.extend_from_slice(&mask);
-    let start = f.len();
-    f.extend_from_slice(payload);
-    apply_mask(&mut f[start..], mask, 0);
-    f
+fn client_frame(fin: bool, opcode: OpCode, payload: &[u8]) -> Vec<u8> {
+    encode_client_frame(fin, opcode, payload, [0x12, 0x34, 0x56, 0x78])
 }
 
 /// Decodes every message of `wire`; returns how many there were.
@@ -54,7 +37,7 @@ fn decoder(c: &mut Criterion) {
     for size in [16usize, 64, 1024, 16 << 10] {
         let text = "x".repeat(size);
         let wire: Vec<u8> = (0..100)
-            .flat_map(|_| client_frame(true, 0x1, text.as_bytes()))
+            .flat_map(|_| client_frame(true, OpCode::Text, text.as_bytes()))
             .collect();
         g.throughput(Throughput::Bytes(wire.len() as u64));
         g.bench_function(format!("100 text x {size} B"), |b| {
@@ -68,7 +51,17 @@ fn decoder(c: &mut Criterion) {
     // One 64 KiB binary message in 16 fragments.
     let part = vec![7u8; 4096];
     let wire: Vec<u8> = (0..16)
-        .flat_map(|i| client_frame(i == 15, if i == 0 { 0x2 } else { 0x0 }, &part))
+        .flat_map(|i| {
+            client_frame(
+                i == 15,
+                if i == 0 {
+                    OpCode::Binary
+                } else {
+                    OpCode::Continuation
+                },
+                &part,
+            )
+        })
         .collect();
     g.throughput(Throughput::Bytes(wire.len() as u64));
     g.bench_function("64 KiB binary in 16 fragments", |b| {

@@ -742,6 +742,11 @@ async fn keepalive_loop(shared: Arc<Shared>, stop: CancellationToken) {
             if !shared.lease.is_held() {
                 // Cut off from the cluster (or fenced): the next round
                 // follows the renewal.
+                shared
+                    .metrics
+                    .lease_refusals
+                    .get_or_create(&crate::metrics::KindLabel { kind: "keepalive" })
+                    .inc();
                 break;
             }
             let started = Instant::now();

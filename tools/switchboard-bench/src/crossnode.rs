@@ -20,7 +20,7 @@
 //! counted in a quiet window first). Every delivery the API accepted must
 //! arrive.
 
-use crate::engine::{stamp, Fleet, Mode};
+use crate::engine::{share_concurrency, stamp, Fleet, Mode};
 use crate::measure::{self, unix_nanos, CpuMeter, Percentiles, Table};
 use crate::servers::{echo_origin, Api, Callers, Cluster};
 use crate::Opts;
@@ -107,11 +107,7 @@ pub(crate) async fn run(opts: &Opts, a: Args) -> Result<bool, String> {
             };
             configs.extend(opts.workers_for(node, share, 1, None, mode));
         }
-        // The handshakes in flight are shared by every worker of every node.
-        let k = configs.len();
-        configs
-            .iter_mut()
-            .for_each(|c| c.concurrency = opts.concurrency.div_ceil(k));
+        share_concurrency(&mut configs, opts.concurrency);
         let mut fleet = Fleet::spawn(&configs)?;
         let c = fleet.connect(opts.connect_timeout).await?;
         if c.open < a.clients {

@@ -42,7 +42,7 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
-use switchboard_proto::ws::frame::{apply_mask, parse_header};
+use switchboard_proto::ws::frame::{encode_client_frame, parse_header, OpCode};
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::{mpsc, watch, Semaphore};
@@ -235,25 +235,8 @@ const OP_PONG: u8 = 0xA;
 
 /// A masked client frame (fixed key: the server must unmask either way).
 fn client_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
-    const KEY: [u8; 4] = [0x37, 0xfa, 0x21, 0x3d];
-    let mut f = Vec::with_capacity(payload.len() + 14);
-    f.push(0x80 | opcode);
-    match payload.len() {
-        n if n < 126 => f.push(0x80 | n as u8),
-        n if n <= 0xFFFF => {
-            f.push(0x80 | 126);
-            f.extend_from_slice(&(n as u16).to_be_bytes());
-        }
-        n => {
-            f.push(0x80 | 127);
-            f.extend_from_slice(&(n as u64).to_be_bytes());
-        }
-    }
-    f.extend_from_slice(&KEY);
-    let start = f.len();
-    f.extend_from_slice(payload);
-    apply_mask(&mut f[start..], KEY, 0);
-    f
+    let op = OpCode::from_u8(opcode).expect("one of the opcodes above");
+    encode_client_frame(true, op, payload, [0x37, 0xfa, 0x21, 0x3d])
 }
 
 /// A frame received: opcode and payload range in the buffer.
@@ -1045,6 +1028,15 @@ pub(crate) struct Connected {
     pub(crate) ids: Vec<Vec<String>>,
 }
 
+/// Shares `total` handshakes in flight among the workers of `configs` (of
+/// every node they target).
+pub(crate) fn share_concurrency(configs: &mut [WorkerConfig], total: usize) {
+    let k = configs.len().max(1);
+    for c in configs {
+        c.concurrency = total.div_ceil(k);
+    }
+}
+
 impl Fleet {
     /// Sends [`Cmd::Connect`] and sums the workers' [`Report::Connected`].
     pub(crate) async fn connect(&mut self, limit: Duration) -> Result<Connected, String> {
@@ -1111,6 +1103,7 @@ impl Fleet {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use switchboard_proto::ws::frame::apply_mask;
 
     #[test]
     fn stamps_are_found_in_any_envelope() {

@@ -24,7 +24,7 @@
 //! phase; for a cluster also the NATS messages per publish (`/varz`, less
 //! the background counted in a quiet window).
 
-use crate::engine::{stamp, Fleet, Mode, Receipts, Report, TICK_NS};
+use crate::engine::{share_concurrency, stamp, Fleet, Mode, Receipts, Report, TICK_NS};
 use crate::measure::{self, human_bytes, unix_nanos, CpuMeter, Percentiles, Table};
 use crate::servers::{Api, Callers, Cluster, Gateway};
 use crate::Opts;
@@ -174,11 +174,7 @@ pub(crate) async fn run(opts: &Opts, a: Args) -> Result<bool, String> {
             configs.push(c);
         }
     }
-    // The handshakes in flight are shared by every worker of every node.
-    let k = configs.len();
-    configs
-        .iter_mut()
-        .for_each(|c| c.concurrency = opts.concurrency.div_ceil(k));
+    share_concurrency(&mut configs, opts.concurrency);
     let mut fleet = Fleet::spawn(&configs)?;
     let c = fleet.connect(opts.connect_timeout).await?;
     if c.open < a.subscribers {

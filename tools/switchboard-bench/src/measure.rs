@@ -63,8 +63,8 @@ pub(crate) fn cpu_seconds(pid: u32) -> Option<f64> {
     // Fields after the command name, which may hold spaces: utime is the
     // 14th field of the line, the 12th after the closing parenthesis.
     let rest = &stat[stat.rfind(')')? + 2..];
-    let mut f = rest.split_whitespace().skip(11);
-    let utime: u64 = f.next()?.parse().ok()?;
+    let mut f = rest.split_whitespace();
+    let utime: u64 = f.nth(11)?.parse().ok()?;
     let stime: u64 = f.next()?.parse().ok()?;
     // USER_HZ is 100 on every Linux the tool runs on.
     Some((utime + stime) as f64 / 100.0)
@@ -86,7 +86,7 @@ fn machine_busy() -> f64 {
         .next()
         .unwrap_or_default()
         .split_whitespace()
-        .skip(1)
+        // The `cpu` label does not parse: the numbers remain.
         .filter_map(|v| v.parse().ok())
         .collect();
     let field = |i: usize| f.get(i).copied().unwrap_or(0);

@@ -177,6 +177,20 @@ pub fn encode_frame_with(opcode: OpCode, rsv1: bool, payload: &[u8]) -> Bytes {
     buf.freeze()
 }
 
+/// Encodes a frame as a client sends it, masked with `mask` (RFC 6455
+/// §5.3). For clients, load generators and tests: the gateway's own frames
+/// are never masked.
+pub fn encode_client_frame(fin: bool, opcode: OpCode, payload: &[u8], mask: [u8; 4]) -> Vec<u8> {
+    let mut buf = BytesMut::with_capacity(payload.len() + 14);
+    write_header(&mut buf, fin, false, opcode, payload.len());
+    buf[1] |= 0x80;
+    buf.extend_from_slice(&mask);
+    let start = buf.len();
+    buf.extend_from_slice(payload);
+    apply_mask(&mut buf[start..], mask, 0);
+    buf.to_vec()
+}
+
 /// Encodes a close frame with a code and a reason (truncated to fit the 125-byte
 /// control frame limit on a character boundary).
 pub fn encode_close(code: u16, reason: &str) -> Bytes {
