@@ -5,13 +5,26 @@ cycles among them.
     python3 tools/module-deps.py [crates/switchboard-server/src] [--check]
 
 Prints one line per top-level module (`a -> b, c`), then every cycle (a set
-of modules that reach each other). With --check it exits 1 when there is a
-cycle, for CI once the server's modules form none.
+of modules that reach each other), then every arrow that runs up the
+server's layers (see LAYERS). With --check it exits 1 on either; CI runs it.
 """
 
 import os
 import re
 import sys
+
+# The server crate's layers, lowest first: a module may use its own layer's
+# modules and those below (ARCHITECTURE.md gives the reasons).
+LAYERS = [
+    ["allowed_origins", "clock", "config", "frames", "metrics"],
+    ["admission"],
+    ["conn"],
+    ["origin"],
+    ["channels"],
+    ["commands"],
+    ["edge"],
+    ["node"],
+]
 
 
 def modules(src):
@@ -29,6 +42,9 @@ def modules(src):
             with open(path, encoding="utf-8") as fh:
                 text = fh.read()
             named = set(re.findall(r"\bcrate::([a-z_][a-z0-9_]*)", text))
+            # `crate::{a, b::c}`: the first segment of each item.
+            for group in re.findall(r"\bcrate::\{([^}]*)\}", text):
+                named.update(re.findall(r"(?:^|,)\s*([a-z_][a-z0-9_]*)", group))
             deps.setdefault(name, set()).update(named - {name})
     return {m: {d for d in ds if d in deps} for m, ds in deps.items()}
 
@@ -65,6 +81,20 @@ def cycles(deps):
     return found
 
 
+def upward(deps):
+    """Arrows from a module to one in a higher layer, when every module has
+    a layer (other crates are not checked)."""
+    layer = {m: i for i, ms in enumerate(LAYERS) for m in ms}
+    if not set(deps) <= set(layer):
+        return []
+    return [
+        (m, d)
+        for m in sorted(deps)
+        for d in sorted(deps[m])
+        if layer[d] > layer[m]
+    ]
+
+
 def main(argv):
     check = "--check" in argv
     args = [a for a in argv if a != "--check"]
@@ -77,7 +107,10 @@ def main(argv):
         print(f"cycle: {' '.join(c)}")
     if not found:
         print("no cycles")
-    return 1 if check and found else 0
+    up = upward(deps)
+    for m, d in up:
+        print(f"upward: {m} -> {d}")
+    return 1 if check and (found or up) else 0
 
 
 if __name__ == "__main__":

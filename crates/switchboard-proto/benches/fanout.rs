@@ -4,7 +4,7 @@
 //! outbound queue.
 //!
 //! The queue is a model of the gateway's per-connection outbound queue
-//! (crate-private in `switchboard-server`, `registry.rs` `Conn::push`): a
+//! (crate-private in `switchboard-server`, `conn` `Conn::push`): a
 //! `parking_lot::Mutex` around a `VecDeque<Bytes>` with a byte count and a
 //! bound, and a `tokio::sync::Notify` woken when the queue was empty. What is
 //! measured is the cost per subscriber of sharing one encoded frame: a lock,

@@ -3,28 +3,31 @@
 //!
 //! # Layout
 //!
-//! Leaves first; see ARCHITECTURE.md for the rules and the data flows.
+//! Leaves first; a module uses its own layer and those below (see
+//! ARCHITECTURE.md; `tools/module-deps.py --check` enforces it in CI).
 //!
 //! - Leaves: [`config`] (typed configuration and its validation), `metrics`
 //!   (Prometheus), `allowed_origins` (the `Origin` patterns against
-//!   cross-site WebSocket hijacking).
+//!   cross-site WebSocket hijacking), `clock`, `frames` (the native
+//!   protocol's reply and push frames).
 //! - `admission/`: client tokens (JWT), per-IP handshake rates and per-user
 //!   caps, per-connection rate limits, the open-file budget ([`fds`]).
-//! - `conn`: a connection's shared half (`Conn`, its outbound queue) and
-//!   the sharded registry of live connections.
+//! - `conn/`: a connection's shared half (`Conn`, its outbound queue and
+//!   stream) and the sharded registry of live connections.
+//! - [`origin`]: the HTTP webhook, the dispatcher that queues, batches and
+//!   retries events, and `ask`, the one place that asks the origin for a
+//!   decision and makes event ids; `Origin` is its handle.
 //! - `channels/`: channels on this node — namespaces, subscribers, history
 //!   with offsets and epochs, presence, fan-out; in a cluster, replicas of
 //!   channels whose log is the bus's.
-//! - [`origin`]: the HTTP webhook, the dispatcher that queues, batches and
-//!   retries events, and `ask`, the one place that asks the origin for a
-//!   decision and makes event ids.
-//! - `control` and `native`: control commands (executed here or forwarded,
-//!   with their HTTP routes) and the native protocol `switchboard.v1`.
-//! - `edge/`: client streams (plain or TLS, with certificate reload), read
-//!   buffers borrowed while readable, the opening handshake and `connect`
-//!   decision, the task of each connection, the control HTTP listener.
-//! - [`gateway`]: binding, the accept loops, keepalives and the graceful
-//!   drain; [`cluster`]: [`LocalNode`], the node as a backend sees it.
+//! - `commands/`: control commands (executed here or forwarded) and the
+//!   native protocol `switchboard.v1`, through the `Commands` handle.
+//! - `edge/`: accept loops, TLS with certificate reload, read buffers
+//!   borrowed while readable, the opening handshake and `connect`
+//!   decision, the task of each connection, the control HTTP listener and
+//!   its routes.
+//! - [`node`]: binding, keepalives, the graceful drain, and [`LocalNode`],
+//!   the node as a backend sees it.
 //! - The seams with other nodes and the origin (`Cluster`, `ChannelBus`,
 //!   `OriginTransport`, [`lease`]) live in `switchboard-backend` and are
 //!   re-exported here.
@@ -45,23 +48,22 @@
 mod admission;
 mod allowed_origins;
 mod channels;
-pub mod cluster;
+mod clock;
+mod commands;
 pub mod config;
 mod conn;
-mod control;
 mod edge;
-pub mod gateway;
+mod frames;
 mod metrics;
-mod native;
+pub mod node;
 pub mod origin;
 
 pub use admission::fds;
 pub use admission::tokens::AuthSetupError;
-pub use cluster::LocalNode;
 pub use config::{Config, ConfigError, Namespace, TlsVersion};
-pub use control::{OPENAPI_JSON, ROUTES};
+pub use edge::api::{OPENAPI_JSON, ROUTES};
 pub use edge::tls::TlsSetupError;
-pub use gateway::{DrainReport, Gateway, GatewayError};
+pub use node::{DrainReport, Gateway, GatewayError, LocalNode};
 pub use switchboard_backend::{
     bus, lease, BusError, BusEvent, ChannelBus, Cluster, ClusterError, CommandReply, LogEntry,
     LogRead, Node, Published, Watch,

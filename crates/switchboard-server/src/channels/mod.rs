@@ -30,9 +30,8 @@ mod replica;
 use crate::bus::{BusError, ChannelBus};
 use crate::config::{Config, Namespace};
 use crate::conn::{Conn, KeyHasher, Outgoing};
-use crate::gateway::Shared;
+use crate::frames;
 use crate::metrics::Metrics;
-use crate::native;
 use parking_lot::{Mutex, RwLock};
 use serde::Serialize;
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -257,7 +256,7 @@ fn tell_natives(st: &State, push: &Push, m: &Metrics) {
     if natives.peek().is_none() {
         return;
     }
-    let out = Outgoing::native_only(native::json(push));
+    let out = Outgoing::native_only(frames::json(push));
     for c in natives {
         c.send(&out, m);
     }
@@ -278,7 +277,7 @@ fn presence_of(members: Vec<Member>) -> PresenceResult {
 
 /// The native push of a channel message.
 fn message_json(channel: &str, epoch: &str, offset: u64, data: &Payload) -> bytes::Bytes {
-    native::json(&MessagePush {
+    frames::json(&MessagePush {
         push: "message",
         channel,
         offset,
@@ -342,11 +341,17 @@ struct MessagePush<'a> {
 
 type Shard = RwLock<HashMap<Arc<str>, Arc<Channel>>>;
 
-/// The cluster's channel bus, and the node for the tasks that use it.
+/// The channels of some connections, by connection key. Lock order: a
+/// channel's state, then this.
+type SubsShard = Mutex<HashMap<ConnKey, Vec<Arc<Channel>>, BuildHasherDefault<KeyHasher>>>;
+
+/// The cluster's channel bus, and what the replicas' tasks use.
 #[derive(Debug)]
 struct BusLink {
     bus: Arc<dyn ChannelBus>,
-    shared: Weak<Shared>,
+    /// These channels (weak: the tasks end with the node).
+    channels: Weak<Channels>,
+    metrics: Arc<Metrics>,
 }
 
 /// Every channel this node holds state for.
@@ -354,6 +359,8 @@ struct BusLink {
 pub(crate) struct Channels {
     namespaces: HashMap<String, Arc<Namespace>>,
     shards: Box<[Shard]>,
+    /// Each connection's channels (connections with none have no entry).
+    subs: Box<[SubsShard]>,
     hasher: std::collections::hash_map::RandomState,
     max_subscriptions: usize,
     /// `max-channel-length`.
@@ -378,6 +385,7 @@ impl Channels {
                 .map(|ns| (ns.name.clone(), Arc::new(ns.clone())))
                 .collect(),
             shards: (0..SHARDS).map(|_| Shard::default()).collect(),
+            subs: (0..SHARDS).map(|_| SubsShard::default()).collect(),
             hasher: Default::default(),
             max_subscriptions: config.max_subscriptions,
             max_channel_length: config.max_channel_length,
@@ -388,8 +396,17 @@ impl Channels {
 
     /// Makes the cluster's bus the home of every channel's log. Only before
     /// the node serves (no channel exists yet); `false` if already joined.
-    pub(crate) fn join_bus(&self, bus: Arc<dyn ChannelBus>, shared: Weak<Shared>) -> bool {
-        self.link.set(BusLink { bus, shared }).is_ok()
+    pub(crate) fn join_bus(
+        self: &Arc<Self>,
+        bus: Arc<dyn ChannelBus>,
+        metrics: Arc<Metrics>,
+    ) -> bool {
+        let link = BusLink {
+            bus,
+            channels: Arc::downgrade(self),
+            metrics,
+        };
+        self.link.set(link).is_ok()
     }
 
     /// Whether channels live on a cluster's bus.
@@ -410,6 +427,19 @@ impl Channels {
 
     fn shard(&self, name: &str) -> &Shard {
         &self.shards[(self.hasher.hash_one(name) as usize) % SHARDS]
+    }
+
+    /// The subscriptions shard of a connection.
+    fn subs_of(&self, key: &ConnKey) -> &SubsShard {
+        &self.subs[usize::from(key[15]) % SHARDS]
+    }
+
+    /// Whether `conn` is subscribed to `channel`.
+    pub(crate) fn is_subscribed(&self, conn: &Conn, channel: &str) -> bool {
+        self.subs_of(&conn.key)
+            .lock()
+            .get(&conn.key)
+            .is_some_and(|chs| chs.iter().any(|c| &*c.name == channel))
     }
 
     fn get_or_create(&self, name: &str, metrics: &Metrics) -> Result<Arc<Channel>, ChannelError> {
@@ -465,16 +495,17 @@ impl Channels {
         metrics: &Metrics,
     ) -> Result<Subscribed, ChannelError> {
         self.with_state(channel, metrics, |ch, st| {
-            let mut subs = conn.subs.lock();
-            if subs.closed {
+            let mut all_subs = self.subs_of(&conn.key).lock();
+            if conn.ended.load(Relaxed) {
                 return Err(ChannelError::ConnectionGone);
             }
+            let subs = all_subs.entry(conn.key).or_default();
             if st.subscribers.contains_key(&conn.key)
                 || st.pending.iter().any(|p| p.conn.key == conn.key)
             {
                 return Err(ChannelError::AlreadySubscribed);
             }
-            if subs.channels.len() >= self.max_subscriptions {
+            if subs.len() >= self.max_subscriptions {
                 return Err(ChannelError::TooManySubscriptions(self.max_subscriptions));
             }
             let recoverable = since.is_some_and(|since| st.after(since).is_some());
@@ -491,7 +522,7 @@ impl Channels {
                     buffer: Vec::new(),
                     done: Some(tx),
                 });
-                subs.channels.push(Arc::clone(ch));
+                subs.push(Arc::clone(ch));
                 if st.watcher.is_none() {
                     st.watcher = replica::watch(link, ch);
                 } else if st.synced {
@@ -520,7 +551,7 @@ impl Channels {
             }
             self.acknowledge(ch, st, conn, ack, &result, metrics);
             st.subscribers.insert(conn.key, conn.clone());
-            subs.channels.push(Arc::clone(ch));
+            subs.push(Arc::clone(ch));
             metrics.subscriptions.inc();
             Ok(Subscribed::Now(result))
         })?
@@ -539,7 +570,7 @@ impl Channels {
     ) {
         match ack {
             Ack::Reply(id) => {
-                conn.push(native::result_frame(id, result), metrics);
+                conn.push(frames::result_frame(id, result), metrics);
             }
             Ack::Push if conn.native => {
                 let push = Push::Subscribed {
@@ -547,7 +578,7 @@ impl Channels {
                     epoch: result.epoch.clone(),
                     offset: result.offset,
                 };
-                conn.push(native::push_frame(&push), metrics);
+                conn.push(frames::push_frame(&push), metrics);
             }
             Ack::Push => {}
         }
@@ -577,19 +608,15 @@ impl Channels {
         metrics: &Metrics,
     ) -> Result<bool, ChannelError> {
         self.namespace(channel)?;
-        let ch = {
-            let mut subs = conn.subs.lock();
-            let Some(i) = subs.channels.iter().position(|c| &*c.name == channel) else {
-                return Ok(false);
-            };
-            subs.channels.swap_remove(i)
+        let Some(ch) = self.forget(conn, |c| &*c.name == channel) else {
+            return Ok(false);
         };
         self.remove_subscriber(&ch, conn, metrics);
         if notify && conn.native {
             let push = Push::Unsubscribed {
                 channel: channel.to_owned(),
             };
-            conn.push(native::push_frame(&push), metrics);
+            conn.push(frames::push_frame(&push), metrics);
         }
         Ok(true)
     }
@@ -598,13 +625,26 @@ impl Channels {
     /// added afterwards.
     pub(crate) fn unsubscribe_all(&self, conn: &Conn, metrics: &Metrics) {
         let channels = {
-            let mut subs = conn.subs.lock();
-            subs.closed = true;
-            std::mem::take(&mut subs.channels)
+            let mut all_subs = self.subs_of(&conn.key).lock();
+            conn.ended.store(true, Relaxed);
+            all_subs.remove(&conn.key).unwrap_or_default()
         };
         for ch in channels {
             self.remove_subscriber(&ch, conn, metrics);
         }
+    }
+
+    /// Takes the first of `conn`'s channels that `which` picks out of its
+    /// list (the channel's subscriber set is the caller's to update).
+    fn forget(&self, conn: &Conn, which: impl Fn(&Channel) -> bool) -> Option<Arc<Channel>> {
+        let mut all_subs = self.subs_of(&conn.key).lock();
+        let subs = all_subs.get_mut(&conn.key)?;
+        let i = subs.iter().position(|c| which(c))?;
+        let ch = subs.swap_remove(i);
+        if subs.is_empty() {
+            all_subs.remove(&conn.key);
+        }
+        Some(ch)
     }
 
     fn remove_subscriber(&self, ch: &Channel, conn: &Conn, metrics: &Metrics) {
@@ -621,7 +661,7 @@ impl Channels {
                     recovered: p.since.as_ref().map(|_| false),
                     missed: None,
                 };
-                conn.push(native::result_frame(id, &result), metrics);
+                conn.push(frames::result_frame(id, &result), metrics);
             }
             return;
         }
@@ -663,7 +703,7 @@ impl Channels {
             }
             let data = data.take().expect("published once");
             let offset = st.offset + 1;
-            fanout(ch, st, offset, crate::gateway::now_ms(), data, metrics);
+            fanout(ch, st, offset, crate::clock::now_ms(), data, metrics);
             metrics.publications.inc();
             if let Some(k) = key {
                 if st.keys.len() >= MAX_IDEMPOTENCY_KEYS {

@@ -22,13 +22,13 @@ use super::{
 };
 use crate::bus::{BusError, BusEvent, LogEntry, LogRead};
 use crate::conn::{Conn, Outgoing};
-use crate::gateway::Shared;
+use crate::frames;
 use crate::metrics::Metrics;
-use crate::native;
-use crate::origin::BoxFuture;
 use futures_util::StreamExt;
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use switchboard_backend::BoxFuture;
 use switchboard_proto::native::{Push, StreamPosition, SubscribeResult};
 
 /// How long a waiting subscriber waits for the replica to catch up with
@@ -42,14 +42,30 @@ const RETRY_MAX: Duration = Duration::from_secs(2);
 /// Starts watching `ch` on the bus; the pending subscribers are completed
 /// once its position is known. `None` when the node is shutting down.
 pub(super) fn watch(link: &BusLink, ch: &Arc<Channel>) -> Option<tokio::task::AbortHandle> {
-    let s = link.shared.upgrade()?;
+    let s = Shared::of(link)?;
     Some(tokio::spawn(watch_channel(s, ch.clone())).abort_handle())
 }
 
 /// Completes the pending subscriber `ticket` of a synced replica.
 pub(super) fn complete_later(link: &BusLink, ch: &Arc<Channel>, ticket: u64) {
-    if let Some(s) = link.shared.upgrade() {
+    if let Some(s) = Shared::of(link) {
         tokio::spawn(complete(s, ch.clone(), ticket));
+    }
+}
+
+/// What a replica's tasks use: the node's channels and metrics.
+struct Shared {
+    channels: Arc<Channels>,
+    metrics: Arc<Metrics>,
+}
+
+impl Shared {
+    /// `None` once the node is gone.
+    fn of(link: &BusLink) -> Option<Arc<Self>> {
+        Some(Arc::new(Self {
+            channels: link.channels.upgrade()?,
+            metrics: link.metrics.clone(),
+        }))
     }
 }
 
@@ -210,16 +226,11 @@ fn lost(s: &Shared, ch: &Channel, st: &mut State, epoch: &str, entry: LogEntry) 
         .filter(|c| c.native)
         .cloned()
         .collect();
-    let push = native::push_frame(&Push::Unsubscribed {
+    let push = frames::push_frame(&Push::Unsubscribed {
         channel: ch.name.to_string(),
     });
     for c in natives {
-        {
-            let mut subs = c.subs.lock();
-            if let Some(i) = subs.channels.iter().position(|x| x.name == ch.name) {
-                subs.channels.swap_remove(i);
-            }
-        }
+        s.channels.forget(&c, |x| x.name == ch.name);
         s.channels.drop_subscriber(ch, st, &c, m);
         c.push(push.clone(), m);
     }
@@ -280,8 +291,8 @@ fn finish(
         return;
     };
     let mut p = st.pending.swap_remove(i);
-    let subs = p.conn.subs.lock();
-    if subs.closed {
+    let all_subs = channels.subs_of(&p.conn.key).lock();
+    if p.conn.ended.load(Relaxed) {
         return;
     }
     let mut result = SubscribeResult {
@@ -336,7 +347,7 @@ fn finish(
             m.deliveries.inc_by(p.buffer.len() as u64);
         }
     }
-    drop(subs);
+    drop(all_subs);
     st.subscribers.insert(p.conn.key, p.conn.clone());
     m.subscriptions.inc();
     if let Some(done) = p.done.take() {

@@ -6,12 +6,14 @@
 //! first). While idle it holds no read buffer, no write buffer and no
 //! fragment buffer; see [`crate::edge::pool`].
 
+use super::{Edge, SocketGuard};
 use crate::admission::ratelimit::{RateLimit, Verdict};
+use crate::clock::now_ms;
+use crate::commands::native;
+use crate::conn::stream::ClientStream;
 use crate::conn::Conn;
 use crate::edge::pool;
-use crate::edge::stream::ClientStream;
-use crate::gateway::{now_ms, Shared, SocketGuard};
-use crate::native;
+use crate::frames;
 use crate::origin::ask::event_id;
 use bytes::{Bytes, BytesMut};
 use std::io;
@@ -48,14 +50,14 @@ pub(crate) struct Ending {
 /// ended the task (a normal close, an error, a panic, the runtime shutting down).
 #[derive(Debug)]
 pub(crate) struct DisconnectGuard {
-    shared: Arc<Shared>,
+    shared: Arc<Edge>,
     conn: Arc<Conn>,
     /// How the connection ended; boxed, as it is set only at the very end.
     ending: Option<Box<Ending>>,
 }
 
 impl DisconnectGuard {
-    pub(crate) fn new(shared: Arc<Shared>, conn: Arc<Conn>) -> Self {
+    pub(crate) fn new(shared: Arc<Edge>, conn: Arc<Conn>) -> Self {
         Self {
             shared,
             conn,
@@ -90,7 +92,7 @@ impl Drop for DisconnectGuard {
         // Read before leaving the registry, which a fence waits to see empty:
         // a connection closed by a fence sends no `disconnect` (the origin
         // has retired it with `node_down`).
-        let fenced = s.lease.is_fencing();
+        let fenced = s.origin.lease.is_fencing();
         s.registry.remove(&c.key);
         c.finish();
         s.channels.unsubscribe_all(c, &s.metrics);
@@ -129,18 +131,18 @@ impl Drop for DisconnectGuard {
 }
 
 /// Queues a `disconnect`; reliable, so never refused.
-fn enqueue_disconnect(s: &Shared, event: DisconnectEvent) {
+fn enqueue_disconnect(s: &Edge, event: DisconnectEvent) {
     let key = ConnectionId::parse(&event.connection_id)
         .map(|id| id.key())
         .unwrap_or_default();
     let json = serde_json::to_vec(&Event::Disconnect(event)).expect("events serialize");
-    let _ = s.dispatcher.enqueue(&key, json.into(), None, true);
+    let _ = s.origin.dispatcher.enqueue(&key, json.into(), None, true);
 }
 
 /// The `disconnect` of a connection whose `connect` the origin may have taken
 /// as accepted although the client was refused (its answer was unreadable or
 /// came too late), so the origin can forget it.
-pub(crate) fn void_disconnect(s: &Shared, id: &ConnectionId, reason: &str) {
+pub(crate) fn void_disconnect(s: &Edge, id: &ConnectionId, reason: &str) {
     enqueue_disconnect(
         s,
         DisconnectEvent {
@@ -370,7 +372,7 @@ impl Task {
             self.busy().refresh_pushed_for = exp;
             let push = Push::Refresh { expires_at_ms: exp };
             let s = &self.guard.shared;
-            self.guard.conn.push(native::push_frame(&push), &s.metrics);
+            self.guard.conn.push(frames::push_frame(&push), &s.metrics);
         }
     }
 
@@ -601,7 +603,7 @@ impl Task {
                         s.metrics.native_error(ErrorCode::RateLimited);
                         let why = "over client-message-rate or client-byte-rate; slow down";
                         self.guard.conn.push(
-                            native::error_frame(id, ErrorCode::RateLimited, why),
+                            frames::error_frame(id, ErrorCode::RateLimited, why),
                             &s.metrics,
                         );
                         return Ok(());
@@ -625,7 +627,7 @@ impl Task {
                 let s = &self.guard.shared;
                 s.metrics.native_error(ErrorCode::UnsupportedFrame);
                 self.guard.conn.push(
-                    native::error_frame(
+                    frames::error_frame(
                         None,
                         ErrorCode::UnsupportedFrame,
                         "commands are JSON text frames",
@@ -738,12 +740,12 @@ impl Task {
     /// A native protocol command.
     fn on_command(&mut self, text: &[u8]) {
         self.count_in();
-        match native::handle(&self.guard.shared, &self.guard.conn, text) {
+        match native::handle(&self.guard.shared.commands, &self.guard.conn, text) {
             native::Outcome::Done => {}
             native::Outcome::ToOrigin { id, data } => {
                 if self.on_data(data) {
                     let s = &self.guard.shared;
-                    self.guard.conn.push(native::sent_frame(id), &s.metrics);
+                    self.guard.conn.push(frames::sent_frame(id), &s.metrics);
                 }
             }
             native::Outcome::Wait(job) => {
@@ -752,7 +754,7 @@ impl Task {
                 let tx = busy.jobs.get_or_insert_with(|| {
                     let (tx, rx) = tokio::sync::mpsc::channel(s.config.max_pending_events);
                     s.conn_tasks.spawn(native::command_worker(
-                        s.clone(),
+                        s.commands.clone(),
                         self.guard.conn.clone(),
                         rx,
                     ));
@@ -762,7 +764,7 @@ impl Task {
                     // At most `max-pending-events` wait for the origin.
                     s.metrics.native_error(ErrorCode::Unavailable);
                     self.guard.conn.push(
-                        native::error_frame(
+                        frames::error_frame(
                             Some(e.into_inner().id),
                             ErrorCode::Unavailable,
                             "too many commands waiting for the application or the cluster",
@@ -796,6 +798,7 @@ impl Task {
         if self
             .guard
             .shared
+            .origin
             .dispatcher
             .enqueue(&self.guard.conn.key, json, Some(&self.guard.conn), false)
             .is_err()
@@ -830,20 +833,23 @@ fn bytes_to_string(b: Bytes) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::commands::Commands;
     use crate::conn::ConnInit;
-    use crate::{Config, Gateway};
+    use crate::origin::DevOrigin;
+    use crate::Config;
 
     /// The connection task is what a million idle connections multiply: its
     /// future (the whole task state, inline) must stay small.
     #[tokio::test]
     async fn connection_task_state_is_small() {
-        let config = Config {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            control_listen: "127.0.0.1:0".parse().unwrap(),
-            ..Config::default()
-        };
-        let gw = Gateway::bind(config).await.unwrap();
-        let shared = gw.shared();
+        let commands = Commands::new(
+            Config::default(),
+            switchboard_proto::NodeId::random(),
+            Arc::new(DevOrigin),
+            Arc::new(crate::lease::Lease::unlimited()),
+            None,
+        );
+        let shared = Arc::new(Edge::new(Arc::new(commands), None));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
             .await
@@ -866,7 +872,7 @@ mod tests {
         let (socket, _) = shared.track_socket(remote.ip());
         let disconnect = DisconnectGuard::new(shared.clone(), conn);
         let fut = run(
-            crate::edge::stream::ClientStream::Tcp(client),
+            crate::conn::stream::ClientStream::Tcp(client),
             disconnect,
             None,
             Decoder::new(1 << 20, None),

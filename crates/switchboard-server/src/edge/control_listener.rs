@@ -33,8 +33,8 @@
 //! Every refusal and timeout is counted in
 //! `switchboard_control_refusals_total{reason}`.
 
+use super::Edge;
 use crate::config::Config;
-use crate::gateway::Shared;
 use axum::body::Bytes;
 use axum::Router;
 use bytes::Buf;
@@ -138,14 +138,14 @@ pub(crate) struct Slots {
     open: Arc<AtomicUsize>,
     refusing: Arc<AtomicUsize>,
     max: usize,
-    shared: Arc<Shared>,
+    shared: Arc<Edge>,
 }
 
 /// One open connection of the control listener; freed on drop.
 #[derive(Debug)]
 pub(crate) struct Slot {
     open: Arc<AtomicUsize>,
-    shared: Arc<Shared>,
+    shared: Arc<Edge>,
 }
 
 impl Drop for Slot {
@@ -157,7 +157,7 @@ impl Drop for Slot {
 
 impl Slots {
     /// The cap of `shared`'s configuration.
-    pub(crate) fn new(shared: Arc<Shared>) -> Self {
+    pub(crate) fn new(shared: Arc<Edge>) -> Self {
         Self {
             open: Arc::default(),
             refusing: Arc::default(),
@@ -333,7 +333,7 @@ struct Guarded<S> {
     inner: S,
     state: Arc<ConnState>,
     limits: Limits,
-    shared: Arc<Shared>,
+    shared: Arc<Edge>,
     timer: Pin<Box<Sleep>>,
     /// An answer of ours, written before anything else.
     out: Option<Bytes>,
@@ -346,7 +346,7 @@ struct Guarded<S> {
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Guarded<S> {
-    fn new(inner: S, state: Arc<ConnState>, limits: Limits, shared: Arc<Shared>) -> Self {
+    fn new(inner: S, state: Arc<ConnState>, limits: Limits, shared: Arc<Edge>) -> Self {
         Self {
             inner,
             state,
@@ -526,7 +526,7 @@ struct TimedBody {
     inner: Incoming,
     timer: Pin<Box<Sleep>>,
     limit: Duration,
-    shared: Arc<Shared>,
+    shared: Arc<Edge>,
     fired: bool,
 }
 
@@ -609,7 +609,7 @@ pub(crate) async fn serve_connection<S>(
     io: S,
     slot: Slot,
     app: Router,
-    shared: Arc<Shared>,
+    shared: Arc<Edge>,
     stop: CancellationToken,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,

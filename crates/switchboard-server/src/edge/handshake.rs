@@ -5,12 +5,13 @@
 //! owes an `authenticate` command before the origin is asked (refusals are
 //! then close frames). Every refusal is listed in `docs/protocol.md`.
 
+use super::{Edge, SocketGuard};
 use crate::channels::Ack;
+use crate::clock::now_ms;
+use crate::conn::stream::ClientStream;
 use crate::conn::{CloseRequest, Conn, ConnInit, Outgoing};
 use crate::edge::connection;
 use crate::edge::pool;
-use crate::edge::stream::ClientStream;
-use crate::gateway::{now_ms, Shared, SocketGuard};
 use crate::origin::ask::{ask, event_id, log_failure, AskError};
 use crate::origin::{ConnectDecision, OriginError};
 use bytes::BytesMut;
@@ -59,7 +60,7 @@ const REFUSAL_LINGER: Duration = Duration::from_secs(1);
 
 /// The answer to a client that has not sent its whole request head within
 /// `handshake-timeout`.
-fn timeout_refusal(shared: &Shared) -> Refusal {
+fn timeout_refusal(shared: &Edge) -> Refusal {
     refuse(
         408,
         "handshake_timeout",
@@ -85,7 +86,7 @@ pub(crate) struct Admission {
 
 /// Runs the handshake of one accepted socket, then starts the connection task.
 pub(crate) async fn handle(
-    shared: Arc<Shared>,
+    shared: Arc<Edge>,
     mut stream: ClientStream,
     remote: SocketAddr,
     socket: SocketGuard,
@@ -182,14 +183,14 @@ pub(crate) async fn handle(
 /// Starts the task of an accepted connection, whose 101 is sent: `buf`
 /// holds the bytes that came after the handshake.
 fn start(
-    shared: &Arc<Shared>,
+    shared: &Arc<Edge>,
     stream: ClientStream,
     disconnect: connection::DisconnectGuard,
     buf: BytesMut,
     decoder: Decoder,
     socket: SocketGuard,
 ) {
-    if shared.draining.load(Relaxed) {
+    if shared.commands.draining.load(Relaxed) {
         disconnect.conn().request_close(CloseRequest {
             code: close::SERVICE_RESTART,
             reason: "server restart, reconnect".into(),
@@ -227,7 +228,7 @@ struct Pending {
 /// (which must be `authenticate` with a valid token, within the handshake's
 /// deadline), then asks the origin as a handshake with a token would. Any
 /// failure is a close frame: 4005 for the token, 4006 for a refusal after it.
-async fn first_command(shared: Arc<Shared>, p: Pending, opening: Opening) {
+async fn first_command(shared: Arc<Edge>, p: Pending, opening: Opening) {
     let Pending {
         mut stream,
         mut buf,
@@ -273,7 +274,7 @@ async fn first_command(shared: Arc<Shared>, p: Pending, opening: Opening) {
         let why = "token_missing: the first command must be authenticate";
         return close_unopened(&mut stream, close::AUTHENTICATION_FAILED, why).await;
     };
-    let Some(auth) = &shared.auth else {
+    let Some(auth) = &shared.commands.auth else {
         return; // decide() defers only when tokens are checked
     };
     let identity = match tokio::time::timeout_at(deadline, auth.verify(&token)).await {
@@ -318,7 +319,7 @@ async fn first_command(shared: Arc<Shared>, p: Pending, opening: Opening) {
     }
     // After the `connected` push, which `admit` queued first.
     conn.push(
-        crate::native::result_frame(id, &Authenticated { expires_at_ms }),
+        crate::frames::result_frame(id, &Authenticated { expires_at_ms }),
         &shared.metrics,
     );
     start(&shared, stream, disconnect, buf, decoder, socket);
@@ -381,7 +382,7 @@ async fn close_unopened(stream: &mut ClientStream, code: u16, reason: &str) {
 
 /// The refusal for a socket over `max-connections`, the per-IP cap or the
 /// per-IP handshake rate.
-fn over_capacity(shared: &Shared, admission: Admission) -> Option<Refusal> {
+fn over_capacity(shared: &Edge, admission: Admission) -> Option<Refusal> {
     let per_ip = admission.per_ip;
     let cfg = &shared.config;
     if admission.sockets > shared.capacity.max_connections {
@@ -409,7 +410,7 @@ fn over_capacity(shared: &Shared, admission: Admission) -> Option<Refusal> {
 
 /// Counts a refusal and answers it (see [`write_refusal`]).
 async fn answer_refusal(
-    shared: &Shared,
+    shared: &Edge,
     stream: &mut ClientStream,
     r: Refusal,
     deadline: tokio::time::Instant,
@@ -565,14 +566,14 @@ enum Decision {
 }
 
 async fn decide(
-    shared: &Arc<Shared>,
+    shared: &Arc<Edge>,
     req: &Request,
     remote: SocketAddr,
     deadline: tokio::time::Instant,
 ) -> Result<Decision, Refusal> {
     let opening = open(shared, req)?;
     let cookies = parse_cookies(req);
-    let identity = match &shared.auth {
+    let identity = match &shared.commands.auth {
         None => None,
         Some(auth) => {
             match tokio::time::timeout_at(deadline, auth.authenticate(req, &cookies)).await {
@@ -608,7 +609,7 @@ async fn decide(
 
 /// Checks the upgrade request and the node's state, and picks the
 /// subprotocol and compression.
-fn open(shared: &Shared, req: &Request) -> Result<Opening, Refusal> {
+fn open(shared: &Edge, req: &Request) -> Result<Opening, Refusal> {
     let cfg = &shared.config;
     let upgrade = hs::validate_upgrade(req).map_err(|e| match e {
         UpgradeError::NotUpgrade => Refusal {
@@ -629,7 +630,7 @@ fn open(shared: &Shared, req: &Request) -> Result<Opening, Refusal> {
             refuse(400, "bad_request", e.to_string(), "bad_request")
         }
     })?;
-    if shared.draining.load(Relaxed) {
+    if shared.commands.draining.load(Relaxed) {
         return Err(refuse(
             503,
             "draining",
@@ -637,7 +638,11 @@ fn open(shared: &Shared, req: &Request) -> Result<Opening, Refusal> {
             "draining",
         ));
     }
-    if !shared.dispatcher.has_room(shared.config.max_message_size) {
+    if !shared
+        .origin
+        .dispatcher
+        .has_room(shared.config.max_message_size)
+    {
         return Err(refuse(
             503,
             "origin_backlog",
@@ -703,7 +708,7 @@ fn open(shared: &Shared, req: &Request) -> Result<Opening, Refusal> {
 /// Asks the origin about a client whose identity is settled, and on
 /// acceptance registers its connection.
 async fn admit(
-    shared: &Arc<Shared>,
+    shared: &Arc<Edge>,
     req: &Request,
     remote: SocketAddr,
     deadline: tokio::time::Instant,
@@ -764,7 +769,7 @@ async fn admit(
         user_id: identity.as_ref().and_then(|i| i.user.clone()),
         claims: identity.as_ref().map(|i| i.claims.clone()),
     });
-    let decision = ask(shared, &event, deadline).await;
+    let decision = ask(&shared.origin, &event, deadline).await;
     let answer = match decision {
         Ok(ConnectDecision::Accept(answer)) => answer,
         Ok(ConnectDecision::Reject { status, reason }) => {
@@ -846,7 +851,7 @@ async fn admit(
     if is_native {
         // First, before anything else can be queued.
         conn.push(
-            crate::native::connected_frame(shared, &conn),
+            crate::commands::native::connected_frame(&shared.commands, &conn),
             &shared.metrics,
         );
     }
@@ -864,7 +869,7 @@ async fn admit(
             tracing::warn!(connection = %conn.id, channel, error = %e, "the connect answer named a channel that cannot be subscribed");
         }
     }
-    crate::origin::dispatcher::deliver_replies(shared, answer.replies);
+    crate::origin::dispatcher::deliver_replies(&shared.origin, answer.replies);
     Ok(Accepted {
         response: opening.response(),
         conn,

@@ -1,11 +1,139 @@
-//! The edge: sockets and bytes. Client streams (plain or TLS), read buffers
-//! borrowed while a socket is readable, the opening handshake and its
-//! `connect` decision, the task of each open connection, and the control
-//! API's HTTP listener.
+//! The edge: sockets and bytes. The listeners' accept loops, client streams
+//! behind TLS, read buffers borrowed while a socket is readable, the
+//! opening handshake and its `connect` decision, the task of each open
+//! connection, and the control listener with its HTTP routes. It runs
+//! commands and asks the origin through the handles in [`Edge`]; nothing
+//! below it knows about it.
 
+pub(crate) mod api;
 pub(crate) mod connection;
 pub(crate) mod control_listener;
 pub(crate) mod handshake;
+pub(crate) mod listener;
 pub(crate) mod pool;
-pub(crate) mod stream;
 pub(crate) mod tls;
+
+use crate::admission::fds::Capacity;
+use crate::admission::{HandshakeRate, UserCounts};
+use crate::allowed_origins::OriginPattern;
+use crate::channels::Channels;
+use crate::commands::Commands;
+use crate::config::Config;
+use crate::conn::Registry;
+use crate::metrics::Metrics;
+use crate::origin::Origin;
+use parking_lot::Mutex;
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::Arc;
+use switchboard_proto::NodeId;
+use tokio_util::task::TaskTracker;
+
+/// What the edge uses: the node's configuration and admission state, and
+/// handles to the parts below it (connections, channels, the origin,
+/// commands).
+#[derive(Debug)]
+pub(crate) struct Edge {
+    pub(crate) config: Arc<Config>,
+    pub(crate) node: NodeId,
+    /// `allowed-origins`, parsed (empty: any).
+    pub(crate) allowed_origins: Vec<OriginPattern>,
+    /// TLS on both listeners, when a certificate is configured.
+    pub(crate) tls: Option<Arc<tls::Tls>>,
+    pub(crate) registry: Arc<Registry>,
+    pub(crate) channels: Arc<Channels>,
+    pub(crate) origin: Arc<Origin>,
+    pub(crate) commands: Arc<Commands>,
+    pub(crate) metrics: Arc<Metrics>,
+    /// Request headers forwarded in `connect`, lower-case.
+    pub(crate) forward_headers: Vec<String>,
+    /// Connection and handshake tasks.
+    pub(crate) conn_tasks: TaskTracker,
+    /// Open client sockets, handshaking ones included (not those refused
+    /// at accept: they count in `refusing`).
+    pub(crate) sockets: AtomicUsize,
+    per_ip: Mutex<HashMap<IpAddr, u32>>,
+    /// `max-handshakes-per-ip`, when set.
+    pub(crate) handshake_rate: Option<HandshakeRate>,
+    /// `max-connections-per-user`, when set.
+    pub(crate) user_counts: Option<Arc<UserCounts>>,
+    /// Sockets being answered with a capacity refusal.
+    pub(crate) refusing: AtomicUsize,
+    /// Client sockets the node holds and refuses at once, under the
+    /// open-file limit.
+    pub(crate) capacity: Capacity,
+}
+
+impl Edge {
+    /// The edge of a node whose parts below are `commands`'s.
+    pub(crate) fn new(commands: Arc<Commands>, tls: Option<Arc<tls::Tls>>) -> Self {
+        let config = commands.config.clone();
+        Self {
+            node: commands.node.clone(),
+            allowed_origins: config
+                .allowed_origins
+                .iter()
+                .filter_map(|p| OriginPattern::parse(p))
+                .collect(),
+            tls,
+            registry: commands.registry.clone(),
+            channels: commands.channels.clone(),
+            origin: commands.origin.clone(),
+            metrics: commands.metrics.clone(),
+            forward_headers: config
+                .forward_header
+                .iter()
+                .map(|h| h.to_ascii_lowercase())
+                .collect(),
+            conn_tasks: TaskTracker::new(),
+            sockets: AtomicUsize::new(0),
+            per_ip: Mutex::new(HashMap::new()),
+            handshake_rate: HandshakeRate::new(config.max_handshakes_per_ip),
+            user_counts: UserCounts::new(config.max_connections_per_user),
+            refusing: AtomicUsize::new(0),
+            capacity: Capacity::new(&config, crate::admission::fds::nofile_limit()),
+            commands,
+            config,
+        }
+    }
+
+    /// Counts a new socket from `ip`; the guard uncounts it when dropped.
+    /// Also returns how many sockets `ip` holds, this one included.
+    pub(crate) fn track_socket(self: &Arc<Self>, ip: IpAddr) -> (SocketGuard, u32) {
+        self.sockets.fetch_add(1, Relaxed);
+        let per_ip = {
+            let mut m = self.per_ip.lock();
+            let n = m.entry(ip).or_insert(0);
+            *n += 1;
+            *n
+        };
+        (
+            SocketGuard {
+                edge: self.clone(),
+                ip,
+            },
+            per_ip,
+        )
+    }
+}
+
+/// Counts one open client socket (see [`Edge::track_socket`]).
+#[derive(Debug)]
+pub(crate) struct SocketGuard {
+    edge: Arc<Edge>,
+    ip: IpAddr,
+}
+
+impl Drop for SocketGuard {
+    fn drop(&mut self) {
+        self.edge.sockets.fetch_sub(1, Relaxed);
+        let mut m = self.edge.per_ip.lock();
+        if let Some(n) = m.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.ip);
+            }
+        }
+    }
+}

@@ -9,10 +9,10 @@
 //! and the pump (which, likewise, borrows a buffer only while bytes move)
 //! are what TLS adds to a connection (docs/security.md, "TLS").
 
+use super::Edge;
 use crate::config::{Config, TlsVersion};
+use crate::conn::stream::ClientStream;
 use crate::edge::control_listener::{Slot, Slots};
-use crate::edge::stream::ClientStream;
-use crate::gateway::Shared;
 use crate::metrics::Metrics;
 use parking_lot::{Mutex, RwLock};
 use rustls::pki_types::pem::PemObject;
@@ -100,7 +100,7 @@ impl Tls {
     pub(crate) async fn reload_loop(
         self: Arc<Self>,
         interval: Duration,
-        shared: Arc<Shared>,
+        shared: Arc<Edge>,
         stop: CancellationToken,
     ) {
         if interval.is_zero() {
@@ -240,7 +240,7 @@ fn load_pair(cert_path: &Path, key_path: &Path) -> Result<CertifiedKey, TlsSetup
 /// The TLS handshake of a client socket (bounded by `handshake-timeout`);
 /// on success the pump is started and the plaintext end returned.
 pub(crate) async fn accept_client(
-    shared: &Arc<Shared>,
+    shared: &Arc<Edge>,
     tls: &Tls,
     tcp: TcpStream,
 ) -> Option<ClientStream> {
@@ -448,7 +448,7 @@ impl ControlListener {
         listener: TcpListener,
         tls: &Tls,
         handshake_timeout: Duration,
-        shared: Arc<Shared>,
+        shared: Arc<Edge>,
         slots: Slots,
         stop: CancellationToken,
     ) -> Self {
@@ -456,7 +456,7 @@ impl ControlListener {
         let acceptor = tls.acceptor.clone();
         tokio::spawn(async move {
             let mut accepting =
-                crate::gateway::Acceptor::new("control", crate::gateway::Shed::Close);
+                super::listener::Acceptor::new("control", super::listener::Shed::Close);
             loop {
                 let (tcp, _remote) = tokio::select! {
                     _ = stop.cancelled() => return,

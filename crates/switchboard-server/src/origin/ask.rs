@@ -6,8 +6,8 @@
 //! retried event keeps its id and the origin can recognise it.
 
 use super::dispatcher::batch_body;
+use super::Origin;
 use super::{ConnectDecision, OriginError};
-use crate::gateway::Shared;
 use crate::metrics::KindLabel;
 use std::fmt::Display;
 use switchboard_proto::origin::Event;
@@ -28,36 +28,36 @@ pub(crate) enum AskError {
 /// Sends `event` alone in its batch and waits for the origin's decision
 /// until `deadline`.
 pub(crate) async fn ask(
-    shared: &Shared,
+    origin: &Origin,
     event: &Event,
     deadline: tokio::time::Instant,
 ) -> Result<ConnectDecision, AskError> {
     let kind = KindLabel { kind: event.kind() };
-    if !shared.lease.is_held() {
-        shared.metrics.lease_refusals.get_or_create(&kind).inc();
+    if !origin.lease.is_held() {
+        origin.metrics.lease_refusals.get_or_create(&kind).inc();
         return Err(AskError::CutOff);
     }
     let body = batch_body([&serde_json::to_vec(event).expect("events serialize")[..]]);
     let request = match event {
-        Event::Connect(_) => shared.transport.connect(body),
-        Event::Subscribe(_) => shared.transport.subscribe(body),
-        _ => shared.transport.publish(body),
+        Event::Connect(_) => origin.transport.connect(body),
+        Event::Subscribe(_) => origin.transport.subscribe(body),
+        _ => origin.transport.publish(body),
     };
     let started = std::time::Instant::now();
     let decision = tokio::time::timeout_at(deadline, request).await;
-    shared
+    origin
         .metrics
         .origin_duration
         .get_or_create(&kind)
         .observe(started.elapsed().as_secs_f64());
     let failed = |e| {
-        shared.metrics.origin_failures.get_or_create(&kind).inc();
+        origin.metrics.origin_failures.get_or_create(&kind).inc();
         e
     };
     match decision {
         Ok(Ok(decision)) => Ok(decision),
         Ok(Err(OriginError::LeaseLost)) => {
-            shared.metrics.lease_refusals.get_or_create(&kind).inc();
+            origin.metrics.lease_refusals.get_or_create(&kind).inc();
             Err(AskError::CutOff)
         }
         Ok(Err(e)) => Err(failed(AskError::Failed(e))),

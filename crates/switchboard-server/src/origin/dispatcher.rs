@@ -14,8 +14,8 @@
 //! connection count — because the origin is promised exactly one `disconnect`
 //! per accepted connection.
 
+use super::Origin;
 use crate::conn::{Conn, Outgoing};
-use crate::gateway::Shared;
 use crate::lease::LeaseState;
 use crate::metrics::KindLabel;
 use bytes::{BufMut, Bytes, BytesMut};
@@ -242,11 +242,11 @@ pub(crate) fn backoff(initial: Duration, max: Duration, attempt: u32) -> Duratio
 }
 
 /// One lane's worker: runs until the dispatcher is closed and the lane is
-/// empty, or until `shared.give_up` fires (drain deadline).
-pub(crate) async fn run_lane(shared: Arc<Shared>, idx: usize) {
-    let d = &shared.dispatcher;
+/// empty, or until `origin.give_up` fires (drain deadline).
+pub(crate) async fn run_lane(origin: Arc<Origin>, idx: usize) {
+    let d = &origin.dispatcher;
     let lane = &d.lanes[idx];
-    let cfg = &shared.config;
+    let cfg = &origin.config;
     loop {
         let mut batch = take(lane, cfg.origin_batch_size);
         if batch.is_empty() {
@@ -255,7 +255,7 @@ pub(crate) async fn run_lane(shared: Arc<Shared>, idx: usize) {
             }
             tokio::select! {
                 _ = lane.notify.notified() => continue,
-                _ = shared.give_up.cancelled() => return,
+                _ = origin.give_up.cancelled() => return,
             }
         }
         if !cfg.origin_batch_linger.is_zero() && batch.len() < cfg.origin_batch_size {
@@ -266,12 +266,12 @@ pub(crate) async fn run_lane(shared: Arc<Shared>, idx: usize) {
         let mut attempt = 0u32;
         let answer = loop {
             // Speak only while the lease is held (see `crate::lease`).
-            if !shared.lease.is_held() {
+            if !origin.lease.is_held() {
                 let state = tokio::select! {
-                    s = shared.lease.wait(LEASE_POLL) => s,
-                    _ = shared.give_up.cancelled() => {
-                        settle(&shared, &batch, false);
-                        drop_rest(&shared, lane);
+                    s = origin.lease.wait(LEASE_POLL) => s,
+                    _ = origin.give_up.cancelled() => {
+                        settle(&origin, &batch, false);
+                        drop_rest(&origin, lane);
                         return;
                     }
                 };
@@ -280,8 +280,8 @@ pub(crate) async fn run_lane(shared: Arc<Shared>, idx: usize) {
                     // events about the cluster still go.
                     let (keep, fenced): (Vec<_>, Vec<_>) =
                         batch.into_iter().partition(|e| e.about_cluster);
-                    settle(&shared, &fenced, false);
-                    shared.metrics.fenced_events.inc_by(fenced.len() as u64);
+                    settle(&origin, &fenced, false);
+                    origin.metrics.fenced_events.inc_by(fenced.len() as u64);
                     batch = keep;
                     if batch.is_empty() {
                         break None;
@@ -296,7 +296,7 @@ pub(crate) async fn run_lane(shared: Arc<Shared>, idx: usize) {
             // Control-API messages to these connections wait for this
             // attempt's replies, for `origin-timeout` at most.
             let mut holds = Holds::new(&batch);
-            let deliver = guarded_deliver(&shared, body.clone());
+            let deliver = guarded_deliver(&origin, body.clone());
             tokio::pin!(deliver);
             let hold_limit = tokio::time::sleep(cfg.origin_timeout);
             tokio::pin!(hold_limit);
@@ -304,10 +304,10 @@ pub(crate) async fn run_lane(shared: Arc<Shared>, idx: usize) {
                 tokio::select! {
                     r = &mut deliver => break r,
                     _ = &mut hold_limit, if !holds.is_empty() => holds.release(),
-                    _ = shared.give_up.cancelled() => {
+                    _ = origin.give_up.cancelled() => {
                         drop(holds);
-                        settle(&shared, &batch, false);
-                        drop_rest(&shared, lane);
+                        settle(&origin, &batch, false);
+                        drop_rest(&origin, lane);
                         return;
                     }
                 }
@@ -323,7 +323,7 @@ pub(crate) async fn run_lane(shared: Arc<Shared>, idx: usize) {
             if result.is_err() {
                 holds.release();
             }
-            shared
+            origin
                 .metrics
                 .origin_duration
                 .get_or_create(&KindLabel { kind: "events" })
@@ -331,7 +331,7 @@ pub(crate) async fn run_lane(shared: Arc<Shared>, idx: usize) {
             match result {
                 Ok(answer) => break Some((answer, holds)),
                 Err(e) => {
-                    shared
+                    origin
                         .metrics
                         .origin_failures
                         .get_or_create(&KindLabel { kind: "events" })
@@ -342,13 +342,13 @@ pub(crate) async fn run_lane(shared: Arc<Shared>, idx: usize) {
                     }
                     let delay = backoff(cfg.origin_retry_initial, cfg.origin_retry_max, attempt);
                     tracing::warn!(error = %e, attempt, retry_in = ?delay, events = batch.len(), "origin request failed; retrying");
-                    shared.metrics.origin_retries.inc();
+                    origin.metrics.origin_retries.inc();
                     attempt += 1;
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => {}
-                        _ = shared.give_up.cancelled() => {
-                            settle(&shared, &batch, false);
-                            drop_rest(&shared, lane);
+                        _ = origin.give_up.cancelled() => {
+                            settle(&origin, &batch, false);
+                            drop_rest(&origin, lane);
                             return;
                         }
                     }
@@ -357,11 +357,11 @@ pub(crate) async fn run_lane(shared: Arc<Shared>, idx: usize) {
         };
         let delivered = answer.is_some();
         if let Some((answer, holds)) = answer {
-            deliver_replies(&shared, answer.replies);
+            deliver_replies(&origin, answer.replies);
             // Then what the control API sent meanwhile.
             drop(holds);
         }
-        settle(&shared, &batch, delivered);
+        settle(&origin, &batch, delivered);
     }
 }
 
@@ -373,13 +373,13 @@ const LEASE_POLL: Duration = Duration::from_millis(50);
 /// check and the start of the send happen in one poll, so a node stalled in
 /// between sends nothing stale when it resumes (`None`: not sent).
 async fn guarded_deliver(
-    shared: &Shared,
+    origin: &Origin,
     body: Bytes,
 ) -> Option<Result<switchboard_proto::origin::OriginAnswer, super::OriginError>> {
-    if !shared.lease.is_held() {
+    if !origin.lease.is_held() {
         return None;
     }
-    Some(shared.transport.deliver(body).await)
+    Some(origin.transport.deliver(body).await)
 }
 
 /// The connections of a batch in flight, each held once
@@ -428,24 +428,24 @@ fn take(lane: &Lane, max: usize) -> Vec<QueuedEvent> {
 }
 
 /// Accounts for events that left the queue.
-fn settle(shared: &Shared, batch: &[QueuedEvent], delivered: bool) {
+fn settle(origin: &Origin, batch: &[QueuedEvent], delivered: bool) {
     for e in batch {
         if let Some(c) = &e.conn {
             c.pending_events.fetch_sub(1, Relaxed);
         }
     }
-    shared.dispatcher.pending.fetch_sub(batch.len(), Relaxed);
+    origin.dispatcher.pending.fetch_sub(batch.len(), Relaxed);
     let bytes: usize = batch.iter().map(|e| e.json.len()).sum();
-    shared.dispatcher.pending_bytes.fetch_sub(bytes, Relaxed);
+    origin.dispatcher.pending_bytes.fetch_sub(bytes, Relaxed);
     let n = batch.len() as u64;
     if delivered {
-        shared.metrics.origin_events_delivered.inc_by(n);
+        origin.metrics.origin_events_delivered.inc_by(n);
     } else {
-        shared.metrics.origin_events_dropped.inc_by(n);
+        origin.metrics.origin_events_dropped.inc_by(n);
     }
 }
 
-fn drop_rest(shared: &Shared, lane: &Lane) {
+fn drop_rest(origin: &Origin, lane: &Lane) {
     let rest: Vec<_> = lane.queue.lock().drain(..).collect();
     if !rest.is_empty() {
         tracing::error!(
@@ -453,21 +453,21 @@ fn drop_rest(shared: &Shared, lane: &Lane) {
             "drain deadline passed; events not delivered to the origin"
         );
     }
-    settle(shared, &rest, false);
+    settle(origin, &rest, false);
 }
 
 /// Delivers the replies of an origin answer.
-pub(crate) fn deliver_replies(shared: &Shared, replies: Vec<Reply>) {
+pub(crate) fn deliver_replies(origin: &Origin, replies: Vec<Reply>) {
     for reply in replies {
         let Some(conn) = ConnectionId::parse(&reply.connection_id)
             .ok()
-            .filter(|id| id.node() == shared.node.as_str())
-            .and_then(|id| shared.registry.get(&id.key()))
+            .filter(|id| id.node() == origin.node.as_str())
+            .and_then(|id| origin.registry.get(&id.key()))
         else {
             tracing::debug!(connection_id = %reply.connection_id, "reply to an unknown connection dropped");
             continue;
         };
-        conn.send_reply(&Outgoing::new(reply.payload), &shared.metrics);
+        conn.send_reply(&Outgoing::new(reply.payload), &origin.metrics);
     }
 }
 

@@ -3,9 +3,11 @@
 //! in [`switchboard_proto::native`]; the protocol is specified in
 //! `docs/protocol.md`.
 
+use super::Commands;
 use crate::channels::{Ack, ChannelError};
+use crate::clock::now_ms;
 use crate::conn::Conn;
-use crate::gateway::{now_ms, Shared};
+use crate::frames::{error_frame, push_frame, result_frame, Empty};
 use crate::metrics::KindLabel;
 use crate::origin::ask::{ask, event_id, log_failure, AskError};
 use crate::origin::ConnectDecision;
@@ -14,52 +16,9 @@ use serde::Serialize;
 use std::sync::Arc;
 use switchboard_proto::native::{decode_command, CommandBody, ErrorCode, Push, StreamPosition};
 use switchboard_proto::origin::{Event, OriginAnswer, Payload, PublishEvent, SubscribeEvent};
-use switchboard_proto::ws::frame::{encode_frame, OpCode};
-
-/// JSON bytes of a value that always serializes.
-pub(crate) fn json(v: &impl Serialize) -> Bytes {
-    Bytes::from(serde_json::to_vec(v).expect("protocol values serialize"))
-}
-
-/// The text frame of a successful reply.
-pub(crate) fn result_frame(id: u64, result: &impl Serialize) -> Bytes {
-    #[derive(Serialize)]
-    struct Ok<'a, T> {
-        id: u64,
-        result: &'a T,
-    }
-    encode_frame(OpCode::Text, &json(&Ok { id, result }))
-}
-
-/// The text frame of an error reply (`id` absent when it could not be read).
-pub(crate) fn error_frame(id: Option<u64>, code: ErrorCode, message: &str) -> Bytes {
-    #[derive(Serialize)]
-    struct Err<'a> {
-        #[serde(skip_serializing_if = "Option::is_none")]
-        id: Option<u64>,
-        error: Body<'a>,
-    }
-    #[derive(Serialize)]
-    struct Body<'a> {
-        code: ErrorCode,
-        message: &'a str,
-    }
-    encode_frame(
-        OpCode::Text,
-        &json(&Err {
-            id,
-            error: Body { code, message },
-        }),
-    )
-}
-
-/// The text frame of a push.
-pub(crate) fn push_frame(push: &Push) -> Bytes {
-    encode_frame(OpCode::Text, &json(push))
-}
 
 /// The `connected` push every native connection gets first.
-pub(crate) fn connected_frame(s: &Shared, conn: &Conn) -> Bytes {
+pub(crate) fn connected_frame(s: &Commands, conn: &Conn) -> Bytes {
     push_frame(&Push::Connected {
         client: conn.id.to_string(),
         node: s.node.to_string(),
@@ -117,10 +76,6 @@ enum JobKind {
     },
 }
 
-/// An empty result, `{}`.
-#[derive(Serialize)]
-struct Empty {}
-
 /// Whether the client may subscribe to `channel` itself without asking the
 /// origin: its token grants it, or its namespace lets every client (and
 /// does not leave the decision to the origin).
@@ -140,7 +95,7 @@ fn may_read(
     channel: &str,
     ch: &crate::channels::Channels,
 ) -> Result<(), ChannelError> {
-    if may_subscribe(conn, channel, ch)? || conn.is_subscribed(channel) {
+    if may_subscribe(conn, channel, ch)? || ch.is_subscribed(conn, channel) {
         Ok(())
     } else {
         Err(ChannelError::PermissionDenied(
@@ -169,7 +124,7 @@ fn subscribe_now(
 }
 
 /// Runs one command frame of a native connection and queues its reply.
-pub(crate) fn handle(s: &Shared, conn: &Arc<Conn>, text: &[u8]) -> Outcome {
+pub(crate) fn handle(s: &Commands, conn: &Arc<Conn>, text: &[u8]) -> Outcome {
     let m = &s.metrics;
     let cmd = match decode_command(text) {
         Ok(cmd) => cmd,
@@ -261,17 +216,12 @@ pub(crate) fn handle(s: &Shared, conn: &Arc<Conn>, text: &[u8]) -> Outcome {
     Outcome::Done
 }
 
-/// The reply to a `send` once its event is queued for the origin.
-pub(crate) fn sent_frame(id: u64) -> Bytes {
-    result_frame(id, &Empty {})
-}
-
 /// Runs one connection's commands that wait on the origin or the cluster
 /// bus, one at a time and in order (so a channel gets a client's publishes
 /// in the order it sent them), without holding up the connection's own
 /// task. Ends when the connection does (its sender is dropped).
 pub(crate) async fn command_worker(
-    s: Arc<Shared>,
+    s: Arc<Commands>,
     conn: Arc<Conn>,
     mut jobs: tokio::sync::mpsc::Receiver<Job>,
 ) {
@@ -283,7 +233,7 @@ pub(crate) async fn command_worker(
 }
 
 /// Runs a job; its reply, unless it was queued already (a subscribe's).
-async fn run_job(s: &Arc<Shared>, conn: &Arc<Conn>, job: Job) -> Option<Bytes> {
+async fn run_job(s: &Arc<Commands>, conn: &Arc<Conn>, job: Job) -> Option<Bytes> {
     let Job { id, channel, kind } = job;
     let ch = &s.channels;
     let m = &s.metrics;
@@ -317,7 +267,7 @@ async fn run_job(s: &Arc<Shared>, conn: &Arc<Conn>, job: Job) -> Option<Bytes> {
 
 /// A `refresh`: the new token must verify and be the same user's; it then
 /// replaces the connection's grants and pushes its expiry back.
-async fn refresh(s: &Shared, conn: &Conn, id: u64, token: &str) -> Bytes {
+async fn refresh(s: &Commands, conn: &Conn, id: u64, token: &str) -> Bytes {
     let m = &s.metrics;
     let refused = |why: String| {
         m.native_error(ErrorCode::TokenInvalid);
@@ -357,11 +307,11 @@ async fn refresh(s: &Shared, conn: &Conn, id: u64, token: &str) -> Bytes {
 /// in an accepting answer are delivered; otherwise the error frame for the
 /// command `id` is returned: `rejected` with the origin's reason, or
 /// `unavailable`.
-async fn ask_origin(s: &Arc<Shared>, conn: &Conn, id: u64, event: &Event) -> Result<(), Bytes> {
+async fn ask_origin(s: &Arc<Commands>, conn: &Conn, id: u64, event: &Event) -> Result<(), Bytes> {
     let deadline = tokio::time::Instant::now() + s.config.origin_timeout;
-    match ask(s, event, deadline).await {
+    match ask(&s.origin, event, deadline).await {
         Ok(ConnectDecision::Accept(OriginAnswer { replies, .. })) => {
-            crate::origin::dispatcher::deliver_replies(s, replies);
+            crate::origin::dispatcher::deliver_replies(&s.origin, replies);
             Ok(())
         }
         Ok(ConnectDecision::Reject { reason, .. }) => {
@@ -383,7 +333,7 @@ async fn ask_origin(s: &Arc<Shared>, conn: &Conn, id: u64, event: &Event) -> Res
 
 /// `publish-to-origin`: the origin approves the publish, then it is made.
 async fn approve_and_publish(
-    s: &Arc<Shared>,
+    s: &Arc<Commands>,
     conn: &Conn,
     id: u64,
     channel: String,
@@ -420,7 +370,7 @@ async fn approve_and_publish(
 /// `subscribe-to-origin`: the origin approves the subscription, then it is
 /// made (its reply queued with the channel's messages); `None` once it is.
 async fn approve_and_subscribe(
-    s: &Arc<Shared>,
+    s: &Arc<Commands>,
     conn: &Arc<Conn>,
     id: u64,
     channel: String,

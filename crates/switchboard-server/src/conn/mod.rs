@@ -1,12 +1,14 @@
 //! The node's live connections: a sharded map from connection key to the
 //! connection's shared half ([`Conn`]), which owns its outbound queue.
 //!
-//! Anything that sends to a client (control API, origin replies, later channel
+//! Anything that sends to a client (control API, origin replies, channel
 //! fan-out) pushes an already-encoded frame (`Bytes`, shared between all
 //! recipients) onto the connection's queue and wakes its task; only that task
-//! touches the socket.
+//! touches the socket (a [`stream::ClientStream`]). What a connection is
+//! attached to (its channels) is kept by those parts, not here.
 
-use crate::edge::stream::ClientStream;
+pub(crate) mod stream;
+
 use crate::metrics::Metrics;
 use bytes::{Buf, Bytes};
 use parking_lot::{Mutex, MutexGuard, RwLock};
@@ -14,9 +16,10 @@ use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasherDefault, Hasher};
 use std::io::{self, IoSlice};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, OnceLock};
 use std::time::SystemTime;
+use stream::ClientStream;
 use switchboard_proto::conn_id::ConnKey;
 use switchboard_proto::native::Push;
 use switchboard_proto::origin::{ClosedBy, Payload};
@@ -237,16 +240,10 @@ pub(crate) struct Conn {
     out: Mutex<Outbound>,
     /// Wakes the connection's task: a frame was queued or a close requested.
     pub(crate) notify: Notify,
-    /// The channels it is subscribed to (see [`crate::channels`]).
-    pub(crate) subs: Mutex<Subscriptions>,
-}
-
-/// A connection's channel subscriptions.
-#[derive(Debug, Default)]
-pub(crate) struct Subscriptions {
-    pub(crate) channels: Vec<Arc<crate::channels::Channel>>,
-    /// The connection has ended: no subscription may be added.
-    pub(crate) closed: bool,
+    /// The connection has ended: nothing may attach to it any more. Set
+    /// and read by the parts that attach things (channels) under their own
+    /// locks.
+    pub(crate) ended: AtomicBool,
 }
 
 /// Identity of a new connection.
@@ -290,7 +287,7 @@ impl Conn {
             max_outbound: init.max_outbound,
             out: Mutex::new(Outbound::default()),
             notify: Notify::new(),
-            subs: Mutex::new(Subscriptions::default()),
+            ended: AtomicBool::new(false),
         }
     }
 
@@ -538,15 +535,6 @@ impl Conn {
         out.frames = VecDeque::new();
         out.queued_bytes = 0;
         out.held = 0;
-    }
-
-    /// Whether it is subscribed to `channel`.
-    pub(crate) fn is_subscribed(&self, channel: &str) -> bool {
-        self.subs
-            .lock()
-            .channels
-            .iter()
-            .any(|c| &*c.name == channel)
     }
 
     /// Bytes queued and not yet written.

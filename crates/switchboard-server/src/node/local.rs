@@ -4,8 +4,8 @@
 //! live in the `switchboard-backend` crate, so backends depend on them and
 //! not on the gateway.
 
-use crate::control;
-use crate::gateway::{now_ms, Shared};
+use crate::clock::now_ms;
+use crate::commands::{control, Commands};
 use crate::Config;
 use bytes::Bytes;
 use std::sync::atomic::Ordering::Relaxed;
@@ -21,13 +21,13 @@ const FENCE_CLOSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(
 /// execution, and lost-node reports.
 #[derive(Debug, Clone)]
 pub struct LocalNode {
-    pub(crate) shared: Arc<Shared>,
+    pub(crate) commands: Arc<Commands>,
 }
 
 impl LocalNode {
     /// The node's configuration.
     pub fn config(&self) -> &Config {
-        &self.shared.config
+        &self.commands.config
     }
 
     /// Fences the node after the cluster reported it lost: drops every
@@ -37,9 +37,9 @@ impl LocalNode {
     /// were closed. Afterwards the lease is unlimited again: the backend
     /// starts a new run (a new instance) and binds it when it announces it.
     async fn fence_now(&self) -> usize {
-        let s = &self.shared;
+        let s = &self.commands;
         s.lease.set_fencing(true);
-        s.dispatcher.set_fencing(true);
+        s.origin.dispatcher.set_fencing(true);
         s.metrics.fences.inc();
         let deadline = tokio::time::Instant::now() + FENCE_CLOSE_TIMEOUT;
         let mut closed = 0;
@@ -66,10 +66,10 @@ impl LocalNode {
             tracing::error!(left, "connections still open at the end of the fence");
         }
         s.lease.unbind();
-        s.dispatcher.set_fencing(false);
+        s.origin.dispatcher.set_fencing(false);
         s.metrics
             .fenced_events
-            .inc_by(s.dispatcher.take_fenced_drops());
+            .inc_by(s.origin.dispatcher.take_fenced_drops());
         s.lease.set_fencing(false);
         closed
     }
@@ -77,31 +77,31 @@ impl LocalNode {
 
 impl Node for LocalNode {
     fn id(&self) -> &str {
-        self.shared.node.as_str()
+        self.commands.node.as_str()
     }
 
     fn connections(&self) -> u64 {
-        self.shared.registry.len() as u64
+        self.commands.registry.len() as u64
     }
 
     fn is_draining(&self) -> bool {
-        self.shared.draining.load(Relaxed)
+        self.commands.draining.load(Relaxed)
     }
 
     fn started_at_ms(&self) -> u64 {
-        self.shared.started_at_ms
+        self.commands.started_at_ms
     }
 
     fn execute<'a>(&'a self, command: &'a [u8], forwarded: bool) -> BoxFuture<'a, CommandReply> {
-        Box::pin(control::execute_json(&self.shared, command, forwarded))
+        Box::pin(control::execute_json(&self.commands, command, forwarded))
     }
 
     fn channel_members(&self, channel: &str) -> Vec<Member> {
-        self.shared.channels.local_members(channel)
+        self.commands.channels.local_members(channel)
     }
 
     fn lease(&self) -> &Lease {
-        &self.shared.lease
+        &self.commands.lease
     }
 
     fn fence(&self) -> BoxFuture<'_, usize> {
@@ -109,7 +109,7 @@ impl Node for LocalNode {
     }
 
     fn report_node_down(&self, down_node: &str, instance: &str, last_seen_ms: u64) {
-        let s = &self.shared;
+        let s = &self.commands;
         let event = Event::NodeDown(NodeDownEvent {
             id: crate::origin::ask::event_id::node_down(down_node, instance),
             node: s.node.to_string(),
@@ -124,6 +124,6 @@ impl Node for LocalNode {
         let json = Bytes::from(serde_json::to_vec(&event).expect("events serialize"));
         // Reliable: never refused, like disconnects (at most one per lost
         // node), and kept through a fence of this node.
-        s.dispatcher.enqueue_cluster_event(json);
+        s.origin.dispatcher.enqueue_cluster_event(json);
     }
 }

@@ -1,78 +1,42 @@
-//! The control API (`/v1/...`, API-key protected) and the operations
-//! endpoints (`/healthz`, `/readyz`, `/metrics`), on the control listener.
+//! Control commands: each [`Command`] executed on this node, or forwarded
+//! through the cluster to the node that holds its connection. The HTTP
+//! routes that turn requests into commands are `edge::api`'s; a cluster
+//! backend hands forwarded commands to [`execute_json`].
 //!
-//! Errors are JSON `{"code", "message"}` with a stable `code`, listed in
-//! `docs/control-api.md`. The OpenAPI document is `docs/openapi.json`, served
-//! at `GET /v1/openapi.json`; a test keeps it and [`ROUTES`] equal.
+//! Errors carry a status and a stable `code` (listed in
+//! `docs/control-api.md`), whichever way the command came.
 
+use super::Commands;
 use crate::bus::BusError;
 use crate::channels::{Ack, ChannelError, Subscribed};
 use crate::conn::{CloseRequest, Conn, Outgoing, Queued};
-use crate::edge::control_listener::{serve_connection, Slots};
-use crate::gateway::Shared;
-use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
-use axum::http::{header, HeaderValue, StatusCode};
-use axum::middleware::{self, Next};
-use axum::response::{IntoResponse, Response};
-use axum::routing::get;
-use axum::{Json, Router};
-use serde::de::DeserializeOwned;
+use axum::http::StatusCode;
+use bytes::Bytes;
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
-use subtle::ConstantTimeEq;
 use switchboard_backend::{ClusterError, CommandReply};
 use switchboard_proto::control::{
-    BatchMessage, BatchSendRequest, BatchSendResponse, ChannelRef, ChannelsResponse, CloseCommand,
-    CloseParams, Command, ConnectionInfo, ConnectionRef, Delivery, ErrorBody, HistoryCommand,
-    NodeInfo, NodesResponse, PublishCommand, PublishResponse, SendCommand, SendResponse, Stats,
-    SubscribeBody, SubscribeCommand, SubscribeResponse, UnsubscribeCommand,
+    BatchMessage, BatchSendRequest, BatchSendResponse, ChannelsResponse, CloseCommand, Command,
+    ConnectionInfo, ConnectionRef, Delivery, ErrorBody, NodeInfo, NodesResponse, PublishCommand,
+    PublishResponse, SendCommand, SendResponse, Stats, SubscribeCommand, SubscribeResponse,
+    UnsubscribeCommand,
 };
-use switchboard_proto::native::{StreamPosition, SubscribeResult};
+use switchboard_proto::native::SubscribeResult;
 use switchboard_proto::origin::{ClosedBy, Payload};
 use switchboard_proto::ws::close;
 use switchboard_proto::ConnectionId;
-use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
-
-/// The OpenAPI 3 document of the control API.
-pub const OPENAPI_JSON: &str = include_str!("../../../docs/openapi.json");
-
-/// Every route (method, path) of the control listener, as in the OpenAPI document.
-pub const ROUTES: &[(&str, &str)] = &[
-    ("get", "/healthz"),
-    ("get", "/readyz"),
-    ("get", "/metrics"),
-    ("get", "/v1/openapi.json"),
-    ("get", "/v1/stats"),
-    ("get", "/v1/nodes"),
-    ("post", "/v1/messages"),
-    ("post", "/v1/connections/{id}/messages"),
-    ("get", "/v1/connections/{id}"),
-    ("delete", "/v1/connections/{id}"),
-    ("put", "/v1/connections/{id}/channels/{channel}"),
-    ("delete", "/v1/connections/{id}/channels/{channel}"),
-    ("get", "/v1/channels"),
-    ("post", "/v1/channels/{channel}/messages"),
-    ("get", "/v1/channels/{channel}/messages"),
-    ("get", "/v1/channels/{channel}/presence"),
-];
-
-/// Largest control API request body.
-const MAX_BODY: usize = 16 << 20;
 
 /// An error answer.
 #[derive(Debug)]
 pub(crate) struct ApiError {
-    status: StatusCode,
-    code: &'static str,
-    message: String,
+    pub(crate) status: StatusCode,
+    pub(crate) code: &'static str,
+    pub(crate) message: String,
 }
 
 impl ApiError {
-    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+    pub(crate) fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
         Self {
             status,
             code,
@@ -80,7 +44,7 @@ impl ApiError {
         }
     }
 
-    fn not_found(id: &str) -> Self {
+    pub(crate) fn not_found(id: &str) -> Self {
         Self::new(
             StatusCode::NOT_FOUND,
             "connection_not_found",
@@ -113,73 +77,6 @@ fn ok(body: &impl serde::Serialize) -> CommandReply {
     reply(StatusCode::OK, body)
 }
 
-/// A command's reply as the HTTP response of its route.
-#[derive(Debug)]
-struct Answer(CommandReply);
-
-impl From<CommandReply> for Answer {
-    fn from(reply: CommandReply) -> Self {
-        Self(reply)
-    }
-}
-
-impl IntoResponse for Answer {
-    fn into_response(self) -> Response {
-        let Self(reply) = self;
-        let status = StatusCode::from_u16(reply.status).unwrap_or(StatusCode::BAD_GATEWAY);
-        let mut r = (status, reply.body).into_response();
-        r.headers_mut().insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
-        r
-    }
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let mut r = (
-            self.status,
-            Json(ErrorBody {
-                code: self.code.into(),
-                message: self.message,
-            }),
-        )
-            .into_response();
-        if self.status == StatusCode::UNAUTHORIZED {
-            r.headers_mut()
-                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-        }
-        if self.status == StatusCode::REQUEST_TIMEOUT {
-            // The rest of the body may still come: the connection ends here.
-            r.headers_mut()
-                .insert(header::CONNECTION, HeaderValue::from_static("close"));
-        }
-        r
-    }
-}
-
-/// The `{id}` path segment; a segment that cannot be decoded answers the
-/// route's JSON 404 rather than axum's plain-text rejection.
-struct ConnPath(String);
-
-impl<S: Send + Sync> axum::extract::FromRequestParts<S> for ConnPath {
-    type Rejection = ApiError;
-
-    async fn from_request_parts(
-        parts: &mut axum::http::request::Parts,
-        state: &S,
-    ) -> Result<Self, ApiError> {
-        match Path::<String>::from_request_parts(parts, state).await {
-            Ok(Path(id)) => Ok(Self(id)),
-            Err(_) => Err(ApiError::not_found("<undecodable id>")),
-        }
-    }
-}
-
-/// A request body, or the JSON error for one that could not be read.
-type Body = Result<Bytes, axum::extract::rejection::BytesRejection>;
-
 /// Whether a command's JSON carries both `text` and `binary` at its top
 /// level or in one of its `messages` (a message is exactly one of them;
 /// serde's `flatten` would otherwise take the first and drop the other).
@@ -195,7 +92,7 @@ fn two_payloads(v: &serde_json::Value) -> bool {
 }
 
 /// Refuses a body that gives a message both as `text` and as `binary`.
-fn single_payload(json: &[u8]) -> Result<(), ApiError> {
+pub(crate) fn single_payload(json: &[u8]) -> Result<(), ApiError> {
     let has = |needle: &[u8]| json.windows(needle.len()).any(|w| w == needle);
     // Parsed a second time only when it may hold both keys (a key may
     // also be spelled with `\u` escapes).
@@ -212,198 +109,8 @@ fn single_payload(json: &[u8]) -> Result<(), ApiError> {
     }
 }
 
-fn parse_json<T: DeserializeOwned>(body: Body) -> Result<T, ApiError> {
-    let body = body.map_err(|e| {
-        if crate::edge::control_listener::is_body_timeout(&e) {
-            ApiError::new(
-                StatusCode::REQUEST_TIMEOUT,
-                "request_timeout",
-                e.body_text(),
-            )
-        } else if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "payload_too_large",
-                format!("request body over {MAX_BODY} bytes"),
-            )
-        } else {
-            ApiError::new(StatusCode::BAD_REQUEST, "invalid_body", e.body_text())
-        }
-    })?;
-    single_payload(&body)?;
-    serde_json::from_slice(&body)
-        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_body", e.to_string()))
-}
-
-/// Serves the control listener until `stop` fires, then gives requests in
-/// progress a moment to finish. Connections are bounded as
-/// [`crate::edge::control_listener`] describes.
-pub(crate) async fn serve(shared: Arc<Shared>, listener: TcpListener, stop: CancellationToken) {
-    let app = router(shared.clone());
-    let slots = Slots::new(shared.clone());
-    let connections = TaskTracker::new();
-    match &shared.tls {
-        None => {
-            let mut acceptor =
-                crate::gateway::Acceptor::new("control", crate::gateway::Shed::Close);
-            loop {
-                let (tcp, _remote) = tokio::select! {
-                    _ = stop.cancelled() => break,
-                    pair = acceptor.accept(&listener, &shared.metrics) => pair,
-                };
-                let Some(slot) = slots.take() else {
-                    slots.refuse(tcp);
-                    continue;
-                };
-                let _ = tcp.set_nodelay(true);
-                connections.spawn(serve_connection(
-                    tcp,
-                    slot,
-                    app.clone(),
-                    shared.clone(),
-                    stop.clone(),
-                ));
-            }
-        }
-        Some(tls) => {
-            let mut tls_listener = crate::edge::tls::ControlListener::start(
-                listener,
-                tls,
-                shared.config.handshake_timeout,
-                shared.clone(),
-                slots,
-                stop.clone(),
-            );
-            loop {
-                let (stream, slot) = tokio::select! {
-                    _ = stop.cancelled() => break,
-                    next = tls_listener.accept() => match next {
-                        Some(next) => next,
-                        None => break,
-                    },
-                };
-                connections.spawn(serve_connection(
-                    stream,
-                    slot,
-                    app.clone(),
-                    shared.clone(),
-                    stop.clone(),
-                ));
-            }
-        }
-    }
-    connections.close();
-    connections.wait().await;
-}
-
-pub(crate) fn router(shared: Arc<Shared>) -> Router {
-    let api = Router::new()
-        .route("/v1/stats", get(stats))
-        .route("/v1/nodes", get(nodes))
-        .route("/v1/messages", axum::routing::post(send_batch))
-        .route(
-            "/v1/connections/{id}/messages",
-            axum::routing::post(send_one),
-        )
-        .route(
-            "/v1/connections/{id}",
-            get(connection_info).delete(close_connection),
-        )
-        .route(
-            "/v1/connections/{id}/channels/{channel}",
-            axum::routing::put(subscribe).delete(unsubscribe),
-        )
-        .route("/v1/channels", get(list_channels))
-        .route(
-            "/v1/channels/{channel}/messages",
-            get(history).post(publish),
-        )
-        .route("/v1/channels/{channel}/presence", get(presence))
-        .route_layer(middleware::from_fn_with_state(shared.clone(), require_key));
-    Router::new()
-        .route(
-            "/healthz",
-            get(|| async { Json(serde_json::json!({"status": "ok"})) }),
-        )
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
-        .route(
-            "/v1/openapi.json",
-            get(|| async { ([(header::CONTENT_TYPE, "application/json")], OPENAPI_JSON) }),
-        )
-        .merge(api)
-        .fallback(|| async {
-            ApiError::new(StatusCode::NOT_FOUND, "route_not_found", "no such route")
-        })
-        .method_not_allowed_fallback(|| async {
-            ApiError::new(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "method_not_allowed",
-                "method not allowed on this route",
-            )
-        })
-        .layer(DefaultBodyLimit::max(MAX_BODY))
-        .with_state(shared)
-}
-
-/// Checks `Authorization: Bearer <key>` against every configured key, in
-/// constant time per key and without stopping at the first match.
-async fn require_key(State(s): State<Arc<Shared>>, req: Request, next: Next) -> Response {
-    let keys = &s.config.api_key;
-    if keys.is_empty() {
-        return next.run(req).await;
-    }
-    let given = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("")
-        .as_bytes();
-    let mut ok = subtle::Choice::from(0);
-    for k in keys {
-        ok |= k.as_bytes().ct_eq(given);
-    }
-    if bool::from(ok) {
-        next.run(req).await
-    } else {
-        ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            "missing or wrong API key",
-        )
-        .into_response()
-    }
-}
-
-async fn readyz(State(s): State<Arc<Shared>>) -> Response {
-    if s.draining.load(Relaxed) {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(serde_json::json!({"status": "draining"})),
-        )
-            .into_response()
-    } else {
-        Json(serde_json::json!({"status": "ready"})).into_response()
-    }
-}
-
-async fn metrics(State(s): State<Arc<Shared>>) -> Response {
-    s.metrics
-        .origin_queue_depth
-        .set(s.dispatcher.pending() as i64);
-    (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        s.metrics.encode(),
-    )
-        .into_response()
-}
-
 /// The local connection named `id`, or 404.
-fn lookup(s: &Shared, id: &str) -> Result<Arc<Conn>, ApiError> {
+fn lookup(s: &Commands, id: &str) -> Result<Arc<Conn>, ApiError> {
     ConnectionId::parse(id)
         .ok()
         .filter(|cid| cid.node() == s.node.as_str())
@@ -413,7 +120,7 @@ fn lookup(s: &Shared, id: &str) -> Result<Arc<Conn>, ApiError> {
 
 /// The node holding `id` when it is another node of the cluster and the
 /// command should go there (not when it was `forwarded` here already).
-fn remote_owner<'a>(s: &Shared, id: &'a str, forwarded: bool) -> Option<&'a str> {
+fn remote_owner<'a>(s: &Commands, id: &'a str, forwarded: bool) -> Option<&'a str> {
     if forwarded || s.cluster.get().is_none() {
         return None;
     }
@@ -422,7 +129,7 @@ fn remote_owner<'a>(s: &Shared, id: &'a str, forwarded: bool) -> Option<&'a str>
 }
 
 /// Sends `cmd` to `node` and returns its answer, or the error standing for it.
-async fn forward(s: &Shared, node: &str, cmd: &Command) -> CommandReply {
+async fn forward(s: &Commands, node: &str, cmd: &Command) -> CommandReply {
     let Some(cluster) = s.cluster.get() else {
         return ApiError::not_found(node).into();
     };
@@ -446,7 +153,7 @@ async fn forward(s: &Shared, node: &str, cmd: &Command) -> CommandReply {
 }
 
 /// Executes a command given as JSON (from the cluster backend).
-pub(crate) async fn execute_json(s: &Arc<Shared>, json: &[u8], forwarded: bool) -> CommandReply {
+pub(crate) async fn execute_json(s: &Arc<Commands>, json: &[u8], forwarded: bool) -> CommandReply {
     if let Err(e) = single_payload(json) {
         return e.into();
     }
@@ -458,7 +165,7 @@ pub(crate) async fn execute_json(s: &Arc<Shared>, json: &[u8], forwarded: bool) 
 
 /// Executes a command here, or forwards it to the node that holds its
 /// connection. `forwarded`: it came from another node, so run it here only.
-pub(crate) async fn execute(s: &Arc<Shared>, cmd: Command, forwarded: bool) -> CommandReply {
+pub(crate) async fn execute(s: &Arc<Commands>, cmd: Command, forwarded: bool) -> CommandReply {
     let target = match &cmd {
         Command::Send(SendCommand { connection_id, .. })
         | Command::Close(CloseCommand { connection_id, .. })
@@ -550,7 +257,7 @@ fn answer<T: serde::Serialize>(r: Result<T, ChannelError>) -> CommandReply {
     }
 }
 
-async fn subscribe_local(s: &Shared, c: SubscribeCommand) -> CommandReply {
+async fn subscribe_local(s: &Commands, c: SubscribeCommand) -> CommandReply {
     let conn = match lookup(s, &c.connection_id) {
         Ok(conn) => conn,
         Err(e) => return e.into(),
@@ -592,7 +299,7 @@ async fn subscribe_local(s: &Shared, c: SubscribeCommand) -> CommandReply {
     }
 }
 
-fn unsubscribe_local(s: &Shared, c: UnsubscribeCommand) -> CommandReply {
+fn unsubscribe_local(s: &Commands, c: UnsubscribeCommand) -> CommandReply {
     let conn = match lookup(s, &c.connection_id) {
         Ok(conn) => conn,
         Err(e) => return e.into(),
@@ -606,7 +313,7 @@ fn unsubscribe_local(s: &Shared, c: UnsubscribeCommand) -> CommandReply {
     }
 }
 
-async fn publish_command(s: &Shared, c: PublishCommand) -> CommandReply {
+async fn publish_command(s: &Commands, c: PublishCommand) -> CommandReply {
     if c.idempotency_key
         .as_ref()
         .is_some_and(|k| k.is_empty() || k.len() > 256)
@@ -635,7 +342,7 @@ async fn publish_command(s: &Shared, c: PublishCommand) -> CommandReply {
     )
 }
 
-fn send_local(s: &Shared, c: SendCommand) -> CommandReply {
+fn send_local(s: &Commands, c: SendCommand) -> CommandReply {
     let conn = match lookup(s, &c.connection_id) {
         Ok(conn) => conn,
         Err(e) => return e.into(),
@@ -661,7 +368,7 @@ type Share = Vec<(usize, Vec<String>)>;
 /// after the other so a connection's messages stay in order), nodes
 /// concurrently. Ids of nodes that cannot be reached are `unknown`.
 async fn send_batch_routed(
-    s: &Arc<Shared>,
+    s: &Arc<Commands>,
     req: BatchSendRequest,
     forwarded: bool,
 ) -> CommandReply {
@@ -766,7 +473,7 @@ fn chunks(share: Share, max: usize) -> Vec<Share> {
     out
 }
 
-fn info_local(s: &Shared, id: &str) -> CommandReply {
+fn info_local(s: &Commands, id: &str) -> CommandReply {
     let c = match lookup(s, id) {
         Ok(c) => c,
         Err(e) => return e.into(),
@@ -789,7 +496,7 @@ fn info_local(s: &Shared, id: &str) -> CommandReply {
     })
 }
 
-fn close_local(s: &Shared, c: CloseCommand) -> CommandReply {
+fn close_local(s: &Commands, c: CloseCommand) -> CommandReply {
     let code = c.params.code.unwrap_or(close::NORMAL);
     if !close::is_valid_sent(code) {
         return ApiError::new(
@@ -826,7 +533,7 @@ fn close_local(s: &Shared, c: CloseCommand) -> CommandReply {
     }
 }
 
-fn stats_local(s: &Shared) -> Stats {
+pub(crate) fn stats_local(s: &Commands) -> Stats {
     let m = &s.metrics;
     Stats {
         node: s.node.to_string(),
@@ -837,14 +544,14 @@ fn stats_local(s: &Shared) -> Stats {
         messages_out_total: m.messages_out.get(),
         bytes_in_total: m.bytes_in.get(),
         bytes_out_total: m.bytes_out.get(),
-        origin_queue_depth: s.dispatcher.pending() as u64,
+        origin_queue_depth: s.origin.dispatcher.pending() as u64,
         draining: s.draining.load(Relaxed),
     }
 }
 
 /// This node and the live peers, sorted by id.
-fn nodes_local(s: &Shared) -> NodesResponse {
-    let now = crate::gateway::now_ms();
+pub(crate) fn nodes_local(s: &Commands) -> NodesResponse {
+    let now = crate::clock::now_ms();
     let mut nodes = vec![NodeInfo {
         node: s.node.to_string(),
         connections: s.registry.len() as u64,
@@ -863,204 +570,6 @@ fn nodes_local(s: &Shared) -> NodesResponse {
     }
     nodes.sort_by(|a, b| a.node.cmp(&b.node));
     NodesResponse { nodes }
-}
-
-// --- HTTP handlers: parse the request, then `execute`. ---
-
-async fn send_one(
-    State(s): State<Arc<Shared>>,
-    ConnPath(id): ConnPath,
-    body: Body,
-) -> Result<Answer, ApiError> {
-    let payload: Payload = parse_json(body)?;
-    let cmd = Command::Send(SendCommand {
-        connection_id: id,
-        payload,
-    });
-    Ok(execute(&s, cmd, false).await.into())
-}
-
-async fn send_batch(State(s): State<Arc<Shared>>, body: Body) -> Result<Answer, ApiError> {
-    let req: BatchSendRequest = parse_json(body)?;
-    Ok(execute(&s, Command::SendBatch(req), false).await.into())
-}
-
-async fn connection_info(State(s): State<Arc<Shared>>, ConnPath(id): ConnPath) -> Answer {
-    execute(
-        &s,
-        Command::Info(ConnectionRef { connection_id: id }),
-        false,
-    )
-    .await
-    .into()
-}
-
-async fn close_connection(
-    State(s): State<Arc<Shared>>,
-    ConnPath(id): ConnPath,
-    params: Result<Query<CloseParams>, axum::extract::rejection::QueryRejection>,
-) -> Result<Answer, ApiError> {
-    let Query(params) = params
-        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_query", e.body_text()))?;
-    let cmd = Command::Close(CloseCommand {
-        connection_id: id,
-        params,
-    });
-    Ok(execute(&s, cmd, false).await.into())
-}
-
-/// Whether every `%` of `path` starts an escape of two hex digits (axum
-/// decodes `%ZZ` leniently, as itself).
-fn escapes_are_valid(path: &str) -> bool {
-    let b = path.as_bytes();
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'%' {
-            if !(i + 2 < b.len() && b[i + 1].is_ascii_hexdigit() && b[i + 2].is_ascii_hexdigit()) {
-                return false;
-            }
-            i += 3;
-        } else {
-            i += 1;
-        }
-    }
-    true
-}
-
-/// Decoded path segments of a channel route (`{channel}`, or `{id}` and
-/// `{channel}`); a path that is not valid percent-encoded UTF-8 answers
-/// 400 `bad_channel`.
-struct Segments<T>(T);
-
-impl<S: Send + Sync, T: serde::de::DeserializeOwned + Send> axum::extract::FromRequestParts<S>
-    for Segments<T>
-{
-    type Rejection = ApiError;
-
-    async fn from_request_parts(
-        parts: &mut axum::http::request::Parts,
-        state: &S,
-    ) -> Result<Self, ApiError> {
-        if !escapes_are_valid(parts.uri.path()) {
-            return Err(undecodable());
-        }
-        match Path::<T>::from_request_parts(parts, state).await {
-            Ok(Path(v)) => Ok(Self(v)),
-            Err(_) => Err(undecodable()),
-        }
-    }
-}
-
-/// The `{id}` and `{channel}` path segments.
-type ConnChannelPath = Segments<(String, String)>;
-
-/// The `{channel}` path segment.
-type ChannelPath = Segments<String>;
-
-fn undecodable() -> ApiError {
-    ApiError::new(
-        StatusCode::BAD_REQUEST,
-        "bad_channel",
-        "the path segment is not valid percent-encoded UTF-8",
-    )
-}
-
-async fn subscribe(
-    State(s): State<Arc<Shared>>,
-    path: ConnChannelPath,
-    body: Body,
-) -> Result<Answer, ApiError> {
-    let Segments((connection_id, channel)) = path;
-    let since = match &body {
-        Ok(b) if b.iter().all(u8::is_ascii_whitespace) => None,
-        _ => parse_json::<SubscribeBody>(body)?.since,
-    };
-    let cmd = Command::Subscribe(SubscribeCommand {
-        connection_id,
-        channel,
-        since,
-    });
-    Ok(execute(&s, cmd, false).await.into())
-}
-
-async fn unsubscribe(
-    State(s): State<Arc<Shared>>,
-    path: ConnChannelPath,
-) -> Result<Answer, ApiError> {
-    let Segments((connection_id, channel)) = path;
-    let cmd = Command::Unsubscribe(UnsubscribeCommand {
-        connection_id,
-        channel,
-    });
-    Ok(execute(&s, cmd, false).await.into())
-}
-
-async fn list_channels(State(s): State<Arc<Shared>>) -> Answer {
-    execute(&s, Command::Channels, false).await.into()
-}
-
-async fn publish(
-    State(s): State<Arc<Shared>>,
-    path: ChannelPath,
-    body: Body,
-) -> Result<Answer, ApiError> {
-    let Segments(channel) = path;
-    let mut cmd: PublishCommand = parse_json(body)?;
-    cmd.channel = channel;
-    Ok(execute(&s, Command::Publish(cmd), false).await.into())
-}
-
-/// Query of `GET /v1/channels/{channel}/messages`.
-#[derive(Debug, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-struct HistoryQuery {
-    since: Option<u64>,
-    epoch: Option<String>,
-    limit: Option<usize>,
-}
-
-async fn history(
-    State(s): State<Arc<Shared>>,
-    path: ChannelPath,
-    query: Result<Query<HistoryQuery>, axum::extract::rejection::QueryRejection>,
-) -> Result<Answer, ApiError> {
-    let Segments(channel) = path;
-    let Query(q) = query
-        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_query", e.body_text()))?;
-    let since = match (q.since, q.epoch) {
-        (Some(offset), Some(epoch)) => Some(StreamPosition { offset, epoch }),
-        (None, None) => None,
-        _ => {
-            return Err(ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "invalid_query",
-                "`since` and `epoch` go together",
-            ))
-        }
-    };
-    let cmd = Command::History(HistoryCommand {
-        channel,
-        since,
-        limit: q.limit,
-    });
-    Ok(execute(&s, cmd, false).await.into())
-}
-
-async fn presence(State(s): State<Arc<Shared>>, path: ChannelPath) -> Result<Answer, ApiError> {
-    let Segments(channel) = path;
-    Ok(
-        execute(&s, Command::Presence(ChannelRef { channel }), false)
-            .await
-            .into(),
-    )
-}
-
-async fn stats(State(s): State<Arc<Shared>>) -> Json<Stats> {
-    Json(stats_local(&s))
-}
-
-async fn nodes(State(s): State<Arc<Shared>>) -> Json<NodesResponse> {
-    Json(nodes_local(&s))
 }
 
 #[cfg(test)]
