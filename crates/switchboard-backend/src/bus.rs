@@ -133,4 +133,9 @@ pub trait ChannelBus: Send + Sync + std::fmt::Debug + 'static {
 
     /// The subscribers of `channel` on every other live node.
     fn presence<'a>(&'a self, channel: &'a str) -> BoxFuture<'a, Result<Vec<Member>, BusError>>;
+
+    /// How long a caller waits on the bus for a client (a read of the log
+    /// before a subscriber is answered) before answering that the cluster
+    /// did not answer in time.
+    fn request_timeout(&self) -> std::time::Duration;
 }

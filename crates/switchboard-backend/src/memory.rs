@@ -32,6 +32,10 @@ use tokio::sync::mpsc;
 /// How long an idempotency key is remembered (as NATS's duplicate window).
 const DUPLICATE_WINDOW: Duration = Duration::from_secs(300);
 
+/// How long a node waits on the in-memory bus for a client (the NATS
+/// backend's default `cluster-request-timeout`).
+const REQUEST_TIMEOUT: Duration = Duration::from_millis(1500);
+
 /// How long a cut-off node's lease is extended at a time while connected:
 /// long enough never to run out in a test, renewed at every join.
 const HELD: Duration = Duration::from_secs(365 * 24 * 3600);
@@ -320,6 +324,10 @@ impl MemoryBus {
 }
 
 impl ChannelBus for MemoryBus {
+    fn request_timeout(&self) -> Duration {
+        REQUEST_TIMEOUT
+    }
+
     fn publish<'a>(
         &'a self,
         ns: &'a Namespace,

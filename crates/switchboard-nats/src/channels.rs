@@ -544,6 +544,10 @@ fn live_event(msg: &Message, own_node: &str) -> Option<BusEvent> {
 }
 
 impl ChannelBus for NatsChannels {
+    fn request_timeout(&self) -> Duration {
+        self.config.request_timeout
+    }
+
     fn publish<'a>(
         &'a self,
         ns: &'a Namespace,

@@ -166,34 +166,6 @@ pub struct Config {
     /// reconnect at once.
     #[serde(with = "humantime_serde")]
     pub drain_spread: Duration,
-    /// NATS server URL(s), comma-separated: join a cluster. Absent: single node.
-    pub nats: Option<String>,
-    /// Subject prefix of every NATS subject, so clusters can share one NATS.
-    pub nats_prefix: String,
-    /// NATS credentials file (JWT and nkey seed, `.creds`).
-    pub nats_creds: Option<PathBuf>,
-    /// File holding an nkey seed to authenticate to NATS with.
-    pub nats_nkey: Option<PathBuf>,
-    /// CA certificate (PEM) to verify the NATS server with.
-    pub nats_tls_ca: Option<PathBuf>,
-    /// Client certificate (PEM) for NATS mutual TLS.
-    pub nats_tls_cert: Option<PathBuf>,
-    /// Client private key (PEM) for NATS mutual TLS.
-    pub nats_tls_key: Option<PathBuf>,
-    /// Refuse to talk to NATS without TLS.
-    pub nats_tls_required: bool,
-    /// With `origin = "nats"`: publish events through this JetStream stream
-    /// (created if missing) and wait for its acks, so they are durable.
-    pub nats_event_stream: Option<String>,
-    /// How often a node announces itself to the cluster.
-    #[serde(with = "humantime_serde")]
-    pub cluster_heartbeat: Duration,
-    /// A node not heard from for this long is considered dead.
-    #[serde(with = "humantime_serde")]
-    pub cluster_heartbeat_timeout: Duration,
-    /// Time allowed for another node to answer a forwarded control command.
-    #[serde(with = "humantime_serde")]
-    pub cluster_request_timeout: Duration,
     /// Channel namespaces, each `NAME[:OPTION,...]` (see [`Namespace`]). A
     /// channel `ns:room` exists only if namespace `ns` is configured.
     pub namespace: Vec<Namespace>,
@@ -203,8 +175,6 @@ pub struct Config {
     pub max_channel_length: usize,
     /// Most header lines in a request head (431 beyond; at most 256).
     pub max_header_count: usize,
-    /// Replicas of the JetStream streams keeping channel logs (cluster).
-    pub channel_log_replicas: usize,
 }
 
 impl Config {
@@ -287,23 +257,10 @@ impl Default for Config {
             max_outbound_bytes: 512 << 10,
             drain_timeout: Duration::from_secs(30),
             drain_spread: Duration::from_secs(5),
-            nats: None,
-            nats_prefix: "switchboard".into(),
-            nats_creds: None,
-            nats_nkey: None,
-            nats_tls_ca: None,
-            nats_tls_cert: None,
-            nats_tls_key: None,
-            nats_tls_required: false,
-            nats_event_stream: None,
-            cluster_heartbeat: Duration::from_secs(1),
-            cluster_heartbeat_timeout: Duration::from_secs(5),
-            cluster_request_timeout: Duration::from_millis(1500),
             namespace: Vec::new(),
             max_subscriptions: 128,
             max_channel_length: 255,
             max_header_count: 64,
-            channel_log_replicas: 1,
         }
     }
 }
@@ -331,11 +288,9 @@ impl Config {
         if let Some(id) = &self.node_id {
             switchboard_proto::NodeId::new(id).map_err(|e| bad("node-id", e.to_string()))?;
         }
-        if self.origin_is_nats() {
-            if self.nats.is_none() {
-                return Err(bad("origin", "`nats` needs the `nats` setting"));
-            }
-        } else if let Some(origin) = &self.origin {
+        // `nats` is carried by a backend, checked by whoever binds the node
+        // with it; anything else is a webhook URL.
+        if let Some(origin) = self.origin.as_ref().filter(|_| !self.origin_is_nats()) {
             match reqwest::Url::parse(origin) {
                 Ok(url) if matches!(url.scheme(), "http" | "https") && url.host().is_some() => {}
                 _ => {
@@ -448,7 +403,6 @@ impl Config {
                 "must be at least origin-retry-initial",
             ));
         }
-        self.validate_cluster()?;
         for (i, ns) in self.namespace.iter().enumerate() {
             if self.namespace[..i].iter().any(|o| o.name == ns.name) {
                 return Err(bad(
@@ -480,79 +434,11 @@ impl Config {
         if self.jwt_leeway > Duration::from_secs(300) {
             return Err(bad("jwt-leeway", "must be at most 5m"));
         }
-        if ![1, 3, 5].contains(&self.channel_log_replicas) {
-            return Err(bad("channel-log-replicas", "must be 1, 3 or 5"));
-        }
         if self.max_subscriptions == 0 {
             return Err(bad("max-subscriptions", "must be greater than 0"));
         }
         if self.drain_spread > self.drain_timeout {
             return Err(bad("drain-spread", "must not exceed drain-timeout"));
-        }
-        Ok(())
-    }
-}
-
-impl Config {
-    fn validate_cluster(&self) -> Result<(), ConfigError> {
-        let token_ok = |t: &str| {
-            !t.is_empty()
-                && t.bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
-        };
-        if !self.nats_prefix.split('.').all(token_ok) || self.nats_prefix.len() > 64 {
-            return Err(bad(
-                "nats-prefix",
-                "must be up to 64 characters: tokens of [A-Za-z0-9_-] joined by '.'",
-            ));
-        }
-        if let Some(stream) = &self.nats_event_stream {
-            if !token_ok(stream) || stream.len() > 64 {
-                return Err(bad(
-                    "nats-event-stream",
-                    "must be 1-64 characters of [A-Za-z0-9_-]",
-                ));
-            }
-            if !self.origin_is_nats() {
-                return Err(bad(
-                    "nats-event-stream",
-                    "only applies with origin = \"nats\"",
-                ));
-            }
-        }
-        if self.nats_tls_cert.is_some() != self.nats_tls_key.is_some() {
-            return Err(bad(
-                "nats-tls-cert",
-                "nats-tls-cert and nats-tls-key go together",
-            ));
-        }
-        for (field, d) in [
-            ("cluster-heartbeat", self.cluster_heartbeat),
-            ("cluster-heartbeat-timeout", self.cluster_heartbeat_timeout),
-            ("cluster-request-timeout", self.cluster_request_timeout),
-        ] {
-            if d < Duration::from_millis(10) || d > MAX_DURATION {
-                return Err(bad(field, "must be between 10ms and 7 days"));
-            }
-        }
-        if self.nats.is_none() {
-            for (field, set) in [
-                ("nats-creds", self.nats_creds.is_some()),
-                ("nats-nkey", self.nats_nkey.is_some()),
-                ("nats-tls-ca", self.nats_tls_ca.is_some()),
-                ("nats-tls-cert", self.nats_tls_cert.is_some()),
-                ("nats-tls-required", self.nats_tls_required),
-            ] {
-                if set {
-                    return Err(bad(field, "only applies with `nats`"));
-                }
-            }
-        }
-        if self.cluster_heartbeat_timeout < self.cluster_heartbeat * 2 {
-            return Err(bad(
-                "cluster-heartbeat-timeout",
-                "must be at least twice cluster-heartbeat",
-            ));
         }
         Ok(())
     }
@@ -596,23 +482,6 @@ mod tests {
             ..Config::default()
         };
         assert_eq!(c.validate().unwrap_err().field, "node-id");
-        let c = Config {
-            origin: Some("nats".into()),
-            ..Config::default()
-        };
-        assert_eq!(c.validate().unwrap_err().field, "origin");
-        let c = Config {
-            nats: Some("nats://127.0.0.1:4222".into()),
-            nats_prefix: "a..b".into(),
-            ..Config::default()
-        };
-        assert_eq!(c.validate().unwrap_err().field, "nats-prefix");
-        let c = Config {
-            nats: Some("nats://127.0.0.1:4222".into()),
-            cluster_heartbeat_timeout: Duration::from_millis(1500),
-            ..Config::default()
-        };
-        assert_eq!(c.validate().unwrap_err().field, "cluster-heartbeat-timeout");
         let bad: Result<Config, _> = serde_json::from_str(r#"{"no-such-key": 1}"#);
         assert!(bad.is_err());
     }

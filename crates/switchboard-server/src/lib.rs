@@ -63,7 +63,7 @@ pub use admission::tokens::AuthSetupError;
 pub use config::{Config, ConfigError, Namespace, TlsVersion};
 pub use edge::api::{OPENAPI_JSON, ROUTES};
 pub use edge::tls::TlsSetupError;
-pub use node::{DrainReport, Gateway, GatewayError, LocalNode};
+pub use node::{BindOptions, DrainReport, Gateway, GatewayError, LocalNode};
 pub use switchboard_backend::{
     bus, lease, BusError, BusEvent, ChannelBus, Cluster, ClusterError, CommandReply, LogEntry,
     LogRead, Node, Published, Watch,

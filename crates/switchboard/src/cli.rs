@@ -4,6 +4,7 @@
 //! `flag` key of the TOML file given with `--config`; a flag beats the
 //! environment, which beats the file, which beats the default.
 
+use crate::backend::ClusterSettings;
 use clap::{Parser, Subcommand};
 use serde::Serialize;
 use switchboard_server::Config;
@@ -490,6 +491,8 @@ pub(crate) struct ServeArgs {
 #[derive(Debug)]
 pub(crate) struct Loaded {
     pub(crate) config: Config,
+    /// The cluster backend's settings.
+    pub(crate) cluster: ClusterSettings,
     pub(crate) log_level: String,
     pub(crate) log_format: String,
 }
@@ -515,12 +518,28 @@ pub(crate) fn load(args: &ServeArgs) -> Result<Loaded, String> {
     };
     let log_level = take_str(&mut table, "log-level", "info")?;
     let log_format = take_str(&mut table, "log-format", "auto")?;
+    let backend_keys: Vec<String> = table
+        .keys()
+        .filter(|k| ClusterSettings::owns(k))
+        .cloned()
+        .collect();
+    let mut backend_table = toml::Table::new();
+    for k in backend_keys {
+        if let Some(v) = table.remove(&k) {
+            backend_table.insert(k, v);
+        }
+    }
     let config: Config = toml::Value::Table(table)
         .try_into()
         .map_err(|e: toml::de::Error| e.to_string())?;
+    let cluster: ClusterSettings = toml::Value::Table(backend_table)
+        .try_into()
+        .map_err(|e: toml::de::Error| e.to_string())?;
     config.validate().map_err(|e| e.to_string())?;
+    cluster.validate(&config).map_err(|e| e.to_string())?;
     Ok(Loaded {
         config,
+        cluster,
         log_level,
         log_format,
     })
@@ -615,9 +634,12 @@ mod tests {
                 "docs list --{flag}, which `serve` does not have"
             );
         }
-        let keys = serde_json::to_value(Config::default()).unwrap();
-        for key in keys.as_object().unwrap().keys() {
-            assert!(flags.contains(key), "config key {key} has no flag");
+        let gateway = serde_json::to_value(Config::default()).unwrap();
+        let cluster = serde_json::to_value(ClusterSettings::default()).unwrap();
+        for obj in [gateway, cluster] {
+            for key in obj.as_object().unwrap().keys() {
+                assert!(flags.contains(key), "config key {key} has no flag");
+            }
         }
     }
 }

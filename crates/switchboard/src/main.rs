@@ -3,13 +3,12 @@
 //! logging, runs a gateway node (joining its NATS cluster when configured)
 //! and drains it on SIGTERM/SIGINT.
 
+mod backend;
 mod cli;
 
+use backend::Startup;
 use clap::Parser;
 use std::process::ExitCode;
-use std::sync::Arc;
-use switchboard_proto::NodeId;
-use switchboard_server::{Config, Gateway, GatewayError};
 
 /// `EX_USAGE` from sysexits.h: the configuration is wrong.
 const EX_USAGE: u8 = 64;
@@ -34,8 +33,12 @@ fn serve(args: cli::ServeArgs) -> ExitCode {
         // Never print secrets.
         shown.origin_secret = shown.origin_secret.map(|_| "<redacted>".into());
         shown.api_key = shown.api_key.iter().map(|_| "<redacted>".into()).collect();
-        shown.nats = shown.nats.map(|u| redact_url(&u));
-        println!("{}", toml::to_string_pretty(&shown).unwrap_or_default());
+        let mut cluster = loaded.cluster.clone();
+        cluster.nats = cluster.nats.map(|u| redact_url(&u));
+        // One document: the gateway's settings and the cluster backend's.
+        let mut all = toml::Table::try_from(&shown).unwrap_or_default();
+        all.extend(toml::Table::try_from(&cluster).unwrap_or_default());
+        println!("{}", toml::to_string_pretty(&all).unwrap_or_default());
         eprintln!("switchboard: configuration is valid");
         return ExitCode::SUCCESS;
     }
@@ -60,7 +63,7 @@ fn serve(args: cli::ServeArgs) -> ExitCode {
         }
     };
     runtime.block_on(async move {
-        let gateway = match bind(loaded.config).await {
+        let gateway = match backend::bind(loaded.config, &loaded.cluster).await {
             Ok(g) => g,
             Err(Startup::Config(e)) => {
                 eprintln!("switchboard: configuration error: {e}");
@@ -79,93 +82,6 @@ fn serve(args: cli::ServeArgs) -> ExitCode {
             ExitCode::FAILURE
         }
     })
-}
-
-/// Why the node could not start.
-enum Startup {
-    /// The configuration cannot work (exit 64).
-    Config(String),
-    /// Anything else (exit 1).
-    Other(String),
-}
-
-/// Binds the node; with `nats` set, connects to NATS first (for the NATS
-/// origin) and joins the cluster.
-async fn bind(config: Config) -> Result<Gateway, Startup> {
-    let failed = |e: GatewayError| match e {
-        GatewayError::Config(e) => Startup::Config(e.to_string()),
-        other => Startup::Other(other.to_string()),
-    };
-    if config.nats.is_none() {
-        return Gateway::bind(config).await.map_err(failed);
-    }
-    // The node id is needed before binding: NATS connection name, origin header.
-    let config = Config {
-        node_id: Some(
-            config
-                .node_id
-                .clone()
-                .unwrap_or_else(|| NodeId::random().to_string()),
-        ),
-        ..config
-    };
-    let node = config.node_id.clone().unwrap_or_default();
-    let nats = nats_config(&config);
-    let (client, link) = switchboard_nats::connect(&nats, &node)
-        .await
-        .map_err(|e| Startup::Other(e.to_string()))?;
-    // Give the first connection a moment, so a node that can reach NATS
-    // does not turn clients away (origin over NATS) in its first instant;
-    // one that cannot starts anyway and keeps trying.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    while !link.is_up() && std::time::Instant::now() < deadline {
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
-    if !link.is_up() {
-        tracing::warn!("NATS not reachable yet; serving local clients and still trying");
-    }
-    let gateway = if config.origin_is_nats() {
-        let origin = switchboard_nats::NatsOrigin::new(client.clone(), link.clone(), &nats, &node);
-        Gateway::bind_with_transport(config, Arc::new(origin)).await
-    } else {
-        Gateway::bind(config).await
-    }
-    .map_err(failed)?;
-    let local: Arc<dyn switchboard_server::Node> = Arc::new(gateway.local_node());
-    let cluster =
-        switchboard_nats::NatsCluster::start(client.clone(), link, local.clone(), nats.clone())
-            .await
-            .map_err(|e| Startup::Other(format!("cannot subscribe on NATS: {e}")))?;
-    gateway.join_cluster(cluster.clone());
-    if !nats.namespaces.is_empty() {
-        // Channels span the cluster: their logs live in JetStream.
-        let channels = switchboard_nats::NatsChannels::start(client, local, nats, cluster)
-            .await
-            .map_err(|e| Startup::Other(format!("cannot subscribe on NATS: {e}")))?;
-        gateway.join_channel_bus(channels);
-    }
-    Ok(gateway)
-}
-
-/// The NATS backend's settings, from the node's configuration.
-fn nats_config(config: &Config) -> switchboard_nats::NatsConfig {
-    switchboard_nats::NatsConfig {
-        prefix: config.nats_prefix.clone(),
-        creds: config.nats_creds.clone(),
-        nkey: config.nats_nkey.clone(),
-        tls_ca: config.nats_tls_ca.clone(),
-        tls_cert: config.nats_tls_cert.clone(),
-        tls_key: config.nats_tls_key.clone(),
-        tls_required: config.nats_tls_required,
-        heartbeat: config.cluster_heartbeat,
-        heartbeat_timeout: config.cluster_heartbeat_timeout,
-        request_timeout: config.cluster_request_timeout,
-        namespaces: config.namespace.clone(),
-        channel_log_replicas: config.channel_log_replicas,
-        event_stream: config.nats_event_stream.clone(),
-        origin_timeout: config.origin_timeout,
-        ..switchboard_nats::NatsConfig::new(config.nats.clone().unwrap_or_default())
-    }
 }
 
 /// Resolves on the first SIGTERM or SIGINT.

@@ -24,7 +24,8 @@ pub const CONTROL_RESERVE: u64 = 1_088;
 /// top of one per `origin-concurrency` event lane.
 pub const ORIGIN_CONNECT_RESERVE: u64 = 256;
 
-/// Descriptors kept for the NATS connection(s), when `nats` is set.
+/// Descriptors a cluster backend should ask to keep (`backend_fds` of
+/// [`Capacity::new`]): its broker connections with room to reconnect.
 pub const CLUSTER_RESERVE: u64 = 32;
 
 /// Refused sockets answered at once by default (past this many, more are
@@ -53,15 +54,16 @@ pub struct Capacity {
 
 impl Capacity {
     /// The capacity for `config` under the open-file limit `fd_limit`
-    /// (`None`: unlimited).
+    /// (`None`: unlimited), with `backend_fds` descriptors held by a
+    /// cluster backend (its broker connections).
     ///
     /// The reserve is [`PROCESS_RESERVE`] + [`CONTROL_RESERVE`], plus
     /// `origin-concurrency` + [`ORIGIN_CONNECT_RESERVE`] with an HTTP
-    /// origin, plus [`CLUSTER_RESERVE`] with NATS, but never more than half
+    /// origin, plus `backend_fds` (see [`CLUSTER_RESERVE`]), but never more than half
     /// the limit. What is left, divided by [`Capacity::per_socket`], holds
     /// the client sockets: an eighth of it (at most [`MAX_REFUSING`]) for
     /// sockets being refused, the rest for `max_connections`.
-    pub fn new(config: &Config, fd_limit: Option<u64>) -> Self {
+    pub fn new(config: &Config, fd_limit: Option<u64>, backend_fds: u64) -> Self {
         let per_socket = if config.tls_cert.is_some() { 3 } else { 1 };
         let Some(limit) = fd_limit else {
             return Self {
@@ -77,9 +79,7 @@ impl Capacity {
         if config.origin.is_some() && !config.origin_is_nats() {
             wanted += config.origin_concurrency as u64 + ORIGIN_CONNECT_RESERVE;
         }
-        if config.nats.is_some() {
-            wanted += CLUSTER_RESERVE;
-        }
+        wanted += backend_fds;
         let reserve = wanted.min(limit / 2);
         let sockets = usize::try_from((limit - reserve) / per_socket).unwrap_or(usize::MAX);
         let refusing = (sockets / 8).clamp(1, MAX_REFUSING);
@@ -127,11 +127,11 @@ mod tests {
     #[test]
     fn a_large_limit_keeps_max_connections_and_the_full_reserve() {
         let c = config(|c| c.max_connections = 100_000);
-        let cap = Capacity::new(&c, Some(1 << 20));
+        let cap = Capacity::new(&c, Some(1 << 20), 0);
         assert_eq!(cap.reserve, PROCESS_RESERVE + CONTROL_RESERVE);
         assert_eq!((cap.max_connections, cap.refusing), (100_000, MAX_REFUSING));
         assert!(!cap.lowered);
-        let unlimited = Capacity::new(&c, None);
+        let unlimited = Capacity::new(&c, None, 0);
         assert_eq!(unlimited.max_connections, 100_000);
     }
 
@@ -139,9 +139,8 @@ mod tests {
     fn the_default_cap_leaves_the_reserve_and_the_refusing_window() {
         let c = config(|c| {
             c.origin = Some("http://127.0.0.1:1/events".into());
-            c.nats = Some("nats://127.0.0.1:4222".into());
         });
-        let cap = Capacity::new(&c, Some(65_536));
+        let cap = Capacity::new(&c, Some(65_536), CLUSTER_RESERVE);
         let reserve = PROCESS_RESERVE
             + CONTROL_RESERVE
             + c.origin_concurrency as u64
@@ -156,7 +155,7 @@ mod tests {
         assert!(cap.lowered);
         // With TLS a socket takes three descriptors.
         let tls = config(|c| c.tls_cert = Some("cert.pem".into()));
-        let cap = Capacity::new(&tls, Some(65_536));
+        let cap = Capacity::new(&tls, Some(65_536), 0);
         assert_eq!(cap.per_socket, 3);
         let sockets = (65_536 - cap.reserve) / 3;
         assert_eq!(cap.max_connections as u64, sockets - MAX_REFUSING as u64);
@@ -164,10 +163,10 @@ mod tests {
 
     #[test]
     fn a_small_limit_keeps_half_for_the_reserve() {
-        let cap = Capacity::new(&Config::default(), Some(256));
+        let cap = Capacity::new(&Config::default(), Some(256), 0);
         assert_eq!(cap.reserve, 128);
         assert_eq!((cap.max_connections, cap.refusing), (112, 16));
-        let tiny = Capacity::new(&Config::default(), Some(4));
+        let tiny = Capacity::new(&Config::default(), Some(4), 0);
         assert_eq!((tiny.max_connections, tiny.refusing), (1, 1));
     }
 }

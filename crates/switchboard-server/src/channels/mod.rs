@@ -409,6 +409,14 @@ impl Channels {
         self.link.set(link).is_ok()
     }
 
+    /// How long a command waits for a subscription that waits on the bus
+    /// (without a bus, nothing waits).
+    pub(crate) fn request_timeout(&self) -> Duration {
+        self.link
+            .get()
+            .map_or(Duration::ZERO, |l| l.bus.request_timeout())
+    }
+
     /// Whether channels live on a cluster's bus.
     pub(crate) fn is_clustered(&self) -> bool {
         self.link.get().is_some()

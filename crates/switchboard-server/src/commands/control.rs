@@ -274,18 +274,16 @@ async fn subscribe_local(s: &Commands, c: SubscribeCommand) -> CommandReply {
     match ch.subscribe(&conn, &c.channel, c.since.as_ref(), Ack::Push, &s.metrics) {
         Ok(Subscribed::Now(r)) => subscribed(r),
         // A replica reading the channel's log first (cluster).
-        Ok(Subscribed::Later(rx)) => {
-            match tokio::time::timeout(s.config.cluster_request_timeout, rx).await {
-                Ok(Ok(r)) => subscribed(r),
-                Ok(Err(_)) => ApiError::not_found(&c.connection_id).into(),
-                Err(_) => ApiError::new(
-                    StatusCode::GATEWAY_TIMEOUT,
-                    "node_timeout",
-                    "the channel's log did not answer in time; the subscription completes when it does",
-                )
-                .into(),
-            }
-        }
+        Ok(Subscribed::Later(rx)) => match tokio::time::timeout(ch.request_timeout(), rx).await {
+            Ok(Ok(r)) => subscribed(r),
+            Ok(Err(_)) => ApiError::not_found(&c.connection_id).into(),
+            Err(_) => ApiError::new(
+                StatusCode::GATEWAY_TIMEOUT,
+                "node_timeout",
+                "the channel's log did not answer in time; the subscription completes when it does",
+            )
+            .into(),
+        },
         Err(ChannelError::AlreadySubscribed) => answer(ch.position(&c.channel, &s.metrics).map(
             |(epoch, offset)| SubscribeResponse {
                 epoch,

@@ -849,7 +849,7 @@ mod tests {
             Arc::new(crate::lease::Lease::unlimited()),
             None,
         );
-        let shared = Arc::new(Edge::new(Arc::new(commands), None));
+        let shared = Arc::new(Edge::new(Arc::new(commands), None, 0));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
             .await

@@ -66,8 +66,13 @@ pub(crate) struct Edge {
 }
 
 impl Edge {
-    /// The edge of a node whose parts below are `commands`'s.
-    pub(crate) fn new(commands: Arc<Commands>, tls: Option<Arc<tls::Tls>>) -> Self {
+    /// The edge of a node whose parts below are `commands`'s, with
+    /// `backend_fds` descriptors kept for a cluster backend.
+    pub(crate) fn new(
+        commands: Arc<Commands>,
+        tls: Option<Arc<tls::Tls>>,
+        backend_fds: u64,
+    ) -> Self {
         let config = commands.config.clone();
         Self {
             node: commands.node.clone(),
@@ -92,7 +97,7 @@ impl Edge {
             handshake_rate: HandshakeRate::new(config.max_handshakes_per_ip),
             user_counts: UserCounts::new(config.max_connections_per_user),
             refusing: AtomicUsize::new(0),
-            capacity: Capacity::new(&config, crate::admission::fds::nofile_limit()),
+            capacity: Capacity::new(&config, crate::admission::fds::nofile_limit(), backend_fds),
             commands,
             config,
         }

@@ -98,21 +98,41 @@ fn bind_listener(addr: SocketAddr) -> Result<TcpListener, GatewayError> {
     TcpListener::from_std(socket.into()).map_err(err)
 }
 
+/// What a cluster backend brings to a node before it binds (see
+/// [`Gateway::bind_with`]).
+#[derive(Debug, Clone, Default)]
+pub struct BindOptions {
+    /// The origin transport, when the backend carries the origin
+    /// (`origin = "nats"`). Without it the node uses the webhook `origin`
+    /// names, or dev mode.
+    pub transport: Option<Arc<dyn OriginTransport>>,
+    /// Descriptors the backend holds (its broker connections), kept out of
+    /// the client sockets' budget (see [`crate::fds::CLUSTER_RESERVE`]).
+    pub backend_fds: u64,
+}
+
 impl Gateway {
     /// Validates `config`, sets up the origin transport it names, and binds
     /// both listeners.
     pub async fn bind(config: Config) -> Result<Self, GatewayError> {
+        Self::bind_with(config, BindOptions::default()).await
+    }
+
+    /// Like [`Gateway::bind`], for a node a backend is about to join.
+    pub async fn bind_with(config: Config, options: BindOptions) -> Result<Self, GatewayError> {
         config.validate()?;
+        // The node id the transport sends in `x-switchboard-node` (random when unset).
         let node = node_id(&config);
         let lease = Arc::new(crate::lease::Lease::unlimited());
-        let transport: Arc<dyn OriginTransport> = match &config.origin {
-            Some(_) if config.origin_is_nats() => {
+        let transport: Arc<dyn OriginTransport> = match (options.transport, &config.origin) {
+            (Some(transport), _) => transport,
+            (None, Some(_)) if config.origin_is_nats() => {
                 return Err(GatewayError::Config(ConfigError {
                     field: "origin",
-                    problem: "the NATS origin needs a NATS backend: use bind_with_transport".into(),
+                    problem: "the NATS origin needs a NATS backend (the `nats` setting)".into(),
                 }))
             }
-            Some(url) => Arc::new(
+            (None, Some(url)) => Arc::new(
                 HttpOrigin::new(
                     url,
                     config.origin_secret.as_deref(),
@@ -121,29 +141,8 @@ impl Gateway {
                 )?
                 .gated_by(lease.clone()),
             ),
-            None => Arc::new(DevOrigin),
+            (None, None) => Arc::new(DevOrigin),
         };
-        // The node id the transport sends in `x-switchboard-node` (random when unset).
-        Self::bind_node(config, node, transport, lease).await
-    }
-
-    /// Like [`Gateway::bind`], with a given origin transport.
-    pub async fn bind_with_transport(
-        config: Config,
-        transport: Arc<dyn OriginTransport>,
-    ) -> Result<Self, GatewayError> {
-        config.validate()?;
-        let node = node_id(&config);
-        let lease = Arc::new(crate::lease::Lease::unlimited());
-        Self::bind_node(config, node, transport, lease).await
-    }
-
-    async fn bind_node(
-        config: Config,
-        node: NodeId,
-        transport: Arc<dyn OriginTransport>,
-        lease: Arc<crate::lease::Lease>,
-    ) -> Result<Self, GatewayError> {
         let auth = crate::admission::tokens::Authenticator::new(&config)?;
         if let Some(a) = &auth {
             a.prefetch().await;
@@ -152,7 +151,7 @@ impl Gateway {
         let client = bind_listener(config.listen)?;
         let control = bind_listener(config.control_listen)?;
         let commands = Arc::new(Commands::new(config, node, transport, lease, auth));
-        let shared = Arc::new(Edge::new(commands, tls));
+        let shared = Arc::new(Edge::new(commands, tls, options.backend_fds));
         Ok(Self {
             shared,
             client,

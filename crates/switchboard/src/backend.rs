@@ -1,0 +1,304 @@
+//! The cluster backend: its settings (the `nats*`, `cluster-*` and
+//! `channel-log-replicas` keys, which the gateway library does not know),
+//! their checks, and joining a bound node to NATS. Only the binary knows
+//! both the gateway and a backend.
+
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use switchboard_proto::NodeId;
+use switchboard_server::{BindOptions, Config, ConfigError, Gateway, GatewayError};
+
+/// Longest duration a cluster setting accepts.
+const MAX_DURATION: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// The settings of the cluster backend. Keys as in the TOML file and the
+/// flags; `docs/configuration.md` documents each.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub(crate) struct ClusterSettings {
+    /// NATS server URL(s), comma-separated: join a cluster. Absent: single node.
+    pub(crate) nats: Option<String>,
+    /// Subject prefix of every NATS subject, so clusters can share one NATS.
+    pub(crate) nats_prefix: String,
+    /// NATS credentials file (JWT and nkey seed, `.creds`).
+    pub(crate) nats_creds: Option<PathBuf>,
+    /// File holding an nkey seed to authenticate to NATS with.
+    pub(crate) nats_nkey: Option<PathBuf>,
+    /// CA certificate (PEM) to verify the NATS server with.
+    pub(crate) nats_tls_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for NATS mutual TLS.
+    pub(crate) nats_tls_cert: Option<PathBuf>,
+    /// Client private key (PEM) for NATS mutual TLS.
+    pub(crate) nats_tls_key: Option<PathBuf>,
+    /// Refuse to talk to NATS without TLS.
+    pub(crate) nats_tls_required: bool,
+    /// With `origin = "nats"`: publish events through this JetStream stream
+    /// (created if missing) and wait for its acks, so they are durable.
+    pub(crate) nats_event_stream: Option<String>,
+    /// How often a node announces itself to the cluster.
+    #[serde(with = "humantime_serde")]
+    pub(crate) cluster_heartbeat: Duration,
+    /// A node not heard from for this long is considered dead.
+    #[serde(with = "humantime_serde")]
+    pub(crate) cluster_heartbeat_timeout: Duration,
+    /// Time allowed for another node (or the channel log) to answer.
+    #[serde(with = "humantime_serde")]
+    pub(crate) cluster_request_timeout: Duration,
+    /// Replicas of the JetStream streams keeping channel logs.
+    pub(crate) channel_log_replicas: usize,
+}
+
+impl Default for ClusterSettings {
+    fn default() -> Self {
+        Self {
+            nats: None,
+            nats_prefix: "switchboard".into(),
+            nats_creds: None,
+            nats_nkey: None,
+            nats_tls_ca: None,
+            nats_tls_cert: None,
+            nats_tls_key: None,
+            nats_tls_required: false,
+            nats_event_stream: None,
+            cluster_heartbeat: Duration::from_secs(1),
+            cluster_heartbeat_timeout: Duration::from_secs(5),
+            cluster_request_timeout: Duration::from_millis(1500),
+            channel_log_replicas: 1,
+        }
+    }
+}
+
+fn bad(field: &'static str, problem: impl Into<String>) -> ConfigError {
+    ConfigError {
+        field,
+        problem: problem.into(),
+    }
+}
+
+impl ClusterSettings {
+    /// Whether a configuration key is one of these settings.
+    pub(crate) fn owns(key: &str) -> bool {
+        key == "nats"
+            || key.starts_with("nats-")
+            || key.starts_with("cluster-")
+            || key == "channel-log-replicas"
+    }
+
+    /// Checks values that parse but cannot work, with the node's `config`.
+    pub(crate) fn validate(&self, config: &Config) -> Result<(), ConfigError> {
+        if config.origin_is_nats() && self.nats.is_none() {
+            return Err(bad("origin", "`nats` needs the `nats` setting"));
+        }
+        let token_ok = |t: &str| {
+            !t.is_empty()
+                && t.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        };
+        if !self.nats_prefix.split('.').all(token_ok) || self.nats_prefix.len() > 64 {
+            return Err(bad(
+                "nats-prefix",
+                "must be up to 64 characters: tokens of [A-Za-z0-9_-] joined by '.'",
+            ));
+        }
+        if let Some(stream) = &self.nats_event_stream {
+            if !token_ok(stream) || stream.len() > 64 {
+                return Err(bad(
+                    "nats-event-stream",
+                    "must be 1-64 characters of [A-Za-z0-9_-]",
+                ));
+            }
+            if !config.origin_is_nats() {
+                return Err(bad(
+                    "nats-event-stream",
+                    "only applies with origin = \"nats\"",
+                ));
+            }
+        }
+        if self.nats_tls_cert.is_some() != self.nats_tls_key.is_some() {
+            return Err(bad(
+                "nats-tls-cert",
+                "nats-tls-cert and nats-tls-key go together",
+            ));
+        }
+        for (field, d) in [
+            ("cluster-heartbeat", self.cluster_heartbeat),
+            ("cluster-heartbeat-timeout", self.cluster_heartbeat_timeout),
+            ("cluster-request-timeout", self.cluster_request_timeout),
+        ] {
+            if d < Duration::from_millis(10) || d > MAX_DURATION {
+                return Err(bad(field, "must be between 10ms and 7 days"));
+            }
+        }
+        if self.nats.is_none() {
+            for (field, set) in [
+                ("nats-creds", self.nats_creds.is_some()),
+                ("nats-nkey", self.nats_nkey.is_some()),
+                ("nats-tls-ca", self.nats_tls_ca.is_some()),
+                ("nats-tls-cert", self.nats_tls_cert.is_some()),
+                ("nats-tls-required", self.nats_tls_required),
+            ] {
+                if set {
+                    return Err(bad(field, "only applies with `nats`"));
+                }
+            }
+        }
+        if self.cluster_heartbeat_timeout < self.cluster_heartbeat * 2 {
+            return Err(bad(
+                "cluster-heartbeat-timeout",
+                "must be at least twice cluster-heartbeat",
+            ));
+        }
+        if ![1, 3, 5].contains(&self.channel_log_replicas) {
+            return Err(bad("channel-log-replicas", "must be 1, 3 or 5"));
+        }
+        Ok(())
+    }
+
+    /// The NATS backend's settings, for a node with `config`.
+    fn nats_config(&self, config: &Config) -> switchboard_nats::NatsConfig {
+        switchboard_nats::NatsConfig {
+            prefix: self.nats_prefix.clone(),
+            creds: self.nats_creds.clone(),
+            nkey: self.nats_nkey.clone(),
+            tls_ca: self.nats_tls_ca.clone(),
+            tls_cert: self.nats_tls_cert.clone(),
+            tls_key: self.nats_tls_key.clone(),
+            tls_required: self.nats_tls_required,
+            heartbeat: self.cluster_heartbeat,
+            heartbeat_timeout: self.cluster_heartbeat_timeout,
+            request_timeout: self.cluster_request_timeout,
+            namespaces: config.namespace.clone(),
+            channel_log_replicas: self.channel_log_replicas,
+            event_stream: self.nats_event_stream.clone(),
+            origin_timeout: config.origin_timeout,
+            ..switchboard_nats::NatsConfig::new(self.nats.clone().unwrap_or_default())
+        }
+    }
+}
+
+/// Why the node could not start.
+pub(crate) enum Startup {
+    /// The configuration cannot work (exit 64).
+    Config(String),
+    /// Anything else (exit 1).
+    Other(String),
+}
+
+/// Binds the node; with `nats` set, connects to NATS first (for the NATS
+/// origin) and joins the cluster.
+pub(crate) async fn bind(config: Config, cluster: &ClusterSettings) -> Result<Gateway, Startup> {
+    let failed = |e: GatewayError| match e {
+        GatewayError::Config(e) => Startup::Config(e.to_string()),
+        other => Startup::Other(other.to_string()),
+    };
+    if cluster.nats.is_none() {
+        return Gateway::bind(config).await.map_err(failed);
+    }
+    // The node id is needed before binding: NATS connection name, origin header.
+    let config = Config {
+        node_id: Some(
+            config
+                .node_id
+                .clone()
+                .unwrap_or_else(|| NodeId::random().to_string()),
+        ),
+        ..config
+    };
+    let node = config.node_id.clone().unwrap_or_default();
+    let nats = cluster.nats_config(&config);
+    let (client, link) = switchboard_nats::connect(&nats, &node)
+        .await
+        .map_err(|e| Startup::Other(e.to_string()))?;
+    // Give the first connection a moment, so a node that can reach NATS
+    // does not turn clients away (origin over NATS) in its first instant;
+    // one that cannot starts anyway and keeps trying.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !link.is_up() && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    if !link.is_up() {
+        tracing::warn!("NATS not reachable yet; serving local clients and still trying");
+    }
+    let transport: Option<Arc<dyn switchboard_server::origin::OriginTransport>> =
+        if config.origin_is_nats() {
+            Some(Arc::new(switchboard_nats::NatsOrigin::new(
+                client.clone(),
+                link.clone(),
+                &nats,
+                &node,
+            )))
+        } else {
+            None
+        };
+    let options = BindOptions {
+        transport,
+        backend_fds: switchboard_server::fds::CLUSTER_RESERVE,
+    };
+    let gateway = Gateway::bind_with(config, options).await.map_err(failed)?;
+    let local: Arc<dyn switchboard_server::Node> = Arc::new(gateway.local_node());
+    let cluster =
+        switchboard_nats::NatsCluster::start(client.clone(), link, local.clone(), nats.clone())
+            .await
+            .map_err(|e| Startup::Other(format!("cannot subscribe on NATS: {e}")))?;
+    gateway.join_cluster(cluster.clone());
+    if !nats.namespaces.is_empty() {
+        // Channels span the cluster: their logs live in JetStream.
+        let channels = switchboard_nats::NatsChannels::start(client, local, nats, cluster)
+            .await
+            .map_err(|e| Startup::Other(format!("cannot subscribe on NATS: {e}")))?;
+        gateway.join_channel_bus(channels);
+    }
+    Ok(gateway)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cluster_settings_that_cannot_work_are_refused() {
+        let config = Config::default();
+        let nats = || ClusterSettings {
+            nats: Some("nats://127.0.0.1:4222".into()),
+            ..ClusterSettings::default()
+        };
+        ClusterSettings::default().validate(&config).unwrap();
+        nats().validate(&config).unwrap();
+        let on_nats = Config {
+            origin: Some("nats".into()),
+            ..Config::default()
+        };
+        let err = |s: ClusterSettings, c: &Config| s.validate(c).unwrap_err().field;
+        assert_eq!(err(ClusterSettings::default(), &on_nats), "origin");
+        nats().validate(&on_nats).unwrap();
+        let prefix = ClusterSettings {
+            nats_prefix: "a..b".into(),
+            ..nats()
+        };
+        assert_eq!(err(prefix, &config), "nats-prefix");
+        let beat = ClusterSettings {
+            cluster_heartbeat_timeout: Duration::from_millis(1500),
+            ..nats()
+        };
+        assert_eq!(err(beat, &config), "cluster-heartbeat-timeout");
+        let replicas = ClusterSettings {
+            channel_log_replicas: 2,
+            ..nats()
+        };
+        assert_eq!(err(replicas, &config), "channel-log-replicas");
+        let creds = ClusterSettings {
+            nats_creds: Some("x.creds".into()),
+            ..ClusterSettings::default()
+        };
+        assert_eq!(err(creds, &config), "nats-creds");
+        let stream = ClusterSettings {
+            nats_event_stream: Some("EVENTS".into()),
+            ..nats()
+        };
+        assert_eq!(err(stream, &config), "nats-event-stream");
+        assert!(ClusterSettings::owns("nats-prefix") && ClusterSettings::owns("nats"));
+        assert!(!ClusterSettings::owns("namespace") && !ClusterSettings::owns("origin"));
+    }
+}
