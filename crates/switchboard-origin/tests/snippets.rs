@@ -270,3 +270,29 @@ async fn python_snippet_verifies_publishes_and_serves() {
         serve_mode("python3", "origin.py").await;
     }
 }
+
+/// The `verify` functions quoted in docs/origin.md are the tested ones:
+/// every paragraph of each quoted block (the first line, its imports, aside)
+/// appears word for word in the snippet file.
+#[test]
+fn docs_quote_the_tested_verify() {
+    let docs = std::fs::read_to_string(snippet("../origin.md")).expect("read docs/origin.md");
+    for (fence, file) in [("```js\n", "origin.mjs"), ("```python\n", "origin.py")] {
+        let source = std::fs::read_to_string(snippet(file)).expect("read snippet");
+        let start = docs
+            .find(&format!("{fence}import"))
+            .unwrap_or_else(|| panic!("no {fence} block with imports in docs/origin.md"))
+            + fence.len();
+        let block = &docs[start..start + docs[start..].find("```").expect("closed block")];
+        assert!(block.contains("verify("), "{file}: {block}");
+        let paragraphs: Vec<&str> = block.split("\n\n").skip(1).collect();
+        assert!(!paragraphs.is_empty(), "{file}: {block}");
+        for paragraph in paragraphs {
+            let paragraph = paragraph.trim_matches('\n');
+            assert!(
+                source.contains(paragraph),
+                "docs/origin.md quotes a {file} passage that is not in the snippet:\n{paragraph}"
+            );
+        }
+    }
+}

@@ -3,7 +3,8 @@
 //! killed with SIGKILL, restarted on the same port with the same store, and
 //! cleaned up on drop.
 //!
-//! The binary is `nats-server` from `PATH`. Every wait is bounded: starting
+//! The binary is `nats-server` from `PATH` (missing, starting panics with one
+//! line saying how to install it). Every wait is bounded: starting
 //! panics (with the server's log) if the port does not accept within 10 s.
 //!
 //! Ports are chosen below the kernel's ephemeral range, so that nothing
@@ -23,6 +24,37 @@ use std::time::{Duration, Instant};
 
 /// How long [`NatsServer::start`] and [`NatsServer::restart`] wait for the port.
 const START_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What to tell the user when `nats-server` cannot be run at all: one line
+/// saying how to install it (instead of ten failed starts on ten ports).
+const NOT_INSTALLED: &str = "nats-server is not installed (not found on PATH); the cluster tests \
+     start their own: install it with `apt-get install nats-server` (Debian/Ubuntu), \
+     `brew install nats-server` (macOS), or from https://github.com/nats-io/nats-server/releases";
+
+/// `Some(message)` when `nats-server` is not on `PATH` (or cannot be
+/// executed); checked once per process.
+fn missing_binary() -> Option<&'static str> {
+    static MISSING: std::sync::OnceLock<Option<&'static str>> = std::sync::OnceLock::new();
+    *MISSING.get_or_init(|| {
+        match Command::new("nats-server")
+            .arg("--version")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+        {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::NotFound | std::io::ErrorKind::PermissionDenied
+                ) =>
+            {
+                Some(NOT_INSTALLED)
+            }
+            _ => None,
+        }
+    })
+}
 
 /// A `nats-server` child process on 127.0.0.1.
 #[derive(Debug)]
@@ -48,6 +80,9 @@ impl NatsServer {
     /// PORT` for the monitoring endpoint the benchmarks read).
     pub fn start_with(jetstream: bool, extra_args: &[String]) -> Self {
         crate::failure::remember_panics();
+        if let Some(missing) = missing_binary() {
+            panic!("{missing}");
+        }
         static COUNTER: AtomicU32 = AtomicU32::new(0);
         let name = format!(
             "switchboard-test-{}-{}",

@@ -9,9 +9,15 @@ use clap::{Parser, Subcommand};
 use serde::Serialize;
 use switchboard_server::Config;
 
-/// Switchboard: a WebSocket gateway that holds client connections for your app.
+/// Switchboard, a WebSocket gateway: it holds your clients' WebSocket
+/// connections and talks to your application (the origin) through HTTP
+/// webhooks and a control API.
 #[derive(Debug, Parser)]
-#[command(name = "switchboard", version, about)]
+#[command(
+    name = "switchboard",
+    version = env!("CARGO_PKG_VERSION"),
+    long_version = crate::build_info::LONG_VERSION
+)]
 pub(crate) struct Cli {
     #[command(subcommand)]
     pub(crate) command: Command,
@@ -22,6 +28,31 @@ pub(crate) struct Cli {
 pub(crate) enum Command {
     /// Run a gateway node.
     Serve(Box<ServeArgs>),
+    /// Ask a node's health endpoint; exit 0 on a 2xx answer, 1 otherwise
+    /// (a container HEALTHCHECK that needs neither a shell nor curl).
+    Healthcheck(HealthcheckArgs),
+}
+
+/// Options of `switchboard healthcheck`.
+#[derive(Debug, Clone, clap::Args)]
+pub(crate) struct HealthcheckArgs {
+    /// URL to ask; `/readyz` instead of `/healthz` checks readiness.
+    #[arg(
+        long,
+        env = "SWITCHBOARD_HEALTHCHECK_URL",
+        value_name = "URL",
+        default_value = "http://127.0.0.1:8081/healthz"
+    )]
+    pub(crate) url: String,
+
+    /// Seconds to wait for the whole answer.
+    #[arg(long, value_name = "SECONDS", default_value_t = 3)]
+    pub(crate) timeout: u64,
+
+    /// With an https URL, accept any certificate (the node's own name is
+    /// rarely the loopback address the check uses).
+    #[arg(long)]
+    pub(crate) insecure: bool,
 }
 
 /// Options of `switchboard serve`. Field names match `Config` keys.
@@ -556,7 +587,34 @@ mod tests {
         full.extend_from_slice(argv);
         match Cli::try_parse_from(full).unwrap().command {
             Command::Serve(a) => *a,
+            other => panic!("parsed as {other:?}"),
         }
+    }
+
+    /// The first line of `--help` says what Switchboard is, for someone who
+    /// has never heard of it; `--version` carries the build.
+    #[test]
+    fn help_introduces_the_product_and_version_describes_the_build() {
+        let mut cmd = Cli::command();
+        let help = cmd.render_help().to_string();
+        let first = help.lines().next().unwrap_or_default();
+        assert!(
+            first.starts_with("Switchboard, a WebSocket gateway"),
+            "{first}"
+        );
+        assert!(!help.contains("CLI, configuration loading"), "{help}");
+        let version = cmd.render_long_version();
+        for field in ["commit:", "built:", "features:", "target:", "rustc:"] {
+            assert!(version.contains(field), "{field} missing from {version}");
+        }
+        let hc = match Cli::try_parse_from(["switchboard", "healthcheck"])
+            .unwrap()
+            .command
+        {
+            Command::Healthcheck(a) => a,
+            other => panic!("parsed as {other:?}"),
+        };
+        assert_eq!(hc.url, "http://127.0.0.1:8081/healthz");
     }
 
     #[test]

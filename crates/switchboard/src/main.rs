@@ -4,6 +4,7 @@
 //! and drains it on SIGTERM/SIGINT.
 
 mod backend;
+mod build_info;
 mod cli;
 
 use backend::Startup;
@@ -17,7 +18,55 @@ fn main() -> ExitCode {
     let cli = cli::Cli::parse();
     match cli.command {
         cli::Command::Serve(args) => serve(*args),
+        cli::Command::Healthcheck(args) => healthcheck(&args),
     }
+}
+
+/// `switchboard healthcheck`: one GET, exit 0 on 2xx. Proxies from the
+/// environment are ignored: the check is about this host's node.
+fn healthcheck(args: &cli::HealthcheckArgs) -> ExitCode {
+    let fail = |why: String| {
+        eprintln!("switchboard healthcheck: {}: {why}", args.url);
+        ExitCode::FAILURE
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => return fail(format!("cannot start the runtime: {e}")),
+    };
+    let answer = runtime.block_on(async {
+        reqwest::Client::builder()
+            .no_proxy()
+            .timeout(std::time::Duration::from_secs(args.timeout))
+            .danger_accept_invalid_certs(args.insecure)
+            .build()?
+            .get(&args.url)
+            .send()
+            .await
+    });
+    match answer {
+        Ok(answer) if answer.status().is_success() => {
+            println!("{}: {}", args.url, answer.status());
+            ExitCode::SUCCESS
+        }
+        Ok(answer) => fail(format!("answered {}", answer.status())),
+        Err(e) => fail(error_chain(&e)),
+    }
+}
+
+/// An error and its causes on one line (reqwest's own text stops at
+/// "error sending request").
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        text.push_str(": ");
+        text.push_str(&c.to_string());
+        cause = c.source();
+    }
+    text
 }
 
 fn serve(args: cli::ServeArgs) -> ExitCode {
@@ -46,6 +95,16 @@ fn serve(args: cli::ServeArgs) -> ExitCode {
         eprintln!("switchboard: {e}");
         return ExitCode::from(EX_USAGE);
     }
+    let build: serde_json::Map<String, serde_json::Value> = build_info::BUILD
+        .labels()
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.into()))
+        .collect();
+    tracing::info!(
+        build = %serde_json::Value::Object(build),
+        "switchboard {} starting",
+        build_info::BUILD
+    );
     // Every client socket is a descriptor: take all the process may have.
     // The node derives its connection cap from the result (logged in
     // "switchboard node started").
@@ -74,6 +133,7 @@ fn serve(args: cli::ServeArgs) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
+        gateway.set_build_info(&build_info::BUILD.labels());
         let report = gateway.run(shutdown_signal()).await;
         if report.completed {
             ExitCode::SUCCESS

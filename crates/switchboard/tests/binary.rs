@@ -259,3 +259,196 @@ async fn config_precedence_in_a_running_node() {
     assert_eq!(node.wait().await.code(), Some(0));
     drop((held_a, held_b));
 }
+
+/// The repository root (where switchboard.example.toml and deploy/ live).
+fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// The example configuration at the root passes `serve --check` as shipped,
+/// and with every optional `# key = value` line uncommented too, and each key
+/// it sets shows up in the effective configuration.
+#[test]
+fn example_config_passes_check() {
+    let path = repo_root().join("switchboard.example.toml");
+    let text = std::fs::read_to_string(&path).expect("read switchboard.example.toml");
+    let shipped = check(&["--config", path.to_str().unwrap()], &[]);
+    assert_eq!(shipped["drain-timeout"].as_str(), Some("20s"), "{shipped}");
+    assert_eq!(
+        shipped["origin"].as_str(),
+        Some("http://127.0.0.1:3000/switchboard/events")
+    );
+
+    let mut optional = Vec::new();
+    let full: String = text
+        .lines()
+        .map(|line| match line.strip_prefix("# ") {
+            Some(rest)
+                if rest.split_once(" = ").is_some_and(|(k, _)| {
+                    k.bytes().all(|b| b.is_ascii_lowercase() || b == b'-')
+                }) =>
+            {
+                optional.push(rest.split_once(" = ").unwrap().0.to_owned());
+                format!("{rest}\n")
+            }
+            _ => format!("{line}\n"),
+        })
+        .collect();
+    assert!(optional.len() >= 15, "optional keys found: {optional:?}");
+    let all = TempToml::new("example-full", &full);
+    let effective = check(&["--config", all.path()], &[]);
+    for key in &optional {
+        assert!(
+            effective.contains_key(key),
+            "{key} missing from:\n{effective}"
+        );
+    }
+    assert_eq!(effective["node-id"].as_str(), Some("gw-1"));
+}
+
+/// `--version` names the build; `healthcheck` exits 0 on a 2xx answer and 1
+/// otherwise, with one line saying why; the startup log carries the build.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn version_and_healthcheck() {
+    let out = switchboard(&["--version"], &[]).output().unwrap();
+    let version = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success());
+    assert!(
+        version.starts_with(&format!(
+            "switchboard {}\ncommit:",
+            env!("CARGO_PKG_VERSION")
+        )),
+        "{version}"
+    );
+    for field in ["built:", "features:", "target:", "rustc:"] {
+        assert!(version.contains(field), "{version}");
+    }
+
+    let node = Node::start(
+        &["--listen", "127.0.0.1:0", "--control-listen", "127.0.0.1:0"],
+        &[],
+    )
+    .await;
+    let startup = node
+        .seen
+        .iter()
+        .find(|l| l.contains("starting"))
+        .unwrap_or_else(|| panic!("no startup line in {:?}", node.seen));
+    let commit = version
+        .lines()
+        .find_map(|l| l.strip_prefix("commit:"))
+        .unwrap()
+        .trim();
+    assert!(
+        startup.contains(&format!("\\\"commit\\\":\\\"{commit}\\\"")),
+        "{startup}"
+    );
+
+    let healthcheck = |url: String| async move {
+        tokio::task::spawn_blocking(move || {
+            switchboard(&["healthcheck", "--url", &url, "--timeout", "5"], &[])
+                .output()
+                .unwrap()
+        })
+        .await
+        .unwrap()
+    };
+    let ok = healthcheck(node.api("/healthz")).await;
+    assert!(ok.status.success(), "{ok:?}");
+    assert!(
+        String::from_utf8_lossy(&ok.stdout).contains("200 OK"),
+        "{ok:?}"
+    );
+    let missing = healthcheck(node.api("/no-such-route")).await;
+    assert_eq!(missing.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&missing.stderr);
+    assert!(stderr.contains("answered 404"), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    // A port nothing listens on: bound by the OS, then released.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let refused = healthcheck(format!("http://127.0.0.1:{closed}/healthz")).await;
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("refused"),
+        "{refused:?}"
+    );
+}
+
+/// Every metric the dashboard and the alert rules query is one the node
+/// exports, and docs/operations.md names every metric the node exports.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dashboards_alerts_and_docs_name_real_metrics() {
+    let node = Node::start(
+        &["--listen", "127.0.0.1:0", "--control-listen", "127.0.0.1:0"],
+        &[],
+    )
+    .await;
+    let text = node.get("/metrics").await.body;
+    let mut families = Vec::new();
+    let mut samples = std::collections::BTreeSet::new();
+    for line in text.lines() {
+        let mut words = line.split_whitespace();
+        if let (Some("#"), Some("TYPE"), Some(name), Some(kind)) =
+            (words.next(), words.next(), words.next(), words.next())
+        {
+            families.push(name.to_owned());
+            match kind {
+                "counter" => {
+                    samples.insert(format!("{name}_total"));
+                }
+                "histogram" => {
+                    for suffix in ["_bucket", "_count", "_sum"] {
+                        samples.insert(format!("{name}{suffix}"));
+                    }
+                }
+                _ => {
+                    samples.insert(name.to_owned());
+                }
+            }
+        }
+    }
+    assert!(families.len() >= 30, "{text}");
+    let names_in = |text: &str| -> std::collections::BTreeSet<String> {
+        let mut found = std::collections::BTreeSet::new();
+        let mut rest = text;
+        while let Some(at) = rest.find("switchboard_") {
+            let tail = &rest[at..];
+            let end = tail
+                .find(|c: char| !(c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'))
+                .unwrap_or(tail.len());
+            found.insert(tail[..end].to_owned());
+            rest = &tail[end..];
+        }
+        found
+    };
+    let root = repo_root();
+    for file in [
+        "deploy/grafana/switchboard.json",
+        "deploy/prometheus/alerts.yml",
+    ] {
+        let used = names_in(&std::fs::read_to_string(root.join(file)).unwrap());
+        assert!(used.len() >= 10, "{file}: {used:?}");
+        for name in used {
+            assert!(
+                samples.contains(&name) || families.contains(&name),
+                "{file} uses {name}, which /metrics does not export"
+            );
+        }
+    }
+    let docs = std::fs::read_to_string(root.join("docs/operations.md")).unwrap();
+    for family in &families {
+        let sample = if samples.contains(&format!("{family}_total")) {
+            format!("{family}_total")
+        } else {
+            family.clone()
+        };
+        assert!(
+            docs.contains(&format!("`{sample}")),
+            "docs/operations.md does not list `{sample}`"
+        );
+    }
+}

@@ -9,7 +9,9 @@
 //! The origin is an ordinary stateless-looking HTTP app: it gets `connect`,
 //! `message` and `disconnect` webhooks at `/events`, and pushes to browsers
 //! through the gateway's control API (`POST /v1/messages`). It never holds a
-//! WebSocket itself. The gateway here is the same library `switchboard serve`
+//! WebSocket itself. It keeps the member list (from `connect` and
+//! `disconnect`) and the last chat lines, which a newcomer gets in its
+//! `connect` answer. The gateway here is the same library `switchboard serve`
 //! runs, embedded so that one command starts everything.
 
 use axum::body::Bytes;
@@ -18,7 +20,7 @@ use axum::response::{Html, IntoResponse};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use parking_lot::Mutex;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use switchboard_proto::control::{BatchMessage, BatchSendRequest};
 use switchboard_proto::origin::{Event, EventBatch, OriginAnswer, Payload};
@@ -37,19 +39,69 @@ struct Args {
     control_listen: std::net::SocketAddr,
 }
 
+/// Chat lines kept for late joiners.
+const HISTORY: usize = 50;
+
+/// Longest display name, in characters.
+const MAX_NAME: usize = 24;
+
 struct Chat {
     /// connection id -> display name
     members: Mutex<BTreeMap<String, String>>,
+    /// The last [`HISTORY`] chat lines (JSON), oldest first.
+    history: Mutex<VecDeque<String>>,
+    /// Numbers the guests who gave no usable name.
+    guests: std::sync::atomic::AtomicU32,
     http: reqwest::Client,
     /// The gateway's control API, `http://host:port`.
     control: String,
 }
 
 impl Chat {
+    /// The member list as the page shows it: `{"kind":"members","names":[...]}`.
+    fn members_line(&self) -> String {
+        let mut names: Vec<String> = self.members.lock().values().cloned().collect();
+        names.sort_by_key(|n| n.to_lowercase());
+        serde_json::json!({ "kind": "members", "names": names }).to_string()
+    }
+
+    /// `wanted` if it is a usable name not taken yet; `wanted-2`, `wanted-3`…
+    /// if taken; `guest-N` if unusable. Inserts the member.
+    fn admit(&self, connection_id: &str, wanted: Option<String>) -> String {
+        let mut members = self.members.lock();
+        let base = wanted.unwrap_or_else(|| {
+            let n = self
+                .guests
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                + 1;
+            format!("guest-{n}")
+        });
+        let taken = |n: &str| members.values().any(|m| m.eq_ignore_ascii_case(n));
+        let mut name = base.clone();
+        let mut i = 2;
+        while taken(&name) {
+            name = format!("{base}-{i}");
+            i += 1;
+        }
+        members.insert(connection_id.to_owned(), name.clone());
+        name
+    }
+
     /// Sends `text` to every member through the gateway's batch API: one call,
     /// encoded once by the gateway for all recipients.
     async fn broadcast(&self, text: String) {
-        let ids: Vec<String> = self.members.lock().keys().cloned().collect();
+        self.broadcast_except("", text).await;
+    }
+
+    /// [`Chat::broadcast`] to every member but `skip`.
+    async fn broadcast_except(&self, skip: &str, text: String) {
+        let ids: Vec<String> = self
+            .members
+            .lock()
+            .keys()
+            .filter(|id| id.as_str() != skip)
+            .cloned()
+            .collect();
         if ids.is_empty() {
             return;
         }
@@ -83,40 +135,57 @@ async fn events(State(chat): State<Arc<Chat>>, body: Bytes) -> impl IntoResponse
     for event in batch.events {
         match event {
             Event::Connect(c) => {
-                let name = c
+                // The page sends `?name=…` (letters, digits, `-`, `_`; its
+                // form enforces the same).
+                let wanted = c
                     .query
                     .split('&')
                     .find_map(|kv| kv.strip_prefix("name="))
                     .filter(|n| {
                         !n.is_empty()
-                            && n.len() <= 24
-                            && n.bytes().all(|b| b.is_ascii_alphanumeric())
+                            && n.len() <= MAX_NAME
+                            && n.bytes()
+                                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
                     })
-                    .map(str::to_owned)
-                    .unwrap_or_else(|| {
-                        format!("guest-{}", &c.connection_id[c.connection_id.len() - 4..])
-                    });
-                chat.members
-                    .lock()
-                    .insert(c.connection_id.clone(), name.clone());
+                    .map(str::to_owned);
+                let name = chat.admit(&c.connection_id, wanted);
+                // The others hear of it now; the newcomer, whose socket opens
+                // with this answer, gets what follows in `messages`.
+                chat.broadcast_except(
+                    &c.connection_id,
+                    json_line("system", "switchboard", &format!("{name} joined")),
+                )
+                .await;
                 answer.user_id = Some(name.clone());
+                // What was said before, then the welcome and who is here.
+                for line in chat.history.lock().iter() {
+                    answer.messages.push(Payload::Text(line.clone()));
+                }
                 answer.messages.push(Payload::Text(json_line(
-                    "system",
-                    "switchboard",
+                    "welcome",
+                    &name,
                     &format!("welcome, {name}"),
                 )));
-                chat.broadcast(json_line(
-                    "system",
-                    "switchboard",
-                    &format!("{name} joined"),
-                ))
-                .await;
+                let members = chat.members_line();
+                answer.messages.push(Payload::Text(members.clone()));
+                chat.broadcast_except(&c.connection_id, members).await;
             }
             Event::Message(m) => {
                 let name = m.user_id.unwrap_or_default();
                 if let Payload::Text(t) = m.payload {
                     let t: String = t.chars().take(500).collect();
-                    chat.broadcast(json_line("chat", &name, &t)).await;
+                    if t.trim().is_empty() {
+                        continue;
+                    }
+                    let line = json_line("chat", &name, &t);
+                    {
+                        let mut history = chat.history.lock();
+                        if history.len() == HISTORY {
+                            history.pop_front();
+                        }
+                        history.push_back(line.clone());
+                    }
+                    chat.broadcast(line).await;
                 }
             }
             Event::Disconnect(d) => {
@@ -124,6 +193,7 @@ async fn events(State(chat): State<Arc<Chat>>, body: Bytes) -> impl IntoResponse
                 if let Some(name) = name {
                     chat.broadcast(json_line("system", "switchboard", &format!("{name} left")))
                         .await;
+                    chat.broadcast(chat.members_line()).await;
                 }
             }
             Event::NodeDown(n) => {
@@ -138,9 +208,12 @@ async fn events(State(chat): State<Arc<Chat>>, body: Bytes) -> impl IntoResponse
                         .collect();
                     ids.iter().filter_map(|id| members.remove(id)).collect()
                 };
-                for name in gone {
+                for name in &gone {
                     chat.broadcast(json_line("system", "switchboard", &format!("{name} left")))
                         .await;
+                }
+                if !gone.is_empty() {
+                    chat.broadcast(chat.members_line()).await;
                 }
             }
             _ => {}
@@ -158,6 +231,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .init();
     let chat = Arc::new(Chat {
         members: Mutex::default(),
+        history: Mutex::default(),
+        guests: Default::default(),
         http: reqwest::Client::new(),
         control: format!("http://{}", args.control_listen),
     });
