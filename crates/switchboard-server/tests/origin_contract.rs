@@ -627,7 +627,20 @@ async fn keepalives_list_live_connections() {
                 .cloned()
         })
         .await;
-    drop(clients);
+    for (mut ws, id) in clients {
+        ws.close(None).await.unwrap();
+        origin.wait_disconnect(&id).await;
+    }
+    // With none left, the node says so: an empty list.
+    let seen = origin.keepalives().len();
+    origin
+        .wait_for(WAIT, "a keepalive with an empty list", || {
+            origin.keepalives()[seen..]
+                .iter()
+                .find(|k| k.connection_ids.is_empty())
+                .cloned()
+        })
+        .await;
     gw.shutdown().await;
 }
 
