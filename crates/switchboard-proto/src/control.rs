@@ -88,6 +88,24 @@ pub struct ConnectionInfo {
     pub bytes_out: u64,
     /// Bytes queued for the client, not yet written.
     pub outbound_queued_bytes: u64,
+    /// The channels it is subscribed to, sorted.
+    #[serde(default)]
+    pub channels: Vec<String>,
+}
+
+/// `GET /v1/connections?user_id=…`: the open connections of a user on
+/// every node.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ConnectionsResponse {
+    /// The connections, sorted by id.
+    pub connections: Vec<ConnectionInfo>,
+}
+
+/// [`Command::Connections`]: whose connections to list.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserRef {
+    /// The user id the origin (or the client's token) attached.
+    pub user_id: String,
 }
 
 /// `GET /v1/stats`.
@@ -113,6 +131,23 @@ pub struct Stats {
     pub origin_queue_depth: u64,
     /// Whether the node is draining.
     pub draining: bool,
+    /// Clients closed as slow consumers (4001) since start.
+    #[serde(default)]
+    pub slow_consumer_closes_total: u64,
+    /// Requests to the origin since start (events, decisions, keepalives).
+    #[serde(default)]
+    pub origin_requests_total: u64,
+    /// Time those requests took, summed, in microseconds (the mean latency
+    /// over an interval is the difference of this over the difference of
+    /// `origin_requests_total`).
+    #[serde(default)]
+    pub origin_request_microseconds_total: u64,
+    /// Channels this node holds state for.
+    #[serde(default)]
+    pub channels: u64,
+    /// Subscriptions of this node's connections.
+    #[serde(default)]
+    pub subscriptions: u64,
 }
 
 /// Every error answer: a stable machine `code` and a human `message`.
@@ -166,6 +201,8 @@ pub enum Command {
     Info(ConnectionRef),
     /// `GET /v1/stats` of the node that answers.
     Stats,
+    /// `GET /v1/connections?user_id=…` (every node's, unless forwarded).
+    Connections(UserRef),
     /// `GET /v1/nodes`.
     Nodes,
     /// `PUT /v1/connections/{id}/channels/{channel}`.

@@ -64,6 +64,11 @@ pub(crate) struct Metrics {
     pub(crate) slow_consumer_closes: Counter,
     pub(crate) backlog_closes: Counter,
     pub(crate) origin_duration: Family<KindLabel, Histogram>,
+    /// Origin requests and their summed time (µs), for `GET /v1/stats`.
+    pub(crate) origin_requests: Counter,
+    pub(crate) origin_request_micros: Counter,
+    /// `switchboard_build_info`: 1, labelled with the build.
+    pub(crate) build_info: Family<Vec<(&'static str, &'static str)>, Gauge>,
     pub(crate) origin_failures: Family<KindLabel, Counter>,
     pub(crate) origin_retries: Counter,
     pub(crate) origin_queue_depth: Gauge,
@@ -117,6 +122,9 @@ impl Metrics {
             slow_consumer_closes: Counter::default(),
             backlog_closes: Counter::default(),
             origin_duration: Family::new_with_constructor(origin_histogram),
+            origin_requests: Counter::default(),
+            origin_request_micros: Counter::default(),
+            build_info: Family::default(),
             origin_failures: Family::default(),
             origin_retries: Counter::default(),
             origin_queue_depth: Gauge::default(),
@@ -219,6 +227,11 @@ impl Metrics {
             "origin_request_duration_seconds",
             "Origin request latency by kind (connect, events, keepalive)",
             m.origin_duration.clone(),
+        );
+        r.register(
+            "build_info",
+            "The build: always 1, labelled with version, commit, build date and features",
+            m.build_info.clone(),
         );
         r.register(
             "origin_request_failures",
@@ -340,6 +353,16 @@ impl Metrics {
                 code: code.as_str(),
             })
             .inc();
+    }
+
+    /// Records how long an origin request of `kind` took.
+    pub(crate) fn origin_request(&self, kind: &'static str, took: std::time::Duration) {
+        self.origin_duration
+            .get_or_create(&KindLabel { kind })
+            .observe(took.as_secs_f64());
+        self.origin_requests.inc();
+        self.origin_request_micros
+            .inc_by(u64::try_from(took.as_micros()).unwrap_or(u64::MAX));
     }
 
     /// Counts a handshake outcome; anything but `accepted` is a rejection.

@@ -393,6 +393,119 @@ async fn connection_info_stats_and_operations_endpoints() {
     gw.shutdown().await;
 }
 
+/// What operators (and the admin page) read: a user's connections with
+/// their channels, more figures in `/v1/stats` (of this node or, by id,
+/// another), the build in `/healthz`, and the admin page's files.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_of_a_user_stats_build_and_the_admin_page() {
+    let (origin, gw) = setup().await;
+    origin.behavior(|b| {
+        b.connect = ConnectBehavior::Accept(switchboard_proto::origin::OriginAnswer {
+            user_id: Some("alice".into()),
+            ..Default::default()
+        })
+    });
+    let (_a1, id1) = connect_id(&gw, &origin, "/").await;
+    let (_a2, id2) = connect_id(&gw, &origin, "/").await;
+    origin.behavior(|b| b.connect = ConnectBehavior::Accept(Default::default()));
+    let (_other, _) = connect_id(&gw, &origin, "/").await;
+    let r = gw
+        .call(gw.request(
+            Method::PUT,
+            &format!("/v1/connections/{id1}/channels/room:b"),
+        ))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let r = gw
+        .call(gw.request(
+            Method::PUT,
+            &format!("/v1/connections/{id1}/channels/room:a"),
+        ))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+
+    let found = gw.get("/v1/connections?user_id=alice").await;
+    assert_eq!(found.status, 200, "{}", found.body);
+    let found = found.json();
+    let list = found["connections"].as_array().unwrap();
+    let mut want = vec![id1.clone(), id2.clone()];
+    want.sort();
+    let ids: Vec<&str> = list.iter().map(|c| c["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, want, "sorted by id, only alice's");
+    let first = list.iter().find(|c| c["id"] == id1.as_str()).unwrap();
+    assert_eq!(first["channels"], serde_json::json!(["room:a", "room:b"]));
+    assert_eq!(first["user_id"], "alice");
+    let none = gw.get("/v1/connections?user_id=bob").await.json();
+    assert_eq!(none["connections"], serde_json::json!([]));
+    assert_error(&gw.get("/v1/connections").await, 400, "invalid_query");
+    let info = gw.get(&format!("/v1/connections/{id2}")).await.json();
+    assert_eq!(info["channels"], serde_json::json!([]));
+
+    let s = gw.get("/v1/stats").await.json();
+    assert_eq!(
+        (s["channels"].as_u64(), s["subscriptions"].as_u64()),
+        (Some(2), Some(2))
+    );
+    assert_eq!(s["slow_consumer_closes_total"], 0);
+    // Three connects were asked of the origin.
+    assert!(s["origin_requests_total"].as_u64().unwrap() >= 3, "{s}");
+    assert!(
+        s["origin_request_microseconds_total"].as_u64().unwrap() > 0,
+        "{s}"
+    );
+    let mine = gw.get(&format!("/v1/stats?node={}", gw.node)).await;
+    assert_eq!(mine.status, 200, "{}", mine.body);
+    assert_eq!(mine.json()["node"], gw.node.as_str());
+    assert_error(
+        &gw.get("/v1/stats?node=elsewhere").await,
+        404,
+        "node_not_found",
+    );
+    assert_error(&gw.get("/v1/stats?nod=x").await, 400, "invalid_query");
+
+    let h = gw.get("/healthz").await.json();
+    assert_eq!(h["build"]["version"], env!("CARGO_PKG_VERSION"));
+    assert_eq!(
+        gw.metric(&format!(
+            "switchboard_build_info{{version=\"{}\"}}",
+            env!("CARGO_PKG_VERSION")
+        ))
+        .await,
+        1.0
+    );
+
+    // The admin page's files: no key needed (they hold no data), a strict
+    // content security policy, and the page names its script and styles.
+    let client = reqwest::Client::new();
+    for (path, kind) in [
+        ("/admin", "text/html"),
+        ("/admin/admin.js", "text/javascript"),
+        ("/admin/admin.css", "text/css"),
+    ] {
+        let r = client
+            .get(format!("http://{}{path}", gw.control))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{path}");
+        let ct = r.headers()["content-type"].to_str().unwrap().to_owned();
+        assert!(ct.starts_with(kind), "{path}: {ct}");
+        let csp = r.headers()["content-security-policy"]
+            .to_str()
+            .unwrap()
+            .to_owned();
+        assert!(
+            csp.contains("default-src 'none'") && csp.contains("script-src 'self'"),
+            "{csp}"
+        );
+        let body = r.text().await.unwrap();
+        if path == "/admin" {
+            assert!(body.contains("/admin/admin.js") && body.contains("/admin/admin.css"));
+        }
+    }
+    gw.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn api_keys_guard_the_api() {
     const K1: &str = "key-one-0123456789";
@@ -547,7 +660,11 @@ async fn every_route_answers() {
     // Close the connection last.
     routes.sort_by_key(|(m, _)| *m == "delete");
     for (method, path) in routes {
-        let url = path.replace("{id}", &id).replace("{channel}", "room:1");
+        let mut url = path.replace("{id}", &id).replace("{channel}", "room:1");
+        if path == "/v1/connections" {
+            // Its one parameter is required.
+            url.push_str("?user_id=nobody");
+        }
         let m = Method::from_bytes(method.to_ascii_uppercase().as_bytes()).unwrap();
         let mut req = gw.request(m, &url);
         if method == "post" {

@@ -261,3 +261,50 @@ async fn a_replica_that_missed_messages_fills_the_gap_from_the_log() {
     let more = tokio::time::timeout(Duration::from_millis(200), on_b.next()).await;
     assert!(more.is_err(), "a message came twice: {more:?}");
 }
+
+/// Operators' reads span the cluster: a user's connections from every node,
+/// and any node's statistics through any node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_users_connections_and_any_nodes_stats_are_read_through_any_node() {
+    let origin = TestOrigin::start(None).await;
+    origin.behavior(|b| {
+        b.connect = ConnectBehavior::Accept(switchboard_proto::origin::OriginAnswer {
+            user_id: Some("alice".into()),
+            ..Default::default()
+        })
+    });
+    let (_hub, a, b, c) = three(&origin).await;
+    let (_on_b, id_b) = connect_id(&b, &origin, "/").await;
+    let (_on_c, id_c) = connect_id(&c, &origin, "/").await;
+
+    let found = a.get("/v1/connections?user_id=alice").await;
+    assert_eq!(found.status, 200, "{}", found.body);
+    let found = found.json();
+    let mut want = vec![id_b.clone(), id_c.clone()];
+    want.sort();
+    let got: Vec<&str> = found["connections"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(got, want);
+
+    let of_b = a.get("/v1/stats?node=b").await;
+    assert_eq!(of_b.status, 200, "{}", of_b.body);
+    let of_b = of_b.json();
+    assert_eq!(
+        (of_b["node"].as_str(), of_b["connections"].as_u64()),
+        (Some("b"), Some(1))
+    );
+    let r = a.get("/v1/stats?node=z").await;
+    assert_eq!(
+        (r.status, r.code().as_str()),
+        (404, "node_not_found"),
+        "{}",
+        r.body
+    );
+    for gw in [a, b, c] {
+        gw.shutdown().await;
+    }
+}

@@ -442,6 +442,18 @@ impl Channels {
         &self.subs[usize::from(key[15]) % SHARDS]
     }
 
+    /// The channels `conn` is subscribed to, sorted.
+    pub(crate) fn channels_of(&self, conn: &Conn) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .subs_of(&conn.key)
+            .lock()
+            .get(&conn.key)
+            .map(|chs| chs.iter().map(|c| c.name.to_string()).collect())
+            .unwrap_or_default();
+        names.sort();
+        names
+    }
+
     /// Whether `conn` is subscribed to `channel`.
     pub(crate) fn is_subscribed(&self, conn: &Conn, channel: &str) -> bool {
         self.subs_of(&conn.key)

@@ -18,9 +18,9 @@ use std::sync::Arc;
 use switchboard_backend::{ClusterError, CommandReply};
 use switchboard_proto::control::{
     BatchMessage, BatchSendRequest, BatchSendResponse, ChannelsResponse, CloseCommand, Command,
-    ConnectionInfo, ConnectionRef, Delivery, ErrorBody, NodeInfo, NodesResponse, PublishCommand,
-    PublishResponse, SendCommand, SendResponse, Stats, SubscribeCommand, SubscribeResponse,
-    UnsubscribeCommand,
+    ConnectionInfo, ConnectionRef, ConnectionsResponse, Delivery, ErrorBody, NodeInfo,
+    NodesResponse, PublishCommand, PublishResponse, SendCommand, SendResponse, Stats,
+    SubscribeCommand, SubscribeResponse, UnsubscribeCommand, UserRef,
 };
 use switchboard_proto::native::SubscribeResult;
 use switchboard_proto::origin::{ClosedBy, Payload};
@@ -207,6 +207,7 @@ pub(crate) async fn execute(s: &Arc<Commands>, cmd: Command, forwarded: bool) ->
         Command::Close(c) => close_local(s, c),
         Command::Info(c) => info_local(s, &c.connection_id),
         Command::Stats => ok(&stats_local(s)),
+        Command::Connections(u) => connections_of(s, &u.user_id, forwarded).await,
         Command::Nodes => ok(&nodes_local(s)),
         Command::Subscribe(c) => subscribe_local(s, c).await,
         Command::Unsubscribe(c) => unsubscribe_local(s, c),
@@ -472,11 +473,14 @@ fn chunks(share: Share, max: usize) -> Vec<Share> {
 }
 
 fn info_local(s: &Commands, id: &str) -> CommandReply {
-    let c = match lookup(s, id) {
-        Ok(c) => c,
-        Err(e) => return e.into(),
-    };
-    ok(&ConnectionInfo {
+    match lookup(s, id) {
+        Ok(c) => ok(&connection_info(s, &c)),
+        Err(e) => e.into(),
+    }
+}
+
+fn connection_info(s: &Commands, c: &Conn) -> ConnectionInfo {
+    ConnectionInfo {
         id: c.id.to_string(),
         node: s.node.to_string(),
         remote_addr: c.remote.to_string(),
@@ -491,7 +495,66 @@ fn info_local(s: &Commands, id: &str) -> CommandReply {
         bytes_in: c.bytes_in.load(Relaxed),
         bytes_out: c.bytes_out.load(Relaxed),
         outbound_queued_bytes: c.queued_bytes() as u64,
-    })
+        channels: s.channels.channels_of(c),
+    }
+}
+
+/// The connections of `user_id`: this node's, and unless `forwarded`,
+/// every other live node's (a node that does not answer is left out and
+/// logged).
+async fn connections_of(s: &Commands, user_id: &str, forwarded: bool) -> CommandReply {
+    let mut all: Vec<ConnectionInfo> = s
+        .registry
+        .snapshot()
+        .iter()
+        .filter(|c| c.user_id.as_deref() == Some(user_id))
+        .map(|c| connection_info(s, c))
+        .collect();
+    if let (false, Some(cluster)) = (forwarded, s.cluster.get()) {
+        let cmd = Command::Connections(UserRef {
+            user_id: user_id.to_owned(),
+        });
+        let peers: Vec<String> = cluster
+            .peers()
+            .into_iter()
+            .map(|n| n.node)
+            .filter(|n| n != s.node.as_str())
+            .collect();
+        let answers =
+            futures_util::future::join_all(peers.iter().map(|n| forward(s, n, &cmd))).await;
+        for (node, answer) in peers.iter().zip(answers) {
+            match serde_json::from_slice::<ConnectionsResponse>(&answer.body) {
+                Ok(r) if answer.status == 200 => all.extend(r.connections),
+                _ => tracing::warn!(
+                    node,
+                    status = answer.status,
+                    "a node did not list its connections"
+                ),
+            }
+        }
+    }
+    all.sort_by(|a, b| a.id.cmp(&b.id));
+    ok(&ConnectionsResponse { connections: all })
+}
+
+/// The statistics of `node` (this one when `None` or its own id).
+pub(crate) async fn stats_of(s: &Commands, node: Option<&str>) -> CommandReply {
+    let Some(node) = node.filter(|n| *n != s.node.as_str()) else {
+        return ok(&stats_local(s));
+    };
+    let live = s
+        .cluster
+        .get()
+        .is_some_and(|c| c.peers().iter().any(|p| p.node == node));
+    if !live {
+        return ApiError::new(
+            StatusCode::NOT_FOUND,
+            "node_not_found",
+            format!("no live node {node:?}"),
+        )
+        .into();
+    }
+    forward(s, node, &Command::Stats).await
 }
 
 fn close_local(s: &Commands, c: CloseCommand) -> CommandReply {
@@ -544,6 +607,11 @@ pub(crate) fn stats_local(s: &Commands) -> Stats {
         bytes_out_total: m.bytes_out.get(),
         origin_queue_depth: s.origin.dispatcher.pending() as u64,
         draining: s.draining.load(Relaxed),
+        slow_consumer_closes_total: m.slow_consumer_closes.get(),
+        origin_requests_total: m.origin_requests.get(),
+        origin_request_microseconds_total: m.origin_request_micros.get(),
+        channels: u64::try_from(m.channels.get()).unwrap_or(0),
+        subscriptions: u64::try_from(m.subscriptions.get()).unwrap_or(0),
     }
 }
 

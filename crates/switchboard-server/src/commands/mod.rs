@@ -41,6 +41,8 @@ pub(crate) struct Commands {
     pub(crate) draining: AtomicBool,
     /// Unix time in milliseconds.
     pub(crate) started_at_ms: u64,
+    /// The build (label, value), set by whoever embeds the node.
+    pub(crate) build: OnceLock<Vec<(&'static str, &'static str)>>,
 }
 
 impl Commands {
@@ -83,6 +85,13 @@ impl Commands {
             lease,
             draining: AtomicBool::new(false),
             started_at_ms: crate::clock::now_ms(),
+            build: OnceLock::new(),
         }
+    }
+
+    /// The build's labels: as set, or this library's version.
+    pub(crate) fn build_info(&self) -> &[(&'static str, &'static str)] {
+        self.build
+            .get_or_init(|| vec![("version", env!("CARGO_PKG_VERSION"))])
     }
 }

@@ -8,7 +8,7 @@
 
 use super::control_listener::{serve_connection, Slots};
 use super::Edge;
-use crate::commands::control::{execute, nodes_local, single_payload, stats_local, ApiError};
+use crate::commands::control::{execute, nodes_local, single_payload, stats_of, ApiError};
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
 use axum::http::{header, HeaderValue, StatusCode};
@@ -23,8 +23,8 @@ use subtle::ConstantTimeEq;
 use switchboard_backend::CommandReply;
 use switchboard_proto::control::{
     BatchSendRequest, ChannelRef, CloseCommand, CloseParams, Command, ConnectionRef, ErrorBody,
-    HistoryCommand, NodesResponse, PublishCommand, SendCommand, Stats, SubscribeBody,
-    SubscribeCommand, UnsubscribeCommand,
+    HistoryCommand, NodesResponse, PublishCommand, SendCommand, SubscribeBody, SubscribeCommand,
+    UnsubscribeCommand, UserRef,
 };
 use switchboard_proto::native::StreamPosition;
 use switchboard_proto::origin::Payload;
@@ -38,6 +38,9 @@ pub const OPENAPI_JSON: &str = include_str!("../../../../docs/openapi.json");
 /// Every route (method, path) of the control listener, as in the OpenAPI document.
 pub const ROUTES: &[(&str, &str)] = &[
     ("get", "/healthz"),
+    ("get", "/admin"),
+    ("get", "/admin/admin.js"),
+    ("get", "/admin/admin.css"),
     ("get", "/readyz"),
     ("get", "/metrics"),
     ("get", "/v1/openapi.json"),
@@ -45,6 +48,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("get", "/v1/nodes"),
     ("post", "/v1/messages"),
     ("post", "/v1/connections/{id}/messages"),
+    ("get", "/v1/connections"),
     ("get", "/v1/connections/{id}"),
     ("delete", "/v1/connections/{id}"),
     ("put", "/v1/connections/{id}/channels/{channel}"),
@@ -212,6 +216,7 @@ pub(crate) async fn serve(shared: Arc<Edge>, listener: TcpListener, stop: Cancel
 pub(crate) fn router(shared: Arc<Edge>) -> Router {
     let api = Router::new()
         .route("/v1/stats", get(stats))
+        .route("/v1/connections", get(connections))
         .route("/v1/nodes", get(nodes))
         .route("/v1/messages", axum::routing::post(send_batch))
         .route(
@@ -234,9 +239,18 @@ pub(crate) fn router(shared: Arc<Edge>) -> Router {
         .route("/v1/channels/{channel}/presence", get(presence))
         .route_layer(middleware::from_fn_with_state(shared.clone(), require_key));
     Router::new()
+        .route("/healthz", get(healthz))
         .route(
-            "/healthz",
-            get(|| async { Json(serde_json::json!({"status": "ok"})) }),
+            "/admin",
+            get(|| admin_asset(ADMIN_HTML, "text/html; charset=utf-8")),
+        )
+        .route(
+            "/admin/admin.js",
+            get(|| admin_asset(ADMIN_JS, "text/javascript; charset=utf-8")),
+        )
+        .route(
+            "/admin/admin.css",
+            get(|| admin_asset(ADMIN_CSS, "text/css; charset=utf-8")),
         )
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
@@ -511,8 +525,74 @@ async fn presence(State(s): State<Arc<Edge>>, path: ChannelPath) -> Result<Answe
     .into())
 }
 
-async fn stats(State(s): State<Arc<Edge>>) -> Json<Stats> {
-    Json(stats_local(&s.commands))
+/// Query of `GET /v1/stats`.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StatsQuery {
+    node: Option<String>,
+}
+
+async fn stats(
+    State(s): State<Arc<Edge>>,
+    query: Result<Query<StatsQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Answer, ApiError> {
+    let Query(q) = query
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_query", e.body_text()))?;
+    Ok(stats_of(&s.commands, q.node.as_deref()).await.into())
+}
+
+/// Query of `GET /v1/connections`.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConnectionsQuery {
+    user_id: String,
+}
+
+async fn connections(
+    State(s): State<Arc<Edge>>,
+    query: Result<Query<ConnectionsQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Answer, ApiError> {
+    let Query(q) = query
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_query", e.body_text()))?;
+    let cmd = Command::Connections(UserRef { user_id: q.user_id });
+    Ok(execute(&s.commands, cmd, false).await.into())
+}
+
+/// `GET /healthz`: alive, and which build.
+async fn healthz(State(s): State<Arc<Edge>>) -> Json<serde_json::Value> {
+    let build: serde_json::Map<String, serde_json::Value> = s
+        .commands
+        .build_info()
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).into()))
+        .collect();
+    Json(serde_json::json!({"status": "ok", "build": build}))
+}
+
+/// The admin page (`/admin`): a login form, then live figures and
+/// inspectors that read the control API with the key the operator gave.
+/// The files hold no data, so they are served without the key; the page's
+/// scripts come only from here.
+const ADMIN_HTML: &str = include_str!("../../assets/admin/index.html");
+const ADMIN_JS: &str = include_str!("../../assets/admin/admin.js");
+const ADMIN_CSS: &str = include_str!("../../assets/admin/admin.css");
+
+async fn admin_asset(body: &'static str, content_type: &'static str) -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, content_type),
+            (
+                header::CONTENT_SECURITY_POLICY,
+                "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; \
+                 img-src 'self'; form-action 'self'; base-uri 'none'; frame-ancestors 'none'",
+            ),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+            (header::REFERRER_POLICY, "no-referrer"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        body,
+    )
+        .into_response()
 }
 
 async fn nodes(State(s): State<Arc<Edge>>) -> Json<NodesResponse> {

@@ -202,6 +202,14 @@ impl Gateway {
             .join_bus(bus, self.shared.metrics.clone())
     }
 
+    /// Describes the build (label, value: version, commit, build date,
+    /// features…) for `/healthz`, the startup log line and the
+    /// `switchboard_build_info` metric. Before [`Gateway::run`]; a second
+    /// call returns `false`. Unset, the library's version is used.
+    pub fn set_build_info(&self, labels: &[(&'static str, &'static str)]) -> bool {
+        self.shared.commands.build.set(labels.to_vec()).is_ok()
+    }
+
     /// This node's id.
     pub fn node_id(&self) -> &NodeId {
         &self.shared.node
@@ -228,8 +236,22 @@ impl Gateway {
                 "max-connections lowered to fit the open-file limit (RLIMIT_NOFILE)"
             );
         }
+        let build = shared.commands.build_info();
+        shared
+            .metrics
+            .build_info
+            .get_or_create(&build.to_vec())
+            .set(1);
+        let label = |k: &str| {
+            build
+                .iter()
+                .find(|(l, _)| *l == k)
+                .map_or("unknown", |(_, v)| *v)
+        };
         tracing::info!(
             node = %shared.node,
+            version = label("version"),
+            commit = label("commit"),
             listen = %client.local_addr().map(|a| a.to_string()).unwrap_or_default(),
             control = %control.local_addr().map(|a| a.to_string()).unwrap_or_default(),
             max_connections = cap.max_connections,
@@ -380,7 +402,14 @@ async fn keepalive_loop(shared: Arc<Edge>, stop: CancellationToken) {
         round += 1;
         let mut ids = Vec::with_capacity(shared.registry.len());
         shared.registry.for_each_id(|id| ids.push(id.to_string()));
-        for (i, chunk) in ids.chunks(KEEPALIVE_CHUNK).enumerate() {
+        // A node with no connections says so too (one empty list), so an
+        // origin repairing drift from keepalives learns "none here".
+        let chunks: Vec<&[String]> = if ids.is_empty() {
+            vec![&[]]
+        } else {
+            ids.chunks(KEEPALIVE_CHUNK).collect()
+        };
+        for (i, chunk) in chunks.into_iter().enumerate() {
             let event = Event::Keepalive(KeepaliveEvent {
                 // Unique across runs of a node id (JetStream deduplicates on it).
                 id: crate::origin::ask::event_id::keepalive(
@@ -412,11 +441,7 @@ async fn keepalive_loop(shared: Arc<Edge>, stop: CancellationToken) {
                 _ = stop.cancelled() => return,
             };
             let kind = crate::metrics::KindLabel { kind: "keepalive" };
-            shared
-                .metrics
-                .origin_duration
-                .get_or_create(&kind)
-                .observe(started.elapsed().as_secs_f64());
+            shared.metrics.origin_request(kind.kind, started.elapsed());
             match r {
                 Ok(answer) => dispatcher::deliver_replies(&shared.origin, answer.replies),
                 Err(e) => {

@@ -45,11 +45,7 @@ pub(crate) async fn ask(
     };
     let started = std::time::Instant::now();
     let decision = tokio::time::timeout_at(deadline, request).await;
-    origin
-        .metrics
-        .origin_duration
-        .get_or_create(&kind)
-        .observe(started.elapsed().as_secs_f64());
+    origin.metrics.origin_request(kind.kind, started.elapsed());
     let failed = |e| {
         origin.metrics.origin_failures.get_or_create(&kind).inc();
         e

@@ -323,11 +323,7 @@ pub(crate) async fn run_lane(origin: Arc<Origin>, idx: usize) {
             if result.is_err() {
                 holds.release();
             }
-            origin
-                .metrics
-                .origin_duration
-                .get_or_create(&KindLabel { kind: "events" })
-                .observe(started.elapsed().as_secs_f64());
+            origin.metrics.origin_request("events", started.elapsed());
             match result {
                 Ok(answer) => break Some((answer, holds)),
                 Err(e) => {
