@@ -10,43 +10,13 @@ import { test } from "node:test";
 import assert from "node:assert/strict";
 import { spawn } from "node:child_process";
 import { createHmac } from "node:crypto";
-import { createServer } from "node:net";
-import { existsSync } from "node:fs";
-import { fileURLToPath } from "node:url";
+import { existsSync, mkdirSync } from "node:fs";
 import path from "node:path";
-import { chromium } from "playwright-core";
+import { chromiumPath, freePort, launchBrowser, releaseBin, targetDir, waitForHttp } from "./helpers.mjs";
 
-const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "../..");
-const targetDir = process.env.CARGO_TARGET_DIR ?? path.join(root, "target");
-const gatewayBin = path.join(targetDir, "release", "switchboard");
-const chromiumPath = process.env.CHROMIUM ?? "/usr/bin/chromium";
+const gatewayBin = releaseBin("switchboard");
 const API_KEY = "admin-test-key-0123456789";
 const JWT_SECRET = "a-secret-of-at-least-32-bytes-for-hs256!";
-
-/** A free loopback port (bound by the OS, then released). */
-function freePort() {
-  return new Promise((resolve, reject) => {
-    const srv = createServer();
-    srv.once("error", reject);
-    srv.listen(0, "127.0.0.1", () => {
-      const { port } = srv.address();
-      srv.close(() => resolve(port));
-    });
-  });
-}
-
-/** Polls `url` until it answers, for at most `ms`. */
-async function waitForHttp(url, ms) {
-  const deadline = Date.now() + ms;
-  for (;;) {
-    try {
-      const r = await fetch(url);
-      if (r.ok) return;
-    } catch {}
-    if (Date.now() > deadline) throw new Error(`${url} did not answer within ${ms} ms`);
-    await new Promise((r) => setTimeout(r, 100));
-  }
-}
 
 /** An HS256 client token for `sub`, valid for an hour. */
 function token(sub) {
@@ -88,10 +58,7 @@ test("the admin page shows live figures, finds and closes a connection, publishe
     ],
     { stdio: ["ignore", "inherit", "inherit"] },
   );
-  const browser = await chromium.launch({
-    executablePath: chromiumPath,
-    args: ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-quic", "--no-first-run"],
-  });
+  const browser = await launchBrowser();
   const controlUrl = `http://127.0.0.1:${control}`;
   const api = (method, p) => fetch(`${controlUrl}${p}`, { method, headers: { authorization: `Bearer ${API_KEY}` } });
   try {
@@ -128,6 +95,8 @@ test("the admin page shows live figures, finds and closes a connection, publishe
     await admin.fill("#key", API_KEY);
     await admin.click("#login button[type=submit]");
     await admin.locator("#app").waitFor({ state: "visible", timeout: 10_000 });
+    await admin.locator("#who", { hasText: "node " }).waitFor({ timeout: 10_000 });
+    assert.equal(await admin.locator("#conn-close").isVisible(), false, "nothing to close yet");
 
     // Live numbers: one connection, messages flowing in.
     await until("one connection and messages in/s above zero", async () =>
@@ -135,6 +104,9 @@ test("the admin page shows live figures, finds and closes a connection, publishe
     const rate = await figure(admin, "messages in/s");
     assert.ok(rate > 5 && rate < 200, `messages in/s ${rate}`);
     assert.equal(await figure(admin, "subscriptions"), 1);
+    // For a person to look at (not an assertion).
+    mkdirSync(path.join(targetDir, "browser"), { recursive: true });
+    await admin.screenshot({ path: path.join(targetDir, "browser", "admin.png"), fullPage: true });
 
     // Find it by its user, see its channel, close it with a code.
     await admin.fill("#conn-user", "alice");

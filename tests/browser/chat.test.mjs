@@ -10,41 +10,11 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import { spawn } from "node:child_process";
-import { createServer } from "node:net";
 import { existsSync, mkdirSync } from "node:fs";
-import { fileURLToPath } from "node:url";
 import path from "node:path";
-import { chromium } from "playwright-core";
+import { chromiumPath, freePort, launchBrowser, releaseBin, targetDir, waitForHttp } from "./helpers.mjs";
 
-const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "../..");
-const targetDir = process.env.CARGO_TARGET_DIR ?? path.join(root, "target");
-const chatBin = path.join(targetDir, "release", "chat");
-const chromiumPath = process.env.CHROMIUM ?? "/usr/bin/chromium";
-
-/** A free loopback port (bound by the OS, then released). */
-function freePort() {
-  return new Promise((resolve, reject) => {
-    const srv = createServer();
-    srv.once("error", reject);
-    srv.listen(0, "127.0.0.1", () => {
-      const { port } = srv.address();
-      srv.close(() => resolve(port));
-    });
-  });
-}
-
-/** Polls `url` until it answers, for at most `ms`. */
-async function waitForHttp(url, ms) {
-  const deadline = Date.now() + ms;
-  for (;;) {
-    try {
-      const r = await fetch(url);
-      if (r.ok) return;
-    } catch {}
-    if (Date.now() > deadline) throw new Error(`${url} did not answer within ${ms} ms`);
-    await new Promise((r) => setTimeout(r, 100));
-  }
-}
+const chatBin = releaseBin("chat");
 
 /** Opens the chat page on a phone-sized screen, joins as `name` through the
  * name field, and waits until it is connected. */
@@ -75,10 +45,7 @@ test("two browsers chat through the gateway", { timeout: 60_000 }, async () => {
     ["--origin-listen", `127.0.0.1:${origin}`, "--listen", `127.0.0.1:${ws}`, "--control-listen", `127.0.0.1:${control}`],
     { stdio: ["ignore", "inherit", "inherit"] },
   );
-  const browser = await chromium.launch({
-    executablePath: chromiumPath,
-    args: ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-quic", "--no-first-run"],
-  });
+  const browser = await launchBrowser();
   try {
     const url = `http://127.0.0.1:${origin}/`;
     await waitForHttp(url, 10_000);

@@ -153,7 +153,7 @@ async function poll() {
       }),
     );
     render(rows);
-    const self = nodes.nodes.find((n) => n.is_self);
+    const self = nodes.nodes.find((n) => n.self);
     $("who").textContent = self ? `node ${self.node}` : "";
     $("updated").textContent = `updated ${new Date(at).toLocaleTimeString()}`;
     $("error").textContent = "";
@@ -188,7 +188,7 @@ function render(rows) {
       return el(
         "tr",
         { "data-node": n.node },
-        el("td", {}, n.is_self ? `${n.node} (this node)` : n.node),
+        el("td", {}, n.self ? `${n.node} (this node)` : n.node),
         cell(num(s.connections)),
         cell(num(r?.messagesIn)),
         cell(num(r?.messagesOut)),

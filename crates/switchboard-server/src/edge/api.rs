@@ -364,10 +364,8 @@ async fn connection_info(State(s): State<Arc<Edge>>, ConnPath(id): ConnPath) -> 
 async fn close_connection(
     State(s): State<Arc<Edge>>,
     ConnPath(id): ConnPath,
-    params: Result<Query<CloseParams>, axum::extract::rejection::QueryRejection>,
+    Params(params): Params<CloseParams>,
 ) -> Result<Answer, ApiError> {
-    let Query(params) = params
-        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_query", e.body_text()))?;
     let cmd = Command::Close(CloseCommand {
         connection_id: id,
         params,
@@ -413,6 +411,30 @@ impl<S: Send + Sync, T: serde::de::DeserializeOwned + Send> axum::extract::FromR
         match Path::<T>::from_request_parts(parts, state).await {
             Ok(Path(v)) => Ok(Self(v)),
             Err(_) => Err(undecodable()),
+        }
+    }
+}
+
+/// The query string of a route; one that does not fit answers 400
+/// `invalid_query`.
+struct Params<T>(T);
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned + Send> axum::extract::FromRequestParts<S>
+    for Params<T>
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, ApiError> {
+        match Query::<T>::from_request_parts(parts, state).await {
+            Ok(Query(v)) => Ok(Self(v)),
+            Err(e) => Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_query",
+                e.body_text(),
+            )),
         }
     }
 }
@@ -490,11 +512,9 @@ struct HistoryQuery {
 async fn history(
     State(s): State<Arc<Edge>>,
     path: ChannelPath,
-    query: Result<Query<HistoryQuery>, axum::extract::rejection::QueryRejection>,
+    Params(q): Params<HistoryQuery>,
 ) -> Result<Answer, ApiError> {
     let Segments(channel) = path;
-    let Query(q) = query
-        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_query", e.body_text()))?;
     let since = match (q.since, q.epoch) {
         (Some(offset), Some(epoch)) => Some(StreamPosition { offset, epoch }),
         (None, None) => None,
@@ -534,10 +554,8 @@ struct StatsQuery {
 
 async fn stats(
     State(s): State<Arc<Edge>>,
-    query: Result<Query<StatsQuery>, axum::extract::rejection::QueryRejection>,
+    Params(q): Params<StatsQuery>,
 ) -> Result<Answer, ApiError> {
-    let Query(q) = query
-        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_query", e.body_text()))?;
     Ok(stats_of(&s.commands, q.node.as_deref()).await.into())
 }
 
@@ -550,10 +568,8 @@ struct ConnectionsQuery {
 
 async fn connections(
     State(s): State<Arc<Edge>>,
-    query: Result<Query<ConnectionsQuery>, axum::extract::rejection::QueryRejection>,
+    Params(q): Params<ConnectionsQuery>,
 ) -> Result<Answer, ApiError> {
-    let Query(q) = query
-        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_query", e.body_text()))?;
     let cmd = Command::Connections(UserRef { user_id: q.user_id });
     Ok(execute(&s.commands, cmd, false).await.into())
 }
