@@ -8,7 +8,8 @@
 #
 # BEFORE_BIN and AFTER_BIN are `switchboard` binaries (build the older one
 # from a git worktree with its own CARGO_TARGET_DIR). ROUNDS defaults to 2,
-# CONNECTIONS (clients, and subscribers) to 19000. The bench itself is
+# CONNECTIONS (clients, and subscribers) to 17500 (what one gateway takes
+# under a 20,000-file limit). The bench itself is
 # $BENCH, or target/release/switchboard-bench. JSON results go to
 # $OUT (default $CARGO_TARGET_DIR/bench/builds, or target/bench/builds); a
 # table of medians is printed at the end.
@@ -22,7 +23,7 @@ fi
 before=$1
 after=$2
 rounds=${3:-2}
-n=${4:-19000}
+n=${4:-17500}
 target="${CARGO_TARGET_DIR:-target}"
 bench="${BENCH:-$target/release/switchboard-bench}"
 out="${OUT:-$target/bench/builds}"
