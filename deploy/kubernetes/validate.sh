@@ -12,17 +12,24 @@
 #
 #   bash deploy/kubernetes/validate.sh          # K8S_VERSION=1.30.0 by default
 #
-# Needs python3 with kubernetes-validate (pip install kubernetes-validate);
-# renders with `kubectl kustomize` when kubectl is installed (else validates
-# the files one by one, without the kustomization's namespace and labels).
+# Installs kubernetes-validate (pinned, from PyPI) and PyYAML into its own
+# virtualenv, ${CARGO_TARGET_DIR:-target}/k8s-venv (K8S_VENV overrides), so
+# it needs only python3 with venv; renders with `kubectl kustomize` when
+# kubectl is installed (else validates the files one by one, without the
+# kustomization's namespace and labels).
 set -euo pipefail
 cd "$(dirname "$0")"
+root=$(cd ../.. && pwd)
 version=${K8S_VERSION:-1.30.0}
-
-if ! command -v kubernetes-validate >/dev/null 2>&1; then
-    echo "validate.sh: kubernetes-validate is missing: pip install kubernetes-validate" >&2
-    exit 1
+validator_version=1.37.0
+venv=${K8S_VENV:-${CARGO_TARGET_DIR:-$root/target}/k8s-venv}
+if ! "$venv/bin/kubernetes-validate" --version 2>/dev/null | grep -q "$validator_version"; then
+    echo "validate.sh: installing kubernetes-validate==$validator_version into $venv"
+    python3 -m venv "$venv"
+    timeout 600 "$venv/bin/python" -m pip install --disable-pip-version-check -q \
+        "kubernetes-validate==$validator_version" pyyaml
 fi
+PATH="$venv/bin:$PATH"
 echo "kubernetes-validate $(kubernetes-validate --version), Kubernetes $version"
 
 rendered=$(mktemp)

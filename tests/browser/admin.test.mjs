@@ -10,6 +10,7 @@ import { test } from "node:test";
 import assert from "node:assert/strict";
 import { spawn } from "node:child_process";
 import { createHmac } from "node:crypto";
+import { createServer } from "node:http";
 import { existsSync, mkdirSync } from "node:fs";
 import path from "node:path";
 import { chromiumPath, freePort, launchBrowser, releaseBin, targetDir, waitForHttp } from "./helpers.mjs";
@@ -44,6 +45,18 @@ async function until(what, f, ms = 10_000) {
 test("the admin page shows live figures, finds and closes a connection, publishes", { timeout: 90_000 }, async () => {
   assert.ok(existsSync(gatewayBin), `${gatewayBin} missing: cargo build --release -p switchboard`);
   assert.ok(existsSync(chromiumPath), `${chromiumPath} missing: apt-get install chromium`);
+  // An origin that accepts everything, a little slowly, so the page has an
+  // origin latency to show.
+  const origin = createServer((req, res) => {
+    req.resume();
+    req.on("end", () =>
+      setTimeout(() => {
+        res.writeHead(200, { "content-type": "application/json" });
+        res.end("{}");
+      }, 5),
+    );
+  });
+  await new Promise((resolve) => origin.listen(0, "127.0.0.1", resolve));
   const [ws, control] = [await freePort(), await freePort()];
   const gateway = spawn(
     gatewayBin,
@@ -52,6 +65,7 @@ test("the admin page shows live figures, finds and closes a connection, publishe
       "--listen", `127.0.0.1:${ws}`,
       "--control-listen", `127.0.0.1:${control}`,
       "--api-key", API_KEY,
+      "--origin", `http://127.0.0.1:${origin.address().port}/events`,
       "--jwt-secret", JWT_SECRET,
       "--namespace", "chat:presence,history-size=20",
       "--log-level", "warn",
@@ -104,6 +118,10 @@ test("the admin page shows live figures, finds and closes a connection, publishe
     const rate = await figure(admin, "messages in/s");
     assert.ok(rate > 5 && rate < 200, `messages in/s ${rate}`);
     assert.equal(await figure(admin, "subscriptions"), 1);
+    const latency = admin.locator("#nodes tbody tr td").nth(7);
+    await until("an origin latency", async () => /^[0-9.]+ ms$/.test(await latency.textContent()));
+    const ms = Number((await latency.textContent()).replace(" ms", ""));
+    assert.ok(ms >= 4 && ms < 1000, `origin latency ${ms} ms`);
     // For a person to look at (not an assertion).
     mkdirSync(path.join(targetDir, "browser"), { recursive: true });
     await admin.screenshot({ path: path.join(targetDir, "browser", "admin.png"), fullPage: true });
@@ -138,5 +156,6 @@ test("the admin page shows live figures, finds and closes a connection, publishe
   } finally {
     await browser.close();
     gateway.kill("SIGTERM");
+    origin.close();
   }
 });

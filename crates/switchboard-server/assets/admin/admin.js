@@ -103,27 +103,47 @@ $("logout").addEventListener("click", () => logout());
 // --- live figures ---
 
 let timer = null;
+/** Bumped at every login and logout: work begun under an older one is
+ *  dropped when it resumes. */
+let generation = 0;
 /** Per node: the previous sample `{ at, stats }`, for rates. */
 const previous = new Map();
 
 function startPolling() {
   stopPolling();
-  poll();
-  timer = setInterval(poll, POLL_MS);
+  const gen = generation;
+  // One read at a time: the next starts a second after this one ends.
+  const loop = async () => {
+    await poll(gen);
+    if (gen === generation) timer = setTimeout(loop, POLL_MS);
+  };
+  loop();
 }
 
 function stopPolling() {
-  if (timer) clearInterval(timer);
+  generation++;
+  if (timer) clearTimeout(timer);
   timer = null;
   previous.clear();
 }
 
-/** Rates of `s` against the node's previous sample. */
+const COUNTERS = [
+  "messages_in_total",
+  "messages_out_total",
+  "bytes_in_total",
+  "bytes_out_total",
+  "origin_requests_total",
+  "origin_request_microseconds_total",
+];
+
+/** Rates of `s` against the node's previous sample (none for the first
+ *  sample, or after the node restarted and its counters began again). */
 function rates(node, s, at) {
   const p = previous.get(node);
   previous.set(node, { at, stats: s });
   if (!p) return null;
   const dt = (at - p.at) / 1000;
+  if (!(dt > 0) || COUNTERS.some((k) => s[k] < p.stats[k])) return null;
   const d = (k) => (s[k] - p.stats[k]) / dt;
   const requests = s.origin_requests_total - p.stats.origin_requests_total;
   return {
@@ -131,16 +151,17 @@ function rates(node, s, at) {
     messagesOut: d("messages_out_total"),
     bytesIn: d("bytes_in_total"),
     bytesOut: d("bytes_out_total"),
-    // Mean origin request time over the last interval.
+    // Mean origin request time over the last interval, in milliseconds.
     originMs: requests > 0
-      ? (1000 * (s.origin_request_seconds_total - p.stats.origin_request_seconds_total)) / requests
+      ? (s.origin_request_microseconds_total - p.stats.origin_request_microseconds_total) / 1000 / requests
       : NaN,
   };
 }
 
-async function poll() {
+async function poll(gen) {
   try {
     const { body: nodes } = await api("GET", "/v1/nodes");
+    if (gen !== generation) return;
     const at = Date.now();
     const rows = await Promise.all(
       nodes.nodes.map(async (n) => {
@@ -152,13 +173,16 @@ async function poll() {
         }
       }),
     );
+    if (gen !== generation) return;
     render(rows);
     const self = nodes.nodes.find((n) => n.self);
     $("who").textContent = self ? `node ${self.node}` : "";
     $("updated").textContent = `updated ${new Date(at).toLocaleTimeString()}`;
     $("error").textContent = "";
   } catch (e) {
-    if (e.message !== "unauthorized") $("error").textContent = `Cannot read the cluster: ${e.message}`;
+    if (gen === generation && e.message !== "unauthorized") {
+      $("error").textContent = `Cannot read the cluster: ${e.message}`;
+    }
   }
 }
 
@@ -212,11 +236,13 @@ function definitionList(entries) {
 let inspected = null;
 
 async function inspectConnection(id) {
+  const gen = generation;
   inspected = null;
   $("conn-close").hidden = true;
   $("conn-info").replaceChildren();
   try {
     const { body: c } = await api("GET", `/v1/connections/${encodeURIComponent(id)}`);
+    if (gen !== generation) return;
     inspected = c.id;
     $("conn-info").replaceChildren(
       definitionList([
@@ -288,7 +314,10 @@ $("conn-close").addEventListener("submit", async (ev) => {
 let channel = null;
 
 async function inspectChannel(name) {
-  channel = name;
+  const gen = generation;
+  channel = null;
+  $("chan-publish").hidden = true;
+  $("chan-info").replaceChildren();
   const path = `/v1/channels/${encodeURIComponent(name)}`;
   const optional = (p) => p.then((r) => r.body, (e) => ({ error: e }));
   const [list, presence, history] = await Promise.all([
@@ -296,6 +325,7 @@ async function inspectChannel(name) {
     optional(api("GET", `${path}/presence`)),
     optional(api("GET", `${path}/messages?limit=20`)),
   ]);
+  if (gen !== generation) return;
   const summary = list.channels.find((c) => c.channel === name);
   const parts = [
     definitionList([
@@ -324,6 +354,8 @@ async function inspectChannel(name) {
     );
   }
   $("chan-info").replaceChildren(...parts);
+  // Publishing goes to the channel shown, and only once it is shown.
+  channel = name;
   $("chan-publish").hidden = false;
 }
 

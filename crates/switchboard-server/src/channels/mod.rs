@@ -515,18 +515,25 @@ impl Channels {
         metrics: &Metrics,
     ) -> Result<Subscribed, ChannelError> {
         self.with_state(channel, metrics, |ch, st| {
-            let mut all_subs = self.subs_of(&conn.key).lock();
-            if conn.ended.load(Relaxed) {
-                return Err(ChannelError::ConnectionGone);
-            }
-            let subs = all_subs.entry(conn.key).or_default();
-            if st.subscribers.contains_key(&conn.key)
-                || st.pending.iter().any(|p| p.conn.key == conn.key)
+            // The connection's list is settled under its shard lock, held
+            // only here: the channel's state lock, held throughout, orders
+            // the rest against an `unsubscribe_all` that takes the list
+            // meanwhile (it then waits on this state to remove the
+            // subscriber).
             {
-                return Err(ChannelError::AlreadySubscribed);
-            }
-            if subs.len() >= self.max_subscriptions {
-                return Err(ChannelError::TooManySubscriptions(self.max_subscriptions));
+                let mut all_subs = self.subs_of(&conn.key).lock();
+                if conn.ended.load(Relaxed) {
+                    return Err(ChannelError::ConnectionGone);
+                }
+                if st.subscribers.contains_key(&conn.key)
+                    || st.pending.iter().any(|p| p.conn.key == conn.key)
+                {
+                    return Err(ChannelError::AlreadySubscribed);
+                }
+                if all_subs.get(&conn.key).map_or(0, Vec::len) >= self.max_subscriptions {
+                    return Err(ChannelError::TooManySubscriptions(self.max_subscriptions));
+                }
+                all_subs.entry(conn.key).or_default().push(Arc::clone(ch));
             }
             let recoverable = since.is_some_and(|since| st.after(since).is_some());
             let now = st.synced && (since.is_none() || recoverable || !self.is_clustered());
@@ -542,7 +549,6 @@ impl Channels {
                     buffer: Vec::new(),
                     done: Some(tx),
                 });
-                subs.push(Arc::clone(ch));
                 if st.watcher.is_none() {
                     st.watcher = replica::watch(link, ch);
                 } else if st.synced {
@@ -571,7 +577,6 @@ impl Channels {
             }
             self.acknowledge(ch, st, conn, ack, &result, metrics);
             st.subscribers.insert(conn.key, conn.clone());
-            subs.push(Arc::clone(ch));
             metrics.subscriptions.inc();
             Ok(Subscribed::Now(result))
         })?
@@ -915,6 +920,14 @@ impl Channels {
     /// Expires old messages and idempotency keys and drops idle channels
     /// (a replica stops watching its channel).
     pub(crate) fn sweep(&self, metrics: &Metrics) {
+        // Subscription lists outlive a spike of subscribed connections
+        // only by a sweep.
+        for shard in self.subs.iter() {
+            let mut map = shard.lock();
+            if map.capacity() > 64 && map.len() < map.capacity() / 4 {
+                map.shrink_to_fit();
+            }
+        }
         let now = Instant::now();
         let clustered = self.is_clustered();
         for shard in self.shards.iter() {

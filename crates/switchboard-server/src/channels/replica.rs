@@ -291,7 +291,9 @@ fn finish(
         return;
     };
     let mut p = st.pending.swap_remove(i);
-    let all_subs = channels.subs_of(&p.conn.key).lock();
+    // Ended: its `unsubscribe_all` took its list (this channel included)
+    // and removes it from the channel once it has this state's lock. If the
+    // flag is not seen yet, that removal still comes after this insert.
     if p.conn.ended.load(Relaxed) {
         return;
     }
@@ -347,7 +349,6 @@ fn finish(
             m.deliveries.inc_by(p.buffer.len() as u64);
         }
     }
-    drop(all_subs);
     st.subscribers.insert(p.conn.key, p.conn.clone());
     m.subscriptions.inc();
     if let Some(done) = p.done.take() {

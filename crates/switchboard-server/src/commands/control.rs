@@ -554,7 +554,17 @@ pub(crate) async fn stats_of(s: &Commands, node: Option<&str>) -> CommandReply {
         )
         .into();
     }
-    forward(s, node, &Command::Stats).await
+    let reply = forward(s, node, &Command::Stats).await;
+    if reply.status == StatusCode::NOT_FOUND.as_u16() {
+        // It left between the look-up and the request.
+        return ApiError::new(
+            StatusCode::NOT_FOUND,
+            "node_not_found",
+            format!("no live node {node:?}"),
+        )
+        .into();
+    }
+    reply
 }
 
 fn close_local(s: &Commands, c: CloseCommand) -> CommandReply {
