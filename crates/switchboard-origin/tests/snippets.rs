@@ -285,7 +285,11 @@ fn docs_quote_the_tested_verify() {
             + fence.len();
         let block = &docs[start..start + docs[start..].find("```").expect("closed block")];
         assert!(block.contains("verify("), "{file}: {block}");
-        let paragraphs: Vec<&str> = block.split("\n\n").skip(1).collect();
+        // The first paragraph is the block's imports; the rest is code.
+        let (_imports, code) = block
+            .split_once("\n\n")
+            .unwrap_or_else(|| panic!("{file}: no code after the imports: {block}"));
+        let paragraphs: Vec<&str> = code.split("\n\n").collect();
         assert!(!paragraphs.is_empty(), "{file}: {block}");
         for paragraph in paragraphs {
             let paragraph = paragraph.trim_matches('\n');
