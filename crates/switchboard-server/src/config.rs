@@ -11,7 +11,7 @@ use std::time::Duration;
 pub use switchboard_backend::namespace::{Namespace, MAX_HISTORY_SIZE};
 
 /// Longest duration any setting accepts.
-const MAX_DURATION: Duration = Duration::from_secs(7 * 24 * 3600);
+pub const MAX_DURATION: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// Every setting of a gateway node.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -275,11 +275,18 @@ pub struct ConfigError {
     pub problem: String,
 }
 
-fn bad(field: &'static str, problem: impl Into<String>) -> ConfigError {
-    ConfigError {
-        field,
-        problem: problem.into(),
+impl ConfigError {
+    /// `field` (its kebab-case name) cannot be used, because `problem`.
+    pub fn new(field: &'static str, problem: impl Into<String>) -> Self {
+        Self {
+            field,
+            problem: problem.into(),
+        }
     }
+}
+
+fn bad(field: &'static str, problem: impl Into<String>) -> ConfigError {
+    ConfigError::new(field, problem)
 }
 
 impl Config {

@@ -8,10 +8,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 use switchboard_proto::NodeId;
+use switchboard_server::config::MAX_DURATION;
 use switchboard_server::{BindOptions, Config, ConfigError, Gateway, GatewayError};
-
-/// Longest duration a cluster setting accepts.
-const MAX_DURATION: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// The settings of the cluster backend. Keys as in the TOML file and the
 /// flags; `docs/configuration.md` documents each.
@@ -70,13 +68,6 @@ impl Default for ClusterSettings {
     }
 }
 
-fn bad(field: &'static str, problem: impl Into<String>) -> ConfigError {
-    ConfigError {
-        field,
-        problem: problem.into(),
-    }
-}
-
 impl ClusterSettings {
     /// Whether a configuration key is one of these settings.
     pub(crate) fn owns(key: &str) -> bool {
@@ -89,7 +80,10 @@ impl ClusterSettings {
     /// Checks values that parse but cannot work, with the node's `config`.
     pub(crate) fn validate(&self, config: &Config) -> Result<(), ConfigError> {
         if config.origin_is_nats() && self.nats.is_none() {
-            return Err(bad("origin", "`nats` needs the `nats` setting"));
+            return Err(ConfigError::new(
+                "origin",
+                "`nats` needs the `nats` setting",
+            ));
         }
         let token_ok = |t: &str| {
             !t.is_empty()
@@ -97,27 +91,27 @@ impl ClusterSettings {
                     .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
         };
         if !self.nats_prefix.split('.').all(token_ok) || self.nats_prefix.len() > 64 {
-            return Err(bad(
+            return Err(ConfigError::new(
                 "nats-prefix",
                 "must be up to 64 characters: tokens of [A-Za-z0-9_-] joined by '.'",
             ));
         }
         if let Some(stream) = &self.nats_event_stream {
             if !token_ok(stream) || stream.len() > 64 {
-                return Err(bad(
+                return Err(ConfigError::new(
                     "nats-event-stream",
                     "must be 1-64 characters of [A-Za-z0-9_-]",
                 ));
             }
             if !config.origin_is_nats() {
-                return Err(bad(
+                return Err(ConfigError::new(
                     "nats-event-stream",
                     "only applies with origin = \"nats\"",
                 ));
             }
         }
         if self.nats_tls_cert.is_some() != self.nats_tls_key.is_some() {
-            return Err(bad(
+            return Err(ConfigError::new(
                 "nats-tls-cert",
                 "nats-tls-cert and nats-tls-key go together",
             ));
@@ -128,7 +122,7 @@ impl ClusterSettings {
             ("cluster-request-timeout", self.cluster_request_timeout),
         ] {
             if d < Duration::from_millis(10) || d > MAX_DURATION {
-                return Err(bad(field, "must be between 10ms and 7 days"));
+                return Err(ConfigError::new(field, "must be between 10ms and 7 days"));
             }
         }
         if self.nats.is_none() {
@@ -140,18 +134,21 @@ impl ClusterSettings {
                 ("nats-tls-required", self.nats_tls_required),
             ] {
                 if set {
-                    return Err(bad(field, "only applies with `nats`"));
+                    return Err(ConfigError::new(field, "only applies with `nats`"));
                 }
             }
         }
         if self.cluster_heartbeat_timeout < self.cluster_heartbeat * 2 {
-            return Err(bad(
+            return Err(ConfigError::new(
                 "cluster-heartbeat-timeout",
                 "must be at least twice cluster-heartbeat",
             ));
         }
         if ![1, 3, 5].contains(&self.channel_log_replicas) {
-            return Err(bad("channel-log-replicas", "must be 1, 3 or 5"));
+            return Err(ConfigError::new(
+                "channel-log-replicas",
+                "must be 1, 3 or 5",
+            ));
         }
         Ok(())
     }
