@@ -99,6 +99,10 @@ pub struct ConnectionInfo {
 pub struct ConnectionsResponse {
     /// The connections, sorted by id.
     pub connections: Vec<ConnectionInfo>,
+    /// Live nodes that did not list theirs (unreachable, or too slow):
+    /// their connections are missing above.
+    #[serde(default)]
+    pub unanswered: Vec<String>,
 }
 
 /// [`Command::Connections`]: whose connections to list.

@@ -273,7 +273,7 @@ async fn a_users_connections_and_any_nodes_stats_are_read_through_any_node() {
             ..Default::default()
         })
     });
-    let (_hub, a, b, c) = three(&origin).await;
+    let (hub, a, b, c) = three(&origin).await;
     let (_on_b, id_b) = connect_id(&b, &origin, "/").await;
     let (_on_c, id_c) = connect_id(&c, &origin, "/").await;
 
@@ -289,6 +289,7 @@ async fn a_users_connections_and_any_nodes_stats_are_read_through_any_node() {
         .map(|c| c["id"].as_str().unwrap())
         .collect();
     assert_eq!(got, want);
+    assert_eq!(found["unanswered"], json!([]));
 
     let of_b = a.get("/v1/stats?node=b").await;
     assert_eq!(of_b.status, 200, "{}", of_b.body);
@@ -304,6 +305,18 @@ async fn a_users_connections_and_any_nodes_stats_are_read_through_any_node() {
         "{}",
         r.body
     );
+
+    // A node that cannot answer is named, not silently left out.
+    hub.cut("c");
+    let partial = a.get("/v1/connections?user_id=alice").await.json();
+    let got: Vec<&str> = partial["connections"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(got, vec![id_b.as_str()]);
+    assert_eq!(partial["unanswered"], json!(["c"]));
     for gw in [a, b, c] {
         gw.shutdown().await;
     }

@@ -277,8 +277,12 @@ $("conn-find").addEventListener("submit", async (ev) => {
   if (!user) return;
   try {
     const { body } = await api("GET", `/v1/connections?user_id=${encodeURIComponent(user)}`);
+    const missing = body.unanswered?.length
+      ? `Not answered by ${body.unanswered.join(", ")}: their connections are missing. `
+      : "";
+    $("conn-result").textContent = missing;
     if (!body.connections.length) {
-      $("conn-result").textContent = `User ${user} has no open connection.`;
+      $("conn-result").textContent = `${missing}User ${user} has no open connection${missing ? " on the nodes that answered" : ""}.`;
       return;
     }
     $("conn-list").replaceChildren(

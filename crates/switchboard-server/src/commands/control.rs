@@ -44,6 +44,15 @@ impl ApiError {
         }
     }
 
+    /// 404 `node_not_found`: no live node is named `node`.
+    fn node_not_found(node: &str) -> Self {
+        Self::new(
+            StatusCode::NOT_FOUND,
+            "node_not_found",
+            format!("no live node {node:?}"),
+        )
+    }
+
     pub(crate) fn not_found(id: &str) -> Self {
         Self::new(
             StatusCode::NOT_FOUND,
@@ -510,6 +519,7 @@ async fn connections_of(s: &Commands, user_id: &str, forwarded: bool) -> Command
         .filter(|c| c.user_id.as_deref() == Some(user_id))
         .map(|c| connection_info(s, c))
         .collect();
+    let mut unanswered = Vec::new();
     if let (false, Some(cluster)) = (forwarded, s.cluster.get()) {
         let cmd = Command::Connections(UserRef {
             user_id: user_id.to_owned(),
@@ -525,16 +535,24 @@ async fn connections_of(s: &Commands, user_id: &str, forwarded: bool) -> Command
         for (node, answer) in peers.iter().zip(answers) {
             match serde_json::from_slice::<ConnectionsResponse>(&answer.body) {
                 Ok(r) if answer.status == 200 => all.extend(r.connections),
-                _ => tracing::warn!(
-                    node,
-                    status = answer.status,
-                    "a node did not list its connections"
-                ),
+                _ => {
+                    // Said in the answer (and counted in
+                    // switchboard_cluster_forward_failures_total when unreachable).
+                    tracing::warn!(
+                        node,
+                        status = answer.status,
+                        "a node did not list its connections"
+                    );
+                    unanswered.push(node.clone());
+                }
             }
         }
     }
     all.sort_by(|a, b| a.id.cmp(&b.id));
-    ok(&ConnectionsResponse { connections: all })
+    ok(&ConnectionsResponse {
+        connections: all,
+        unanswered,
+    })
 }
 
 /// The statistics of `node` (this one when `None` or its own id).
@@ -547,22 +565,12 @@ pub(crate) async fn stats_of(s: &Commands, node: Option<&str>) -> CommandReply {
         .get()
         .is_some_and(|c| c.peers().iter().any(|p| p.node == node));
     if !live {
-        return ApiError::new(
-            StatusCode::NOT_FOUND,
-            "node_not_found",
-            format!("no live node {node:?}"),
-        )
-        .into();
+        return ApiError::node_not_found(node).into();
     }
     let reply = forward(s, node, &Command::Stats).await;
     if reply.status == StatusCode::NOT_FOUND.as_u16() {
         // It left between the look-up and the request.
-        return ApiError::new(
-            StatusCode::NOT_FOUND,
-            "node_not_found",
-            format!("no live node {node:?}"),
-        )
-        .into();
+        return ApiError::node_not_found(node).into();
     }
     reply
 }
