@@ -24,6 +24,7 @@ LAYERS = {
         ["conn"],
         ["origin"],
         ["channels"],
+        ["sessions"],
         ["commands"],
         ["edge"],
         ["node"],

@@ -737,7 +737,7 @@ impl Task {
                         .emit(ClientEvent::ServerUnsubscribed { channel });
                 }
             }
-            Push::Direct { data } => self.shared.emit(ClientEvent::Direct(data)),
+            Push::Direct { data, .. } => self.shared.emit(ClientEvent::Direct(data)),
             Push::Refresh { expires_at_ms } => {
                 self.shared
                     .emit(ClientEvent::TokenExpiring { expires_at_ms });

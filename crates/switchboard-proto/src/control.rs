@@ -29,6 +29,9 @@ pub struct BatchMessage {
 pub enum Delivery {
     /// Queued for the connection.
     Delivered,
+    /// Kept for a suspended session: sent when its client resumes
+    /// (docs/sessions.md).
+    Queued,
     /// No such connection (never existed, or closed).
     Unknown,
 }
@@ -91,6 +94,14 @@ pub struct ConnectionInfo {
     /// The channels it is subscribed to, sorted.
     #[serde(default)]
     pub channels: Vec<String>,
+    /// A session that lost its connection and waits for its client to
+    /// resume (docs/sessions.md).
+    #[serde(default)]
+    pub suspended: bool,
+    /// Direct messages kept for a resume: sent and not acknowledged yet,
+    /// or waiting for the client while suspended.
+    #[serde(default)]
+    pub outbox_messages: u64,
 }
 
 /// `GET /v1/connections?user_id=…`: the open connections of a user on

@@ -105,6 +105,13 @@ pub enum CommandBody {
         /// The JWT.
         token: String,
     },
+    /// Acknowledges every direct message up to `seq` (see `docs/sessions.md`):
+    /// the gateway stops keeping them for a resume. Never answered, except
+    /// with an error when malformed.
+    Ack {
+        /// The highest direct message sequence received.
+        seq: u64,
+    },
 }
 
 impl CommandBody {
@@ -120,6 +127,7 @@ impl CommandBody {
             Self::Send { .. } => "send",
             Self::Refresh { .. } => "refresh",
             Self::Authenticate { .. } => "authenticate",
+            Self::Ack { .. } => "ack",
         }
     }
 }
@@ -135,6 +143,7 @@ pub const COMMANDS: &[&str] = &[
     "send",
     "refresh",
     "authenticate",
+    "ack",
 ];
 
 /// Why a frame from the client is not a command this version can run.
@@ -387,6 +396,25 @@ pub enum Push {
         /// How often the gateway pings (milliseconds): a client that hears
         /// nothing for longer than twice this may consider the link dead.
         ping_interval_ms: u64,
+        /// The session's resume token (absent when sessions are off): open
+        /// a new connection with `?resume=` this token within
+        /// `session_ttl_ms` of losing this one to resume the session.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        session: Option<String>,
+        /// How long the session outlives a lost connection (milliseconds).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        session_ttl_ms: Option<u64>,
+        /// This connection resumed the session named by `?resume=`: same
+        /// `client`, direct messages after `?received=` follow.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        resumed: bool,
+        /// The client asked to resume and could not: this is a new session.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        resume_error: Option<ResumeError>,
+        /// On a resumed connection, the session's channels: each sends
+        /// nothing until the client subscribes to it again (with `since`).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        channels: Vec<SessionChannel>,
     },
     /// A channel message.
     Message {
@@ -431,6 +459,10 @@ pub enum Push {
     },
     /// A direct message from the origin (control API send or reply).
     Direct {
+        /// Its sequence in the session (1, 2, ...; absent when sessions
+        /// are off): acknowledge with `ack`, resume with `?received=`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        seq: Option<u64>,
         /// The message.
         #[serde(flatten)]
         data: Payload,
@@ -441,6 +473,67 @@ pub enum Push {
         /// When the current token expires, Unix time in milliseconds.
         expires_at_ms: u64,
     },
+}
+
+/// Why a resume was refused (`connected.resume_error.code`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ResumeCode {
+    /// The gateway keeps no sessions (`session-ttl = 0`).
+    SessionsDisabled,
+    /// The resume token or `received` is malformed, or the token is not
+    /// one this gateway issued.
+    SessionInvalid,
+    /// No such session: it ended long ago, or on a node that is gone.
+    SessionUnknown,
+    /// The session outlived its connection by more than `session-ttl`.
+    SessionExpired,
+    /// The session ended: its client closed it, or the origin or the
+    /// gateway did.
+    SessionClosed,
+    /// The session's outbox overflowed (`session-outbox-messages` or
+    /// `session-outbox-bytes`): direct messages after `received` are gone.
+    OutboxOverflow,
+    /// The connection's token names another user than the session's.
+    SessionForbidden,
+}
+
+impl ResumeCode {
+    /// The code as it appears on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::SessionsDisabled => "sessions_disabled",
+            Self::SessionInvalid => "session_invalid",
+            Self::SessionUnknown => "session_unknown",
+            Self::SessionExpired => "session_expired",
+            Self::SessionClosed => "session_closed",
+            Self::OutboxOverflow => "outbox_overflow",
+            Self::SessionForbidden => "session_forbidden",
+        }
+    }
+}
+
+/// `connected.resume_error`: why this connection is a new session although
+/// the client asked to resume one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResumeError {
+    /// Stable code.
+    pub code: ResumeCode,
+    /// Human-readable detail.
+    pub message: String,
+}
+
+/// A channel of a resumed session (`connected.channels`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionChannel {
+    /// The channel.
+    pub channel: String,
+    /// Its epoch when the session stopped receiving it.
+    pub epoch: String,
+    /// Its newest offset when the session stopped receiving it (the
+    /// connection was lost, or the origin subscribed the session while it
+    /// was away): a client with no position of its own recovers from here.
+    pub offset: u64,
 }
 
 /// Any frame the gateway sends a native client.

@@ -51,6 +51,11 @@ pub enum Event {
     /// The connections this node holds, sent every `keepalive-interval` in
     /// batches of at most 10,000 ids.
     Keepalive(KeepaliveEvent),
+    /// A session lost its connection and waits for its client to resume
+    /// (`session-events` only); no `disconnect` yet.
+    Suspend(SuspendEvent),
+    /// A suspended session's client is back (`session-events` only).
+    Resume(ResumeEvent),
     /// Cluster mode: a node stopped being heard from without draining; every
     /// connection whose id carries `down_node` is gone. Sent by exactly one
     /// surviving node.
@@ -74,6 +79,8 @@ impl Event {
             Self::Message(_) => "message",
             Self::Disconnect(_) => "disconnect",
             Self::Keepalive(_) => "keepalive",
+            Self::Suspend(_) => "suspend",
+            Self::Resume(_) => "resume",
             Self::NodeDown(_) => "node_down",
             Self::Publish(_) => "publish",
             Self::Subscribe(_) => "subscribe",
@@ -233,8 +240,54 @@ pub struct KeepaliveEvent {
     pub node: String,
     /// Unix time in milliseconds.
     pub timestamp_ms: u64,
-    /// Live, accepted connections (at most 10,000 per event).
+    /// Live, accepted connections (at most 10,000 per event), suspended
+    /// sessions included.
     pub connection_ids: Vec<String>,
+    /// Those of `connection_ids` that are suspended sessions (waiting for
+    /// their client to resume).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub suspended: Vec<String>,
+}
+
+/// `suspend`: a session lost its connection; it ends with `disconnect`
+/// unless its client resumes within `session-ttl`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SuspendEvent {
+    /// Idempotency key.
+    pub id: String,
+    /// The session's connection id.
+    pub connection_id: String,
+    /// The node holding it.
+    pub node: String,
+    /// Unix time in milliseconds.
+    pub timestamp_ms: u64,
+    /// The user id the origin attached at `connect`, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_id: Option<String>,
+    /// Why the connection was lost.
+    pub reason: String,
+    /// When the session ends unless resumed (Unix milliseconds).
+    pub expires_at_ms: u64,
+}
+
+/// `resume`: a suspended session's client is back, on a new socket.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResumeEvent {
+    /// Idempotency key.
+    pub id: String,
+    /// The session's connection id.
+    pub connection_id: String,
+    /// The node holding it.
+    pub node: String,
+    /// Unix time in milliseconds.
+    pub timestamp_ms: u64,
+    /// The user id the origin attached at `connect`, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_id: Option<String>,
+    /// The client's address now.
+    pub remote_addr: String,
+    /// How long the session was without a connection (milliseconds).
+    pub suspended_ms: u64,
 }
 
 /// `node_down`: a node of the cluster died without draining.

@@ -166,6 +166,16 @@ pub struct Config {
     /// reconnect at once.
     #[serde(with = "humantime_serde")]
     pub drain_spread: Duration,
+    /// How long a native client's session outlives a lost connection,
+    /// waiting for a resume (0s: no sessions).
+    #[serde(with = "humantime_serde")]
+    pub session_ttl: Duration,
+    /// Most direct messages a session keeps unacknowledged (for a resume).
+    pub session_outbox_messages: u32,
+    /// Most bytes of direct messages a session keeps unacknowledged.
+    pub session_outbox_bytes: u32,
+    /// Send the origin `suspend` and `resume` events.
+    pub session_events: bool,
     /// Channel namespaces, each `NAME[:OPTION,...]` (see [`Namespace`]). A
     /// channel `ns:room` exists only if namespace `ns` is configured.
     pub namespace: Vec<Namespace>,
@@ -257,6 +267,10 @@ impl Default for Config {
             max_outbound_bytes: 512 << 10,
             drain_timeout: Duration::from_secs(30),
             drain_spread: Duration::from_secs(5),
+            session_ttl: Duration::from_secs(120),
+            session_outbox_messages: 1_000,
+            session_outbox_bytes: 1 << 20,
+            session_events: false,
             namespace: Vec::new(),
             max_subscriptions: 128,
             max_channel_length: 255,
@@ -349,6 +363,11 @@ impl Config {
             ("max-message-size", self.max_message_size),
             ("max-connections", self.max_connections),
             ("max-outbound-bytes", self.max_outbound_bytes),
+            (
+                "session-outbox-messages",
+                self.session_outbox_messages as usize,
+            ),
+            ("session-outbox-bytes", self.session_outbox_bytes as usize),
             ("control-max-connections", self.control_max_connections),
         ] {
             if v == 0 {
@@ -389,6 +408,7 @@ impl Config {
             ("origin-batch-linger", self.origin_batch_linger),
             ("keepalive-interval", self.keepalive_interval),
             ("drain-timeout", self.drain_timeout),
+            ("session-ttl", self.session_ttl),
             ("idle-timeout", self.idle_timeout.unwrap_or_default()),
             ("control-header-timeout", self.control_header_timeout),
             ("control-body-timeout", self.control_body_timeout),

@@ -57,6 +57,7 @@ mod frames;
 mod metrics;
 pub mod node;
 pub mod origin;
+mod sessions;
 
 pub use admission::fds;
 pub use admission::tokens::AuthSetupError;

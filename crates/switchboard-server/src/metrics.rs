@@ -95,6 +95,21 @@ pub(crate) struct Metrics {
     /// Control listener refusals and timeouts, by reason.
     pub(crate) control_refusals: Family<ReasonLabel, Counter>,
     pub(crate) accept_errors: Family<ListenerLabel, Counter>,
+    /// Sessions without a socket, waiting for their client to resume.
+    pub(crate) sessions_suspended: Gauge,
+    /// Resume attempts by result (`resumed` or the refusal's code).
+    pub(crate) session_resumes: Family<ResultLabel, Counter>,
+    /// Sessions that ended while suspended, by reason (`expired`,
+    /// `outbox_overflow`, `closed`, `shutdown`).
+    pub(crate) sessions_lost: Family<ReasonLabel, Counter>,
+    /// Open sockets closed because their session resumed on another (4009).
+    pub(crate) session_takeovers: Counter,
+    /// Direct messages kept for resumes (sent, not acknowledged).
+    pub(crate) session_outbox_messages: Gauge,
+    pub(crate) session_outbox_bytes: Gauge,
+    /// Kept messages dropped unacknowledged over the outbox's bounds while
+    /// the client was connected.
+    pub(crate) session_outbox_trimmed: Counter,
 }
 
 fn origin_histogram() -> Histogram {
@@ -149,6 +164,13 @@ impl Metrics {
             control_connections: Gauge::default(),
             control_refusals: Family::default(),
             accept_errors: Family::default(),
+            sessions_suspended: Gauge::default(),
+            session_resumes: Family::default(),
+            sessions_lost: Family::default(),
+            session_takeovers: Counter::default(),
+            session_outbox_messages: Gauge::default(),
+            session_outbox_bytes: Gauge::default(),
+            session_outbox_trimmed: Counter::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -212,6 +234,41 @@ impl Metrics {
             "protocol_errors",
             "Connections closed for breaking RFC 6455",
             m.protocol_errors.clone(),
+        );
+        r.register(
+            "sessions_suspended",
+            "Sessions whose connection was lost, kept for a resume (session-ttl)",
+            m.sessions_suspended.clone(),
+        );
+        r.register(
+            "session_resumes",
+            "Resume attempts by result: resumed, or the refusal's code",
+            m.session_resumes.clone(),
+        );
+        r.register(
+            "sessions_lost",
+            "Suspended sessions ended without a resume, by reason (expired, outbox_overflow, closed, shutdown)",
+            m.sessions_lost.clone(),
+        );
+        r.register(
+            "session_takeovers",
+            "Sockets closed (4009) because their session was resumed on a new one",
+            m.session_takeovers.clone(),
+        );
+        r.register(
+            "session_outbox_messages",
+            "Direct messages kept for resumes (sent, not acknowledged by the client)",
+            m.session_outbox_messages.clone(),
+        );
+        r.register(
+            "session_outbox_bytes",
+            "Bytes of the direct messages kept for resumes",
+            m.session_outbox_bytes.clone(),
+        );
+        r.register(
+            "session_outbox_trimmed",
+            "Kept direct messages dropped unacknowledged over session-outbox-messages or -bytes",
+            m.session_outbox_trimmed.clone(),
         );
         r.register(
             "slow_consumer_closes",

@@ -419,6 +419,26 @@ pub(crate) struct ServeArgs {
     #[serde(skip_serializing_if = "Option::is_none")]
     drain_spread: Option<String>,
 
+    /// How long a native client's session outlives a lost connection, waiting for it to resume (docs/sessions.md); 0s turns sessions off [default: 2m].
+    #[arg(long, env = "SWITCHBOARD_SESSION_TTL", value_name = "DURATION")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    session_ttl: Option<String>,
+
+    /// Most direct messages a session keeps until the client acknowledges them [default: 1000].
+    #[arg(long, env = "SWITCHBOARD_SESSION_OUTBOX_MESSAGES", value_name = "N")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    session_outbox_messages: Option<u32>,
+
+    /// Most bytes of direct messages a session keeps until the client acknowledges them [default: 1048576].
+    #[arg(long, env = "SWITCHBOARD_SESSION_OUTBOX_BYTES", value_name = "BYTES")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    session_outbox_bytes: Option<u32>,
+
+    /// Send the origin `suspend` and `resume` events when a session loses its connection and gets one back [default: false].
+    #[arg(long, env = "SWITCHBOARD_SESSION_EVENTS", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    session_events: Option<bool>,
+
     /// NATS server URL(s), comma-separated: join a cluster [default: none, single node].
     #[arg(long, env = "SWITCHBOARD_NATS", value_name = "URL")]
     #[serde(skip_serializing_if = "Option::is_none")]

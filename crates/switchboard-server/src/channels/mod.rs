@@ -43,7 +43,7 @@ use switchboard_proto::conn_id::ConnKey;
 use switchboard_proto::control::ChannelSummary;
 use switchboard_proto::native::{
     channel_namespace, ErrorCode, HistoryResult, Member, PresenceResult, Publication,
-    PublishResult, Push, StreamPosition, SubscribeResult,
+    PublishResult, Push, SessionChannel, StreamPosition, SubscribeResult,
 };
 use switchboard_proto::origin::Payload;
 use tokio::sync::oneshot;
@@ -135,9 +135,22 @@ struct Pending {
     conn: Arc<Conn>,
     since: Option<StreamPosition>,
     ack: Ack,
+    /// It was parked (a resumed session's): a member already, so not
+    /// announced or counted again.
+    rejoin: bool,
     /// Messages fanned out while it waited.
     buffer: Vec<Kept>,
     done: Option<oneshot::Sender<SubscribeResult>>,
+}
+
+/// A subscriber of a suspended (or just resumed) session: a member of the
+/// channel that is sent nothing until its client subscribes again.
+#[derive(Debug)]
+struct Parked {
+    conn: Arc<Conn>,
+    /// The channel's position when it stopped being sent messages.
+    epoch: Arc<str>,
+    offset: u64,
 }
 
 /// Most messages a pending subscriber buffers before it is closed as slow.
@@ -151,6 +164,8 @@ struct State {
     offset: u64,
     history: VecDeque<Kept>,
     subscribers: HashMap<ConnKey, Arc<Conn>, BuildHasherDefault<KeyHasher>>,
+    /// Subscribers of suspended sessions (see [`Parked`]).
+    parked: HashMap<ConnKey, Parked, BuildHasherDefault<KeyHasher>>,
     /// Recent idempotency keys and the offsets they were published at.
     keys: HashMap<String, u64>,
     key_order: VecDeque<(Instant, String)>,
@@ -188,6 +203,7 @@ impl State {
     /// messages or keys either (in a cluster they are the log's).
     fn is_idle(&self, clustered: bool) -> bool {
         self.subscribers.is_empty()
+            && self.parked.is_empty()
             && self.pending.is_empty()
             && (clustered || (self.history.is_empty() && self.keys.is_empty()))
     }
@@ -198,6 +214,7 @@ impl State {
             offset: 0,
             history: VecDeque::new(),
             subscribers: HashMap::default(),
+            parked: HashMap::default(),
             keys: HashMap::new(),
             key_order: VecDeque::new(),
             removed: false,
@@ -228,7 +245,20 @@ impl State {
     }
 
     fn members(&self) -> impl Iterator<Item = Member> + '_ {
-        self.subscribers.values().map(|c| member(c))
+        self.subscribers
+            .values()
+            .chain(self.parked.values().map(|p| &p.conn))
+            .map(|c| member(c))
+    }
+
+    /// Parks a subscriber of a suspended session at the current position.
+    fn park(&mut self, conn: Arc<Conn>) {
+        let parked = Parked {
+            conn,
+            epoch: self.epoch.clone(),
+            offset: self.offset,
+        };
+        self.parked.insert(parked.conn.key, parked);
     }
 }
 
@@ -520,20 +550,48 @@ impl Channels {
             // the rest against an `unsubscribe_all` that takes the list
             // meanwhile (it then waits on this state to remove the
             // subscriber).
-            {
+            // A parked subscriber (a resumed session's) subscribing again
+            // is sent what it missed and then live messages, as a new
+            // one would, but it is a member already.
+            let rejoin = {
                 let mut all_subs = self.subs_of(&conn.key).lock();
                 if conn.ended.load(Relaxed) {
                     return Err(ChannelError::ConnectionGone);
                 }
-                if st.subscribers.contains_key(&conn.key)
-                    || st.pending.iter().any(|p| p.conn.key == conn.key)
-                {
-                    return Err(ChannelError::AlreadySubscribed);
+                if st.parked.contains_key(&conn.key) {
+                    if conn.is_suspended() {
+                        return Err(ChannelError::AlreadySubscribed);
+                    }
+                    st.parked.remove(&conn.key);
+                    true
+                } else {
+                    if st.subscribers.contains_key(&conn.key)
+                        || st.pending.iter().any(|p| p.conn.key == conn.key)
+                    {
+                        return Err(ChannelError::AlreadySubscribed);
+                    }
+                    if all_subs.get(&conn.key).map_or(0, Vec::len) >= self.max_subscriptions {
+                        return Err(ChannelError::TooManySubscriptions(self.max_subscriptions));
+                    }
+                    all_subs.entry(conn.key).or_default().push(Arc::clone(ch));
+                    false
                 }
-                if all_subs.get(&conn.key).map_or(0, Vec::len) >= self.max_subscriptions {
-                    return Err(ChannelError::TooManySubscriptions(self.max_subscriptions));
-                }
-                all_subs.entry(conn.key).or_default().push(Arc::clone(ch));
+            };
+            if conn.is_suspended() {
+                // The origin subscribed a session while its client is
+                // away: a member from now on, sent messages once the
+                // client is back and subscribes again (listed in its
+                // `connected`).
+                st.park(conn.clone());
+                self.announce_member(ch, st, conn, true, metrics);
+                metrics.subscriptions.inc();
+                let (epoch, offset) = st.position();
+                return Ok(Subscribed::Now(SubscribeResult {
+                    epoch,
+                    offset,
+                    recovered: None,
+                    missed: None,
+                }));
             }
             let recoverable = since.is_some_and(|since| st.after(since).is_some());
             let now = st.synced && (since.is_none() || recoverable || !self.is_clustered());
@@ -546,6 +604,7 @@ impl Channels {
                     conn: conn.clone(),
                     since: since.cloned(),
                     ack,
+                    rejoin,
                     buffer: Vec::new(),
                     done: Some(tx),
                 });
@@ -575,15 +634,19 @@ impl Channels {
                     None => result.recovered = Some(false),
                 }
             }
-            self.acknowledge(ch, st, conn, ack, &result, metrics);
+            self.acknowledge(ch, st, conn, ack, &result, !rejoin, metrics);
             st.subscribers.insert(conn.key, conn.clone());
-            metrics.subscriptions.inc();
+            if !rejoin {
+                metrics.subscriptions.inc();
+            }
             Ok(Subscribed::Now(result))
         })?
     }
 
-    /// Queues a new subscriber's acknowledgement and tells the channel's
-    /// other subscribers (of every node) that it joined.
+    /// Queues a new subscriber's acknowledgement and, if it `joined`
+    /// (was not a member already), tells the channel's other subscribers
+    /// (of every node).
+    #[allow(clippy::too_many_arguments)]
     fn acknowledge(
         &self,
         ch: &Channel,
@@ -591,6 +654,7 @@ impl Channels {
         conn: &Conn,
         ack: Ack,
         result: &SubscribeResult,
+        joined: bool,
         metrics: &Metrics,
     ) {
         match ack {
@@ -607,7 +671,9 @@ impl Channels {
             }
             Ack::Push => {}
         }
-        self.announce_member(ch, st, conn, true, metrics);
+        if joined {
+            self.announce_member(ch, st, conn, true, metrics);
+        }
     }
 
     /// Tells a channel's other subscribers, on every node, that `conn`
@@ -646,6 +712,67 @@ impl Channels {
         Ok(true)
     }
 
+    /// Parks every subscription of a session that lost its socket: it
+    /// stays a member of its channels, and is sent nothing until its client
+    /// is back and subscribes again. A subscription still waiting for the
+    /// log (cluster) is parked where it asked to start.
+    pub(crate) fn suspend(&self, conn: &Arc<Conn>, metrics: &Metrics) {
+        let channels = self
+            .subs_of(&conn.key)
+            .lock()
+            .get(&conn.key)
+            .cloned()
+            .unwrap_or_default();
+        for ch in channels {
+            let mut st = ch.state.lock();
+            if st.subscribers.remove(&conn.key).is_some() {
+                st.park(conn.clone());
+            } else if let Some(i) = st.pending.iter().position(|p| p.conn.key == conn.key) {
+                let p = st.pending.swap_remove(i);
+                let mut parked = Parked {
+                    conn: conn.clone(),
+                    epoch: st.epoch.clone(),
+                    offset: st.offset,
+                };
+                if let Some(since) = p.since {
+                    parked.epoch = since.epoch.into();
+                    parked.offset = since.offset;
+                }
+                if !p.rejoin {
+                    // Never announced: it joins now, as a parked member.
+                    self.announce_member(&ch, &st, conn, true, metrics);
+                    metrics.subscriptions.inc();
+                }
+                st.parked.insert(conn.key, parked);
+            }
+        }
+    }
+
+    /// The channels of a session, each with where it stopped being sent
+    /// messages, sorted by name: what its client is to subscribe to again
+    /// (`connected.channels`).
+    pub(crate) fn session_channels(&self, conn: &Conn) -> Vec<SessionChannel> {
+        let channels = self
+            .subs_of(&conn.key)
+            .lock()
+            .get(&conn.key)
+            .cloned()
+            .unwrap_or_default();
+        let mut out: Vec<SessionChannel> = channels
+            .iter()
+            .filter_map(|ch| {
+                let st = ch.state.lock();
+                st.parked.get(&conn.key).map(|p| SessionChannel {
+                    channel: ch.name.to_string(),
+                    epoch: p.epoch.to_string(),
+                    offset: p.offset,
+                })
+            })
+            .collect();
+        out.sort_by(|a, b| a.channel.cmp(&b.channel));
+        out
+    }
+
     /// Ends every subscription of a connection that has ended; none can be
     /// added afterwards.
     pub(crate) fn unsubscribe_all(&self, conn: &Conn, metrics: &Metrics) {
@@ -678,6 +805,11 @@ impl Channels {
             // Never announced: it goes quietly, but a native subscribe
             // command still gets its answer (where it would have started).
             let p = st.pending.swap_remove(i);
+            if p.rejoin {
+                // A member already (parked before): it leaves.
+                metrics.subscriptions.dec();
+                self.announce_member(ch, &st, conn, false, metrics);
+            }
             if let Ack::Reply(id) = p.ack {
                 let (epoch, offset) = st.position();
                 let result = SubscribeResult {
@@ -696,7 +828,7 @@ impl Channels {
     /// Removes a subscriber from the channel's state and tells the others
     /// (of every node) that it left.
     fn drop_subscriber(&self, ch: &Channel, st: &mut State, conn: &Conn, metrics: &Metrics) {
-        if st.subscribers.remove(&conn.key).is_none() {
+        if st.subscribers.remove(&conn.key).is_none() && st.parked.remove(&conn.key).is_none() {
             return;
         }
         metrics.subscriptions.dec();

@@ -337,20 +337,22 @@ fn finish(
             p.conn.send_all(missed.iter().map(|o| &**o), m);
             m.deliveries.inc_by(n);
             result.missed = Some(n);
-            channels.acknowledge(ch, st, &p.conn, p.ack, &result, m);
+            channels.acknowledge(ch, st, &p.conn, p.ack, &result, !p.rejoin, m);
         }
         None => {
             // Live from the first message that arrived while it waited.
             if let Some(first) = p.buffer.first() {
                 result.offset = first.offset - 1;
             }
-            channels.acknowledge(ch, st, &p.conn, p.ack, &result, m);
+            channels.acknowledge(ch, st, &p.conn, p.ack, &result, !p.rejoin, m);
             p.conn.send_all(p.buffer.iter().map(|k: &Kept| &*k.msg), m);
             m.deliveries.inc_by(p.buffer.len() as u64);
         }
     }
     st.subscribers.insert(p.conn.key, p.conn.clone());
-    m.subscriptions.inc();
+    if !p.rejoin {
+        m.subscriptions.inc();
+    }
     if let Some(done) = p.done.take() {
         let _ = done.send(result);
     }

@@ -10,6 +10,7 @@ use super::Commands;
 use crate::bus::BusError;
 use crate::channels::{Ack, ChannelError, Subscribed};
 use crate::conn::{CloseRequest, Conn, Outgoing, Queued};
+use crate::sessions::Ending;
 use axum::http::StatusCode;
 use bytes::Bytes;
 use std::collections::BTreeMap;
@@ -355,11 +356,23 @@ fn send_local(s: &Commands, c: SendCommand) -> CommandReply {
         Ok(conn) => conn,
         Err(e) => return e.into(),
     };
-    match conn.send_after_replies(&Outgoing::new(c.payload), &s.metrics) {
-        Queued::Yes => ok(&SendResponse {
-            status: Delivery::Delivered,
-        }),
-        Queued::Closed => ApiError::not_found(&c.connection_id).into(),
+    match delivery(s, &conn, &Outgoing::new(c.payload)) {
+        Delivery::Unknown => ApiError::not_found(&c.connection_id).into(),
+        status => ok(&SendResponse { status }),
+    }
+}
+
+/// Queues a control-API message on a connection: `queued` for a suspended
+/// session; a suspended session over its outbox's bounds ends, and the
+/// message is `unknown` as for any connection that is gone.
+fn delivery(s: &Commands, conn: &Conn, out: &Outgoing) -> Delivery {
+    match conn.send_after_replies(out, &s.metrics) {
+        Queued::Yes => Delivery::Delivered,
+        Queued::Kept => Delivery::Queued,
+        Queued::Closed => {
+            s.sessions.overflowed(conn);
+            Delivery::Unknown
+        }
     }
 }
 
@@ -415,9 +428,9 @@ async fn send_batch_routed(
         // Encoded once, shared by every local recipient.
         let out = Outgoing::new(payload);
         for id in local {
-            let status = match lookup(s, &id).map(|c| c.send_after_replies(&out, &s.metrics)) {
-                Ok(Queued::Yes) => Delivery::Delivered,
-                _ => Delivery::Unknown,
+            let status = match lookup(s, &id) {
+                Ok(c) => delivery(s, &c, &out),
+                Err(_) => Delivery::Unknown,
             };
             results[i].insert(id, status);
         }
@@ -497,7 +510,7 @@ fn connection_info(s: &Commands, c: &Conn) -> ConnectionInfo {
         user_id: c.user_id.as_deref().map(str::to_owned),
         metadata: c.metadata.as_deref().cloned(),
         subprotocol: c.subprotocol.as_deref().map(str::to_owned),
-        compression: c.deflate,
+        compression: c.deflate(),
         connected_at: humantime::format_rfc3339_millis(c.connected_at).to_string(),
         messages_in: c.messages_in.load(Relaxed),
         messages_out: c.messages_out.load(Relaxed),
@@ -505,6 +518,8 @@ fn connection_info(s: &Commands, c: &Conn) -> ConnectionInfo {
         bytes_out: c.bytes_out.load(Relaxed),
         outbound_queued_bytes: c.queued_bytes() as u64,
         channels: s.channels.channels_of(c),
+        suspended: c.is_suspended(),
+        outbox_messages: c.outbox_len() as u64,
     }
 }
 
@@ -598,17 +613,30 @@ fn close_local(s: &Commands, c: CloseCommand) -> CommandReply {
         Ok(conn) => conn,
         Err(e) => return e.into(),
     };
+    let closing = || {
+        reply(
+            StatusCode::ACCEPTED,
+            &serde_json::json!({"status": "closing"}),
+        )
+    };
     match conn.request_close(CloseRequest {
         code,
-        reason,
+        reason: reason.clone(),
         by: ClosedBy::Origin,
         flush_first: true,
     }) {
-        Queued::Yes => reply(
-            StatusCode::ACCEPTED,
-            &serde_json::json!({"status": "closing"}),
-        ),
-        Queued::Closed => ApiError::not_found(&c.connection_id).into(),
+        Queued::Yes => closing(),
+        // A suspended session has no socket to close: it ends now.
+        Queued::Kept
+            if s.sessions.end_suspended(
+                &conn,
+                Ending::closed(code, &reason, ClosedBy::Origin),
+                "closed",
+            ) =>
+        {
+            closing()
+        }
+        Queued::Kept | Queued::Closed => ApiError::not_found(&c.connection_id).into(),
     }
 }
 

@@ -3,7 +3,7 @@
 //! the node holding their connection; `native` runs the commands of the
 //! native protocol `switchboard.v1`. Both act through [`Commands`], built
 //! with the handles they use: connections, channels, the origin and the
-//! cluster. Nothing here knows about sockets or HTTP.
+//! cluster, and sessions. Nothing here knows about sockets or HTTP.
 
 pub(crate) mod control;
 pub(crate) mod native;
@@ -16,6 +16,7 @@ use crate::lease::Lease;
 use crate::metrics::Metrics;
 use crate::origin::dispatcher::Dispatcher;
 use crate::origin::{Origin, OriginTransport};
+use crate::sessions::Sessions;
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, OnceLock};
 use switchboard_backend::Cluster;
@@ -32,6 +33,8 @@ pub(crate) struct Commands {
     pub(crate) registry: Arc<Registry>,
     pub(crate) channels: Arc<Channels>,
     pub(crate) origin: Arc<Origin>,
+    /// Native connections' sessions (suspended, resumed, ended).
+    pub(crate) sessions: Arc<Sessions>,
     pub(crate) metrics: Arc<Metrics>,
     /// The other nodes, once a cluster backend has joined.
     pub(crate) cluster: OnceLock<Arc<dyn Cluster>>,
@@ -73,8 +76,18 @@ impl Commands {
             registry: registry.clone(),
             give_up: CancellationToken::new(),
         });
+        let channels = Arc::new(Channels::new(&config));
+        let sessions = Arc::new(Sessions::new(
+            config.clone(),
+            node.clone(),
+            registry.clone(),
+            channels.clone(),
+            origin.clone(),
+            metrics.clone(),
+        ));
         Self {
-            channels: Arc::new(Channels::new(&config)),
+            channels,
+            sessions,
             config,
             node,
             auth,

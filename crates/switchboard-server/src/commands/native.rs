@@ -14,16 +14,37 @@ use crate::origin::ConnectDecision;
 use bytes::Bytes;
 use serde::Serialize;
 use std::sync::Arc;
-use switchboard_proto::native::{decode_command, CommandBody, ErrorCode, Push, StreamPosition};
+use switchboard_proto::native::{
+    decode_command, CommandBody, ErrorCode, Push, ResumeError, SessionChannel, StreamPosition,
+};
 use switchboard_proto::origin::{Event, OriginAnswer, Payload, PublishEvent, SubscribeEvent};
 
+/// How a native connection came to be, as its `connected` push says.
+#[derive(Debug)]
+pub(crate) enum Opened {
+    /// A new session; `refused` says why the resume asked for was not possible.
+    New { refused: Option<ResumeError> },
+    /// A resumed session, with its parked channels.
+    Resumed { channels: Vec<SessionChannel> },
+}
+
 /// The `connected` push every native connection gets first.
-pub(crate) fn connected_frame(s: &Commands, conn: &Conn) -> Bytes {
+pub(crate) fn connected_frame(s: &Commands, conn: &Conn, opened: Opened) -> Bytes {
+    let (resumed, resume_error, channels) = match opened {
+        Opened::New { refused } => (false, refused, Vec::new()),
+        Opened::Resumed { channels } => (true, None, channels),
+    };
+    let session = conn.session.is_some();
     push_frame(&Push::Connected {
         client: conn.id.to_string(),
         node: s.node.to_string(),
         version: 1,
         ping_interval_ms: s.config.ping_interval.as_millis() as u64,
+        session: session.then(|| s.sessions.token(&conn.id)),
+        session_ttl_ms: session.then(|| s.config.session_ttl.as_millis() as u64),
+        resumed,
+        resume_error,
+        channels,
     })
 }
 
@@ -186,6 +207,10 @@ pub(crate) fn handle(s: &Commands, conn: &Arc<Conn>, text: &[u8]) -> Outcome {
             Err(e) => Err(e),
         },
         CommandBody::Ping {} => Ok(Some(result_frame(id, &Empty {}))),
+        CommandBody::Ack { seq } => {
+            conn.ack(seq, m);
+            return Outcome::Done;
+        }
         CommandBody::Send { data } => return Outcome::ToOrigin { id, data },
         CommandBody::Authenticate { .. } => {
             m.native_error(ErrorCode::BadCommand);

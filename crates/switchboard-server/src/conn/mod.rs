@@ -116,12 +116,18 @@ impl Outgoing {
         &self.data
     }
 
+    /// A direct message (not a channel message or a protocol frame).
+    fn is_direct(&self) -> bool {
+        self.push_json.is_none()
+    }
+
     /// The frame for a connection of the given kind.
     fn frame_for(&self, native: bool, deflate: bool) -> Bytes {
         let encoded = if native {
             self.native.get_or_init(|| {
                 let json = self.push_json.clone().unwrap_or_else(|| {
                     let push = Push::Direct {
+                        seq: None,
                         data: self.data.clone(),
                     };
                     Bytes::from(serde_json::to_vec(&push).expect("pushes serialize"))
@@ -151,12 +157,66 @@ pub(crate) struct CloseRequest {
     pub(crate) flush_first: bool,
 }
 
+/// A session's direct messages, kept until the client acknowledges them
+/// so that a resume can send them again (native connections with sessions).
+#[derive(Debug, Default)]
+struct Outbox {
+    /// The sequence of the last direct message (0: none yet).
+    last_seq: u64,
+    /// Not acknowledged yet, oldest first: (sequence, uncompressed frame).
+    kept: VecDeque<(u64, Bytes)>,
+    kept_bytes: usize,
+    /// Messages up to this sequence were dropped unacknowledged, over the
+    /// outbox's bounds (0: none): a resume from before it is refused.
+    trimmed_through: u64,
+    /// The `seq` of the last `message` event sent to the origin, carried
+    /// from one socket to the next (event ids must not repeat).
+    origin_seq: u64,
+    /// Times the session was suspended.
+    suspensions: u32,
+    /// A direct message was refused while suspended, over the bounds: the
+    /// session is to end.
+    overflowed: bool,
+    /// When it was last suspended.
+    suspended_at: Option<std::time::Instant>,
+}
+
+/// A session's suspension, as [`Conn::suspend`] reports it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Suspension {
+    /// Direct messages kept.
+    pub(crate) kept: usize,
+    /// This is the session's `n`-th suspension.
+    pub(crate) n: u32,
+}
+
+/// A resumed session, as [`Conn::attach`] reports it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Attached {
+    /// The `seq` of the last `message` event sent to the origin.
+    pub(crate) origin_seq: u64,
+    /// The suspension it ends (the session's `n`-th).
+    pub(crate) n: u32,
+    /// How long it was suspended.
+    pub(crate) suspended_for: std::time::Duration,
+}
+
+/// What few connections need, boxed so the others pay a pointer.
+#[derive(Debug, Default)]
+struct Rare {
+    /// Set at most once in a connection's life.
+    close: Option<CloseRequest>,
+    /// The session has lost its socket: frames are dropped, direct
+    /// messages kept in the outbox.
+    suspended: bool,
+    outbox: Outbox,
+}
+
 #[derive(Debug, Default)]
 struct Outbound {
     frames: VecDeque<Bytes>,
     queued_bytes: usize,
-    /// Boxed: set at most once in a connection's life.
-    close: Option<Box<CloseRequest>>,
+    rare: Option<Box<Rare>>,
     /// A close frame is queued or the task has ended: nothing more is accepted.
     sealed: bool,
     /// The front frame is partly written to the socket.
@@ -170,6 +230,27 @@ struct Outbound {
 }
 
 impl Outbound {
+    fn closing(&self) -> bool {
+        self.rare.as_ref().is_some_and(|r| r.close.is_some())
+    }
+
+    fn suspended(&self) -> bool {
+        self.rare.as_ref().is_some_and(|r| r.suspended)
+    }
+
+    /// Nothing but direct messages of a suspended session is taken.
+    fn refuses(&self) -> bool {
+        self.sealed
+            || self
+                .rare
+                .as_ref()
+                .is_some_and(|r| r.close.is_some() || r.suspended)
+    }
+
+    fn rare(&mut self) -> &mut Rare {
+        self.rare.get_or_insert_with(Default::default)
+    }
+
     /// Drops the queued frames, except the rest of a partly written one:
     /// cutting a frame short would corrupt the stream (and hide the close
     /// frame that follows).
@@ -193,8 +274,33 @@ impl Outbound {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Queued {
     Yes,
-    /// The connection is closing or gone.
+    /// A direct message for a suspended session: kept in its outbox, sent
+    /// when the client resumes.
+    Kept,
+    /// The connection is closing or gone (or suspended, for anything but
+    /// a direct message).
     Closed,
+}
+
+/// Bounds of a session's outbox (`session-outbox-messages`,
+/// `session-outbox-bytes`).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct OutboxLimits {
+    pub(crate) messages: u32,
+    pub(crate) bytes: u32,
+}
+
+/// Why a session cannot be attached to a new socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum AttachError {
+    /// Its socket is still open (the resume must take it over first).
+    Attached,
+    /// It has ended.
+    Ended,
+    /// `received` is beyond the last direct message sent.
+    Ahead,
+    /// Messages after `received` were dropped unacknowledged.
+    Trimmed,
 }
 
 /// Where a frame joins the outbound queue, relative to frames held back
@@ -228,7 +334,10 @@ pub(crate) struct Conn {
     pub(crate) subprotocol: Option<Box<str>>,
     /// Speaks the native protocol (`switchboard.v1`).
     pub(crate) native: bool,
-    pub(crate) deflate: bool,
+    /// Its socket compresses (permessage-deflate); a resume may change it.
+    deflate: AtomicBool,
+    /// Outlives a lost socket (native, `session-ttl` above zero).
+    pub(crate) session: Option<OutboxLimits>,
     pub(crate) connected_at: SystemTime,
     pub(crate) messages_in: AtomicU64,
     pub(crate) messages_out: AtomicU64,
@@ -260,6 +369,7 @@ pub(crate) struct ConnInit {
     pub(crate) subprotocol: Option<String>,
     pub(crate) native: bool,
     pub(crate) deflate: bool,
+    pub(crate) session: Option<OutboxLimits>,
     pub(crate) max_outbound: usize,
 }
 
@@ -277,7 +387,8 @@ impl Conn {
             token_expires_ms: init.token_expires_ms.into(),
             subprotocol: init.subprotocol.map(Into::into),
             native: init.native,
-            deflate: init.deflate,
+            deflate: AtomicBool::new(init.deflate),
+            session: init.session.filter(|_| init.native),
             connected_at: SystemTime::now(),
             messages_in: AtomicU64::new(0),
             messages_out: AtomicU64::new(0),
@@ -310,7 +421,10 @@ impl Conn {
     }
 
     fn send_at(&self, msg: &Outgoing, place: Place, metrics: &Metrics) -> Queued {
-        let frame = msg.frame_for(self.native, self.deflate);
+        if let (Some(limits), true) = (self.session, msg.is_direct()) {
+            return self.send_direct(msg.data(), place, limits, metrics);
+        }
+        let frame = msg.frame_for(self.native, self.deflate());
         let r = self.push_at(frame, place, metrics);
         if r == Queued::Yes {
             self.messages_out.fetch_add(1, Relaxed);
@@ -325,9 +439,107 @@ impl Conn {
         self.push_at(frame, Place::Back, metrics)
     }
 
-    fn push_at(&self, frame: Bytes, place: Place, metrics: &Metrics) -> Queued {
+    /// Whether the socket compresses.
+    pub(crate) fn deflate(&self) -> bool {
+        self.deflate.load(Relaxed)
+    }
+
+    /// A direct message of a session: numbered, kept until acknowledged,
+    /// and queued unless the session is suspended.
+    fn send_direct(
+        &self,
+        data: &Payload,
+        place: Place,
+        limits: OutboxLimits,
+        metrics: &Metrics,
+    ) -> Queued {
         let mut out = self.out.lock();
-        if out.sealed || out.close.is_some() {
+        if out.sealed || out.closing() {
+            return Queued::Closed;
+        }
+        let suspended = out.suspended();
+        let outbox = &mut out.rare().outbox;
+        outbox.last_seq += 1;
+        let seq = outbox.last_seq;
+        let push = Push::Direct {
+            seq: Some(seq),
+            data: data.clone(),
+        };
+        let json = Bytes::from(serde_json::to_vec(&push).expect("pushes serialize"));
+        let plain = encode_frame_with(OpCode::Text, false, &json);
+        outbox.kept_bytes += plain.len();
+        outbox.kept.push_back((seq, plain.clone()));
+        metrics.session_outbox_messages.inc();
+        metrics.session_outbox_bytes.inc_by(plain.len() as i64);
+        let over = outbox.kept.len() > limits.messages as usize
+            || outbox.kept_bytes > limits.bytes as usize;
+        if suspended {
+            if over {
+                // Refused, and the session is to end: its client could not
+                // get everything back ([`Conn::overflowed`]).
+                let (_, frame) = outbox.kept.pop_back().expect("just pushed");
+                outbox.kept_bytes -= frame.len();
+                outbox.last_seq -= 1;
+                outbox.overflowed = true;
+                metrics.session_outbox_messages.dec();
+                metrics.session_outbox_bytes.dec_by(frame.len() as i64);
+                return Queued::Closed;
+            }
+            self.messages_out.fetch_add(1, Relaxed);
+            metrics.messages_out.inc();
+            return Queued::Kept;
+        }
+        if over {
+            // A connected client that does not acknowledge: its oldest
+            // messages are no longer kept, and a resume from before them
+            // is refused (`outbox_overflow`).
+            while outbox.kept.len() > limits.messages as usize
+                || outbox.kept_bytes > limits.bytes as usize
+            {
+                let Some((seq, frame)) = outbox.kept.pop_front() else {
+                    break;
+                };
+                outbox.kept_bytes -= frame.len();
+                outbox.trimmed_through = seq;
+                metrics.session_outbox_messages.dec();
+                metrics.session_outbox_bytes.dec_by(frame.len() as i64);
+                metrics.session_outbox_trimmed.inc();
+            }
+        }
+        let frame = if self.deflate() && json.len() >= DEFLATE_MIN_BYTES {
+            encode_frame_with(OpCode::Text, true, &deflate_message(&json))
+        } else {
+            plain
+        };
+        let r = self.push_locked(out, frame, place, metrics);
+        if r == Queued::Yes {
+            self.messages_out.fetch_add(1, Relaxed);
+            metrics.messages_out.inc();
+        }
+        r
+    }
+
+    /// The client has every direct message up to `seq`: they are no longer kept.
+    pub(crate) fn ack(&self, seq: u64, metrics: &Metrics) {
+        let mut out = self.out.lock();
+        if let Some(rare) = out.rare.as_mut() {
+            release_through(&mut rare.outbox, seq, metrics);
+        }
+    }
+
+    fn push_at(&self, frame: Bytes, place: Place, metrics: &Metrics) -> Queued {
+        let out = self.out.lock();
+        self.push_locked(out, frame, place, metrics)
+    }
+
+    fn push_locked(
+        &self,
+        mut out: MutexGuard<'_, Outbound>,
+        frame: Bytes,
+        place: Place,
+        metrics: &Metrics,
+    ) -> Queued {
+        if out.refuses() {
             return Queued::Closed;
         }
         // An empty queue always takes one frame, however large: a single big
@@ -398,7 +610,7 @@ impl Conn {
     /// Closes the connection as a slow consumer (4001) unless it is closing.
     pub(crate) fn close_slow_now(&self, metrics: &Metrics) {
         let out = self.out.lock();
-        if !(out.sealed || out.close.is_some()) {
+        if !out.refuses() {
             self.close_slow(out, metrics);
         }
     }
@@ -407,12 +619,12 @@ impl Conn {
     /// consumer (4001).
     fn close_slow(&self, mut out: MutexGuard<'_, Outbound>, metrics: &Metrics) -> Queued {
         out.discard();
-        out.close = Some(Box::new(CloseRequest {
+        out.rare().close = Some(CloseRequest {
             code: switchboard_proto::ws::close::SLOW_CONSUMER,
             reason: "slow consumer".into(),
             by: ClosedBy::Gateway,
             flush_first: false,
-        }));
+        });
         drop(out);
         metrics.slow_consumer_closes.inc();
         self.notify.notify_one();
@@ -428,11 +640,11 @@ impl Conn {
         metrics: &Metrics,
     ) -> Queued {
         let frames: Vec<Bytes> = msgs
-            .map(|m| m.frame_for(self.native, self.deflate))
+            .map(|m| m.frame_for(self.native, self.deflate()))
             .collect();
         let total: usize = frames.iter().map(Bytes::len).sum();
         let mut out = self.out.lock();
-        if out.sealed || out.close.is_some() {
+        if out.refuses() {
             return Queued::Closed;
         }
         if out.queued_bytes > 0 && out.queued_bytes + total > self.max_outbound {
@@ -468,7 +680,7 @@ impl Conn {
     ) -> Queued {
         {
             let mut out = self.out.lock();
-            if out.sealed || out.close.is_some() {
+            if out.refuses() {
                 return Queued::Closed;
             }
             if out.frames.is_empty() {
@@ -493,16 +705,21 @@ impl Conn {
         self.push_at(frame, Place::BeforeHeld, metrics)
     }
 
-    /// Asks the connection's task to close; the first request wins.
+    /// Asks the connection's task to close; the first request wins. A
+    /// suspended session has no task: `Queued::Kept` says so, and the
+    /// caller ends it ([`Conn::take_suspended`]).
     pub(crate) fn request_close(&self, req: CloseRequest) -> Queued {
         let mut out = self.out.lock();
-        if out.sealed || out.close.is_some() {
+        if out.sealed || out.closing() {
             return Queued::Closed;
+        }
+        if out.suspended() {
+            return Queued::Kept;
         }
         if !req.flush_first {
             out.discard();
         }
-        out.close = Some(Box::new(req));
+        out.rare().close = Some(req);
         drop(out);
         self.notify.notify_one();
         Queued::Yes
@@ -510,7 +727,116 @@ impl Conn {
 
     /// Takes a pending close request (the task calls this when woken).
     pub(crate) fn take_close(&self) -> Option<CloseRequest> {
-        self.out.lock().close.take().map(|c| *c)
+        self.out.lock().rare.as_mut().and_then(|r| r.close.take())
+    }
+
+    /// The socket is gone but the session lives on: queued frames are
+    /// dropped (direct messages stay in the outbox), and until a resume
+    /// only direct messages are taken. `origin_seq` is the last `message`
+    /// event's `seq`, for the next socket.
+    pub(crate) fn suspend(&self, origin_seq: u64) -> Suspension {
+        let mut out = self.out.lock();
+        out.sealed = false;
+        out.frames = VecDeque::new();
+        out.queued_bytes = 0;
+        out.held = 0;
+        out.holds = 0;
+        out.front_partial = false;
+        let rare = out.rare();
+        rare.close = None;
+        rare.suspended = true;
+        let outbox = &mut rare.outbox;
+        outbox.origin_seq = origin_seq;
+        outbox.suspensions += 1;
+        outbox.suspended_at = Some(std::time::Instant::now());
+        Suspension {
+            kept: outbox.kept.len(),
+            n: outbox.suspensions,
+        }
+    }
+
+    /// Whether the session is suspended (no socket).
+    pub(crate) fn is_suspended(&self) -> bool {
+        self.out.lock().suspended()
+    }
+
+    /// Takes a suspended session out of suspension to end it: `false` when
+    /// it is not suspended (resumed, or ended by someone else first).
+    pub(crate) fn take_suspended(&self) -> bool {
+        let mut out = self.out.lock();
+        if !out.suspended() || out.sealed {
+            return false;
+        }
+        out.rare().suspended = false;
+        out.sealed = true;
+        true
+    }
+
+    /// Gives a suspended session a new socket: the client has every direct
+    /// message up to `received`. `first` (the `connected` push) is queued,
+    /// then every direct message after `received`, in order; `deflate` is
+    /// the new socket's.
+    pub(crate) fn attach(
+        &self,
+        received: u64,
+        deflate: bool,
+        first: Bytes,
+        metrics: &Metrics,
+    ) -> Result<Attached, AttachError> {
+        let mut out = self.out.lock();
+        if out.sealed {
+            return Err(AttachError::Ended);
+        }
+        if !out.suspended() {
+            return Err(AttachError::Attached);
+        }
+        let outbox = &mut out.rare().outbox;
+        if received > outbox.last_seq {
+            return Err(AttachError::Ahead);
+        }
+        if received < outbox.trimmed_through {
+            return Err(AttachError::Trimmed);
+        }
+        release_through(outbox, received, metrics);
+        let mut frames = VecDeque::with_capacity(outbox.kept.len() + 1);
+        frames.push_back(first);
+        for (_, plain) in &outbox.kept {
+            frames.push_back(recompress(plain, deflate));
+        }
+        let attached = Attached {
+            origin_seq: outbox.origin_seq,
+            n: outbox.suspensions,
+            suspended_for: outbox
+                .suspended_at
+                .take()
+                .map(|at| at.elapsed())
+                .unwrap_or_default(),
+        };
+        self.deflate.store(deflate, Relaxed);
+        out.rare().suspended = false;
+        out.queued_bytes = frames.iter().map(Bytes::len).sum();
+        metrics.frames_out.inc_by(frames.len() as u64);
+        out.frames = frames;
+        Ok(attached)
+    }
+
+    /// Whether a direct message was refused while the session was
+    /// suspended, over its outbox's bounds (the session is to end).
+    pub(crate) fn overflowed(&self) -> bool {
+        self.out
+            .lock()
+            .rare
+            .as_ref()
+            .is_some_and(|r| r.outbox.overflowed)
+    }
+
+    /// Direct messages kept for the session (not acknowledged yet).
+    pub(crate) fn outbox_len(&self) -> usize {
+        self.out
+            .lock()
+            .rare
+            .as_ref()
+            .map_or(0, |r| r.outbox.kept.len())
     }
 
     /// Queues the final frame (a close frame) past any bound; nothing is
@@ -527,11 +853,14 @@ impl Conn {
         out.frames.push_back(frame);
     }
 
-    /// Marks the connection finished: later sends are refused and the queue freed.
-    pub(crate) fn finish(&self) {
+    /// Marks the connection finished: later sends are refused and the
+    /// queue and outbox freed.
+    pub(crate) fn finish(&self, metrics: &Metrics) {
         let mut out = self.out.lock();
         out.sealed = true;
-        out.close = None;
+        if let Some(rare) = out.rare.take() {
+            release_through(&mut { rare }.outbox, u64::MAX, metrics);
+        }
         out.frames = VecDeque::new();
         out.queued_bytes = 0;
         out.held = 0;
@@ -592,6 +921,36 @@ impl Conn {
                 }
             }
         }
+    }
+}
+
+/// Stops keeping the outbox's messages up to `seq`.
+fn release_through(outbox: &mut Outbox, seq: u64, metrics: &Metrics) {
+    while outbox.kept.front().is_some_and(|(s, _)| *s <= seq) {
+        let (_, frame) = outbox.kept.pop_front().expect("front exists");
+        outbox.kept_bytes -= frame.len();
+        metrics.session_outbox_messages.dec();
+        metrics.session_outbox_bytes.dec_by(frame.len() as i64);
+    }
+    if outbox.kept.is_empty() && outbox.kept.capacity() > 4 {
+        outbox.kept = VecDeque::new();
+    }
+}
+
+/// A kept (uncompressed) text frame for a socket with or without
+/// permessage-deflate.
+fn recompress(plain: &Bytes, deflate: bool) -> Bytes {
+    // The header is 2, 4 or 10 bytes (server frames are not masked).
+    let header = match plain[1] & 0x7f {
+        126 => 4,
+        127 => 10,
+        _ => 2,
+    };
+    let payload = &plain[header..];
+    if deflate && payload.len() >= DEFLATE_MIN_BYTES {
+        encode_frame_with(OpCode::Text, true, &deflate_message(payload))
+    } else {
+        plain.clone()
     }
 }
 

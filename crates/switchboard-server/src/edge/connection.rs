@@ -15,16 +15,16 @@ use crate::conn::Conn;
 use crate::edge::pool;
 use crate::frames;
 use crate::origin::ask::event_id;
+use crate::sessions::{Ending, TAKEN_OVER};
 use bytes::{Bytes, BytesMut};
 use std::io;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
 use switchboard_proto::native::{decode_command, ErrorCode, Push};
-use switchboard_proto::origin::{ClosedBy, DisconnectEvent, Event, MessageEvent, Payload};
+use switchboard_proto::origin::{ClosedBy, Event, MessageEvent, Payload};
 use switchboard_proto::ws::frame::{encode_close, encode_frame, OpCode};
 use switchboard_proto::ws::{close, Decoder, Message};
-use switchboard_proto::ConnectionId;
 use tokio::io::Interest;
 use tokio::time::Instant;
 
@@ -38,22 +38,18 @@ const READ_BUDGET: usize = 256 << 10;
 /// A ping with an empty payload.
 static PING: Bytes = Bytes::from_static(&[0x89, 0x00]);
 
-/// How a connection ended, as reported in `disconnect`.
-#[derive(Debug, Clone)]
-pub(crate) struct Ending {
-    code: u16,
-    reason: String,
-    by: ClosedBy,
-}
-
-/// Sends the connection's single `disconnect` event when dropped, whatever
-/// ended the task (a normal close, an error, a panic, the runtime shutting down).
+/// Reports the connection's end to its session when dropped, whatever
+/// ended the task (a normal close, an error, a panic, the runtime shutting
+/// down): a lost socket suspends a session, anything else ends it with its
+/// one `disconnect` event.
 #[derive(Debug)]
 pub(crate) struct DisconnectGuard {
     shared: Arc<Edge>,
     conn: Arc<Conn>,
     /// How the connection ended; boxed, as it is set only at the very end.
     ending: Option<Box<Ending>>,
+    /// The `seq` of the last `message` event, for a resumed session's next socket.
+    origin_seq: u64,
 }
 
 impl DisconnectGuard {
@@ -62,6 +58,7 @@ impl DisconnectGuard {
             shared,
             conn,
             ending: None,
+            origin_seq: 0,
         }
     }
 
@@ -70,95 +67,29 @@ impl DisconnectGuard {
         &self.conn
     }
 
-    /// Records how the connection ended and sends the event.
-    pub(crate) fn finish(mut self, code: u16, reason: &str, by: ClosedBy) {
-        self.ending = Some(Box::new(Ending {
-            code,
-            reason: reason.to_owned(),
-            by,
-        }));
+    /// Records how the connection ended and reports it.
+    pub(crate) fn finish(mut self, ending: Ending, origin_seq: u64) {
+        self.ending = Some(Box::new(ending));
+        self.origin_seq = origin_seq;
     }
 }
 
 impl Drop for DisconnectGuard {
     fn drop(&mut self) {
-        let ending = self.ending.take().map(|e| *e).unwrap_or(Ending {
-            code: close::ABNORMAL,
-            reason: "connection task ended unexpectedly".into(),
-            by: ClosedBy::Gateway,
-        });
-        let s = &self.shared;
-        let c = &self.conn;
+        let ending = self.ending.take().map(|e| *e).unwrap_or(Ending::closed(
+            close::ABNORMAL,
+            "connection task ended unexpectedly",
+            ClosedBy::Gateway,
+        ));
         // Read before leaving the registry, which a fence waits to see empty:
         // a connection closed by a fence sends no `disconnect` (the origin
         // has retired it with `node_down`).
-        let fenced = s.origin.lease.is_fencing();
-        s.registry.remove(&c.key);
-        c.finish();
-        s.channels.unsubscribe_all(c, &s.metrics);
-        s.metrics.connections.dec();
-        let by = match ending.by {
-            ClosedBy::Client => "client",
-            ClosedBy::Network => "network",
-            ClosedBy::Gateway => "gateway",
-            ClosedBy::Origin => "origin",
-        };
-        s.metrics
-            .disconnects
-            .get_or_create(&crate::metrics::ClosedByLabel { closed_by: by })
-            .inc();
-        if fenced {
-            s.metrics.fenced_events.inc();
-            return;
-        }
-        enqueue_disconnect(
-            s,
-            DisconnectEvent {
-                id: event_id::disconnect(&c.id),
-                connection_id: c.id.to_string(),
-                node: s.node.to_string(),
-                timestamp_ms: now_ms(),
-                user_id: c.user_id.as_deref().map(str::to_owned),
-                code: ending.code,
-                reason: ending.reason,
-                closed_by: ending.by,
-                duration_ms: c.connected_at.elapsed().unwrap_or_default().as_millis() as u64,
-                messages_in: c.messages_in.load(Relaxed),
-                messages_out: c.messages_out.load(Relaxed),
-            },
-        );
+        let fenced = self.shared.origin.lease.is_fencing();
+        self.shared
+            .commands
+            .sessions
+            .lost(&self.conn, ending, self.origin_seq, fenced);
     }
-}
-
-/// Queues a `disconnect`; reliable, so never refused.
-fn enqueue_disconnect(s: &Edge, event: DisconnectEvent) {
-    let key = ConnectionId::parse(&event.connection_id)
-        .map(|id| id.key())
-        .unwrap_or_default();
-    let json = serde_json::to_vec(&Event::Disconnect(event)).expect("events serialize");
-    let _ = s.origin.dispatcher.enqueue(&key, json.into(), None, true);
-}
-
-/// The `disconnect` of a connection whose `connect` the origin may have taken
-/// as accepted although the client was refused (its answer was unreadable or
-/// came too late), so the origin can forget it.
-pub(crate) fn void_disconnect(s: &Edge, id: &ConnectionId, reason: &str) {
-    enqueue_disconnect(
-        s,
-        DisconnectEvent {
-            id: event_id::disconnect(id),
-            connection_id: id.to_string(),
-            node: s.node.to_string(),
-            timestamp_ms: now_ms(),
-            user_id: None,
-            code: close::INTERNAL_ERROR,
-            reason: reason.to_owned(),
-            closed_by: ClosedBy::Gateway,
-            duration_ms: 0,
-            messages_in: 0,
-            messages_out: 0,
-        },
-    );
 }
 
 enum Phase {
@@ -219,6 +150,7 @@ pub(crate) fn run(
     leftover: Option<BytesMut>,
     decoder: Decoder,
     socket: SocketGuard,
+    origin_seq: u64,
 ) -> impl std::future::Future<Output = ()> + Send {
     let config = &guard.shared.config;
     let now = Instant::now();
@@ -228,7 +160,7 @@ pub(crate) fn run(
         guard,
         stream,
         rbuf: leftover.map(Box::new),
-        seq: 0,
+        seq: origin_seq,
         phase: Phase::Open {
             awaiting_pong: false,
         },
@@ -239,10 +171,12 @@ pub(crate) fn run(
         let ending = task.drive().await;
         // The socket closes and its slot is free before the guard queues the
         // `disconnect`: an origin that hears of it can count on the room.
-        let Task { guard, stream, .. } = task;
+        let Task {
+            guard, stream, seq, ..
+        } = task;
         drop(stream);
         drop(socket);
-        guard.finish(ending.code, &ending.reason, ending.by);
+        guard.finish(ending, seq);
     }
 }
 
@@ -261,6 +195,12 @@ impl Task {
         loop {
             if let Phase::Open { .. } = self.phase {
                 if let Some(req) = self.guard.conn.take_close() {
+                    if req.code == TAKEN_OVER {
+                        // The session is resuming on a new socket: this one
+                        // goes now, with a close frame if it takes one.
+                        let _ = self.stream.try_write(&encode_close(req.code, &req.reason));
+                        return Ending::closed(req.code, &req.reason, req.by);
+                    }
                     self.start_close(req.code, &req.reason, req.by);
                 }
             }
@@ -270,14 +210,14 @@ impl Task {
                 .flush(&self.stream, &self.guard.shared.metrics)
             {
                 Ok(d) => d,
-                Err(_) => return self.end_or(close::ABNORMAL, "write failed", ClosedBy::Network),
+                Err(_) => return self.end_or(Ending::lost("write failed")),
             };
             if let Phase::Closing {
                 peer_closed: true, ..
             } = self.phase
             {
                 if drained {
-                    return self.end_or(close::NORMAL, "", ClosedBy::Client);
+                    return self.end_or(Ending::closed(close::NORMAL, "", ClosedBy::Client));
                 }
             }
             let deadline = self.next_deadline();
@@ -296,11 +236,11 @@ impl Task {
                 ready = self.stream.ready(interest) => {
                     let ready = match ready {
                         Ok(r) => r,
-                        Err(_) => return self.end_or(close::ABNORMAL, "socket error", ClosedBy::Network),
+                        Err(_) => return self.end_or(Ending::lost("socket error")),
                     };
                     if ready.is_error() {
                         // Only asked for while paused (an RST, say).
-                        return self.end_or(close::ABNORMAL, "socket error", ClosedBy::Network);
+                        return self.end_or(Ending::lost("socket error"));
                     }
                     let reading = self.paused().is_none();
                     if reading && (ready.is_readable() || ready.is_read_closed()) {
@@ -388,11 +328,11 @@ impl Task {
         }
         if let Phase::Closing { deadline, .. } = self.phase {
             return (now >= deadline).then(|| {
-                self.end_or(
+                self.end_or(Ending::closed(
                     close::ABNORMAL,
                     "closing handshake timed out",
                     ClosedBy::Gateway,
-                )
+                ))
             });
         }
         let awaiting_pong = matches!(
@@ -408,6 +348,7 @@ impl Task {
                 code: close::ABNORMAL,
                 reason: "pong timeout".into(),
                 by: ClosedBy::Gateway,
+                resumable: true,
             });
         }
         if let Some(idle) = self.guard.shared.config.idle_timeout {
@@ -469,25 +410,19 @@ impl Task {
             self.guard.shared.metrics.backlog_closes.inc();
         }
         self.guard.conn.seal_with(encode_close(code, reason));
-        self.guard.ending.get_or_insert_with(|| {
-            Box::new(Ending {
-                code,
-                reason: reason.to_owned(),
-                by,
-            })
-        });
+        self.guard
+            .ending
+            .get_or_insert_with(|| Box::new(Ending::closed(code, reason, by)));
         self.phase = Phase::Closing {
             peer_closed: false,
             deadline: Instant::now() + CLOSE_TIMEOUT,
         };
     }
 
-    fn end_or(&mut self, code: u16, reason: &str, by: ClosedBy) -> Ending {
-        self.guard.ending.take().map(|e| *e).unwrap_or(Ending {
-            code,
-            reason: reason.to_owned(),
-            by,
-        })
+    /// The ending already recorded (a closing handshake under way), or
+    /// else `ending`.
+    fn end_or(&mut self, ending: Ending) -> Ending {
+        self.guard.ending.take().map(|e| *e).unwrap_or(ending)
     }
 
     /// Reads what the socket has (up to a budget) and handles every complete message.
@@ -500,11 +435,7 @@ impl Task {
             }
             match self.stream.try_read_buf(&mut buf) {
                 Ok(0) => {
-                    break Err(self.end_or(
-                        close::ABNORMAL,
-                        "connection closed without a close frame",
-                        ClosedBy::Network,
-                    ))
+                    break Err(self.end_or(Ending::lost("connection closed without a close frame")))
                 }
                 Ok(n) => {
                     total += n;
@@ -518,9 +449,7 @@ impl Task {
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break Ok(()),
-                Err(_) => {
-                    break Err(self.end_or(close::ABNORMAL, "read failed", ClosedBy::Network))
-                }
+                Err(_) => break Err(self.end_or(Ending::lost("read failed"))),
             }
         };
         self.park(buf);
@@ -661,11 +590,11 @@ impl Task {
                         None => encode_frame(OpCode::Close, &[]),
                     };
                     self.guard.conn.seal_with(echo);
-                    self.guard.ending = Some(Box::new(Ending {
-                        code: code.unwrap_or(close::NO_STATUS),
-                        reason,
-                        by: ClosedBy::Client,
-                    }));
+                    self.guard.ending = Some(Box::new(Ending::closed(
+                        code.unwrap_or(close::NO_STATUS),
+                        &reason,
+                        ClosedBy::Client,
+                    )));
                     self.phase = Phase::Closing {
                         peer_closed: true,
                         deadline: Instant::now() + CLOSE_TIMEOUT,
@@ -867,6 +796,7 @@ mod tests {
             subprotocol: None,
             native: false,
             deflate: false,
+            session: None,
             max_outbound: 1024,
         }));
         let (socket, _) = shared.track_socket(remote.ip());
@@ -877,6 +807,7 @@ mod tests {
             None,
             Decoder::new(1 << 20, None),
             socket,
+            0,
         );
         let size = std::mem::size_of_val(&fut);
         eprintln!("connection future: {size} bytes");

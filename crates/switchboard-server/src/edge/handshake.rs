@@ -157,6 +157,7 @@ pub(crate) async fn handle(
         conn,
         response,
         deflate,
+        origin_seq,
     } = match result {
         Ok(accepted) => accepted,
         Err(r) => return answer_refusal(&shared, &mut stream, r, deadline).await,
@@ -169,15 +170,16 @@ pub(crate) async fn handle(
         Ok(Ok(())) => {}
         _ => {
             disconnect.finish(
-                close::ABNORMAL,
-                "connection lost during handshake",
-                ClosedBy::Network,
+                crate::sessions::Ending::lost("connection lost during handshake"),
+                origin_seq,
             );
             return;
         }
     }
     let decoder = Decoder::new(shared.config.max_message_size, deflate);
-    start(&shared, stream, disconnect, buf, decoder, socket);
+    start(
+        &shared, stream, disconnect, buf, decoder, socket, origin_seq,
+    );
 }
 
 /// Starts the task of an accepted connection, whose 101 is sent: `buf`
@@ -189,6 +191,7 @@ fn start(
     buf: BytesMut,
     decoder: Decoder,
     socket: SocketGuard,
+    origin_seq: u64,
 ) {
     if shared.commands.draining.load(Relaxed) {
         disconnect.conn().request_close(CloseRequest {
@@ -207,7 +210,7 @@ fn start(
     // A task of its own, so the connection holds none of the handshake's
     // state while it lives.
     shared.conn_tasks.spawn(connection::run(
-        stream, disconnect, leftover, decoder, socket,
+        stream, disconnect, leftover, decoder, socket, origin_seq,
     ));
 }
 
@@ -322,7 +325,7 @@ async fn first_command(shared: Arc<Edge>, p: Pending, opening: Opening) {
         crate::frames::result_frame(id, &Authenticated { expires_at_ms }),
         &shared.metrics,
     );
-    start(&shared, stream, disconnect, buf, decoder, socket);
+    start(&shared, stream, disconnect, buf, decoder, socket, 0);
 }
 
 /// Most bytes a client may send before its `authenticate` command is
@@ -534,6 +537,8 @@ struct Accepted {
     conn: Arc<Conn>,
     response: Vec<u8>,
     deflate: Option<DeflateParams>,
+    /// The last `message` event's `seq` (a resumed session's).
+    origin_seq: u64,
 }
 
 /// A valid upgrade the node can take, before the client's identity is known.
@@ -544,6 +549,9 @@ struct Opening {
     is_native: bool,
     /// permessage-deflate, if offered and enabled.
     deflate: Option<DeflateParams>,
+    /// Why the session the client asked to resume could not be: its
+    /// `connected` push says so.
+    refused: Option<native::ResumeError>,
 }
 
 impl Opening {
@@ -571,13 +579,19 @@ async fn decide(
     remote: SocketAddr,
     deadline: tokio::time::Instant,
 ) -> Result<Decision, Refusal> {
-    let opening = open(shared, req)?;
+    let mut opening = open(shared, req)?;
     let cookies = parse_cookies(req);
     let identity = match &shared.commands.auth {
         None => None,
         Some(auth) => {
             match tokio::time::timeout_at(deadline, auth.authenticate(req, &cookies)).await {
                 Ok(Ok(identity)) => identity,
+                Ok(Err(crate::admission::tokens::AuthError::Missing(_)))
+                    if opening.is_native && query_param(&req.query, "resume").is_some() =>
+                {
+                    // The resume token stands for the session's identity.
+                    None
+                }
                 Ok(Err(crate::admission::tokens::AuthError::Missing(_))) if opening.is_native => {
                     return Ok(Decision::FirstCommand(opening));
                 }
@@ -602,9 +616,104 @@ async fn decide(
             }
         }
     };
+    if let (true, Some(token)) = (opening.is_native, query_param(&req.query, "resume")) {
+        match resume(
+            shared,
+            req,
+            remote,
+            deadline,
+            &opening,
+            token,
+            identity.as_ref(),
+        )
+        .await
+        {
+            Ok(accepted) => return Ok(Decision::Accepted(accepted)),
+            Err(refused) => {
+                if identity.is_none() && shared.commands.auth.is_some() {
+                    // A new session needs a token like any connection.
+                    return Ok(Decision::FirstCommand(Opening {
+                        refused: Some(refused),
+                        ..opening
+                    }));
+                }
+                opening.refused = Some(refused);
+            }
+        }
+    }
     admit(shared, req, remote, deadline, opening, cookies, identity)
         .await
         .map(Decision::Accepted)
+}
+
+/// The value of a query parameter (as sent: resume tokens and numbers
+/// need no decoding).
+fn query_param<'a>(query: &'a str, name: &str) -> Option<&'a str> {
+    query.split('&').find_map(|pair| {
+        pair.strip_prefix(name)
+            .and_then(|rest| rest.strip_prefix('='))
+    })
+}
+
+/// Resumes the session named by `token` (`?resume=`) on this socket: no
+/// `connect` is asked; the client gets its session back with the direct
+/// messages after `?received=`.
+async fn resume(
+    shared: &Arc<Edge>,
+    req: &Request,
+    remote: SocketAddr,
+    deadline: tokio::time::Instant,
+    opening: &Opening,
+    token: &str,
+    identity: Option<&crate::admission::tokens::Identity>,
+) -> Result<Accepted, native::ResumeError> {
+    let received = match query_param(&req.query, "received").map(str::parse::<u64>) {
+        None => 0,
+        Some(Ok(n)) => n,
+        Some(Err(_)) => {
+            return Err(native::ResumeError {
+                code: native::ResumeCode::SessionInvalid,
+                message: "received must be a direct message sequence (a whole number)".into(),
+            })
+        }
+    };
+    let commands = &shared.commands;
+    let deflate = opening.deflate.is_some_and(|d| d.compresses_outbound());
+    let (conn, attached) = commands
+        .sessions
+        .resume(
+            token,
+            received,
+            identity.and_then(|i| i.user.as_deref()),
+            deflate,
+            deadline,
+            |conn, channels| {
+                crate::commands::native::connected_frame(
+                    commands,
+                    conn,
+                    crate::commands::native::Opened::Resumed { channels },
+                )
+            },
+        )
+        .await?;
+    if let Some(identity) = identity {
+        // A fresh token replaces the session's, as a `refresh` would.
+        *conn.token.lock() = Some(Box::new(identity.state()));
+        if conn.token_expires_ms.load(Relaxed) != 0 {
+            let exp = identity.expires_at_ms().unwrap_or(0);
+            conn.token_expires_ms.store(exp, Relaxed);
+        }
+    }
+    commands
+        .sessions
+        .resumed(&conn, &attached, &remote.to_string());
+    tracing::debug!(connection = %conn.id, %remote, received, "session resumed");
+    Ok(Accepted {
+        response: opening.response(),
+        conn,
+        deflate: opening.deflate,
+        origin_seq: attached.origin_seq,
+    })
 }
 
 /// Checks the upgrade request and the node's state, and picks the
@@ -702,6 +811,7 @@ fn open(shared: &Edge, req: &Request) -> Result<Opening, Refusal> {
         subprotocol,
         is_native,
         deflate,
+        refused: None,
     })
 }
 
@@ -722,9 +832,11 @@ async fn admit(
         subprotocol,
         is_native,
         deflate,
+        ..
     } = &opening;
     let is_native = *is_native;
     let deflate = *deflate;
+    let refused = opening.refused.clone();
     // Counted from here to the connection's end; a refusal below frees it.
     let user_slot = match (
         &shared.user_counts,
@@ -814,7 +926,7 @@ async fn admit(
                     | AskError::Failed(OriginError::BadAnswer(_) | OriginError::Timeout)
             ) {
                 // The origin may have taken it as accepted.
-                connection::void_disconnect(shared, &id, &why);
+                shared.commands.sessions.void_disconnect(&id, &why);
             }
             return Err(refuse(
                 503,
@@ -846,12 +958,17 @@ async fn admit(
         native: is_native,
         // Outbound compression: off when the client limited the server window.
         deflate: deflate.is_some_and(|d| d.compresses_outbound()),
+        session: shared.commands.sessions.limits(),
         max_outbound: cfg.max_outbound_bytes,
     }));
     if is_native {
         // First, before anything else can be queued.
         conn.push(
-            crate::commands::native::connected_frame(&shared.commands, &conn),
+            crate::commands::native::connected_frame(
+                &shared.commands,
+                &conn,
+                crate::commands::native::Opened::New { refused },
+            ),
             &shared.metrics,
         );
     }
@@ -874,6 +991,7 @@ async fn admit(
         response: opening.response(),
         conn,
         deflate,
+        origin_seq: 0,
     })
 }
 

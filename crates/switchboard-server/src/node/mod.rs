@@ -286,6 +286,10 @@ impl Gateway {
         let started = Instant::now();
         let deadline = tokio::time::Instant::now() + shared.config.drain_timeout;
         shared.commands.draining.store(true, Relaxed);
+        // Sessions die with the node: lost sockets end theirs from now on,
+        // and the suspended ones end now (each with its `disconnect`).
+        shared.commands.sessions.close();
+        shared.commands.sessions.end_all();
         drop(client);
         tracing::info!(connections = shared.registry.len(), "draining");
         let closed = close_spread(&shared, deadline).await;
@@ -376,6 +380,7 @@ async fn sweep_loop(shared: Arc<Edge>, stop: CancellationToken) {
         tokio::select! {
             _ = tick.tick() => {
                 shared.channels.sweep(&shared.metrics);
+                shared.commands.sessions.expire(std::time::Instant::now());
                 if let Some(rate) = &shared.handshake_rate {
                     rate.sweep(std::time::Instant::now());
                 }
@@ -402,6 +407,7 @@ async fn keepalive_loop(shared: Arc<Edge>, stop: CancellationToken) {
         round += 1;
         let mut ids = Vec::with_capacity(shared.registry.len());
         shared.registry.for_each_id(|id| ids.push(id.to_string()));
+        let suspended = shared.commands.sessions.suspended_ids();
         // A node with no connections says so too (one empty list), so an
         // origin repairing drift from keepalives learns "none here".
         let chunks: Vec<&[String]> = if ids.is_empty() {
@@ -421,6 +427,11 @@ async fn keepalive_loop(shared: Arc<Edge>, stop: CancellationToken) {
                 node: shared.node.to_string(),
                 timestamp_ms: now_ms(),
                 connection_ids: chunk.to_vec(),
+                suspended: chunk
+                    .iter()
+                    .filter(|id| suspended.contains(id.as_str()))
+                    .cloned()
+                    .collect(),
             });
             let json = serde_json::to_vec(&event).expect("events serialize");
             let body = dispatcher::batch_body([&json[..]]);

@@ -76,6 +76,12 @@ pub(crate) mod event_id {
         format!("{conn}:disconnect")
     }
 
+    /// `<connection>:suspend:<n>` and `<connection>:resume:<n>`: the
+    /// session's `n`-th suspension and its resume.
+    pub(crate) fn session(conn: &impl Display, kind: &str, n: u32) -> String {
+        format!("{conn}:{kind}:{n}")
+    }
+
     /// `<connection>:<seq>`: the connection's `seq`-th message.
     pub(crate) fn message(conn: &impl Display, seq: u64) -> String {
         format!("{conn}:{seq}")
