@@ -235,11 +235,12 @@ async fn native_session_with_presence_history_and_client_publish() {
     b.quiet().await;
     assert_eq!(b.ok(json!({"cmd": "ping"})).await, json!({}));
 
-    // A client that goes away leaves presence.
+    // A client that closes leaves presence (one whose socket is merely
+    // lost stays, suspended: tests/sessions.rs).
     b.ok(json!({"cmd": "subscribe", "channel": "chat:room"}))
         .await;
     assert_eq!(a.push().await["push"], "join");
-    drop(b);
+    b.ws.close(None).await.expect("close");
     let leave = a.push().await;
     assert_eq!(leave["push"], "leave");
     let api = gw.get("/v1/channels/chat:room/presence").await.json();
@@ -554,7 +555,10 @@ async fn server_side_subscriptions_reach_native_and_raw_connections() {
 
     // Direct messages reach a native connection as pushes.
     assert_eq!(gw.push_text(&n.client, "direct!").await, 200);
-    assert_eq!(n.push().await, json!({"push": "direct", "text": "direct!"}));
+    assert_eq!(
+        n.push().await,
+        json!({"push": "direct", "seq": 1, "text": "direct!"})
+    );
 
     let gone = gw
         .call(gw.request(
