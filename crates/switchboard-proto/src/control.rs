@@ -163,6 +163,10 @@ pub struct Stats {
     /// Subscriptions of this node's connections.
     #[serde(default)]
     pub subscriptions: u64,
+    /// Native sessions whose connection was lost, waiting for their client
+    /// to resume (not counted in `connections`).
+    #[serde(default)]
+    pub sessions_suspended: u64,
 }
 
 /// Every error answer: a stable machine `code` and a human `message`.

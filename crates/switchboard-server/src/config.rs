@@ -374,6 +374,15 @@ impl Config {
                 return Err(bad(field, "must be greater than 0"));
             }
         }
+        if self.session_outbox_messages > u32::from(u16::MAX) {
+            return Err(bad("session-outbox-messages", "must be at most 65535"));
+        }
+        if self.session_outbox_bytes > 64 << 20 {
+            return Err(bad(
+                "session-outbox-bytes",
+                "must be at most 67108864 (64 MiB)",
+            ));
+        }
         if self.max_header_bytes < 256 {
             return Err(bad("max-header-bytes", "must be at least 256"));
         }

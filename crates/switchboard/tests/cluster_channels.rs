@@ -1162,7 +1162,7 @@ async fn presence_joins_and_leaves_span_the_cluster_and_a_killed_node_leaves_no_
         "native presence on b: {p}"
     );
 
-    // b1 unsubscribes, a2's socket goes away: everyone left hears it.
+    // b1 unsubscribes, a2 closes: everyone left hears it.
     b1.ok(json!({"cmd": "unsubscribe", "channel": ch})).await;
     for n in [&mut a1, &mut a2, &mut c1, &mut c2] {
         let left = n.presence_pushes("leave", ch, &[&b1.client]).await;
@@ -1172,7 +1172,7 @@ async fn presence_joins_and_leaves_span_the_cluster_and_a_killed_node_leaves_no_
         );
     }
     let a2_id = a2.client.clone();
-    drop(a2);
+    a2.ws.close(None).await.expect("close");
     for n in [&mut a1, &mut c1, &mut c2] {
         n.presence_pushes("leave", ch, &[&a2_id]).await;
     }

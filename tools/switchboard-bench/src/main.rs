@@ -13,7 +13,9 @@
 //!   nchan, see `compare/nchan.sh`): single messages until all have them,
 //!   then a sustained rate;
 //! * [`crossnode`]: control API commands through one node of a NATS cluster
-//!   to clients on the others, beside the same on a single node.
+//!   to clients on the others, beside the same on a single node;
+//! * [`sessions`]: the memory of suspended sessions (empty, and with
+//!   messages waiting) and the time a resume takes.
 //!
 //! Clients run in worker processes of this binary ([`engine`]); the servers
 //! are started by [`servers`]; [`measure`] reads `/proc` and keeps the
@@ -26,6 +28,7 @@ mod fanout;
 mod idle;
 mod measure;
 mod servers;
+mod sessions;
 
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
@@ -55,6 +58,8 @@ enum Command {
     Fanout(fanout::Args),
     /// Control API commands through one node to clients on other nodes.
     CrossNode(crossnode::Args),
+    /// Suspended sessions: memory per session and resume latency.
+    Sessions(sessions::Args),
     /// Child role: a shard of clients (see the engine module).
     #[command(hide = true)]
     Worker {
@@ -157,6 +162,7 @@ fn main() -> ExitCode {
                         Command::Echo(a) => echo::run(&cli.opts, a).await,
                         Command::Fanout(a) => fanout::run(&cli.opts, a).await,
                         Command::CrossNode(a) => crossnode::run(&cli.opts, a).await,
+                        Command::Sessions(a) => sessions::run(&cli.opts, a).await,
                         Command::Worker { .. } | Command::Acceptor { .. } => unreachable!(),
                     }
                 })
@@ -202,6 +208,7 @@ mod tests {
                 "http://127.0.0.1:2/pub",
             ],
             &["b", "cross-node", "--rate", "1000"],
+            &["b", "sessions", "--sessions", "100", "--messages", "10"],
             &["b", "acceptor", "3"],
         ] {
             Cli::try_parse_from(argv).unwrap_or_else(|e| panic!("{argv:?}: {e}"));

@@ -642,9 +642,10 @@ fn close_local(s: &Commands, c: CloseCommand) -> CommandReply {
 
 pub(crate) fn stats_local(s: &Commands) -> Stats {
     let m = &s.metrics;
+    let suspended = s.sessions.suspended_count();
     Stats {
         node: s.node.to_string(),
-        connections: s.registry.len() as u64,
+        connections: s.registry.len().saturating_sub(suspended) as u64,
         connections_total: m.connections_total.get(),
         handshakes_rejected_total: m.handshakes_rejected.get(),
         messages_in_total: m.messages_in.get(),
@@ -658,6 +659,7 @@ pub(crate) fn stats_local(s: &Commands) -> Stats {
         origin_request_microseconds_total: m.origin_request_micros.get(),
         channels: u64::try_from(m.channels.get()).unwrap_or(0),
         subscriptions: u64::try_from(m.subscriptions.get()).unwrap_or(0),
+        sessions_suspended: suspended as u64,
     }
 }
 

@@ -283,11 +283,28 @@ pub(crate) enum Queued {
 }
 
 /// Bounds of a session's outbox (`session-outbox-messages`,
-/// `session-outbox-bytes`).
+/// `session-outbox-bytes`), packed into four bytes: every connection holds
+/// them, and they fit what its flags leave of a word.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct OutboxLimits {
-    pub(crate) messages: u32,
-    pub(crate) bytes: u32,
+    messages: std::num::NonZeroU16,
+    /// In KiB.
+    kib: std::num::NonZeroU16,
+}
+
+impl OutboxLimits {
+    /// Bounds of `messages` and `bytes` (rounded up to KiB); `None` when
+    /// either is 0 or too large (the configuration's checks refuse that).
+    pub(crate) fn new(messages: u32, bytes: u32) -> Option<Self> {
+        Some(Self {
+            messages: u16::try_from(messages).ok()?.try_into().ok()?,
+            kib: u16::try_from(bytes.div_ceil(1024)).ok()?.try_into().ok()?,
+        })
+    }
+
+    fn over(self, messages: usize, bytes: usize) -> bool {
+        messages > usize::from(self.messages.get()) || bytes > usize::from(self.kib.get()) << 10
+    }
 }
 
 /// Why a session cannot be attached to a new socket.
@@ -461,9 +478,18 @@ impl Conn {
         let outbox = &mut out.rare().outbox;
         outbox.last_seq += 1;
         let seq = outbox.last_seq;
-        let push = Push::Direct {
-            seq: Some(seq),
-            data: data.clone(),
+        // `Push::Direct` with `seq`, serialized from borrowed data.
+        #[derive(serde::Serialize)]
+        struct DirectPush<'a> {
+            push: &'static str,
+            seq: u64,
+            #[serde(flatten)]
+            data: &'a Payload,
+        }
+        let push = DirectPush {
+            push: "direct",
+            seq,
+            data,
         };
         let json = Bytes::from(serde_json::to_vec(&push).expect("pushes serialize"));
         let plain = encode_frame_with(OpCode::Text, false, &json);
@@ -471,8 +497,7 @@ impl Conn {
         outbox.kept.push_back((seq, plain.clone()));
         metrics.session_outbox_messages.inc();
         metrics.session_outbox_bytes.inc_by(plain.len() as i64);
-        let over = outbox.kept.len() > limits.messages as usize
-            || outbox.kept_bytes > limits.bytes as usize;
+        let over = limits.over(outbox.kept.len(), outbox.kept_bytes);
         if suspended {
             if over {
                 // Refused, and the session is to end: its client could not
@@ -493,9 +518,7 @@ impl Conn {
             // A connected client that does not acknowledge: its oldest
             // messages are no longer kept, and a resume from before them
             // is refused (`outbox_overflow`).
-            while outbox.kept.len() > limits.messages as usize
-                || outbox.kept_bytes > limits.bytes as usize
-            {
+            while limits.over(outbox.kept.len(), outbox.kept_bytes) {
                 let Some((seq, frame)) = outbox.kept.pop_front() else {
                     break;
                 };

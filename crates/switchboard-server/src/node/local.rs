@@ -42,6 +42,9 @@ impl LocalNode {
         s.origin.dispatcher.set_fencing(true);
         s.metrics.fences.inc();
         let deadline = tokio::time::Instant::now() + FENCE_CLOSE_TIMEOUT;
+        // Suspended sessions have no socket to close: they end here, and
+        // sockets lost from now on end theirs (the lease is fencing).
+        s.sessions.end_all(true);
         let mut closed = 0;
         // Connections accepted just before the fence began register late:
         // close until none is left.

@@ -289,7 +289,7 @@ impl Gateway {
         // Sessions die with the node: lost sockets end theirs from now on,
         // and the suspended ones end now (each with its `disconnect`).
         shared.commands.sessions.close();
-        shared.commands.sessions.end_all();
+        shared.commands.sessions.end_all(false);
         drop(client);
         tracing::info!(connections = shared.registry.len(), "draining");
         let closed = close_spread(&shared, deadline).await;

@@ -132,10 +132,9 @@ impl Sessions {
 
     /// The outbox bounds of a new native connection, if sessions are on.
     pub(crate) fn limits(&self) -> Option<crate::conn::OutboxLimits> {
-        self.enabled().then_some(crate::conn::OutboxLimits {
-            messages: self.config.session_outbox_messages,
-            bytes: self.config.session_outbox_bytes,
-        })
+        let c = &self.config;
+        crate::conn::OutboxLimits::new(c.session_outbox_messages, c.session_outbox_bytes)
+            .filter(|_| self.enabled())
     }
 
     /// The resume token of a session: `<connection id>.<MAC>`.
@@ -287,6 +286,16 @@ impl Sessions {
     /// Ends a suspended session (its ttl passed, its outbox overflowed,
     /// the origin closed it). `false` if it was not suspended any more.
     pub(crate) fn end_suspended(&self, conn: &Conn, ending: Ending, lost: &'static str) -> bool {
+        self.end_suspended_as(conn, ending, lost, false)
+    }
+
+    fn end_suspended_as(
+        &self,
+        conn: &Conn,
+        ending: Ending,
+        lost: &'static str,
+        fenced: bool,
+    ) -> bool {
         if !conn.take_suspended() {
             return false;
         }
@@ -297,7 +306,7 @@ impl Sessions {
             .sessions_lost
             .get_or_create(&ReasonLabel { reason: lost })
             .inc();
-        self.end(conn, ending, false);
+        self.end(conn, ending, fenced);
         true
     }
 
@@ -352,8 +361,9 @@ impl Sessions {
         }
     }
 
-    /// Ends every suspended session (the node is shutting down).
-    pub(crate) fn end_all(&self) {
+    /// Ends every suspended session: the node is shutting down, or it is
+    /// `fenced` (the origin has retired its connections: no `disconnect`).
+    pub(crate) fn end_all(&self, fenced: bool) {
         let all: Vec<Arc<Conn>> = self
             .suspended
             .lock()
@@ -361,17 +371,19 @@ impl Sessions {
             .map(|(c, _)| c.clone())
             .collect();
         for conn in all {
-            self.end_suspended(
-                &conn,
-                Ending {
-                    code: close::SERVICE_RESTART,
-                    reason: "server shutting down".into(),
-                    by: ClosedBy::Gateway,
-                    resumable: false,
-                },
-                "shutdown",
-            );
+            let ending = Ending {
+                code: close::SERVICE_RESTART,
+                reason: "server shutting down".into(),
+                by: ClosedBy::Gateway,
+                resumable: false,
+            };
+            self.end_suspended_as(&conn, ending, "shutdown", fenced);
         }
+    }
+
+    /// Suspended sessions now.
+    pub(crate) fn suspended_count(&self) -> usize {
+        self.suspended.lock().len()
     }
 
     /// The connection ids of the suspended sessions.

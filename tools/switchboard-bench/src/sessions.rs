@@ -1,0 +1,210 @@
+//! The `sessions` scenario: what a suspended session costs, and how fast one
+//! resumes (docs/sessions.md).
+//!
+//! 1. A gateway is spawned (dev mode, `--session-ttl 10m`) and its RSS read.
+//! 2. N native clients connect (in this process: N sockets, so N stays
+//!    under the open-file limit) and keep their resume tokens.
+//! 3. Every client drops its TCP connection without a close frame; once the
+//!    gateway counts N suspended sessions, its RSS gives the bytes per
+//!    suspended session with an empty outbox.
+//! 4. `--messages` small direct messages go to every session
+//!    (`POST /v1/messages`, all ids in each); RSS again: bytes per session
+//!    with that outbox.
+//! 5. `--resumes` of the sessions resume one after the other with
+//!    `received=0`: the time from starting the TCP connection to the first
+//!    recovered direct message, as percentiles.
+
+use crate::measure::{self, human_bytes, Percentiles, Table};
+use crate::servers::{Api, Gateway};
+use crate::Opts;
+use futures_util::StreamExt;
+use serde_json::{json, Value};
+use std::time::{Duration, Instant};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Message;
+
+/// Options of `sessions`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct Args {
+    /// Sessions to open and suspend (one socket each in this process).
+    #[arg(long, default_value_t = 10_000)]
+    sessions: usize,
+    /// Direct messages (16 bytes of text) queued on every suspended session.
+    #[arg(long, default_value_t = 100)]
+    messages: usize,
+    /// Sessions resumed for the latency figures.
+    #[arg(long, default_value_t = 1_000)]
+    resumes: usize,
+    /// Handshakes in flight at once.
+    #[arg(long, default_value_t = 200)]
+    parallel: usize,
+}
+
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+async fn open(url: &str) -> Result<(Ws, Value), String> {
+    let mut req = url.into_client_request().map_err(|e| e.to_string())?;
+    req.headers_mut().insert(
+        "sec-websocket-protocol",
+        "switchboard.v1".parse().expect("a header value"),
+    );
+    let (mut ws, _) = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio_tungstenite::connect_async(req),
+    )
+    .await
+    .map_err(|_| "handshake timed out".to_owned())?
+    .map_err(|e| e.to_string())?;
+    let first = next_json(&mut ws).await?;
+    Ok((ws, first))
+}
+
+async fn next_json(ws: &mut Ws) -> Result<Value, String> {
+    loop {
+        let m = tokio::time::timeout(Duration::from_secs(10), ws.next())
+            .await
+            .map_err(|_| "no frame within 10 s".to_owned())?
+            .ok_or("stream ended")?
+            .map_err(|e| e.to_string())?;
+        if let Message::Text(t) = m {
+            return serde_json::from_str(&t).map_err(|e| e.to_string());
+        }
+    }
+}
+
+/// Polls `/v1/stats` until `field` reaches `want` (within 60 s).
+async fn wait_stat(api: &Api, gw: &Gateway, field: &str, want: u64) -> Result<(), String> {
+    let control = gw.control.ok_or("no control listener")?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let v = api.get_json(control, "/v1/stats").await?;
+        if v[field].as_u64() == Some(want) {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(format!("{field} is {} after 60 s, not {want}", v[field]));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Runs the scenario; `Ok(false)` if the measurement is invalid.
+pub(crate) async fn run(opts: &Opts, a: Args) -> Result<bool, String> {
+    let n = a.sessions;
+    let api = Api::new();
+    let gw = Gateway::spawn(opts, &["--session-ttl".into(), "10m".into()]).await?;
+    let pid = gw.pid().ok_or("no gateway process")?;
+    let control = gw.control.ok_or("no control listener")?;
+    let url = format!("ws://{}/", gw.addr);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let rss_start = measure::rss(pid).ok_or("no RSS")?;
+
+    // Connect.
+    let mut clients: Vec<(String, String)> = Vec::with_capacity(n);
+    let mut sockets = Vec::with_capacity(n);
+    let mut pending =
+        futures_util::stream::iter((0..n).map(|_| open(&url))).buffer_unordered(a.parallel);
+    while let Some(r) = pending.next().await {
+        let (ws, first) = r?;
+        let id = first["client"].as_str().ok_or("no client id")?.to_owned();
+        let session = first["session"]
+            .as_str()
+            .ok_or("no session: sessions off?")?
+            .to_owned();
+        clients.push((id, session));
+        sockets.push(ws);
+    }
+    drop(pending);
+    wait_stat(&api, &gw, "connections", n as u64).await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let rss_open = measure::rss(pid).ok_or("no RSS")?;
+
+    // Lose every connection: dropped sockets, no close frames.
+    drop(sockets);
+    wait_stat(&api, &gw, "sessions_suspended", n as u64).await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let rss_suspended = measure::rss(pid).ok_or("no RSS")?;
+
+    // Fill every outbox.
+    let ids: Vec<&str> = clients.iter().map(|(id, _)| id.as_str()).collect();
+    for i in 0..a.messages {
+        let body =
+            json!({"messages": [{"connection_ids": ids, "text": format!("message-{i:08}")}]});
+        let status = api
+            .post(
+                &format!("http://{control}/v1/messages"),
+                body.to_string(),
+                true,
+            )
+            .await?;
+        if status != 200 {
+            return Err(format!("POST /v1/messages: {status}"));
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let rss_outbox = measure::rss(pid).ok_or("no RSS")?;
+
+    // Resume some, one at a time.
+    let mut h = measure::histogram();
+    let mut problems = Vec::new();
+    for (id, session) in clients.iter().take(a.resumes) {
+        let started = Instant::now();
+        let (mut ws, first) = open(&format!("{url}?resume={session}&received=0")).await?;
+        if first["resumed"] != true || first["client"] != id.as_str() {
+            problems.push(format!("resume of {id} refused: {first}"));
+            break;
+        }
+        if a.messages > 0 {
+            let direct = next_json(&mut ws).await?;
+            if direct["seq"] != 1 {
+                problems.push(format!("first recovered message of {id}: {direct}"));
+                break;
+            }
+        }
+        h.record(started.elapsed().as_micros() as u64)
+            .map_err(|e| e.to_string())?;
+        let _ = ws.close(None).await;
+    }
+    let resume = Percentiles::of(&h);
+
+    let per = |after: u64, before: u64| after.saturating_sub(before) as f64 / n as f64;
+    let mut t = Table::default();
+    t.row("sessions", n.to_string());
+    t.row("gateway RSS at start", human_bytes(rss_start as f64));
+    t.row(
+        "per open native connection",
+        format!("{:.0} B", per(rss_open, rss_start)),
+    );
+    t.row(
+        "per suspended session, empty outbox",
+        format!("{:.0} B", per(rss_suspended, rss_start)),
+    );
+    t.row(
+        format!("per suspended session, {} messages", a.messages),
+        format!("{:.0} B", per(rss_outbox, rss_start)),
+    );
+    t.row(
+        "resume to first recovered message",
+        format!(
+            "p50 {:.2} ms, p99 {:.2} ms ({} resumes)",
+            resume.p50, resume.p99, resume.count
+        ),
+    );
+    t.print("sessions (one node)");
+    measure::write_json(
+        opts.json.as_deref(),
+        &json!({
+            "scenario": "sessions",
+            "machine": measure::machine(),
+            "sessions": n,
+            "messages_per_session": a.messages,
+            "rss_start_bytes": rss_start,
+            "bytes_per_open_connection": per(rss_open, rss_start),
+            "bytes_per_suspended_session": per(rss_suspended, rss_start),
+            "bytes_per_suspended_session_with_messages": per(rss_outbox, rss_start),
+            "resume_ms": resume,
+        }),
+    )?;
+    Ok(crate::report_problems(&problems))
+}
