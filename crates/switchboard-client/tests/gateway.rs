@@ -7,8 +7,8 @@ use std::sync::atomic::{AtomicU32, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use switchboard_client::{
-    Client, ClientEvent, ConnectionState, DisconnectReason, Error, ErrorCode, Events, Payload,
-    StreamPosition, Subscription, SubscriptionEvent,
+    Client, ClientEvent, ConnectionState, DirectMessage, DisconnectReason, Error, ErrorCode,
+    Events, Payload, StreamPosition, Subscription, SubscriptionEvent,
 };
 use switchboard_proto::origin::{ClosedBy, Event, OriginAnswer};
 use switchboard_test_util::{ConnectBehavior, TestGateway, TestOrigin};
@@ -505,7 +505,13 @@ async fn server_side_subscriptions_and_direct_messages_reach_the_client_events()
 
     assert_eq!(gw.push_text(&id, "direct hi").await, 200);
     let e = wait_event(&mut events, |e| matches!(e, ClientEvent::Direct(_))).await;
-    assert_eq!(e, ClientEvent::Direct(Payload::Text("direct hi".into())));
+    assert_eq!(
+        e,
+        ClientEvent::Direct(DirectMessage {
+            seq: Some(1),
+            data: Payload::Text("direct hi".into())
+        })
+    );
 
     // And `send` reaches the origin.
     client.send("to the origin").await.unwrap();
@@ -667,7 +673,7 @@ async fn pipe(
 }
 
 #[tokio::test]
-async fn a_silent_link_is_detected_and_replaced() {
+async fn a_silent_link_is_detected_and_the_session_resumed() {
     let gw = TestGateway::start(|c| {
         configure(c);
         c.ping_interval = Duration::from_millis(200);
@@ -709,7 +715,22 @@ async fn a_silent_link_is_detected_and_replaced() {
         "{:?}",
         started.elapsed()
     );
-    reconnected(&client, &first).await;
+    // The link was dropped without a close frame: the session lives on.
+    let e = wait_event(&mut events, |e| {
+        matches!(
+            e,
+            ClientEvent::Resumed { .. } | ClientEvent::Restarted { .. }
+        )
+    })
+    .await;
+    assert_eq!(
+        e,
+        ClientEvent::Resumed {
+            client_id: first.clone(),
+            node: gw.node.clone()
+        }
+    );
+    assert_eq!(client.client_id(), Some(first));
 }
 
 /// An HS256 token of `sub` expiring `secs` from now.
