@@ -243,7 +243,7 @@ impl ClientBuilder {
             connect_timeout: self.connect_timeout,
             max_queued: self.max_queued,
         });
-        connection::build_request(&settings)?;
+        connection::build_request(&settings, None)?;
         let (events, _) = broadcast::channel(self.event_capacity);
         let shared = Arc::new(Shared {
             state: watch::Sender::new(ConnectionState::Connecting),
@@ -312,7 +312,8 @@ impl Client {
     }
 
     /// The current connection's id, when connected (what the control API
-    /// and the origin call this connection).
+    /// and the origin call this connection). A resumed session keeps it; a
+    /// new session ([`ClientEvent::Restarted`]) has a new one.
     pub fn client_id(&self) -> Option<String> {
         match &*self.inner.shared.state.borrow() {
             ConnectionState::Connected { client_id, .. } => Some(client_id.clone()),
@@ -335,8 +336,9 @@ impl Client {
         }
     }
 
-    /// A stream of client-wide events from now on: connects, disconnects,
-    /// direct messages, server-side subscriptions and their messages, and
+    /// A stream of client-wide events from now on: connects (and whether a
+    /// reconnect resumed the session), disconnects, direct messages,
+    /// server-side subscriptions and their messages, and
     /// the final [`ClientEvent::Failed`] / [`ClientEvent::Closed`], after
     /// which it ends. Each call returns an independent receiver.
     pub fn events(&self) -> Events {
@@ -493,9 +495,10 @@ impl Client {
         Ok(r.expires_at_ms)
     }
 
-    /// Closes the connection (with a closing handshake) and stops
-    /// reconnecting. Waiting commands fail with [`Error::Closed`] and every
-    /// subscription stream ends. Idempotent; affects every clone.
+    /// Closes the connection (with a closing handshake, which ends the
+    /// gateway's session for good) and stops reconnecting. Waiting commands
+    /// fail with [`Error::Closed`] and every subscription stream ends.
+    /// Idempotent; affects every clone.
     pub async fn close(&self) {
         let (done, stopped) = oneshot::channel();
         if self.inner.requests.send(Request::Close { done }).is_ok() {

@@ -11,7 +11,16 @@
 //! - the commands waiting for a connection (at most `max_queued`);
 //! - the commands in flight on the current connection, by id. When the
 //!   connection drops, those safe to repeat go back to the front of the queue
-//!   and `publish`/`send` fail with [`Error::ConnectionLost`].
+//!   and `publish`/`send` fail with [`Error::ConnectionLost`];
+//! - the gateway's session: its resume token, the highest direct message
+//!   sequence received (reconnects ask to resume with both), what was
+//!   acknowledged, the server-side subscriptions and the channels left
+//!   while the session may still hold them.
+//!
+//! A connection the SDK gives up on (silent link, socket error) is dropped
+//! without a close frame, so that the gateway keeps its session for a
+//! resume; only [`Client::close`](crate::Client::close) sends one, which
+//! ends the session.
 //!
 //! Timeouts are enforced by the callers (the handle stops waiting); the task
 //! skips requests whose caller is gone when it gets to them.
@@ -19,16 +28,18 @@
 use crate::backoff::Backoff;
 use crate::error::{Error, Result};
 use crate::event::{
-    ChannelMessage, ClientEvent, ConnectionState, DisconnectReason, SubscriptionEvent,
+    ChannelMessage, ClientEvent, ConnectionState, DirectMessage, DisconnectReason,
+    SubscriptionEvent,
 };
 use crate::tracker::StreamTracker;
 use futures_util::{SinkExt, StreamExt};
 use serde::Serialize;
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use switchboard_proto::native::{
-    CommandBody, Push, Reply, ServerFrame, SubscribeResult, SUBPROTOCOL,
+    CommandBody, Push, Reply, ResumeError, ServerFrame, SessionChannel, StreamPosition,
+    SubscribeResult, SUBPROTOCOL,
 };
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio::time::Instant;
@@ -46,6 +57,14 @@ type Ws = WebSocketStream<MaybeTlsStream<tokio::net::TcpStream>>;
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
 /// Added to twice the ping interval to decide that a silent link is dead.
 const HEARTBEAT_SLACK: Duration = Duration::from_secs(5);
+/// Direct messages acknowledged at once: an `ack` goes out as soon as this
+/// many are received and not acknowledged yet.
+pub(crate) const ACK_BATCH: u64 = 32;
+/// Longest wait before acknowledging: an `ack` goes out at the latest this
+/// long after the first direct message not acknowledged yet, so the gateway
+/// stops keeping (for a resume) what the client has. With [`ACK_BATCH`],
+/// one `ack` per 32 messages or per 500 ms, whichever comes first.
+pub(crate) const ACK_DELAY: Duration = Duration::from_millis(500);
 
 /// Everything the task needs to know, fixed at [`ClientBuilder::connect`](crate::ClientBuilder::connect).
 #[derive(Debug)]
@@ -177,6 +196,11 @@ enum Inflight {
         channel: String,
         reply: Option<oneshot::Sender<Result<()>>>,
     },
+    /// A server-side subscription of a resumed session, subscribed again to
+    /// get its messages flowing.
+    ServerResubscribe {
+        channel: String,
+    },
 }
 
 /// One client-side subscription.
@@ -191,6 +215,55 @@ struct SubEntry {
     cmd: Option<u64>,
     /// Subscribed (or subscribing) on the current connection.
     on_connection: bool,
+    /// The gateway confirmed it in the current session: a resumed session
+    /// that does not list it lost it while the client was away.
+    in_session: bool,
+}
+
+/// The gateway's session, as the client knows it.
+#[derive(Debug, Default)]
+struct Session {
+    /// The resume token (none before the first connection, or from a
+    /// gateway that keeps no sessions).
+    token: Option<String>,
+    /// The highest direct message sequence received.
+    received: u64,
+    /// The highest one acknowledged (or known to the gateway from a resume).
+    acked: u64,
+    /// When the next `ack` is due (some direct message is not acknowledged).
+    ack_due: Option<Instant>,
+}
+
+impl Session {
+    /// A direct message numbered `seq` arrived: whether it is new (not a
+    /// duplicate), and whether an `ack` is to be sent at once.
+    fn on_direct(&mut self, seq: u64, now: Instant) -> (bool, bool) {
+        if seq <= self.received {
+            return (false, false);
+        }
+        if seq != self.received + 1 {
+            tracing::debug!(
+                seq,
+                received = self.received,
+                "switchboard: direct messages skipped"
+            );
+        }
+        self.received = seq;
+        if self.received - self.acked >= ACK_BATCH {
+            return (true, true);
+        }
+        self.ack_due.get_or_insert(now + ACK_DELAY);
+        (true, false)
+    }
+
+    /// The `ack` to send now, if anything is unacknowledged.
+    fn take_ack(&mut self) -> Option<u64> {
+        self.ack_due = None;
+        (self.received > self.acked).then(|| {
+            self.acked = self.received;
+            self.received
+        })
+    }
 }
 
 /// How a request or a frame leaves the session.
@@ -214,6 +287,14 @@ struct Welcome {
     client: String,
     node: String,
     ping_interval: Duration,
+    /// The session's resume token.
+    session: Option<String>,
+    /// The session named by `?resume=` was resumed.
+    resumed: bool,
+    /// Why it could not be.
+    resume_error: Option<ResumeError>,
+    /// A resumed session's (parked) channels.
+    channels: Vec<SessionChannel>,
 }
 
 /// A command on the wire.
@@ -241,6 +322,10 @@ pub(crate) fn spawn(
         queue: VecDeque::new(),
         inflight: HashMap::new(),
         close_waiters: Vec::new(),
+        session: Session::default(),
+        server_subs: HashMap::new(),
+        leave: HashSet::new(),
+        connected_before: false,
     };
     tokio::spawn(task.run());
 }
@@ -257,6 +342,16 @@ struct Task {
     queue: VecDeque<Call>,
     inflight: HashMap<u64, Inflight>,
     close_waiters: Vec<oneshot::Sender<()>>,
+    session: Session,
+    /// Server-side subscriptions of the session (channels without a
+    /// client-side subscription), each with the last position delivered.
+    server_subs: HashMap<String, StreamPosition>,
+    /// Channels the client left without the session having confirmed it
+    /// (unsubscribed while disconnected, or the reply was lost): a resumed
+    /// session that still lists one is told to leave it.
+    leave: HashSet<String>,
+    /// A connection was established before: the next is a reconnect.
+    connected_before: bool,
 }
 
 impl Task {
@@ -279,6 +374,10 @@ impl Task {
                     self.connection_lost();
                     match flow {
                         Flow::Lost(reason) => {
+                            // Dropped, without a close frame: a close frame
+                            // would end the session, a lost socket leaves it
+                            // to be resumed.
+                            drop(ws);
                             if since.elapsed() >= self.settings.stable_after {
                                 self.backoff.reset();
                             }
@@ -305,7 +404,12 @@ impl Task {
 
     /// One connection attempt, serving requests meanwhile.
     async fn connect(&mut self) -> Attempt {
-        let handshake = handshake(self.settings.clone());
+        let resume = self
+            .session
+            .token
+            .clone()
+            .map(|token| (token, self.session.received));
+        let handshake = handshake(self.settings.clone(), resume);
         tokio::pin!(handshake);
         loop {
             tokio::select! {
@@ -344,24 +448,69 @@ impl Task {
 
     /// Serves one established connection until it ends or the client closes.
     async fn session(&mut self, ws: &mut Ws, welcome: Welcome) -> Flow {
-        tracing::debug!(client = %welcome.client, node = %welcome.node, "switchboard connected");
+        let Welcome {
+            client,
+            node,
+            ping_interval,
+            session,
+            resumed,
+            resume_error,
+            channels,
+        } = welcome;
+        tracing::debug!(%client, %node, resumed, ?resume_error, "switchboard connected");
         self.shared.state.send_replace(ConnectionState::Connected {
-            client_id: welcome.client.clone(),
-            node: welcome.node.clone(),
+            client_id: client.clone(),
+            node: node.clone(),
         });
-        self.shared.emit(ClientEvent::Connected {
-            client_id: welcome.client,
-            node: welcome.node,
-        });
+        let event = if resumed {
+            ClientEvent::Resumed {
+                client_id: client,
+                node,
+            }
+        } else if self.connected_before {
+            ClientEvent::Restarted {
+                client_id: client,
+                node,
+                error: resume_error,
+            }
+        } else {
+            ClientEvent::Connected {
+                client_id: client,
+                node,
+            }
+        };
+        self.connected_before = true;
+        if resumed {
+            // The gateway forgot what it re-sends after `received`.
+            self.session.acked = self.session.received;
+        } else {
+            self.new_session();
+        }
+        self.session.token = session;
+        self.shared.emit(event);
+        // First subscribes whose caller gave up are dropped (a resumed
+        // session may hold them: they are left).
+        let abandoned: Vec<String> = self
+            .subs
+            .iter()
+            .filter(|(_, e)| e.confirm.as_ref().is_some_and(|c| c.is_closed()))
+            .map(|(c, _)| c.clone())
+            .collect();
+        for channel in abandoned {
+            self.subs.remove(&channel);
+            if resumed {
+                self.leave.insert(channel);
+            }
+        }
         // Resubscribe first, so that queued publishes to those channels come
         // back to us; then flush the queue.
-        self.subs
-            .retain(|_, e| !e.confirm.as_ref().is_some_and(|c| c.is_closed()));
-        let channels: Vec<String> = self.subs.keys().cloned().collect();
-        for channel in channels {
-            if let Err(e) = self.send_subscribe(ws, &channel).await {
-                return lost(e);
-            }
+        let subscribed = if resumed {
+            self.resume_channels(ws, channels).await
+        } else {
+            self.subscribe_all(ws).await
+        };
+        if let Err(e) = subscribed {
+            return lost(e);
         }
         while let Some(call) = self.queue.pop_front() {
             if let Err(e) = self.send_call(ws, call).await {
@@ -370,12 +519,27 @@ impl Task {
         }
 
         // Anything at all (a ping included) proves the link alive.
-        let dead_after =
-            (!welcome.ping_interval.is_zero()).then(|| welcome.ping_interval * 2 + HEARTBEAT_SLACK);
+        let dead_after = (!ping_interval.is_zero()).then(|| ping_interval * 2 + HEARTBEAT_SLACK);
         let heartbeat = tokio::time::sleep(dead_after.unwrap_or_default());
         tokio::pin!(heartbeat);
+        // Fires when the batched `ack` is due (armed while one is).
+        let mut ack_armed: Option<Instant> = None;
+        let ack_timer = tokio::time::sleep(Duration::ZERO);
+        tokio::pin!(ack_timer);
         loop {
+            if self.session.ack_due != ack_armed {
+                ack_armed = self.session.ack_due;
+                if let Some(at) = ack_armed {
+                    ack_timer.as_mut().reset(at);
+                }
+            }
             tokio::select! {
+                () = &mut ack_timer, if ack_armed.is_some() => {
+                    ack_armed = None;
+                    if let Err(e) = self.send_ack(ws).await {
+                        return lost(e);
+                    }
+                }
                 frame = ws.next() => {
                     if let Some(d) = dead_after {
                         heartbeat.as_mut().reset(Instant::now() + d);
@@ -416,6 +580,129 @@ impl Task {
         }
     }
 
+    /// A new session (the first, or after a resume was refused or not
+    /// possible): nothing of the old one holds any more.
+    fn new_session(&mut self) {
+        self.session = Session::default();
+        self.server_subs.clear();
+        self.leave.clear();
+        for entry in self.subs.values_mut() {
+            entry.in_session = false;
+        }
+    }
+
+    /// Subscribes every client-side subscription on a new session, each
+    /// from its last delivered position.
+    async fn subscribe_all(&mut self, ws: &mut Ws) -> Result<(), tungstenite::Error> {
+        let channels: Vec<String> = self.subs.keys().cloned().collect();
+        for channel in channels {
+            self.send_subscribe(ws, &channel).await?;
+        }
+        Ok(())
+    }
+
+    /// Gets the channels of a resumed session flowing again: each parked
+    /// one is subscribed again with `since` (the client's own position, or
+    /// where the session stopped receiving it); client-side subscriptions
+    /// it no longer holds were removed by the server while the client was
+    /// away; channels it holds that the client does not know are
+    /// server-side subscriptions made meanwhile; channels the client left
+    /// meanwhile are left.
+    async fn resume_channels(
+        &mut self,
+        ws: &mut Ws,
+        channels: Vec<SessionChannel>,
+    ) -> Result<(), tungstenite::Error> {
+        let listed: HashSet<&str> = channels.iter().map(|c| c.channel.as_str()).collect();
+        let mut mine: Vec<String> = self.subs.keys().cloned().collect();
+        mine.sort();
+        for channel in mine {
+            let removed = self
+                .subs
+                .get(&channel)
+                .is_some_and(|e| e.in_session && !listed.contains(channel.as_str()));
+            if removed {
+                self.server_unsubscribed(channel);
+            } else {
+                self.send_subscribe(ws, &channel).await?;
+            }
+        }
+        let mut gone: Vec<String> = self
+            .server_subs
+            .keys()
+            .filter(|c| !listed.contains(c.as_str()))
+            .cloned()
+            .collect();
+        gone.sort();
+        for channel in gone {
+            self.server_subs.remove(&channel);
+            self.shared
+                .emit(ClientEvent::ServerUnsubscribed { channel });
+        }
+        let left = std::mem::take(&mut self.leave);
+        for SessionChannel {
+            channel,
+            epoch,
+            offset,
+        } in channels
+        {
+            if self.subs.contains_key(&channel) {
+                continue;
+            }
+            if left.contains(&channel) {
+                self.send_unsubscribe(ws, channel, None).await?;
+                continue;
+            }
+            let since = match self.server_subs.get(&channel) {
+                Some(own) => own.clone(),
+                None => {
+                    let at = StreamPosition { offset, epoch };
+                    self.server_subs.insert(channel.clone(), at.clone());
+                    self.shared.emit(ClientEvent::ServerSubscribed {
+                        channel: channel.clone(),
+                        epoch: at.epoch.clone(),
+                        offset: at.offset,
+                    });
+                    at
+                }
+            };
+            let id = self.next_id();
+            let body = CommandBody::Subscribe {
+                channel: channel.clone(),
+                since: Some(since),
+            };
+            self.inflight
+                .insert(id, Inflight::ServerResubscribe { channel });
+            ws.send(Message::text(encode(id, &body))).await?;
+        }
+        Ok(())
+    }
+
+    /// Sends the `ack` of the direct messages received, if any is not
+    /// acknowledged yet. It has an id like any command but no reply.
+    async fn send_ack(&mut self, ws: &mut Ws) -> Result<(), tungstenite::Error> {
+        match self.session.take_ack() {
+            Some(seq) => {
+                let id = self.next_id();
+                ws.send(Message::text(encode(id, &CommandBody::Ack { seq })))
+                    .await
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// The server ended the client-side subscription to `channel`.
+    fn server_unsubscribed(&mut self, channel: String) {
+        if let Some(entry) = self.subs.remove(&channel) {
+            let _ = entry.events.send(SubscriptionEvent::Unsubscribed);
+            if let Some(confirm) = entry.confirm {
+                let _ = confirm.send(Err(Error::Protocol(
+                    "the server unsubscribed the channel before confirming it".into(),
+                )));
+            }
+        }
+    }
+
     /// Serves a request; `ws` is the connection, if there is one.
     async fn on_request(&mut self, request: Request, ws: Option<&mut Ws>) -> Flow {
         let sent = match request {
@@ -436,6 +723,7 @@ impl Task {
                     let _ = confirm.send(Err(Error::AlreadySubscribed(channel)));
                     return Flow::Continue;
                 }
+                self.leave.remove(&channel);
                 self.subs.insert(
                     channel.clone(),
                     SubEntry {
@@ -445,6 +733,7 @@ impl Task {
                         confirm: Some(confirm),
                         cmd: None,
                         on_connection: false,
+                        in_session: false,
                     },
                 );
                 match ws {
@@ -465,7 +754,11 @@ impl Task {
                     (Some(entry), Some(ws)) if entry.on_connection => {
                         self.send_unsubscribe(ws, channel, reply).await
                     }
-                    _ => {
+                    (entry, _) => {
+                        if entry.is_some() {
+                            // A session resumed later may hold it still.
+                            self.leave.insert(channel);
+                        }
                         if let Some(r) = reply {
                             let _ = r.send(Ok(()));
                         }
@@ -566,8 +859,11 @@ impl Task {
         let sent = match frame {
             ServerFrame::Reply(reply) => self.on_reply(ws, reply).await,
             ServerFrame::Push(push) => {
-                self.on_push(push);
-                Ok(())
+                if self.on_push(push) {
+                    self.send_ack(ws).await
+                } else {
+                    Ok(())
+                }
             }
         };
         match sent {
@@ -606,6 +902,17 @@ impl Task {
                 let id = reply.id.unwrap_or_default();
                 self.on_subscribe_reply(ws, channel, sub_id, id, outcome)
                     .await
+            }
+            Inflight::ServerResubscribe { channel } => {
+                if let Err(error) = outcome {
+                    // Then the session does not hold it any more.
+                    tracing::warn!(%channel, %error, "switchboard: resubscribing a server-side subscription failed");
+                    if self.server_subs.remove(&channel).is_some() {
+                        self.shared
+                            .emit(ClientEvent::ServerUnsubscribed { channel });
+                    }
+                }
+                Ok(())
             }
         }
     }
@@ -665,8 +972,10 @@ impl Task {
             tracker,
             events,
             confirm,
+            in_session,
             ..
         } = entry;
+        *in_session = true;
         tracker.on_subscribed(&result, &mut |ev| {
             let _ = events.send(ev);
         });
@@ -676,7 +985,8 @@ impl Task {
         Ok(())
     }
 
-    fn on_push(&mut self, push: Push) {
+    /// Handles a push; returns whether an `ack` is to be sent at once.
+    fn on_push(&mut self, push: Push) -> bool {
         match push {
             Push::Message {
                 channel,
@@ -698,6 +1008,20 @@ impl Task {
                         let _ = events.send(ev);
                     });
                 } else if !self.unsubscribing.contains_key(&message.channel) {
+                    // A server-side subscription: its position is kept for
+                    // a resume, and what a resume replays twice is dropped.
+                    let position = message.position();
+                    match self.server_subs.get_mut(&message.channel) {
+                        Some(last)
+                            if last.epoch == position.epoch && position.offset <= last.offset =>
+                        {
+                            return false;
+                        }
+                        Some(last) => *last = position,
+                        None => {
+                            self.server_subs.insert(message.channel.clone(), position);
+                        }
+                    }
                     self.shared.emit(ClientEvent::Message(message));
                 }
             }
@@ -719,25 +1043,50 @@ impl Task {
                 channel,
                 epoch,
                 offset,
-            } => self.shared.emit(ClientEvent::ServerSubscribed {
-                channel,
-                epoch,
-                offset,
-            }),
+            } => {
+                if !self.subs.contains_key(&channel) {
+                    let at = StreamPosition {
+                        offset,
+                        epoch: epoch.clone(),
+                    };
+                    // Held on purpose now, whatever the client left before.
+                    self.leave.remove(&channel);
+                    self.server_subs.insert(channel.clone(), at);
+                }
+                self.shared.emit(ClientEvent::ServerSubscribed {
+                    channel,
+                    epoch,
+                    offset,
+                });
+            }
             Push::Unsubscribed { channel } => {
-                if let Some(entry) = self.subs.remove(&channel) {
-                    let _ = entry.events.send(SubscriptionEvent::Unsubscribed);
-                    if let Some(confirm) = entry.confirm {
-                        let _ = confirm.send(Err(Error::Protocol(
-                            "the server unsubscribed the channel before confirming it".into(),
-                        )));
-                    }
+                if self.subs.contains_key(&channel) {
+                    self.server_unsubscribed(channel);
                 } else if !self.unsubscribing.contains_key(&channel) {
+                    self.server_subs.remove(&channel);
                     self.shared
                         .emit(ClientEvent::ServerUnsubscribed { channel });
                 }
             }
-            Push::Direct { data, .. } => self.shared.emit(ClientEvent::Direct(data)),
+            Push::Direct { seq, data } => {
+                let ack_now = match seq {
+                    Some(seq) => {
+                        let (new, ack_now) = self.session.on_direct(seq, Instant::now());
+                        if !new {
+                            tracing::debug!(
+                                seq,
+                                "switchboard: a direct message received twice, dropped"
+                            );
+                            return false;
+                        }
+                        ack_now
+                    }
+                    None => false,
+                };
+                self.shared
+                    .emit(ClientEvent::Direct(DirectMessage { seq, data }));
+                return ack_now;
+            }
             Push::Refresh { expires_at_ms } => {
                 self.shared
                     .emit(ClientEvent::TokenExpiring { expires_at_ms });
@@ -746,6 +1095,7 @@ impl Task {
                 tracing::debug!("switchboard: a second `connected` push, ignored");
             }
         }
+        false
     }
 
     /// Settles what was in flight on a connection that is gone.
@@ -758,9 +1108,11 @@ impl Task {
                     let command = call.body.name();
                     let _ = call.reply.send(Err(Error::ConnectionLost { command }));
                 }
-                Inflight::Subscribe { .. } => {}
-                // The server forgets the connection's subscriptions anyway.
-                Inflight::Unsubscribe { reply, .. } => {
+                Inflight::Subscribe { .. } | Inflight::ServerResubscribe { .. } => {}
+                // A new session does not have the subscription; a resumed
+                // one is told to leave it.
+                Inflight::Unsubscribe { channel, reply } => {
+                    self.leave.insert(channel);
                     if let Some(r) = reply {
                         let _ = r.send(Ok(()));
                     }
@@ -772,6 +1124,7 @@ impl Task {
             self.queue.push_front(call);
         }
         self.unsubscribing.clear();
+        self.session.ack_due = None;
         for entry in self.subs.values_mut() {
             entry.tracker.connection_lost();
             entry.cmd = None;
@@ -863,10 +1216,14 @@ async fn close_politely(ws: &mut Ws, initiate: bool) {
 }
 
 /// Connects, completes the handshake and reads the `connected` push, within
-/// the connect timeout.
-async fn handshake(settings: Arc<Settings>) -> Result<(Box<Ws>, Welcome)> {
+/// the connect timeout; `resume` is the session to resume and the highest
+/// direct message sequence received.
+async fn handshake(
+    settings: Arc<Settings>,
+    resume: Option<(String, u64)>,
+) -> Result<(Box<Ws>, Welcome)> {
     let timeout = settings.connect_timeout;
-    match tokio::time::timeout(timeout, open(&settings)).await {
+    match tokio::time::timeout(timeout, open(&settings, resume)).await {
         Ok(result) => result,
         Err(_) => Err(Error::Transport(format!(
             "no connection within the connect timeout ({timeout:?})"
@@ -874,8 +1231,8 @@ async fn handshake(settings: Arc<Settings>) -> Result<(Box<Ws>, Welcome)> {
     }
 }
 
-async fn open(settings: &Settings) -> Result<(Box<Ws>, Welcome)> {
-    let request = build_request(settings)?;
+async fn open(settings: &Settings, resume: Option<(String, u64)>) -> Result<(Box<Ws>, Welcome)> {
+    let request = build_request(settings, resume.as_ref().map(|(t, r)| (t.as_str(), *r)))?;
     #[cfg(feature = "rustls-tls")]
     let connecting = tokio_tungstenite::connect_async_tls_with_config(
         request,
@@ -916,6 +1273,10 @@ async fn open(settings: &Settings) -> Result<(Box<Ws>, Welcome)> {
                 client,
                 node,
                 ping_interval_ms,
+                session,
+                resumed,
+                resume_error,
+                channels,
                 ..
             })) => Ok((
                 ws,
@@ -923,6 +1284,10 @@ async fn open(settings: &Settings) -> Result<(Box<Ws>, Welcome)> {
                     client,
                     node,
                     ping_interval: Duration::from_millis(ping_interval_ms),
+                    session,
+                    resumed,
+                    resume_error,
+                    channels,
                 },
             )),
             _ => Err(Error::Protocol(format!(
@@ -935,19 +1300,27 @@ async fn open(settings: &Settings) -> Result<(Box<Ws>, Welcome)> {
 
 /// The handshake request: URL, subprotocol, token and extra headers. The
 /// token goes both as `Authorization: Bearer` and as the `token` query
-/// parameter.
+/// parameter. `resume` (a session's resume token and the highest direct
+/// message sequence received) adds the `resume` and `received` query
+/// parameters.
 pub(crate) fn build_request(
     settings: &Settings,
+    resume: Option<(&str, u64)>,
 ) -> Result<tungstenite::handshake::client::Request> {
     let token = settings
         .token
         .read()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
         .clone();
-    let url = match &token {
+    let mut url = match &token {
         Some(t) => crate::client::with_query_param(&settings.url, "token", t),
         None => settings.url.clone(),
     };
+    if let Some((session, received)) = resume {
+        // Resume tokens are URL-safe: nothing in them is escaped.
+        url = crate::client::with_query_param(&url, "resume", session);
+        url = crate::client::with_query_param(&url, "received", &received.to_string());
+    }
     let mut request = url
         .as_str()
         .into_client_request()
@@ -1058,6 +1431,67 @@ mod tests {
         assert!(matches!(classify(sub), Error::UnsupportedProtocol(_)));
     }
 
+    fn settings(url: &str, token: Option<&str>) -> Settings {
+        Settings {
+            url: url.into(),
+            headers: Vec::new(),
+            token: std::sync::RwLock::new(token.map(str::to_owned)),
+            backoff: crate::backoff::BackoffConfig::default(),
+            stable_after: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(10),
+            max_queued: 10,
+            #[cfg(feature = "rustls-tls")]
+            tls: None,
+        }
+    }
+
+    #[test]
+    fn a_resume_adds_the_session_and_what_was_received_to_the_query() {
+        let uri = |s: &Settings, resume| build_request(s, resume).unwrap().uri().to_string();
+        let plain = settings("ws://h/app?room=1", Some("t k"));
+        assert_eq!(uri(&plain, None), "ws://h/app?room=1&token=t%20k");
+        assert_eq!(
+            uri(&plain, Some(("n1.AbC-_x.Mac_-9", 17))),
+            "ws://h/app?room=1&token=t%20k&resume=n1.AbC-_x.Mac_-9&received=17"
+        );
+        let bare = settings("ws://h/", None);
+        assert_eq!(
+            uri(&bare, Some(("s.t", 0))),
+            "ws://h/?resume=s.t&received=0"
+        );
+    }
+
+    #[test]
+    fn direct_messages_are_deduplicated_and_acknowledged_in_batches() {
+        let t0 = Instant::now();
+        let mut s = Session::default();
+        assert_eq!(s.take_ack(), None, "nothing to acknowledge");
+        // The first one arms the timer; later ones do not move it.
+        assert_eq!(s.on_direct(1, t0), (true, false));
+        assert_eq!(s.ack_due, Some(t0 + ACK_DELAY));
+        assert_eq!(
+            s.on_direct(2, t0 + Duration::from_millis(100)),
+            (true, false)
+        );
+        assert_eq!(s.ack_due, Some(t0 + ACK_DELAY));
+        // Duplicates are dropped.
+        assert_eq!(s.on_direct(2, t0), (false, false));
+        assert_eq!(s.on_direct(1, t0), (false, false));
+        // The timer's ack covers both.
+        assert_eq!(s.take_ack(), Some(2));
+        assert_eq!((s.acked, s.ack_due), (2, None));
+        assert_eq!(s.take_ack(), None);
+        // 32 unacknowledged: at once.
+        for seq in 3..ACK_BATCH + 2 {
+            assert_eq!(s.on_direct(seq, t0), (true, false), "{seq}");
+        }
+        assert_eq!(s.on_direct(ACK_BATCH + 2, t0), (true, true));
+        assert_eq!(s.take_ack(), Some(ACK_BATCH + 2));
+        // A hole (never expected within a session) is accepted.
+        assert_eq!(s.on_direct(ACK_BATCH + 5, t0), (true, false));
+        assert_eq!(s.received, ACK_BATCH + 5);
+    }
+
     #[test]
     fn commands_are_encoded_flat() {
         let body = CommandBody::Publish {
@@ -1069,5 +1503,9 @@ mod tests {
             r#"{"id":3,"cmd":"publish","channel":"chat:a","text":"hi"}"#
         );
         assert_eq!(encode(4, &CommandBody::Ping {}), r#"{"id":4,"cmd":"ping"}"#);
+        assert_eq!(
+            encode(5, &CommandBody::Ack { seq: 32 }),
+            r#"{"id":5,"cmd":"ack","seq":32}"#
+        );
     }
 }

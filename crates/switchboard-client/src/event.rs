@@ -4,7 +4,7 @@
 use crate::error::Error;
 use std::fmt;
 use std::time::Duration;
-use switchboard_proto::native::{Member, StreamPosition};
+use switchboard_proto::native::{Member, ResumeError, StreamPosition};
 use switchboard_proto::origin::Payload;
 
 /// One message of a channel, as delivered to the application.
@@ -29,6 +29,37 @@ impl ChannelMessage {
         }
     }
 
+    /// The body, if it is text.
+    pub fn text(&self) -> Option<&str> {
+        match &self.data {
+            Payload::Text(t) => Some(t),
+            Payload::Binary(_) => None,
+        }
+    }
+
+    /// The body as bytes (text as UTF-8).
+    pub fn bytes(&self) -> &[u8] {
+        match &self.data {
+            Payload::Text(t) => t.as_bytes(),
+            Payload::Binary(b) => b,
+        }
+    }
+}
+
+/// A direct message for this connection (from the origin or the control
+/// API's `POST /v1/connections/{id}/messages`), as delivered in
+/// [`ClientEvent::Direct`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirectMessage {
+    /// Its sequence number in the session: 1, 2, 3… with no holes, going on
+    /// across resumed connections and starting over with a new session.
+    /// `None` when the gateway keeps no sessions (`session-ttl = 0`).
+    pub seq: Option<u64>,
+    /// The message body.
+    pub data: Payload,
+}
+
+impl DirectMessage {
     /// The body, if it is text.
     pub fn text(&self) -> Option<&str> {
         match &self.data {
@@ -87,7 +118,8 @@ pub enum SubscriptionEvent {
     Join(Member),
     /// Someone left the channel (namespaces with `join-leave`).
     Leave(Member),
-    /// The server ended this subscription (control API or origin); the
+    /// The server ended this subscription (control API or origin) — also
+    /// while the client was away, noticed when its session is resumed; the
     /// stream ends after this event and the SDK does not resubscribe.
     Unsubscribed,
     /// The subscription cannot go on: a resubscribe after a reconnect was
@@ -134,12 +166,42 @@ impl fmt::Display for DisconnectReason {
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum ClientEvent {
-    /// A connection is up (the gateway's `connected` push arrived).
+    /// The client's first connection is up (the gateway's `connected` push
+    /// arrived). Every later connection is announced by
+    /// [`Resumed`](Self::Resumed) or [`Restarted`](Self::Restarted)
+    /// instead: each established connection yields exactly one of the three.
     Connected {
         /// This connection's id (what the control API calls it).
         client_id: String,
         /// The gateway node holding it.
         node: String,
+    },
+    /// A reconnect resumed the session of the lost connection: same
+    /// `client_id`, nothing lost. Direct messages sent meanwhile follow
+    /// (each exactly once), and every subscription recovers from where it
+    /// stopped, as after any reconnect.
+    Resumed {
+        /// The connection's id, the same as before.
+        client_id: String,
+        /// The gateway node holding it.
+        node: String,
+    },
+    /// A reconnect started a new session: a new `client_id`, as far as the
+    /// gateway and the origin are concerned a new connection (the old one
+    /// got its `disconnect`). Direct messages sent to the old session after
+    /// it was lost may be lost. Subscriptions are resubscribed and recover
+    /// from history as usual (a [`SubscriptionEvent::Gap`] where they
+    /// cannot); server-side subscriptions are whatever the origin gives the
+    /// new connection.
+    Restarted {
+        /// The new connection's id.
+        client_id: String,
+        /// The gateway node holding it.
+        node: String,
+        /// Why the gateway refused to resume the old session (it ended,
+        /// expired, overflowed, is unknown to this node…); `None` when
+        /// there was no session to resume (the gateway keeps none).
+        error: Option<ResumeError>,
     },
     /// An established connection ended; the next attempt starts in
     /// `retry_in`.
@@ -158,8 +220,9 @@ pub enum ClientEvent {
         retry_in: Duration,
     },
     /// A direct message for this connection (from the origin or the control
-    /// API).
-    Direct(Payload),
+    /// API). While the session lives they arrive exactly once and in order,
+    /// lost connections notwithstanding.
+    Direct(DirectMessage),
     /// The connection's token expires at `expires_at_ms` (Unix ms): hand a
     /// fresh one to [`Client::refresh`](crate::Client::refresh) before, or
     /// the gateway closes the connection (4004).
@@ -168,7 +231,8 @@ pub enum ClientEvent {
         expires_at_ms: u64,
     },
     /// The server subscribed this connection to a channel (origin's `connect`
-    /// answer or the control API). Its messages arrive as
+    /// answer or the control API) — also while the client was away, which
+    /// comes out after [`Resumed`](Self::Resumed). Its messages arrive as
     /// [`ClientEvent::Message`].
     ServerSubscribed {
         /// The channel.
@@ -176,17 +240,22 @@ pub enum ClientEvent {
         /// The channel's epoch.
         epoch: String,
         /// The channel's newest offset: later messages have larger ones.
+        /// (After a resume: where the session stopped receiving it; what was
+        /// published since follows, as far as the channel's history goes.)
         offset: u64,
     },
     /// The server unsubscribed this connection from a channel that has no
-    /// client-side [`Subscription`](crate::Subscription).
+    /// client-side [`Subscription`](crate::Subscription) — also while the
+    /// client was away, which comes out after [`Resumed`](Self::Resumed).
     ServerUnsubscribed {
         /// The channel.
         channel: String,
     },
     /// A message of a channel with no client-side
     /// [`Subscription`](crate::Subscription) (a server-side subscription).
-    /// These are not deduplicated or recovered across reconnects.
+    /// A resumed session recovers what was published meanwhile (as far as
+    /// the channel's history goes, without a gap being reported); after
+    /// [`Restarted`](Self::Restarted), nothing is recovered.
     Message(ChannelMessage),
     /// A join on a channel with no client-side subscription.
     Join {

@@ -44,9 +44,32 @@
 //!   fail with [`Error::ConnectionLost`] (they may have been applied).
 //! - **Errors are typed.** Gateway errors are [`Error::Server`] with the
 //!   protocol's [`ErrorCode`].
+//! - **Direct messages exactly once, in order, across lost connections —
+//!   while the session lives.** The gateway gives each connection a
+//!   *session* that outlives a lost socket for its `session-ttl` (default
+//!   2 minutes). The SDK reconnects asking to resume it (with the highest
+//!   direct message sequence it received); the gateway then re-sends every
+//!   [`ClientEvent::Direct`] sent after that, in order, and the SDK drops
+//!   any it already delivered. A resumed connection keeps its client id and
+//!   is announced by [`ClientEvent::Resumed`]. The SDK acknowledges what it
+//!   received in batches (an `ack` per 32 messages or 500 ms, whichever
+//!   comes first), so the gateway keeps only what may still be needed.
+//! - **When the session cannot be resumed** (it outlived `session-ttl`, the
+//!   gateway restarted, the reconnect reached another node, the session was
+//!   closed by the control API or the origin, or more direct messages were
+//!   waiting than the gateway keeps) the reconnect starts a new session,
+//!   announced by [`ClientEvent::Restarted`] with the gateway's reason: a
+//!   new client id, and direct messages sent to the old session after it
+//!   was lost may be lost (the gateway answered `unknown` to their senders
+//!   only once the session had ended). Subscriptions go on as after any
+//!   reconnect: recovered from history, or a
+//!   [`Gap`](SubscriptionEvent::Gap).
+//! - **Only [`Client::close`] ends a session.** It sends a close frame; a
+//!   link the SDK finds dead, or a socket error, is just dropped (no close
+//!   frame), so that the session survives for the reconnect.
 //! - **Dead links are noticed.** If nothing at all (not even a WebSocket
 //!   ping) arrives for twice the gateway's ping interval plus 5 s, the
-//!   connection is dropped and re-established.
+//!   connection is dropped and re-established (and its session resumed).
 //!
 //! # Layout
 //!
@@ -76,14 +99,15 @@ pub use backoff::BackoffConfig;
 pub use client::{Client, ClientBuilder, Events, IntoPayload};
 pub use error::{Error, Result};
 pub use event::{
-    ChannelMessage, ClientEvent, ConnectionState, DisconnectReason, SubscriptionEvent,
+    ChannelMessage, ClientEvent, ConnectionState, DirectMessage, DisconnectReason,
+    SubscriptionEvent,
 };
 pub use subscription::{Subscription, SubscriptionHandle};
 
 /// The wire types this SDK speaks, re-exported.
 pub use switchboard_proto::native::{
-    ErrorCode, HistoryResult, Member, PresenceResult, Publication, PublishResult, StreamPosition,
-    SUBPROTOCOL,
+    ErrorCode, HistoryResult, Member, PresenceResult, Publication, PublishResult, ResumeCode,
+    ResumeError, StreamPosition, SUBPROTOCOL,
 };
 /// A message body: `Payload::Text` or `Payload::Binary`.
 pub use switchboard_proto::origin::Payload;

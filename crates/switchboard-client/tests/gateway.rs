@@ -3,12 +3,12 @@
 //! command round trips, typed errors, reconnect policy, heartbeats, and
 //! token refresh.
 
-use std::sync::atomic::{AtomicU32, Ordering::SeqCst};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use switchboard_client::{
-    Client, ClientEvent, ConnectionState, DisconnectReason, Error, ErrorCode, Events, Payload,
-    StreamPosition, Subscription, SubscriptionEvent,
+    Client, ClientEvent, ConnectionState, DirectMessage, DisconnectReason, Error, ErrorCode,
+    Events, Payload, ResumeCode, StreamPosition, Subscription, SubscriptionEvent,
 };
 use switchboard_proto::origin::{ClosedBy, Event, OriginAnswer};
 use switchboard_test_util::{ConnectBehavior, TestGateway, TestOrigin};
@@ -505,7 +505,13 @@ async fn server_side_subscriptions_and_direct_messages_reach_the_client_events()
 
     assert_eq!(gw.push_text(&id, "direct hi").await, 200);
     let e = wait_event(&mut events, |e| matches!(e, ClientEvent::Direct(_))).await;
-    assert_eq!(e, ClientEvent::Direct(Payload::Text("direct hi".into())));
+    assert_eq!(
+        e,
+        ClientEvent::Direct(DirectMessage {
+            seq: Some(1),
+            data: Payload::Text("direct hi".into())
+        })
+    );
 
     // And `send` reaches the origin.
     client.send("to the origin").await.unwrap();
@@ -602,44 +608,101 @@ async fn a_refused_handshake_stops_the_client_and_a_503_is_retried() {
         .any(|e| matches!(e, Event::Connect(_))));
 }
 
-/// A TCP proxy whose connections can go silent (stop forwarding, keep the
-/// sockets open), like a dead NAT mapping.
+/// A TCP proxy between the SDK and a gateway, to break the link from
+/// outside: its connections can go silent (stop forwarding, keep the sockets
+/// open) like a dead NAT mapping, or be cut (both sockets closed, no
+/// WebSocket close frame) like a lost network; it can refuse new connections
+/// for a while, and forward new ones to another gateway.
 struct Proxy {
     addr: std::net::SocketAddr,
-    /// Connections numbered below this are frozen.
-    frozen_below: Arc<AtomicU32>,
-    next: Arc<AtomicU32>,
+    state: Arc<ProxyState>,
+}
+
+struct ProxyState {
+    upstream: Mutex<std::net::SocketAddr>,
+    /// Connections numbered below this are frozen both ways.
+    frozen_below: AtomicU32,
+    /// Connections numbered below this are frozen from the gateway to the
+    /// client only.
+    downstream_frozen_below: AtomicU32,
+    next: AtomicU32,
+    /// New connections are closed at once.
+    down: AtomicBool,
+    /// The pipe tasks of the open connections.
+    pipes: Mutex<Vec<tokio::task::AbortHandle>>,
 }
 
 impl Proxy {
     async fn start(upstream: std::net::SocketAddr) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let frozen_below = Arc::new(AtomicU32::new(0));
-        let next = Arc::new(AtomicU32::new(0));
-        let (f, n) = (frozen_below.clone(), next.clone());
+        let state = Arc::new(ProxyState {
+            upstream: Mutex::new(upstream),
+            frozen_below: AtomicU32::new(0),
+            downstream_frozen_below: AtomicU32::new(0),
+            next: AtomicU32::new(0),
+            down: AtomicBool::new(false),
+            pipes: Mutex::new(Vec::new()),
+        });
+        let st = state.clone();
         tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
+                if st.down.load(SeqCst) {
+                    drop(client);
+                    continue;
+                }
+                let upstream = *st.upstream.lock().unwrap();
                 let Ok(server) = TcpStream::connect(upstream).await else {
                     continue;
                 };
-                let number = n.fetch_add(1, SeqCst);
+                let number = st.next.fetch_add(1, SeqCst);
                 let (cr, cw) = client.into_split();
                 let (sr, sw) = server.into_split();
-                tokio::spawn(pipe(cr, sw, number, f.clone()));
-                tokio::spawn(pipe(sr, cw, number, f.clone()));
+                let up = tokio::spawn(pipe(cr, sw, number, st.clone(), false));
+                let down = tokio::spawn(pipe(sr, cw, number, st.clone(), true));
+                st.pipes
+                    .lock()
+                    .unwrap()
+                    .extend([up.abort_handle(), down.abort_handle()]);
             }
         });
-        Self {
-            addr,
-            frozen_below,
-            next,
+        Self { addr, state }
+    }
+
+    /// `ws://` URL of the proxy.
+    fn url(&self) -> String {
+        format!("ws://{}/", self.addr)
+    }
+
+    /// Freezes every connection opened so far, both ways.
+    fn freeze(&self) {
+        let next = self.state.next.load(SeqCst);
+        self.state.frozen_below.store(next, SeqCst);
+    }
+
+    /// Freezes every connection opened so far from the gateway to the
+    /// client only: what the client sends still gets through.
+    fn freeze_downstream(&self) {
+        let next = self.state.next.load(SeqCst);
+        self.state.downstream_frozen_below.store(next, SeqCst);
+    }
+
+    /// Cuts every open connection: both sockets are closed, as a lost
+    /// network would (neither side gets a close frame).
+    fn cut(&self) {
+        for pipe in self.state.pipes.lock().unwrap().drain(..) {
+            pipe.abort();
         }
     }
 
-    /// Freezes every connection opened so far.
-    fn freeze(&self) {
-        self.frozen_below.store(self.next.load(SeqCst), SeqCst);
+    /// While `down`, new connections are closed as soon as accepted.
+    fn set_down(&self, down: bool) {
+        self.state.down.store(down, SeqCst);
+    }
+
+    /// New connections go to `upstream`.
+    fn set_upstream(&self, upstream: std::net::SocketAddr) {
+        *self.state.upstream.lock().unwrap() = upstream;
     }
 }
 
@@ -647,12 +710,15 @@ async fn pipe(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
     number: u32,
-    frozen_below: Arc<AtomicU32>,
+    state: Arc<ProxyState>,
+    downstream: bool,
 ) {
     let mut buf = vec![0u8; 16 << 10];
     loop {
         let read = from.read(&mut buf).await;
-        if number < frozen_below.load(SeqCst) {
+        let frozen = number < state.frozen_below.load(SeqCst)
+            || (downstream && number < state.downstream_frozen_below.load(SeqCst));
+        if frozen {
             // Swallow everything, forever, without closing either side.
             std::future::pending::<()>().await;
         }
@@ -666,21 +732,89 @@ async fn pipe(
     }
 }
 
+/// A client through `proxy`, with short reconnect delays, connected.
+async fn proxied_client(proxy: &Proxy) -> Client {
+    let client = Client::builder(proxy.url())
+        .backoff_initial(Duration::from_millis(20))
+        .backoff_max(Duration::from_millis(200))
+        .connect()
+        .unwrap();
+    tokio::time::timeout(WAIT, client.wait_connected())
+        .await
+        .expect("connected in time")
+        .expect("connects");
+    client
+}
+
+/// The client events from now on, recorded by a task of their own.
+fn record(client: &Client) -> Arc<Mutex<Vec<ClientEvent>>> {
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let mut events = client.events();
+    let l = log.clone();
+    tokio::spawn(async move {
+        while let Some(e) = events.recv().await {
+            l.lock().unwrap().push(e);
+        }
+    });
+    log
+}
+
+/// How many recorded events match `pred`.
+fn count(log: &Mutex<Vec<ClientEvent>>, pred: impl Fn(&ClientEvent) -> bool) -> usize {
+    log.lock().unwrap().iter().filter(|e| pred(e)).count()
+}
+
+/// Waits until `what` holds, within [`WAIT`].
+async fn until(what: &str, check: impl Fn() -> bool) {
+    tokio::time::timeout(WAIT, async {
+        while !check() {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
+}
+
+/// The direct messages among `events`.
+fn directs(events: &[ClientEvent]) -> Vec<DirectMessage> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            ClientEvent::Direct(m) => Some(m.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The connection as the control API shows it (it must exist).
+async fn info(gw: &TestGateway, id: &str) -> switchboard_proto::control::ConnectionInfo {
+    gw.connection(id)
+        .await
+        .unwrap_or_else(|| panic!("connection {id} is gone"))
+}
+
+/// The link goes silent both ways (a dead NAT mapping): the SDK notices
+/// after 2 × ping interval + 5 s, drops it and resumes its session on a new
+/// connection, before the gateway noticed anything (its pong timeout is
+/// longer): the gateway hands the session over from the old socket.
 #[tokio::test]
-async fn a_silent_link_is_detected_and_replaced() {
+async fn a_silent_link_is_detected_and_the_session_resumed() {
     let gw = TestGateway::start(|c| {
         configure(c);
         c.ping_interval = Duration::from_millis(200);
+        c.pong_timeout = Duration::from_secs(30);
     })
     .await;
     let proxy = Proxy::start(gw.addr).await;
-    let client = Client::builder(format!("ws://{}/", proxy.addr))
-        .backoff_initial(Duration::from_millis(20))
-        .connect()
-        .unwrap();
-    client.wait_connected().await.unwrap();
+    let client = proxied_client(&proxy).await;
     let mut events = client.events();
     let first = client.client_id().unwrap();
+    assert_eq!(gw.push_text(&first, "before").await, 200);
+    let e = wait_event(&mut events, |e| matches!(e, ClientEvent::Direct(_))).await;
+    assert!(
+        matches!(&e, ClientEvent::Direct(m) if m.seq == Some(1) && m.text() == Some("before")),
+        "{e:?}"
+    );
     proxy.freeze();
     // 2 × 200 ms + 5 s of silence, then a reconnect through the proxy (only
     // the old connection is frozen).
@@ -709,7 +843,534 @@ async fn a_silent_link_is_detected_and_replaced() {
         "{:?}",
         started.elapsed()
     );
-    reconnected(&client, &first).await;
+    let e = wait_event(&mut events, |e| {
+        matches!(
+            e,
+            ClientEvent::Resumed { .. } | ClientEvent::Restarted { .. }
+        )
+    })
+    .await;
+    assert_eq!(
+        e,
+        ClientEvent::Resumed {
+            client_id: first.clone(),
+            node: gw.node.clone()
+        }
+    );
+    assert_eq!(client.client_id(), Some(first.clone()));
+    assert_eq!(gw.push_text(&first, "after").await, 200);
+    let e = wait_event(&mut events, |e| matches!(e, ClientEvent::Direct(_))).await;
+    assert!(
+        matches!(&e, ClientEvent::Direct(m) if m.seq == Some(2) && m.text() == Some("after")),
+        "{e:?}"
+    );
+}
+
+/// When the SDK gives up on a link, it drops it without a close frame
+/// (which would end the session): here only the gateway's half of the link
+/// is silent, so a close frame from the SDK would reach the gateway, and the
+/// reconnect would be a new session.
+#[tokio::test]
+async fn a_link_given_up_by_the_sdk_ends_without_a_close_frame() {
+    let gw = TestGateway::start(|c| {
+        configure(c);
+        c.ping_interval = Duration::from_millis(200);
+        c.pong_timeout = Duration::from_secs(60);
+    })
+    .await;
+    let proxy = Proxy::start(gw.addr).await;
+    let client = proxied_client(&proxy).await;
+    let mut events = client.events();
+    let first = client.client_id().unwrap();
+    proxy.freeze_downstream();
+    let e = tokio::time::timeout(Duration::from_secs(15), async {
+        loop {
+            if let Some(e @ ClientEvent::Disconnected { .. }) = events.recv().await {
+                return e;
+            }
+        }
+    })
+    .await
+    .expect("the dead link is noticed");
+    assert!(
+        matches!(
+            e,
+            ClientEvent::Disconnected {
+                reason: DisconnectReason::HeartbeatTimeout(_),
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+    let e = wait_event(&mut events, |e| {
+        matches!(
+            e,
+            ClientEvent::Resumed { .. } | ClientEvent::Restarted { .. }
+        )
+    })
+    .await;
+    assert!(
+        matches!(&e, ClientEvent::Resumed { client_id, .. } if *client_id == first),
+        "the session survived: {e:?}"
+    );
+}
+
+/// Direct messages sent while the socket is cut again and again all arrive,
+/// once each and in order, on the same connection id.
+#[tokio::test]
+async fn a_resumed_session_delivers_every_direct_message_exactly_once_in_order() {
+    const TOTAL: u32 = 300;
+    const CUTS: [u32; 5] = [40, 100, 160, 220, 280];
+    let gw = Arc::new(gateway().await);
+    let proxy = Proxy::start(gw.addr).await;
+    let client = proxied_client(&proxy).await;
+    let id = client.client_id().unwrap();
+    let log = record(&client);
+
+    let sent = Arc::new(AtomicU32::new(0));
+    let sender = {
+        let (gw, sent, id) = (gw.clone(), sent.clone(), id.clone());
+        tokio::spawn(async move {
+            let mut queued = 0;
+            for i in 1..=TOTAL {
+                let r = gw
+                    .post(
+                        &format!("/v1/connections/{id}/messages"),
+                        &serde_json::json!({ "text": i.to_string() }),
+                    )
+                    .await;
+                assert_eq!(r.status, 200, "direct {i}: {}", r.body);
+                match r.json()["status"].as_str() {
+                    Some("delivered") => {}
+                    Some("queued") => queued += 1,
+                    other => panic!("direct {i}: {other:?}"),
+                }
+                sent.store(i, SeqCst);
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            queued
+        })
+    };
+    for (n, at) in CUTS.into_iter().enumerate() {
+        until("the sender to progress", || sent.load(SeqCst) >= at).await;
+        proxy.cut();
+        until("the resume", || {
+            count(&log, |e| matches!(e, ClientEvent::Resumed { .. })) > n
+        })
+        .await;
+    }
+    let queued = sender.await.unwrap();
+    until("every direct message", || {
+        directs(&log.lock().unwrap()).len() >= TOTAL as usize
+    })
+    .await;
+    // A duplicate would show up shortly after.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let events = log.lock().unwrap().clone();
+    let got = directs(&events);
+    let texts: Vec<String> = got
+        .iter()
+        .filter_map(|m| m.text().map(str::to_owned))
+        .collect();
+    let expected: Vec<String> = (1..=TOTAL).map(|i| i.to_string()).collect();
+    assert_eq!(
+        texts, expected,
+        "every direct message exactly once, in order"
+    );
+    let seqs: Vec<Option<u64>> = got.iter().map(|m| m.seq).collect();
+    let expected: Vec<Option<u64>> = (1..=u64::from(TOTAL)).map(Some).collect();
+    assert_eq!(seqs, expected);
+    let resumed: Vec<&ClientEvent> = events
+        .iter()
+        .filter(|e| {
+            matches!(
+                e,
+                ClientEvent::Resumed { .. }
+                    | ClientEvent::Restarted { .. }
+                    | ClientEvent::Connected { .. }
+            )
+        })
+        .collect();
+    assert_eq!(resumed.len(), CUTS.len(), "{resumed:?}");
+    assert!(
+        resumed
+            .iter()
+            .all(|e| matches!(e, ClientEvent::Resumed { client_id, .. } if *client_id == id)),
+        "{resumed:?}"
+    );
+    let lost = count(&log, |e| {
+        matches!(
+            e,
+            ClientEvent::Disconnected {
+                reason: DisconnectReason::Network(_),
+                ..
+            }
+        )
+    });
+    assert_eq!(lost, CUTS.len(), "{events:?}");
+    assert_eq!(client.client_id(), Some(id.clone()));
+    let now = info(&gw, &id).await;
+    assert!(!now.suspended);
+    // Some were sent while the session had no socket (else the test proves
+    // less than it claims); how many depends on timing.
+    eprintln!("{queued} of {TOTAL} direct messages were kept for a suspended session");
+    client.close().await;
+}
+
+/// While the client is away, messages are published to its channels, the
+/// server subscribes it to a new channel and unsubscribes it from another,
+/// and the client leaves one: once resumed, the client gets the missed
+/// messages of each channel (its own subscriptions and the server-side
+/// ones, old and new), learns of the server's changes, and the session
+/// leaves the channel the client left.
+#[tokio::test]
+async fn channel_messages_published_while_away_are_recovered_after_a_resume() {
+    let gw = gateway().await;
+    let proxy = Proxy::start(gw.addr).await;
+    let client = proxied_client(&proxy).await;
+    let id = client.client_id().unwrap();
+    let mut events = client.events();
+    let mut sub = client.subscribe("chat:away").await.unwrap();
+    let SubscriptionEvent::Subscribed { epoch, .. } = next(&mut sub).await else {
+        panic!("Subscribed first");
+    };
+    let mut gone = client.subscribe("chat:gone").await.unwrap();
+    assert!(matches!(
+        next(&mut gone).await,
+        SubscriptionEvent::Subscribed { .. }
+    ));
+    let left = client.subscribe("chat:left").await.unwrap();
+    let put = |channel: &'static str| {
+        gw.call(gw.request(
+            reqwest::Method::PUT,
+            &format!("/v1/connections/{id}/channels/{channel}"),
+        ))
+    };
+    let r = put("chat:srv").await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    wait_event(
+        &mut events,
+        |e| matches!(e, ClientEvent::ServerSubscribed { channel, .. } if channel == "chat:srv"),
+    )
+    .await;
+    publish_api(&gw, "chat:away", "1").await;
+    assert_eq!(text_of(&next(&mut sub).await).as_deref(), Some("1"));
+    publish_api(&gw, "chat:srv", "s1").await;
+    wait_event(&mut events, |e| matches!(e, ClientEvent::Message(_))).await;
+
+    // Away: the socket is cut and the client cannot come back yet.
+    proxy.set_down(true);
+    proxy.cut();
+    switchboard_test_util::eventually(WAIT, "the session suspended", || async {
+        info(&gw, &id).await.suspended
+    })
+    .await;
+    until("the client to notice", || {
+        client.state() == ConnectionState::Connecting
+    })
+    .await;
+    // Left while away: the session still holds it, the client must not take
+    // it for a server-side subscription.
+    left.unsubscribe().await.unwrap();
+    for i in 2..=4 {
+        publish_api(&gw, "chat:away", &i.to_string()).await;
+    }
+    publish_api(&gw, "chat:srv", "s2").await;
+    publish_api(&gw, "chat:srv", "s3").await;
+    let r = put("chat:new").await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    publish_api(&gw, "chat:new", "n1").await;
+    let r = gw
+        .delete(&format!("/v1/connections/{id}/channels/chat:gone"))
+        .await;
+    assert_eq!(r.status, 204, "{}", r.body);
+    assert_eq!(gw.push_text(&id, "while away").await, 200);
+    proxy.set_down(false);
+
+    let e = wait_event(&mut events, |e| {
+        matches!(
+            e,
+            ClientEvent::Resumed { .. } | ClientEvent::Restarted { .. }
+        )
+    })
+    .await;
+    assert!(
+        matches!(&e, ClientEvent::Resumed { client_id, .. } if *client_id == id),
+        "{e:?}"
+    );
+    assert_eq!(
+        next(&mut sub).await,
+        SubscriptionEvent::Subscribed {
+            epoch,
+            offset: 4,
+            recovered: Some(true),
+            missed: Some(3),
+        }
+    );
+    for i in 2..=4 {
+        assert_eq!(text_of(&next(&mut sub).await), Some(i.to_string()));
+    }
+    assert_eq!(next(&mut gone).await, SubscriptionEvent::Unsubscribed);
+    assert_eq!(
+        tokio::time::timeout(WAIT, gone.recv()).await.unwrap(),
+        None,
+        "the stream ends"
+    );
+
+    // The client-wide side: the new server-side subscription, what both
+    // server-side channels missed (each once, in order), the direct message.
+    let mut srv = Vec::new();
+    let mut new = Vec::new();
+    let mut announced = false;
+    let mut direct = None;
+    tokio::time::timeout(WAIT, async {
+        while srv.len() < 2 || new.is_empty() || direct.is_none() {
+            match events.recv().await.expect("events open") {
+                ClientEvent::ServerSubscribed { channel, .. } if channel == "chat:new" => {
+                    assert!(new.is_empty(), "announced before its messages");
+                    announced = true;
+                }
+                ClientEvent::Message(m) if m.channel == "chat:srv" => {
+                    srv.push(m.text().unwrap().to_owned())
+                }
+                ClientEvent::Message(m) if m.channel == "chat:new" => {
+                    new.push(m.text().unwrap().to_owned())
+                }
+                ClientEvent::Direct(m) => direct = Some(m),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("recovered: chat:srv {srv:?}, chat:new {new:?}, {direct:?}"));
+    assert!(announced);
+    assert_eq!(srv, ["s2", "s3"]);
+    assert_eq!(new, ["n1"]);
+    assert_eq!(
+        direct,
+        Some(DirectMessage {
+            seq: Some(1),
+            data: Payload::Text("while away".into())
+        })
+    );
+
+    // And everything flows live again, once.
+    publish_api(&gw, "chat:away", "5").await;
+    assert_eq!(text_of(&next(&mut sub).await).as_deref(), Some("5"));
+    publish_api(&gw, "chat:srv", "s4").await;
+    let e = wait_event(&mut events, |e| matches!(e, ClientEvent::Message(_))).await;
+    assert!(
+        matches!(&e, ClientEvent::Message(m) if m.text() == Some("s4")),
+        "{e:?}"
+    );
+    assert_eq!(client.presence("chat:away").await.unwrap().clients, 1);
+    switchboard_test_util::eventually(WAIT, "chat:left left", || async {
+        info(&gw, &id).await.channels == ["chat:away", "chat:new", "chat:srv"]
+    })
+    .await;
+    assert_eq!(client.presence("chat:left").await.unwrap().clients, 0);
+}
+
+/// A resume the gateway refuses starts a new session, reported with the
+/// gateway's reason: after the session was closed through the control API
+/// (`session_closed`), and after the gateway was replaced by another one
+/// (`session_unknown`). Subscriptions go on, and direct messages are
+/// numbered anew.
+#[tokio::test]
+async fn a_refused_resume_starts_a_new_session() {
+    let gw = gateway().await;
+    let proxy = Proxy::start(gw.addr).await;
+    let client = proxied_client(&proxy).await;
+    let first = client.client_id().unwrap();
+    let mut events = client.events();
+    let mut sub = client.subscribe("chat:fresh").await.unwrap();
+    let SubscriptionEvent::Subscribed { epoch, .. } = next(&mut sub).await else {
+        panic!("Subscribed first");
+    };
+    publish_api(&gw, "chat:fresh", "1").await;
+    assert_eq!(text_of(&next(&mut sub).await).as_deref(), Some("1"));
+    for text in ["d1", "d2"] {
+        assert_eq!(gw.push_text(&first, text).await, 200);
+    }
+    let e = wait_event(
+        &mut events,
+        |e| matches!(e, ClientEvent::Direct(m) if m.seq == Some(2)),
+    )
+    .await;
+    assert!(matches!(&e, ClientEvent::Direct(m) if m.text() == Some("d2")));
+
+    // 1. The session is closed by the control API.
+    kill(&gw, &first).await;
+    let e = wait_event(&mut events, |e| {
+        matches!(
+            e,
+            ClientEvent::Resumed { .. } | ClientEvent::Restarted { .. }
+        )
+    })
+    .await;
+    let ClientEvent::Restarted {
+        client_id: second,
+        node,
+        error: Some(error),
+    } = e
+    else {
+        panic!("a new session, with the reason: {e:?}");
+    };
+    assert_eq!(error.code, ResumeCode::SessionClosed, "{error:?}");
+    assert_ne!(second, first);
+    assert_eq!(node, gw.node);
+    assert_eq!(client.client_id(), Some(second.clone()));
+    assert_eq!(
+        next(&mut sub).await,
+        SubscriptionEvent::Subscribed {
+            epoch: epoch.clone(),
+            offset: 1,
+            recovered: Some(true),
+            missed: Some(0),
+        }
+    );
+    publish_api(&gw, "chat:fresh", "2").await;
+    assert_eq!(text_of(&next(&mut sub).await).as_deref(), Some("2"));
+    // Numbered from 1 again: not taken for a duplicate of the old d1.
+    assert_eq!(gw.push_text(&second, "e1").await, 200);
+    let e = wait_event(&mut events, |e| matches!(e, ClientEvent::Direct(_))).await;
+    assert_eq!(
+        e,
+        ClientEvent::Direct(DirectMessage {
+            seq: Some(1),
+            data: Payload::Text("e1".into())
+        })
+    );
+
+    // 2. The gateway is replaced: the new one never heard of the session.
+    let gw2 = gateway().await;
+    proxy.set_upstream(gw2.addr);
+    proxy.cut();
+    let e = wait_event(&mut events, |e| {
+        matches!(
+            e,
+            ClientEvent::Resumed { .. } | ClientEvent::Restarted { .. }
+        )
+    })
+    .await;
+    let ClientEvent::Restarted {
+        client_id: third,
+        node,
+        error: Some(error),
+    } = e
+    else {
+        panic!("a new session, with the reason: {e:?}");
+    };
+    assert_eq!(error.code, ResumeCode::SessionUnknown, "{error:?}");
+    assert_eq!(node, gw2.node);
+    assert_ne!(third, second);
+    // The channel's stream on the new gateway is another one: a gap.
+    assert!(matches!(
+        next(&mut sub).await,
+        SubscriptionEvent::Subscribed {
+            recovered: Some(false),
+            ..
+        }
+    ));
+    assert!(matches!(
+        next(&mut sub).await,
+        SubscriptionEvent::Gap { .. }
+    ));
+    client.publish("chat:fresh", "3").await.unwrap();
+    assert_eq!(text_of(&next(&mut sub).await).as_deref(), Some("3"));
+    assert_eq!(gw2.push_text(&third, "f1").await, 200);
+    let e = wait_event(&mut events, |e| matches!(e, ClientEvent::Direct(_))).await;
+    assert!(
+        matches!(&e, ClientEvent::Direct(m) if m.seq == Some(1) && m.text() == Some("f1")),
+        "{e:?}"
+    );
+}
+
+/// A gateway that keeps no sessions (`session-ttl = 0`): direct messages
+/// have no sequence, nothing is resumed, and a reconnect is a new session
+/// without a refusal to report.
+#[tokio::test]
+async fn without_sessions_every_reconnect_is_a_restart() {
+    let gw = TestGateway::start(|c| {
+        configure(c);
+        c.session_ttl = Duration::ZERO;
+    })
+    .await;
+    let proxy = Proxy::start(gw.addr).await;
+    let client = proxied_client(&proxy).await;
+    let first = client.client_id().unwrap();
+    let mut events = client.events();
+    for text in ["a", "b"] {
+        assert_eq!(gw.push_text(&first, text).await, 200);
+        let e = wait_event(&mut events, |e| matches!(e, ClientEvent::Direct(_))).await;
+        assert_eq!(
+            e,
+            ClientEvent::Direct(DirectMessage {
+                seq: None,
+                data: Payload::Text(text.into())
+            })
+        );
+    }
+    proxy.cut();
+    let e = wait_event(&mut events, |e| {
+        matches!(
+            e,
+            ClientEvent::Resumed { .. } | ClientEvent::Restarted { .. }
+        )
+    })
+    .await;
+    assert!(
+        matches!(&e, ClientEvent::Restarted { client_id, error: None, .. } if *client_id != first),
+        "{e:?}"
+    );
+    assert_eq!(gw.connection(&first).await, None, "the old one ended");
+}
+
+/// The SDK acknowledges direct messages in batches: not each one, but every
+/// 32, and the rest within 500 ms, after which the gateway keeps none.
+#[tokio::test]
+async fn direct_messages_are_acknowledged_in_batches() {
+    let gw = gateway().await;
+    let client = client(&gw).await;
+    let id = client.client_id().unwrap();
+    let log = record(&client);
+    let outbox = || async { info(&gw, &id).await.outbox_messages };
+
+    // A few: kept until the timer acknowledges them (checked only if this
+    // machine is fast enough to look before it fires).
+    let started = tokio::time::Instant::now();
+    for i in 1..=5 {
+        assert_eq!(gw.push_text(&id, &i.to_string()).await, 200);
+    }
+    until("5 directs", || directs(&log.lock().unwrap()).len() == 5).await;
+    let kept = outbox().await;
+    if started.elapsed() < Duration::from_millis(400) {
+        assert_eq!(kept, 5, "not acknowledged one by one");
+    }
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(outbox().await, 0, "acknowledged within 500 ms");
+
+    // 40 in a row: the first 32 are acknowledged at once, before the timer.
+    let started = tokio::time::Instant::now();
+    for i in 6..=45 {
+        assert_eq!(gw.push_text(&id, &i.to_string()).await, 200);
+    }
+    until("45 directs", || directs(&log.lock().unwrap()).len() == 45).await;
+    switchboard_test_util::eventually(WAIT, "the batch of 32 acknowledged", || async {
+        outbox().await <= 8
+    })
+    .await;
+    if started.elapsed() < Duration::from_millis(400) {
+        assert_eq!(outbox().await, 8, "the last 8 wait for the timer");
+    }
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(outbox().await, 0);
+    let seqs: Vec<Option<u64>> = directs(&log.lock().unwrap())
+        .iter()
+        .map(|m| m.seq)
+        .collect();
+    assert_eq!(seqs, (1..=45).map(Some).collect::<Vec<_>>());
 }
 
 /// An HS256 token of `sub` expiring `secs` from now.

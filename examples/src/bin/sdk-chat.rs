@@ -59,7 +59,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let client = builder.connect()?;
 
-    // Connection-level news: connects, drops, direct messages, giving up.
+    // Connection-level news: connects, drops, resumes, direct messages,
+    // giving up.
     let mut events = client.events();
     tokio::spawn(async move {
         while let Some(event) = events.recv().await {
@@ -67,13 +68,29 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 ClientEvent::Connected { client_id, node } => {
                     eprintln!("* connected as {client_id} (node {node})")
                 }
+                ClientEvent::Resumed { client_id, .. } => {
+                    eprintln!("* back as {client_id}: nothing lost")
+                }
+                ClientEvent::Restarted {
+                    client_id, error, ..
+                } => match error {
+                    Some(e) => eprintln!(
+                        "* reconnected as {client_id}, a new session ({}: {}); direct messages may have been lost",
+                        e.code.as_str(),
+                        e.message
+                    ),
+                    None => eprintln!("* reconnected as {client_id}"),
+                },
                 ClientEvent::Disconnected { reason, retry_in } => {
                     eprintln!("* disconnected ({reason}); reconnecting in {retry_in:.1?}")
                 }
                 ClientEvent::ConnectFailed { error, retry_in } => {
                     eprintln!("* cannot connect ({error}); retrying in {retry_in:.1?}")
                 }
-                ClientEvent::Direct(Payload::Text(t)) => eprintln!("* direct: {t}"),
+                ClientEvent::Direct(m) => match m.text() {
+                    Some(t) => eprintln!("* direct: {t}"),
+                    None => eprintln!("* direct: <{} bytes>", m.bytes().len()),
+                },
                 ClientEvent::Failed(error) => {
                     eprintln!("* giving up: {error}");
                     std::process::exit(1);
