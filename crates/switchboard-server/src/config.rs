@@ -269,7 +269,7 @@ impl Default for Config {
             drain_spread: Duration::from_secs(5),
             session_ttl: Duration::from_secs(120),
             session_outbox_messages: 1_000,
-            session_outbox_bytes: 1 << 20,
+            session_outbox_bytes: 256 << 10,
             session_events: false,
             namespace: Vec::new(),
             max_subscriptions: 128,

@@ -786,3 +786,53 @@ async fn session_events_tell_the_origin_of_suspensions_and_resumes() {
     assert_eq!(kinds, ["suspend", "resume"]);
     drop(ws);
 }
+
+/// A control-API message held behind an origin request's replies is
+/// numbered when it goes out, after the replies: sequences follow the
+/// order of the wire, so a client that keeps the last one loses nothing.
+#[tokio::test]
+async fn messages_held_for_replies_are_numbered_in_the_order_they_are_sent() {
+    let origin = TestOrigin::start(None).await;
+    let gw = TestGateway::with_origin(&origin, |c| c.namespace = namespaces()).await;
+    let (mut ws, first) = native(&gw, "", &[]).await;
+    let id = first["client"].as_str().unwrap().to_owned();
+    origin.behavior(|b| {
+        b.echo = true;
+        b.delay = Duration::from_millis(400);
+    });
+    assert_eq!(gw.push_text(&id, "before").await, 200);
+    ws.send(WsMessage::text(
+        json!({"id": 1, "cmd": "send", "text": "echo me"}).to_string(),
+    ))
+    .await
+    .unwrap();
+    // The `send` is answered at once; its event is now with the origin.
+    let mut frames = Vec::new();
+    while frames.len() < 2 {
+        frames.push(frame(&mut ws).await);
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(gw.push_text(&id, "after").await, 200);
+    while frames.len() < 4 {
+        frames.push(frame(&mut ws).await);
+    }
+    let directs: Vec<(u64, String)> = frames
+        .iter()
+        .filter(|f| f["push"] == "direct")
+        .map(|f| {
+            (
+                f["seq"].as_u64().unwrap(),
+                f["text"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        directs,
+        [
+            (1, "before".into()),
+            (2, "echo me".into()),
+            (3, "after".into())
+        ],
+        "{frames:?}"
+    );
+}

@@ -429,7 +429,7 @@ pub(crate) struct ServeArgs {
     #[serde(skip_serializing_if = "Option::is_none")]
     session_outbox_messages: Option<u32>,
 
-    /// Most bytes of direct messages a session keeps until the client acknowledges them [default: 1048576].
+    /// Most bytes of direct messages a session keeps until the client acknowledges them; only up to half of --max-outbound-bytes is used [default: 262144].
     #[arg(long, env = "SWITCHBOARD_SESSION_OUTBOX_BYTES", value_name = "BYTES")]
     #[serde(skip_serializing_if = "Option::is_none")]
     session_outbox_bytes: Option<u32>,

@@ -253,10 +253,16 @@ impl State {
 
     /// Parks a subscriber of a suspended session at the current position.
     fn park(&mut self, conn: Arc<Conn>) {
+        let (epoch, offset) = (self.epoch.clone(), self.offset);
+        self.park_at(conn, epoch, offset);
+    }
+
+    /// Parks a subscriber of a suspended session at a position.
+    fn park_at(&mut self, conn: Arc<Conn>, epoch: Arc<str>, offset: u64) {
         let parked = Parked {
             conn,
-            epoch: self.epoch.clone(),
-            offset: self.offset,
+            epoch,
+            offset,
         };
         self.parked.insert(parked.conn.key, parked);
     }
@@ -729,21 +735,15 @@ impl Channels {
                 st.park(conn.clone());
             } else if let Some(i) = st.pending.iter().position(|p| p.conn.key == conn.key) {
                 let p = st.pending.swap_remove(i);
-                let mut parked = Parked {
-                    conn: conn.clone(),
-                    epoch: st.epoch.clone(),
-                    offset: st.offset,
-                };
-                if let Some(since) = p.since {
-                    parked.epoch = since.epoch.into();
-                    parked.offset = since.offset;
-                }
                 if !p.rejoin {
                     // Never announced: it joins now, as a parked member.
                     self.announce_member(&ch, &st, conn, true, metrics);
                     metrics.subscriptions.inc();
                 }
-                st.parked.insert(conn.key, parked);
+                match p.since {
+                    Some(since) => st.park_at(conn.clone(), since.epoch.into(), since.offset),
+                    None => st.park(conn.clone()),
+                }
             }
         }
     }

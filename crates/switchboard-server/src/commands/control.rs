@@ -10,7 +10,6 @@ use super::Commands;
 use crate::bus::BusError;
 use crate::channels::{Ack, ChannelError, Subscribed};
 use crate::conn::{CloseRequest, Conn, Outgoing, Queued};
-use crate::sessions::Ending;
 use axum::http::StatusCode;
 use bytes::Bytes;
 use std::collections::BTreeMap;
@@ -613,30 +612,21 @@ fn close_local(s: &Commands, c: CloseCommand) -> CommandReply {
         Ok(conn) => conn,
         Err(e) => return e.into(),
     };
-    let closing = || {
+    // A suspended session has no socket to close: it ends now.
+    let req = CloseRequest {
+        code,
+        reason,
+        by: ClosedBy::Origin,
+        flush_first: true,
+        takeover: false,
+    };
+    if s.sessions.close(&conn, req) {
         reply(
             StatusCode::ACCEPTED,
             &serde_json::json!({"status": "closing"}),
         )
-    };
-    match conn.request_close(CloseRequest {
-        code,
-        reason: reason.clone(),
-        by: ClosedBy::Origin,
-        flush_first: true,
-    }) {
-        Queued::Yes => closing(),
-        // A suspended session has no socket to close: it ends now.
-        Queued::Kept
-            if s.sessions.end_suspended(
-                &conn,
-                Ending::closed(code, &reason, ClosedBy::Origin),
-                "closed",
-            ) =>
-        {
-            closing()
-        }
-        Queued::Kept | Queued::Closed => ApiError::not_found(&c.connection_id).into(),
+    } else {
+        ApiError::not_found(&c.connection_id).into()
     }
 }
 

@@ -305,21 +305,9 @@ async fn refresh(s: &Commands, conn: &Conn, id: u64, token: &str) -> Bytes {
         Ok(i) => i,
         Err(e) => return refused(format!("{}: {e}", e.code())),
     };
-    let mut current = conn.token.lock();
-    if let Some(cur) = current.as_ref() {
-        if cur.user != identity.user {
-            return refused("the token is for another user".into());
-        }
-    }
-    *current = Some(Box::new(identity.state()));
-    drop(current);
-    let expires_at_ms = identity.expires_at_ms().unwrap_or(0);
-    // A connection whose expiry is not enforced (the origin said so) stays so.
-    let _ = conn.token_expires_ms.fetch_update(
-        std::sync::atomic::Ordering::AcqRel,
-        std::sync::atomic::Ordering::Acquire,
-        |old| (old != 0).then_some(expires_at_ms),
-    );
+    let Ok(expires_at_ms) = conn.replace_token(&identity) else {
+        return refused("the token is for another user".into());
+    };
     #[derive(Serialize)]
     struct Refreshed {
         expires_at_ms: u64,

@@ -7,6 +7,7 @@
 //! touches the socket (a [`stream::ClientStream`]). What a connection is
 //! attached to (its channels) is kept by those parts, not here.
 
+pub(crate) mod outbox;
 pub(crate) mod stream;
 
 use crate::metrics::Metrics;
@@ -23,14 +24,9 @@ use stream::ClientStream;
 use switchboard_proto::conn_id::ConnKey;
 use switchboard_proto::native::Push;
 use switchboard_proto::origin::{ClosedBy, Payload};
-use switchboard_proto::ws::deflate::deflate_message;
 use switchboard_proto::ws::frame::{encode_frame_with, OpCode};
 use switchboard_proto::ConnectionId;
 use tokio::sync::Notify;
-
-/// Messages smaller than this are sent uncompressed even when
-/// permessage-deflate is on: compressing them costs more than it saves.
-const DEFLATE_MIN_BYTES: usize = 256;
 
 /// Most frames handed to one `writev` call.
 const MAX_IOVECS: usize = 64;
@@ -60,11 +56,9 @@ impl Encoded {
     }
 
     fn frame_for(&self, deflate: bool) -> Bytes {
-        if deflate && self.payload.len() >= DEFLATE_MIN_BYTES {
+        if deflate && self.payload.len() >= outbox::DEFLATE_MIN_BYTES {
             self.deflated
-                .get_or_init(|| {
-                    encode_frame_with(self.opcode, true, &deflate_message(&self.payload))
-                })
+                .get_or_init(|| outbox::frame(self.opcode, &self.payload, true))
                 .clone()
         } else {
             self.frame.clone()
@@ -83,6 +77,9 @@ pub(crate) struct Outgoing {
     push_json: Option<Bytes>,
     raw: OnceLock<Encoded>,
     native: OnceLock<Encoded>,
+    /// A direct message's data fields as JSON, for sessions (each adds its
+    /// own `seq`): made on first use.
+    tail: OnceLock<Bytes>,
 }
 
 impl Outgoing {
@@ -93,6 +90,7 @@ impl Outgoing {
             push_json: None,
             raw: OnceLock::new(),
             native: OnceLock::new(),
+            tail: OnceLock::new(),
         }
     }
 
@@ -103,6 +101,7 @@ impl Outgoing {
             push_json: Some(push_json),
             raw: OnceLock::new(),
             native: OnceLock::new(),
+            tail: OnceLock::new(),
         }
     }
 
@@ -119,6 +118,11 @@ impl Outgoing {
     /// A direct message (not a channel message or a protocol frame).
     fn is_direct(&self) -> bool {
         self.push_json.is_none()
+    }
+
+    /// A direct message's data fields as JSON (see [`outbox::direct_tail`]).
+    fn tail(&self) -> &Bytes {
+        self.tail.get_or_init(|| outbox::direct_tail(&self.data))
     }
 
     /// The frame for a connection of the given kind.
@@ -155,30 +159,9 @@ pub(crate) struct CloseRequest {
     pub(crate) by: ClosedBy,
     /// Send what is already queued before the close frame (false for slow consumers).
     pub(crate) flush_first: bool,
-}
-
-/// A session's direct messages, kept until the client acknowledges them
-/// so that a resume can send them again (native connections with sessions).
-#[derive(Debug, Default)]
-struct Outbox {
-    /// The sequence of the last direct message (0: none yet).
-    last_seq: u64,
-    /// Not acknowledged yet, oldest first: (sequence, uncompressed frame).
-    kept: VecDeque<(u64, Bytes)>,
-    kept_bytes: usize,
-    /// Messages up to this sequence were dropped unacknowledged, over the
-    /// outbox's bounds (0: none): a resume from before it is refused.
-    trimmed_through: u64,
-    /// The `seq` of the last `message` event sent to the origin, carried
-    /// from one socket to the next (event ids must not repeat).
-    origin_seq: u64,
-    /// Times the session was suspended.
-    suspensions: u32,
-    /// A direct message was refused while suspended, over the bounds: the
-    /// session is to end.
-    overflowed: bool,
-    /// When it was last suspended.
-    suspended_at: Option<std::time::Instant>,
+    /// The session resumes on a newer socket: this one goes at once, and
+    /// the session lives on.
+    pub(crate) takeover: bool,
 }
 
 /// A session's suspension, as [`Conn::suspend`] reports it.
@@ -209,12 +192,36 @@ struct Rare {
     /// The session has lost its socket: frames are dropped, direct
     /// messages kept in the outbox.
     suspended: bool,
+    /// Suspended, and its channels parked and its suspension recorded: a
+    /// resume may attach it (see [`Conn::mark_resumable`]).
+    resumable: bool,
     outbox: Outbox,
+}
+
+/// A queued frame.
+#[derive(Debug)]
+enum Frame {
+    /// Encoded, ready to write.
+    Ready(Bytes),
+    /// A session's direct message waiting behind an origin request's
+    /// replies (its data fields, see [`outbox::direct_tail`]): numbered
+    /// when released, so that sequences follow the order of writing.
+    Held(Box<Bytes>),
+}
+
+impl Frame {
+    /// Bytes it counts for in `max-outbound-bytes`.
+    fn len(&self) -> usize {
+        match self {
+            Self::Ready(b) => b.len(),
+            Self::Held(tail) => tail.len() + 32,
+        }
+    }
 }
 
 #[derive(Debug, Default)]
 struct Outbound {
-    frames: VecDeque<Bytes>,
+    frames: VecDeque<Frame>,
     queued_bytes: usize,
     rare: Option<Box<Rare>>,
     /// A close frame is queued or the task has ended: nothing more is accepted.
@@ -251,6 +258,16 @@ impl Outbound {
         self.rare.get_or_insert_with(Default::default)
     }
 
+    /// Whether a frame queued at `place` now waits behind held frames or
+    /// for an origin request's replies.
+    fn holds_back(&self, place: Place) -> bool {
+        match place {
+            Place::Back => self.held > 0,
+            Place::AfterReplies => self.held > 0 || self.holds > 0,
+            Place::BeforeHeld => false,
+        }
+    }
+
     /// Drops the queued frames, except the rest of a partly written one:
     /// cutting a frame short would corrupt the stream (and hide the close
     /// frame that follows).
@@ -282,43 +299,8 @@ pub(crate) enum Queued {
     Closed,
 }
 
-/// Bounds of a session's outbox (`session-outbox-messages`,
-/// `session-outbox-bytes`), packed into four bytes: every connection holds
-/// them, and they fit what its flags leave of a word.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct OutboxLimits {
-    messages: std::num::NonZeroU16,
-    /// In KiB.
-    kib: std::num::NonZeroU16,
-}
-
-impl OutboxLimits {
-    /// Bounds of `messages` and `bytes` (rounded up to KiB); `None` when
-    /// either is 0 or too large (the configuration's checks refuse that).
-    pub(crate) fn new(messages: u32, bytes: u32) -> Option<Self> {
-        Some(Self {
-            messages: u16::try_from(messages).ok()?.try_into().ok()?,
-            kib: u16::try_from(bytes.div_ceil(1024)).ok()?.try_into().ok()?,
-        })
-    }
-
-    fn over(self, messages: usize, bytes: usize) -> bool {
-        messages > usize::from(self.messages.get()) || bytes > usize::from(self.kib.get()) << 10
-    }
-}
-
-/// Why a session cannot be attached to a new socket.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum AttachError {
-    /// Its socket is still open (the resume must take it over first).
-    Attached,
-    /// It has ended.
-    Ended,
-    /// `received` is beyond the last direct message sent.
-    Ahead,
-    /// Messages after `received` were dropped unacknowledged.
-    Trimmed,
-}
+use outbox::Outbox;
+pub(crate) use outbox::{AttachError, OutboxLimits};
 
 /// Where a frame joins the outbound queue, relative to frames held back
 /// until the origin's replies are delivered (see [`Conn::hold_for_replies`]).
@@ -439,7 +421,7 @@ impl Conn {
 
     fn send_at(&self, msg: &Outgoing, place: Place, metrics: &Metrics) -> Queued {
         if let (Some(limits), true) = (self.session, msg.is_direct()) {
-            return self.send_direct(msg.data(), place, limits, metrics);
+            return self.send_direct(msg.tail(), place, limits, metrics);
         }
         let frame = msg.frame_for(self.native, self.deflate());
         let r = self.push_at(frame, place, metrics);
@@ -461,11 +443,14 @@ impl Conn {
         self.deflate.load(Relaxed)
     }
 
-    /// A direct message of a session: numbered, kept until acknowledged,
-    /// and queued unless the session is suspended.
+    /// A direct message of a session (`tail`: its data fields, see
+    /// [`outbox::direct_tail`]): numbered, kept until acknowledged, and
+    /// queued unless the session is suspended. One held behind an origin
+    /// request's replies is numbered when released, so that sequences
+    /// follow the order of writing.
     fn send_direct(
         &self,
-        data: &Payload,
+        tail: &Bytes,
         place: Place,
         limits: OutboxLimits,
         metrics: &Metrics,
@@ -474,70 +459,44 @@ impl Conn {
         if out.sealed || out.closing() {
             return Queued::Closed;
         }
-        let suspended = out.suspended();
-        let outbox = &mut out.rare().outbox;
-        outbox.last_seq += 1;
-        let seq = outbox.last_seq;
-        // `Push::Direct` with `seq`, serialized from borrowed data.
-        #[derive(serde::Serialize)]
-        struct DirectPush<'a> {
-            push: &'static str,
-            seq: u64,
-            #[serde(flatten)]
-            data: &'a Payload,
-        }
-        let push = DirectPush {
-            push: "direct",
-            seq,
-            data,
-        };
-        let json = Bytes::from(serde_json::to_vec(&push).expect("pushes serialize"));
-        let plain = encode_frame_with(OpCode::Text, false, &json);
-        outbox.kept_bytes += plain.len();
-        outbox.kept.push_back((seq, plain.clone()));
-        metrics.session_outbox_messages.inc();
-        metrics.session_outbox_bytes.inc_by(plain.len() as i64);
-        let over = limits.over(outbox.kept.len(), outbox.kept_bytes);
-        if suspended {
-            if over {
-                // Refused, and the session is to end: its client could not
-                // get everything back ([`Conn::overflowed`]).
-                let (_, frame) = outbox.kept.pop_back().expect("just pushed");
-                outbox.kept_bytes -= frame.len();
-                outbox.last_seq -= 1;
-                outbox.overflowed = true;
-                metrics.session_outbox_messages.dec();
-                metrics.session_outbox_bytes.dec_by(frame.len() as i64);
-                return Queued::Closed;
-            }
+        let counted = |metrics: &Metrics| {
             self.messages_out.fetch_add(1, Relaxed);
             metrics.messages_out.inc();
+        };
+        if out.suspended() {
+            let outbox = &mut out.rare().outbox;
+            outbox.number(tail, metrics);
+            if outbox.over(limits) {
+                // Refused, and the session is to end: its client could not
+                // get everything back ([`Conn::overflowed`]).
+                outbox.unnumber(metrics);
+                outbox.overflowed = true;
+                return Queued::Closed;
+            }
+            counted(metrics);
             return Queued::Kept;
         }
-        if over {
-            // A connected client that does not acknowledge: its oldest
-            // messages are no longer kept, and a resume from before them
-            // is refused (`outbox_overflow`).
-            while limits.over(outbox.kept.len(), outbox.kept_bytes) {
-                let Some((seq, frame)) = outbox.kept.pop_front() else {
-                    break;
-                };
-                outbox.kept_bytes -= frame.len();
-                outbox.trimmed_through = seq;
-                metrics.session_outbox_messages.dec();
-                metrics.session_outbox_bytes.dec_by(frame.len() as i64);
-                metrics.session_outbox_trimmed.inc();
+        if out.holds_back(place) {
+            let frame = Frame::Held(Box::new(tail.clone()));
+            let r = self.push_locked(out, frame, place, metrics);
+            if r == Queued::Yes {
+                counted(metrics);
             }
+            return r;
         }
-        let frame = if self.deflate() && json.len() >= DEFLATE_MIN_BYTES {
-            encode_frame_with(OpCode::Text, true, &deflate_message(&json))
+        let plain = out.rare().outbox.number(tail, metrics);
+        // A connected client that does not acknowledge: its oldest
+        // messages are no longer kept, and a resume from before them is
+        // refused (`outbox_overflow`).
+        out.rare().outbox.trim(limits, metrics);
+        let frame = if self.deflate() {
+            outbox::frame(OpCode::Text, outbox::payload(&plain), true)
         } else {
             plain
         };
-        let r = self.push_locked(out, frame, place, metrics);
+        let r = self.push_locked(out, Frame::Ready(frame), place, metrics);
         if r == Queued::Yes {
-            self.messages_out.fetch_add(1, Relaxed);
-            metrics.messages_out.inc();
+            counted(metrics);
         }
         r
     }
@@ -546,19 +505,19 @@ impl Conn {
     pub(crate) fn ack(&self, seq: u64, metrics: &Metrics) {
         let mut out = self.out.lock();
         if let Some(rare) = out.rare.as_mut() {
-            release_through(&mut rare.outbox, seq, metrics);
+            rare.outbox.release_through(seq, metrics);
         }
     }
 
     fn push_at(&self, frame: Bytes, place: Place, metrics: &Metrics) -> Queued {
         let out = self.out.lock();
-        self.push_locked(out, frame, place, metrics)
+        self.push_locked(out, Frame::Ready(frame), place, metrics)
     }
 
     fn push_locked(
         &self,
         mut out: MutexGuard<'_, Outbound>,
-        frame: Bytes,
+        frame: Frame,
         place: Place,
         metrics: &Metrics,
     ) -> Queued {
@@ -572,11 +531,7 @@ impl Conn {
         }
         let held = out.held as usize;
         let was_empty = out.frames.len() == held;
-        let hold = match place {
-            Place::Back => held > 0,
-            Place::AfterReplies => held > 0 || out.holds > 0,
-            Place::BeforeHeld => false,
-        };
+        let hold = out.holds_back(place);
         out.queued_bytes += frame.len();
         if hold {
             out.held = out.held.saturating_add(1);
@@ -603,15 +558,66 @@ impl Conn {
 
     /// The request's replies are queued (or it failed, or took longer than
     /// `origin-timeout`): once no request holds the connection, the held
-    /// messages go out.
-    pub(crate) fn release_hold(&self) {
+    /// messages go out (a session's direct messages numbered now).
+    pub(crate) fn release_hold(&self, metrics: &Metrics) {
         let mut out = self.out.lock();
         out.holds = out.holds.saturating_sub(1);
         if out.holds == 0 && out.held > 0 {
+            self.number_held(&mut out, metrics);
             out.held = 0;
             drop(out);
             self.notify.notify_one();
         }
+    }
+
+    /// Numbers the held direct messages of a session in queue order, and
+    /// encodes them for the socket.
+    fn number_held(&self, out: &mut Outbound, metrics: &Metrics) {
+        let (Some(limits), deflate) = (self.session, self.deflate()) else {
+            return;
+        };
+        let from = out.frames.len() - out.held as usize;
+        let mut rare = out.rare.take().unwrap_or_default();
+        for frame in out.frames.range_mut(from..) {
+            if let Frame::Held(tail) = frame {
+                let plain = rare.outbox.number(tail, metrics);
+                let ready = if deflate {
+                    outbox::frame(OpCode::Text, outbox::payload(&plain), true)
+                } else {
+                    plain.clone()
+                };
+                out.queued_bytes = out.queued_bytes - (tail.len() + 32) + ready.len();
+                *frame = Frame::Ready(ready);
+            }
+        }
+        rare.outbox.trim(limits, metrics);
+        out.rare = Some(rare);
+    }
+
+    /// Replaces the connection's token with a fresh one (a `refresh`, or a
+    /// resume that brings one): `Err(())` when the current token names
+    /// another user. Returns the new token's expiry (Unix ms, 0: none); a
+    /// connection whose expiry is not enforced (the origin said so) stays so.
+    pub(crate) fn replace_token(
+        &self,
+        identity: &crate::admission::tokens::Identity,
+    ) -> Result<u64, ()> {
+        let mut current = self.token.lock();
+        if current
+            .as_ref()
+            .is_some_and(|cur| cur.user != identity.user)
+        {
+            return Err(());
+        }
+        *current = Some(Box::new(identity.state()));
+        drop(current);
+        let expires_at_ms = identity.expires_at_ms().unwrap_or(0);
+        let _ = self.token_expires_ms.fetch_update(
+            std::sync::atomic::Ordering::AcqRel,
+            std::sync::atomic::Ordering::Acquire,
+            |old| (old != 0).then_some(expires_at_ms),
+        );
+        Ok(expires_at_ms)
     }
 
     /// Whether the client's token grants subscribing to `channel`.
@@ -647,6 +653,7 @@ impl Conn {
             reason: "slow consumer".into(),
             by: ClosedBy::Gateway,
             flush_first: false,
+            takeover: false,
         });
         drop(out);
         metrics.slow_consumer_closes.inc();
@@ -680,7 +687,7 @@ impl Conn {
             // Behind held frames, so held as well.
             out.held = out.held.saturating_add(frames.len() as u32);
         }
-        out.frames.extend(frames);
+        out.frames.extend(frames.into_iter().map(Frame::Ready));
         drop(out);
         self.messages_out.fetch_add(n, Relaxed);
         metrics.messages_out.inc_by(n);
@@ -717,7 +724,7 @@ impl Conn {
                     metrics.frames_out.inc();
                     if n < frame.len() {
                         out.queued_bytes += frame.len() - n;
-                        out.frames.push_back(frame.slice(n..));
+                        out.frames.push_back(Frame::Ready(frame.slice(n..)));
                         out.front_partial = true;
                     }
                     return Queued::Yes;
@@ -754,11 +761,14 @@ impl Conn {
     }
 
     /// The socket is gone but the session lives on: queued frames are
-    /// dropped (direct messages stay in the outbox), and until a resume
-    /// only direct messages are taken. `origin_seq` is the last `message`
-    /// event's `seq`, for the next socket.
-    pub(crate) fn suspend(&self, origin_seq: u64) -> Suspension {
+    /// dropped (direct messages stay in the outbox, the held ones numbered
+    /// into it), and until a resume only direct messages are taken.
+    /// `origin_seq` is the last `message` event's `seq`, for the next
+    /// socket. A resume may attach it once [`Conn::mark_resumable`] says
+    /// the rest of the suspension is done.
+    pub(crate) fn suspend(&self, origin_seq: u64, metrics: &Metrics) -> Suspension {
         let mut out = self.out.lock();
+        self.number_held(&mut out, metrics);
         out.sealed = false;
         out.frames = VecDeque::new();
         out.queued_bytes = 0;
@@ -768,6 +778,7 @@ impl Conn {
         let rare = out.rare();
         rare.close = None;
         rare.suspended = true;
+        rare.resumable = false;
         let outbox = &mut rare.outbox;
         outbox.origin_seq = origin_seq;
         outbox.suspensions += 1;
@@ -775,6 +786,15 @@ impl Conn {
         Suspension {
             kept: outbox.kept.len(),
             n: outbox.suspensions,
+        }
+    }
+
+    /// The suspension is complete (channels parked, the session listed):
+    /// a resume may attach it.
+    pub(crate) fn mark_resumable(&self) {
+        let mut out = self.out.lock();
+        if let Some(rare) = out.rare.as_mut().filter(|r| r.suspended) {
+            rare.resumable = true;
         }
     }
 
@@ -795,6 +815,16 @@ impl Conn {
         true
     }
 
+    /// Whether a client that has every direct message up to `received`
+    /// could resume the session (checked again by [`Conn::attach`]).
+    pub(crate) fn check_received(&self, received: u64) -> Result<(), AttachError> {
+        match self.out.lock().rare.as_ref() {
+            Some(rare) => rare.outbox.check_received(received),
+            None if received == 0 => Ok(()),
+            None => Err(AttachError::Ahead),
+        }
+    }
+
     /// Gives a suspended session a new socket: the client has every direct
     /// message up to `received`. `first` (the `connected` push) is queued,
     /// then every direct message after `received`, in order; `deflate` is
@@ -810,22 +840,20 @@ impl Conn {
         if out.sealed {
             return Err(AttachError::Ended);
         }
-        if !out.suspended() {
-            return Err(AttachError::Attached);
+        if !out
+            .rare
+            .as_ref()
+            .is_some_and(|r| r.suspended && r.resumable)
+        {
+            return Err(AttachError::Busy);
         }
-        let outbox = &mut out.rare().outbox;
-        if received > outbox.last_seq {
-            return Err(AttachError::Ahead);
-        }
-        if received < outbox.trimmed_through {
-            return Err(AttachError::Trimmed);
-        }
-        release_through(outbox, received, metrics);
-        let mut frames = VecDeque::with_capacity(outbox.kept.len() + 1);
-        frames.push_back(first);
-        for (_, plain) in &outbox.kept {
-            frames.push_back(recompress(plain, deflate));
-        }
+        let rare = out.rare();
+        rare.outbox.check_received(received)?;
+        rare.outbox.release_through(received, metrics);
+        let mut frames = VecDeque::with_capacity(rare.outbox.kept.len() + 1);
+        frames.push_back(Frame::Ready(first));
+        frames.extend(rare.outbox.replay(deflate).map(Frame::Ready));
+        let outbox = &mut rare.outbox;
         let attached = Attached {
             origin_seq: outbox.origin_seq,
             n: outbox.suspensions,
@@ -835,9 +863,10 @@ impl Conn {
                 .map(|at| at.elapsed())
                 .unwrap_or_default(),
         };
+        rare.suspended = false;
+        rare.resumable = false;
         self.deflate.store(deflate, Relaxed);
-        out.rare().suspended = false;
-        out.queued_bytes = frames.iter().map(Bytes::len).sum();
+        out.queued_bytes = frames.iter().map(Frame::len).sum();
         metrics.frames_out.inc_by(frames.len() as u64);
         out.frames = frames;
         Ok(attached)
@@ -864,16 +893,17 @@ impl Conn {
 
     /// Queues the final frame (a close frame) past any bound; nothing is
     /// accepted after it.
-    pub(crate) fn seal_with(&self, frame: Bytes) {
+    pub(crate) fn seal_with(&self, frame: Bytes, metrics: &Metrics) {
         let mut out = self.out.lock();
         if out.sealed {
             return;
         }
         out.sealed = true;
         // Everything queued goes out before the close frame.
+        self.number_held(&mut out, metrics);
         out.held = 0;
         out.queued_bytes += frame.len();
-        out.frames.push_back(frame);
+        out.frames.push_back(Frame::Ready(frame));
     }
 
     /// Marks the connection finished: later sends are refused and the
@@ -881,8 +911,8 @@ impl Conn {
     pub(crate) fn finish(&self, metrics: &Metrics) {
         let mut out = self.out.lock();
         out.sealed = true;
-        if let Some(rare) = out.rare.take() {
-            release_through(&mut { rare }.outbox, u64::MAX, metrics);
+        if let Some(mut rare) = out.rare.take() {
+            rare.outbox.release_through(u64::MAX, metrics);
         }
         out.frames = VecDeque::new();
         out.queued_bytes = 0;
@@ -914,7 +944,9 @@ impl Conn {
             let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
             let mut n = 0;
             for (slot, frame) in slices.iter_mut().zip(out.frames.iter().take(writable)) {
-                *slot = IoSlice::new(frame);
+                // Only held frames are not ready, and they are not writable.
+                let Frame::Ready(bytes) = frame else { break };
+                *slot = IoSlice::new(bytes);
                 n += 1;
             }
             // The lock is held across a non-blocking syscall only.
@@ -929,10 +961,9 @@ impl Conn {
             metrics.bytes_out.inc_by(written as u64);
             let mut left = written;
             while left > 0 {
-                let front = out
-                    .frames
-                    .front_mut()
-                    .expect("written bytes came from queued frames");
+                let Some(Frame::Ready(front)) = out.frames.front_mut() else {
+                    unreachable!("written bytes came from ready frames");
+                };
                 if front.len() <= left {
                     left -= front.len();
                     out.frames.pop_front();
@@ -944,36 +975,6 @@ impl Conn {
                 }
             }
         }
-    }
-}
-
-/// Stops keeping the outbox's messages up to `seq`.
-fn release_through(outbox: &mut Outbox, seq: u64, metrics: &Metrics) {
-    while outbox.kept.front().is_some_and(|(s, _)| *s <= seq) {
-        let (_, frame) = outbox.kept.pop_front().expect("front exists");
-        outbox.kept_bytes -= frame.len();
-        metrics.session_outbox_messages.dec();
-        metrics.session_outbox_bytes.dec_by(frame.len() as i64);
-    }
-    if outbox.kept.is_empty() && outbox.kept.capacity() > 4 {
-        outbox.kept = VecDeque::new();
-    }
-}
-
-/// A kept (uncompressed) text frame for a socket with or without
-/// permessage-deflate.
-fn recompress(plain: &Bytes, deflate: bool) -> Bytes {
-    // The header is 2, 4 or 10 bytes (server frames are not masked).
-    let header = match plain[1] & 0x7f {
-        126 => 4,
-        127 => 10,
-        _ => 2,
-    };
-    let payload = &plain[header..];
-    if deflate && payload.len() >= DEFLATE_MIN_BYTES {
-        encode_frame_with(OpCode::Text, true, &deflate_message(payload))
-    } else {
-        plain.clone()
     }
 }
 

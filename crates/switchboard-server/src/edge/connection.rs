@@ -15,7 +15,7 @@ use crate::conn::Conn;
 use crate::edge::pool;
 use crate::frames;
 use crate::origin::ask::event_id;
-use crate::sessions::{Ending, TAKEN_OVER};
+use crate::sessions::Ending;
 use bytes::{Bytes, BytesMut};
 use std::io;
 use std::sync::atomic::Ordering::Relaxed;
@@ -195,11 +195,11 @@ impl Task {
         loop {
             if let Phase::Open { .. } = self.phase {
                 if let Some(req) = self.guard.conn.take_close() {
-                    if req.code == TAKEN_OVER {
+                    if req.takeover {
                         // The session is resuming on a new socket: this one
                         // goes now, with a close frame if it takes one.
                         let _ = self.stream.try_write(&encode_close(req.code, &req.reason));
-                        return Ending::closed(req.code, &req.reason, req.by);
+                        return Ending::taken_over();
                     }
                     self.start_close(req.code, &req.reason, req.by);
                 }
@@ -409,7 +409,9 @@ impl Task {
         if code == close::ORIGIN_BACKLOG {
             self.guard.shared.metrics.backlog_closes.inc();
         }
-        self.guard.conn.seal_with(encode_close(code, reason));
+        self.guard
+            .conn
+            .seal_with(encode_close(code, reason), &self.guard.shared.metrics);
         self.guard
             .ending
             .get_or_insert_with(|| Box::new(Ending::closed(code, reason, by)));
@@ -589,7 +591,7 @@ impl Task {
                         Some(c) => encode_close(c, ""),
                         None => encode_frame(OpCode::Close, &[]),
                     };
-                    self.guard.conn.seal_with(echo);
+                    self.guard.conn.seal_with(echo, &self.guard.shared.metrics);
                     self.guard.ending = Some(Box::new(Ending::closed(
                         code.unwrap_or(close::NO_STATUS),
                         &reason,

@@ -199,6 +199,7 @@ fn start(
             reason: "server restart, reconnect".into(),
             by: ClosedBy::Gateway,
             flush_first: true,
+            takeover: false,
         });
     }
     let leftover = if buf.is_empty() {
@@ -655,6 +656,18 @@ fn query_param<'a>(query: &'a str, name: &str) -> Option<&'a str> {
     })
 }
 
+/// `query` without the parameters `names`.
+fn without_params(query: &str, names: &[&str]) -> String {
+    query
+        .split('&')
+        .filter(|pair| {
+            let name = pair.split_once('=').map_or(*pair, |(n, _)| n);
+            !names.contains(&name)
+        })
+        .collect::<Vec<_>>()
+        .join("&")
+}
+
 /// Resumes the session named by `token` (`?resume=`) on this socket: no
 /// `connect` is asked; the client gets its session back with the direct
 /// messages after `?received=`.
@@ -667,24 +680,14 @@ async fn resume(
     token: &str,
     identity: Option<&crate::admission::tokens::Identity>,
 ) -> Result<Accepted, native::ResumeError> {
-    let received = match query_param(&req.query, "received").map(str::parse::<u64>) {
-        None => 0,
-        Some(Ok(n)) => n,
-        Some(Err(_)) => {
-            return Err(native::ResumeError {
-                code: native::ResumeCode::SessionInvalid,
-                message: "received must be a direct message sequence (a whole number)".into(),
-            })
-        }
-    };
     let commands = &shared.commands;
     let deflate = opening.deflate.is_some_and(|d| d.compresses_outbound());
     let (conn, attached) = commands
         .sessions
         .resume(
             token,
-            received,
-            identity.and_then(|i| i.user.as_deref()),
+            query_param(&req.query, "received"),
+            identity,
             deflate,
             deadline,
             |conn, channels| {
@@ -696,18 +699,10 @@ async fn resume(
             },
         )
         .await?;
-    if let Some(identity) = identity {
-        // A fresh token replaces the session's, as a `refresh` would.
-        *conn.token.lock() = Some(Box::new(identity.state()));
-        if conn.token_expires_ms.load(Relaxed) != 0 {
-            let exp = identity.expires_at_ms().unwrap_or(0);
-            conn.token_expires_ms.store(exp, Relaxed);
-        }
-    }
     commands
         .sessions
         .resumed(&conn, &attached, &remote.to_string());
-    tracing::debug!(connection = %conn.id, %remote, received, "session resumed");
+    tracing::debug!(connection = %conn.id, %remote, "session resumed");
     Ok(Accepted {
         response: opening.response(),
         conn,
@@ -868,7 +863,8 @@ async fn admit(
         timestamp_ms: now_ms(),
         remote_addr: remote.to_string(),
         path: req.path.clone(),
-        query: req.query.clone(),
+        // The resume token is the client's alone.
+        query: without_params(&req.query, &["resume", "received"]),
         headers: req
             .headers
             .iter()

@@ -42,13 +42,13 @@ impl LocalNode {
         s.origin.dispatcher.set_fencing(true);
         s.metrics.fences.inc();
         let deadline = tokio::time::Instant::now() + FENCE_CLOSE_TIMEOUT;
-        // Suspended sessions have no socket to close: they end here, and
-        // sockets lost from now on end theirs (the lease is fencing).
-        s.sessions.end_all(true);
         let mut closed = 0;
         // Connections accepted just before the fence began register late:
         // close until none is left.
         loop {
+            // Suspended sessions have no socket to close: they end here
+            // (sockets lost from now on end theirs: the lease is fencing).
+            s.sessions.end_all(true);
             let conns = s.registry.snapshot();
             if conns.is_empty() || tokio::time::Instant::now() >= deadline {
                 break;
@@ -59,6 +59,7 @@ impl LocalNode {
                     reason: "node fenced, reconnect".into(),
                     by: switchboard_proto::origin::ClosedBy::Gateway,
                     flush_first: false,
+                    takeover: false,
                 });
             }
             closed = closed.max(conns.len());

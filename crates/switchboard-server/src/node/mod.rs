@@ -288,7 +288,7 @@ impl Gateway {
         shared.commands.draining.store(true, Relaxed);
         // Sessions die with the node: lost sockets end theirs from now on,
         // and the suspended ones end now (each with its `disconnect`).
-        shared.commands.sessions.close();
+        shared.commands.sessions.shut_down();
         shared.commands.sessions.end_all(false);
         drop(client);
         tracing::info!(connections = shared.registry.len(), "draining");
@@ -297,6 +297,8 @@ impl Gateway {
         let conns_done = tokio::time::timeout_at(deadline, shared.conn_tasks.wait())
             .await
             .is_ok();
+        // Sessions suspended by a task that ended just as the drain began.
+        shared.commands.sessions.end_all(false);
         stop_background.cancel();
         shared.origin.dispatcher.close();
         workers.close();
@@ -363,6 +365,7 @@ pub(crate) async fn close_spread(shared: &Arc<Edge>, deadline: tokio::time::Inst
             reason: "server restart, reconnect".into(),
             by: ClosedBy::Gateway,
             flush_first: true,
+            takeover: false,
         });
     }
     total

@@ -17,7 +17,7 @@
 use super::Origin;
 use crate::conn::{Conn, Outgoing};
 use crate::lease::LeaseState;
-use crate::metrics::KindLabel;
+use crate::metrics::{KindLabel, Metrics};
 use bytes::{BufMut, Bytes, BytesMut};
 use parking_lot::Mutex;
 use rand::Rng;
@@ -295,7 +295,7 @@ pub(crate) async fn run_lane(origin: Arc<Origin>, idx: usize) {
             let started = Instant::now();
             // Control-API messages to these connections wait for this
             // attempt's replies, for `origin-timeout` at most.
-            let mut holds = Holds::new(&batch);
+            let mut holds = Holds::new(&batch, origin.metrics.clone());
             let deliver = guarded_deliver(&origin, body.clone());
             tokio::pin!(deliver);
             let hold_limit = tokio::time::sleep(cfg.origin_timeout);
@@ -380,10 +380,10 @@ async fn guarded_deliver(
 
 /// The connections of a batch in flight, each held once
 /// ([`Conn::hold_for_replies`]) until released or dropped.
-struct Holds(Vec<Arc<Conn>>);
+struct Holds(Vec<Arc<Conn>>, Arc<Metrics>);
 
 impl Holds {
-    fn new(batch: &[QueuedEvent]) -> Self {
+    fn new(batch: &[QueuedEvent], metrics: Arc<Metrics>) -> Self {
         let mut conns: Vec<Arc<Conn>> = batch.iter().filter_map(|e| e.conn.clone()).collect();
         if conns.len() > 1 {
             conns.sort_unstable_by_key(Arc::as_ptr);
@@ -392,7 +392,7 @@ impl Holds {
         for c in &conns {
             c.hold_for_replies();
         }
-        Self(conns)
+        Self(conns, metrics)
     }
 
     fn is_empty(&self) -> bool {
@@ -401,7 +401,7 @@ impl Holds {
 
     fn release(&mut self) {
         for c in self.0.drain(..) {
-            c.release_hold();
+            c.release_hold(&self.1);
         }
     }
 }

@@ -13,6 +13,7 @@
 //! `connect` and one `disconnect` per session. `docs/sessions.md` is the
 //! specification.
 
+use crate::admission::tokens::Identity;
 use crate::channels::Channels;
 use crate::clock::now_ms;
 use crate::config::Config;
@@ -31,7 +32,7 @@ use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use switchboard_proto::conn_id::ConnKey;
-use switchboard_proto::native::{ResumeCode, ResumeError};
+use switchboard_proto::native::{ResumeCode, ResumeError, SessionChannel};
 use switchboard_proto::origin::{ClosedBy, DisconnectEvent, Event, ResumeEvent, SuspendEvent};
 use switchboard_proto::ws::close;
 use switchboard_proto::{ConnectionId, NodeId};
@@ -72,7 +73,27 @@ impl Ending {
             code,
             reason: reason.to_owned(),
             by,
-            resumable: code == TAKEN_OVER,
+            resumable: false,
+        }
+    }
+
+    /// A socket closed because its session resumed on a newer one.
+    pub(crate) fn taken_over() -> Self {
+        Self {
+            code: TAKEN_OVER,
+            reason: "session resumed on another connection".into(),
+            by: ClosedBy::Client,
+            resumable: true,
+        }
+    }
+
+    /// How a session suspended for longer than `session-ttl` ends.
+    fn expired() -> Self {
+        Self {
+            code: close::ABNORMAL,
+            reason: EXPIRED.into(),
+            by: ClosedBy::Network,
+            resumable: false,
         }
     }
 }
@@ -133,7 +154,10 @@ impl Sessions {
     /// The outbox bounds of a new native connection, if sessions are on.
     pub(crate) fn limits(&self) -> Option<crate::conn::OutboxLimits> {
         let c = &self.config;
-        crate::conn::OutboxLimits::new(c.session_outbox_messages, c.session_outbox_bytes)
+        // A resume queues the whole outbox at once: it leaves room for what
+        // follows, or the client would be closed as slow (4001).
+        let bytes = (c.max_outbound_bytes / 2).min(c.session_outbox_bytes as usize);
+        crate::conn::OutboxLimits::new(c.session_outbox_messages, bytes.max(1) as u32)
             .filter(|_| self.enabled())
     }
 
@@ -178,24 +202,30 @@ impl Sessions {
 
     /// The node is shutting down: sockets lost from now on end their
     /// sessions, and [`Sessions::end_all`] ends the suspended ones.
-    pub(crate) fn close(&self) {
+    pub(crate) fn shut_down(&self) {
         self.closing.store(true, Relaxed);
     }
 
     /// A connection's socket has ended: a session whose socket was lost is
-    /// suspended, anything else ends. `fenced`: the node has lost its
-    /// cluster lease, and the origin has retired its connections.
-    pub(crate) fn lost(&self, conn: &Arc<Conn>, ending: Ending, origin_seq: u64, fenced: bool) {
+    /// suspended, anything else ends. A close asked for meanwhile (by the
+    /// origin, a limit, the gateway) still ends it. `fenced`: the node has
+    /// lost its cluster lease, and the origin has retired its connections.
+    pub(crate) fn lost(&self, conn: &Arc<Conn>, mut ending: Ending, origin_seq: u64, fenced: bool) {
         self.metrics.connections.dec();
+        if ending.resumable {
+            if let Some(req) = conn.take_close().filter(|r| !r.takeover) {
+                ending = Ending::closed(req.code, &req.reason, req.by);
+            }
+        }
         if conn.session.is_some() && ending.resumable && !fenced && !self.closing.load(Relaxed) {
             self.suspend(conn, &ending, origin_seq);
         } else {
-            self.end(conn, ending, fenced);
+            self.end(conn, ending, fenced, ResumeCode::SessionClosed);
         }
     }
 
     fn suspend(&self, conn: &Arc<Conn>, ending: &Ending, origin_seq: u64) {
-        let suspension = conn.suspend(origin_seq);
+        let suspension = conn.suspend(origin_seq, &self.metrics);
         self.channels.suspend(conn, &self.metrics);
         let expires = Instant::now() + self.config.session_ttl;
         self.suspended
@@ -217,18 +247,21 @@ impl Sessions {
                 }),
             );
         }
+        // Last: a resume waits for all of the above.
+        conn.mark_resumable();
     }
 
     /// Ends a session for good: it leaves the registry and its channels,
     /// its queue and outbox are freed, and the origin gets its `disconnect`
-    /// (unless `fenced`).
-    fn end(&self, conn: &Conn, ending: Ending, fenced: bool) {
+    /// (unless `fenced`). A resume coming later is told `why`.
+    fn end(&self, conn: &Conn, ending: Ending, fenced: bool, why: ResumeCode) {
+        if conn.session.is_some() {
+            // Before the session is gone, so a resume racing this is told why.
+            self.remember(conn.key, why);
+        }
         self.registry.remove(&conn.key);
         conn.finish(&self.metrics);
         self.channels.unsubscribe_all(conn, &self.metrics);
-        if conn.session.is_some() {
-            self.remember(conn.key, &ending);
-        }
         let by = match ending.by {
             ClosedBy::Client => "client",
             ClosedBy::Network => "network",
@@ -262,12 +295,7 @@ impl Sessions {
     }
 
     /// Remembers why a session ended, for a resume that comes later.
-    fn remember(&self, key: ConnKey, ending: &Ending) {
-        let code = match ending.reason.as_str() {
-            EXPIRED => ResumeCode::SessionExpired,
-            OVERFLOW => ResumeCode::OutboxOverflow,
-            _ => ResumeCode::SessionClosed,
-        };
+    fn remember(&self, key: ConnKey, code: ResumeCode) {
         let now = Instant::now();
         let mut ended = self.ended.lock();
         while ended.order.len() >= MAX_ENDED
@@ -283,17 +311,16 @@ impl Sessions {
         ended.order.push_back((now, key));
     }
 
-    /// Ends a suspended session (its ttl passed, its outbox overflowed,
-    /// the origin closed it). `false` if it was not suspended any more.
-    pub(crate) fn end_suspended(&self, conn: &Conn, ending: Ending, lost: &'static str) -> bool {
-        self.end_suspended_as(conn, ending, lost, false)
-    }
-
-    fn end_suspended_as(
+    /// Ends a suspended session: its ttl passed, its outbox overflowed, the
+    /// origin closed it, the node shuts down or is `fenced`. `lost` labels
+    /// `sessions_lost_total`; a later resume is told `why`. `false` if it
+    /// was not suspended any more.
+    fn end_suspended(
         &self,
         conn: &Conn,
         ending: Ending,
         lost: &'static str,
+        why: ResumeCode,
         fenced: bool,
     ) -> bool {
         if !conn.take_suspended() {
@@ -306,58 +333,57 @@ impl Sessions {
             .sessions_lost
             .get_or_create(&ReasonLabel { reason: lost })
             .inc();
-        self.end(conn, ending, fenced);
+        self.end(conn, ending, fenced, why);
         true
+    }
+
+    /// Closes a session for the origin (`DELETE /v1/connections/{id}`):
+    /// asks its socket to close, or ends it now if it is suspended.
+    /// `false` when it has ended already.
+    pub(crate) fn close(&self, conn: &Conn, req: CloseRequest) -> bool {
+        // A resume or a suspension may come between the two steps: try again.
+        for _ in 0..8 {
+            let ending = Ending::closed(req.code, &req.reason, req.by);
+            match conn.request_close(req.clone()) {
+                Queued::Yes => return true,
+                Queued::Closed => return false,
+                Queued::Kept => {
+                    let why = ResumeCode::SessionClosed;
+                    if self.end_suspended(conn, ending, "closed", why, false) {
+                        return true;
+                    }
+                }
+            }
+        }
+        false
     }
 
     /// A direct message was refused by a suspended session over its
     /// outbox's bounds (`Queued::Closed` from [`Conn::send`]): the session
     /// ends. Returns whether it did.
     pub(crate) fn overflowed(&self, conn: &Conn) -> bool {
-        self.end_suspended(
-            conn,
-            Ending {
-                code: close::ABNORMAL,
-                reason: OVERFLOW.into(),
-                by: ClosedBy::Gateway,
-                resumable: false,
-            },
-            "outbox_overflow",
-        )
+        let ending = Ending {
+            code: close::ABNORMAL,
+            reason: OVERFLOW.into(),
+            by: ClosedBy::Gateway,
+            resumable: false,
+        };
+        let why = ResumeCode::OutboxOverflow;
+        self.end_suspended(conn, ending, "outbox_overflow", why, false)
     }
 
     /// Ends the sessions whose ttl has passed, and those whose outbox
     /// overflowed (a direct message from the origin's answers, which
     /// cannot end them itself).
     pub(crate) fn expire(&self, now: Instant) {
-        let (expired, overflowed): (Vec<Arc<Conn>>, Vec<Arc<Conn>>) = {
-            let suspended = self.suspended.lock();
-            let expired = suspended
-                .values()
-                .filter(|(_, at)| *at <= now)
-                .map(|(c, _)| c.clone())
-                .collect();
-            let overflowed = suspended
-                .values()
-                .filter(|(c, _)| c.overflowed())
-                .map(|(c, _)| c.clone())
-                .collect();
-            (expired, overflowed)
-        };
-        for conn in overflowed {
-            self.overflowed(&conn);
-        }
-        for conn in expired {
-            self.end_suspended(
-                &conn,
-                Ending {
-                    code: close::ABNORMAL,
-                    reason: EXPIRED.into(),
-                    by: ClosedBy::Network,
-                    resumable: false,
-                },
-                "expired",
-            );
+        let all: Vec<(Arc<Conn>, Instant)> = self.suspended.lock().values().cloned().collect();
+        for (conn, at) in all {
+            if conn.overflowed() {
+                self.overflowed(&conn);
+            } else if at <= now {
+                let why = ResumeCode::SessionExpired;
+                self.end_suspended(&conn, Ending::expired(), "expired", why, false);
+            }
         }
     }
 
@@ -377,7 +403,8 @@ impl Sessions {
                 by: ClosedBy::Gateway,
                 resumable: false,
             };
-            self.end_suspended_as(&conn, ending, "shutdown", fenced);
+            let why = ResumeCode::SessionClosed;
+            self.end_suspended(&conn, ending, "shutdown", why, fenced);
         }
     }
 
@@ -396,22 +423,23 @@ impl Sessions {
     }
 
     /// Resumes the session named by `token` on a new socket: the client has
-    /// every direct message up to `received`, and `user` is the user of
-    /// the token it connected with, if any. `first` makes the `connected`
+    /// every direct message up to `received` (`?received=`, 0 when absent),
+    /// and `identity` is the token it connected with, if any (it replaces
+    /// the session's, as a `refresh` would). `first` makes the `connected`
     /// push from the session's parked channels; it is queued before the
     /// direct messages after `received`. An open socket still holding the
     /// session is closed first (4009), within `deadline`.
     pub(crate) async fn resume(
         &self,
         token: &str,
-        received: u64,
-        user: Option<&str>,
+        received: Option<&str>,
+        identity: Option<&Identity>,
         deflate: bool,
         deadline: tokio::time::Instant,
-        first: impl Fn(&Conn, Vec<switchboard_proto::native::SessionChannel>) -> Bytes,
+        first: impl Fn(&Conn, Vec<SessionChannel>) -> Bytes,
     ) -> Result<(Arc<Conn>, Attached), ResumeError> {
         let r = self
-            .try_resume(token, received, user, deflate, deadline, first)
+            .try_resume(token, received, identity, deflate, deadline, first)
             .await;
         let result = match &r {
             Ok(_) => "resumed",
@@ -427,11 +455,11 @@ impl Sessions {
     async fn try_resume(
         &self,
         token: &str,
-        received: u64,
-        user: Option<&str>,
+        received: Option<&str>,
+        identity: Option<&Identity>,
         deflate: bool,
         deadline: tokio::time::Instant,
-        first: impl Fn(&Conn, Vec<switchboard_proto::native::SessionChannel>) -> Bytes,
+        first: impl Fn(&Conn, Vec<SessionChannel>) -> Bytes,
     ) -> Result<(Arc<Conn>, Attached), ResumeError> {
         if !self.enabled() {
             return Err(refusal(
@@ -439,12 +467,28 @@ impl Sessions {
                 "this gateway keeps no sessions (session-ttl is 0s)",
             ));
         }
+        let received = match received.map(str::parse::<u64>) {
+            None => 0,
+            Some(Ok(n)) => n,
+            Some(Err(_)) => {
+                return Err(refusal(
+                    ResumeCode::SessionInvalid,
+                    "received must be a direct message sequence (a whole number)",
+                ))
+            }
+        };
         let id = self.verify(token)?;
         let Some(conn) = self.registry.get(&id.key()) else {
             return Err(self.gone(&id.key()));
         };
-        if let (Some(user), Some(own)) = (user, conn.user_id.as_deref()) {
-            if user != own {
+        // Checked before anything is done to the session (a takeover).
+        match conn.check_received(received) {
+            Ok(()) => {}
+            Err(AttachError::Trimmed) => return Err(self.cannot_replay(&conn)),
+            Err(_) => return Err(ahead()),
+        }
+        if let Some(identity) = identity {
+            if conn.replace_token(identity).is_err() {
                 return Err(refusal(
                     ResumeCode::SessionForbidden,
                     "the session belongs to another user than the token's",
@@ -462,18 +506,20 @@ impl Sessions {
                     self.metrics.connections.inc();
                     return Ok((conn, attached));
                 }
-                Err(AttachError::Attached) => {
+                Err(AttachError::Busy) => {
                     // The client is back before its old socket was seen to
-                    // be lost: that one goes, the session stays.
+                    // be lost: that one goes, the session stays. Or the
+                    // session is being suspended: wait for it.
                     if !asked_takeover {
-                        asked_takeover = true;
                         let asked = conn.request_close(CloseRequest {
                             code: TAKEN_OVER,
                             reason: "session resumed on another connection".into(),
                             by: ClosedBy::Client,
                             flush_first: false,
+                            takeover: true,
                         });
                         if asked == Queued::Yes {
+                            asked_takeover = true;
                             self.metrics.session_takeovers.inc();
                         }
                     }
@@ -486,23 +532,20 @@ impl Sessions {
                     tokio::time::sleep(Duration::from_millis(5)).await;
                 }
                 Err(AttachError::Ended) => return Err(self.gone(&conn.key)),
-                Err(AttachError::Ahead) => {
-                    return Err(refusal(
-                        ResumeCode::SessionInvalid,
-                        "received is beyond the last direct message of the session",
-                    ))
-                }
-                Err(AttachError::Trimmed) => {
-                    // It cannot be resumed exactly: it ends now rather than
-                    // wait out its ttl.
-                    self.overflowed(&conn);
-                    return Err(refusal(
-                        ResumeCode::OutboxOverflow,
-                        "direct messages after `received` were not kept (session-outbox-messages or -bytes)",
-                    ));
-                }
+                Err(AttachError::Ahead) => return Err(ahead()),
+                Err(AttachError::Trimmed) => return Err(self.cannot_replay(&conn)),
             }
         }
+    }
+
+    /// The refusal of a session that cannot give the client everything after
+    /// its `received`: the session ends now rather than wait out its ttl.
+    fn cannot_replay(&self, conn: &Conn) -> ResumeError {
+        self.overflowed(conn);
+        refusal(
+            ResumeCode::OutboxOverflow,
+            "direct messages after `received` were not kept (session-outbox-messages or -bytes)",
+        )
     }
 
     /// The refusal for a session that is not here.
@@ -576,6 +619,13 @@ impl Sessions {
 const EXPIRED: &str = "session expired";
 /// `disconnect.reason` of a session whose outbox overflowed.
 const OVERFLOW: &str = "session outbox overflow";
+
+fn ahead() -> ResumeError {
+    refusal(
+        ResumeCode::SessionInvalid,
+        "received is beyond the last direct message of the session",
+    )
+}
 
 fn refusal(code: ResumeCode, message: impl Into<String>) -> ResumeError {
     ResumeError {
