@@ -577,6 +577,13 @@ impl Conn {
             return;
         };
         let from = out.frames.len() - out.held as usize;
+        if !out
+            .frames
+            .range(from..)
+            .any(|f| matches!(f, Frame::Held(_)))
+        {
+            return;
+        }
         let mut rare = out.rare.take().unwrap_or_default();
         for frame in out.frames.range_mut(from..) {
             if let Frame::Held(tail) = frame {
@@ -1061,6 +1068,13 @@ impl Registry {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A queued frame is what a `Bytes` is: held direct messages cost the
+    /// queue nothing.
+    #[test]
+    fn a_queued_frame_is_the_size_of_its_bytes() {
+        assert_eq!(std::mem::size_of::<Frame>(), std::mem::size_of::<Bytes>());
+    }
 
     /// Every connection has an outbound state: holding messages for the
     /// origin's replies must fit its padding, not grow idle connections.

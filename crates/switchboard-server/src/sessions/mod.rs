@@ -515,7 +515,9 @@ impl Sessions {
                             code: TAKEN_OVER,
                             reason: "session resumed on another connection".into(),
                             by: ClosedBy::Client,
-                            flush_first: false,
+                            // Nothing is dropped: the suspension keeps the
+                            // direct messages, held ones included.
+                            flush_first: true,
                             takeover: true,
                         });
                         if asked == Queued::Yes {
