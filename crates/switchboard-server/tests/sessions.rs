@@ -728,6 +728,19 @@ async fn another_users_token_cannot_resume_a_session() {
     // The session's own user, or the resume token alone, may.
     let (_a, r) = native(&gw, &format!("resume={session}&token={alice}"), &[]).await;
     assert_eq!(r["resumed"], true, "{r}");
+
+    // A refused resume without a token is a new connection that owes its
+    // `authenticate`; its `connected` then says why the resume failed.
+    let url = gw.ws_url("/app?resume=nonsense");
+    let (mut ws, _) = connect_with(&url, &[("Sec-WebSocket-Protocol", "switchboard.v1")])
+        .await
+        .expect("answered 101");
+    let auth = json!({"id": 1, "cmd": "authenticate", "token": token_for("bob")});
+    ws.send(WsMessage::text(auth.to_string())).await.unwrap();
+    let connected = frame(&mut ws).await;
+    assert_eq!(connected["push"], "connected", "{connected}");
+    assert_eq!(connected["resume_error"]["code"], "session_invalid");
+    assert_eq!(frame(&mut ws).await["id"], 1);
 }
 
 #[tokio::test]

@@ -582,6 +582,8 @@ async fn decide(
 ) -> Result<Decision, Refusal> {
     let mut opening = open(shared, req)?;
     let cookies = parse_cookies(req);
+    // A resume without the token a new connection would need.
+    let mut token_missing = false;
     let identity = match &shared.commands.auth {
         None => None,
         Some(auth) => {
@@ -591,6 +593,7 @@ async fn decide(
                     if opening.is_native && query_param(&req.query, "resume").is_some() =>
                 {
                     // The resume token stands for the session's identity.
+                    token_missing = true;
                     None
                 }
                 Ok(Err(crate::admission::tokens::AuthError::Missing(_))) if opening.is_native => {
@@ -631,7 +634,7 @@ async fn decide(
         {
             Ok(accepted) => return Ok(Decision::Accepted(accepted)),
             Err(refused) => {
-                if identity.is_none() && shared.commands.auth.is_some() {
+                if token_missing {
                     // A new session needs a token like any connection.
                     return Ok(Decision::FirstCommand(Opening {
                         refused: Some(refused),
