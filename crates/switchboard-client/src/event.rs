@@ -31,18 +31,12 @@ impl ChannelMessage {
 
     /// The body, if it is text.
     pub fn text(&self) -> Option<&str> {
-        match &self.data {
-            Payload::Text(t) => Some(t),
-            Payload::Binary(_) => None,
-        }
+        self.data.text()
     }
 
     /// The body as bytes (text as UTF-8).
     pub fn bytes(&self) -> &[u8] {
-        match &self.data {
-            Payload::Text(t) => t.as_bytes(),
-            Payload::Binary(b) => b,
-        }
+        self.data.bytes()
     }
 }
 
@@ -62,18 +56,12 @@ pub struct DirectMessage {
 impl DirectMessage {
     /// The body, if it is text.
     pub fn text(&self) -> Option<&str> {
-        match &self.data {
-            Payload::Text(t) => Some(t),
-            Payload::Binary(_) => None,
-        }
+        self.data.text()
     }
 
     /// The body as bytes (text as UTF-8).
     pub fn bytes(&self) -> &[u8] {
-        match &self.data {
-            Payload::Text(t) => t.as_bytes(),
-            Payload::Binary(b) => b,
-        }
+        self.data.bytes()
     }
 }
 

@@ -787,6 +787,30 @@ fn directs(events: &[ClientEvent]) -> Vec<DirectMessage> {
 }
 
 /// The connection as the control API shows it (it must exist).
+/// Waits (15 s at most) for the SDK to give up a silent link: its next
+/// `Disconnected` says `HeartbeatTimeout`.
+async fn heartbeat_timeout(events: &mut Events) {
+    let e = tokio::time::timeout(Duration::from_secs(15), async {
+        loop {
+            if let Some(e @ ClientEvent::Disconnected { .. }) = events.recv().await {
+                return e;
+            }
+        }
+    })
+    .await
+    .expect("the dead link is noticed");
+    assert!(
+        matches!(
+            e,
+            ClientEvent::Disconnected {
+                reason: DisconnectReason::HeartbeatTimeout(_),
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+}
+
 async fn info(gw: &TestGateway, id: &str) -> switchboard_proto::control::ConnectionInfo {
     gw.connection(id)
         .await
@@ -819,25 +843,7 @@ async fn a_silent_link_is_detected_and_the_session_resumed() {
     // 2 × 200 ms + 5 s of silence, then a reconnect through the proxy (only
     // the old connection is frozen).
     let started = tokio::time::Instant::now();
-    let e = tokio::time::timeout(Duration::from_secs(15), async {
-        loop {
-            if let Some(e @ ClientEvent::Disconnected { .. }) = events.recv().await {
-                return e;
-            }
-        }
-    })
-    .await
-    .expect("the dead link is noticed");
-    assert!(
-        matches!(
-            e,
-            ClientEvent::Disconnected {
-                reason: DisconnectReason::HeartbeatTimeout(_),
-                ..
-            }
-        ),
-        "{e:?}"
-    );
+    heartbeat_timeout(&mut events).await;
     assert!(
         started.elapsed() >= Duration::from_secs(5),
         "{:?}",
@@ -883,25 +889,7 @@ async fn a_link_given_up_by_the_sdk_ends_without_a_close_frame() {
     let mut events = client.events();
     let first = client.client_id().unwrap();
     proxy.freeze_downstream();
-    let e = tokio::time::timeout(Duration::from_secs(15), async {
-        loop {
-            if let Some(e @ ClientEvent::Disconnected { .. }) = events.recv().await {
-                return e;
-            }
-        }
-    })
-    .await
-    .expect("the dead link is noticed");
-    assert!(
-        matches!(
-            e,
-            ClientEvent::Disconnected {
-                reason: DisconnectReason::HeartbeatTimeout(_),
-                ..
-            }
-        ),
-        "{e:?}"
-    );
+    heartbeat_timeout(&mut events).await;
     let e = wait_event(&mut events, |e| {
         matches!(
             e,

@@ -20,6 +20,24 @@ pub enum Payload {
     Binary(#[serde(with = "base64_bytes")] Vec<u8>),
 }
 
+impl Payload {
+    /// The body, if it is text.
+    pub fn text(&self) -> Option<&str> {
+        match self {
+            Self::Text(t) => Some(t),
+            Self::Binary(_) => None,
+        }
+    }
+
+    /// The body as bytes (text as UTF-8).
+    pub fn bytes(&self) -> &[u8] {
+        match self {
+            Self::Text(t) => t.as_bytes(),
+            Self::Binary(b) => b,
+        }
+    }
+}
+
 mod base64_bytes {
     use super::*;
     use serde::{Deserializer, Serializer};

@@ -718,17 +718,21 @@ impl Channels {
         Ok(true)
     }
 
+    /// The channels of `conn`'s list (a copy: no lock is held).
+    fn subscriptions_of(&self, conn: &Conn) -> Vec<Arc<Channel>> {
+        self.subs_of(&conn.key)
+            .lock()
+            .get(&conn.key)
+            .cloned()
+            .unwrap_or_default()
+    }
+
     /// Parks every subscription of a session that lost its socket: it
     /// stays a member of its channels, and is sent nothing until its client
     /// is back and subscribes again. A subscription still waiting for the
     /// log (cluster) is parked where it asked to start.
     pub(crate) fn suspend(&self, conn: &Arc<Conn>, metrics: &Metrics) {
-        let channels = self
-            .subs_of(&conn.key)
-            .lock()
-            .get(&conn.key)
-            .cloned()
-            .unwrap_or_default();
+        let channels = self.subscriptions_of(conn);
         for ch in channels {
             let mut st = ch.state.lock();
             if st.subscribers.remove(&conn.key).is_some() {
@@ -752,12 +756,7 @@ impl Channels {
     /// messages, sorted by name: what its client is to subscribe to again
     /// (`connected.channels`).
     pub(crate) fn session_channels(&self, conn: &Conn) -> Vec<SessionChannel> {
-        let channels = self
-            .subs_of(&conn.key)
-            .lock()
-            .get(&conn.key)
-            .cloned()
-            .unwrap_or_default();
+        let channels = self.subscriptions_of(conn);
         let mut out: Vec<SessionChannel> = channels
             .iter()
             .filter_map(|ch| {
