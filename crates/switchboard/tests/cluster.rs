@@ -42,6 +42,10 @@
 //!   delivered; a batch to 9,000 (and 40,000: over `max_payload` in one
 //!   request) ids of one node is split, every id gets its result and the
 //!   one real connection gets the message exactly once.
+//! - sessions: a suspended native session answers `queued` and its info
+//!   through any node, resumes on the node holding it with everything kept,
+//!   and a resume landing on another node is refused (`session_unknown`)
+//!   with a new session there, leaving the suspended one untouched.
 //!
 //! Every wait is bounded; the only fixed waits are the few that prove an
 //! absence (no duplicate or spurious `node_down`).
@@ -1983,4 +1987,96 @@ async fn subscribe_reply(ws: &mut Ws, id: u64, channel: &str) -> Value {
             return v;
         }
     }
+}
+
+/// A native client's first frame, as JSON.
+async fn native_first(url: &str) -> (Ws, Value) {
+    let (mut ws, _) = connect_with(url, &[("Sec-WebSocket-Protocol", "switchboard.v1")])
+        .await
+        .expect("native handshake");
+    let first = match next_msg(&mut ws).await {
+        WsMessage::Text(t) => serde_json::from_str::<Value>(&t).expect("JSON"),
+        other => panic!("expected connected, got {other:?}"),
+    };
+    assert_eq!(first["push"], "connected", "{first}");
+    (ws, first)
+}
+
+/// Sessions in a cluster (docs/sessions.md): a suspended session is
+/// reachable through any node (`queued`, and its info); it resumes on the
+/// node that holds it, and a resume that lands on another node is refused
+/// plainly (`session_unknown`, naming the holder) and starts a new session
+/// there, without touching the suspended one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_suspended_session_is_reached_through_any_node_and_resumes_on_its_own() {
+    let nats = NatsServer::start(false);
+    let origin = TestOrigin::start(None).await;
+    let (a, b) = start_pair(&nats, &origin, "sessions").await;
+    let (ws, first) = native_first(&a.ws_url("/app")).await;
+    let id = first["client"].as_str().unwrap().to_owned();
+    let token = first["session"].as_str().unwrap().to_owned();
+    drop(ws);
+    poll(QUICK, "the session suspended on a", || async {
+        let r = b.get(&format!("/v1/connections/{id}")).await;
+        if r.status == 200 && r.json()["suspended"] == true {
+            Ok(())
+        } else {
+            Err(r.body)
+        }
+    })
+    .await;
+
+    let r = b.push_text(&id, "kept").await;
+    assert_eq!(
+        (r.status, r.json()),
+        (200, json!({"status": "queued"})),
+        "{}",
+        r.body
+    );
+    let r = b
+        .post(
+            "/v1/messages",
+            &json!({"messages": [{"connection_ids": [id], "text": "kept too"}]}),
+        )
+        .await;
+    assert_eq!(r.json()["results"][0][&id], "queued", "{}", r.body);
+    assert_eq!(
+        b.get(&format!("/v1/connections/{id}")).await.json()["outbox_messages"],
+        2
+    );
+
+    let (_elsewhere, r) = native_first(&b.ws_url(&format!("/app?resume={token}"))).await;
+    assert_eq!(r["resume_error"]["code"], "session_unknown", "{r}");
+    assert!(
+        r["resume_error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("node a"),
+        "{r}"
+    );
+    assert_eq!(
+        node_of(r["client"].as_str().unwrap()),
+        "b",
+        "a new session on b"
+    );
+
+    let (mut ws, r) = native_first(&a.ws_url(&format!("/app?resume={token}&received=0"))).await;
+    assert_eq!(
+        (r["resumed"].clone(), r["client"].clone()),
+        (json!(true), json!(id))
+    );
+    for (seq, text) in [(1, "kept"), (2, "kept too")] {
+        let f: Value = match next_msg(&mut ws).await {
+            WsMessage::Text(t) => serde_json::from_str(&t).unwrap(),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(f, json!({"push": "direct", "seq": seq, "text": text}));
+    }
+    let connects = origin
+        .connects()
+        .iter()
+        .filter(|c| c.connection_id == id)
+        .count();
+    assert_eq!(connects, 1);
+    assert!(origin.disconnects_of(&id).is_empty());
 }
