@@ -543,7 +543,13 @@ async fn a_suspended_session_queues_direct_messages_and_keeps_its_channels() {
         200
     );
     assert_eq!(frame(&mut ws).await["text"], "live");
-    assert!(!gw.connection(&id).await.unwrap().suspended);
+    let info = gw.connection(&id).await.unwrap();
+    assert!(!info.suspended);
+    assert_eq!(
+        info.remote_addr,
+        local_addr(&ws).to_string(),
+        "the new socket's"
+    );
     assert_eq!(gw.metric("switchboard_sessions_suspended").await, 0.0);
     // Acknowledged: nothing kept.
     ws.send(WsMessage::text(

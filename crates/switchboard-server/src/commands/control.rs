@@ -504,7 +504,7 @@ fn connection_info(s: &Commands, c: &Conn) -> ConnectionInfo {
     ConnectionInfo {
         id: c.id.to_string(),
         node: s.node.to_string(),
-        remote_addr: c.remote.to_string(),
+        remote_addr: c.remote().to_string(),
         path: c.path.to_string(),
         user_id: c.user_id.as_deref().map(str::to_owned),
         metadata: c.metadata.as_deref().cloned(),

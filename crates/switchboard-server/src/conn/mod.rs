@@ -195,6 +195,8 @@ struct Rare {
     /// Suspended, and its channels parked and its suspension recorded: a
     /// resume may attach it (see [`Conn::mark_resumable`]).
     resumable: bool,
+    /// The client's address since it last resumed.
+    remote: Option<SocketAddr>,
     outbox: Outbox,
 }
 
@@ -320,7 +322,8 @@ enum Place {
 pub(crate) struct Conn {
     pub(crate) id: ConnectionId,
     pub(crate) key: ConnKey,
-    pub(crate) remote: SocketAddr,
+    /// The address of the session's first socket (see [`Conn::remote`]).
+    remote: SocketAddr,
     pub(crate) path: Box<str>,
     pub(crate) user_id: Option<Box<str>>,
     pub(crate) metadata: Option<Box<serde_json::Value>>,
@@ -839,6 +842,7 @@ impl Conn {
     pub(crate) fn attach(
         &self,
         received: u64,
+        remote: SocketAddr,
         deflate: bool,
         first: Bytes,
         metrics: &Metrics,
@@ -872,11 +876,21 @@ impl Conn {
         };
         rare.suspended = false;
         rare.resumable = false;
+        rare.remote = Some(remote);
         self.deflate.store(deflate, Relaxed);
         out.queued_bytes = frames.iter().map(Frame::len).sum();
         metrics.frames_out.inc_by(frames.len() as u64);
         out.frames = frames;
         Ok(attached)
+    }
+
+    /// The client's address: its last socket's.
+    pub(crate) fn remote(&self) -> SocketAddr {
+        let out = self.out.lock();
+        out.rare
+            .as_ref()
+            .and_then(|r| r.remote)
+            .unwrap_or(self.remote)
     }
 
     /// Whether a direct message was refused while the session was

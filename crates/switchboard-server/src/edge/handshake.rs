@@ -691,7 +691,7 @@ async fn resume(
             token,
             query_param(&req.query, "received"),
             identity,
-            deflate,
+            (remote, deflate),
             deadline,
             |conn, channels| {
                 crate::commands::native::connected_frame(

@@ -425,7 +425,8 @@ impl Sessions {
     /// Resumes the session named by `token` on a new socket: the client has
     /// every direct message up to `received` (`?received=`, 0 when absent),
     /// and `identity` is the token it connected with, if any (it replaces
-    /// the session's, as a `refresh` would). `first` makes the `connected`
+    /// the session's, as a `refresh` would). `socket` is the new socket's
+    /// address and whether it compresses. `first` makes the `connected`
     /// push from the session's parked channels; it is queued before the
     /// direct messages after `received`. An open socket still holding the
     /// session is closed first (4009), within `deadline`.
@@ -434,12 +435,12 @@ impl Sessions {
         token: &str,
         received: Option<&str>,
         identity: Option<&Identity>,
-        deflate: bool,
+        socket: (std::net::SocketAddr, bool),
         deadline: tokio::time::Instant,
         first: impl Fn(&Conn, Vec<SessionChannel>) -> Bytes,
     ) -> Result<(Arc<Conn>, Attached), ResumeError> {
         let r = self
-            .try_resume(token, received, identity, deflate, deadline, first)
+            .try_resume(token, received, identity, socket, deadline, first)
             .await;
         let result = match &r {
             Ok(_) => "resumed",
@@ -457,7 +458,7 @@ impl Sessions {
         token: &str,
         received: Option<&str>,
         identity: Option<&Identity>,
-        deflate: bool,
+        (remote, deflate): (std::net::SocketAddr, bool),
         deadline: tokio::time::Instant,
         first: impl Fn(&Conn, Vec<SessionChannel>) -> Bytes,
     ) -> Result<(Arc<Conn>, Attached), ResumeError> {
@@ -498,7 +499,7 @@ impl Sessions {
         let mut asked_takeover = false;
         loop {
             let connected = first(&conn, self.channels.session_channels(&conn));
-            match conn.attach(received, deflate, connected, &self.metrics) {
+            match conn.attach(received, remote, deflate, connected, &self.metrics) {
                 Ok(attached) => {
                     if self.suspended.lock().remove(&conn.key).is_some() {
                         self.metrics.sessions_suspended.dec();
