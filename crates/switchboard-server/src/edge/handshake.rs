@@ -158,6 +158,7 @@ pub(crate) async fn handle(
         response,
         deflate,
         origin_seq,
+        resumed,
     } = match result {
         Ok(accepted) => accepted,
         Err(r) => return answer_refusal(&shared, &mut stream, r, deadline).await,
@@ -169,10 +170,14 @@ pub(crate) async fn handle(
     match tokio::time::timeout_at(deadline, stream.write_all(&response)).await {
         Ok(Ok(())) => {}
         _ => {
-            disconnect.finish(
-                crate::sessions::Ending::lost("connection lost during handshake"),
-                origin_seq,
-            );
+            let why = "connection lost during handshake";
+            // A new session's client never got its resume token: it ends.
+            let ending = if resumed {
+                crate::sessions::Ending::lost(why)
+            } else {
+                crate::sessions::Ending::closed(close::ABNORMAL, why, ClosedBy::Network)
+            };
+            disconnect.finish(ending, origin_seq);
             return;
         }
     }
@@ -540,6 +545,8 @@ struct Accepted {
     deflate: Option<DeflateParams>,
     /// The last `message` event's `seq` (a resumed session's).
     origin_seq: u64,
+    /// A resumed session (whose client has its resume token already).
+    resumed: bool,
 }
 
 /// A valid upgrade the node can take, before the client's identity is known.
@@ -711,6 +718,7 @@ async fn resume(
         conn,
         deflate: opening.deflate,
         origin_seq: attached.origin_seq,
+        resumed: true,
     })
 }
 
@@ -991,6 +999,7 @@ async fn admit(
         conn,
         deflate,
         origin_seq: 0,
+        resumed: false,
     })
 }
 
