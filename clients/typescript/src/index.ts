@@ -1,0 +1,8 @@
+export { SwitchboardClient, PROTOCOL, ACK_BATCH, ACK_DELAY_MS, HEARTBEAT_SLACK_MS } from "./client.js";
+export type { ClientOptions, ClientEvents } from "./client.js";
+export { Subscription } from "./subscription.js";
+export type { SubscriptionEvents, SubscriptionHandlers } from "./subscription.js";
+export { SwitchboardError } from "./errors.js";
+export type { LocalErrorCode } from "./errors.js";
+export { Backoff } from "./backoff.js";
+export type * from "./types.js";
