@@ -108,6 +108,7 @@ export async function startProxy(targetPort) {
   const pairs = new Set();
   let holding = false;
   let accepted = 0;
+  const heads = [];
   const server = createServer((client) => {
     if (holding) {
       client.destroy();
@@ -116,6 +117,7 @@ export async function startProxy(targetPort) {
     accepted += 1;
     const upstream = connect(targetPort, "127.0.0.1");
     const pair = { client, upstream };
+    client.once("data", (chunk) => heads.push(chunk.toString("latin1").split("\r\n")[0]));
     pairs.add(pair);
     const end = () => {
       client.destroy();
@@ -137,6 +139,8 @@ export async function startProxy(targetPort) {
     get accepted() {
       return accepted;
     },
+    /** The request line of every connection accepted. */
+    heads,
     get open() {
       return pairs.size;
     },
@@ -146,6 +150,15 @@ export async function startProxy(targetPort) {
         upstream.resetAndDestroy?.() ?? upstream.destroy();
       }
       pairs.clear();
+    },
+    /** Stops forwarding on every open connection, without closing it (a dead link). */
+    freeze() {
+      for (const { client, upstream } of pairs) {
+        client.unpipe(upstream);
+        upstream.unpipe(client);
+        client.pause();
+        upstream.pause();
+      }
     },
     hold() {
       holding = true;
@@ -198,7 +211,7 @@ export function newClient(url, options = {}) {
   });
   const events = [];
   for (const name of ["connected", "resumed", "restarted", "disconnected", "connectFailed", "serverSubscribed", "serverUnsubscribed", "failed", "closed"]) {
-    client.on(name, (e) => events.push({ name, ...(e ?? {}) }));
+    client.on(name, (e) => events.push({ ...(e ?? {}), name, error: e instanceof Error ? e : e?.error }));
   }
   return { client, events };
 }

@@ -1,0 +1,43 @@
+// A link that goes silent (no frame, no ping) is dropped after
+// 2 × ping_interval_ms + 5 s, without a close frame, and the session resumes.
+
+import { test, before, after } from "node:test";
+import assert from "node:assert/strict";
+import { startGateway, startProxy, newClient, waitFor, sendDirect } from "../testlib/helpers.mjs";
+
+let gw;
+before(async () => {
+  gw = await startGateway();
+});
+after(async () => {
+  await gw?.stop();
+});
+
+test("a silent link is dropped after the heartbeat deadline and the session resumes", async () => {
+  const proxy = await startProxy(gw.port);
+  const { client, events } = newClient(proxy.url);
+  const got = [];
+  client.on("direct", (m) => got.push(m));
+  try {
+    const { clientId } = await client.connect();
+    await sendDirect(gw, clientId, "one");
+    await waitFor(() => got.length === 1, 5000, "first direct");
+    proxy.freeze();
+    const frozenAt = Date.now();
+    const r = await sendDirect(gw, clientId, "two"); // written into the frozen link
+    assert.equal(r.status, 200);
+    const lost = await waitFor(() => events.find((e) => e.name === "disconnected"), 12_000, "disconnected");
+    const after = Date.now() - frozenAt;
+    assert.equal(lost.reason.kind, "heartbeat_timeout");
+    assert.equal(lost.reason.afterMs, 2 * 1000 + 5000);
+    assert.ok(after >= 6500, `dropped after ${after} ms`);
+    const resumed = await waitFor(() => events.find((e) => e.name === "resumed"), 10_000, "resumed");
+    assert.equal(resumed.clientId, clientId);
+    await waitFor(() => got.length === 2, 5000, "second direct");
+    assert.deepEqual(got.map((m) => [m.seq, m.data]), [[1, "one"], [2, "two"]]);
+    assert.equal(events.filter((e) => e.name === "restarted").length, 0);
+  } finally {
+    await client.close();
+    await proxy.close();
+  }
+});
