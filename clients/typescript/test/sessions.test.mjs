@@ -163,3 +163,45 @@ test("direct messages are acknowledged in batches: the gateway keeps none of the
     await client.close();
   }
 });
+
+test("server-side subscriptions: client events, recovered across a resume, removal while away reported", async () => {
+  const proxy = await startProxy(gw.port);
+  const { client, events } = newClient(proxy.url);
+  const got = [];
+  client.on("message", (m) => got.push(m));
+  try {
+    const { clientId } = await client.connect();
+    const put = await api(gw, "PUT", `/v1/connections/${clientId}/channels/chat:srv`);
+    assert.ok(put.status < 300, JSON.stringify(put));
+    const subscribed = await waitFor(() => events.find((e) => e.name === "serverSubscribed"), 5000, "serverSubscribed");
+    assert.equal(subscribed.channel, "chat:srv");
+    await publish(gw, "chat:srv", "s1");
+    await waitFor(() => got.length === 1, 5000, "s1");
+
+    // Published while away: recovered from the SDK's own position after the resume.
+    proxy.hold();
+    await publish(gw, "chat:srv", "s2");
+    await publish(gw, "chat:srv", "s3");
+    // Subscribed by the server while away: reported after `resumed`.
+    await api(gw, "PUT", `/v1/connections/${clientId}/channels/chat:srv2`);
+    proxy.release();
+    await waitFor(() => events.some((e) => e.name === "resumed"), 10_000, "resumed");
+    await waitFor(() => got.length === 3, 5000, "s2, s3");
+    const later = await waitFor(() => events.find((e) => e.name === "serverSubscribed" && e.channel === "chat:srv2"), 5000, "chat:srv2");
+    assert.ok(events.indexOf(later) > events.findIndex((e) => e.name === "resumed"));
+    await publish(gw, "chat:srv2", "t1");
+    await waitFor(() => got.length === 4, 5000, "t1");
+    assert.deepEqual(got.map((m) => `${m.channel} ${m.data}`), ["chat:srv s1", "chat:srv s2", "chat:srv s3", "chat:srv2 t1"]);
+
+    // Unsubscribed by the server while away: reported after the next resume.
+    proxy.hold();
+    await api(gw, "DELETE", `/v1/connections/${clientId}/channels/chat:srv`);
+    proxy.release();
+    await waitFor(() => events.filter((e) => e.name === "resumed").length === 2, 10_000, "second resume");
+    const gone = await waitFor(() => events.find((e) => e.name === "serverUnsubscribed"), 5000, "serverUnsubscribed");
+    assert.equal(gone.channel, "chat:srv");
+  } finally {
+    await client.close();
+    await proxy.close();
+  }
+});
