@@ -5,4 +5,20 @@ export type { SubscriptionEvents, SubscriptionHandlers } from "./subscription.js
 export { SwitchboardError } from "./errors.js";
 export type { LocalErrorCode } from "./errors.js";
 export { Backoff } from "./backoff.js";
-export type * from "./types.js";
+export type {
+  ChannelMessage,
+  ClientState,
+  Data,
+  DirectMessage,
+  DisconnectReason,
+  HistoryResult,
+  Member,
+  PresenceResult,
+  Publication,
+  PublishResult,
+  ResumeError,
+  StreamPosition,
+  SubscribeResult,
+  WebSocketConstructor,
+  WebSocketLike,
+} from "./types.js";

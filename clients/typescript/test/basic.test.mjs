@@ -110,6 +110,13 @@ test("commands wait for a connection and time out with a typed error", async () 
   await assert.rejects(client.presence("chat:x"), (e) => e instanceof SwitchboardError && e.code === "timeout" && e.command === "presence");
   assert.ok(Date.now() - t0 >= 350);
   assert.ok(events.some((e) => e.name === "connectFailed"));
+  // The queue of commands waiting for a connection is bounded.
+  const small = newClient("ws://127.0.0.1:1/ws", { commandTimeoutMs: 300, maxQueuedCommands: 2 }).client;
+  small.connect();
+  const waiting = [small.ping(), small.ping()];
+  await assert.rejects(small.ping(), (e) => e instanceof SwitchboardError && e.code === "queue_full");
+  for (const w of waiting) await assert.rejects(w, (e) => e.code === "timeout");
+  await small.close();
   assert.notEqual(client.state, "connected");
   await client.close();
   assert.equal(client.state, "closed");

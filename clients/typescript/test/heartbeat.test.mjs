@@ -3,7 +3,7 @@
 
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
-import { startGateway, startProxy, newClient, waitFor, sendDirect } from "../testlib/helpers.mjs";
+import { startGateway, startProxy, newClient, waitFor, sendDirect, sleep, api, BrowserLikeWebSocket } from "../testlib/helpers.mjs";
 
 let gw;
 before(async () => {
@@ -36,6 +36,34 @@ test("a silent link is dropped after the heartbeat deadline and the session resu
     await waitFor(() => got.length === 2, 5000, "second direct");
     assert.deepEqual(got.map((m) => [m.seq, m.data]), [[1, "one"], [2, "two"]]);
     assert.equal(events.filter((e) => e.name === "restarted").length, 0);
+  } finally {
+    await client.close();
+    await proxy.close();
+  }
+});
+
+test("browser-like socket (no terminate, pings unseen): a quiet link stays up; a silent one is given up without a close frame and resumed", async () => {
+  const proxy = await startProxy(gw.port);
+  const { client, events } = newClient(proxy.url, { WebSocket: BrowserLikeWebSocket });
+  const got = [];
+  client.on("direct", (m) => got.push(m));
+  try {
+    const { clientId } = await client.connect();
+    // Nothing but gateway pings for longer than the deadline: the SDK's `ping` commands keep it up.
+    await sleep(8000);
+    assert.equal(client.state, "connected");
+    assert.equal(events.filter((e) => e.name === "disconnected").length, 0);
+    proxy.freeze();
+    await sendDirect(gw, clientId, "during");
+    const lost = await waitFor(() => events.find((e) => e.name === "disconnected"), 12_000, "disconnected");
+    assert.equal(lost.reason.kind, "heartbeat_timeout");
+    // The old socket was left open (no close frame, which would end the session): the resume takes it over.
+    const resumed = await waitFor(() => events.find((e) => e.name === "resumed"), 10_000, "resumed");
+    assert.equal(resumed.clientId, clientId);
+    await waitFor(() => got.length === 1, 5000, "the direct sent while frozen");
+    assert.deepEqual(got.map((m) => [m.seq, m.data]), [[1, "during"]]);
+    const info = await api(gw, "GET", `/v1/connections/${clientId}`);
+    assert.equal(info.body.suspended, false);
   } finally {
     await client.close();
     await proxy.close();

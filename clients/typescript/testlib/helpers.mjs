@@ -215,3 +215,37 @@ export function newClient(url, options = {}) {
   }
   return { client, events };
 }
+
+/**
+ * A WebSocket with only what a browser's has: no `terminate()` and no view
+ * of pings (the `ws` socket it wraps still answers them, as browsers do).
+ */
+export class BrowserLikeWebSocket {
+  constructor(url, protocols) {
+    this.inner = new WebSocket(url, protocols);
+  }
+  get protocol() {
+    return this.inner.protocol;
+  }
+  get readyState() {
+    return this.inner.readyState;
+  }
+  get binaryType() {
+    return this.inner.binaryType;
+  }
+  set binaryType(v) {
+    this.inner.binaryType = v;
+  }
+  send(data) {
+    this.inner.send(data);
+  }
+  close(code, reason) {
+    this.inner.close(code, reason);
+  }
+  addEventListener(type, fn) {
+    this.inner.addEventListener(type, fn);
+  }
+  removeEventListener(type, fn) {
+    this.inner.removeEventListener(type, fn);
+  }
+}
