@@ -79,6 +79,8 @@ test("channel messages published while cut are recovered after the resume, in or
       await pub(15); // published while the client is away
       proxy.release();
       await waitFor(() => events.filter((e) => e.name === "resumed").length === round + 1, 10_000, "resumed");
+      // Resubscribed (the replay is in): what follows is live.
+      await waitFor(() => subscribed.length === round + 2, 10_000, "resubscribed");
       await pub(5); // and live again
       await waitFor(() => got.length === n, 10_000, `${n} messages`);
     }
@@ -146,10 +148,12 @@ test("direct messages are acknowledged in batches: the gateway keeps none of the
   try {
     const { clientId } = await client.connect();
     // Fewer than a batch: acknowledged by the 500 ms timer.
+    const t0 = Date.now();
     for (let i = 1; i <= 5; i++) await sendDirect(gw, clientId, `a${i}`);
     await waitFor(() => got.length === 5, 5000, "5 directs");
     const kept = (await api(gw, "GET", `/v1/connections/${clientId}`)).body.outbox_messages;
-    assert.ok(kept > 0, `expected unacknowledged messages right after receipt, got ${kept}`);
+    // Unless this machine was too slow to look before the 500 ms timer, the gateway still keeps them.
+    if (Date.now() - t0 < 400) assert.ok(kept > 0, `expected unacknowledged messages right after receipt, got ${kept}`);
     await sleep(700);
     assert.equal((await api(gw, "GET", `/v1/connections/${clientId}`)).body.outbox_messages, 0);
     // More than a batch.
