@@ -193,6 +193,8 @@ export class SwitchboardClient extends Emitter<ClientEvents> implements Subscrip
   private resolveFirst!: (v: { clientId: string; node: string }) => void;
   private rejectFirst!: (e: SwitchboardError) => void;
   private browserListeners: [string, () => void][] = [];
+  /** Open browser sockets given up without a close frame (see `abandon`). */
+  private abandoned = new Set<WebSocketLike>();
 
   constructor(url: string, options: ClientOptions = {}) {
     super();
@@ -509,8 +511,10 @@ export class SwitchboardClient extends Emitter<ClientEvents> implements Subscrip
    * session for a resume. The `ws` package can (`terminate()`). A browser
    * WebSocket cannot: `close()` would send a close frame and end the session.
    * So an open browser socket is left alone: the resume on the new socket
-   * makes the gateway close it (4009), or its pong timeout ends it. A browser
-   * socket still connecting is aborted with `close()`, which sends nothing.
+   * makes the gateway close it (4009), or its pong timeout ends it; the SDK
+   * closes it itself only once a new session started, or on `close()`. A
+   * browser socket still connecting is aborted with `close()`, which sends
+   * nothing.
    */
   private abandon(conn: Conn): void {
     const ws = conn.ws;
@@ -527,7 +531,25 @@ export class SwitchboardClient extends Emitter<ClientEvents> implements Subscrip
       } catch {
         /* already closed */
       }
+    } else if (ws.readyState === 1) {
+      this.abandoned.add(ws);
+      ws.addEventListener("close", () => this.abandoned.delete(ws));
     }
+  }
+
+  /**
+   * Closes the browser sockets given up earlier: once a new session started
+   * (theirs is not ours any more), or on `close()`.
+   */
+  private closeAbandoned(): void {
+    for (const ws of this.abandoned) {
+      try {
+        ws.close(1000, "superseded");
+      } catch {
+        /* already closed */
+      }
+    }
+    this.abandoned.clear();
   }
 
   /** An established connection ended. */
@@ -582,6 +604,7 @@ export class SwitchboardClient extends Emitter<ClientEvents> implements Subscrip
       this.session.acked = this.session.received;
     } else {
       this.newSession();
+      this.closeAbandoned();
     }
     this.session.token = push.session;
     this.setState("connected");
@@ -970,6 +993,7 @@ export class SwitchboardClient extends Emitter<ClientEvents> implements Subscrip
     clearTimeout(this.ackTimer);
     this.ackTimer = undefined;
     if (this.conn) this.endConn(this.conn);
+    this.closeAbandoned();
     for (const [type, fn] of this.browserListeners) (globalThis as any).removeEventListener?.(type, fn);
     this.browserListeners = [];
     for (const call of this.queue) this.settle(call, error);

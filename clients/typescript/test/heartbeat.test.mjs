@@ -64,6 +64,14 @@ test("browser-like socket (no terminate, pings unseen): a quiet link stays up; a
     assert.deepEqual(got.map((m) => [m.seq, m.data]), [[1, "during"]]);
     const info = await api(gw, "GET", `/v1/connections/${clientId}`);
     assert.equal(info.body.suspended, false);
+    // The given-up socket was left open (its close frame would have ended the session)…
+    const [old, current] = BrowserLikeWebSocket.instances;
+    assert.equal(BrowserLikeWebSocket.instances.length, 2);
+    assert.equal(old.readyState, 1);
+    // …until the client is closed.
+    await client.close();
+    assert.ok(old.readyState >= 2, `old socket state ${old.readyState}`);
+    assert.equal(current.readyState, 3);
   } finally {
     await client.close();
     await proxy.close();

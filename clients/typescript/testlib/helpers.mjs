@@ -221,8 +221,10 @@ export function newClient(url, options = {}) {
  * of pings (the `ws` socket it wraps still answers them, as browsers do).
  */
 export class BrowserLikeWebSocket {
+  static instances = [];
   constructor(url, protocols) {
     this.inner = new WebSocket(url, protocols);
+    BrowserLikeWebSocket.instances.push(this);
   }
   get protocol() {
     return this.inner.protocol;
