@@ -209,3 +209,21 @@ test("server-side subscriptions: client events, recovered across a resume, remov
     await proxy.close();
   }
 });
+
+test("a close frame from the gateway ends the session: `disconnected` with its code, then `restarted`", async () => {
+  const { client, events } = newClient(gw.url);
+  try {
+    const { clientId } = await client.connect();
+    const del = await api(gw, "DELETE", `/v1/connections/${clientId}?code=4321`);
+    assert.equal(del.status, 202);
+    const lost = await waitFor(() => events.find((e) => e.name === "disconnected"), 5000, "disconnected");
+    assert.deepEqual([lost.reason.kind, lost.reason.code], ["closed", 4321]);
+    const restarted = await waitFor(() => events.find((e) => e.name === "restarted"), 5000, "restarted");
+    assert.equal(restarted.error?.code, "session_closed");
+    assert.notEqual(restarted.clientId, clientId);
+    assert.equal(client.state, "connected");
+    await client.ping();
+  } finally {
+    await client.close();
+  }
+});
