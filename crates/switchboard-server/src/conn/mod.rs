@@ -589,16 +589,15 @@ impl Conn {
         }
         let mut rare = out.rare.take().unwrap_or_default();
         for frame in out.frames.range_mut(from..) {
-            if let Frame::Held(tail) = frame {
-                let plain = rare.outbox.number(tail, metrics);
-                let ready = if deflate {
-                    outbox::frame(OpCode::Text, outbox::payload(&plain), true)
-                } else {
-                    plain.clone()
-                };
-                out.queued_bytes = out.queued_bytes - (tail.len() + 32) + ready.len();
-                *frame = Frame::Ready(ready);
-            }
+            let Frame::Held(tail) = frame else { continue };
+            let plain = rare.outbox.number(tail, metrics);
+            let ready = Frame::Ready(if deflate {
+                outbox::frame(OpCode::Text, outbox::payload(&plain), true)
+            } else {
+                plain
+            });
+            out.queued_bytes = out.queued_bytes - frame.len() + ready.len();
+            *frame = ready;
         }
         rare.outbox.trim(limits, metrics);
         out.rare = Some(rare);
