@@ -3,6 +3,11 @@ import { Emitter } from "./emitter.js";
 import { SwitchboardError } from "./errors.js";
 import { Subscription, type SubscriptionHandlers, type SubscriptionOwner } from "./subscription.js";
 import { StreamTracker, type TrackerEvent } from "./tracker.js";
+import { TRANSPORTS, type Transport, type TransportClosed, type TransportName, type TransportOpen } from "./transport.js";
+import { PROTOCOL, WebSocketTransport } from "./websocket.js";
+import { SseTransport } from "./sse.js";
+import { LongPollTransport } from "./longpoll.js";
+import type { FetchFunction } from "./http.js";
 import type {
   ChannelMessage,
   ClientState,
@@ -17,23 +22,47 @@ import type {
   StreamPosition,
   SubscribeResult,
   WebSocketConstructor,
-  WebSocketLike,
 } from "./types.js";
 
-/** The native protocol's subprotocol name. */
-export const PROTOCOL = "switchboard.v1";
+export { PROTOCOL };
 /** An `ack` is sent once this many direct messages are unacknowledged… */
 export const ACK_BATCH = 32;
 /** …or this long after the first unacknowledged one. */
 export const ACK_DELAY_MS = 500;
 /** Added to twice the ping interval before a silent link is declared dead. */
 export const HEARTBEAT_SLACK_MS = 5000;
+/** Default of `fallbackTimeoutMs`. */
+export const FALLBACK_TIMEOUT_MS = 5000;
+/** Default of `fallbackRetryMs`: five minutes. */
+export const FALLBACK_RETRY_MS = 5 * 60_000;
 
 export interface ClientOptions {
-  /** The WebSocket constructor (default `globalThis.WebSocket`; on Node < 22 pass the `ws` package's). */
+  /**
+   * The transports to try, in order (default `["websocket", "sse", "long-poll"]`).
+   * An attempt that fails before the `connected` push, or gets none within
+   * `fallbackTimeoutMs`, goes on with the next one at once.
+   */
+  transports?: TransportName[];
+  /** How long a transport that is not the last one may take to get the `connected` push before the next is tried (default 5 s). */
+  fallbackTimeoutMs?: number;
+  /**
+   * A client that fell back keeps the transport that worked; its first
+   * reconnect after this long tries the earlier ones again (default 5 min).
+   */
+  fallbackRetryMs?: number;
+  /** The WebSocket constructor (default `globalThis.WebSocket`; on Node < 22 pass the `ws` package's). Needed only with the `websocket` transport. */
   WebSocket?: WebSocketConstructor;
-  /** A client token, sent as the `token` query parameter of every handshake. */
+  /** The `fetch` of the HTTP transports (default `globalThis.fetch`). */
+  fetch?: FetchFunction;
+  /** A client token, sent as the `token` query parameter of every handshake (see `tokenIn`). */
   token?: string;
+  /**
+   * Where a WebSocket carries the token: `"query"` (default: `?token=`) or
+   * `"frame"` (an `authenticate` command as the first frame, so that the
+   * token stays out of URLs and access logs). The HTTP fallbacks always use
+   * the query.
+   */
+  tokenIn?: "query" | "frame";
   /**
    * Called before each connection attempt, and when the gateway announces the
    * token's expiry (`refresh` push; the result is then sent with `refresh`).
@@ -62,6 +91,10 @@ export interface ClientEvents {
   state: (state: ClientState) => void;
   /** The client's first connection is up. */
   connected: (event: { clientId: string; node: string }) => void;
+  /** A connection came up over another transport than the previous one (also the first time). Comes before `connected`, `resumed` or `restarted`. */
+  transport: (event: { transport: TransportName; previous?: TransportName }) => void;
+  /** A transport failed before its `connected` push: the next one is tried at once. */
+  fallback: (event: { from: TransportName; to: TransportName; error: SwitchboardError }) => void;
   /** A reconnect resumed the session: same `clientId`, nothing lost. */
   resumed: (event: { clientId: string; node: string }) => void;
   /** A reconnect started a new session: new `clientId`; `error` says why the gateway refused the resume (absent when it keeps no sessions). */
@@ -118,13 +151,19 @@ type Inflight =
   | { kind: "heartbeat" };
 
 interface Conn {
-  ws: WebSocketLike;
+  transport: Transport;
+  name: TransportName;
+  /** Its place in `transports`. */
+  index: number;
+  /** Where the round of attempts it belongs to started in `transports`. */
+  roundStart: number;
+  /** The token of the round (from `getToken` or `token`). */
+  token?: string;
   welcomed: boolean;
   ended: boolean;
   lastRx: number;
   upSince: number;
   pingOutstanding: boolean;
-  listeners: [string, (e: any) => void][];
   connectTimer?: ReturnType<typeof setTimeout>;
   heartbeatTimer?: ReturnType<typeof setInterval>;
 }
@@ -153,15 +192,32 @@ interface ConnectedPush {
 
 const noop = () => {};
 
+/** Handshake refusal codes (a `4006` close's reason starts with one) after which trying again later may succeed. */
+const RETRYABLE_REFUSALS = new Set([
+  "auth_unavailable",
+  "origin_unavailable",
+  "origin_backlog",
+  "node_cut_off",
+  "over_capacity",
+  "too_many_connections_from_ip",
+  "too_many_handshakes",
+  "too_many_connections_for_user",
+  "draining",
+  "handshake_timeout",
+]);
+
 /**
  * A client of Switchboard's native protocol. Construct it, attach listeners,
- * then `connect()`. It keeps one WebSocket, reconnects with backoff, resumes
- * its session, and recovers its channels (see README.md).
+ * then `connect()`. It keeps one connection (a WebSocket, or an HTTP
+ * fallback: SSE, long-polling), reconnects with backoff, resumes its
+ * session, and recovers its channels (see README.md).
  */
 export class SwitchboardClient extends Emitter<ClientEvents> implements SubscriptionOwner {
   private readonly url: string;
-  private readonly WS: WebSocketConstructor;
-  private readonly opts: Required<Omit<ClientOptions, "WebSocket" | "token" | "getToken">>;
+  private readonly WS?: WebSocketConstructor;
+  private readonly fetchFn?: FetchFunction;
+  private readonly transports: TransportName[];
+  private readonly opts: Required<Omit<ClientOptions, "WebSocket" | "fetch" | "token" | "getToken" | "transports">>;
   private readonly getToken?: () => string | Promise<string>;
   private token?: string;
 
@@ -193,20 +249,45 @@ export class SwitchboardClient extends Emitter<ClientEvents> implements Subscrip
   private resolveFirst!: (v: { clientId: string; node: string }) => void;
   private rejectFirst!: (e: SwitchboardError) => void;
   private browserListeners: [string, () => void][] = [];
-  /** Open browser sockets given up without a close frame (see `abandon`). */
-  private abandoned = new Set<WebSocketLike>();
+  /** Open browser sockets given up without a close frame (see `WebSocketTransport.drop`). */
+  private abandoned = new Set<Transport>();
+  /** The transport of the last connection that came up. */
+  private _transport?: TransportName;
+  /** Where the next round of attempts starts in `transports`: the one that worked last. */
+  private preferred = 0;
+  /** When a round last tried the first transport and settled on a later one. */
+  private fellBackAt = 0;
 
   constructor(url: string, options: ClientOptions = {}) {
     super();
     this.url = url;
-    const WS = options.WebSocket ?? (globalThis as any).WebSocket;
-    if (typeof WS !== "function") {
-      throw new TypeError("no WebSocket constructor: pass options.WebSocket (for example the `ws` package's) on Node < 22");
+    const transports = [...(options.transports ?? TRANSPORTS)];
+    if (transports.length === 0) throw new TypeError("options.transports is empty");
+    for (const t of transports) {
+      if (!TRANSPORTS.includes(t)) throw new TypeError(`unknown transport "${t}": one of ${TRANSPORTS.join(", ")}`);
     }
-    this.WS = WS;
+    if (new Set(transports).size !== transports.length) throw new TypeError("options.transports names a transport twice");
+    this.transports = transports;
+    if (transports.includes("websocket")) {
+      const WS = options.WebSocket ?? (globalThis as any).WebSocket;
+      if (typeof WS !== "function") {
+        throw new TypeError(
+          "no WebSocket constructor: pass options.WebSocket (for example the `ws` package's) on Node < 22, or leave \"websocket\" out of options.transports",
+        );
+      }
+      this.WS = WS;
+    }
+    if (transports.some((t) => t !== "websocket")) {
+      const f = options.fetch ?? (globalThis as any).fetch;
+      if (typeof f !== "function") throw new TypeError("no fetch function for the HTTP transports: pass options.fetch");
+      this.fetchFn = options.fetch ?? ((input, init) => (globalThis as any).fetch(input, init));
+    }
     this.token = options.token;
     this.getToken = options.getToken;
     this.opts = {
+      fallbackTimeoutMs: options.fallbackTimeoutMs ?? FALLBACK_TIMEOUT_MS,
+      fallbackRetryMs: options.fallbackRetryMs ?? FALLBACK_RETRY_MS,
+      tokenIn: options.tokenIn ?? "query",
       backoffInitialMs: options.backoffInitialMs ?? 250,
       backoffMaxMs: options.backoffMaxMs ?? 10_000,
       backoffResetAfterMs: options.backoffResetAfterMs ?? 5_000,
@@ -236,6 +317,11 @@ export class SwitchboardClient extends Emitter<ClientEvents> implements Subscrip
   /** The node of the current connection, once connected. */
   get node(): string | undefined {
     return this._node;
+  }
+
+  /** The transport of the current connection (of the last one while disconnected); undefined before the first. */
+  get transport(): TransportName | undefined {
+    return this._transport;
   }
 
   /**
@@ -329,9 +415,24 @@ export class SwitchboardClient extends Emitter<ClientEvents> implements Subscrip
   }
 
   /**
-   * Closes the connection with a closing handshake (1000), which ends the
-   * gateway's session, and stops for good. Resolves once the socket is closed
-   * (at most about a second).
+   * Leaves `channel`: a client-side subscription as `sub.unsubscribe()`
+   * does, or a server-side one (made by the origin or the control API; the
+   * gateway's `unsubscribe` ends those too). Resolves once the gateway
+   * confirmed, or at once when disconnected (a resumed session then leaves
+   * it).
+   */
+  unsubscribe(channel: string): Promise<void> {
+    if (this._state === "closed") return Promise.reject(this.closedError("unsubscribe"));
+    const entry = this.subs.get(channel);
+    if (entry) return this.unsubscribeFor(entry.sub);
+    this.serverSubs.delete(channel);
+    return this.leaveChannel(channel);
+  }
+
+  /**
+   * Ends the session on purpose and stops for good: a closing handshake
+   * (1000) on a WebSocket, `DELETE ?session=` on the HTTP fallbacks.
+   * Resolves once done (at most about a second).
    */
   close(): Promise<void> {
     if (this._state === "closed") return Promise.resolve();
@@ -339,28 +440,7 @@ export class SwitchboardClient extends Emitter<ClientEvents> implements Subscrip
     this.shutdown(this.closedError("close"));
     this.emit("closed");
     if (!conn) return Promise.resolve();
-    return new Promise<void>((resolve) => {
-      const timer = setTimeout(() => {
-        conn.ws.terminate?.();
-        resolve();
-      }, 1000);
-      conn.ws.addEventListener("close", () => {
-        clearTimeout(timer);
-        resolve();
-      });
-      conn.ws.addEventListener("error", noop);
-      if (conn.welcomed) {
-        try {
-          conn.ws.close(1000, "client closed");
-        } catch {
-          conn.ws.terminate?.();
-        }
-      } else {
-        this.abandon(conn);
-        clearTimeout(timer);
-        resolve();
-      }
-    });
+    return conn.transport.end(1000, "client closed");
   }
 
   /** @internal Subscription.unsubscribe. */
@@ -373,8 +453,13 @@ export class SwitchboardClient extends Emitter<ClientEvents> implements Subscrip
       clearTimeout(entry.confirm.timer);
       entry.confirm = undefined;
     }
+    return this.leaveChannel(sub.channel);
+  }
+
+  /** Sends `unsubscribe` and waits for the reply, or leaves `channel` on the next resume when disconnected. */
+  private leaveChannel(channel: string): Promise<void> {
     if (!this.isConnected()) {
-      this.leave.add(sub.channel);
+      this.leave.add(channel);
       return Promise.resolve();
     }
     return new Promise<void>((resolve, reject) => {
@@ -382,7 +467,7 @@ export class SwitchboardClient extends Emitter<ClientEvents> implements Subscrip
         () => reject(new SwitchboardError("timeout", `unsubscribe: no reply within ${this.opts.commandTimeoutMs} ms`, { command: "unsubscribe" })),
         this.opts.commandTimeoutMs,
       );
-      this.sendUnsubscribe(sub.channel, () => {
+      this.sendUnsubscribe(channel, () => {
         clearTimeout(timer);
         resolve();
       });
@@ -405,6 +490,7 @@ export class SwitchboardClient extends Emitter<ClientEvents> implements Subscrip
     return this._state === "connected" && this.conn !== undefined && this.conn.welcomed && !this.conn.ended;
   }
 
+  /** A round of attempts: the transports from the preferred one on, each tried once, until one gets its `connected` push. */
   private async attempt(): Promise<void> {
     this.reconnectTimer = undefined;
     if (this.isClosed()) return;
@@ -421,66 +507,119 @@ export class SwitchboardClient extends Emitter<ClientEvents> implements Subscrip
       }
       if (this.isClosed()) return;
     }
-    const url = new URL(this.url);
-    if (token) url.searchParams.set("token", token);
-    if (this.session.token) {
-      url.searchParams.set("resume", this.session.token);
-      url.searchParams.set("received", String(this.session.received));
-    }
-    let ws: WebSocketLike;
-    try {
-      ws = new this.WS(url.toString(), PROTOCOL);
-    } catch (e) {
-      this.fail(new SwitchboardError("protocol", `cannot open a WebSocket: ${errorMessage(e)}`));
-      return;
-    }
-    ws.binaryType = "arraybuffer";
-    const conn: Conn = { ws, welcomed: false, ended: false, lastRx: Date.now(), upSince: 0, pingOutstanding: false, listeners: [] };
-    this.conn = conn;
-    const listen = (type: string, fn: (e: any) => void) => {
-      ws.addEventListener(type, fn);
-      conn.listeners.push([type, fn]);
-    };
-    let handshakeError: SwitchboardError | undefined;
-    listen("open", () => {
-      if (ws.protocol !== PROTOCOL) {
-        this.attemptFailed(conn, new SwitchboardError("unsupported_protocol", `the gateway did not select ${PROTOCOL} (got "${ws.protocol}")`), true);
-      }
-    });
-    listen("message", (ev: { data: unknown }) => this.onFrame(conn, ev.data));
-    listen("error", (ev: any) => {
-      const message = String(ev?.message ?? ev?.error?.message ?? "");
-      const m = /Unexpected server response: (\d+)/.exec(message);
-      if (m) {
-        const status = Number(m[1]);
-        const retryable = status >= 500 || status === 408 || status === 429;
-        handshakeError = new SwitchboardError(retryable ? "protocol" : "refused", `handshake refused with HTTP ${status}`, { status });
-      }
-    });
-    listen("close", (ev: { code: number; reason: string }) => {
-      if (conn.welcomed) {
-        this.lost(conn, { kind: "closed", code: ev.code, reason: ev.reason ?? "" }, false);
-      } else {
-        const error = handshakeError ?? new SwitchboardError("protocol", `the connection closed before the \`connected\` push (code ${ev.code})`);
-        this.attemptFailed(conn, error, error.code === "refused");
-      }
-    });
-    // `ws` only: gateway pings prove the link alive (browsers answer them unseen).
-    ws.on?.("ping", () => {
-      if (!conn.ended) conn.lastRx = Date.now();
-    });
-    conn.connectTimer = setTimeout(() => {
-      this.attemptFailed(conn, new SwitchboardError("timeout", `no \`connected\` push within ${this.opts.connectTimeoutMs} ms`), false);
-    }, this.opts.connectTimeoutMs);
+    let start = this.preferred;
+    if (start > 0 && Date.now() - this.fellBackAt >= this.opts.fallbackRetryMs) start = 0;
+    this.open(start, start, token);
   }
 
-  /** An attempt that did not get its `connected` push. */
-  private attemptFailed(conn: Conn, error: SwitchboardError, terminal: boolean): void {
+  /** Opens `transports[index]`. */
+  private open(index: number, roundStart: number, token: string | undefined): void {
+    const name = this.transports[index];
+    const conn: Conn = {
+      transport: undefined as unknown as Transport,
+      name,
+      index,
+      roundStart,
+      token,
+      welcomed: false,
+      ended: false,
+      lastRx: Date.now(),
+      upSince: 0,
+      pingOutstanding: false,
+    };
+    const tokenInFrame = name === "websocket" && this.opts.tokenIn === "frame";
+    const open: TransportOpen = {
+      url: this.url,
+      listener: {
+        frame: (text) => this.onFrame(conn, text),
+        alive: () => {
+          if (!conn.ended) conn.lastRx = Date.now();
+        },
+        closed: (event) => this.onTransportClosed(conn, event),
+      },
+    };
+    if (token && !tokenInFrame) open.token = token;
+    if (this.session.token) open.resume = { token: this.session.token, received: this.session.received };
+    try {
+      conn.transport = this.createTransport(name, open);
+    } catch (e) {
+      this.fail(new SwitchboardError("protocol", `cannot open a ${name} connection: ${errorMessage(e)}`));
+      return;
+    }
+    this.conn = conn;
+    if (tokenInFrame && token) {
+      // The first frame. On a resumed session the gateway needs none and answers it `bad_command`, which nothing waits for.
+      conn.transport.send(JSON.stringify({ id: this.nextId(), cmd: "authenticate", token }));
+    }
+    const last = index === this.transports.length - 1;
+    const timeoutMs = last ? this.opts.connectTimeoutMs : Math.min(this.opts.fallbackTimeoutMs, this.opts.connectTimeoutMs);
+    conn.connectTimer = setTimeout(() => {
+      this.attemptFailed(conn, new SwitchboardError("timeout", `no \`connected\` push over ${name} within ${timeoutMs} ms`));
+    }, timeoutMs);
+  }
+
+  private createTransport(name: TransportName, open: TransportOpen): Transport {
+    switch (name) {
+      case "websocket":
+        return new WebSocketTransport(this.WS!, open);
+      case "sse":
+        return new SseTransport(this.fetchFn!, open);
+      case "long-poll":
+        return new LongPollTransport(this.fetchFn!, open);
+    }
+  }
+
+  private onTransportClosed(conn: Conn, event: TransportClosed): void {
+    if (conn.ended) return;
+    if (conn.welcomed) {
+      const reason: DisconnectReason =
+        event.code !== undefined
+          ? { kind: "closed", code: event.code, reason: event.reason }
+          : { kind: "network", message: event.error?.message ?? event.reason };
+      this.lost(conn, reason);
+      return;
+    }
+    let error = event.error;
+    if (!error && (event.code === 4005 || event.code === 4006)) {
+      // The `authenticate` flow: the reason starts with the code an HTTP refusal would carry.
+      const code = /^[a-z_]+/.exec(event.reason)?.[0] ?? "";
+      error = new SwitchboardError(RETRYABLE_REFUSALS.has(code) ? "protocol" : "refused", `authentication refused (${event.code}): ${event.reason}`);
+    }
+    error ??= new SwitchboardError("protocol", `the connection closed before the \`connected\` push (code ${event.code ?? "none"})`);
+    this.attemptFailed(conn, error);
+  }
+
+  /** An attempt that did not get its `connected` push: the next transport, or the next round after a backoff, or the end. */
+  private attemptFailed(conn: Conn, error: SwitchboardError): void {
     if (conn.ended) return;
     this.endConn(conn);
-    this.abandon(conn);
-    if (terminal) this.fail(error);
-    else this.retryLater(error);
+    this.dropConn(conn);
+    const next = conn.index + 1 < this.transports.length ? conn.index + 1 : undefined;
+    if (this.isTerminal(conn, error, next !== undefined)) {
+      this.fail(error);
+      return;
+    }
+    if (next !== undefined) {
+      this.emit("fallback", { from: conn.name, to: this.transports[next], error });
+      if (!this.isClosed()) this.open(next, conn.roundStart, conn.token);
+      return;
+    }
+    this.preferred = 0; // nothing worked: the next round starts from the first transport again
+    this.retryLater(error);
+  }
+
+  /**
+   * Whether a failed attempt ends the client: a refusal (`refused`: 401,
+   * 403, other 4xx but 408/429/426; a refused `authenticate`) or a gateway
+   * without the native protocol. A WebSocket refused with another status
+   * than 401 falls back instead when a transport follows: a proxy may be
+   * what refused the upgrade.
+   */
+  private isTerminal(conn: Conn, error: SwitchboardError, more: boolean): boolean {
+    if (error.code === "unsupported_protocol") return true;
+    if (error.code !== "refused") return false;
+    if (conn.name === "websocket" && more && error.status !== undefined && error.status !== 401) return false;
+    return true;
   }
 
   private retryLater(error: SwitchboardError): void {
@@ -501,40 +640,17 @@ export class SwitchboardClient extends Emitter<ClientEvents> implements Subscrip
     conn.ended = true;
     clearTimeout(conn.connectTimer);
     clearInterval(conn.heartbeatTimer);
-    for (const [type, fn] of conn.listeners) conn.ws.removeEventListener(type, fn);
-    conn.listeners = [];
     if (this.conn === conn) this.conn = undefined;
   }
 
   /**
-   * Drops a socket without a close frame, so that the gateway keeps the
-   * session for a resume. The `ws` package can (`terminate()`). A browser
-   * WebSocket cannot: `close()` would send a close frame and end the session.
-   * So an open browser socket is left alone: the resume on the new socket
-   * makes the gateway close it (4009), or its pong timeout ends it; the SDK
-   * closes it itself only once a new session started, or on `close()`. A
-   * browser socket still connecting is aborted with `close()`, which sends
-   * nothing.
+   * Gives a connection up without ending its session (see
+   * `WebSocketTransport.drop`): a browser socket that must stay open is kept
+   * until it closes by itself, a new session starts, or `close()`.
    */
-  private abandon(conn: Conn): void {
-    const ws = conn.ws;
-    ws.addEventListener("error", noop);
-    if (typeof ws.terminate === "function") {
-      try {
-        ws.terminate();
-      } catch {
-        /* already closed */
-      }
-    } else if (ws.readyState === 0) {
-      try {
-        ws.close();
-      } catch {
-        /* already closed */
-      }
-    } else if (ws.readyState === 1) {
-      this.abandoned.add(ws);
-      ws.addEventListener("close", () => this.abandoned.delete(ws));
-    }
+  private dropConn(conn: Conn): void {
+    const transport = conn.transport;
+    if (transport.drop(() => this.abandoned.delete(transport))) this.abandoned.add(transport);
   }
 
   /**
@@ -542,22 +658,16 @@ export class SwitchboardClient extends Emitter<ClientEvents> implements Subscrip
    * (theirs is not ours any more), or on `close()`.
    */
   private closeAbandoned(): void {
-    for (const ws of this.abandoned) {
-      try {
-        ws.close(1000, "superseded");
-      } catch {
-        /* already closed */
-      }
-    }
+    for (const transport of this.abandoned) void transport.end(1000, "superseded");
     this.abandoned.clear();
   }
 
   /** An established connection ended. */
-  private lost(conn: Conn, reason: DisconnectReason, drop: boolean): void {
+  private lost(conn: Conn, reason: DisconnectReason): void {
     if (conn.ended) return;
     const upFor = Date.now() - conn.upSince;
     this.endConn(conn);
-    if (drop) this.abandon(conn);
+    this.dropConn(conn);
     this.connectionLost();
     if (upFor >= this.opts.backoffResetAfterMs) this.backoff.reset();
     const retryInMs = this.backoff.next();
@@ -568,11 +678,10 @@ export class SwitchboardClient extends Emitter<ClientEvents> implements Subscrip
 
   // ------------------------------------------------------------ a connection
 
-  private onFrame(conn: Conn, data: unknown): void {
+  private onFrame(conn: Conn, data: string): void {
     if (conn.ended) return;
     conn.lastRx = Date.now();
     conn.pingOutstanding = false;
-    if (typeof data !== "string") return; // the gateway sends text frames only
     let frame: any;
     try {
       frame = JSON.parse(data);
@@ -582,7 +691,7 @@ export class SwitchboardClient extends Emitter<ClientEvents> implements Subscrip
     if (frame === null || typeof frame !== "object") return;
     if (!conn.welcomed) {
       if (frame.push === "connected" && typeof frame.client === "string") this.welcome(conn, frame as ConnectedPush);
-      else this.attemptFailed(conn, new SwitchboardError("protocol", "the first frame was not the `connected` push"), false);
+      else this.attemptFailed(conn, new SwitchboardError("protocol", "the first frame was not the `connected` push"));
       return;
     }
     if (typeof frame.push === "string") this.onPush(frame);
@@ -599,6 +708,10 @@ export class SwitchboardClient extends Emitter<ClientEvents> implements Subscrip
     const resumed = push.resumed === true;
     this._clientId = clientId;
     this._node = node;
+    const previous = this._transport;
+    this._transport = conn.name;
+    this.preferred = conn.index;
+    if (conn.roundStart === 0 && conn.index > 0) this.fellBackAt = Date.now();
     if (resumed) {
       // The gateway forgot what it re-sends after `received`.
       this.session.acked = this.session.received;
@@ -608,6 +721,11 @@ export class SwitchboardClient extends Emitter<ClientEvents> implements Subscrip
     }
     this.session.token = push.session;
     this.setState("connected");
+    if (previous !== conn.name) {
+      const event: { transport: TransportName; previous?: TransportName } = { transport: conn.name };
+      if (previous) event.previous = previous;
+      this.emit("transport", event);
+    }
     if (resumed) this.emit("resumed", { clientId, node });
     else if (this.connectedBefore) {
       const event: { clientId: string; node: string; error?: ResumeError } = { clientId, node };
@@ -687,7 +805,7 @@ export class SwitchboardClient extends Emitter<ClientEvents> implements Subscrip
       if (conn.ended) return;
       const idle = Date.now() - conn.lastRx;
       if (idle >= deadAfter) {
-        this.lost(conn, { kind: "heartbeat_timeout", afterMs: deadAfter }, true);
+        this.lost(conn, { kind: "heartbeat_timeout", afterMs: deadAfter });
       } else if (idle >= pingIntervalMs && !conn.pingOutstanding) {
         // Browsers do not show the gateway's pings: a `ping` command proves the link instead.
         this.sendHeartbeat(conn);
@@ -712,9 +830,9 @@ export class SwitchboardClient extends Emitter<ClientEvents> implements Subscrip
     const conn = this.conn;
     if (!conn || conn.ended) return;
     try {
-      conn.ws.send(JSON.stringify(frame));
+      conn.transport.send(JSON.stringify(frame));
     } catch (e) {
-      this.lost(conn, { kind: "network", message: errorMessage(e) }, true);
+      this.lost(conn, { kind: "network", message: errorMessage(e) });
     }
   }
 

@@ -1,4 +1,7 @@
-export { SwitchboardClient, PROTOCOL, ACK_BATCH, ACK_DELAY_MS, HEARTBEAT_SLACK_MS } from "./client.js";
+export { SwitchboardClient, PROTOCOL, ACK_BATCH, ACK_DELAY_MS, HEARTBEAT_SLACK_MS, FALLBACK_TIMEOUT_MS, FALLBACK_RETRY_MS } from "./client.js";
+export { TRANSPORTS } from "./transport.js";
+export type { TransportName } from "./transport.js";
+export type { FetchFunction } from "./http.js";
 export type { ClientOptions, ClientEvents } from "./client.js";
 export { Subscription } from "./subscription.js";
 export type { SubscriptionEvents, SubscriptionHandlers } from "./subscription.js";
