@@ -227,3 +227,40 @@ test("a close frame from the gateway ends the session: `disconnected` with its c
     await client.close();
   }
 });
+
+test("client.unsubscribe leaves server-side subscriptions: at once when connected, on the resume when away", async () => {
+  const proxy = await startProxy(gw.port);
+  const { client, events } = newClient(proxy.url);
+  const got = [];
+  client.on("message", (m) => got.push(m));
+  const channels = async (id) => (await api(gw, "GET", `/v1/connections/${id}`)).body.channels ?? [];
+  try {
+    const { clientId } = await client.connect();
+    for (const ch of ["chat:o1", "chat:o2"]) await api(gw, "PUT", `/v1/connections/${clientId}/channels/${ch}`);
+    await waitFor(() => events.filter((e) => e.name === "serverSubscribed").length === 2, 5000, "serverSubscribed");
+    await publish(gw, "chat:o1", "a");
+    await waitFor(() => got.length === 1, 5000, "a");
+
+    await client.unsubscribe("chat:o1");
+    assert.deepEqual(await channels(clientId), ["chat:o2"]);
+    await publish(gw, "chat:o1", "b"); // not ours any more
+    await publish(gw, "chat:o2", "c");
+    await waitFor(() => got.length === 2, 5000, "c");
+
+    // Away: resolves at once; the resumed session leaves it.
+    proxy.hold();
+    await client.unsubscribe("chat:o2");
+    await publish(gw, "chat:o2", "d");
+    proxy.release();
+    await waitFor(() => events.some((e) => e.name === "resumed"), 10_000, "resumed");
+    await waitFor(async () => (await channels(clientId)).length === 0, 5000, "left on resume");
+    await publish(gw, "chat:o2", "e");
+    await client.ping();
+    await sleep(200);
+    assert.deepEqual(got.map((m) => `${m.channel} ${m.data}`), ["chat:o1 a", "chat:o2 c"]);
+    assert.ok(!events.some((e) => e.name === "serverUnsubscribed"), "the client's own unsubscribe is not a server event");
+  } finally {
+    await client.close();
+    await proxy.close();
+  }
+});
