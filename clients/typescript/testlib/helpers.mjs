@@ -102,12 +102,24 @@ export async function startGateway(extraArgs = []) {
 /**
  * A TCP proxy in front of the gateway. `cut()` destroys every connection
  * (the gateway and the client see the TCP connection end, no close frame);
- * `hold()` also refuses new connections until `release()`.
+ * `hold()` also refuses new connections until `release()`; `freeze()` stops
+ * forwarding without closing (a dead link). Options play the networks the
+ * HTTP fallbacks are for:
+ *
+ * - `refuseUpgrade`: a proxy that strips WebSocket: a request with
+ *   `Upgrade: websocket` is answered `400` and closed (`refusedUpgrades`
+ *   counts them); plain HTTP passes;
+ * - `bufferEventStreams`: a proxy that buffers streamed answers: once a
+ *   connection carried a request with `Accept: text/event-stream`, nothing
+ *   more of the gateway's reaches the client on it.
+ *
+ * Both can be changed later through `proxy.options` (for new requests).
  */
-export async function startProxy(targetPort) {
+export async function startProxy(targetPort, options = {}) {
   const pairs = new Set();
   let holding = false;
   let accepted = 0;
+  let refusedUpgrades = 0;
   const heads = [];
   const server = createServer((client) => {
     if (holding) {
@@ -116,7 +128,7 @@ export async function startProxy(targetPort) {
     }
     accepted += 1;
     const upstream = connect(targetPort, "127.0.0.1");
-    const pair = { client, upstream };
+    const pair = { client, upstream, frozen: false, buffering: false };
     client.once("data", (chunk) => heads.push(chunk.toString("latin1").split("\r\n")[0]));
     pairs.add(pair);
     const end = () => {
@@ -128,16 +140,34 @@ export async function startProxy(targetPort) {
     upstream.on("error", end);
     client.on("close", end);
     upstream.on("close", end);
-    client.pipe(upstream);
-    upstream.pipe(client);
+    client.on("data", (chunk) => {
+      if (pair.frozen) return;
+      const text = chunk.toString("latin1");
+      if (options.refuseUpgrade && /\r\nupgrade:[ \t]*websocket/i.test(text)) {
+        refusedUpgrades += 1;
+        pairs.delete(pair);
+        upstream.destroy();
+        client.end("HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain\r\ncontent-length: 21\r\nconnection: close\r\n\r\nno upgrades here, sir");
+        return;
+      }
+      if (options.bufferEventStreams && /\r\naccept:[ \t]*text\/event-stream/i.test(text)) pair.buffering = true;
+      upstream.write(chunk);
+    });
+    upstream.on("data", (chunk) => {
+      if (!pair.frozen && !pair.buffering) client.write(chunk);
+    });
   });
   await new Promise((resolve) => server.listen(0, "127.0.0.1", resolve));
   const port = server.address().port;
   return {
     port,
     url: `ws://127.0.0.1:${port}/ws`,
+    options,
     get accepted() {
       return accepted;
+    },
+    get refusedUpgrades() {
+      return refusedUpgrades;
     },
     /** The request line of every connection accepted. */
     heads,
@@ -153,11 +183,10 @@ export async function startProxy(targetPort) {
     },
     /** Stops forwarding on every open connection, without closing it (a dead link). */
     freeze() {
-      for (const { client, upstream } of pairs) {
-        client.unpipe(upstream);
-        upstream.unpipe(client);
-        client.pause();
-        upstream.pause();
+      for (const pair of pairs) {
+        pair.frozen = true;
+        pair.client.pause();
+        pair.upstream.pause();
       }
     },
     hold() {
@@ -210,7 +239,7 @@ export function newClient(url, options = {}) {
     ...options,
   });
   const events = [];
-  for (const name of ["connected", "resumed", "restarted", "disconnected", "connectFailed", "serverSubscribed", "serverUnsubscribed", "failed", "closed"]) {
+  for (const name of ["connected", "resumed", "restarted", "disconnected", "connectFailed", "transport", "fallback", "serverSubscribed", "serverUnsubscribed", "failed", "closed"]) {
     client.on(name, (e) => events.push({ ...(e ?? {}), name, error: e instanceof Error ? e : e?.error }));
   }
   return { client, events };
