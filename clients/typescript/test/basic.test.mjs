@@ -24,7 +24,9 @@ test("subscribe, publish, presence and history round trip", async () => {
     assert.equal(a.state, "connected");
     assert.equal(a.clientId, ca.clientId);
     assert.deepEqual(states, ["connecting", "connected"]);
-    assert.equal(events[0].name, "connected");
+    assert.deepEqual(events.map((e) => e.name), ["transport", "connected"]);
+    assert.deepEqual([events[0].transport, events[0].previous], ["websocket", undefined]);
+    assert.equal(a.transport, "websocket");
 
     const got = [];
     const subscribed = [];
