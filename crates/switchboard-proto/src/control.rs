@@ -79,6 +79,9 @@ pub struct ConnectionInfo {
     pub subprotocol: Option<String>,
     /// Whether permessage-deflate is in use.
     pub compression: bool,
+    /// What carries it: `websocket`, `sse`, `long-poll` or `eventsource`.
+    #[serde(default)]
+    pub transport: crate::origin::Transport,
     /// When the connection was accepted (RFC 3339, UTC).
     pub connected_at: String,
     /// Messages received from the client.

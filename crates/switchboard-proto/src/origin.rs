@@ -138,6 +138,10 @@ pub struct ConnectEvent {
     pub subprotocols: Vec<String>,
     /// The subprotocol the gateway chose, if any.
     pub subprotocol: Option<String>,
+    /// What carries the connection: WebSocket or an HTTP fallback
+    /// (`docs/fallbacks.md`).
+    #[serde(default)]
+    pub transport: Transport,
     /// The verified client token's `sub`, when the gateway checks tokens.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub user_id: Option<String>,
@@ -145,6 +149,34 @@ pub struct ConnectEvent {
     /// tokens (absent for anonymous clients).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub claims: Option<serde_json::Map<String, serde_json::Value>>,
+}
+
+/// What carries a connection (`docs/fallbacks.md`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+#[repr(u8)]
+pub enum Transport {
+    /// A WebSocket.
+    #[default]
+    Websocket = 0,
+    /// Server-Sent Events down, HTTP `POST`s up.
+    Sse = 1,
+    /// HTTP long-polling down, HTTP `POST`s up.
+    LongPoll = 2,
+    /// A subscribe-only Server-Sent Events stream (`EventSource`).
+    Eventsource = 3,
+}
+
+impl Transport {
+    /// Its name on the wire and in metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Websocket => "websocket",
+            Self::Sse => "sse",
+            Self::LongPoll => "long-poll",
+            Self::Eventsource => "eventsource",
+        }
+    }
 }
 
 /// `message`: a client sent a message.

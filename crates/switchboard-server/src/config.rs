@@ -138,6 +138,10 @@ pub struct Config {
     /// Time allowed for a pong before the connection is dropped.
     #[serde(with = "humantime_serde")]
     pub pong_timeout: Duration,
+    /// Longest a long-poll waits for pushes; also how long a long-poll
+    /// session may go without a waiting poll (`docs/fallbacks.md`).
+    #[serde(with = "humantime_serde")]
+    pub poll_timeout: Duration,
     /// Time allowed to send the whole request head and be answered by the origin.
     #[serde(with = "humantime_serde")]
     pub handshake_timeout: Duration,
@@ -256,6 +260,7 @@ impl Default for Config {
                 .to_vec(),
             ping_interval: Duration::from_secs(25),
             pong_timeout: Duration::from_secs(10),
+            poll_timeout: Duration::from_secs(25),
             handshake_timeout: Duration::from_secs(10),
             idle_timeout: None,
             max_message_size: 1 << 20,
@@ -397,6 +402,7 @@ impl Config {
         for (field, d) in [
             ("ping-interval", self.ping_interval),
             ("pong-timeout", self.pong_timeout),
+            ("poll-timeout", self.poll_timeout),
             ("handshake-timeout", self.handshake_timeout),
             ("origin-timeout", self.origin_timeout),
             ("origin-retry-initial", self.origin_retry_initial),
@@ -411,6 +417,7 @@ impl Config {
         for (field, d) in [
             ("ping-interval", self.ping_interval),
             ("pong-timeout", self.pong_timeout),
+            ("poll-timeout", self.poll_timeout),
             ("handshake-timeout", self.handshake_timeout),
             ("origin-timeout", self.origin_timeout),
             ("origin-retry-max", self.origin_retry_max),

@@ -32,6 +32,19 @@ pub(crate) struct CodeLabel {
     pub(crate) code: &'static str,
 }
 
+/// Labels of HTTP fallback requests.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct FallbackLabels {
+    pub(crate) request: &'static str,
+    pub(crate) result: &'static str,
+}
+
+/// Label for transports.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct TransportLabel {
+    pub(crate) transport: &'static str,
+}
+
 /// Label for disconnects.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub(crate) struct ClosedByLabel {
@@ -110,6 +123,10 @@ pub(crate) struct Metrics {
     /// Kept messages dropped unacknowledged over the outbox's bounds while
     /// the client was connected.
     pub(crate) session_outbox_trimmed: Counter,
+    /// HTTP fallback requests by kind and result (`ok` or the refusal's code).
+    pub(crate) fallback_requests: Family<FallbackLabels, Counter>,
+    /// Open connections by transport.
+    pub(crate) connections_by_transport: Family<TransportLabel, Gauge>,
 }
 
 fn origin_histogram() -> Histogram {
@@ -171,6 +188,8 @@ impl Metrics {
             session_outbox_messages: Gauge::default(),
             session_outbox_bytes: Gauge::default(),
             session_outbox_trimmed: Counter::default(),
+            fallback_requests: Family::default(),
+            connections_by_transport: Family::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -185,6 +204,16 @@ impl Metrics {
             m.connections_total.clone(),
         );
         r.register("handshakes", "Handshakes by result", m.handshakes.clone());
+        r.register(
+            "fallback_requests",
+            "HTTP fallback requests (SSE, long-polling, EventSource) by request and result",
+            m.fallback_requests.clone(),
+        );
+        r.register(
+            "connections_by_transport",
+            "Open client connections by transport (websocket, sse, long-poll, eventsource)",
+            m.connections_by_transport.clone(),
+        );
         r.register(
             "disconnects",
             "Ended connections by who closed them",
@@ -428,6 +457,20 @@ impl Metrics {
         if result != "accepted" {
             self.handshakes_rejected.inc();
         }
+    }
+
+    /// Counts an HTTP fallback request by kind and result.
+    pub(crate) fn fallback(&self, request: &'static str, result: &'static str) {
+        self.fallback_requests
+            .get_or_create(&FallbackLabels { request, result })
+            .inc();
+    }
+
+    /// The gauge of open connections carried by `transport`.
+    pub(crate) fn by_transport(&self, transport: &'static str) -> Gauge {
+        self.connections_by_transport
+            .get_or_create(&TransportLabel { transport })
+            .clone()
     }
 
     /// Counts a control listener refusal or timeout by its reason.

@@ -364,6 +364,11 @@ pub(crate) struct ServeArgs {
     #[serde(skip_serializing_if = "Option::is_none")]
     pong_timeout: Option<String>,
 
+    /// Longest a long-poll waits for pushes, and the most a long-poll session may go without a waiting poll [default: 25s].
+    #[arg(long, env = "SWITCHBOARD_POLL_TIMEOUT", value_name = "DURATION")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    poll_timeout: Option<String>,
+
     /// Time allowed for the whole opening handshake, origin decision included [default: 10s].
     #[arg(long, env = "SWITCHBOARD_HANDSHAKE_TIMEOUT", value_name = "DURATION")]
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -214,8 +214,11 @@ pub fn error_response(status: u16, code: &str, message: &str, extra: &str) -> Ve
     .into_bytes()
 }
 
-fn reason_phrase(status: u16) -> &'static str {
+/// The reason phrase of an HTTP status the gateway answers with.
+pub fn reason_phrase(status: u16) -> &'static str {
     match status {
+        200 => "OK",
+        204 => "No Content",
         400 => "Bad Request",
         401 => "Unauthorized",
         403 => "Forbidden",
@@ -224,6 +227,8 @@ fn reason_phrase(status: u16) -> &'static str {
         408 => "Request Timeout",
         409 => "Conflict",
         410 => "Gone",
+        411 => "Length Required",
+        413 => "Payload Too Large",
         422 => "Unprocessable Entity",
         426 => "Upgrade Required",
         429 => "Too Many Requests",

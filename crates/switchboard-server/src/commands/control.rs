@@ -510,6 +510,7 @@ fn connection_info(s: &Commands, c: &Conn) -> ConnectionInfo {
         metadata: c.metadata.as_deref().cloned(),
         subprotocol: c.subprotocol.as_deref().map(str::to_owned),
         compression: c.deflate(),
+        transport: c.transport(),
         connected_at: humantime::format_rfc3339_millis(c.connected_at).to_string(),
         messages_in: c.messages_in.load(Relaxed),
         messages_out: c.messages_out.load(Relaxed),

@@ -35,13 +35,26 @@ pub(crate) fn connected_frame(s: &Commands, conn: &Conn, opened: Opened) -> Byte
         Opened::Resumed { channels } => (true, None, channels),
     };
     let session = conn.session.is_some();
+    // An HTTP fallback's requests name their session by its token, even
+    // with sessions off (then it cannot resume: `session_ttl_ms` 0).
+    let token = session
+        || matches!(
+            conn.transport(),
+            switchboard_proto::origin::Transport::Sse
+                | switchboard_proto::origin::Transport::LongPoll
+        );
+    let ttl_ms = if session {
+        s.config.session_ttl.as_millis() as u64
+    } else {
+        0
+    };
     push_frame(&Push::Connected {
         client: conn.id.to_string(),
         node: s.node.to_string(),
         version: 1,
         ping_interval_ms: s.config.ping_interval.as_millis() as u64,
-        session: session.then(|| s.sessions.token(&conn.id)),
-        session_ttl_ms: session.then(|| s.config.session_ttl.as_millis() as u64),
+        session: token.then(|| s.sessions.token(&conn.id)),
+        session_ttl_ms: token.then_some(ttl_ms),
         resumed,
         resume_error,
         channels,

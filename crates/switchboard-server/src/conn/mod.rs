@@ -23,7 +23,7 @@ use std::time::SystemTime;
 use stream::ClientStream;
 use switchboard_proto::conn_id::ConnKey;
 use switchboard_proto::native::Push;
-use switchboard_proto::origin::{ClosedBy, Payload};
+use switchboard_proto::origin::{ClosedBy, Payload, Transport};
 use switchboard_proto::ws::frame::{encode_frame_with, OpCode};
 use switchboard_proto::ConnectionId;
 use tokio::sync::Notify;
@@ -336,6 +336,8 @@ pub(crate) struct Conn {
     pub(crate) subprotocol: Option<Box<str>>,
     /// Speaks the native protocol (`switchboard.v1`).
     pub(crate) native: bool,
+    /// What carries it (a resume may change it): a [`Transport`] as `u8`.
+    transport: std::sync::atomic::AtomicU8,
     /// Its socket compresses (permessage-deflate); a resume may change it.
     deflate: AtomicBool,
     /// Outlives a lost socket (native, `session-ttl` above zero).
@@ -370,6 +372,7 @@ pub(crate) struct ConnInit {
     pub(crate) token_expires_ms: u64,
     pub(crate) subprotocol: Option<String>,
     pub(crate) native: bool,
+    pub(crate) transport: Transport,
     pub(crate) deflate: bool,
     pub(crate) session: Option<OutboxLimits>,
     pub(crate) max_outbound: usize,
@@ -389,6 +392,7 @@ impl Conn {
             token_expires_ms: init.token_expires_ms.into(),
             subprotocol: init.subprotocol.map(Into::into),
             native: init.native,
+            transport: (init.transport as u8).into(),
             deflate: AtomicBool::new(init.deflate),
             session: init.session.filter(|_| init.native),
             connected_at: SystemTime::now(),
@@ -439,6 +443,21 @@ impl Conn {
     /// byte bound.
     pub(crate) fn push(&self, frame: Bytes, metrics: &Metrics) -> Queued {
         self.push_at(frame, Place::Back, metrics)
+    }
+
+    /// What carries it now.
+    pub(crate) fn transport(&self) -> Transport {
+        match self.transport.load(Relaxed) {
+            1 => Transport::Sse,
+            2 => Transport::LongPoll,
+            3 => Transport::Eventsource,
+            _ => Transport::Websocket,
+        }
+    }
+
+    /// A resumed session's new carrier.
+    pub(crate) fn set_transport(&self, transport: Transport) {
+        self.transport.store(transport as u8, Relaxed);
     }
 
     /// Whether the socket compresses.
@@ -942,6 +961,31 @@ impl Conn {
     /// Bytes queued and not yet written.
     pub(crate) fn queued_bytes(&self) -> usize {
         self.out.lock().queued_bytes
+    }
+
+    /// Takes the queued frames that are ready to be written, for a
+    /// transport that re-frames them (the HTTP fallbacks): `None` when
+    /// there are none. Frames held for an origin answer stay queued.
+    pub(crate) fn take_ready(&self) -> Option<Vec<Bytes>> {
+        let mut out = self.out.lock();
+        let ready = out.frames.len() - out.held as usize;
+        if ready == 0 {
+            return None;
+        }
+        let taken: Vec<Bytes> = out
+            .frames
+            .drain(..ready)
+            .map(|f| match f {
+                Frame::Ready(bytes) => bytes,
+                Frame::Held(_) => unreachable!("held frames are at the back"),
+            })
+            .collect();
+        out.queued_bytes -= taken.iter().map(Bytes::len).sum::<usize>();
+        out.front_partial = false;
+        if out.frames.is_empty() && out.frames.capacity() > 4 {
+            out.frames = VecDeque::new();
+        }
+        Some(taken)
     }
 
     /// Writes queued frames until the queue is empty (`Ok(true)`) or the socket

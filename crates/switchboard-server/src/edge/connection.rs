@@ -6,23 +6,21 @@
 //! first). While idle it holds no read buffer, no write buffer and no
 //! fragment buffer; see [`crate::edge::pool`].
 
+use super::inbound::{Inbound, TokenCheck};
 use super::{Edge, SocketGuard};
-use crate::admission::ratelimit::{RateLimit, Verdict};
-use crate::clock::now_ms;
-use crate::commands::native;
+use crate::admission::ratelimit::Verdict;
 use crate::conn::stream::ClientStream;
 use crate::conn::Conn;
 use crate::edge::pool;
 use crate::frames;
-use crate::origin::ask::event_id;
 use crate::sessions::Ending;
 use bytes::{Bytes, BytesMut};
 use std::io;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
-use switchboard_proto::native::{decode_command, ErrorCode, Push};
-use switchboard_proto::origin::{ClosedBy, Event, MessageEvent, Payload};
+use switchboard_proto::native::ErrorCode;
+use switchboard_proto::origin::{ClosedBy, Payload};
 use switchboard_proto::ws::frame::{encode_close, encode_frame, OpCode};
 use switchboard_proto::ws::{close, Decoder, Message};
 use tokio::io::Interest;
@@ -67,6 +65,11 @@ impl DisconnectGuard {
         &self.conn
     }
 
+    /// The edge the connection belongs to.
+    pub(crate) fn shared(&self) -> &Arc<Edge> {
+        &self.shared
+    }
+
     /// Records how the connection ended and reports it.
     pub(crate) fn finish(mut self, ending: Ending, origin_seq: u64) {
         self.ending = Some(Box::new(ending));
@@ -85,6 +88,10 @@ impl Drop for DisconnectGuard {
         // a connection closed by a fence sends no `disconnect` (the origin
         // has retired it with `node_down`).
         let fenced = self.shared.origin.lease.is_fencing();
+        self.shared
+            .metrics
+            .by_transport(self.conn.transport().as_str())
+            .dec();
         self.shared
             .commands
             .sessions
@@ -112,30 +119,12 @@ struct Task {
     /// Unconsumed bytes of an incomplete frame, parked between reads;
     /// `None` when idle. Boxed: a pointer is what idle connections pay.
     rbuf: Option<Box<BytesMut>>,
-    seq: u64,
+    /// Commands, data messages, rate limits and the token's expiry.
+    inbound: Inbound,
     phase: Phase,
     /// The next ping, or the pong deadline (see [`Phase::Open`]).
     heartbeat: Instant,
     last_message: Instant,
-    /// What only a connection that has sent something needs; boxed, so
-    /// an idle connection pays a pointer.
-    busy: Option<Box<Busy>>,
-}
-
-/// The state of a connection's task that comes with its first messages.
-#[derive(Default)]
-struct Busy {
-    /// Rate limits, from the first message on.
-    limit: Option<RateLimit>,
-    /// Commands waiting on the origin or the cluster bus, run in order by a
-    /// task started on the first one.
-    jobs: Option<tokio::sync::mpsc::Sender<native::Job>>,
-    /// The token expiry (Unix ms) a `refresh` push was sent for.
-    refresh_pushed_for: u64,
-    /// A raw client over its rate: nothing is read from its socket until
-    /// then, so TCP slows the sender and nothing is dropped. Bytes already
-    /// read wait in the parked read buffer (at most one read's worth).
-    paused_until: Option<Instant>,
 }
 
 /// Runs an accepted connection to its end; the guard then sends its
@@ -160,23 +149,25 @@ pub(crate) fn run(
         guard,
         stream,
         rbuf: leftover.map(Box::new),
-        seq: origin_seq,
+        inbound: Inbound::new(origin_seq),
         phase: Phase::Open {
             awaiting_pong: false,
         },
         last_message: now,
-        busy: None,
     };
     async move {
         let ending = task.drive().await;
         // The socket closes and its slot is free before the guard queues the
         // `disconnect`: an origin that hears of it can count on the room.
         let Task {
-            guard, stream, seq, ..
+            guard,
+            stream,
+            inbound,
+            ..
         } = task;
         drop(stream);
         drop(socket);
-        guard.finish(ending, seq);
+        guard.finish(ending, inbound.seq);
     }
 }
 
@@ -278,41 +269,20 @@ impl Task {
         }
     }
 
-    /// The next moment the token's expiry matters: the `refresh` push
-    /// (native, not sent yet), else the expiry itself.
     fn token_moment(&self) -> Option<Instant> {
-        let exp = self.guard.conn.token_expires_ms.load(Relaxed);
-        if exp == 0 {
-            return None;
-        }
-        let notice = self.guard.shared.config.token_refresh_notice.as_millis() as u64;
-        let at = if self.guard.conn.native && self.refresh_pushed_for() != exp {
-            exp.saturating_sub(notice)
-        } else {
-            exp
-        };
-        let ms = at.saturating_sub(now_ms());
-        Some(Instant::now() + Duration::from_millis(ms))
+        self.inbound
+            .token_moment(&self.guard.shared, &self.guard.conn)
     }
 
     /// Closes a connection whose token expired (4004), and asks a native
     /// one to `refresh` it shortly before.
     fn check_token(&mut self) {
-        let exp = self.guard.conn.token_expires_ms.load(Relaxed);
-        if exp == 0 {
-            return;
-        }
-        let now = now_ms();
-        if now >= exp {
+        if self
+            .inbound
+            .check_token(&self.guard.shared, &self.guard.conn)
+            == TokenCheck::Expired
+        {
             self.start_close(close::TOKEN_EXPIRED, "token expired", ClosedBy::Gateway);
-            return;
-        }
-        let notice = self.guard.shared.config.token_refresh_notice.as_millis() as u64;
-        if self.guard.conn.native && self.refresh_pushed_for() != exp && now + notice >= exp {
-            self.busy().refresh_pushed_for = exp;
-            let push = Push::Refresh { expires_at_ms: exp };
-            let s = &self.guard.shared;
-            self.guard.conn.push(frames::push_frame(&push), &s.metrics);
         }
     }
 
@@ -372,7 +342,7 @@ impl Task {
     /// When reading resumes, if it is paused (a raw client over its rate).
     fn paused(&self) -> Option<Instant> {
         match self.phase {
-            Phase::Open { .. } => self.busy.as_ref().and_then(|b| b.paused_until),
+            Phase::Open { .. } => self.inbound.paused_until(),
             // The client's close frame must be read.
             Phase::Closing { .. } => None,
         }
@@ -382,9 +352,7 @@ impl Task {
     /// have waited behind its messages), and the bytes already read are
     /// handled (which may pause it again).
     fn resume(&mut self, now: Instant) -> Result<(), Ending> {
-        if let Some(b) = &mut self.busy {
-            b.paused_until = None;
-        }
+        self.inbound.unpause();
         if let Phase::Open {
             awaiting_pong: true,
         } = self.phase
@@ -519,24 +487,17 @@ impl Task {
         if let (Message::Text(data) | Message::Binary(data), false) = (&msg, closing) {
             if !self.guard.conn.native {
                 // Raw: taken, and the reader slows down instead.
-                self.throttle(data.len());
+                self.inbound.throttle(&self.guard.shared, data.len());
             } else {
-                match self.admit(data.len()) {
+                match self.inbound.admit(&self.guard.shared, data.len()) {
                     Verdict::Pass => {}
                     Verdict::Refuse => {
                         // Native: answered, not run.
-                        let s = &self.guard.shared;
-                        s.metrics.rate_limited.inc();
-                        let id = match &msg {
-                            Message::Text(t) => decode_command(t).ok().map(|c| c.id),
+                        let text = match &msg {
+                            Message::Text(t) => Some(&t[..]),
                             _ => None,
                         };
-                        s.metrics.native_error(ErrorCode::RateLimited);
-                        let why = "over client-message-rate or client-byte-rate; slow down";
-                        self.guard.conn.push(
-                            frames::error_frame(id, ErrorCode::RateLimited, why),
-                            &s.metrics,
-                        );
+                        Inbound::refuse_rate(&self.guard.shared, &self.guard.conn, text);
                         return Ok(());
                     }
                     Verdict::Close => {
@@ -608,152 +569,35 @@ impl Task {
         Ok(())
     }
 
-    /// The rate limits' verdict on a message of `len` bytes (the limits are
-    /// set up on the first message).
-    fn admit(&mut self, len: usize) -> Verdict {
-        let cfg = &self.guard.shared.config;
-        if cfg.client_message_rate == 0 && cfg.client_byte_rate == 0 {
-            return Verdict::Pass;
-        }
-        let now = std::time::Instant::now();
-        let (messages, bytes, max) = (
-            cfg.client_message_rate,
-            cfg.client_byte_rate,
-            cfg.max_message_size,
-        );
-        self.busy()
-            .limit
-            .get_or_insert_with(|| RateLimit::new(messages, bytes, max, now))
-            .check(len, now)
-    }
-
-    /// Charges a raw client's message of `len` bytes to its rate limits
-    /// and, when it is over them, stops reading for as long as it takes
-    /// the buckets to refill ([`RateLimit::throttle`]).
-    fn throttle(&mut self, len: usize) {
-        let cfg = &self.guard.shared.config;
-        if cfg.client_message_rate == 0 && cfg.client_byte_rate == 0 {
-            return;
-        }
-        let now = std::time::Instant::now();
-        let (messages, bytes, max) = (
-            cfg.client_message_rate,
-            cfg.client_byte_rate,
-            cfg.max_message_size,
-        );
-        let busy = self.busy();
-        let wait = busy
-            .limit
-            .get_or_insert_with(|| RateLimit::new(messages, bytes, max, now))
-            .throttle(len, now);
-        if !wait.is_zero() {
-            busy.paused_until = Some(Instant::now() + wait);
-            self.guard.shared.metrics.rate_limited.inc();
-        }
-    }
-
-    /// The busy part of the state, made on first use.
-    fn busy(&mut self) -> &mut Busy {
-        self.busy.get_or_insert_with(Default::default)
-    }
-
-    fn refresh_pushed_for(&self) -> u64 {
-        self.busy.as_ref().map_or(0, |b| b.refresh_pushed_for)
-    }
-
     /// Counts a message from the client (which also proves it active).
     fn count_in(&mut self) {
         self.last_message = Instant::now();
-        self.guard.conn.messages_in.fetch_add(1, Relaxed);
-        self.guard.shared.metrics.messages_in.inc();
+        Inbound::count_in(&self.guard.shared, &self.guard.conn);
     }
 
     /// A native protocol command.
     fn on_command(&mut self, text: &[u8]) {
         self.count_in();
-        match native::handle(&self.guard.shared.commands, &self.guard.conn, text) {
-            native::Outcome::Done => {}
-            native::Outcome::ToOrigin { id, data } => {
-                if self.on_data(data) {
-                    let s = &self.guard.shared;
-                    self.guard.conn.push(frames::sent_frame(id), &s.metrics);
-                }
-            }
-            native::Outcome::Wait(job) => {
-                let s = &self.guard.shared;
-                let busy = self.busy.get_or_insert_with(Default::default);
-                let tx = busy.jobs.get_or_insert_with(|| {
-                    let (tx, rx) = tokio::sync::mpsc::channel(s.config.max_pending_events);
-                    s.conn_tasks.spawn(native::command_worker(
-                        s.commands.clone(),
-                        self.guard.conn.clone(),
-                        rx,
-                    ));
-                    tx
-                });
-                if let Err(e) = tx.try_send(job) {
-                    // At most `max-pending-events` wait for the origin.
-                    s.metrics.native_error(ErrorCode::Unavailable);
-                    self.guard.conn.push(
-                        frames::error_frame(
-                            Some(e.into_inner().id),
-                            ErrorCode::Unavailable,
-                            "too many commands waiting for the application or the cluster",
-                        ),
-                        &s.metrics,
-                    );
-                }
-            }
-        }
-    }
-
-    /// A message for the origin; `false` when the origin's queue is full and
-    /// the connection is being closed.
-    fn on_data(&mut self, payload: Payload) -> bool {
-        self.seq += 1;
-        let data_len = match &payload {
-            Payload::Text(t) => t.len(),
-            // Base64 in the JSON.
-            Payload::Binary(b) => b.len() / 3 * 4 + 4,
-        };
-        let event = Event::Message(MessageEvent {
-            id: event_id::message(&self.guard.conn.id, self.seq),
-            connection_id: self.guard.conn.id.to_string(),
-            node: self.guard.shared.node.to_string(),
-            timestamp_ms: now_ms(),
-            seq: self.seq,
-            user_id: self.guard.conn.user_id.as_deref().map(str::to_owned),
-            payload,
-        });
-        let json = queued_json(&event, data_len);
         if self
-            .guard
-            .shared
-            .origin
-            .dispatcher
-            .enqueue(&self.guard.conn.key, json, Some(&self.guard.conn), false)
+            .inbound
+            .command(&self.guard.shared, &self.guard.conn, text)
             .is_err()
         {
             self.start_close(close::ORIGIN_BACKLOG, "origin backlog", ClosedBy::Gateway);
-            return false;
         }
-        true
     }
-}
 
-/// Serializes an event that will wait in the origin queue, in a buffer of
-/// about its size: a queued event keeps its allocation for as long as the
-/// origin is away, and the doubling growth of a plain `to_vec` would make
-/// that up to twice the JSON (`--origin-queue-bytes` counts the JSON).
-fn queued_json(event: &Event, data_len: usize) -> Bytes {
-    // The envelope (ids, node, timestamp, seq) is under 256 bytes; text
-    // may grow a little by escaping.
-    let mut json = Vec::with_capacity(data_len + data_len / 16 + 256);
-    serde_json::to_writer(&mut json, event).expect("events serialize");
-    if json.capacity() > json.len() + json.len() / 2 {
-        json.shrink_to_fit();
+    /// A message for the origin (the connection is closed when the
+    /// origin's queue is full).
+    fn on_data(&mut self, payload: Payload) {
+        if self
+            .inbound
+            .data(&self.guard.shared, &self.guard.conn, payload)
+            .is_err()
+        {
+            self.start_close(close::ORIGIN_BACKLOG, "origin backlog", ClosedBy::Gateway);
+        }
     }
-    Bytes::from(json)
 }
 
 fn bytes_to_string(b: Bytes) -> String {
@@ -797,6 +641,7 @@ mod tests {
             token_expires_ms: 0,
             subprotocol: None,
             native: false,
+            transport: switchboard_proto::origin::Transport::Websocket,
             deflate: false,
             session: None,
             max_outbound: 1024,

@@ -10,8 +10,7 @@ use crate::channels::Ack;
 use crate::clock::now_ms;
 use crate::conn::stream::ClientStream;
 use crate::conn::{CloseRequest, Conn, ConnInit, Outgoing};
-use crate::edge::connection;
-use crate::edge::pool;
+use crate::edge::{connection, fallback, pool};
 use crate::origin::ask::{ask, event_id, log_failure, AskError};
 use crate::origin::{ConnectDecision, OriginError};
 use bytes::BytesMut;
@@ -21,7 +20,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
 use switchboard_proto::native;
-use switchboard_proto::origin::{ClosedBy, ConnectEvent, Event};
+use switchboard_proto::origin::{ClosedBy, ConnectEvent, Event, Transport};
 use switchboard_proto::ws::close;
 use switchboard_proto::ws::decoder::{Decoder, Message};
 use switchboard_proto::ws::deflate::DeflateParams;
@@ -30,15 +29,15 @@ use switchboard_proto::ConnectionId;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// A refusal: HTTP status, stable code, message, extra header lines.
-struct Refusal {
-    status: u16,
-    code: &'static str,
-    message: String,
-    extra: &'static str,
-    metric: &'static str,
+pub(crate) struct Refusal {
+    pub(crate) status: u16,
+    pub(crate) code: &'static str,
+    pub(crate) message: String,
+    pub(crate) extra: &'static str,
+    pub(crate) metric: &'static str,
 }
 
-fn refuse(
+pub(crate) fn refuse(
     status: u16,
     code: &'static str,
     message: impl Into<String>,
@@ -56,7 +55,7 @@ fn refuse(
 /// Longest time an answered refusal stays open, reading what the client
 /// still sends, so that closing does not reset the connection before the
 /// client has read the answer.
-const REFUSAL_LINGER: Duration = Duration::from_secs(1);
+pub(crate) const REFUSAL_LINGER: Duration = Duration::from_secs(1);
 
 /// The answer to a client that has not sent its whole request head within
 /// `handshake-timeout`.
@@ -126,32 +125,90 @@ pub(crate) async fn handle(
     let mut buf = BytesMut::new();
     let head =
         tokio::time::timeout_at(deadline, read_head(&mut stream, &mut buf, &shared.config)).await;
-    let result = match head {
+    match head {
         Err(_) => {
             // Slow or silent client (slowloris): 408, then closed.
             let linger = tokio::time::Instant::now() + REFUSAL_LINGER;
-            return answer_refusal(&shared, &mut stream, timeout_refusal(&shared), linger).await;
+            answer_refusal(&shared, &mut stream, timeout_refusal(&shared), linger).await
         }
-        Ok(Err(None)) => return, // closed or I/O error before a full head
-        Ok(Err(Some(refusal))) => Err(refusal),
+        Ok(Err(None)) => {} // closed or I/O error before a full head
+        Ok(Err(Some(refusal))) => answer_refusal(&shared, &mut stream, refusal, deadline).await,
         Ok(Ok((req, head_len))) => {
             let _ = buf.split_to(head_len);
-            match decide(&shared, &req, remote, deadline).await {
-                Ok(Decision::Accepted(accepted)) => Ok(accepted),
-                Ok(Decision::FirstCommand(opening)) => {
-                    let pending = Pending {
-                        stream,
-                        buf,
-                        req,
-                        remote,
-                        deadline,
-                        socket,
-                    };
-                    return first_command(shared, pending, opening).await;
-                }
-                Err(r) => Err(r),
-            }
+            let head = fallback::Head {
+                req,
+                remote,
+                deadline,
+            };
+            after_head(shared, stream, buf, head, socket).await;
         }
+    }
+}
+
+/// Waits for the next request on a connection kept alive after an HTTP
+/// fallback's answer: closed quietly when none comes within
+/// `handshake-timeout`.
+pub(crate) async fn next_request(
+    shared: Arc<Edge>,
+    mut stream: ClientStream,
+    remote: SocketAddr,
+    socket: SocketGuard,
+) {
+    let deadline = tokio::time::Instant::now() + shared.config.handshake_timeout;
+    let mut buf = BytesMut::new();
+    let head =
+        tokio::time::timeout_at(deadline, read_head(&mut stream, &mut buf, &shared.config)).await;
+    match head {
+        Err(_) | Ok(Err(None)) => {}
+        Ok(Err(Some(refusal))) => answer_refusal(&shared, &mut stream, refusal, deadline).await,
+        Ok(Ok((req, head_len))) => {
+            let _ = buf.split_to(head_len);
+            let head = fallback::Head {
+                req,
+                remote,
+                deadline,
+            };
+            after_head(shared, stream, buf, head, socket).await;
+        }
+    }
+}
+
+/// Goes on with a request whose head is read (`buf` holds what followed
+/// it): a WebSocket handshake, or an HTTP fallback's request.
+async fn after_head(
+    shared: Arc<Edge>,
+    mut stream: ClientStream,
+    buf: BytesMut,
+    head: fallback::Head,
+    socket: SocketGuard,
+) {
+    if !head.req.header_has_token("upgrade", "websocket") {
+        // Not a WebSocket: an HTTP fallback's request, or a 426.
+        return fallback::serve(shared, stream, buf, head, socket).await;
+    }
+    let fallback::Head {
+        req,
+        remote,
+        deadline,
+    } = head;
+    let decided = match open(&shared, &req) {
+        Ok(opening) => decide(&shared, &req, remote, deadline, opening).await,
+        Err(r) => Err(r),
+    };
+    let result = match decided {
+        Ok(Decision::Accepted(accepted)) => Ok(accepted),
+        Ok(Decision::FirstCommand(opening)) => {
+            let pending = Pending {
+                stream,
+                buf,
+                req,
+                remote,
+                deadline,
+                socket,
+            };
+            return first_command(shared, pending, opening).await;
+        }
+        Err(r) => Err(r),
     };
     let Accepted {
         conn,
@@ -418,7 +475,7 @@ fn over_capacity(shared: &Edge, admission: Admission) -> Option<Refusal> {
 }
 
 /// Counts a refusal and answers it (see [`write_refusal`]).
-async fn answer_refusal(
+pub(crate) async fn answer_refusal(
     shared: &Edge,
     stream: &mut ClientStream,
     r: Refusal,
@@ -468,8 +525,18 @@ fn capacity_refusal() -> Refusal {
 /// client has read the answer.
 async fn write_refusal(stream: &mut ClientStream, r: Refusal, linger: tokio::time::Instant) {
     let resp = hs::error_response(r.status, r.code, &r.message, r.extra);
+    write_and_close(stream, &resp, linger).await;
+}
+
+/// Writes a last answer, then reads (and discards) what the client still
+/// sends until `linger` (see [`write_refusal`]).
+pub(crate) async fn write_and_close(
+    stream: &mut ClientStream,
+    resp: &[u8],
+    linger: tokio::time::Instant,
+) {
     let _ = tokio::time::timeout_at(linger, async {
-        stream.write_all(&resp).await?;
+        stream.write_all(resp).await?;
         stream.shutdown().await?;
         let mut sink = [0u8; 1024];
         let mut left = 64 << 10;
@@ -539,19 +606,23 @@ async fn read_head(
     }
 }
 
-struct Accepted {
-    conn: Arc<Conn>,
+/// An accepted connection, registered, its origin's `connect` answered.
+pub(crate) struct Accepted {
+    pub(crate) conn: Arc<Conn>,
+    /// The 101 answer (empty for a fallback, which answers itself).
     response: Vec<u8>,
     deflate: Option<DeflateParams>,
     /// The last `message` event's `seq` (a resumed session's).
-    origin_seq: u64,
+    pub(crate) origin_seq: u64,
     /// A resumed session (whose client has its resume token already).
-    resumed: bool,
+    pub(crate) resumed: bool,
 }
 
-/// A valid upgrade the node can take, before the client's identity is known.
-struct Opening {
-    upgrade: hs::Upgrade,
+/// A valid opening the node can take, before the client's identity is known.
+pub(crate) struct Opening {
+    /// The WebSocket upgrade; `None` for an HTTP fallback.
+    upgrade: Option<hs::Upgrade>,
+    transport: Transport,
     /// The subprotocol chosen (the native one or a configured raw one).
     subprotocol: Option<String>,
     is_native: bool,
@@ -563,31 +634,62 @@ struct Opening {
 }
 
 impl Opening {
-    /// The 101 answer.
+    /// The opening of an HTTP fallback: SSE and long-polling speak the
+    /// native protocol; a plain EventSource stream gets its pushes too
+    /// (and turns them into events), but has no session.
+    pub(crate) fn fallback(
+        shared: &Edge,
+        req: &Request,
+        transport: Transport,
+    ) -> Result<Self, Refusal> {
+        check_node(shared, req)?;
+        let plain = transport == Transport::Eventsource;
+        Ok(Self {
+            upgrade: None,
+            transport,
+            subprotocol: (!plain).then(|| native::SUBPROTOCOL.to_owned()),
+            is_native: true,
+            deflate: None,
+            refused: None,
+        })
+    }
+
+    /// The 101 answer (empty for a fallback).
     fn response(&self) -> Vec<u8> {
+        let Some(upgrade) = &self.upgrade else {
+            return Vec::new();
+        };
         let ext = self.deflate.map(|d| d.response_header());
-        hs::switching_protocols(
-            &self.upgrade.key,
-            self.subprotocol.as_deref(),
-            ext.as_deref(),
-        )
+        hs::switching_protocols(&upgrade.key, self.subprotocol.as_deref(), ext.as_deref())
+    }
+
+    /// A session may resume on it (native, and not a subscribe-only stream).
+    fn resumable(&self) -> bool {
+        self.is_native && self.transport != Transport::Eventsource
+    }
+
+    /// A client without a token may authenticate in-band (native WebSocket).
+    fn first_command(&self) -> bool {
+        self.is_native && self.upgrade.is_some()
     }
 }
 
 /// What the handshake decided.
-enum Decision {
+pub(crate) enum Decision {
     Accepted(Accepted),
     /// A native client without a token: it is to send `authenticate` first.
     FirstCommand(Opening),
 }
 
-async fn decide(
+/// Authenticates the client, resumes its session or asks the origin, and
+/// registers the connection.
+pub(crate) async fn decide(
     shared: &Arc<Edge>,
     req: &Request,
     remote: SocketAddr,
     deadline: tokio::time::Instant,
+    mut opening: Opening,
 ) -> Result<Decision, Refusal> {
-    let mut opening = open(shared, req)?;
     let cookies = parse_cookies(req);
     // A resume without the token a new connection would need.
     let mut token_missing = false;
@@ -597,13 +699,15 @@ async fn decide(
             match tokio::time::timeout_at(deadline, auth.authenticate(req, &cookies)).await {
                 Ok(Ok(identity)) => identity,
                 Ok(Err(crate::admission::tokens::AuthError::Missing(_)))
-                    if opening.is_native && query_param(&req.query, "resume").is_some() =>
+                    if opening.resumable() && query_param(&req.query, "resume").is_some() =>
                 {
                     // The resume token stands for the session's identity.
                     token_missing = true;
                     None
                 }
-                Ok(Err(crate::admission::tokens::AuthError::Missing(_))) if opening.is_native => {
+                Ok(Err(crate::admission::tokens::AuthError::Missing(_)))
+                    if opening.first_command() =>
+                {
                     return Ok(Decision::FirstCommand(opening));
                 }
                 Ok(Err(e)) => {
@@ -627,7 +731,7 @@ async fn decide(
             }
         }
     };
-    if let (true, Some(token)) = (opening.is_native, query_param(&req.query, "resume")) {
+    if let (true, Some(token)) = (opening.resumable(), query_param(&req.query, "resume")) {
         match resume(
             shared,
             req,
@@ -641,6 +745,18 @@ async fn decide(
         {
             Ok(accepted) => return Ok(Decision::Accepted(accepted)),
             Err(refused) => {
+                if token_missing && !opening.first_command() {
+                    return Err(Refusal {
+                        status: 401,
+                        code: "token_missing",
+                        message: format!(
+                            "the session cannot resume ({}), and a new one needs a token",
+                            refused.message
+                        ),
+                        extra: "WWW-Authenticate: Bearer\r\n",
+                        metric: "unauthorized",
+                    });
+                }
                 if token_missing {
                     // A new session needs a token like any connection.
                     return Ok(Decision::FirstCommand(Opening {
@@ -657,9 +773,12 @@ async fn decide(
         .map(Decision::Accepted)
 }
 
+/// Query parameters that are the client's alone, not passed to the origin.
+const PRIVATE_PARAMS: &[&str] = &["resume", "received", "session", "cursor"];
+
 /// The value of a query parameter (as sent: resume tokens and numbers
 /// need no decoding).
-fn query_param<'a>(query: &'a str, name: &str) -> Option<&'a str> {
+pub(crate) fn query_param<'a>(query: &'a str, name: &str) -> Option<&'a str> {
     query.split('&').find_map(|pair| {
         pair.strip_prefix(name)
             .and_then(|rest| rest.strip_prefix('='))
@@ -709,6 +828,11 @@ async fn resume(
             },
         )
         .await?;
+    conn.set_transport(opening.transport);
+    shared
+        .metrics
+        .by_transport(opening.transport.as_str())
+        .inc();
     commands
         .sessions
         .resumed(&conn, &attached, &remote.to_string());
@@ -745,6 +869,50 @@ fn open(shared: &Edge, req: &Request) -> Result<Opening, Refusal> {
             refuse(400, "bad_request", e.to_string(), "bad_request")
         }
     })?;
+    check_node(shared, req)?;
+    // The client's first offer the gateway speaks: the native protocol or
+    // one of the configured raw subprotocols.
+    let subprotocol = upgrade
+        .protocols
+        .iter()
+        .find(|p| *p == native::SUBPROTOCOL || cfg.subprotocol.iter().any(|s| s == *p))
+        .cloned();
+    if subprotocol.is_none() {
+        if let Some(v) = upgrade
+            .protocols
+            .iter()
+            .find(|p| p.starts_with(native::SUBPROTOCOL_PREFIX))
+        {
+            return Err(refuse(
+                400,
+                "unsupported_protocol",
+                format!(
+                    "`{v}` is not a protocol version this gateway speaks; it speaks `{}`",
+                    native::SUBPROTOCOL
+                ),
+                "bad_request",
+            ));
+        }
+    }
+    let is_native = subprotocol.as_deref() == Some(native::SUBPROTOCOL);
+    let deflate = if cfg.permessage_deflate {
+        upgrade.deflate
+    } else {
+        None
+    };
+    Ok(Opening {
+        upgrade: Some(upgrade),
+        transport: Transport::Websocket,
+        subprotocol,
+        is_native,
+        deflate,
+        refused: None,
+    })
+}
+
+/// Whether the node takes a new connection from this request's page: not
+/// draining, the origin keeping up, an allowed `Origin`.
+fn check_node(shared: &Edge, req: &Request) -> Result<(), Refusal> {
     if shared.commands.draining.load(Relaxed) {
         return Err(refuse(
             503,
@@ -782,43 +950,7 @@ fn open(shared: &Edge, req: &Request) -> Result<Opening, Refusal> {
             "origin_not_allowed",
         ));
     }
-    // The client's first offer the gateway speaks: the native protocol or
-    // one of the configured raw subprotocols.
-    let subprotocol = upgrade
-        .protocols
-        .iter()
-        .find(|p| *p == native::SUBPROTOCOL || cfg.subprotocol.iter().any(|s| s == *p))
-        .cloned();
-    if subprotocol.is_none() {
-        if let Some(v) = upgrade
-            .protocols
-            .iter()
-            .find(|p| p.starts_with(native::SUBPROTOCOL_PREFIX))
-        {
-            return Err(refuse(
-                400,
-                "unsupported_protocol",
-                format!(
-                    "`{v}` is not a protocol version this gateway speaks; it speaks `{}`",
-                    native::SUBPROTOCOL
-                ),
-                "bad_request",
-            ));
-        }
-    }
-    let is_native = subprotocol.as_deref() == Some(native::SUBPROTOCOL);
-    let deflate = if cfg.permessage_deflate {
-        upgrade.deflate
-    } else {
-        None
-    };
-    Ok(Opening {
-        upgrade,
-        subprotocol,
-        is_native,
-        deflate,
-        refused: None,
-    })
+    Ok(())
 }
 
 /// Asks the origin about a client whose identity is settled, and on
@@ -835,13 +967,13 @@ async fn admit(
     let cfg = &shared.config;
     let Opening {
         upgrade,
+        transport,
         subprotocol,
         is_native,
         deflate,
         ..
     } = &opening;
-    let is_native = *is_native;
-    let deflate = *deflate;
+    let (is_native, deflate, transport) = (*is_native, *deflate, *transport);
     let refused = opening.refused.clone();
     // Counted from here to the connection's end; a refusal below frees it.
     let user_slot = match (
@@ -875,7 +1007,7 @@ async fn admit(
         remote_addr: remote.to_string(),
         path: req.path.clone(),
         // The resume token is the client's alone.
-        query: without_params(&req.query, &["resume", "received"]),
+        query: without_params(&req.query, PRIVATE_PARAMS),
         headers: req
             .headers
             .iter()
@@ -883,8 +1015,12 @@ async fn admit(
             .map(|(n, v)| (n.clone(), v.clone()))
             .collect(),
         cookies,
-        subprotocols: upgrade.protocols.clone(),
+        subprotocols: upgrade
+            .as_ref()
+            .map(|u| u.protocols.clone())
+            .unwrap_or_default(),
         subprotocol: subprotocol.clone(),
+        transport,
         user_id: identity.as_ref().and_then(|i| i.user.clone()),
         claims: identity.as_ref().map(|i| i.claims.clone()),
     });
@@ -963,9 +1099,15 @@ async fn admit(
         user_slot,
         subprotocol: subprotocol.clone(),
         native: is_native,
+        transport,
         // Outbound compression: off when the client limited the server window.
         deflate: deflate.is_some_and(|d| d.compresses_outbound()),
-        session: shared.commands.sessions.limits(),
+        // A subscribe-only stream recovers by its event ids instead.
+        session: shared
+            .commands
+            .sessions
+            .limits()
+            .filter(|_| opening.resumable()),
         max_outbound: cfg.max_outbound_bytes,
     }));
     if is_native {
@@ -981,6 +1123,7 @@ async fn admit(
     }
     shared.registry.insert(conn.clone());
     shared.metrics.connections.inc();
+    shared.metrics.by_transport(transport.as_str()).inc();
     shared.metrics.connections_total.inc();
     for m in answer.messages {
         conn.send(&Outgoing::new(m), &shared.metrics);

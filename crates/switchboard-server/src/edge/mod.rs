@@ -8,7 +8,9 @@
 pub(crate) mod api;
 pub(crate) mod connection;
 pub(crate) mod control_listener;
+pub(crate) mod fallback;
 pub(crate) mod handshake;
+pub(crate) mod inbound;
 pub(crate) mod listener;
 pub(crate) mod pool;
 pub(crate) mod tls;
@@ -50,6 +52,8 @@ pub(crate) struct Edge {
     pub(crate) forward_headers: Vec<String>,
     /// Connection and handshake tasks.
     pub(crate) conn_tasks: TaskTracker,
+    /// The tasks of HTTP fallback connections, for their requests.
+    pub(crate) fallbacks: Arc<fallback::Links>,
     /// Open client sockets, handshaking ones included (not those refused
     /// at accept: they count in `refusing`).
     pub(crate) sockets: AtomicUsize,
@@ -92,6 +96,7 @@ impl Edge {
                 .map(|h| h.to_ascii_lowercase())
                 .collect(),
             conn_tasks: TaskTracker::new(),
+            fallbacks: Arc::default(),
             sockets: AtomicUsize::new(0),
             per_ip: Mutex::new(HashMap::new()),
             handshake_rate: HandshakeRate::new(config.max_handshakes_per_ip),

@@ -175,6 +175,12 @@ impl Sessions {
         out
     }
 
+    /// The connection a session token names, if this node issued it (the
+    /// token of an HTTP fallback's requests).
+    pub(crate) fn session_of(&self, token: &str) -> Result<ConnectionId, ResumeError> {
+        self.verify(token)
+    }
+
     /// The connection id a resume token names, if this node issued it.
     fn verify(&self, token: &str) -> Result<ConnectionId, ResumeError> {
         let invalid = || refusal(ResumeCode::SessionInvalid, "not a resume token");

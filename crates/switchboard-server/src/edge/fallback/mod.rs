@@ -1,0 +1,766 @@
+//! The HTTP fallbacks of the client listener (`docs/fallbacks.md`): a
+//! request that is not a WebSocket upgrade opens an SSE stream, a
+//! long-poll session or a plain EventSource stream, or carries the
+//! commands, polls and end of such a session to its task
+//! ([`task`]), found by its session token in [`Links`]. Requests that are
+//! not streams keep their HTTP/1.1 connection for the next one.
+
+mod events;
+mod task;
+
+use super::handshake::{self, query_param, Decision, Opening, Refusal};
+use super::{connection::DisconnectGuard, Edge, SocketGuard};
+use crate::conn::stream::ClientStream;
+use bytes::{Bytes, BytesMut};
+use parking_lot::Mutex;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use switchboard_proto::conn_id::ConnKey;
+use switchboard_proto::origin::Transport;
+use switchboard_proto::ws::handshake::{self as hs, Request};
+use tokio::io::AsyncWriteExt;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+
+/// Requests queued for one connection's task before senders wait.
+const UP_QUEUE: usize = 16;
+
+/// A request head read from a client socket.
+pub(crate) struct Head {
+    pub(crate) req: Request,
+    pub(crate) remote: SocketAddr,
+    /// The end of the handshake's (or this request's) time.
+    pub(crate) deadline: Instant,
+}
+
+/// What a request brings to a fallback connection's task.
+pub(crate) enum Up {
+    /// A `POST`'s commands, one per line.
+    Commands {
+        body: Bytes,
+        done: oneshot::Sender<Result<(), UpError>>,
+    },
+    /// A `DELETE`: the client ends its session.
+    End {
+        done: oneshot::Sender<Result<(), UpError>>,
+    },
+    /// A poll, whose socket the task answers on.
+    Poll(Poll),
+}
+
+/// Why a task did not take a request.
+#[derive(Debug)]
+pub(crate) enum UpError {
+    /// The connection is closing.
+    Ended,
+}
+
+/// A waiting poll: its socket and how to answer it.
+pub(crate) struct Poll {
+    stream: ClientStream,
+    remote: SocketAddr,
+    socket: SocketGuard,
+    /// The cursor of the last answer the client received.
+    cursor: u64,
+    /// `Access-Control-Allow-Origin` of the answer.
+    cors: Option<String>,
+    /// The client keeps its connection for more requests.
+    keep: bool,
+    /// When it is answered even without pushes (`poll-timeout`).
+    expires: Instant,
+}
+
+impl Poll {
+    fn timed_out(&self) -> bool {
+        Instant::now() >= self.expires
+    }
+}
+
+/// The running fallback connections' tasks, by connection.
+#[derive(Debug, Default)]
+pub(crate) struct Links {
+    map: Mutex<HashMap<ConnKey, (u64, mpsc::Sender<Up>)>>,
+    next: AtomicU64,
+}
+
+impl Links {
+    /// Registers a task; the returned number unregisters it.
+    fn insert(&self, key: ConnKey, tx: mpsc::Sender<Up>) -> u64 {
+        let n = self.next.fetch_add(1, Relaxed);
+        self.map.lock().insert(key, (n, tx));
+        n
+    }
+
+    /// Unregisters task `n`, unless a newer task (a resume) took its place.
+    fn remove(&self, key: &ConnKey, n: u64) {
+        let mut map = self.map.lock();
+        if map.get(key).is_some_and(|(m, _)| *m == n) {
+            map.remove(key);
+        }
+    }
+
+    fn get(&self, key: &ConnKey) -> Option<mpsc::Sender<Up>> {
+        self.map.lock().get(key).map(|(_, tx)| tx.clone())
+    }
+}
+
+/// What a non-upgrade request is.
+#[derive(Debug, PartialEq, Eq)]
+enum Kind {
+    Preflight,
+    Commands,
+    End,
+    Poll,
+    Open(Transport),
+    Other,
+}
+
+impl Kind {
+    /// The `request` label of its metrics.
+    fn label(&self) -> &'static str {
+        match self {
+            Self::Preflight => "preflight",
+            Self::Commands => "commands",
+            Self::End => "end",
+            Self::Poll => "poll",
+            Self::Open(Transport::LongPoll) => "long-poll-open",
+            Self::Open(Transport::Eventsource) => "eventsource",
+            Self::Open(_) => "sse",
+            Self::Other => "other",
+        }
+    }
+}
+
+fn classify(req: &Request) -> Kind {
+    let q = &req.query;
+    let session = query_param(q, "session").is_some();
+    let transport = query_param(q, "transport");
+    match req.method.as_str() {
+        "OPTIONS" => Kind::Preflight,
+        "POST" if session => Kind::Commands,
+        "DELETE" if session => Kind::End,
+        "GET" if transport == Some("long-poll") && session => Kind::Poll,
+        "GET" if transport == Some("long-poll") => Kind::Open(Transport::LongPoll),
+        "GET" if query_param(q, "channel").is_some() => Kind::Open(Transport::Eventsource),
+        "GET"
+            if transport == Some("sse") || req.header_has_token("accept", "text/event-stream") =>
+        {
+            Kind::Open(Transport::Sse)
+        }
+        _ => Kind::Other,
+    }
+}
+
+/// Serves a request that is not a WebSocket upgrade; `buf` holds the bytes
+/// after its head.
+pub(crate) async fn serve(
+    shared: Arc<Edge>,
+    mut stream: ClientStream,
+    buf: BytesMut,
+    head: Head,
+    socket: SocketGuard,
+) {
+    let kind = classify(&head.req);
+    if kind == Kind::Other {
+        // Neither WebSocket nor a fallback: 426, as ever.
+        let refusal = Refusal {
+            status: 426,
+            code: "upgrade_required",
+            message: "this endpoint only accepts WebSocket connections and the HTTP fallbacks of docs/fallbacks.md".into(),
+            extra: "Upgrade: websocket\r\n",
+            metric: "upgrade_required",
+        };
+        return handshake::answer_refusal(&shared, &mut stream, refusal, head.deadline).await;
+    }
+    let label = kind.label();
+    let cors = match cors_origin(&shared, &head.req) {
+        Ok(cors) => cors,
+        Err(()) => {
+            let r = handshake::refuse(
+                403,
+                "origin_not_allowed",
+                "pages of this origin may not connect here",
+                "origin_not_allowed",
+            );
+            return refuse(&shared, stream, label, r, None).await;
+        }
+    };
+    let keep = keeps_alive(&head.req);
+    let answered = match kind {
+        Kind::Preflight => {
+            shared.metrics.fallback(label, "ok");
+            let mut h = answer::head(204, "", None, cors.as_deref(), keep);
+            answer::preflight(&mut h);
+            write(&mut stream, &h, &[]).await
+        }
+        Kind::Commands => {
+            let body = match read_body(&shared, &mut stream, buf, &head).await {
+                Ok(body) => body,
+                Err(r) => return refuse(&shared, stream, label, r, cors).await,
+            };
+            if std::str::from_utf8(&body).is_err() {
+                let r = handshake::refuse(
+                    400,
+                    "bad_request",
+                    "commands are UTF-8 JSON, one per line",
+                    "bad_request",
+                );
+                return refuse(&shared, stream, label, r, cors).await;
+            }
+            match up(&shared, &head.req, |done| Up::Commands { body, done }).await {
+                Ok(()) => no_content(&shared, &mut stream, label, cors.as_deref(), keep).await,
+                Err(r) => return refuse(&shared, stream, label, r, cors).await,
+            }
+        }
+        Kind::End => match up(&shared, &head.req, |done| Up::End { done }).await {
+            Ok(()) => no_content(&shared, &mut stream, label, cors.as_deref(), keep).await,
+            Err(r) => return refuse(&shared, stream, label, r, cors).await,
+        },
+        Kind::Poll => return poll(shared, stream, head, socket, cors, keep).await,
+        Kind::Open(transport) => return open(shared, stream, head, socket, cors, transport).await,
+        Kind::Other => unreachable!("answered above"),
+    };
+    if answered && keep {
+        keep_alive(shared, stream, head.remote, socket).await;
+    }
+}
+
+/// Waits for the client's next request on a kept connection: closed
+/// quietly when none comes within `handshake-timeout`.
+pub(crate) async fn keep_alive(
+    shared: Arc<Edge>,
+    stream: ClientStream,
+    remote: SocketAddr,
+    socket: SocketGuard,
+) {
+    // Boxed: a request served this way may lead to another.
+    Box::pin(handshake::next_request(shared, stream, remote, socket)).await;
+}
+
+/// `Access-Control-Allow-Origin` for the request's page: `Ok(None)`
+/// without an `Origin` header, `Err` for a page that may not connect.
+fn cors_origin(shared: &Edge, req: &Request) -> Result<Option<String>, ()> {
+    let Some(origin) = req.header("origin") else {
+        return Ok(None);
+    };
+    if crate::allowed_origins::allowed(&shared.allowed_origins, Some(origin)) {
+        Ok(Some(origin.to_owned()))
+    } else {
+        Err(())
+    }
+}
+
+/// Whether the client keeps the connection after this request.
+fn keeps_alive(req: &Request) -> bool {
+    if req.header_has_token("connection", "close") {
+        return false;
+    }
+    req.version >= 1 || req.header_has_token("connection", "keep-alive")
+}
+
+/// Reads the request's body (`Content-Length` bytes, at most
+/// `max-message-size`).
+async fn read_body(
+    shared: &Edge,
+    stream: &mut ClientStream,
+    mut buf: BytesMut,
+    head: &Head,
+) -> Result<Bytes, Refusal> {
+    let len: usize = match head.req.header("content-length").map(|v| v.trim().parse()) {
+        Some(Ok(n)) => n,
+        Some(Err(_)) => {
+            return Err(handshake::refuse(
+                400,
+                "bad_request",
+                "invalid Content-Length",
+                "bad_request",
+            ))
+        }
+        None => {
+            return Err(handshake::refuse(
+                411,
+                "length_required",
+                "commands need a Content-Length",
+                "bad_request",
+            ))
+        }
+    };
+    let max = shared.config.max_message_size;
+    if len > max {
+        return Err(handshake::refuse(
+            413,
+            "payload_too_large",
+            format!("a request body is at most {max} bytes (max-message-size)"),
+            "bad_request",
+        ));
+    }
+    let deadline = Instant::now() + shared.config.handshake_timeout;
+    while buf.len() < len {
+        buf.reserve(len - buf.len());
+        let read = tokio::time::timeout_at(deadline, async {
+            stream.readable().await?;
+            match stream.try_read_buf(&mut buf) {
+                Ok(0) => Err(std::io::ErrorKind::UnexpectedEof.into()),
+                Ok(n) => Ok(n),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(0),
+                Err(e) => Err(e),
+            }
+        })
+        .await;
+        match read {
+            Ok(Ok(_)) => {}
+            Ok(Err(_)) => {
+                return Err(handshake::refuse(
+                    400,
+                    "bad_request",
+                    "the body ended early",
+                    "bad_request",
+                ))
+            }
+            Err(_) => {
+                return Err(handshake::refuse(
+                    408,
+                    "request_timeout",
+                    "the body did not arrive in time",
+                    "timeout",
+                ))
+            }
+        }
+    }
+    buf.truncate(len);
+    Ok(buf.freeze())
+}
+
+/// The task of the session named by `?session=`, or why there is none.
+fn link(shared: &Edge, req: &Request) -> Result<mpsc::Sender<Up>, Refusal> {
+    let token = query_param(&req.query, "session").unwrap_or_default();
+    let id = shared.commands.sessions.session_of(token).map_err(|e| {
+        let code = if e.code == switchboard_proto::native::ResumeCode::SessionInvalid {
+            "session_invalid"
+        } else {
+            "session_unknown"
+        };
+        let status = if code == "session_invalid" { 400 } else { 404 };
+        handshake::refuse(status, code, e.message, "bad_request")
+    })?;
+    let key = id.key();
+    if let Some(tx) = shared.fallbacks.get(&key) {
+        return Ok(tx);
+    }
+    match shared.registry.get(&key) {
+        Some(conn) if conn.is_suspended() => Err(handshake::refuse(
+            409,
+            "session_suspended",
+            "the session has no open stream or poll; resume it first",
+            "bad_request",
+        )),
+        Some(_) => Err(handshake::refuse(
+            409,
+            "wrong_transport",
+            "this session is carried by a WebSocket",
+            "bad_request",
+        )),
+        None => Err(handshake::refuse(
+            404,
+            "session_unknown",
+            "no such session on this node",
+            "bad_request",
+        )),
+    }
+}
+
+/// Hands a request to its session's task and waits for it to be taken.
+async fn up(
+    shared: &Edge,
+    req: &Request,
+    make: impl FnOnce(oneshot::Sender<Result<(), UpError>>) -> Up,
+) -> Result<(), Refusal> {
+    let tx = link(shared, req)?;
+    let (done, taken) = oneshot::channel();
+    let ended = || {
+        handshake::refuse(
+            404,
+            "session_unknown",
+            "the session has ended",
+            "bad_request",
+        )
+    };
+    let sent = tokio::time::timeout(shared.config.handshake_timeout, tx.send(make(done))).await;
+    match sent {
+        Ok(Ok(())) => {}
+        Ok(Err(_)) => return Err(ended()),
+        Err(_) => {
+            return Err(handshake::refuse(
+                503,
+                "busy",
+                "the session's task is not keeping up; retry",
+                "bad_request",
+            ))
+        }
+    }
+    match taken.await {
+        Ok(Ok(())) => Ok(()),
+        _ => Err(ended()),
+    }
+}
+
+/// Hands a poll (and its socket) to its session's task.
+async fn poll(
+    shared: Arc<Edge>,
+    stream: ClientStream,
+    head: Head,
+    socket: SocketGuard,
+    cors: Option<String>,
+    keep: bool,
+) {
+    let label = Kind::Poll.label();
+    let cursor = match query_param(&head.req.query, "cursor").map(str::parse::<u64>) {
+        Some(Ok(c)) => c,
+        _ => {
+            let r = handshake::refuse(400, "bad_request", "a poll needs its cursor", "bad_request");
+            return refuse(&shared, stream, label, r, cors).await;
+        }
+    };
+    let tx = match link(&shared, &head.req) {
+        Ok(tx) => tx,
+        Err(r) => return refuse(&shared, stream, label, r, cors).await,
+    };
+    let poll = Poll {
+        stream,
+        remote: head.remote,
+        socket,
+        cursor,
+        cors,
+        keep,
+        expires: Instant::now() + shared.config.poll_timeout,
+    };
+    if let Err(mpsc::error::SendError(Up::Poll(poll))) = tx.send(Up::Poll(poll)).await {
+        refuse_poll(
+            &shared,
+            poll,
+            404,
+            "session_unknown",
+            "the session has ended",
+        );
+    }
+}
+
+/// Answers a poll with an error, keeping its connection.
+fn refuse_poll(shared: &Arc<Edge>, poll: Poll, status: u16, code: &'static str, message: &str) {
+    shared.metrics.fallback("poll", code);
+    let body = serde_json::json!({ "code": code, "message": message }).to_string();
+    let head = answer::head(
+        status,
+        "application/json",
+        Some(body.len()),
+        poll.cors.as_deref(),
+        poll.keep,
+    );
+    let shared = shared.clone();
+    shared.clone().conn_tasks.spawn(async move {
+        let Poll {
+            mut stream,
+            remote,
+            socket,
+            keep,
+            ..
+        } = poll;
+        if write(&mut stream, &head, body.as_bytes()).await && keep {
+            keep_alive(shared, stream, remote, socket).await;
+        }
+    });
+}
+
+/// Opens an SSE stream, a long-poll session or a plain EventSource
+/// stream: the handshake of a WebSocket, answered the fallback's way.
+async fn open(
+    shared: Arc<Edge>,
+    mut stream: ClientStream,
+    head: Head,
+    socket: SocketGuard,
+    cors: Option<String>,
+    transport: Transport,
+) {
+    let label = Kind::Open(transport).label();
+    let Head {
+        req,
+        remote,
+        deadline,
+    } = head;
+    let plain = if transport == Transport::Eventsource {
+        match plain_channels(&req) {
+            Ok(p) => Some(Box::new(p)),
+            Err(r) => return refuse(&shared, stream, label, r, cors).await,
+        }
+    } else {
+        None
+    };
+    let decided = match Opening::fallback(&shared, &req, transport) {
+        Ok(opening) => handshake::decide(&shared, &req, remote, deadline, opening).await,
+        Err(r) => Err(r),
+    };
+    let accepted = match decided {
+        Ok(Decision::Accepted(a)) => a,
+        Ok(Decision::FirstCommand(_)) => {
+            let r = handshake::refuse(401, "token_missing", "a token is required", "unauthorized");
+            return refuse(&shared, stream, label, r, cors).await;
+        }
+        Err(r) => return refuse(&shared, stream, label, r, cors).await,
+    };
+    shared.metrics.handshake("accepted");
+    shared.metrics.fallback(label, "ok");
+    let first_commands = plain
+        .as_ref()
+        .map(|p| p.subscribe_commands())
+        .unwrap_or_default();
+    let guard = DisconnectGuard::new(shared.clone(), accepted.conn.clone());
+    let down = match transport {
+        Transport::LongPoll => task::Down::Polls {
+            waiting: Some(Poll {
+                stream,
+                remote,
+                socket,
+                cursor: 0,
+                cors,
+                keep: keeps_alive(&req),
+                // Answered at once: the `connected` push is queued.
+                expires: Instant::now(),
+            }),
+            cursor: 0,
+            last: None,
+            idle_since: Instant::now(),
+        },
+        _ => {
+            if let ClientStream::Tcp(tcp) = &stream {
+                // A vanished client's unacknowledged heartbeat ends the stream.
+                let _ = socket2::SockRef::from(tcp)
+                    .set_tcp_user_timeout(Some(shared.config.pong_timeout));
+            }
+            let mut h = answer::head(200, "text/event-stream", None, cors.as_deref(), false);
+            if plain.is_some() {
+                h.extend_from_slice(b"retry: 1000\n\n");
+            }
+            let _ = stream.flush().await;
+            task::Down::Stream {
+                stream,
+                _socket: socket,
+                pending: Bytes::from(h),
+                last_id: 0,
+                plain,
+            }
+        }
+    };
+    task::start(&shared, guard, down, accepted.origin_seq, first_commands);
+}
+
+/// The channels of a plain EventSource stream, and the client's positions.
+fn plain_channels(req: &Request) -> Result<events::Plain, Refusal> {
+    let mut channels = Vec::new();
+    let mut last = req.header("last-event-id").map(str::to_owned);
+    for (k, v) in form_urlencoded::parse(req.query.as_bytes()) {
+        match &*k {
+            "channel" => channels.push(v.into_owned()),
+            "last_event_id" if last.is_none() => last = Some(v.into_owned()),
+            _ => {}
+        }
+    }
+    if channels.len() > events::MAX_PLAIN_CHANNELS || channels.iter().any(String::is_empty) {
+        return Err(handshake::refuse(
+            400,
+            "bad_request",
+            format!(
+                "1 to {} non-empty channel parameters",
+                events::MAX_PLAIN_CHANNELS
+            ),
+            "bad_request",
+        ));
+    }
+    Ok(events::Plain::new(
+        channels,
+        last.as_deref().filter(|s| !s.is_empty()),
+    ))
+}
+
+/// Answers a refusal (with CORS, so a page can read it) and closes.
+async fn refuse(
+    shared: &Edge,
+    mut stream: ClientStream,
+    label: &'static str,
+    r: Refusal,
+    cors: Option<String>,
+) {
+    shared.metrics.fallback(label, r.code);
+    if matches!(label, "sse" | "long-poll-open" | "eventsource") {
+        shared.metrics.handshake(r.metric);
+    }
+    let mut extra = r.extra.to_owned();
+    if let Some(origin) = &cors {
+        answer::cors_lines(&mut extra, origin);
+    }
+    let bytes = hs::error_response(r.status, r.code, &r.message, &extra);
+    let linger = Instant::now() + handshake::REFUSAL_LINGER;
+    handshake::write_and_close(&mut stream, &bytes, linger).await;
+}
+
+async fn no_content(
+    shared: &Edge,
+    stream: &mut ClientStream,
+    label: &'static str,
+    cors: Option<&str>,
+    keep: bool,
+) -> bool {
+    shared.metrics.fallback(label, "ok");
+    write(stream, &answer::head(204, "", None, cors, keep), &[]).await
+}
+
+/// Writes an answer: `false` if the client is gone.
+async fn write(stream: &mut ClientStream, head: &[u8], body: &[u8]) -> bool {
+    let io = async {
+        stream.write_all(head).await?;
+        stream.write_all(body).await
+    };
+    matches!(
+        tokio::time::timeout(std::time::Duration::from_secs(10), io).await,
+        Ok(Ok(()))
+    )
+}
+
+/// Answer heads.
+pub(crate) mod answer {
+    /// A response head: `content_type` empty for none, no length for a
+    /// stream (which then ends with the connection).
+    pub(crate) fn head(
+        status: u16,
+        content_type: &str,
+        len: Option<usize>,
+        cors: Option<&str>,
+        keep: bool,
+    ) -> Vec<u8> {
+        let mut h = format!(
+            "HTTP/1.1 {status} {}\r\n",
+            switchboard_proto::ws::handshake::reason_phrase(status)
+        );
+        if !content_type.is_empty() {
+            h.push_str("Content-Type: ");
+            h.push_str(content_type);
+            h.push_str("\r\n");
+        }
+        match len {
+            Some(n) if status != 204 => h.push_str(&format!("Content-Length: {n}\r\n")),
+            Some(_) => {}
+            None if status == 204 => {}
+            None => {
+                h.push_str("Cache-Control: no-cache, no-transform\r\nX-Accel-Buffering: no\r\n");
+            }
+        }
+        if len.is_some() {
+            h.push_str("Cache-Control: no-store\r\n");
+        }
+        h.push_str(if keep && (len.is_some() || status == 204) {
+            "Connection: keep-alive\r\n"
+        } else {
+            "Connection: close\r\n"
+        });
+        if let Some(origin) = cors {
+            cors_lines(&mut h, origin);
+        }
+        h.push_str("\r\n");
+        h.into_bytes()
+    }
+
+    /// The CORS lines of an answer to a page of `origin`.
+    pub(crate) fn cors_lines(h: &mut String, origin: &str) {
+        h.push_str("Access-Control-Allow-Origin: ");
+        h.push_str(origin);
+        h.push_str("\r\nAccess-Control-Allow-Credentials: true\r\nVary: Origin\r\n");
+    }
+
+    /// Adds the preflight answer's lines to a finished head.
+    pub(crate) fn preflight(h: &mut Vec<u8>) {
+        h.truncate(h.len() - 2);
+        h.extend_from_slice(
+            b"Access-Control-Allow-Methods: GET, POST, DELETE\r\nAccess-Control-Allow-Headers: authorization, content-type, last-event-id\r\nAccess-Control-Max-Age: 600\r\n\r\n",
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(method: &str, query: &str, headers: &[(&str, &str)]) -> Request {
+        Request {
+            method: method.into(),
+            path: "/live".into(),
+            query: query.into(),
+            version: 1,
+            headers: headers
+                .iter()
+                .map(|(n, v)| ((*n).to_owned(), (*v).to_owned()))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn requests_are_told_apart() {
+        let sse = [("accept", "text/event-stream")];
+        assert_eq!(classify(&req("GET", "", &sse)), Kind::Open(Transport::Sse));
+        assert_eq!(
+            classify(&req("GET", "transport=sse", &[])),
+            Kind::Open(Transport::Sse)
+        );
+        assert_eq!(
+            classify(&req("GET", "channel=a:b", &[])),
+            Kind::Open(Transport::Eventsource)
+        );
+        assert_eq!(
+            classify(&req("GET", "channel=a:b", &sse)),
+            Kind::Open(Transport::Eventsource)
+        );
+        assert_eq!(
+            classify(&req("GET", "transport=long-poll", &[])),
+            Kind::Open(Transport::LongPoll)
+        );
+        assert_eq!(
+            classify(&req("GET", "transport=long-poll&session=t&cursor=1", &[])),
+            Kind::Poll
+        );
+        assert_eq!(classify(&req("POST", "session=t", &[])), Kind::Commands);
+        assert_eq!(classify(&req("DELETE", "session=t", &[])), Kind::End);
+        assert_eq!(classify(&req("OPTIONS", "", &[])), Kind::Preflight);
+        assert_eq!(classify(&req("GET", "", &[])), Kind::Other);
+        assert_eq!(classify(&req("POST", "", &[])), Kind::Other);
+    }
+
+    #[test]
+    fn heads_say_what_they_carry() {
+        let h = String::from_utf8(answer::head(
+            200,
+            "text/event-stream",
+            None,
+            Some("https://a.example"),
+            true,
+        ))
+        .unwrap();
+        assert!(h.starts_with("HTTP/1.1 200 OK\r\n"));
+        assert!(h.contains("Connection: close\r\n"), "{h}");
+        assert!(h.contains("X-Accel-Buffering: no\r\n"));
+        assert!(h.contains("Access-Control-Allow-Origin: https://a.example\r\n"));
+        assert!(h.ends_with("\r\n\r\n"));
+        let h =
+            String::from_utf8(answer::head(200, "application/json", Some(5), None, true)).unwrap();
+        assert!(
+            h.contains(
+                "Content-Length: 5\r\nCache-Control: no-store\r\nConnection: keep-alive\r\n"
+            ),
+            "{h}"
+        );
+        let mut p = answer::head(204, "", None, None, true);
+        answer::preflight(&mut p);
+        let p = String::from_utf8(p).unwrap();
+        assert!(p.contains("Access-Control-Allow-Methods: GET, POST, DELETE\r\n"));
+        assert!(p.ends_with("\r\n\r\n"));
+    }
+}
