@@ -140,7 +140,8 @@ test("SSE buffered by a proxy: no `connected` push within fallbackTimeoutMs, the
 
 test("a session moves between transports: WebSocket, then SSE when upgrades are refused (resumed), then WebSocket again after fallbackRetryMs", async () => {
   const proxy = await startProxy(gw.port);
-  const { client, events } = newClient(proxy.url, { fallbackRetryMs: 1500 });
+  const retryMs = 5000;
+  const { client, events } = newClient(proxy.url, { fallbackRetryMs: retryMs });
   const got = [];
   client.on("direct", (m) => got.push(m));
   let n = 0;
@@ -162,6 +163,7 @@ test("a session moves between transports: WebSocket, then SSE when upgrades are 
     await send(5);
     proxy.release();
     const moved = await waitFor(() => events.find((e) => e.name === "transport" && e.transport === "sse"), 10_000, "moved to SSE");
+    const movedAt = Date.now();
     assert.equal(moved.previous, "websocket");
     await waitFor(() => events.some((e) => e.name === "resumed"), 10_000, "resumed");
     assert.ok(events.indexOf(moved) < events.findIndex((e) => e.name === "resumed"));
@@ -170,6 +172,7 @@ test("a session moves between transports: WebSocket, then SSE when upgrades are 
     await waitFor(() => got.length === 15, 5000, "15 directs");
 
     // A reconnect before fallbackRetryMs goes straight back to SSE: no new WebSocket attempt.
+    assert.ok(Date.now() - movedAt < retryMs / 2, "this machine is too slow for this test's timing");
     const refused = proxy.refusedUpgrades;
     proxy.cut();
     await waitFor(() => events.filter((e) => e.name === "resumed").length === 2, 10_000, "second resume");
@@ -178,7 +181,7 @@ test("a session moves between transports: WebSocket, then SSE when upgrades are 
 
     // Upgrades allowed again; after fallbackRetryMs the next reconnect tries WebSocket first.
     proxy.options.refuseUpgrade = false;
-    await sleep(1600);
+    await sleep(movedAt + retryMs + 100 - Date.now());
     proxy.cut();
     const back = await waitFor(() => events.filter((e) => e.name === "transport" && e.transport === "websocket")[1], 10_000, "back to WebSocket");
     assert.equal(back.previous, "sse");
