@@ -10,14 +10,19 @@ mod task;
 
 use super::handshake::{self, query_param, Decision, Opening, Refusal};
 use super::{connection::DisconnectGuard, Edge, SocketGuard};
+use crate::commands::FallbackRunner;
 use crate::conn::stream::ClientStream;
 use bytes::{Bytes, BytesMut};
+use futures_util::future::BoxFuture;
 use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
+use std::time::Duration;
+use switchboard_backend::CommandReply;
 use switchboard_proto::conn_id::ConnKey;
+use switchboard_proto::control::{Command, FallbackAction, FallbackRequest};
 use switchboard_proto::origin::Transport;
 use switchboard_proto::ws::handshake::{self as hs, Request};
 use tokio::io::AsyncWriteExt;
@@ -57,24 +62,45 @@ pub(crate) enum UpError {
     Ended,
 }
 
-/// A waiting poll: its socket and how to answer it.
+/// A waiting poll: what it acknowledges, and how to answer it.
 pub(crate) struct Poll {
+    /// The cursor of the last answer the client received.
+    cursor: u64,
+    /// When it is answered even without pushes (`poll-timeout`).
+    expires: Instant,
+    reply: PollReply,
+}
+
+/// Where a poll's answer goes.
+enum PollReply {
+    /// The client's own request.
+    Client(Box<Client>),
+    /// Another node, which forwarded the client's poll here.
+    Forwarded(oneshot::Sender<CommandReply>),
+}
+
+/// A client's request waiting for its answer.
+struct Client {
     stream: ClientStream,
     remote: SocketAddr,
     socket: SocketGuard,
-    /// The cursor of the last answer the client received.
-    cursor: u64,
     /// `Access-Control-Allow-Origin` of the answer.
     cors: Option<String>,
     /// The client keeps its connection for more requests.
     keep: bool,
-    /// When it is answered even without pushes (`poll-timeout`).
-    expires: Instant,
 }
 
 impl Poll {
     fn timed_out(&self) -> bool {
         Instant::now() >= self.expires
+    }
+
+    /// The socket of a client's own poll (to see it go).
+    fn stream(&self) -> Option<&ClientStream> {
+        match &self.reply {
+            PollReply::Client(c) => Some(&c.stream),
+            PollReply::Forwarded(_) => None,
+        }
     }
 }
 
@@ -104,6 +130,186 @@ impl Links {
     fn get(&self, key: &ConnKey) -> Option<mpsc::Sender<Up>> {
         self.map.lock().get(key).map(|(_, tx)| tx.clone())
     }
+}
+
+/// Finds the task of a session held here and hands it requests: for the
+/// client listener, and for requests other nodes forward
+/// ([`FallbackRunner`]).
+#[derive(Debug, Clone)]
+pub(crate) struct Runner {
+    links: Arc<Links>,
+    sessions: Arc<crate::sessions::Sessions>,
+    registry: Arc<crate::conn::Registry>,
+    config: Arc<crate::Config>,
+}
+
+impl Runner {
+    /// The runner of an edge's fallback connections.
+    pub(crate) fn new(links: Arc<Links>, commands: &crate::commands::Commands) -> Self {
+        Self {
+            links,
+            sessions: commands.sessions.clone(),
+            registry: commands.registry.clone(),
+            config: commands.config.clone(),
+        }
+    }
+
+    /// The task of the session named by `token`, or why there is none.
+    fn link(&self, token: &str) -> Result<mpsc::Sender<Up>, Refusal> {
+        let id = self.sessions.session_of(token).map_err(|e| {
+            if e.code == switchboard_proto::native::ResumeCode::SessionInvalid {
+                handshake::refuse(400, "session_invalid", e.message, "bad_request")
+            } else {
+                handshake::refuse(404, "session_unknown", e.message, "bad_request")
+            }
+        })?;
+        let key = id.key();
+        if let Some(tx) = self.links.get(&key) {
+            return Ok(tx);
+        }
+        match self.registry.get(&key) {
+            Some(conn) if conn.is_suspended() => Err(handshake::refuse(
+                409,
+                "session_suspended",
+                "the session has no open stream or poll; resume it first",
+                "bad_request",
+            )),
+            Some(_) => Err(handshake::refuse(
+                409,
+                "wrong_transport",
+                "this session is carried by a WebSocket",
+                "bad_request",
+            )),
+            None => Err(handshake::refuse(
+                404,
+                "session_unknown",
+                "no such session on this node",
+                "bad_request",
+            )),
+        }
+    }
+
+    /// Hands a request to the session's task and waits for it to be taken.
+    async fn up(
+        &self,
+        token: &str,
+        make: impl FnOnce(oneshot::Sender<Result<(), UpError>>) -> Up,
+    ) -> Result<(), Refusal> {
+        let tx = self.link(token)?;
+        let (done, taken) = oneshot::channel();
+        let ended = || {
+            handshake::refuse(
+                404,
+                "session_unknown",
+                "the session has ended",
+                "bad_request",
+            )
+        };
+        let sent = tokio::time::timeout(self.config.handshake_timeout, tx.send(make(done))).await;
+        match sent {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => return Err(ended()),
+            Err(_) => {
+                return Err(handshake::refuse(
+                    503,
+                    "busy",
+                    "the session's task is not keeping up; retry",
+                    "bad_request",
+                ))
+            }
+        }
+        match taken.await {
+            Ok(Ok(())) => Ok(()),
+            _ => Err(ended()),
+        }
+    }
+
+    /// Runs a request forwarded by another node.
+    async fn run_forwarded(self, req: FallbackRequest) -> CommandReply {
+        let token = req.session.as_str();
+        let done = match req.action {
+            FallbackAction::Commands { body } => {
+                let body = Bytes::from(body);
+                self.up(token, |done| Up::Commands { body, done }).await
+            }
+            FallbackAction::End => self.up(token, |done| Up::End { done }).await,
+            FallbackAction::Poll { cursor, wait_ms } => {
+                let tx = match self.link(token) {
+                    Ok(tx) => tx,
+                    Err(r) => return refusal_reply(&r),
+                };
+                let (reply, answer) = oneshot::channel();
+                let wait = Duration::from_millis(wait_ms).min(self.config.poll_timeout);
+                let poll = Poll {
+                    cursor,
+                    expires: Instant::now() + wait,
+                    reply: PollReply::Forwarded(reply),
+                };
+                if tx.send(Up::Poll(poll)).await.is_err() {
+                    let r = handshake::refuse(
+                        404,
+                        "session_unknown",
+                        "the session has ended",
+                        "bad_request",
+                    );
+                    return refusal_reply(&r);
+                }
+                return answer.await.unwrap_or_else(|_| {
+                    let r = handshake::refuse(
+                        404,
+                        "session_unknown",
+                        "the session has ended",
+                        "bad_request",
+                    );
+                    refusal_reply(&r)
+                });
+            }
+        };
+        match done {
+            Ok(()) => CommandReply {
+                status: 204,
+                body: Bytes::new(),
+            },
+            Err(r) => refusal_reply(&r),
+        }
+    }
+}
+
+impl FallbackRunner for Runner {
+    fn run(&self, req: FallbackRequest) -> BoxFuture<'static, CommandReply> {
+        Box::pin(self.clone().run_forwarded(req))
+    }
+}
+
+/// A refusal as a forwarded command's reply.
+fn refusal_reply(r: &Refusal) -> CommandReply {
+    CommandReply {
+        status: r.status,
+        body: Bytes::from(serde_json::json!({ "code": r.code, "message": r.message }).to_string()),
+    }
+}
+
+/// The node holding the session named by `token`, when it is another one
+/// and the node is in a cluster.
+fn remote_node<'a>(shared: &Edge, token: &'a str) -> Option<&'a str> {
+    shared.commands.cluster.get()?;
+    let (id, _) = token.rsplit_once('.')?;
+    let node = switchboard_proto::ConnectionId::parse(id)
+        .ok()
+        .map(|_| id.split_once('.'))??
+        .0;
+    (node != shared.node.as_str()).then_some(node)
+}
+
+/// Runs a request of a session held by another node there, through the
+/// cluster.
+async fn forward(shared: &Arc<Edge>, token: &str, action: FallbackAction) -> CommandReply {
+    shared.metrics.fallback_forwarded.inc();
+    let cmd = Command::Fallback(FallbackRequest {
+        session: token.to_owned(),
+        action,
+    });
+    crate::commands::control::execute(&shared.commands, cmd, false).await
 }
 
 /// What a non-upgrade request is.
@@ -209,15 +415,34 @@ pub(crate) async fn serve(
                 );
                 return refuse(&shared, stream, label, r, cors).await;
             }
-            match up(&shared, &head.req, |done| Up::Commands { body, done }).await {
-                Ok(()) => no_content(&shared, &mut stream, label, cors.as_deref(), keep).await,
-                Err(r) => return refuse(&shared, stream, label, r, cors).await,
+            let token = query_param(&head.req.query, "session").unwrap_or_default();
+            if remote_node(&shared, token).is_some() {
+                let body = String::from_utf8(body.to_vec()).unwrap_or_default();
+                let reply = forward(&shared, token, FallbackAction::Commands { body }).await;
+                relay(&shared, &mut stream, label, reply, cors.as_deref(), keep).await
+            } else {
+                match shared
+                    .runner
+                    .up(token, |done| Up::Commands { body, done })
+                    .await
+                {
+                    Ok(()) => no_content(&shared, &mut stream, label, cors.as_deref(), keep).await,
+                    Err(r) => return refuse(&shared, stream, label, r, cors).await,
+                }
             }
         }
-        Kind::End => match up(&shared, &head.req, |done| Up::End { done }).await {
-            Ok(()) => no_content(&shared, &mut stream, label, cors.as_deref(), keep).await,
-            Err(r) => return refuse(&shared, stream, label, r, cors).await,
-        },
+        Kind::End => {
+            let token = query_param(&head.req.query, "session").unwrap_or_default();
+            if remote_node(&shared, token).is_some() {
+                let reply = forward(&shared, token, FallbackAction::End).await;
+                relay(&shared, &mut stream, label, reply, cors.as_deref(), keep).await
+            } else {
+                match shared.runner.up(token, |done| Up::End { done }).await {
+                    Ok(()) => no_content(&shared, &mut stream, label, cors.as_deref(), keep).await,
+                    Err(r) => return refuse(&shared, stream, label, r, cors).await,
+                }
+            }
+        }
         Kind::Poll => return poll(shared, stream, head, socket, cors, keep).await,
         Kind::Open(transport) => return open(shared, stream, head, socket, cors, transport).await,
         Kind::Other => unreachable!("answered above"),
@@ -333,79 +558,6 @@ async fn read_body(
     Ok(buf.freeze())
 }
 
-/// The task of the session named by `?session=`, or why there is none.
-fn link(shared: &Edge, req: &Request) -> Result<mpsc::Sender<Up>, Refusal> {
-    let token = query_param(&req.query, "session").unwrap_or_default();
-    let id = shared.commands.sessions.session_of(token).map_err(|e| {
-        let code = if e.code == switchboard_proto::native::ResumeCode::SessionInvalid {
-            "session_invalid"
-        } else {
-            "session_unknown"
-        };
-        let status = if code == "session_invalid" { 400 } else { 404 };
-        handshake::refuse(status, code, e.message, "bad_request")
-    })?;
-    let key = id.key();
-    if let Some(tx) = shared.fallbacks.get(&key) {
-        return Ok(tx);
-    }
-    match shared.registry.get(&key) {
-        Some(conn) if conn.is_suspended() => Err(handshake::refuse(
-            409,
-            "session_suspended",
-            "the session has no open stream or poll; resume it first",
-            "bad_request",
-        )),
-        Some(_) => Err(handshake::refuse(
-            409,
-            "wrong_transport",
-            "this session is carried by a WebSocket",
-            "bad_request",
-        )),
-        None => Err(handshake::refuse(
-            404,
-            "session_unknown",
-            "no such session on this node",
-            "bad_request",
-        )),
-    }
-}
-
-/// Hands a request to its session's task and waits for it to be taken.
-async fn up(
-    shared: &Edge,
-    req: &Request,
-    make: impl FnOnce(oneshot::Sender<Result<(), UpError>>) -> Up,
-) -> Result<(), Refusal> {
-    let tx = link(shared, req)?;
-    let (done, taken) = oneshot::channel();
-    let ended = || {
-        handshake::refuse(
-            404,
-            "session_unknown",
-            "the session has ended",
-            "bad_request",
-        )
-    };
-    let sent = tokio::time::timeout(shared.config.handshake_timeout, tx.send(make(done))).await;
-    match sent {
-        Ok(Ok(())) => {}
-        Ok(Err(_)) => return Err(ended()),
-        Err(_) => {
-            return Err(handshake::refuse(
-                503,
-                "busy",
-                "the session's task is not keeping up; retry",
-                "bad_request",
-            ))
-        }
-    }
-    match taken.await {
-        Ok(Ok(())) => Ok(()),
-        _ => Err(ended()),
-    }
-}
-
 /// Hands a poll (and its socket) to its session's task.
 async fn poll(
     shared: Arc<Edge>,
@@ -423,18 +575,24 @@ async fn poll(
             return refuse(&shared, stream, label, r, cors).await;
         }
     };
-    let tx = match link(&shared, &head.req) {
+    let token = query_param(&head.req.query, "session").unwrap_or_default();
+    if remote_node(&shared, token).is_some() {
+        return forward_poll(shared, stream, head, socket, cors, keep, cursor).await;
+    }
+    let tx = match shared.runner.link(token) {
         Ok(tx) => tx,
         Err(r) => return refuse(&shared, stream, label, r, cors).await,
     };
     let poll = Poll {
-        stream,
-        remote: head.remote,
-        socket,
         cursor,
-        cors,
-        keep,
         expires: Instant::now() + shared.config.poll_timeout,
+        reply: PollReply::Client(Box::new(Client {
+            stream,
+            remote: head.remote,
+            socket,
+            cors,
+            keep,
+        })),
     };
     if let Err(mpsc::error::SendError(Up::Poll(poll))) = tx.send(Up::Poll(poll)).await {
         refuse_poll(
@@ -447,27 +605,125 @@ async fn poll(
     }
 }
 
-/// Answers a poll with an error, keeping its connection.
+/// A poll of a session held by another node: forwarded as polls that
+/// wait at most half the cluster's request timeout each (0.75 s with
+/// NATS's default), every empty answer acknowledged by the next, until one
+/// brings pushes or `poll-timeout` has passed; the client gets that
+/// answer (and its cursor).
+async fn forward_poll(
+    shared: Arc<Edge>,
+    mut stream: ClientStream,
+    head: Head,
+    socket: SocketGuard,
+    cors: Option<String>,
+    keep: bool,
+    mut cursor: u64,
+) {
+    let token = query_param(&head.req.query, "session")
+        .unwrap_or_default()
+        .to_owned();
+    let until = Instant::now() + shared.config.poll_timeout;
+    let most = shared
+        .commands
+        .cluster
+        .get()
+        .map_or(Duration::from_secs(1), |c| c.forward_timeout())
+        / 2;
+    let reply = loop {
+        let left = until.saturating_duration_since(Instant::now());
+        let wait = left.min(most);
+        let action = FallbackAction::Poll {
+            cursor,
+            wait_ms: wait.as_millis() as u64,
+        };
+        let reply = forward(&shared, &token, action).await;
+        if reply.status != 200 || Instant::now() + Duration::from_millis(50) >= until {
+            break reply;
+        }
+        match empty_batch_cursor(&reply.body) {
+            // Nothing yet: acknowledged by the next poll, as a client would.
+            Some(next) => cursor = next,
+            None => break reply,
+        }
+    };
+    let label = Kind::Poll.label();
+    if relay(&shared, &mut stream, label, reply, cors.as_deref(), keep).await && keep {
+        keep_alive(shared, stream, head.remote, socket).await;
+    }
+}
+
+/// The cursor of a batch without pushes (and without a close).
+fn empty_batch_cursor(body: &[u8]) -> Option<u64> {
+    #[derive(serde::Deserialize)]
+    struct Batch {
+        cursor: u64,
+        pushes: Vec<serde::de::IgnoredAny>,
+        #[serde(default)]
+        close: Option<serde::de::IgnoredAny>,
+    }
+    let b: Batch = serde_json::from_slice(body).ok()?;
+    (b.pushes.is_empty() && b.close.is_none()).then_some(b.cursor)
+}
+
+/// Answers a client with another node's reply.
+async fn relay(
+    shared: &Edge,
+    stream: &mut ClientStream,
+    label: &'static str,
+    reply: CommandReply,
+    cors: Option<&str>,
+    keep: bool,
+) -> bool {
+    let result = if (200..300).contains(&reply.status) {
+        "ok"
+    } else {
+        "forwarded_error"
+    };
+    shared.metrics.fallback(label, result);
+    let len = (reply.status != 204).then_some(reply.body.len());
+    let content_type = if reply.status == 204 {
+        ""
+    } else {
+        "application/json"
+    };
+    let head = answer::head(reply.status, content_type, len, cors, keep);
+    write(stream, &head, &reply.body).await
+}
+
+/// Answers a poll with an error (keeping a client's connection).
 fn refuse_poll(shared: &Arc<Edge>, poll: Poll, status: u16, code: &'static str, message: &str) {
     shared.metrics.fallback("poll", code);
     let body = serde_json::json!({ "code": code, "message": message }).to_string();
+    reply_poll(shared, poll, status, Bytes::from(body));
+}
+
+/// Answers a poll with `status` and its JSON `body`: a client's
+/// connection is kept for its next request.
+fn reply_poll(shared: &Arc<Edge>, poll: Poll, status: u16, body: Bytes) {
+    let client = match poll.reply {
+        PollReply::Forwarded(tx) => {
+            let _ = tx.send(CommandReply { status, body });
+            return;
+        }
+        PollReply::Client(client) => client,
+    };
+    let Client {
+        mut stream,
+        remote,
+        socket,
+        cors,
+        keep,
+    } = *client;
     let head = answer::head(
         status,
         "application/json",
         Some(body.len()),
-        poll.cors.as_deref(),
-        poll.keep,
+        cors.as_deref(),
+        keep,
     );
     let shared = shared.clone();
     shared.clone().conn_tasks.spawn(async move {
-        let Poll {
-            mut stream,
-            remote,
-            socket,
-            keep,
-            ..
-        } = poll;
-        if write(&mut stream, &head, body.as_bytes()).await && keep {
+        if write(&mut stream, &head, &body).await && keep {
             keep_alive(shared, stream, remote, socket).await;
         }
     });
@@ -519,14 +775,16 @@ async fn open(
     let down = match transport {
         Transport::LongPoll => task::Down::Polls {
             waiting: Some(Poll {
-                stream,
-                remote,
-                socket,
                 cursor: 0,
-                cors,
-                keep: keeps_alive(&req),
                 // Answered at once: the `connected` push is queued.
                 expires: Instant::now(),
+                reply: PollReply::Client(Box::new(Client {
+                    stream,
+                    remote,
+                    socket,
+                    cors,
+                    keep: keeps_alive(&req),
+                })),
             }),
             cursor: 0,
             last: None,

@@ -5,7 +5,7 @@
 //! and, for long-polling, the gap between polls.
 
 use super::events::{self, Plain, PlainEvent, Unframed};
-use super::{answer, keep_alive, Links, Poll, Up, UpError};
+use super::{Links, Poll, Up, UpError};
 use crate::admission::ratelimit::Verdict;
 use crate::conn::stream::ClientStream;
 use crate::conn::Conn;
@@ -193,7 +193,10 @@ impl Task {
                     Down::Polls {
                         waiting: Some(poll),
                         ..
-                    } => poll.stream.ready(Interest::READABLE).await.map(Some),
+                    } => match poll.stream() {
+                        Some(stream) => stream.ready(Interest::READABLE).await.map(Some),
+                        None => std::future::pending().await,
+                    },
                     Down::Polls { waiting: None, .. } => std::future::pending().await,
                 }
             };
@@ -376,7 +379,8 @@ impl Task {
             } => {
                 let gone = waiting
                     .as_ref()
-                    .is_some_and(|p| !matches!(drain(&p.stream), Ok(false)));
+                    .and_then(Poll::stream)
+                    .is_some_and(|s| !matches!(drain(s), Ok(false)));
                 if gone {
                     // The client gave up this poll: it polls again (or not,
                     // and the gap ends the session).
@@ -605,34 +609,8 @@ fn drain(stream: &ClientStream) -> io::Result<bool> {
     }
 }
 
-/// Answers a poll with `body` (200) and keeps its connection for the
-/// client's next request.
+/// Answers a poll with its batch.
 fn answer_poll(shared: &Arc<Edge>, poll: Poll, body: Bytes) {
     shared.metrics.fallback("poll", "ok");
-    let head = answer::head(
-        200,
-        "application/json",
-        Some(body.len()),
-        poll.cors.as_deref(),
-        poll.keep,
-    );
-    let shared = shared.clone();
-    shared.clone().conn_tasks.spawn(async move {
-        let Poll {
-            mut stream,
-            remote,
-            socket,
-            keep,
-            ..
-        } = poll;
-        let written = tokio::time::timeout(shared.config.pong_timeout, async {
-            use tokio::io::AsyncWriteExt;
-            stream.write_all(&head).await?;
-            stream.write_all(&body).await
-        })
-        .await;
-        if matches!(written, Ok(Ok(()))) && keep {
-            keep_alive(shared, stream, remote, socket).await;
-        }
-    });
+    super::reply_poll(shared, poll, 200, body);
 }
