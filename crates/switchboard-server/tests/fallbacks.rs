@@ -432,6 +432,19 @@ async fn long_polls_lose_and_repeat_nothing_between_polls() {
     );
     // A cursor from elsewhere is refused.
     assert_eq!(p.poll_with(p.cursor + 5).await.0, 409);
+    // An older cursor is taken when every answer after it was empty (a
+    // forwarding node acknowledged them), never when one carried pushes.
+    let full = p.cursor;
+    assert!(p.poll().await.is_empty());
+    let (status, again) = p.poll_with(full).await;
+    assert_eq!(status, 200, "{again}");
+    assert_eq!(again["cursor"].as_u64(), Some(full + 2));
+    p.cursor = full + 2;
+    assert_eq!(
+        p.poll_with(full - 1).await.0,
+        409,
+        "the answer at {full} carried pushes"
+    );
     // The client ends: the waiting poll... or the next one, says close.
     let (status, _, _) = http(
         gw.addr,

@@ -788,6 +788,7 @@ async fn open(
             }),
             cursor: 0,
             last: None,
+            full: 0,
             idle_since: Instant::now(),
         },
         _ => {

@@ -44,6 +44,9 @@ pub(crate) enum Down {
         cursor: u64,
         /// The last answer's body, until the next poll acknowledges it.
         last: Option<Bytes>,
+        /// The cursor of the last answer that carried something: a poll
+        /// acknowledging any cursor from it on has lost nothing.
+        full: u64,
         /// Since when no poll has been waiting.
         idle_since: Instant,
     },
@@ -129,6 +132,7 @@ pub(crate) fn start(
                 waiting: None,
                 cursor: 0,
                 last: None,
+                full: 0,
                 idle_since: Instant::now(),
             },
         ) {
@@ -322,6 +326,7 @@ impl Task {
                 waiting,
                 cursor,
                 last,
+                full,
                 idle_since,
             } => {
                 let Some(poll) = waiting.take() else {
@@ -344,6 +349,9 @@ impl Task {
                     }
                 }
                 *cursor += 1;
+                if !pushes.is_empty() || close.is_some() {
+                    *full = *cursor;
+                }
                 let body = events::batch(*cursor, &pushes, close.as_deref());
                 shared.metrics.bytes_out.inc_by(body.len() as u64);
                 *last = Some(body.clone());
@@ -443,6 +451,7 @@ impl Task {
             waiting,
             cursor,
             last,
+            full,
             ..
         } = &mut self.down
         else {
@@ -464,8 +473,10 @@ impl Task {
                 "a newer poll took its place",
             );
         }
-        if poll.cursor == *cursor {
-            // The last answer arrived: it is no longer kept.
+        if poll.cursor == *cursor || (poll.cursor < *cursor && poll.cursor >= *full) {
+            // The last answer arrived, or every answer since the client's
+            // cursor was empty (a forwarding node acknowledged them on its
+            // behalf, say): nothing is missing, and nothing kept.
             *last = None;
             *waiting = Some(poll);
         } else if poll.cursor + 1 == *cursor && last.is_some() {
