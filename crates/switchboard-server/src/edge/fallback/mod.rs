@@ -47,10 +47,6 @@ pub(crate) enum Up {
         body: Bytes,
         done: oneshot::Sender<Result<(), UpError>>,
     },
-    /// A `DELETE`: the client ends its session.
-    End {
-        done: oneshot::Sender<Result<(), UpError>>,
-    },
     /// A poll, whose socket the task answers on.
     Poll(Poll),
 }
@@ -58,8 +54,10 @@ pub(crate) enum Up {
 /// Why a task did not take a request.
 #[derive(Debug)]
 pub(crate) enum UpError {
-    /// The connection is closing.
+    /// The connection is closing or has ended.
     Ended,
+    /// The connection was lost: the session waits for a resume.
+    Suspended,
 }
 
 /// A waiting poll: what it acknowledges, and how to answer it.
@@ -84,6 +82,8 @@ struct Client {
     stream: ClientStream,
     remote: SocketAddr,
     socket: SocketGuard,
+    /// What the client sent after its request (its next one).
+    leftover: BytesMut,
     /// `Access-Control-Allow-Origin` of the answer.
     cors: Option<String>,
     /// The client keeps its connection for more requests.
@@ -156,24 +156,12 @@ impl Runner {
 
     /// The task of the session named by `token`, or why there is none.
     fn link(&self, token: &str) -> Result<mpsc::Sender<Up>, Refusal> {
-        let id = self.sessions.session_of(token).map_err(|e| {
-            if e.code == switchboard_proto::native::ResumeCode::SessionInvalid {
-                handshake::refuse(400, "session_invalid", e.message, "bad_request")
-            } else {
-                handshake::refuse(404, "session_unknown", e.message, "bad_request")
-            }
-        })?;
-        let key = id.key();
+        let key = self.session_id(token)?.key();
         if let Some(tx) = self.links.get(&key) {
             return Ok(tx);
         }
         match self.registry.get(&key) {
-            Some(conn) if conn.is_suspended() => Err(handshake::refuse(
-                409,
-                "session_suspended",
-                "the session has no open stream or poll; resume it first",
-                "bad_request",
-            )),
+            Some(conn) if conn.is_suspended() => Err(suspended()),
             Some(_) => Err(handshake::refuse(
                 409,
                 "wrong_transport",
@@ -187,6 +175,44 @@ impl Runner {
                 "bad_request",
             )),
         }
+    }
+
+    /// Ends the session named by `token` as its client's close (1000),
+    /// whether it is connected (its task closes it) or suspended.
+    async fn end(&self, token: &str) -> Result<(), Refusal> {
+        let unknown = || {
+            handshake::refuse(
+                404,
+                "session_unknown",
+                "no such session on this node",
+                "bad_request",
+            )
+        };
+        let id = self.session_id(token)?;
+        let conn = self.registry.get(&id.key()).ok_or_else(unknown)?;
+        let req = crate::conn::CloseRequest {
+            code: switchboard_proto::ws::close::NORMAL,
+            reason: String::new(),
+            by: switchboard_proto::origin::ClosedBy::Client,
+            flush_first: true,
+            takeover: false,
+        };
+        if self.sessions.close(&conn, req) {
+            Ok(())
+        } else {
+            Err(unknown())
+        }
+    }
+
+    /// The connection a session token names, if this node issued it.
+    fn session_id(&self, token: &str) -> Result<switchboard_proto::ConnectionId, Refusal> {
+        self.sessions.session_of(token).map_err(|e| {
+            if e.code == switchboard_proto::native::ResumeCode::SessionInvalid {
+                handshake::refuse(400, "session_invalid", e.message, "bad_request")
+            } else {
+                handshake::refuse(404, "session_unknown", e.message, "bad_request")
+            }
+        })
     }
 
     /// Hands a request to the session's task and waits for it to be taken.
@@ -220,6 +246,7 @@ impl Runner {
         }
         match taken.await {
             Ok(Ok(())) => Ok(()),
+            Ok(Err(UpError::Suspended)) => Err(suspended()),
             _ => Err(ended()),
         }
     }
@@ -232,7 +259,7 @@ impl Runner {
                 let body = Bytes::from(body);
                 self.up(token, |done| Up::Commands { body, done }).await
             }
-            FallbackAction::End => self.up(token, |done| Up::End { done }).await,
+            FallbackAction::End => self.end(token).await,
             FallbackAction::Poll { cursor, wait_ms } => {
                 let tx = match self.link(token) {
                     Ok(tx) => tx,
@@ -279,6 +306,16 @@ impl FallbackRunner for Runner {
     fn run(&self, req: FallbackRequest) -> BoxFuture<'static, CommandReply> {
         Box::pin(self.clone().run_forwarded(req))
     }
+}
+
+/// 409 `session_suspended`.
+fn suspended() -> Refusal {
+    handshake::refuse(
+        409,
+        "session_suspended",
+        "the session has no open stream or poll; resume it first",
+        "bad_request",
+    )
 }
 
 /// A refusal as a forwarded command's reply.
@@ -359,6 +396,11 @@ fn classify(req: &Request) -> Kind {
     }
 }
 
+/// Whether a request opens a fallback connection (a handshake).
+pub(crate) fn opens(req: &Request) -> bool {
+    matches!(classify(req), Kind::Open(_))
+}
+
 /// Serves a request that is not a WebSocket upgrade; `buf` holds the bytes
 /// after its head.
 pub(crate) async fn serve(
@@ -393,7 +435,11 @@ pub(crate) async fn serve(
             return refuse(&shared, stream, label, r, None).await;
         }
     };
+    if let Err(r) = check_framing(&head.req) {
+        return refuse(&shared, stream, label, r, cors).await;
+    }
     let keep = keeps_alive(&head.req);
+    let mut leftover = buf;
     let answered = match kind {
         Kind::Preflight => {
             shared.metrics.fallback(label, "ok");
@@ -402,8 +448,12 @@ pub(crate) async fn serve(
             write(&mut stream, &h, &[]).await
         }
         Kind::Commands => {
-            let body = match read_body(&shared, &mut stream, buf, &head).await {
-                Ok(body) => body,
+            let taken = std::mem::take(&mut leftover);
+            let body = match read_body(&shared, &mut stream, taken, &head).await {
+                Ok((body, rest)) => {
+                    leftover = rest;
+                    body
+                }
                 Err(r) => return refuse(&shared, stream, label, r, cors).await,
             };
             if std::str::from_utf8(&body).is_err() {
@@ -437,44 +487,65 @@ pub(crate) async fn serve(
                 let reply = forward(&shared, token, FallbackAction::End).await;
                 relay(&shared, &mut stream, label, reply, cors.as_deref(), keep).await
             } else {
-                match shared.runner.up(token, |done| Up::End { done }).await {
+                match shared.runner.end(token).await {
                     Ok(()) => no_content(&shared, &mut stream, label, cors.as_deref(), keep).await,
                     Err(r) => return refuse(&shared, stream, label, r, cors).await,
                 }
             }
         }
-        Kind::Poll => return poll(shared, stream, head, socket, cors, keep).await,
-        Kind::Open(transport) => return open(shared, stream, head, socket, cors, transport).await,
+        Kind::Poll => return poll(shared, stream, leftover, head, socket, cors, keep).await,
+        Kind::Open(transport) => {
+            return open(shared, stream, leftover, head, socket, cors, transport).await
+        }
         Kind::Other => unreachable!("answered above"),
     };
     if answered && keep {
-        keep_alive(shared, stream, head.remote, socket).await;
+        keep_alive(&shared, stream, head.remote, socket, leftover);
     }
 }
 
-/// Waits for the client's next request on a kept connection: closed
-/// quietly when none comes within `handshake-timeout`.
-pub(crate) async fn keep_alive(
-    shared: Arc<Edge>,
+/// Serves the client's next request on a kept connection, in a task of its
+/// own (so that a long run of requests on one connection does not nest):
+/// closed quietly when none comes within `handshake-timeout`. `leftover`
+/// holds what the client sent after the last request.
+pub(crate) fn keep_alive(
+    shared: &Arc<Edge>,
     stream: ClientStream,
     remote: SocketAddr,
     socket: SocketGuard,
+    leftover: BytesMut,
 ) {
-    // Boxed: a request served this way may lead to another.
-    Box::pin(handshake::next_request(shared, stream, remote, socket)).await;
+    // Boxed: the task's future contains the next request's handling,
+    // which may lead here again.
+    let next = Box::pin(handshake::next_request(
+        shared.clone(),
+        stream,
+        remote,
+        socket,
+        leftover,
+    ));
+    shared.conn_tasks.spawn(next);
 }
 
-/// `Access-Control-Allow-Origin` for the request's page: `Ok(None)`
+/// The CORS header lines of answers to the request's page: `Ok(None)`
 /// without an `Origin` header, `Err` for a page that may not connect.
 fn cors_origin(shared: &Edge, req: &Request) -> Result<Option<String>, ()> {
     let Some(origin) = req.header("origin") else {
         return Ok(None);
     };
     if crate::allowed_origins::allowed(&shared.allowed_origins, Some(origin)) {
-        Ok(Some(origin.to_owned()))
+        Ok(Some(cors_for(shared, origin)))
     } else {
         Err(())
     }
+}
+
+/// The CORS lines of answers to a page of `origin`: credentials (cookies)
+/// only when `allowed-origins` names the pages that may send them.
+fn cors_for(shared: &Edge, origin: &str) -> String {
+    let mut h = String::new();
+    answer::cors_lines(&mut h, origin, !shared.allowed_origins.is_empty());
+    h
 }
 
 /// Whether the client keeps the connection after this request.
@@ -486,13 +557,14 @@ fn keeps_alive(req: &Request) -> bool {
 }
 
 /// Reads the request's body (`Content-Length` bytes, at most
-/// `max-message-size`).
+/// `max-message-size`): the body, and the bytes that came after it (the
+/// client's next request).
 async fn read_body(
     shared: &Edge,
     stream: &mut ClientStream,
     mut buf: BytesMut,
     head: &Head,
-) -> Result<Bytes, Refusal> {
+) -> Result<(Bytes, BytesMut), Refusal> {
     let len: usize = match head.req.header("content-length").map(|v| v.trim().parse()) {
         Some(Ok(n)) => n,
         Some(Err(_)) => {
@@ -554,14 +626,42 @@ async fn read_body(
             }
         }
     }
-    buf.truncate(len);
-    Ok(buf.freeze())
+    let body = buf.split_to(len);
+    Ok((body.freeze(), buf))
+}
+
+/// Refuses framing the fallbacks do not take: chunked bodies (a
+/// `Content-Length` is needed; with both, a proxy in front could read
+/// another request than this node does), and bodies on requests that have
+/// none.
+fn check_framing(req: &Request) -> Result<(), Refusal> {
+    if req.header("transfer-encoding").is_some() {
+        return Err(handshake::refuse(
+            400,
+            "bad_request",
+            "Transfer-Encoding is not accepted; send a Content-Length",
+            "bad_request",
+        ));
+    }
+    let has_body = req
+        .header("content-length")
+        .is_some_and(|v| v.trim() != "0");
+    if req.method != "POST" && has_body {
+        return Err(handshake::refuse(
+            400,
+            "bad_request",
+            "only POST requests carry a body",
+            "bad_request",
+        ));
+    }
+    Ok(())
 }
 
 /// Hands a poll (and its socket) to its session's task.
 async fn poll(
     shared: Arc<Edge>,
     stream: ClientStream,
+    leftover: BytesMut,
     head: Head,
     socket: SocketGuard,
     cors: Option<String>,
@@ -577,7 +677,15 @@ async fn poll(
     };
     let token = query_param(&head.req.query, "session").unwrap_or_default();
     if remote_node(&shared, token).is_some() {
-        return forward_poll(shared, stream, head, socket, cors, keep, cursor).await;
+        let client = Client {
+            stream,
+            remote: head.remote,
+            socket,
+            cors,
+            keep,
+            leftover,
+        };
+        return forward_poll(shared, client, token.to_owned(), cursor).await;
     }
     let tx = match shared.runner.link(token) {
         Ok(tx) => tx,
@@ -592,6 +700,7 @@ async fn poll(
             socket,
             cors,
             keep,
+            leftover,
         })),
     };
     if let Err(mpsc::error::SendError(Up::Poll(poll))) = tx.send(Up::Poll(poll)).await {
@@ -610,18 +719,7 @@ async fn poll(
 /// NATS's default), every empty answer acknowledged by the next, until one
 /// brings pushes or `poll-timeout` has passed; the client gets that
 /// answer (and its cursor).
-async fn forward_poll(
-    shared: Arc<Edge>,
-    mut stream: ClientStream,
-    head: Head,
-    socket: SocketGuard,
-    cors: Option<String>,
-    keep: bool,
-    mut cursor: u64,
-) {
-    let token = query_param(&head.req.query, "session")
-        .unwrap_or_default()
-        .to_owned();
+async fn forward_poll(shared: Arc<Edge>, mut client: Client, token: String, mut cursor: u64) {
     let until = Instant::now() + shared.config.poll_timeout;
     let most = shared
         .commands
@@ -636,7 +734,13 @@ async fn forward_poll(
             cursor,
             wait_ms: wait.as_millis() as u64,
         };
-        let reply = forward(&shared, &token, action).await;
+        let reply = tokio::select! {
+            reply = forward(&shared, &token, action) => reply,
+            // The client left: nothing more is asked on its behalf (an
+            // answer the holding node made meanwhile is repeated to the
+            // client's next poll).
+            () = client_gone(&client.stream, &mut client.leftover, shared.config.max_header_bytes) => return,
+        };
         if reply.status != 200 || Instant::now() + Duration::from_millis(50) >= until {
             break reply;
         }
@@ -647,9 +751,60 @@ async fn forward_poll(
         }
     };
     let label = Kind::Poll.label();
+    let Client {
+        mut stream,
+        remote,
+        socket,
+        cors,
+        keep,
+        leftover,
+    } = client;
     if relay(&shared, &mut stream, label, reply, cors.as_deref(), keep).await && keep {
-        keep_alive(shared, stream, head.remote, socket).await;
+        keep_alive(&shared, stream, remote, socket, leftover);
     }
+}
+
+/// Resolves when the client closes its connection (or fails, or sends
+/// more than `max` bytes ahead); what it sends meanwhile (its next
+/// request) is kept in `leftover`.
+async fn client_gone(stream: &ClientStream, leftover: &mut BytesMut, max: usize) {
+    loop {
+        if stream.readable().await.is_err() || leftover.len() > max {
+            return;
+        }
+        leftover.reserve(1024);
+        match stream.try_read_buf(leftover) {
+            Ok(0) => return,
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(_) => return,
+        }
+    }
+}
+
+/// The `code` of an error body from another node, as a metric label (one
+/// of the codes this gateway answers with, else `other`).
+fn known_code(body: &[u8]) -> &'static str {
+    const CODES: &[&str] = &[
+        "session_unknown",
+        "session_invalid",
+        "session_suspended",
+        "session_ended",
+        "wrong_transport",
+        "bad_cursor",
+        "poll_replaced",
+        "busy",
+        "connection_not_found",
+        "cluster_unavailable",
+        "node_timeout",
+        "payload_too_large",
+        "bad_request",
+    ];
+    let code = serde_json::from_slice::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| v.get("code").and_then(|c| c.as_str()).map(str::to_owned));
+    code.and_then(|c| CODES.iter().find(|k| **k == c).copied())
+        .unwrap_or("other")
 }
 
 /// The cursor of a batch without pushes (and without a close).
@@ -674,12 +829,11 @@ async fn relay(
     cors: Option<&str>,
     keep: bool,
 ) -> bool {
-    let result = if (200..300).contains(&reply.status) {
-        "ok"
+    if (200..300).contains(&reply.status) {
+        shared.metrics.fallback(label, "ok");
     } else {
-        "forwarded_error"
-    };
-    shared.metrics.fallback(label, result);
+        shared.metrics.fallback(label, known_code(&reply.body));
+    }
     let len = (reply.status != 204).then_some(reply.body.len());
     let content_type = if reply.status == 204 {
         ""
@@ -713,6 +867,7 @@ fn reply_poll(shared: &Arc<Edge>, poll: Poll, status: u16, body: Bytes) {
         socket,
         cors,
         keep,
+        leftover,
     } = *client;
     let head = answer::head(
         status,
@@ -724,7 +879,7 @@ fn reply_poll(shared: &Arc<Edge>, poll: Poll, status: u16, body: Bytes) {
     let shared = shared.clone();
     shared.clone().conn_tasks.spawn(async move {
         if write(&mut stream, &head, &body).await && keep {
-            keep_alive(shared, stream, remote, socket).await;
+            keep_alive(&shared, stream, remote, socket, leftover);
         }
     });
 }
@@ -734,6 +889,7 @@ fn reply_poll(shared: &Arc<Edge>, poll: Poll, status: u16, body: Bytes) {
 async fn open(
     shared: Arc<Edge>,
     mut stream: ClientStream,
+    leftover: BytesMut,
     head: Head,
     socket: SocketGuard,
     cors: Option<String>,
@@ -784,11 +940,13 @@ async fn open(
                     socket,
                     cors,
                     keep: keeps_alive(&req),
+                    leftover,
                 })),
             }),
             cursor: 0,
             last: None,
             full: 0,
+            repeat_from: 0,
             idle_since: Instant::now(),
         },
         _ => {
@@ -855,8 +1013,8 @@ async fn refuse(
         shared.metrics.handshake(r.metric);
     }
     let mut extra = r.extra.to_owned();
-    if let Some(origin) = &cors {
-        answer::cors_lines(&mut extra, origin);
+    if let Some(lines) = &cors {
+        extra.push_str(lines);
     }
     let bytes = hs::error_response(r.status, r.code, &r.message, &extra);
     let linger = Instant::now() + handshake::REFUSAL_LINGER;
@@ -922,18 +1080,23 @@ pub(crate) mod answer {
         } else {
             "Connection: close\r\n"
         });
-        if let Some(origin) = cors {
-            cors_lines(&mut h, origin);
+        if let Some(lines) = cors {
+            h.push_str(lines);
         }
         h.push_str("\r\n");
         h.into_bytes()
     }
 
-    /// The CORS lines of an answer to a page of `origin`.
-    pub(crate) fn cors_lines(h: &mut String, origin: &str) {
+    /// The CORS lines of an answer to a page of `origin`, allowing
+    /// credentials (cookies) or not.
+    pub(crate) fn cors_lines(h: &mut String, origin: &str, credentials: bool) {
         h.push_str("Access-Control-Allow-Origin: ");
         h.push_str(origin);
-        h.push_str("\r\nAccess-Control-Allow-Credentials: true\r\nVary: Origin\r\n");
+        h.push_str("\r\n");
+        if credentials {
+            h.push_str("Access-Control-Allow-Credentials: true\r\n");
+        }
+        h.push_str("Vary: Origin\r\n");
     }
 
     /// Adds the preflight answer's lines to a finished head.
@@ -995,11 +1158,17 @@ mod tests {
 
     #[test]
     fn heads_say_what_they_carry() {
+        let mut cors = String::new();
+        answer::cors_lines(&mut cors, "https://a.example", false);
+        assert!(
+            !cors.contains("Credentials"),
+            "no credentials without allowed-origins"
+        );
         let h = String::from_utf8(answer::head(
             200,
             "text/event-stream",
             None,
-            Some("https://a.example"),
+            Some(&cors),
             true,
         ))
         .unwrap();

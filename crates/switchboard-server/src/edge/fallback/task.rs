@@ -47,6 +47,11 @@ pub(crate) enum Down {
         /// The cursor of the last answer that carried something: a poll
         /// acknowledging any cursor from it on has lost nothing.
         full: u64,
+        /// When the last answer carried something: the cursor of the one
+        /// before that did. A poll acknowledging any cursor from it up to
+        /// the last answer's has not got the last answer (only empty ones
+        /// came between): it gets it again.
+        repeat_from: u64,
         /// Since when no poll has been waiting.
         idle_since: Instant,
     },
@@ -123,29 +128,47 @@ pub(crate) fn start(
         );
         task.links.remove(&task.guard.conn().key, link);
         let seq = task.inbound.seq;
-        if let Down::Polls {
-            waiting: Some(poll),
-            ..
-        } = std::mem::replace(
-            &mut task.down,
-            Down::Polls {
-                waiting: None,
-                cursor: 0,
-                last: None,
-                full: 0,
-                idle_since: Instant::now(),
-            },
-        ) {
-            // Ended with a poll waiting (a takeover, say): it gets an
-            // empty answer it need not acknowledge.
-            let shared = task.guard.shared().clone();
-            super::refuse_poll(
-                &shared,
-                poll,
-                409,
-                "session_ended",
-                "the session moved or ended",
-            );
+        // Requests that came too late are answered for what happened: a
+        // lost connection's session waits for a resume.
+        let suspended = ending.resumable && task.guard.conn().session.is_some();
+        let shared = task.guard.shared().clone();
+        let answer = |poll: Poll| {
+            if suspended {
+                super::refuse_poll(
+                    &shared,
+                    poll,
+                    409,
+                    "session_suspended",
+                    "the session lost its connection; resume it",
+                );
+            } else {
+                super::refuse_poll(
+                    &shared,
+                    poll,
+                    409,
+                    "session_ended",
+                    "the session moved or ended",
+                );
+            }
+        };
+        if let Down::Polls { waiting, .. } = &mut task.down {
+            if let Some(poll) = waiting.take() {
+                answer(poll);
+            }
+        }
+        task.up.close();
+        while let Ok(up) = task.up.try_recv() {
+            match up {
+                Up::Commands { done, .. } => {
+                    let e = if suspended {
+                        UpError::Suspended
+                    } else {
+                        UpError::Ended
+                    };
+                    let _ = done.send(Err(e));
+                }
+                Up::Poll(poll) => answer(poll),
+            }
         }
         drop(task.down);
         task.guard.finish(ending, seq);
@@ -235,8 +258,15 @@ impl Task {
         }
         let req = self.conn().take_close()?;
         if req.takeover {
-            // The session resumes elsewhere: this carrier goes now.
-            if let Down::Stream { stream, .. } = &self.down {
+            // The session resumes elsewhere: this carrier goes now, with a
+            // close event unless an event is half written.
+            if let Down::Stream {
+                stream, pending, ..
+            } = &self.down
+            {
+                if !pending.is_empty() {
+                    return Some(Ending::taken_over());
+                }
                 let mut out = BytesMut::new();
                 events::put_event(
                     &mut out,
@@ -327,6 +357,7 @@ impl Task {
                 cursor,
                 last,
                 full,
+                repeat_from,
                 idle_since,
             } => {
                 let Some(poll) = waiting.take() else {
@@ -350,6 +381,7 @@ impl Task {
                 }
                 *cursor += 1;
                 if !pushes.is_empty() || close.is_some() {
+                    *repeat_from = *full;
                     *full = *cursor;
                 }
                 let body = events::batch(*cursor, &pushes, close.as_deref());
@@ -416,10 +448,6 @@ impl Task {
                 }
                 let _ = done.send(Ok(()));
             }
-            Up::End { done } => {
-                self.close(close::NORMAL, "", ClosedBy::Client);
-                let _ = done.send(Ok(()));
-            }
             Up::Poll(poll) => self.on_poll(poll),
         }
     }
@@ -452,7 +480,8 @@ impl Task {
             cursor,
             last,
             full,
-            ..
+            repeat_from,
+            idle_since,
         } = &mut self.down
         else {
             return super::refuse_poll(
@@ -464,6 +493,7 @@ impl Task {
             );
         };
         self.last_message = Instant::now();
+        *idle_since = Instant::now();
         if let Some(old) = waiting.take() {
             super::refuse_poll(
                 &shared,
@@ -479,7 +509,11 @@ impl Task {
             // behalf, say): nothing is missing, and nothing kept.
             *last = None;
             *waiting = Some(poll);
-        } else if poll.cursor + 1 == *cursor && last.is_some() {
+        } else if *full == *cursor
+            && poll.cursor >= *repeat_from
+            && poll.cursor < *cursor
+            && last.is_some()
+        {
             // The last answer was lost: the same again.
             let body = last.clone().expect("checked");
             answer_poll(&shared, poll, body);
