@@ -9,37 +9,11 @@
 
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { spawn } from "node:child_process";
 import { createServer as createHttpServer } from "node:http";
-import { createServer as createTcpServer, connect as tcpConnect } from "node:net";
 import { existsSync } from "node:fs";
-import { chromiumPath, freePort, launchBrowser, releaseBin, waitForHttp } from "./helpers.mjs";
+import { chromiumPath, cuttableProxy, freePort, launchBrowser, releaseBin, spawnGateway, waitForHttp } from "./helpers.mjs";
 
 const gatewayBin = releaseBin("switchboard");
-
-/** A TCP proxy to `target` whose `cut()` destroys every connection through it. */
-function proxy(port, target) {
-  const open = new Set();
-  const server = createTcpServer((client) => {
-    const upstream = tcpConnect(target, "127.0.0.1");
-    for (const s of [client, upstream]) {
-      open.add(s);
-      s.on("close", () => open.delete(s));
-      s.on("error", () => {});
-    }
-    client.pipe(upstream).pipe(client);
-  });
-  return new Promise((resolve) =>
-    server.listen(port, "127.0.0.1", () =>
-      resolve({
-        server,
-        cut() {
-          for (const s of open) s.destroy();
-        },
-      }),
-    ),
-  );
-}
 
 async function publish(control, channel, text) {
   const r = await fetch(`http://127.0.0.1:${control}/v1/channels/${channel}/messages`, {
@@ -54,25 +28,17 @@ test("a plain EventSource recovers exactly the missed messages by itself", { tim
   assert.ok(existsSync(gatewayBin), `${gatewayBin} missing: cargo build --release -p switchboard`);
   assert.ok(existsSync(chromiumPath), `${chromiumPath} missing: apt-get install chromium`);
   const [listen, control, web, via] = [await freePort(), await freePort(), await freePort(), await freePort()];
-  const gateway = spawn(
-    gatewayBin,
-    [
-      "serve",
-      "--listen", `127.0.0.1:${listen}`,
-      "--control-listen", `127.0.0.1:${control}`,
-      "--namespace", "news:history-size=1000,subscribe",
-      "--allowed-origins", `http://127.0.0.1:${web}`,
-      "--log-level", "warn",
-    ],
-    { stdio: ["ignore", "inherit", "inherit"] },
-  );
+  const gateway = spawnGateway(listen, control, [
+    "--namespace", "news:history-size=1000,subscribe",
+    "--allowed-origins", `http://127.0.0.1:${web}`,
+  ]);
   // The page comes from another origin than the gateway's: CORS applies.
   const pages = createHttpServer((_, res) => {
     res.writeHead(200, { "content-type": "text/html" });
     res.end("<!doctype html><title>feed</title>");
   });
   await new Promise((r) => pages.listen(web, "127.0.0.1", r));
-  const link = await proxy(via, listen);
+  const link = await cuttableProxy(via, listen);
   const browser = await launchBrowser();
   try {
     await waitForHttp(`http://127.0.0.1:${control}/readyz`, 10_000);

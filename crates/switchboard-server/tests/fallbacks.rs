@@ -722,7 +722,8 @@ async fn one_kept_connection_carries_thousands_of_requests_and_pipelined_ones() 
 #[tokio::test]
 async fn a_lost_answer_comes_back_even_after_empty_answers_between() {
     let origin = TestOrigin::start(None).await;
-    let gw = TestGateway::with_origin(&origin, |c| c.poll_timeout = Duration::from_millis(300)).await;
+    let gw =
+        TestGateway::with_origin(&origin, |c| c.poll_timeout = Duration::from_millis(300)).await;
     let (mut p, first) = Poller::open(gw.addr, "").await;
     let id = first[0]["client"].as_str().unwrap().to_owned();
     // An empty answer (which, say, a forwarding node took for the client).
@@ -749,7 +750,14 @@ async fn delete_ends_a_suspended_session_and_websocket_queries_keep_their_parame
     let token = connected["session"].as_str().unwrap().to_owned();
     drop(sse);
     wait_until(|| async { gw.connection(&id).await.is_some_and(|c| c.suspended) }).await;
-    let (status, _, body) = http(gw.addr, "DELETE", &format!("/live?session={token}"), "", &[]).await;
+    let (status, _, body) = http(
+        gw.addr,
+        "DELETE",
+        &format!("/live?session={token}"),
+        "",
+        &[],
+    )
+    .await;
     assert_eq!(status, 204, "{body}");
     let d = origin.wait_disconnect(&id).await;
     assert_eq!((d.code, d.closed_by), (1000, ClosedBy::Client));

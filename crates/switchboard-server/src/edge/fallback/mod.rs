@@ -6,6 +6,7 @@
 //! not streams keep their HTTP/1.1 connection for the next one.
 
 mod events;
+mod polls;
 mod task;
 
 use super::handshake::{self, query_param, Decision, Opening, Refusal};
@@ -251,8 +252,9 @@ impl Runner {
         }
     }
 
-    /// Runs a request forwarded by another node.
-    async fn run_forwarded(self, req: FallbackRequest) -> CommandReply {
+    /// Runs a session's request (the client's own, or one another node
+    /// forwarded): its answer.
+    async fn handle(self, req: FallbackRequest) -> CommandReply {
         let token = req.session.as_str();
         let done = match req.action {
             FallbackAction::Commands { body } => {
@@ -304,7 +306,7 @@ impl Runner {
 
 impl FallbackRunner for Runner {
     fn run(&self, req: FallbackRequest) -> BoxFuture<'static, CommandReply> {
-        Box::pin(self.clone().run_forwarded(req))
+        Box::pin(self.clone().handle(req))
     }
 }
 
@@ -465,33 +467,13 @@ pub(crate) async fn serve(
                 );
                 return refuse(&shared, stream, label, r, cors).await;
             }
-            let token = query_param(&head.req.query, "session").unwrap_or_default();
-            if remote_node(&shared, token).is_some() {
-                let body = String::from_utf8(body.to_vec()).unwrap_or_default();
-                let reply = forward(&shared, token, FallbackAction::Commands { body }).await;
-                relay(&shared, &mut stream, label, reply, cors.as_deref(), keep).await
-            } else {
-                match shared
-                    .runner
-                    .up(token, |done| Up::Commands { body, done })
-                    .await
-                {
-                    Ok(()) => no_content(&shared, &mut stream, label, cors.as_deref(), keep).await,
-                    Err(r) => return refuse(&shared, stream, label, r, cors).await,
-                }
-            }
+            let body = String::from_utf8(body.to_vec()).unwrap_or_default();
+            let reply = session_request(&shared, &head, FallbackAction::Commands { body }).await;
+            relay(&shared, &mut stream, label, reply, cors.as_deref(), keep).await
         }
         Kind::End => {
-            let token = query_param(&head.req.query, "session").unwrap_or_default();
-            if remote_node(&shared, token).is_some() {
-                let reply = forward(&shared, token, FallbackAction::End).await;
-                relay(&shared, &mut stream, label, reply, cors.as_deref(), keep).await
-            } else {
-                match shared.runner.end(token).await {
-                    Ok(()) => no_content(&shared, &mut stream, label, cors.as_deref(), keep).await,
-                    Err(r) => return refuse(&shared, stream, label, r, cors).await,
-                }
-            }
+            let reply = session_request(&shared, &head, FallbackAction::End).await;
+            relay(&shared, &mut stream, label, reply, cors.as_deref(), keep).await
         }
         Kind::Poll => return poll(shared, stream, leftover, head, socket, cors, keep).await,
         Kind::Open(transport) => {
@@ -820,7 +802,8 @@ fn empty_batch_cursor(body: &[u8]) -> Option<u64> {
     (b.pushes.is_empty() && b.close.is_none()).then_some(b.cursor)
 }
 
-/// Answers a client with another node's reply.
+/// Answers a client with a session request's reply (this node's or the
+/// holding node's), keeping its connection.
 async fn relay(
     shared: &Edge,
     stream: &mut ClientStream,
@@ -929,26 +912,19 @@ async fn open(
         .unwrap_or_default();
     let guard = DisconnectGuard::new(shared.clone(), accepted.conn.clone());
     let down = match transport {
-        Transport::LongPoll => task::Down::Polls {
-            waiting: Some(Poll {
-                cursor: 0,
-                // Answered at once: the `connected` push is queued.
-                expires: Instant::now(),
-                reply: PollReply::Client(Box::new(Client {
-                    stream,
-                    remote,
-                    socket,
-                    cors,
-                    keep: keeps_alive(&req),
-                    leftover,
-                })),
-            }),
+        Transport::LongPoll => task::Down::Polls(polls::Polls::new(Poll {
             cursor: 0,
-            last: None,
-            full: 0,
-            repeat_from: 0,
-            idle_since: Instant::now(),
-        },
+            // Answered at once: the `connected` push is queued.
+            expires: Instant::now(),
+            reply: PollReply::Client(Box::new(Client {
+                stream,
+                remote,
+                socket,
+                cors,
+                keep: keeps_alive(&req),
+                leftover,
+            })),
+        })),
         _ => {
             if let ClientStream::Tcp(tcp) = &stream {
                 // A vanished client's unacknowledged heartbeat ends the stream.
@@ -1021,15 +997,22 @@ async fn refuse(
     handshake::write_and_close(&mut stream, &bytes, linger).await;
 }
 
-async fn no_content(
-    shared: &Edge,
-    stream: &mut ClientStream,
-    label: &'static str,
-    cors: Option<&str>,
-    keep: bool,
-) -> bool {
-    shared.metrics.fallback(label, "ok");
-    write(stream, &answer::head(204, "", None, cors, keep), &[]).await
+/// Runs a session's `POST` or `DELETE` here, or on the node holding the
+/// session: the answer for the client.
+async fn session_request(shared: &Arc<Edge>, head: &Head, action: FallbackAction) -> CommandReply {
+    let token = query_param(&head.req.query, "session").unwrap_or_default();
+    if remote_node(shared, token).is_some() {
+        forward(shared, token, action).await
+    } else {
+        shared
+            .runner
+            .clone()
+            .handle(FallbackRequest {
+                session: token.to_owned(),
+                action,
+            })
+            .await
+    }
 }
 
 /// Writes an answer: `false` if the client is gone.

@@ -5,6 +5,7 @@
 //! and, for long-polling, the gap between polls.
 
 use super::events::{self, Plain, PlainEvent, Unframed};
+use super::polls::{PollVerdict, Polls};
 use super::{Links, Poll, Up, UpError};
 use crate::admission::ratelimit::Verdict;
 use crate::conn::stream::ClientStream;
@@ -37,24 +38,7 @@ pub(crate) enum Down {
         plain: Option<Box<Plain>>,
     },
     /// Long-polling.
-    Polls {
-        /// The poll waiting for pushes, if any.
-        waiting: Option<Poll>,
-        /// The cursor of the last answer.
-        cursor: u64,
-        /// The last answer's body, until the next poll acknowledges it.
-        last: Option<Bytes>,
-        /// The cursor of the last answer that carried something: a poll
-        /// acknowledging any cursor from it on has lost nothing.
-        full: u64,
-        /// When the last answer carried something: the cursor of the one
-        /// before that did. A poll acknowledging any cursor from it up to
-        /// the last answer's has not got the last answer (only empty ones
-        /// came between): it gets it again.
-        repeat_from: u64,
-        /// Since when no poll has been waiting.
-        idle_since: Instant,
-    },
+    Polls(Polls),
 }
 
 /// How a fallback connection's close goes out.
@@ -151,8 +135,8 @@ pub(crate) fn start(
                 );
             }
         };
-        if let Down::Polls { waiting, .. } = &mut task.down {
-            if let Some(poll) = waiting.take() {
+        if let Down::Polls(polls) = &mut task.down {
+            if let Some(poll) = polls.waiting.take() {
                 answer(poll);
             }
         }
@@ -217,14 +201,10 @@ impl Task {
                         };
                         stream.ready(interest).await.map(Some)
                     }
-                    Down::Polls {
-                        waiting: Some(poll),
-                        ..
-                    } => match poll.stream() {
+                    Down::Polls(polls) => match polls.waiting.as_ref().and_then(Poll::stream) {
                         Some(stream) => stream.ready(Interest::READABLE).await.map(Some),
                         None => std::future::pending().await,
                     },
-                    Down::Polls { waiting: None, .. } => std::future::pending().await,
                 }
             };
             tokio::select! {
@@ -352,20 +332,13 @@ impl Task {
                     Err(e) => return Err(e),
                 }
             },
-            Down::Polls {
-                waiting,
-                cursor,
-                last,
-                full,
-                repeat_from,
-                idle_since,
-            } => {
-                let Some(poll) = waiting.take() else {
+            Down::Polls(polls) => {
+                let Some(poll) = polls.waiting.take() else {
                     return Ok(false);
                 };
                 let frames = conn.take_ready();
                 if frames.is_none() && !poll.timed_out() {
-                    *waiting = Some(poll);
+                    polls.waiting = Some(poll);
                     return Ok(false);
                 }
                 let mut pushes = Vec::new();
@@ -379,15 +352,8 @@ impl Task {
                         Unframed::Other => {}
                     }
                 }
-                *cursor += 1;
-                if !pushes.is_empty() || close.is_some() {
-                    *repeat_from = *full;
-                    *full = *cursor;
-                }
-                let body = events::batch(*cursor, &pushes, close.as_deref());
+                let body = polls.answer(&pushes, close.as_deref());
                 shared.metrics.bytes_out.inc_by(body.len() as u64);
-                *last = Some(body.clone());
-                *idle_since = Instant::now();
                 answer_poll(&shared, poll, body);
                 Ok(close.is_some())
             }
@@ -412,20 +378,17 @@ impl Task {
                     _ => Err(self.end_or(Ending::lost("the client closed the stream"))),
                 }
             }
-            Down::Polls {
-                waiting,
-                idle_since,
-                ..
-            } => {
-                let gone = waiting
+            Down::Polls(polls) => {
+                let gone = polls
+                    .waiting
                     .as_ref()
                     .and_then(Poll::stream)
                     .is_some_and(|s| !matches!(drain(s), Ok(false)));
                 if gone {
                     // The client gave up this poll: it polls again (or not,
                     // and the gap ends the session).
-                    *waiting = None;
-                    *idle_since = Instant::now();
+                    polls.waiting = None;
+                    polls.idle_since = Instant::now();
                 }
                 Ok(())
             }
@@ -475,15 +438,7 @@ impl Task {
 
     fn on_poll(&mut self, poll: Poll) {
         let shared = self.shared().clone();
-        let Down::Polls {
-            waiting,
-            cursor,
-            last,
-            full,
-            repeat_from,
-            idle_since,
-        } = &mut self.down
-        else {
+        let Down::Polls(polls) = &mut self.down else {
             return super::refuse_poll(
                 &shared,
                 poll,
@@ -493,8 +448,7 @@ impl Task {
             );
         };
         self.last_message = Instant::now();
-        *idle_since = Instant::now();
-        if let Some(old) = waiting.take() {
+        if let Some(old) = polls.waiting.take() {
             super::refuse_poll(
                 &shared,
                 old,
@@ -503,27 +457,12 @@ impl Task {
                 "a newer poll took its place",
             );
         }
-        if poll.cursor == *cursor || (poll.cursor < *cursor && poll.cursor >= *full) {
-            // The last answer arrived, or every answer since the client's
-            // cursor was empty (a forwarding node acknowledged them on its
-            // behalf, say): nothing is missing, and nothing kept.
-            *last = None;
-            *waiting = Some(poll);
-        } else if *full == *cursor
-            && poll.cursor >= *repeat_from
-            && poll.cursor < *cursor
-            && last.is_some()
-        {
-            // The last answer was lost: the same again.
-            let body = last.clone().expect("checked");
-            answer_poll(&shared, poll, body);
-        } else {
-            let msg = format!(
-                "expected cursor {} (or {} to repeat the last answer)",
-                cursor,
-                cursor.saturating_sub(1)
-            );
-            super::refuse_poll(&shared, poll, 409, "bad_cursor", &msg);
+        match polls.verdict(poll.cursor) {
+            PollVerdict::Wait => polls.waiting = Some(poll),
+            PollVerdict::Repeat(body) => answer_poll(&shared, poll, body),
+            PollVerdict::BadCursor(msg) => {
+                super::refuse_poll(&shared, poll, 409, "bad_cursor", &msg)
+            }
         }
     }
 
@@ -534,15 +473,10 @@ impl Task {
         }
         let mut d = match &self.down {
             Down::Stream { .. } => self.heartbeat,
-            Down::Polls {
-                waiting: Some(poll),
-                ..
-            } => poll.expires,
-            Down::Polls {
-                waiting: None,
-                idle_since,
-                ..
-            } => *idle_since + cfg.poll_timeout,
+            Down::Polls(polls) => match &polls.waiting {
+                Some(poll) => poll.expires,
+                None => polls.idle_since + cfg.poll_timeout,
+            },
         };
         if let Some(idle) = cfg.idle_timeout {
             d = d.min(self.last_message + idle);
@@ -583,12 +517,10 @@ impl Task {
                     }
                 }
             }
-            Down::Polls {
-                waiting: None,
-                idle_since,
-                ..
-            } => {
-                if now >= *idle_since + shared.config.poll_timeout {
+            // A poll that waited `poll-timeout` is answered by the next
+            // flush; no poll for that long is a lost connection.
+            Down::Polls(polls) => {
+                if polls.waiting.is_none() && now >= polls.idle_since + shared.config.poll_timeout {
                     return Some(Ending {
                         code: close::ABNORMAL,
                         reason: "no poll within poll-timeout".into(),
@@ -597,8 +529,6 @@ impl Task {
                     });
                 }
             }
-            // A poll that waited `poll-timeout` is answered by the next flush.
-            Down::Polls { .. } => {}
         }
         None
     }
