@@ -771,3 +771,70 @@ async fn delete_ends_a_suspended_session_and_websocket_queries_keep_their_parame
         .unwrap();
     assert_eq!(connect.query, "session=s1&cursor=9");
 }
+
+#[tokio::test]
+async fn an_sse_client_that_never_reads_is_bounded_then_closed() {
+    let origin = TestOrigin::start(None).await;
+    let gw = TestGateway::with_origin(&origin, |c| {
+        c.max_outbound_bytes = 256 << 10;
+        c.session_ttl = Duration::ZERO;
+    })
+    .await;
+    let mut sse = SseClient::open(gw.addr, "/live", &[]).await;
+    let id = sse.next_json().await["client"].as_str().unwrap().to_owned();
+    // From here on the client reads nothing.
+    let big = "x".repeat(32 << 10);
+    let mut refused = false;
+    for _ in 0..2000 {
+        let r = gw
+            .post(
+                &format!("/v1/connections/{id}/messages"),
+                &json!({ "text": big }),
+            )
+            .await;
+        if r.status != 200 || r.json()["status"] != "delivered" {
+            refused = true;
+            break;
+        }
+    }
+    assert!(refused, "the gateway stopped taking messages for it");
+    // Its close event cannot be written either: the stream goes at the
+    // close timeout (5 s), as a WebSocket's closing handshake would.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    let d = loop {
+        if let Some(d) = origin.disconnects_of(&id).pop() {
+            break d;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no disconnect");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(d.code, 4001, "{d:?}");
+    assert!(gw.metric("switchboard_slow_consumer_closes_total").await >= 1.0);
+    drop(sse);
+}
+
+#[tokio::test]
+async fn a_newer_poll_replaces_the_waiting_one() {
+    let origin = TestOrigin::start(None).await;
+    let gw = TestGateway::with_origin(&origin, |c| c.poll_timeout = Duration::from_secs(5)).await;
+    let (p, first) = Poller::open(gw.addr, "").await;
+    let id = first[0]["client"].as_str().unwrap().to_owned();
+    let older = {
+        let path = format!("/live?transport=long-poll&session={}&cursor=1", p.token);
+        let addr = gw.addr;
+        tokio::spawn(async move { http(addr, "GET", &path, "", &[]).await })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let newer = {
+        let path = format!("/live?transport=long-poll&session={}&cursor=1", p.token);
+        let addr = gw.addr;
+        tokio::spawn(async move { http(addr, "GET", &path, "", &[]).await })
+    };
+    let (status, _, body) = older.await.unwrap();
+    assert_eq!(status, 409, "{body}");
+    assert!(body.contains("poll_replaced"), "{body}");
+    assert_eq!(gw.push_text(&id, "to the newer").await, 200);
+    let (status, _, body) = newer.await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("to the newer"), "{body}");
+}
