@@ -1,7 +1,8 @@
 // What the browser tests share: where the binaries are, free ports, waiting
 // for a server, and a headless Chromium.
 
-import { createServer } from "node:net";
+import { createServer, connect as tcpConnect } from "node:net";
+import { spawn } from "node:child_process";
 import { fileURLToPath } from "node:url";
 import path from "node:path";
 import { chromium } from "playwright-core";
@@ -50,4 +51,37 @@ export async function waitForHttp(url, ms) {
     if (Date.now() > deadline) throw new Error(`${url} did not answer within ${ms} ms`);
     await new Promise((r) => setTimeout(r, 100));
   }
+}
+
+/** A TCP proxy on `port` to `target` whose `cut()` destroys every connection through it. */
+export function cuttableProxy(port, target) {
+  const open = new Set();
+  const server = createServer((client) => {
+    const upstream = tcpConnect(target, "127.0.0.1");
+    for (const s of [client, upstream]) {
+      open.add(s);
+      s.on("close", () => open.delete(s));
+      s.on("error", () => {});
+    }
+    client.pipe(upstream).pipe(client);
+  });
+  return new Promise((resolve) =>
+    server.listen(port, "127.0.0.1", () =>
+      resolve({
+        server,
+        cut() {
+          for (const s of open) s.destroy();
+        },
+      }),
+    ),
+  );
+}
+
+/** Starts the release gateway on `listen` and `control` with `args` more (logs at warn). */
+export function spawnGateway(listen, control, args) {
+  return spawn(
+    releaseBin("switchboard"),
+    ["serve", "--listen", `127.0.0.1:${listen}`, "--control-listen", `127.0.0.1:${control}`, "--log-level", "warn", ...args],
+    { stdio: ["ignore", "inherit", "inherit"] },
+  );
 }

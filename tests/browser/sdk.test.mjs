@@ -4,18 +4,20 @@
 // its session: the same client id, every direct message exactly once and in
 // order, and the channel messages published while the link was down.
 //
+// Then the same with WebSocket blocked (the SDK falls back to SSE) and over
+// long-polling.
+//
 // Needs: target/release/switchboard, clients/typescript/dist (npm run build
 // there) and Chromium. Run: npm ci && node --test
 
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { spawn } from "node:child_process";
 import { createServer as createHttpServer } from "node:http";
 import { createServer as createTcpServer, connect as tcpConnect } from "node:net";
 import { existsSync, readFileSync } from "node:fs";
 import { fileURLToPath } from "node:url";
 import path from "node:path";
-import { chromiumPath, freePort, launchBrowser, releaseBin, waitForHttp } from "./helpers.mjs";
+import { chromiumPath, cuttableProxy, freePort, launchBrowser, releaseBin, spawnGateway, waitForHttp } from "./helpers.mjs";
 
 const dist = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "../../clients/typescript/dist");
 const gatewayBin = releaseBin("switchboard");
@@ -39,30 +41,6 @@ function pageServer(port) {
   return new Promise((resolve) => server.listen(port, "127.0.0.1", () => resolve(server)));
 }
 
-/** A TCP proxy to `target` whose `cut()` destroys every connection through it. */
-function proxy(port, target) {
-  const open = new Set();
-  const server = createTcpServer((client) => {
-    const upstream = tcpConnect(target, "127.0.0.1");
-    for (const s of [client, upstream]) {
-      open.add(s);
-      s.on("close", () => open.delete(s));
-      s.on("error", () => {});
-    }
-    client.pipe(upstream).pipe(client);
-  });
-  return new Promise((resolve) =>
-    server.listen(port, "127.0.0.1", () =>
-      resolve({
-        server,
-        cut() {
-          for (const s of open) s.destroy();
-        },
-      }),
-    ),
-  );
-}
-
 async function api(control, method, route, body) {
   const r = await fetch(`http://127.0.0.1:${control}${route}`, {
     method,
@@ -77,20 +55,12 @@ test("the SDK keeps its session in a browser across cut connections", { timeout:
   assert.ok(existsSync(path.join(dist, "index.js")), `${dist} missing: npm run build in clients/typescript`);
   assert.ok(existsSync(chromiumPath), `${chromiumPath} missing: apt-get install chromium`);
   const [ws, control, web, via] = [await freePort(), await freePort(), await freePort(), await freePort()];
-  const gateway = spawn(
-    gatewayBin,
-    [
-      "serve",
-      "--listen", `127.0.0.1:${ws}`,
-      "--control-listen", `127.0.0.1:${control}`,
-      "--namespace", "chat:history-size=1000,subscribe,publish",
-      "--ping-interval", "1s",
-      "--log-level", "warn",
-    ],
-    { stdio: ["ignore", "inherit", "inherit"] },
-  );
+  const gateway = spawnGateway(ws, control, [
+    "--namespace", "chat:history-size=1000,subscribe,publish",
+    "--ping-interval", "1s",
+  ]);
   const pages = await pageServer(web);
-  const link = await proxy(via, ws);
+  const link = await cuttableProxy(via, ws);
   const browser = await launchBrowser();
   try {
     await waitForHttp(`http://127.0.0.1:${control}/readyz`, 10_000);
@@ -153,3 +123,123 @@ test("the SDK keeps its session in a browser across cut connections", { timeout:
     gateway.kill("SIGTERM");
   }
 });
+
+/**
+ * A proxy to `target` in front of which WebSocket is broken, as behind some
+ * corporate proxies: an upgrade request is answered 400; plain HTTP passes.
+ * `cut()` destroys every connection through it.
+ */
+function noWebSocketProxy(port, target) {
+  const open = new Set();
+  const server = createTcpServer((client) => {
+    open.add(client);
+    client.on("close", () => open.delete(client));
+    client.on("error", () => {});
+    client.once("data", (first) => {
+      if (/^upgrade:\s*websocket/im.test(first.toString("latin1"))) {
+        client.end("HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+        return;
+      }
+      const upstream = tcpConnect(target, "127.0.0.1");
+      open.add(upstream);
+      upstream.on("close", () => open.delete(upstream));
+      upstream.on("error", () => {});
+      upstream.write(first);
+      client.pipe(upstream).pipe(client);
+    });
+  });
+  return new Promise((resolve) =>
+    server.listen(port, "127.0.0.1", () =>
+      resolve({
+        server,
+        cut() {
+          for (const s of open) s.destroy();
+        },
+      }),
+    ),
+  );
+}
+
+for (const [name, transports, expected] of [
+  ["falls back to SSE when WebSocket is blocked", undefined, "sse"],
+  ["keeps its session over long-polling", ["long-poll"], "long-poll"],
+]) {
+  test(`the SDK in a browser ${name}, across cut connections`, { timeout: 90_000 }, async () => {
+    assert.ok(existsSync(gatewayBin), `${gatewayBin} missing: cargo build --release -p switchboard`);
+    assert.ok(existsSync(path.join(dist, "index.js")), `${dist} missing: npm run build in clients/typescript`);
+    assert.ok(existsSync(chromiumPath), `${chromiumPath} missing: apt-get install chromium`);
+    const [listen, control, web, via] = [await freePort(), await freePort(), await freePort(), await freePort()];
+    const gateway = spawnGateway(listen, control, [
+      "--namespace", "chat:history-size=1000,subscribe,publish",
+      "--ping-interval", "1s",
+      "--poll-timeout", "2s",
+    ]);
+    const pages = await pageServer(web);
+    const link = await noWebSocketProxy(via, listen);
+    const browser = await launchBrowser();
+    try {
+      await waitForHttp(`http://127.0.0.1:${control}/readyz`, 10_000);
+      const page = await browser.newPage();
+      page.on("pageerror", (e) => {
+        throw e;
+      });
+      await page.goto(`http://127.0.0.1:${web}/`);
+      const clientId = await page.evaluate(
+        async ([url, transports]) => {
+          const { SwitchboardClient } = await import("/sdk/index.js");
+          const client = new SwitchboardClient(url, { transports, fallbackTimeoutMs: 3000 });
+          window.seen = { directs: [], messages: [], events: [] };
+          client.on("direct", (m) => window.seen.directs.push([m.seq, m.data]));
+          for (const name of ["resumed", "restarted"]) {
+            client.on(name, (e) => window.seen.events.push([name, e.clientId]));
+          }
+          const { clientId } = await client.connect();
+          await client.subscribe("chat:room", {
+            message: (m) => window.seen.messages.push([m.offset, m.data]),
+          });
+          window.client = client;
+          return clientId;
+        },
+        [`ws://127.0.0.1:${via}/`, transports],
+      );
+      assert.equal(await page.evaluate(() => window.client.transport), expected);
+
+      const N = 40;
+      let cuts = 0;
+      for (let i = 1; i <= N; i++) {
+        if (i % 10 === 0) {
+          // A cut SSE stream is a lost connection, resumed; a cut poll is
+          // polled again (the same cursor), with no reconnect to wait for.
+          await page.waitForFunction(
+            ([k, polling]) => (polling || window.seen.events.length >= k) && window.client.state === "connected",
+            [cuts, expected === "long-poll"],
+            { timeout: 20_000 },
+          );
+          link.cut();
+          cuts += 1;
+        }
+        const direct = await api(control, "POST", `/v1/connections/${clientId}/messages`, { text: `d${i}` });
+        assert.equal(direct.status, 200, JSON.stringify(direct.json));
+        const published = await api(control, "POST", "/v1/channels/chat:room/messages", { text: `m${i}` });
+        assert.equal(published.status, 200, JSON.stringify(published.json));
+        await new Promise((r) => setTimeout(r, 20));
+      }
+      await page.waitForFunction(
+        (n) => window.seen.directs.length >= n && window.seen.messages.length >= n,
+        N,
+        { timeout: 30_000 },
+      );
+      const seen = await page.evaluate(() => window.seen);
+      assert.deepEqual(seen.directs, Array.from({ length: N }, (_, i) => [i + 1, `d${i + 1}`]));
+      assert.deepEqual(seen.messages.map(([, d]) => d), Array.from({ length: N }, (_, i) => `m${i + 1}`));
+      assert.ok(seen.events.every(([name, id]) => name === "resumed" && id === clientId), JSON.stringify(seen.events));
+      assert.equal(await page.evaluate(() => window.client.transport), expected);
+      await page.evaluate(() => window.client.close());
+    } finally {
+      await browser.close();
+      link.server.close();
+      pages.close();
+      gateway.kill("SIGTERM");
+    }
+  });
+}

@@ -53,6 +53,13 @@ pub trait Cluster: Send + Sync + std::fmt::Debug + 'static {
         command: Bytes,
     ) -> BoxFuture<'_, Result<CommandReply, ClusterError>>;
 
+    /// How long [`Cluster::forward`] waits for an answer before
+    /// [`ClusterError::Timeout`]: a command that waits on the other node
+    /// (an HTTP fallback's forwarded poll) waits well under it.
+    fn forward_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(1)
+    }
+
     /// The other live nodes, as last heard from.
     fn peers(&self) -> Vec<NodeInfo>;
 

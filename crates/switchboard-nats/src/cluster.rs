@@ -684,6 +684,10 @@ impl NatsCluster {
 }
 
 impl Cluster for NatsCluster {
+    fn forward_timeout(&self) -> std::time::Duration {
+        self.config.request_timeout
+    }
+
     fn forward(
         &self,
         node: &str,

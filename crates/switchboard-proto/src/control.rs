@@ -239,6 +239,41 @@ pub enum Command {
     Presence(ChannelRef),
     /// `GET /v1/channels`.
     Channels,
+    /// A request of an HTTP fallback session (`docs/fallbacks.md`) that
+    /// reached another node than the one holding the session: only ever
+    /// forwarded, never a route of the control API.
+    Fallback(FallbackRequest),
+}
+
+/// [`Command::Fallback`]: what a fallback client asked of its session.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FallbackRequest {
+    /// The session's token (`?session=`).
+    pub session: String,
+    /// What is asked.
+    #[serde(flatten)]
+    pub action: FallbackAction,
+}
+
+/// What a [`FallbackRequest`] asks.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "action", rename_all = "snake_case")]
+pub enum FallbackAction {
+    /// `POST ?session=`: commands, one per line (answered 204).
+    Commands {
+        /// The request body.
+        body: String,
+    },
+    /// `DELETE ?session=`: the client ends the session (answered 204).
+    End,
+    /// A long-poll acknowledging `cursor`, waiting at most `wait_ms` for
+    /// pushes (answered 200 with the batch).
+    Poll {
+        /// The cursor of the last answer the client received.
+        cursor: u64,
+        /// How long the holding node may wait for pushes.
+        wait_ms: u64,
+    },
 }
 
 /// [`Command::Subscribe`]: subscribe a connection to a channel.

@@ -127,6 +127,8 @@ pub(crate) struct Metrics {
     pub(crate) fallback_requests: Family<FallbackLabels, Counter>,
     /// Open connections by transport.
     pub(crate) connections_by_transport: Family<TransportLabel, Gauge>,
+    /// Fallback requests sent to the node holding their session.
+    pub(crate) fallback_forwarded: Counter,
 }
 
 fn origin_histogram() -> Histogram {
@@ -190,6 +192,7 @@ impl Metrics {
             session_outbox_trimmed: Counter::default(),
             fallback_requests: Family::default(),
             connections_by_transport: Family::default(),
+            fallback_forwarded: Counter::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -208,6 +211,11 @@ impl Metrics {
             "fallback_requests",
             "HTTP fallback requests (SSE, long-polling, EventSource) by request and result",
             m.fallback_requests.clone(),
+        );
+        r.register(
+            "fallback_forwarded",
+            "HTTP fallback requests (commands, polls, ends) forwarded to the node holding their session",
+            m.fallback_forwarded.clone(),
         );
         r.register(
             "connections_by_transport",

@@ -432,6 +432,19 @@ async fn long_polls_lose_and_repeat_nothing_between_polls() {
     );
     // A cursor from elsewhere is refused.
     assert_eq!(p.poll_with(p.cursor + 5).await.0, 409);
+    // An older cursor is taken when every answer after it was empty (a
+    // forwarding node acknowledged them), never when one carried pushes.
+    let full = p.cursor;
+    assert!(p.poll().await.is_empty());
+    let (status, again) = p.poll_with(full).await;
+    assert_eq!(status, 200, "{again}");
+    assert_eq!(again["cursor"].as_u64(), Some(full + 2));
+    p.cursor = full + 2;
+    assert_eq!(
+        p.poll_with(full - 1).await.0,
+        409,
+        "the answer at {full} carried pushes"
+    );
     // The client ends: the waiting poll... or the next one, says close.
     let (status, _, _) = http(
         gw.addr,
@@ -630,4 +643,198 @@ where
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// Reads one HTTP answer with a `Content-Length` (or none, for 204) from
+/// a kept connection: status and body.
+async fn read_one(stream: &mut TcpStream, buf: &mut Vec<u8>) -> (u16, String) {
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+            let len = head
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length:")
+                        .map(|v| v.trim().parse::<usize>().unwrap())
+                })
+                .unwrap_or(0);
+            if buf.len() >= end + 4 + len {
+                let body = String::from_utf8_lossy(&buf[end + 4..end + 4 + len]).into_owned();
+                buf.drain(..end + 4 + len);
+                return (head[9..12].parse().unwrap(), body);
+            }
+        }
+        let mut chunk = [0u8; 4096];
+        let n = tokio::time::timeout(WAIT, stream.read(&mut chunk))
+            .await
+            .expect("an answer in time")
+            .unwrap();
+        assert!(n > 0, "closed before answering");
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+#[tokio::test]
+async fn one_kept_connection_carries_thousands_of_requests_and_pipelined_ones() {
+    let origin = TestOrigin::start(None).await;
+    let gw = TestGateway::with_origin(&origin, |_| {}).await;
+    let mut sse = SseClient::open(gw.addr, "/live", &[]).await;
+    let connected = sse.next_json().await;
+    let token = connected["session"].as_str().unwrap().to_owned();
+    let mut conn = TcpStream::connect(gw.addr).await.unwrap();
+    let mut buf = Vec::new();
+    let n = 3000u64;
+    for i in 1..=n {
+        let body = json!({"id": i, "cmd": "ping"}).to_string();
+        let req = format!(
+            "POST /live?session={token} HTTP/1.1\r\nHost: gw\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        conn.write_all(req.as_bytes()).await.unwrap();
+        assert_eq!(read_one(&mut conn, &mut buf).await.0, 204, "request {i}");
+    }
+    // Two requests in one write: both answered, in order.
+    let body = json!({"id": n + 1, "cmd": "ping"}).to_string();
+    let two = format!(
+        "POST /live?session={token} HTTP/1.1\r\nHost: gw\r\nContent-Length: {}\r\n\r\n{body}OPTIONS /live HTTP/1.1\r\nHost: gw\r\n\r\n",
+        body.len()
+    );
+    conn.write_all(two.as_bytes()).await.unwrap();
+    assert_eq!(read_one(&mut conn, &mut buf).await.0, 204);
+    assert_eq!(read_one(&mut conn, &mut buf).await.0, 204);
+    // Every ping was answered on the stream, in order.
+    for i in 1..=n + 1 {
+        assert_eq!(sse.next_json().await["id"], i);
+    }
+    // Chunked bodies are refused.
+    let (status, _, body) = http(
+        gw.addr,
+        "GET",
+        "/live?transport=long-poll",
+        "",
+        &[("Transfer-Encoding", "chunked")],
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+}
+
+#[tokio::test]
+async fn a_lost_answer_comes_back_even_after_empty_answers_between() {
+    let origin = TestOrigin::start(None).await;
+    let gw =
+        TestGateway::with_origin(&origin, |c| c.poll_timeout = Duration::from_millis(300)).await;
+    let (mut p, first) = Poller::open(gw.addr, "").await;
+    let id = first[0]["client"].as_str().unwrap().to_owned();
+    // An empty answer (which, say, a forwarding node took for the client).
+    let c = p.cursor;
+    assert!(p.poll().await.is_empty());
+    // Then an answer with a direct that the client never gets.
+    assert_eq!(gw.push_text(&id, "once").await, 200);
+    let (status, lost) = p.poll_with(c + 1).await;
+    assert_eq!(status, 200);
+    assert_eq!(lost["pushes"][0]["text"], "once", "{lost}");
+    // The client polls again with the cursor it has: the same answer.
+    let (status, again) = p.poll_with(c).await;
+    assert_eq!(status, 200);
+    assert_eq!(again, lost);
+}
+
+#[tokio::test]
+async fn delete_ends_a_suspended_session_and_websocket_queries_keep_their_parameters() {
+    let origin = TestOrigin::start(None).await;
+    let gw = TestGateway::with_origin(&origin, |_| {}).await;
+    let mut sse = SseClient::open(gw.addr, "/live", &[]).await;
+    let connected = sse.next_json().await;
+    let id = connected["client"].as_str().unwrap().to_owned();
+    let token = connected["session"].as_str().unwrap().to_owned();
+    drop(sse);
+    wait_until(|| async { gw.connection(&id).await.is_some_and(|c| c.suspended) }).await;
+    let (status, _, body) = http(
+        gw.addr,
+        "DELETE",
+        &format!("/live?session={token}"),
+        "",
+        &[],
+    )
+    .await;
+    assert_eq!(status, 204, "{body}");
+    let d = origin.wait_disconnect(&id).await;
+    assert_eq!((d.code, d.closed_by), (1000, ClosedBy::Client));
+    assert!(gw.connection(&id).await.is_none());
+    // A WebSocket app's own `session` and `cursor` parameters reach the origin.
+    let (_ws, ws_id) = connect_id(&gw, &origin, "/app?session=s1&cursor=9").await;
+    let connect = origin
+        .connects()
+        .into_iter()
+        .find(|c| c.connection_id == ws_id)
+        .unwrap();
+    assert_eq!(connect.query, "session=s1&cursor=9");
+}
+
+#[tokio::test]
+async fn an_sse_client_that_never_reads_is_bounded_then_closed() {
+    let origin = TestOrigin::start(None).await;
+    let gw = TestGateway::with_origin(&origin, |c| {
+        c.max_outbound_bytes = 256 << 10;
+        c.session_ttl = Duration::ZERO;
+    })
+    .await;
+    let mut sse = SseClient::open(gw.addr, "/live", &[]).await;
+    let id = sse.next_json().await["client"].as_str().unwrap().to_owned();
+    // From here on the client reads nothing.
+    let big = "x".repeat(32 << 10);
+    let mut refused = false;
+    for _ in 0..2000 {
+        let r = gw
+            .post(
+                &format!("/v1/connections/{id}/messages"),
+                &json!({ "text": big }),
+            )
+            .await;
+        if r.status != 200 || r.json()["status"] != "delivered" {
+            refused = true;
+            break;
+        }
+    }
+    assert!(refused, "the gateway stopped taking messages for it");
+    // Its close event cannot be written either: the stream goes at the
+    // close timeout (5 s), as a WebSocket's closing handshake would.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    let d = loop {
+        if let Some(d) = origin.disconnects_of(&id).pop() {
+            break d;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no disconnect");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(d.code, 4001, "{d:?}");
+    assert!(gw.metric("switchboard_slow_consumer_closes_total").await >= 1.0);
+    drop(sse);
+}
+
+#[tokio::test]
+async fn a_newer_poll_replaces_the_waiting_one() {
+    let origin = TestOrigin::start(None).await;
+    let gw = TestGateway::with_origin(&origin, |c| c.poll_timeout = Duration::from_secs(5)).await;
+    let (p, first) = Poller::open(gw.addr, "").await;
+    let id = first[0]["client"].as_str().unwrap().to_owned();
+    let older = {
+        let path = format!("/live?transport=long-poll&session={}&cursor=1", p.token);
+        let addr = gw.addr;
+        tokio::spawn(async move { http(addr, "GET", &path, "", &[]).await })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let newer = {
+        let path = format!("/live?transport=long-poll&session={}&cursor=1", p.token);
+        let addr = gw.addr;
+        tokio::spawn(async move { http(addr, "GET", &path, "", &[]).await })
+    };
+    let (status, _, body) = older.await.unwrap();
+    assert_eq!(status, 409, "{body}");
+    assert!(body.contains("poll_replaced"), "{body}");
+    assert_eq!(gw.push_text(&id, "to the newer").await, 200);
+    let (status, _, body) = newer.await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("to the newer"), "{body}");
 }

@@ -46,6 +46,10 @@
 //!   through any node, resumes on the node holding it with everything kept,
 //!   and a resume landing on another node is refused (`session_unknown`)
 //!   with a new session there, leaving the suspended one untouched.
+//! - HTTP fallbacks: a long-poll session's polls, commands and end land on
+//!   either node (no sticky sessions) and are forwarded to the node holding
+//!   it; every direct message arrives once and in order, and a poll waiting
+//!   on the other node spans several forwarded polls.
 //!
 //! Every wait is bounded; the only fixed waits are the few that prove an
 //! absence (no duplicate or spurious `node_down`).
@@ -2079,4 +2083,158 @@ async fn a_suspended_session_is_reached_through_any_node_and_resumes_on_its_own(
         .count();
     assert_eq!(connects, 1);
     assert!(origin.disconnects_of(&id).is_empty());
+}
+
+/// An HTTP request (`Connection: close`) on a node's client listener:
+/// status and body.
+async fn fallback_request(node: &Node, method: &str, path: &str, body: &str) -> (u16, Value) {
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n");
+    if method == "POST" {
+        req.push_str(&format!(
+            "Content-Type: text/plain\r\nContent-Length: {}\r\n",
+            body.len()
+        ));
+    }
+    req.push_str("\r\n");
+    req.push_str(body);
+    let resp = tokio::time::timeout(
+        Duration::from_secs(10),
+        switchboard_test_util::raw_request(node.listen, req.as_bytes()),
+    )
+    .await
+    .expect("an answer in time")
+    .expect("an answer");
+    let body = serde_json::from_slice(&resp.body).unwrap_or(Value::Null);
+    (resp.status, body)
+}
+
+/// HTTP fallbacks in a cluster (docs/fallbacks.md): a long-poll session
+/// held by `a` whose polls, commands and end land on either node, as
+/// behind a round-robin load balancer with no sticky sessions: requests
+/// that reach `b` are forwarded to `a`, a poll waiting on `b` spans
+/// several forwarded polls, and every direct message arrives once, in
+/// order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fallback_requests_reach_the_node_holding_their_session() {
+    // JetStream: channels in a cluster live in it.
+    let nats = NatsServer::start(true);
+    let origin = TestOrigin::start(None).await;
+    let url = origin.url();
+    let extra = [
+        "--origin",
+        url.as_str(),
+        "--poll-timeout",
+        "3s",
+        "--namespace",
+        "news:history-size=100,subscribe",
+    ];
+    let nats_url = nats.url();
+    let (a, b) = tokio::join!(
+        start_node("a", &nats_url, "fallbacks", &extra),
+        start_node("b", &nats_url, "fallbacks", &extra),
+    );
+    wait_member_ids(&[&a, &b], &["a", "b"], FORM).await;
+
+    let (status, open) = fallback_request(&a, "GET", "/app?transport=long-poll", "").await;
+    assert_eq!(status, 200, "{open}");
+    let connected = &open["pushes"][0];
+    let id = connected["client"].as_str().unwrap().to_owned();
+    let token = connected["session"].as_str().unwrap().to_owned();
+    let mut cursor = open["cursor"].as_u64().unwrap();
+    let nodes = [&a, &b];
+
+    // A command through b: its reply comes in a poll through b.
+    let cmd = json!({"id": 1, "cmd": "subscribe", "channel": "news:x"}).to_string();
+    let (status, body) = fallback_request(&b, "POST", &format!("/app?session={token}"), &cmd).await;
+    assert_eq!(status, 204, "{body}");
+
+    let mut got = Vec::new();
+    let mut replies = 0;
+    let mut sent = 0u64;
+    for round in 0..12 {
+        if round % 3 == 0 {
+            for _ in 0..4 {
+                sent += 1;
+                let r = nodes[round % 2].push_text(&id, &format!("d{sent}")).await;
+                assert_eq!(r.status, 200, "{}", r.body);
+            }
+        }
+        let node = nodes[(round + 1) % 2];
+        let path = format!("/app?transport=long-poll&session={token}&cursor={cursor}");
+        let (status, batch) = fallback_request(node, "GET", &path, "").await;
+        assert_eq!(status, 200, "round {round} on {}: {batch}", node.node);
+        assert!(batch["cursor"].as_u64().unwrap() > cursor, "{batch}");
+        cursor = batch["cursor"].as_u64().unwrap();
+        for p in batch["pushes"].as_array().unwrap() {
+            if p["push"] == "direct" {
+                got.push(p["seq"].as_u64().unwrap());
+            } else if p["id"] == 1 {
+                replies += 1;
+            }
+        }
+    }
+    assert_eq!(replies, 1, "the subscribe's reply, once");
+    assert_eq!(
+        got,
+        (1..=sent).collect::<Vec<_>>(),
+        "every direct once, in order"
+    );
+
+    // A poll waiting on b with nothing to say answers after poll-timeout,
+    // having acknowledged its forwarded polls' empty answers as it went.
+    let started = Instant::now();
+    let path = format!("/app?transport=long-poll&session={token}&cursor={cursor}");
+    let (status, batch) = fallback_request(&b, "GET", &path, "").await;
+    assert_eq!(status, 200, "{batch}");
+    assert!(
+        started.elapsed() >= Duration::from_millis(2500),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(batch["pushes"], json!([]));
+    cursor = batch["cursor"].as_u64().unwrap();
+    // ... and a direct sent meanwhile ends a poll on b at once.
+    let waiting = tokio::spawn({
+        let path = format!("/app?transport=long-poll&session={token}&cursor={cursor}");
+        let addr = b.listen;
+        async move {
+            let req = format!("GET {path} HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n");
+            let resp = switchboard_test_util::raw_request(addr, req.as_bytes())
+                .await
+                .unwrap();
+            serde_json::from_slice::<Value>(&resp.body).unwrap()
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = Instant::now();
+    assert_eq!(a.push_text(&id, "late").await.status, 200);
+    let batch = waiting.await.unwrap();
+    assert!(
+        started.elapsed() < Duration::from_millis(1500),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(batch["pushes"][0]["text"], "late", "{batch}");
+    let cursor = batch["cursor"].as_u64().unwrap();
+
+    // The end, through b: the next poll (through a) says close; one
+    // disconnect.
+    let (status, body) = fallback_request(&b, "DELETE", &format!("/app?session={token}"), "").await;
+    assert_eq!(status, 204, "{body}");
+    let path = format!("/app?transport=long-poll&session={token}&cursor={cursor}");
+    let (status, last) = fallback_request(&a, "GET", &path, "").await;
+    assert_eq!(status, 200, "{last}");
+    assert_eq!(last["close"]["code"], 1000, "{last}");
+    poll(QUICK, "one disconnect", || async {
+        let n = origin.disconnects_of(&id).len();
+        if n == 1 {
+            Ok(())
+        } else {
+            Err(format!("{n} disconnects"))
+        }
+    })
+    .await;
+    // Gone everywhere.
+    let (status, _) = fallback_request(&b, "POST", &format!("/app?session={token}"), &cmd).await;
+    assert_eq!(status, 404);
 }

@@ -11,7 +11,10 @@
 //! through the gateway's control API (`POST /v1/messages`). It never holds a
 //! WebSocket itself. It keeps the member list (from `connect` and
 //! `disconnect`) and the last chat lines, which a newcomer gets in its
-//! `connect` answer. The gateway here is the same library `switchboard serve`
+//! `connect` answer. The page talks through the TypeScript SDK
+//! (`clients/typescript`, served at `/sdk/`): it resumes its session after
+//! a dropped connection, and falls back to SSE or long-polling where
+//! WebSocket is blocked. The gateway here is the same library `switchboard serve`
 //! runs, embedded so that one command starts everything.
 
 use axum::body::Bytes;
@@ -222,6 +225,21 @@ async fn events(State(chat): State<Arc<Chat>>, body: Bytes) -> impl IntoResponse
     Json(answer).into_response()
 }
 
+// The TypeScript SDK's modules, built by build.rs.
+include!(concat!(env!("OUT_DIR"), "/sdk.rs"));
+
+/// `GET /sdk/{file}`: a module of the TypeScript SDK, for the page.
+async fn sdk_module(
+    axum::extract::Path(file): axum::extract::Path<String>,
+) -> axum::response::Response {
+    match SDK.iter().find(|(name, _)| *name == file) {
+        Some((_, js)) => {
+            ([(axum::http::header::CONTENT_TYPE, "text/javascript")], *js).into_response()
+        }
+        None => axum::http::StatusCode::NOT_FOUND.into_response(),
+    }
+}
+
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = <Args as clap::Parser>::parse();
@@ -240,6 +258,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         include_str!("../../static/chat.html").replace("{{GATEWAY}}", &args.listen.to_string());
     let app = Router::new()
         .route("/", get(move || async move { Html(page) }))
+        .route("/sdk/{file}", get(sdk_module))
         .route("/events", post(events))
         .with_state(chat);
     let listener = tokio::net::TcpListener::bind(args.origin_listen).await?;

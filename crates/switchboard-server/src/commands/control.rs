@@ -18,8 +18,8 @@ use std::sync::Arc;
 use switchboard_backend::{ClusterError, CommandReply};
 use switchboard_proto::control::{
     BatchMessage, BatchSendRequest, BatchSendResponse, ChannelsResponse, CloseCommand, Command,
-    ConnectionInfo, ConnectionRef, ConnectionsResponse, Delivery, ErrorBody, NodeInfo,
-    NodesResponse, PublishCommand, PublishResponse, SendCommand, SendResponse, Stats,
+    ConnectionInfo, ConnectionRef, ConnectionsResponse, Delivery, ErrorBody, FallbackRequest,
+    NodeInfo, NodesResponse, PublishCommand, PublishResponse, SendCommand, SendResponse, Stats,
     SubscribeCommand, SubscribeResponse, UnsubscribeCommand, UserRef,
 };
 use switchboard_proto::native::SubscribeResult;
@@ -183,6 +183,10 @@ pub(crate) async fn execute(s: &Arc<Commands>, cmd: Command, forwarded: bool) ->
         | Command::Unsubscribe(UnsubscribeCommand { connection_id, .. }) => {
             remote_owner(s, connection_id, forwarded)
         }
+        // A session token is its connection id and a MAC.
+        Command::Fallback(FallbackRequest { session, .. }) => session
+            .rsplit_once('.')
+            .and_then(|(id, _)| remote_owner(s, id, forwarded)),
         _ => None,
     };
     if let Some(node) = target {
@@ -230,6 +234,15 @@ pub(crate) async fn execute(s: &Arc<Commands>, cmd: Command, forwarded: bool) ->
         Command::Channels => ok(&ChannelsResponse {
             channels: s.channels.list(),
         }),
+        Command::Fallback(r) => match s.fallbacks.get() {
+            Some(runner) => runner.run(r).await,
+            None => ApiError::new(
+                StatusCode::NOT_FOUND,
+                "session_unknown",
+                "this node holds no HTTP fallback sessions",
+            )
+            .into(),
+        },
     }
 }
 

@@ -46,6 +46,20 @@ pub(crate) struct Commands {
     pub(crate) started_at_ms: u64,
     /// The build (label, value), set by whoever embeds the node.
     pub(crate) build: OnceLock<Vec<(&'static str, &'static str)>>,
+    /// Runs HTTP fallback requests forwarded from other nodes: set by the
+    /// edge, which holds the fallback connections.
+    pub(crate) fallbacks: OnceLock<Arc<dyn FallbackRunner>>,
+}
+
+/// Runs the request of an HTTP fallback session held by this node
+/// ([`switchboard_proto::control::Command::Fallback`]).
+pub(crate) trait FallbackRunner: Send + Sync + std::fmt::Debug {
+    /// Hands `req` to its session's task; the reply is what the client's
+    /// request is answered with.
+    fn run(
+        &self,
+        req: switchboard_proto::control::FallbackRequest,
+    ) -> futures_util::future::BoxFuture<'static, switchboard_backend::CommandReply>;
 }
 
 impl Commands {
@@ -99,6 +113,7 @@ impl Commands {
             draining: AtomicBool::new(false),
             started_at_ms: crate::clock::now_ms(),
             build: OnceLock::new(),
+            fallbacks: OnceLock::new(),
         }
     }
 

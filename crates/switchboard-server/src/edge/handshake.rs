@@ -153,16 +153,39 @@ pub(crate) async fn next_request(
     mut stream: ClientStream,
     remote: SocketAddr,
     socket: SocketGuard,
+    mut buf: BytesMut,
 ) {
     let deadline = tokio::time::Instant::now() + shared.config.handshake_timeout;
-    let mut buf = BytesMut::new();
-    let head =
-        tokio::time::timeout_at(deadline, read_head(&mut stream, &mut buf, &shared.config)).await;
+    // A whole head may have come with the last request.
+    let head = match hs::parse_request_with(&buf, shared.config.max_header_count) {
+        Ok(Some(done)) => Ok(Ok(done)),
+        _ => {
+            tokio::time::timeout_at(deadline, read_head(&mut stream, &mut buf, &shared.config))
+                .await
+        }
+    };
     match head {
         Err(_) | Ok(Err(None)) => {}
         Ok(Err(Some(refusal))) => answer_refusal(&shared, &mut stream, refusal, deadline).await,
         Ok(Ok((req, head_len))) => {
             let _ = buf.split_to(head_len);
+            // A new connection on a kept socket is a handshake like any:
+            // within `max-handshakes-per-ip`.
+            let opening = req.header_has_token("upgrade", "websocket") || fallback::opens(&req);
+            let over_rate = shared
+                .handshake_rate
+                .as_ref()
+                .is_some_and(|r| !r.admit(remote.ip(), std::time::Instant::now()));
+            if opening && over_rate {
+                let r = Refusal {
+                    status: 429,
+                    code: "too_many_handshakes",
+                    message: "too many handshakes from this address; retry in a second".into(),
+                    extra: "Retry-After: 1\r\n",
+                    metric: "too_many_handshakes",
+                };
+                return answer_refusal(&shared, &mut stream, r, deadline).await;
+            }
             let head = fallback::Head {
                 req,
                 remote,
@@ -773,7 +796,8 @@ pub(crate) async fn decide(
         .map(Decision::Accepted)
 }
 
-/// Query parameters that are the client's alone, not passed to the origin.
+/// Query parameters that are the client's alone, not passed to the origin:
+/// the first two for every transport, the others for the HTTP fallbacks.
 const PRIVATE_PARAMS: &[&str] = &["resume", "received", "session", "cursor"];
 
 /// The value of a query parameter (as sent: resume tokens and numbers
@@ -1006,8 +1030,16 @@ async fn admit(
         timestamp_ms: now_ms(),
         remote_addr: remote.to_string(),
         path: req.path.clone(),
-        // The resume token is the client's alone.
-        query: without_params(&req.query, PRIVATE_PARAMS),
+        // The resume token is the client's alone (and a fallback's
+        // session token and cursor).
+        query: without_params(
+            &req.query,
+            if transport == Transport::Websocket {
+                &PRIVATE_PARAMS[..2]
+            } else {
+                PRIVATE_PARAMS
+            },
+        ),
         headers: req
             .headers
             .iter()

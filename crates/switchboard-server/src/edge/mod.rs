@@ -54,6 +54,8 @@ pub(crate) struct Edge {
     pub(crate) conn_tasks: TaskTracker,
     /// The tasks of HTTP fallback connections, for their requests.
     pub(crate) fallbacks: Arc<fallback::Links>,
+    /// Hands requests to those tasks.
+    pub(crate) runner: fallback::Runner,
     /// Open client sockets, handshaking ones included (not those refused
     /// at accept: they count in `refusing`).
     pub(crate) sockets: AtomicUsize,
@@ -78,6 +80,10 @@ impl Edge {
         backend_fds: u64,
     ) -> Self {
         let config = commands.config.clone();
+        let links: Arc<fallback::Links> = Arc::default();
+        let runner = fallback::Runner::new(links.clone(), &commands);
+        // Requests other nodes forward to this node's fallback sessions.
+        let _ = commands.fallbacks.set(Arc::new(runner.clone()));
         Self {
             node: commands.node.clone(),
             allowed_origins: config
@@ -96,7 +102,8 @@ impl Edge {
                 .map(|h| h.to_ascii_lowercase())
                 .collect(),
             conn_tasks: TaskTracker::new(),
-            fallbacks: Arc::default(),
+            fallbacks: links.clone(),
+            runner,
             sockets: AtomicUsize::new(0),
             per_ip: Mutex::new(HashMap::new()),
             handshake_rate: HandshakeRate::new(config.max_handshakes_per_ip),

@@ -6,18 +6,24 @@
 //! not streams keep their HTTP/1.1 connection for the next one.
 
 mod events;
+mod polls;
 mod task;
 
 use super::handshake::{self, query_param, Decision, Opening, Refusal};
 use super::{connection::DisconnectGuard, Edge, SocketGuard};
+use crate::commands::FallbackRunner;
 use crate::conn::stream::ClientStream;
 use bytes::{Bytes, BytesMut};
+use futures_util::future::BoxFuture;
 use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
+use std::time::Duration;
+use switchboard_backend::CommandReply;
 use switchboard_proto::conn_id::ConnKey;
+use switchboard_proto::control::{Command, FallbackAction, FallbackRequest};
 use switchboard_proto::origin::Transport;
 use switchboard_proto::ws::handshake::{self as hs, Request};
 use tokio::io::AsyncWriteExt;
@@ -42,10 +48,6 @@ pub(crate) enum Up {
         body: Bytes,
         done: oneshot::Sender<Result<(), UpError>>,
     },
-    /// A `DELETE`: the client ends its session.
-    End {
-        done: oneshot::Sender<Result<(), UpError>>,
-    },
     /// A poll, whose socket the task answers on.
     Poll(Poll),
 }
@@ -53,28 +55,53 @@ pub(crate) enum Up {
 /// Why a task did not take a request.
 #[derive(Debug)]
 pub(crate) enum UpError {
-    /// The connection is closing.
+    /// The connection is closing or has ended.
     Ended,
+    /// The connection was lost: the session waits for a resume.
+    Suspended,
 }
 
-/// A waiting poll: its socket and how to answer it.
+/// A waiting poll: what it acknowledges, and how to answer it.
 pub(crate) struct Poll {
+    /// The cursor of the last answer the client received.
+    cursor: u64,
+    /// When it is answered even without pushes (`poll-timeout`).
+    expires: Instant,
+    reply: PollReply,
+}
+
+/// Where a poll's answer goes.
+enum PollReply {
+    /// The client's own request.
+    Client(Box<Client>),
+    /// Another node, which forwarded the client's poll here.
+    Forwarded(oneshot::Sender<CommandReply>),
+}
+
+/// A client's request waiting for its answer.
+struct Client {
     stream: ClientStream,
     remote: SocketAddr,
     socket: SocketGuard,
-    /// The cursor of the last answer the client received.
-    cursor: u64,
+    /// What the client sent after its request (its next one).
+    leftover: BytesMut,
     /// `Access-Control-Allow-Origin` of the answer.
     cors: Option<String>,
     /// The client keeps its connection for more requests.
     keep: bool,
-    /// When it is answered even without pushes (`poll-timeout`).
-    expires: Instant,
 }
 
 impl Poll {
     fn timed_out(&self) -> bool {
         Instant::now() >= self.expires
+    }
+
+    /// The socket of a client's own poll (to see it go).
+    fn stream(&self) -> Option<&ClientStream> {
+        match &self.reply {
+            PollReply::Client(c) => Some(&c.stream),
+            PollReply::Forwarded(_) => None,
+        }
     }
 }
 
@@ -104,6 +131,224 @@ impl Links {
     fn get(&self, key: &ConnKey) -> Option<mpsc::Sender<Up>> {
         self.map.lock().get(key).map(|(_, tx)| tx.clone())
     }
+}
+
+/// Finds the task of a session held here and hands it requests: for the
+/// client listener, and for requests other nodes forward
+/// ([`FallbackRunner`]).
+#[derive(Debug, Clone)]
+pub(crate) struct Runner {
+    links: Arc<Links>,
+    sessions: Arc<crate::sessions::Sessions>,
+    registry: Arc<crate::conn::Registry>,
+    config: Arc<crate::Config>,
+}
+
+impl Runner {
+    /// The runner of an edge's fallback connections.
+    pub(crate) fn new(links: Arc<Links>, commands: &crate::commands::Commands) -> Self {
+        Self {
+            links,
+            sessions: commands.sessions.clone(),
+            registry: commands.registry.clone(),
+            config: commands.config.clone(),
+        }
+    }
+
+    /// The task of the session named by `token`, or why there is none.
+    fn link(&self, token: &str) -> Result<mpsc::Sender<Up>, Refusal> {
+        let key = self.session_id(token)?.key();
+        if let Some(tx) = self.links.get(&key) {
+            return Ok(tx);
+        }
+        match self.registry.get(&key) {
+            Some(conn) if conn.is_suspended() => Err(suspended()),
+            Some(_) => Err(handshake::refuse(
+                409,
+                "wrong_transport",
+                "this session is carried by a WebSocket",
+                "bad_request",
+            )),
+            None => Err(handshake::refuse(
+                404,
+                "session_unknown",
+                "no such session on this node",
+                "bad_request",
+            )),
+        }
+    }
+
+    /// Ends the session named by `token` as its client's close (1000),
+    /// whether it is connected (its task closes it) or suspended.
+    async fn end(&self, token: &str) -> Result<(), Refusal> {
+        let unknown = || {
+            handshake::refuse(
+                404,
+                "session_unknown",
+                "no such session on this node",
+                "bad_request",
+            )
+        };
+        let id = self.session_id(token)?;
+        let conn = self.registry.get(&id.key()).ok_or_else(unknown)?;
+        let req = crate::conn::CloseRequest {
+            code: switchboard_proto::ws::close::NORMAL,
+            reason: String::new(),
+            by: switchboard_proto::origin::ClosedBy::Client,
+            flush_first: true,
+            takeover: false,
+        };
+        if self.sessions.close(&conn, req) {
+            Ok(())
+        } else {
+            Err(unknown())
+        }
+    }
+
+    /// The connection a session token names, if this node issued it.
+    fn session_id(&self, token: &str) -> Result<switchboard_proto::ConnectionId, Refusal> {
+        self.sessions.session_of(token).map_err(|e| {
+            if e.code == switchboard_proto::native::ResumeCode::SessionInvalid {
+                handshake::refuse(400, "session_invalid", e.message, "bad_request")
+            } else {
+                handshake::refuse(404, "session_unknown", e.message, "bad_request")
+            }
+        })
+    }
+
+    /// Hands a request to the session's task and waits for it to be taken.
+    async fn up(
+        &self,
+        token: &str,
+        make: impl FnOnce(oneshot::Sender<Result<(), UpError>>) -> Up,
+    ) -> Result<(), Refusal> {
+        let tx = self.link(token)?;
+        let (done, taken) = oneshot::channel();
+        let ended = || {
+            handshake::refuse(
+                404,
+                "session_unknown",
+                "the session has ended",
+                "bad_request",
+            )
+        };
+        let sent = tokio::time::timeout(self.config.handshake_timeout, tx.send(make(done))).await;
+        match sent {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => return Err(ended()),
+            Err(_) => {
+                return Err(handshake::refuse(
+                    503,
+                    "busy",
+                    "the session's task is not keeping up; retry",
+                    "bad_request",
+                ))
+            }
+        }
+        match taken.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(UpError::Suspended)) => Err(suspended()),
+            _ => Err(ended()),
+        }
+    }
+
+    /// Runs a session's request (the client's own, or one another node
+    /// forwarded): its answer.
+    async fn handle(self, req: FallbackRequest) -> CommandReply {
+        let token = req.session.as_str();
+        let done = match req.action {
+            FallbackAction::Commands { body } => {
+                let body = Bytes::from(body);
+                self.up(token, |done| Up::Commands { body, done }).await
+            }
+            FallbackAction::End => self.end(token).await,
+            FallbackAction::Poll { cursor, wait_ms } => {
+                let tx = match self.link(token) {
+                    Ok(tx) => tx,
+                    Err(r) => return refusal_reply(&r),
+                };
+                let (reply, answer) = oneshot::channel();
+                let wait = Duration::from_millis(wait_ms).min(self.config.poll_timeout);
+                let poll = Poll {
+                    cursor,
+                    expires: Instant::now() + wait,
+                    reply: PollReply::Forwarded(reply),
+                };
+                if tx.send(Up::Poll(poll)).await.is_err() {
+                    let r = handshake::refuse(
+                        404,
+                        "session_unknown",
+                        "the session has ended",
+                        "bad_request",
+                    );
+                    return refusal_reply(&r);
+                }
+                return answer.await.unwrap_or_else(|_| {
+                    let r = handshake::refuse(
+                        404,
+                        "session_unknown",
+                        "the session has ended",
+                        "bad_request",
+                    );
+                    refusal_reply(&r)
+                });
+            }
+        };
+        match done {
+            Ok(()) => CommandReply {
+                status: 204,
+                body: Bytes::new(),
+            },
+            Err(r) => refusal_reply(&r),
+        }
+    }
+}
+
+impl FallbackRunner for Runner {
+    fn run(&self, req: FallbackRequest) -> BoxFuture<'static, CommandReply> {
+        Box::pin(self.clone().handle(req))
+    }
+}
+
+/// 409 `session_suspended`.
+fn suspended() -> Refusal {
+    handshake::refuse(
+        409,
+        "session_suspended",
+        "the session has no open stream or poll; resume it first",
+        "bad_request",
+    )
+}
+
+/// A refusal as a forwarded command's reply.
+fn refusal_reply(r: &Refusal) -> CommandReply {
+    CommandReply {
+        status: r.status,
+        body: Bytes::from(serde_json::json!({ "code": r.code, "message": r.message }).to_string()),
+    }
+}
+
+/// The node holding the session named by `token`, when it is another one
+/// and the node is in a cluster.
+fn remote_node<'a>(shared: &Edge, token: &'a str) -> Option<&'a str> {
+    shared.commands.cluster.get()?;
+    let (id, _) = token.rsplit_once('.')?;
+    let node = switchboard_proto::ConnectionId::parse(id)
+        .ok()
+        .map(|_| id.split_once('.'))??
+        .0;
+    (node != shared.node.as_str()).then_some(node)
+}
+
+/// Runs a request of a session held by another node there, through the
+/// cluster.
+async fn forward(shared: &Arc<Edge>, token: &str, action: FallbackAction) -> CommandReply {
+    shared.metrics.fallback_forwarded.inc();
+    let cmd = Command::Fallback(FallbackRequest {
+        session: token.to_owned(),
+        action,
+    });
+    crate::commands::control::execute(&shared.commands, cmd, false).await
 }
 
 /// What a non-upgrade request is.
@@ -153,6 +398,11 @@ fn classify(req: &Request) -> Kind {
     }
 }
 
+/// Whether a request opens a fallback connection (a handshake).
+pub(crate) fn opens(req: &Request) -> bool {
+    matches!(classify(req), Kind::Open(_))
+}
+
 /// Serves a request that is not a WebSocket upgrade; `buf` holds the bytes
 /// after its head.
 pub(crate) async fn serve(
@@ -187,7 +437,11 @@ pub(crate) async fn serve(
             return refuse(&shared, stream, label, r, None).await;
         }
     };
+    if let Err(r) = check_framing(&head.req) {
+        return refuse(&shared, stream, label, r, cors).await;
+    }
     let keep = keeps_alive(&head.req);
+    let mut leftover = buf;
     let answered = match kind {
         Kind::Preflight => {
             shared.metrics.fallback(label, "ok");
@@ -196,8 +450,12 @@ pub(crate) async fn serve(
             write(&mut stream, &h, &[]).await
         }
         Kind::Commands => {
-            let body = match read_body(&shared, &mut stream, buf, &head).await {
-                Ok(body) => body,
+            let taken = std::mem::take(&mut leftover);
+            let body = match read_body(&shared, &mut stream, taken, &head).await {
+                Ok((body, rest)) => {
+                    leftover = rest;
+                    body
+                }
                 Err(r) => return refuse(&shared, stream, label, r, cors).await,
             };
             if std::str::from_utf8(&body).is_err() {
@@ -209,47 +467,67 @@ pub(crate) async fn serve(
                 );
                 return refuse(&shared, stream, label, r, cors).await;
             }
-            match up(&shared, &head.req, |done| Up::Commands { body, done }).await {
-                Ok(()) => no_content(&shared, &mut stream, label, cors.as_deref(), keep).await,
-                Err(r) => return refuse(&shared, stream, label, r, cors).await,
-            }
+            let body = String::from_utf8(body.to_vec()).unwrap_or_default();
+            let reply = session_request(&shared, &head, FallbackAction::Commands { body }).await;
+            relay(&shared, &mut stream, label, reply, cors.as_deref(), keep).await
         }
-        Kind::End => match up(&shared, &head.req, |done| Up::End { done }).await {
-            Ok(()) => no_content(&shared, &mut stream, label, cors.as_deref(), keep).await,
-            Err(r) => return refuse(&shared, stream, label, r, cors).await,
-        },
-        Kind::Poll => return poll(shared, stream, head, socket, cors, keep).await,
-        Kind::Open(transport) => return open(shared, stream, head, socket, cors, transport).await,
+        Kind::End => {
+            let reply = session_request(&shared, &head, FallbackAction::End).await;
+            relay(&shared, &mut stream, label, reply, cors.as_deref(), keep).await
+        }
+        Kind::Poll => return poll(shared, stream, leftover, head, socket, cors, keep).await,
+        Kind::Open(transport) => {
+            return open(shared, stream, leftover, head, socket, cors, transport).await
+        }
         Kind::Other => unreachable!("answered above"),
     };
     if answered && keep {
-        keep_alive(shared, stream, head.remote, socket).await;
+        keep_alive(&shared, stream, head.remote, socket, leftover);
     }
 }
 
-/// Waits for the client's next request on a kept connection: closed
-/// quietly when none comes within `handshake-timeout`.
-pub(crate) async fn keep_alive(
-    shared: Arc<Edge>,
+/// Serves the client's next request on a kept connection, in a task of its
+/// own (so that a long run of requests on one connection does not nest):
+/// closed quietly when none comes within `handshake-timeout`. `leftover`
+/// holds what the client sent after the last request.
+pub(crate) fn keep_alive(
+    shared: &Arc<Edge>,
     stream: ClientStream,
     remote: SocketAddr,
     socket: SocketGuard,
+    leftover: BytesMut,
 ) {
-    // Boxed: a request served this way may lead to another.
-    Box::pin(handshake::next_request(shared, stream, remote, socket)).await;
+    // Boxed: the task's future contains the next request's handling,
+    // which may lead here again.
+    let next = Box::pin(handshake::next_request(
+        shared.clone(),
+        stream,
+        remote,
+        socket,
+        leftover,
+    ));
+    shared.conn_tasks.spawn(next);
 }
 
-/// `Access-Control-Allow-Origin` for the request's page: `Ok(None)`
+/// The CORS header lines of answers to the request's page: `Ok(None)`
 /// without an `Origin` header, `Err` for a page that may not connect.
 fn cors_origin(shared: &Edge, req: &Request) -> Result<Option<String>, ()> {
     let Some(origin) = req.header("origin") else {
         return Ok(None);
     };
     if crate::allowed_origins::allowed(&shared.allowed_origins, Some(origin)) {
-        Ok(Some(origin.to_owned()))
+        Ok(Some(cors_for(shared, origin)))
     } else {
         Err(())
     }
+}
+
+/// The CORS lines of answers to a page of `origin`: credentials (cookies)
+/// only when `allowed-origins` names the pages that may send them.
+fn cors_for(shared: &Edge, origin: &str) -> String {
+    let mut h = String::new();
+    answer::cors_lines(&mut h, origin, !shared.allowed_origins.is_empty());
+    h
 }
 
 /// Whether the client keeps the connection after this request.
@@ -261,13 +539,14 @@ fn keeps_alive(req: &Request) -> bool {
 }
 
 /// Reads the request's body (`Content-Length` bytes, at most
-/// `max-message-size`).
+/// `max-message-size`): the body, and the bytes that came after it (the
+/// client's next request).
 async fn read_body(
     shared: &Edge,
     stream: &mut ClientStream,
     mut buf: BytesMut,
     head: &Head,
-) -> Result<Bytes, Refusal> {
+) -> Result<(Bytes, BytesMut), Refusal> {
     let len: usize = match head.req.header("content-length").map(|v| v.trim().parse()) {
         Some(Ok(n)) => n,
         Some(Err(_)) => {
@@ -329,87 +608,42 @@ async fn read_body(
             }
         }
     }
-    buf.truncate(len);
-    Ok(buf.freeze())
+    let body = buf.split_to(len);
+    Ok((body.freeze(), buf))
 }
 
-/// The task of the session named by `?session=`, or why there is none.
-fn link(shared: &Edge, req: &Request) -> Result<mpsc::Sender<Up>, Refusal> {
-    let token = query_param(&req.query, "session").unwrap_or_default();
-    let id = shared.commands.sessions.session_of(token).map_err(|e| {
-        let code = if e.code == switchboard_proto::native::ResumeCode::SessionInvalid {
-            "session_invalid"
-        } else {
-            "session_unknown"
-        };
-        let status = if code == "session_invalid" { 400 } else { 404 };
-        handshake::refuse(status, code, e.message, "bad_request")
-    })?;
-    let key = id.key();
-    if let Some(tx) = shared.fallbacks.get(&key) {
-        return Ok(tx);
-    }
-    match shared.registry.get(&key) {
-        Some(conn) if conn.is_suspended() => Err(handshake::refuse(
-            409,
-            "session_suspended",
-            "the session has no open stream or poll; resume it first",
+/// Refuses framing the fallbacks do not take: chunked bodies (a
+/// `Content-Length` is needed; with both, a proxy in front could read
+/// another request than this node does), and bodies on requests that have
+/// none.
+fn check_framing(req: &Request) -> Result<(), Refusal> {
+    if req.header("transfer-encoding").is_some() {
+        return Err(handshake::refuse(
+            400,
             "bad_request",
-        )),
-        Some(_) => Err(handshake::refuse(
-            409,
-            "wrong_transport",
-            "this session is carried by a WebSocket",
+            "Transfer-Encoding is not accepted; send a Content-Length",
             "bad_request",
-        )),
-        None => Err(handshake::refuse(
-            404,
-            "session_unknown",
-            "no such session on this node",
+        ));
+    }
+    let has_body = req
+        .header("content-length")
+        .is_some_and(|v| v.trim() != "0");
+    if req.method != "POST" && has_body {
+        return Err(handshake::refuse(
+            400,
             "bad_request",
-        )),
-    }
-}
-
-/// Hands a request to its session's task and waits for it to be taken.
-async fn up(
-    shared: &Edge,
-    req: &Request,
-    make: impl FnOnce(oneshot::Sender<Result<(), UpError>>) -> Up,
-) -> Result<(), Refusal> {
-    let tx = link(shared, req)?;
-    let (done, taken) = oneshot::channel();
-    let ended = || {
-        handshake::refuse(
-            404,
-            "session_unknown",
-            "the session has ended",
+            "only POST requests carry a body",
             "bad_request",
-        )
-    };
-    let sent = tokio::time::timeout(shared.config.handshake_timeout, tx.send(make(done))).await;
-    match sent {
-        Ok(Ok(())) => {}
-        Ok(Err(_)) => return Err(ended()),
-        Err(_) => {
-            return Err(handshake::refuse(
-                503,
-                "busy",
-                "the session's task is not keeping up; retry",
-                "bad_request",
-            ))
-        }
+        ));
     }
-    match taken.await {
-        Ok(Ok(())) => Ok(()),
-        _ => Err(ended()),
-    }
+    Ok(())
 }
 
 /// Hands a poll (and its socket) to its session's task.
 async fn poll(
     shared: Arc<Edge>,
     stream: ClientStream,
+    leftover: BytesMut,
     head: Head,
     socket: SocketGuard,
     cors: Option<String>,
@@ -423,18 +657,33 @@ async fn poll(
             return refuse(&shared, stream, label, r, cors).await;
         }
     };
-    let tx = match link(&shared, &head.req) {
+    let token = query_param(&head.req.query, "session").unwrap_or_default();
+    if remote_node(&shared, token).is_some() {
+        let client = Client {
+            stream,
+            remote: head.remote,
+            socket,
+            cors,
+            keep,
+            leftover,
+        };
+        return forward_poll(shared, client, token.to_owned(), cursor).await;
+    }
+    let tx = match shared.runner.link(token) {
         Ok(tx) => tx,
         Err(r) => return refuse(&shared, stream, label, r, cors).await,
     };
     let poll = Poll {
-        stream,
-        remote: head.remote,
-        socket,
         cursor,
-        cors,
-        keep,
         expires: Instant::now() + shared.config.poll_timeout,
+        reply: PollReply::Client(Box::new(Client {
+            stream,
+            remote: head.remote,
+            socket,
+            cors,
+            keep,
+            leftover,
+        })),
     };
     if let Err(mpsc::error::SendError(Up::Poll(poll))) = tx.send(Up::Poll(poll)).await {
         refuse_poll(
@@ -447,28 +696,173 @@ async fn poll(
     }
 }
 
-/// Answers a poll with an error, keeping its connection.
+/// A poll of a session held by another node: forwarded as polls that
+/// wait at most half the cluster's request timeout each (0.75 s with
+/// NATS's default), every empty answer acknowledged by the next, until one
+/// brings pushes or `poll-timeout` has passed; the client gets that
+/// answer (and its cursor).
+async fn forward_poll(shared: Arc<Edge>, mut client: Client, token: String, mut cursor: u64) {
+    let until = Instant::now() + shared.config.poll_timeout;
+    let most = shared
+        .commands
+        .cluster
+        .get()
+        .map_or(Duration::from_secs(1), |c| c.forward_timeout())
+        / 2;
+    let reply = loop {
+        let left = until.saturating_duration_since(Instant::now());
+        let wait = left.min(most);
+        let action = FallbackAction::Poll {
+            cursor,
+            wait_ms: wait.as_millis() as u64,
+        };
+        let reply = tokio::select! {
+            reply = forward(&shared, &token, action) => reply,
+            // The client left: nothing more is asked on its behalf (an
+            // answer the holding node made meanwhile is repeated to the
+            // client's next poll).
+            () = client_gone(&client.stream, &mut client.leftover, shared.config.max_header_bytes) => return,
+        };
+        if reply.status != 200 || Instant::now() + Duration::from_millis(50) >= until {
+            break reply;
+        }
+        match empty_batch_cursor(&reply.body) {
+            // Nothing yet: acknowledged by the next poll, as a client would.
+            Some(next) => cursor = next,
+            None => break reply,
+        }
+    };
+    let label = Kind::Poll.label();
+    let Client {
+        mut stream,
+        remote,
+        socket,
+        cors,
+        keep,
+        leftover,
+    } = client;
+    if relay(&shared, &mut stream, label, reply, cors.as_deref(), keep).await && keep {
+        keep_alive(&shared, stream, remote, socket, leftover);
+    }
+}
+
+/// Resolves when the client closes its connection (or fails, or sends
+/// more than `max` bytes ahead); what it sends meanwhile (its next
+/// request) is kept in `leftover`.
+async fn client_gone(stream: &ClientStream, leftover: &mut BytesMut, max: usize) {
+    loop {
+        if stream.readable().await.is_err() || leftover.len() > max {
+            return;
+        }
+        leftover.reserve(1024);
+        match stream.try_read_buf(leftover) {
+            Ok(0) => return,
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(_) => return,
+        }
+    }
+}
+
+/// The `code` of an error body from another node, as a metric label (one
+/// of the codes this gateway answers with, else `other`).
+fn known_code(body: &[u8]) -> &'static str {
+    const CODES: &[&str] = &[
+        "session_unknown",
+        "session_invalid",
+        "session_suspended",
+        "session_ended",
+        "wrong_transport",
+        "bad_cursor",
+        "poll_replaced",
+        "busy",
+        "connection_not_found",
+        "cluster_unavailable",
+        "node_timeout",
+        "payload_too_large",
+        "bad_request",
+    ];
+    let code = serde_json::from_slice::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| v.get("code").and_then(|c| c.as_str()).map(str::to_owned));
+    code.and_then(|c| CODES.iter().find(|k| **k == c).copied())
+        .unwrap_or("other")
+}
+
+/// The cursor of a batch without pushes (and without a close).
+fn empty_batch_cursor(body: &[u8]) -> Option<u64> {
+    #[derive(serde::Deserialize)]
+    struct Batch {
+        cursor: u64,
+        pushes: Vec<serde::de::IgnoredAny>,
+        #[serde(default)]
+        close: Option<serde::de::IgnoredAny>,
+    }
+    let b: Batch = serde_json::from_slice(body).ok()?;
+    (b.pushes.is_empty() && b.close.is_none()).then_some(b.cursor)
+}
+
+/// Answers a client with a session request's reply (this node's or the
+/// holding node's), keeping its connection.
+async fn relay(
+    shared: &Edge,
+    stream: &mut ClientStream,
+    label: &'static str,
+    reply: CommandReply,
+    cors: Option<&str>,
+    keep: bool,
+) -> bool {
+    if (200..300).contains(&reply.status) {
+        shared.metrics.fallback(label, "ok");
+    } else {
+        shared.metrics.fallback(label, known_code(&reply.body));
+    }
+    let len = (reply.status != 204).then_some(reply.body.len());
+    let content_type = if reply.status == 204 {
+        ""
+    } else {
+        "application/json"
+    };
+    let head = answer::head(reply.status, content_type, len, cors, keep);
+    write(stream, &head, &reply.body).await
+}
+
+/// Answers a poll with an error (keeping a client's connection).
 fn refuse_poll(shared: &Arc<Edge>, poll: Poll, status: u16, code: &'static str, message: &str) {
     shared.metrics.fallback("poll", code);
     let body = serde_json::json!({ "code": code, "message": message }).to_string();
+    reply_poll(shared, poll, status, Bytes::from(body));
+}
+
+/// Answers a poll with `status` and its JSON `body`: a client's
+/// connection is kept for its next request.
+fn reply_poll(shared: &Arc<Edge>, poll: Poll, status: u16, body: Bytes) {
+    let client = match poll.reply {
+        PollReply::Forwarded(tx) => {
+            let _ = tx.send(CommandReply { status, body });
+            return;
+        }
+        PollReply::Client(client) => client,
+    };
+    let Client {
+        mut stream,
+        remote,
+        socket,
+        cors,
+        keep,
+        leftover,
+    } = *client;
     let head = answer::head(
         status,
         "application/json",
         Some(body.len()),
-        poll.cors.as_deref(),
-        poll.keep,
+        cors.as_deref(),
+        keep,
     );
     let shared = shared.clone();
     shared.clone().conn_tasks.spawn(async move {
-        let Poll {
-            mut stream,
-            remote,
-            socket,
-            keep,
-            ..
-        } = poll;
-        if write(&mut stream, &head, body.as_bytes()).await && keep {
-            keep_alive(shared, stream, remote, socket).await;
+        if write(&mut stream, &head, &body).await && keep {
+            keep_alive(&shared, stream, remote, socket, leftover);
         }
     });
 }
@@ -478,6 +872,7 @@ fn refuse_poll(shared: &Arc<Edge>, poll: Poll, status: u16, code: &'static str, 
 async fn open(
     shared: Arc<Edge>,
     mut stream: ClientStream,
+    leftover: BytesMut,
     head: Head,
     socket: SocketGuard,
     cors: Option<String>,
@@ -517,21 +912,19 @@ async fn open(
         .unwrap_or_default();
     let guard = DisconnectGuard::new(shared.clone(), accepted.conn.clone());
     let down = match transport {
-        Transport::LongPoll => task::Down::Polls {
-            waiting: Some(Poll {
+        Transport::LongPoll => task::Down::Polls(polls::Polls::new(Poll {
+            cursor: 0,
+            // Answered at once: the `connected` push is queued.
+            expires: Instant::now(),
+            reply: PollReply::Client(Box::new(Client {
                 stream,
                 remote,
                 socket,
-                cursor: 0,
                 cors,
                 keep: keeps_alive(&req),
-                // Answered at once: the `connected` push is queued.
-                expires: Instant::now(),
-            }),
-            cursor: 0,
-            last: None,
-            idle_since: Instant::now(),
-        },
+                leftover,
+            })),
+        })),
         _ => {
             if let ClientStream::Tcp(tcp) = &stream {
                 // A vanished client's unacknowledged heartbeat ends the stream.
@@ -596,23 +989,30 @@ async fn refuse(
         shared.metrics.handshake(r.metric);
     }
     let mut extra = r.extra.to_owned();
-    if let Some(origin) = &cors {
-        answer::cors_lines(&mut extra, origin);
+    if let Some(lines) = &cors {
+        extra.push_str(lines);
     }
     let bytes = hs::error_response(r.status, r.code, &r.message, &extra);
     let linger = Instant::now() + handshake::REFUSAL_LINGER;
     handshake::write_and_close(&mut stream, &bytes, linger).await;
 }
 
-async fn no_content(
-    shared: &Edge,
-    stream: &mut ClientStream,
-    label: &'static str,
-    cors: Option<&str>,
-    keep: bool,
-) -> bool {
-    shared.metrics.fallback(label, "ok");
-    write(stream, &answer::head(204, "", None, cors, keep), &[]).await
+/// Runs a session's `POST` or `DELETE` here, or on the node holding the
+/// session: the answer for the client.
+async fn session_request(shared: &Arc<Edge>, head: &Head, action: FallbackAction) -> CommandReply {
+    let token = query_param(&head.req.query, "session").unwrap_or_default();
+    if remote_node(shared, token).is_some() {
+        forward(shared, token, action).await
+    } else {
+        shared
+            .runner
+            .clone()
+            .handle(FallbackRequest {
+                session: token.to_owned(),
+                action,
+            })
+            .await
+    }
 }
 
 /// Writes an answer: `false` if the client is gone.
@@ -663,18 +1063,23 @@ pub(crate) mod answer {
         } else {
             "Connection: close\r\n"
         });
-        if let Some(origin) = cors {
-            cors_lines(&mut h, origin);
+        if let Some(lines) = cors {
+            h.push_str(lines);
         }
         h.push_str("\r\n");
         h.into_bytes()
     }
 
-    /// The CORS lines of an answer to a page of `origin`.
-    pub(crate) fn cors_lines(h: &mut String, origin: &str) {
+    /// The CORS lines of an answer to a page of `origin`, allowing
+    /// credentials (cookies) or not.
+    pub(crate) fn cors_lines(h: &mut String, origin: &str, credentials: bool) {
         h.push_str("Access-Control-Allow-Origin: ");
         h.push_str(origin);
-        h.push_str("\r\nAccess-Control-Allow-Credentials: true\r\nVary: Origin\r\n");
+        h.push_str("\r\n");
+        if credentials {
+            h.push_str("Access-Control-Allow-Credentials: true\r\n");
+        }
+        h.push_str("Vary: Origin\r\n");
     }
 
     /// Adds the preflight answer's lines to a finished head.
@@ -736,11 +1141,17 @@ mod tests {
 
     #[test]
     fn heads_say_what_they_carry() {
+        let mut cors = String::new();
+        answer::cors_lines(&mut cors, "https://a.example", false);
+        assert!(
+            !cors.contains("Credentials"),
+            "no credentials without allowed-origins"
+        );
         let h = String::from_utf8(answer::head(
             200,
             "text/event-stream",
             None,
-            Some("https://a.example"),
+            Some(&cors),
             true,
         ))
         .unwrap();

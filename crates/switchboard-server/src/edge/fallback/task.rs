@@ -5,7 +5,8 @@
 //! and, for long-polling, the gap between polls.
 
 use super::events::{self, Plain, PlainEvent, Unframed};
-use super::{answer, keep_alive, Links, Poll, Up, UpError};
+use super::polls::{PollVerdict, Polls};
+use super::{Links, Poll, Up, UpError};
 use crate::admission::ratelimit::Verdict;
 use crate::conn::stream::ClientStream;
 use crate::conn::Conn;
@@ -37,16 +38,7 @@ pub(crate) enum Down {
         plain: Option<Box<Plain>>,
     },
     /// Long-polling.
-    Polls {
-        /// The poll waiting for pushes, if any.
-        waiting: Option<Poll>,
-        /// The cursor of the last answer.
-        cursor: u64,
-        /// The last answer's body, until the next poll acknowledges it.
-        last: Option<Bytes>,
-        /// Since when no poll has been waiting.
-        idle_since: Instant,
-    },
+    Polls(Polls),
 }
 
 /// How a fallback connection's close goes out.
@@ -120,28 +112,47 @@ pub(crate) fn start(
         );
         task.links.remove(&task.guard.conn().key, link);
         let seq = task.inbound.seq;
-        if let Down::Polls {
-            waiting: Some(poll),
-            ..
-        } = std::mem::replace(
-            &mut task.down,
-            Down::Polls {
-                waiting: None,
-                cursor: 0,
-                last: None,
-                idle_since: Instant::now(),
-            },
-        ) {
-            // Ended with a poll waiting (a takeover, say): it gets an
-            // empty answer it need not acknowledge.
-            let shared = task.guard.shared().clone();
-            super::refuse_poll(
-                &shared,
-                poll,
-                409,
-                "session_ended",
-                "the session moved or ended",
-            );
+        // Requests that came too late are answered for what happened: a
+        // lost connection's session waits for a resume.
+        let suspended = ending.resumable && task.guard.conn().session.is_some();
+        let shared = task.guard.shared().clone();
+        let answer = |poll: Poll| {
+            if suspended {
+                super::refuse_poll(
+                    &shared,
+                    poll,
+                    409,
+                    "session_suspended",
+                    "the session lost its connection; resume it",
+                );
+            } else {
+                super::refuse_poll(
+                    &shared,
+                    poll,
+                    409,
+                    "session_ended",
+                    "the session moved or ended",
+                );
+            }
+        };
+        if let Down::Polls(polls) = &mut task.down {
+            if let Some(poll) = polls.waiting.take() {
+                answer(poll);
+            }
+        }
+        task.up.close();
+        while let Ok(up) = task.up.try_recv() {
+            match up {
+                Up::Commands { done, .. } => {
+                    let e = if suspended {
+                        UpError::Suspended
+                    } else {
+                        UpError::Ended
+                    };
+                    let _ = done.send(Err(e));
+                }
+                Up::Poll(poll) => answer(poll),
+            }
         }
         drop(task.down);
         task.guard.finish(ending, seq);
@@ -190,11 +201,10 @@ impl Task {
                         };
                         stream.ready(interest).await.map(Some)
                     }
-                    Down::Polls {
-                        waiting: Some(poll),
-                        ..
-                    } => poll.stream.ready(Interest::READABLE).await.map(Some),
-                    Down::Polls { waiting: None, .. } => std::future::pending().await,
+                    Down::Polls(polls) => match polls.waiting.as_ref().and_then(Poll::stream) {
+                        Some(stream) => stream.ready(Interest::READABLE).await.map(Some),
+                        None => std::future::pending().await,
+                    },
                 }
             };
             tokio::select! {
@@ -228,8 +238,15 @@ impl Task {
         }
         let req = self.conn().take_close()?;
         if req.takeover {
-            // The session resumes elsewhere: this carrier goes now.
-            if let Down::Stream { stream, .. } = &self.down {
+            // The session resumes elsewhere: this carrier goes now, with a
+            // close event unless an event is half written.
+            if let Down::Stream {
+                stream, pending, ..
+            } = &self.down
+            {
+                if !pending.is_empty() {
+                    return Some(Ending::taken_over());
+                }
                 let mut out = BytesMut::new();
                 events::put_event(
                     &mut out,
@@ -315,18 +332,13 @@ impl Task {
                     Err(e) => return Err(e),
                 }
             },
-            Down::Polls {
-                waiting,
-                cursor,
-                last,
-                idle_since,
-            } => {
-                let Some(poll) = waiting.take() else {
+            Down::Polls(polls) => {
+                let Some(poll) = polls.waiting.take() else {
                     return Ok(false);
                 };
                 let frames = conn.take_ready();
                 if frames.is_none() && !poll.timed_out() {
-                    *waiting = Some(poll);
+                    polls.waiting = Some(poll);
                     return Ok(false);
                 }
                 let mut pushes = Vec::new();
@@ -340,11 +352,8 @@ impl Task {
                         Unframed::Other => {}
                     }
                 }
-                *cursor += 1;
-                let body = events::batch(*cursor, &pushes, close.as_deref());
+                let body = polls.answer(&pushes, close.as_deref());
                 shared.metrics.bytes_out.inc_by(body.len() as u64);
-                *last = Some(body.clone());
-                *idle_since = Instant::now();
                 answer_poll(&shared, poll, body);
                 Ok(close.is_some())
             }
@@ -369,19 +378,17 @@ impl Task {
                     _ => Err(self.end_or(Ending::lost("the client closed the stream"))),
                 }
             }
-            Down::Polls {
-                waiting,
-                idle_since,
-                ..
-            } => {
-                let gone = waiting
+            Down::Polls(polls) => {
+                let gone = polls
+                    .waiting
                     .as_ref()
-                    .is_some_and(|p| !matches!(drain(&p.stream), Ok(false)));
+                    .and_then(Poll::stream)
+                    .is_some_and(|s| !matches!(drain(s), Ok(false)));
                 if gone {
                     // The client gave up this poll: it polls again (or not,
                     // and the gap ends the session).
-                    *waiting = None;
-                    *idle_since = Instant::now();
+                    polls.waiting = None;
+                    polls.idle_since = Instant::now();
                 }
                 Ok(())
             }
@@ -402,10 +409,6 @@ impl Task {
                         self.command(line);
                     }
                 }
-                let _ = done.send(Ok(()));
-            }
-            Up::End { done } => {
-                self.close(close::NORMAL, "", ClosedBy::Client);
                 let _ = done.send(Ok(()));
             }
             Up::Poll(poll) => self.on_poll(poll),
@@ -435,13 +438,7 @@ impl Task {
 
     fn on_poll(&mut self, poll: Poll) {
         let shared = self.shared().clone();
-        let Down::Polls {
-            waiting,
-            cursor,
-            last,
-            ..
-        } = &mut self.down
-        else {
+        let Down::Polls(polls) = &mut self.down else {
             return super::refuse_poll(
                 &shared,
                 poll,
@@ -451,7 +448,7 @@ impl Task {
             );
         };
         self.last_message = Instant::now();
-        if let Some(old) = waiting.take() {
+        if let Some(old) = polls.waiting.take() {
             super::refuse_poll(
                 &shared,
                 old,
@@ -460,21 +457,12 @@ impl Task {
                 "a newer poll took its place",
             );
         }
-        if poll.cursor == *cursor {
-            // The last answer arrived: it is no longer kept.
-            *last = None;
-            *waiting = Some(poll);
-        } else if poll.cursor + 1 == *cursor && last.is_some() {
-            // The last answer was lost: the same again.
-            let body = last.clone().expect("checked");
-            answer_poll(&shared, poll, body);
-        } else {
-            let msg = format!(
-                "expected cursor {} (or {} to repeat the last answer)",
-                cursor,
-                cursor.saturating_sub(1)
-            );
-            super::refuse_poll(&shared, poll, 409, "bad_cursor", &msg);
+        match polls.verdict(poll.cursor) {
+            PollVerdict::Wait => polls.waiting = Some(poll),
+            PollVerdict::Repeat(body) => answer_poll(&shared, poll, body),
+            PollVerdict::BadCursor(msg) => {
+                super::refuse_poll(&shared, poll, 409, "bad_cursor", &msg)
+            }
         }
     }
 
@@ -485,15 +473,10 @@ impl Task {
         }
         let mut d = match &self.down {
             Down::Stream { .. } => self.heartbeat,
-            Down::Polls {
-                waiting: Some(poll),
-                ..
-            } => poll.expires,
-            Down::Polls {
-                waiting: None,
-                idle_since,
-                ..
-            } => *idle_since + cfg.poll_timeout,
+            Down::Polls(polls) => match &polls.waiting {
+                Some(poll) => poll.expires,
+                None => polls.idle_since + cfg.poll_timeout,
+            },
         };
         if let Some(idle) = cfg.idle_timeout {
             d = d.min(self.last_message + idle);
@@ -534,12 +517,10 @@ impl Task {
                     }
                 }
             }
-            Down::Polls {
-                waiting: None,
-                idle_since,
-                ..
-            } => {
-                if now >= *idle_since + shared.config.poll_timeout {
+            // A poll that waited `poll-timeout` is answered by the next
+            // flush; no poll for that long is a lost connection.
+            Down::Polls(polls) => {
+                if polls.waiting.is_none() && now >= polls.idle_since + shared.config.poll_timeout {
                     return Some(Ending {
                         code: close::ABNORMAL,
                         reason: "no poll within poll-timeout".into(),
@@ -548,8 +529,6 @@ impl Task {
                     });
                 }
             }
-            // A poll that waited `poll-timeout` is answered by the next flush.
-            Down::Polls { .. } => {}
         }
         None
     }
@@ -605,34 +584,8 @@ fn drain(stream: &ClientStream) -> io::Result<bool> {
     }
 }
 
-/// Answers a poll with `body` (200) and keeps its connection for the
-/// client's next request.
+/// Answers a poll with its batch.
 fn answer_poll(shared: &Arc<Edge>, poll: Poll, body: Bytes) {
     shared.metrics.fallback("poll", "ok");
-    let head = answer::head(
-        200,
-        "application/json",
-        Some(body.len()),
-        poll.cors.as_deref(),
-        poll.keep,
-    );
-    let shared = shared.clone();
-    shared.clone().conn_tasks.spawn(async move {
-        let Poll {
-            mut stream,
-            remote,
-            socket,
-            keep,
-            ..
-        } = poll;
-        let written = tokio::time::timeout(shared.config.pong_timeout, async {
-            use tokio::io::AsyncWriteExt;
-            stream.write_all(&head).await?;
-            stream.write_all(&body).await
-        })
-        .await;
-        if matches!(written, Ok(Ok(()))) && keep {
-            keep_alive(shared, stream, remote, socket).await;
-        }
-    });
+    super::reply_poll(shared, poll, 200, body);
 }
