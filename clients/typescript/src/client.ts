@@ -54,6 +54,13 @@ export interface ClientOptions {
   WebSocket?: WebSocketConstructor;
   /** The `fetch` of the HTTP transports (default `globalThis.fetch`). */
   fetch?: FetchFunction;
+  /**
+   * Whether the HTTP transports send cookies (`fetch`'s `credentials`,
+   * default `"same-origin"`). `"include"` sends them to a gateway on another
+   * site too, for a cookie token; the gateway allows that only for origins
+   * in its `allowed-origins`.
+   */
+  fetchCredentials?: RequestCredentials;
   /** A client token, sent as the `token` query parameter of every handshake (see `tokenIn`). */
   token?: string;
   /**
@@ -288,6 +295,7 @@ export class SwitchboardClient extends Emitter<ClientEvents> implements Subscrip
       fallbackTimeoutMs: options.fallbackTimeoutMs ?? FALLBACK_TIMEOUT_MS,
       fallbackRetryMs: options.fallbackRetryMs ?? FALLBACK_RETRY_MS,
       tokenIn: options.tokenIn ?? "query",
+      fetchCredentials: options.fetchCredentials ?? "same-origin",
       backoffInitialMs: options.backoffInitialMs ?? 250,
       backoffMaxMs: options.backoffMaxMs ?? 10_000,
       backoffResetAfterMs: options.backoffResetAfterMs ?? 5_000,
@@ -563,9 +571,9 @@ export class SwitchboardClient extends Emitter<ClientEvents> implements Subscrip
       case "websocket":
         return new WebSocketTransport(this.WS!, open);
       case "sse":
-        return new SseTransport(this.fetchFn!, open);
+        return new SseTransport(this.fetchFn!, open, this.opts.fetchCredentials);
       case "long-poll":
-        return new LongPollTransport(this.fetchFn!, open);
+        return new LongPollTransport(this.fetchFn!, open, this.opts.fetchCredentials);
     }
   }
 

@@ -12,8 +12,10 @@ export const RETRY_MAX_MS = 2000;
 /** Longest wait for the gateway's answer to `DELETE ?session=` on `close()`. */
 export const END_TIMEOUT_MS = 1000;
 
-/** Every request the SDK makes: no cache, cookies sent (the gateway may take its token from one). */
-export const REQUEST_DEFAULTS: RequestInit = { cache: "no-store", credentials: "include" };
+/** What every request of the HTTP transports carries: no cache, and the client's `fetchCredentials`. */
+export function requestInit(credentials: RequestCredentials): RequestInit {
+  return { cache: "no-store", credentials };
+}
 
 /** The client's URL as http(s), with `params` set (and the gateway's reserved handshake parameters removed). */
 export function requestUrl(url: string, params: Record<string, string>): string {
@@ -83,11 +85,13 @@ export const sleep = (ms: number) => new Promise<void>((resolve) => setTimeout(r
  * flight at a time; commands sent meanwhile go together in the next one, so
  * they reach the gateway in order. A request that fails on the network is
  * sent again (doubling delays from `RETRY_MIN_MS` to `RETRY_MAX_MS`) until
- * it is answered or the transport stops. Any other answer than `204` ends
- * the transport through `failed`: `404 session_unknown` (the session
- * ended), `409 session_suspended` (the gateway counts the connection as
- * lost), `400`… A `413` halves the batch size, and ends the transport only for a
- * single command too large for the gateway.
+ * it is answered or the transport stops, and so is one answered with a 5xx
+ * (`503 busy`; in a cluster, the node holding the session out of reach for
+ * a moment). Any other answer than `204` ends the transport through
+ * `failed`: `404 session_unknown` (the session ended), `409
+ * session_suspended` (the gateway counts the connection as lost), `400`… A
+ * `413` halves the batch size, and ends the transport only for a single
+ * command too large for the gateway.
  */
 export class CommandPoster {
   private queue: string[] = [];
@@ -101,6 +105,7 @@ export class CommandPoster {
     private readonly fetchFn: FetchFunction,
     private readonly url: string,
     private readonly failed: (error: SwitchboardError) => void,
+    private readonly init: RequestInit = requestInit("same-origin"),
   ) {}
 
   send(text: string): void {
@@ -141,13 +146,21 @@ export class CommandPoster {
         let res: Response;
         try {
           res = await this.fetchFn(this.url, {
-            ...REQUEST_DEFAULTS,
+            ...this.init,
             method: "POST",
             headers: { "content-type": "text/plain" },
             body: batch.join("\n"),
             signal: this.abort.signal,
           });
         } catch {
+          if (this.stopped) return;
+          delay = Math.min(RETRY_MAX_MS, Math.max(RETRY_MIN_MS, delay * 2));
+          await sleep(delay);
+          continue;
+        }
+        if (res.status >= 500) {
+          // `503 busy`, or in a cluster a node that could not be reached in time: the same batch again, later.
+          await res.arrayBuffer().catch(() => undefined);
           if (this.stopped) return;
           delay = Math.min(RETRY_MAX_MS, Math.max(RETRY_MIN_MS, delay * 2));
           await sleep(delay);
@@ -195,10 +208,15 @@ export abstract class HttpTransport {
   private poster: CommandPoster | undefined;
   private pending: string[] = [];
 
+  protected readonly init: RequestInit;
+
   constructor(
     protected readonly fetchFn: FetchFunction,
     protected readonly open: TransportOpen,
-  ) {}
+    credentials: RequestCredentials = "same-origin",
+  ) {
+    this.init = requestInit(credentials);
+  }
 
   send(text: string): void {
     if (this.done) return;
@@ -215,7 +233,7 @@ export abstract class HttpTransport {
       const abort = new AbortController();
       const timer = setTimeout(() => abort.abort(), END_TIMEOUT_MS);
       try {
-        const res = await this.fetchFn(requestUrl(this.open.url, { session }), { ...REQUEST_DEFAULTS, method: "DELETE", signal: abort.signal });
+        const res = await this.fetchFn(requestUrl(this.open.url, { session }), { ...this.init, method: "DELETE", signal: abort.signal });
         await res.arrayBuffer();
       } catch {
         /* gone already, or too slow: the session expires by itself */
@@ -239,8 +257,11 @@ export abstract class HttpTransport {
     const p = push as { push?: unknown; session?: unknown } | null;
     if (p && p.push === "connected" && typeof p.session === "string" && p.session !== "") {
       this.session = p.session;
-      this.poster = new CommandPoster(this.fetchFn, requestUrl(this.open.url, { session: p.session }), (error) =>
-        this.report({ reason: error.message, clean: false, error }),
+      this.poster = new CommandPoster(
+        this.fetchFn,
+        requestUrl(this.open.url, { session: p.session }),
+        (error) => this.report({ reason: error.message, clean: false, error }),
+        this.init,
       );
       const pending = this.pending;
       this.pending = [];

@@ -6,7 +6,6 @@ import {
   networkError,
   requestUrl,
   sleep,
-  REQUEST_DEFAULTS,
   RETRY_MAX_MS,
   RETRY_MIN_MS,
   type FetchFunction,
@@ -26,18 +25,22 @@ interface PollAnswer {
  * the first batch (the `connected` push); then each poll,
  * `GET ?transport=long-poll&session=TOKEN&cursor=N`, acknowledges the last
  * batch with its cursor and waits for the next one. A poll whose answer is
- * lost on the network is sent again with the same cursor (doubling delays
- * from `RETRY_MIN_MS` to `RETRY_MAX_MS`): the gateway answers the same batch
- * again, so nothing is lost or doubled. `409 poll_replaced` (another poll of
- * ours took over) is not an error. A `close` in an answer ends it with the
- * gateway's code. Commands go as `POST ?session=`.
+ * lost on the network, or answered with a 5xx (in a cluster, the node
+ * holding the session out of reach for a moment), is sent again with the
+ * same cursor (doubling delays from `RETRY_MIN_MS` to `RETRY_MAX_MS`): the
+ * gateway answers the same batch again, so nothing is lost or doubled.
+ * `409 poll_replaced` (another poll of ours took over) is not an error; any
+ * other refusal (`409 session_suspended`, `409 session_ended`,
+ * `404 session_unknown`, `409 bad_cursor`) ends it as a lost link, and the
+ * client resumes. A `close` in an answer ends it with the gateway's code.
+ * Commands go as `POST ?session=`.
  */
 export class LongPollTransport extends HttpTransport implements Transport {
   readonly name = "long-poll" as const;
   private cursor = 0;
 
-  constructor(fetchFn: FetchFunction, open: TransportOpen) {
-    super(fetchFn, open);
+  constructor(fetchFn: FetchFunction, open: TransportOpen, credentials?: RequestCredentials) {
+    super(fetchFn, open, credentials);
     void this.run();
   }
 
@@ -46,7 +49,7 @@ export class LongPollTransport extends HttpTransport implements Transport {
     openUrl.searchParams.set("transport", "long-poll");
     let answer: unknown;
     try {
-      const res = await this.fetchFn(openUrl.toString(), { ...REQUEST_DEFAULTS, signal: this.abort.signal });
+      const res = await this.fetchFn(openUrl.toString(), { ...this.init, signal: this.abort.signal });
       if (this.done) return;
       if (res.status !== 200) {
         this.report({ reason: "", clean: false, error: await handshakeRefusal(res) });
@@ -64,7 +67,7 @@ export class LongPollTransport extends HttpTransport implements Transport {
       let res: Response;
       let text: string;
       try {
-        res = await this.fetchFn(url, { ...REQUEST_DEFAULTS, signal: this.abort.signal });
+        res = await this.fetchFn(url, { ...this.init, signal: this.abort.signal });
         text = await res.text();
       } catch {
         if (this.done) return;
@@ -74,6 +77,12 @@ export class LongPollTransport extends HttpTransport implements Transport {
         continue;
       }
       if (this.done) return;
+      if (res.status >= 500) {
+        // In a cluster, the node holding the session out of reach for a moment: the same poll again, later.
+        delay = Math.min(RETRY_MAX_MS, Math.max(RETRY_MIN_MS, delay * 2));
+        await sleep(delay);
+        continue;
+      }
       delay = 0;
       if (res.status === 200) {
         if (!this.handle(parseAnswer(text))) return;

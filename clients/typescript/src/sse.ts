@@ -1,5 +1,5 @@
 import { SwitchboardError } from "./errors.js";
-import { HttpTransport, handshakeRefusal, networkError, REQUEST_DEFAULTS, type FetchFunction } from "./http.js";
+import { HttpTransport, handshakeRefusal, networkError, type FetchFunction } from "./http.js";
 import { handshakeUrl, type Transport, type TransportOpen } from "./transport.js";
 
 /** One event of a `text/event-stream`. */
@@ -114,8 +114,8 @@ export class SseParser {
 export class SseTransport extends HttpTransport implements Transport {
   readonly name = "sse" as const;
 
-  constructor(fetchFn: FetchFunction, open: TransportOpen) {
-    super(fetchFn, open);
+  constructor(fetchFn: FetchFunction, open: TransportOpen, credentials?: RequestCredentials) {
+    super(fetchFn, open, credentials);
     void this.run();
   }
 
@@ -123,7 +123,7 @@ export class SseTransport extends HttpTransport implements Transport {
     let res: Response;
     try {
       res = await this.fetchFn(handshakeUrl(this.open, "http").toString(), {
-        ...REQUEST_DEFAULTS,
+        ...this.init,
         headers: { accept: "text/event-stream" },
         signal: this.abort.signal,
       });

@@ -22,6 +22,16 @@ const info = async (id) => (await api(gw, "GET", `/v1/connections/${encodeURICom
 const connected = (client) => waitFor(() => client.state === "connected", 15_000, "connected");
 const range = (n, f) => Array.from({ length: n }, (_, i) => f(i + 1));
 
+/** waitFor, whose failure lists the client's events (what it went through, and why). */
+async function waitEvents(events, predicate, ms, what) {
+  try {
+    return await waitFor(predicate, ms, what);
+  } catch (e) {
+    const seen = events.map((ev) => [ev.name, ev.transport ?? ev.to ?? ev.reason?.kind ?? "", ev.error?.message ?? ""].filter(Boolean).join(" "));
+    throw new Error(`${e.message}; events: ${seen.join(" | ")}`);
+  }
+}
+
 test("WebSocket refused by a proxy: the client falls back to SSE at once, gets directs and channel messages; close() ends the session", async () => {
   const proxy = await startProxy(gw.port, { refuseUpgrade: true });
   const { client, events } = newClient(proxy.url);
@@ -155,27 +165,27 @@ test("a session moves between transports: WebSocket, then SSE when upgrades are 
     const { clientId } = await client.connect();
     assert.equal(client.transport, "websocket");
     await send(5);
-    await waitFor(() => got.length === 5, 5000, "5 directs");
+    await waitEvents(events, () => got.length === 5, 5000, "5 directs");
 
     // Upgrades refused from now on; the link drops with messages waiting.
     proxy.options.refuseUpgrade = true;
     proxy.hold();
     await send(5);
     proxy.release();
-    const moved = await waitFor(() => events.find((e) => e.name === "transport" && e.transport === "sse"), 10_000, "moved to SSE");
+    const moved = await waitEvents(events, () => events.find((e) => e.name === "transport" && e.transport === "sse"), 20_000, "moved to SSE");
     const movedAt = Date.now();
     assert.equal(moved.previous, "websocket");
-    await waitFor(() => events.some((e) => e.name === "resumed"), 10_000, "resumed");
+    await waitEvents(events, () => events.some((e) => e.name === "resumed"), 20_000, "resumed");
     assert.ok(events.indexOf(moved) < events.findIndex((e) => e.name === "resumed"));
     assert.equal(client.clientId, clientId);
     await send(5);
-    await waitFor(() => got.length === 15, 5000, "15 directs");
+    await waitEvents(events, () => got.length === 15, 5000, "15 directs");
 
     // A reconnect before fallbackRetryMs goes straight back to SSE: no new WebSocket attempt.
     assert.ok(Date.now() - movedAt < retryMs / 2, "this machine is too slow for this test's timing");
     const refused = proxy.refusedUpgrades;
     proxy.cut();
-    await waitFor(() => events.filter((e) => e.name === "resumed").length === 2, 10_000, "second resume");
+    await waitEvents(events, () => events.filter((e) => e.name === "resumed").length === 2, 20_000, "second resume");
     assert.equal(proxy.refusedUpgrades, refused);
     assert.equal(client.transport, "sse");
 
@@ -183,13 +193,13 @@ test("a session moves between transports: WebSocket, then SSE when upgrades are 
     proxy.options.refuseUpgrade = false;
     await sleep(movedAt + retryMs + 100 - Date.now());
     proxy.cut();
-    const back = await waitFor(() => events.filter((e) => e.name === "transport" && e.transport === "websocket")[1], 10_000, "back to WebSocket");
+    const back = await waitEvents(events, () => events.filter((e) => e.name === "transport" && e.transport === "websocket")[1], 20_000, "back to WebSocket");
     assert.equal(back.previous, "sse");
-    await waitFor(() => events.filter((e) => e.name === "resumed").length === 3, 10_000, "third resume");
+    await waitEvents(events, () => events.filter((e) => e.name === "resumed").length === 3, 20_000, "third resume");
     assert.equal(client.transport, "websocket");
     assert.equal((await info(clientId)).transport, "websocket");
     await send(5);
-    await waitFor(() => got.length === 20, 5000, "20 directs");
+    await waitEvents(events, () => got.length === 20, 5000, "20 directs");
     await sleep(200);
     assert.deepEqual(got.map((m) => [m.seq, m.data]), range(20, (i) => [i, `m${i}`]));
     assert.equal(events.filter((e) => e.name === "restarted").length, 0);

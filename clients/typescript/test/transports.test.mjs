@@ -58,7 +58,7 @@ test("sse parser: the same events whatever the chunking (every split point, and 
 function fakeFetch(handler) {
   const requests = [];
   const f = async (url, init = {}) => {
-    const req = { url: new URL(url), method: init.method ?? "GET", body: init.body, headers: init.headers ?? {}, signal: init.signal };
+    const req = { url: new URL(url), method: init.method ?? "GET", body: init.body, headers: init.headers ?? {}, signal: init.signal, credentials: init.credentials };
     requests.push(req);
     return handler(req, requests.length - 1);
   };
@@ -112,7 +112,9 @@ test("command poster: one request in flight, order kept, commands sent meanwhile
     inFlight -= 1;
     if (req.body.includes('"n":3') && fails > 0) {
       fails -= 1;
-      throw new TypeError("fetch failed");
+      // A network error, then the gateway too busy: both sent again.
+      if (fails === 1) throw new TypeError("fetch failed");
+      return json(503, { code: "busy", message: "" });
     }
     accepted.push(...req.body.split("\n").map((l) => JSON.parse(l).n));
     return NO_CONTENT();
@@ -131,7 +133,7 @@ test("command poster: one request in flight, order kept, commands sent meanwhile
     assert.equal(r.headers["content-type"], "text/plain");
   }
   // The first command went alone; the five sent while it was in flight went together, three times
-  // (two network errors), identically.
+  // (a network error, a 503), identically.
   const bodies = f.requests.map((r) => r.body);
   assert.equal(bodies[0], '{"n":1}');
   assert.equal(bodies.length, 4);
@@ -186,6 +188,7 @@ test("sse transport: the handshake URL, frames in order, heartbeats, commands af
   assert.equal(open.url.pathname, "/live");
   assert.deepEqual(Object.fromEntries(open.url.searchParams), { app: "1", token: "T", resume: "R", received: "4" });
   assert.equal(open.headers.accept, "text/event-stream");
+  assert.equal(open.credentials, "same-origin");
   await sleep(20);
   assert.equal(f.requests.length, 1, "no command before the session is known");
   stream.push('id: 1\ndata: {"push":"connected","client":"c","session":"S1"}\n\n:\n\nid: 2\ndata: {"push":"direct","seq":5');
@@ -274,7 +277,7 @@ test("sse transport: drop() aborts the stream without a report; end() sends DELE
   assert.deepEqual(l2.closedEvents, []);
 });
 
-test("long-poll transport: open, polls acknowledge cursors, a lost answer is asked again with the same cursor, poll_replaced ignored, close", async () => {
+test("long-poll transport: open, polls acknowledge cursors, a lost answer (or a 5xx) is asked again with the same cursor, poll_replaced ignored, close", async () => {
   const script = [];
   let polls = 0;
   const f = fakeFetch(async (req) => {
@@ -293,18 +296,20 @@ test("long-poll transport: open, polls acknowledge cursors, a lost answer is ask
       throw new TypeError("fetch failed"); // the answer is lost
     },
     () => json(409, { code: "poll_replaced", message: "" }),
+    () => json(504, { code: "node_timeout", message: "" }),
     () => json(200, { cursor: 3, pushes: [] }),
     () => json(200, { cursor: 4, pushes: [{ push: "direct", seq: 3, text: "c" }], close: { code: 4004, reason: "token expired" } }),
   );
   const l = listener();
-  const t = new LongPollTransport(f, { url: "wss://gw/live", token: "T", listener: l });
+  const t = new LongPollTransport(f, { url: "wss://gw/live", token: "T", listener: l }, "include");
   t.send('{"id":9,"cmd":"ping"}');
   await waitFor(() => l.closedEvents.length === 1, 5000, "closed");
   const open = f.requests[0];
   assert.equal(open.url.protocol, "https:");
   assert.deepEqual(Object.fromEntries(open.url.searchParams), { token: "T", transport: "long-poll" });
   const cursors = f.requests.filter((r) => r.method === "GET" && r.url.searchParams.has("session")).map((r) => r.url.searchParams.get("cursor"));
-  assert.deepEqual(cursors, ["1", "2", "2", "2", "3"]);
+  assert.deepEqual(cursors, ["1", "2", "2", "2", "2", "3"]);
+  assert.ok(f.requests.every((r) => r.credentials === "include"));
   for (const r of f.requests.slice(1).filter((r) => r.method === "GET")) {
     assert.equal(r.url.searchParams.get("transport"), "long-poll");
     assert.equal(r.url.searchParams.get("session"), "S");
@@ -318,12 +323,14 @@ test("long-poll transport: open, polls acknowledge cursors, a lost answer is ask
   const post = f.requests.find((r) => r.method === "POST");
   assert.equal(post.body, '{"id":9,"cmd":"ping"}');
   assert.equal(post.url.searchParams.get("session"), "S");
-  assert.equal(polls, 5);
+  assert.equal(polls, 6);
 });
 
-test("long-poll transport: bad_cursor and session_unknown end it as a lost link", async () => {
+test("long-poll transport: bad_cursor, session_suspended, session_ended and session_unknown end it as a lost link", async () => {
   for (const [status, code] of [
     [409, "bad_cursor"],
+    [409, "session_suspended"],
+    [409, "session_ended"],
     [404, "session_unknown"],
   ]) {
     const f = fakeFetch(async (req) =>
