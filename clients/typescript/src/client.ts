@@ -594,15 +594,21 @@ export class SwitchboardClient extends Emitter<ClientEvents> implements Subscrip
       error = new SwitchboardError(RETRYABLE_REFUSALS.has(code) ? "protocol" : "refused", `authentication refused (${event.code}): ${event.reason}`);
     }
     error ??= new SwitchboardError("protocol", `the connection closed before the \`connected\` push (code ${event.code ?? "none"})`);
-    this.attemptFailed(conn, error);
+    this.attemptFailed(conn, error, event.unreachable === true);
   }
 
-  /** An attempt that did not get its `connected` push: the next transport, or the next round after a backoff, or the end. */
-  private attemptFailed(conn: Conn, error: SwitchboardError): void {
+  /**
+   * An attempt that did not get its `connected` push: the next transport, or
+   * the next round after a backoff, or the end. An HTTP transport that could
+   * not reach the host at all (`unreachable`) ends the round: the network is
+   * down, and the next transport would only land by chance on a network that
+   * just came back, and be kept for `fallbackRetryMs`.
+   */
+  private attemptFailed(conn: Conn, error: SwitchboardError, unreachable = false): void {
     if (conn.ended) return;
     this.endConn(conn);
     this.dropConn(conn);
-    const next = conn.index + 1 < this.transports.length ? conn.index + 1 : undefined;
+    const next = conn.index + 1 < this.transports.length && !(unreachable && conn.name !== "websocket") ? conn.index + 1 : undefined;
     if (this.isTerminal(conn, error, next !== undefined)) {
       this.fail(error);
       return;

@@ -48,8 +48,14 @@ export class LongPollTransport extends HttpTransport implements Transport {
     const openUrl = handshakeUrl(this.open, "http");
     openUrl.searchParams.set("transport", "long-poll");
     let answer: unknown;
+    let res: Response;
     try {
-      const res = await this.fetchFn(openUrl.toString(), { ...this.init, signal: this.abort.signal });
+      res = await this.fetchFn(openUrl.toString(), { ...this.init, signal: this.abort.signal });
+    } catch (e) {
+      this.report({ reason: "", clean: false, error: networkError(e), unreachable: true });
+      return;
+    }
+    try {
       if (this.done) return;
       if (res.status !== 200) {
         this.report({ reason: "", clean: false, error: await handshakeRefusal(res) });

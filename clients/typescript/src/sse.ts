@@ -128,7 +128,7 @@ export class SseTransport extends HttpTransport implements Transport {
         signal: this.abort.signal,
       });
     } catch (e) {
-      this.report({ reason: "", clean: false, error: networkError(e) });
+      this.report({ reason: "", clean: false, error: networkError(e), unreachable: true });
       return;
     }
     if (this.done) return;

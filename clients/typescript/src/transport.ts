@@ -22,6 +22,12 @@ export interface TransportClosed {
   clean: boolean;
   /** Why the transport failed: before its first frame, an HTTP refusal (`refused`, with `status`), a network error…; after it, a lost link. */
   error?: SwitchboardError;
+  /**
+   * An HTTP transport's opening request got no answer at all (the host could
+   * not be reached, or a browser refused it): the network is down, not this
+   * transport, so another HTTP transport would fail the same way.
+   */
+  unreachable?: boolean;
 }
 
 /** What a transport reports to the protocol logic above it. Nothing is reported after `end()` or `drop()`. */

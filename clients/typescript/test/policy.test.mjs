@@ -172,11 +172,11 @@ test("policy: no `connected` push within fallbackTimeoutMs goes on to the next t
   }
 });
 
-test("policy: a round where everything failed is one connectFailed; the next round starts from the first transport", async () => {
+test("policy: a round where everything failed is one connectFailed; the next round starts from the first transport; an unreachable host ends a round", async () => {
   const env = network();
   const { net } = env;
   net.ws = "refuse503";
-  net.sse = "fail";
+  net.sse = "503";
   net.lp = "503";
   const { c, events } = client(env);
   try {
@@ -186,6 +186,16 @@ test("policy: a round where everything failed is one connectFailed; the next rou
     assert.deepEqual(firstRounds, ["websocket", "sse", "long-poll", "websocket", "sse", "long-poll"]);
     const failed = events.find((e) => e.name === "connectFailed");
     assert.equal(failed.error.status, 503);
+    // SSE gets no answer at all: the network is down, long-polling would fail the same way (or land by
+    // chance on a network just back, and be kept): the round ends there.
+    net.sse = "fail";
+    const from = net.log.length;
+    const rounds = events.filter((e) => e.name === "connectFailed").length;
+    await waitFor(() => events.filter((e) => e.name === "connectFailed").length >= rounds + 3, 2000, "three more failed rounds (the first may have begun before)");
+    const later = net.log.slice(from).map((l) => l.split(" ")[0]);
+    const start = later.indexOf("websocket");
+    assert.deepEqual(later.slice(start, start + 4), ["websocket", "sse", "websocket", "sse"]);
+    assert.match(events.filter((e) => e.name === "connectFailed").at(-1).error.message, /fetch failed/);
     // Now SSE works: the client settles there and keeps it.
     net.sse = "ok";
     await waitFor(() => c.state === "connected", 2000, "connected");
