@@ -628,8 +628,9 @@ async fn echo_report(sh: &Shared, start_ns: u64, warmup_ms: u64, window_ms: u64)
 
 /// A client once open.
 struct Opened {
-    /// Its connection.
-    stream: Stream,
+    /// Its connection (none for a long-poll client: it closes the opening
+    /// answer's connection at once).
+    stream: Option<Stream>,
     /// Bytes read past its setup.
     rest: Vec<u8>,
     /// The greeting's connection id.
@@ -768,7 +769,7 @@ async fn open(sh: &Shared, i: usize) -> Result<Opened, String> {
         _ => Stream::Plain(tcp),
     };
     let opened = |stream, rest| Opened {
-        stream,
+        stream: Some(stream),
         rest,
         id: None,
         poll: None,
@@ -793,9 +794,15 @@ async fn open(sh: &Shared, i: usize) -> Result<Opened, String> {
             let session = v["pushes"][0]["session"]
                 .as_str()
                 .ok_or_else(|| format!("no session in the opening answer: {v}"))?;
-            let mut o = opened(s, buf);
-            o.poll = Some((session.to_owned(), cursor));
-            return Ok(o);
+            // Between polls: no socket. (Kept, the gateway would hold it
+            // until `handshake-timeout` waiting for a next request.)
+            drop(s);
+            return Ok(Opened {
+                stream: None,
+                rest: Vec::new(),
+                id: None,
+                poll: Some((session.to_owned(), cursor)),
+            });
         }
     }
     if !text.starts_with("http/1.1 101")
@@ -881,7 +888,7 @@ async fn open_sse(
         _ => {}
     }
     Ok(Opened {
-        stream: s,
+        stream: Some(s),
         rest: buf,
         id: None,
         poll: None,
@@ -931,12 +938,11 @@ async fn next_json(s: &mut Stream, buf: &mut Vec<u8>) -> Result<serde_json::Valu
 const MAX_POLLS: usize = 1000;
 
 /// Holds a long-poll session: between polls (no socket: the opening
-/// answer's connection is closed) until [`Cmd::Poll`], then always one poll
-/// waiting (polling again as soon as one is answered, on the same
+/// answer's connection was closed) until [`Cmd::Poll`], then always one
+/// poll waiting (polling again as soon as one is answered, on the same
 /// connection while the gateway keeps it), until the worker is told to
 /// close. Returns whether it held until then.
-async fn hold_polls(sh: Rc<Shared>, i: usize, s: Stream, session: String, cursor: u64) -> bool {
-    drop(s);
+async fn hold_polls(sh: Rc<Shared>, i: usize, session: String, cursor: u64) -> bool {
     let mut close = sh.close.clone();
     let mut polling = sh.polling.clone();
     tokio::select! {
@@ -1018,14 +1024,16 @@ async fn poll_loop(sh: &Shared, i: usize, session: &str, mut cursor: u64) -> Res
 /// clean (an event stream's is the client dropping it).
 async fn hold(sh: Rc<Shared>, i: usize, o: Opened) -> bool {
     let Opened {
-        stream: mut s,
+        stream,
         mut rest,
         poll,
         ..
     } = o;
-    if let Some((session, cursor)) = poll {
-        return hold_polls(sh, i, s, session, cursor).await;
-    }
+    let mut s = match (stream, poll) {
+        (_, Some((session, cursor))) => return hold_polls(sh, i, session, cursor).await,
+        (Some(s), None) => s,
+        (None, None) => return false,
+    };
     let mut close = sh.close.clone();
     if let Mode::Echo(size) = sh.cfg.mode {
         let r = tokio::select! {
