@@ -5,7 +5,8 @@
 #    stream and long-poll session (a poll waiting, and between polls), each
 #    transport on a gateway of its own;
 # 2. `fanout` to WebSocket subscribers, then to SSE subscribers (the
-#    gateway's plain EventSource), then nginx + nchan with EventSource
+#    gateway's plain EventSource), to bidirectional SSE subscribers (a
+#    POSTed subscribe command), then nginx + nchan with EventSource
 #    subscribers and with WebSocket ones (compare/nchan.sh), one after the
 #    other with the same options;
 # 3. a summary of the fan-out result files side by side.
@@ -33,7 +34,9 @@ run() { "$@" || { echo "fallbacks.sh: failed or reported problems: $*" >&2; stat
 run "$bench" fallbacks --connections "$n" --json "$out/fallbacks-$n.json"
 run "$bench" fanout --subscribers "$s" --json "$out/fanout-ws-$s.json"
 run "$bench" fanout --transport sse --subscribers "$s" --json "$out/fanout-sse-$s.json"
-files=("$out/fanout-ws-$s.json" "$out/fanout-sse-$s.json")
+run "$bench" fanout --transport sse-bidirectional --subscribers "$s" \
+    --json "$out/fanout-sse-bidirectional-$s.json"
+files=("$out/fanout-ws-$s.json" "$out/fanout-sse-$s.json" "$out/fanout-sse-bidirectional-$s.json")
 if command -v nginx >/dev/null || [[ -x /usr/sbin/nginx ]]; then
     run env BENCH="$bench" "$root/tools/switchboard-bench/compare/nchan.sh" --transport sse \
         --subscribers "$s" --json "$out/fanout-nchan-es-$s.json"

@@ -91,6 +91,11 @@ pub(crate) enum Transport {
     /// of server-sent events (the gateway's SSE and plain EventSource,
     /// nchan's EventSource).
     Sse,
+    /// The gateway's bidirectional SSE, subscribing with a command: as
+    /// [`Transport::Sse`], and in receive mode with a channel, the
+    /// `subscribe` command is `POST`ed on the session (`?session=`, a
+    /// connection of its own) and its reply read on the stream.
+    SseBidirectional,
     /// The gateway's long-polling: an opening `GET ?transport=long-poll`,
     /// then polls (idle mode only).
     LongPoll,
@@ -509,7 +514,7 @@ async fn worker(cfg: WorkerConfig) -> Result<(), String> {
                 .map(|p| format!("Sec-WebSocket-Protocol: {p}\r\n"))
                 .unwrap_or_default(),
         ),
-        Transport::Sse => format!(
+        Transport::Sse | Transport::SseBidirectional => format!(
             "GET /{path} HTTP/1.1\r\nHost: {host}\r\nAccept: text/event-stream\r\n\
              Cache-Control: no-cache\r\n\r\n"
         ),
@@ -782,7 +787,9 @@ async fn open(sh: &Shared, i: usize) -> Result<Opened, String> {
     let text = read_head(&mut s, &mut buf).await?;
     match cfg.transport {
         Transport::WebSocket => {}
-        Transport::Sse => return open_sse(sh, s, &text, buf).await,
+        Transport::Sse | Transport::SseBidirectional => {
+            return open_sse(sh, i, s, &text, buf).await
+        }
         Transport::LongPoll => {
             if !text.starts_with("http/1.1 200") {
                 return Err(format!("long-poll refused: {}", status_line(&text)));
@@ -851,9 +858,11 @@ async fn open(sh: &Shared, i: usize) -> Result<Opened, String> {
 /// The setup of an event stream, after its head: in idle mode, read the
 /// first event with data (the gateway's `connected` push); in receive mode
 /// with a channel, read events until `event: subscribed` (the gateway's
-/// plain EventSource: every channel of the URL subscribed).
+/// plain EventSource: every channel of the URL subscribed), or for
+/// [`Transport::SseBidirectional`] subscribe with a `POST`ed command.
 async fn open_sse(
     sh: &Shared,
+    i: usize,
     mut s: Stream,
     head: &str,
     mut buf: Vec<u8>,
@@ -871,6 +880,12 @@ async fn open_sse(
                 break;
             }
         },
+        Mode::Receive {
+            subscribe: Some(channel),
+            ..
+        } if sh.cfg.transport == Transport::SseBidirectional => {
+            subscribe_by_post(sh, i, &mut s, &mut buf, channel).await?;
+        }
         Mode::Receive {
             subscribe: Some(_), ..
         } => loop {
@@ -893,6 +908,72 @@ async fn open_sse(
         id: None,
         poll: None,
     })
+}
+
+/// The JSON of an event's `data:` lines (joined), if any.
+fn event_json(ev: &[u8]) -> Option<serde_json::Value> {
+    let mut data = Vec::new();
+    for l in event_lines(ev) {
+        if let Some(d) = l.strip_prefix(b"data:") {
+            if !data.is_empty() {
+                data.push(b'\n');
+            }
+            data.extend_from_slice(d.strip_prefix(b" ").unwrap_or(d));
+        }
+    }
+    serde_json::from_slice(&data).ok()
+}
+
+/// Subscribes a bidirectional SSE stream to `channel`: the session token
+/// from the `connected` push, the `subscribe` command `POST`ed on a
+/// connection of its own (`204` expected), then its reply on the stream.
+async fn subscribe_by_post(
+    sh: &Shared,
+    i: usize,
+    s: &mut Stream,
+    buf: &mut Vec<u8>,
+    channel: &str,
+) -> Result<(), String> {
+    let session = loop {
+        let ev = next_event(s, buf).await?;
+        if let Some(v) = event_json(&ev) {
+            if v["push"] == "connected" {
+                break v["session"]
+                    .as_str()
+                    .ok_or_else(|| format!("no session in {v}"))?
+                    .to_owned();
+            }
+        }
+    };
+    let cfg = &sh.cfg;
+    let host = cfg.target.split('/').next().unwrap_or_default();
+    let path = cfg.target.split_once('/').map_or("", |(_, p)| p);
+    let body = format!(r#"{{"id":1,"cmd":"subscribe","channel":{channel:?}}}"#);
+    let req = format!(
+        "POST /{path}{sep}session={session} HTTP/1.1\r\nHost: {host}\r\n\
+         Content-Type: text/plain\r\nContent-Length: {len}\r\nConnection: close\r\n\r\n{body}",
+        sep = query_sep(path),
+        len = body.len()
+    );
+    let mut post = Stream::Plain(connect_tcp(cfg, i).await?);
+    send(&mut post, req.as_bytes()).await?;
+    let mut answer = Vec::new();
+    let head = read_head(&mut post, &mut answer).await?;
+    if !head.starts_with("http/1.1 204") {
+        return Err(format!("subscribe POST refused: {}", status_line(&head)));
+    }
+    drop(post);
+    loop {
+        let ev = next_event(s, buf).await?;
+        if let Some(v) = event_json(&ev) {
+            if v["id"] == 1 {
+                if v.get("result").is_none() {
+                    return Err(format!("subscribe failed: {v}"));
+                }
+                return Ok(());
+            }
+        }
+    }
 }
 
 /// The lines of an event.
@@ -1094,7 +1175,14 @@ async fn hold(sh: Rc<Shared>, i: usize, o: Opened) -> bool {
             sh.tally.borrow_mut().dropped(why);
             false
         }
-        None if tcp || sh.cfg.transport == Transport::Sse => true,
+        None if tcp
+            || matches!(
+                sh.cfg.transport,
+                Transport::Sse | Transport::SseBidirectional
+            ) =>
+        {
+            true
+        }
         None => close_ws(&mut s, &mut rest).await,
     }
 }
@@ -1102,7 +1190,7 @@ async fn hold(sh: Rc<Shared>, i: usize, o: Opened) -> bool {
 /// Handles what a connection read: frames, or events of an event stream.
 fn handle(sh: &Shared, buf: &[u8], rest: &mut Vec<u8>, pongs: &mut Vec<u8>) -> Result<(), String> {
     match sh.cfg.transport {
-        Transport::Sse => handle_events(sh, buf, rest),
+        Transport::Sse | Transport::SseBidirectional => handle_events(sh, buf, rest),
         _ => handle_frames(sh, buf, rest, pongs),
     }
 }

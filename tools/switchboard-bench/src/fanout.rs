@@ -27,6 +27,11 @@
 //! subscriber has read the whole event (to its blank line) and found the
 //! stamp in it.
 //!
+//! With `--transport sse-bidirectional` the subscribers are the gateway's
+//! bidirectional SSE streams (`GET /` with `Accept: text/event-stream`),
+//! each subscribing with a `subscribe` command `POST`ed on its session and
+//! ready once the reply came on the stream.
+//!
 //! Every message carries its phase, number and publish time ([`stamp`]),
 //! found by the subscribers whatever the envelope. Server memory is read
 //! empty and subscribed (RSS and PSS over the server's processes), CPU per
@@ -61,6 +66,9 @@ pub(crate) enum Subscribers {
     /// Event streams: the gateway's plain EventSource, or any server's
     /// (`--url http://…`).
     Sse,
+    /// The gateway's bidirectional SSE streams, subscribed with a `POST`ed
+    /// `subscribe` command.
+    SseBidirectional,
 }
 
 /// Options of `fanout`.
@@ -188,14 +196,16 @@ pub(crate) async fn run(opts: &Opts, a: Args) -> Result<bool, String> {
         subscribe: native.then(|| CHANNEL.to_owned()),
         greeting: false,
     };
-    let sse = a.transport == Subscribers::Sse;
+    let sse = a.transport != Subscribers::Websocket;
     let mut configs = Vec::new();
     for (k, node) in nodes.iter().enumerate() {
         let share = a.subscribers * (k + 1) / nodes.len() - a.subscribers * k / nodes.len();
         let sub = (native && !sse).then_some("switchboard.v1");
         for mut c in opts.workers_for(node, share, 1, sub, mode.clone()) {
             c.offset += a.subscribers * k / nodes.len();
-            if sse {
+            if a.transport == Subscribers::SseBidirectional {
+                c.transport = Transport::SseBidirectional;
+            } else if sse {
                 c.transport = Transport::Sse;
                 if node.proc.is_some() {
                     // A spawned gateway: its plain EventSource stream.
@@ -398,6 +408,7 @@ pub(crate) async fn run(opts: &Opts, a: Args) -> Result<bool, String> {
     let transport = match a.transport {
         Subscribers::Websocket => "websocket",
         Subscribers::Sse => "sse",
+        Subscribers::SseBidirectional => "sse-bidirectional",
     };
     let single_lat = Percentiles::of(&single.all);
     let per_delivery =

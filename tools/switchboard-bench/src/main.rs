@@ -229,6 +229,7 @@ mod tests {
                 "5s",
             ],
             &["b", "fanout", "--transport", "sse", "--subscribers", "10"],
+            &["b", "fanout", "--transport", "sse-bidirectional"],
             &[
                 "b",
                 "fanout",
