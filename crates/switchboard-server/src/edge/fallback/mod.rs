@@ -459,7 +459,7 @@ pub(crate) async fn serve(
                 }
                 Err(r) => return refuse(&shared, stream, label, r, cors).await,
             };
-            if std::str::from_utf8(&body).is_err() {
+            let Ok(body) = String::from_utf8(body.to_vec()) else {
                 let r = handshake::refuse(
                     400,
                     "bad_request",
@@ -467,8 +467,7 @@ pub(crate) async fn serve(
                     "bad_request",
                 );
                 return refuse(&shared, stream, label, r, cors).await;
-            }
-            let body = String::from_utf8(body.to_vec()).unwrap_or_default();
+            };
             let reply = session_request(&shared, &head, FallbackAction::Commands { body }).await;
             relay(&shared, &mut stream, label, reply, cors.as_deref(), keep).await
         }
