@@ -53,17 +53,31 @@ export async function waitForHttp(url, ms) {
   }
 }
 
-/** A TCP proxy on `port` to `target` whose `cut()` destroys every connection through it. */
-export function cuttableProxy(port, target) {
+/**
+ * A TCP proxy on `port` to `target` whose `cut()` destroys every connection
+ * through it. With `refuseUpgrades`, WebSocket is broken in front of the
+ * gateway, as behind some corporate proxies: an upgrade request is answered
+ * 400 and plain HTTP passes.
+ */
+export function cuttableProxy(port, target, { refuseUpgrades = false } = {}) {
   const open = new Set();
+  const track = (s) => {
+    open.add(s);
+    s.on("close", () => open.delete(s));
+    s.on("error", () => {});
+  };
   const server = createServer((client) => {
-    const upstream = tcpConnect(target, "127.0.0.1");
-    for (const s of [client, upstream]) {
-      open.add(s);
-      s.on("close", () => open.delete(s));
-      s.on("error", () => {});
-    }
-    client.pipe(upstream).pipe(client);
+    track(client);
+    client.once("data", (first) => {
+      if (refuseUpgrades && /^upgrade:\s*websocket/im.test(first.toString("latin1"))) {
+        client.end("HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+        return;
+      }
+      const upstream = tcpConnect(target, "127.0.0.1");
+      track(upstream);
+      upstream.write(first);
+      client.pipe(upstream).pipe(client);
+    });
   });
   return new Promise((resolve) =>
     server.listen(port, "127.0.0.1", () =>

@@ -13,7 +13,6 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import { createServer as createHttpServer } from "node:http";
-import { createServer as createTcpServer, connect as tcpConnect } from "node:net";
 import { existsSync, readFileSync } from "node:fs";
 import { fileURLToPath } from "node:url";
 import path from "node:path";
@@ -124,42 +123,6 @@ test("the SDK keeps its session in a browser across cut connections", { timeout:
   }
 });
 
-/**
- * A proxy to `target` in front of which WebSocket is broken, as behind some
- * corporate proxies: an upgrade request is answered 400; plain HTTP passes.
- * `cut()` destroys every connection through it.
- */
-function noWebSocketProxy(port, target) {
-  const open = new Set();
-  const server = createTcpServer((client) => {
-    open.add(client);
-    client.on("close", () => open.delete(client));
-    client.on("error", () => {});
-    client.once("data", (first) => {
-      if (/^upgrade:\s*websocket/im.test(first.toString("latin1"))) {
-        client.end("HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
-        return;
-      }
-      const upstream = tcpConnect(target, "127.0.0.1");
-      open.add(upstream);
-      upstream.on("close", () => open.delete(upstream));
-      upstream.on("error", () => {});
-      upstream.write(first);
-      client.pipe(upstream).pipe(client);
-    });
-  });
-  return new Promise((resolve) =>
-    server.listen(port, "127.0.0.1", () =>
-      resolve({
-        server,
-        cut() {
-          for (const s of open) s.destroy();
-        },
-      }),
-    ),
-  );
-}
-
 for (const [name, transports, expected] of [
   ["falls back to SSE when WebSocket is blocked", undefined, "sse"],
   ["keeps its session over long-polling", ["long-poll"], "long-poll"],
@@ -175,7 +138,7 @@ for (const [name, transports, expected] of [
       "--poll-timeout", "2s",
     ]);
     const pages = await pageServer(web);
-    const link = await noWebSocketProxy(via, listen);
+    const link = await cuttableProxy(via, listen, { refuseUpgrades: true });
     const browser = await launchBrowser();
     try {
       await waitForHttp(`http://127.0.0.1:${control}/readyz`, 10_000);

@@ -40,6 +40,10 @@ else
     echo "run.sh: nginx is not installed; skipping the nchan comparison" >&2
 fi
 
+# HTTP fallbacks: idle memory per transport, fan-out to SSE subscribers
+# (and nchan's EventSource ones when nginx is installed).
+BENCH="$bench" tools/switchboard-bench/compare/fallbacks.sh 10000 10000
+
 if command -v nats-server >/dev/null; then
     "$bench" fanout --nodes 6 --subscribers 100000 --json "$out/fanout-cluster.json"
     "$bench" cross-node --clients 1000 --duration 10s --json "$out/cross-node.json"

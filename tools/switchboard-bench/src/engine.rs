@@ -81,6 +81,26 @@ pub(crate) enum Mode {
     },
 }
 
+/// How the clients reach the server.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) enum Transport {
+    /// A WebSocket upgrade, then frames.
+    #[default]
+    WebSocket,
+    /// A `GET` with `Accept: text/event-stream`, answered `200` and a stream
+    /// of server-sent events (the gateway's SSE and plain EventSource,
+    /// nchan's EventSource).
+    Sse,
+    /// The gateway's bidirectional SSE, subscribing with a command: as
+    /// [`Transport::Sse`], and in receive mode with a channel, the
+    /// `subscribe` command is `POST`ed on the session (`?session=`, a
+    /// connection of its own) and its reply read on the stream.
+    SseBidirectional,
+    /// The gateway's long-polling: an opening `GET ?transport=long-poll`,
+    /// then polls (idle mode only).
+    LongPoll,
+}
+
 /// A worker's clients, passed as its one argument (JSON).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub(crate) struct WorkerConfig {
@@ -102,6 +122,9 @@ pub(crate) struct WorkerConfig {
     pub(crate) mode: Mode,
     /// TLS: the CA file (PEM) the clients trust and the server name they check.
     pub(crate) tls: Option<(std::path::PathBuf, String)>,
+    /// How the clients reach the server.
+    #[serde(default)]
+    pub(crate) transport: Transport,
 }
 
 /// A command from the coordinator.
@@ -121,6 +144,9 @@ pub(crate) enum Cmd {
     },
     /// Report the receipts of a phase so far ([`Report::Receipts`]).
     Receipts(u8),
+    /// Long-poll clients: send the first poll (and poll again whenever one
+    /// is answered), then [`Report::Polling`].
+    Poll,
     /// Close every connection gracefully, then [`Report::Closed`].
     Close,
 }
@@ -156,6 +182,13 @@ pub(crate) enum Report {
     },
     /// Receipts of a phase.
     Receipts(Box<Receipts>),
+    /// The long-poll clients have sent their first poll.
+    Polling {
+        /// Clients whose first poll is sent.
+        sent: usize,
+        /// Clients that failed before or while sending it.
+        failed: usize,
+    },
     /// Every connection is closed.
     Closed {
         /// Closes the server answered with a close frame.
@@ -178,6 +211,9 @@ pub(crate) struct Receipts {
     pub(crate) dropped: u64,
     /// Why the first of them ended.
     pub(crate) first_drop: Option<String>,
+    /// Long-polls answered (any answer: pushes, empty or refused).
+    #[serde(default)]
+    pub(crate) polls_answered: u64,
 }
 
 // === Stamps ===
@@ -349,6 +385,7 @@ struct Tally {
     phases: HashMap<u8, PhaseTally>,
     ticks: BTreeMap<u64, u64>,
     pings: u64,
+    polls_answered: u64,
     live: usize,
     dropped: u64,
     first_drop: Option<String>,
@@ -403,6 +440,7 @@ impl Tally {
             pings: self.pings,
             dropped: self.dropped,
             first_drop: self.first_drop.clone(),
+            polls_answered: self.polls_answered,
         }
     }
 }
@@ -429,6 +467,12 @@ struct Shared {
     buf: RefCell<Vec<u8>>,
     out: mpsc::UnboundedSender<Report>,
     close: watch::Receiver<bool>,
+    /// Long-poll clients: set by [`Cmd::Poll`].
+    polling: watch::Receiver<bool>,
+    /// Long-poll clients whose first poll is sent.
+    first_polls: std::cell::Cell<usize>,
+    /// First polls in flight at once (`concurrency`, as handshakes).
+    first_poll_permits: Semaphore,
 }
 
 /// Runs the hidden `worker` role: a current-thread runtime and its clients.
@@ -457,22 +501,34 @@ async fn worker(cfg: WorkerConfig) -> Result<(), String> {
     });
     let (close_tx, close) = watch::channel(false);
     let (window_tx, echo_window) = watch::channel(None);
-    let request = format!(
-        "GET /{path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{offer}\r\n",
-        host = cfg.target.split('/').next().unwrap_or_default(),
-        path = cfg.target.split_once('/').map_or("", |(_, p)| p),
-        offer = cfg
-            .subprotocol
-            .as_ref()
-            .map(|p| format!("Sec-WebSocket-Protocol: {p}\r\n"))
-            .unwrap_or_default(),
-    )
+    let (polling_tx, polling) = watch::channel(false);
+    let host = cfg.target.split('/').next().unwrap_or_default();
+    let path = cfg.target.split_once('/').map_or("", |(_, p)| p);
+    let request = match cfg.transport {
+        Transport::WebSocket => format!(
+            "GET /{path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{offer}\r\n",
+            offer = cfg
+                .subprotocol
+                .as_ref()
+                .map(|p| format!("Sec-WebSocket-Protocol: {p}\r\n"))
+                .unwrap_or_default(),
+        ),
+        Transport::Sse | Transport::SseBidirectional => format!(
+            "GET /{path} HTTP/1.1\r\nHost: {host}\r\nAccept: text/event-stream\r\n\
+             Cache-Control: no-cache\r\n\r\n"
+        ),
+        Transport::LongPoll => format!(
+            "GET /{path}{sep}transport=long-poll HTTP/1.1\r\nHost: {host}\r\n\r\n",
+            sep = query_sep(path)
+        ),
+    }
     .into_bytes();
     let tls = match &cfg.tls {
         Some((ca, name)) => Some(tls_client(ca, name)?),
         None => None,
     };
+    let concurrency = cfg.concurrency.max(1);
     let sh = Rc::new(Shared {
         cfg,
         tls,
@@ -483,6 +539,9 @@ async fn worker(cfg: WorkerConfig) -> Result<(), String> {
         buf: RefCell::new(Vec::with_capacity(READ_CHUNK)),
         out,
         close,
+        polling,
+        first_polls: std::cell::Cell::new(0),
+        first_poll_permits: Semaphore::new(concurrency),
     });
     let mut lines = BufReader::new(tokio::io::stdin()).lines();
     // End of stdin: the coordinator is gone.
@@ -499,7 +558,7 @@ async fn worker(cfg: WorkerConfig) -> Result<(), String> {
                 let _ = sh.out.send(report);
                 let handles: Vec<_> = conns
                     .into_iter()
-                    .map(|(stream, rest)| tokio::task::spawn_local(hold(sh.clone(), stream, rest)))
+                    .map(|(i, o)| tokio::task::spawn_local(hold(sh.clone(), i, o)))
                     .collect();
                 let sh = sh.clone();
                 tokio::task::spawn_local(async move {
@@ -525,6 +584,26 @@ async fn worker(cfg: WorkerConfig) -> Result<(), String> {
             Cmd::Receipts(phase) => {
                 let r = sh.tally.borrow_mut().take(phase);
                 let _ = sh.out.send(Report::Receipts(Box::new(r)));
+            }
+            Cmd::Poll => {
+                let _ = polling_tx.send(true);
+                let sh = sh.clone();
+                tokio::task::spawn_local(async move {
+                    // Until every live client has sent its first poll (or
+                    // failed), 60 s at most.
+                    let open = sh.tally.borrow().live;
+                    let dropped = sh.tally.borrow().dropped;
+                    let deadline = Instant::now() + Duration::from_secs(60);
+                    loop {
+                        let failed = (sh.tally.borrow().dropped - dropped) as usize;
+                        let sent = sh.first_polls.get();
+                        if sent + failed >= open || Instant::now() > deadline {
+                            let _ = sh.out.send(Report::Polling { sent, failed });
+                            break;
+                        }
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                });
             }
             Cmd::Close => {
                 let _ = close_tx.send(true);
@@ -552,8 +631,22 @@ async fn echo_report(sh: &Shared, start_ns: u64, warmup_ms: u64, window_ms: u64)
     }
 }
 
-/// Opens every connection of the worker, `concurrency` at a time.
-async fn connect_all(sh: &Rc<Shared>) -> (Vec<(Stream, Vec<u8>)>, Report) {
+/// A client once open.
+struct Opened {
+    /// Its connection (none for a long-poll client: it closes the opening
+    /// answer's connection at once).
+    stream: Option<Stream>,
+    /// Bytes read past its setup.
+    rest: Vec<u8>,
+    /// The greeting's connection id.
+    id: Option<String>,
+    /// A long-poll client's session token and cursor.
+    poll: Option<(String, u64)>,
+}
+
+/// Opens every connection of the worker, `concurrency` at a time: each
+/// client's index and what it opened.
+async fn connect_all(sh: &Rc<Shared>) -> (Vec<(usize, Opened)>, Report) {
     let permits = Rc::new(Semaphore::new(sh.cfg.concurrency.max(1)));
     let mut tasks = Vec::with_capacity(sh.cfg.count);
     for i in 0..sh.cfg.count {
@@ -570,12 +663,12 @@ async fn connect_all(sh: &Rc<Shared>) -> (Vec<(Stream, Vec<u8>)>, Report) {
     let mut ids = Vec::new();
     let (mut failed, mut first_error) = (0, None);
     let mut latency = measure::histogram();
-    for t in tasks {
+    for (i, t) in tasks.into_iter().enumerate() {
         match t.await.map_err(|e| e.to_string()).and_then(|r| r) {
-            Ok(((stream, rest, id), took)) => {
+            Ok((mut opened, took)) => {
                 latency.saturating_record(took.as_micros() as u64);
-                conns.push((stream, rest));
-                ids.extend(id);
+                ids.extend(opened.id.take());
+                conns.push((i, opened));
             }
             Err(e) => {
                 failed += 1;
@@ -594,11 +687,8 @@ async fn connect_all(sh: &Rc<Shared>) -> (Vec<(Stream, Vec<u8>)>, Report) {
     (conns, report)
 }
 
-/// Connects client `i`: TCP from its source address, then (unless in TCP
-/// mode) the handshake and the mode's setup. Returns the socket, the bytes
-/// read past the setup and the greeting's connection id.
-async fn open(sh: &Shared, i: usize) -> Result<(Stream, Vec<u8>, Option<String>), String> {
-    let cfg = &sh.cfg;
+/// A TCP connection of client `i` to the server, from its source address.
+async fn connect_tcp(cfg: &WorkerConfig, i: usize) -> Result<TcpStream, String> {
     let sock = socket2::Socket::new(
         socket2::Domain::for_address(cfg.addr),
         socket2::Type::STREAM,
@@ -617,6 +707,62 @@ async fn open(sh: &Shared, i: usize) -> Result<(Stream, Vec<u8>, Option<String>)
         .await
         .map_err(|e| format!("connect to {}: {e}", cfg.addr))?;
     tcp.set_nodelay(true).map_err(|e| e.to_string())?;
+    Ok(tcp)
+}
+
+/// Reads an HTTP response head: the head in lower case; `buf` keeps the
+/// bytes after it.
+async fn read_head(s: &mut Stream, buf: &mut Vec<u8>) -> Result<String, String> {
+    let head = loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break end + 4;
+        }
+        if buf.len() > 16 << 10 || s.read_buf(buf).await.map_err(|e| e.to_string())? == 0 {
+            return Err("no response".into());
+        }
+    };
+    let text = String::from_utf8_lossy(&buf[..head]).to_ascii_lowercase();
+    buf.drain(..head);
+    Ok(text)
+}
+
+/// Reads the body of a response with a `Content-Length` (at most 1 MiB).
+async fn read_body(s: &mut Stream, head: &str, buf: &mut Vec<u8>) -> Result<Vec<u8>, String> {
+    let len: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .and_then(|v| v.trim().parse().ok())
+        .ok_or("an answer without a Content-Length")?;
+    if len > 1 << 20 {
+        return Err(format!("an answer of {len} bytes"));
+    }
+    while buf.len() < len {
+        if s.read_buf(buf).await.map_err(|e| e.to_string())? == 0 {
+            return Err("the answer's body was cut".into());
+        }
+    }
+    Ok(buf.drain(..len).collect())
+}
+
+/// The first line of a response head.
+fn status_line(head: &str) -> &str {
+    head.lines().next().unwrap_or_default()
+}
+
+/// `?` or `&`: how a parameter joins a path that may have a query.
+fn query_sep(path: &str) -> char {
+    if path.contains('?') {
+        '&'
+    } else {
+        '?'
+    }
+}
+
+/// Connects client `i`: TCP from its source address, then (unless in TCP
+/// mode) the opening request of its transport and the mode's setup.
+async fn open(sh: &Shared, i: usize) -> Result<Opened, String> {
+    let cfg = &sh.cfg;
+    let tcp = connect_tcp(cfg, i).await?;
     let mut s = match &sh.tls {
         Some((connector, name)) if cfg.mode != Mode::Tcp => {
             let tls = connector
@@ -627,33 +773,56 @@ async fn open(sh: &Shared, i: usize) -> Result<(Stream, Vec<u8>, Option<String>)
         }
         _ => Stream::Plain(tcp),
     };
+    let opened = |stream, rest| Opened {
+        stream: Some(stream),
+        rest,
+        id: None,
+        poll: None,
+    };
     if cfg.mode == Mode::Tcp {
-        return Ok((s, Vec::new(), None));
+        return Ok(opened(s, Vec::new()));
     }
     send(&mut s, &sh.request).await?;
     let mut buf = Vec::with_capacity(1024);
-    let head = loop {
-        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            break end + 4;
+    let text = read_head(&mut s, &mut buf).await?;
+    match cfg.transport {
+        Transport::WebSocket => {}
+        Transport::Sse | Transport::SseBidirectional => {
+            return open_sse(sh, i, s, &text, buf).await
         }
-        if buf.len() > 16 << 10 || s.read_buf(&mut buf).await.map_err(|e| e.to_string())? == 0 {
-            return Err("no handshake response".into());
+        Transport::LongPoll => {
+            if !text.starts_with("http/1.1 200") {
+                return Err(format!("long-poll refused: {}", status_line(&text)));
+            }
+            let body = read_body(&mut s, &text, &mut buf).await?;
+            let v: serde_json::Value =
+                serde_json::from_slice(&body).map_err(|e| format!("not JSON: {e}"))?;
+            let cursor = v["cursor"].as_u64().ok_or("no cursor")?;
+            let session = v["pushes"][0]["session"]
+                .as_str()
+                .ok_or_else(|| format!("no session in the opening answer: {v}"))?;
+            // Between polls: no socket. (Kept, the gateway would hold it
+            // until `handshake-timeout` waiting for a next request.)
+            drop(s);
+            return Ok(Opened {
+                stream: None,
+                rest: Vec::new(),
+                id: None,
+                poll: Some((session.to_owned(), cursor)),
+            });
         }
-    };
-    let text = String::from_utf8_lossy(&buf[..head]).to_ascii_lowercase();
+    }
     if !text.starts_with("http/1.1 101")
         || !text.contains("sec-websocket-accept: s3pplmbitxaq9kygzzhzrbk+xoo=")
     {
-        let first = text.lines().next().unwrap_or_default().to_owned();
-        return Err(format!("handshake refused: {first}"));
+        return Err(format!("handshake refused: {}", status_line(&text)));
     }
-    buf.drain(..head);
     let Mode::Receive {
         subscribe,
         greeting,
     } = &cfg.mode
     else {
-        return Ok((s, buf, None));
+        return Ok(opened(s, buf));
     };
     let mut id = None;
     if let Some(channel) = subscribe {
@@ -681,7 +850,163 @@ async fn open(sh: &Shared, i: usize) -> Result<(Stream, Vec<u8>, Option<String>)
                 .to_owned(),
         );
     }
-    Ok((s, buf, id))
+    let mut o = opened(s, buf);
+    o.id = id;
+    Ok(o)
+}
+
+/// The setup of an event stream, after its head: in idle mode, read the
+/// first event with data (the gateway's `connected` push); in receive mode
+/// with a channel, read events until `event: subscribed` (the gateway's
+/// plain EventSource: every channel of the URL subscribed), or for
+/// [`Transport::SseBidirectional`] subscribe with a `POST`ed command.
+async fn open_sse(
+    sh: &Shared,
+    i: usize,
+    mut s: Stream,
+    head: &str,
+    mut buf: Vec<u8>,
+) -> Result<Opened, String> {
+    if !head.starts_with("http/1.1 200") || !head.contains("content-type: text/event-stream") {
+        return Err(format!("event stream refused: {}", status_line(head)));
+    }
+    if head.contains("transfer-encoding: chunked") {
+        return Err("chunked event streams are not read by this tool".into());
+    }
+    match &sh.cfg.mode {
+        Mode::Idle => loop {
+            let ev = next_event(&mut s, &mut buf).await?;
+            if event_lines(&ev).any(|l| l.starts_with(b"data:")) {
+                break;
+            }
+        },
+        Mode::Receive {
+            subscribe: Some(channel),
+            ..
+        } if sh.cfg.transport == Transport::SseBidirectional => {
+            subscribe_by_post(sh, i, &mut s, &mut buf, channel).await?;
+        }
+        Mode::Receive {
+            subscribe: Some(_), ..
+        } => loop {
+            let ev = next_event(&mut s, &mut buf).await?;
+            if event_lines(&ev).any(|l| l == b"event: subscribed") {
+                break;
+            }
+            if event_lines(&ev).any(|l| l == b"event: error" || l == b"event: close") {
+                return Err(format!(
+                    "subscribe failed: {}",
+                    String::from_utf8_lossy(&ev)
+                ));
+            }
+        },
+        _ => {}
+    }
+    Ok(Opened {
+        stream: Some(s),
+        rest: buf,
+        id: None,
+        poll: None,
+    })
+}
+
+/// The JSON of an event's `data:` lines (joined), if any.
+fn event_json(ev: &[u8]) -> Option<serde_json::Value> {
+    let mut data = Vec::new();
+    for l in event_lines(ev) {
+        if let Some(d) = l.strip_prefix(b"data:") {
+            if !data.is_empty() {
+                data.push(b'\n');
+            }
+            data.extend_from_slice(d.strip_prefix(b" ").unwrap_or(d));
+        }
+    }
+    serde_json::from_slice(&data).ok()
+}
+
+/// Subscribes a bidirectional SSE stream to `channel`: the session token
+/// from the `connected` push, the `subscribe` command `POST`ed on a
+/// connection of its own (`204` expected), then its reply on the stream.
+async fn subscribe_by_post(
+    sh: &Shared,
+    i: usize,
+    s: &mut Stream,
+    buf: &mut Vec<u8>,
+    channel: &str,
+) -> Result<(), String> {
+    let session = loop {
+        let ev = next_event(s, buf).await?;
+        if let Some(v) = event_json(&ev) {
+            if v["push"] == "connected" {
+                break v["session"]
+                    .as_str()
+                    .ok_or_else(|| format!("no session in {v}"))?
+                    .to_owned();
+            }
+        }
+    };
+    let cfg = &sh.cfg;
+    let host = cfg.target.split('/').next().unwrap_or_default();
+    let path = cfg.target.split_once('/').map_or("", |(_, p)| p);
+    let body = format!(r#"{{"id":1,"cmd":"subscribe","channel":{channel:?}}}"#);
+    let req = format!(
+        "POST /{path}{sep}session={session} HTTP/1.1\r\nHost: {host}\r\n\
+         Content-Type: text/plain\r\nContent-Length: {len}\r\nConnection: close\r\n\r\n{body}",
+        sep = query_sep(path),
+        len = body.len()
+    );
+    let mut post = Stream::Plain(connect_tcp(cfg, i).await?);
+    send(&mut post, req.as_bytes()).await?;
+    let mut answer = Vec::new();
+    let head = read_head(&mut post, &mut answer).await?;
+    if !head.starts_with("http/1.1 204") {
+        return Err(format!("subscribe POST refused: {}", status_line(&head)));
+    }
+    drop(post);
+    loop {
+        let ev = next_event(s, buf).await?;
+        if let Some(v) = event_json(&ev) {
+            if v["id"] == 1 {
+                if v.get("result").is_none() {
+                    return Err(format!("subscribe failed: {v}"));
+                }
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// The lines of an event.
+fn event_lines(ev: &[u8]) -> impl Iterator<Item = &[u8]> {
+    ev.split(|&b| b == b'\n')
+}
+
+/// Where the event at the start of `buf` ends (its blank line), if complete:
+/// the event's length, without the `\n\n`.
+fn event_end(buf: &[u8]) -> Option<usize> {
+    let mut from = 0;
+    while let Some(k) = buf[from..].iter().position(|&b| b == b'\n') {
+        let at = from + k;
+        if buf.get(at + 1) == Some(&b'\n') {
+            return Some(at);
+        }
+        from = at + 1;
+    }
+    None
+}
+
+/// Reads the next complete event (comments included), during setup.
+async fn next_event(s: &mut Stream, buf: &mut Vec<u8>) -> Result<Vec<u8>, String> {
+    loop {
+        if let Some(end) = event_end(buf) {
+            let ev = buf[..end].to_vec();
+            buf.drain(..end + 2);
+            return Ok(ev);
+        }
+        if buf.len() > 1 << 20 || s.read_buf(buf).await.map_err(|e| e.to_string())? == 0 {
+            return Err("the event stream ended".into());
+        }
+    }
 }
 
 /// Reads the next data frame as JSON (answering pings), during setup.
@@ -690,10 +1015,106 @@ async fn next_json(s: &mut Stream, buf: &mut Vec<u8>) -> Result<serde_json::Valu
     serde_json::from_slice(&data).map_err(|e| format!("not JSON: {e}"))
 }
 
+/// Most polls a long-poll client sends (the hold is bounded in time too).
+const MAX_POLLS: usize = 1000;
+
+/// Holds a long-poll session: between polls (no socket: the opening
+/// answer's connection was closed) until [`Cmd::Poll`], then always one
+/// poll waiting (polling again as soon as one is answered, on the same
+/// connection while the gateway keeps it), until the worker is told to
+/// close. Returns whether it held until then.
+async fn hold_polls(sh: Rc<Shared>, i: usize, session: String, cursor: u64) -> bool {
+    let mut close = sh.close.clone();
+    let mut polling = sh.polling.clone();
+    tokio::select! {
+        r = polling.wait_for(|p| *p) => if r.is_err() { return false },
+        _ = close.wait_for(|c| *c) => return true,
+    }
+    let r = tokio::select! {
+        r = poll_loop(&sh, i, &session, cursor) => r,
+        _ = close.wait_for(|c| *c) => Ok(()),
+    };
+    match r {
+        Ok(()) => true,
+        Err(e) => {
+            sh.tally.borrow_mut().dropped(e);
+            false
+        }
+    }
+}
+
+/// Polls, at most [`MAX_POLLS`] times.
+async fn poll_loop(sh: &Shared, i: usize, session: &str, mut cursor: u64) -> Result<(), String> {
+    let cfg = &sh.cfg;
+    let host = cfg.target.split('/').next().unwrap_or_default();
+    let path = cfg.target.split_once('/').map_or("", |(_, p)| p);
+    let mut kept: Option<Stream> = None;
+    let mut buf = Vec::new();
+    // The first poll opens its connection with the others' handshakes in
+    // flight bounded, as the openings were.
+    let mut permit = Some(
+        sh.first_poll_permits
+            .acquire()
+            .await
+            .map_err(|e| e.to_string())?,
+    );
+    for k in 0..MAX_POLLS {
+        let mut s = match kept.take() {
+            Some(s) => s,
+            None => {
+                buf.clear();
+                Stream::Plain(connect_tcp(cfg, i).await?)
+            }
+        };
+        let req = format!(
+            "GET /{path}{sep}transport=long-poll&session={session}&cursor={cursor} HTTP/1.1\r\n\
+             Host: {host}\r\n\r\n",
+            sep = query_sep(path)
+        );
+        send(&mut s, req.as_bytes()).await?;
+        if k == 0 {
+            sh.first_polls.set(sh.first_polls.get() + 1);
+            permit.take();
+        }
+        let head = read_head(&mut s, &mut buf).await?;
+        let body = read_body(&mut s, &head, &mut buf).await?;
+        sh.tally.borrow_mut().polls_answered += 1;
+        if !head.starts_with("http/1.1 200") {
+            return Err(format!(
+                "poll refused: {} {}",
+                status_line(&head),
+                String::from_utf8_lossy(&body)
+            ));
+        }
+        let v: serde_json::Value =
+            serde_json::from_slice(&body).map_err(|e| format!("not JSON: {e}"))?;
+        if let Some(c) = v.get("close") {
+            return Err(format!("closed by the server: {c}"));
+        }
+        cursor = v["cursor"].as_u64().ok_or("no cursor")?;
+        if !head.contains("connection: close") {
+            kept = Some(s);
+        }
+    }
+    Err(format!("{MAX_POLLS} polls answered during the hold"))
+}
+
 /// Holds a connection until the worker is told to close: reads and handles
-/// frames (or, in echo mode, runs the echo loop when told). Returns whether
-/// the close was clean.
-async fn hold(sh: Rc<Shared>, mut s: Stream, mut rest: Vec<u8>) -> bool {
+/// frames or events (or, in echo mode, runs the echo loop when told; a
+/// long-poll client polls, [`hold_polls`]). Returns whether the close was
+/// clean (an event stream's is the client dropping it).
+async fn hold(sh: Rc<Shared>, i: usize, o: Opened) -> bool {
+    let Opened {
+        stream,
+        mut rest,
+        poll,
+        ..
+    } = o;
+    let mut s = match (stream, poll) {
+        (_, Some((session, cursor))) => return hold_polls(sh, i, session, cursor).await,
+        (Some(s), None) => s,
+        (None, None) => return false,
+    };
     let mut close = sh.close.clone();
     if let Mode::Echo(size) = sh.cfg.mode {
         let r = tokio::select! {
@@ -716,7 +1137,7 @@ async fn hold(sh: Rc<Shared>, mut s: Stream, mut rest: Vec<u8>) -> bool {
                     Ok(0) => Err("ended by the server".to_owned()),
                     Ok(_) => {
                         let data = std::mem::take(&mut rest);
-                        handle_frames(&sh, &data, &mut rest, &mut pongs)
+                        handle(&sh, &data, &mut rest, &mut pongs)
                     }
                     Err(e) => Err(e.to_string()),
                 },
@@ -736,7 +1157,7 @@ async fn hold(sh: Rc<Shared>, mut s: Stream, mut rest: Vec<u8>) -> bool {
                 match stream.try_read_buf(&mut *buf) {
                     Ok(0) => Err("ended by the server".to_owned()),
                     Ok(_) if tcp => Ok(()),
-                    Ok(_) => handle_frames(&sh, &buf, &mut rest, &mut pongs),
+                    Ok(_) => handle(&sh, &buf, &mut rest, &mut pongs),
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(()),
                     Err(e) => Err(e.to_string()),
                 }
@@ -754,9 +1175,52 @@ async fn hold(sh: Rc<Shared>, mut s: Stream, mut rest: Vec<u8>) -> bool {
             sh.tally.borrow_mut().dropped(why);
             false
         }
-        None if tcp => true,
+        None if tcp
+            || matches!(
+                sh.cfg.transport,
+                Transport::Sse | Transport::SseBidirectional
+            ) =>
+        {
+            true
+        }
         None => close_ws(&mut s, &mut rest).await,
     }
+}
+
+/// Handles what a connection read: frames, or events of an event stream.
+fn handle(sh: &Shared, buf: &[u8], rest: &mut Vec<u8>, pongs: &mut Vec<u8>) -> Result<(), String> {
+    match sh.cfg.transport {
+        Transport::Sse | Transport::SseBidirectional => handle_events(sh, buf, rest),
+        _ => handle_frames(sh, buf, rest, pongs),
+    }
+}
+
+/// Handles the complete events of `buf`; keeps an incomplete one in
+/// `rest`. A delivery is an event (ended by its blank line) with a stamp; a
+/// comment-only event is a heartbeat (counted as a ping); `event: close`
+/// ends the stream.
+fn handle_events(sh: &Shared, buf: &[u8], rest: &mut Vec<u8>) -> Result<(), String> {
+    let now = unix_nanos();
+    let mut at = 0;
+    while let Some(len) = event_end(&buf[at..]) {
+        let ev = &buf[at..at + len];
+        at += len + 2;
+        if event_lines(ev).all(|l| l.starts_with(b":")) {
+            sh.tally.borrow_mut().pings += 1;
+        } else if event_lines(ev).any(|l| l == b"event: close") {
+            return Err(format!(
+                "closed by the server: {}",
+                String::from_utf8_lossy(ev)
+            ));
+        } else if let Some((phase, seq, sent)) = find_stamp(ev) {
+            let mut t = sh.tally.borrow_mut();
+            if t.receipt(phase, seq, sent, now) {
+                let _ = sh.out.send(Report::Reached(phase, seq));
+            }
+        }
+    }
+    rest.extend_from_slice(&buf[at..]);
+    Ok(())
 }
 
 /// Handles the complete frames of `buf`; keeps an incomplete one in `rest`.
@@ -1128,6 +1592,27 @@ mod tests {
             apply_mask(&mut p, h.mask.unwrap(), 0);
             assert_eq!(p, payload);
         }
+    }
+
+    #[test]
+    fn events_end_at_their_blank_line() {
+        let text = stamp(b'm', 7, 1_700_000_000_000_000_001, 64);
+        let stream = format!("retry: 1000\n\n:\n\nid: e1:6,\ndata: {text}\n\nid: 2\ndata: {{\"pu");
+        let b = stream.as_bytes();
+        let first = event_end(b).unwrap();
+        assert_eq!(&b[..first], b"retry: 1000");
+        let mut at = first + 2;
+        let second = event_end(&b[at..]).unwrap();
+        assert!(event_lines(&b[at..at + second]).all(|l| l.starts_with(b":")));
+        at += second + 2;
+        let third = event_end(&b[at..]).unwrap();
+        let ev = &b[at..at + third];
+        assert_eq!(find_stamp(ev), Some((b'm', 7, 1_700_000_000_000_000_001)));
+        at += third + 2;
+        // Incomplete: kept for the next read.
+        assert_eq!(event_end(&b[at..]), None);
+        assert_eq!(query_sep("x?channel=a:b"), '&');
+        assert_eq!(query_sep(""), '?');
     }
 
     #[test]

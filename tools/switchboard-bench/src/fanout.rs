@@ -18,13 +18,27 @@
 //!    received in the window, latency, lost and late deliveries of the
 //!    window's messages.
 //!
+//! With `--transport sse` the subscribers are event streams instead of
+//! WebSockets: on a spawned gateway, plain EventSource streams
+//! (`GET /?channel=bench:fanout` with `Accept: text/event-stream`, each ready
+//! once its `event: subscribed` came; docs/fallbacks.md); with `--url
+//! http://…` any server's event stream (nchan's EventSource:
+//! `compare/nchan.sh --transport sse`). A delivery is counted when the
+//! subscriber has read the whole event (to its blank line) and found the
+//! stamp in it.
+//!
+//! With `--transport sse-bidirectional` the subscribers are the gateway's
+//! bidirectional SSE streams (`GET /` with `Accept: text/event-stream`),
+//! each subscribing with a `subscribe` command `POST`ed on its session and
+//! ready once the reply came on the stream.
+//!
 //! Every message carries its phase, number and publish time ([`stamp`]),
 //! found by the subscribers whatever the envelope. Server memory is read
 //! empty and subscribed (RSS and PSS over the server's processes), CPU per
 //! phase; for a cluster also the NATS messages per publish (`/varz`, less
 //! the background counted in a quiet window).
 
-use crate::engine::{share_concurrency, stamp, Fleet, Mode, Receipts, Report, TICK_NS};
+use crate::engine::{share_concurrency, stamp, Fleet, Mode, Receipts, Report, Transport, TICK_NS};
 use crate::measure::{self, human_bytes, unix_nanos, CpuMeter, Percentiles, Table};
 use crate::servers::{Api, Callers, Cluster, Gateway};
 use crate::Opts;
@@ -44,12 +58,28 @@ const SINGLE: u8 = b's';
 const WARMUP: u8 = b'w';
 const SUSTAINED: u8 = b'm';
 
+/// How the subscribers connect.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum Subscribers {
+    /// WebSocket (the native protocol on a Switchboard).
+    Websocket,
+    /// Event streams: the gateway's plain EventSource, or any server's
+    /// (`--url http://…`).
+    Sse,
+    /// The gateway's bidirectional SSE streams, subscribed with a `POST`ed
+    /// `subscribe` command.
+    SseBidirectional,
+}
+
 /// Options of `fanout`.
 #[derive(Debug, clap::Args)]
 pub(crate) struct Args {
     /// Subscribers.
     #[arg(long, default_value_t = 19_000)]
     subscribers: usize,
+    /// How the subscribers connect.
+    #[arg(long, value_enum, default_value = "websocket")]
+    transport: Subscribers,
     /// Gateways joined through nats-server (JetStream); 1: no cluster.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=26))]
     nodes: u8,
@@ -88,7 +118,8 @@ pub(crate) struct Args {
     /// Quiet window counting NATS background traffic (cluster only).
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     quiet: Duration,
-    /// Use a running server: subscribers connect to this ws:// URL.
+    /// Use a running server: subscribers connect to this ws:// URL (an
+    /// http:// one with `--transport sse`).
     #[arg(long, value_name = "URL")]
     url: Option<String>,
     /// Control listener of the --url Switchboard (native subscribers,
@@ -165,12 +196,22 @@ pub(crate) async fn run(opts: &Opts, a: Args) -> Result<bool, String> {
         subscribe: native.then(|| CHANNEL.to_owned()),
         greeting: false,
     };
+    let sse = a.transport != Subscribers::Websocket;
     let mut configs = Vec::new();
     for (k, node) in nodes.iter().enumerate() {
         let share = a.subscribers * (k + 1) / nodes.len() - a.subscribers * k / nodes.len();
-        let sub = native.then_some("switchboard.v1");
+        let sub = (native && !sse).then_some("switchboard.v1");
         for mut c in opts.workers_for(node, share, 1, sub, mode.clone()) {
             c.offset += a.subscribers * k / nodes.len();
+            if a.transport == Subscribers::SseBidirectional {
+                c.transport = Transport::SseBidirectional;
+            } else if sse {
+                c.transport = Transport::Sse;
+                if node.proc.is_some() {
+                    // A spawned gateway: its plain EventSource stream.
+                    c.target = format!("{}/?channel={CHANNEL}", node.addr);
+                }
+            }
             configs.push(c);
         }
     }
@@ -364,6 +405,11 @@ pub(crate) async fn run(opts: &Opts, a: Args) -> Result<bool, String> {
     } else {
         a.server_name.clone()
     };
+    let transport = match a.transport {
+        Subscribers::Websocket => "websocket",
+        Subscribers::Sse => "sse",
+        Subscribers::SseBidirectional => "sse-bidirectional",
+    };
     let single_lat = Percentiles::of(&single.all);
     let per_delivery =
         |cores: f64, deliveries: f64| format!("{:.2} µs", cores / deliveries.max(1e-9) * 1e6);
@@ -434,13 +480,17 @@ pub(crate) async fn run(opts: &Opts, a: Args) -> Result<bool, String> {
         );
     }
     t.row("server memory after (PSS)", human_bytes(after.pss as f64));
-    t.print(&format!("fanout: {} subscribers, {name}", a.subscribers));
+    t.print(&format!(
+        "fanout: {} {transport} subscribers, {name}",
+        a.subscribers
+    ));
 
     measure::write_json(
         opts.json.as_deref(),
         &json!({
             "scenario": "fanout",
             "server": name,
+            "transport": transport,
             "machine": measure::machine(),
             "server_commands": nodes.iter().map(Gateway::command).collect::<Vec<_>>(),
             "subscribers": a.subscribers,

@@ -15,7 +15,11 @@
 //! * [`crossnode`]: control API commands through one node of a NATS cluster
 //!   to clients on the others, beside the same on a single node;
 //! * [`sessions`]: the memory of suspended sessions (empty, and with
-//!   messages waiting) and the time a resume takes.
+//!   messages waiting) and the time a resume takes;
+//! * [`fallbacks`]: the memory per idle connection of each transport (native
+//!   WebSocket, SSE, long-poll sessions with a poll waiting and between
+//!   polls), each on a gateway of its own, in one run. (Fan-out to SSE
+//!   subscribers is `fanout --transport sse`.)
 //!
 //! Clients run in worker processes of this binary ([`engine`]); the servers
 //! are started by [`servers`]; [`measure`] reads `/proc` and keeps the
@@ -24,6 +28,7 @@
 mod crossnode;
 mod echo;
 mod engine;
+mod fallbacks;
 mod fanout;
 mod idle;
 mod measure;
@@ -60,6 +65,9 @@ enum Command {
     CrossNode(crossnode::Args),
     /// Suspended sessions: memory per session and resume latency.
     Sessions(sessions::Args),
+    /// HTTP fallbacks: memory per idle SSE stream and long-poll session,
+    /// beside native WebSocket connections.
+    Fallbacks(fallbacks::Args),
     /// Child role: a shard of clients (see the engine module).
     #[command(hide = true)]
     Worker {
@@ -141,6 +149,7 @@ impl Opts {
                 concurrency: self.concurrency.div_ceil(n),
                 mode: mode.clone(),
                 tls: None,
+                transport: engine::Transport::WebSocket,
             })
             .collect()
     }
@@ -163,6 +172,7 @@ fn main() -> ExitCode {
                         Command::Fanout(a) => fanout::run(&cli.opts, a).await,
                         Command::CrossNode(a) => crossnode::run(&cli.opts, a).await,
                         Command::Sessions(a) => sessions::run(&cli.opts, a).await,
+                        Command::Fallbacks(a) => fallbacks::run(&cli.opts, a).await,
                         Command::Worker { .. } | Command::Acceptor { .. } => unreachable!(),
                     }
                 })
@@ -209,6 +219,27 @@ mod tests {
             ],
             &["b", "cross-node", "--rate", "1000"],
             &["b", "sessions", "--sessions", "100", "--messages", "10"],
+            &["b", "fallbacks", "--connections", "10000"],
+            &[
+                "b",
+                "fallbacks",
+                "--transports",
+                "sse,long-poll",
+                "--hold",
+                "5s",
+            ],
+            &["b", "fanout", "--transport", "sse", "--subscribers", "10"],
+            &["b", "fanout", "--transport", "sse-bidirectional"],
+            &[
+                "b",
+                "fanout",
+                "--transport",
+                "sse",
+                "--url",
+                "http://127.0.0.1:1/es",
+                "--publish-url",
+                "http://127.0.0.1:2/pub",
+            ],
             &["b", "acceptor", "3"],
         ] {
             Cli::try_parse_from(argv).unwrap_or_else(|e| panic!("{argv:?}: {e}"));

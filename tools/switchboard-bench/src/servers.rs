@@ -156,13 +156,14 @@ impl Gateway {
         })
     }
 
-    /// A server someone else started: `ws://HOST:PORT/PATH` (or `wss://`)
-    /// on loopback.
+    /// A server someone else started: `ws://HOST:PORT/PATH` (or `wss://`,
+    /// or `http://` for event streams) on loopback.
     pub(crate) fn external(url: &str, control: Option<SocketAddr>) -> Result<Self, String> {
         let target = url
             .strip_prefix("ws://")
             .or_else(|| url.strip_prefix("wss://"))
-            .ok_or_else(|| format!("--url {url}: a ws:// or wss:// URL"))?;
+            .or_else(|| url.strip_prefix("http://"))
+            .ok_or_else(|| format!("--url {url}: a ws://, wss:// or http:// URL"))?;
         let authority = target.split('/').next().unwrap_or_default();
         let addr: SocketAddr = authority
             .parse()

@@ -441,7 +441,8 @@ pub(crate) async fn serve(
         return refuse(&shared, stream, label, r, cors).await;
     }
     let keep = keeps_alive(&head.req);
-    let mut leftover = buf;
+    // A kept connection waiting for its next request holds no buffer.
+    let mut leftover = unless_empty(buf);
     let answered = match kind {
         Kind::Preflight => {
             shared.metrics.fallback(label, "ok");
@@ -453,12 +454,12 @@ pub(crate) async fn serve(
             let taken = std::mem::take(&mut leftover);
             let body = match read_body(&shared, &mut stream, taken, &head).await {
                 Ok((body, rest)) => {
-                    leftover = rest;
+                    leftover = unless_empty(rest);
                     body
                 }
                 Err(r) => return refuse(&shared, stream, label, r, cors).await,
             };
-            if std::str::from_utf8(&body).is_err() {
+            let Ok(body) = String::from_utf8(body.to_vec()) else {
                 let r = handshake::refuse(
                     400,
                     "bad_request",
@@ -466,8 +467,7 @@ pub(crate) async fn serve(
                     "bad_request",
                 );
                 return refuse(&shared, stream, label, r, cors).await;
-            }
-            let body = String::from_utf8(body.to_vec()).unwrap_or_default();
+            };
             let reply = session_request(&shared, &head, FallbackAction::Commands { body }).await;
             relay(&shared, &mut stream, label, reply, cors.as_deref(), keep).await
         }
@@ -610,6 +610,17 @@ async fn read_body(
     }
     let body = buf.split_to(len);
     Ok((body.freeze(), buf))
+}
+
+/// `buf`, or no buffer at all when it is empty (a pooled read buffer goes
+/// back to the pool): what a connection keeps while it waits.
+fn unless_empty(buf: BytesMut) -> BytesMut {
+    if buf.is_empty() {
+        crate::edge::pool::give(buf);
+        BytesMut::new()
+    } else {
+        buf
+    }
 }
 
 /// Refuses framing the fallbacks do not take: chunked bodies (a
