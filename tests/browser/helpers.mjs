@@ -57,9 +57,11 @@ export async function waitForHttp(url, ms) {
  * A TCP proxy on `port` to `target` whose `cut()` destroys every connection
  * through it. With `refuseUpgrades`, WebSocket is broken in front of the
  * gateway, as behind some corporate proxies: an upgrade request is answered
- * 400 and plain HTTP passes.
+ * 400 and plain HTTP passes. With `bufferEventStreams` too, the answer to a
+ * request that accepts `text/event-stream` is held back for good, as by a
+ * proxy that buffers whole responses.
  */
-export function cuttableProxy(port, target, { refuseUpgrades = false } = {}) {
+export function cuttableProxy(port, target, { refuseUpgrades = false, bufferEventStreams = false } = {}) {
   const open = new Set();
   const track = (s) => {
     open.add(s);
@@ -76,7 +78,13 @@ export function cuttableProxy(port, target, { refuseUpgrades = false } = {}) {
       const upstream = tcpConnect(target, "127.0.0.1");
       track(upstream);
       upstream.write(first);
-      client.pipe(upstream).pipe(client);
+      client.pipe(upstream);
+      if (bufferEventStreams && /^accept:[^\r\n]*text\/event-stream/im.test(first.toString("latin1"))) {
+        // A buffering proxy: the event stream's answer never comes through.
+        upstream.on("data", () => {});
+      } else {
+        upstream.pipe(client);
+      }
     });
   });
   return new Promise((resolve) =>

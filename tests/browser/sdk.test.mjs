@@ -4,8 +4,9 @@
 // its session: the same client id, every direct message exactly once and in
 // order, and the channel messages published while the link was down.
 //
-// Then the same with WebSocket blocked (the SDK falls back to SSE) and over
-// long-polling.
+// Then the same with WebSocket blocked at a proxy (the SDK falls back to
+// SSE), and with event streams buffered there too (it falls back to
+// long-polling).
 //
 // Needs: target/release/switchboard, clients/typescript/dist (npm run build
 // there) and Chromium. Run: npm ci && node --test
@@ -123,9 +124,13 @@ test("the SDK keeps its session in a browser across cut connections", { timeout:
   }
 });
 
-for (const [name, transports, expected] of [
-  ["falls back to SSE when WebSocket is blocked", undefined, "sse"],
-  ["keeps its session over long-polling", ["long-poll"], "long-poll"],
+for (const [name, blocked, expected] of [
+  ["falls back to SSE when WebSocket is blocked", { refuseUpgrades: true }, "sse"],
+  [
+    "falls back to long-polling when WebSocket is blocked and streams are buffered",
+    { refuseUpgrades: true, bufferEventStreams: true },
+    "long-poll",
+  ],
 ]) {
   test(`the SDK in a browser ${name}, across cut connections`, { timeout: 90_000 }, async () => {
     assert.ok(existsSync(gatewayBin), `${gatewayBin} missing: cargo build --release -p switchboard`);
@@ -138,7 +143,7 @@ for (const [name, transports, expected] of [
       "--poll-timeout", "2s",
     ]);
     const pages = await pageServer(web);
-    const link = await cuttableProxy(via, listen, { refuseUpgrades: true });
+    const link = await cuttableProxy(via, listen, blocked);
     const browser = await launchBrowser();
     try {
       await waitForHttp(`http://127.0.0.1:${control}/readyz`, 10_000);
@@ -148,9 +153,9 @@ for (const [name, transports, expected] of [
       });
       await page.goto(`http://127.0.0.1:${web}/`);
       const clientId = await page.evaluate(
-        async ([url, transports]) => {
+        async (url) => {
           const { SwitchboardClient } = await import("/sdk/index.js");
-          const client = new SwitchboardClient(url, { transports, fallbackTimeoutMs: 3000 });
+          const client = new SwitchboardClient(url, { fallbackTimeoutMs: 3000 });
           window.seen = { directs: [], messages: [], events: [] };
           client.on("direct", (m) => window.seen.directs.push([m.seq, m.data]));
           for (const name of ["resumed", "restarted"]) {
@@ -163,7 +168,7 @@ for (const [name, transports, expected] of [
           window.client = client;
           return clientId;
         },
-        [`ws://127.0.0.1:${via}/`, transports],
+        `ws://127.0.0.1:${via}/`,
       );
       assert.equal(await page.evaluate(() => window.client.transport), expected);
 
