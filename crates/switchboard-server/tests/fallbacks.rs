@@ -838,3 +838,63 @@ async fn a_newer_poll_replaces_the_waiting_one() {
     assert_eq!(status, 200, "{body}");
     assert!(body.contains("to the newer"), "{body}");
 }
+
+#[tokio::test]
+async fn oversized_bodies_and_expired_sessions_are_refused_plainly() {
+    let origin = TestOrigin::start(None).await;
+    let gw = TestGateway::with_origin(&origin, |c| {
+        c.max_message_size = 1024;
+        c.session_ttl = Duration::from_millis(300);
+    })
+    .await;
+    let mut sse = SseClient::open(gw.addr, "/live", &[]).await;
+    let token = sse.next_json().await["session"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    // A body over max-message-size.
+    let big = json!({"id": 1, "cmd": "send", "text": "x".repeat(2000)}).to_string();
+    let (status, _, body) = http(
+        gw.addr,
+        "POST",
+        &format!("/live?session={token}"),
+        &big,
+        &[],
+    )
+    .await;
+    assert_eq!(status, 413, "{body}");
+    assert!(body.contains("payload_too_large"), "{body}");
+    // The stream goes, the session expires: its requests are refused.
+    drop(sse);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let ping = json!({"id": 2, "cmd": "ping"}).to_string();
+        let (status, _, body) = http(
+            gw.addr,
+            "POST",
+            &format!("/live?session={token}"),
+            &ping,
+            &[],
+        )
+        .await;
+        if status == 404 {
+            assert!(body.contains("session_unknown"), "{body}");
+            break;
+        }
+        assert_eq!(status, 409, "suspended first: {body}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the session never expired"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (status, _, body) = http(
+        gw.addr,
+        "GET",
+        &format!("/live?transport=long-poll&session={token}&cursor=1"),
+        "",
+        &[],
+    )
+    .await;
+    assert_eq!(status, 404, "{body}");
+}
