@@ -678,7 +678,8 @@ async fn read_one(stream: &mut TcpStream, buf: &mut Vec<u8>) -> (u16, String) {
 #[tokio::test]
 async fn one_kept_connection_carries_thousands_of_requests_and_pipelined_ones() {
     let origin = TestOrigin::start(None).await;
-    let gw = TestGateway::with_origin(&origin, |_| {}).await;
+    // As fast as the loop goes: over the default 100 messages a second.
+    let gw = TestGateway::with_origin(&origin, |c| c.client_message_rate = 0).await;
     let mut sse = SseClient::open(gw.addr, "/live", &[]).await;
     let connected = sse.next_json().await;
     let token = connected["session"].as_str().unwrap().to_owned();
@@ -897,4 +898,32 @@ async fn oversized_bodies_and_expired_sessions_are_refused_plainly() {
     )
     .await;
     assert_eq!(status, 404, "{body}");
+}
+
+#[tokio::test]
+async fn a_request_pipelined_behind_a_waiting_poll_is_served_after_it() {
+    let origin = TestOrigin::start(None).await;
+    let gw =
+        TestGateway::with_origin(&origin, |c| c.poll_timeout = Duration::from_millis(500)).await;
+    let (p, _) = Poller::open(gw.addr, "").await;
+    let mut conn = TcpStream::connect(gw.addr).await.unwrap();
+    let body = json!({"id": 1, "cmd": "ping"}).to_string();
+    let both = format!(
+        "GET /live?transport=long-poll&session={t}&cursor=1 HTTP/1.1\r\nHost: gw\r\n\r\nPOST /live?session={t} HTTP/1.1\r\nHost: gw\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len(),
+        t = p.token
+    );
+    conn.write_all(both.as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    let (status, batch) = read_one(&mut conn, &mut buf).await;
+    assert_eq!(status, 200, "{batch}");
+    assert_eq!(
+        read_one(&mut conn, &mut buf).await.0,
+        204,
+        "the POST behind it"
+    );
+    // Its reply comes in the next poll.
+    let (status, next) = p.poll_with(2).await;
+    assert_eq!(status, 200);
+    assert_eq!(next["pushes"][0]["id"], 1, "{next}");
 }

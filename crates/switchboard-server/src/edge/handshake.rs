@@ -155,28 +155,37 @@ pub(crate) async fn next_request(
     socket: SocketGuard,
     mut buf: BytesMut,
 ) {
-    let deadline = tokio::time::Instant::now() + shared.config.handshake_timeout;
+    let waiting = tokio::time::Instant::now() + shared.config.handshake_timeout;
     // A whole head may have come with the last request.
     let head = match hs::parse_request_with(&buf, shared.config.max_header_count) {
         Ok(Some(done)) => Ok(Ok(done)),
-        _ => {
-            tokio::time::timeout_at(deadline, read_head(&mut stream, &mut buf, &shared.config))
-                .await
+        Err(_) => Ok(Err(Some(refuse(
+            400,
+            "bad_request",
+            "malformed HTTP request",
+            "bad_request",
+        )))),
+        Ok(None) => {
+            tokio::time::timeout_at(waiting, read_head(&mut stream, &mut buf, &shared.config)).await
         }
     };
+    // The request has its whole `handshake-timeout`, however long the
+    // connection waited for it.
+    let deadline = tokio::time::Instant::now() + shared.config.handshake_timeout;
     match head {
         Err(_) | Ok(Err(None)) => {}
         Ok(Err(Some(refusal))) => answer_refusal(&shared, &mut stream, refusal, deadline).await,
         Ok(Ok((req, head_len))) => {
             let _ = buf.split_to(head_len);
             // A new connection on a kept socket is a handshake like any:
-            // within `max-handshakes-per-ip`.
+            // within `max-handshakes-per-ip` (other requests are not).
             let opening = req.header_has_token("upgrade", "websocket") || fallback::opens(&req);
-            let over_rate = shared
-                .handshake_rate
-                .as_ref()
-                .is_some_and(|r| !r.admit(remote.ip(), std::time::Instant::now()));
-            if opening && over_rate {
+            let over_rate = opening
+                && shared
+                    .handshake_rate
+                    .as_ref()
+                    .is_some_and(|r| !r.admit(remote.ip(), std::time::Instant::now()));
+            if over_rate {
                 let r = Refusal {
                     status: 429,
                     code: "too_many_handshakes",

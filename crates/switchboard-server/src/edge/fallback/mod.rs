@@ -103,6 +103,34 @@ impl Poll {
             PollReply::Forwarded(_) => None,
         }
     }
+
+    /// The client of a client's own poll.
+    fn client_mut(&mut self) -> Option<&mut Client> {
+        match &mut self.reply {
+            PollReply::Client(c) => Some(c),
+            PollReply::Forwarded(_) => None,
+        }
+    }
+}
+
+impl Client {
+    /// Reads what the client sends while its request waits (its next
+    /// request, when it pipelines) into `leftover`: `true` when the client
+    /// is gone (closed, failed, or sent more than `max` bytes ahead).
+    fn read_ahead(&mut self, max: usize) -> bool {
+        loop {
+            if self.leftover.len() > max {
+                return true;
+            }
+            self.leftover.reserve(1024);
+            match self.stream.try_read_buf(&mut self.leftover) {
+                Ok(0) => return true,
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return false,
+                Err(_) => return true,
+            }
+        }
+    }
 }
 
 /// The running fallback connections' tasks, by connection.
@@ -162,7 +190,11 @@ impl Runner {
             return Ok(tx);
         }
         match self.registry.get(&key) {
-            Some(conn) if conn.is_suspended() => Err(suspended()),
+            // Suspended, or a fallback connection whose task is ending
+            // (about to be suspended, or ended).
+            Some(conn) if conn.is_suspended() || conn.transport() != Transport::Websocket => {
+                Err(suspended())
+            }
             Some(_) => Err(handshake::refuse(
                 409,
                 "wrong_transport",
@@ -224,14 +256,7 @@ impl Runner {
     ) -> Result<(), Refusal> {
         let tx = self.link(token)?;
         let (done, taken) = oneshot::channel();
-        let ended = || {
-            handshake::refuse(
-                404,
-                "session_unknown",
-                "the session has ended",
-                "bad_request",
-            )
-        };
+        let ended = || self.gone(token);
         let sent = tokio::time::timeout(self.config.handshake_timeout, tx.send(make(done))).await;
         match sent {
             Ok(Ok(())) => {}
@@ -250,6 +275,19 @@ impl Runner {
             Ok(Err(UpError::Suspended)) => Err(suspended()),
             _ => Err(ended()),
         }
+    }
+
+    /// Why a session whose task was found has none now (it ended just
+    /// then): suspended, or gone.
+    fn gone(&self, token: &str) -> Refusal {
+        self.link(token).err().unwrap_or_else(|| {
+            handshake::refuse(
+                404,
+                "session_unknown",
+                "the session has ended",
+                "bad_request",
+            )
+        })
     }
 
     /// Runs a session's request (the client's own, or one another node
@@ -275,23 +313,11 @@ impl Runner {
                     reply: PollReply::Forwarded(reply),
                 };
                 if tx.send(Up::Poll(poll)).await.is_err() {
-                    let r = handshake::refuse(
-                        404,
-                        "session_unknown",
-                        "the session has ended",
-                        "bad_request",
-                    );
-                    return refusal_reply(&r);
+                    return refusal_reply(&self.gone(token));
                 }
-                return answer.await.unwrap_or_else(|_| {
-                    let r = handshake::refuse(
-                        404,
-                        "session_unknown",
-                        "the session has ended",
-                        "bad_request",
-                    );
-                    refusal_reply(&r)
-                });
+                return answer
+                    .await
+                    .unwrap_or_else(|_| refusal_reply(&self.gone(token)));
             }
         };
         match done {
@@ -440,7 +466,7 @@ pub(crate) async fn serve(
     if let Err(r) = check_framing(&head.req) {
         return refuse(&shared, stream, label, r, cors).await;
     }
-    let keep = keeps_alive(&head.req);
+    let keep = keeps_alive(&shared, &head.req);
     // A kept connection waiting for its next request holds no buffer.
     let mut leftover = unless_empty(buf);
     let answered = match kind {
@@ -531,8 +557,9 @@ fn cors_for(shared: &Edge, origin: &str) -> String {
 }
 
 /// Whether the client keeps the connection after this request.
-fn keeps_alive(req: &Request) -> bool {
-    if req.header_has_token("connection", "close") {
+fn keeps_alive(shared: &Edge, req: &Request) -> bool {
+    // A draining node lets its kept connections go.
+    if req.header_has_token("connection", "close") || shared.commands.draining.load(Relaxed) {
         return false;
     }
     req.version >= 1 || req.header_has_token("connection", "keep-alive")
@@ -697,13 +724,8 @@ async fn poll(
         })),
     };
     if let Err(mpsc::error::SendError(Up::Poll(poll))) = tx.send(Up::Poll(poll)).await {
-        refuse_poll(
-            &shared,
-            poll,
-            404,
-            "session_unknown",
-            "the session has ended",
-        );
+        let r = shared.runner.gone(token);
+        refuse_poll(&shared, poll, r.status, r.code, &r.message);
     }
 }
 
@@ -732,7 +754,7 @@ async fn forward_poll(shared: Arc<Edge>, mut client: Client, token: String, mut 
             // The client left: nothing more is asked on its behalf (an
             // answer the holding node made meanwhile is repeated to the
             // client's next poll).
-            () = client_gone(&client.stream, &mut client.leftover, shared.config.max_header_bytes) => return,
+            () = client_gone(&mut client, read_ahead_max(&shared)) => return,
         };
         if reply.status != 200 || Instant::now() + Duration::from_millis(50) >= until {
             break reply;
@@ -757,20 +779,17 @@ async fn forward_poll(shared: Arc<Edge>, mut client: Client, token: String, mut 
     }
 }
 
-/// Resolves when the client closes its connection (or fails, or sends
-/// more than `max` bytes ahead); what it sends meanwhile (its next
-/// request) is kept in `leftover`.
-async fn client_gone(stream: &ClientStream, leftover: &mut BytesMut, max: usize) {
+/// The most a client may send ahead while its request waits: a request
+/// head and a body.
+fn read_ahead_max(shared: &Edge) -> usize {
+    shared.config.max_header_bytes + shared.config.max_message_size
+}
+
+/// Resolves when the client is gone (see [`Client::read_ahead`]).
+async fn client_gone(client: &mut Client, max: usize) {
     loop {
-        if stream.readable().await.is_err() || leftover.len() > max {
+        if client.stream.readable().await.is_err() || client.read_ahead(max) {
             return;
-        }
-        leftover.reserve(1024);
-        match stream.try_read_buf(leftover) {
-            Ok(0) => return,
-            Ok(_) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-            Err(_) => return,
         }
     }
 }
@@ -932,7 +951,7 @@ async fn open(
                 remote,
                 socket,
                 cors,
-                keep: keeps_alive(&req),
+                keep: keeps_alive(&shared, &req),
                 leftover,
             })),
         })),

@@ -114,7 +114,9 @@ pub(crate) fn start(
         let seq = task.inbound.seq;
         // Requests that came too late are answered for what happened: a
         // lost connection's session waits for a resume.
-        let suspended = ending.resumable && task.guard.conn().session.is_some();
+        let suspended = ending.resumable
+            && ending.code != crate::sessions::TAKEN_OVER
+            && task.guard.conn().session.is_some();
         let shared = task.guard.shared().clone();
         let answer = |poll: Poll| {
             if suspended {
@@ -379,11 +381,12 @@ impl Task {
                 }
             }
             Down::Polls(polls) => {
+                let max = super::read_ahead_max(self.guard.shared());
                 let gone = polls
                     .waiting
-                    .as_ref()
-                    .and_then(Poll::stream)
-                    .is_some_and(|s| !matches!(drain(s), Ok(false)));
+                    .as_mut()
+                    .and_then(Poll::client_mut)
+                    .is_some_and(|c| c.read_ahead(max));
                 if gone {
                     // The client gave up this poll: it polls again (or not,
                     // and the gap ends the session).
