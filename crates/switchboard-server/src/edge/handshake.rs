@@ -966,12 +966,13 @@ fn check_node(shared: &Edge, req: &Request) -> Result<(), Refusal> {
             "origin_backlog",
         ));
     }
+    check_origin(shared, req)
+}
 
-    let origin = req
-        .headers
-        .iter()
-        .find(|(n, _)| n == "origin")
-        .map(|(_, v)| v.as_str());
+/// Whether the request's page (its `Origin`) may connect: 403
+/// `origin_not_allowed` if `allowed-origins` does not list it.
+pub(crate) fn check_origin(shared: &Edge, req: &Request) -> Result<(), Refusal> {
+    let origin = req.header("origin");
     if !crate::allowed_origins::allowed(&shared.allowed_origins, origin) {
         return Err(refuse(
             403,

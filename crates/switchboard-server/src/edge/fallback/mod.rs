@@ -453,15 +453,7 @@ pub(crate) async fn serve(
     let label = kind.label();
     let cors = match cors_origin(&shared, &head.req) {
         Ok(cors) => cors,
-        Err(()) => {
-            let r = handshake::refuse(
-                403,
-                "origin_not_allowed",
-                "pages of this origin may not connect here",
-                "origin_not_allowed",
-            );
-            return refuse(&shared, stream, label, r, None).await;
-        }
+        Err(r) => return refuse(&shared, stream, label, r, None).await,
     };
     if let Err(r) = check_framing(&head.req) {
         return refuse(&shared, stream, label, r, cors).await;
@@ -485,7 +477,7 @@ pub(crate) async fn serve(
                 }
                 Err(r) => return refuse(&shared, stream, label, r, cors).await,
             };
-            let Ok(body) = String::from_utf8(body.to_vec()) else {
+            let Ok(body) = String::from_utf8(Vec::from(body)) else {
                 let r = handshake::refuse(
                     400,
                     "bad_request",
@@ -536,16 +528,10 @@ pub(crate) fn keep_alive(
 }
 
 /// The CORS header lines of answers to the request's page: `Ok(None)`
-/// without an `Origin` header, `Err` for a page that may not connect.
-fn cors_origin(shared: &Edge, req: &Request) -> Result<Option<String>, ()> {
-    let Some(origin) = req.header("origin") else {
-        return Ok(None);
-    };
-    if crate::allowed_origins::allowed(&shared.allowed_origins, Some(origin)) {
-        Ok(Some(cors_for(shared, origin)))
-    } else {
-        Err(())
-    }
+/// without an `Origin` header, the refusal for a page that may not connect.
+fn cors_origin(shared: &Edge, req: &Request) -> Result<Option<String>, Refusal> {
+    handshake::check_origin(shared, req)?;
+    Ok(req.header("origin").map(|origin| cors_for(shared, origin)))
 }
 
 /// The CORS lines of answers to a page of `origin`: credentials (cookies)
