@@ -243,6 +243,15 @@ impl Outbound {
         self.rare.as_ref().is_some_and(|r| r.close.is_some())
     }
 
+    /// A resume is taking the session over: its socket is asked to go
+    /// (a takeover close request not yet acted on), the session lives on.
+    fn taken_over(&self) -> bool {
+        self.rare
+            .as_ref()
+            .and_then(|r| r.close.as_ref())
+            .is_some_and(|c| c.takeover)
+    }
+
     fn suspended(&self) -> bool {
         self.rare.as_ref().is_some_and(|r| r.suspended)
     }
@@ -478,14 +487,22 @@ impl Conn {
         metrics: &Metrics,
     ) -> Queued {
         let mut out = self.out.lock();
-        if out.sealed || out.closing() {
+        // A takeover is no end: the session is moving to a new socket.
+        let taken_over = out.taken_over();
+        if out.sealed || (out.closing() && !taken_over) {
             return Queued::Closed;
         }
         let counted = |metrics: &Metrics| {
             self.messages_out.fetch_add(1, Relaxed);
             metrics.messages_out.inc();
         };
-        if out.suspended() {
+        if taken_over {
+            // Kept for the resume, as by a suspended session (which this
+            // one is about to be), after the messages held before it.
+            self.number_held(&mut out, metrics);
+            out.held = 0;
+        }
+        if out.suspended() || taken_over {
             let outbox = &mut out.rare().outbox;
             outbox.number(tail, metrics);
             if outbox.over(limits) {
@@ -1131,6 +1148,76 @@ mod tests {
     #[test]
     fn a_queued_frame_is_the_size_of_its_bytes() {
         assert_eq!(std::mem::size_of::<Frame>(), std::mem::size_of::<Bytes>());
+    }
+
+    fn session(limits: OutboxLimits) -> Conn {
+        let node = switchboard_proto::NodeId::random();
+        Conn::new(ConnInit {
+            id: ConnectionId::generate(&node),
+            remote: "127.0.0.1:1".parse().unwrap(),
+            path: "/".into(),
+            user_id: None,
+            metadata: None,
+            user_slot: None,
+            token: None,
+            token_expires_ms: 0,
+            subprotocol: None,
+            native: true,
+            transport: Transport::Websocket,
+            deflate: false,
+            session: Some(limits),
+            max_outbound: 1 << 20,
+        })
+    }
+
+    fn close_request(takeover: bool) -> CloseRequest {
+        CloseRequest {
+            code: 4009,
+            reason: String::new(),
+            by: ClosedBy::Client,
+            flush_first: true,
+            takeover,
+        }
+    }
+
+    /// A session whose socket is being taken over by a resume lives on:
+    /// a direct message sent before the old socket lets go is kept for the
+    /// resume (`queued`), numbered after the messages held before it, not
+    /// refused as if the session had ended.
+    #[test]
+    fn a_direct_message_during_a_takeover_is_kept_for_the_resume() {
+        let metrics = Metrics::new();
+        let conn = session(OutboxLimits::new(10, 1 << 16).unwrap());
+        let direct = |text: &str| Outgoing::new(Payload::Text(text.into()));
+        assert_eq!(conn.send(&direct("a"), &metrics), Queued::Yes);
+        conn.hold_for_replies();
+        assert_eq!(conn.send_after_replies(&direct("b"), &metrics), Queued::Yes);
+        assert_eq!(conn.request_close(close_request(true)), Queued::Yes);
+        assert_eq!(
+            conn.send_after_replies(&direct("c"), &metrics),
+            Queued::Kept
+        );
+        let kept: Vec<String> = {
+            let out = conn.out.lock();
+            let outbox = &out.rare.as_ref().unwrap().outbox;
+            outbox
+                .kept
+                .iter()
+                .map(|(_, f)| String::from_utf8_lossy(outbox::payload(f)).into_owned())
+                .collect()
+        };
+        assert_eq!(
+            kept,
+            [
+                r#"{"push":"direct","seq":1,"text":"a"}"#,
+                r#"{"push":"direct","seq":2,"text":"b"}"#,
+                r#"{"push":"direct","seq":3,"text":"c"}"#,
+            ]
+        );
+        // Any other close does end it.
+        let other = session(OutboxLimits::new(10, 1 << 16).unwrap());
+        assert_eq!(other.request_close(close_request(false)), Queued::Yes);
+        assert_eq!(other.send(&direct("a"), &metrics), Queued::Closed);
     }
 
     /// Every connection has an outbound state: holding messages for the
