@@ -780,12 +780,15 @@ impl Conn {
         self.push_at(frame, Place::BeforeHeld, metrics)
     }
 
-    /// Asks the connection's task to close; the first request wins. A
-    /// suspended session has no task: `Queued::Kept` says so, and the
-    /// caller ends it ([`Conn::take_suspended`]).
+    /// Asks the connection's task to close; the first request wins, except
+    /// over a takeover not yet acted on (the session lives on, so a close
+    /// asked meanwhile still ends it). A suspended session has no task:
+    /// `Queued::Kept` says so, and the caller ends it
+    /// ([`Conn::take_suspended`]).
     pub(crate) fn request_close(&self, req: CloseRequest) -> Queued {
         let mut out = self.out.lock();
-        if out.sealed || out.closing() {
+        let replaces_takeover = out.taken_over() && !req.takeover;
+        if out.sealed || (out.closing() && !replaces_takeover) {
             return Queued::Closed;
         }
         if out.suspended() {
@@ -1214,6 +1217,9 @@ mod tests {
                 r#"{"push":"direct","seq":3,"text":"c"}"#,
             ]
         );
+        // A close asked during the takeover replaces it: the session ends.
+        assert_eq!(conn.request_close(close_request(false)), Queued::Yes);
+        assert!(conn.take_close().is_some_and(|r| !r.takeover));
         // Any other close does end it.
         let other = session(OutboxLimits::new(10, 1 << 16).unwrap());
         assert_eq!(other.request_close(close_request(false)), Queued::Yes);
