@@ -243,6 +243,54 @@ pub enum Command {
     /// reached another node than the one holding the session: only ever
     /// forwarded, never a route of the control API.
     Fallback(FallbackRequest),
+    /// `POST /v1/graphql/triggers`: re-execute the GraphQL subscriptions
+    /// that depend on these keys, on every node.
+    GraphqlTrigger(GraphqlTrigger),
+    /// A GraphQL subscription's result asked of the node that executes its
+    /// digest (`docs/graphql.md`): only ever forwarded.
+    GraphqlExecute(GraphqlExecute),
+}
+
+/// [`Command::GraphqlTrigger`]: trigger keys published by the origin.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GraphqlTrigger {
+    /// The keys (1 to 32, each 1 to 256 bytes).
+    pub triggers: Vec<String>,
+    /// Set by the node that took the command, for the nodes it forwards
+    /// it to: one execution per digest and publication.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub publication: Option<String>,
+}
+
+/// Body of `POST /v1/graphql/triggers`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GraphqlTriggerBody {
+    /// The keys (1 to 32, each 1 to 256 bytes).
+    pub triggers: Vec<String>,
+}
+
+/// The answer to `POST /v1/graphql/triggers`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GraphqlTriggerResponse {
+    /// Nodes that took the trigger (this one included).
+    pub nodes: usize,
+    /// Nodes it could not reach in time: they miss this publication.
+    pub failed_nodes: Vec<String>,
+}
+
+/// [`Command::GraphqlExecute`]: run a digest's request once for a
+/// publication and answer with the endpoint's result.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GraphqlExecute {
+    /// The subscription's digest.
+    pub digest: String,
+    /// The publication (of [`GraphqlTrigger`]) it is executed for.
+    pub publication: String,
+    /// The request body for the GraphQL endpoint (JSON).
+    pub request: String,
+    /// The request's headers (context and forwarded ones).
+    pub headers: Vec<(String, String)>,
 }
 
 /// [`Command::Fallback`]: what a fallback client asked of its session.

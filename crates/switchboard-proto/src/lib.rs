@@ -19,6 +19,7 @@
 pub mod cluster;
 pub mod conn_id;
 pub mod control;
+pub mod graphql;
 pub mod native;
 pub mod origin;
 pub mod ws;

@@ -149,6 +149,10 @@ pub struct ConnectEvent {
     /// tokens (absent for anonymous clients).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub claims: Option<serde_json::Map<String, serde_json::Value>>,
+    /// A GraphQL connection's `connection_init` payload (`docs/graphql.md`):
+    /// its `connect` is asked when that message comes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init_payload: Option<serde_json::Value>,
 }
 
 /// What carries a connection (`docs/fallbacks.md`).
@@ -380,6 +384,9 @@ pub struct OriginAnswer {
     /// answer to `message` events.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub replies: Vec<Reply>,
+    /// `connect` of a GraphQL connection only: the `connection_ack` payload.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ack_payload: Option<serde_json::Value>,
 }
 
 /// A reply carried in an [`OriginAnswer`].

@@ -180,6 +180,21 @@ pub struct Config {
     pub session_outbox_bytes: u32,
     /// Send the origin `suspend` and `resume` events.
     pub session_events: bool,
+    /// The origin's GraphQL-over-HTTP endpoint: clients may speak the
+    /// GraphQL over WebSocket subprotocols (`docs/graphql.md`).
+    pub graphql_endpoint: Option<String>,
+    /// Time from the 101 to a GraphQL client's `connection_init`.
+    #[serde(with = "humantime_serde")]
+    pub graphql_init_timeout: Duration,
+    /// GraphQL operations one connection may run at once.
+    pub graphql_max_operations: usize,
+    /// Requests this node has in flight to the GraphQL endpoint at once.
+    pub graphql_concurrency: usize,
+    /// Timeout of one request to the GraphQL endpoint.
+    #[serde(with = "humantime_serde")]
+    pub graphql_timeout: Duration,
+    /// Do not send a re-executed subscription result equal to the last one.
+    pub graphql_suppress_unchanged: bool,
     /// Channel namespaces, each `NAME[:OPTION,...]` (see [`Namespace`]). A
     /// channel `ns:room` exists only if namespace `ns` is configured.
     pub namespace: Vec<Namespace>,
@@ -276,6 +291,12 @@ impl Default for Config {
             session_outbox_messages: 1_000,
             session_outbox_bytes: 256 << 10,
             session_events: false,
+            graphql_endpoint: None,
+            graphql_init_timeout: Duration::from_secs(10),
+            graphql_max_operations: 100,
+            graphql_concurrency: 64,
+            graphql_timeout: Duration::from_secs(10),
+            graphql_suppress_unchanged: false,
             namespace: Vec::new(),
             max_subscriptions: 128,
             max_channel_length: 255,
@@ -388,6 +409,22 @@ impl Config {
                 "must be at most 67108864 (64 MiB)",
             ));
         }
+        if let Some(url) = &self.graphql_endpoint {
+            if !(url.starts_with("http://") || url.starts_with("https://"))
+                || reqwest::Url::parse(url).is_err()
+            {
+                return Err(bad(
+                    "graphql-endpoint",
+                    "must be an http:// or https:// URL",
+                ));
+            }
+        }
+        if self.graphql_max_operations == 0 || self.graphql_concurrency == 0 {
+            return Err(bad(
+                "graphql-max-operations",
+                "graphql-max-operations and graphql-concurrency must be at least 1",
+            ));
+        }
         if self.max_header_bytes < 256 {
             return Err(bad("max-header-bytes", "must be at least 256"));
         }
@@ -404,6 +441,8 @@ impl Config {
             ("pong-timeout", self.pong_timeout),
             ("poll-timeout", self.poll_timeout),
             ("handshake-timeout", self.handshake_timeout),
+            ("graphql-init-timeout", self.graphql_init_timeout),
+            ("graphql-timeout", self.graphql_timeout),
             ("origin-timeout", self.origin_timeout),
             ("origin-retry-initial", self.origin_retry_initial),
             ("control-header-timeout", self.control_header_timeout),
@@ -419,6 +458,8 @@ impl Config {
             ("pong-timeout", self.pong_timeout),
             ("poll-timeout", self.poll_timeout),
             ("handshake-timeout", self.handshake_timeout),
+            ("graphql-init-timeout", self.graphql_init_timeout),
+            ("graphql-timeout", self.graphql_timeout),
             ("origin-timeout", self.origin_timeout),
             ("origin-retry-max", self.origin_retry_max),
             ("origin-batch-linger", self.origin_batch_linger),

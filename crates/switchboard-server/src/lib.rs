@@ -54,6 +54,7 @@ pub mod config;
 mod conn;
 mod edge;
 mod frames;
+mod graphql;
 mod metrics;
 pub mod node;
 pub mod origin;

@@ -39,6 +39,13 @@ pub(crate) struct FallbackLabels {
     pub(crate) result: &'static str,
 }
 
+/// Labels of requests to the GraphQL endpoint.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct GraphqlRequestLabels {
+    pub(crate) reason: &'static str,
+    pub(crate) result: &'static str,
+}
+
 /// Label for transports.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub(crate) struct TransportLabel {
@@ -129,6 +136,22 @@ pub(crate) struct Metrics {
     pub(crate) connections_by_transport: Family<TransportLabel, Gauge>,
     /// Fallback requests sent to the node holding their session.
     pub(crate) fallback_forwarded: Counter,
+    /// Requests to the GraphQL endpoint by reason and result.
+    pub(crate) graphql_requests: Family<GraphqlRequestLabels, Counter>,
+    /// Results asked of a digest's owner node, by result.
+    pub(crate) graphql_owner_requests: Family<ResultLabel, Counter>,
+    /// GraphQL operations running on this node.
+    pub(crate) graphql_operations: Gauge,
+    /// Distinct subscription inputs on this node.
+    pub(crate) graphql_digests: Gauge,
+    /// Subscription results sent to clients.
+    pub(crate) graphql_deliveries: Counter,
+    /// Re-executed results not sent because unchanged.
+    pub(crate) graphql_suppressed: Counter,
+    /// GraphQL connections closed with a protocol close code, by code.
+    pub(crate) graphql_closes: Family<CodeLabel, Counter>,
+    /// GraphQL operations refused without running, by code.
+    pub(crate) graphql_refused: Family<CodeLabel, Counter>,
 }
 
 fn origin_histogram() -> Histogram {
@@ -193,6 +216,14 @@ impl Metrics {
             fallback_requests: Family::default(),
             connections_by_transport: Family::default(),
             fallback_forwarded: Counter::default(),
+            graphql_requests: Family::default(),
+            graphql_owner_requests: Family::default(),
+            graphql_operations: Gauge::default(),
+            graphql_digests: Gauge::default(),
+            graphql_deliveries: Counter::default(),
+            graphql_suppressed: Counter::default(),
+            graphql_closes: Family::default(),
+            graphql_refused: Family::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -216,6 +247,46 @@ impl Metrics {
             "fallback_forwarded",
             "HTTP fallback requests (commands, polls, ends) forwarded to the node holding their session",
             m.fallback_forwarded.clone(),
+        );
+        r.register(
+            "graphql_requests",
+            "Requests to the GraphQL endpoint by reason (operation, trigger) and result (ok, error, unavailable)",
+            m.graphql_requests.clone(),
+        );
+        r.register(
+            "graphql_owner_requests",
+            "GraphQL subscription results asked of the digest's owner node, by result (ok, failed)",
+            m.graphql_owner_requests.clone(),
+        );
+        r.register(
+            "graphql_operations",
+            "GraphQL operations running on this node",
+            m.graphql_operations.clone(),
+        );
+        r.register(
+            "graphql_digests",
+            "Distinct GraphQL subscription inputs on this node",
+            m.graphql_digests.clone(),
+        );
+        r.register(
+            "graphql_deliveries",
+            "GraphQL subscription results sent to clients",
+            m.graphql_deliveries.clone(),
+        );
+        r.register(
+            "graphql_suppressed",
+            "Re-executed GraphQL results not sent because unchanged",
+            m.graphql_suppressed.clone(),
+        );
+        r.register(
+            "graphql_closes",
+            "GraphQL connections closed with a protocol close code, by code",
+            m.graphql_closes.clone(),
+        );
+        r.register(
+            "graphql_refused_operations",
+            "GraphQL operations answered with an error without running, by code",
+            m.graphql_refused.clone(),
         );
         r.register(
             "connections_by_transport",

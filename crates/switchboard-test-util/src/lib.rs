@@ -33,6 +33,7 @@ use tokio::task::JoinHandle;
 pub use tokio_tungstenite::tungstenite::Message as WsMessage;
 
 pub mod failure;
+pub mod graphql;
 pub mod nats;
 
 /// A client WebSocket stream.

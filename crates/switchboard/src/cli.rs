@@ -444,6 +444,40 @@ pub(crate) struct ServeArgs {
     #[serde(skip_serializing_if = "Option::is_none")]
     session_events: Option<bool>,
 
+    /// The origin's GraphQL-over-HTTP endpoint: clients may then speak graphql-transport-ws and graphql-ws (docs/graphql.md) [default: none].
+    #[arg(long, env = "SWITCHBOARD_GRAPHQL_ENDPOINT", value_name = "URL")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    graphql_endpoint: Option<String>,
+
+    /// Time from the 101 to a GraphQL client's `connection_init` (else 4408) [default: 10s].
+    #[arg(
+        long,
+        env = "SWITCHBOARD_GRAPHQL_INIT_TIMEOUT",
+        value_name = "DURATION"
+    )]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    graphql_init_timeout: Option<String>,
+
+    /// GraphQL operations one connection may run at once [default: 100].
+    #[arg(long, env = "SWITCHBOARD_GRAPHQL_MAX_OPERATIONS", value_name = "N")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    graphql_max_operations: Option<usize>,
+
+    /// Requests this node has in flight to the GraphQL endpoint at once [default: 64].
+    #[arg(long, env = "SWITCHBOARD_GRAPHQL_CONCURRENCY", value_name = "N")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    graphql_concurrency: Option<usize>,
+
+    /// Timeout of one request to the GraphQL endpoint [default: 10s].
+    #[arg(long, env = "SWITCHBOARD_GRAPHQL_TIMEOUT", value_name = "DURATION")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    graphql_timeout: Option<String>,
+
+    /// Do not send a re-executed subscription result equal to the last one sent [default: false].
+    #[arg(long, env = "SWITCHBOARD_GRAPHQL_SUPPRESS_UNCHANGED", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    graphql_suppress_unchanged: Option<bool>,
+
     /// NATS server URL(s), comma-separated: join a cluster [default: none, single node].
     #[arg(long, env = "SWITCHBOARD_NATS", value_name = "URL")]
     #[serde(skip_serializing_if = "Option::is_none")]

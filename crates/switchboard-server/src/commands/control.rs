@@ -19,8 +19,9 @@ use switchboard_backend::{ClusterError, CommandReply};
 use switchboard_proto::control::{
     BatchMessage, BatchSendRequest, BatchSendResponse, ChannelsResponse, CloseCommand, Command,
     ConnectionInfo, ConnectionRef, ConnectionsResponse, Delivery, ErrorBody, FallbackRequest,
-    NodeInfo, NodesResponse, PublishCommand, PublishResponse, SendCommand, SendResponse, Stats,
-    SubscribeCommand, SubscribeResponse, UnsubscribeCommand, UserRef,
+    GraphqlTrigger, GraphqlTriggerResponse, NodeInfo, NodesResponse, PublishCommand,
+    PublishResponse, SendCommand, SendResponse, Stats, SubscribeCommand, SubscribeResponse,
+    UnsubscribeCommand, UserRef,
 };
 use switchboard_proto::native::SubscribeResult;
 use switchboard_proto::origin::{ClosedBy, Payload};
@@ -125,6 +126,21 @@ fn lookup(s: &Commands, id: &str) -> Result<Arc<Conn>, ApiError> {
         .filter(|cid| cid.node() == s.node.as_str())
         .and_then(|cid| s.registry.get(&cid.key()))
         .ok_or_else(|| ApiError::not_found(id))
+}
+
+/// The local connection named `id` that messages can be sent to: 404, or
+/// 409 `graphql_connection` for a GraphQL client (which would take them for
+/// broken protocol messages).
+fn lookup_messaging(s: &Commands, id: &str) -> Result<Arc<Conn>, ApiError> {
+    let conn = lookup(s, id)?;
+    if crate::graphql::protocol_of(&conn).is_some() {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "graphql_connection",
+            "a GraphQL connection takes only GraphQL messages: publish a trigger instead",
+        ));
+    }
+    Ok(conn)
 }
 
 /// The node holding `id` when it is another node of the cluster and the
@@ -234,6 +250,8 @@ pub(crate) async fn execute(s: &Arc<Commands>, cmd: Command, forwarded: bool) ->
         Command::Channels => ok(&ChannelsResponse {
             channels: s.channels.list(),
         }),
+        Command::GraphqlTrigger(t) => graphql_trigger(s, t, forwarded).await,
+        Command::GraphqlExecute(e) => s.graphql.execute_for_peer(e).await,
         Command::Fallback(r) => match s.fallbacks.get() {
             Some(runner) => runner.run(r).await,
             None => ApiError::new(
@@ -281,7 +299,7 @@ fn answer<T: serde::Serialize>(r: Result<T, ChannelError>) -> CommandReply {
 }
 
 async fn subscribe_local(s: &Commands, c: SubscribeCommand) -> CommandReply {
-    let conn = match lookup(s, &c.connection_id) {
+    let conn = match lookup_messaging(s, &c.connection_id) {
         Ok(conn) => conn,
         Err(e) => return e.into(),
     };
@@ -364,7 +382,7 @@ async fn publish_command(s: &Commands, c: PublishCommand) -> CommandReply {
 }
 
 fn send_local(s: &Commands, c: SendCommand) -> CommandReply {
-    let conn = match lookup(s, &c.connection_id) {
+    let conn = match lookup_messaging(s, &c.connection_id) {
         Ok(conn) => conn,
         Err(e) => return e.into(),
     };
@@ -440,7 +458,7 @@ async fn send_batch_routed(
         // Encoded once, shared by every local recipient.
         let out = Outgoing::new(payload);
         for id in local {
-            let status = match lookup(s, &id) {
+            let status = match lookup_messaging(s, &id) {
                 Ok(c) => delivery(s, &c, &out),
                 Err(_) => Delivery::Unknown,
             };
@@ -581,6 +599,60 @@ async fn connections_of(s: &Commands, user_id: &str, forwarded: bool) -> Command
         connections: all,
         unanswered,
     })
+}
+
+/// `POST /v1/graphql/triggers`: the GraphQL subscriptions depending on the
+/// keys are re-executed, here and (unless `forwarded`) on every other live
+/// node, all for one publication (`docs/graphql.md`).
+async fn graphql_trigger(s: &Commands, t: GraphqlTrigger, forwarded: bool) -> CommandReply {
+    use switchboard_proto::graphql::{MAX_TRIGGERS, MAX_TRIGGER_LEN};
+    let bad_key = |k: &String| k.is_empty() || k.len() > MAX_TRIGGER_LEN;
+    if t.triggers.is_empty() || t.triggers.len() > MAX_TRIGGERS || t.triggers.iter().any(bad_key) {
+        return ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_body",
+            "`triggers` holds 1 to 32 keys, each 1 to 256 bytes",
+        )
+        .into();
+    }
+    let publication = t
+        .publication
+        .unwrap_or_else(|| hex::encode(rand::random::<[u8; 12]>()));
+    s.graphql.trigger(&t.triggers, &publication);
+    let (mut nodes, mut failed_nodes) = (1, Vec::new());
+    if let (false, Some(cluster)) = (forwarded, s.cluster.get()) {
+        let cmd = Command::GraphqlTrigger(GraphqlTrigger {
+            triggers: t.triggers,
+            publication: Some(publication),
+        });
+        let peers: Vec<String> = cluster
+            .peers()
+            .into_iter()
+            .map(|n| n.node)
+            .filter(|n| n != s.node.as_str())
+            .collect();
+        let answers =
+            futures_util::future::join_all(peers.iter().map(|n| forward(s, n, &cmd))).await;
+        for (node, answer) in peers.into_iter().zip(answers) {
+            if answer.status == StatusCode::ACCEPTED.as_u16() {
+                nodes += 1;
+            } else {
+                tracing::warn!(
+                    node,
+                    status = answer.status,
+                    "a node missed a GraphQL trigger"
+                );
+                failed_nodes.push(node);
+            }
+        }
+    }
+    reply(
+        StatusCode::ACCEPTED,
+        &GraphqlTriggerResponse {
+            nodes,
+            failed_nodes,
+        },
+    )
 }
 
 /// The statistics of `node` (this one when `None` or its own id).

@@ -12,6 +12,7 @@ use crate::admission::tokens::Authenticator;
 use crate::channels::Channels;
 use crate::config::Config;
 use crate::conn::Registry;
+use crate::graphql::Graphql;
 use crate::lease::Lease;
 use crate::metrics::Metrics;
 use crate::origin::dispatcher::Dispatcher;
@@ -35,6 +36,8 @@ pub(crate) struct Commands {
     pub(crate) origin: Arc<Origin>,
     /// Native connections' sessions (suspended, resumed, ended).
     pub(crate) sessions: Arc<Sessions>,
+    /// GraphQL connections' operations and subscriptions.
+    pub(crate) graphql: Arc<Graphql>,
     pub(crate) metrics: Arc<Metrics>,
     /// The other nodes, once a cluster backend has joined.
     pub(crate) cluster: OnceLock<Arc<dyn Cluster>>,
@@ -64,14 +67,15 @@ pub(crate) trait FallbackRunner: Send + Sync + std::fmt::Debug {
 
 impl Commands {
     /// The parts of a node below the edge, built from its configuration:
-    /// connections, channels, and the origin behind `transport`.
+    /// connections, channels, and the origin behind `transport`. Fails
+    /// when the GraphQL endpoint's client cannot be made.
     pub(crate) fn new(
         config: Config,
         node: NodeId,
         transport: Arc<dyn OriginTransport>,
         lease: Arc<Lease>,
         auth: Option<Authenticator>,
-    ) -> Self {
+    ) -> Result<Self, String> {
         let config = Arc::new(config);
         let metrics = Arc::new(Metrics::new());
         let registry = Arc::new(Registry::new());
@@ -99,9 +103,16 @@ impl Commands {
             origin.clone(),
             metrics.clone(),
         ));
-        Self {
+        let graphql = Arc::new(Graphql::new(
+            config.clone(),
+            node.clone(),
+            metrics.clone(),
+            registry.clone(),
+        )?);
+        Ok(Self {
             channels,
             sessions,
+            graphql,
             config,
             node,
             auth,
@@ -114,7 +125,7 @@ impl Commands {
             started_at_ms: crate::clock::now_ms(),
             build: OnceLock::new(),
             fallbacks: OnceLock::new(),
-        }
+        })
     }
 
     /// The build's labels: as set, or this library's version.

@@ -23,8 +23,8 @@ use subtle::ConstantTimeEq;
 use switchboard_backend::CommandReply;
 use switchboard_proto::control::{
     BatchSendRequest, ChannelRef, CloseCommand, CloseParams, Command, ConnectionRef, ErrorBody,
-    HistoryCommand, NodesResponse, PublishCommand, SendCommand, SubscribeBody, SubscribeCommand,
-    UnsubscribeCommand, UserRef,
+    GraphqlTrigger, GraphqlTriggerBody, HistoryCommand, NodesResponse, PublishCommand, SendCommand,
+    SubscribeBody, SubscribeCommand, UnsubscribeCommand, UserRef,
 };
 use switchboard_proto::native::StreamPosition;
 use switchboard_proto::origin::Payload;
@@ -57,6 +57,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("post", "/v1/channels/{channel}/messages"),
     ("get", "/v1/channels/{channel}/messages"),
     ("get", "/v1/channels/{channel}/presence"),
+    ("post", "/v1/graphql/triggers"),
 ];
 
 /// Largest control API request body.
@@ -237,6 +238,7 @@ pub(crate) fn router(shared: Arc<Edge>) -> Router {
             get(history).post(publish),
         )
         .route("/v1/channels/{channel}/presence", get(presence))
+        .route("/v1/graphql/triggers", axum::routing::post(graphql_trigger))
         .route_layer(middleware::from_fn_with_state(shared.clone(), require_key));
     Router::new()
         .route("/healthz", get(healthz))
@@ -496,6 +498,19 @@ async fn publish(
     let mut cmd: PublishCommand = parse_json(body)?;
     cmd.channel = channel;
     Ok(execute(&s.commands, Command::Publish(cmd), false)
+        .await
+        .into())
+}
+
+/// `POST /v1/graphql/triggers`: re-executes the GraphQL subscriptions that
+/// depend on the keys, on every node (`docs/graphql.md`).
+async fn graphql_trigger(State(s): State<Arc<Edge>>, body: Body) -> Result<Answer, ApiError> {
+    let GraphqlTriggerBody { triggers } = parse_json(body)?;
+    let cmd = GraphqlTrigger {
+        triggers,
+        publication: None,
+    };
+    Ok(execute(&s.commands, Command::GraphqlTrigger(cmd), false)
         .await
         .into())
 }

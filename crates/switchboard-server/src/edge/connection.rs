@@ -19,6 +19,7 @@ use std::io;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
+use switchboard_proto::graphql::{self as graphql_proto, Protocol};
 use switchboard_proto::native::ErrorCode;
 use switchboard_proto::origin::{ClosedBy, Payload};
 use switchboard_proto::ws::frame::{encode_close, encode_frame, OpCode};
@@ -88,6 +89,9 @@ impl Drop for DisconnectGuard {
         // a connection closed by a fence sends no `disconnect` (the origin
         // has retired it with `node_down`).
         let fenced = self.shared.origin.lease.is_fencing();
+        if !self.conn.native && crate::graphql::protocol_of(&self.conn).is_some() {
+            self.shared.commands.graphql.forget(&self.conn.key);
+        }
         self.shared
             .metrics
             .by_transport(self.conn.transport().as_str())
@@ -335,6 +339,13 @@ impl Task {
             self.guard
                 .conn
                 .send_control(&self.stream, PING.clone(), &self.guard.shared.metrics);
+            if crate::graphql::protocol_of(&self.guard.conn) == Some(Protocol::Legacy) {
+                // The legacy protocol's own keep-alive, which its clients watch.
+                self.guard.conn.push(
+                    encode_frame(OpCode::Text, &graphql_proto::keep_alive()),
+                    &self.guard.shared.metrics,
+                );
+            }
         }
         None
     }
@@ -512,9 +523,22 @@ impl Task {
                 }
             }
         }
+        let graphql =
+            !self.guard.conn.native && crate::graphql::protocol_of(&self.guard.conn).is_some();
         match msg {
             Message::Text(_) | Message::Binary(_) if closing => {}
             Message::Text(data) if self.guard.conn.native => self.on_command(&data),
+            Message::Text(data) if graphql => {
+                self.count_in();
+                let s = &self.guard.shared;
+                if let Err(c) = s.commands.graphql.on_message(&self.guard.conn, &data) {
+                    self.graphql_close(c);
+                }
+            }
+            Message::Binary(_) if graphql => {
+                self.count_in();
+                self.graphql_close(crate::graphql::Graphql::bad_frame());
+            }
             Message::Binary(_) if self.guard.conn.native => {
                 let s = &self.guard.shared;
                 s.metrics.native_error(ErrorCode::UnsupportedFrame);
@@ -567,6 +591,18 @@ impl Task {
             },
         }
         Ok(())
+    }
+
+    /// Closes a GraphQL connection as its protocol says (4400 …), or as its
+    /// client asked (`connection_terminate`, 1000).
+    fn graphql_close(&mut self, c: crate::graphql::Close) {
+        let by = if c.code == close::NORMAL {
+            ClosedBy::Client
+        } else {
+            self.guard.shared.commands.graphql.count_close(c.code);
+            ClosedBy::Gateway
+        };
+        self.start_close(c.code, &c.reason, by);
     }
 
     /// Counts a message from the client (which also proves it active).
@@ -623,7 +659,8 @@ mod tests {
             Arc::new(DevOrigin),
             Arc::new(crate::lease::Lease::unlimited()),
             None,
-        );
+        )
+        .unwrap();
         let shared = Arc::new(Edge::new(Arc::new(commands), None, 0));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())

@@ -10,7 +10,7 @@ use crate::channels::Ack;
 use crate::clock::now_ms;
 use crate::conn::stream::ClientStream;
 use crate::conn::{CloseRequest, Conn, ConnInit, Outgoing};
-use crate::edge::{connection, fallback, pool};
+use crate::edge::{connection, fallback, graphql, pool};
 use crate::origin::ask::{ask, event_id, log_failure, AskError};
 use crate::origin::{ConnectDecision, OriginError};
 use bytes::BytesMut;
@@ -19,6 +19,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
+use switchboard_proto::graphql::{self as graphql_proto, Protocol};
 use switchboard_proto::native;
 use switchboard_proto::origin::{ClosedBy, ConnectEvent, Event, Transport};
 use switchboard_proto::ws::close;
@@ -224,6 +225,17 @@ async fn after_head(
         deadline,
     } = head;
     let decided = match open(&shared, &req) {
+        Ok(opening) if opening.graphql.is_some() => {
+            let pending = Pending {
+                stream,
+                buf,
+                req,
+                remote,
+                deadline,
+                socket,
+            };
+            return graphql::handshake(shared, pending, opening).await;
+        }
         Ok(opening) => decide(&shared, &req, remote, deadline, opening).await,
         Err(r) => Err(r),
     };
@@ -248,6 +260,7 @@ async fn after_head(
         deflate,
         origin_seq,
         resumed,
+        ..
     } = match result {
         Ok(accepted) => accepted,
         Err(r) => return answer_refusal(&shared, &mut stream, r, deadline).await,
@@ -278,7 +291,7 @@ async fn after_head(
 
 /// Starts the task of an accepted connection, whose 101 is sent: `buf`
 /// holds the bytes that came after the handshake.
-fn start(
+pub(super) fn start(
     shared: &Arc<Edge>,
     stream: ClientStream,
     disconnect: connection::DisconnectGuard,
@@ -311,15 +324,15 @@ fn start(
 
 /// A native client that has been answered 101 without a token, and owes
 /// its `authenticate` command.
-struct Pending {
-    stream: ClientStream,
+pub(super) struct Pending {
+    pub(super) stream: ClientStream,
     /// Bytes after the request head.
-    buf: BytesMut,
-    req: Request,
-    remote: SocketAddr,
+    pub(super) buf: BytesMut,
+    pub(super) req: Request,
+    pub(super) remote: SocketAddr,
     /// The handshake's deadline, which the first command must also meet.
-    deadline: tokio::time::Instant,
-    socket: SocketGuard,
+    pub(super) deadline: tokio::time::Instant,
+    pub(super) socket: SocketGuard,
 }
 
 /// The in-band half of a handshake: answers 101, reads the first frame
@@ -428,7 +441,7 @@ async fn first_command(shared: Arc<Edge>, p: Pending, opening: Opening) {
 const FIRST_FRAME_MAX: usize = 16 << 10;
 
 /// Why no first message could be read.
-enum FirstFrame {
+pub(super) enum FirstFrame {
     /// The stream ended, failed or broke the protocol.
     Closed,
     /// Over [`FIRST_FRAME_MAX`] bytes without a whole message.
@@ -437,7 +450,7 @@ enum FirstFrame {
 
 /// Reads until `decoder` yields a data or close message (pings and pongs
 /// are skipped), buffering at most [`FIRST_FRAME_MAX`] bytes.
-async fn read_message(
+pub(super) async fn read_message(
     stream: &mut ClientStream,
     buf: &mut BytesMut,
     decoder: &mut Decoder,
@@ -466,7 +479,7 @@ async fn read_message(
 
 /// Closes a WebSocket that never became a connection: a close frame with
 /// `code` and `reason`, then (briefly) whatever the client still sends.
-async fn close_unopened(stream: &mut ClientStream, code: u16, reason: &str) {
+pub(super) async fn close_unopened(stream: &mut ClientStream, code: u16, reason: &str) {
     let frame = switchboard_proto::ws::frame::encode_close(code, reason);
     let _ = tokio::time::timeout(Duration::from_secs(1), async {
         stream.write_all(&frame).await?;
@@ -648,6 +661,8 @@ pub(crate) struct Accepted {
     pub(crate) origin_seq: u64,
     /// A resumed session (whose client has its resume token already).
     pub(crate) resumed: bool,
+    /// The origin's `connection_ack` payload (GraphQL).
+    pub(super) ack_payload: Option<serde_json::Value>,
 }
 
 /// A valid opening the node can take, before the client's identity is known.
@@ -659,10 +674,15 @@ pub(crate) struct Opening {
     subprotocol: Option<String>,
     is_native: bool,
     /// permessage-deflate, if offered and enabled.
-    deflate: Option<DeflateParams>,
+    pub(super) deflate: Option<DeflateParams>,
     /// Why the session the client asked to resume could not be: its
     /// `connected` push says so.
     refused: Option<native::ResumeError>,
+    /// A GraphQL subprotocol was chosen: the origin is asked at
+    /// `connection_init` (`docs/graphql.md`).
+    pub(super) graphql: Option<Protocol>,
+    /// The `connection_init` payload, for the `connect` event.
+    pub(super) init_payload: Option<serde_json::Value>,
 }
 
 impl Opening {
@@ -683,11 +703,13 @@ impl Opening {
             is_native: true,
             deflate: None,
             refused: None,
+            graphql: None,
+            init_payload: None,
         })
     }
 
     /// The 101 answer (empty for a fallback).
-    fn response(&self) -> Vec<u8> {
+    pub(super) fn response(&self) -> Vec<u8> {
         let Some(upgrade) = &self.upgrade else {
             return Vec::new();
         };
@@ -876,6 +898,7 @@ async fn resume(
         deflate: opening.deflate,
         origin_seq: attached.origin_seq,
         resumed: true,
+        ack_payload: None,
     })
 }
 
@@ -904,12 +927,24 @@ fn open(shared: &Edge, req: &Request) -> Result<Opening, Refusal> {
     })?;
     check_node(shared, req)?;
     // The client's first offer the gateway speaks: the native protocol or
-    // one of the configured raw subprotocols.
-    let subprotocol = upgrade
+    // one of the configured raw subprotocols; GraphQL before a raw one.
+    let mut subprotocol = upgrade
         .protocols
         .iter()
         .find(|p| *p == native::SUBPROTOCOL || cfg.subprotocol.iter().any(|s| s == *p))
         .cloned();
+    let offered = |name: &str| upgrade.protocols.iter().any(|p| p == name);
+    let graphql = [graphql_proto::MODERN, graphql_proto::LEGACY]
+        .into_iter()
+        .find(|p| offered(p))
+        .and_then(Protocol::of)
+        .filter(|_| !offered(native::SUBPROTOCOL))
+        // Without an endpoint, only for a client that offers nothing
+        // else it could use: it is closed with 4406.
+        .filter(|_| shared.commands.graphql.enabled() || subprotocol.is_none());
+    if let Some(p) = graphql {
+        subprotocol = Some(p.name().to_owned());
+    }
     if subprotocol.is_none() {
         if let Some(v) = upgrade
             .protocols
@@ -940,6 +975,8 @@ fn open(shared: &Edge, req: &Request) -> Result<Opening, Refusal> {
         is_native,
         deflate,
         refused: None,
+        graphql,
+        init_payload: None,
     })
 }
 
@@ -989,7 +1026,7 @@ pub(crate) fn check_origin(shared: &Edge, req: &Request) -> Result<(), Refusal> 
 
 /// Asks the origin about a client whose identity is settled, and on
 /// acceptance registers its connection.
-async fn admit(
+pub(super) async fn admit(
     shared: &Arc<Edge>,
     req: &Request,
     remote: SocketAddr,
@@ -1065,6 +1102,7 @@ async fn admit(
         transport,
         user_id: identity.as_ref().and_then(|i| i.user.clone()),
         claims: identity.as_ref().map(|i| i.claims.clone()),
+        init_payload: opening.init_payload.clone(),
     });
     let decision = ask(&shared.origin, &event, deadline).await;
     let answer = match decision {
@@ -1167,10 +1205,16 @@ async fn admit(
     shared.metrics.connections.inc();
     shared.metrics.by_transport(transport.as_str()).inc();
     shared.metrics.connections_total.inc();
-    for m in answer.messages {
+    // A GraphQL client understands only GraphQL messages.
+    let (messages, channels) = if opening.graphql.is_some() {
+        (Vec::new(), Vec::new())
+    } else {
+        (answer.messages, answer.channels)
+    };
+    for m in messages {
         conn.send(&Outgoing::new(m), &shared.metrics);
     }
-    for channel in &answer.channels {
+    for channel in &channels {
         if let Err(e) = shared
             .channels
             .subscribe(&conn, channel, None, Ack::Push, &shared.metrics)
@@ -1185,10 +1229,11 @@ async fn admit(
         deflate,
         origin_seq: 0,
         resumed: false,
+        ack_payload: answer.ack_payload,
     })
 }
 
-fn parse_cookies(req: &Request) -> BTreeMap<String, String> {
+pub(super) fn parse_cookies(req: &Request) -> BTreeMap<String, String> {
     req.headers_named("cookie")
         .flat_map(|v| v.split(';'))
         .filter_map(|kv| {

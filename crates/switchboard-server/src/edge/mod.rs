@@ -9,6 +9,7 @@ pub(crate) mod api;
 pub(crate) mod connection;
 pub(crate) mod control_listener;
 pub(crate) mod fallback;
+mod graphql;
 pub(crate) mod handshake;
 pub(crate) mod inbound;
 pub(crate) mod listener;

@@ -150,7 +150,13 @@ impl Gateway {
         let tls = crate::edge::tls::Tls::from_config(&config)?;
         let client = bind_listener(config.listen)?;
         let control = bind_listener(config.control_listen)?;
-        let commands = Arc::new(Commands::new(config, node, transport, lease, auth));
+        let commands = Commands::new(config, node, transport, lease, auth).map_err(|problem| {
+            GatewayError::Config(ConfigError {
+                field: "graphql-endpoint",
+                problem,
+            })
+        })?;
+        let commands = Arc::new(commands);
         let shared = Arc::new(Edge::new(commands, tls, options.backend_fds));
         Ok(Self {
             shared,
@@ -190,6 +196,7 @@ impl Gateway {
     /// `cluster` from now on, and it is told to leave at the end of the drain.
     /// A node joins at most once; a second call returns `false`.
     pub fn join_cluster(&self, cluster: Arc<dyn Cluster>) -> bool {
+        let _ = self.shared.commands.graphql.cluster.set(cluster.clone());
         self.shared.commands.cluster.set(cluster).is_ok()
     }
 
