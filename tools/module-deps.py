@@ -23,7 +23,7 @@ LAYERS = {
         ["admission"],
         ["conn"],
         ["origin"],
-        ["channels"],
+        ["channels", "graphql"],
         ["sessions"],
         ["commands"],
         ["edge"],
