@@ -1,14 +1,15 @@
 //! The GraphQL half of a handshake (`docs/graphql.md`): the client is
 //! answered 101 with its GraphQL subprotocol, then owes `connection_init`
-//! within `graphql-init-timeout`. Its token (from the request, else from the
-//! init payload) is checked and the origin's `connect` asked with the
+//! within `graphql-init-timeout`. A token in the request is checked before
+//! the 101 (a bad one is an HTTP refusal, as for any client); without one,
+//! the init payload's is. Then the origin's `connect` is asked with the
 //! payload; the client gets `connection_ack`, or a close code of the
 //! protocol (4403, 4406, 4408, 4500 …). The connection's task takes over
 //! after the ack, with whatever the client sent after `connection_init`.
 
 use super::handshake::{
-    admit, close_unopened, parse_cookies, read_message, start, Accepted, FirstFrame, Opening,
-    Pending,
+    admit, answer_refusal, close_unopened, parse_cookies, read_message, refuse as refuse_http,
+    start, Accepted, FirstFrame, Opening, Pending, Refusal,
 };
 use super::{connection, Edge};
 use crate::admission::tokens::{AuthError, Identity};
@@ -49,6 +50,17 @@ pub(super) async fn handshake(shared: Arc<Edge>, p: Pending, mut opening: Openin
         deadline,
         socket,
     } = p;
+    let graphql = &shared.commands.graphql;
+    let cookies = parse_cookies(&req);
+    // A token in the request is checked before the 101, as for any client.
+    let from_request = if graphql.enabled() {
+        match request_identity(&shared, &req, &cookies, deadline).await {
+            Ok(found) => found,
+            Err(r) => return answer_refusal(&shared, &mut stream, r, deadline).await,
+        }
+    } else {
+        FromRequest::Anonymous
+    };
     match tokio::time::timeout_at(deadline, stream.write_all(&opening.response())).await {
         Ok(Ok(())) => {}
         Ok(Err(_)) => return,
@@ -57,12 +69,11 @@ pub(super) async fn handshake(shared: Arc<Edge>, p: Pending, mut opening: Openin
             return;
         }
     }
-    let graphql = &shared.commands.graphql;
     let mut decoder = Decoder::new(shared.config.max_message_size, opening.deflate);
     let refusal = if !graphql.enabled() {
         Err(Some(refused(
             close::SUBPROTOCOL_NOT_ACCEPTABLE,
-            "Subprotocol not acceptable: this gateway has no GraphQL endpoint",
+            "Subprotocol not acceptable",
             "bad_request",
         )))
     } else {
@@ -73,8 +84,7 @@ pub(super) async fn handshake(shared: Arc<Edge>, p: Pending, mut opening: Openin
         Err(None) => return, // the client went away
         Err(Some(r)) => return refuse(&shared, &mut stream, protocol, r).await,
     };
-    let cookies = parse_cookies(&req);
-    let identity = match identify(&shared, &req, &cookies, payload.as_ref()).await {
+    let identity = match payload_identity(&shared, from_request, payload.as_ref()).await {
         Ok(identity) => identity,
         Err(r) => return refuse(&shared, &mut stream, protocol, r).await,
     };
@@ -92,10 +102,10 @@ pub(super) async fn handshake(shared: Arc<Edge>, p: Pending, mut opening: Openin
                 "rejected_by_origin" | "too_many_connections_for_user" => close::FORBIDDEN,
                 _ => close::INTERNAL_ERROR,
             };
-            let why = if code == close::FORBIDDEN {
-                format!("Forbidden: {}", r.message)
-            } else {
-                format!("{}: {}", r.code, r.message)
+            let why = match r.code {
+                _ if code == close::FORBIDDEN => format!("Forbidden: {}", r.message),
+                "origin_unavailable" => "origin unavailable".to_owned(),
+                other => other.replace('_', " "),
             };
             return refuse(&shared, &mut stream, protocol, refused(code, why, r.metric)).await;
         }
@@ -181,51 +191,81 @@ async fn init(
     }
 }
 
-/// The client's identity: from its request (header, query, cookie), else
-/// from the `connection_init` payload's token; `None` when the gateway
-/// checks no tokens or takes anonymous clients.
-async fn identify(
+/// What the upgrade request says of the client's identity.
+enum FromRequest {
+    /// A valid token.
+    Token(Identity),
+    /// No token, and none needed (or no tokens checked).
+    Anonymous,
+    /// No token where one is needed: the init payload may bring it.
+    Missing(AuthError),
+}
+
+/// Checks a token the request carries (header, query, cookie): one that is
+/// not valid is refused with an HTTP status before the 101.
+async fn request_identity(
     shared: &Edge,
     req: &switchboard_proto::ws::handshake::Request,
     cookies: &std::collections::BTreeMap<String, String>,
+    deadline: tokio::time::Instant,
+) -> Result<FromRequest, Refusal> {
+    let Some(auth) = &shared.commands.auth else {
+        return Ok(FromRequest::Anonymous);
+    };
+    match tokio::time::timeout_at(deadline, auth.authenticate(req, cookies)).await {
+        Ok(Ok(Some(identity))) => Ok(FromRequest::Token(identity)),
+        Ok(Ok(None)) => Ok(FromRequest::Anonymous),
+        Ok(Err(e @ AuthError::Missing(_))) => Ok(FromRequest::Missing(e)),
+        Ok(Err(e)) => Err(Refusal {
+            status: e.status(),
+            code: e.code(),
+            message: e.to_string(),
+            extra: "WWW-Authenticate: Bearer\r\n",
+            metric: "unauthorized",
+        }),
+        Err(_) => Err(refuse_http(
+            503,
+            "auth_unavailable",
+            "the signing keys could not be fetched in time; retry later",
+            "unauthorized",
+        )),
+    }
+}
+
+/// The client's identity once `connection_init` came: the request's token,
+/// else the payload's (which may also name an anonymous client's user).
+async fn payload_identity(
+    shared: &Edge,
+    from_request: FromRequest,
     payload: Option<&Value>,
 ) -> Result<Option<Identity>, Refused> {
-    let Some(auth) = &shared.commands.auth else {
-        return Ok(None);
+    let missing = match from_request {
+        FromRequest::Token(identity) => return Ok(Some(identity)),
+        FromRequest::Anonymous => None,
+        FromRequest::Missing(e) => Some(e),
     };
     let forbidden = |e: AuthError| {
-        tracing::debug!(code = e.code(), "GraphQL client token refused");
+        tracing::debug!(code = e.code(), error = %e, "GraphQL client token refused");
         refused(
             close::FORBIDDEN,
-            format!("Forbidden: {}: {e}", e.code()),
+            format!("Forbidden: {}", e.code()),
             "unauthorized",
         )
     };
-    let timeout = shared.config.handshake_timeout;
-    let unavailable = || {
-        refused(
-            close::INTERNAL_ERROR,
-            "auth_unavailable: the signing keys could not be fetched in time",
-            "unauthorized",
-        )
-    };
-    let missing = match tokio::time::timeout(timeout, auth.authenticate(req, cookies)).await {
-        Ok(Ok(Some(identity))) => return Ok(Some(identity)),
-        Ok(Ok(None)) => None,
-        Ok(Err(e @ AuthError::Missing(_))) => Some(e),
-        Ok(Err(e)) => return Err(forbidden(e)),
-        Err(_) => return Err(unavailable()),
-    };
-    match payload.and_then(token_in) {
-        Some(token) => match tokio::time::timeout(timeout, auth.verify(token)).await {
-            Ok(Ok(identity)) => Ok(Some(identity)),
-            Ok(Err(e)) => Err(forbidden(e)),
-            Err(_) => Err(unavailable()),
-        },
-        None => match missing {
+    let (Some(auth), Some(token)) = (&shared.commands.auth, payload.and_then(token_in)) else {
+        return match missing {
             Some(e) => Err(forbidden(e)),
             None => Ok(None),
-        },
+        };
+    };
+    match tokio::time::timeout(shared.config.handshake_timeout, auth.verify(token)).await {
+        Ok(Ok(identity)) => Ok(Some(identity)),
+        Ok(Err(e)) => Err(forbidden(e)),
+        Err(_) => Err(refused(
+            close::INTERNAL_ERROR,
+            "auth unavailable",
+            "unauthorized",
+        )),
     }
 }
 
