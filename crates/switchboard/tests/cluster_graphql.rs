@@ -6,17 +6,18 @@
 //! What it proves: one trigger publication, taken by one node, reaches
 //! every node, costs exactly one origin request per distinct input across
 //! the whole cluster (the digest's owner executes it; the others ask the
-//! owner), and every subscriber gets the result once.
+//! owner), and every subscriber gets the result once; the same with the
+//! trigger published over NATS (`<prefix>.control`).
 
 mod common;
 
-use common::{start_three, wait_member_ids, Node, FORM};
+use common::{command, nats_connect, start_three, wait_member_ids, Node, FORM};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use std::time::Duration;
 use switchboard_test_util::graphql::GraphqlOrigin;
 use switchboard_test_util::nats::NatsServer;
-use switchboard_test_util::{connect_with, Ws, WsMessage, WAIT};
+use switchboard_test_util::{connect_with, metric_value, Ws, WsMessage, WAIT};
 
 const CLIENTS: usize = 1000;
 const INPUTS: usize = 10;
@@ -127,4 +128,59 @@ async fn one_trigger_costs_one_origin_request_per_distinct_input_cluster_wide() 
             "a second result: {quiet:?}"
         );
     }
+
+    // The same over NATS (`<prefix>.control`), as an origin may publish.
+    gql.set("all", 43);
+    let client = nats_connect(&nats.url()).await;
+    let (status, body) = command(
+        &client,
+        "graphql.control",
+        json!({"op": "graphql_trigger", "triggers": ["all"]}),
+    )
+    .await;
+    assert_eq!((status, body["nodes"].clone()), (202, json!(3)), "{body}");
+    for ws in &mut clients {
+        assert_eq!(recv(ws).await["payload"], json!({"data": {"value": 43}}));
+    }
+    assert_eq!(gql.wait_re_executions(2 * INPUTS, WAIT).await, 2 * INPUTS);
+}
+
+/// A digest's owner that does not answer (frozen) costs time, never a
+/// result: the asking nodes execute the digest themselves, and the trigger
+/// names the node that missed it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_owner_that_does_not_answer_costs_a_second_request_not_a_result() {
+    let nats = NatsServer::start(false);
+    let gql = GraphqlOrigin::start().await;
+    let endpoint = gql.url();
+    let extra = ["--graphql-endpoint", endpoint.as_str()];
+    let (a, b, c) = start_three(&nats.url(), "graphql-owner", &extra).await;
+    wait_member_ids(&[&a, &b, &c], &["a", "b", "c"], FORM).await;
+    // 30 distinct inputs on a and b: some are owned by c (all but surely:
+    // each is with probability 1/3).
+    const N: usize = 30;
+    let mut clients = Vec::new();
+    for i in 0..N {
+        clients.push(subscriber([&a, &b][i % 2], i).await);
+    }
+    c.freeze().await;
+    gql.set("all", 7);
+    let r = a
+        .post("/v1/graphql/triggers", &json!({"triggers": ["all"]}))
+        .await;
+    assert_eq!(r.status, 202, "{}", r.body);
+    assert_eq!(r.json(), json!({"nodes": 2, "failed_nodes": ["c"]}));
+    for ws in &mut clients {
+        assert_eq!(recv(ws).await["payload"], json!({"data": {"value": 7}}));
+    }
+    let mut failed = 0.0;
+    for node in [&a, &b] {
+        let text = node.get("/metrics").await.body;
+        failed += metric_value(
+            &text,
+            "switchboard_graphql_owner_requests_total{result=\"failed\"}",
+        );
+    }
+    assert!(failed >= 1.0, "no digest was owned by the frozen node");
+    c.thaw();
 }
