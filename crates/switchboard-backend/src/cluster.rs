@@ -53,6 +53,20 @@ pub trait Cluster: Send + Sync + std::fmt::Debug + 'static {
         command: Bytes,
     ) -> BoxFuture<'_, Result<CommandReply, ClusterError>>;
 
+    /// Like [`Cluster::forward`], waiting up to `timeout` for the reply: a
+    /// command whose work on the other node takes longer than a forward's
+    /// (a GraphQL execution there). Backends without a timeout of their own
+    /// forward as usual.
+    fn forward_within(
+        &self,
+        node: &str,
+        command: Bytes,
+        timeout: std::time::Duration,
+    ) -> BoxFuture<'_, Result<CommandReply, ClusterError>> {
+        let _ = timeout;
+        self.forward(node, command)
+    }
+
     /// How long [`Cluster::forward`] waits for an answer before
     /// [`ClusterError::Timeout`]: a command that waits on the other node
     /// (an HTTP fallback's forwarded poll) waits well under it.

@@ -693,6 +693,15 @@ impl Cluster for NatsCluster {
         node: &str,
         command: Bytes,
     ) -> BoxFuture<'_, Result<CommandReply, ClusterError>> {
+        self.forward_within(node, command, self.config.request_timeout)
+    }
+
+    fn forward_within(
+        &self,
+        node: &str,
+        command: Bytes,
+        timeout: std::time::Duration,
+    ) -> BoxFuture<'_, Result<CommandReply, ClusterError>> {
         let node = node.to_owned();
         Box::pin(async move {
             if !self.link.is_up() {
@@ -704,7 +713,6 @@ impl Cluster for NatsCluster {
             let mut headers = HeaderMap::new();
             headers.insert(FORWARDED_HEADER, self.node.id());
             let subject = self.subjects.node_control(&node);
-            let timeout = self.config.request_timeout;
             let request = self.client.request_with_headers(subject, headers, command);
             let msg = match tokio::time::timeout(timeout, request).await {
                 Err(_) => return Err(ClusterError::Timeout(node)),

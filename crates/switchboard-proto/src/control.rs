@@ -291,6 +291,10 @@ pub struct GraphqlExecute {
     pub request: String,
     /// The request's headers (context and forwarded ones).
     pub headers: Vec<(String, String)>,
+    /// HMAC of the above with a key derived from `origin-secret`, which
+    /// every node of a cluster shares (absent without one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
 }
 
 /// [`Command::Fallback`]: what a fallback client asked of its session.

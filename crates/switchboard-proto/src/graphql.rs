@@ -29,7 +29,8 @@ pub mod close {
     pub const SUBSCRIBER_EXISTS: u16 = 4409;
     /// A second `connection_init`.
     pub const TOO_MANY_INITS: u16 = 4429;
-    /// The origin could not decide.
+    /// Internal server error. The gateway does not send it: `graphql-ws`
+    /// clients never retry it, so passing failures close with 1013.
     pub const INTERNAL_ERROR: u16 = 4500;
 }
 
@@ -211,6 +212,15 @@ pub fn result(protocol: Protocol, id: &str, payload: &RawValue) -> Vec<u8> {
     out(protocol.result_type(), Some(id), Some(payload))
 }
 
+/// A result message cut around its id: what goes before the id's JSON
+/// string and what goes after it, so that one payload serves many
+/// subscribers (`result` = head + id + tail).
+pub fn result_parts(protocol: Protocol, payload: &RawValue) -> (Vec<u8>, Vec<u8>) {
+    let head = format!(r#"{{"type":"{}","id":"#, protocol.result_type()).into_bytes();
+    let tail = format!(r#","payload":{}}}"#, payload.get()).into_bytes();
+    (head, tail)
+}
+
 /// `error` of operation `id`; `errors` is a JSON array of GraphQL errors.
 pub fn error(id: &str, errors: &RawValue) -> Vec<u8> {
     out("error", Some(id), Some(errors))
@@ -337,6 +347,11 @@ mod tests {
         assert_eq!(
             result(Protocol::Legacy, "1", &payload),
             br#"{"type":"data","id":"1","payload":{"data":{"a":1}}}"#
+        );
+        let (head, tail) = result_parts(Protocol::Modern, &payload);
+        assert_eq!(
+            [&head[..], br#""x\"y""#, &tail[..]].concat(),
+            result(Protocol::Modern, "x\"y", &payload)
         );
         assert_eq!(complete("1"), br#"{"type":"complete","id":"1"}"#);
         assert_eq!(ack(None), br#"{"type":"connection_ack"}"#);

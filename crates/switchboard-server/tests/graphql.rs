@@ -16,6 +16,7 @@
 //!   4409 and 4429; `too_many_operations`;
 //! - subscriptions: the initial result, then one result per trigger
 //!   publication, one origin request per digest for all its subscribers;
+//!   a publication during the first execution is not lost;
 //!   `complete` stops them; suppressed unchanged results; the legacy
 //!   protocol's `data`, `stop` → `complete`, and `ka`;
 //! - the control API refuses direct messages to a GraphQL connection (409).
@@ -78,6 +79,25 @@ async fn recv(ws: &mut Ws) -> Value {
             WsMessage::Ping(_) | WsMessage::Pong(_) => {}
             other => panic!("unexpected {other:?}"),
         }
+    }
+}
+
+/// The next message that is not a legacy `ka`.
+async fn recv_data(ws: &mut Ws) -> Value {
+    loop {
+        let m = recv(ws).await;
+        if m["type"] != "ka" {
+            return m;
+        }
+    }
+}
+
+/// Waits until the node holds `n` digests.
+async fn wait_digests(gw: &TestGateway, n: f64) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while gw.metric("switchboard_graphql_digests").await != n {
+        assert!(tokio::time::Instant::now() < deadline, "no {n} digests");
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
@@ -219,10 +239,12 @@ async fn subscribers_of_one_digest_share_one_execution_per_trigger() {
     let re = gql.requests().pop().unwrap();
     assert!(re.body["extensions"]["switchboard"]["connection_id"].is_null());
 
-    // `complete` stops one subscriber; the others still get results.
+    // `complete` stops one subscriber (the pong says it was read); the
+    // others still get results.
     let (ws0, _) = &mut clients[0];
     send(ws0, json!({"type": "complete", "id": "s"})).await;
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    send(ws0, json!({"type": "ping"})).await;
+    assert_eq!(recv(ws0).await["type"], "pong");
     trigger(&gw, &["even"]).await;
     quiet(&mut clients[0].0, Duration::from_millis(300)).await;
     assert_eq!(recv(&mut clients[2].0).await["type"], "next");
@@ -230,6 +252,41 @@ async fn subscribers_of_one_digest_share_one_execution_per_trigger() {
     for (ws, _) in &mut clients {
         let _ = ws.close(None).await;
     }
+}
+
+/// The subscribe race: a change published while a subscription's first
+/// execution runs (which read the state before it) is not lost.
+#[tokio::test]
+async fn a_trigger_during_the_first_execution_is_not_lost() {
+    let gql = GraphqlOrigin::start().await;
+    let origin = TestOrigin::start(None).await;
+    let gw = gateway(&gql, &origin, |_| {}).await;
+    let mut ws = modern(&gw).await;
+    gql.set_delay(Duration::from_millis(400));
+    send(
+        &mut ws,
+        json!({"type": "subscribe", "id": "1", "payload": subscription("r")}),
+    )
+    .await;
+    tokio::time::timeout(WAIT, async {
+        while gql.requests().is_empty() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the first execution reaches the origin");
+    gql.set("r", 1);
+    trigger(&gw, &["r"]).await;
+    gql.set_delay(Duration::ZERO);
+    assert_eq!(
+        recv(&mut ws).await["payload"],
+        json!({"data": {"value": 0}})
+    );
+    assert_eq!(
+        recv(&mut ws).await["payload"],
+        json!({"data": {"value": 1}})
+    );
+    assert_eq!(gql.wait_re_executions(1, WAIT).await, 1);
 }
 
 #[tokio::test]
@@ -246,7 +303,7 @@ async fn unchanged_results_are_suppressed_when_asked() {
     )
     .await;
     // No initial result: the first trigger's result is the first.
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    wait_digests(&gw, 1.0).await;
     trigger(&gw, &["k"]).await;
     assert_eq!(
         recv(&mut ws).await["payload"],
@@ -284,7 +341,7 @@ async fn the_legacy_protocol_speaks_data_stop_and_ka() {
     assert_eq!(recv(&mut ws).await["type"], "connection_ack");
     assert_eq!(recv(&mut ws).await, json!({"type": "ka"}));
     assert_eq!(
-        recv(&mut ws).await,
+        recv_data(&mut ws).await,
         json!({"type": "data", "id": "1", "payload": {"data": {"value": 0}}})
     );
     // A start with the same id replaces the running one.
@@ -294,25 +351,23 @@ async fn the_legacy_protocol_speaks_data_stop_and_ka() {
     )
     .await;
     assert_eq!(
-        recv(&mut ws).await["payload"],
+        recv_data(&mut ws).await["payload"],
         json!({"data": {"value": 0}})
     );
+    wait_digests(&gw, 1.0).await;
     trigger(&gw, &["l"]).await;
+    gql.set("m", 3);
     trigger(&gw, &["m"]).await;
-    let mut got = recv(&mut ws).await;
-    while got["type"] == "ka" {
-        got = recv(&mut ws).await;
-    }
-    assert_eq!(got["type"], "data");
+    // Only the replacing operation's subscription is left.
+    assert_eq!(
+        recv_data(&mut ws).await,
+        json!({"type": "data", "id": "1", "payload": {"data": {"value": 3}}})
+    );
     send(&mut ws, json!({"type": "stop", "id": "1"})).await;
-    loop {
-        let m = recv(&mut ws).await;
-        if m["type"] == "complete" {
-            assert_eq!(m["id"], "1");
-            break;
-        }
-        assert_eq!(m["type"], "ka", "{m}");
-    }
+    assert_eq!(
+        recv_data(&mut ws).await,
+        json!({"type": "complete", "id": "1"})
+    );
     // `ka` every ping interval.
     assert_eq!(recv(&mut ws).await, json!({"type": "ka"}));
     send(&mut ws, json!({"type": "connection_terminate"})).await;
@@ -404,9 +459,10 @@ async fn protocol_errors_close_with_the_modern_codes() {
     origin.behavior(|b| b.connect = ConnectBehavior::Reject(403, "no entry".into()));
     let reason = closed_with(&gw, std::slice::from_ref(&init), 4403).await;
     assert!(reason.contains("no entry"), "{reason}");
-    // No answer (a 3xx is none).
+    // No answer (a 3xx is none): 1013, which clients retry.
     origin.behavior(|b| b.connect = ConnectBehavior::Raw(302, String::new()));
-    closed_with(&gw, std::slice::from_ref(&init), 4500).await;
+    let reason = closed_with(&gw, std::slice::from_ref(&init), 1013).await;
+    assert_eq!(reason, "origin unavailable");
     assert_eq!(
         gw.metric("switchboard_graphql_closes_total{code=\"4409\"}")
             .await,

@@ -106,7 +106,7 @@ impl GraphqlOrigin {
         self.state.counters.lock().insert(key.to_owned(), value);
     }
 
-    /// Delays every answer.
+    /// Delays every answer (the state is read when the request arrives).
     pub fn set_delay(&self, d: Duration) {
         *self.state.delay.lock() = d;
     }
@@ -127,13 +127,6 @@ async fn handle(State(state): State<Arc<GqlState>>, headers: HeaderMap, body: By
         body: body.clone(),
         headers,
     });
-    let delay = *state.delay.lock();
-    if !delay.is_zero() {
-        tokio::time::sleep(delay).await;
-    }
-    if *state.down.lock() {
-        return (StatusCode::BAD_GATEWAY, "origin down").into_response();
-    }
     let query = body["query"].as_str().unwrap_or("");
     let vars = &body["variables"];
     let key = vars["key"].as_str().unwrap_or("t").to_owned();
@@ -166,5 +159,13 @@ async fn handle(State(state): State<Arc<GqlState>>, headers: HeaderMap, body: By
     } else {
         json!({"data": {"value": value, "context": body["extensions"]["switchboard"]}})
     };
+    // The state was read at arrival; the answer comes after the delay.
+    let delay = *state.delay.lock();
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
+    if *state.down.lock() {
+        return (StatusCode::BAD_GATEWAY, "origin down").into_response();
+    }
     axum::Json(answer).into_response()
 }

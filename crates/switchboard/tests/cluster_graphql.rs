@@ -72,6 +72,8 @@ async fn one_trigger_costs_one_origin_request_per_distinct_input_cluster_wide() 
         endpoint.as_str(),
         "--graphql-timeout",
         "500ms",
+        "--cluster-request-timeout",
+        "3s",
         "--client-message-rate",
         "0",
     ];
@@ -153,7 +155,16 @@ async fn an_owner_that_does_not_answer_costs_a_second_request_not_a_result() {
     let nats = NatsServer::start(false);
     let gql = GraphqlOrigin::start().await;
     let endpoint = gql.url();
-    let extra = ["--graphql-endpoint", endpoint.as_str()];
+    // c stays a member while frozen (heartbeat timeout 5 s); an owner is
+    // waited for graphql-timeout + cluster-request-timeout (2 s).
+    let extra = [
+        "--graphql-endpoint",
+        endpoint.as_str(),
+        "--graphql-timeout",
+        "1s",
+        "--cluster-heartbeat-timeout",
+        "5s",
+    ];
     let (a, b, c) = start_three(&nats.url(), "graphql-owner", &extra).await;
     wait_member_ids(&[&a, &b, &c], &["a", "b", "c"], FORM).await;
     // 30 distinct inputs on a and b: some are owned by c (all but surely:

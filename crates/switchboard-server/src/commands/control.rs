@@ -133,7 +133,7 @@ fn lookup(s: &Commands, id: &str) -> Result<Arc<Conn>, ApiError> {
 /// broken protocol messages).
 fn lookup_messaging(s: &Commands, id: &str) -> Result<Arc<Conn>, ApiError> {
     let conn = lookup(s, id)?;
-    if crate::graphql::protocol_of(&conn).is_some() {
+    if conn.graphql.is_some() {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
             "graphql_connection",
@@ -615,8 +615,10 @@ async fn graphql_trigger(s: &Commands, t: GraphqlTrigger, forwarded: bool) -> Co
         )
         .into();
     }
+    // Only a node forwarding a publication names it.
     let publication = t
         .publication
+        .filter(|_| forwarded)
         .unwrap_or_else(|| hex::encode(rand::random::<[u8; 12]>()));
     s.graphql.trigger(&t.triggers, &publication);
     let (mut nodes, mut failed_nodes) = (1, Vec::new());

@@ -345,6 +345,8 @@ pub(crate) struct Conn {
     pub(crate) subprotocol: Option<Box<str>>,
     /// Speaks the native protocol (`switchboard.v1`).
     pub(crate) native: bool,
+    /// Speaks a GraphQL over WebSocket protocol (`docs/graphql.md`).
+    pub(crate) graphql: Option<switchboard_proto::graphql::Protocol>,
     /// What carries it (a resume may change it): a [`Transport`] as `u8`.
     transport: std::sync::atomic::AtomicU8,
     /// Its socket compresses (permessage-deflate); a resume may change it.
@@ -381,6 +383,7 @@ pub(crate) struct ConnInit {
     pub(crate) token_expires_ms: u64,
     pub(crate) subprotocol: Option<String>,
     pub(crate) native: bool,
+    pub(crate) graphql: Option<switchboard_proto::graphql::Protocol>,
     pub(crate) transport: Transport,
     pub(crate) deflate: bool,
     pub(crate) session: Option<OutboxLimits>,
@@ -401,6 +404,7 @@ impl Conn {
             token_expires_ms: init.token_expires_ms.into(),
             subprotocol: init.subprotocol.map(Into::into),
             native: init.native,
+            graphql: init.graphql,
             transport: (init.transport as u8).into(),
             deflate: AtomicBool::new(init.deflate),
             session: init.session.filter(|_| init.native),
@@ -1166,6 +1170,7 @@ mod tests {
             token_expires_ms: 0,
             subprotocol: None,
             native: true,
+            graphql: None,
             transport: Transport::Websocket,
             deflate: false,
             session: Some(limits),

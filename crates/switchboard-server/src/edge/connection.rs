@@ -89,7 +89,7 @@ impl Drop for DisconnectGuard {
         // a connection closed by a fence sends no `disconnect` (the origin
         // has retired it with `node_down`).
         let fenced = self.shared.origin.lease.is_fencing();
-        if !self.conn.native && crate::graphql::protocol_of(&self.conn).is_some() {
+        if self.conn.graphql.is_some() {
             self.shared.commands.graphql.forget(&self.conn.key);
         }
         self.shared
@@ -278,14 +278,22 @@ impl Task {
             .token_moment(&self.guard.shared, &self.guard.conn)
     }
 
-    /// Closes a connection whose token expired (4004), and asks a native
-    /// one to `refresh` it shortly before.
+    /// Closes a connection whose token expired (4004; a GraphQL one 4403,
+    /// which its clients retry with a fresh token), and asks a native one
+    /// to `refresh` it shortly before.
     fn check_token(&mut self) {
         if self
             .inbound
             .check_token(&self.guard.shared, &self.guard.conn)
             == TokenCheck::Expired
         {
+            if self.guard.conn.graphql.is_some() {
+                let c = crate::graphql::Close {
+                    code: graphql_proto::close::FORBIDDEN,
+                    reason: "Forbidden: token_expired".into(),
+                };
+                return self.graphql_close(c);
+            }
             self.start_close(close::TOKEN_EXPIRED, "token expired", ClosedBy::Gateway);
         }
     }
@@ -339,7 +347,7 @@ impl Task {
             self.guard
                 .conn
                 .send_control(&self.stream, PING.clone(), &self.guard.shared.metrics);
-            if crate::graphql::protocol_of(&self.guard.conn) == Some(Protocol::Legacy) {
+            if self.guard.conn.graphql == Some(Protocol::Legacy) {
                 // The legacy protocol's own keep-alive, which its clients watch.
                 self.guard.conn.push(
                     encode_frame(OpCode::Text, &graphql_proto::keep_alive()),
@@ -523,8 +531,7 @@ impl Task {
                 }
             }
         }
-        let graphql =
-            !self.guard.conn.native && crate::graphql::protocol_of(&self.guard.conn).is_some();
+        let graphql = self.guard.conn.graphql.is_some();
         match msg {
             Message::Text(_) | Message::Binary(_) if closing => {}
             Message::Text(data) if self.guard.conn.native => self.on_command(&data),
@@ -602,7 +609,9 @@ impl Task {
             self.guard.shared.commands.graphql.count_close(c.code);
             ClosedBy::Gateway
         };
-        self.start_close(c.code, &c.reason, by);
+        // The reason may quote the client (an id, a type): the close frame
+        // and the origin's `disconnect` get at most 123 bytes of it.
+        self.start_close(c.code, crate::graphql::truncated(&c.reason, 123), by);
     }
 
     /// Counts a message from the client (which also proves it active).
@@ -678,6 +687,7 @@ mod tests {
             token_expires_ms: 0,
             subprotocol: None,
             native: false,
+            graphql: None,
             transport: switchboard_proto::origin::Transport::Websocket,
             deflate: false,
             session: None,

@@ -14,10 +14,11 @@ use super::handshake::{
 use super::{connection, Edge};
 use crate::admission::tokens::{AuthError, Identity};
 use crate::conn::stream::ClientStream;
-use crate::graphql::Context;
+use crate::graphql::{truncated, Context};
 use serde_json::Value;
 use std::sync::Arc;
 use switchboard_proto::graphql::{self as gql, close, ClientMessage, Protocol};
+use switchboard_proto::ws::close::TRY_AGAIN_LATER;
 use switchboard_proto::ws::decoder::{Decoder, Message};
 use switchboard_proto::ws::frame::{encode_frame, OpCode};
 use tokio::io::AsyncWriteExt;
@@ -100,7 +101,9 @@ pub(super) async fn handshake(shared: Arc<Edge>, p: Pending, mut opening: Openin
         Err(r) => {
             let code = match r.code {
                 "rejected_by_origin" | "too_many_connections_for_user" => close::FORBIDDEN,
-                _ => close::INTERNAL_ERROR,
+                // Passing: a code graphql-ws clients retry (they never
+                // retry 4500).
+                _ => TRY_AGAIN_LATER,
             };
             let why = match r.code {
                 _ if code == close::FORBIDDEN => format!("Forbidden: {}", r.message),
@@ -178,7 +181,11 @@ async fn init(
                 }
             }
             Ok(ClientMessage::Pong) => {}
-            Ok(ClientMessage::Terminate) => return Err(None),
+            Ok(ClientMessage::Terminate) => {
+                // The client leaves: a normal close, no refusal.
+                close_unopened(stream, switchboard_proto::ws::close::NORMAL, "").await;
+                return Err(None);
+            }
             Ok(ClientMessage::Start { .. } | ClientMessage::Stop { .. }) => {
                 return Err(Some(refused(
                     close::UNAUTHORIZED,
@@ -261,11 +268,7 @@ async fn payload_identity(
     match tokio::time::timeout(shared.config.handshake_timeout, auth.verify(token)).await {
         Ok(Ok(identity)) => Ok(Some(identity)),
         Ok(Err(e)) => Err(forbidden(e)),
-        Err(_) => Err(refused(
-            close::INTERNAL_ERROR,
-            "auth unavailable",
-            "unauthorized",
-        )),
+        Err(_) => Err(refused(TRY_AGAIN_LATER, "auth unavailable", "unauthorized")),
     }
 }
 
@@ -284,22 +287,13 @@ fn token_in(payload: &Value) -> Option<&str> {
 async fn refuse(shared: &Edge, stream: &mut ClientStream, protocol: Protocol, r: Refused) {
     shared.metrics.handshake(r.metric);
     shared.commands.graphql.count_close(r.code);
-    let reason = truncate(&r.reason, 123);
-    if protocol == Protocol::Legacy && matches!(r.code, close::FORBIDDEN | close::INTERNAL_ERROR) {
-        let frame = encode_frame(OpCode::Text, &gql::connection_error(&r.reason));
+    let reason = truncated(&r.reason, 123);
+    if protocol == Protocol::Legacy && matches!(r.code, close::FORBIDDEN | TRY_AGAIN_LATER) {
+        let frame = encode_frame(OpCode::Text, &gql::connection_error(reason));
         let _ =
             tokio::time::timeout(std::time::Duration::from_secs(1), stream.write_all(&frame)).await;
     }
     close_unopened(stream, r.code, reason).await;
-}
-
-/// `s` cut to at most `max` bytes, at a character boundary.
-fn truncate(s: &str, max: usize) -> &str {
-    let mut end = s.len().min(max);
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    &s[..end]
 }
 
 #[cfg(test)]
@@ -317,6 +311,6 @@ mod tests {
         assert_eq!(t(serde_json::json!({"authToken": "c"})), Some("c".into()));
         assert_eq!(t(serde_json::json!({"token": ""})), None);
         assert_eq!(t(serde_json::json!({})), None);
-        assert_eq!(truncate("héllo", 2), "h");
+        assert_eq!(truncated("héllo", 2), "h");
     }
 }

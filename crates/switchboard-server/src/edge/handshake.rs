@@ -1179,6 +1179,7 @@ pub(super) async fn admit(
         user_slot,
         subprotocol: subprotocol.clone(),
         native: is_native,
+        graphql: opening.graphql,
         transport,
         // Outbound compression: off when the client limited the server window.
         deflate: deflate.is_some_and(|d| d.compresses_outbound()),

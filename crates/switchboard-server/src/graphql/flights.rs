@@ -18,10 +18,9 @@ type Flight = Shared<BoxFuture<'static, Update>>;
 /// A digest and a publication.
 type Key = (Arc<str>, Box<str>);
 
-/// How long a publication's result is kept for late askers.
-const KEEP: Duration = Duration::from_secs(60);
-/// Most results kept.
-const MAX_KEPT: usize = 100_000;
+/// Most results kept; past it the oldest finished ones go first (one in
+/// flight is never dropped: its askers would run it again).
+const MAX_KEPT: usize = 10_000;
 
 /// Executions in flight or done lately, by digest and publication.
 #[derive(Default)]
@@ -45,22 +44,24 @@ impl std::fmt::Debug for Flights {
 
 impl Flights {
     /// The result of `digest` for `publication`: shared with whoever asked
-    /// first, else made by `run`.
+    /// first, else made by `run`. Results are kept for `keep` (long enough
+    /// for every node asking about one publication).
     pub(crate) async fn once(
         &self,
         digest: &Arc<str>,
         publication: &str,
+        keep: Duration,
         run: impl FnOnce() -> BoxFuture<'static, Update>,
     ) -> Update {
         let flight = {
             let mut inner = self.inner.lock();
             let now = Instant::now();
-            while inner
-                .order
-                .front()
-                .is_some_and(|(at, _)| now.duration_since(*at) > KEEP)
-                || inner.order.len() >= MAX_KEPT
-            {
+            while let Some((at, key)) = inner.order.front() {
+                let done = inner.flights.get(key).is_none_or(|f| f.peek().is_some());
+                let old = now.duration_since(*at) > keep || inner.order.len() >= MAX_KEPT;
+                if !(old && done) {
+                    break;
+                }
                 let (_, key) = inner.order.pop_front().expect("not empty");
                 inner.flights.remove(&key);
             }
@@ -100,14 +101,18 @@ mod tests {
                 .boxed()
             }
         };
-        let (a, b) = tokio::join!(flights.once(&d, "p1", run()), flights.once(&d, "p1", run()));
+        let keep = Duration::from_secs(60);
+        let (a, b) = tokio::join!(
+            flights.once(&d, "p1", keep, run()),
+            flights.once(&d, "p1", keep, run())
+        );
         assert_eq!(a.unwrap().get(), "1");
         assert_eq!(b.unwrap().get(), "1");
         assert_eq!(runs.load(Ordering::SeqCst), 1);
         // Late, and for another publication.
-        flights.once(&d, "p1", run()).await;
+        flights.once(&d, "p1", keep, run()).await;
         assert_eq!(runs.load(Ordering::SeqCst), 1);
-        flights.once(&d, "p2", run()).await;
+        flights.once(&d, "p2", keep, run()).await;
         assert_eq!(runs.load(Ordering::SeqCst), 2);
     }
 }
