@@ -124,7 +124,10 @@ pub trait ChannelBus: Send + Sync + std::fmt::Debug + 'static {
 
     /// Starts receiving `channel`'s messages and other nodes' joins and
     /// leaves. The interest is registered with the bus before this returns,
-    /// so every message appended afterwards arrives.
+    /// so every message appended afterwards arrives: each node's in the
+    /// order it appended them, while messages of two nodes may come out of
+    /// offset order (a consumer fills a gap from [`ChannelBus::read`] and
+    /// drops what it has).
     fn watch<'a>(&'a self, channel: &'a str) -> BoxFuture<'a, Result<Watch, BusError>>;
 
     /// Tells the nodes watching `channel` that a local subscriber joined
