@@ -1,6 +1,6 @@
 //! The conformance suite every backend must pass: routing a command to the
 //! node that holds a connection, membership and node loss, channel publish
-//! with contiguous offsets and idempotency, live delivery in offset order,
+//! with contiguous offsets and idempotency, live delivery (each node's messages in order),
 //! history and recovery reads, presence, joins and leaves.
 //!
 //! It talks to a backend through the traits only, with [`StandInNode`]s in
