@@ -570,15 +570,8 @@ async fn connections_of(s: &Commands, user_id: &str, forwarded: bool) -> Command
         let cmd = Command::Connections(UserRef {
             user_id: user_id.to_owned(),
         });
-        let peers: Vec<String> = cluster
-            .peers()
-            .into_iter()
-            .map(|n| n.node)
-            .filter(|n| n != s.node.as_str())
-            .collect();
-        let answers =
-            futures_util::future::join_all(peers.iter().map(|n| forward(s, n, &cmd))).await;
-        for (node, answer) in peers.iter().zip(answers) {
+        let (peers, answers) = forward_to_all(s, cluster.as_ref(), &cmd).await;
+        for (node, answer) in peers.into_iter().zip(answers) {
             match serde_json::from_slice::<ConnectionsResponse>(&answer.body) {
                 Ok(r) if answer.status == 200 => all.extend(r.connections),
                 _ => {
@@ -599,6 +592,23 @@ async fn connections_of(s: &Commands, user_id: &str, forwarded: bool) -> Command
         connections: all,
         unanswered,
     })
+}
+
+/// Sends `cmd` to every other live node at once: their ids, and their
+/// answers in the same order.
+async fn forward_to_all(
+    s: &Commands,
+    cluster: &dyn switchboard_backend::Cluster,
+    cmd: &Command,
+) -> (Vec<String>, Vec<CommandReply>) {
+    let peers: Vec<String> = cluster
+        .peers()
+        .into_iter()
+        .map(|n| n.node)
+        .filter(|n| n != s.node.as_str())
+        .collect();
+    let answers = futures_util::future::join_all(peers.iter().map(|n| forward(s, n, cmd))).await;
+    (peers, answers)
 }
 
 /// `POST /v1/graphql/triggers`: the GraphQL subscriptions depending on the
@@ -627,14 +637,7 @@ async fn graphql_trigger(s: &Commands, t: GraphqlTrigger, forwarded: bool) -> Co
             triggers: t.triggers,
             publication: Some(publication),
         });
-        let peers: Vec<String> = cluster
-            .peers()
-            .into_iter()
-            .map(|n| n.node)
-            .filter(|n| n != s.node.as_str())
-            .collect();
-        let answers =
-            futures_util::future::join_all(peers.iter().map(|n| forward(s, n, &cmd))).await;
+        let (peers, answers) = forward_to_all(s, cluster.as_ref(), &cmd).await;
         for (node, answer) in peers.into_iter().zip(answers) {
             if answer.status == StatusCode::ACCEPTED.as_u16() {
                 nodes += 1;

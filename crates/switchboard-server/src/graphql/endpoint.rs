@@ -6,9 +6,8 @@ use crate::metrics::{GraphqlRequestLabels, Metrics};
 use bytes::Bytes;
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 use switchboard_proto::graphql::{self as gql, SubscriptionExt};
-use switchboard_proto::origin::signature;
 use tokio::sync::Semaphore;
 
 /// Largest answer read from the endpoint, in bytes.
@@ -144,16 +143,7 @@ impl Endpoint {
             req = req.header(name.as_str(), value.as_str());
         }
         if let Some(secret) = &self.secret {
-            let ts = SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .unwrap_or_default()
-                .as_secs();
-            req = req
-                .header(signature::TIMESTAMP_HEADER, ts.to_string())
-                .header(
-                    signature::SIGNATURE_HEADER,
-                    signature::sign(secret, ts, &body),
-                );
+            req = crate::origin::http::signed(req, secret, &body);
         }
         let resp = match req.body(body).send().await {
             Ok(r) => r,

@@ -86,16 +86,7 @@ impl HttpOrigin {
             .header("content-type", "application/json")
             .header("x-switchboard-node", &self.node);
         if let Some(secret) = &self.secret {
-            let ts = SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .unwrap_or_default()
-                .as_secs();
-            req = req
-                .header(signature::TIMESTAMP_HEADER, ts.to_string())
-                .header(
-                    signature::SIGNATURE_HEADER,
-                    signature::sign(secret, ts, &body),
-                );
+            req = signed(req, secret, &body);
         }
         // An answer may echo its request (a reply to a message near
         // `max-message-size`), so the cap grows with the request.
@@ -185,4 +176,22 @@ impl OriginTransport for HttpOrigin {
             }
         })
     }
+}
+
+/// `req` with the webhook signature headers of `body` signed with `secret`
+/// now (also the GraphQL endpoint's requests).
+pub(crate) fn signed(
+    req: reqwest::RequestBuilder,
+    secret: &[u8],
+    body: &[u8],
+) -> reqwest::RequestBuilder {
+    let ts = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs();
+    req.header(signature::TIMESTAMP_HEADER, ts.to_string())
+        .header(
+            signature::SIGNATURE_HEADER,
+            signature::sign(secret, ts, body),
+        )
 }
