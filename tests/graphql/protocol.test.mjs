@@ -71,7 +71,8 @@ describe("with the example origin", { timeout: 180_000 }, () => {
       ["an unknown type", { type: "bogus" }],
       ["a binary frame", Buffer.from(JSON.stringify({ id: "1", type: "subscribe", payload: { query: "{ counter }" } }))],
       ["a subscribe without id", { type: "subscribe", payload: { query: "{ counter }" } }],
-      ["a subscribe without payload.query", { id: "1", type: "subscribe", payload: {} }],
+      ["a subscribe without payload", { id: "1", type: "subscribe" }],
+      ["a subscribe whose payload is not an object", { id: "1", type: "subscribe", payload: ["{ counter }"] }],
     ];
     for (const [what, message] of cases) {
       test(`modern, after the ack: ${what}`, { timeout: 10_000 }, async () => {

@@ -73,7 +73,9 @@ impl Protocol {
 /// An operation as a client sends it (`payload` of `subscribe`/`start`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Operation {
-    /// The GraphQL document.
+    /// The GraphQL document (empty for a persisted query named in
+    /// `extensions`).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub query: String,
     /// Its variables.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -147,7 +149,8 @@ pub fn parse(protocol: Protocol, text: &[u8]) -> Result<ClientMessage, Invalid> 
             let id = id(&env)?;
             let operation = env
                 .payload
-                .ok_or_else(|| Invalid(format!("`{}` needs a `payload`", env.kind)))
+                .filter(Value::is_object)
+                .ok_or_else(|| Invalid(format!("`{}` needs a `payload` object", env.kind)))
                 .and_then(|p| {
                     serde_json::from_value::<Operation>(p)
                         .map_err(|e| Invalid(format!("`{}` payload: {e}", env.kind)))
@@ -309,11 +312,18 @@ mod tests {
             br#"{"type":"subscribe","payload":{"query":""}}"#
         )
         .is_err());
+        assert!(parse(Protocol::Modern, br#"{"type":"subscribe","id":"1"}"#).is_err());
+        assert!(parse(
+            Protocol::Modern,
+            br#"{"type":"subscribe","id":"1","payload":[]}"#
+        )
+        .is_err());
+        // A persisted query has no document.
         assert!(parse(
             Protocol::Modern,
             br#"{"type":"subscribe","id":"1","payload":{}}"#
         )
-        .is_err());
+        .is_ok());
         assert!(parse(Protocol::Modern, b"[]").is_err());
     }
 
