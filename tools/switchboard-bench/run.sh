@@ -32,6 +32,7 @@ out="$target/bench"
 "$bench" echo --clients 100 --size 64 --duration 10s --json "$out/echo.json"
 "$bench" echo --clients 100 --size 4096 --duration 10s --json "$out/echo-4k.json"
 "$bench" fanout --subscribers 17500 --json "$out/fanout.json"
+"$bench" graphql --subscribers 17500 --inputs 10 --json "$out/graphql.json"
 
 if command -v nginx >/dev/null; then
     BENCH="$bench" tools/switchboard-bench/compare/nchan.sh --subscribers 19000 \

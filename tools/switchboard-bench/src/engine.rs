@@ -22,7 +22,10 @@
 //!   origin's greeting with the connection id first, then find the stamp
 //!   ([`stamp`]) in every data frame and tally receipts: latency per phase,
 //!   receipts per message (a [`Report::Reached`] once every live client of
-//!   the worker has one), receipts per tenth of a second.
+//!   the worker has one), receipts per tenth of a second;
+//! * [`Mode::Graphql`]: speak `graphql-transport-ws` (`connection_init`,
+//!   `connection_ack`, one `subscribe`, its initial `next`), then receive as
+//!   in [`Mode::Receive`]: the origin stamps each re-executed result.
 //!
 //! Latency is the receipt time minus the send time written in the stamp by
 //! another process of the same machine, on the same clock.
@@ -78,6 +81,13 @@ pub(crate) enum Mode {
         subscribe: Option<String>,
         /// Read a greeting `{"connection_id": ..}` first and report the ids.
         greeting: bool,
+    },
+    /// GraphQL subscribers (`graphql-transport-ws`): client `k` (over all
+    /// workers) subscribes with input `input-<k mod inputs>` and is ready
+    /// once its initial result came; then receivers of stamped results.
+    Graphql {
+        /// Distinct inputs.
+        inputs: usize,
     },
 }
 
@@ -817,6 +827,14 @@ async fn open(sh: &Shared, i: usize) -> Result<Opened, String> {
     {
         return Err(format!("handshake refused: {}", status_line(&text)));
     }
+    if let Mode::Graphql { inputs } = cfg.mode {
+        if !text.contains("sec-websocket-protocol: graphql-transport-ws") {
+            return Err("graphql-transport-ws was not chosen".into());
+        }
+        let k = cfg.offset + i;
+        graphql_subscribe(&mut s, &mut buf, k, k % inputs.max(1)).await?;
+        return Ok(opened(s, buf));
+    }
     let Mode::Receive {
         subscribe,
         greeting,
@@ -853,6 +871,44 @@ async fn open(sh: &Shared, i: usize) -> Result<Opened, String> {
     let mut o = opened(s, buf);
     o.id = id;
     Ok(o)
+}
+
+/// The GraphQL query every subscriber runs (the origin answers any
+/// subscription the same way).
+pub(crate) const GRAPHQL_QUERY: &str = "subscription($input: String!) { value(input: $input) }";
+
+/// The setup of a `graphql-transport-ws` subscriber `k` after its 101:
+/// `connection_init`, `connection_ack`, `subscribe` (id `s<k>`, variables
+/// `{"input": "input-<input>"}`) and its initial `next`.
+async fn graphql_subscribe(
+    s: &mut Stream,
+    buf: &mut Vec<u8>,
+    k: usize,
+    input: usize,
+) -> Result<(), String> {
+    send(s, &client_frame(OP_TEXT, br#"{"type":"connection_init"}"#)).await?;
+    let v = next_json(s, buf).await?;
+    if v["type"] != "connection_ack" {
+        return Err(format!("no connection_ack: {v}"));
+    }
+    let id = format!("s{k}");
+    let subscribe = serde_json::json!({
+        "id": id,
+        "type": "subscribe",
+        "payload": {"query": GRAPHQL_QUERY, "variables": {"input": format!("input-{input}")}},
+    });
+    send(s, &client_frame(OP_TEXT, subscribe.to_string().as_bytes())).await?;
+    loop {
+        let v = next_json(s, buf).await?;
+        match v["type"].as_str() {
+            Some("next") if v["id"] == id.as_str() => return Ok(()),
+            Some("ping") => {
+                let pong = br#"{"type":"pong"}"#;
+                send(s, &client_frame(OP_TEXT, pong)).await?;
+            }
+            _ => return Err(format!("subscribe: {v}")),
+        }
+    }
 }
 
 /// The setup of an event stream, after its head: in idle mode, read the

@@ -560,20 +560,21 @@ async fn publish(
 }
 
 /// Receipts of a phase merged over the workers.
-struct Merged {
+pub(crate) struct Merged {
     /// Every delivery's latency.
-    all: hdrhistogram::Histogram<u64>,
+    pub(crate) all: hdrhistogram::Histogram<u64>,
     /// Per message, the latest delivery's latency.
-    last: hdrhistogram::Histogram<u64>,
+    pub(crate) last: hdrhistogram::Histogram<u64>,
     /// Receipts per message.
-    per_message: BTreeMap<u64, u64>,
+    pub(crate) per_message: BTreeMap<u64, u64>,
     /// Receipts per tick.
     ticks: BTreeMap<u64, u64>,
     /// All receipts.
-    receipts: u64,
+    pub(crate) receipts: u64,
 }
 
-fn merge(r: &[Receipts]) -> Merged {
+/// Merges the workers' receipts of a phase.
+pub(crate) fn merge(r: &[Receipts]) -> Merged {
     let mut m = Merged {
         all: measure::histogram(),
         last: measure::histogram(),

@@ -20,6 +20,11 @@
 //!   WebSocket, SSE, long-poll sessions with a poll waiting and between
 //!   polls), each on a gateway of its own, in one run. (Fan-out to SSE
 //!   subscribers is `fanout --transport sse`.)
+//! * [`graphql`]: S GraphQL subscribers (`graphql-transport-ws`) over I
+//!   distinct inputs on one gateway whose GraphQL endpoint is an origin the
+//!   tool runs in-process: gateway RSS per idle subscription (beside plain
+//!   idle connections), then triggers: trigger-to-delivery latency and
+//!   origin requests per trigger.
 //!
 //! Clients run in worker processes of this binary ([`engine`]); the servers
 //! are started by [`servers`]; [`measure`] reads `/proc` and keeps the
@@ -30,6 +35,7 @@ mod echo;
 mod engine;
 mod fallbacks;
 mod fanout;
+mod graphql;
 mod idle;
 mod measure;
 mod servers;
@@ -68,6 +74,9 @@ enum Command {
     /// HTTP fallbacks: memory per idle SSE stream and long-poll session,
     /// beside native WebSocket connections.
     Fallbacks(fallbacks::Args),
+    /// GraphQL subscriptions: memory per idle subscription, trigger to
+    /// delivery latency and origin requests per trigger.
+    Graphql(graphql::Args),
     /// Child role: a shard of clients (see the engine module).
     #[command(hide = true)]
     Worker {
@@ -173,6 +182,7 @@ fn main() -> ExitCode {
                         Command::CrossNode(a) => crossnode::run(&cli.opts, a).await,
                         Command::Sessions(a) => sessions::run(&cli.opts, a).await,
                         Command::Fallbacks(a) => fallbacks::run(&cli.opts, a).await,
+                        Command::Graphql(a) => graphql::run(&cli.opts, a).await,
                         Command::Worker { .. } | Command::Acceptor { .. } => unreachable!(),
                     }
                 })
@@ -240,6 +250,8 @@ mod tests {
                 "--publish-url",
                 "http://127.0.0.1:2/pub",
             ],
+            &["b", "graphql", "--subscribers", "1000", "--inputs", "10"],
+            &["b", "graphql", "--no-baseline", "--trigger-interval", "1s"],
             &["b", "acceptor", "3"],
         ] {
             Cli::try_parse_from(argv).unwrap_or_else(|e| panic!("{argv:?}: {e}"));
