@@ -59,7 +59,7 @@ impl Capacity {
     ///
     /// The reserve is [`PROCESS_RESERVE`] + [`CONTROL_RESERVE`], plus
     /// `origin-concurrency` + [`ORIGIN_CONNECT_RESERVE`] with an HTTP
-    /// origin, plus `backend_fds` (see [`CLUSTER_RESERVE`]), but never more than half
+    /// origin, `graphql-concurrency` with a GraphQL endpoint, plus `backend_fds` (see [`CLUSTER_RESERVE`]), but never more than half
     /// the limit. What is left, divided by [`Capacity::per_socket`], holds
     /// the client sockets: an eighth of it (at most [`MAX_REFUSING`]) for
     /// sockets being refused, the rest for `max_connections`.
@@ -78,6 +78,10 @@ impl Capacity {
         let mut wanted = PROCESS_RESERVE + CONTROL_RESERVE;
         if config.origin.is_some() && !config.origin_is_nats() {
             wanted += config.origin_concurrency as u64 + ORIGIN_CONNECT_RESERVE;
+        }
+        if config.graphql_endpoint.is_some() {
+            // Its pooled connections: at most one per request in flight.
+            wanted += config.graphql_concurrency as u64;
         }
         wanted += backend_fds;
         let reserve = wanted.min(limit / 2);
@@ -159,6 +163,17 @@ mod tests {
         assert_eq!(cap.per_socket, 3);
         let sockets = (65_536 - cap.reserve) / 3;
         assert_eq!(cap.max_connections as u64, sockets - MAX_REFUSING as u64);
+    }
+
+    #[test]
+    fn a_graphql_endpoint_reserves_its_connections() {
+        let plain = Capacity::new(&Config::default(), Some(65_536), 0);
+        let graphql = config(|c| {
+            c.graphql_endpoint = Some("http://127.0.0.1:4000/graphql".into());
+            c.graphql_concurrency = 64;
+        });
+        let cap = Capacity::new(&graphql, Some(65_536), 0);
+        assert_eq!(cap.reserve, plain.reserve + 64);
     }
 
     #[test]
