@@ -267,8 +267,11 @@ async fn payload_identity(
     };
     match tokio::time::timeout(shared.config.handshake_timeout, auth.verify(token)).await {
         Ok(Ok(identity)) => Ok(Some(identity)),
+        // The signing keys could not be fetched: passing, so 1013.
+        Ok(Err(AuthError::KeysUnavailable)) | Err(_) => {
+            Err(refused(TRY_AGAIN_LATER, "auth unavailable", "unauthorized"))
+        }
         Ok(Err(e)) => Err(forbidden(e)),
-        Err(_) => Err(refused(TRY_AGAIN_LATER, "auth unavailable", "unauthorized")),
     }
 }
 

@@ -103,6 +103,8 @@ struct State {
     /// Each trigger key's latest publication on this node, for the first
     /// executions that were running when it came.
     published: HashMap<Box<str>, Published>,
+    /// `published` is pruned when it grows past this.
+    prune_at: usize,
     /// Orders everything here: operation and digest generations, when a
     /// subscriber joined, when an execution started, publications.
     seq: u64,
@@ -156,6 +158,10 @@ struct Digest {
 
 /// A re-execution to start: digest, its generation, publication, trigger.
 type Rerun = (Arc<str>, u64, String, String);
+
+/// First executions of one subscription in a row that may run again
+/// because one of its triggers was published meanwhile.
+const MAX_FIRST_ATTEMPTS: u32 = 3;
 
 /// Largest result one node sends another (NATS's `max_payload` is 1 MiB by
 /// default); a larger one is executed by the asking node itself.
@@ -373,10 +379,27 @@ impl Graphql {
         };
         let (rctx, headers) = ctx.request(None);
         let body = request_body(&operation, rctx);
-        let outcome = endpoint
-            .execute(body, &headers, "operation", &self.metrics)
-            .await;
-        let mut st = self.state.lock();
+        let mut started = started;
+        let mut attempt = 0;
+        let (mut st, outcome) = loop {
+            let outcome = endpoint
+                .execute(body.clone(), &headers, "operation", &self.metrics)
+                .await;
+            attempt += 1;
+            let mut st = self.state.lock();
+            // A subscription whose triggers were published while it ran may
+            // have read the state before that change: it runs again (its
+            // own request, so nobody else gets a result twice).
+            let raced = match &outcome {
+                Outcome::Subscription { ext, .. } => st.published_since(&ext.triggers, started),
+                _ => false,
+            };
+            if !raced || attempt >= MAX_FIRST_ATTEMPTS {
+                break (st, outcome);
+            }
+            st.seq += 1;
+            started = st.seq;
+        };
         let current = st
             .conns
             .get(&conn.key)
@@ -392,7 +415,9 @@ impl Graphql {
             }
             self.metrics.graphql_operations.dec();
         };
-        let (frames, rerun) = match outcome {
+        // Every frame is queued under the lock: none before a re-execution's
+        // result that is older, none after a `complete` or `stop`.
+        let rerun = match outcome {
             Outcome::Subscription { initial, ext } => {
                 let digest: Arc<str> = ext
                     .digest
@@ -410,32 +435,31 @@ impl Graphql {
                 if let Some(op) = st.conns.get_mut(&conn.key).and_then(|c| c.ops.get_mut(&id)) {
                     op.digest = Some(digest);
                 }
-                // Under the lock: no re-execution's result goes before it.
                 if let Some(initial) = initial {
                     self.push(&conn, &gql::result(protocol, &id, &initial));
                     self.metrics.graphql_deliveries.inc();
                 }
-                (Vec::new(), rerun)
+                rerun
             }
             Outcome::Result(payload) => {
                 done(&mut st);
-                let frames = vec![gql::result(protocol, &id, &payload), gql::complete(&id)];
-                (frames, None)
+                self.push(&conn, &gql::result(protocol, &id, &payload));
+                self.push(&conn, &gql::complete(&id));
+                None
             }
             Outcome::Errors(errors) => {
                 done(&mut st);
-                (vec![gql::error(&id, &errors)], None)
+                self.push(&conn, &gql::error(&id, &errors));
+                None
             }
             Outcome::Unavailable(why) => {
                 done(&mut st);
                 let errors = gql::errors_of(&why, "origin_unavailable");
-                (vec![gql::error(&id, &errors)], None)
+                self.push(&conn, &gql::error(&id, &errors));
+                None
             }
         };
         drop(st);
-        for frame in frames {
-            self.push(&conn, &frame);
-        }
         if let Some(rerun) = rerun {
             self.spawn_rerun(rerun);
         }
@@ -451,8 +475,10 @@ impl Graphql {
             // A first execution runs within graphql-timeout: older
             // publications no longer matter to any.
             let keep = self.config.graphql_timeout * 2;
-            if st.published.len() > 1024 {
+            if st.published.len() > st.prune_at {
                 st.published.retain(|_, p| now.duration_since(p.at) < keep);
+                // Scanned again only once it has doubled.
+                st.prune_at = (2 * st.published.len()).max(1024);
             }
             let mut hit: HashMap<Arc<str>, &str> = HashMap::new();
             for t in triggers {
@@ -609,7 +635,7 @@ impl Graphql {
             if let Some(update) = result {
                 return update;
             }
-            tracing::debug!(%owner, digest = %digest, "the digest's owner could not be asked; executing here");
+            tracing::warn!(%owner, digest = %digest, "the digest's owner could not give its result; executing here");
         }
         self.execute_once(digest, publication, body, headers).await
     }
@@ -786,6 +812,8 @@ impl State {
                 .or_default()
                 .insert(digest.clone());
         }
+        // Only after MAX_FIRST_ATTEMPTS racing executions: the digest runs
+        // again for the publication.
         let missed = triggers
             .iter()
             .filter_map(|t| self.published.get(t).map(|p| (p, t)))
@@ -794,6 +822,15 @@ impl State {
             .map(|(p, t)| (p.publication.clone(), t.to_string()));
         let (publication, trigger) = missed?;
         self.schedule(digest, &publication, &trigger)
+    }
+
+    /// Whether one of `triggers` was published here after `started`.
+    fn published_since(&self, triggers: &[String], started: u64) -> bool {
+        triggers.iter().any(|t| {
+            self.published
+                .get(t.as_str())
+                .is_some_and(|p| p.seq > started)
+        })
     }
 
     /// Runs `digest` for a publication: now (returned, to spawn), or once

@@ -463,6 +463,11 @@ pub(crate) fn deliver_replies(origin: &Origin, replies: Vec<Reply>) {
             tracing::debug!(connection_id = %reply.connection_id, "reply to an unknown connection dropped");
             continue;
         };
+        if conn.graphql.is_some() {
+            // A GraphQL client takes only GraphQL messages (docs/graphql.md).
+            tracing::warn!(connection_id = %reply.connection_id, "origin reply to a GraphQL connection dropped");
+            continue;
+        }
         conn.send_reply(&Outgoing::new(reply.payload), &origin.metrics);
     }
 }
