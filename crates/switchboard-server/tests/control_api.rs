@@ -668,10 +668,12 @@ async fn every_route_answers() {
         let m = Method::from_bytes(method.to_ascii_uppercase().as_bytes()).unwrap();
         let mut req = gw.request(m, &url);
         if method == "post" {
-            req = req.json(&if path == "/v1/messages" {
-                serde_json::json!({"messages": [{"connection_ids": [id], "text": "x"}]})
-            } else {
-                serde_json::json!({"text": "x"})
+            req = req.json(&match path {
+                "/v1/messages" => {
+                    serde_json::json!({"messages": [{"connection_ids": [id], "text": "x"}]})
+                }
+                "/v1/graphql/triggers" => serde_json::json!({"triggers": ["x"]}),
+                _ => serde_json::json!({"text": "x"}),
             });
         }
         let r = gw.call(req).await;
