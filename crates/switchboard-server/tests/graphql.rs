@@ -27,7 +27,8 @@ use std::time::Duration;
 use switchboard_proto::origin::{ConnectEvent, OriginAnswer};
 use switchboard_test_util::graphql::GraphqlOrigin;
 use switchboard_test_util::{
-    connect_with, expect_close, ConnectBehavior, TestGateway, TestOrigin, Ws, WsMessage, WAIT,
+    connect_with, expect_close, next_json, ConnectBehavior, TestGateway, TestOrigin, Ws, WsMessage,
+    WAIT,
 };
 
 async fn gateway(
@@ -66,26 +67,10 @@ async fn send(ws: &mut Ws, v: Value) {
         .unwrap();
 }
 
-/// The next JSON message (pings skipped); panics after 5 s.
-async fn recv(ws: &mut Ws) -> Value {
-    loop {
-        let m = tokio::time::timeout(WAIT, ws.next())
-            .await
-            .expect("a message within 5 s")
-            .expect("open")
-            .expect("no error");
-        match m {
-            WsMessage::Text(t) => return serde_json::from_str(&t).unwrap(),
-            WsMessage::Ping(_) | WsMessage::Pong(_) => {}
-            other => panic!("unexpected {other:?}"),
-        }
-    }
-}
-
 /// The next message that is not a legacy `ka`.
 async fn recv_data(ws: &mut Ws) -> Value {
     loop {
-        let m = recv(ws).await;
+        let m = next_json(ws).await;
         if m["type"] != "ka" {
             return m;
         }
@@ -117,7 +102,7 @@ async fn modern(gw: &TestGateway) -> Ws {
     let (mut ws, chosen) = open(gw, "graphql-transport-ws").await;
     assert_eq!(chosen, "graphql-transport-ws");
     send(&mut ws, json!({"type": "connection_init"})).await;
-    assert_eq!(recv(&mut ws).await["type"], "connection_ack");
+    assert_eq!(next_json(&mut ws).await["type"], "connection_ack");
     ws
 }
 
@@ -150,7 +135,7 @@ async fn init_goes_to_the_origin_and_its_ack_payload_comes_back() {
     assert_eq!(chosen, "graphql-transport-ws");
     send(&mut ws, json!({"type": "ping", "payload": {"p": 1}})).await;
     assert_eq!(
-        recv(&mut ws).await,
+        next_json(&mut ws).await,
         json!({"type": "pong", "payload": {"p": 1}})
     );
     assert!(
@@ -163,7 +148,7 @@ async fn init_goes_to_the_origin_and_its_ack_payload_comes_back() {
     )
     .await;
     assert_eq!(
-        recv(&mut ws).await,
+        next_json(&mut ws).await,
         json!({"type": "connection_ack", "payload": {"hello": "alice"}})
     );
     let connect: ConnectEvent = origin.connects().pop().unwrap();
@@ -176,13 +161,16 @@ async fn init_goes_to_the_origin_and_its_ack_payload_comes_back() {
         json!({"type": "subscribe", "id": "q", "payload": {"query": "{ value }"}}),
     )
     .await;
-    let next = recv(&mut ws).await;
+    let next = next_json(&mut ws).await;
     assert_eq!(next["type"], "next");
     assert_eq!(next["id"], "q");
     let ctx = &next["payload"]["data"]["context"];
     assert_eq!(ctx["connection_id"], json!(connect.connection_id));
     assert_eq!(ctx["user_id"], "alice");
-    assert_eq!(recv(&mut ws).await, json!({"type": "complete", "id": "q"}));
+    assert_eq!(
+        next_json(&mut ws).await,
+        json!({"type": "complete", "id": "q"})
+    );
     let req = gql.requests().pop().unwrap();
     assert_eq!(
         req.headers["switchboard-connection-id"],
@@ -219,7 +207,7 @@ async fn subscribers_of_one_digest_share_one_execution_per_trigger() {
         )
         .await;
         assert_eq!(
-            recv(&mut ws).await["payload"],
+            next_json(&mut ws).await["payload"],
             json!({"data": {"value": 0}})
         );
         clients.push((ws, key));
@@ -228,7 +216,7 @@ async fn subscribers_of_one_digest_share_one_execution_per_trigger() {
     gql.set("odd", 7);
     trigger(&gw, &["even", "odd", "nobody"]).await;
     for (ws, key) in &mut clients {
-        let m = recv(ws).await;
+        let m = next_json(ws).await;
         assert_eq!(m["type"], "next");
         let want = if *key == "even" { 5 } else { 7 };
         assert_eq!(m["payload"], json!({"data": {"value": want}}));
@@ -244,10 +232,10 @@ async fn subscribers_of_one_digest_share_one_execution_per_trigger() {
     let (ws0, _) = &mut clients[0];
     send(ws0, json!({"type": "complete", "id": "s"})).await;
     send(ws0, json!({"type": "ping"})).await;
-    assert_eq!(recv(ws0).await["type"], "pong");
+    assert_eq!(next_json(ws0).await["type"], "pong");
     trigger(&gw, &["even"]).await;
     quiet(&mut clients[0].0, Duration::from_millis(300)).await;
-    assert_eq!(recv(&mut clients[2].0).await["type"], "next");
+    assert_eq!(next_json(&mut clients[2].0).await["type"], "next");
     assert_eq!(gw.metric("switchboard_graphql_digests").await, 2.0);
     for (ws, _) in &mut clients {
         let _ = ws.close(None).await;
@@ -281,7 +269,7 @@ async fn a_trigger_during_the_first_execution_is_not_lost() {
     // The execution that read the state before the change runs again: its
     // result is the first the client gets.
     assert_eq!(
-        recv(&mut ws).await["payload"],
+        next_json(&mut ws).await["payload"],
         json!({"data": {"value": 1}})
     );
     assert_eq!(gql.requests().len(), 2);
@@ -306,7 +294,7 @@ async fn unchanged_results_are_suppressed_when_asked() {
     wait_digests(&gw, 1.0).await;
     trigger(&gw, &["k"]).await;
     assert_eq!(
-        recv(&mut ws).await["payload"],
+        next_json(&mut ws).await["payload"],
         json!({"data": {"value": 0}})
     );
     trigger(&gw, &["k"]).await;
@@ -315,7 +303,7 @@ async fn unchanged_results_are_suppressed_when_asked() {
     gql.set("k", 1);
     trigger(&gw, &["k"]).await;
     assert_eq!(
-        recv(&mut ws).await["payload"],
+        next_json(&mut ws).await["payload"],
         json!({"data": {"value": 1}})
     );
     assert_eq!(gw.metric("switchboard_graphql_suppressed_total").await, 1.0);
@@ -338,8 +326,8 @@ async fn the_legacy_protocol_speaks_data_stop_and_ka() {
         json!({"type": "start", "id": "1", "payload": subscription("l")}),
     )
     .await;
-    assert_eq!(recv(&mut ws).await["type"], "connection_ack");
-    assert_eq!(recv(&mut ws).await, json!({"type": "ka"}));
+    assert_eq!(next_json(&mut ws).await["type"], "connection_ack");
+    assert_eq!(next_json(&mut ws).await, json!({"type": "ka"}));
     assert_eq!(
         recv_data(&mut ws).await,
         json!({"type": "data", "id": "1", "payload": {"data": {"value": 0}}})
@@ -369,7 +357,7 @@ async fn the_legacy_protocol_speaks_data_stop_and_ka() {
         json!({"type": "complete", "id": "1"})
     );
     // `ka` every ping interval.
-    assert_eq!(recv(&mut ws).await, json!({"type": "ka"}));
+    assert_eq!(next_json(&mut ws).await, json!({"type": "ka"}));
     send(&mut ws, json!({"type": "connection_terminate"})).await;
     let (code, _, _) = expect_close(&mut ws).await;
     assert_eq!(code, 1000);
@@ -386,7 +374,7 @@ async fn errors_and_an_endpoint_that_is_down_end_the_operation() {
         json!({"type": "subscribe", "id": "e", "payload": {"query": "{ error }"}}),
     )
     .await;
-    let e = recv(&mut ws).await;
+    let e = next_json(&mut ws).await;
     assert_eq!(e["type"], "error");
     assert_eq!(e["payload"][0]["message"], "Cannot query field \"error\"");
     gql.set_down(true);
@@ -395,7 +383,7 @@ async fn errors_and_an_endpoint_that_is_down_end_the_operation() {
         json!({"type": "subscribe", "id": "d", "payload": {"query": "{ value }"}}),
     )
     .await;
-    let e = recv(&mut ws).await;
+    let e = next_json(&mut ws).await;
     assert_eq!(
         (e["type"].as_str(), e["id"].as_str()),
         (Some("error"), Some("d"))
@@ -414,13 +402,13 @@ async fn errors_and_an_endpoint_that_is_down_end_the_operation() {
         json!({"type": "subscribe", "id": "b", "payload": {"query": "{ value }"}}),
     )
     .await;
-    let e = recv(&mut ws).await;
+    let e = next_json(&mut ws).await;
     assert_eq!(
         (e["type"].as_str(), e["id"].as_str()),
         (Some("error"), Some("b"))
     );
     assert_eq!(e["payload"][0]["extensions"]["code"], "too_many_operations");
-    assert_eq!(recv(&mut ws).await["id"], "a");
+    assert_eq!(next_json(&mut ws).await["id"], "a");
 }
 
 /// Closes with `code` after `script` (messages sent after opening).
@@ -509,7 +497,7 @@ async fn a_token_may_come_in_the_init_payload() {
         json!({"type": "connection_init", "payload": {"Authorization": auth}}),
     )
     .await;
-    assert_eq!(recv(&mut ws).await["type"], "connection_ack");
+    assert_eq!(next_json(&mut ws).await["type"], "connection_ack");
     assert_eq!(
         origin.connects().pop().unwrap().user_id.as_deref(),
         Some("bob")

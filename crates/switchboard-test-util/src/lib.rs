@@ -834,6 +834,15 @@ pub async fn next_msg(ws: &mut Ws) -> WsMessage {
     }
 }
 
+/// The next data message as JSON (pings and pongs skipped); panics after
+/// 5 s, or on a message that is not a JSON text frame.
+pub async fn next_json(ws: &mut Ws) -> serde_json::Value {
+    match next_msg(ws).await {
+        WsMessage::Text(t) => serde_json::from_str(&t).expect("a JSON text frame"),
+        other => panic!("expected a JSON text frame, got {other:?}"),
+    }
+}
+
 /// Reads until the gateway's close frame and returns its code and reason,
 /// with the data messages received before it; then keeps reading until the
 /// stream ends, so tungstenite sends its close reply and the closing

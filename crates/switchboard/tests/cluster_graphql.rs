@@ -17,25 +17,10 @@ use serde_json::{json, Value};
 use std::time::Duration;
 use switchboard_test_util::graphql::GraphqlOrigin;
 use switchboard_test_util::nats::NatsServer;
-use switchboard_test_util::{connect_with, metric_value, Ws, WsMessage, WAIT};
+use switchboard_test_util::{connect_with, metric_value, next_json, Ws, WsMessage, WAIT};
 
 const CLIENTS: usize = 1000;
 const INPUTS: usize = 10;
-
-async fn recv(ws: &mut Ws) -> Value {
-    loop {
-        let m = tokio::time::timeout(WAIT, ws.next())
-            .await
-            .expect("a message within 5 s")
-            .expect("open")
-            .expect("no error");
-        match m {
-            WsMessage::Text(t) => return serde_json::from_str(&t).unwrap(),
-            WsMessage::Ping(_) | WsMessage::Pong(_) => {}
-            other => panic!("unexpected {other:?}"),
-        }
-    }
-}
 
 /// A client of `node` subscribed to input `i`, its initial result read.
 async fn subscriber(node: &Node, i: usize) -> Ws {
@@ -49,14 +34,14 @@ async fn subscriber(node: &Node, i: usize) -> Ws {
     ws.send(send(json!({"type": "connection_init"})))
         .await
         .unwrap();
-    assert_eq!(recv(&mut ws).await["type"], "connection_ack");
+    assert_eq!(next_json(&mut ws).await["type"], "connection_ack");
     let op = json!({"query": "subscription { value }",
                     "variables": {"key": "all", "digest": format!("input-{i}")}});
     ws.send(send(json!({"type": "subscribe", "id": "s", "payload": op})))
         .await
         .unwrap();
     assert_eq!(
-        recv(&mut ws).await["payload"],
+        next_json(&mut ws).await["payload"],
         json!({"data": {"value": 0}})
     );
     ws
@@ -100,7 +85,7 @@ async fn one_trigger_costs_one_origin_request_per_distinct_input_cluster_wide() 
     assert_eq!(r.json(), json!({"nodes": 3, "failed_nodes": []}));
 
     let delivered = futures_util::future::join_all(clients.iter_mut().map(|ws| async move {
-        let m = recv(ws).await;
+        let m = next_json(ws).await;
         assert_eq!(m["type"], "next", "{m}");
         m["payload"].clone()
     }))
@@ -142,7 +127,10 @@ async fn one_trigger_costs_one_origin_request_per_distinct_input_cluster_wide() 
     .await;
     assert_eq!((status, body["nodes"].clone()), (202, json!(3)), "{body}");
     for ws in &mut clients {
-        assert_eq!(recv(ws).await["payload"], json!({"data": {"value": 43}}));
+        assert_eq!(
+            next_json(ws).await["payload"],
+            json!({"data": {"value": 43}})
+        );
     }
     assert_eq!(gql.wait_re_executions(2 * INPUTS, WAIT).await, 2 * INPUTS);
 }
@@ -182,7 +170,10 @@ async fn an_owner_that_does_not_answer_costs_a_second_request_not_a_result() {
     assert_eq!(r.status, 202, "{}", r.body);
     assert_eq!(r.json(), json!({"nodes": 2, "failed_nodes": ["c"]}));
     for ws in &mut clients {
-        assert_eq!(recv(ws).await["payload"], json!({"data": {"value": 7}}));
+        assert_eq!(
+            next_json(ws).await["payload"],
+            json!({"data": {"value": 7}})
+        );
     }
     let mut failed = 0.0;
     for node in [&a, &b] {

@@ -123,7 +123,6 @@ pub(super) async fn handshake(shared: Arc<Edge>, p: Pending, mut opening: Openin
     graphql.open(
         &conn,
         Context {
-            protocol,
             connection_id: conn.id.to_string(),
             user_id: conn.user_id.as_deref().map(str::to_owned),
             claims,

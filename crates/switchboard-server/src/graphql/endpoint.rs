@@ -79,15 +79,7 @@ impl Endpoint {
         node: &str,
     ) -> Result<Self, String> {
         let url = reqwest::Url::parse(url).map_err(|e| format!("bad GraphQL endpoint: {e}"))?;
-        let client = reqwest::Client::builder()
-            .timeout(timeout)
-            .connect_timeout(timeout)
-            .pool_idle_timeout(Duration::from_secs(60))
-            .tcp_nodelay(true)
-            .redirect(reqwest::redirect::Policy::none())
-            .user_agent(concat!("switchboard/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|e| e.to_string())?;
+        let client = crate::origin::http::client(timeout).map_err(|e| e.to_string())?;
         Ok(Self {
             client,
             url,

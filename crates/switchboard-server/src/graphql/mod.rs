@@ -38,11 +38,10 @@ pub(crate) struct Close {
     pub(crate) reason: String,
 }
 
-/// What a GraphQL connection's operations run with: its protocol, and the
-/// context the endpoint is told.
+/// What a GraphQL connection's operations run with: the context the
+/// endpoint is told (the protocol is the connection's, [`Conn::graphql`]).
 #[derive(Debug)]
 pub(crate) struct Context {
-    pub(crate) protocol: Protocol,
     pub(crate) connection_id: String,
     pub(crate) user_id: Option<String>,
     pub(crate) claims: Option<Map<String, Value>>,
@@ -374,7 +373,7 @@ impl Graphql {
         gen: u64,
         started: u64,
     ) {
-        let Some(endpoint) = &self.endpoint else {
+        let (Some(endpoint), Some(protocol)) = (&self.endpoint, conn.graphql) else {
             return;
         };
         let (rctx, headers) = ctx.request(None);
@@ -408,7 +407,6 @@ impl Graphql {
         if !current {
             return; // stopped, or the connection ended
         }
-        let protocol = ctx.protocol;
         let done = |st: &mut State| {
             if let Some(c) = st.conns.get_mut(&conn.key) {
                 c.ops.remove(&id);

@@ -48,17 +48,7 @@ impl HttpOrigin {
     ) -> Result<Self, OriginError> {
         let url = reqwest::Url::parse(url)
             .map_err(|e| OriginError::Unreachable(format!("bad origin URL: {e}")))?;
-        let client = reqwest::Client::builder()
-            .timeout(timeout)
-            .connect_timeout(timeout)
-            .pool_idle_timeout(Duration::from_secs(60))
-            .tcp_nodelay(true)
-            // A redirect would turn the POST into a bodiless GET (and forward
-            // the signature): treat 3xx as the origin's answer instead.
-            .redirect(reqwest::redirect::Policy::none())
-            .user_agent(concat!("switchboard/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|e| OriginError::Unreachable(e.to_string()))?;
+        let client = client(timeout).map_err(|e| OriginError::Unreachable(e.to_string()))?;
         Ok(Self {
             client,
             url,
@@ -194,4 +184,19 @@ pub(crate) fn signed(
             signature::SIGNATURE_HEADER,
             signature::sign(secret, ts, body),
         )
+}
+
+/// The HTTP client of the origin's requests (webhooks, the GraphQL
+/// endpoint): `timeout` per request, pooled connections, no redirects (a
+/// redirect would turn the POST into a bodiless GET and forward the
+/// signature: a 3xx is the origin's answer instead).
+pub(crate) fn client(timeout: Duration) -> reqwest::Result<reqwest::Client> {
+    reqwest::Client::builder()
+        .timeout(timeout)
+        .connect_timeout(timeout)
+        .pool_idle_timeout(Duration::from_secs(60))
+        .tcp_nodelay(true)
+        .redirect(reqwest::redirect::Policy::none())
+        .user_agent(concat!("switchboard/", env!("CARGO_PKG_VERSION")))
+        .build()
 }
