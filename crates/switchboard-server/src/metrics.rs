@@ -285,7 +285,7 @@ impl Metrics {
         );
         r.register(
             "graphql_refused_operations",
-            "GraphQL operations answered with an error without running, by code",
+            "GraphQL operations answered with an error without running, and origin replies to GraphQL connections dropped (origin_reply), by code",
             m.graphql_refused.clone(),
         );
         r.register(

@@ -466,6 +466,13 @@ pub(crate) fn deliver_replies(origin: &Origin, replies: Vec<Reply>) {
         if conn.graphql.is_some() {
             // A GraphQL client takes only GraphQL messages (docs/graphql.md).
             tracing::warn!(connection_id = %reply.connection_id, "origin reply to a GraphQL connection dropped");
+            origin
+                .metrics
+                .graphql_refused
+                .get_or_create(&crate::metrics::CodeLabel {
+                    code: "origin_reply",
+                })
+                .inc();
             continue;
         }
         conn.send_reply(&Outgoing::new(reply.payload), &origin.metrics);
