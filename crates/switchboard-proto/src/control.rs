@@ -249,6 +249,100 @@ pub enum Command {
     /// A GraphQL subscription's result asked of the node that executes its
     /// digest (`docs/graphql.md`): only ever forwarded.
     GraphqlExecute(GraphqlExecute),
+    /// A resume that reached another node than the one holding the
+    /// session (`docs/sessions.md`): the holder gives the session up and
+    /// answers with its [`SessionState`]. Only ever forwarded.
+    SessionTake(SessionTake),
+    /// A draining node hands a suspended session to another node, which
+    /// keeps it for the client's resume. Only ever forwarded.
+    SessionGive(Box<SessionState>),
+}
+
+/// [`Command::SessionTake`]: give up a session for a resume elsewhere.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionTake {
+    /// The client's resume token (checked by the holder).
+    pub token: String,
+    /// The client's `?received=`: checked before the session is given up.
+    pub received: u64,
+    /// The node taking the session (commands for it go there afterwards).
+    pub node: String,
+}
+
+/// A session moving from one node to another, suspended: everything a node
+/// needs to resume it as if it had held it all along.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionState {
+    /// The connection id (unchanged by the move).
+    pub connection_id: String,
+    /// Its resume token.
+    pub token: String,
+    /// The path it connected to.
+    pub path: String,
+    /// Its user, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_id: Option<String>,
+    /// The origin's `connect` metadata.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<serde_json::Value>,
+    /// What its client token grants, if it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_token: Option<SessionToken>,
+    /// When that token expires, Unix ms (0: never).
+    pub token_expires_ms: u64,
+    /// The client's last address.
+    pub remote_addr: String,
+    /// When the session started, Unix ms.
+    pub connected_at_ms: u64,
+    /// Messages and bytes in and out so far (for `disconnect`).
+    pub messages_in: u64,
+    /// See `messages_in`.
+    pub messages_out: u64,
+    /// See `messages_in`.
+    pub bytes_in: u64,
+    /// See `messages_in`.
+    pub bytes_out: u64,
+    /// The sequence of the last direct message.
+    pub last_seq: u64,
+    /// Messages up to this sequence were dropped unacknowledged.
+    pub trimmed_through: u64,
+    /// The kept (unacknowledged) direct messages, oldest first: each its
+    /// `direct` push as sent.
+    pub kept: Vec<KeptMessage>,
+    /// The `seq` of the last `message` event sent to the origin.
+    pub origin_seq: u64,
+    /// Times the session was suspended.
+    pub suspensions: u32,
+    /// How long it has been suspended, in ms.
+    pub suspended_ms: u64,
+    /// How long it may stay suspended from now, in ms.
+    pub expires_in_ms: u64,
+    /// Its own `session-ttl` in ms (set by the origin), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl_ms: Option<u64>,
+    /// Its channels, each where it stopped being sent messages.
+    pub channels: Vec<crate::native::SessionChannel>,
+}
+
+/// A direct message kept for a resume.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeptMessage {
+    /// Its sequence.
+    pub seq: u64,
+    /// Its `direct` push, as JSON text.
+    pub push: String,
+}
+
+/// What a session's client token grants, carried with the session.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionToken {
+    /// The token's user (`sub`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// Channels it may subscribe to (names or `*` patterns).
+    pub subscribe: Vec<String>,
+    /// Channels it may publish on.
+    pub publish: Vec<String>,
 }
 
 /// [`Command::GraphqlTrigger`]: trigger keys published by the origin.

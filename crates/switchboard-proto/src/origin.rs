@@ -380,6 +380,11 @@ pub struct OriginAnswer {
     /// expires (by default it is closed with 4004 unless refreshed).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub outlive_token: bool,
+    /// `connect` of a native connection only: how long its session
+    /// outlives a lost socket, in milliseconds, instead of `session-ttl`
+    /// (at most 24 hours; 0: no session for this connection).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub session_ttl_ms: Option<u64>,
     /// Messages to deliver right away, before anything sent later; the usual
     /// answer to `message` events.
     #[serde(skip_serializing_if = "Vec::is_empty")]

@@ -124,6 +124,9 @@ pub(crate) struct Metrics {
     pub(crate) sessions_lost: Family<ReasonLabel, Counter>,
     /// Open sockets closed because their session resumed on another (4009).
     pub(crate) session_takeovers: Counter,
+    /// Sessions moved between nodes, by result (`sent`, `received`,
+    /// `failed`).
+    pub(crate) session_handoffs: Family<ResultLabel, Counter>,
     /// Direct messages kept for resumes (sent, not acknowledged).
     pub(crate) session_outbox_messages: Gauge,
     pub(crate) session_outbox_bytes: Gauge,
@@ -210,6 +213,7 @@ impl Metrics {
             session_resumes: Family::default(),
             sessions_lost: Family::default(),
             session_takeovers: Counter::default(),
+            session_handoffs: Family::default(),
             session_outbox_messages: Gauge::default(),
             session_outbox_bytes: Gauge::default(),
             session_outbox_trimmed: Counter::default(),
@@ -362,6 +366,11 @@ impl Metrics {
             "session_takeovers",
             "Sockets closed (4009) because their session was resumed on a new one",
             m.session_takeovers.clone(),
+        );
+        r.register(
+            "session_handoffs",
+            "Sessions moved between nodes (a resume elsewhere, a drain), by result: sent, received, failed",
+            m.session_handoffs.clone(),
         );
         r.register(
             "session_outbox_messages",

@@ -855,3 +855,49 @@ async fn messages_held_for_replies_are_numbered_in_the_order_they_are_sent() {
         "{frames:?}"
     );
 }
+
+/// The origin's `connect` answer sets a connection's own ttl
+/// (`session_ttl_ms`): shown in `connected`, it is how long the session
+/// outlives a lost socket, whatever `--session-ttl` says; 0 gives the
+/// connection no session at all.
+#[tokio::test]
+async fn the_origin_sets_a_sessions_own_ttl() {
+    let origin = TestOrigin::start(None).await;
+    let gw = TestGateway::with_origin(&origin, |c| {
+        c.namespace = namespaces();
+        c.session_ttl = Duration::from_secs(600);
+    })
+    .await;
+    origin.behavior(|b| {
+        b.connect = ConnectBehavior::Accept(switchboard_proto::origin::OriginAnswer {
+            session_ttl_ms: Some(500),
+            ..Default::default()
+        })
+    });
+    let (ws, first) = native(&gw, "", &[]).await;
+    assert_eq!(first["session_ttl_ms"], 500, "{first}");
+    let id = first["client"].as_str().unwrap().to_owned();
+    let lost_at = std::time::Instant::now();
+    lose(&gw, ws, &id).await;
+    let gone = origin.wait_disconnect(&id).await;
+    assert_eq!(gone.reason, "session expired");
+    assert!(
+        lost_at.elapsed() < Duration::from_secs(10),
+        "ended by its own ttl"
+    );
+    let (_ws, again) = resume(&gw, &first, 0).await;
+    assert_eq!(again["resume_error"]["code"], "session_expired", "{again}");
+
+    origin.behavior(|b| {
+        b.connect = ConnectBehavior::Accept(switchboard_proto::origin::OriginAnswer {
+            session_ttl_ms: Some(0),
+            ..Default::default()
+        })
+    });
+    let (ws, first) = native(&gw, "", &[]).await;
+    assert!(first.get("session").is_none(), "no session: {first}");
+    let id = first["client"].as_str().unwrap().to_owned();
+    drop(ws);
+    let gone = origin.wait_disconnect(&id).await;
+    assert_eq!(gone.closed_by, ClosedBy::Network, "ended with its socket");
+}

@@ -43,9 +43,9 @@
 //!   request) ids of one node is split, every id gets its result and the
 //!   one real connection gets the message exactly once.
 //! - sessions: a suspended native session answers `queued` and its info
-//!   through any node, resumes on the node holding it with everything kept,
-//!   and a resume landing on another node is refused (`session_unknown`)
-//!   with a new session there, leaving the suspended one untouched.
+//!   through any node; a resume landing on another node takes the session
+//!   there with everything kept, and commands through the node its id names
+//!   follow it (more in `cluster_sessions.rs`).
 //! - HTTP fallbacks: a long-poll session's polls, commands and end land on
 //!   either node (no sticky sessions) and are forwarded to the node holding
 //!   it; every direct message arrives once and in order, and a poll waiting
@@ -2007,12 +2007,11 @@ async fn native_first(url: &str) -> (Ws, Value) {
 }
 
 /// Sessions in a cluster (docs/sessions.md): a suspended session is
-/// reachable through any node (`queued`, and its info); it resumes on the
-/// node that holds it, and a resume that lands on another node is refused
-/// plainly (`session_unknown`, naming the holder) and starts a new session
-/// there, without touching the suspended one.
+/// reachable through any node (`queued`, and its info); a resume that lands
+/// on another node takes it over there, with its kept messages, and
+/// commands through the node its id names follow it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_suspended_session_is_reached_through_any_node_and_resumes_on_its_own() {
+async fn a_suspended_session_is_reached_through_any_node_and_resumes_on_another() {
     let nats = NatsServer::start(false);
     let origin = TestOrigin::start(None).await;
     let (a, b) = start_pair(&nats, &origin, "sessions").await;
@@ -2049,25 +2048,12 @@ async fn a_suspended_session_is_reached_through_any_node_and_resumes_on_its_own(
         2
     );
 
-    let (_elsewhere, r) = native_first(&b.ws_url(&format!("/app?resume={token}"))).await;
-    assert_eq!(r["resume_error"]["code"], "session_unknown", "{r}");
-    assert!(
-        r["resume_error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("node a"),
+    // The resume lands on b: b takes the session from a.
+    let (mut ws, r) = native_first(&b.ws_url(&format!("/app?resume={token}&received=0"))).await;
+    assert_eq!(
+        (r["resumed"].clone(), r["client"].clone(), r["node"].clone()),
+        (json!(true), json!(id), json!("b")),
         "{r}"
-    );
-    assert_eq!(
-        node_of(r["client"].as_str().unwrap()),
-        "b",
-        "a new session on b"
-    );
-
-    let (mut ws, r) = native_first(&a.ws_url(&format!("/app?resume={token}&received=0"))).await;
-    assert_eq!(
-        (r["resumed"].clone(), r["client"].clone()),
-        (json!(true), json!(id))
     );
     for (seq, text) in [(1, "kept"), (2, "kept too")] {
         let f: Value = match next_msg(&mut ws).await {
@@ -2076,6 +2062,31 @@ async fn a_suspended_session_is_reached_through_any_node_and_resumes_on_its_own(
         };
         assert_eq!(f, json!({"push": "direct", "seq": seq, "text": text}));
     }
+    // Commands through a (the node its id names) follow it to b.
+    let info = a.get(&format!("/v1/connections/{id}")).await;
+    assert_eq!(
+        (
+            info.status,
+            info.json()["node"].clone(),
+            info.json()["suspended"].clone()
+        ),
+        (200, json!("b"), json!(false)),
+        "{}",
+        info.body
+    );
+    let r = a.push_text(&id, "after the move").await;
+    assert_eq!(r.json(), json!({"status": "delivered"}), "{}", r.body);
+    let f: Value = match next_msg(&mut ws).await {
+        WsMessage::Text(t) => serde_json::from_str(&t).unwrap(),
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(
+        f,
+        json!({"push": "direct", "seq": 3, "text": "after the move"})
+    );
+    // A resume with a's token on a again is told plainly.
+    let (_again, r) = native_first(&a.ws_url(&format!("/app?resume={token}&received=9"))).await;
+    assert_eq!(r["resume_error"]["code"], "session_invalid", "{r}");
     let connects = origin
         .connects()
         .iter()
@@ -2083,6 +2094,7 @@ async fn a_suspended_session_is_reached_through_any_node_and_resumes_on_its_own(
         .count();
     assert_eq!(connects, 1);
     assert!(origin.disconnects_of(&id).is_empty());
+    drop(ws);
 }
 
 /// An HTTP request (`Connection: close`) on a node's client listener:

@@ -174,6 +174,30 @@ pub(crate) struct Grants {
     publish: Vec<Box<str>>,
 }
 
+impl TokenState {
+    /// What a session moving to another node carries of its token.
+    pub(crate) fn to_wire(&self) -> switchboard_proto::control::SessionToken {
+        let list = |v: &[Box<str>]| v.iter().map(|s| s.to_string()).collect();
+        switchboard_proto::control::SessionToken {
+            user: self.user.clone(),
+            subscribe: list(&self.grants.subscribe),
+            publish: list(&self.grants.publish),
+        }
+    }
+
+    /// The token of a session that moved here (see [`TokenState::to_wire`]).
+    pub(crate) fn from_wire(t: switchboard_proto::control::SessionToken) -> Self {
+        let list = |v: Vec<String>| v.into_iter().map(Into::into).collect();
+        Self {
+            user: t.user,
+            grants: Grants {
+                subscribe: list(t.subscribe),
+                publish: list(t.publish),
+            },
+        }
+    }
+}
+
 impl Grants {
     /// Whether the token lets the client subscribe to `channel`.
     pub(crate) fn may_subscribe(&self, channel: &str) -> bool {

@@ -772,6 +772,48 @@ impl Channels {
         out
     }
 
+    /// Makes a session that moved here from another node a parked member
+    /// of its channels, each at the position its old node listed. Nobody
+    /// is told: it never left.
+    pub(crate) fn adopt(&self, conn: &Arc<Conn>, channels: &[SessionChannel], metrics: &Metrics) {
+        for c in channels {
+            let parked = self.with_state(&c.channel, metrics, |ch, st| {
+                let mut all_subs = self.subs_of(&conn.key).lock();
+                if conn.ended.load(Relaxed) || st.parked.contains_key(&conn.key) {
+                    return false;
+                }
+                all_subs.entry(conn.key).or_default().push(Arc::clone(ch));
+                st.park_at(conn.clone(), c.epoch.as_str().into(), c.offset);
+                true
+            });
+            match parked {
+                Ok(true) => {
+                    metrics.subscriptions.inc();
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(connection = %conn.id, channel = %c.channel, error = %e, "a moved session's channel was not kept")
+                }
+            }
+        }
+    }
+
+    /// Takes a session that moves to another node out of its channels,
+    /// quietly: for the other members it never left.
+    pub(crate) fn hand_off(&self, conn: &Conn, metrics: &Metrics) {
+        let channels = {
+            let mut all_subs = self.subs_of(&conn.key).lock();
+            conn.ended.store(true, Relaxed);
+            all_subs.remove(&conn.key).unwrap_or_default()
+        };
+        for ch in channels {
+            let mut st = ch.state.lock();
+            if st.parked.remove(&conn.key).is_some() || st.subscribers.remove(&conn.key).is_some() {
+                metrics.subscriptions.dec();
+            }
+        }
+    }
+
     /// Ends every subscription of a connection that has ended; none can be
     /// added afterwards.
     pub(crate) fn unsubscribe_all(&self, conn: &Conn, metrics: &Metrics) {

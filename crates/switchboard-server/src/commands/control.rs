@@ -119,11 +119,11 @@ pub(crate) fn single_payload(json: &[u8]) -> Result<(), ApiError> {
     }
 }
 
-/// The local connection named `id`, or 404.
+/// The local connection named `id` (started here, or a session that moved
+/// here from another node), or 404.
 fn lookup(s: &Commands, id: &str) -> Result<Arc<Conn>, ApiError> {
     ConnectionId::parse(id)
         .ok()
-        .filter(|cid| cid.node() == s.node.as_str())
         .and_then(|cid| s.registry.get(&cid.key()))
         .ok_or_else(|| ApiError::not_found(id))
 }
@@ -144,17 +144,30 @@ fn lookup_messaging(s: &Commands, id: &str) -> Result<Arc<Conn>, ApiError> {
 }
 
 /// The node holding `id` when it is another node of the cluster and the
-/// command should go there (not when it was `forwarded` here already).
-fn remote_owner<'a>(s: &Commands, id: &'a str, forwarded: bool) -> Option<&'a str> {
-    if forwarded || s.cluster.get().is_none() {
+/// command should go there: where its session moved to from here, or the
+/// node that started it (not when the command was `forwarded` here).
+pub(super) fn remote_owner(s: &Commands, id: &str, forwarded: bool) -> Option<String> {
+    s.cluster.get()?;
+    let cid = ConnectionId::parse(id).ok()?;
+    if s.registry.get(&cid.key()).is_some() {
         return None;
     }
-    let node = id.split_once('.')?.0;
-    (node != s.node.as_str() && ConnectionId::parse(id).is_ok()).then_some(node)
+    // Followed even by a forwarded command: the session went on from here.
+    if let Some(node) = s.sessions.moved_to(&cid.key()) {
+        return Some(node);
+    }
+    (!forwarded && cid.node() != s.node.as_str()).then(|| cid.node().to_owned())
+}
+
+/// Whether a reply says that no such connection is where it was looked for.
+pub(super) fn is_not_found(reply: &CommandReply) -> bool {
+    reply.status == StatusCode::NOT_FOUND.as_u16()
+        && serde_json::from_slice::<serde_json::Value>(&reply.body)
+            .is_ok_and(|v| v["code"] == "connection_not_found")
 }
 
 /// Sends `cmd` to `node` and returns its answer, or the error standing for it.
-async fn forward(s: &Commands, node: &str, cmd: &Command) -> CommandReply {
+pub(super) async fn forward(s: &Commands, node: &str, cmd: &Command) -> CommandReply {
     let Some(cluster) = s.cluster.get() else {
         return ApiError::not_found(node).into();
     };
@@ -191,23 +204,56 @@ pub(crate) async fn execute_json(s: &Arc<Commands>, json: &[u8], forwarded: bool
 /// Executes a command here, or forwards it to the node that holds its
 /// connection. `forwarded`: it came from another node, so run it here only.
 pub(crate) async fn execute(s: &Arc<Commands>, cmd: Command, forwarded: bool) -> CommandReply {
-    let target = match &cmd {
+    let connection = match &cmd {
         Command::Send(SendCommand { connection_id, .. })
         | Command::Close(CloseCommand { connection_id, .. })
         | Command::Info(ConnectionRef { connection_id })
         | Command::Subscribe(SubscribeCommand { connection_id, .. })
         | Command::Unsubscribe(UnsubscribeCommand { connection_id, .. }) => {
-            remote_owner(s, connection_id, forwarded)
+            Some(connection_id.clone())
         }
         // A session token is its connection id and a MAC.
-        Command::Fallback(FallbackRequest { session, .. }) => session
-            .rsplit_once('.')
-            .and_then(|(id, _)| remote_owner(s, id, forwarded)),
+        Command::Fallback(FallbackRequest { session, .. }) => {
+            session.rsplit_once('.').map(|(id, _)| id.to_owned())
+        }
         _ => None,
     };
-    if let Some(node) = target {
-        return forward(s, node, &cmd).await;
+    let Some(id) = connection else {
+        return execute_here(s, cmd, forwarded).await;
+    };
+    let asked = remote_owner(s, &id, forwarded);
+    let reply = match &asked {
+        Some(node) => forward(s, node, &cmd).await,
+        None => {
+            arrived(s, &id).await;
+            execute_here(s, cmd.clone(), forwarded).await
+        }
+    };
+    if forwarded || !is_not_found(&reply) {
+        return reply;
     }
+    // Not where its id says: a session that moved to another node.
+    match super::handoff::locate(s, &id, asked.as_deref()).await {
+        Some(node) => forward(s, &node, &cmd).await,
+        None => reply,
+    }
+}
+
+/// Waits while the session `id` is on its way here from another node.
+async fn arrived(s: &Commands, id: &str) {
+    let Some(cluster) = s.cluster.get() else {
+        return;
+    };
+    if let Ok(cid) = ConnectionId::parse(id) {
+        s.sessions
+            .arrived(&cid.key(), cluster.forward_timeout() / 2)
+            .await;
+    }
+}
+
+/// Executes a command on this node (a batch or a listing may still ask
+/// the others).
+async fn execute_here(s: &Arc<Commands>, cmd: Command, forwarded: bool) -> CommandReply {
     let acts_on_connections = matches!(
         cmd,
         Command::Send(_)
@@ -252,6 +298,8 @@ pub(crate) async fn execute(s: &Arc<Commands>, cmd: Command, forwarded: bool) ->
         }),
         Command::GraphqlTrigger(t) => graphql_trigger(s, t, forwarded).await,
         Command::GraphqlExecute(e) => s.graphql.execute_for_peer(e).await,
+        Command::SessionTake(t) => super::handoff::take(s, t).await,
+        Command::SessionGive(g) => super::handoff::give(s, g),
         Command::Fallback(r) => match s.fallbacks.get() {
             Some(runner) => runner.run(r).await,
             None => ApiError::new(
@@ -424,13 +472,21 @@ async fn send_batch_routed(
     forwarded: bool,
 ) -> CommandReply {
     let mut results = vec![BTreeMap::new(); req.messages.len()];
+    // Ids found nowhere may be sessions that moved: looked for, if any
+    // node may hold them.
+    let relocatable = !forwarded && s.cluster.get().is_some() && s.sessions.enabled();
+    let payloads: Vec<Payload> = if relocatable {
+        req.messages.iter().map(|m| m.payload.clone()).collect()
+    } else {
+        Vec::new()
+    };
     let mut remote: BTreeMap<String, Share> = BTreeMap::new();
     // Payloads of messages that have ids on other nodes.
     let mut kept: BTreeMap<usize, Payload> = BTreeMap::new();
     for (i, m) in req.messages.into_iter().enumerate() {
         let mut local = Vec::new();
         for id in m.connection_ids {
-            let Some(node) = remote_owner(s, &id, forwarded).map(str::to_owned) else {
+            let Some(node) = remote_owner(s, &id, forwarded) else {
                 local.push(id);
                 continue;
             };
@@ -458,6 +514,7 @@ async fn send_batch_routed(
         // Encoded once, shared by every local recipient.
         let out = Outgoing::new(payload);
         for id in local {
+            arrived(s, &id).await;
             let status = match lookup_messaging(s, &id) {
                 Ok(c) => delivery(s, &c, &out),
                 Err(_) => Delivery::Unknown,
@@ -501,6 +558,9 @@ async fn send_batch_routed(
                 results[i].insert(id, status);
             }
         }
+    }
+    if relocatable {
+        super::handoff::relocate_unknown(s, &mut results, &payloads).await;
     }
     ok(&BatchSendResponse { results })
 }

@@ -6,6 +6,7 @@
 //! cluster, and sessions. Nothing here knows about sockets or HTTP.
 
 pub(crate) mod control;
+pub(crate) mod handoff;
 pub(crate) mod native;
 
 use crate::admission::tokens::Authenticator;

@@ -44,7 +44,7 @@ pub(crate) fn connected_frame(s: &Commands, conn: &Conn, opened: Opened) -> Byte
                 | switchboard_proto::origin::Transport::LongPoll
         );
     let ttl_ms = if session {
-        s.config.session_ttl.as_millis() as u64
+        s.sessions.ttl_of(conn).as_millis() as u64
     } else {
         0
     };

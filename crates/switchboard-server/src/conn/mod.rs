@@ -200,6 +200,21 @@ struct Rare {
     outbox: Outbox,
 }
 
+/// A session's outbox as it moves to another node (see
+/// [`Conn::take_for_handoff`]).
+#[derive(Debug)]
+pub(crate) struct Moving {
+    pub(crate) last_seq: u64,
+    pub(crate) trimmed_through: u64,
+    /// Kept direct messages: (sequence, the `direct` push's JSON).
+    pub(crate) kept: Vec<(u64, Bytes)>,
+    pub(crate) origin_seq: u64,
+    pub(crate) suspensions: u32,
+    pub(crate) suspended_for: std::time::Duration,
+    pub(crate) remote: SocketAddr,
+    pub(crate) overflowed: bool,
+}
+
 /// A queued frame.
 #[derive(Debug)]
 enum Frame {
@@ -865,6 +880,75 @@ impl Conn {
         out.rare().suspended = false;
         out.sealed = true;
         true
+    }
+
+    /// Takes a suspended, resumable session out of this node to move it to
+    /// another: like [`Conn::take_suspended`], and returns what its new
+    /// node needs of its outbox. `Busy` while it has a socket (or is still
+    /// being suspended), `Ended` once it has ended.
+    pub(crate) fn take_for_handoff(&self) -> Result<Moving, AttachError> {
+        let mut out = self.out.lock();
+        if out.sealed {
+            return Err(AttachError::Ended);
+        }
+        if !out
+            .rare
+            .as_ref()
+            .is_some_and(|r| r.suspended && r.resumable)
+        {
+            return Err(AttachError::Busy);
+        }
+        out.sealed = true;
+        let rare = out.rare();
+        rare.suspended = false;
+        let o = &rare.outbox;
+        Ok(Moving {
+            last_seq: o.last_seq,
+            trimmed_through: o.trimmed_through(),
+            kept: o.kept_pushes(),
+            origin_seq: o.origin_seq,
+            suspensions: o.suspensions,
+            suspended_for: o.suspended_at.map(|at| at.elapsed()).unwrap_or_default(),
+            remote: rare.remote.unwrap_or(self.remote),
+            overflowed: o.overflowed,
+        })
+    }
+
+    /// Makes a new connection the session that moved here from another
+    /// node: its outbox restored, suspended, resumable.
+    pub(crate) fn restore(&self, moving: Moving, metrics: &Metrics) {
+        let mut out = self.out.lock();
+        let rare = out.rare();
+        rare.outbox.restore(
+            moving.last_seq,
+            moving.trimmed_through,
+            moving.kept,
+            metrics,
+        );
+        rare.outbox.origin_seq = moving.origin_seq;
+        rare.outbox.suspensions = moving.suspensions;
+        rare.outbox.suspended_at = std::time::Instant::now().checked_sub(moving.suspended_for);
+        rare.outbox.overflowed = moving.overflowed;
+        rare.remote = Some(moving.remote);
+        rare.suspended = true;
+        rare.resumable = true;
+    }
+
+    /// Gives the session its own `session-ttl` (the origin's `connect`
+    /// answer, or the node it moved from).
+    pub(crate) fn set_session_ttl(&self, ttl: std::time::Duration) {
+        self.out.lock().rare().outbox.ttl = Some(ttl);
+    }
+
+    /// The session's own `session-ttl`, if it has one.
+    pub(crate) fn session_ttl(&self) -> Option<std::time::Duration> {
+        self.out.lock().rare.as_ref().and_then(|r| r.outbox.ttl)
+    }
+
+    /// Sets when the session started (one that moved here from another node).
+    pub(crate) fn started_at(mut self, at: SystemTime) -> Self {
+        self.connected_at = at;
+        self
     }
 
     /// Whether a client that has every direct message up to `received`

@@ -94,6 +94,8 @@ pub(super) struct Outbox {
     pub(super) suspensions: u32,
     /// When it was last suspended.
     pub(super) suspended_at: Option<std::time::Instant>,
+    /// Its own `session-ttl`, set by the origin's `connect` answer.
+    pub(super) ttl: Option<std::time::Duration>,
 }
 
 impl Outbox {
@@ -116,6 +118,11 @@ impl Outbox {
         metrics.session_outbox_messages.inc();
         metrics.session_outbox_bytes.inc_by(plain.len() as i64);
         plain
+    }
+
+    /// Messages up to this sequence were dropped unacknowledged.
+    pub(super) fn trimmed_through(&self) -> u64 {
+        self.trimmed_through
     }
 
     pub(super) fn over(&self, limits: OutboxLimits) -> bool {
@@ -170,6 +177,35 @@ impl Outbox {
             return Err(AttachError::Trimmed);
         }
         Ok(())
+    }
+
+    /// The kept messages as the `direct` pushes' JSON, oldest first (a
+    /// session moving to another node).
+    pub(super) fn kept_pushes(&self) -> Vec<(u64, Bytes)> {
+        self.kept
+            .iter()
+            .map(|(seq, plain)| (*seq, plain.slice(plain.len() - payload(plain).len()..)))
+            .collect()
+    }
+
+    /// Kept messages and numbering of a session that moved here from
+    /// another node (see [`Outbox::kept_pushes`]).
+    pub(super) fn restore(
+        &mut self,
+        last_seq: u64,
+        trimmed_through: u64,
+        kept: impl IntoIterator<Item = (u64, Bytes)>,
+        metrics: &Metrics,
+    ) {
+        self.last_seq = last_seq;
+        self.trimmed_through = trimmed_through;
+        for (seq, push) in kept {
+            let plain = encode_frame_with(OpCode::Text, false, &push);
+            self.kept_bytes += plain.len();
+            metrics.session_outbox_messages.inc();
+            metrics.session_outbox_bytes.inc_by(plain.len() as i64);
+            self.kept.push_back((seq, plain));
+        }
     }
 
     /// The kept messages after what was released, framed for a socket with

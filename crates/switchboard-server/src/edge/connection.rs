@@ -194,7 +194,7 @@ impl Task {
                         // The session is resuming on a new socket: this one
                         // goes now, with a close frame if it takes one.
                         let _ = self.stream.try_write(&encode_close(req.code, &req.reason));
-                        return Ending::taken_over();
+                        return Ending::kept(&req);
                     }
                     self.start_close(req.code, &req.reason, req.by);
                 }

@@ -866,6 +866,10 @@ async fn resume(
 ) -> Result<Accepted, native::ResumeError> {
     let commands = &shared.commands;
     let deflate = opening.deflate.is_some_and(|d| d.compresses_outbound());
+    // A session held by another node of the cluster comes here first.
+    crate::commands::handoff::pull(commands, token, query_param(&req.query, "received"))
+        .await
+        .map_err(|e| commands.sessions.refused(e))?;
     let (conn, attached) = commands
         .sessions
         .resume(
@@ -1183,14 +1187,18 @@ pub(super) async fn admit(
         transport,
         // Outbound compression: off when the client limited the server window.
         deflate: deflate.is_some_and(|d| d.compresses_outbound()),
-        // A subscribe-only stream recovers by its event ids instead.
+        // A subscribe-only stream recovers by its event ids instead; the
+        // origin may keep a connection from having a session (ttl 0).
         session: shared
             .commands
             .sessions
             .limits()
-            .filter(|_| opening.resumable()),
+            .filter(|_| opening.resumable() && answer.session_ttl_ms != Some(0)),
         max_outbound: cfg.max_outbound_bytes,
     }));
+    if let (Some(ms), Some(_)) = (answer.session_ttl_ms, conn.session) {
+        conn.set_session_ttl(Duration::from_millis(ms).min(crate::sessions::MAX_TTL));
+    }
     if is_native {
         // First, before anything else can be queued.
         conn.push(

@@ -293,18 +293,33 @@ impl Gateway {
         let started = Instant::now();
         let deadline = tokio::time::Instant::now() + shared.config.drain_timeout;
         shared.commands.draining.store(true, Relaxed);
-        // Sessions die with the node: lost sockets end theirs from now on,
+        // In a cluster with other live nodes, sessions move to them: their
+        // clients are closed with 1012 and the session kept, and resume on
+        // another node, which takes the session from here. Otherwise
+        // sessions die with the node: lost sockets end theirs from now on,
         // and the suspended ones end now (each with its `disconnect`).
-        shared.commands.sessions.shut_down();
-        shared.commands.sessions.end_all(false);
+        let hand_over = shared.commands.sessions.enabled()
+            && shared.commands.cluster.get().is_some_and(|c| {
+                c.peers()
+                    .iter()
+                    .any(|p| !p.draining && p.node != shared.commands.node.as_str())
+            });
+        if !hand_over {
+            shared.commands.sessions.shut_down();
+            shared.commands.sessions.end_all(false);
+        }
         drop(client);
-        tracing::info!(connections = shared.registry.len(), "draining");
-        let closed = close_spread(&shared, deadline).await;
+        tracing::info!(connections = shared.registry.len(), hand_over, "draining");
+        let closed = close_spread(&shared, deadline, hand_over).await;
         shared.conn_tasks.close();
         let conns_done = tokio::time::timeout_at(deadline, shared.conn_tasks.wait())
             .await
             .is_ok();
-        // Sessions suspended by a task that ended just as the drain began.
+        if hand_over {
+            hand_over_sessions(&shared, deadline).await;
+        }
+        // Sessions suspended by a task that ended just as the drain began,
+        // and those no other node took.
         shared.commands.sessions.end_all(false);
         stop_background.cancel();
         shared.origin.dispatcher.close();
@@ -353,10 +368,43 @@ fn node_id(config: &Config) -> NodeId {
     }
 }
 
+/// How long a draining node that hands its sessions over waits, after its
+/// last client is closed, for the clients to resume elsewhere (each resume
+/// takes its session from here) before it hands the rest over itself.
+const RESUME_WAIT: Duration = Duration::from_secs(3);
+
+/// Hands the draining node's sessions to the other nodes: those whose
+/// clients resume meanwhile go as they resume, the rest are given to the
+/// other nodes (`commands::handoff::hand_over_all`).
+async fn hand_over_sessions(shared: &Arc<Edge>, deadline: tokio::time::Instant) {
+    let sessions = &shared.commands.sessions;
+    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+    let until = tokio::time::Instant::now() + RESUME_WAIT.min(left / 3);
+    while sessions.suspended_count() > 0 && tokio::time::Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Not cut short: a session given up here is on its way to another node
+    // (each request is bounded by the cluster's forward timeout).
+    let handed = crate::commands::handoff::hand_over_all(&shared.commands).await;
+    // From now on, sessions die with the node.
+    sessions.shut_down();
+    tracing::info!(
+        handed,
+        left = sessions.suspended_count(),
+        "sessions handed over"
+    );
+}
+
 /// Closes every connection with 1012, spread evenly over `drain-spread`:
 /// connection `i` of `n` is closed at `start + spread * i / n` (to a 10 ms
 /// granularity), so a few clients are spread as much as a million.
-pub(crate) async fn close_spread(shared: &Arc<Edge>, deadline: tokio::time::Instant) -> usize {
+/// `keep_sessions`: sessions are kept (suspended) for their clients to
+/// resume on another node.
+pub(crate) async fn close_spread(
+    shared: &Arc<Edge>,
+    deadline: tokio::time::Instant,
+    keep_sessions: bool,
+) -> usize {
     const GRANULARITY: Duration = Duration::from_millis(10);
     let conns = shared.registry.snapshot();
     let total = conns.len();
@@ -367,12 +415,17 @@ pub(crate) async fn close_spread(shared: &Arc<Edge>, deadline: tokio::time::Inst
         if at > tokio::time::Instant::now() + GRANULARITY {
             tokio::time::sleep_until(at).await;
         }
+        let keep = keep_sessions && c.session.is_some();
         c.request_close(CloseRequest {
             code: close::SERVICE_RESTART,
-            reason: "server restart, reconnect".into(),
+            reason: if keep {
+                "server restart, resume on another node".into()
+            } else {
+                "server restart, reconnect".into()
+            },
             by: ClosedBy::Gateway,
             flush_first: true,
-            takeover: false,
+            takeover: keep,
         });
     }
     total

@@ -37,8 +37,13 @@ use switchboard_proto::origin::{ClosedBy, DisconnectEvent, Event, ResumeEvent, S
 use switchboard_proto::ws::close;
 use switchboard_proto::{ConnectionId, NodeId};
 
+mod handoff;
+
 /// Close code of a socket whose session was resumed on a newer one.
 pub(crate) const TAKEN_OVER: u16 = 4009;
+
+/// Longest ttl the origin may give a session (`session_ttl_ms`).
+pub(crate) const MAX_TTL: Duration = Duration::from_secs(24 * 3600);
 
 /// Bytes of a resume token's MAC (before base64).
 const MAC_BYTES: usize = 16;
@@ -77,12 +82,13 @@ impl Ending {
         }
     }
 
-    /// A socket closed because its session resumed on a newer one.
-    pub(crate) fn taken_over() -> Self {
+    /// A socket closed by a request that keeps its session: a takeover (its
+    /// session resumed on a newer socket), or a drain handing it over.
+    pub(crate) fn kept(req: &CloseRequest) -> Self {
         Self {
-            code: TAKEN_OVER,
-            reason: "session resumed on another connection".into(),
-            by: ClosedBy::Client,
+            code: req.code,
+            reason: req.reason.clone(),
+            by: req.by,
             resumable: true,
         }
     }
@@ -119,6 +125,14 @@ pub(crate) struct Sessions {
     /// Suspended sessions and when each expires.
     suspended: Mutex<HashMap<ConnKey, (Arc<Conn>, Instant)>>,
     ended: Mutex<Ended>,
+    /// Resume tokens of the sessions that moved here from other nodes
+    /// (signed with their keys), kept while their ending is remembered.
+    adopted: Mutex<HashMap<ConnKey, Box<str>>>,
+    /// Where the sessions this node gave up went.
+    moved: Mutex<handoff::Moved>,
+    /// Sessions being brought here from another node: commands for them
+    /// wait for them (see [`Sessions::arrival`]).
+    arriving: handoff::Arriving,
     /// The node is shutting down: lost sockets end their sessions.
     closing: AtomicBool,
 }
@@ -142,6 +156,9 @@ impl Sessions {
             key: rand::random(),
             suspended: Mutex::new(HashMap::new()),
             ended: Mutex::new(Ended::default()),
+            adopted: Mutex::new(HashMap::new()),
+            moved: Mutex::new(handoff::Moved::default()),
+            arriving: handoff::Arriving::default(),
             closing: AtomicBool::new(false),
         }
     }
@@ -161,8 +178,17 @@ impl Sessions {
             .filter(|_| self.enabled())
     }
 
+    /// How long `conn`'s session outlives a lost socket: its own ttl (the
+    /// origin's `connect` answer), else `session-ttl`.
+    pub(crate) fn ttl_of(&self, conn: &Conn) -> Duration {
+        conn.session_ttl().unwrap_or(self.config.session_ttl)
+    }
+
     /// The resume token of a session: `<connection id>.<MAC>`.
     pub(crate) fn token(&self, id: &ConnectionId) -> String {
+        if let Some(token) = self.adopted.lock().get(&id.key()) {
+            return token.to_string();
+        }
         format!("{id}.{}", URL_SAFE_NO_PAD.encode(self.mac(id)))
     }
 
@@ -186,11 +212,25 @@ impl Sessions {
         let invalid = || refusal(ResumeCode::SessionInvalid, "not a resume token");
         let (id, mac) = token.rsplit_once('.').ok_or_else(invalid)?;
         let id = ConnectionId::parse(id).map_err(|_| invalid())?;
+        if let Some(known) = self.adopted.lock().get(&id.key()) {
+            // A session that moved here from another node.
+            return if bool::from(subtle::ConstantTimeEq::ct_eq(
+                known.as_bytes(),
+                token.as_bytes(),
+            )) {
+                Ok(id)
+            } else {
+                Err(refusal(
+                    ResumeCode::SessionInvalid,
+                    "the resume token was not issued by this gateway",
+                ))
+            };
+        }
         if id.node() != self.node.as_str() {
             return Err(refusal(
                 ResumeCode::SessionUnknown,
                 format!(
-                    "the session was held by node {}; sessions resume on the node that holds them",
+                    "no such session here (it was started by node {})",
                     id.node()
                 ),
             ));
@@ -233,7 +273,8 @@ impl Sessions {
     fn suspend(&self, conn: &Arc<Conn>, ending: &Ending, origin_seq: u64) {
         let suspension = conn.suspend(origin_seq, &self.metrics);
         self.channels.suspend(conn, &self.metrics);
-        let expires = Instant::now() + self.config.session_ttl;
+        let ttl = self.ttl_of(conn);
+        let expires = Instant::now() + ttl;
         self.suspended
             .lock()
             .insert(conn.key, (conn.clone(), expires));
@@ -249,7 +290,7 @@ impl Sessions {
                     timestamp_ms: now_ms(),
                     user_id: conn.user_id.as_deref().map(str::to_owned),
                     reason: ending.reason.clone(),
-                    expires_at_ms: now_ms() + self.config.session_ttl.as_millis() as u64,
+                    expires_at_ms: now_ms() + ttl.as_millis() as u64,
                 }),
             );
         }
@@ -312,6 +353,7 @@ impl Sessions {
         {
             let (_, old) = ended.order.pop_front().expect("not empty");
             ended.why.remove(&old);
+            self.adopted.lock().remove(&old);
         }
         ended.why.insert(key, code);
         ended.order.push_back((now, key));
@@ -574,6 +616,18 @@ impl Sessions {
             ),
             None => refusal(ResumeCode::SessionUnknown, "no such session"),
         }
+    }
+
+    /// Counts a resume refused before it reached this node's sessions (by
+    /// the node that held it), and returns the refusal.
+    pub(crate) fn refused(&self, e: ResumeError) -> ResumeError {
+        self.metrics
+            .session_resumes
+            .get_or_create(&ResultLabel {
+                result: e.code.as_str(),
+            })
+            .inc();
+        e
     }
 
     /// Tells the origin a session resumed (`session-events` only).

@@ -247,7 +247,7 @@ impl Task {
             } = &self.down
             {
                 if !pending.is_empty() {
-                    return Some(Ending::taken_over());
+                    return Some(Ending::kept(&req));
                 }
                 let mut out = BytesMut::new();
                 events::put_event(
@@ -258,7 +258,7 @@ impl Task {
                 );
                 let _ = stream.try_write(&out);
             }
-            return Some(Ending::taken_over());
+            return Some(Ending::kept(&req));
         }
         self.close(req.code, &req.reason, req.by);
         None

@@ -1,0 +1,343 @@
+//! Sessions across a cluster: a resume that reaches another node than the
+//! one holding its session pulls the session over ([`pull`]); a draining
+//! node hands the sessions nobody resumed to the other nodes
+//! ([`hand_over_all`]); and commands for a connection that is not where its
+//! id says are sent where it moved ([`locate`]). `sessions::handoff` does
+//! the local half (giving up, adopting); `docs/sessions.md` is the
+//! specification.
+
+use super::control::{forward, ApiError};
+use super::Commands;
+use futures_util::StreamExt as _;
+use hyper::StatusCode;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+use switchboard_backend::CommandReply;
+use switchboard_proto::control::{
+    Command, ConnectionRef, Delivery, SendCommand, SendResponse, SessionState, SessionTake,
+};
+use switchboard_proto::native::{ResumeCode, ResumeError};
+use switchboard_proto::origin::Payload;
+use switchboard_proto::ConnectionId;
+
+/// Most ids of one batch looked for on every node when their node did not
+/// know them: each costs a request to every node.
+const MAX_RELOCATED: usize = 64;
+
+/// Most bytes of a session's state a node answers with: under NATS's
+/// default `max_payload` (1 MiB), which a reply over it would not get
+/// through (a request over it is refused before it is sent: 413).
+const MAX_STATE_BYTES: usize = 768 * 1024;
+
+/// Sessions a draining node hands over at once.
+const HANDOVER_CONCURRENCY: usize = 64;
+
+/// Runs [`Command::SessionTake`] here: gives up the session to the asking
+/// node, within half the time that node waits for the answer.
+pub(super) async fn take(s: &Commands, t: SessionTake) -> CommandReply {
+    let wait = s
+        .cluster
+        .get()
+        .map_or(Duration::from_secs(2), |c| c.forward_timeout() / 2);
+    let deadline = tokio::time::Instant::now() + wait;
+    match s
+        .sessions
+        .give_up(&t.token, t.received, &t.node, deadline)
+        .await
+    {
+        Ok(state) => match movable(s, state) {
+            Ok(body) => CommandReply {
+                status: 200,
+                body: body.into(),
+            },
+            Err(e) => refusal_reply(&e),
+        },
+        Err(e) => refusal_reply(&e),
+    }
+}
+
+/// The JSON of a session given up here, if it fits in one message of the
+/// bus; otherwise the session is kept here again (suspended: it ends with
+/// its ttl) and the refusal says so.
+fn movable(s: &Commands, state: SessionState) -> Result<Vec<u8>, ResumeError> {
+    let body = serde_json::to_vec(&state).expect("states serialize");
+    if body.len() <= MAX_STATE_BYTES {
+        return Ok(body);
+    }
+    Err(keep_here(s, state))
+}
+
+/// Keeps a session given up here that cannot move (too large for the bus):
+/// suspended here again, it ends with its ttl or the drain.
+fn keep_here(s: &Commands, state: SessionState) -> ResumeError {
+    s.metrics
+        .session_handoffs
+        .get_or_create(&crate::metrics::ResultLabel {
+            result: "too_large",
+        })
+        .inc();
+    tracing::warn!(connection = %state.connection_id, "a session too large to move between nodes stays here");
+    if let Err(e) = s.sessions.adopt(state) {
+        return e;
+    }
+    ResumeError {
+        code: ResumeCode::SessionClosed,
+        message: format!(
+            "the session keeps more direct messages than can move between nodes; it stays on node {}",
+            s.node
+        ),
+    }
+}
+
+/// Runs [`Command::SessionGive`] here: keeps the session for its client.
+pub(super) fn give(s: &Commands, state: Box<SessionState>) -> CommandReply {
+    match s.sessions.adopt(*state) {
+        Ok(_) => CommandReply {
+            status: 200,
+            body: b"{}".to_vec().into(),
+        },
+        Err(e) => refusal_reply(&e),
+    }
+}
+
+fn refusal_reply(e: &ResumeError) -> CommandReply {
+    let status = match e.code {
+        ResumeCode::SessionUnknown => StatusCode::NOT_FOUND,
+        _ => StatusCode::CONFLICT,
+    };
+    ApiError::new(status, e.code.as_str(), e.message.clone()).into()
+}
+
+/// What a node answered a [`Command::SessionTake`].
+enum Taken {
+    Got(Box<SessionState>),
+    Refused(ResumeError),
+    /// It does not hold the session (or could not be asked).
+    NotThere(String),
+}
+
+async fn ask(s: &Commands, node: &str, take: &Command) -> Taken {
+    let reply = forward(s, node, take).await;
+    if reply.status == 200 {
+        return match serde_json::from_slice::<SessionState>(&reply.body) {
+            Ok(state) => Taken::Got(Box::new(state)),
+            Err(e) => Taken::NotThere(format!("node {node} answered an unreadable session: {e}")),
+        };
+    }
+    let body: serde_json::Value = serde_json::from_slice(&reply.body).unwrap_or_default();
+    let message = body["message"].as_str().unwrap_or_default().to_owned();
+    match serde_json::from_value::<ResumeCode>(body["code"].clone()) {
+        Ok(ResumeCode::SessionUnknown) | Err(_) => Taken::NotThere(message),
+        Ok(code) => Taken::Refused(ResumeError { code, message }),
+    }
+}
+
+/// Brings the session named by `token` here from the node holding it, for
+/// a resume on this node: `Ok` when it is here now, or when there is
+/// nothing to bring (no cluster, held here already, a token the local
+/// resume refuses anyway, or no node holds it: the local resume answers
+/// `session_unknown`). A refusal of the holder (expired, closed, outbox
+/// overflow, `received` ahead) is the resume's refusal.
+pub(crate) async fn pull(
+    s: &Arc<Commands>,
+    token: &str,
+    received: Option<&str>,
+) -> Result<(), ResumeError> {
+    let Some(cluster) = s.cluster.get() else {
+        return Ok(());
+    };
+    if !s.sessions.enabled() || s.sessions.holds(token) {
+        return Ok(());
+    }
+    let Some(id) = token
+        .rsplit_once('.')
+        .and_then(|(id, _)| ConnectionId::parse(id).ok())
+    else {
+        return Ok(());
+    };
+    let Ok(received) = received.map_or(Ok(0), str::parse::<u64>) else {
+        return Ok(());
+    };
+    // Commands for it wait for it here from now on.
+    let Some(_arrival) = s.sessions.arrival(id.key()) else {
+        // Another resume is bringing it: this one takes it over here.
+        s.sessions
+            .arrived(&id.key(), cluster.forward_timeout())
+            .await;
+        return Ok(());
+    };
+    let take = Command::SessionTake(SessionTake {
+        token: token.to_owned(),
+        received,
+        node: s.node.to_string(),
+    });
+    // Where it was last seen, else the node that started it; then every
+    // other node.
+    let first = s
+        .sessions
+        .moved_to(&id.key())
+        .or_else(|| (id.node() != s.node.as_str()).then(|| id.node().to_owned()));
+    if let Some(node) = &first {
+        match ask(s, node, &take).await {
+            Taken::Got(state) => return adopt(s, *state),
+            Taken::Refused(e) => return Err(e),
+            Taken::NotThere(why) => {
+                tracing::debug!(connection = %id, %node, %why, "session not on its last node");
+            }
+        }
+    }
+    let others: Vec<String> = cluster
+        .peers()
+        .into_iter()
+        .map(|p| p.node)
+        .filter(|n| Some(n) != first.as_ref() && n != s.node.as_str())
+        .collect();
+    let answers = futures_util::future::join_all(others.iter().map(|n| ask(s, n, &take))).await;
+    let mut refused = None;
+    for answer in answers {
+        match answer {
+            Taken::Got(state) => return adopt(s, *state),
+            Taken::Refused(e) => refused = refused.or(Some(e)),
+            Taken::NotThere(why) => {
+                tracing::debug!(connection = %id, %why, "session not on this node");
+            }
+        }
+    }
+    refused.map_or(Ok(()), Err)
+}
+
+fn adopt(s: &Commands, state: SessionState) -> Result<(), ResumeError> {
+    let id = state.connection_id.clone();
+    s.sessions.adopt(state).map(drop).inspect_err(|e| {
+        // Given up there, not kept here: it has ended.
+        tracing::warn!(connection = %id, error = %e.message, "a session taken from another node could not be kept");
+        if let Ok(id) = ConnectionId::parse(&id) {
+            s.sessions.void_disconnect(&id, "session lost in a handoff");
+        }
+    })
+}
+
+/// The node holding connection `id` (not this one, nor `asked`, which did
+/// not know it): the first node of the cluster that answers for it.
+pub(super) async fn locate(s: &Commands, id: &str, asked: Option<&str>) -> Option<String> {
+    let cluster = s.cluster.get()?;
+    if !s.sessions.enabled() {
+        return None;
+    }
+    let info = Command::Info(ConnectionRef {
+        connection_id: id.to_owned(),
+    });
+    let others: Vec<String> = cluster
+        .peers()
+        .into_iter()
+        .map(|p| p.node)
+        .filter(|n| Some(n.as_str()) != asked && n != s.node.as_str())
+        .collect();
+    let answers = futures_util::future::join_all(others.iter().map(|n| forward(s, n, &info))).await;
+    others
+        .into_iter()
+        .zip(answers)
+        .find(|(_, reply)| reply.status == 200)
+        .map(|(node, _)| node)
+}
+
+/// Sends again, where they are now, the messages of a batch that their
+/// connections' nodes answered `unknown` for (at most [`MAX_RELOCATED`]
+/// connections; the others stay `unknown`), each connection's in order.
+pub(super) async fn relocate_unknown(
+    s: &Commands,
+    results: &mut [BTreeMap<String, Delivery>],
+    payloads: &[Payload],
+) {
+    let mut unknown: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+    for (i, r) in results.iter().enumerate() {
+        for (id, d) in r {
+            if *d == Delivery::Unknown
+                && (unknown.len() < MAX_RELOCATED || unknown.contains_key(id))
+            {
+                unknown.entry(id.clone()).or_default().push(i);
+            }
+        }
+    }
+    let found = unknown.into_iter().map(|(id, messages)| async move {
+        let mut out = Vec::new();
+        let Some(node) = locate(s, &id, None).await else {
+            return out;
+        };
+        for i in messages {
+            let cmd = Command::Send(SendCommand {
+                connection_id: id.clone(),
+                payload: payloads[i].clone(),
+            });
+            let reply = forward(s, &node, &cmd).await;
+            let status = (reply.status == 200)
+                .then(|| serde_json::from_slice::<SendResponse>(&reply.body).ok())
+                .flatten()
+                .map_or(Delivery::Unknown, |r| r.status);
+            out.push((i, id.clone(), status));
+        }
+        out
+    });
+    for (i, id, status) in futures_util::future::join_all(found)
+        .await
+        .into_iter()
+        .flatten()
+    {
+        results[i].insert(id, status);
+    }
+}
+
+/// A draining node's sessions that no resume has taken yet: each is given
+/// to another live node (in turn), which keeps it, suspended, for its
+/// client. Returns how many were handed over; a session no node took stays
+/// here, and ends with the drain.
+pub(crate) async fn hand_over_all(s: &Commands) -> usize {
+    let Some(cluster) = s.cluster.get() else {
+        return 0;
+    };
+    let nodes: Vec<String> = cluster
+        .peers()
+        .into_iter()
+        .filter(|p| !p.draining && p.node != s.node.as_str())
+        .map(|p| p.node)
+        .collect();
+    if nodes.is_empty() {
+        return 0;
+    }
+    let sessions = s.sessions.suspended_sessions();
+    let gives = sessions.into_iter().enumerate().map(|(i, conn)| {
+        let node = nodes[i % nodes.len()].clone();
+        async move {
+            let state = s.sessions.give_up_suspended(&conn, &node)?;
+            let give = Command::SessionGive(Box::new(state));
+            let reply = forward(s, &node, &give).await;
+            if reply.status == 200 {
+                return Some(());
+            }
+            if reply.status == 413 {
+                // Too large to move (not sent): kept here, it ends with the
+                // drain.
+                if let Command::SessionGive(state) = give {
+                    keep_here(s, *state);
+                }
+                return None;
+            }
+            // Given up here, not kept there: it has ended.
+            tracing::warn!(connection = %conn.id, %node, status = reply.status, "a draining node's session was not taken");
+            s.metrics
+                .session_handoffs
+                .get_or_create(&crate::metrics::ResultLabel { result: "failed" })
+                .inc();
+            s.sessions
+                .void_disconnect(&conn.id, "session lost in a handoff");
+            None
+        }
+    });
+    let handed = futures_util::stream::iter(gives)
+        .buffer_unordered(HANDOVER_CONCURRENCY)
+        .filter_map(std::future::ready)
+        .count()
+        .await;
+    handed
+}

@@ -1,0 +1,494 @@
+//! Sessions across a cluster (docs/sessions.md, "In a cluster"), end to end:
+//! a test-started `nats-server` with JetStream, three real `switchboard`
+//! processes on it, a recording HTTP origin, Rust SDK clients behind a
+//! round-robin TCP balancer (no sticky sessions: each reconnect lands on
+//! the next node), and the origin's numbered direct messages and a
+//! publisher's numbered channel messages running throughout.
+//!
+//! What it proves:
+//! - a session resumes on whichever node its client reaches: the node takes
+//!   it from the one holding it (same connection id, its kept direct
+//!   messages, its channels), while commands sent to its id on any node
+//!   follow it; a node that dies meanwhile (SIGKILL, the session elsewhere,
+//!   the connection id naming it) changes nothing;
+//! - a rolling restart (SIGTERM each node in turn, started again under the
+//!   same id) loses nothing: the draining node closes its clients with 1012
+//!   keeping their sessions, and they resume on the other nodes;
+//! - in both, every client ends with every direct message and every channel
+//!   message exactly once and in order, never a new session, and the origin
+//!   sees one `connect` and, when the client closes, one `disconnect` per
+//!   session.
+//!
+//! Every wait and load loop is bounded.
+
+mod common;
+
+use common::{start_node, wait_member_ids, Node, FORM};
+use serde_json::json;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use switchboard_client::{Client, ClientEvent, SubscriptionEvent};
+use switchboard_test_util::nats::NatsServer;
+use switchboard_test_util::TestOrigin;
+
+/// Channels with history kept in JetStream (recovery on any node).
+const ROOM: &str = "room:history-size=10000,history-ttl=10m,subscribe,publish";
+/// Bound of the whole traffic of a test, and of its last deliveries.
+const RUN: Duration = Duration::from_secs(60);
+
+// ---------------------------------------------------------------------------
+// Harness
+// ---------------------------------------------------------------------------
+
+/// A TCP load balancer: each new connection goes to the next backend that
+/// accepts it, round robin; [`Balancer::cut`] drops every connection
+/// through it at once (no close frame: the sessions are lost sockets).
+struct Balancer {
+    addr: SocketAddr,
+    backends: Arc<Mutex<Vec<SocketAddr>>>,
+    cut: Arc<tokio::sync::watch::Sender<u64>>,
+}
+
+impl Balancer {
+    async fn start(backends: Vec<SocketAddr>) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let backends = Arc::new(Mutex::new(backends));
+        let cut = Arc::new(tokio::sync::watch::Sender::new(0u64));
+        let (list, gen) = (backends.clone(), cut.clone());
+        let next = Arc::new(AtomicUsize::new(0));
+        tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                let (list, next) = (list.clone(), next.clone());
+                let mut cut = gen.subscribe();
+                tokio::spawn(async move {
+                    let targets = list.lock().unwrap().clone();
+                    let start = next.fetch_add(1, Ordering::Relaxed);
+                    let mut outbound = None;
+                    for i in 0..targets.len() {
+                        let t = targets[(start + i) % targets.len()];
+                        if let Ok(s) = tokio::net::TcpStream::connect(t).await {
+                            outbound = Some(s);
+                            break;
+                        }
+                    }
+                    let Some(mut outbound) = outbound else {
+                        return;
+                    };
+                    cut.borrow_and_update();
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = cut.changed() => {}
+                    }
+                });
+            }
+        });
+        Self {
+            addr,
+            backends,
+            cut,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("ws://{}/app", self.addr)
+    }
+
+    fn set_backends(&self, backends: Vec<SocketAddr>) {
+        *self.backends.lock().unwrap() = backends;
+    }
+
+    fn cut(&self) {
+        self.cut.send_modify(|g| *g += 1);
+    }
+}
+
+/// Control API addresses the test's senders may use (not a node about to
+/// be stopped: a request cut short would leave its outcome unknown).
+#[derive(Clone, Default)]
+struct Targets(Arc<Mutex<Vec<SocketAddr>>>);
+
+impl Targets {
+    fn set(&self, addrs: Vec<SocketAddr>) {
+        *self.0.lock().unwrap() = addrs;
+    }
+
+    fn pick(&self, i: usize) -> SocketAddr {
+        let all = self.0.lock().unwrap();
+        all[i % all.len()]
+    }
+}
+
+/// `POST path` on one of `targets`' control APIs, retried on the next one
+/// while it cannot connect; the answer's status and JSON body.
+async fn post(
+    targets: &Targets,
+    i: usize,
+    path: &str,
+    body: &serde_json::Value,
+) -> (u16, serde_json::Value) {
+    let http = reqwest::Client::new();
+    for attempt in 0..20 {
+        let addr = targets.pick(i + attempt);
+        match http
+            .post(format!("http://{addr}{path}"))
+            .json(body)
+            .timeout(Duration::from_secs(10))
+            .send()
+            .await
+        {
+            Ok(r) => {
+                let status = r.status().as_u16();
+                return (status, r.json().await.unwrap_or_default());
+            }
+            Err(e) if e.is_connect() => tokio::time::sleep(Duration::from_millis(50)).await,
+            Err(e) => panic!("POST {path} on {addr}: {e}"),
+        }
+    }
+    panic!("POST {path}: no node to send to");
+}
+
+/// Sends `n` numbered direct messages (`d1` …) to each of `ids` in turn,
+/// through the `targets`, each answered `delivered` or `queued`.
+async fn send_directs(targets: Targets, ids: Vec<String>, n: usize, pace: Duration) {
+    for i in 1..=n {
+        for (k, id) in ids.iter().enumerate() {
+            let body = json!({ "text": format!("d{i}") });
+            let (status, r) = post(
+                &targets,
+                i + k,
+                &format!("/v1/connections/{id}/messages"),
+                &body,
+            )
+            .await;
+            assert!(
+                status == 200 && (r["status"] == "delivered" || r["status"] == "queued"),
+                "direct d{i} to {id}: {status} {r}"
+            );
+        }
+        tokio::time::sleep(pace).await;
+    }
+}
+
+/// Publishes `n` numbered messages (`c1` …) on `channel` through the
+/// `targets` (idempotent: a retried publish is not published twice).
+async fn publish(targets: Targets, channel: String, n: usize, pace: Duration) {
+    for i in 1..=n {
+        let body = json!({ "text": format!("c{i}"), "idempotency_key": format!("c{i}") });
+        let (status, r) = post(
+            &targets,
+            i,
+            &format!("/v1/channels/{channel}/messages"),
+            &body,
+        )
+        .await;
+        assert_eq!(status, 200, "publish c{i}: {r}");
+        tokio::time::sleep(pace).await;
+    }
+}
+
+/// What one SDK client received: direct messages (seq, text) and channel
+/// messages, in order, and every new session it had to start.
+#[derive(Default)]
+struct Received {
+    directs: Vec<(u64, String)>,
+    channel: Vec<String>,
+    restarted: Vec<String>,
+    resumed_on: Vec<String>,
+}
+
+/// An SDK client through `balancer`, subscribed to `channel`; collects
+/// what it receives until `stop`.
+async fn sdk_client(
+    url: &str,
+    channel: &str,
+    stop: Arc<AtomicBool>,
+) -> (Client, String, Arc<Mutex<Received>>) {
+    let client = Client::builder(url)
+        .backoff_initial(Duration::from_millis(20))
+        .backoff_max(Duration::from_millis(200))
+        .connect()
+        .unwrap();
+    let mut events = client.events();
+    tokio::time::timeout(Duration::from_secs(10), client.wait_connected())
+        .await
+        .expect("connected in time")
+        .expect("connects");
+    let id = client.client_id().unwrap();
+    let mut sub = client.subscribe(channel).await.unwrap();
+    let got = Arc::new(Mutex::new(Received::default()));
+    let g = got.clone();
+    let stop2 = stop.clone();
+    tokio::spawn(async move {
+        while !stop2.load(Ordering::Relaxed) {
+            let Ok(Some(e)) = tokio::time::timeout(Duration::from_millis(100), events.recv()).await
+            else {
+                continue;
+            };
+            let mut g = g.lock().unwrap();
+            match e {
+                ClientEvent::Direct(m) => g
+                    .directs
+                    .push((m.seq.unwrap_or(0), m.text().unwrap_or_default().to_owned())),
+                ClientEvent::Restarted {
+                    client_id, error, ..
+                } => g.restarted.push(format!("{client_id}: {error:?}")),
+                ClientEvent::Resumed { node, .. } => g.resumed_on.push(node),
+                _ => {}
+            }
+        }
+    });
+    let g = got.clone();
+    tokio::spawn(async move {
+        while !stop.load(Ordering::Relaxed) {
+            let Ok(Some(e)) = tokio::time::timeout(Duration::from_millis(100), sub.recv()).await
+            else {
+                continue;
+            };
+            match e {
+                SubscriptionEvent::Message(m) => g
+                    .lock()
+                    .unwrap()
+                    .channel
+                    .push(m.text().unwrap_or_default().to_owned()),
+                SubscriptionEvent::Gap { .. } => g.lock().unwrap().channel.push("GAP".into()),
+                _ => {}
+            }
+        }
+    });
+    (client, id, got)
+}
+
+fn numbered(prefix: &str, n: usize) -> Vec<String> {
+    (1..=n).map(|i| format!("{prefix}{i}")).collect()
+}
+
+/// Waits (within [`RUN`]) until `got` holds `n` direct and `n` channel
+/// messages, then checks they are exactly the numbered ones, in order, with
+/// consecutive sequences, and that no new session was started.
+async fn expect_everything(who: &str, got: &Mutex<Received>, n: usize) {
+    let deadline = tokio::time::Instant::now() + RUN;
+    loop {
+        let (d, c, restarted, resumed_on) = {
+            let g = got.lock().unwrap();
+            (
+                g.directs.len(),
+                g.channel.len(),
+                g.restarted.clone(),
+                g.resumed_on.clone(),
+            )
+        };
+        if d >= n && c >= n {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{who}: {d} direct and {c} channel messages of {n} after {RUN:?}; \
+             new sessions {restarted:?}, resumed on {resumed_on:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Nothing more (no duplicate) comes after.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let g = got.lock().unwrap();
+    assert!(
+        g.restarted.is_empty(),
+        "{who} started new sessions: {:?}",
+        g.restarted
+    );
+    let texts: Vec<String> = g.directs.iter().map(|(_, t)| t.clone()).collect();
+    assert_eq!(texts, numbered("d", n), "{who}: direct messages");
+    let seqs: Vec<u64> = g.directs.iter().map(|(s, _)| *s).collect();
+    assert_eq!(seqs, (1..=n as u64).collect::<Vec<_>>(), "{who}: sequences");
+    assert_eq!(g.channel, numbered("c", n), "{who}: channel messages");
+}
+
+/// The origin saw exactly one `connect` for `id` and no `disconnect` yet.
+fn one_connect_no_disconnect(origin: &TestOrigin, id: &str) {
+    let connects = origin
+        .connects()
+        .iter()
+        .filter(|c| c.connection_id == id)
+        .count();
+    assert_eq!(connects, 1, "connects of {id}");
+    assert_eq!(
+        origin.disconnects_of(id).len(),
+        0,
+        "disconnects of {id}: {:?}",
+        origin.disconnects_of(id)
+    );
+}
+
+async fn node(id: &str, nats: &NatsServer, origin: &TestOrigin, prefix: &str) -> Node {
+    let url = origin.url();
+    start_node(
+        id,
+        &nats.url(),
+        prefix,
+        &["--origin", url.as_str(), "--namespace", ROOM],
+    )
+    .await
+}
+
+// ---------------------------------------------------------------------------
+// Tests
+// ---------------------------------------------------------------------------
+
+/// One client's socket is cut 15 times while the origin sends it 1,000
+/// numbered direct messages and a publisher publishes 1,000 numbered
+/// channel messages; each reconnect lands on the next node, so the session
+/// moves from node to node. Its connection id names node `c`, which is
+/// SIGKILLed midway (the session elsewhere): commands still reach it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_moves_from_node_to_node_with_nothing_lost_or_repeated() {
+    const N: usize = 1000;
+    let nats = NatsServer::start(true);
+    let origin = TestOrigin::start(None).await;
+    let (a, b, mut c) = tokio::join!(
+        node("a", &nats, &origin, "moves"),
+        node("b", &nats, &origin, "moves"),
+        node("c", &nats, &origin, "moves"),
+    );
+    wait_member_ids(&[&a, &b, &c], &["a", "b", "c"], FORM).await;
+    // Started on c, so that its id names c.
+    let balancer = Balancer::start(vec![c.listen]).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let (client, id, got) = sdk_client(&balancer.url(), "room:moves", stop.clone()).await;
+    assert!(id.starts_with("c."), "{id}");
+    balancer.set_backends(vec![a.listen, b.listen, c.listen]);
+
+    let targets = Targets::default();
+    targets.set(vec![a.control, b.control]);
+    let pace = Duration::from_millis(4);
+    let directs = tokio::spawn(send_directs(targets.clone(), vec![id.clone()], N, pace));
+    let channel = tokio::spawn(publish(targets.clone(), "room:moves".into(), N, pace));
+
+    for cut in 0..15 {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        if cut == 7 {
+            // c leaves the balancer; once the session is elsewhere, it dies.
+            balancer.set_backends(vec![a.listen, b.listen]);
+            balancer.cut();
+            common::poll(
+                Duration::from_secs(10),
+                "the session off node c",
+                || async {
+                    let r = a.get(&format!("/v1/connections/{id}")).await;
+                    let node = r.json()["node"].as_str().unwrap_or_default().to_owned();
+                    if r.status == 200 && node != "c" && r.json()["suspended"] == false {
+                        Ok(())
+                    } else {
+                        Err(r.body)
+                    }
+                },
+            )
+            .await;
+            c.kill9().await;
+            continue;
+        }
+        balancer.cut();
+    }
+    tokio::time::timeout(RUN, directs)
+        .await
+        .expect("directs sent in time")
+        .unwrap();
+    tokio::time::timeout(RUN, channel)
+        .await
+        .expect("published in time")
+        .unwrap();
+    expect_everything("the client", &got, N).await;
+    let resumed_on = got.lock().unwrap().resumed_on.clone();
+    assert!(
+        resumed_on.iter().any(|n| n == "a") && resumed_on.iter().any(|n| n == "b"),
+        "resumed on both a and b: {resumed_on:?}"
+    );
+    one_connect_no_disconnect(&origin, &id);
+
+    client.close().await;
+    let d = origin.wait_disconnect(&id).await;
+    assert_eq!(
+        d.closed_by,
+        switchboard_proto::origin::ClosedBy::Client,
+        "{d:?}"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(origin.disconnects_of(&id).len(), 1);
+    stop.store(true, Ordering::Relaxed);
+}
+
+/// A rolling restart: each node in turn is taken out of the balancer,
+/// SIGTERMed, started again under the same id and put back, while four
+/// clients get numbered direct messages and channel messages. Nothing is
+/// lost or repeated, no client starts a new session, and the origin sees
+/// one `connect` per session and no `disconnect` until the clients close.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolling_restart_loses_nothing() {
+    const N: usize = 300;
+    const CLIENTS: usize = 4;
+    let nats = NatsServer::start(true);
+    let origin = TestOrigin::start(None).await;
+    let (a, b, c) = tokio::join!(
+        node("a", &nats, &origin, "rolling"),
+        node("b", &nats, &origin, "rolling"),
+        node("c", &nats, &origin, "rolling"),
+    );
+    wait_member_ids(&[&a, &b, &c], &["a", "b", "c"], FORM).await;
+    let mut nodes = vec![a, b, c];
+    let balancer = Balancer::start(nodes.iter().map(|n| n.listen).collect()).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut clients = Vec::new();
+    for _ in 0..CLIENTS {
+        clients.push(sdk_client(&balancer.url(), "room:rolling", stop.clone()).await);
+    }
+    let ids: Vec<String> = clients.iter().map(|(_, id, _)| id.clone()).collect();
+    let targets = Targets::default();
+    targets.set(nodes.iter().map(|n| n.control).collect());
+    let pace = Duration::from_millis(25);
+    let directs = tokio::spawn(send_directs(targets.clone(), ids.clone(), N, pace));
+    let channel = tokio::spawn(publish(targets.clone(), "room:rolling".into(), N, pace));
+
+    for k in 0..nodes.len() {
+        let name = nodes[k].node.clone();
+        let others = |nodes: &[Node], f: fn(&Node) -> SocketAddr| -> Vec<SocketAddr> {
+            nodes.iter().filter(|n| n.node != name).map(f).collect()
+        };
+        balancer.set_backends(others(&nodes, |n| n.listen));
+        targets.set(others(&nodes, |n| n.control));
+        let status = nodes[k].sigterm().await;
+        assert!(
+            status.success(),
+            "node {name} drained and exited: {status:?}"
+        );
+        let log = nodes[k].final_log().await;
+        assert!(log.contains("sessions handed over"), "{log}");
+        let again = node(&name, &nats, &origin, "rolling").await;
+        nodes[k] = again;
+        let refs: Vec<&Node> = nodes.iter().collect();
+        wait_member_ids(&refs, &["a", "b", "c"], FORM).await;
+        balancer.set_backends(nodes.iter().map(|n| n.listen).collect());
+        targets.set(nodes.iter().map(|n| n.control).collect());
+    }
+    tokio::time::timeout(RUN, directs)
+        .await
+        .expect("directs sent in time")
+        .unwrap();
+    tokio::time::timeout(RUN, channel)
+        .await
+        .expect("published in time")
+        .unwrap();
+    for (i, (_, id, got)) in clients.iter().enumerate() {
+        expect_everything(&format!("client {i} ({id})"), got, N).await;
+        one_connect_no_disconnect(&origin, id);
+    }
+    for (client, id, _) in &clients {
+        client.close().await;
+        origin.wait_disconnect(id).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for id in &ids {
+        assert_eq!(origin.disconnects_of(id).len(), 1, "one disconnect of {id}");
+    }
+    stop.store(true, Ordering::Relaxed);
+}
