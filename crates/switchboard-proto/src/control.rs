@@ -267,6 +267,9 @@ pub struct SessionTake {
     pub received: u64,
     /// The node taking the session (commands for it go there afterwards).
     pub node: String,
+    /// Sent on by a node the session had left: not to be sent further.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub forwarded: bool,
 }
 
 /// A session moving from one node to another, suspended: everything a node

@@ -13,6 +13,10 @@
 //! 5. `--resumes` of the sessions resume one after the other with
 //!    `received=0`: the time from starting the TCP connection to the first
 //!    recovered direct message, as percentiles.
+//! 6. Across nodes (`--cross-node-resumes`, 0 to skip): nats-server and two
+//!    nodes `a` and `b`; sessions opened on `a`, suspended, given one direct
+//!    message each, then resumed one after the other on `b` (which takes
+//!    each from `a`), timed the same way.
 
 use crate::measure::{self, human_bytes, Percentiles, Table};
 use crate::servers::{Api, Gateway};
@@ -38,6 +42,10 @@ pub(crate) struct Args {
     /// Handshakes in flight at once.
     #[arg(long, default_value_t = 200)]
     parallel: usize,
+    /// Sessions opened on one node of a two-node cluster and resumed on the
+    /// other (0: skip).
+    #[arg(long, default_value_t = 1_000)]
+    cross_node_resumes: usize,
 }
 
 type Ws =
@@ -71,6 +79,67 @@ async fn next_json(ws: &mut Ws) -> Result<Value, String> {
             return serde_json::from_str(&t).map_err(|e| e.to_string());
         }
     }
+}
+
+/// Opens `--cross-node-resumes` sessions on node `a` of a two-node
+/// cluster, suspends them with one direct message each, and resumes each on
+/// node `b`: percentiles of the time to the first recovered message.
+async fn cross_node(
+    opts: &Opts,
+    a: &Args,
+    problems: &mut Vec<String>,
+) -> Result<Percentiles, String> {
+    let api = Api::new();
+    let args = ["--session-ttl".to_owned(), "10m".to_owned()];
+    let cluster = crate::servers::Cluster::start(opts, 2, false, &args).await?;
+    let (na, nb) = (&cluster.nodes[0], &cluster.nodes[1]);
+    let control = na.control.ok_or("no control listener")?;
+    let url_a = format!("ws://{}/", na.addr);
+    let url_b = format!("ws://{}/", nb.addr);
+    let mut clients = Vec::new();
+    let mut sockets = Vec::new();
+    let mut pending = futures_util::stream::iter((0..a.cross_node_resumes).map(|_| open(&url_a)))
+        .buffer_unordered(a.parallel);
+    while let Some(r) = pending.next().await {
+        let (ws, first) = r?;
+        let id = first["client"].as_str().ok_or("no client id")?.to_owned();
+        let session = first["session"].as_str().ok_or("no session")?.to_owned();
+        clients.push((id, session));
+        sockets.push(ws);
+    }
+    drop(pending);
+    drop(sockets);
+    wait_stat(&api, na, "sessions_suspended", clients.len() as u64).await?;
+    let ids: Vec<&str> = clients.iter().map(|(id, _)| id.as_str()).collect();
+    let body = json!({"messages": [{"connection_ids": ids, "text": "message-00000000"}]});
+    let status = api
+        .post(
+            &format!("http://{control}/v1/messages"),
+            body.to_string(),
+            true,
+        )
+        .await?;
+    if status != 200 {
+        return Err(format!("POST /v1/messages: {status}"));
+    }
+    let mut h = measure::histogram();
+    for (id, session) in &clients {
+        let started = Instant::now();
+        let (mut ws, first) = open(&format!("{url_b}?resume={session}&received=0")).await?;
+        if first["resumed"] != true || first["client"] != id.as_str() || first["node"] != "b" {
+            problems.push(format!("resume of {id} on b refused: {first}"));
+            break;
+        }
+        let direct = next_json(&mut ws).await?;
+        if direct["seq"] != 1 {
+            problems.push(format!("first recovered message of {id} on b: {direct}"));
+            break;
+        }
+        h.record(started.elapsed().as_micros() as u64)
+            .map_err(|e| e.to_string())?;
+        let _ = ws.close(None).await;
+    }
+    Ok(Percentiles::of(&h))
 }
 
 /// Polls `/v1/stats` until `field` reaches `want` (within 60 s).
@@ -167,6 +236,12 @@ pub(crate) async fn run(opts: &Opts, a: Args) -> Result<bool, String> {
         let _ = ws.close(None).await;
     }
     let resume = Percentiles::of(&h);
+    drop(gw);
+    let across = if a.cross_node_resumes > 0 {
+        Some(cross_node(opts, &a, &mut problems).await?)
+    } else {
+        None
+    };
 
     let per = |after: u64, before: u64| after.saturating_sub(before) as f64 / n as f64;
     let mut t = Table::default();
@@ -191,7 +266,16 @@ pub(crate) async fn run(opts: &Opts, a: Args) -> Result<bool, String> {
             resume.p50, resume.p99, resume.count
         ),
     );
-    t.print("sessions (one node)");
+    if let Some(across) = &across {
+        t.row(
+            "resume on another node to first recovered message",
+            format!(
+                "p50 {:.2} ms, p99 {:.2} ms ({} resumes)",
+                across.p50, across.p99, across.count
+            ),
+        );
+    }
+    t.print("sessions");
     measure::write_json(
         opts.json.as_deref(),
         &json!({
@@ -204,6 +288,7 @@ pub(crate) async fn run(opts: &Opts, a: Args) -> Result<bool, String> {
             "bytes_per_suspended_session": per(rss_suspended, rss_start),
             "bytes_per_suspended_session_with_messages": per(rss_outbox, rss_start),
             "resume_ms": resume,
+            "cross_node_resume_ms": across,
         }),
     )?;
     Ok(crate::report_problems(&problems))

@@ -41,6 +41,21 @@ pub(super) async fn take(s: &Commands, t: SessionTake) -> CommandReply {
         .get()
         .map_or(Duration::from_secs(2), |c| c.forward_timeout() / 2);
     let deadline = tokio::time::Instant::now() + wait;
+    // Gone on from here: asked where it went (once: that node does not
+    // forward it further).
+    let moved = t
+        .token
+        .rsplit_once('.')
+        .and_then(|(id, _)| ConnectionId::parse(id).ok())
+        .and_then(|id| s.sessions.moved_to(&id.key()))
+        .filter(|n| *n != t.node && !t.forwarded);
+    if let Some(node) = moved {
+        let again = Command::SessionTake(SessionTake {
+            forwarded: true,
+            ..t
+        });
+        return forward(s, &node, &again).await;
+    }
     match s
         .sessions
         .give_up(&t.token, t.received, &t.node, deadline)
@@ -171,6 +186,7 @@ pub(crate) async fn pull(
         token: token.to_owned(),
         received,
         node: s.node.to_string(),
+        forwarded: false,
     });
     // Where it was last seen, else the node that started it; then every
     // other node.

@@ -130,7 +130,9 @@ impl Sessions {
     ) -> Result<SessionState, ResumeError> {
         let r = self.try_give_up(token, received, node, deadline).await;
         // Not counted: a node asked for a session it never had.
-        if r.as_ref().is_err_and(|e| e.code != ResumeCode::SessionUnknown) {
+        if r.as_ref()
+            .is_err_and(|e| e.code != ResumeCode::SessionUnknown)
+        {
             self.count_handoff("failed");
         }
         r
