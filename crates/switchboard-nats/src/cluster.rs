@@ -56,6 +56,10 @@ use switchboard_proto::cluster::{Heartbeat, Subjects, FORWARDED_HEADER};
 use switchboard_proto::control::{NodeInfo, STATUS_HEADER};
 use tokio_util::sync::CancellationToken;
 
+/// How long a leaving node keeps answering the commands already delivered
+/// to it.
+const LAST_ANSWERS: Duration = Duration::from_millis(500);
+
 /// Pause before trying again to open the key-value bucket.
 const BUCKET_RETRY: Duration = Duration::from_secs(60);
 
@@ -116,6 +120,11 @@ pub struct NatsCluster {
     /// The heartbeat task, awaited by `leave` so no ordinary heartbeat can
     /// follow the `leaving` one.
     announcer: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// The tasks answering commands: a leaving node waits for them to
+    /// answer the requests already on their way.
+    servers: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// Stopped as by a crash ([`NatsCluster::halt`]): nothing more answered.
+    halted: std::sync::atomic::AtomicBool,
     stop_announcing: CancellationToken,
 }
 
@@ -164,14 +173,18 @@ impl NatsCluster {
             bucket_retry_at: Mutex::new(None),
             stop: CancellationToken::new(),
             announcer: Mutex::new(None),
+            servers: Mutex::new(Vec::new()),
+            halted: std::sync::atomic::AtomicBool::new(false),
             stop_announcing: CancellationToken::new(),
             node,
             config,
         });
         *cluster.announcer.lock() = Some(tokio::spawn(cluster.clone().announce()));
         tokio::spawn(cluster.clone().listen(beats));
-        tokio::spawn(cluster.clone().serve(own));
-        tokio::spawn(cluster.clone().serve(shared));
+        *cluster.servers.lock() = vec![
+            tokio::spawn(cluster.clone().serve(own)),
+            tokio::spawn(cluster.clone().serve(shared)),
+        ];
         tokio::spawn(cluster.clone().watch());
         tokio::spawn(cluster.clone().answer_reported(reported_asks));
         // Make the bucket early so the first report does not wait for it.
@@ -639,15 +652,28 @@ impl NatsCluster {
             .all(|other| me < other.as_str())
     }
 
-    /// Answers commands arriving on `sub`.
+    /// Answers commands arriving on `sub`. Once stopped, it unsubscribes
+    /// (new requests then find no responder at once, and their senders look
+    /// elsewhere) and answers the requests already delivered, rather than
+    /// leave them to time out.
     async fn serve(self: Arc<Self>, mut sub: async_nats::Subscriber) {
         loop {
             let msg = tokio::select! {
                 m = sub.next() => match m { Some(m) => m, None => return },
-                _ = self.stop.cancelled() => return,
+                _ = self.stop.cancelled() => break,
             };
             tokio::spawn(self.clone().answer(msg));
         }
+        let halted = self.halted.load(std::sync::atomic::Ordering::Relaxed);
+        if halted || !self.link.is_up() || sub.unsubscribe().await.is_err() {
+            return;
+        }
+        let _ = tokio::time::timeout(LAST_ANSWERS, async {
+            while let Some(msg) = sub.next().await {
+                self.clone().answer(msg).await;
+            }
+        })
+        .await;
     }
 
     async fn answer(self: Arc<Self>, msg: Message) {
@@ -678,6 +704,8 @@ impl NatsCluster {
     /// For tests and embedders that tear a node down; a node that drains
     /// calls [`Cluster::leave`] instead.
     pub fn halt(&self) {
+        self.halted
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         self.stop_announcing.cancel();
         self.stop.cancel();
     }
@@ -774,6 +802,9 @@ impl Cluster for NatsCluster {
                 let _ = tokio::time::timeout(Duration::from_secs(1), self.client.flush()).await;
             }
             self.stop.cancel();
+            let servers = std::mem::take(&mut *self.servers.lock());
+            let _ =
+                tokio::time::timeout(LAST_ANSWERS, futures_util::future::join_all(servers)).await;
             tracing::info!("left the cluster");
         })
     }

@@ -323,6 +323,10 @@ pub struct SessionState {
     /// Its own `session-ttl` in ms (set by the origin), if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ttl_ms: Option<u64>,
+    /// A direct message was refused over its outbox's bounds while it was
+    /// suspended: it is to end, and cannot be resumed.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub overflowed: bool,
     /// Its channels, each where it stopped being sent messages.
     pub channels: Vec<crate::native::SessionChannel>,
 }

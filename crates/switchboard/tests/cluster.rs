@@ -2084,6 +2084,28 @@ async fn a_suspended_session_is_reached_through_any_node_and_resumes_on_another(
         f,
         json!({"push": "direct", "seq": 3, "text": "after the move"})
     );
+    // The origin's replies to its messages reach it on b.
+    origin.behavior(|b| b.echo = true);
+    ws.send(WsMessage::Text(
+        json!({"id": 1, "cmd": "send", "text": "echo me"})
+            .to_string()
+            .into(),
+    ))
+    .await
+    .unwrap();
+    let echoed = loop {
+        let f: Value = match next_msg(&mut ws).await {
+            WsMessage::Text(t) => serde_json::from_str(&t).unwrap(),
+            other => panic!("{other:?}"),
+        };
+        if f["push"] == "direct" {
+            break f;
+        }
+    };
+    assert_eq!(
+        echoed,
+        json!({"push": "direct", "seq": 4, "text": "echo me"})
+    );
     // A resume with a's token on a again is told plainly.
     let (_again, r) = native_first(&a.ws_url(&format!("/app?resume={token}&received=9"))).await;
     assert_eq!(r["resume_error"]["code"], "session_invalid", "{r}");

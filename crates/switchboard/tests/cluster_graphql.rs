@@ -61,6 +61,9 @@ async fn one_trigger_costs_one_origin_request_per_distinct_input_cluster_wide() 
         "3s",
         "--client-message-rate",
         "0",
+        // 333 clients per node from one address, faster than its burst.
+        "--max-handshakes-per-ip",
+        "0",
     ];
     let (a, b, c) = start_three(&nats.url(), "graphql", &extra).await;
     wait_member_ids(&[&a, &b, &c], &["a", "b", "c"], FORM).await;

@@ -165,7 +165,8 @@ async fn send_directs(targets: Targets, ids: Vec<String>, n: usize, pace: Durati
             .await;
             assert!(
                 status == 200 && (r["status"] == "delivered" || r["status"] == "queued"),
-                "direct d{i} to {id}: {status} {r}"
+                "direct d{i} to {id}: {status} {r} at {:?}",
+                std::time::SystemTime::now()
             );
         }
         tokio::time::sleep(pace).await;
@@ -305,6 +306,20 @@ async fn expect_everything(who: &str, got: &Mutex<Received>, n: usize) {
     assert_eq!(g.channel, numbered("c", n), "{who}: channel messages");
 }
 
+/// Fails the test with `error` after the gateway's log lines of every
+/// node (what the nodes did with the session is the diagnosis).
+fn fail_with_logs<'a>(nodes: impl Iterator<Item = &'a mut Node>, error: &dyn std::fmt::Debug) -> ! {
+    for n in nodes {
+        let log = n.log();
+        let lines: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains("switchboard_server") && !l.contains("heartbeat"))
+            .collect();
+        eprintln!("=== node {}\n{}", n.node, lines.join("\n"));
+    }
+    panic!("{error:?}");
+}
+
 /// The origin saw exactly one `connect` for `id` and no `disconnect` yet.
 fn one_connect_no_disconnect(origin: &TestOrigin, id: &str) {
     let connects = origin
@@ -390,10 +405,13 @@ async fn a_session_moves_from_node_to_node_with_nothing_lost_or_repeated() {
         }
         balancer.cut();
     }
-    tokio::time::timeout(RUN, directs)
+    let r = tokio::time::timeout(RUN, directs)
         .await
-        .expect("directs sent in time")
-        .unwrap();
+        .expect("directs sent in time");
+    if let Err(e) = r {
+        let mut nodes = [a, b, c];
+        fail_with_logs(nodes.iter_mut(), &e);
+    }
     tokio::time::timeout(RUN, channel)
         .await
         .expect("published in time")
@@ -436,6 +454,7 @@ async fn a_rolling_restart_loses_nothing() {
     );
     wait_member_ids(&[&a, &b, &c], &["a", "b", "c"], FORM).await;
     let mut nodes = vec![a, b, c];
+    let mut old: Vec<Node> = Vec::new();
     let balancer = Balancer::start(nodes.iter().map(|n| n.listen).collect()).await;
     let stop = Arc::new(AtomicBool::new(false));
     let mut clients = Vec::new();
@@ -464,16 +483,18 @@ async fn a_rolling_restart_loses_nothing() {
         let log = nodes[k].final_log().await;
         assert!(log.contains("sessions handed over"), "{log}");
         let again = node(&name, &nats, &origin, "rolling").await;
-        nodes[k] = again;
+        old.push(std::mem::replace(&mut nodes[k], again));
         let refs: Vec<&Node> = nodes.iter().collect();
         wait_member_ids(&refs, &["a", "b", "c"], FORM).await;
         balancer.set_backends(nodes.iter().map(|n| n.listen).collect());
         targets.set(nodes.iter().map(|n| n.control).collect());
     }
-    tokio::time::timeout(RUN, directs)
+    let r = tokio::time::timeout(RUN, directs)
         .await
-        .expect("directs sent in time")
-        .unwrap();
+        .expect("directs sent in time");
+    if let Err(e) = r {
+        fail_with_logs(old.iter_mut().chain(nodes.iter_mut()), &e);
+    }
     tokio::time::timeout(RUN, channel)
         .await
         .expect("published in time")

@@ -799,19 +799,36 @@ impl Channels {
     }
 
     /// Takes a session that moves to another node out of its channels,
-    /// quietly: for the other members it never left.
-    pub(crate) fn hand_off(&self, conn: &Conn, metrics: &Metrics) {
+    /// quietly (for the other members it never left), and returns them,
+    /// each with where it stopped being sent messages, sorted by name. No
+    /// subscription can be added or removed meanwhile.
+    pub(crate) fn hand_off(&self, conn: &Conn, metrics: &Metrics) -> Vec<SessionChannel> {
         let channels = {
             let mut all_subs = self.subs_of(&conn.key).lock();
             conn.ended.store(true, Relaxed);
             all_subs.remove(&conn.key).unwrap_or_default()
         };
+        let mut out = Vec::with_capacity(channels.len());
         for ch in channels {
             let mut st = ch.state.lock();
-            if st.parked.remove(&conn.key).is_some() || st.subscribers.remove(&conn.key).is_some() {
+            let at = match st.parked.remove(&conn.key) {
+                Some(p) => Some((p.epoch.to_string(), p.offset)),
+                None => st.subscribers.remove(&conn.key).map(|_| {
+                    let (epoch, offset) = st.position();
+                    (epoch, offset)
+                }),
+            };
+            if let Some((epoch, offset)) = at {
                 metrics.subscriptions.dec();
+                out.push(SessionChannel {
+                    channel: ch.name.to_string(),
+                    epoch,
+                    offset,
+                });
             }
         }
+        out.sort_by(|a, b| a.channel.cmp(&b.channel));
+        out
     }
 
     /// Ends every subscription of a connection that has ended; none can be

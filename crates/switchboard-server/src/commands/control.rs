@@ -54,6 +54,11 @@ impl ApiError {
         )
     }
 
+    /// 404 [`MOVED`]: the session went on to `node` (between nodes only).
+    fn moved(node: &str) -> Self {
+        Self::new(StatusCode::NOT_FOUND, MOVED, node)
+    }
+
     pub(crate) fn not_found(id: &str) -> Self {
         Self::new(
             StatusCode::NOT_FOUND,
@@ -124,7 +129,7 @@ pub(crate) fn single_payload(json: &[u8]) -> Result<(), ApiError> {
 fn lookup(s: &Commands, id: &str) -> Result<Arc<Conn>, ApiError> {
     ConnectionId::parse(id)
         .ok()
-        .and_then(|cid| s.registry.get(&cid.key()))
+        .and_then(|cid| s.registry.get(&cid.key()).filter(|c| c.id == cid))
         .ok_or_else(|| ApiError::not_found(id))
 }
 
@@ -144,26 +149,33 @@ fn lookup_messaging(s: &Commands, id: &str) -> Result<Arc<Conn>, ApiError> {
 }
 
 /// The node holding `id` when it is another node of the cluster and the
-/// command should go there: where its session moved to from here, or the
-/// node that started it (not when the command was `forwarded` here).
+/// command should go there: where its session moved to from here (or was
+/// last found), or the node that started it. None when the command was
+/// `forwarded` here: it runs here only.
 pub(super) fn remote_owner(s: &Commands, id: &str, forwarded: bool) -> Option<String> {
+    if forwarded {
+        return None;
+    }
     s.cluster.get()?;
     let cid = ConnectionId::parse(id).ok()?;
     if s.registry.get(&cid.key()).is_some() {
         return None;
     }
-    // Followed even by a forwarded command: the session went on from here.
     if let Some(node) = s.sessions.moved_to(&cid.key()) {
         return Some(node);
     }
-    (!forwarded && cid.node() != s.node.as_str()).then(|| cid.node().to_owned())
+    (cid.node() != s.node.as_str()).then(|| cid.node().to_owned())
 }
 
-/// Whether a reply says that no such connection is where it was looked for.
+/// Whether a reply says that no such connection (or fallback session) is
+/// where it was looked for.
 pub(super) fn is_not_found(reply: &CommandReply) -> bool {
     reply.status == StatusCode::NOT_FOUND.as_u16()
-        && serde_json::from_slice::<serde_json::Value>(&reply.body)
-            .is_ok_and(|v| v["code"] == "connection_not_found")
+        && serde_json::from_slice::<serde_json::Value>(&reply.body).is_ok_and(|v| {
+            v["code"] == "connection_not_found"
+                || v["code"] == MOVED
+                || v["code"] == "session_unknown"
+        })
 }
 
 /// Sends `cmd` to `node` and returns its answer, or the error standing for it.
@@ -221,23 +233,88 @@ pub(crate) async fn execute(s: &Arc<Commands>, cmd: Command, forwarded: bool) ->
     let Some(id) = connection else {
         return execute_here(s, cmd, forwarded).await;
     };
-    let asked = remote_owner(s, &id, forwarded);
-    let reply = match &asked {
-        Some(node) => forward(s, node, &cmd).await,
-        None => {
-            arrived(s, &id).await;
-            execute_here(s, cmd.clone(), forwarded).await
+    let key = ConnectionId::parse(&id).ok().map(|c| c.key());
+    let mut target = remote_owner(s, &id, forwarded);
+    let mut asked: Vec<String> = Vec::new();
+    let mut reply;
+    let mut hops = 0;
+    loop {
+        reply = match &target {
+            Some(node) => {
+                asked.push(node.clone());
+                forward(s, node, &cmd).await
+            }
+            None => {
+                arrived(s, &id).await;
+                execute_here(s, cmd.clone(), forwarded).await
+            }
+        };
+        if !is_not_found(&reply) {
+            return reply;
         }
-    };
-    if forwarded || !is_not_found(&reply) {
-        return reply;
+        if forwarded {
+            // Gone on from here: the asking node is told where.
+            return match key.and_then(|k| s.sessions.moved_to(&k)) {
+                Some(node) => ApiError::moved(&node).into(),
+                None => reply,
+            };
+        }
+        hops += 1;
+        if hops > MAX_HOPS {
+            break;
+        }
+        // Where the node asked says it went, or where it went from here
+        // (it left while the command waited for it).
+        let went = moved_hint(&reply).or_else(|| {
+            target
+                .is_none()
+                .then(|| key.and_then(|k| s.sessions.moved_to(&k)))
+                .flatten()
+        });
+        let here = key.is_some_and(|k| s.registry.get(&k).is_some() || s.sessions.is_arriving(&k));
+        match went {
+            // Here now, or on its way here.
+            _ if target.is_some() && here => target = None,
+            Some(next) if next == s.node.as_str() && target.is_some() => target = None,
+            Some(next) if !asked.contains(&next) && next != s.node.as_str() => target = Some(next),
+            _ => break,
+        }
     }
     // Not where its id says: a session that moved to another node.
-    match super::handoff::locate(s, &id, asked.as_deref()).await {
-        Some(node) => forward(s, &node, &cmd).await,
-        None => reply,
+    match super::handoff::locate(s, &id, &asked).await {
+        Some(node) => {
+            if let Some(k) = key {
+                s.sessions.remember_location(k, &node);
+            }
+            forward(s, &node, &cmd).await
+        }
+        None => {
+            tracing::debug!(connection = %id, ?asked, hops, "connection not found on any node");
+            if moved_hint(&reply).is_some() {
+                ApiError::not_found(&id).into()
+            } else {
+                reply
+            }
+        }
     }
 }
+
+/// How many nodes a command follows a session through before it looks for
+/// it on every node.
+const MAX_HOPS: usize = 3;
+
+/// The node a forwarded command's answer says the session moved to.
+fn moved_hint(reply: &CommandReply) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_slice(&reply.body).ok()?;
+    (v["code"] == MOVED)
+        .then(|| v["message"].as_str().map(str::to_owned))
+        .flatten()
+}
+
+/// Code of the answer of a node that a session left, to a command
+/// forwarded to it: its message is the node the session went to. Only
+/// between nodes; never answered to a client of the control API.
+const MOVED: &str = "connection_moved";
 
 /// Waits while the session `id` is on its way here from another node.
 async fn arrived(s: &Commands, id: &str) {
@@ -481,6 +558,7 @@ async fn send_batch_routed(
         Vec::new()
     };
     let mut remote: BTreeMap<String, Share> = BTreeMap::new();
+    let mut uncertain = std::collections::HashSet::new();
     // Payloads of messages that have ids on other nodes.
     let mut kept: BTreeMap<usize, Payload> = BTreeMap::new();
     for (i, m) in req.messages.into_iter().enumerate() {
@@ -551,16 +629,18 @@ async fn send_batch_routed(
             .filter(|r| r.results.len() == chunk.len());
         for (k, (i, ids)) in chunk.into_iter().enumerate() {
             for id in ids {
-                let status = parsed
-                    .as_ref()
-                    .and_then(|r| r.results[k].get(&id).copied())
-                    .unwrap_or(Delivery::Unknown);
-                results[i].insert(id, status);
+                let status = parsed.as_ref().and_then(|r| r.results[k].get(&id).copied());
+                if status.is_none() {
+                    // No answer: it may have been delivered, so it is not
+                    // sent again elsewhere.
+                    uncertain.insert(id.clone());
+                }
+                results[i].insert(id, status.unwrap_or(Delivery::Unknown));
             }
         }
     }
     if relocatable {
-        super::handoff::relocate_unknown(s, &mut results, &payloads).await;
+        super::handoff::relocate_unknown(s, &mut results, &payloads, &uncertain).await;
     }
     ok(&BatchSendResponse { results })
 }

@@ -41,13 +41,19 @@ pub(super) async fn take(s: &Commands, t: SessionTake) -> CommandReply {
         .get()
         .map_or(Duration::from_secs(2), |c| c.forward_timeout() / 2);
     let deadline = tokio::time::Instant::now() + wait;
-    // Gone on from here: asked where it went (once: that node does not
-    // forward it further).
-    let moved = t
+    let key = t
         .token
         .rsplit_once('.')
         .and_then(|(id, _)| ConnectionId::parse(id).ok())
-        .and_then(|id| s.sessions.moved_to(&id.key()))
+        .map(|id| id.key());
+    if let Some(key) = &key {
+        // On its way here, or out of here: asked once it has settled.
+        s.sessions.arrived(key, wait).await;
+    }
+    // Gone on from here: asked where it went (once: that node does not
+    // forward it further).
+    let moved = key
+        .and_then(|k| s.sessions.moved_to(&k))
         .filter(|n| *n != t.node && !t.forwarded);
     if let Some(node) = moved {
         let again = Command::SessionTake(SessionTake {
@@ -234,9 +240,10 @@ fn adopt(s: &Commands, state: SessionState) -> Result<(), ResumeError> {
     })
 }
 
-/// The node holding connection `id` (not this one, nor `asked`, which did
-/// not know it): the first node of the cluster that answers for it.
-pub(super) async fn locate(s: &Commands, id: &str, asked: Option<&str>) -> Option<String> {
+/// The node holding connection `id` (not this one, nor those `asked`,
+/// which did not know it): the node of the cluster that answers for it
+/// (each runs the lookup locally: only the holder answers 200).
+pub(super) async fn locate(s: &Commands, id: &str, asked: &[String]) -> Option<String> {
     let cluster = s.cluster.get()?;
     if !s.sessions.enabled() {
         return None;
@@ -248,7 +255,7 @@ pub(super) async fn locate(s: &Commands, id: &str, asked: Option<&str>) -> Optio
         .peers()
         .into_iter()
         .map(|p| p.node)
-        .filter(|n| Some(n.as_str()) != asked && n != s.node.as_str())
+        .filter(|n| !asked.contains(n) && n != s.node.as_str())
         .collect();
     let answers = futures_util::future::join_all(others.iter().map(|n| forward(s, n, &info))).await;
     others
@@ -261,15 +268,18 @@ pub(super) async fn locate(s: &Commands, id: &str, asked: Option<&str>) -> Optio
 /// Sends again, where they are now, the messages of a batch that their
 /// connections' nodes answered `unknown` for (at most [`MAX_RELOCATED`]
 /// connections; the others stay `unknown`), each connection's in order.
+/// Ids whose node did not answer (`uncertain`) are not sent again.
 pub(super) async fn relocate_unknown(
     s: &Commands,
     results: &mut [BTreeMap<String, Delivery>],
     payloads: &[Payload],
+    uncertain: &std::collections::HashSet<String>,
 ) {
     let mut unknown: BTreeMap<String, Vec<usize>> = BTreeMap::new();
     for (i, r) in results.iter().enumerate() {
         for (id, d) in r {
             if *d == Delivery::Unknown
+                && !uncertain.contains(id)
                 && (unknown.len() < MAX_RELOCATED || unknown.contains_key(id))
             {
                 unknown.entry(id.clone()).or_default().push(i);
@@ -278,9 +288,12 @@ pub(super) async fn relocate_unknown(
     }
     let found = unknown.into_iter().map(|(id, messages)| async move {
         let mut out = Vec::new();
-        let Some(node) = locate(s, &id, None).await else {
+        let Some(node) = locate(s, &id, &[]).await else {
             return out;
         };
+        if let Ok(cid) = ConnectionId::parse(&id) {
+            s.sessions.remember_location(cid.key(), &node);
+        }
         for i in messages {
             let cmd = Command::Send(SendCommand {
                 connection_id: id.clone(),
@@ -308,7 +321,7 @@ pub(super) async fn relocate_unknown(
 /// to another live node (in turn), which keeps it, suspended, for its
 /// client. Returns how many were handed over; a session no node took stays
 /// here, and ends with the drain.
-pub(crate) async fn hand_over_all(s: &Commands) -> usize {
+pub(crate) async fn hand_over_all(s: &Commands, until: tokio::time::Instant) -> usize {
     let Some(cluster) = s.cluster.get() else {
         return 0;
     };
@@ -325,35 +338,63 @@ pub(crate) async fn hand_over_all(s: &Commands) -> usize {
     let gives = sessions.into_iter().enumerate().map(|(i, conn)| {
         let node = nodes[i % nodes.len()].clone();
         async move {
-            let state = s.sessions.give_up_suspended(&conn, &node)?;
+            if tokio::time::Instant::now() >= until {
+                return None; // Ends with the drain.
+            }
+            // Commands and resumes for it wait here until it has arrived.
+            let _departing = s.sessions.arrival(conn.key)?;
+            let state = s.sessions.give_up_suspended(&conn)?;
             let give = Command::SessionGive(Box::new(state));
             let reply = forward(s, &node, &give).await;
-            if reply.status == 200 {
+            let Command::SessionGive(state) = give else {
+                return None;
+            };
+            let arrived = match reply.status {
+                200 => true,
+                // Not sent (too large for the bus) or refused there: kept
+                // here, it ends with the drain.
+                400..=499 => false,
+                // No answer: there, unless that node does not know it.
+                _ => {
+                    let info = Command::Info(ConnectionRef {
+                        connection_id: state.connection_id.clone(),
+                    });
+                    match forward(s, &node, &info).await.status {
+                        200 => true,
+                        404 => false,
+                        _ => {
+                            // Whether it is there cannot be known: it ends.
+                            tracing::warn!(connection = %conn.id, %node, "a draining node's session was lost on its way");
+                            s.metrics
+                                .session_handoffs
+                                .get_or_create(&crate::metrics::ResultLabel { result: "failed" })
+                                .inc();
+                            s.sessions.void_disconnect(&conn.id, "session lost in a handoff");
+                            return None;
+                        }
+                    }
+                }
+            };
+            if arrived {
+                s.sessions.remember_location(conn.key, &node);
                 return Some(());
             }
             if reply.status == 413 {
-                // Too large to move (not sent): kept here, it ends with the
-                // drain.
-                if let Command::SessionGive(state) = give {
-                    keep_here(s, *state);
-                }
-                return None;
+                keep_here(s, *state);
+            } else {
+                tracing::warn!(connection = %conn.id, %node, status = reply.status, "a draining node's session was not taken; it ends here");
+                s.metrics
+                    .session_handoffs
+                    .get_or_create(&crate::metrics::ResultLabel { result: "failed" })
+                    .inc();
+                let _ = s.sessions.adopt(*state);
             }
-            // Given up here, not kept there: it has ended.
-            tracing::warn!(connection = %conn.id, %node, status = reply.status, "a draining node's session was not taken");
-            s.metrics
-                .session_handoffs
-                .get_or_create(&crate::metrics::ResultLabel { result: "failed" })
-                .inc();
-            s.sessions
-                .void_disconnect(&conn.id, "session lost in a handoff");
             None
         }
     });
-    let handed = futures_util::stream::iter(gives)
+    futures_util::stream::iter(gives)
         .buffer_unordered(HANDOVER_CONCURRENCY)
         .filter_map(std::future::ready)
         .count()
-        .await;
-    handed
+        .await
 }

@@ -82,7 +82,6 @@ impl Commands {
         let registry = Arc::new(Registry::new());
         let origin = Arc::new(Origin {
             config: config.clone(),
-            node: node.clone(),
             transport,
             dispatcher: Dispatcher::new(
                 config.origin_concurrency,

@@ -915,7 +915,8 @@ impl Conn {
     }
 
     /// Makes a new connection the session that moved here from another
-    /// node: its outbox restored, suspended, resumable.
+    /// node: its outbox restored, suspended; resumable once the rest of the
+    /// adoption is done ([`Conn::mark_resumable`]).
     pub(crate) fn restore(&self, moving: Moving, metrics: &Metrics) {
         let mut out = self.out.lock();
         let rare = out.rare();
@@ -931,7 +932,7 @@ impl Conn {
         rare.outbox.overflowed = moving.overflowed;
         rare.remote = Some(moving.remote);
         rare.suspended = true;
-        rare.resumable = true;
+        rare.resumable = false;
     }
 
     /// Gives the session its own `session-ttl` (the origin's `connect`

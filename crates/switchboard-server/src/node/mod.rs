@@ -383,9 +383,13 @@ async fn hand_over_sessions(shared: &Arc<Edge>, deadline: tokio::time::Instant) 
     while sessions.suspended_count() > 0 && tokio::time::Instant::now() < until {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    // Not cut short: a session given up here is on its way to another node
-    // (each request is bounded by the cluster's forward timeout).
-    let handed = crate::commands::handoff::hand_over_all(&shared.commands).await;
+    // A hand-over under way is not cut short (each request is bounded by
+    // the cluster's forward timeout).
+    // No new hand-over starts past half of what is left of the drain, so
+    // that the `disconnect`s of the rest still go out in time.
+    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+    let until = tokio::time::Instant::now() + left / 2;
+    let handed = crate::commands::handoff::hand_over_all(&shared.commands, until).await;
     // From now on, sessions die with the node.
     sessions.shut_down();
     tracing::info!(

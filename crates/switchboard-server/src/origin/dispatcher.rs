@@ -455,10 +455,11 @@ fn drop_rest(origin: &Origin, lane: &Lane) {
 /// Delivers the replies of an origin answer.
 pub(crate) fn deliver_replies(origin: &Origin, replies: Vec<Reply>) {
     for reply in replies {
+        // Any connection held here: started here, or a session that moved
+        // here from another node (its id names that node).
         let Some(conn) = ConnectionId::parse(&reply.connection_id)
             .ok()
-            .filter(|id| id.node() == origin.node.as_str())
-            .and_then(|id| origin.registry.get(&id.key()))
+            .and_then(|id| origin.registry.get(&id.key()).filter(|c| c.id == id))
         else {
             tracing::debug!(connection_id = %reply.connection_id, "reply to an unknown connection dropped");
             continue;

@@ -20,7 +20,6 @@ use bytes::Bytes;
 use dispatcher::Dispatcher;
 use std::sync::Arc;
 use switchboard_proto::origin::OriginAnswer;
-use switchboard_proto::NodeId;
 use tokio_util::sync::CancellationToken;
 
 pub use switchboard_backend::origin::{ConnectDecision, OriginError, OriginTransport};
@@ -31,7 +30,6 @@ pub use switchboard_backend::BoxFuture;
 #[derive(Debug)]
 pub(crate) struct Origin {
     pub(crate) config: Arc<Config>,
-    pub(crate) node: NodeId,
     pub(crate) transport: Arc<dyn OriginTransport>,
     pub(crate) dispatcher: Dispatcher,
     /// The right to speak for this node's connections.

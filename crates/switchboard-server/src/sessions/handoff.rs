@@ -100,6 +100,21 @@ impl Sessions {
         }
     }
 
+    /// Whether the session `key` is on its way here (or, on a draining
+    /// node, on its way out: commands wait for the move to finish).
+    pub(crate) fn is_arriving(&self, key: &ConnKey) -> bool {
+        self.arriving.count.load(Relaxed) > 0 && self.arriving.wakers.lock().contains_key(key)
+    }
+
+    /// Remembers that the session `key` was found on `node` (not here):
+    /// commands for it go there first from now on.
+    pub(crate) fn remember_location(&self, key: ConnKey, node: &str) {
+        if self.registry.get(&key).is_none() {
+            let until = Instant::now() + self.config.session_ttl;
+            self.moved.lock().insert(key, node, until);
+        }
+    }
+
     /// Whether the session named by `token` is held here (connected or
     /// suspended). `false` for a malformed token.
     pub(crate) fn holds(&self, token: &str) -> bool {
@@ -201,18 +216,24 @@ impl Sessions {
                 Err(_) => return Err(self.gone(&conn.key)),
             }
         };
-        Ok(self.export(&conn, moving, node))
+        // Its events still queued for the origin go first (within the
+        // deadline): the origin gets a connection's events in order.
+        while conn.pending_events.load(Relaxed) > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        Ok(self.export(&conn, moving, Some(node)))
     }
 
-    /// Gives up a suspended session to `node` (a draining node handing its
-    /// sessions over): `None` when it is not suspended any more.
-    pub(crate) fn give_up_suspended(&self, conn: &Arc<Conn>, node: &str) -> Option<SessionState> {
+    /// Gives up a suspended session (a draining node handing its sessions
+    /// over): `None` when it is not suspended any more. Where it went is
+    /// remembered once it has arrived ([`Sessions::remember_location`]).
+    pub(crate) fn give_up_suspended(&self, conn: &Arc<Conn>) -> Option<SessionState> {
         if conn.overflowed() {
             self.overflowed(conn);
             return None;
         }
         let moving = conn.take_for_handoff().ok()?;
-        Some(self.export(conn, moving, node))
+        Some(self.export(conn, moving, None))
     }
 
     /// The suspended sessions now (a draining node hands them over).
@@ -225,8 +246,8 @@ impl Sessions {
     }
 
     /// Takes a session given up (`moving`) out of this node, quietly, and
-    /// remembers that it went to `node`; its state for that node.
-    fn export(&self, conn: &Arc<Conn>, moving: Moving, node: &str) -> SessionState {
+    /// remembers that it went to `node` (if known); its state.
+    fn export(&self, conn: &Arc<Conn>, moving: Moving, node: Option<&str>) -> SessionState {
         let expires_at = self.suspended.lock().remove(&conn.key).map(|(_, at)| at);
         if expires_at.is_some() {
             self.metrics.sessions_suspended.dec();
@@ -235,9 +256,10 @@ impl Sessions {
         let ttl = self.ttl_of(conn);
         let expires_in = expires_at.map_or(ttl, |at| at.saturating_duration_since(now));
         // Where it goes, before it leaves: a command for it follows it.
-        self.moved.lock().insert(conn.key, node, now + ttl);
-        let channels = self.channels.session_channels(conn);
-        self.channels.hand_off(conn, &self.metrics);
+        if let Some(node) = node {
+            self.moved.lock().insert(conn.key, node, now + ttl);
+        }
+        let channels = self.channels.hand_off(conn, &self.metrics);
         self.registry.remove(&conn.key);
         let adopted = self.adopted.lock().remove(&conn.key);
         let token = adopted.map_or_else(|| self.token(&conn.id), String::from);
@@ -274,11 +296,12 @@ impl Sessions {
             suspended_ms: moving.suspended_for.as_millis() as u64,
             expires_in_ms: expires_in.as_millis() as u64,
             ttl_ms: conn.session_ttl().map(|t| t.as_millis() as u64),
+            overflowed: moving.overflowed,
             channels,
         };
         conn.finish(&self.metrics);
         self.count_handoff("sent");
-        tracing::debug!(connection = %conn.id, to = node, kept = state.kept.len(), "session handed over");
+        tracing::debug!(connection = %conn.id, to = ?node, kept = state.kept.len(), "session handed over");
         state
     }
 
@@ -295,6 +318,12 @@ impl Sessions {
             return Err(refusal(
                 ResumeCode::SessionsDisabled,
                 "this node keeps no sessions (session-ttl is 0s)",
+            ));
+        }
+        if self.closing.load(Relaxed) {
+            return Err(refusal(
+                ResumeCode::SessionClosed,
+                "this node is shutting down",
             ));
         }
         let id = ConnectionId::parse(&state.connection_id).map_err(|_| invalid("connection id"))?;
@@ -350,7 +379,7 @@ impl Sessions {
                 suspensions: state.suspensions,
                 suspended_for: Duration::from_millis(state.suspended_ms),
                 remote,
-                overflowed: false,
+                overflowed: state.overflowed,
             },
             &self.metrics,
         );
@@ -366,6 +395,8 @@ impl Sessions {
         let expires = Instant::now() + Duration::from_millis(state.expires_in_ms);
         self.suspended.lock().insert(key, (conn.clone(), expires));
         self.metrics.sessions_suspended.inc();
+        // Last: a resume (or another move) waits for all of the above.
+        conn.mark_resumable();
         self.count_handoff("received");
         tracing::debug!(connection = %conn.id, "session taken over from another node");
         Ok(conn)
