@@ -7,7 +7,7 @@
 
 use super::{refusal, Sessions};
 use crate::admission::tokens::TokenState;
-use crate::conn::{AttachError, CloseRequest, Conn, ConnInit, Moving, Queued};
+use crate::conn::{AttachError, Conn, ConnInit, Moving};
 use crate::metrics::ResultLabel;
 use bytes::Bytes;
 use parking_lot::Mutex;
@@ -18,7 +18,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use switchboard_proto::conn_id::ConnKey;
 use switchboard_proto::control::{KeptMessage, SessionState};
 use switchboard_proto::native::{ResumeCode, ResumeError};
-use switchboard_proto::origin::{ClosedBy, Transport};
+use switchboard_proto::origin::Transport;
 use switchboard_proto::ConnectionId;
 use tokio::sync::Notify;
 
@@ -192,26 +192,7 @@ impl Sessions {
             match conn.take_for_handoff() {
                 Ok(moving) => break moving,
                 Err(AttachError::Busy) => {
-                    if !asked_takeover {
-                        let asked = conn.request_close(CloseRequest {
-                            code: super::TAKEN_OVER,
-                            reason: "session resumed on another connection".into(),
-                            by: ClosedBy::Client,
-                            flush_first: true,
-                            takeover: true,
-                        });
-                        if asked == Queued::Yes {
-                            asked_takeover = true;
-                            self.metrics.session_takeovers.inc();
-                        }
-                    }
-                    if tokio::time::Instant::now() >= deadline {
-                        return Err(refusal(
-                            ResumeCode::SessionClosed,
-                            "the session's previous connection did not let go in time",
-                        ));
-                    }
-                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    self.let_go(&conn, &mut asked_takeover, deadline).await?;
                 }
                 Err(_) => return Err(self.gone(&conn.key)),
             }

@@ -559,34 +559,47 @@ impl Sessions {
                     // The client is back before its old socket was seen to
                     // be lost: that one goes, the session stays. Or the
                     // session is being suspended: wait for it.
-                    if !asked_takeover {
-                        let asked = conn.request_close(CloseRequest {
-                            code: TAKEN_OVER,
-                            reason: "session resumed on another connection".into(),
-                            by: ClosedBy::Client,
-                            // Nothing is dropped: the suspension keeps the
-                            // direct messages, held ones included.
-                            flush_first: true,
-                            takeover: true,
-                        });
-                        if asked == Queued::Yes {
-                            asked_takeover = true;
-                            self.metrics.session_takeovers.inc();
-                        }
-                    }
-                    if tokio::time::Instant::now() >= deadline {
-                        return Err(refusal(
-                            ResumeCode::SessionClosed,
-                            "the session's previous connection did not let go in time",
-                        ));
-                    }
-                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    self.let_go(&conn, &mut asked_takeover, deadline).await?;
                 }
                 Err(AttachError::Ended) => return Err(self.gone(&conn.key)),
                 Err(AttachError::Ahead) => return Err(ahead()),
                 Err(AttachError::Trimmed) => return Err(self.cannot_replay(&conn)),
             }
         }
+    }
+
+    /// One wait for a session's open socket to let go of it: asks it to
+    /// close (4009, once: `asked`), then waits a little. The refusal once
+    /// `deadline` has passed.
+    async fn let_go(
+        &self,
+        conn: &Conn,
+        asked: &mut bool,
+        deadline: tokio::time::Instant,
+    ) -> Result<(), ResumeError> {
+        if !*asked {
+            let r = conn.request_close(CloseRequest {
+                code: TAKEN_OVER,
+                reason: "session resumed on another connection".into(),
+                by: ClosedBy::Client,
+                // Nothing is dropped: the suspension keeps the direct
+                // messages, held ones included.
+                flush_first: true,
+                takeover: true,
+            });
+            if r == Queued::Yes {
+                *asked = true;
+                self.metrics.session_takeovers.inc();
+            }
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(refusal(
+                ResumeCode::SessionClosed,
+                "the session's previous connection did not let go in time",
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        Ok(())
     }
 
     /// The refusal of a session that cannot give the client everything after
