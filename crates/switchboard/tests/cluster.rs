@@ -45,7 +45,9 @@
 //! - sessions: a suspended native session answers `queued` and its info
 //!   through any node; a resume landing on another node takes the session
 //!   there with everything kept, and commands through the node its id names
-//!   follow it (more in `cluster_sessions.rs`).
+//!   follow it, as do the origin's replies; the holder's refusal (an
+//!   expired session) is the resume's refusal, and a session nobody holds
+//!   is `session_unknown` (more in `cluster_sessions.rs`).
 //! - HTTP fallbacks: a long-poll session's polls, commands and end land on
 //!   either node (no sticky sessions) and are forwarded to the node holding
 //!   it; every direct message arrives once and in order, and a poll waiting
@@ -2117,6 +2119,45 @@ async fn a_suspended_session_is_reached_through_any_node_and_resumes_on_another(
     assert_eq!(connects, 1);
     assert!(origin.disconnects_of(&id).is_empty());
     drop(ws);
+}
+
+/// A refusal by the node that held a session is the refusal of a resume
+/// on another node: a session that expired on `a` (its own ttl, from the
+/// origin's `connect` answer) is `session_expired` on `b`, not unknown; and
+/// a session nobody holds is `session_unknown`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resume_on_another_node_is_refused_as_the_holder_refuses_it() {
+    let nats = NatsServer::start(false);
+    let origin = TestOrigin::start(None).await;
+    origin.behavior(|b| {
+        b.connect = switchboard_test_util::ConnectBehavior::Accept(
+            switchboard_proto::origin::OriginAnswer {
+                session_ttl_ms: Some(300),
+                ..Default::default()
+            },
+        )
+    });
+    let (a, b) = start_pair(&nats, &origin, "refusals").await;
+    let (ws, first) = native_first(&a.ws_url("/app")).await;
+    assert_eq!(first["session_ttl_ms"], 300, "{first}");
+    let id = first["client"].as_str().unwrap().to_owned();
+    let token = first["session"].as_str().unwrap().to_owned();
+    drop(ws);
+    let gone = origin.wait_disconnect(&id).await;
+    assert_eq!(gone.reason, "session expired");
+
+    let (_ws, r) = native_first(&b.ws_url(&format!("/app?resume={token}&received=0"))).await;
+    assert_eq!(r["resume_error"]["code"], "session_expired", "{r}");
+    assert_eq!(
+        node_of(r["client"].as_str().unwrap()),
+        "b",
+        "a new session on b"
+    );
+
+    let unknown = token.replacen(&id[2..6], "AAAA", 1);
+    let (_ws, r) = native_first(&b.ws_url(&format!("/app?resume={unknown}"))).await;
+    assert_eq!(r["resume_error"]["code"], "session_unknown", "{r}");
+    assert_eq!(origin.disconnects_of(&id).len(), 1);
 }
 
 /// An HTTP request (`Connection: close`) on a node's client listener:

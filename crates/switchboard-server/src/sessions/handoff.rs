@@ -89,14 +89,21 @@ impl Sessions {
         if self.arriving.count.load(Relaxed) == 0 {
             return;
         }
-        let Some(notify) = self.arriving.wakers.lock().get(key).cloned() else {
-            return;
-        };
-        let notified = notify.notified();
-        tokio::pin!(notified);
-        notified.as_mut().enable();
-        if self.arriving.wakers.lock().contains_key(key) {
-            let _ = tokio::time::timeout(max, notified).await;
+        let until = tokio::time::Instant::now() + max;
+        // Again while it is on its way: one move may follow another.
+        loop {
+            let Some(notify) = self.arriving.wakers.lock().get(key).cloned() else {
+                return;
+            };
+            let notified = notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if !self.arriving.wakers.lock().contains_key(key) {
+                return;
+            }
+            if tokio::time::timeout_at(until, notified).await.is_err() {
+                return;
+            }
         }
     }
 
