@@ -125,7 +125,7 @@ pub(crate) struct Metrics {
     /// Open sockets closed because their session resumed on another (4009).
     pub(crate) session_takeovers: Counter,
     /// Sessions moved between nodes, by result (`sent`, `received`,
-    /// `failed`).
+    /// `failed`, `too_large`).
     pub(crate) session_handoffs: Family<ResultLabel, Counter>,
     /// Direct messages kept for resumes (sent, not acknowledged).
     pub(crate) session_outbox_messages: Gauge,
@@ -369,7 +369,7 @@ impl Metrics {
         );
         r.register(
             "session_handoffs",
-            "Sessions moved between nodes (a resume elsewhere, a drain), by result: sent, received, failed",
+            "Sessions moved between nodes (a resume elsewhere, a drain), by result: sent, received, failed, too_large",
             m.session_handoffs.clone(),
         );
         r.register(

@@ -96,22 +96,47 @@ async fn cross_node(
     let control = na.control.ok_or("no control listener")?;
     let url_a = format!("ws://{}/", na.addr);
     let url_b = format!("ws://{}/", nb.addr);
-    let mut clients = Vec::new();
-    let mut sockets = Vec::new();
-    let mut pending = futures_util::stream::iter((0..a.cross_node_resumes).map(|_| open(&url_a)))
-        .buffer_unordered(a.parallel);
+    let (clients, sockets) = open_all(&url_a, a.cross_node_resumes, a.parallel).await?;
+    drop(sockets);
+    wait_stat(&api, na, "sessions_suspended", clients.len() as u64).await?;
+    send_to_all(&api, control, &clients, "message-00000000").await?;
+    time_resumes(&url_b, &clients, Some("b"), true, problems).await
+}
+
+/// Opens `n` native connections to `url`, `parallel` handshakes at a time:
+/// each one's (connection id, resume token), and the sockets.
+async fn open_all(
+    url: &str,
+    n: usize,
+    parallel: usize,
+) -> Result<(Vec<(String, String)>, Vec<Ws>), String> {
+    let mut clients = Vec::with_capacity(n);
+    let mut sockets = Vec::with_capacity(n);
+    let mut pending =
+        futures_util::stream::iter((0..n).map(|_| open(url))).buffer_unordered(parallel);
     while let Some(r) = pending.next().await {
         let (ws, first) = r?;
         let id = first["client"].as_str().ok_or("no client id")?.to_owned();
-        let session = first["session"].as_str().ok_or("no session")?.to_owned();
+        let session = first["session"]
+            .as_str()
+            .ok_or("no session: sessions off?")?
+            .to_owned();
         clients.push((id, session));
         sockets.push(ws);
     }
-    drop(pending);
-    drop(sockets);
-    wait_stat(&api, na, "sessions_suspended", clients.len() as u64).await?;
+    Ok((clients, sockets))
+}
+
+/// One direct message with `text` to every session of `clients`
+/// (`POST /v1/messages`, all ids in one message).
+async fn send_to_all(
+    api: &Api,
+    control: std::net::SocketAddr,
+    clients: &[(String, String)],
+    text: &str,
+) -> Result<(), String> {
     let ids: Vec<&str> = clients.iter().map(|(id, _)| id.as_str()).collect();
-    let body = json!({"messages": [{"connection_ids": ids, "text": "message-00000000"}]});
+    let body = json!({"messages": [{"connection_ids": ids, "text": text}]});
     let status = api
         .post(
             &format!("http://{control}/v1/messages"),
@@ -122,18 +147,35 @@ async fn cross_node(
     if status != 200 {
         return Err(format!("POST /v1/messages: {status}"));
     }
+    Ok(())
+}
+
+/// Resumes `clients` on `url` one after the other with `received=0`, each
+/// timed from the start of its TCP connection to its first recovered
+/// direct message (to its `connected` without `first_direct`), and checked
+/// to land on `node` if given: the percentiles.
+async fn time_resumes(
+    url: &str,
+    clients: &[(String, String)],
+    node: Option<&str>,
+    first_direct: bool,
+    problems: &mut Vec<String>,
+) -> Result<Percentiles, String> {
     let mut h = measure::histogram();
-    for (id, session) in &clients {
+    for (id, session) in clients {
         let started = Instant::now();
-        let (mut ws, first) = open(&format!("{url_b}?resume={session}&received=0")).await?;
-        if first["resumed"] != true || first["client"] != id.as_str() || first["node"] != "b" {
-            problems.push(format!("resume of {id} on b refused: {first}"));
+        let (mut ws, first) = open(&format!("{url}?resume={session}&received=0")).await?;
+        let elsewhere = node.is_some_and(|n| first["node"] != n);
+        if first["resumed"] != true || first["client"] != id.as_str() || elsewhere {
+            problems.push(format!("resume of {id} refused: {first}"));
             break;
         }
-        let direct = next_json(&mut ws).await?;
-        if direct["seq"] != 1 {
-            problems.push(format!("first recovered message of {id} on b: {direct}"));
-            break;
+        if first_direct {
+            let direct = next_json(&mut ws).await?;
+            if direct["seq"] != 1 {
+                problems.push(format!("first recovered message of {id}: {direct}"));
+                break;
+            }
         }
         h.record(started.elapsed().as_micros() as u64)
             .map_err(|e| e.to_string())?;
@@ -170,21 +212,7 @@ pub(crate) async fn run(opts: &Opts, a: Args) -> Result<bool, String> {
     let rss_start = measure::rss(pid).ok_or("no RSS")?;
 
     // Connect.
-    let mut clients: Vec<(String, String)> = Vec::with_capacity(n);
-    let mut sockets = Vec::with_capacity(n);
-    let mut pending =
-        futures_util::stream::iter((0..n).map(|_| open(&url))).buffer_unordered(a.parallel);
-    while let Some(r) = pending.next().await {
-        let (ws, first) = r?;
-        let id = first["client"].as_str().ok_or("no client id")?.to_owned();
-        let session = first["session"]
-            .as_str()
-            .ok_or("no session: sessions off?")?
-            .to_owned();
-        clients.push((id, session));
-        sockets.push(ws);
-    }
-    drop(pending);
+    let (clients, sockets) = open_all(&url, n, a.parallel).await?;
     wait_stat(&api, &gw, "connections", n as u64).await?;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let rss_open = measure::rss(pid).ok_or("no RSS")?;
@@ -196,46 +224,16 @@ pub(crate) async fn run(opts: &Opts, a: Args) -> Result<bool, String> {
     let rss_suspended = measure::rss(pid).ok_or("no RSS")?;
 
     // Fill every outbox.
-    let ids: Vec<&str> = clients.iter().map(|(id, _)| id.as_str()).collect();
     for i in 0..a.messages {
-        let body =
-            json!({"messages": [{"connection_ids": ids, "text": format!("message-{i:08}")}]});
-        let status = api
-            .post(
-                &format!("http://{control}/v1/messages"),
-                body.to_string(),
-                true,
-            )
-            .await?;
-        if status != 200 {
-            return Err(format!("POST /v1/messages: {status}"));
-        }
+        send_to_all(&api, control, &clients, &format!("message-{i:08}")).await?;
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
     let rss_outbox = measure::rss(pid).ok_or("no RSS")?;
 
     // Resume some, one at a time.
-    let mut h = measure::histogram();
     let mut problems = Vec::new();
-    for (id, session) in clients.iter().take(a.resumes) {
-        let started = Instant::now();
-        let (mut ws, first) = open(&format!("{url}?resume={session}&received=0")).await?;
-        if first["resumed"] != true || first["client"] != id.as_str() {
-            problems.push(format!("resume of {id} refused: {first}"));
-            break;
-        }
-        if a.messages > 0 {
-            let direct = next_json(&mut ws).await?;
-            if direct["seq"] != 1 {
-                problems.push(format!("first recovered message of {id}: {direct}"));
-                break;
-            }
-        }
-        h.record(started.elapsed().as_micros() as u64)
-            .map_err(|e| e.to_string())?;
-        let _ = ws.close(None).await;
-    }
-    let resume = Percentiles::of(&h);
+    let take = &clients[..a.resumes.min(n)];
+    let resume = time_resumes(&url, take, None, a.messages > 0, &mut problems).await?;
     drop(gw);
     let across = if a.cross_node_resumes > 0 {
         Some(cross_node(opts, &a, &mut problems).await?)

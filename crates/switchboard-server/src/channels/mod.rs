@@ -813,10 +813,7 @@ impl Channels {
             let mut st = ch.state.lock();
             let at = match st.parked.remove(&conn.key) {
                 Some(p) => Some((p.epoch.to_string(), p.offset)),
-                None => st.subscribers.remove(&conn.key).map(|_| {
-                    let (epoch, offset) = st.position();
-                    (epoch, offset)
-                }),
+                None => st.subscribers.remove(&conn.key).map(|_| st.position()),
             };
             if let Some((epoch, offset)) = at {
                 metrics.subscriptions.dec();

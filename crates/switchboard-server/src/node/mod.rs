@@ -299,11 +299,7 @@ impl Gateway {
         // sessions die with the node: lost sockets end theirs from now on,
         // and the suspended ones end now (each with its `disconnect`).
         let hand_over = shared.commands.sessions.enabled()
-            && shared.commands.cluster.get().is_some_and(|c| {
-                c.peers()
-                    .iter()
-                    .any(|p| !p.draining && p.node != shared.commands.node.as_str())
-            });
+            && !crate::commands::handoff::heirs(&shared.commands).is_empty();
         if !hand_over {
             shared.commands.sessions.shut_down();
             shared.commands.sessions.end_all(false);

@@ -19,7 +19,6 @@ use switchboard_proto::conn_id::ConnKey;
 use switchboard_proto::control::{KeptMessage, SessionState};
 use switchboard_proto::native::{ResumeCode, ResumeError};
 use switchboard_proto::origin::Transport;
-use switchboard_proto::ConnectionId;
 use tokio::sync::Notify;
 
 /// Where the sessions this node gave up went, and until when that matters.
@@ -107,6 +106,11 @@ impl Sessions {
         }
     }
 
+    /// Whether any session is on its way here (or out).
+    pub(crate) fn anything_arriving(&self) -> bool {
+        self.arriving.count.load(Relaxed) > 0
+    }
+
     /// Whether the session `key` is on its way here (or, on a draining
     /// node, on its way out: commands wait for the move to finish).
     pub(crate) fn is_arriving(&self, key: &ConnKey) -> bool {
@@ -125,10 +129,7 @@ impl Sessions {
     /// Whether the session named by `token` is held here (connected or
     /// suspended). `false` for a malformed token.
     pub(crate) fn holds(&self, token: &str) -> bool {
-        token
-            .rsplit_once('.')
-            .and_then(|(id, _)| ConnectionId::parse(id).ok())
-            .is_some_and(|id| self.registry.get(&id.key()).is_some())
+        super::connection_of(token).is_some_and(|id| self.registry.get(&id.key()).is_some())
     }
 
     /// The node a session that was here moved to, while it may still live.
@@ -173,9 +174,7 @@ impl Sessions {
                 "this node keeps no sessions (session-ttl is 0s)",
             ));
         }
-        let id = token
-            .rsplit_once('.')
-            .and_then(|(id, _)| ConnectionId::parse(id).ok())
+        let id = super::connection_of(token)
             .ok_or_else(|| refusal(ResumeCode::SessionInvalid, "not a resume token"))?;
         let Some(conn) = self.registry.get(&id.key()) else {
             // Not here: a token of this node's previous run, or of a
@@ -314,14 +313,9 @@ impl Sessions {
                 "this node is shutting down",
             ));
         }
-        let id = ConnectionId::parse(&state.connection_id).map_err(|_| invalid("connection id"))?;
-        if state
-            .token
-            .rsplit_once('.')
-            .is_none_or(|(tid, _)| tid != state.connection_id)
-        {
-            return Err(invalid("token"));
-        }
+        let id = super::connection_of(&state.token)
+            .filter(|id| id.as_str() == state.connection_id)
+            .ok_or_else(|| invalid("token"))?;
         if self.registry.get(&id.key()).is_some() {
             return Err(refusal(
                 ResumeCode::SessionClosed,
@@ -390,7 +384,8 @@ impl Sessions {
         Ok(conn)
     }
 
-    fn count_handoff(&self, result: &'static str) {
+    /// Counts a move in `switchboard_session_handoffs_total{result}`.
+    pub(crate) fn count_handoff(&self, result: &'static str) {
         self.metrics
             .session_handoffs
             .get_or_create(&ResultLabel { result })

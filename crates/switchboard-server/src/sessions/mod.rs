@@ -210,8 +210,8 @@ impl Sessions {
     /// The connection id a resume token names, if this node issued it.
     fn verify(&self, token: &str) -> Result<ConnectionId, ResumeError> {
         let invalid = || refusal(ResumeCode::SessionInvalid, "not a resume token");
-        let (id, mac) = token.rsplit_once('.').ok_or_else(invalid)?;
-        let id = ConnectionId::parse(id).map_err(|_| invalid())?;
+        let id = connection_of(token).ok_or_else(invalid)?;
+        let (_, mac) = token.rsplit_once('.').ok_or_else(invalid)?;
         if let Some(known) = self.adopted.lock().get(&id.key()) {
             // A session that moved here from another node.
             return if bool::from(subtle::ConstantTimeEq::ct_eq(
@@ -689,6 +689,13 @@ impl Sessions {
             }),
         );
     }
+}
+
+/// The connection id a session token (resume token, or an HTTP fallback's
+/// `?session=`) starts with: `<connection id>.<MAC>`. Not checked.
+pub(crate) fn connection_of(token: &str) -> Option<ConnectionId> {
+    let (id, _) = token.rsplit_once('.')?;
+    ConnectionId::parse(id).ok()
 }
 
 /// `disconnect.reason` of a session that outlived its ttl.
