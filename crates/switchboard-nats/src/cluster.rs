@@ -652,10 +652,10 @@ impl NatsCluster {
             .all(|other| me < other.as_str())
     }
 
-    /// Answers commands arriving on `sub`. Once stopped, it unsubscribes
-    /// (new requests then find no responder at once, and their senders look
-    /// elsewhere) and answers the requests already delivered, rather than
-    /// leave them to time out.
+    /// Answers commands arriving on `sub`. Once stopped, it drains the
+    /// subscription (new requests then find no responder at once, and their
+    /// senders look elsewhere) and answers the requests already on their
+    /// way, rather than leave them to time out.
     async fn serve(self: Arc<Self>, mut sub: async_nats::Subscriber) {
         loop {
             let msg = tokio::select! {
@@ -665,7 +665,9 @@ impl NatsCluster {
             tokio::spawn(self.clone().answer(msg));
         }
         let halted = self.halted.load(std::sync::atomic::Ordering::Relaxed);
-        if halted || !self.link.is_up() || sub.unsubscribe().await.is_err() {
+        // Drained, not just unsubscribed: requests already on their way to
+        // this subscription are still delivered, and answered below.
+        if halted || !self.link.is_up() || sub.drain().await.is_err() {
             return;
         }
         let _ = tokio::time::timeout(LAST_ANSWERS, async {

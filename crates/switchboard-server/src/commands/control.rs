@@ -236,10 +236,11 @@ pub(crate) async fn execute(s: &Arc<Commands>, cmd: Command, forwarded: bool) ->
     let key = ConnectionId::parse(&id).ok().map(|c| c.key());
     let mut target = remote_owner(s, &id, forwarded);
     let mut asked: Vec<String> = Vec::new();
-    let mut reply;
     let mut hops = 0;
-    loop {
-        reply = match &target {
+    // Looked for on every node once: then followed from where it was found.
+    let mut located = false;
+    let reply = loop {
+        let reply = match &target {
             Some(node) => {
                 asked.push(node.clone());
                 forward(s, node, &cmd).await
@@ -250,6 +251,9 @@ pub(crate) async fn execute(s: &Arc<Commands>, cmd: Command, forwarded: bool) ->
             }
         };
         if !is_not_found(&reply) {
+            if let (true, Some(k), Some(node)) = (located, key, &target) {
+                s.sessions.remember_location(k, node);
+            }
             return reply;
         }
         if forwarded {
@@ -260,9 +264,6 @@ pub(crate) async fn execute(s: &Arc<Commands>, cmd: Command, forwarded: bool) ->
             };
         }
         hops += 1;
-        if hops > MAX_HOPS {
-            break;
-        }
         // Where the node asked says it went, or where it went from here
         // (it left while the command waited for it).
         let went = moved_hint(&reply).or_else(|| {
@@ -272,30 +273,38 @@ pub(crate) async fn execute(s: &Arc<Commands>, cmd: Command, forwarded: bool) ->
                 .flatten()
         });
         let here = key.is_some_and(|k| s.registry.get(&k).is_some() || s.sessions.is_arriving(&k));
-        match went {
+        let next = match went {
+            _ if hops > MAX_HOPS => None,
             // Here now, or on its way here.
-            _ if target.is_some() && here => target = None,
-            Some(next) if next == s.node.as_str() && target.is_some() => target = None,
-            Some(next) if !asked.contains(&next) && next != s.node.as_str() => target = Some(next),
-            _ => break,
+            _ if target.is_some() && here => Some(None),
+            Some(n) if n == s.node.as_str() && target.is_some() => Some(None),
+            Some(n) if !asked.contains(&n) && n != s.node.as_str() => Some(Some(n)),
+            _ => None,
+        };
+        if let Some(next) = next {
+            target = next;
+            continue;
         }
-    }
-    // Not where its id says: a session that moved to another node.
-    match super::handoff::locate(s, &id, &asked).await {
-        Some(node) => {
-            if let Some(k) = key {
-                s.sessions.remember_location(k, &node);
+        if located {
+            break reply;
+        }
+        // Not where its id says, nor where it was followed to: a session
+        // that moved (maybe more than once meanwhile). Every node is asked.
+        located = true;
+        match super::handoff::locate(s, &id).await {
+            Some(node) => {
+                target = Some(node);
+                hops = 0;
+                asked.clear();
             }
-            forward(s, &node, &cmd).await
+            None => break reply,
         }
-        None => {
-            tracing::debug!(connection = %id, ?asked, hops, "connection not found on any node");
-            if moved_hint(&reply).is_some() {
-                ApiError::not_found(&id).into()
-            } else {
-                reply
-            }
-        }
+    };
+    tracing::debug!(connection = %id, ?asked, hops, "connection not found on any node");
+    if moved_hint(&reply).is_some() {
+        ApiError::not_found(&id).into()
+    } else {
+        reply
     }
 }
 
@@ -321,6 +330,11 @@ async fn arrived(s: &Commands, id: &str) {
     let Some(cluster) = s.cluster.get() else {
         return;
     };
+    // Nothing to parse for while nothing is on its way (a batch asks this
+    // for every id).
+    if !s.sessions.anything_arriving() {
+        return;
+    }
     if let Ok(cid) = ConnectionId::parse(id) {
         s.sessions
             .arrived(&cid.key(), cluster.forward_timeout() / 2)

@@ -21,6 +21,8 @@ use switchboard_proto::native::{ResumeCode, ResumeError};
 use switchboard_proto::origin::Payload;
 use switchboard_proto::ConnectionId;
 
+use crate::sessions::connection_of;
+
 /// Most ids of one batch looked for on every node when their node did not
 /// know them: each costs a request to every node.
 const MAX_RELOCATED: usize = 64;
@@ -41,11 +43,7 @@ pub(super) async fn take(s: &Commands, t: SessionTake) -> CommandReply {
         .get()
         .map_or(Duration::from_secs(2), |c| c.forward_timeout() / 2);
     let deadline = tokio::time::Instant::now() + wait;
-    let key = t
-        .token
-        .rsplit_once('.')
-        .and_then(|(id, _)| ConnectionId::parse(id).ok())
-        .map(|id| id.key());
+    let key = connection_of(&t.token).map(|id| id.key());
     if let Some(key) = &key {
         // On its way here, or out of here: asked once it has settled.
         s.sessions.arrived(key, wait).await;
@@ -92,14 +90,9 @@ fn movable(s: &Commands, state: SessionState) -> Result<Vec<u8>, ResumeError> {
 /// Keeps a session given up here that cannot move (too large for the bus):
 /// suspended here again, it ends with its ttl or the drain.
 fn keep_here(s: &Commands, state: SessionState) -> ResumeError {
-    s.metrics
-        .session_handoffs
-        .get_or_create(&crate::metrics::ResultLabel {
-            result: "too_large",
-        })
-        .inc();
+    s.sessions.count_handoff("too_large");
     tracing::warn!(connection = %state.connection_id, "a session too large to move between nodes stays here");
-    if let Err(e) = s.sessions.adopt(state) {
+    if let Err(e) = keep(s, state) {
         return e;
     }
     ResumeError {
@@ -171,10 +164,7 @@ pub(crate) async fn pull(
     if !s.sessions.enabled() || s.sessions.holds(token) {
         return Ok(());
     }
-    let Some(id) = token
-        .rsplit_once('.')
-        .and_then(|(id, _)| ConnectionId::parse(id).ok())
-    else {
+    let Some(id) = connection_of(token) else {
         return Ok(());
     };
     let Ok(received) = received.map_or(Ok(0), str::parse::<u64>) else {
@@ -202,24 +192,19 @@ pub(crate) async fn pull(
         .or_else(|| (id.node() != s.node.as_str()).then(|| id.node().to_owned()));
     if let Some(node) = &first {
         match ask(s, node, &take).await {
-            Taken::Got(state) => return adopt(s, *state),
+            Taken::Got(state) => return keep(s, *state),
             Taken::Refused(e) => return Err(e),
             Taken::NotThere(why) => {
                 tracing::debug!(connection = %id, %node, %why, "session not on its last node");
             }
         }
     }
-    let others: Vec<String> = cluster
-        .peers()
-        .into_iter()
-        .map(|p| p.node)
-        .filter(|n| Some(n) != first.as_ref() && n != s.node.as_str())
-        .collect();
+    let others = peers_except(s, &[first.as_deref().unwrap_or_default()]);
     let answers = futures_util::future::join_all(others.iter().map(|n| ask(s, n, &take))).await;
     let mut refused = None;
     for answer in answers {
         match answer {
-            Taken::Got(state) => return adopt(s, *state),
+            Taken::Got(state) => return keep(s, *state),
             Taken::Refused(e) => refused = refused.or(Some(e)),
             Taken::NotThere(why) => {
                 tracing::debug!(connection = %id, %why, "session not on this node");
@@ -229,34 +214,59 @@ pub(crate) async fn pull(
     refused.map_or(Ok(()), Err)
 }
 
-fn adopt(s: &Commands, state: SessionState) -> Result<(), ResumeError> {
+/// Keeps a session given up by another node (or, undone, by this one):
+/// one that cannot be kept has ended, and the origin is told so.
+fn keep(s: &Commands, state: SessionState) -> Result<(), ResumeError> {
     let id = state.connection_id.clone();
     s.sessions.adopt(state).map(drop).inspect_err(|e| {
-        // Given up there, not kept here: it has ended.
-        tracing::warn!(connection = %id, error = %e.message, "a session taken from another node could not be kept");
+        tracing::warn!(connection = %id, error = %e.message, "a session on the move could not be kept");
         if let Ok(id) = ConnectionId::parse(&id) {
-            s.sessions.void_disconnect(&id, "session lost in a handoff");
+            lost(s, &id);
         }
     })
 }
 
-/// The node holding connection `id` (not this one, nor those `asked`,
-/// which did not know it): the node of the cluster that answers for it
-/// (each runs the lookup locally: only the holder answers 200).
-pub(super) async fn locate(s: &Commands, id: &str, asked: &[String]) -> Option<String> {
-    let cluster = s.cluster.get()?;
+/// A session given up here or there and kept nowhere: counted, and the
+/// origin gets its `disconnect` (`session lost in a handoff`).
+fn lost(s: &Commands, id: &ConnectionId) {
+    s.sessions.count_handoff("failed");
+    s.sessions.void_disconnect(id, "session lost in a handoff");
+}
+
+/// The live nodes but this one and those in `skip`.
+fn peers_except(s: &Commands, skip: &[&str]) -> Vec<String> {
+    s.cluster.get().map_or_else(Vec::new, |c| {
+        c.peers()
+            .into_iter()
+            .map(|p| p.node)
+            .filter(|n| n != s.node.as_str() && !skip.contains(&n.as_str()))
+            .collect()
+    })
+}
+
+/// The live, not draining nodes but this one: those a draining node can
+/// hand its sessions to.
+pub(crate) fn heirs(s: &Commands) -> Vec<String> {
+    s.cluster.get().map_or_else(Vec::new, |c| {
+        c.peers()
+            .into_iter()
+            .filter(|p| !p.draining && p.node != s.node.as_str())
+            .map(|p| p.node)
+            .collect()
+    })
+}
+
+/// The node holding connection `id` (not this one): the node of the
+/// cluster that answers for it (each runs the lookup locally: only the
+/// holder answers 200).
+pub(super) async fn locate(s: &Commands, id: &str) -> Option<String> {
     if !s.sessions.enabled() {
         return None;
     }
     let info = Command::Info(ConnectionRef {
         connection_id: id.to_owned(),
     });
-    let others: Vec<String> = cluster
-        .peers()
-        .into_iter()
-        .map(|p| p.node)
-        .filter(|n| !asked.contains(n) && n != s.node.as_str())
-        .collect();
+    let others = peers_except(s, &[]);
     let answers = futures_util::future::join_all(others.iter().map(|n| forward(s, n, &info))).await;
     others
         .into_iter()
@@ -288,7 +298,7 @@ pub(super) async fn relocate_unknown(
     }
     let found = unknown.into_iter().map(|(id, messages)| async move {
         let mut out = Vec::new();
-        let Some(node) = locate(s, &id, &[]).await else {
+        let Some(node) = locate(s, &id).await else {
             return out;
         };
         if let Ok(cid) = ConnectionId::parse(&id) {
@@ -322,15 +332,7 @@ pub(super) async fn relocate_unknown(
 /// client. Returns how many were handed over; a session no node took stays
 /// here, and ends with the drain.
 pub(crate) async fn hand_over_all(s: &Commands, until: tokio::time::Instant) -> usize {
-    let Some(cluster) = s.cluster.get() else {
-        return 0;
-    };
-    let nodes: Vec<String> = cluster
-        .peers()
-        .into_iter()
-        .filter(|p| !p.draining && p.node != s.node.as_str())
-        .map(|p| p.node)
-        .collect();
+    let nodes = heirs(s);
     if nodes.is_empty() {
         return 0;
     }
@@ -365,11 +367,7 @@ pub(crate) async fn hand_over_all(s: &Commands, until: tokio::time::Instant) -> 
                         _ => {
                             // Whether it is there cannot be known: it ends.
                             tracing::warn!(connection = %conn.id, %node, "a draining node's session was lost on its way");
-                            s.metrics
-                                .session_handoffs
-                                .get_or_create(&crate::metrics::ResultLabel { result: "failed" })
-                                .inc();
-                            s.sessions.void_disconnect(&conn.id, "session lost in a handoff");
+                            lost(s, &conn.id);
                             return None;
                         }
                     }
@@ -383,11 +381,8 @@ pub(crate) async fn hand_over_all(s: &Commands, until: tokio::time::Instant) -> 
                 keep_here(s, *state);
             } else {
                 tracing::warn!(connection = %conn.id, %node, status = reply.status, "a draining node's session was not taken; it ends here");
-                s.metrics
-                    .session_handoffs
-                    .get_or_create(&crate::metrics::ResultLabel { result: "failed" })
-                    .inc();
-                let _ = s.sessions.adopt(*state);
+                s.sessions.count_handoff("failed");
+                let _ = keep(s, *state);
             }
             None
         }

@@ -354,16 +354,13 @@ fn refusal_reply(r: &Refusal) -> CommandReply {
     }
 }
 
-/// The node holding the session named by `token`, when it is another one
-/// and the node is in a cluster.
-fn remote_node<'a>(shared: &Edge, token: &'a str) -> Option<&'a str> {
-    shared.commands.cluster.get()?;
-    let (id, _) = token.rsplit_once('.')?;
-    let node = switchboard_proto::ConnectionId::parse(id)
-        .ok()
-        .map(|_| id.split_once('.'))??
-        .0;
-    (node != shared.node.as_str()).then_some(node)
+/// Whether the session named by `token` is not held here, in a cluster:
+/// its requests then go through the cluster's routing, which finds the
+/// node holding it (the one its id names, or where it moved).
+fn held_elsewhere(shared: &Edge, token: &str) -> bool {
+    shared.commands.cluster.get().is_some()
+        && crate::sessions::connection_of(token)
+            .is_some_and(|id| shared.commands.registry.get(&id.key()).is_none())
 }
 
 /// Runs a request of a session held by another node there, through the
@@ -682,7 +679,7 @@ async fn poll(
         }
     };
     let token = query_param(&head.req.query, "session").unwrap_or_default();
-    if remote_node(&shared, token).is_some() {
+    if held_elsewhere(&shared, token) {
         let client = Client {
             stream,
             remote: head.remote,
@@ -1017,7 +1014,7 @@ async fn refuse(
 /// session: the answer for the client.
 async fn session_request(shared: &Arc<Edge>, head: &Head, action: FallbackAction) -> CommandReply {
     let token = query_param(&head.req.query, "session").unwrap_or_default();
-    if remote_node(shared, token).is_some() {
+    if held_elsewhere(shared, token) {
         forward(shared, token, action).await
     } else {
         shared
