@@ -14,6 +14,7 @@ use crate::cluster::{Cluster, ClusterError, CommandReply, Node};
 use crate::lease::Lease;
 use crate::memory::MemoryHub;
 use crate::namespace::Namespace;
+use crate::sessions::SessionStore;
 use crate::BoxFuture;
 use bytes::Bytes;
 use futures_util::StreamExt;
@@ -441,6 +442,75 @@ async fn presence_and_joins_span_the_nodes(backend: &dyn Backend) {
     assert!(own.is_err(), "the announcing node got {own:?}");
 }
 
+/// Runs every check of a [`SessionStore`] (one that keeps at most
+/// `max_messages` per session) against `store`; panics on the first
+/// failure. Session ids are random, so a store may be used again.
+pub async fn run_session_store(store: &dyn SessionStore, max_messages: usize) {
+    use crate::sessions::StoreError;
+    let id = format!("n1.{:016x}", rand::random::<u64>());
+    let other = format!("n2.{:016x}", rand::random::<u64>());
+    assert_eq!(store.get(&id).await, Ok(None));
+
+    // Records: conditional writes by revision.
+    let r1 = store
+        .put(&id, Bytes::from_static(b"one"), None)
+        .await
+        .expect("put");
+    let r2 = store
+        .put(&id, Bytes::from_static(b"two"), Some(r1))
+        .await
+        .expect("put at the revision");
+    assert_ne!(r1, r2);
+    let stale = store.put(&id, Bytes::from_static(b"old"), Some(r1)).await;
+    assert_eq!(stale, Err(StoreError::Conflict));
+    let got = store.get(&id).await.expect("get").expect("a record");
+    assert_eq!((&got.record[..], got.revision), (&b"two"[..], r2));
+    let r3 = store
+        .put(&id, Bytes::from_static(b"three"), None)
+        .await
+        .expect("put");
+    let ro = store
+        .put(&other, Bytes::from_static(b"x"), None)
+        .await
+        .expect("put");
+    let all = store.all().await.expect("all");
+    let mine: Vec<_> = all.iter().filter(|r| r.id == id || r.id == other).collect();
+    assert_eq!(mine.len(), 2, "{all:?}");
+    assert!(mine
+        .iter()
+        .any(|r| r.id == id && &r.record[..] == b"three" && r.revision == r3));
+
+    // Messages: in seq order, a seq kept once, the newest `max_messages`.
+    let m = |seq: u64| {
+        (
+            seq,
+            Bytes::from(format!("{{\"push\":\"direct\",\"seq\":{seq}}}")),
+        )
+    };
+    store.append(&id, vec![m(1), m(2)]).await.expect("append");
+    store
+        .append(&id, vec![(2, Bytes::from_static(b"again")), m(3)])
+        .await
+        .expect("append");
+    assert_eq!(
+        store.messages(&id).await.expect("messages"),
+        [m(1), m(2), m(3)]
+    );
+    assert_eq!(store.messages(&other).await.expect("messages"), []);
+    let more: Vec<_> = (4..=max_messages as u64 + 5).map(m).collect();
+    store.append(&id, more).await.expect("append");
+    let kept = store.messages(&id).await.expect("messages");
+    let newest: Vec<_> = (6..=max_messages as u64 + 5).map(m).collect();
+    assert_eq!(kept, newest);
+
+    // Removal, by the writer of the current revision only.
+    assert_eq!(store.remove(&id, r1).await, Err(StoreError::Conflict));
+    store.remove(&id, r3).await.expect("remove");
+    assert_eq!(store.get(&id).await, Ok(None));
+    assert_eq!(store.messages(&id).await.expect("messages"), []);
+    store.remove(&other, ro).await.expect("remove");
+}
+
 /// The in-memory backend, for [`run`]: one [`MemoryHub`] per cluster name.
 #[derive(Debug, Default)]
 pub struct MemoryBackend {
@@ -525,5 +595,6 @@ mod tests {
     #[tokio::test]
     async fn the_conformance_suite_passes_in_memory() {
         run(&MemoryBackend::default()).await;
+        run_session_store(&*crate::memory::MemorySessionStore::new(8), 8).await;
     }
 }

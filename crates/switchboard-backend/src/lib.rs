@@ -13,6 +13,8 @@
 //!   the application, and its answers.
 //! - [`lease`]: the node's right to speak for its connections in a cluster
 //!   (fencing of a node reported lost).
+//! - [`sessions`]: the [`SessionStore`] trait: sessions' records and direct
+//!   messages where every node can read them, so a session outlives its node.
 //! - [`namespace`]: channel namespaces, the options backends size logs by.
 //! - `conformance` (feature `conformance`): the suite every backend must
 //!   pass, over the traits, with stand-in nodes.
@@ -28,12 +30,14 @@ pub mod lease;
 pub mod memory;
 pub mod namespace;
 pub mod origin;
+pub mod sessions;
 
 pub use bus::{BusError, BusEvent, ChannelBus, LogEntry, LogRead, Published, Watch};
 pub use cluster::{Cluster, ClusterError, CommandReply, Node};
 pub use lease::{Lease, LeaseState};
 pub use namespace::Namespace;
 pub use origin::{ConnectDecision, OriginError, OriginTransport};
+pub use sessions::{SessionStore, StoreError, StoredRecord};
 
 /// A boxed future, as the traits' methods return.
 pub type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;

@@ -11,6 +11,9 @@
 //! cut-off node) and [`MemoryHub::restore`] (it is back: fenced if it was
 //! reported, renewed if not).
 //!
+//! [`MemorySessionStore`] keeps sessions' records and messages for the
+//! nodes of one process (the [`SessionStore`] of the conformance suite).
+//!
 //! It is the reference the other backends are compared with (the
 //! conformance suite runs on it first) and makes
 //! routing, replica and fencing logic testable without processes or clocks.
@@ -18,6 +21,7 @@
 use crate::bus::{BusError, BusEvent, ChannelBus, LogEntry, LogRead, Published, Watch};
 use crate::cluster::{Cluster, ClusterError, CommandReply, Node};
 use crate::namespace::Namespace;
+use crate::sessions::{SessionStore, StoreError, StoredRecord};
 use crate::BoxFuture;
 use bytes::Bytes;
 use parking_lot::Mutex;
@@ -485,5 +489,122 @@ impl ChannelBus for MemoryBus {
                 .flat_map(|n| n.channel_members(channel))
                 .collect())
         })
+    }
+}
+
+/// Sessions' records and messages in memory, shared by the nodes of one
+/// process (see [`crate::sessions`]).
+#[derive(Debug)]
+pub struct MemorySessionStore {
+    /// Most messages kept per session (the newest).
+    max_messages: usize,
+    sessions: Mutex<HashMap<String, StoredSession>>,
+    /// Revisions are unique across the store, as in a NATS stream.
+    revision: std::sync::atomic::AtomicU64,
+}
+
+#[derive(Debug, Default)]
+struct StoredSession {
+    record: Option<(Bytes, u64)>,
+    messages: std::collections::BTreeMap<u64, Bytes>,
+}
+
+impl MemorySessionStore {
+    /// An empty store keeping at most `max_messages` per session.
+    pub fn new(max_messages: usize) -> Arc<Self> {
+        Arc::new(Self {
+            max_messages: max_messages.max(1),
+            sessions: Mutex::new(HashMap::new()),
+            revision: 0.into(),
+        })
+    }
+}
+
+impl SessionStore for MemorySessionStore {
+    fn put(
+        &self,
+        id: &str,
+        record: Bytes,
+        expected: Option<u64>,
+    ) -> BoxFuture<'_, Result<u64, StoreError>> {
+        let mut sessions = self.sessions.lock();
+        let s = sessions.entry(id.to_owned()).or_default();
+        let now = s.record.as_ref().map(|(_, r)| *r);
+        let r = if expected.is_some() && expected != now {
+            Err(StoreError::Conflict)
+        } else {
+            let revision = self
+                .revision
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                + 1;
+            s.record = Some((record, revision));
+            Ok(revision)
+        };
+        Box::pin(std::future::ready(r))
+    }
+
+    fn get(&self, id: &str) -> BoxFuture<'_, Result<Option<StoredRecord>, StoreError>> {
+        let found = self.sessions.lock().get(id).and_then(|s| {
+            s.record.as_ref().map(|(record, revision)| StoredRecord {
+                id: id.to_owned(),
+                record: record.clone(),
+                revision: *revision,
+            })
+        });
+        Box::pin(std::future::ready(Ok(found)))
+    }
+
+    fn all(&self) -> BoxFuture<'_, Result<Vec<StoredRecord>, StoreError>> {
+        let all = self
+            .sessions
+            .lock()
+            .iter()
+            .filter_map(|(id, s)| {
+                s.record.as_ref().map(|(record, revision)| StoredRecord {
+                    id: id.clone(),
+                    record: record.clone(),
+                    revision: *revision,
+                })
+            })
+            .collect();
+        Box::pin(std::future::ready(Ok(all)))
+    }
+
+    fn remove(&self, id: &str, expected: u64) -> BoxFuture<'_, Result<(), StoreError>> {
+        let mut sessions = self.sessions.lock();
+        let now = sessions
+            .get(id)
+            .and_then(|s| s.record.as_ref().map(|(_, r)| *r));
+        let r = match now {
+            Some(r) if r != expected => Err(StoreError::Conflict),
+            _ => {
+                sessions.remove(id);
+                Ok(())
+            }
+        };
+        Box::pin(std::future::ready(r))
+    }
+
+    fn append(
+        &self,
+        id: &str,
+        messages: Vec<(u64, Bytes)>,
+    ) -> BoxFuture<'_, Result<(), StoreError>> {
+        let mut sessions = self.sessions.lock();
+        let s = sessions.entry(id.to_owned()).or_default();
+        for (seq, push) in messages {
+            s.messages.entry(seq).or_insert(push);
+        }
+        while s.messages.len() > self.max_messages {
+            s.messages.pop_first();
+        }
+        Box::pin(std::future::ready(Ok(())))
+    }
+
+    fn messages(&self, id: &str) -> BoxFuture<'_, Result<Vec<(u64, Bytes)>, StoreError>> {
+        let all = self.sessions.lock().get(id).map_or_else(Vec::new, |s| {
+            s.messages.iter().map(|(k, v)| (*k, v.clone())).collect()
+        });
+        Box::pin(std::future::ready(Ok(all)))
     }
 }

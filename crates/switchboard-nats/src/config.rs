@@ -42,6 +42,9 @@ pub struct NatsConfig {
     /// With the origin over NATS: how long a `connect` (or other
     /// synchronous) request waits for the origin's answer.
     pub origin_timeout: Duration,
+    /// Most direct messages kept per session in the session store (the
+    /// gateway's `session-outbox-messages`).
+    pub session_messages: u32,
 }
 
 impl NatsConfig {
@@ -63,6 +66,7 @@ impl NatsConfig {
             channel_log_replicas: 1,
             event_stream: None,
             origin_timeout: Duration::from_secs(10),
+            session_messages: 1_000,
         }
     }
 }

@@ -14,6 +14,9 @@
 //! - [`origin`]: [`NatsOrigin`], the [`switchboard_backend::OriginTransport`]
 //!   over NATS: `connect` as a request, other events published (optionally
 //!   through a JetStream stream, with acks).
+//! - [`sessions`]: [`NatsSessions`], the [`switchboard_backend::SessionStore`]
+//!   over JetStream: sessions' records in a key-value bucket, their direct
+//!   messages in a stream, so a session outlives its node.
 //!
 //! Subjects and payloads are in [`switchboard_proto::cluster`] and
 //! `docs/cluster.md`. Nothing here runs on a single node's hot path: the
@@ -24,12 +27,14 @@ pub mod cluster;
 pub mod config;
 pub mod connect;
 pub mod origin;
+pub mod sessions;
 
 pub use channels::NatsChannels;
 pub use cluster::NatsCluster;
 pub use config::NatsConfig;
 pub use connect::{connect, Link, NatsError};
 pub use origin::NatsOrigin;
+pub use sessions::NatsSessions;
 
 /// Parses the `Switchboard-Status` header of a reply (200 when absent).
 pub(crate) fn reply_status(headers: Option<&async_nats::HeaderMap>) -> Result<u16, String> {

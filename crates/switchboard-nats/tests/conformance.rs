@@ -80,3 +80,24 @@ async fn the_conformance_suite_passes_on_nats() {
     };
     conformance::run(&backend).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_session_store_passes_on_jetstream() {
+    let server = NatsServer::start(true);
+    let config = NatsConfig {
+        prefix: "conformance-sessions".into(),
+        session_messages: 8,
+        ..NatsConfig::new(server.url())
+    };
+    let (client, link) = switchboard_nats::connect(&config, "store")
+        .await
+        .expect("connect to NATS");
+    for _ in 0..250 {
+        if link.is_up() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let store = switchboard_nats::NatsSessions::new(client, config);
+    conformance::run_session_store(&store, 8).await;
+}

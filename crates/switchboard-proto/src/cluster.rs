@@ -88,6 +88,29 @@ impl Subjects {
         format!("{}_cluster", self.prefix.replace('.', "_"))
     }
 
+    /// The JetStream key-value bucket of sessions' records (key: the
+    /// connection id): the prefix with `.` replaced by `_`, then `_sessions`.
+    pub fn session_bucket(&self) -> String {
+        format!("{}_sessions", self.prefix.replace('.', "_"))
+    }
+
+    /// The JetStream stream of sessions' direct messages: the prefix with
+    /// `.` replaced by `_`, then `_session_messages`.
+    pub fn session_stream(&self) -> String {
+        format!("{}_session_messages", self.prefix.replace('.', "_"))
+    }
+
+    /// `<prefix>.session.<connection id>`: a session's direct messages, in
+    /// [`Subjects::session_stream`].
+    pub fn session_messages(&self, connection: &str) -> String {
+        format!("{}.session.{connection}", self.prefix)
+    }
+
+    /// `<prefix>.session.>`: the subjects of [`Subjects::session_stream`].
+    pub fn session_messages_all(&self) -> String {
+        format!("{}.session.>", self.prefix)
+    }
+
     /// Queue group of the `<prefix>.control` subscribers.
     pub const CONTROL_QUEUE: &'static str = "switchboard-control";
 
