@@ -108,11 +108,19 @@ pub trait Node: Send + Sync + std::fmt::Debug + 'static {
     /// presence answer).
     fn channel_members(&self, channel: &str) -> Vec<Member>;
 
-    /// Tells the origin that `down_node` (its run `instance`, last heard at
-    /// `last_seen_ms`) died without draining: one `node_down` event, retried
-    /// until delivered. The backend makes sure one node of the cluster calls
-    /// this per lost run.
-    fn report_node_down(&self, down_node: &str, instance: &str, last_seen_ms: u64);
+    /// Tells the origin that `down_node` (its run `instance`, which
+    /// started at `started_at_ms` and was last heard at `last_seen_ms`)
+    /// died without draining: one `node_down` event, retried until
+    /// delivered, after this node has adopted the sessions that run held
+    /// (with a session store). The backend makes sure one node of the
+    /// cluster calls this per lost run.
+    fn report_node_down(
+        &self,
+        down_node: &str,
+        instance: &str,
+        started_at_ms: u64,
+        last_seen_ms: u64,
+    );
 
     /// The node's lease (see [`crate::lease`]): the backend binds it when it
     /// first announces this node, renews it as its heartbeats come back, and

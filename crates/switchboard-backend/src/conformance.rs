@@ -92,7 +92,13 @@ impl Node for StandInNode {
             .unwrap_or_default()
     }
 
-    fn report_node_down(&self, down_node: &str, instance: &str, _last_seen_ms: u64) {
+    fn report_node_down(
+        &self,
+        down_node: &str,
+        instance: &str,
+        _started_at_ms: u64,
+        _last_seen_ms: u64,
+    ) {
         self.reports
             .lock()
             .push((down_node.to_owned(), instance.to_owned()));

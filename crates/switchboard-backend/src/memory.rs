@@ -138,7 +138,7 @@ impl MemoryHub {
         );
         if let Some(old) = previous {
             if !old.reported {
-                self.report(&id, &old.instance);
+                self.report(&id, &old.instance, old.node.started_at_ms());
             }
         }
         let handles = Handles {
@@ -157,7 +157,7 @@ impl MemoryHub {
         let gone = self.hub.lock().members.remove(id);
         if let Some(m) = gone {
             if !m.reported {
-                self.report(id, &m.instance);
+                self.report(id, &m.instance, m.node.started_at_ms());
             }
         }
     }
@@ -176,17 +176,17 @@ impl MemoryHub {
     /// The other nodes give up on the cut-off node `id`: one of them
     /// reports it lost (as a heartbeat timeout would).
     pub fn report_lost(&self, id: &str) {
-        let instance = {
+        let (instance, started_at_ms) = {
             let mut hub = self.hub.lock();
             match hub.members.get_mut(id) {
                 Some(m) if m.cut && !m.reported => {
                     m.reported = true;
-                    m.instance.clone()
+                    (m.instance.clone(), m.node.started_at_ms())
                 }
                 _ => return,
             }
         };
-        self.report(id, &instance);
+        self.report(id, &instance, started_at_ms);
     }
 
     /// The cut-off node `id` is back. Reported lost meanwhile: it fences
@@ -211,8 +211,8 @@ impl MemoryHub {
     }
 
     /// Has the live, connected node with the smallest id report the run
-    /// `instance` of `id` lost.
-    fn report(&self, id: &str, instance: &str) {
+    /// `instance` of `id` (started at `started_at_ms`) lost.
+    fn report(&self, id: &str, instance: &str, started_at_ms: u64) {
         let reporter = {
             let hub = self.hub.lock();
             hub.members
@@ -222,7 +222,7 @@ impl MemoryHub {
                 .map(|(_, m)| m.node.clone())
         };
         if let Some(node) = reporter {
-            node.report_node_down(id, instance, now_ms());
+            node.report_node_down(id, instance, started_at_ms, now_ms());
         }
     }
 }

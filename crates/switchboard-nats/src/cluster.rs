@@ -452,8 +452,8 @@ impl NatsCluster {
                 // Restarted under the same id without leaving: the previous
                 // run's connections are gone.
                 tracing::warn!(node = %node, "node restarted without draining");
-                let (instance, seen) = (old.beat.instance, old.last_seen_ms);
-                tokio::spawn(self.clone().report_down(node, instance, seen));
+                let run = (old.beat.instance, old.beat.started_at_ms, old.last_seen_ms);
+                tokio::spawn(self.clone().report_down(node, run));
             }
             Some(_) => {}
         }
@@ -499,8 +499,11 @@ impl NatsCluster {
                     if !alive {
                         dead.push((
                             node.clone(),
-                            member.beat.instance.clone(),
-                            member.last_seen_ms,
+                            (
+                                member.beat.instance.clone(),
+                                member.beat.started_at_ms,
+                                member.last_seen_ms,
+                            ),
                         ));
                     }
                     alive
@@ -510,9 +513,9 @@ impl NatsCluster {
                 }
                 m.gone.retain(|_, at| now.duration_since(*at) < GONE_MEMORY);
             }
-            for (node, instance, seen) in dead {
+            for (node, run) in dead {
                 tracing::warn!(node = %node, "node stopped sending heartbeats; dropped from the cluster");
-                tokio::spawn(self.clone().report_down(node, instance, seen));
+                tokio::spawn(self.clone().report_down(node, run));
             }
         }
     }
@@ -587,9 +590,11 @@ impl NatsCluster {
             .ok()
     }
 
-    /// Reports `node` (run `instance`) lost to the origin if this node wins
-    /// the right to.
-    async fn report_down(self: Arc<Self>, node: String, instance: String, last_seen_ms: u64) {
+    /// Reports `node` lost to the origin if this node wins the right to.
+    /// `run`: the lost run's instance, when it started and when it was
+    /// last heard from (Unix ms).
+    async fn report_down(self: Arc<Self>, node: String, run: (String, u64, u64)) {
+        let (instance, started_at_ms, last_seen_ms) = run;
         if self.reported.lock().contains(&format!("{node}.{instance}")) {
             return;
         }
@@ -614,7 +619,8 @@ impl NatsCluster {
             None => self.smallest_live(),
         };
         if won && self.reported.lock().insert(format!("{node}.{instance}")) {
-            self.node.report_node_down(&node, &instance, last_seen_ms);
+            self.node
+                .report_node_down(&node, &instance, started_at_ms, last_seen_ms);
         }
     }
 

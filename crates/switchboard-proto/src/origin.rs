@@ -353,11 +353,16 @@ pub struct NodeDownEvent {
     pub node: String,
     /// Unix time in milliseconds.
     pub timestamp_ms: u64,
-    /// The node that is gone: connection ids starting with `<down_node>.`
-    /// are all closed.
+    /// The node that is gone: the connections it held are closed, but for
+    /// `sessions_kept`.
     pub down_node: String,
     /// When `down_node` was last heard from, Unix time in milliseconds.
     pub last_seen_ms: u64,
+    /// Sessions `down_node` held that live on: `node` adopted them
+    /// (suspended, until their clients resume them or their ttl passes).
+    /// Every other connection of `down_node` is gone.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sessions_kept: Vec<String>,
 }
 
 /// The origin's 2xx answer. Every field is optional; an empty body is fine.

@@ -127,6 +127,9 @@ pub(crate) struct Metrics {
     /// Sessions moved between nodes, by result (`sent`, `received`,
     /// `failed`, `too_large`).
     pub(crate) session_handoffs: Family<ResultLabel, Counter>,
+    /// The session store's work, by result (`record`, `messages`, `removed`,
+    /// `taken_over`, `conflict`, `failed`, `timeout`).
+    pub(crate) session_store: Family<ResultLabel, Counter>,
     /// Direct messages kept for resumes (sent, not acknowledged).
     pub(crate) session_outbox_messages: Gauge,
     pub(crate) session_outbox_bytes: Gauge,
@@ -214,6 +217,7 @@ impl Metrics {
             sessions_lost: Family::default(),
             session_takeovers: Counter::default(),
             session_handoffs: Family::default(),
+            session_store: Family::default(),
             session_outbox_messages: Gauge::default(),
             session_outbox_bytes: Gauge::default(),
             session_outbox_trimmed: Counter::default(),
@@ -371,6 +375,11 @@ impl Metrics {
             "session_handoffs",
             "Sessions moved between nodes (a resume elsewhere, a drain), by result: sent, received, failed, too_large",
             m.session_handoffs.clone(),
+        );
+        r.register(
+            "session_store",
+            "Sessions kept in the cluster's session store, by result: record (a record written), messages (direct messages written), removed, taken_over (a lost node's session adopted), conflict (another node holds it now), failed, timeout (a control-API send answered before its message was stored)",
+            m.session_store.clone(),
         );
         r.register(
             "session_outbox_messages",

@@ -170,6 +170,7 @@ impl ClusterSettings {
             channel_log_replicas: self.channel_log_replicas,
             event_stream: self.nats_event_stream.clone(),
             origin_timeout: config.origin_timeout,
+            session_messages: config.session_outbox_messages,
             ..switchboard_nats::NatsConfig::new(self.nats.clone().unwrap_or_default())
         }
     }
@@ -229,6 +230,7 @@ pub(crate) async fn bind(config: Config, cluster: &ClusterSettings) -> Result<Ga
         } else {
             None
         };
+    let config_session_ttl = config.session_ttl;
     let options = BindOptions {
         transport,
         backend_fds: switchboard_server::fds::CLUSTER_RESERVE,
@@ -240,6 +242,11 @@ pub(crate) async fn bind(config: Config, cluster: &ClusterSettings) -> Result<Ga
             .await
             .map_err(|e| Startup::Other(format!("cannot subscribe on NATS: {e}")))?;
     gateway.join_cluster(cluster.clone());
+    if !config_session_ttl.is_zero() {
+        // Sessions outlive their node: their state lives in JetStream.
+        let store = switchboard_nats::NatsSessions::new(client.clone(), nats.clone());
+        gateway.join_session_store(Arc::new(store));
+    }
     if !nats.namespaces.is_empty() {
         // Channels span the cluster: their logs live in JetStream.
         let channels = switchboard_nats::NatsChannels::start(client, local, nats, cluster)

@@ -1088,7 +1088,10 @@ async fn an_idempotency_key_publishes_once_whichever_nodes_it_is_posted_to() {
 async fn presence_joins_and_leaves_span_the_cluster_and_a_killed_node_leaves_no_ghosts() {
     let origin = TestOrigin::start(None).await;
     let url = origin.url();
-    let (_nats, a, b, mut c) = channel_cluster("presence", &["--origin", &url]).await;
+    // Without sessions: a lost node's sessions would live on, suspended (and
+    // members), on the node that adopts them (docs/sessions.md).
+    let args = ["--origin", url.as_str(), "--session-ttl", "0s"];
+    let (_nats, a, b, mut c) = channel_cluster("presence", &args).await;
     let ch = "room:p";
     let as_user = |user: Option<&str>, info: Option<Value>| {
         let answer = OriginAnswer {

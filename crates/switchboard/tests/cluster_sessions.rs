@@ -14,10 +14,14 @@
 //! - a rolling restart (SIGTERM each node in turn, started again under the
 //!   same id) loses nothing: the draining node closes its clients with 1012
 //!   keeping their sessions, and they resume on the other nodes;
-//! - in both, every client ends with every direct message and every channel
+//! - a session outlives the death of the node holding it (SIGKILL): the
+//!   node reporting the loss adopts it from JetStream, and its client
+//!   resumes on another node with the same id;
+//! - in all, every client ends with every direct message and every channel
 //!   message exactly once and in order, never a new session, and the origin
 //!   sees one `connect` and, when the client closes, one `disconnect` per
-//!   session.
+//!   session (after the death, a message whose send was refused and sent
+//!   again may come twice: at least once, as documented).
 //!
 //! Every wait and load loop is bounded.
 
@@ -512,4 +516,199 @@ async fn a_rolling_restart_loses_nothing() {
         assert_eq!(origin.disconnects_of(id).len(), 1, "one disconnect of {id}");
     }
     stop.store(true, Ordering::Relaxed);
+}
+
+/// Sends `n` numbered direct messages (`d1` …) to `id` through the
+/// `targets`, each retried while it is refused for the moment (503: the
+/// session's node was lost and it is being adopted; 504: that node did not
+/// answer). Returns the numbers with a refused or failed attempt: one that
+/// may have reached the client before it was refused is sent twice.
+async fn send_directs_retrying(
+    targets: Targets,
+    id: String,
+    n: usize,
+    pace: Duration,
+) -> Vec<usize> {
+    let mut retried = Vec::new();
+    for i in 1..=n {
+        let body = json!({ "text": format!("d{i}") });
+        let deadline = tokio::time::Instant::now() + RUN;
+        for attempt in 0.. {
+            let (status, r) = post(
+                &targets,
+                i + attempt,
+                &format!("/v1/connections/{id}/messages"),
+                &body,
+            )
+            .await;
+            if status == 200 && (r["status"] == "delivered" || r["status"] == "queued") {
+                break;
+            }
+            assert!(
+                (status == 503 || status == 504) && tokio::time::Instant::now() < deadline,
+                "direct d{i} to {id}: {status} {r}"
+            );
+            if retried.last() != Some(&i) {
+                retried.push(i);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        tokio::time::sleep(pace).await;
+    }
+    retried
+}
+
+/// The node holding a session is SIGKILLed while the origin sends it
+/// numbered direct messages and a publisher publishes numbered channel
+/// messages. The node that reports it lost adopts the session from the
+/// session store; the client resumes on the node it reaches, which takes it
+/// from there. Nothing is lost; only a message whose send was refused while
+/// the node was lost (and sent again) may come twice; the session is the
+/// same (no new session, one `connect` and no `disconnect`), and the
+/// origin's `node_down` lists it as kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_outlives_the_death_of_its_node() {
+    const N: usize = 600;
+    let nats = NatsServer::start(true);
+    let origin = TestOrigin::start(None).await;
+    let (a, b, mut c) = tokio::join!(
+        node("a", &nats, &origin, "dies"),
+        node("b", &nats, &origin, "dies"),
+        node("c", &nats, &origin, "dies"),
+    );
+    wait_member_ids(&[&a, &b, &c], &["a", "b", "c"], FORM).await;
+    // Held by c from the start.
+    let balancer = Balancer::start(vec![c.listen]).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let (client, id, got) = sdk_client(&balancer.url(), "room:dies", stop.clone()).await;
+    assert!(id.starts_with("c."), "{id}");
+
+    let targets = Targets::default();
+    targets.set(vec![a.control, b.control]);
+    let pace = Duration::from_millis(4);
+    let directs = tokio::spawn(send_directs_retrying(targets.clone(), id.clone(), N, pace));
+    let channel = tokio::spawn(publish(targets.clone(), "room:dies".into(), N, pace));
+
+    // Midway, c dies with the session on it; the client comes back through
+    // a or b.
+    common::poll(
+        Duration::from_secs(20),
+        "a third of the directs",
+        || async {
+            let n = got.lock().unwrap().directs.len();
+            if n >= N / 3 {
+                Ok(())
+            } else {
+                Err(format!("{n}"))
+            }
+        },
+    )
+    .await;
+    balancer.set_backends(vec![a.listen, b.listen]);
+    c.kill9().await;
+    balancer.cut();
+
+    let r = tokio::time::timeout(RUN, directs)
+        .await
+        .expect("directs sent in time");
+    let retried = match r {
+        Ok(retried) => retried,
+        Err(e) => {
+            let mut nodes = [a, b, c];
+            fail_with_logs(nodes.iter_mut(), &e);
+        }
+    };
+    tokio::time::timeout(RUN, channel)
+        .await
+        .expect("published in time")
+        .unwrap();
+
+    // Every direct message, in order; twice only if sent twice.
+    let deadline = tokio::time::Instant::now() + RUN;
+    loop {
+        let (seen, c_len) = {
+            let g = got.lock().unwrap();
+            let mut seen: Vec<String> = g.directs.iter().map(|(_, t)| t.clone()).collect();
+            seen.dedup();
+            (seen.len(), g.channel.len())
+        };
+        if seen >= N && c_len >= N {
+            break;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            let g = got.lock().unwrap();
+            let mut nodes = [a, b, c];
+            let why = format!(
+                "{} directs, {} channel messages of {N}; new sessions {:?}; resumed on {:?}",
+                g.directs.len(),
+                g.channel.len(),
+                g.restarted,
+                g.resumed_on
+            );
+            drop(g);
+            fail_with_logs(nodes.iter_mut(), &why);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    check_kept_session(&got.lock().unwrap(), &retried, N);
+    one_connect_no_disconnect(&origin, &id);
+    let events = origin
+        .wait_events(Duration::from_secs(10), |events| {
+            events
+                .iter()
+                .any(|e| matches!(e, switchboard_proto::origin::Event::NodeDown(_)))
+        })
+        .await;
+    let down: Vec<_> = events
+        .iter()
+        .filter_map(|e| match e {
+            switchboard_proto::origin::Event::NodeDown(d) => Some(d.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(down.len(), 1, "{down:?}");
+    assert_eq!(down[0].down_node, "c");
+    assert_eq!(down[0].sessions_kept, vec![id.clone()], "{down:?}");
+
+    client.close().await;
+    let d = origin.wait_disconnect(&id).await;
+    assert_eq!(
+        d.closed_by,
+        switchboard_proto::origin::ClosedBy::Client,
+        "{d:?}"
+    );
+    stop.store(true, Ordering::Relaxed);
+}
+
+/// What a client whose session outlived its node received: no new session,
+/// resumed on a or b, direct sequences increasing, every direct message in
+/// order (twice only those sent twice: `retried`), every channel message
+/// once and in order.
+fn check_kept_session(g: &Received, retried: &[usize], n: usize) {
+    assert!(g.restarted.is_empty(), "new sessions: {:?}", g.restarted);
+    assert!(
+        g.resumed_on.iter().any(|n| n == "a" || n == "b"),
+        "resumed on a or b: {:?}",
+        g.resumed_on
+    );
+    let seqs: Vec<u64> = g.directs.iter().map(|(s, _)| *s).collect();
+    assert!(
+        seqs.windows(2).all(|w| w[0] < w[1]),
+        "direct sequences increase: {seqs:?}"
+    );
+    let mut first: Vec<String> = Vec::new();
+    for (_, text) in &g.directs {
+        let k: usize = text[1..].parse().unwrap();
+        if first.contains(text) {
+            assert!(
+                retried.contains(&k),
+                "{text} twice, never refused: retried {retried:?}"
+            );
+            continue;
+        }
+        first.push(text.clone());
+    }
+    assert_eq!(first, numbered("d", n), "direct messages");
+    assert_eq!(g.channel, numbered("c", n), "channel messages");
 }

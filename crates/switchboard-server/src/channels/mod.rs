@@ -753,18 +753,29 @@ impl Channels {
     }
 
     /// The channels of a session, each with where it stopped being sent
-    /// messages, sorted by name: what its client is to subscribe to again
-    /// (`connected.channels`).
+    /// messages (a parked one), or where the channel is now (one it is
+    /// subscribed to, or waiting for), sorted by name: what its client is
+    /// to subscribe to again (`connected.channels`), and its record in the
+    /// session store.
     pub(crate) fn session_channels(&self, conn: &Conn) -> Vec<SessionChannel> {
         let channels = self.subscriptions_of(conn);
         let mut out: Vec<SessionChannel> = channels
             .iter()
             .filter_map(|ch| {
                 let st = ch.state.lock();
-                st.parked.get(&conn.key).map(|p| SessionChannel {
+                let (epoch, offset) = match st.parked.get(&conn.key) {
+                    Some(p) => (p.epoch.to_string(), p.offset),
+                    None if st.subscribers.contains_key(&conn.key)
+                        || st.pending.iter().any(|p| p.conn.key == conn.key) =>
+                    {
+                        st.position()
+                    }
+                    None => return None,
+                };
+                Some(SessionChannel {
                     channel: ch.name.to_string(),
-                    epoch: p.epoch.to_string(),
-                    offset: p.offset,
+                    epoch,
+                    offset,
                 })
             })
             .collect();

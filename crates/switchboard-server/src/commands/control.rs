@@ -6,6 +6,7 @@
 //! Errors carry a status and a stable `code` (listed in
 //! `docs/control-api.md`), whichever way the command came.
 
+use super::handoff::Recorded;
 use super::Commands;
 use crate::bus::BusError;
 use crate::channels::{Ack, ChannelError, Subscribed};
@@ -301,6 +302,23 @@ pub(crate) async fn execute(s: &Arc<Commands>, cmd: Command, forwarded: bool) ->
         }
     };
     tracing::debug!(connection = %id, ?asked, hops, "connection not found on any node");
+    // A session whose node was lost lives on where the session store says.
+    match super::handoff::recorded(s, &id).await {
+        Recorded::Nowhere => {}
+        Recorded::At(None) => return execute_here(s, cmd, forwarded).await,
+        Recorded::At(Some(node)) => {
+            if let Some(k) = key {
+                s.sessions.remember_location(k, &node);
+            }
+            return forward(s, &node, &cmd).await;
+        }
+        Recorded::Adopting => return ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "session_unavailable",
+            "the session's node was lost and another node is adopting it: retry in a few seconds",
+        )
+        .into(),
+    }
     if moved_hint(&reply).is_some() {
         ApiError::not_found(&id).into()
     } else {
@@ -368,7 +386,7 @@ async fn execute_here(s: &Arc<Commands>, cmd: Command, forwarded: bool) -> Comma
         .into();
     }
     match cmd {
-        Command::Send(c) => send_local(s, c),
+        Command::Send(c) => send_local(s, c).await,
         Command::SendBatch(b) => send_batch_routed(s, b, forwarded).await,
         Command::Close(c) => close_local(s, c),
         Command::Info(c) => info_local(s, &c.connection_id),
@@ -451,7 +469,11 @@ async fn subscribe_local(s: &Commands, c: SubscribeCommand) -> CommandReply {
             already: false,
         })
     };
-    match ch.subscribe(&conn, &c.channel, c.since.as_ref(), Ack::Push, &s.metrics) {
+    let r = ch.subscribe(&conn, &c.channel, c.since.as_ref(), Ack::Push, &s.metrics);
+    if r.is_ok() {
+        s.sessions.touch(&conn, true);
+    }
+    match r {
         Ok(Subscribed::Now(r)) => subscribed(r),
         // A replica reading the channel's log first (cluster).
         Ok(Subscribed::Later(rx)) => match tokio::time::timeout(ch.request_timeout(), rx).await {
@@ -483,10 +505,13 @@ fn unsubscribe_local(s: &Commands, c: UnsubscribeCommand) -> CommandReply {
         Err(e) => return e.into(),
     };
     match s.channels.unsubscribe(&conn, &c.channel, true, &s.metrics) {
-        Ok(_) => CommandReply {
-            status: StatusCode::NO_CONTENT.as_u16(),
-            body: Bytes::new(),
-        },
+        Ok(_) => {
+            s.sessions.touch(&conn, true);
+            CommandReply {
+                status: StatusCode::NO_CONTENT.as_u16(),
+                body: Bytes::new(),
+            }
+        }
         Err(e) => ApiError::from(e).into(),
     }
 }
@@ -520,14 +545,19 @@ async fn publish_command(s: &Commands, c: PublishCommand) -> CommandReply {
     )
 }
 
-fn send_local(s: &Commands, c: SendCommand) -> CommandReply {
+async fn send_local(s: &Commands, c: SendCommand) -> CommandReply {
     let conn = match lookup_messaging(s, &c.connection_id) {
         Ok(conn) => conn,
         Err(e) => return e.into(),
     };
     match delivery(s, &conn, &Outgoing::new(c.payload)) {
         Delivery::Unknown => ApiError::not_found(&c.connection_id).into(),
-        status => ok(&SendResponse { status }),
+        status => {
+            // In a cluster with a session store: answered once the message
+            // is stored too (or that timed out, counted).
+            s.sessions.stored(&conn).await;
+            ok(&SendResponse { status })
+        }
     }
 }
 
@@ -575,6 +605,8 @@ async fn send_batch_routed(
     let mut uncertain = std::collections::HashSet::new();
     // Payloads of messages that have ids on other nodes.
     let mut kept: BTreeMap<usize, Payload> = BTreeMap::new();
+    // Local sessions sent to, each once per message.
+    let mut sessions: Vec<Arc<Conn>> = Vec::new();
     for (i, m) in req.messages.into_iter().enumerate() {
         let mut local = Vec::new();
         for id in m.connection_ids {
@@ -608,12 +640,22 @@ async fn send_batch_routed(
         for id in local {
             arrived(s, &id).await;
             let status = match lookup_messaging(s, &id) {
-                Ok(c) => delivery(s, &c, &out),
+                Ok(c) => {
+                    let status = delivery(s, &c, &out);
+                    if status != Delivery::Unknown && c.session.is_some() {
+                        sessions.push(c);
+                    }
+                    status
+                }
                 Err(_) => Delivery::Unknown,
             };
             results[i].insert(id, status);
         }
     }
+    // With a session store, answered once the sessions' messages are stored.
+    sessions.sort_unstable_by_key(Arc::as_ptr);
+    sessions.dedup_by(|a, b| Arc::ptr_eq(a, b));
+    futures_util::future::join_all(sessions.iter().map(|c| s.sessions.stored(c))).await;
     let kept = &kept;
     let per_node = remote.into_iter().map(|(node, share)| async move {
         let mut done = Vec::new();

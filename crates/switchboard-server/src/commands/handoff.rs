@@ -157,6 +157,7 @@ pub(crate) async fn pull(
     s: &Arc<Commands>,
     token: &str,
     received: Option<&str>,
+    deadline: tokio::time::Instant,
 ) -> Result<(), ResumeError> {
     let Some(cluster) = s.cluster.get() else {
         return Ok(());
@@ -199,8 +200,8 @@ pub(crate) async fn pull(
             }
         }
     }
-    let others = peers_except(s, &[first.as_deref().unwrap_or_default()]);
-    let answers = futures_util::future::join_all(others.iter().map(|n| ask(s, n, &take))).await;
+    let mut asked = peers_except(s, &[first.as_deref().unwrap_or_default()]);
+    let answers = futures_util::future::join_all(asked.iter().map(|n| ask(s, n, &take))).await;
     let mut refused = None;
     for answer in answers {
         match answer {
@@ -211,7 +212,108 @@ pub(crate) async fn pull(
             }
         }
     }
-    refused.map_or(Ok(()), Err)
+    if let Some(e) = refused {
+        return Err(e);
+    }
+    // Held by a node that was lost: the node that reports it adopts it.
+    asked.extend(first);
+    let until = deadline - Duration::from_millis(500);
+    let Some(node) = adopter(s, &id, &asked, until).await else {
+        tracing::debug!(connection = %id, ?asked, "session held by no node, by the session store");
+        return Ok(());
+    };
+    tracing::debug!(connection = %id, %node, "session adopted after its node was lost");
+    if node == s.node.as_str() {
+        // Adopted here (or about to be).
+        while s.sessions.adopting(&id.key()) && tokio::time::Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        return Ok(());
+    }
+    match ask(s, &node, &take).await {
+        Taken::Got(state) => keep(s, *state),
+        Taken::Refused(e) => Err(e),
+        Taken::NotThere(_) => Ok(()),
+    }
+}
+
+/// The node holding session `id` by the session store, when no node had
+/// it. One that was not `asked` is returned at once. One that was asked
+/// is lost and not reported yet: the node that reports it adopts its
+/// sessions, and the adopter is returned once the record names it (within
+/// `until`).
+async fn adopter(
+    s: &Commands,
+    id: &ConnectionId,
+    asked: &[String],
+    until: tokio::time::Instant,
+) -> Option<String> {
+    let (lost, _) = s.sessions.recorded_holder(id).await?;
+    if !asked.contains(&lost) {
+        return Some(lost);
+    }
+    loop {
+        if tokio::time::Instant::now() + ADOPTER_POLL >= until {
+            return None;
+        }
+        tokio::time::sleep(ADOPTER_POLL).await;
+        let (holder, _) = s.sessions.recorded_holder(id).await?;
+        if holder != lost {
+            return Some(holder);
+        }
+    }
+}
+
+/// How often a resume waiting for a lost node's session reads its record.
+const ADOPTER_POLL: Duration = Duration::from_millis(200);
+
+/// Where session `id`, found on no node, is by the session store.
+pub(super) enum Recorded {
+    /// Nowhere: it ended (or was never a session).
+    Nowhere,
+    /// On this node or `node` now (it was adopted or moved meanwhile).
+    At(Option<String>),
+    /// Its node was lost and another is about to adopt it: try again.
+    Adopting,
+}
+
+/// Where session `id`, found on no node, is by the session store: the node
+/// its record names, unless that node does not answer for it (lost and not
+/// reported yet, or reported and its sessions being adopted).
+pub(super) async fn recorded(s: &Commands, id: &str) -> Recorded {
+    let Ok(cid) = ConnectionId::parse(id) else {
+        return Recorded::Nowhere;
+    };
+    let Some((holder, _)) = s.sessions.recorded_holder(&cid).await else {
+        return Recorded::Nowhere;
+    };
+    if holder == s.node.as_str() {
+        return if s.registry.get(&cid.key()).is_some() {
+            Recorded::At(None)
+        } else if s.sessions.adopting(&cid.key()) {
+            Recorded::Adopting
+        } else {
+            Recorded::Nowhere
+        };
+    }
+    if !peers_except(s, &[]).contains(&holder) {
+        return Recorded::Adopting;
+    }
+    let info = Command::Info(ConnectionRef {
+        connection_id: id.to_owned(),
+    });
+    let reply = forward(s, &holder, &info).await;
+    let gone = switchboard_backend::ClusterError::NodeGone(holder.clone()).to_string();
+    if reply.status == 200 {
+        Recorded::At(Some(holder))
+    } else if reply.status >= 500
+        || serde_json::from_slice::<serde_json::Value>(&reply.body)
+            .is_ok_and(|v| v["message"] == gone.as_str())
+    {
+        Recorded::Adopting
+    } else {
+        Recorded::Nowhere
+    }
 }
 
 /// Keeps a session given up by another node (or, undone, by this one):

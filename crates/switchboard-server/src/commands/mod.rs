@@ -95,6 +95,7 @@ impl Commands {
             give_up: CancellationToken::new(),
         });
         let channels = Arc::new(Channels::new(&config));
+        let started_at_ms = crate::clock::now_ms();
         let sessions = Arc::new(Sessions::new(
             config.clone(),
             node.clone(),
@@ -102,6 +103,7 @@ impl Commands {
             channels.clone(),
             origin.clone(),
             metrics.clone(),
+            started_at_ms,
         ));
         let graphql = Arc::new(Graphql::new(
             config.clone(),
@@ -122,7 +124,7 @@ impl Commands {
             cluster: OnceLock::new(),
             lease,
             draining: AtomicBool::new(false),
-            started_at_ms: crate::clock::now_ms(),
+            started_at_ms,
             build: OnceLock::new(),
             fallbacks: OnceLock::new(),
         })

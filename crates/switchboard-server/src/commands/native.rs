@@ -177,6 +177,11 @@ pub(crate) fn handle(s: &Commands, conn: &Arc<Conn>, text: &[u8]) -> Outcome {
     let ch = &s.channels;
     let clustered = ch.is_clustered();
     let wait = |channel: String, kind: JobKind| Outcome::Wait(Job { id, channel, kind });
+    // A session's channels are part of its record in the session store.
+    let channels_change = matches!(
+        cmd.body,
+        CommandBody::Subscribe { .. } | CommandBody::Unsubscribe { .. }
+    );
     let answer: Result<Option<Bytes>, ChannelError> = match cmd.body {
         CommandBody::Subscribe { channel, since } => match ch.namespace(&channel) {
             Ok(ns) if ns.subscribe_to_origin && !conn.token_grants_subscribe(&channel) => {
@@ -241,6 +246,9 @@ pub(crate) fn handle(s: &Commands, conn: &Arc<Conn>, text: &[u8]) -> Outcome {
             }
         },
     };
+    if channels_change && answer.is_ok() {
+        s.sessions.touch(conn, true);
+    }
     match answer {
         Ok(Some(frame)) => {
             conn.push(frame, m);
@@ -321,6 +329,7 @@ async fn refresh(s: &Commands, conn: &Conn, id: u64, token: &str) -> Bytes {
     let Ok(expires_at_ms) = conn.replace_token(&identity) else {
         return refused("the token is for another user".into());
     };
+    s.sessions.touch(conn, true);
     #[derive(Serialize)]
     struct Refreshed {
         expires_at_ms: u64,
@@ -417,7 +426,10 @@ async fn approve_and_subscribe(
         .channels
         .subscribe(conn, &channel, since.as_ref(), Ack::Reply(id), &s.metrics)
     {
-        Ok(_) => None,
+        Ok(_) => {
+            s.sessions.touch(conn, true);
+            None
+        }
         Err(e) => {
             s.metrics.native_error(e.code());
             Some(error_frame(Some(id), e.code(), &e.to_string()))

@@ -200,6 +200,17 @@ struct Rare {
     outbox: Outbox,
 }
 
+/// A session's numbering, as [`Conn::numbering`] reports it.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Numbering {
+    pub(crate) last_seq: u64,
+    pub(crate) suspensions: u32,
+    pub(crate) origin_seq: u64,
+    /// Direct messages wait behind an origin request's replies, not
+    /// numbered yet.
+    pub(crate) held: bool,
+}
+
 /// A session's outbox as it moves to another node (see
 /// [`Conn::take_for_handoff`]).
 #[derive(Debug)]
@@ -1039,6 +1050,30 @@ impl Conn {
             .map_or(0, |r| r.outbox.kept.len())
     }
 
+    /// The session's numbering now: the last direct message's `seq`, its
+    /// suspensions, and the last `message` event's `seq` as of its last
+    /// suspension (a connected session's task has the current one).
+    pub(crate) fn numbering(&self) -> Numbering {
+        let out = self.out.lock();
+        out.rare
+            .as_ref()
+            .map_or_else(Numbering::default, |r| Numbering {
+                last_seq: r.outbox.last_seq,
+                suspensions: r.outbox.suspensions,
+                origin_seq: r.outbox.origin_seq,
+                held: out.held > 0,
+            })
+    }
+
+    /// The kept direct messages numbered after `seq`, each the `direct`
+    /// push's JSON, oldest first (to write to the session store).
+    pub(crate) fn kept_after(&self, seq: u64) -> Vec<(u64, Bytes)> {
+        let out = self.out.lock();
+        out.rare
+            .as_ref()
+            .map_or_else(Vec::new, |r| r.outbox.kept_after(seq))
+    }
+
     /// Queues the final frame (a close frame) past any bound; nothing is
     /// accepted after it.
     pub(crate) fn seal_with(&self, frame: Bytes, metrics: &Metrics) {
@@ -1179,6 +1214,39 @@ const SHARDS: usize = 64;
 pub(crate) struct Registry {
     shards: Box<[Shard]>,
     len: AtomicUsize,
+    /// Sessions whose direct messages were numbered by parts that do not
+    /// know about the session store (origin replies, released holds).
+    pub(crate) numbered: Numbered,
+}
+
+/// Sessions with newly numbered direct messages, for the session store's
+/// writer (`sessions::replica`), once it is on ([`Numbered::enable`]).
+#[derive(Debug, Default)]
+pub(crate) struct Numbered {
+    on: AtomicBool,
+    keys: Mutex<Vec<ConnKey>>,
+    /// Wakes the writer.
+    pub(crate) notify: Notify,
+}
+
+impl Numbered {
+    /// Sessions are kept in a store from now on.
+    pub(crate) fn enable(&self) {
+        self.on.store(true, Relaxed);
+    }
+
+    /// `conn` may have numbered direct messages.
+    pub(crate) fn touch(&self, conn: &Conn) {
+        if conn.session.is_some() && self.on.load(Relaxed) {
+            self.keys.lock().push(conn.key);
+            self.notify.notify_one();
+        }
+    }
+
+    /// The sessions touched since the last call.
+    pub(crate) fn take(&self) -> Vec<ConnKey> {
+        std::mem::take(&mut *self.keys.lock())
+    }
 }
 
 impl Registry {
@@ -1186,6 +1254,7 @@ impl Registry {
         Self {
             shards: (0..SHARDS).map(|_| Shard::default()).collect(),
             len: AtomicUsize::new(0),
+            numbered: Numbered::default(),
         }
     }
 

@@ -188,6 +188,15 @@ impl Outbox {
             .collect()
     }
 
+    /// The kept messages numbered after `seq`, as the `direct` pushes' JSON.
+    pub(super) fn kept_after(&self, seq: u64) -> Vec<(u64, Bytes)> {
+        let from = self.kept.partition_point(|(s, _)| *s <= seq);
+        self.kept
+            .range(from..)
+            .map(|(seq, plain)| (*seq, plain.slice(plain.len() - payload(plain).len()..)))
+            .collect()
+    }
+
     /// Kept messages and numbering of a session that moved here from
     /// another node (see [`Outbox::kept_pushes`]).
     pub(super) fn restore(

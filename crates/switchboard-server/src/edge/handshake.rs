@@ -867,7 +867,8 @@ async fn resume(
     let commands = &shared.commands;
     let deflate = opening.deflate.is_some_and(|d| d.compresses_outbound());
     // A session held by another node of the cluster comes here first.
-    crate::commands::handoff::pull(commands, token, query_param(&req.query, "received"))
+    let received = query_param(&req.query, "received");
+    crate::commands::handoff::pull(commands, token, received, deadline)
         .await
         .map_err(|e| commands.sessions.refused(e))?;
     let (conn, attached) = commands
@@ -1211,6 +1212,8 @@ pub(super) async fn admit(
         );
     }
     shared.registry.insert(conn.clone());
+    // A new session's record goes to the session store (in a cluster).
+    shared.commands.sessions.touch(&conn, true);
     shared.metrics.connections.inc();
     shared.metrics.by_transport(transport.as_str()).inc();
     shared.metrics.connections_total.inc();

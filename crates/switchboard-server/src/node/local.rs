@@ -112,22 +112,34 @@ impl Node for LocalNode {
         Box::pin(self.fence_now())
     }
 
-    fn report_node_down(&self, down_node: &str, instance: &str, last_seen_ms: u64) {
-        let s = &self.commands;
-        let event = Event::NodeDown(NodeDownEvent {
-            id: crate::origin::ask::event_id::node_down(down_node, instance),
-            node: s.node.to_string(),
-            timestamp_ms: now_ms(),
-            down_node: down_node.to_owned(),
-            last_seen_ms,
+    fn report_node_down(
+        &self,
+        down_node: &str,
+        instance: &str,
+        started_at_ms: u64,
+        last_seen_ms: u64,
+    ) {
+        let s = self.commands.clone();
+        let (down_node, instance) = (down_node.to_owned(), instance.to_owned());
+        tokio::spawn(async move {
+            tracing::warn!(
+                node = %down_node,
+                "node lost without draining; telling the origin"
+            );
+            // Its sessions first: the event lists those that live on.
+            let sessions_kept = s.sessions.take_over(&down_node, started_at_ms).await;
+            let event = Event::NodeDown(NodeDownEvent {
+                id: crate::origin::ask::event_id::node_down(&down_node, &instance),
+                node: s.node.to_string(),
+                timestamp_ms: now_ms(),
+                down_node,
+                last_seen_ms,
+                sessions_kept,
+            });
+            let json = Bytes::from(serde_json::to_vec(&event).expect("events serialize"));
+            // Reliable: never refused, like disconnects (at most one per lost
+            // node), and kept through a fence of this node.
+            s.origin.dispatcher.enqueue_cluster_event(json);
         });
-        tracing::warn!(
-            node = down_node,
-            "node lost without draining; telling the origin"
-        );
-        let json = Bytes::from(serde_json::to_vec(&event).expect("events serialize"));
-        // Reliable: never refused, like disconnects (at most one per lost
-        // node), and kept through a fence of this node.
-        s.origin.dispatcher.enqueue_cluster_event(json);
     }
 }

@@ -200,6 +200,13 @@ impl Gateway {
         self.shared.commands.cluster.set(cluster).is_ok()
     }
 
+    /// Keeps sessions in `store` (the cluster's), so that a session
+    /// outlives this node: another node adopts it when this one is lost.
+    /// Call before serving; a second call returns `false`.
+    pub fn join_session_store(&self, store: Arc<dyn switchboard_backend::SessionStore>) -> bool {
+        self.shared.commands.sessions.join_store(store)
+    }
+
     /// Makes `bus` the home of every channel's log, so channels, history,
     /// recovery and presence span the cluster. Call before serving; a
     /// second call returns `false`.
@@ -273,6 +280,13 @@ impl Gateway {
         let stop_background = CancellationToken::new();
         workers.spawn(keepalive_loop(shared.clone(), stop_background.clone()));
         workers.spawn(sweep_loop(shared.clone(), stop_background.clone()));
+        workers.spawn(
+            shared
+                .commands
+                .sessions
+                .clone()
+                .replicate(stop_background.clone()),
+        );
         if let Some(tls) = &shared.tls {
             workers.spawn(tls.clone().reload_loop(
                 shared.config.tls_reload_interval,

@@ -17,7 +17,7 @@
 use super::Origin;
 use crate::conn::{Conn, Outgoing};
 use crate::lease::LeaseState;
-use crate::metrics::{KindLabel, Metrics};
+use crate::metrics::KindLabel;
 use bytes::{BufMut, Bytes, BytesMut};
 use parking_lot::Mutex;
 use rand::Rng;
@@ -295,7 +295,7 @@ pub(crate) async fn run_lane(origin: Arc<Origin>, idx: usize) {
             let started = Instant::now();
             // Control-API messages to these connections wait for this
             // attempt's replies, for `origin-timeout` at most.
-            let mut holds = Holds::new(&batch, origin.metrics.clone());
+            let mut holds = Holds::new(&batch, origin.clone());
             let deliver = guarded_deliver(&origin, body.clone());
             tokio::pin!(deliver);
             let hold_limit = tokio::time::sleep(cfg.origin_timeout);
@@ -380,10 +380,10 @@ async fn guarded_deliver(
 
 /// The connections of a batch in flight, each held once
 /// ([`Conn::hold_for_replies`]) until released or dropped.
-struct Holds(Vec<Arc<Conn>>, Arc<Metrics>);
+struct Holds(Vec<Arc<Conn>>, Arc<Origin>);
 
 impl Holds {
-    fn new(batch: &[QueuedEvent], metrics: Arc<Metrics>) -> Self {
+    fn new(batch: &[QueuedEvent], origin: Arc<Origin>) -> Self {
         let mut conns: Vec<Arc<Conn>> = batch.iter().filter_map(|e| e.conn.clone()).collect();
         if conns.len() > 1 {
             conns.sort_unstable_by_key(Arc::as_ptr);
@@ -392,7 +392,7 @@ impl Holds {
         for c in &conns {
             c.hold_for_replies();
         }
-        Self(conns, metrics)
+        Self(conns, origin)
     }
 
     fn is_empty(&self) -> bool {
@@ -401,7 +401,9 @@ impl Holds {
 
     fn release(&mut self) {
         for c in self.0.drain(..) {
-            c.release_hold(&self.1);
+            c.release_hold(&self.1.metrics);
+            // Held direct messages are numbered now.
+            self.1.registry.numbered.touch(&c);
         }
     }
 }
@@ -477,6 +479,7 @@ pub(crate) fn deliver_replies(origin: &Origin, replies: Vec<Reply>) {
             continue;
         }
         conn.send_reply(&Outgoing::new(reply.payload), &origin.metrics);
+        origin.registry.numbered.touch(&conn);
     }
 }
 

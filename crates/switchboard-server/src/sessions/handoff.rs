@@ -250,24 +250,7 @@ impl Sessions {
         self.registry.remove(&conn.key);
         let adopted = self.adopted.lock().remove(&conn.key);
         let token = adopted.map_or_else(|| self.token(&conn.id), String::from);
-        let client_token = conn.token.lock().as_deref().map(TokenState::to_wire);
         let state = SessionState {
-            connection_id: conn.id.to_string(),
-            token,
-            path: conn.path.to_string(),
-            user_id: conn.user_id.as_deref().map(str::to_owned),
-            metadata: conn.metadata.as_deref().cloned(),
-            client_token,
-            token_expires_ms: conn.token_expires_ms.load(Relaxed),
-            remote_addr: moving.remote.to_string(),
-            connected_at_ms: conn
-                .connected_at
-                .duration_since(UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis() as u64),
-            messages_in: conn.messages_in.load(Relaxed),
-            messages_out: conn.messages_out.load(Relaxed),
-            bytes_in: conn.bytes_in.load(Relaxed),
-            bytes_out: conn.bytes_out.load(Relaxed),
             last_seq: moving.last_seq,
             trimmed_through: moving.trimmed_through,
             kept: moving
@@ -282,14 +265,54 @@ impl Sessions {
             suspensions: moving.suspensions,
             suspended_ms: moving.suspended_for.as_millis() as u64,
             expires_in_ms: expires_in.as_millis() as u64,
-            ttl_ms: conn.session_ttl().map(|t| t.as_millis() as u64),
             overflowed: moving.overflowed,
             channels,
+            ..self.state_of(conn, token, moving.remote)
         };
         conn.finish(&self.metrics);
+        self.moved_out(conn);
         self.count_handoff("sent");
         tracing::debug!(connection = %conn.id, to = ?node, kept = state.kept.len(), "session handed over");
         state
+    }
+
+    /// What moves with a session but its outbox, numbering and channels:
+    /// its identity, token, counters and ttl (`remote`: the client's last
+    /// address).
+    pub(super) fn state_of(
+        &self,
+        conn: &Conn,
+        token: String,
+        remote: std::net::SocketAddr,
+    ) -> SessionState {
+        SessionState {
+            connection_id: conn.id.to_string(),
+            token,
+            path: conn.path.to_string(),
+            user_id: conn.user_id.as_deref().map(str::to_owned),
+            metadata: conn.metadata.as_deref().cloned(),
+            client_token: conn.token.lock().as_deref().map(TokenState::to_wire),
+            token_expires_ms: conn.token_expires_ms.load(Relaxed),
+            remote_addr: remote.to_string(),
+            connected_at_ms: conn
+                .connected_at
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
+            messages_in: conn.messages_in.load(Relaxed),
+            messages_out: conn.messages_out.load(Relaxed),
+            bytes_in: conn.bytes_in.load(Relaxed),
+            bytes_out: conn.bytes_out.load(Relaxed),
+            last_seq: 0,
+            trimmed_through: 0,
+            kept: Vec::new(),
+            origin_seq: 0,
+            suspensions: 0,
+            suspended_ms: 0,
+            expires_in_ms: 0,
+            ttl_ms: conn.session_ttl().map(|t| t.as_millis() as u64),
+            overflowed: false,
+            channels: Vec::new(),
+        }
     }
 
     /// Makes a session that another node gave up one of this node's,
@@ -379,6 +402,7 @@ impl Sessions {
         self.metrics.sessions_suspended.inc();
         // Last: a resume (or another move) waits for all of the above.
         conn.mark_resumable();
+        self.moved_in(&conn);
         self.count_handoff("received");
         tracing::debug!(connection = %conn.id, "session taken over from another node");
         Ok(conn)

@@ -38,6 +38,7 @@ use switchboard_proto::ws::close;
 use switchboard_proto::{ConnectionId, NodeId};
 
 mod handoff;
+mod replica;
 
 /// Close code of a socket whose session was resumed on a newer one.
 pub(crate) const TAKEN_OVER: u16 = 4009;
@@ -135,6 +136,10 @@ pub(crate) struct Sessions {
     arriving: handoff::Arriving,
     /// The node is shutting down: lost sockets end their sessions.
     closing: AtomicBool,
+    /// When the node started (Unix ms): its run, in the session store.
+    started_at_ms: u64,
+    /// The node's side of the cluster's session store.
+    replica: replica::Replica,
 }
 
 impl Sessions {
@@ -145,6 +150,7 @@ impl Sessions {
         channels: Arc<Channels>,
         origin: Arc<Origin>,
         metrics: Arc<Metrics>,
+        started_at_ms: u64,
     ) -> Self {
         Self {
             config,
@@ -160,6 +166,8 @@ impl Sessions {
             moved: Mutex::new(handoff::Moved::default()),
             arriving: handoff::Arriving::default(),
             closing: AtomicBool::new(false),
+            started_at_ms,
+            replica: replica::Replica::default(),
         }
     }
 
@@ -296,6 +304,7 @@ impl Sessions {
         }
         // Last: a resume waits for all of the above.
         conn.mark_resumable();
+        self.touch(conn, true);
     }
 
     /// Ends a session for good: it leaves the registry and its channels,
@@ -305,6 +314,7 @@ impl Sessions {
         if conn.session.is_some() {
             // Before the session is gone, so a resume racing this is told why.
             self.remember(conn.key, why);
+            self.unstore(conn, fenced);
         }
         self.registry.remove(&conn.key);
         conn.finish(&self.metrics);
@@ -553,6 +563,7 @@ impl Sessions {
                         self.metrics.sessions_suspended.dec();
                     }
                     self.metrics.connections.inc();
+                    self.touch(&conn, true);
                     return Ok((conn, attached));
                 }
                 Err(AttachError::Busy) => {
