@@ -457,7 +457,11 @@ pub async fn run_session_store(store: &dyn SessionStore, max_messages: usize) {
     let other = format!("n2.{:016x}", rand::random::<u64>());
     assert_eq!(store.get(&id).await, Ok(None));
 
-    // Records: conditional writes by revision.
+    // Records: conditional writes by revision (0: none yet).
+    let again = store.put(&id, Bytes::from_static(b"one"), Some(0)).await;
+    assert!(again.is_ok(), "a first put expecting none: {again:?}");
+    let again = store.put(&id, Bytes::from_static(b"one"), Some(0)).await;
+    assert_eq!(again, Err(StoreError::Conflict));
     let r1 = store
         .put(&id, Bytes::from_static(b"one"), None)
         .await

@@ -529,8 +529,8 @@ impl SessionStore for MemorySessionStore {
     ) -> BoxFuture<'_, Result<u64, StoreError>> {
         let mut sessions = self.sessions.lock();
         let s = sessions.entry(id.to_owned()).or_default();
-        let now = s.record.as_ref().map(|(_, r)| *r);
-        let r = if expected.is_some() && expected != now {
+        let now = s.record.as_ref().map_or(0, |(_, r)| *r);
+        let r = if expected.is_some_and(|e| e != now) {
             Err(StoreError::Conflict)
         } else {
             let revision = self

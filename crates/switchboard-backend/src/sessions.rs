@@ -50,8 +50,9 @@ pub struct StoredRecord {
 /// Sessions' records and direct messages, shared by the nodes of a cluster.
 pub trait SessionStore: Send + Sync + std::fmt::Debug + 'static {
     /// Writes session `id`'s record. With `expected`, only if the record is
-    /// still at that revision ([`StoreError::Conflict`] otherwise); without,
-    /// whatever is there. Returns the new revision.
+    /// still at that revision, `Some(0)` meaning that there is none yet
+    /// ([`StoreError::Conflict`] otherwise); without, whatever is there.
+    /// Returns the new revision.
     fn put(
         &self,
         id: &str,

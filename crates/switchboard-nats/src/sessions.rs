@@ -57,6 +57,14 @@ fn down(e: impl std::fmt::Display) -> StoreError {
     StoreError::Unavailable(e.to_string())
 }
 
+/// A conditional write that found another revision is a conflict.
+fn conflict_or_down(e: kv::UpdateError) -> StoreError {
+    match e.kind() {
+        UpdateErrorKind::WrongLastRevision => StoreError::Conflict,
+        _ => down(e),
+    }
+}
+
 impl NatsSessions {
     /// The store for the cluster on `client` with `config`.
     pub fn new(client: Client, config: NatsConfig) -> Self {
@@ -169,15 +177,11 @@ impl SessionStore for NatsSessions {
             let (store, _) = self.made().await?;
             match expected {
                 None => store.put(&id, record).await.map_err(down),
-                Some(revision) => {
-                    store
-                        .update(&id, record, revision)
-                        .await
-                        .map_err(|e| match e.kind() {
-                            UpdateErrorKind::WrongLastRevision => StoreError::Conflict,
-                            _ => down(e),
-                        })
-                }
+                // Revision 0: no message on the key's subject yet.
+                Some(revision) => store
+                    .update(&id, record, revision)
+                    .await
+                    .map_err(conflict_or_down),
             }
         })
     }
@@ -222,10 +226,7 @@ impl SessionStore for NatsSessions {
             store
                 .purge_expect_revision(&id, Some(expected))
                 .await
-                .map_err(|e| match e.kind() {
-                    UpdateErrorKind::WrongLastRevision => StoreError::Conflict,
-                    _ => down(e),
-                })?;
+                .map_err(conflict_or_down)?;
             stream
                 .purge()
                 .filter(self.subjects.session_messages(&id))

@@ -565,7 +565,8 @@ async fn send_directs_retrying(
 /// from there. Nothing is lost; only a message whose send was refused while
 /// the node was lost (and sent again) may come twice; the session is the
 /// same (no new session, one `connect` and no `disconnect`), and the
-/// origin's `node_down` lists it as kept.
+/// origin's `node_down` lists it as kept, and only it: a session that ended
+/// on that node before is not brought back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_outlives_the_death_of_its_node() {
     const N: usize = 600;
@@ -582,6 +583,11 @@ async fn a_session_outlives_the_death_of_its_node() {
     let stop = Arc::new(AtomicBool::new(false));
     let (client, id, got) = sdk_client(&balancer.url(), "room:dies", stop.clone()).await;
     assert!(id.starts_with("c."), "{id}");
+    // Another session on c ends (its client closes it) before c dies: it
+    // leaves the session store, and is not adopted.
+    let (closer, closed_id, _) = sdk_client(&balancer.url(), "room:dies", stop.clone()).await;
+    closer.close().await;
+    origin.wait_disconnect(&closed_id).await;
 
     let targets = Targets::default();
     targets.set(vec![a.control, b.control]);
@@ -670,6 +676,11 @@ async fn a_session_outlives_the_death_of_its_node() {
     assert_eq!(down.len(), 1, "{down:?}");
     assert_eq!(down[0].down_node, "c");
     assert_eq!(down[0].sessions_kept, vec![id.clone()], "{down:?}");
+    assert_eq!(
+        origin.disconnects_of(&closed_id).len(),
+        1,
+        "one disconnect of the ended session"
+    );
 
     client.close().await;
     let d = origin.wait_disconnect(&id).await;

@@ -16,7 +16,14 @@
 //! 6. Across nodes (`--cross-node-resumes`, 0 to skip): nats-server and two
 //!    nodes `a` and `b`; sessions opened on `a`, suspended, given one direct
 //!    message each, then resumed one after the other on `b` (which takes
-//!    each from `a`), timed the same way.
+//!    each from `a`), timed the same way, and the batch that gives them
+//!    their message too (without a session store: no JetStream).
+//! 7. When a node dies (`--adopted-sessions`, 0 to skip): the same with
+//!    JetStream, so sessions are kept in the session store: the batch is
+//!    timed again (each message is stored before the answer); then node `a`
+//!    is SIGKILLed, and the time until `b` has adopted every session (the
+//!    heartbeat timeout, 1 s here, included) and the resumes on `b` are
+//!    timed.
 
 use crate::measure::{self, human_bytes, Percentiles, Table};
 use crate::servers::{Api, Gateway};
@@ -46,6 +53,22 @@ pub(crate) struct Args {
     /// other (0: skip).
     #[arg(long, default_value_t = 1_000)]
     cross_node_resumes: usize,
+    /// Sessions on a node of a two-node cluster with JetStream that is
+    /// then SIGKILLed, adopted by the other (0: skip).
+    #[arg(long, default_value_t = 1_000)]
+    adopted_sessions: usize,
+}
+
+/// What the node-death step measured.
+#[derive(Debug, serde::Serialize)]
+struct Adoption {
+    sessions: usize,
+    /// The batch giving each session one message, with the session store.
+    batch_ms: f64,
+    /// From the SIGKILL to the last session adopted (heartbeat timeout included).
+    adopted_after_ms: f64,
+    /// Resumes of the adopted sessions on the adopting node.
+    resume_ms: Percentiles,
 }
 
 type Ws =
@@ -88,19 +111,80 @@ async fn cross_node(
     opts: &Opts,
     a: &Args,
     problems: &mut Vec<String>,
-) -> Result<Percentiles, String> {
+) -> Result<(Percentiles, f64), String> {
     let api = Api::new();
-    let args = ["--session-ttl".to_owned(), "10m".to_owned()];
-    let cluster = crate::servers::Cluster::start(opts, 2, false, &args).await?;
+    let cluster = crate::servers::Cluster::start(opts, 2, false, &cluster_args()).await?;
     let (na, nb) = (&cluster.nodes[0], &cluster.nodes[1]);
-    let control = na.control.ok_or("no control listener")?;
-    let url_a = format!("ws://{}/", na.addr);
     let url_b = format!("ws://{}/", nb.addr);
-    let (clients, sockets) = open_all(&url_a, a.cross_node_resumes, a.parallel).await?;
+    let (clients, batch_ms) =
+        suspended_with_a_message(&api, na, a.cross_node_resumes, a.parallel).await?;
+    let resumes = time_resumes(&url_b, &clients, Some("b"), true, problems).await?;
+    Ok((resumes, batch_ms))
+}
+
+/// The settings of the two-node clusters: long sessions, a quick
+/// heartbeat timeout.
+fn cluster_args() -> Vec<String> {
+    [
+        "--session-ttl",
+        "10m",
+        "--cluster-heartbeat",
+        "250ms",
+        "--cluster-heartbeat-timeout",
+        "1s",
+    ]
+    .map(str::to_owned)
+    .to_vec()
+}
+
+/// Opens `n` sessions on `node`, suspends them, and gives each one direct
+/// message in one batch: the sessions, and the batch's time in ms.
+async fn suspended_with_a_message(
+    api: &Api,
+    node: &Gateway,
+    n: usize,
+    parallel: usize,
+) -> Result<(Vec<(String, String)>, f64), String> {
+    let control = node.control.ok_or("no control listener")?;
+    let (clients, sockets) = open_all(&format!("ws://{}/", node.addr), n, parallel).await?;
     drop(sockets);
-    wait_stat(&api, na, "sessions_suspended", clients.len() as u64).await?;
-    send_to_all(&api, control, &clients, "message-00000000").await?;
-    time_resumes(&url_b, &clients, Some("b"), true, problems).await
+    wait_stat(api, node, "sessions_suspended", clients.len() as u64).await?;
+    let started = Instant::now();
+    send_to_all(api, control, &clients, "message-00000000").await?;
+    Ok((clients, started.elapsed().as_secs_f64() * 1e3))
+}
+
+/// Opens `--adopted-sessions` sessions on node `a` of a two-node cluster
+/// with JetStream, suspends them with one direct message each, SIGKILLs
+/// `a`, and times `b`'s adoption of them and their resumes there.
+async fn node_death(opts: &Opts, a: &Args, problems: &mut Vec<String>) -> Result<Adoption, String> {
+    let api = Api::new();
+    let cluster = crate::servers::Cluster::start(opts, 2, true, &cluster_args()).await?;
+    let (na, nb) = (&cluster.nodes[0], &cluster.nodes[1]);
+    let (clients, batch_ms) =
+        suspended_with_a_message(&api, na, a.adopted_sessions, a.parallel).await?;
+    // The store's writes are answered by then; let the records settle.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let pid = na.pid().ok_or("no process for node a")?;
+    let killed = Instant::now();
+    let status = std::process::Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .map_err(|e| format!("kill: {e}"))?;
+    if !status.success() {
+        return Err(format!("kill -9 {pid}: {status}"));
+    }
+    wait_stat(&api, nb, "sessions_suspended", clients.len() as u64).await?;
+    let adopted_after_ms = killed.elapsed().as_secs_f64() * 1e3;
+    let url_b = format!("ws://{}/", nb.addr);
+    let take = &clients[..a.resumes.min(clients.len())];
+    let resume_ms = time_resumes(&url_b, take, Some("b"), true, problems).await?;
+    Ok(Adoption {
+        sessions: clients.len(),
+        batch_ms,
+        adopted_after_ms,
+        resume_ms,
+    })
 }
 
 /// Opens `n` native connections to `url`, `parallel` handshakes at a time:
@@ -240,6 +324,11 @@ pub(crate) async fn run(opts: &Opts, a: Args) -> Result<bool, String> {
     } else {
         None
     };
+    let death = if a.adopted_sessions > 0 {
+        Some(node_death(opts, &a, &mut problems).await?)
+    } else {
+        None
+    };
 
     let per = |after: u64, before: u64| after.saturating_sub(before) as f64 / n as f64;
     let mut t = Table::default();
@@ -264,12 +353,33 @@ pub(crate) async fn run(opts: &Opts, a: Args) -> Result<bool, String> {
             resume.p50, resume.p99, resume.count
         ),
     );
-    if let Some(across) = &across {
+    if let Some((across, batch_ms)) = &across {
         t.row(
             "resume on another node to first recovered message",
             format!(
                 "p50 {:.2} ms, p99 {:.2} ms ({} resumes)",
                 across.p50, across.p99, across.count
+            ),
+        );
+        t.row(
+            format!("batch to {} sessions, no session store", across.count),
+            format!("{batch_ms:.1} ms"),
+        );
+    }
+    if let Some(d) = &death {
+        t.row(
+            format!("batch to {} sessions, session store", d.sessions),
+            format!("{:.1} ms", d.batch_ms),
+        );
+        t.row(
+            "node SIGKILLed: all its sessions adopted after",
+            format!("{:.0} ms (heartbeat timeout 1 s)", d.adopted_after_ms),
+        );
+        t.row(
+            "resume of an adopted session to first recovered message",
+            format!(
+                "p50 {:.2} ms, p99 {:.2} ms ({} resumes)",
+                d.resume_ms.p50, d.resume_ms.p99, d.resume_ms.count
             ),
         );
     }
@@ -286,7 +396,9 @@ pub(crate) async fn run(opts: &Opts, a: Args) -> Result<bool, String> {
             "bytes_per_suspended_session": per(rss_suspended, rss_start),
             "bytes_per_suspended_session_with_messages": per(rss_outbox, rss_start),
             "resume_ms": resume,
-            "cross_node_resume_ms": across,
+            "cross_node_resume_ms": across.as_ref().map(|(p, _)| p),
+            "cross_node_batch_ms": across.as_ref().map(|(_, b)| b),
+            "node_death": death,
         }),
     )?;
     Ok(crate::report_problems(&problems))

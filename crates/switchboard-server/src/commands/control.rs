@@ -605,8 +605,9 @@ async fn send_batch_routed(
     let mut uncertain = std::collections::HashSet::new();
     // Payloads of messages that have ids on other nodes.
     let mut kept: BTreeMap<usize, Payload> = BTreeMap::new();
-    // Local sessions sent to, each once per message.
+    // Local sessions sent to, each once per message (with a session store).
     let mut sessions: Vec<Arc<Conn>> = Vec::new();
+    let storing = s.sessions.storing();
     for (i, m) in req.messages.into_iter().enumerate() {
         let mut local = Vec::new();
         for id in m.connection_ids {
@@ -642,7 +643,7 @@ async fn send_batch_routed(
             let status = match lookup_messaging(s, &id) {
                 Ok(c) => {
                     let status = delivery(s, &c, &out);
-                    if status != Delivery::Unknown && c.session.is_some() {
+                    if status != Delivery::Unknown && c.session.is_some() && storing {
                         sessions.push(c);
                     }
                     status

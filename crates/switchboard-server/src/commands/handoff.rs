@@ -21,7 +21,7 @@ use switchboard_proto::native::{ResumeCode, ResumeError};
 use switchboard_proto::origin::Payload;
 use switchboard_proto::ConnectionId;
 
-use crate::sessions::connection_of;
+use crate::sessions::{connection_of, Holder};
 
 /// Most ids of one batch looked for on every node when their node did not
 /// know them: each costs a request to every node.
@@ -238,34 +238,53 @@ pub(crate) async fn pull(
 }
 
 /// The node holding session `id` by the session store, when no node had
-/// it. One that was not `asked` is returned at once. One that was asked
-/// is lost and not reported yet: the node that reports it adopts its
-/// sessions, and the adopter is returned once the record names it (within
-/// `until`).
+/// it. One that was not `asked`, or this node, is returned at once.
+/// Otherwise it is waited for (within `until`): the node (or run) the
+/// record names is lost and not reported yet, and the node that reports
+/// it adopts its sessions; the adopter is returned once the record names it.
 async fn adopter(
     s: &Commands,
     id: &ConnectionId,
     asked: &[String],
     until: tokio::time::Instant,
 ) -> Option<String> {
-    let (lost, _) = s.sessions.recorded_holder(id).await?;
-    if !asked.contains(&lost) {
-        return Some(lost);
+    let peers = live_peers(s);
+    let first = s.sessions.recorded_holder(id).await?;
+    match s.sessions.classify(&first, &peers) {
+        Holder::Here => return Some(s.node.to_string()),
+        Holder::Peer(node) if !asked.contains(&node) => return Some(node),
+        _ => {}
     }
     loop {
         if tokio::time::Instant::now() + ADOPTER_POLL >= until {
             return None;
         }
         tokio::time::sleep(ADOPTER_POLL).await;
-        let (holder, _) = s.sessions.recorded_holder(id).await?;
-        if holder != lost {
-            return Some(holder);
+        let now = s.sessions.recorded_holder(id).await?;
+        if now == first {
+            continue;
+        }
+        match s.sessions.classify(&now, &live_peers(s)) {
+            Holder::Here => return Some(s.node.to_string()),
+            Holder::Peer(node) => return Some(node),
+            Holder::Lost(..) => {}
         }
     }
 }
 
 /// How often a resume waiting for a lost node's session reads its record.
 const ADOPTER_POLL: Duration = Duration::from_millis(200);
+
+/// The live nodes but this one, each with when it started (its run).
+fn live_peers(s: &Commands) -> Vec<(String, u64)> {
+    s.cluster.get().map_or_else(Vec::new, |c| {
+        c.peers()
+            .into_iter()
+            .filter(|p| p.node != s.node.as_str())
+            .map(|p| (p.node, p.started_at_ms))
+            .collect()
+    })
+}
 
 /// Where session `id`, found on no node, is by the session store.
 pub(super) enum Recorded {
@@ -277,42 +296,38 @@ pub(super) enum Recorded {
     Adopting,
 }
 
-/// Where session `id`, found on no node, is by the session store: the node
-/// its record names, unless that node does not answer for it (lost and not
-/// reported yet, or reported and its sessions being adopted).
+/// Where session `id`, found on no node, is by the session store: where
+/// its record says, unless that node (or run) is gone or does not answer
+/// for it: then it is being adopted.
 pub(super) async fn recorded(s: &Commands, id: &str) -> Recorded {
     let Ok(cid) = ConnectionId::parse(id) else {
         return Recorded::Nowhere;
     };
-    let Some((holder, _)) = s.sessions.recorded_holder(&cid).await else {
+    let Some(found) = s.sessions.recorded_holder(&cid).await else {
         return Recorded::Nowhere;
     };
-    if holder == s.node.as_str() {
-        return if s.registry.get(&cid.key()).is_some() {
-            Recorded::At(None)
-        } else if s.sessions.adopting(&cid.key()) {
-            Recorded::Adopting
-        } else {
-            Recorded::Nowhere
-        };
-    }
-    if !peers_except(s, &[]).contains(&holder) {
-        return Recorded::Adopting;
-    }
-    let info = Command::Info(ConnectionRef {
-        connection_id: id.to_owned(),
-    });
-    let reply = forward(s, &holder, &info).await;
-    let gone = switchboard_backend::ClusterError::NodeGone(holder.clone()).to_string();
-    if reply.status == 200 {
-        Recorded::At(Some(holder))
-    } else if reply.status >= 500
-        || serde_json::from_slice::<serde_json::Value>(&reply.body)
-            .is_ok_and(|v| v["message"] == gone.as_str())
-    {
-        Recorded::Adopting
-    } else {
-        Recorded::Nowhere
+    match s.sessions.classify(&found, &live_peers(s)) {
+        Holder::Here if s.registry.get(&cid.key()).is_some() => Recorded::At(None),
+        Holder::Here if s.sessions.adopting(&cid.key()) => Recorded::Adopting,
+        Holder::Here => Recorded::Nowhere,
+        Holder::Lost(..) => Recorded::Adopting,
+        Holder::Peer(node) => {
+            let info = Command::Info(ConnectionRef {
+                connection_id: id.to_owned(),
+            });
+            let reply = forward(s, &node, &info).await;
+            let gone = switchboard_backend::ClusterError::NodeGone(node.clone()).to_string();
+            if reply.status == 200 {
+                Recorded::At(Some(node))
+            } else if reply.status >= 500
+                || serde_json::from_slice::<serde_json::Value>(&reply.body)
+                    .is_ok_and(|v| v["message"] == gone.as_str())
+            {
+                Recorded::Adopting
+            } else {
+                Recorded::Nowhere
+            }
+        }
     }
 }
 
@@ -328,11 +343,13 @@ fn keep(s: &Commands, state: SessionState) -> Result<(), ResumeError> {
     })
 }
 
-/// A session given up here or there and kept nowhere: counted, and the
-/// origin gets its `disconnect` (`session lost in a handoff`).
+/// A session given up here or there and kept nowhere: counted, the
+/// origin gets its `disconnect` (`session lost in a handoff`), and it
+/// leaves the session store.
 fn lost(s: &Commands, id: &ConnectionId) {
     s.sessions.count_handoff("failed");
     s.sessions.void_disconnect(id, "session lost in a handoff");
+    s.sessions.drop_stored(id);
 }
 
 /// The live nodes but this one and those in `skip`.

@@ -204,6 +204,9 @@ struct Rare {
 #[derive(Debug, Clone, Copy, Default)]
 pub(crate) struct Numbering {
     pub(crate) last_seq: u64,
+    /// Direct messages up to this `seq` are no longer kept (acknowledged by
+    /// the client, or dropped).
+    pub(crate) released: u64,
     pub(crate) suspensions: u32,
     pub(crate) origin_seq: u64,
     /// Direct messages wait behind an origin request's replies, not
@@ -1059,6 +1062,11 @@ impl Conn {
             .as_ref()
             .map_or_else(Numbering::default, |r| Numbering {
                 last_seq: r.outbox.last_seq,
+                released: r
+                    .outbox
+                    .kept
+                    .front()
+                    .map_or(r.outbox.last_seq, |(s, _)| s - 1),
                 suspensions: r.outbox.suspensions,
                 origin_seq: r.outbox.origin_seq,
                 held: out.held > 0,
@@ -1066,12 +1074,14 @@ impl Conn {
     }
 
     /// The kept direct messages numbered after `seq`, each the `direct`
-    /// push's JSON, oldest first (to write to the session store).
-    pub(crate) fn kept_after(&self, seq: u64) -> Vec<(u64, Bytes)> {
+    /// push's JSON, oldest first (to write to the session store), and the
+    /// last `seq` given out: those after `seq` that are not listed are no
+    /// longer kept (acknowledged, or dropped).
+    pub(crate) fn kept_after(&self, seq: u64) -> (Vec<(u64, Bytes)>, u64) {
         let out = self.out.lock();
-        out.rare
-            .as_ref()
-            .map_or_else(Vec::new, |r| r.outbox.kept_after(seq))
+        out.rare.as_ref().map_or((Vec::new(), 0), |r| {
+            (r.outbox.kept_after(seq), r.outbox.last_seq)
+        })
     }
 
     /// Queues the final frame (a close frame) past any bound; nothing is

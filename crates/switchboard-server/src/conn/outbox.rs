@@ -53,7 +53,8 @@ impl OutboxLimits {
         })
     }
 
-    fn over(self, messages: usize, bytes: usize) -> bool {
+    /// Whether `messages` kept, of `bytes` in all, are over these bounds.
+    pub(crate) fn over(self, messages: usize, bytes: usize) -> bool {
         messages > usize::from(self.messages.get()) || bytes > usize::from(self.kib.get()) << 10
     }
 }

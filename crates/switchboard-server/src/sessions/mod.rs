@@ -40,6 +40,8 @@ use switchboard_proto::{ConnectionId, NodeId};
 mod handoff;
 mod replica;
 
+pub(crate) use replica::Holder;
+
 /// Close code of a socket whose session was resumed on a newer one.
 pub(crate) const TAKEN_OVER: u16 = 4009;
 

@@ -1,16 +1,18 @@
 //! Sessions kept in the cluster's session store
 //! ([`switchboard_backend::SessionStore`]), so that a session outlives the
-//! node holding it (`docs/sessions.md`, "When a node dies").
+//! node holding it (`docs/sessions.md`, "When its node dies").
 //!
 //! The holder writes each session's *record* (what adopting it takes,
 //! without its messages) when it starts, changes its channels, is suspended
-//! or resumed, and again before its counters drift far; and each *direct
-//! message* once it is numbered. A control-API send is answered once its
-//! message is written ([`Sessions::stored`]). When a node is lost, the node
-//! that reports it adopts the sessions that node held
-//! ([`Sessions::take_over`]). One task per node ([`Sessions::replicate`])
-//! does the writing, one batch of sessions at a time, so one session's
-//! writes never overtake each other.
+//! or resumed, and again before its counters or its acknowledged messages
+//! drift far; and each *direct message* once it is numbered. A control-API
+//! send is answered once its message is written ([`Sessions::stored`]).
+//! When a node is lost, the node that reports it adopts the sessions that
+//! node's run held ([`Sessions::take_over`]). One task per node
+//! ([`Sessions::replicate`]) does the writing, one batch of sessions at a
+//! time, so one session's writes never overtake each other. Every record
+//! write is conditional (on the revision this node last wrote, or on there
+//! being none): a node that lost a session to another cannot write it.
 
 use super::Sessions;
 use crate::clock::now_ms;
@@ -21,8 +23,8 @@ use bytes::Bytes;
 use futures_util::StreamExt as _;
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
-use std::sync::atomic::Ordering::Relaxed;
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 use switchboard_backend::{SessionStore, StoreError};
@@ -55,8 +57,16 @@ const REFRESH: Duration = Duration::from_secs(12 * 3600);
 /// How long a control-API send waits for its message to be written.
 const STORE_WAIT: Duration = Duration::from_secs(2);
 
+/// How long a stopping node keeps writing what is left (removals of the
+/// sessions its drain ended).
+const LAST_WRITES: Duration = Duration::from_secs(5);
+
 /// Sessions written at once.
 const CONCURRENCY: usize = 64;
+
+/// How long the records of a lost node's sessions that could not be
+/// adopted (the store was unreachable) are tried to be removed.
+const CLEANUP_FOR: Duration = Duration::from_secs(600);
 
 /// A session's record in the store.
 #[derive(Debug, Serialize, Deserialize)]
@@ -65,7 +75,8 @@ struct Record {
     holder: String,
     /// When that node started (Unix ms): which of its runs holds it.
     run: u64,
-    /// Its state, without messages (they are stored one by one).
+    /// Its state, without messages (they are stored one by one);
+    /// `trimmed_through` is where its messages were acknowledged up to.
     state: SessionState,
 }
 
@@ -74,6 +85,9 @@ struct Record {
 enum Work {
     /// Write its new messages, and its record if `record`.
     Write { record: bool },
+    /// It arrived here: its record becomes this node's, whatever revision
+    /// is there, then as `Write`.
+    Arrived,
     /// It ended here: remove it from the store.
     Remove,
     /// It left this node (moved, or fenced): forget it without writing.
@@ -81,11 +95,16 @@ enum Work {
 }
 
 impl Work {
-    fn and(self, other: Work) -> Work {
-        match (self, other) {
+    /// Work queued after `self` for the same session.
+    fn then(self, later: Work) -> Work {
+        match (self, later) {
             (Work::Write { record: a }, Work::Write { record: b }) => {
                 Work::Write { record: a || b }
             }
+            (Work::Arrived, Work::Write { .. }) => Work::Arrived,
+            // An end stays an end (a write after it is for a gone session),
+            // unless the session arrives here again.
+            (Work::Remove | Work::Forget, Work::Write { .. }) => self,
             (_, later) => later,
         }
     }
@@ -96,10 +115,12 @@ impl Work {
 struct Written {
     /// Its record's revision (`None`: none written by this node yet).
     revision: Option<u64>,
-    /// Its messages are written up to this `seq`.
+    /// Its messages are written (or no longer needed) up to this `seq`.
     through: u64,
     /// The client's frames counted when the record was written.
     messages_in: u64,
+    /// Where its messages were acknowledged up to, in the record.
+    released: u64,
     at: Instant,
     /// Another node wrote its record since: it is not this node's any more.
     disowned: bool,
@@ -111,6 +132,7 @@ impl Default for Written {
             revision: None,
             through: 0,
             messages_in: 0,
+            released: 0,
             at: Instant::now(),
             disowned: false,
         }
@@ -132,7 +154,16 @@ struct State {
     written: HashMap<ConnKey, Written>,
     waiters: HashMap<ConnKey, Vec<Waiter>>,
     /// Sessions of a lost node being adopted here now.
-    adopting: std::collections::HashSet<ConnKey>,
+    adopting: HashSet<ConnKey>,
+}
+
+impl State {
+    fn queue(&mut self, id: &ConnectionId, work: Work) {
+        self.work
+            .entry(id.key())
+            .and_modify(|(_, w)| *w = w.then(work))
+            .or_insert_with(|| (id.clone(), work));
+    }
 }
 
 /// The node's side of the session store.
@@ -141,6 +172,20 @@ pub(super) struct Replica {
     store: OnceLock<Arc<dyn SessionStore>>,
     state: Mutex<State>,
     wake: Notify,
+    /// The writer has stopped (the node is leaving): nothing waits for it.
+    stopped: AtomicBool,
+}
+
+/// Where the session store says a session is, as [`Sessions::holder`]
+/// tells it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Holder {
+    /// This node (this run).
+    Here,
+    /// Live node `0` (the run that holds it).
+    Peer(String),
+    /// A node (or a run of one) that is gone: `0` and its run.
+    Lost(String, u64),
 }
 
 impl Sessions {
@@ -158,6 +203,11 @@ impl Sessions {
         self.replica.store.get().filter(|_| self.enabled())
     }
 
+    /// Whether sessions are kept in a session store.
+    pub(crate) fn storing(&self) -> bool {
+        self.store().is_some()
+    }
+
     /// Asks for `conn`'s new direct messages to be written, and its record
     /// too if `record` (its channels, suspension, token changed).
     pub(crate) fn touch(&self, conn: &Conn, record: bool) {
@@ -168,12 +218,7 @@ impl Sessions {
         if conn.session.is_none() || self.store().is_none() {
             return;
         }
-        let mut st = self.replica.state.lock();
-        st.work
-            .entry(conn.key)
-            .and_modify(|(_, w)| *w = w.and(work))
-            .or_insert_with(|| (conn.id.clone(), work));
-        drop(st);
+        self.replica.state.lock().queue(&conn.id, work);
         self.replica.wake.notify_one();
     }
 
@@ -188,18 +233,11 @@ impl Sessions {
         self.queue(conn, Work::Forget);
     }
 
-    /// The session was adopted here: its record is written as this node's,
-    /// whatever is there, and its kept messages again.
+    /// The session arrived here (moved, or adopted from a lost node): its
+    /// record is made this node's, and its kept messages written again
+    /// (a message stored before is not stored twice).
     pub(super) fn moved_in(&self, conn: &Conn) {
-        if self.store().is_none() {
-            return;
-        }
-        self.replica
-            .state
-            .lock()
-            .written
-            .insert(conn.key, Written::default());
-        self.touch(conn, true);
+        self.queue(conn, Work::Arrived);
     }
 
     /// Waits until `conn`'s direct messages numbered so far (and those held
@@ -207,7 +245,7 @@ impl Sessions {
     /// most [`STORE_WAIT`]. `true` at once without a store. `false` when
     /// they could not be written (counted).
     pub(crate) async fn stored(&self, conn: &Conn) -> bool {
-        if conn.session.is_none() || self.store().is_none() {
+        if conn.session.is_none() || self.store().is_none() || self.replica.stopped.load(Relaxed) {
             return true;
         }
         let n = conn.numbering();
@@ -237,60 +275,66 @@ impl Sessions {
             .inc();
     }
 
-    /// Writes what sessions ask for until `stop`, then once more (bounded).
+    /// Counts a store error: `conflict` or `failed`.
+    fn count_error(&self, e: &StoreError) {
+        self.count_store(match e {
+            StoreError::Conflict => "conflict",
+            StoreError::Unavailable(_) => "failed",
+        });
+    }
+
+    /// Writes what sessions ask for until `stop`, then what is left
+    /// (bounded), and answers whatever still waits.
     pub(crate) async fn replicate(self: Arc<Self>, stop: CancellationToken) {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            let stopping = tokio::select! {
-                () = self.replica.wake.notified() => false,
-                () = self.registry.numbered.notify.notified() => false,
-                _ = tick.tick() => {
-                    self.refresh_records();
-                    false
-                }
-                () = stop.cancelled() => true,
-            };
-            if stopping {
-                // What the drain ended is removed before the node leaves.
-                let _ = tokio::time::timeout(Duration::from_secs(2), self.write_pending()).await;
-                return;
+            tokio::select! {
+                () = self.replica.wake.notified() => {}
+                () = self.registry.numbered.notify.notified() => {}
+                _ = tick.tick() => self.refresh_records(),
+                () = stop.cancelled() => break,
             }
             self.write_pending().await;
         }
+        // What the drain ended is removed before the node leaves.
+        let until = tokio::time::Instant::now() + LAST_WRITES;
+        while !self.replica.state.lock().work.is_empty() && tokio::time::Instant::now() < until {
+            let _ = tokio::time::timeout_at(until, self.write_pending()).await;
+        }
+        self.replica.stopped.store(true, Relaxed);
+        let waiters: Vec<Waiter> = {
+            let mut st = self.replica.state.lock();
+            st.waiters.drain().flat_map(|(_, w)| w).collect()
+        };
+        for w in waiters {
+            let _ = w.done.send(true);
+        }
     }
 
-    /// Asks for the records of sessions whose counters drifted, or that
-    /// were not written for [`REFRESH`], to be written again.
+    /// Asks for the records of sessions whose counters or acknowledged
+    /// messages drifted, or that were not written for [`REFRESH`], to be
+    /// written again.
     fn refresh_records(&self) {
         if self.store().is_none() {
             return;
         }
-        let stale: Vec<ConnKey> = {
+        let written: Vec<(ConnKey, Written)> = {
             let st = self.replica.state.lock();
             st.written
                 .iter()
-                .filter(|(_, w)| !w.disowned && w.at.elapsed() >= REFRESH)
-                .map(|(k, _)| *k)
+                .filter(|(_, w)| !w.disowned)
+                .map(|(k, w)| (*k, *w))
                 .collect()
         };
-        let mut again: Vec<Arc<Conn>> = stale.iter().filter_map(|k| self.registry.get(k)).collect();
-        {
-            let st = self.replica.state.lock();
-            for (key, w) in &st.written {
-                if w.disowned {
-                    continue;
-                }
-                if let Some(conn) = self.registry.get(key) {
-                    let drift = conn.messages_in.load(Relaxed).saturating_sub(w.messages_in);
-                    if drift >= ORIGIN_SKIP / 2 {
-                        again.push(conn);
-                    }
-                }
+        for (key, w) in written {
+            let Some(conn) = self.registry.get(&key) else {
+                continue;
+            };
+            let drift = conn.messages_in.load(Relaxed).saturating_sub(w.messages_in);
+            if w.at.elapsed() >= REFRESH || drift >= ORIGIN_SKIP / 2 {
+                self.touch(&conn, true);
             }
-        }
-        for conn in again {
-            self.touch(&conn, true);
         }
     }
 
@@ -298,6 +342,11 @@ impl Sessions {
         let Some(store) = self.store().cloned() else {
             return;
         };
+        if !self.origin.lease.is_held() {
+            // Cut off: the cluster may report this node lost and adopt its
+            // sessions at any moment. Written again once the lease is back.
+            return;
+        }
         // Sessions whose messages were numbered below the sessions
         // (origin replies, released holds).
         for key in self.registry.numbered.take() {
@@ -306,9 +355,6 @@ impl Sessions {
             }
         }
         let work: Vec<_> = self.replica.state.lock().work.drain().collect();
-        if work.is_empty() {
-            return;
-        }
         futures_util::stream::iter(work)
             .for_each_concurrent(CONCURRENCY, |(key, (id, w))| {
                 let store = store.clone();
@@ -324,109 +370,183 @@ impl Sessions {
         id: &ConnectionId,
         work: Work,
     ) {
-        let record = match work {
+        let (record, take) = match work {
             Work::Remove | Work::Forget => {
                 let written = self.replica.state.lock().written.remove(&key);
                 self.settle_waiters(key, None, true);
                 if work == Work::Remove {
-                    if let Some(revision) = written.and_then(|w| w.revision.filter(|_| !w.disowned))
-                    {
-                        match store.remove(id.as_str(), revision).await {
-                            Ok(()) => self.count_store("removed"),
-                            Err(StoreError::Conflict) => self.count_store("conflict"),
-                            Err(e) => {
-                                self.count_store("failed");
-                                tracing::warn!(connection = %id, error = %e, "an ended session stays in the session store until it expires");
-                            }
-                        }
-                    }
+                    self.remove_stored(store, id, written).await;
                 }
                 return;
             }
-            Work::Write { record } => record,
+            Work::Write { record } => (record, false),
+            Work::Arrived => (true, true),
         };
         let Some(conn) = self.registry.get(&key).filter(|c| c.id == *id) else {
             self.settle_waiters(key, None, true);
             return;
         };
-        let written = self
-            .replica
-            .state
-            .lock()
-            .written
-            .get(&key)
-            .copied()
-            .unwrap_or_default();
-        if written.disowned {
+        let mut now = {
+            let mut st = self.replica.state.lock();
+            if take {
+                // Its messages are written again from the first kept one.
+                st.written.insert(key, Written::default());
+            }
+            st.written.get(&key).copied().unwrap_or_default()
+        };
+        if now.disowned {
             self.settle_waiters(key, Some(&conn), false);
             return;
         }
-        let mut ok = true;
-        let mut record_failed = false;
-        let mut now = written;
-        if record || written.revision.is_none() {
+        let n = conn.numbering();
+        let acked_far = n.released.saturating_sub(now.released) >= self.ack_drift();
+        let mut retry = None;
+        if record || now.revision.is_none() || acked_far {
+            let expected = match (take, now.revision) {
+                (true, _) => self.current_revision(store, id).await,
+                (false, Some(r)) => Ok(r),
+                // A new session: no record yet.
+                (false, None) => Ok(0),
+            };
             let messages_in = conn.messages_in.load(Relaxed);
-            match store
-                .put(id.as_str(), self.record_of(&conn), written.revision)
-                .await
-            {
+            let put = match expected {
+                Ok(expected) => {
+                    store
+                        .put(id.as_str(), self.record_of(&conn, &n), Some(expected))
+                        .await
+                }
+                Err(e) => Err(e),
+            };
+            match put {
                 Ok(revision) => {
                     self.count_store("record");
                     now.revision = Some(revision);
                     now.messages_in = messages_in;
+                    now.released = n.released;
                     now.at = Instant::now();
                 }
-                Err(StoreError::Conflict) => {
-                    self.count_store("conflict");
-                    tracing::warn!(connection = %id, "another node wrote this session's record: it is not this node's any more");
-                    now.disowned = true;
-                    ok = false;
-                }
                 Err(e) => {
-                    self.count_store("failed");
-                    tracing::debug!(connection = %id, error = %e, "session record not written; retried");
-                    ok = false;
-                    record_failed = true;
+                    self.count_error(&e);
+                    // Arrived: a write of the node it left landed between
+                    // reading the revision and this one: taken again.
+                    if e == StoreError::Conflict && !take {
+                        tracing::warn!(connection = %id, "another node wrote this session's record: it is not this node's any more");
+                        now.disowned = true;
+                    } else {
+                        tracing::debug!(connection = %id, error = %e, "session record not written; retried");
+                        retry = Some(if take {
+                            Work::Arrived
+                        } else {
+                            Work::Write { record: true }
+                        });
+                    }
                 }
             }
         }
-        let messages = conn.kept_after(now.through);
-        if let (Some(&(top, _)), false) = (messages.last(), now.disowned) {
-            match store.append(id.as_str(), messages).await {
+        let (messages, last_seq) = conn.kept_after(now.through);
+        if !now.disowned {
+            let written = match messages.is_empty() {
+                true => Ok(()),
+                false => store.append(id.as_str(), messages).await,
+            };
+            match written {
                 Ok(()) => {
+                    // Those not listed were acknowledged or dropped meanwhile.
+                    now.through = now.through.max(last_seq);
                     self.count_store("messages");
-                    now.through = now.through.max(top);
                 }
                 Err(e) => {
-                    self.count_store("failed");
+                    self.count_error(&e);
                     tracing::debug!(connection = %id, error = %e, "session messages not written; retried");
-                    ok = false;
+                    retry = retry.or(Some(Work::Write { record: false }));
                 }
             }
         }
         {
             let mut st = self.replica.state.lock();
-            // Still held here (not ended or moved meanwhile: that work is
-            // queued and removes the entry).
-            if self
-                .registry
-                .get(&key)
-                .is_some_and(|c| Arc::ptr_eq(&c, &conn))
-            {
-                st.written.insert(key, now);
-                if !ok && !now.disowned {
-                    // Tried again at the next tick (or wake).
-                    let again = Work::Write {
-                        record: record_failed,
-                    };
-                    st.work
-                        .entry(key)
-                        .and_modify(|(_, w)| *w = w.and(again))
-                        .or_insert((id.clone(), again));
+            // Kept even if the session ended or left meanwhile: the queued
+            // removal needs the revision.
+            st.written.insert(key, now);
+            if let (Some(again), false) = (retry, now.disowned) {
+                // Tried again at the next tick (or wake).
+                st.queue(id, again);
+            }
+        }
+        self.settle_waiters(key, Some(&conn), retry.is_none() && !now.disowned);
+    }
+
+    /// How far (in messages) the acknowledged position in a record may lag
+    /// the session's before the record is written again.
+    fn ack_drift(&self) -> u64 {
+        u64::from(self.config.session_outbox_messages / 4).max(1)
+    }
+
+    /// The revision of session `id`'s record now (0: none).
+    async fn current_revision(
+        &self,
+        store: &dyn SessionStore,
+        id: &ConnectionId,
+    ) -> Result<u64, StoreError> {
+        Ok(store.get(id.as_str()).await?.map_or(0, |r| r.revision))
+    }
+
+    /// Removes an ended session from the store: at the revision this node
+    /// wrote, or, when it does not know one, if the record names this run.
+    async fn remove_stored(
+        &self,
+        store: &dyn SessionStore,
+        id: &ConnectionId,
+        written: Option<Written>,
+    ) {
+        let revision = match written {
+            Some(w) if w.disowned => return,
+            Some(Written {
+                revision: Some(r), ..
+            }) => Some(r),
+            _ => match store.get(id.as_str()).await {
+                Ok(Some(found)) => serde_json::from_slice::<Record>(&found.record)
+                    .ok()
+                    .filter(|r| r.holder == self.node.as_str() && r.run == self.started_at_ms)
+                    .map(|_| found.revision),
+                Ok(None) => return,
+                Err(e) => {
+                    self.count_error(&e);
+                    None
+                }
+            },
+        };
+        let Some(revision) = revision else {
+            return;
+        };
+        match store.remove(id.as_str(), revision).await {
+            Ok(()) => self.count_store("removed"),
+            Err(e) => {
+                self.count_error(&e);
+                if e != StoreError::Conflict {
+                    tracing::warn!(connection = %id, error = %e, "an ended session stays in the session store until it expires");
                 }
             }
         }
-        self.settle_waiters(key, Some(&conn), ok);
+    }
+
+    /// A session lost on its way between two nodes: its record (whoever
+    /// wrote it last) leaves the store, so that no node adopts it later.
+    pub(crate) fn drop_stored(self: &Arc<Self>, id: &ConnectionId) {
+        let Some(store) = self.store().cloned() else {
+            return;
+        };
+        let (me, id) = (self.clone(), id.clone());
+        tokio::spawn(async move {
+            let found = match store.get(id.as_str()).await {
+                Ok(Some(found)) => found,
+                Ok(None) => return,
+                Err(e) => return me.count_error(&e),
+            };
+            match store.remove(id.as_str(), found.revision).await {
+                Ok(()) => me.count_store("removed"),
+                Err(e) => me.count_error(&e),
+            }
+        });
     }
 
     /// Answers the sends waiting on session `key`: those whose messages are
@@ -461,14 +581,19 @@ impl Sessions {
         }
     }
 
-    /// The record of `conn` as this node writes it.
-    fn record_of(&self, conn: &Conn) -> Bytes {
-        let n = conn.numbering();
+    /// The record of `conn` as this node writes it (`n`: its numbering).
+    fn record_of(&self, conn: &Conn, n: &crate::conn::Numbering) -> Bytes {
         let mut state = self.state_of(conn, self.token(&conn.id), conn.remote());
         state.last_seq = n.last_seq;
+        state.trimmed_through = n.released;
         state.origin_seq = n.origin_seq;
         state.suspensions = n.suspensions;
         state.channels = self.channels.session_channels(conn);
+        self.record_bytes(state)
+    }
+
+    /// A record naming this node's run as the holder of `state`.
+    fn record_bytes(&self, state: SessionState) -> Bytes {
         let record = Record {
             holder: self.node.to_string(),
             run: self.started_at_ms,
@@ -484,16 +609,13 @@ impl Sessions {
         self.replica.state.lock().adopting.contains(key)
     }
 
-    /// The node whose run `holder` (started at `run`, Unix ms) holds
-    /// session `id` by the store's record, if it has one.
+    /// The node and run that hold session `id` by the store's record, if it
+    /// has one.
     pub(crate) async fn recorded_holder(&self, id: &ConnectionId) -> Option<(String, u64)> {
         let store = self.store()?;
         let found = match store.get(id.as_str()).await {
             Ok(Some(found)) => found,
-            Ok(None) => {
-                tracing::debug!(connection = %id, "no record in the session store");
-                return None;
-            }
+            Ok(None) => return None,
             Err(e) => {
                 tracing::debug!(connection = %id, error = %e, "session store not read");
                 return None;
@@ -508,11 +630,25 @@ impl Sessions {
         }
     }
 
+    /// Where a session is by its record's holder and run (`found`): here,
+    /// on a live node (the run that wrote it), or on a node or run that is
+    /// gone. `peers`: the live nodes and when each started.
+    pub(crate) fn classify(&self, found: &(String, u64), peers: &[(String, u64)]) -> Holder {
+        let (node, run) = found;
+        if node == self.node.as_str() && *run == self.started_at_ms {
+            Holder::Here
+        } else if peers.iter().any(|(p, started)| p == node && started == run) {
+            Holder::Peer(node.clone())
+        } else {
+            Holder::Lost(node.clone(), *run)
+        }
+    }
+
     /// Adopts the sessions held by node `down` (its run started at
     /// `run`), lost without draining: each is suspended here with its
     /// messages from the store, for its client to resume (or its ttl to
     /// pass). Returns their connection ids.
-    pub(crate) async fn take_over(&self, down: &str, run: u64) -> Vec<String> {
+    pub(crate) async fn take_over(self: &Arc<Self>, down: &str, run: u64) -> Vec<String> {
         let Some(store) = self.store().cloned() else {
             return Vec::new();
         };
@@ -526,8 +662,9 @@ impl Sessions {
                     tokio::time::sleep(Duration::from_secs(1)).await;
                 }
                 Err(e) => {
-                    self.count_store("failed");
+                    self.count_error(&e);
                     tracing::error!(node = down, error = %e, "cannot read the session store: the lost node's sessions are gone");
+                    self.clean_up_after(down.to_owned(), run);
                     return Vec::new();
                 }
             }
@@ -539,20 +676,16 @@ impl Sessions {
                 (record.holder == down && record.run == run).then_some((record, r.revision))
             })
             .collect();
-        let keys: Vec<ConnKey> = theirs
-            .iter()
-            .filter_map(|(r, _)| ConnectionId::parse(&r.state.connection_id).ok())
-            .map(|id| id.key())
-            .collect();
+        let key_of = |r: &Record| ConnectionId::parse(&r.state.connection_id).map(|id| id.key());
         self.replica
             .state
             .lock()
             .adopting
-            .extend(keys.iter().copied());
+            .extend(theirs.iter().filter_map(|(r, _)| key_of(r).ok()));
         let store = &store;
         let adopted: Vec<Option<String>> = futures_util::stream::iter(theirs)
             .map(|(record, revision)| async move {
-                let key = ConnectionId::parse(&record.state.connection_id).map(|id| id.key());
+                let key = key_of(&record);
                 // Commands for it (and a resume taking it) wait for it here.
                 let _arriving = key.as_ref().ok().and_then(|k| self.arrival(*k));
                 let r = self.adopt_lost(&**store, record, revision).await;
@@ -573,6 +706,35 @@ impl Sessions {
         adopted
     }
 
+    /// The lost node's sessions could not be adopted: they are gone (the
+    /// origin is told so by `node_down`). Their records are removed once
+    /// the store can be read (tried for [`CLEANUP_FOR`]), so that commands
+    /// for them are answered `connection_not_found`, not
+    /// `session_unavailable`.
+    fn clean_up_after(self: &Arc<Self>, down: String, run: u64) {
+        let Some(store) = self.store().cloned() else {
+            return;
+        };
+        let me = self.clone();
+        tokio::spawn(async move {
+            let until = Instant::now() + CLEANUP_FOR;
+            while Instant::now() < until {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                let Ok(records) = store.all().await else {
+                    continue;
+                };
+                for r in records {
+                    let theirs = serde_json::from_slice::<Record>(&r.record)
+                        .is_ok_and(|rec| rec.holder == down && rec.run == run);
+                    if theirs && store.remove(&r.id, r.revision).await.is_ok() {
+                        me.count_store("removed");
+                    }
+                }
+                return;
+            }
+        });
+    }
+
     /// Adopts one session of a lost node; its id, or `None` when it could
     /// not be (it is gone, as the lost node's other connections).
     async fn adopt_lost(
@@ -582,30 +744,22 @@ impl Sessions {
         revision: u64,
     ) -> Option<String> {
         let id = record.state.connection_id.clone();
+        let id = id.as_str();
         // Claimed first: a node racing this one (or the lost node, back)
         // cannot write it after.
-        let claim = Record {
-            holder: self.node.to_string(),
-            run: self.started_at_ms,
-            state: record.state,
-        };
-        let body = serde_json::to_vec(&claim).expect("records serialize");
-        let claimed = match store.put(&id, body.into(), Some(revision)).await {
+        let claimed = match store
+            .put(id, self.record_bytes(record.state.clone()), Some(revision))
+            .await
+        {
             Ok(claimed) => claimed,
             Err(e) => {
-                let result = if e == StoreError::Conflict {
-                    "conflict"
-                } else {
-                    "failed"
-                };
-                self.count_store(result);
+                self.count_error(&e);
                 tracing::warn!(connection = %id, error = %e, "a lost node's session could not be claimed");
                 return None;
             }
         };
         // A session that cannot be adopted leaves the store: it is gone,
         // as the lost node's other connections.
-        let id = id.as_str();
         let drop_it = |why: String| async move {
             self.count_store("failed");
             tracing::warn!(connection = %id, error = %why, "a lost node's session could not be adopted");
@@ -616,46 +770,22 @@ impl Sessions {
             Ok(m) => m,
             Err(e) => return drop_it(e.to_string()).await,
         };
-        let mut state = claim.state;
-        let stored_top = messages.last().map_or(0, |(seq, _)| *seq);
-        // Only the newest unbroken run of messages can be resumed from.
-        let mut first = stored_top + 1;
-        for (seq, _) in messages.iter().rev() {
-            if *seq + 1 != first {
-                break;
-            }
-            first = *seq;
-        }
-        state.trimmed_through = if messages.is_empty() {
-            state.last_seq
-        } else {
-            first - 1
-        };
-        state.kept = messages
-            .into_iter()
-            .filter(|(seq, _)| *seq >= first)
-            .map(|(seq, push)| KeptMessage {
-                seq,
-                push: String::from_utf8_lossy(&push).into_owned(),
-            })
-            .collect();
-        state.last_seq = state.last_seq.max(stored_top) + SEQ_SKIP;
-        state.origin_seq = state.origin_seq.max(state.messages_in) + ORIGIN_SKIP;
-        state.suspensions = state.suspensions.saturating_add(SUSPENSION_SKIP);
+        let state = restored(
+            record.state,
+            messages,
+            self.limits(),
+            self.config.session_ttl,
+        );
         let ttl = state
             .ttl_ms
             .map_or(self.config.session_ttl, Duration::from_millis);
-        state.expires_in_ms = ttl.as_millis() as u64;
-        state.suspended_ms = 0;
+        let key = ConnectionId::parse(id).ok().map(|c| c.key());
         let conn = match self.adopt(state) {
             Ok(conn) => conn,
+            // Here already (it moved here just before its node died): kept.
+            Err(_) if key.is_some_and(|k| self.registry.get(&k).is_some()) => return None,
             Err(e) => return drop_it(e.message).await,
         };
-        if let Some(w) = self.replica.state.lock().written.get_mut(&conn.key) {
-            // Its messages are in the store already, and its record is ours.
-            w.through = w.through.max(stored_top);
-            w.revision = Some(claimed);
-        }
         self.count_store("taken_over");
         if self.config.session_events {
             let n = conn.numbering().suspensions;
@@ -673,5 +803,163 @@ impl Sessions {
             );
         }
         Some(id.to_owned())
+    }
+}
+
+/// The state a lost node's session is adopted with, from its record
+/// and its stored `messages` (by ascending `seq`): the newest unbroken
+/// run of messages not acknowledged, within the outbox's bounds; its
+/// numbering moved past anything the lost node may have given out;
+/// suspended from now, for its whole ttl.
+fn restored(
+    mut state: SessionState,
+    messages: Vec<(u64, Bytes)>,
+    limits: Option<crate::conn::OutboxLimits>,
+    default_ttl: Duration,
+) -> SessionState {
+    let acked = state.trimmed_through;
+    let mut kept: Vec<(u64, Bytes)> = messages
+        .into_iter()
+        .filter(|(seq, _)| *seq > acked)
+        .collect();
+    let top = kept.last().map_or(0, |(seq, _)| *seq);
+    // Only the newest unbroken run can be resumed from.
+    let mut first = top + 1;
+    for (seq, _) in kept.iter().rev() {
+        if *seq + 1 != first {
+            break;
+        }
+        first = *seq;
+    }
+    kept.retain(|(seq, _)| *seq >= first);
+    // Within the outbox's bounds, as the lost node kept them.
+    if let Some(limits) = limits {
+        let mut bytes: usize = kept.iter().map(|(_, p)| p.len()).sum();
+        let mut drop = 0;
+        while kept.len() - drop > 0 && limits.over(kept.len() - drop, bytes) {
+            bytes -= kept[drop].1.len();
+            drop += 1;
+        }
+        kept.drain(..drop);
+    }
+    state.trimmed_through = match kept.first() {
+        Some((seq, _)) => seq - 1,
+        None => acked.max(state.last_seq).max(top),
+    };
+    state.kept = kept
+        .into_iter()
+        .map(|(seq, push)| KeptMessage {
+            seq,
+            push: String::from_utf8_lossy(&push).into_owned(),
+        })
+        .collect();
+    state.last_seq = state.last_seq.max(top) + SEQ_SKIP;
+    state.origin_seq = state.origin_seq.max(state.messages_in) + ORIGIN_SKIP;
+    state.suspensions = state.suspensions.saturating_add(SUSPENSION_SKIP);
+    let ttl = state.ttl_ms.map_or(default_ttl, Duration::from_millis);
+    state.expires_in_ms = ttl.as_millis() as u64;
+    state.suspended_ms = 0;
+    state.overflowed = false;
+    state
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state(last_seq: u64, acked: u64) -> SessionState {
+        SessionState {
+            connection_id: "n1.AAAAAAAAAAAAAAAAAAAAAA".into(),
+            token: String::new(),
+            path: "/".into(),
+            user_id: None,
+            metadata: None,
+            client_token: None,
+            token_expires_ms: 0,
+            remote_addr: "127.0.0.1:1".into(),
+            connected_at_ms: 0,
+            messages_in: 40,
+            messages_out: 0,
+            bytes_in: 0,
+            bytes_out: 0,
+            last_seq,
+            trimmed_through: acked,
+            kept: Vec::new(),
+            origin_seq: 30,
+            suspensions: 2,
+            suspended_ms: 5,
+            expires_in_ms: 0,
+            ttl_ms: None,
+            overflowed: false,
+            channels: Vec::new(),
+        }
+    }
+
+    fn messages(seqs: impl IntoIterator<Item = u64>) -> Vec<(u64, Bytes)> {
+        seqs.into_iter()
+            .map(|s| {
+                (
+                    s,
+                    Bytes::from(format!("{{\"push\":\"direct\",\"seq\":{s}}}")),
+                )
+            })
+            .collect()
+    }
+
+    fn kept(s: &SessionState) -> Vec<u64> {
+        s.kept.iter().map(|k| k.seq).collect()
+    }
+
+    const TTL: Duration = Duration::from_secs(120);
+
+    #[test]
+    fn an_adopted_session_keeps_what_was_not_acknowledged_and_numbers_past_the_lost_node() {
+        // Acknowledged up to 4 (by the record), messages 1..=9 stored, the
+        // record written when the last was 6.
+        let s = restored(state(6, 4), messages(1..=9), None, TTL);
+        assert_eq!(kept(&s), [5, 6, 7, 8, 9]);
+        assert_eq!(s.trimmed_through, 4);
+        assert_eq!(s.last_seq, 9 + SEQ_SKIP);
+        assert_eq!(s.origin_seq, 40 + ORIGIN_SKIP, "past the frames counted");
+        assert_eq!(s.suspensions, 2 + SUSPENSION_SKIP);
+        assert_eq!((s.expires_in_ms, s.suspended_ms), (120_000, 0));
+    }
+
+    #[test]
+    fn only_the_newest_unbroken_run_of_messages_is_kept() {
+        // 7 is missing: a client that has less than 7 cannot resume.
+        let s = restored(state(9, 2), messages([3, 4, 5, 6, 8, 9]), None, TTL);
+        assert_eq!(kept(&s), [8, 9]);
+        assert_eq!(s.trimmed_through, 7);
+    }
+
+    #[test]
+    fn the_outbox_bounds_keep_the_newest() {
+        let limits = crate::conn::OutboxLimits::new(3, 1 << 20);
+        let s = restored(state(10, 0), messages(1..=10), limits, TTL);
+        assert_eq!(kept(&s), [8, 9, 10]);
+        assert_eq!(s.trimmed_through, 7);
+    }
+
+    #[test]
+    fn without_messages_nothing_before_the_record_can_be_replayed() {
+        let s = restored(state(6, 4), Vec::new(), None, TTL);
+        assert!(s.kept.is_empty());
+        assert_eq!(s.trimmed_through, 6, "5 and 6 are gone");
+        assert_eq!(s.last_seq, 6 + SEQ_SKIP);
+    }
+
+    #[test]
+    fn an_end_is_not_undone_by_a_later_write_but_an_arrival_is_kept() {
+        let w = Work::Write { record: false };
+        assert_eq!(Work::Remove.then(w), Work::Remove);
+        assert_eq!(Work::Forget.then(w), Work::Forget);
+        assert_eq!(Work::Forget.then(Work::Arrived), Work::Arrived);
+        assert_eq!(Work::Arrived.then(w), Work::Arrived);
+        assert_eq!(Work::Arrived.then(Work::Remove), Work::Remove);
+        assert_eq!(
+            w.then(Work::Write { record: true }),
+            Work::Write { record: true }
+        );
     }
 }
