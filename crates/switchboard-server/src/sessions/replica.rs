@@ -64,6 +64,10 @@ const LAST_WRITES: Duration = Duration::from_secs(5);
 /// Sessions written at once.
 const CONCURRENCY: usize = 64;
 
+/// How long the writer waits after the store was unavailable before it
+/// tries again (sends meanwhile are answered without waiting for it).
+const BACKOFF: Duration = Duration::from_secs(2);
+
 /// How long the records of a lost node's sessions that could not be
 /// adopted (the store was unreachable) are tried to be removed.
 const CLEANUP_FOR: Duration = Duration::from_secs(600);
@@ -174,6 +178,23 @@ pub(super) struct Replica {
     wake: Notify,
     /// The writer has stopped (the node is leaving): nothing waits for it.
     stopped: AtomicBool,
+    /// The store was unavailable: nothing is tried before then.
+    backoff: Mutex<Option<Instant>>,
+}
+
+impl Replica {
+    /// Whether the store was unavailable a moment ago.
+    fn backing_off(&self) -> bool {
+        let mut b = self.backoff.lock();
+        match *b {
+            Some(until) if Instant::now() < until => true,
+            Some(_) => {
+                *b = None;
+                false
+            }
+            None => false,
+        }
+    }
 }
 
 /// Where the session store says a session is, as [`Sessions::holder`]
@@ -248,6 +269,11 @@ impl Sessions {
         if conn.session.is_none() || self.store().is_none() || self.replica.stopped.load(Relaxed) {
             return true;
         }
+        if self.replica.backing_off() {
+            // Written once the store is back; not waited for meanwhile.
+            self.touch(conn, false);
+            return false;
+        }
         let n = conn.numbering();
         let (done, wait) = oneshot::channel();
         let target = (!n.held).then_some(n.last_seq);
@@ -275,11 +301,18 @@ impl Sessions {
             .inc();
     }
 
-    /// Counts a store error: `conflict` or `failed`.
+    /// Counts a store error: `conflict` or `failed` (and the writer backs
+    /// off for [`BACKOFF`]).
     fn count_error(&self, e: &StoreError) {
         self.count_store(match e {
             StoreError::Conflict => "conflict",
-            StoreError::Unavailable(_) => "failed",
+            StoreError::Unavailable(_) => {
+                self.replica
+                    .backoff
+                    .lock()
+                    .get_or_insert_with(|| Instant::now() + BACKOFF);
+                "failed"
+            }
         });
     }
 
@@ -342,6 +375,9 @@ impl Sessions {
         let Some(store) = self.store().cloned() else {
             return;
         };
+        if self.replica.backing_off() {
+            return;
+        }
         if !self.origin.lease.is_held() {
             // Cut off: the cluster may report this node lost and adopt its
             // sessions at any moment. Written again once the lease is back.
