@@ -200,7 +200,27 @@ pub(crate) async fn pull(
             }
         }
     }
-    let mut asked = peers_except(s, &[first.as_deref().unwrap_or_default()]);
+    // Where the session store says, next: one request instead of one per
+    // node.
+    let stored = stored_peer(s, id.as_str())
+        .await
+        .filter(|n| Some(n) != first.as_ref());
+    if let Some(node) = &stored {
+        match ask(s, node, &take).await {
+            Taken::Got(state) => return keep(s, *state),
+            Taken::Refused(e) => return Err(e),
+            Taken::NotThere(why) => {
+                tracing::debug!(connection = %id, %node, %why, "session not where the session store says");
+            }
+        }
+    }
+    let mut asked = peers_except(
+        s,
+        &[
+            first.as_deref().unwrap_or_default(),
+            stored.as_deref().unwrap_or_default(),
+        ],
+    );
     let answers = futures_util::future::join_all(asked.iter().map(|n| ask(s, n, &take))).await;
     let mut refused = None;
     for answer in answers {
@@ -217,6 +237,7 @@ pub(crate) async fn pull(
     }
     // Held by a node that was lost: the node that reports it adopts it.
     asked.extend(first);
+    asked.extend(stored);
     let until = deadline - Duration::from_millis(500);
     let Some(node) = adopter(s, &id, &asked, until).await else {
         tracing::debug!(connection = %id, ?asked, "session held by no node, by the session store");
@@ -269,6 +290,20 @@ async fn adopter(
             Holder::Peer(node) => return Some(node),
             Holder::Lost(..) => {}
         }
+    }
+}
+
+/// The live node (not this one) that holds session `id` by the session
+/// store, if there is a store and it says so.
+async fn stored_peer(s: &Commands, id: &str) -> Option<String> {
+    if !s.sessions.storing() {
+        return None;
+    }
+    let cid = ConnectionId::parse(id).ok()?;
+    let found = s.sessions.recorded_holder(&cid).await?;
+    match s.sessions.classify(&found, &live_peers(s)) {
+        Holder::Peer(node) => Some(node),
+        Holder::Here | Holder::Lost(..) => None,
     }
 }
 
@@ -385,6 +420,13 @@ pub(super) async fn locate(s: &Commands, id: &str) -> Option<String> {
     let info = Command::Info(ConnectionRef {
         connection_id: id.to_owned(),
     });
+    // Where the session store says, first: one request instead of one per
+    // node.
+    if let Some(node) = stored_peer(s, id).await {
+        if forward(s, &node, &info).await.status == 200 {
+            return Some(node);
+        }
+    }
     let others = peers_except(s, &[]);
     let answers = futures_util::future::join_all(others.iter().map(|n| forward(s, n, &info))).await;
     others
