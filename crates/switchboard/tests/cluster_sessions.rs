@@ -14,9 +14,10 @@
 //! - a rolling restart (SIGTERM each node in turn, started again under the
 //!   same id) loses nothing: the draining node closes its clients with 1012
 //!   keeping their sessions, and they resume on the other nodes;
-//! - a session outlives the death of the node holding it (SIGKILL): the
-//!   node reporting the loss adopts it from JetStream, and its client
-//!   resumes on another node with the same id;
+//! - a session outlives the death of the node holding it (SIGKILL), or its
+//!   stall (SIGSTOP, then fenced on return): the node reporting the loss
+//!   adopts it from JetStream, and its client resumes on another node with
+//!   the same id;
 //! - in all, every client ends with every direct message and every channel
 //!   message exactly once and in order, never a new session, and the origin
 //!   sees one `connect` and, when the client closes, one `disconnect` per
@@ -689,6 +690,121 @@ async fn a_session_outlives_the_death_of_its_node() {
         switchboard_proto::origin::ClosedBy::Client,
         "{d:?}"
     );
+    stop.store(true, Ordering::Relaxed);
+}
+
+/// The node holding a session is frozen (SIGSTOP) long enough to be
+/// reported lost: another node adopts the session, and the client resumes
+/// there. When the frozen node is thawed it finds the report and fences
+/// itself: it sends no `disconnect` for the session and cannot write its
+/// record back, so the session lives on where it was adopted, and messages
+/// sent afterwards reach it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_node_s_session_is_adopted_and_the_node_fenced_on_return() {
+    const N: usize = 300;
+    let nats = NatsServer::start(true);
+    let origin = TestOrigin::start(None).await;
+    let (a, b, c) = tokio::join!(
+        node("a", &nats, &origin, "stalls"),
+        node("b", &nats, &origin, "stalls"),
+        node("c", &nats, &origin, "stalls"),
+    );
+    wait_member_ids(&[&a, &b, &c], &["a", "b", "c"], FORM).await;
+    let balancer = Balancer::start(vec![c.listen]).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let (client, id, got) = sdk_client(&balancer.url(), "room:stalls", stop.clone()).await;
+    assert!(id.starts_with("c."), "{id}");
+    let targets = Targets::default();
+    targets.set(vec![a.control, b.control]);
+    let pace = Duration::from_millis(8);
+    let directs = tokio::spawn(send_directs_retrying(targets.clone(), id.clone(), N, pace));
+    let channel = tokio::spawn(publish(targets.clone(), "room:stalls".into(), N, pace));
+    common::poll(
+        Duration::from_secs(20),
+        "a third of the directs",
+        || async {
+            let n = got.lock().unwrap().directs.len();
+            if n >= N / 3 {
+                Ok(())
+            } else {
+                Err(format!("{n}"))
+            }
+        },
+    )
+    .await;
+    // c stalls; its client's network changes: it comes back through a or b.
+    c.freeze().await;
+    balancer.set_backends(vec![a.listen, b.listen]);
+    balancer.cut();
+    // Reported lost, its session adopted, the client resumed elsewhere.
+    common::poll(Duration::from_secs(20), "the client resumed", || async {
+        let g = got.lock().unwrap();
+        if g.resumed_on.iter().any(|n| n == "a" || n == "b") {
+            Ok(())
+        } else {
+            Err(format!("{:?} {:?}", g.resumed_on, g.restarted))
+        }
+    })
+    .await;
+    c.thaw();
+    let retried = tokio::time::timeout(RUN, directs)
+        .await
+        .expect("directs sent in time")
+        .expect("directs sent");
+    tokio::time::timeout(RUN, channel)
+        .await
+        .expect("published in time")
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + RUN;
+    loop {
+        let (seen, c_len) = {
+            let g = got.lock().unwrap();
+            let mut seen: Vec<String> = g.directs.iter().map(|(_, t)| t.clone()).collect();
+            seen.dedup();
+            (seen.len(), g.channel.len())
+        };
+        if seen >= N && c_len >= N {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{seen} directs and {c_len} channel messages of {N}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    check_kept_session(&got.lock().unwrap(), &retried, N);
+    // c fenced itself, and told the origin nothing of the session.
+    let mut c = c;
+    c.wait_log("this node was reported lost").await;
+    one_connect_no_disconnect(&origin, &id);
+    let r = a.get(&format!("/v1/connections/{id}")).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_ne!(r.json()["node"], "c", "{}", r.body);
+    let r = a
+        .post(
+            &format!("/v1/connections/{id}/messages"),
+            &json!({"text": "after"}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    common::poll(
+        Duration::from_secs(10),
+        "the message after the thaw",
+        || async {
+            let g = got.lock().unwrap();
+            if g.directs.last().is_some_and(|(_, t)| t == "after") {
+                Ok(())
+            } else {
+                Err(format!("{:?}", g.directs.last()))
+            }
+        },
+    )
+    .await;
+    client.close().await;
+    origin.wait_disconnect(&id).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(origin.disconnects_of(&id).len(), 1);
     stop.store(true, Ordering::Relaxed);
 }
 
