@@ -519,6 +519,14 @@ pub async fn run_session_store(store: &dyn SessionStore, max_messages: usize) {
     assert_eq!(store.get(&id).await, Ok(None));
     assert_eq!(store.messages(&id).await.expect("messages"), []);
     store.remove(&other, ro).await.expect("remove");
+
+    // A session removed can be written again as new.
+    store
+        .put(&id, Bytes::from_static(b"again"), Some(0))
+        .await
+        .expect("a record again after removal");
+    let again = store.get(&id).await.expect("get").expect("a record");
+    store.remove(&id, again.revision).await.expect("remove");
 }
 
 /// The in-memory backend, for [`run`]: one [`MemoryHub`] per cluster name.

@@ -177,7 +177,11 @@ impl SessionStore for NatsSessions {
             let (store, _) = self.made().await?;
             match expected {
                 None => store.put(&id, record).await.map_err(down),
-                // Revision 0: no message on the key's subject yet.
+                // None yet (a removed one may have left its marker).
+                Some(0) => store.create(&id, record).await.map_err(|e| match e.kind() {
+                    kv::CreateErrorKind::AlreadyExists => StoreError::Conflict,
+                    _ => down(e),
+                }),
                 Some(revision) => store
                     .update(&id, record, revision)
                     .await
