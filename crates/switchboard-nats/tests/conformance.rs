@@ -9,6 +9,24 @@ use switchboard_backend::{BoxFuture, Namespace, Node};
 use switchboard_nats::{NatsChannels, NatsCluster, NatsConfig};
 use switchboard_test_util::nats::NatsServer;
 
+/// Connects to NATS as `name` and waits (5 s at most) until it is up.
+async fn connect(
+    config: &NatsConfig,
+    name: &str,
+) -> (async_nats::Client, std::sync::Arc<switchboard_nats::Link>) {
+    let (client, link) = switchboard_nats::connect(config, name)
+        .await
+        .expect("connect to NATS");
+    for _ in 0..250 {
+        if link.is_up() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(link.is_up(), "connected to NATS within 5 s");
+    (client, link)
+}
+
 struct Nats {
     server: NatsServer,
 }
@@ -29,16 +47,7 @@ impl Backend for Nats {
                 namespaces: namespaces.to_vec(),
                 ..NatsConfig::new(self.server.url())
             };
-            let (client, link) = switchboard_nats::connect(&config, node.id())
-                .await
-                .expect("connect to NATS");
-            for _ in 0..250 {
-                if link.is_up() {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            assert!(link.is_up(), "connected to NATS within 5 s");
+            let (client, link) = connect(&config, node.id()).await;
             let as_node: Arc<dyn Node> = node.clone();
             let cluster = NatsCluster::start(client.clone(), link, as_node.clone(), config.clone())
                 .await
@@ -89,15 +98,7 @@ async fn the_session_store_passes_on_jetstream() {
         session_messages: 8,
         ..NatsConfig::new(server.url())
     };
-    let (client, link) = switchboard_nats::connect(&config, "store")
-        .await
-        .expect("connect to NATS");
-    for _ in 0..250 {
-        if link.is_up() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let (client, _link) = connect(&config, "store").await;
     let store = switchboard_nats::NatsSessions::new(client, config);
     conformance::run_session_store(&store, 8).await;
 }

@@ -598,19 +598,7 @@ async fn a_session_outlives_the_death_of_its_node() {
 
     // Midway, c dies with the session on it; the client comes back through
     // a or b.
-    common::poll(
-        Duration::from_secs(20),
-        "a third of the directs",
-        || async {
-            let n = got.lock().unwrap().directs.len();
-            if n >= N / 3 {
-                Ok(())
-            } else {
-                Err(format!("{n}"))
-            }
-        },
-    )
-    .await;
+    wait_directs(&got, N / 3).await;
     balancer.set_backends(vec![a.listen, b.listen]);
     c.kill9().await;
     balancer.cut();
@@ -631,31 +619,9 @@ async fn a_session_outlives_the_death_of_its_node() {
         .unwrap();
 
     // Every direct message, in order; twice only if sent twice.
-    let deadline = tokio::time::Instant::now() + RUN;
-    loop {
-        let (seen, c_len) = {
-            let g = got.lock().unwrap();
-            let mut seen: Vec<String> = g.directs.iter().map(|(_, t)| t.clone()).collect();
-            seen.dedup();
-            (seen.len(), g.channel.len())
-        };
-        if seen >= N && c_len >= N {
-            break;
-        }
-        if tokio::time::Instant::now() >= deadline {
-            let g = got.lock().unwrap();
-            let mut nodes = [a, b, c];
-            let why = format!(
-                "{} directs, {} channel messages of {N}; new sessions {:?}; resumed on {:?}",
-                g.directs.len(),
-                g.channel.len(),
-                g.restarted,
-                g.resumed_on
-            );
-            drop(g);
-            fail_with_logs(nodes.iter_mut(), &why);
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+    if let Err(why) = wait_all_kept(&got, N).await {
+        let mut nodes = [a, b, c];
+        fail_with_logs(nodes.iter_mut(), &why);
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     check_kept_session(&got.lock().unwrap(), &retried, N);
@@ -719,19 +685,7 @@ async fn a_stalled_node_s_session_is_adopted_and_the_node_fenced_on_return() {
     let pace = Duration::from_millis(8);
     let directs = tokio::spawn(send_directs_retrying(targets.clone(), id.clone(), N, pace));
     let channel = tokio::spawn(publish(targets.clone(), "room:stalls".into(), N, pace));
-    common::poll(
-        Duration::from_secs(20),
-        "a third of the directs",
-        || async {
-            let n = got.lock().unwrap().directs.len();
-            if n >= N / 3 {
-                Ok(())
-            } else {
-                Err(format!("{n}"))
-            }
-        },
-    )
-    .await;
+    wait_directs(&got, N / 3).await;
     // c stalls; its client's network changes: it comes back through a or b.
     c.freeze().await;
     balancer.set_backends(vec![a.listen, b.listen]);
@@ -755,23 +709,7 @@ async fn a_stalled_node_s_session_is_adopted_and_the_node_fenced_on_return() {
         .await
         .expect("published in time")
         .unwrap();
-    let deadline = tokio::time::Instant::now() + RUN;
-    loop {
-        let (seen, c_len) = {
-            let g = got.lock().unwrap();
-            let mut seen: Vec<String> = g.directs.iter().map(|(_, t)| t.clone()).collect();
-            seen.dedup();
-            (seen.len(), g.channel.len())
-        };
-        if seen >= N && c_len >= N {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{seen} directs and {c_len} channel messages of {N}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_all_kept(&got, N).await.unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
     check_kept_session(&got.lock().unwrap(), &retried, N);
     // c fenced itself, and told the origin nothing of the session.
@@ -806,6 +744,45 @@ async fn a_stalled_node_s_session_is_adopted_and_the_node_fenced_on_return() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(origin.disconnects_of(&id).len(), 1);
     stop.store(true, Ordering::Relaxed);
+}
+
+/// Waits (within 20 s) until `got` holds `n` direct messages.
+async fn wait_directs(got: &Mutex<Received>, n: usize) {
+    common::poll(Duration::from_secs(20), "direct messages", || async {
+        let have = got.lock().unwrap().directs.len();
+        if have >= n {
+            Ok(())
+        } else {
+            Err(format!("{have} of {n}"))
+        }
+    })
+    .await;
+}
+
+/// Waits (within [`RUN`]) until `got` holds `n` different direct messages
+/// and `n` channel messages; what it holds if not.
+async fn wait_all_kept(got: &Mutex<Received>, n: usize) -> Result<(), String> {
+    let deadline = tokio::time::Instant::now() + RUN;
+    loop {
+        {
+            let g = got.lock().unwrap();
+            let mut seen: Vec<&String> = g.directs.iter().map(|(_, t)| t).collect();
+            seen.dedup();
+            if seen.len() >= n && g.channel.len() >= n {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(format!(
+                    "{} directs, {} channel messages of {n}; new sessions {:?}; resumed on {:?}",
+                    g.directs.len(),
+                    g.channel.len(),
+                    g.restarted,
+                    g.resumed_on
+                ));
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// What a client whose session outlived its node received: no new session,
