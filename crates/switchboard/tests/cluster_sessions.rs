@@ -352,6 +352,20 @@ async fn node(id: &str, nats: &NatsServer, origin: &TestOrigin, prefix: &str) ->
     .await
 }
 
+/// A JetStream nats-server, a recording origin, and nodes `a`, `b` and `c`
+/// of the cluster `prefix`, once each lists all three.
+async fn three_nodes(prefix: &str) -> (NatsServer, TestOrigin, Node, Node, Node) {
+    let nats = NatsServer::start(true);
+    let origin = TestOrigin::start(None).await;
+    let (a, b, c) = tokio::join!(
+        node("a", &nats, &origin, prefix),
+        node("b", &nats, &origin, prefix),
+        node("c", &nats, &origin, prefix),
+    );
+    wait_member_ids(&[&a, &b, &c], &["a", "b", "c"], FORM).await;
+    (nats, origin, a, b, c)
+}
+
 // ---------------------------------------------------------------------------
 // Tests
 // ---------------------------------------------------------------------------
@@ -364,14 +378,7 @@ async fn node(id: &str, nats: &NatsServer, origin: &TestOrigin, prefix: &str) ->
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_moves_from_node_to_node_with_nothing_lost_or_repeated() {
     const N: usize = 1000;
-    let nats = NatsServer::start(true);
-    let origin = TestOrigin::start(None).await;
-    let (a, b, mut c) = tokio::join!(
-        node("a", &nats, &origin, "moves"),
-        node("b", &nats, &origin, "moves"),
-        node("c", &nats, &origin, "moves"),
-    );
-    wait_member_ids(&[&a, &b, &c], &["a", "b", "c"], FORM).await;
+    let (_nats, origin, a, b, mut c) = three_nodes("moves").await;
     // Started on c, so that its id names c.
     let balancer = Balancer::start(vec![c.listen]).await;
     let stop = Arc::new(AtomicBool::new(false));
@@ -450,14 +457,7 @@ async fn a_session_moves_from_node_to_node_with_nothing_lost_or_repeated() {
 async fn a_rolling_restart_loses_nothing() {
     const N: usize = 300;
     const CLIENTS: usize = 4;
-    let nats = NatsServer::start(true);
-    let origin = TestOrigin::start(None).await;
-    let (a, b, c) = tokio::join!(
-        node("a", &nats, &origin, "rolling"),
-        node("b", &nats, &origin, "rolling"),
-        node("c", &nats, &origin, "rolling"),
-    );
-    wait_member_ids(&[&a, &b, &c], &["a", "b", "c"], FORM).await;
+    let (nats, origin, a, b, c) = three_nodes("rolling").await;
     let mut nodes = vec![a, b, c];
     let mut old: Vec<Node> = Vec::new();
     let balancer = Balancer::start(nodes.iter().map(|n| n.listen).collect()).await;
@@ -571,14 +571,7 @@ async fn send_directs_retrying(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_outlives_the_death_of_its_node() {
     const N: usize = 600;
-    let nats = NatsServer::start(true);
-    let origin = TestOrigin::start(None).await;
-    let (a, b, mut c) = tokio::join!(
-        node("a", &nats, &origin, "dies"),
-        node("b", &nats, &origin, "dies"),
-        node("c", &nats, &origin, "dies"),
-    );
-    wait_member_ids(&[&a, &b, &c], &["a", "b", "c"], FORM).await;
+    let (_nats, origin, a, b, mut c) = three_nodes("dies").await;
     // Held by c from the start.
     let balancer = Balancer::start(vec![c.listen]).await;
     let stop = Arc::new(AtomicBool::new(false));
@@ -668,14 +661,7 @@ async fn a_session_outlives_the_death_of_its_node() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_node_s_session_is_adopted_and_the_node_fenced_on_return() {
     const N: usize = 300;
-    let nats = NatsServer::start(true);
-    let origin = TestOrigin::start(None).await;
-    let (a, b, c) = tokio::join!(
-        node("a", &nats, &origin, "stalls"),
-        node("b", &nats, &origin, "stalls"),
-        node("c", &nats, &origin, "stalls"),
-    );
-    wait_member_ids(&[&a, &b, &c], &["a", "b", "c"], FORM).await;
+    let (_nats, origin, a, b, c) = three_nodes("stalls").await;
     let balancer = Balancer::start(vec![c.listen]).await;
     let stop = Arc::new(AtomicBool::new(false));
     let (client, id, got) = sdk_client(&balancer.url(), "room:stalls", stop.clone()).await;
