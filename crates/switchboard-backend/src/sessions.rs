@@ -34,6 +34,10 @@ pub enum StoreError {
     /// Another writer wrote the record since the revision given.
     #[error("the session record was written by another node")]
     Conflict,
+    /// A message is larger than the store takes (NATS: `max_payload`); it
+    /// is not stored, and trying again would not help.
+    #[error("too large for the session store: {0}")]
+    TooLarge(String),
 }
 
 /// A session's record as stored.

@@ -16,9 +16,10 @@
 //! [`RETRY`]); without JetStream every call fails `Unavailable`.
 
 use crate::NatsConfig;
+use async_nats::jetstream::context::{Context, PublishErrorKind};
 use async_nats::jetstream::kv::{self, Operation, UpdateErrorKind};
 use async_nats::jetstream::stream::{self, DiscardPolicy, StorageType, Stream};
-use async_nats::jetstream::{self as js, context::Context};
+use async_nats::jetstream::{self as js};
 use async_nats::{Client, HeaderMap};
 use bytes::Bytes;
 use futures_util::{StreamExt as _, TryStreamExt as _};
@@ -259,7 +260,10 @@ impl SessionStore for NatsSessions {
                     .js
                     .publish_with_headers(subject.clone(), headers, push)
                     .await
-                    .map_err(down)?;
+                    .map_err(|e| match e.kind() {
+                        PublishErrorKind::MaxPayloadExceeded => StoreError::TooLarge(e.to_string()),
+                        _ => down(e),
+                    })?;
                 acks.push(ack);
             }
             for ack in acks {

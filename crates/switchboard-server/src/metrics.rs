@@ -128,7 +128,7 @@ pub(crate) struct Metrics {
     /// `failed`, `too_large`).
     pub(crate) session_handoffs: Family<ResultLabel, Counter>,
     /// The session store's work, by result (`record`, `messages`, `removed`,
-    /// `taken_over`, `conflict`, `failed`, `timeout`).
+    /// `taken_over`, `conflict`, `too_large`, `failed`, `timeout`).
     pub(crate) session_store: Family<ResultLabel, Counter>,
     /// Direct messages kept for resumes (sent, not acknowledged).
     pub(crate) session_outbox_messages: Gauge,
@@ -378,7 +378,7 @@ impl Metrics {
         );
         r.register(
             "session_store",
-            "Sessions kept in the cluster's session store, by result: record (a record written), messages (direct messages written), removed, taken_over (a lost node's session adopted), conflict (another node holds it now), failed, timeout (a control-API send answered before its message was stored)",
+            "Sessions kept in the cluster's session store, by result: record (a record written), messages (direct messages written), removed, taken_over (a lost node's session adopted), conflict (another node holds it now), too_large (a message over the store's limit, not stored), failed, timeout (a control-API send answered before its message was stored)",
             m.session_store.clone(),
         );
         r.register(

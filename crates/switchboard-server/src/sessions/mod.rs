@@ -316,9 +316,10 @@ impl Sessions {
         if conn.session.is_some() {
             // Before the session is gone, so a resume racing this is told why.
             self.remember(conn.key, why);
-            self.unstore(conn, fenced);
         }
         self.registry.remove(&conn.key);
+        // After: a write asked for later finds it gone.
+        self.unstore(conn, fenced);
         conn.finish(&self.metrics);
         self.channels.unsubscribe_all(conn, &self.metrics);
         let by = match ending.by {

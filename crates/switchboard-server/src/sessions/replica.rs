@@ -168,6 +168,15 @@ impl State {
             .and_modify(|(_, w)| *w = w.then(work))
             .or_insert_with(|| (id.clone(), work));
     }
+
+    /// Queues `work` again, before what was queued meanwhile (an end
+    /// queued meanwhile stays the last word).
+    fn retry(&mut self, id: &ConnectionId, work: Work) {
+        self.work
+            .entry(id.key())
+            .and_modify(|(_, w)| *w = work.then(*w))
+            .or_insert_with(|| (id.clone(), work));
+    }
 }
 
 /// The node's side of the session store.
@@ -301,11 +310,12 @@ impl Sessions {
             .inc();
     }
 
-    /// Counts a store error: `conflict` or `failed` (and the writer backs
-    /// off for [`BACKOFF`]).
+    /// Counts a store error: `conflict`, `too_large`, or `failed` (and the
+    /// writer backs off for [`BACKOFF`]: the store is unreachable).
     fn count_error(&self, e: &StoreError) {
         self.count_store(match e {
             StoreError::Conflict => "conflict",
+            StoreError::TooLarge(_) => "too_large",
             StoreError::Unavailable(_) => {
                 self.replica
                     .backoff
@@ -333,6 +343,9 @@ impl Sessions {
         // What the drain ended is removed before the node leaves.
         let until = tokio::time::Instant::now() + LAST_WRITES;
         while !self.replica.state.lock().work.is_empty() && tokio::time::Instant::now() < until {
+            if self.replica.backing_off() || !self.origin.lease.is_held() {
+                break; // Nothing can be written now.
+            }
             let _ = tokio::time::timeout_at(until, self.write_pending()).await;
         }
         self.replica.stopped.store(true, Relaxed);
@@ -365,7 +378,8 @@ impl Sessions {
                 continue;
             };
             let drift = conn.messages_in.load(Relaxed).saturating_sub(w.messages_in);
-            if w.at.elapsed() >= REFRESH || drift >= ORIGIN_SKIP / 2 {
+            let acked = conn.numbering().released.saturating_sub(w.released);
+            if w.at.elapsed() >= REFRESH || drift >= ORIGIN_SKIP / 2 || acked >= self.ack_drift() {
                 self.touch(&conn, true);
             }
         }
@@ -464,8 +478,17 @@ impl Sessions {
                 Err(e) => {
                     self.count_error(&e);
                     // Arrived: a write of the node it left landed between
-                    // reading the revision and this one: taken again.
-                    if e == StoreError::Conflict && !take {
+                    // reading the revision and this one: taken again. A
+                    // write of this run's whose answer was lost: written
+                    // again on that revision.
+                    let ours = match (&e, take) {
+                        (StoreError::Conflict, false) => self.own_revision(store, id).await,
+                        _ => None,
+                    };
+                    if let Some(revision) = ours {
+                        now.revision = Some(revision);
+                        retry = Some(Work::Write { record: true });
+                    } else if e == StoreError::Conflict && !take {
                         tracing::warn!(connection = %id, "another node wrote this session's record: it is not this node's any more");
                         now.disowned = true;
                     } else {
@@ -483,7 +506,7 @@ impl Sessions {
         if !now.disowned {
             let written = match messages.is_empty() {
                 true => Ok(()),
-                false => store.append(id.as_str(), messages).await,
+                false => self.append(store, id, messages).await,
             };
             match written {
                 Ok(()) => {
@@ -505,16 +528,47 @@ impl Sessions {
             st.written.insert(key, now);
             if let (Some(again), false) = (retry, now.disowned) {
                 // Tried again at the next tick (or wake).
-                st.queue(id, again);
+                st.retry(id, again);
             }
         }
         self.settle_waiters(key, Some(&conn), retry.is_none() && !now.disowned);
+    }
+
+    /// Appends `messages` of session `id`; one too large for the store is
+    /// left out (counted `too_large`: a resume after the death of this node
+    /// cannot replay it, as the docs say).
+    async fn append(
+        &self,
+        store: &dyn SessionStore,
+        id: &ConnectionId,
+        messages: Vec<(u64, Bytes)>,
+    ) -> Result<(), StoreError> {
+        match store.append(id.as_str(), messages.clone()).await {
+            Err(StoreError::TooLarge(_)) => {
+                for m in messages {
+                    match store.append(id.as_str(), vec![m]).await {
+                        Err(e @ StoreError::TooLarge(_)) => self.count_error(&e),
+                        other => other?,
+                    }
+                }
+                Ok(())
+            }
+            other => other,
+        }
     }
 
     /// How far (in messages) the acknowledged position in a record may lag
     /// the session's before the record is written again.
     fn ack_drift(&self) -> u64 {
         u64::from(self.config.session_outbox_messages / 4).max(1)
+    }
+
+    /// The revision of session `id`'s record if it names this run.
+    async fn own_revision(&self, store: &dyn SessionStore, id: &ConnectionId) -> Option<u64> {
+        let found = store.get(id.as_str()).await.ok()??;
+        let record: Record = serde_json::from_slice(&found.record).ok()?;
+        (record.holder == self.node.as_str() && record.run == self.started_at_ms)
+            .then_some(found.revision)
     }
 
     /// The revision of session `id`'s record now (0: none).
@@ -527,7 +581,9 @@ impl Sessions {
     }
 
     /// Removes an ended session from the store: at the revision this node
-    /// wrote, or, when it does not know one, if the record names this run.
+    /// wrote, or, when it does not know one (it arrived and ended before
+    /// its record was written), whatever record is there. Tried again when
+    /// the store is unavailable.
     async fn remove_stored(
         &self,
         store: &dyn SessionStore,
@@ -538,29 +594,29 @@ impl Sessions {
             Some(w) if w.disowned => return,
             Some(Written {
                 revision: Some(r), ..
-            }) => Some(r),
+            }) => Ok(r),
             _ => match store.get(id.as_str()).await {
-                Ok(Some(found)) => serde_json::from_slice::<Record>(&found.record)
-                    .ok()
-                    .filter(|r| r.holder == self.node.as_str() && r.run == self.started_at_ms)
-                    .map(|_| found.revision),
+                Ok(Some(found)) => Ok(found.revision),
                 Ok(None) => return,
-                Err(e) => {
-                    self.count_error(&e);
-                    None
-                }
+                Err(e) => Err(e),
             },
         };
-        let Some(revision) = revision else {
-            return;
+        let removed = match revision {
+            Ok(revision) => store.remove(id.as_str(), revision).await,
+            Err(e) => Err(e),
         };
-        match store.remove(id.as_str(), revision).await {
+        match removed {
             Ok(()) => self.count_store("removed"),
+            // Another node holds it now.
+            Err(StoreError::Conflict) => self.count_store("conflict"),
             Err(e) => {
                 self.count_error(&e);
-                if e != StoreError::Conflict {
-                    tracing::warn!(connection = %id, error = %e, "an ended session stays in the session store until it expires");
+                tracing::debug!(connection = %id, error = %e, "an ended session not removed from the session store yet; tried again");
+                let mut st = self.replica.state.lock();
+                if let Some(w) = written {
+                    st.written.insert(id.key(), w);
                 }
+                st.retry(id, Work::Remove);
             }
         }
     }
@@ -733,7 +789,13 @@ impl Sessions {
             .buffer_unordered(CONCURRENCY)
             .collect()
             .await;
+        let tried = adopted.len();
         let adopted: Vec<String> = adopted.into_iter().flatten().collect();
+        if adopted.len() < tried {
+            // Those not adopted are gone: their records must not say they
+            // are being adopted.
+            self.clean_up_after(down.to_owned(), run);
+        }
         tracing::warn!(
             node = down,
             sessions = adopted.len(),
@@ -983,6 +1045,23 @@ mod tests {
         assert!(s.kept.is_empty());
         assert_eq!(s.trimmed_through, 6, "5 and 6 are gone");
         assert_eq!(s.last_seq, 6 + SEQ_SKIP);
+    }
+
+    #[test]
+    fn a_retry_does_not_undo_an_end_queued_meanwhile() {
+        let id = ConnectionId::parse("n1.AAAAAAAAAAAAAAAAAAAAAA").unwrap();
+        let mut st = State::default();
+        st.queue(&id, Work::Remove);
+        st.retry(&id, Work::Arrived);
+        assert_eq!(st.work[&id.key()].1, Work::Remove);
+        let mut st = State::default();
+        st.queue(&id, Work::Write { record: false });
+        st.retry(&id, Work::Arrived);
+        assert_eq!(st.work[&id.key()].1, Work::Arrived);
+        let mut st = State::default();
+        st.retry(&id, Work::Remove);
+        st.queue(&id, Work::Write { record: true });
+        assert_eq!(st.work[&id.key()].1, Work::Remove);
     }
 
     #[test]
