@@ -366,6 +366,26 @@ async fn three_nodes(prefix: &str) -> (NatsServer, TestOrigin, Node, Node, Node)
     (nats, origin, a, b, c)
 }
 
+/// A balancer sending to node `c` only, and an SDK client through it
+/// subscribed to `channel`, so that its session is held by `c` and its id
+/// names `c`; the flag that stops its collectors.
+async fn client_on_c(
+    c: &Node,
+    channel: &str,
+) -> (
+    Balancer,
+    Arc<AtomicBool>,
+    Client,
+    String,
+    Arc<Mutex<Received>>,
+) {
+    let balancer = Balancer::start(vec![c.listen]).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let (client, id, got) = sdk_client(&balancer.url(), channel, stop.clone()).await;
+    assert!(id.starts_with("c."), "{id}");
+    (balancer, stop, client, id, got)
+}
+
 // ---------------------------------------------------------------------------
 // Tests
 // ---------------------------------------------------------------------------
@@ -380,10 +400,7 @@ async fn a_session_moves_from_node_to_node_with_nothing_lost_or_repeated() {
     const N: usize = 1000;
     let (_nats, origin, a, b, mut c) = three_nodes("moves").await;
     // Started on c, so that its id names c.
-    let balancer = Balancer::start(vec![c.listen]).await;
-    let stop = Arc::new(AtomicBool::new(false));
-    let (client, id, got) = sdk_client(&balancer.url(), "room:moves", stop.clone()).await;
-    assert!(id.starts_with("c."), "{id}");
+    let (balancer, stop, client, id, got) = client_on_c(&c, "room:moves").await;
     balancer.set_backends(vec![a.listen, b.listen, c.listen]);
 
     let targets = Targets::default();
@@ -573,10 +590,7 @@ async fn a_session_outlives_the_death_of_its_node() {
     const N: usize = 600;
     let (_nats, origin, a, b, mut c) = three_nodes("dies").await;
     // Held by c from the start.
-    let balancer = Balancer::start(vec![c.listen]).await;
-    let stop = Arc::new(AtomicBool::new(false));
-    let (client, id, got) = sdk_client(&balancer.url(), "room:dies", stop.clone()).await;
-    assert!(id.starts_with("c."), "{id}");
+    let (balancer, stop, client, id, got) = client_on_c(&c, "room:dies").await;
     // Another session on c ends (its client closes it) before c dies: it
     // leaves the session store, and is not adopted.
     let (closer, closed_id, _) = sdk_client(&balancer.url(), "room:dies", stop.clone()).await;
@@ -662,10 +676,7 @@ async fn a_session_outlives_the_death_of_its_node() {
 async fn a_stalled_node_s_session_is_adopted_and_the_node_fenced_on_return() {
     const N: usize = 300;
     let (_nats, origin, a, b, c) = three_nodes("stalls").await;
-    let balancer = Balancer::start(vec![c.listen]).await;
-    let stop = Arc::new(AtomicBool::new(false));
-    let (client, id, got) = sdk_client(&balancer.url(), "room:stalls", stop.clone()).await;
-    assert!(id.starts_with("c."), "{id}");
+    let (balancer, stop, client, id, got) = client_on_c(&c, "room:stalls").await;
     let targets = Targets::default();
     targets.set(vec![a.control, b.control]);
     let pace = Duration::from_millis(8);

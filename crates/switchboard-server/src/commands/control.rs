@@ -179,17 +179,31 @@ pub(super) fn is_not_found(reply: &CommandReply) -> bool {
         })
 }
 
-/// Sends `cmd` to `node` and returns its answer, or the error standing for it.
-pub(super) async fn forward(s: &Commands, node: &str, cmd: &Command) -> CommandReply {
-    let Some(cluster) = s.cluster.get() else {
-        return ApiError::not_found(node).into();
-    };
+/// Sends `cmd` to `node`: its answer, or why there is none (counted).
+pub(super) async fn forward_result(
+    s: &Commands,
+    node: &str,
+    cmd: &Command,
+) -> Result<CommandReply, ClusterError> {
+    let cluster = s
+        .cluster
+        .get()
+        .ok_or_else(|| ClusterError::NodeGone(node.to_owned()))?;
     let body = Bytes::from(serde_json::to_vec(cmd).expect("commands serialize"));
     s.metrics.forwarded.inc();
-    match cluster.forward(node, body).await {
+    cluster.forward(node, body).await.inspect_err(|_| {
+        s.metrics.forward_failures.inc();
+    })
+}
+
+/// Sends `cmd` to `node` and returns its answer, or the error standing for it.
+pub(super) async fn forward(s: &Commands, node: &str, cmd: &Command) -> CommandReply {
+    if s.cluster.get().is_none() {
+        return ApiError::not_found(node).into();
+    }
+    match forward_result(s, node, cmd).await {
         Ok(reply) => reply,
         Err(e) => {
-            s.metrics.forward_failures.inc();
             let (status, code) = match e {
                 ClusterError::NodeGone(_) => (StatusCode::NOT_FOUND, "connection_not_found"),
                 ClusterError::Unavailable(_) => {

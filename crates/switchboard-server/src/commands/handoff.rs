@@ -6,14 +6,14 @@
 //! the local half (giving up, adopting); `docs/sessions.md` is the
 //! specification.
 
-use super::control::{forward, ApiError};
+use super::control::{forward, forward_result, ApiError};
 use super::Commands;
 use futures_util::StreamExt as _;
 use hyper::StatusCode;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
-use switchboard_backend::CommandReply;
+use switchboard_backend::{ClusterError, CommandReply};
 use switchboard_proto::control::{
     Command, ConnectionRef, Delivery, SendCommand, SendResponse, SessionState, SessionTake,
 };
@@ -350,17 +350,13 @@ pub(super) async fn recorded(s: &Commands, id: &str) -> Recorded {
             let info = Command::Info(ConnectionRef {
                 connection_id: id.to_owned(),
             });
-            let reply = forward(s, &node, &info).await;
-            let gone = switchboard_backend::ClusterError::NodeGone(node.clone()).to_string();
-            if reply.status == 200 {
-                Recorded::At(Some(node))
-            } else if reply.status >= 500
-                || serde_json::from_slice::<serde_json::Value>(&reply.body)
-                    .is_ok_and(|v| v["message"] == gone.as_str())
-            {
-                Recorded::Adopting
-            } else {
-                Recorded::Nowhere
+            match forward_result(s, &node, &info).await {
+                Ok(reply) if reply.status == 200 => Recorded::At(Some(node)),
+                // Gone, or not answering: lost and not reported yet.
+                Ok(reply) if reply.status >= 500 => Recorded::Adopting,
+                Ok(_) => Recorded::Nowhere,
+                Err(ClusterError::TooLarge(_)) => Recorded::Nowhere,
+                Err(_) => Recorded::Adopting,
             }
         }
     }
@@ -389,13 +385,11 @@ fn lost(s: &Commands, id: &ConnectionId) {
 
 /// The live nodes but this one and those in `skip`.
 fn peers_except(s: &Commands, skip: &[&str]) -> Vec<String> {
-    s.cluster.get().map_or_else(Vec::new, |c| {
-        c.peers()
-            .into_iter()
-            .map(|p| p.node)
-            .filter(|n| n != s.node.as_str() && !skip.contains(&n.as_str()))
-            .collect()
-    })
+    live_peers(s)
+        .into_iter()
+        .map(|(node, _)| node)
+        .filter(|n| !skip.contains(&n.as_str()))
+        .collect()
 }
 
 /// The live, not draining nodes but this one: those a draining node can

@@ -919,7 +919,7 @@ impl Conn {
         Ok(Moving {
             last_seq: o.last_seq,
             trimmed_through: o.trimmed_through(),
-            kept: o.kept_pushes(),
+            kept: o.kept_after(0),
             origin_seq: o.origin_seq,
             suspensions: o.suspensions,
             suspended_for: o.suspended_at.map(|at| at.elapsed()).unwrap_or_default(),

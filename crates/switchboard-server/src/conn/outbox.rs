@@ -180,16 +180,9 @@ impl Outbox {
         Ok(())
     }
 
-    /// The kept messages as the `direct` pushes' JSON, oldest first (a
-    /// session moving to another node).
-    pub(super) fn kept_pushes(&self) -> Vec<(u64, Bytes)> {
-        self.kept
-            .iter()
-            .map(|(seq, plain)| (*seq, plain.slice(plain.len() - payload(plain).len()..)))
-            .collect()
-    }
-
-    /// The kept messages numbered after `seq`, as the `direct` pushes' JSON.
+    /// The kept messages numbered after `seq`, as the `direct` pushes' JSON,
+    /// oldest first (`0`: all of them, for a session moving to another
+    /// node).
     pub(super) fn kept_after(&self, seq: u64) -> Vec<(u64, Bytes)> {
         let from = self.kept.partition_point(|(s, _)| *s <= seq);
         self.kept
