@@ -35,6 +35,7 @@ pub use tokio_tungstenite::tungstenite::Message as WsMessage;
 pub mod failure;
 pub mod graphql;
 pub mod nats;
+pub mod redis;
 
 /// A client WebSocket stream.
 pub type Ws =

@@ -265,7 +265,7 @@ impl Drop for NatsServer {
 /// no port-0 bind can be given it), chosen at random. When that range
 /// starts too low to leave room below it (a benchmark may widen it to
 /// 1024-65535), a port the kernel hands out.
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
         .ok()
         .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())

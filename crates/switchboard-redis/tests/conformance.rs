@@ -1,0 +1,82 @@
+//! The backend conformance suite (`switchboard_backend::conformance`) on
+//! Redis: every node is a stand-in with its own Redis connections, every
+//! check its own key prefix, on a test-started `redis-server`.
+
+use std::sync::Arc;
+use std::time::Duration;
+use switchboard_backend::conformance::{self, Backend, Joined, StandInNode};
+use switchboard_backend::{BoxFuture, Namespace, Node};
+use switchboard_redis::{RedisChannels, RedisCluster, RedisConfig};
+use switchboard_test_util::redis::RedisServer;
+
+struct Redis {
+    server: RedisServer,
+}
+
+impl Backend for Redis {
+    fn join<'a>(
+        &'a self,
+        cluster: &'a str,
+        node: Arc<StandInNode>,
+        namespaces: &'a [Namespace],
+    ) -> BoxFuture<'a, Joined> {
+        Box::pin(async move {
+            let config = RedisConfig {
+                prefix: format!("conformance-{cluster}"),
+                heartbeat: Duration::from_millis(100),
+                heartbeat_timeout: Duration::from_millis(600),
+                request_timeout: Duration::from_millis(500),
+                namespaces: namespaces.to_vec(),
+                ..RedisConfig::new(self.server.url())
+            };
+            let redis = switchboard_redis::connect(&config).expect("a Redis client");
+            let as_node: Arc<dyn Node> = node.clone();
+            let cluster = RedisCluster::start(redis.clone(), as_node.clone(), config.clone());
+            let bus = RedisChannels::start(redis, as_node, config, cluster.clone());
+            Joined {
+                node,
+                cluster: cluster.clone(),
+                bus: bus.clone(),
+                handle: Box::new((cluster, bus)),
+            }
+        })
+    }
+
+    fn kill(&self, _cluster: &str, joined: Joined) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            let (cluster, bus) = joined
+                .handle
+                .downcast_ref::<(Arc<RedisCluster>, Arc<RedisChannels>)>()
+                .expect("a Redis node");
+            cluster.halt();
+            bus.stop();
+        })
+    }
+
+    fn settle(&self) -> Duration {
+        // The heartbeat timeout, the wait after joining before judging,
+        // and scheduling slack.
+        Duration::from_secs(3)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_conformance_suite_passes_on_redis() {
+    let backend = Redis {
+        server: RedisServer::start(),
+    };
+    conformance::run(&backend).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_session_store_passes_on_redis() {
+    let server = RedisServer::start();
+    let config = RedisConfig {
+        prefix: "conformance-sessions".into(),
+        session_messages: 8,
+        ..RedisConfig::new(server.url())
+    };
+    let redis = switchboard_redis::connect(&config).expect("a Redis client");
+    let store = switchboard_redis::RedisSessions::new(redis, &config);
+    conformance::run_session_store(&store, 8).await;
+}
