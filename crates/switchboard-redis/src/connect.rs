@@ -235,6 +235,24 @@ impl Drop for Subscription {
 }
 
 impl Redis {
+    /// Sends `PING` until Redis answers or `within` has passed; whether it
+    /// answered (and the link is up).
+    pub async fn ping(&self, within: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let mut conn = self.conn();
+            let pong: redis::RedisResult<String> = redis::cmd("PING").query_async(&mut conn).await;
+            if pong.is_ok() {
+                self.link.set(true);
+                return true;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// Whether Redis answers, and since when.
     pub fn link(&self) -> &Arc<Link> {
         &self.link

@@ -108,6 +108,7 @@ pub(crate) struct Metrics {
     pub(crate) bus_received: Counter,
     pub(crate) rate_limited: Counter,
     pub(crate) bus_gap_fills: Counter,
+    pub(crate) bus_lost: Counter,
     pub(crate) tls_reloads: Family<ResultLabel, Counter>,
     pub(crate) control_tls_failures: Counter,
     /// Control listener connections open now.
@@ -207,6 +208,7 @@ impl Metrics {
             bus_received: Counter::default(),
             rate_limited: Counter::default(),
             bus_gap_fills: Counter::default(),
+            bus_lost: Counter::default(),
             tls_reloads: Family::default(),
             control_tls_failures: Counter::default(),
             control_connections: Gauge::default(),
@@ -500,6 +502,11 @@ impl Metrics {
             "channel_bus_gap_fills",
             "Times messages missing from the bus were read from the channel log",
             m.bus_gap_fills.clone(),
+        );
+        r.register(
+            "channel_bus_lost",
+            "Times a channel's messages went missing on the way to this node and no log had them (its native subscribers were unsubscribed)",
+            m.bus_lost.clone(),
         );
         r.register(
             "tls_reloads",

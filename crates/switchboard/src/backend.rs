@@ -35,6 +35,10 @@ pub(crate) struct ClusterSettings {
     /// With `origin = "nats"`: publish events through this JetStream stream
     /// (created if missing) and wait for its acks, so they are durable.
     pub(crate) nats_event_stream: Option<String>,
+    /// Redis URL: join a cluster over Redis instead of NATS.
+    pub(crate) redis: Option<String>,
+    /// Prefix of every Redis key and pub/sub channel.
+    pub(crate) redis_prefix: String,
     /// How often a node announces itself to the cluster.
     #[serde(with = "humantime_serde")]
     pub(crate) cluster_heartbeat: Duration,
@@ -60,6 +64,8 @@ impl Default for ClusterSettings {
             nats_tls_key: None,
             nats_tls_required: false,
             nats_event_stream: None,
+            redis: None,
+            redis_prefix: "switchboard".into(),
             cluster_heartbeat: Duration::from_secs(1),
             cluster_heartbeat_timeout: Duration::from_secs(5),
             cluster_request_timeout: Duration::from_millis(1500),
@@ -73,6 +79,8 @@ impl ClusterSettings {
     pub(crate) fn owns(key: &str) -> bool {
         key == "nats"
             || key.starts_with("nats-")
+            || key == "redis"
+            || key.starts_with("redis-")
             || key.starts_with("cluster-")
             || key == "channel-log-replicas"
     }
@@ -109,6 +117,32 @@ impl ClusterSettings {
                     "only applies with origin = \"nats\"",
                 ));
             }
+        }
+        if self.nats.is_some() && self.redis.is_some() {
+            return Err(ConfigError::new(
+                "redis",
+                "join one cluster: `nats` or `redis`, not both",
+            ));
+        }
+        if let Some(url) = &self.redis {
+            if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+                return Err(ConfigError::new(
+                    "redis",
+                    "must be a redis:// or rediss:// URL",
+                ));
+            }
+        }
+        let prefix_ok = |p: &str| {
+            !p.is_empty()
+                && p.len() <= 64
+                && p.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"_-.:".contains(&b))
+        };
+        if !prefix_ok(&self.redis_prefix) {
+            return Err(ConfigError::new(
+                "redis-prefix",
+                "must be 1-64 characters of [A-Za-z0-9_.:-]",
+            ));
         }
         if self.nats_tls_cert.is_some() != self.nats_tls_key.is_some() {
             return Err(ConfigError::new(
@@ -176,6 +210,22 @@ impl ClusterSettings {
     }
 }
 
+impl ClusterSettings {
+    /// The Redis backend's settings, for a node with `config`.
+    fn redis_config(&self, config: &Config) -> switchboard_redis::RedisConfig {
+        switchboard_redis::RedisConfig {
+            prefix: self.redis_prefix.clone(),
+            heartbeat: self.cluster_heartbeat,
+            heartbeat_timeout: self.cluster_heartbeat_timeout,
+            request_timeout: self.cluster_request_timeout,
+            namespaces: config.namespace.clone(),
+            session_messages: config.session_outbox_messages,
+            origin_timeout: config.origin_timeout,
+            ..switchboard_redis::RedisConfig::new(self.redis.clone().unwrap_or_default())
+        }
+    }
+}
+
 /// Why the node could not start.
 pub(crate) enum Startup {
     /// The configuration cannot work (exit 64).
@@ -191,7 +241,7 @@ pub(crate) async fn bind(config: Config, cluster: &ClusterSettings) -> Result<Ga
         GatewayError::Config(e) => Startup::Config(e.to_string()),
         other => Startup::Other(other.to_string()),
     };
-    if cluster.nats.is_none() {
+    if cluster.nats.is_none() && cluster.redis.is_none() {
         return Gateway::bind(config).await.map_err(failed);
     }
     // The node id is needed before binding: NATS connection name, origin header.
@@ -204,6 +254,9 @@ pub(crate) async fn bind(config: Config, cluster: &ClusterSettings) -> Result<Ga
         ),
         ..config
     };
+    if cluster.redis.is_some() {
+        return bind_redis(config, cluster).await;
+    }
     let node = config.node_id.clone().unwrap_or_default();
     let nats = cluster.nats_config(&config);
     let (client, link) = switchboard_nats::connect(&nats, &node)
@@ -252,6 +305,47 @@ pub(crate) async fn bind(config: Config, cluster: &ClusterSettings) -> Result<Ga
         let channels = switchboard_nats::NatsChannels::start(client, local, nats, cluster)
             .await
             .map_err(|e| Startup::Other(format!("cannot subscribe on NATS: {e}")))?;
+        gateway.join_channel_bus(channels);
+    }
+    Ok(gateway)
+}
+
+/// Binds the node and joins it to the cluster over Redis: membership and
+/// commands, the session store (with sessions), channels (with namespaces).
+async fn bind_redis(config: Config, cluster: &ClusterSettings) -> Result<Gateway, Startup> {
+    let failed = |e: GatewayError| match e {
+        GatewayError::Config(e) => Startup::Config(e.to_string()),
+        other => Startup::Other(other.to_string()),
+    };
+    let settings = cluster.redis_config(&config);
+    let redis = switchboard_redis::connect(&settings).map_err(|e| match e {
+        switchboard_redis::RedisError::Url(_) => Startup::Config(e.to_string()),
+        other => Startup::Other(other.to_string()),
+    })?;
+    // Give the first connection a moment, so a node that can reach Redis
+    // does not refuse its first publishes; one that cannot starts anyway
+    // and keeps trying.
+    if !redis.ping(Duration::from_secs(5)).await {
+        tracing::warn!("Redis not reachable yet; serving local clients and still trying");
+    }
+    let session_ttl = config.session_ttl;
+    let options = BindOptions {
+        transport: None,
+        backend_fds: switchboard_server::fds::CLUSTER_RESERVE,
+    };
+    let gateway = Gateway::bind_with(config, options).await.map_err(failed)?;
+    let local: Arc<dyn switchboard_server::Node> = Arc::new(gateway.local_node());
+    let joined =
+        switchboard_redis::RedisCluster::start(redis.clone(), local.clone(), settings.clone());
+    gateway.join_cluster(joined.clone());
+    if !session_ttl.is_zero() {
+        // Sessions outlive their node: their state lives in Redis.
+        let store = switchboard_redis::RedisSessions::new(redis.clone(), &settings);
+        gateway.join_session_store(Arc::new(store));
+    }
+    if !settings.namespaces.is_empty() {
+        // Channels span the cluster: their logs live in Redis.
+        let channels = switchboard_redis::RedisChannels::start(redis, local, settings, joined);
         gateway.join_channel_bus(channels);
     }
     Ok(gateway)

@@ -523,6 +523,16 @@ pub(crate) struct ServeArgs {
     #[serde(skip_serializing_if = "Option::is_none")]
     nats_event_stream: Option<String>,
 
+    /// Redis URL `redis://[USER:PASSWORD@]HOST:PORT/DB` (`rediss://` for TLS): join a cluster over Redis instead of NATS [default: none, single node].
+    #[arg(long, env = "SWITCHBOARD_REDIS", value_name = "URL")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    redis: Option<String>,
+
+    /// Prefix of every Redis key and pub/sub channel, so clusters can share one Redis [default: switchboard].
+    #[arg(long, env = "SWITCHBOARD_REDIS_PREFIX", value_name = "PREFIX")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    redis_prefix: Option<String>,
+
     /// How often a node announces itself to the cluster [default: 1s].
     #[arg(long, env = "SWITCHBOARD_CLUSTER_HEARTBEAT", value_name = "DURATION")]
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -63,7 +63,7 @@ use async_nats::jetstream::consumer::PullConsumer;
 use bytes::Bytes;
 use common::{
     command, expect_dead, nats_connect, node_of, poll, start_node, start_three, wait_member_ids,
-    wait_members, CutProxy, Node, FORM, HEARTBEAT_TIMEOUT, QUICK, SLACK,
+    wait_members, Bus, CutProxy, Node, FORM, HEARTBEAT_TIMEOUT, QUICK, SLACK,
 };
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
@@ -580,12 +580,20 @@ async fn membership_lists_live_nodes_with_their_connections_and_prefixes_isolate
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn commands_on_any_node_act_on_the_owner_node() {
-    let nats = NatsServer::start(false);
+    commands_act_on_the_owner_node(Bus::nats(false)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_on_any_node_act_on_the_owner_node_over_redis() {
+    commands_act_on_the_owner_node(Bus::redis()).await;
+}
+
+async fn commands_act_on_the_owner_node(bus: Bus) {
     let origin = TestOrigin::start(None).await;
     let url = origin.url();
     // A long heartbeat timeout: a node paused for a few seconds stays a member.
     let (a, b, c) = start_three(
-        &nats.url(),
+        &bus.url(),
         "route",
         &["--origin", &url, "--cluster-heartbeat-timeout", "5s"],
     )
@@ -1316,11 +1324,11 @@ async fn send_until_delivered(
 /// Kills node `victim` of a three-node cluster with SIGKILL, checks what the
 /// others and the clients see and the one `node_down`, then stops another
 /// node with SIGTERM and checks it is not reported.
-async fn killed_node_is_reported_once(jetstream: bool, prefix: &str, victim: &str) {
-    let nats = NatsServer::start(jetstream);
+async fn killed_node_is_reported_once(bus: Bus, prefix: &str, victim: &str) {
+    let jetstream = matches!(&bus, Bus::Nats(_)) && prefix.ends_with(".js");
     let origin = TestOrigin::start(None).await;
     let url = origin.url();
-    let (a, b, c) = start_three(&nats.url(), prefix, &["--origin", &url]).await;
+    let (a, b, c) = start_three(&bus.url(), prefix, &["--origin", &url]).await;
     let mut nodes = vec![a, b, c];
     {
         let all: Vec<&Node> = nodes.iter().collect();
@@ -1428,7 +1436,7 @@ async fn killed_node_is_reported_once(jetstream: bool, prefix: &str, victim: &st
     assert_eq!(down.down_node, victim, "{down:?}");
     assert!(survivors.contains(&down.node.as_str()), "{down:?}");
     assert!(!down.id.is_empty(), "{down:?}");
-    if !jetstream {
+    if !jetstream && !bus.is_redis() {
         assert_eq!(
             down.node, survivors[0],
             "without JetStream the lowest live node id reports: {down:?}"
@@ -1446,7 +1454,7 @@ async fn killed_node_is_reported_once(jetstream: bool, prefix: &str, victim: &st
     if jetstream {
         // Deduplicated through the KV bucket `<prefix, . as _>_cluster`.
         let bucket = format!("{}_cluster", prefix.replace('.', "_"));
-        let nc = nats_connect(&nats.url()).await;
+        let nc = nats_connect(&bus.url()).await;
         let kv = jetstream::new(nc)
             .get_key_value(&bucket)
             .await
@@ -1473,7 +1481,36 @@ async fn killed_node_is_reported_once(jetstream: bool, prefix: &str, victim: &st
         .position(|(_, id)| node_of(id) == leaving.node)
         .map(|i| live_clients.remove(i))
         .unwrap();
-    let nc = nats_connect(&nats.url()).await;
+    if let Bus::Redis(redis) = &bus {
+        // The report key `{<prefix>}:down:<node>:<instance>` of the victim,
+        // and nobody else's.
+        let keys = redis.command(&["KEYS", &format!("{{{prefix}}}:down:*")]);
+        assert_eq!(
+            keys.matches(":down:").count(),
+            1,
+            "one report key, the victim's: {keys}"
+        );
+        assert!(keys.contains(&format!(":down:{victim}:")), "{keys}");
+        leaving.term();
+        let (code, _, _) = expect_close(&mut leaving_ws).await;
+        assert_eq!(code, 1012);
+        let status = leaving.wait().await;
+        assert_eq!(status.code(), Some(0), "log:\n{}", leaving.log());
+        // Its key's last heartbeat says it is leaving.
+        let beat = redis.command(&["GET", &format!("{{{prefix}}}:node:{}", leaving.node)]);
+        assert!(beat.contains(r#""leaving":true"#), "{beat}");
+        let last = &nodes[0];
+        wait_member_ids(&[last], &[last.node.as_str()], HEARTBEAT_TIMEOUT + SLACK).await;
+        tokio::time::sleep(2 * HEARTBEAT_TIMEOUT).await;
+        let downs = node_downs(&origin);
+        assert_eq!(
+            downs.len(),
+            1,
+            "a SIGTERM'd node is not reported: {downs:#?}"
+        );
+        return;
+    }
+    let nc = nats_connect(&bus.url()).await;
     let mut beats = nc
         .subscribe(format!("{prefix}.nodes.heartbeat"))
         .await
@@ -1525,12 +1562,17 @@ async fn killed_node_is_reported_once(jetstream: bool, prefix: &str, victim: &st
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_node_is_dropped_and_reported_once_with_jetstream() {
-    killed_node_is_reported_once(true, "lost.js", "c").await;
+    killed_node_is_reported_once(Bus::nats(true), "lost.js", "c").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_node_is_dropped_and_reported_once_by_the_lowest_node_without_jetstream() {
-    killed_node_is_reported_once(false, "lost", "a").await;
+    killed_node_is_reported_once(Bus::nats(false), "lost", "a").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_node_is_dropped_and_reported_once_over_redis() {
+    killed_node_is_reported_once(Bus::redis(), "lost-redis", "b").await;
 }
 
 /// A node killed and started again under the same id at once: its new

@@ -156,6 +156,14 @@ async fn watch_channel(s: Arc<Shared>, ch: Arc<Channel>) {
                     let mut st = ch.state.lock();
                     match next_step(&st, &epoch, entry.offset) {
                         Step::Old => None,
+                        Step::Next if *st.epoch != *epoch && st.offset > 0 => {
+                            // The log started over under a position this
+                            // node held (it expired, or the bus lost it):
+                            // the end of the old epoch may never have
+                            // reached this node, and no log has it now.
+                            lost(&s, &ch, &mut st, &epoch, entry);
+                            None
+                        }
                         Step::Next => {
                             if *st.epoch != *epoch {
                                 reset(&mut st, &epoch);
@@ -215,6 +223,7 @@ async fn fill(s: &Shared, ch: &Channel, since: StreamPosition, epoch: &str, entr
 /// recover; the replica goes on from `entry`.
 fn lost(s: &Shared, ch: &Channel, st: &mut State, epoch: &str, entry: LogEntry) {
     let m = &s.metrics;
+    m.bus_lost.inc();
     tracing::warn!(
         channel = %ch.name,
         offset = entry.offset,

@@ -335,15 +335,21 @@ pub(crate) const FORM: Duration = Duration::from_secs(10);
 /// while NATS is away).
 pub(crate) const QUICK: Duration = Duration::from_secs(2);
 
-/// Starts `switchboard serve` as node `id` of the cluster `prefix` on `nats`,
-/// with test timings; a flag given in `extra` replaces its default here.
-pub(crate) async fn start_node(id: &str, nats: &str, prefix: &str, extra: &[&str]) -> Node {
+/// Starts `switchboard serve` as node `id` of the cluster `prefix` on `bus`
+/// (a NATS URL, or a `redis://` URL for the Redis backend), with test
+/// timings; a flag given in `extra` replaces its default here.
+pub(crate) async fn start_node(id: &str, bus: &str, prefix: &str, extra: &[&str]) -> Node {
+    let (bus_flag, prefix_flag) = if bus.starts_with("redis") {
+        ("--redis", "--redis-prefix")
+    } else {
+        ("--nats", "--nats-prefix")
+    };
     let defaults = [
         ("--node-id", id),
         ("--listen", "127.0.0.1:0"),
         ("--control-listen", "127.0.0.1:0"),
-        ("--nats", nats),
-        ("--nats-prefix", prefix),
+        (bus_flag, bus),
+        (prefix_flag, prefix),
         ("--cluster-heartbeat", HEARTBEAT),
         ("--cluster-heartbeat-timeout", "1500ms"),
         ("--cluster-request-timeout", "1s"),
@@ -567,5 +573,54 @@ impl CutProxy {
 
     pub(crate) fn set_cut(&self, cut: bool) {
         self.cut.send_replace(cut);
+    }
+}
+
+/// The server joining a test cluster: NATS (with JetStream or without) or
+/// Redis, each a real process on a free port.
+#[derive(Debug)]
+pub(crate) enum Bus {
+    Nats(switchboard_test_util::nats::NatsServer),
+    Redis(switchboard_test_util::redis::RedisServer),
+}
+
+impl Bus {
+    /// A NATS server, with JetStream if `jetstream`.
+    pub(crate) fn nats(jetstream: bool) -> Self {
+        Self::Nats(switchboard_test_util::nats::NatsServer::start(jetstream))
+    }
+
+    /// A Redis server without persistence.
+    pub(crate) fn redis() -> Self {
+        Self::Redis(switchboard_test_util::redis::RedisServer::start())
+    }
+
+    /// The URL [`start_node`] takes.
+    pub(crate) fn url(&self) -> String {
+        match self {
+            Self::Nats(s) => s.url(),
+            Self::Redis(s) => s.url(),
+        }
+    }
+
+    /// SIGKILLs the server.
+    pub(crate) fn kill(&mut self) {
+        match self {
+            Self::Nats(s) => s.kill(),
+            Self::Redis(s) => s.kill(),
+        }
+    }
+
+    /// Starts it again on the same port (NATS with its store; Redis empty).
+    pub(crate) fn restart(&mut self) {
+        match self {
+            Self::Nats(s) => s.restart(),
+            Self::Redis(s) => s.restart(),
+        }
+    }
+
+    /// Whether it is Redis.
+    pub(crate) fn is_redis(&self) -> bool {
+        matches!(self, Self::Redis(_))
     }
 }
