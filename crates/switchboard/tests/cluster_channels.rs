@@ -64,8 +64,8 @@
 mod common;
 
 use common::{
-    command, nats_connect, node_of, poll, start_node, start_three, wait_member_ids, Node, FORM,
-    HEARTBEAT_TIMEOUT, QUICK, SLACK,
+    command, nats_connect, node_of, poll, start_node, start_three, wait_member_ids, Bus, Node,
+    FORM, HEARTBEAT_TIMEOUT, QUICK, SLACK,
 };
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
@@ -95,15 +95,14 @@ const QUIET: Duration = Duration::from_millis(300);
 // Helpers
 // ---------------------------------------------------------------------------
 
-/// A JetStream NATS server and nodes `a`, `b`, `c` on it with the `room`
+/// `bus` (NATS with JetStream, or Redis) and nodes `a`, `b`, `c` on it with the `room`
 /// and `feed` namespaces (plus `extra` flags), once they see each other.
-async fn channel_cluster(prefix: &str, extra: &[&str]) -> (NatsServer, Node, Node, Node) {
-    let nats = NatsServer::start(true);
+async fn channel_cluster(bus: Bus, prefix: &str, extra: &[&str]) -> (Bus, Node, Node, Node) {
     let mut args = vec!["--namespace", ROOM, "--namespace", FEED];
     args.extend_from_slice(extra);
-    let (a, b, c) = start_three(&nats.url(), prefix, &args).await;
+    let (a, b, c) = start_three(&bus.url(), prefix, &args).await;
     wait_member_ids(&[&a, &b, &c], &["a", "b", "c"], FORM).await;
-    (nats, a, b, c)
+    (bus, a, b, c)
 }
 
 /// A native protocol client: commands with ids, replies matched by id,
@@ -564,7 +563,16 @@ async fn subscribe_through(node: &Node, id: &str, channel: &str, body: Option<Va
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_publish_on_any_node_reaches_every_subscriber_once_in_offset_order() {
-    let (_nats, a, b, c) = channel_cluster("pubsub", &[]).await;
+    a_publish_on_any_node_reaches_every_subscriber_once_in_offset_order_on(Bus::nats(true)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_on_any_node_reaches_every_subscriber_once_in_offset_order_over_redis() {
+    a_publish_on_any_node_reaches_every_subscriber_once_in_offset_order_on(Bus::redis()).await;
+}
+
+async fn a_publish_on_any_node_reaches_every_subscriber_once_in_offset_order_on(bus: Bus) {
+    let (_nats, a, b, c) = channel_cluster(bus, "pubsub", &[]).await;
     let ch = "room:t1";
     let mut subs = vec![
         Native::connect(&a).await,
@@ -671,7 +679,7 @@ async fn a_publish_on_any_node_reaches_every_subscriber_once_in_offset_order() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_receives_a_channel_from_the_bus_once_per_message_and_only_with_subscribers() {
-    let (_nats, a, b, c) = channel_cluster("interest", &[]).await;
+    let (_nats, a, b, c) = channel_cluster(Bus::nats(true), "interest", &[]).await;
     let ch = "room:busy";
     let mut on_a = Vec::new();
     for _ in 0..20 {
@@ -748,7 +756,16 @@ async fn a_node_receives_a_channel_from_the_bus_once_per_message_and_only_with_s
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn history_and_recovery_work_on_any_node() {
-    let (nats, mut a, mut b, mut c) = channel_cluster("history", &[]).await;
+    history_and_recovery_work_on_any_node_on(Bus::nats(true)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_and_recovery_work_on_any_node_over_redis() {
+    history_and_recovery_work_on_any_node_on(Bus::redis()).await;
+}
+
+async fn history_and_recovery_work_on_any_node_on(bus: Bus) {
+    let (nats, mut a, mut b, mut c) = channel_cluster(bus, "history", &[]).await;
     let ch = "room:h";
     let mut on_a = Native::connect(&a).await;
     on_a.subscribe(ch).await;
@@ -907,7 +924,7 @@ fn path_segment(name: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn channel_names_special_in_nats_subjects_stay_distinct_and_oversized_messages_are_refused() {
-    let (_nats, a, b, c) = channel_cluster("names", &[]).await;
+    let (_nats, a, b, c) = channel_cluster(Bus::nats(true), "names", &[]).await;
     // Characters NATS subjects give a meaning to, and names that would
     // collide under a sloppy escaping.
     let names = [
@@ -999,7 +1016,16 @@ async fn channel_names_special_in_nats_subjects_stay_distinct_and_oversized_mess
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idempotency_key_publishes_once_whichever_nodes_it_is_posted_to() {
-    let (_nats, a, b, c) = channel_cluster("idem", &[]).await;
+    an_idempotency_key_publishes_once_whichever_nodes_it_is_posted_to_on(Bus::nats(true)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idempotency_key_publishes_once_whichever_nodes_it_is_posted_to_over_redis() {
+    an_idempotency_key_publishes_once_whichever_nodes_it_is_posted_to_on(Bus::redis()).await;
+}
+
+async fn an_idempotency_key_publishes_once_whichever_nodes_it_is_posted_to_on(bus: Bus) {
+    let (_nats, a, b, c) = channel_cluster(bus, "idem", &[]).await;
     let ch = "room:pay";
     let mut subs = vec![
         Native::connect(&a).await,
@@ -1086,12 +1112,28 @@ async fn an_idempotency_key_publishes_once_whichever_nodes_it_is_posted_to() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn presence_joins_and_leaves_span_the_cluster_and_a_killed_node_leaves_no_ghosts() {
+    presence_joins_and_leaves_span_the_cluster_and_a_killed_node_leaves_no_ghosts_on(Bus::nats(
+        true,
+    ))
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_joins_and_leaves_span_the_cluster_and_a_killed_node_leaves_no_ghosts_over_redis()
+{
+    presence_joins_and_leaves_span_the_cluster_and_a_killed_node_leaves_no_ghosts_on(Bus::redis())
+        .await;
+}
+
+async fn presence_joins_and_leaves_span_the_cluster_and_a_killed_node_leaves_no_ghosts_on(
+    bus: Bus,
+) {
     let origin = TestOrigin::start(None).await;
     let url = origin.url();
     // Without sessions: a lost node's sessions would live on, suspended (and
     // members), on the node that adopts them (docs/sessions.md).
     let args = ["--origin", url.as_str(), "--session-ttl", "0s"];
-    let (_nats, a, b, mut c) = channel_cluster("presence", &args).await;
+    let (_nats, a, b, mut c) = channel_cluster(bus, "presence", &args).await;
     let ch = "room:p";
     let as_user = |user: Option<&str>, info: Option<Value>| {
         let answer = OriginAnswer {
@@ -1365,8 +1407,17 @@ async fn continuity_subscriber(
 /// The central promise of channels in a cluster.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn moving_subscribers_and_a_killed_node_lose_and_duplicate_nothing() {
+    moving_subscribers_and_a_killed_node_lose_and_duplicate_nothing_on(Bus::nats(true)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn moving_subscribers_and_a_killed_node_lose_and_duplicate_nothing_over_redis() {
+    moving_subscribers_and_a_killed_node_lose_and_duplicate_nothing_on(Bus::redis()).await;
+}
+
+async fn moving_subscribers_and_a_killed_node_lose_and_duplicate_nothing_on(bus: Bus) {
     let started = Instant::now();
-    let (_nats, a, b, mut c) = channel_cluster("continuity", &[]).await;
+    let (_nats, a, b, mut c) = channel_cluster(bus, "continuity", &[]).await;
     let ch = "room:seq";
     let nodes: Vec<(String, String)> = [&a, &b, &c]
         .iter()
@@ -1545,7 +1596,7 @@ async fn publish_until_failure(
 /// every acknowledged publish reaches them once, at its offset.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publishers_on_every_node_and_a_killed_one_leave_no_gap_and_no_duplicate() {
-    let (_nats, a, b, mut c) = channel_cluster("killpub", &[]).await;
+    let (_nats, a, b, mut c) = channel_cluster(Bus::nats(true), "killpub", &[]).await;
     let ch = "room:kp";
     let mut subs = vec![Native::connect(&a).await, Native::connect(&b).await];
     for s in &mut subs {
@@ -1618,7 +1669,7 @@ async fn publishers_on_every_node_and_a_killed_one_leave_no_gap_and_no_duplicate
 /// duplicate for subscribers on two nodes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn channels_go_on_without_gap_after_nats_restarts() {
-    let (mut nats, a, b, c) = channel_cluster("natsrestart", &[]).await;
+    let (mut nats, a, b, c) = channel_cluster(Bus::nats(true), "natsrestart", &[]).await;
     let ch = "room:nr";
     let mut subs = vec![Native::connect(&a).await, Native::connect(&c).await];
     for s in &mut subs {
@@ -1691,6 +1742,250 @@ async fn channels_go_on_without_gap_after_nats_restarts() {
     );
 }
 
+/// What one subscriber of the Redis restart test saw.
+#[derive(Debug, Default)]
+struct Resynced {
+    /// The numbers received, in order, each with its epoch.
+    seen: Vec<(u64, String)>,
+    /// Positions in `seen` at which the subscriber was told that its
+    /// position was lost (an `unsubscribed` push, or `recovered: false`).
+    losses: Vec<usize>,
+    /// The nodes it was subscribed through.
+    path: Vec<String>,
+}
+
+/// One subscriber of the Redis restart test: like [`continuity_subscriber`],
+/// it moves to another node every few messages with its position; a
+/// subscription refused or a socket lost (the killed node, a node without
+/// Redis) is tried again elsewhere. Told that its position is lost, it
+/// subscribes again from the first message of the channel's current epoch.
+/// A message out of order or from another epoch without having been told
+/// is an error.
+async fn resync_subscriber(
+    k: usize,
+    nodes: Vec<(String, String)>,
+    c_dead: Arc<AtomicBool>,
+    channel: String,
+    progress: Arc<Mutex<Vec<String>>>,
+) -> Result<Resynced, String> {
+    let budget_each = 20 + 4 * k as u64;
+    let mut out = Resynced::default();
+    let (mut offset, mut epoch) = (0u64, String::new());
+    let mut attempt = k;
+    loop {
+        // Subscribe somewhere else than last time, with the position.
+        let conn = loop {
+            attempt += 1;
+            let dead = c_dead.load(Ordering::SeqCst);
+            let last_node = out.path.last().cloned().unwrap_or_default();
+            let candidates: Vec<&(String, String)> = nodes
+                .iter()
+                .filter(|(name, _)| *name != last_node && !(dead && name == "c"))
+                .collect();
+            let (_, url) = candidates[attempt % candidates.len()];
+            let Ok(mut n) = Native::try_connect(url).await else {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            };
+            let since = json!({"offset": offset, "epoch": epoch});
+            let r = n
+                .try_call(json!({"cmd": "subscribe", "channel": channel, "since": since}))
+                .await;
+            match r {
+                Ok(r) if r["result"]["recovered"] == true => break n,
+                Ok(r) if r["result"]["recovered"] == false => {
+                    // Said plainly: start over from the current epoch.
+                    out.losses.push(out.seen.len());
+                    (offset, epoch) = (0, String::new());
+                }
+                _ => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        };
+        out.path.push(conn.node.clone());
+        let mut conn = conn;
+        let mut budget = budget_each;
+        loop {
+            let Ok(p) = conn.try_push(Duration::from_secs(10)).await else {
+                break; // its node died or closed it: elsewhere
+            };
+            match p["push"].as_str() {
+                Some("message") => {}
+                Some("join" | "leave") => continue,
+                Some("unsubscribed") => {
+                    out.losses.push(out.seen.len());
+                    break;
+                }
+                _ => return Err(format!("subscriber {k} on {}: unexpected {p}", conn.node)),
+            }
+            let number: u64 = p["text"].as_str().and_then(|t| t.parse().ok()).unwrap_or(0);
+            let (o, e) = (
+                p["offset"].as_u64().unwrap_or(0),
+                p["epoch"].as_str().unwrap_or(""),
+            );
+            if (!epoch.is_empty() && e != epoch) || o != offset + 1 {
+                return Err(format!(
+                    "subscriber {k} on {} (path {:?}): offset {o} of epoch {e} after {offset} of {epoch:?}, untold",
+                    conn.node, out.path
+                ));
+            }
+            (offset, epoch) = (o, e.to_owned());
+            out.seen.push((number, epoch.clone()));
+            progress.lock().unwrap()[k] = format!("on {} at {number}", conn.node);
+            if number == N {
+                return Ok(out);
+            }
+            budget -= 1;
+            if budget == 0 {
+                break;
+            }
+        }
+    }
+}
+
+/// Channels over Redis, when Redis itself restarts empty: six subscribers
+/// moving between the nodes while 300 numbered messages are published, node
+/// `c` SIGKILLed at a third and Redis killed at half (restarted a second
+/// later, without its data). Every subscriber ends with every message once
+/// and in order, except where it was told plainly (an `unsubscribed` push,
+/// `recovered: false`) that its position was lost; a publish refused while
+/// Redis is away answers 503 `cluster_unavailable` and is taken when retried.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_restart_loses_channel_messages_only_with_recovered_false() {
+    let started = Instant::now();
+    let (mut redis, a, b, mut c) = channel_cluster(Bus::redis(), "redisrestart", &[]).await;
+    let ch = "room:rr";
+    let nodes: Vec<(String, String)> = [&a, &b, &c]
+        .iter()
+        .map(|n| (n.node.clone(), n.ws_url("/native")))
+        .collect();
+    let c_dead = Arc::new(AtomicBool::new(false));
+    let progress = Arc::new(Mutex::new(vec![String::new(); 6]));
+    let subscribers: Vec<_> = (0..6)
+        .map(|k| {
+            tokio::spawn(resync_subscriber(
+                k,
+                nodes.clone(),
+                c_dead.clone(),
+                ch.to_owned(),
+                progress.clone(),
+            ))
+        })
+        .collect();
+    // Every subscriber is subscribed before the first message.
+    poll(FORM, "six subscribers", || async {
+        let r = a.get(&format!("/v1/channels/{ch}/presence")).await;
+        match r.json()["clients"].as_u64() {
+            Some(6) => Ok(()),
+            other => Err(format!("{other:?}: {}", r.body)),
+        }
+    })
+    .await;
+
+    let url = a.api(&format!("/v1/channels/{ch}/messages"));
+    let (third_tx, third_rx) = tokio::sync::oneshot::channel();
+    let (half_tx, half_rx) = tokio::sync::oneshot::channel();
+    let publisher = tokio::spawn(async move {
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(5))
+            .build()
+            .unwrap();
+        let (mut third_tx, mut half_tx) = (Some(third_tx), Some(half_tx));
+        let mut refused = Vec::new();
+        for i in 1..=N {
+            let body = json!({"text": i.to_string(), "idempotency_key": format!("k{i}")});
+            let deadline = Instant::now() + Duration::from_secs(20);
+            loop {
+                let r = http.post(&url).json(&body).send().await;
+                let (status, text) = match r {
+                    Ok(r) => (r.status().as_u16(), r.text().await.unwrap_or_default()),
+                    Err(e) => (0, e.to_string()),
+                };
+                if status == 200 {
+                    break;
+                }
+                refused.push((status, text.clone()));
+                if Instant::now() > deadline {
+                    return Err(format!("publish {i}: {status} {text}"));
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            if i == N / 3 {
+                let _ = third_tx.take().unwrap().send(());
+            }
+            if i == N / 2 {
+                let _ = half_tx.take().unwrap().send(());
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        Ok::<_, String>(refused)
+    });
+
+    tokio::time::timeout(Duration::from_secs(30), third_rx)
+        .await
+        .expect("a third published within 30 s")
+        .expect("the publisher is running");
+    c_dead.store(true, Ordering::SeqCst);
+    c.kill9().await;
+    tokio::time::timeout(Duration::from_secs(30), half_rx)
+        .await
+        .expect("half published within 30 s")
+        .expect("the publisher is running");
+    redis.kill();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    redis.restart();
+
+    let deadline = started + Duration::from_secs(80);
+    let results =
+        tokio::time::timeout_at(deadline.into(), futures_util::future::join_all(subscribers))
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "subscribers not done after {:?}: {:#?}",
+                    started.elapsed(),
+                    progress.lock().unwrap()
+                )
+            });
+    let refused = tokio::time::timeout_at(deadline.into(), publisher)
+        .await
+        .expect("publisher done")
+        .expect("publisher task")
+        .expect("every publish taken, retried while Redis was away");
+    assert!(
+        refused
+            .iter()
+            .all(|(status, body)| *status == 503 && body.contains("cluster_unavailable")),
+        "refusals while Redis was away: {refused:?}"
+    );
+    assert!(!refused.is_empty(), "some publishes found Redis away");
+    let mut told = 0;
+    for (k, r) in results.into_iter().enumerate() {
+        let out = r
+            .expect("subscriber task")
+            .unwrap_or_else(|e| panic!("{e}"));
+        eprintln!(
+            "subscriber {k}: {} messages, losses at {:?}, path {:?}",
+            out.seen.len(),
+            out.losses,
+            out.path
+        );
+        assert_eq!(out.seen.first().map(|s| s.0), Some(1), "subscriber {k}");
+        assert_eq!(out.seen.last().map(|s| s.0), Some(N), "subscriber {k}");
+        for (i, w) in out.seen.windows(2).enumerate() {
+            let ((n0, e0), (n1, e1)) = (&w[0], &w[1]);
+            if out.losses.contains(&(i + 1)) {
+                // Told: anything may have been lost here, or come again.
+                continue;
+            }
+            assert!(
+                *n1 == n0 + 1 && e0 == e1,
+                "subscriber {k}: {n1} of {e1} after {n0} of {e0} without being told: {out:?}"
+            );
+        }
+        told += usize::from(!out.losses.is_empty());
+    }
+    assert!(told > 0, "Redis lost the channel's log: someone was told");
+}
+
 // ---------------------------------------------------------------------------
 // Raw connections subscribed by the origin
 // ---------------------------------------------------------------------------
@@ -1699,7 +1994,7 @@ async fn channels_go_on_without_gap_after_nats_restarts() {
 async fn a_raw_connection_subscribed_through_another_node_gets_plain_frames() {
     let origin = TestOrigin::start(None).await;
     let url = origin.url();
-    let (_nats, a, b, c) = channel_cluster("raw", &["--origin", &url]).await;
+    let (_nats, a, b, c) = channel_cluster(Bus::nats(true), "raw", &["--origin", &url]).await;
     let ch = "feed:r";
     let mut raw1 = connect(&b.ws_url("/raw1")).await;
     let id1 = origin.id_for(local_addr(&raw1)).await;
@@ -1819,7 +2114,7 @@ async fn a_raw_connection_subscribed_through_another_node_gets_plain_frames() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn channel_commands_over_nats_span_the_cluster() {
     // b is only reached through its NATS subject.
-    let (nats, a, _b, c) = channel_cluster("natsctl", &[]).await;
+    let (nats, a, _b, c) = channel_cluster(Bus::nats(true), "natsctl", &[]).await;
     let nc = nats_connect(&nats.url()).await;
     let ch = "room:ctl";
     let mut on_a = Native::connect(&a).await;
@@ -1933,7 +2228,7 @@ fn sdk(node: &Node) -> Client {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_rust_sdk_gets_messages_from_other_nodes_and_recovers_through_the_cluster() {
-    let (_nats, a, b, c) = channel_cluster("sdk", &[]).await;
+    let (_nats, a, b, c) = channel_cluster(Bus::nats(true), "sdk", &[]).await;
     let ch = "room:sdk";
     let on_a = sdk(&a);
     tokio::time::timeout(FRAME, on_a.wait_connected())

@@ -200,7 +200,9 @@ async fn fill(s: &Shared, ch: &Channel, since: StreamPosition, epoch: &str, entr
     .await;
     let mut st = ch.state.lock();
     match read {
-        r if r.complete => {
+        // A complete read of another epoch than the one this node held a
+        // position in: the old epoch's end is gone with its log.
+        r if r.complete && (*st.epoch == *r.epoch || st.offset == 0) => {
             if *st.epoch != *r.epoch {
                 reset(&mut st, &r.epoch);
             }
