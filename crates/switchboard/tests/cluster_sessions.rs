@@ -28,14 +28,13 @@
 
 mod common;
 
-use common::{start_node, wait_member_ids, Node, FORM};
+use common::{start_node, wait_member_ids, Bus, Node, FORM};
 use serde_json::json;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use switchboard_client::{Client, ClientEvent, SubscriptionEvent};
-use switchboard_test_util::nats::NatsServer;
 use switchboard_test_util::TestOrigin;
 
 /// Channels with history kept in JetStream (recovery on any node).
@@ -341,21 +340,21 @@ fn one_connect_no_disconnect(origin: &TestOrigin, id: &str) {
     );
 }
 
-async fn node(id: &str, nats: &NatsServer, origin: &TestOrigin, prefix: &str) -> Node {
+async fn node(id: &str, bus: &Bus, origin: &TestOrigin, prefix: &str) -> Node {
     let url = origin.url();
     start_node(
         id,
-        &nats.url(),
+        &bus.url(),
         prefix,
         &["--origin", url.as_str(), "--namespace", ROOM],
     )
     .await
 }
 
-/// A JetStream nats-server, a recording origin, and nodes `a`, `b` and `c`
-/// of the cluster `prefix`, once each lists all three.
-async fn three_nodes(prefix: &str) -> (NatsServer, TestOrigin, Node, Node, Node) {
-    let nats = NatsServer::start(true);
+/// `bus` (a JetStream nats-server, or Redis), a recording origin, and nodes
+/// `a`, `b` and `c` of the cluster `prefix`, once each lists all three.
+async fn three_nodes(bus: Bus, prefix: &str) -> (Bus, TestOrigin, Node, Node, Node) {
+    let nats = bus;
     let origin = TestOrigin::start(None).await;
     let (a, b, c) = tokio::join!(
         node("a", &nats, &origin, prefix),
@@ -397,8 +396,17 @@ async fn client_on_c(
 /// SIGKILLed midway (the session elsewhere): commands still reach it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_moves_from_node_to_node_with_nothing_lost_or_repeated() {
+    a_session_moves_from_node_to_node_with_nothing_lost_or_repeated_on(Bus::nats(true)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_moves_from_node_to_node_with_nothing_lost_or_repeated_over_redis() {
+    a_session_moves_from_node_to_node_with_nothing_lost_or_repeated_on(Bus::redis()).await;
+}
+
+async fn a_session_moves_from_node_to_node_with_nothing_lost_or_repeated_on(bus: Bus) {
     const N: usize = 1000;
-    let (_nats, origin, a, b, mut c) = three_nodes("moves").await;
+    let (_nats, origin, a, b, mut c) = three_nodes(bus, "moves").await;
     // Started on c, so that its id names c.
     let (balancer, stop, client, id, got) = client_on_c(&c, "room:moves").await;
     balancer.set_backends(vec![a.listen, b.listen, c.listen]);
@@ -472,9 +480,18 @@ async fn a_session_moves_from_node_to_node_with_nothing_lost_or_repeated() {
 /// one `connect` per session and no `disconnect` until the clients close.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rolling_restart_loses_nothing() {
+    a_rolling_restart_loses_nothing_on(Bus::nats(true)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolling_restart_loses_nothing_over_redis() {
+    a_rolling_restart_loses_nothing_on(Bus::redis()).await;
+}
+
+async fn a_rolling_restart_loses_nothing_on(bus: Bus) {
     const N: usize = 300;
     const CLIENTS: usize = 4;
-    let (nats, origin, a, b, c) = three_nodes("rolling").await;
+    let (nats, origin, a, b, c) = three_nodes(bus, "rolling").await;
     let mut nodes = vec![a, b, c];
     let mut old: Vec<Node> = Vec::new();
     let balancer = Balancer::start(nodes.iter().map(|n| n.listen).collect()).await;
@@ -587,8 +604,17 @@ async fn send_directs_retrying(
 /// on that node before is not brought back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_outlives_the_death_of_its_node() {
+    a_session_outlives_the_death_of_its_node_on(Bus::nats(true)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_outlives_the_death_of_its_node_over_redis() {
+    a_session_outlives_the_death_of_its_node_on(Bus::redis()).await;
+}
+
+async fn a_session_outlives_the_death_of_its_node_on(bus: Bus) {
     const N: usize = 600;
-    let (_nats, origin, a, b, mut c) = three_nodes("dies").await;
+    let (_nats, origin, a, b, mut c) = three_nodes(bus, "dies").await;
     // Held by c from the start.
     let (balancer, stop, client, id, got) = client_on_c(&c, "room:dies").await;
     // Another session on c ends (its client closes it) before c dies: it
@@ -674,8 +700,17 @@ async fn a_session_outlives_the_death_of_its_node() {
 /// sent afterwards reach it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_node_s_session_is_adopted_and_the_node_fenced_on_return() {
+    a_stalled_node_s_session_is_adopted_and_the_node_fenced_on_return_on(Bus::nats(true)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_node_s_session_is_adopted_and_the_node_fenced_on_return_over_redis() {
+    a_stalled_node_s_session_is_adopted_and_the_node_fenced_on_return_on(Bus::redis()).await;
+}
+
+async fn a_stalled_node_s_session_is_adopted_and_the_node_fenced_on_return_on(bus: Bus) {
     const N: usize = 300;
-    let (_nats, origin, a, b, c) = three_nodes("stalls").await;
+    let (_nats, origin, a, b, c) = three_nodes(bus, "stalls").await;
     let (balancer, stop, client, id, got) = client_on_c(&c, "room:stalls").await;
     let targets = Targets::default();
     targets.set(vec![a.control, b.control]);
