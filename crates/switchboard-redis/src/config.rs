@@ -29,6 +29,13 @@ pub struct RedisConfig {
     /// With the origin over Redis: how long a `connect` (or other
     /// synchronous) event waits for the origin's answer.
     pub origin_timeout: Duration,
+    /// With the origin over Redis: how many event streams a connection's
+    /// events are spread over (by connection id), so that several workers
+    /// can each own some and still see every connection's events in order.
+    pub event_partitions: u32,
+    /// With the origin over Redis: the newest entries each event stream
+    /// keeps (approximately; older ones are trimmed, read or not).
+    pub event_stream_max_len: u64,
 }
 
 impl RedisConfig {
@@ -43,6 +50,8 @@ impl RedisConfig {
             namespaces: Vec::new(),
             session_messages: 1_000,
             origin_timeout: Duration::from_secs(10),
+            event_partitions: 1,
+            event_stream_max_len: 1_000_000,
         }
     }
 }

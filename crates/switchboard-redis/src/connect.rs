@@ -26,6 +26,9 @@ pub enum RedisError {
     Connect(String),
 }
 
+/// Longest wait of one blocking read on the blocking connection.
+pub(crate) const BLOCK_FOR: Duration = Duration::from_secs(1);
+
 /// Messages queued for one subscriber; more are dropped (a channel
 /// watcher fills the gap from the log at its next message).
 const SUBSCRIBER_QUEUE: usize = 65_536;
@@ -133,6 +136,9 @@ impl Router {
 pub struct Redis {
     commands: ConnectionManager,
     subscriber: ConnectionManager,
+    /// For blocking reads (`XREADGROUP … BLOCK`), which would hold up
+    /// every other command on the shared connection.
+    blocking: ConnectionManager,
     router: Arc<Router>,
     /// One subscribe or unsubscribe at a time, so the last subscriber of a
     /// channel leaving never unsubscribes a new one's interest.
@@ -172,6 +178,12 @@ pub fn connect(config: &RedisConfig) -> Result<Redis, RedisError> {
         .set_response_timeout(Some(config.request_timeout));
     let commands = ConnectionManager::new_lazy_with_config(client.clone(), base.clone())
         .map_err(|e| RedisError::Connect(e.to_string()))?;
+    let blocking = ConnectionManager::new_lazy_with_config(
+        client.clone(),
+        base.clone()
+            .set_response_timeout(Some(BLOCK_FOR + config.request_timeout)),
+    )
+    .map_err(|e| RedisError::Connect(e.to_string()))?;
     let pushes = {
         let router = router.clone();
         let link = link.clone();
@@ -199,6 +211,7 @@ pub fn connect(config: &RedisConfig) -> Result<Redis, RedisError> {
     Ok(Redis {
         commands,
         subscriber,
+        blocking,
         router,
         subscribing: Arc::new(tokio::sync::Mutex::new(())),
         link,
@@ -261,6 +274,11 @@ impl Redis {
     /// The connection for commands (cheap to clone).
     pub(crate) fn conn(&self) -> ConnectionManager {
         self.commands.clone()
+    }
+
+    /// The connection for blocking reads of at most [`BLOCK_FOR`].
+    pub(crate) fn blocking_conn(&self) -> ConnectionManager {
+        self.blocking.clone()
     }
 
     /// Subscribes to `channel`; returns once Redis has the interest.

@@ -88,9 +88,15 @@ impl Keys {
         format!("{}:smsg:{{{id}}}", self.prefix)
     }
 
-    /// Stream of events for the origin.
-    pub fn events(&self) -> String {
-        format!("{}:events", self.prefix)
+    /// Event stream `partition` for the origin.
+    pub fn events(&self, partition: u32) -> String {
+        format!("{}:events:{partition}", self.prefix)
+    }
+
+    /// Stream of the events the origin decides on (`connect`, `publish`,
+    /// `subscribe`).
+    pub fn decisions(&self) -> String {
+        format!("{}:decisions", self.prefix)
     }
 
     /// Stream of control commands from the origin.

@@ -12,6 +12,11 @@
 //! - [`channels`]: [`RedisChannels`], the [`switchboard_backend::ChannelBus`]
 //!   over Redis: channel logs in streams, appended and broadcast by one
 //!   script, interest-based delivery, cluster-wide presence.
+//! - [`origin`]: [`RedisOrigin`], the [`switchboard_backend::OriginTransport`]
+//!   over Redis Streams: events appended to streams an origin reads with a
+//!   consumer group, decisions answered on a pub/sub channel.
+//! - [`control`]: [`RedisControl`], control commands from the origin over a
+//!   stream read by the nodes in one consumer group.
 //! - [`sessions`]: [`RedisSessions`], the
 //!   [`switchboard_backend::SessionStore`] over Redis: records in a hash,
 //!   direct messages in a stream per session.
@@ -23,11 +28,15 @@ pub mod channels;
 pub mod cluster;
 pub mod config;
 pub mod connect;
+pub mod control;
 pub mod keys;
+pub mod origin;
 pub mod sessions;
 
 pub use channels::RedisChannels;
 pub use cluster::RedisCluster;
 pub use config::RedisConfig;
 pub use connect::{connect, Link, Redis, RedisError};
+pub use control::RedisControl;
+pub use origin::RedisOrigin;
 pub use sessions::RedisSessions;

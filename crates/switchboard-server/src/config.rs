@@ -211,6 +211,17 @@ impl Config {
     pub fn origin_is_nats(&self) -> bool {
         self.origin.as_deref() == Some(NATS_ORIGIN)
     }
+
+    /// Whether the origin is reached over Redis Streams (`origin = "redis"`).
+    pub fn origin_is_redis(&self) -> bool {
+        self.origin.as_deref() == Some(REDIS_ORIGIN)
+    }
+
+    /// Whether the origin is reached over a cluster backend (NATS or Redis)
+    /// rather than an HTTP webhook.
+    pub fn origin_is_bus(&self) -> bool {
+        self.origin_is_nats() || self.origin_is_redis()
+    }
 }
 
 /// The oldest TLS version a listener accepts (`tls-min-version`).
@@ -226,6 +237,9 @@ pub enum TlsVersion {
 
 /// The `origin` value selecting the NATS origin transport.
 pub const NATS_ORIGIN: &str = "nats";
+
+/// The `origin` value selecting the Redis Streams origin transport.
+pub const REDIS_ORIGIN: &str = "redis";
 
 impl Default for Config {
     fn default() -> Self {
@@ -337,7 +351,7 @@ impl Config {
         }
         // `nats` is carried by a backend, checked by whoever binds the node
         // with it; anything else is a webhook URL.
-        if let Some(origin) = self.origin.as_ref().filter(|_| !self.origin_is_nats()) {
+        if let Some(origin) = self.origin.as_ref().filter(|_| !self.origin_is_bus()) {
             match reqwest::Url::parse(origin) {
                 Ok(url) if matches!(url.scheme(), "http" | "https") && url.host().is_some() => {}
                 _ => {

@@ -39,6 +39,10 @@ pub(crate) struct ClusterSettings {
     pub(crate) redis: Option<String>,
     /// Prefix of every Redis key and pub/sub channel.
     pub(crate) redis_prefix: String,
+    /// With `origin = "redis"`: event streams, by connection id.
+    pub(crate) redis_event_partitions: u32,
+    /// With `origin = "redis"`: entries each event stream keeps, about.
+    pub(crate) redis_event_stream_max_len: u64,
     /// How often a node announces itself to the cluster.
     #[serde(with = "humantime_serde")]
     pub(crate) cluster_heartbeat: Duration,
@@ -66,6 +70,8 @@ impl Default for ClusterSettings {
             nats_event_stream: None,
             redis: None,
             redis_prefix: "switchboard".into(),
+            redis_event_partitions: 1,
+            redis_event_stream_max_len: 1_000_000,
             cluster_heartbeat: Duration::from_secs(1),
             cluster_heartbeat_timeout: Duration::from_secs(5),
             cluster_request_timeout: Duration::from_millis(1500),
@@ -117,6 +123,24 @@ impl ClusterSettings {
                     "only applies with origin = \"nats\"",
                 ));
             }
+        }
+        if config.origin_is_redis() && self.redis.is_none() {
+            return Err(ConfigError::new(
+                "origin",
+                "`redis` needs the `redis` setting",
+            ));
+        }
+        if !(1..=1024).contains(&self.redis_event_partitions) {
+            return Err(ConfigError::new(
+                "redis-event-partitions",
+                "must be between 1 and 1024",
+            ));
+        }
+        if self.redis_event_stream_max_len == 0 {
+            return Err(ConfigError::new(
+                "redis-event-stream-max-len",
+                "must be at least 1",
+            ));
         }
         if self.nats.is_some() && self.redis.is_some() {
             return Err(ConfigError::new(
@@ -221,6 +245,8 @@ impl ClusterSettings {
             namespaces: config.namespace.clone(),
             session_messages: config.session_outbox_messages,
             origin_timeout: config.origin_timeout,
+            event_partitions: self.redis_event_partitions,
+            event_stream_max_len: self.redis_event_stream_max_len,
             ..switchboard_redis::RedisConfig::new(self.redis.clone().unwrap_or_default())
         }
     }
@@ -329,8 +355,19 @@ async fn bind_redis(config: Config, cluster: &ClusterSettings) -> Result<Gateway
         tracing::warn!("Redis not reachable yet; serving local clients and still trying");
     }
     let session_ttl = config.session_ttl;
+    let transport: Option<Arc<dyn switchboard_server::origin::OriginTransport>> =
+        if config.origin_is_redis() {
+            let node = config.node_id.clone().unwrap_or_default();
+            Some(switchboard_redis::RedisOrigin::start(
+                redis.clone(),
+                &settings,
+                &node,
+            ))
+        } else {
+            None
+        };
     let options = BindOptions {
-        transport: None,
+        transport,
         backend_fds: switchboard_server::fds::CLUSTER_RESERVE,
     };
     let gateway = Gateway::bind_with(config, options).await.map_err(failed)?;
@@ -338,6 +375,8 @@ async fn bind_redis(config: Config, cluster: &ClusterSettings) -> Result<Gateway
     let joined =
         switchboard_redis::RedisCluster::start(redis.clone(), local.clone(), settings.clone());
     gateway.join_cluster(joined.clone());
+    // The origin's commands from the control stream.
+    switchboard_redis::RedisControl::start(redis.clone(), local.clone(), &settings);
     if !session_ttl.is_zero() {
         // Sessions outlive their node: their state lives in Redis.
         let store = switchboard_redis::RedisSessions::new(redis.clone(), &settings);

@@ -533,6 +533,16 @@ pub(crate) struct ServeArgs {
     #[serde(skip_serializing_if = "Option::is_none")]
     redis_prefix: Option<String>,
 
+    /// With `--origin redis`: event streams a connection's events are spread over, by connection id [default: 1].
+    #[arg(long, env = "SWITCHBOARD_REDIS_EVENT_PARTITIONS", value_name = "N")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    redis_event_partitions: Option<u32>,
+
+    /// With `--origin redis`: entries each event stream keeps, about (older ones are trimmed) [default: 1000000].
+    #[arg(long, env = "SWITCHBOARD_REDIS_EVENT_STREAM_MAX_LEN", value_name = "N")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    redis_event_stream_max_len: Option<u64>,
+
     /// How often a node announces itself to the cluster [default: 1s].
     #[arg(long, env = "SWITCHBOARD_CLUSTER_HEARTBEAT", value_name = "DURATION")]
     #[serde(skip_serializing_if = "Option::is_none")]

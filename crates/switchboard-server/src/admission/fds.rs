@@ -76,7 +76,7 @@ impl Capacity {
             };
         };
         let mut wanted = PROCESS_RESERVE + CONTROL_RESERVE;
-        if config.origin.is_some() && !config.origin_is_nats() {
+        if config.origin.is_some() && !config.origin_is_bus() {
             wanted += config.origin_concurrency as u64 + ORIGIN_CONNECT_RESERVE;
         }
         if config.graphql_endpoint.is_some() {

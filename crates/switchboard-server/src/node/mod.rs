@@ -103,7 +103,7 @@ fn bind_listener(addr: SocketAddr) -> Result<TcpListener, GatewayError> {
 #[derive(Debug, Clone, Default)]
 pub struct BindOptions {
     /// The origin transport, when the backend carries the origin
-    /// (`origin = "nats"`). Without it the node uses the webhook `origin`
+    /// (`origin = "nats"` or `"redis"`). Without it the node uses the webhook `origin`
     /// names, or dev mode.
     pub transport: Option<Arc<dyn OriginTransport>>,
     /// Descriptors the backend holds (its broker connections), kept out of
@@ -130,6 +130,12 @@ impl Gateway {
                 return Err(GatewayError::Config(ConfigError {
                     field: "origin",
                     problem: "the NATS origin needs a NATS backend (the `nats` setting)".into(),
+                }))
+            }
+            (None, Some(_)) if config.origin_is_redis() => {
+                return Err(GatewayError::Config(ConfigError {
+                    field: "origin",
+                    problem: "the Redis origin needs a Redis backend (the `redis` setting)".into(),
                 }))
             }
             (None, Some(url)) => Arc::new(
