@@ -85,4 +85,12 @@ pub trait SessionStore: Send + Sync + std::fmt::Debug + 'static {
 
     /// Session `id`'s stored direct messages, by ascending `seq`.
     fn messages(&self, id: &str) -> BoxFuture<'_, Result<Vec<(u64, Bytes)>, StoreError>>;
+
+    /// How many times the store found that it had lost what it held (a
+    /// Redis restarted without its data). Each change makes every holder
+    /// write its sessions again, records and messages. A store that cannot
+    /// lose its data, or cannot tell, answers 0.
+    fn losses(&self) -> u64 {
+        0
+    }
 }

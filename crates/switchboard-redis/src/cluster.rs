@@ -31,6 +31,10 @@
 //!   itself ([`Node::fence`]) and starts a new run; not there, the lease is
 //!   renewed and held events leave in order. Once per timeout it also reads
 //!   that key anyway.
+//! - **Data loss.** Each heartbeat also reads `{<prefix>}:generation`, a
+//!   random value the first node writes: when it changes, Redis lost its
+//!   data, and the session store asks every node to write its sessions
+//!   again ([`crate::Redis::losses`]).
 
 use crate::connect::{Redis, Subscription};
 use crate::keys::{frame, unframe, Keys};
@@ -201,7 +205,8 @@ impl RedisCluster {
     /// Writes this node's key; whether Redis took it.
     async fn write_beat(&self, beat: String, ttl: Duration) -> bool {
         let mut conn = self.redis.conn();
-        let written: redis::RedisResult<()> = redis::pipe()
+        let generation = self.keys.generation();
+        let written: redis::RedisResult<(String,)> = redis::pipe()
             .atomic()
             .cmd("SET")
             .arg(self.keys.node(self.node.id()))
@@ -214,12 +219,25 @@ impl RedisCluster {
             .arg(now_ms())
             .arg(self.node.id())
             .ignore()
+            .cmd("SET")
+            .arg(&generation)
+            .arg(new_instance())
+            .arg("NX")
+            .ignore()
+            .cmd("GET")
+            .arg(&generation)
             .query_async(&mut conn)
             .await;
-        if let Err(e) = &written {
-            tracing::debug!(error = %e, "heartbeat not written");
+        match written {
+            Ok((value,)) => {
+                self.redis.saw_generation(value);
+                true
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "heartbeat not written");
+                false
+            }
         }
-        written.is_ok()
     }
 
     /// Refreshes this node's key every `cluster-heartbeat`.

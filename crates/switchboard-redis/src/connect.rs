@@ -140,6 +140,8 @@ pub struct Redis {
     /// every other command on the shared connection.
     blocking: ConnectionManager,
     router: Arc<Router>,
+    /// The generation value last read, and how many times it changed.
+    generation: Arc<Mutex<(Option<String>, u64)>>,
     /// One subscribe or unsubscribe at a time, so the last subscriber of a
     /// channel leaving never unsubscribes a new one's interest.
     subscribing: Arc<tokio::sync::Mutex<()>>,
@@ -213,6 +215,7 @@ pub fn connect(config: &RedisConfig) -> Result<Redis, RedisError> {
         subscriber,
         blocking,
         router,
+        generation: Arc::default(),
         subscribing: Arc::new(tokio::sync::Mutex::new(())),
         link,
     })
@@ -269,6 +272,24 @@ impl Redis {
     /// Whether Redis answers, and since when.
     pub fn link(&self) -> &Arc<Link> {
         &self.link
+    }
+
+    /// Records the generation value just read (see
+    /// [`crate::keys::Keys::generation`]); a change counts as a loss.
+    pub(crate) fn saw_generation(&self, value: String) {
+        let mut g = self.generation.lock();
+        if g.0.as_ref().is_some_and(|seen| *seen != value) {
+            g.1 += 1;
+            tracing::warn!(
+                "Redis lost its data (it restarted without persistence, or was flushed)"
+            );
+        }
+        g.0 = Some(value);
+    }
+
+    /// How many times Redis was seen to lose its data.
+    pub fn losses(&self) -> u64 {
+        self.generation.lock().1
     }
 
     /// The connection for commands (cheap to clone).

@@ -30,6 +30,12 @@ impl Keys {
         format!("{{{}}}:node:{node}", self.prefix)
     }
 
+    /// A random value written once: when it changes, Redis lost its data
+    /// (restarted without persistence, or flushed).
+    pub fn generation(&self) -> String {
+        format!("{{{}}}:generation", self.prefix)
+    }
+
     /// Sorted set of node ids ever heard (scored by their last heartbeat,
     /// Unix ms), so that the membership keys can be read without a scan.
     pub fn nodes(&self) -> String {

@@ -206,6 +206,10 @@ impl SessionStore for RedisSessions {
         })
     }
 
+    fn losses(&self) -> u64 {
+        self.redis.losses()
+    }
+
     fn messages(&self, id: &str) -> BoxFuture<'_, Result<Vec<(u64, Bytes)>, StoreError>> {
         let id = id.to_owned();
         Box::pin(async move {

@@ -848,3 +848,64 @@ fn check_kept_session(g: &Received, retried: &[usize], n: usize) {
     assert_eq!(first, numbered("d", n), "direct messages");
     assert_eq!(g.channel, numbered("c", n), "channel messages");
 }
+
+/// Redis restarts without its data while a session is suspended on node
+/// `c` with 50 unacknowledged direct messages: the nodes notice (the
+/// generation key changed) and write their sessions again, records and
+/// messages, so that when `c` is SIGKILLed afterwards the session is still
+/// adopted, and resumed elsewhere with every message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_outlives_a_redis_restart_then_the_death_of_its_node() {
+    const N: usize = 50;
+    let (mut bus, origin, a, b, mut c) = three_nodes(Bus::redis(), "wiped").await;
+    let (balancer, stop, client, id, got) = client_on_c(&c, "room:wiped").await;
+    // The client goes away: its session waits on c.
+    balancer.set_backends(Vec::new());
+    balancer.cut();
+    let targets = Targets::default();
+    targets.set(vec![a.control]);
+    for i in 1..=N {
+        let (status, r) = post(
+            &targets,
+            i,
+            &format!("/v1/connections/{id}/messages"),
+            &json!({ "text": format!("d{i}") }),
+        )
+        .await;
+        assert_eq!((status, r["status"].as_str()), (200, Some("queued")), "{r}");
+    }
+    let Bus::Redis(redis) = &mut bus else {
+        unreachable!("a Redis test")
+    };
+    let stored = |redis: &switchboard_test_util::redis::RedisServer| {
+        let messages = redis.command(&["XLEN", &format!("wiped:smsg:{{{id}}}")]);
+        let record = redis.command(&["HEXISTS", "{wiped}:sessions", &id]);
+        (messages.trim().to_owned(), record.trim().to_owned())
+    };
+    assert_eq!(stored(redis), (format!(":{N}"), ":1".to_owned()));
+    redis.restart();
+    common::poll(Duration::from_secs(10), "the session written again", || {
+        let now = stored(redis);
+        async move {
+            if now == (format!(":{N}"), ":1".to_owned()) {
+                Ok(())
+            } else {
+                Err(format!("{now:?}"))
+            }
+        }
+    })
+    .await;
+
+    c.kill9().await;
+    balancer.set_backends(vec![a.listen, b.listen]);
+    wait_directs(&got, N).await;
+    let g = got.lock().unwrap();
+    let texts: Vec<&str> = g.directs.iter().map(|(_, t)| t.as_str()).collect();
+    let want: Vec<String> = (1..=N).map(|i| format!("d{i}")).collect();
+    assert_eq!(texts, want, "every message once, in order");
+    assert!(g.restarted.is_empty(), "no new session: {:?}", g.restarted);
+    drop(g);
+    one_connect_no_disconnect(&origin, &id);
+    client.close().await;
+    stop.store(true, Ordering::Relaxed);
+}

@@ -189,6 +189,8 @@ pub(super) struct Replica {
     stopped: AtomicBool,
     /// The store was unavailable: nothing is tried before then.
     backoff: Mutex<Option<Instant>>,
+    /// The store's [`SessionStore::losses`] when last looked at.
+    losses_seen: std::sync::atomic::AtomicU64,
 }
 
 impl Replica {
@@ -361,12 +363,24 @@ impl Sessions {
     /// Asks for the records of sessions whose counters or acknowledged
     /// messages drifted, or that were not written for [`REFRESH`], to be
     /// written again.
+    /// After the store lost its data, every session is written again,
+    /// messages included.
     fn refresh_records(&self) {
-        if self.store().is_none() {
+        let Some(store) = self.store() else {
             return;
-        }
+        };
+        let losses = store.losses();
+        let lost = self.replica.losses_seen.swap(losses, Relaxed) != losses;
         let written: Vec<(ConnKey, Written)> = {
-            let st = self.replica.state.lock();
+            let mut st = self.replica.state.lock();
+            if lost {
+                tracing::warn!(
+                    "the session store lost its data: writing every session held here again"
+                );
+                for w in st.written.values_mut() {
+                    w.through = 0;
+                }
+            }
             st.written
                 .iter()
                 .filter(|(_, w)| !w.disowned)
@@ -379,7 +393,11 @@ impl Sessions {
             };
             let drift = conn.messages_in.load(Relaxed).saturating_sub(w.messages_in);
             let acked = conn.numbering().released.saturating_sub(w.released);
-            if w.at.elapsed() >= REFRESH || drift >= ORIGIN_SKIP / 2 || acked >= self.ack_drift() {
+            if lost
+                || w.at.elapsed() >= REFRESH
+                || drift >= ORIGIN_SKIP / 2
+                || acked >= self.ack_drift()
+            {
                 self.touch(&conn, true);
             }
         }
@@ -565,7 +583,11 @@ impl Sessions {
 
     /// The revision of session `id`'s record if it names this run.
     async fn own_revision(&self, store: &dyn SessionStore, id: &ConnectionId) -> Option<u64> {
-        let found = store.get(id.as_str()).await.ok()??;
+        // No record at all: the store lost it (nobody else holds a session
+        // this node holds): written anew.
+        let Some(found) = store.get(id.as_str()).await.ok()? else {
+            return Some(0);
+        };
         let record: Record = serde_json::from_slice(&found.record).ok()?;
         (record.holder == self.node.as_str() && record.run == self.started_at_ms)
             .then_some(found.revision)
