@@ -899,12 +899,13 @@ async fn a_session_outlives_a_redis_restart_then_the_death_of_its_node() {
     c.kill9().await;
     balancer.set_backends(vec![a.listen, b.listen]);
     wait_directs(&got, N).await;
-    let g = got.lock().unwrap();
-    let texts: Vec<&str> = g.directs.iter().map(|(_, t)| t.as_str()).collect();
-    let want: Vec<String> = (1..=N).map(|i| format!("d{i}")).collect();
-    assert_eq!(texts, want, "every message once, in order");
-    assert!(g.restarted.is_empty(), "no new session: {:?}", g.restarted);
-    drop(g);
+    {
+        let g = got.lock().unwrap();
+        let texts: Vec<&str> = g.directs.iter().map(|(_, t)| t.as_str()).collect();
+        let want: Vec<String> = (1..=N).map(|i| format!("d{i}")).collect();
+        assert_eq!(texts, want, "every message once, in order");
+        assert!(g.restarted.is_empty(), "no new session: {:?}", g.restarted);
+    }
     one_connect_no_disconnect(&origin, &id);
     client.close().await;
     stop.store(true, Ordering::Relaxed);
