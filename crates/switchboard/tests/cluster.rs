@@ -1115,7 +1115,17 @@ async fn origin_over_nats_with_a_stream_delivers_to_a_durable_consumer() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nats_restart_local_commands_keep_working_and_the_cluster_recovers() {
-    let mut nats = NatsServer::start(false);
+    restart_local_commands_keep_working_and_the_cluster_recovers(Bus::nats(false)).await;
+}
+
+/// The same with Redis killed and started again (empty: nothing a node
+/// needs is lost with it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_restart_local_commands_keep_working_and_the_cluster_recovers() {
+    restart_local_commands_keep_working_and_the_cluster_recovers(Bus::redis()).await;
+}
+
+async fn restart_local_commands_keep_working_and_the_cluster_recovers(mut nats: Bus) {
     let origin = TestOrigin::start(None).await;
     let url = origin.url();
     let (mut a, mut b, mut c) = start_three(&nats.url(), "restart", &["--origin", &url]).await;
@@ -1159,7 +1169,15 @@ async fn nats_restart_local_commands_keep_working_and_the_cluster_recovers() {
     // Every node has noticed by now (or does within its NATS ping): its
     // commands for the others are refused at once, never left to time out.
     for node in [&mut a, &mut b, &mut c] {
-        wait_nats_lost(node).await;
+        if nats.is_redis() {
+            wait_said(
+                node,
+                "Redis unreachable; serving local clients and still trying",
+            )
+            .await;
+        } else {
+            wait_nats_lost(node).await;
+        }
     }
     for (node, method, path) in [
         (&a, reqwest::Method::GET, format!("/v1/connections/{idc}")),
@@ -1731,6 +1749,14 @@ async fn a_node_cut_off_from_nats_is_reported_once_and_fences_itself_on_return()
 // ---------------------------------------------------------------------------
 // 6. NATS limits and stray replies
 // ---------------------------------------------------------------------------
+
+/// Waits (10 s at most) until `node` has logged `message` (or had).
+async fn wait_said(node: &mut Node, message: &str) {
+    let said = |l: &String| serde_json::from_str::<Value>(l).is_ok_and(|v| v["message"] == message);
+    if !node.seen.iter().any(said) {
+        node.wait_log(message).await;
+    }
+}
 
 /// Waits (10 s at most) until `node` has logged that it lost NATS.
 async fn wait_nats_lost(node: &mut Node) {
