@@ -1,6 +1,6 @@
 //! The `cross-node` scenario: control API commands sent through node `a` of
-//! a NATS cluster to connections held by the other nodes, beside the same
-//! commands with every connection on `a`.
+//! a cluster (over NATS, or Redis with `--bus redis`) to connections held by
+//! the other nodes, beside the same commands with every connection on `a`.
 //!
 //! The tool starts nats-server (monitoring on), the echo origin with
 //! `--greet` (every client's first message is its connection id) and
@@ -22,7 +22,7 @@
 
 use crate::engine::{share_concurrency, stamp, Fleet, Mode};
 use crate::measure::{self, unix_nanos, CpuMeter, Percentiles, Table};
-use crate::servers::{echo_origin, Api, Callers, Cluster};
+use crate::servers::{echo_origin, Api, Bus, Callers, Cluster};
 use crate::Opts;
 use serde_json::json;
 use std::sync::Arc;
@@ -64,6 +64,9 @@ pub(crate) struct Args {
     /// Run nats-server with JetStream.
     #[arg(long)]
     jetstream: bool,
+    /// What joins the nodes.
+    #[arg(long, value_enum, default_value = "nats")]
+    bus: Bus,
 }
 
 /// Phases, as stamped.
@@ -74,16 +77,24 @@ const BATCH: u8 = b'b';
 /// One control call: phase, when it started (ns), answer time (µs), accepted.
 type Call = (u8, u64, bool);
 
+/// The row naming what the broker counts per command.
+fn bus_label(cluster: &Cluster) -> &'static str {
+    match cluster.broker_name() {
+        "redis-server" => "— Redis commands per command (in; out not counted)",
+        _ => "— NATS messages per command in / out",
+    }
+}
+
 /// Runs the scenario; `Ok(false)` if the measurement is invalid.
 pub(crate) async fn run(opts: &Opts, a: Args) -> Result<bool, String> {
     let api = Api::new();
     let (_origin, origin) = echo_origin(true).await?;
     let serve = ["--origin".to_owned(), format!("http://{origin}/events")];
-    let cluster = Cluster::start(opts, usize::from(a.nodes), a.jetstream, &serve).await?;
-    let nats_pid = cluster.nats_pid();
-    let m0 = cluster.nats_msgs(&api).await?;
+    let cluster = Cluster::start_on(opts, a.bus, usize::from(a.nodes), a.jetstream, &serve).await?;
+    let nats_pid = cluster.broker_pid();
+    let m0 = cluster.bus_msgs(&api).await?;
     tokio::time::sleep(a.quiet).await;
-    let m1 = cluster.nats_msgs(&api).await?;
+    let m1 = cluster.bus_msgs(&api).await?;
     let q = a.quiet.as_secs_f64();
     let background = ((m1.0 - m0.0) as f64 / q, (m1.1 - m0.1) as f64 / q);
 
@@ -138,12 +149,12 @@ pub(crate) async fn run(opts: &Opts, a: Args) -> Result<bool, String> {
                 async move { call(&api, control, &ids, phase, from_ns, seq, size).await }
             });
             tokio::time::sleep_until(window.into()).await;
-            let n0 = cluster.nats_msgs(&api).await?;
-            let cpu = CpuMeter::start(vec![("nodes + nats-server", pids.clone())]);
+            let n0 = cluster.bus_msgs(&api).await?;
+            let cpu = CpuMeter::start(vec![("nodes + broker", pids.clone())]);
             tokio::time::sleep_until(end.into()).await;
             let all_cores = cpu.cores();
-            let cores = measure::cores_of(&all_cores, "nodes + nats-server");
-            let n1 = cluster.nats_msgs(&api).await?;
+            let cores = measure::cores_of(&all_cores, "nodes + broker");
+            let n1 = cluster.bus_msgs(&api).await?;
             let (calls, skipped) = calls.join().await?;
             tokio::time::sleep(Duration::from_secs(2)).await;
             let receipts = fleet.receipts(phase).await?;
@@ -209,11 +220,11 @@ pub(crate) async fn run(opts: &Opts, a: Args) -> Result<bool, String> {
                 format!("{:.2} / {:.2} ms", p.p50, p.p99)
             });
             t.row(
-                "— CPU of nodes + nats-server per command",
+                "— CPU of nodes + broker per command",
                 format!("{:.1} µs", cores * secs / ok.max(1) as f64 * 1e6),
             );
             t.row(
-                "— CPU: nodes + nats-server / tool / others",
+                "— CPU: nodes + broker / tool / others",
                 format!(
                     "{cores:.2} / {:.2} / {:.2} cores",
                     measure::cores_of(&all_cores, "tool"),
@@ -221,7 +232,7 @@ pub(crate) async fn run(opts: &Opts, a: Args) -> Result<bool, String> {
                 ),
             );
             t.row(
-                "— NATS messages per command in / out",
+                bus_label(&cluster),
                 format!(
                     "{:.2} / {:.2}",
                     per_cmd(n1.0 - n0.0, background.0),
@@ -257,6 +268,7 @@ pub(crate) async fn run(opts: &Opts, a: Args) -> Result<bool, String> {
             "machine": measure::machine(),
             "node_commands": cluster.nodes.iter().map(|n| n.command()).collect::<Vec<_>>(),
             "nats_background_per_second": background,
+            "bus": cluster.broker_name(),
             "setups": results,
             "problems": problems,
         }),

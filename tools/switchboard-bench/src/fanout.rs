@@ -80,9 +80,13 @@ pub(crate) struct Args {
     /// How the subscribers connect.
     #[arg(long, value_enum, default_value = "websocket")]
     transport: Subscribers,
-    /// Gateways joined through nats-server (JetStream); 1: no cluster.
+    /// Gateways joined through nats-server (JetStream) or redis-server
+    /// (`--bus`); 1: no cluster.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=26))]
     nodes: u8,
+    /// What joins the nodes of a cluster.
+    #[arg(long, value_enum, default_value = "nats")]
+    bus: crate::servers::Bus,
     /// Single messages.
     #[arg(long, default_value_t = 20)]
     messages: u64,
@@ -170,7 +174,7 @@ pub(crate) async fn run(opts: &Opts, a: Args) -> Result<bool, String> {
         (Some(_), _) => return Err("--nodes starts its own cluster; not with --url".into()),
         (None, 1) => (vec![Gateway::spawn(opts, &serve).await?], None),
         (None, n) => {
-            let c = Cluster::start(opts, usize::from(n), true, &serve).await?;
+            let c = Cluster::start_on(opts, a.bus, usize::from(n), true, &serve).await?;
             (Vec::new(), Some(c))
         }
     };
@@ -186,7 +190,7 @@ pub(crate) async fn run(opts: &Opts, a: Args) -> Result<bool, String> {
     let mut server_pids: Vec<u32> = nodes.iter().filter_map(Gateway::pid).collect();
     server_pids.extend(&a.server_pid);
     let nats_pid = match &cluster {
-        Some(c) => c.nats_pid(),
+        Some(c) => c.broker_pid(),
         None => None,
     };
     let empty = measure::memory(&server_pids);
@@ -251,9 +255,9 @@ pub(crate) async fn run(opts: &Opts, a: Args) -> Result<bool, String> {
     let per_subscriber = (subscribed.pss as f64 - empty.pss as f64) / c.open.max(1) as f64;
     let background = match &cluster {
         Some(cl) => {
-            let m0 = cl.nats_msgs(&api).await?;
+            let m0 = cl.bus_msgs(&api).await?;
             tokio::time::sleep(a.quiet).await;
-            let m1 = cl.nats_msgs(&api).await?;
+            let m1 = cl.bus_msgs(&api).await?;
             let s = a.quiet.as_secs_f64();
             Some(((m1.0 - m0.0) as f64 / s, (m1.1 - m0.1) as f64 / s))
         }
@@ -264,7 +268,7 @@ pub(crate) async fn run(opts: &Opts, a: Args) -> Result<bool, String> {
         vec![
             ("server", pids.to_vec()),
             ("clients", client_pids.clone()),
-            ("nats-server", nats_pid.into_iter().collect()),
+            ("broker", nats_pid.into_iter().collect()),
         ]
     };
 
@@ -336,7 +340,7 @@ pub(crate) async fn run(opts: &Opts, a: Args) -> Result<bool, String> {
     };
     tokio::time::sleep_until(window_start.into()).await;
     let nats0 = match &cluster {
-        Some(cl) => Some(cl.nats_msgs(&api).await?),
+        Some(cl) => Some(cl.bus_msgs(&api).await?),
         None => None,
     };
     let meter = CpuMeter::start(groups(&server_pids));
@@ -344,7 +348,7 @@ pub(crate) async fn run(opts: &Opts, a: Args) -> Result<bool, String> {
     let cpu = meter.cores();
     let nats = match (&cluster, nats0) {
         (Some(cl), Some(m0)) => {
-            let m1 = cl.nats_msgs(&api).await?;
+            let m1 = cl.bus_msgs(&api).await?;
             Some((m1.0 - m0.0, m1.1 - m0.1))
         }
         _ => None,
@@ -475,7 +479,12 @@ pub(crate) async fn run(opts: &Opts, a: Args) -> Result<bool, String> {
     }
     if let Some((i, o)) = nats_per_publish {
         t.row(
-            "— NATS messages per publish in / out",
+            match &cluster {
+                Some(cl) if cl.broker_name() == "redis-server" => {
+                    "— Redis commands per publish (in; out not counted)"
+                }
+                _ => "— NATS messages per publish in / out",
+            },
             format!("{i:.1} / {o:.1}"),
         );
     }
@@ -519,6 +528,7 @@ pub(crate) async fn run(opts: &Opts, a: Args) -> Result<bool, String> {
                 "cpu_cores": cpu,
                 "nats_messages_per_publish": nats_per_publish,
                 "nats_background_per_second": background,
+                "bus": cluster.as_ref().map(|c| c.broker_name()),
             },
             "problems": problems,
         }),

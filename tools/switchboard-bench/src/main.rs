@@ -30,6 +30,7 @@
 //! are started by [`servers`]; [`measure`] reads `/proc` and keeps the
 //! histograms. Everything runs on loopback and every phase is bounded.
 
+mod buscost;
 mod crossnode;
 mod echo;
 mod engine;
@@ -69,6 +70,9 @@ enum Command {
     Fanout(fanout::Args),
     /// Control API commands through one node to clients on other nodes.
     CrossNode(crossnode::Args),
+    /// The broker's memory and CPU per 1,000 channels with history (NATS
+    /// or Redis).
+    BusChannels(buscost::Args),
     /// Suspended sessions: memory per session and resume latency.
     Sessions(sessions::Args),
     /// HTTP fallbacks: memory per idle SSE stream and long-poll session,
@@ -180,6 +184,7 @@ fn main() -> ExitCode {
                         Command::Echo(a) => echo::run(&cli.opts, a).await,
                         Command::Fanout(a) => fanout::run(&cli.opts, a).await,
                         Command::CrossNode(a) => crossnode::run(&cli.opts, a).await,
+                        Command::BusChannels(a) => buscost::run(&cli.opts, a).await,
                         Command::Sessions(a) => sessions::run(&cli.opts, a).await,
                         Command::Fallbacks(a) => fallbacks::run(&cli.opts, a).await,
                         Command::Graphql(a) => graphql::run(&cli.opts, a).await,

@@ -1,6 +1,7 @@
 //! The servers under test: gateway processes (one, or a cluster of nodes
-//! joined through the `nats-server` of `switchboard-test-util`), the echo
-//! origin, and the control API they are driven through (reqwest).
+//! joined through the `nats-server` or the `redis-server` of
+//! `switchboard-test-util`), the echo origin, and the control API they are
+//! driven through (reqwest).
 //!
 //! Every process started here is killed when its owner is dropped, on error
 //! paths too. Only loopback addresses are used.
@@ -13,6 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use switchboard_test_util::nats::NatsServer;
+use switchboard_test_util::redis::RedisServer;
 
 /// How long a started process has to become ready.
 const READY_TIMEOUT: Duration = Duration::from_secs(20);
@@ -195,15 +197,30 @@ impl Gateway {
     }
 }
 
-/// Nodes `a`, `b`, ... joined through a `nats-server` with monitoring on.
+/// What joins the nodes of a [`Cluster`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum Bus {
+    /// nats-server (`--nats`).
+    Nats,
+    /// redis-server without persistence (`--redis`).
+    Redis,
+}
+
+/// The broker process of a [`Cluster`].
+#[derive(Debug)]
+enum Broker {
+    /// nats-server and its monitoring endpoint (`/varz`).
+    Nats(NatsServer, SocketAddr),
+    Redis(RedisServer),
+}
+
+/// Nodes `a`, `b`, ... joined through a `nats-server` (monitoring on) or a
+/// `redis-server`.
 #[derive(Debug)]
 pub(crate) struct Cluster {
-    /// The nodes, `a` first. Declared before `nats`: dropped first.
+    /// The nodes, `a` first. Declared before `broker`: dropped first.
     pub(crate) nodes: Vec<Gateway>,
-    /// The NATS server.
-    nats: NatsServer,
-    /// Its monitoring endpoint (`/varz`).
-    pub(crate) monitor: SocketAddr,
+    broker: Broker,
 }
 
 impl Cluster {
@@ -215,17 +232,43 @@ impl Cluster {
         jetstream: bool,
         args: &[String],
     ) -> Result<Self, String> {
-        let monitor: SocketAddr = ([127, 0, 0, 1], free_port()?).into();
-        let mon_args = ["-m".to_owned(), monitor.port().to_string()];
-        let nats =
-            tokio::task::spawn_blocking(move || NatsServer::start_with(jetstream, &mon_args))
+        Self::start_on(opts, Bus::Nats, n, jetstream, args).await
+    }
+
+    /// [`Cluster::start`] over `bus` (`jetstream` applies to NATS).
+    pub(crate) async fn start_on(
+        opts: &Opts,
+        bus: Bus,
+        n: usize,
+        jetstream: bool,
+        args: &[String],
+    ) -> Result<Self, String> {
+        let broker = match bus {
+            Bus::Nats => {
+                let monitor: SocketAddr = ([127, 0, 0, 1], free_port()?).into();
+                let mon_args = ["-m".to_owned(), monitor.port().to_string()];
+                let nats = tokio::task::spawn_blocking(move || {
+                    NatsServer::start_with(jetstream, &mon_args)
+                })
                 .await
                 .map_err(|e| format!("nats-server did not start: {e}"))?;
+                Broker::Nats(nats, monitor)
+            }
+            Bus::Redis => Broker::Redis(
+                tokio::task::spawn_blocking(RedisServer::start)
+                    .await
+                    .map_err(|e| format!("redis-server did not start: {e}"))?,
+            ),
+        };
         let mut nodes = Vec::new();
         for k in 0..n {
             let id = ((b'a' + k as u8) as char).to_string();
             let mut a = args.to_vec();
-            a.extend(["--nats".into(), nats.url(), "--node-id".into(), id]);
+            match &broker {
+                Broker::Nats(nats, _) => a.extend(["--nats".into(), nats.url()]),
+                Broker::Redis(redis) => a.extend(["--redis".into(), redis.url()]),
+            }
+            a.extend(["--node-id".into(), id]);
             nodes.push(Gateway::spawn(opts, &a).await?);
         }
         let api = Api::new();
@@ -249,11 +292,7 @@ impl Cluster {
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
-        Ok(Self {
-            nodes,
-            nats,
-            monitor,
-        })
+        Ok(Self { nodes, broker })
     }
 
     /// Process ids of the nodes.
@@ -261,19 +300,64 @@ impl Cluster {
         self.nodes.iter().filter_map(Gateway::pid).collect()
     }
 
-    /// The nats-server's process id.
-    pub(crate) fn nats_pid(&self) -> Option<u32> {
-        self.nats.pid()
+    /// The broker's name, for the results.
+    pub(crate) fn broker_name(&self) -> &'static str {
+        match self.broker {
+            Broker::Nats(..) => "nats-server",
+            Broker::Redis(_) => "redis-server",
+        }
     }
 
-    /// `/varz` `in_msgs` and `out_msgs` now.
-    pub(crate) async fn nats_msgs(&self, api: &Api) -> Result<(u64, u64), String> {
-        let v = api.get_json(self.monitor, "/varz").await?;
-        Ok((
-            v["in_msgs"].as_u64().unwrap_or(0),
-            v["out_msgs"].as_u64().unwrap_or(0),
-        ))
+    /// The broker's process id.
+    pub(crate) fn broker_pid(&self) -> Option<u32> {
+        match &self.broker {
+            Broker::Nats(nats, _) => nats.pid(),
+            Broker::Redis(redis) => redis.pid(),
+        }
     }
+
+    /// What the broker counted so far: NATS `/varz` `in_msgs` and
+    /// `out_msgs`; Redis `total_commands_processed` (pub/sub deliveries
+    /// are not counted by Redis) and 0.
+    pub(crate) async fn bus_msgs(&self, api: &Api) -> Result<(u64, u64), String> {
+        match &self.broker {
+            Broker::Nats(_, monitor) => {
+                let v = api.get_json(*monitor, "/varz").await?;
+                Ok((
+                    v["in_msgs"].as_u64().unwrap_or(0),
+                    v["out_msgs"].as_u64().unwrap_or(0),
+                ))
+            }
+            Broker::Redis(redis) => Ok((redis_info(redis, "total_commands_processed"), 0)),
+        }
+    }
+
+    /// Redis's `used_memory` (bytes), or `None` over NATS.
+    pub(crate) fn redis_used_memory(&self) -> Option<u64> {
+        match &self.broker {
+            Broker::Redis(redis) => Some(redis_info(redis, "used_memory")),
+            Broker::Nats(..) => None,
+        }
+    }
+
+    /// NATS's `/jsz` stored bytes (JetStream), or `None` over Redis.
+    pub(crate) async fn jetstream_bytes(&self, api: &Api) -> Option<u64> {
+        match &self.broker {
+            Broker::Nats(_, monitor) => {
+                api.get_json(*monitor, "/jsz").await.ok()?["bytes"].as_u64()
+            }
+            Broker::Redis(_) => None,
+        }
+    }
+}
+
+/// A numeric field of Redis's `INFO`.
+fn redis_info(redis: &RedisServer, field: &str) -> u64 {
+    let info = redis.command(&["INFO"]);
+    info.lines()
+        .find_map(|l| l.strip_prefix(&format!("{field}:")))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
 }
 
 /// The echo origin of the examples (`echo-origin`), on a free port.
