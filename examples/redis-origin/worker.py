@@ -76,7 +76,7 @@ print(f"worker {WORKER} reading {decisions} and {', '.join(events)}", flush=True
 while True:
     # What a crashed worker read and never acknowledged.
     for stream in [decisions, *events]:
-        _, claimed, _ = r.xautoclaim(stream, GROUP, WORKER, CLAIM_AFTER_MS, "0-0", count=100)
+        claimed = r.xautoclaim(stream, GROUP, WORKER, CLAIM_AFTER_MS, "0-0", count=100)[1]
         for entry_id, fields in claimed:
             process(stream, entry_id, fields)
     found = r.xreadgroup(

@@ -4,8 +4,11 @@
 //!   whose entry ids are the offsets (`<offset>-0`), each entry holding the
 //!   epoch, the time and the message. It keeps the namespace's
 //!   `history-size` newest messages (`MAXLEN`); messages older than
-//!   `history-ttl` are removed at the next publish and skipped by reads, and
-//!   the whole key expires `history-ttl` after the last publish. A stream
+//!   `history-ttl` are removed at the next publish, and the whole key
+//!   expires `history-ttl` after the last publish. Each entry names the
+//!   Redis run that wrote it: a publish that finds its channel's newest
+//!   entry written by another run (Redis restarted from a snapshot, or
+//!   failed over) starts a new epoch, since messages after it may be lost. A stream
 //!   rather than a list or a sorted set: a read from a position is one
 //!   `XRANGE` from the next offset (a seek), and the ids themselves say
 //!   whether anything is missing.
@@ -219,12 +222,12 @@ impl RedisChannels {
             .query_async(&mut conn)
             .await
             .map_err(bus_down)?;
-        let oldest_kept =
-            crate::cluster::now_ms().saturating_sub(ns.history_ttl.as_millis() as u64);
+        // (Messages older than history-ttl are trimmed by the publish
+        // script, and the key expires with the newest; the node's clock is
+        // not compared with Redis's.)
         let tail = newest
             .first()
-            .and_then(|(id, fields)| log_entry(id, fields))
-            .filter(|(entry, _)| entry.time_ms >= oldest_kept);
+            .and_then(|(id, fields)| log_entry(id, fields));
         let Some((tail, epoch)) = tail else {
             // Nothing in the log: only a reader that saw nothing lost nothing.
             return Ok(LogRead {
@@ -273,15 +276,13 @@ impl RedisChannels {
             for (id, fields) in &entries {
                 match log_entry(id, fields) {
                     Some((entry, e))
-                        if e == epoch
-                            && entry.time_ms >= oldest_kept
-                            && (since.is_none() || entry.offset == expected) =>
+                        if e == epoch && (since.is_none() || entry.offset == expected) =>
                     {
                         expected = entry.offset + 1;
                         read.entries.push(entry);
                     }
-                    // A gap, another epoch or an expired message: with
-                    // `since`, what follows it cannot be served exactly.
+                    // A gap or another epoch: with `since`, what follows
+                    // cannot be served exactly.
                     _ if since.is_some() => break,
                     _ => {}
                 }

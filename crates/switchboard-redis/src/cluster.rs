@@ -32,9 +32,13 @@
 //!   renewed and held events leave in order. Once per timeout it also reads
 //!   that key anyway.
 //! - **Data loss.** Each heartbeat also reads `{<prefix>}:generation`, a
-//!   random value the first node writes: when it changes, Redis lost its
-//!   data, and the session store asks every node to write its sessions
-//!   again ([`crate::Redis::losses`]).
+//!   random value the first node writes, and Redis's `run_id`: when either
+//!   changes, Redis may have lost data (flushed, restarted from an older
+//!   snapshot or empty, failed over to a replica), and the session store
+//!   asks every node to write its sessions again ([`crate::Redis::losses`]).
+//! - **Connections.** Heartbeats and membership reads use their own
+//!   connection; the subscribing connection is pinged with each heartbeat,
+//!   and the link counts as up only while both answer.
 
 use crate::connect::{Redis, Subscription};
 use crate::keys::{frame, unframe, Keys};
@@ -117,6 +121,9 @@ pub struct RedisCluster {
     seq: AtomicU64,
     /// When the newest heartbeat Redis accepted was sent.
     confirmed_send: Mutex<Option<Instant>>,
+    /// When this run's first heartbeat was sent (Redis may have taken it
+    /// though its answer was lost).
+    first_sent: Mutex<Option<Instant>>,
     /// The lease ran out long enough ago that the cluster may have reported
     /// this node lost: renewals wait until that is looked up.
     suspect: AtomicBool,
@@ -160,6 +167,7 @@ impl RedisCluster {
             judge_after: Mutex::new(Instant::now() + config.heartbeat_timeout + config.heartbeat),
             seq: AtomicU64::new(0),
             confirmed_send: Mutex::new(None),
+            first_sent: Mutex::new(None),
             suspect: AtomicBool::new(false),
             checking: AtomicBool::new(false),
             pending: Mutex::default(),
@@ -204,9 +212,9 @@ impl RedisCluster {
 
     /// Writes this node's key; whether Redis took it.
     async fn write_beat(&self, beat: String, ttl: Duration) -> bool {
-        let mut conn = self.redis.conn();
+        let mut conn = self.redis.membership_conn();
         let generation = self.keys.generation();
-        let written: redis::RedisResult<(String,)> = redis::pipe()
+        let written: redis::RedisResult<(String, String)> = redis::pipe()
             .atomic()
             .cmd("SET")
             .arg(self.keys.node(self.node.id()))
@@ -226,11 +234,19 @@ impl RedisCluster {
             .ignore()
             .cmd("GET")
             .arg(&generation)
+            .cmd("INFO")
+            .arg("server")
             .query_async(&mut conn)
             .await;
         match written {
-            Ok((value,)) => {
-                self.redis.saw_generation(value);
+            Ok((value, info)) => {
+                let run = info
+                    .lines()
+                    .find_map(|l| l.strip_prefix("run_id:"))
+                    .unwrap_or_default()
+                    .trim()
+                    .to_owned();
+                self.redis.saw_generation(value, run);
                 true
             }
             Err(e) => {
@@ -258,11 +274,18 @@ impl RedisCluster {
                 lease.renew_until(sent_at + self.lease_span());
             }
             let beat = self.heartbeat(false, seq);
+            self.first_sent.lock().get_or_insert(sent_at);
             let ok = self.write_beat(beat, self.config.heartbeat_timeout).await;
-            self.redis.link().set(ok);
             if ok {
                 self.beat_accepted(sent_at);
             }
+            // Up only while the subscribing connection answers too: without
+            // it this node would hear no command, reply or channel message.
+            let subscribed = ok && self.redis.check_subscriber().await;
+            if ok && !subscribed {
+                tracing::warn!("the Redis subscribing connection does not answer");
+            }
+            self.redis.link().set(subscribed);
         }
     }
 
@@ -282,7 +305,9 @@ impl RedisCluster {
             if previous.is_none_or(|p| p < sent_at) {
                 *confirmed = Some(sent_at);
             }
-            previous
+            // Nothing confirmed yet in this run: its first heartbeat may
+            // have been taken all the same, and the run reported since.
+            previous.or_else(|| (*self.first_sent.lock()).filter(|f| *f < sent_at))
         };
         let lease = self.node.lease();
         if lease.is_fencing() || self.suspect.load(Ordering::Acquire) {
@@ -363,6 +388,7 @@ impl RedisCluster {
             self.retired.lock().insert(old);
         }
         *self.confirmed_send.lock() = None;
+        *self.first_sent.lock() = None;
         tracing::warn!(
             "this node was reported lost while cut off; fencing: closing its connections without events so clients reconnect"
         );
@@ -380,7 +406,7 @@ impl RedisCluster {
 
     /// Every node's heartbeat, as Redis holds them now.
     async fn read_members(&self) -> redis::RedisResult<Vec<Heartbeat>> {
-        let mut conn = self.redis.conn();
+        let mut conn = self.redis.membership_conn();
         let forget_before = now_ms().saturating_sub(GONE_MEMORY.as_millis() as u64);
         let _: () = conn
             .zrembyscore(self.keys.nodes(), "-inf", forget_before)
@@ -536,8 +562,9 @@ impl RedisCluster {
         let key = self.keys.down(&node, &instance);
         let me = self.node.id().to_string();
         let mut conn = self.redis.conn();
-        let mut won = None;
-        for _ in 0..5 {
+        // Tried until Redis answers (the lost node is not judged again).
+        let mut warned = false;
+        let won = loop {
             let created: redis::RedisResult<Option<String>> = redis::cmd("SET")
                 .arg(&key)
                 .arg(&me)
@@ -546,24 +573,31 @@ impl RedisCluster {
                 .arg(REPORT_TTL_SECS)
                 .query_async(&mut conn)
                 .await;
-            won = match created {
-                Ok(Some(_)) => Some(true),
+            let outcome = match created {
+                Ok(Some(_)) => Ok(true),
                 // A lost answer to our own create also ends here: the key
                 // then holds our id.
-                Ok(None) => Some(
-                    conn.get::<_, Option<String>>(&key)
-                        .await
-                        .is_ok_and(|by| by.as_deref() == Some(me.as_str())),
-                ),
-                Err(e) => {
-                    tracing::warn!(error = %e, node = %node, "cannot record the lost node yet");
-                    tokio::time::sleep(self.config.heartbeat).await;
-                    continue;
-                }
+                Ok(None) => conn
+                    .get::<_, Option<String>>(&key)
+                    .await
+                    .map(|by| by.as_deref() == Some(me.as_str())),
+                Err(e) => Err(e),
             };
-            break;
-        }
-        if won == Some(true) && self.reported.lock().insert(name) {
+            match outcome {
+                Ok(won) => break won,
+                Err(e) => {
+                    if !warned {
+                        tracing::warn!(error = %e, node = %node, "cannot record the lost node yet; trying again");
+                        warned = true;
+                    }
+                    tokio::select! {
+                        _ = tokio::time::sleep(self.config.heartbeat) => {}
+                        _ = self.stop.cancelled() => return,
+                    }
+                }
+            }
+        };
+        if won && self.reported.lock().insert(name) {
             self.node
                 .report_node_down(&node, &instance, started_at_ms, last_seen_ms);
         }
@@ -731,13 +765,25 @@ impl Cluster for RedisCluster {
                 return Err(ClusterError::NodeGone(node));
             }
             let channel = self.keys.node_control(&node);
-            let (mut waiting, reached) = self
-                .request(&channel, &command, 1)
-                .await
-                .map_err(|e| ClusterError::Unavailable(e.to_string()))?;
-            if reached == 0 {
-                return Err(ClusterError::NodeGone(node));
-            }
+            // Nobody listening: the node is gone, or (a member) its
+            // subscribing connection is reconnecting; a member is asked
+            // again for up to a heartbeat before it counts as gone.
+            let started = Instant::now();
+            let mut waiting = loop {
+                let (waiting, reached) = self
+                    .request(&channel, &command, 1)
+                    .await
+                    .map_err(|e| ClusterError::Unavailable(e.to_string()))?;
+                if reached > 0 {
+                    break waiting;
+                }
+                drop(waiting);
+                let member = self.membership.lock().members.contains_key(&node);
+                if !member || started.elapsed() >= self.config.heartbeat {
+                    return Err(ClusterError::NodeGone(node));
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            };
             match tokio::time::timeout(timeout, waiting.answers.recv()).await {
                 Ok(Some((status, body))) => Ok(CommandReply { status, body }),
                 _ => Err(ClusterError::Timeout(node)),

@@ -1,14 +1,21 @@
-//! The node's two Redis connections, with endless reconnects: one for
-//! commands (multiplexed: every task of the node shares it) and one that
-//! only subscribes, whose messages a [`Router`] hands to the subscribers in
-//! the node (RESP3 pushes; channels are subscribed again after a
-//! reconnect). [`Link`] says whether Redis answers, and since when.
+//! The node's Redis connections, reconnecting by themselves: one for
+//! commands (multiplexed: every task of the node shares it), one for the
+//! membership heartbeats (so a busy command connection cannot delay them),
+//! one for blocking reads, and one that only subscribes, whose messages a
+//! [`Router`] hands to the subscribers in the node (RESP3 pushes; channels
+//! are subscribed again after a reconnect). Every call is bounded by the
+//! request timeout ([`Bounded`]): a command that could not be sent in time
+//! is dropped, never sent later. TCP keepalives and `TCP_USER_TIMEOUT`
+//! close a connection whose peer vanished. [`Link`] says whether Redis
+//! answers, and since when.
 
 use crate::RedisConfig;
 use bytes::Bytes;
 use parking_lot::Mutex;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{IntoConnectionInfo, ProtocolVersion, PushInfo, PushKind, Value};
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::{
+    Cmd, IntoConnectionInfo, Pipeline, ProtocolVersion, PushInfo, PushKind, RedisFuture, Value,
+};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
@@ -25,6 +32,10 @@ pub enum RedisError {
     #[error("cannot connect to Redis: {0}")]
     Connect(String),
 }
+
+/// The generation value and `run_id` last read, and how many times they
+/// changed.
+type Generation = (Option<(String, String)>, u64);
 
 /// Longest wait of one blocking read on the blocking connection.
 pub(crate) const BLOCK_FOR: Duration = Duration::from_secs(1);
@@ -131,17 +142,73 @@ impl Router {
     }
 }
 
-/// The node's Redis: a connection for commands, one for subscriptions.
+/// A connection whose every call is bounded in time: past `timeout` the
+/// call fails (as an I/O error), and a command still waiting for a
+/// reconnect is dropped rather than sent later.
+#[derive(Clone)]
+pub(crate) struct Bounded {
+    inner: ConnectionManager,
+    timeout: Duration,
+}
+
+fn timed_out() -> redis::RedisError {
+    redis::RedisError::from(std::io::Error::new(
+        std::io::ErrorKind::TimedOut,
+        "Redis did not answer in time",
+    ))
+}
+
+impl ConnectionLike for Bounded {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        let timeout = self.timeout;
+        let call = self.inner.req_packed_command(cmd);
+        Box::pin(async move {
+            tokio::time::timeout(timeout, call)
+                .await
+                .unwrap_or_else(|_| Err(timed_out()))
+        })
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        let timeout = self.timeout;
+        let call = self.inner.req_packed_commands(pipeline, offset, count);
+        Box::pin(async move {
+            tokio::time::timeout(timeout, call)
+                .await
+                .unwrap_or_else(|_| Err(timed_out()))
+        })
+    }
+
+    fn get_db(&self) -> i64 {
+        self.inner.get_db()
+    }
+}
+
+/// The node's Redis: connections for commands, membership, blocking reads
+/// and subscriptions.
 #[derive(Clone)]
 pub struct Redis {
     commands: ConnectionManager,
+    membership: ConnectionManager,
     subscriber: ConnectionManager,
     /// For blocking reads (`XREADGROUP … BLOCK`), which would hold up
     /// every other command on the shared connection.
     blocking: ConnectionManager,
     router: Arc<Router>,
-    /// The generation value last read, and how many times it changed.
-    generation: Arc<Mutex<(Option<String>, u64)>>,
+    /// The generation value and `run_id` last read, and how many times
+    /// they changed.
+    generation: Arc<Mutex<Generation>>,
+    /// Bound of every call.
+    timeout: Duration,
+    /// The subscribing connection broke: subscribe every routed channel
+    /// again once it answers (on top of the client's own resubscription,
+    /// whose errors it ignores).
+    resubscribe: Arc<AtomicBool>,
     /// One subscribe or unsubscribe at a time, so the last subscriber of a
     /// channel leaving never unsubscribes a new one's interest.
     subscribing: Arc<tokio::sync::Mutex<()>>,
@@ -168,27 +235,45 @@ pub fn connect(config: &RedisConfig) -> Result<Redis, RedisError> {
         .redis_settings()
         .clone()
         .set_protocol(ProtocolVersion::RESP3);
-    let info = info.set_redis_settings(settings);
+    // A peer that vanished (power, a silent load balancer) is found by
+    // keepalive probes on idle connections, and by unacknowledged data
+    // (every heartbeat writes on each connection) within the timeout.
+    let tcp = redis::io::tcp::TcpSettings::default()
+        .set_nodelay(true)
+        .set_keepalive(
+            socket2::TcpKeepalive::new()
+                .with_time(Duration::from_secs(10))
+                .with_interval(Duration::from_secs(5))
+                .with_retries(3),
+        )
+        .set_user_timeout(config.heartbeat_timeout);
+    let info = info.set_redis_settings(settings).set_tcp_settings(tcp);
     let client = redis::Client::open(info).map_err(|e| RedisError::Connect(e.to_string()))?;
     let link = Arc::new(Link::new());
     let router = Arc::new(Router::default());
+    let resubscribe = Arc::new(AtomicBool::new(false));
+    // A few tries per reconnect: a call never waits for more than its
+    // bound, and the next call starts another reconnect.
     let base = ConnectionManagerConfig::new()
         .set_min_delay(Duration::from_millis(50))
         .set_max_delay(config.heartbeat.max(Duration::from_millis(100)))
-        .set_number_of_retries(usize::MAX)
+        .set_number_of_retries(2)
         .set_connection_timeout(Some(config.request_timeout))
         .set_response_timeout(Some(config.request_timeout));
-    let commands = ConnectionManager::new_lazy_with_config(client.clone(), base.clone())
-        .map_err(|e| RedisError::Connect(e.to_string()))?;
-    let blocking = ConnectionManager::new_lazy_with_config(
-        client.clone(),
+    let manager = |config: ConnectionManagerConfig| {
+        ConnectionManager::new_lazy_with_config(client.clone(), config)
+            .map_err(|e| RedisError::Connect(e.to_string()))
+    };
+    let commands = manager(base.clone())?;
+    let membership = manager(base.clone())?;
+    let blocking = manager(
         base.clone()
             .set_response_timeout(Some(BLOCK_FOR + config.request_timeout)),
-    )
-    .map_err(|e| RedisError::Connect(e.to_string()))?;
+    )?;
     let pushes = {
         let router = router.clone();
         let link = link.clone();
+        let resubscribe = resubscribe.clone();
         move |info: PushInfo| {
             match info.kind {
                 PushKind::Message => {
@@ -199,22 +284,30 @@ pub fn connect(config: &RedisConfig) -> Result<Redis, RedisError> {
                         router.deliver(&channel, Bytes::from(payload));
                     }
                 }
-                PushKind::Disconnection => link.set(false),
+                PushKind::Disconnection => {
+                    link.set(false);
+                    resubscribe.store(true, Relaxed);
+                }
                 _ => {}
             }
             Ok::<(), redis::aio::SendError>(())
         }
     };
-    let subscriber = ConnectionManager::new_lazy_with_config(
-        client,
-        base.set_push_sender(pushes).set_automatic_resubscription(),
-    )
-    .map_err(|e| RedisError::Connect(e.to_string()))?;
+    // The subscribing connection reconnects endlessly (nothing else would
+    // bring its subscriptions back).
+    let subscriber = manager(
+        base.set_number_of_retries(usize::MAX)
+            .set_push_sender(pushes)
+            .set_automatic_resubscription(),
+    )?;
     Ok(Redis {
         commands,
+        membership,
         subscriber,
         blocking,
         router,
+        timeout: config.request_timeout,
+        resubscribe,
         generation: Arc::default(),
         subscribing: Arc::new(tokio::sync::Mutex::new(())),
         link,
@@ -239,11 +332,24 @@ impl Drop for Subscription {
             let channel = std::mem::take(&mut self.channel);
             if let Ok(rt) = tokio::runtime::Handle::try_current() {
                 rt.spawn(async move {
-                    let _guard = redis.subscribing.lock().await;
-                    if !redis.router.has(&channel) {
+                    // Tried until Redis takes it: a channel left subscribed
+                    // would be resubscribed on every reconnect, its traffic
+                    // received for nothing.
+                    for attempt in 0..10u32 {
+                        let _guard = redis.subscribing.lock().await;
+                        if redis.router.has(&channel) {
+                            return;
+                        }
                         let mut conn = redis.subscriber.clone();
-                        let _ = conn.unsubscribe(&channel).await;
+                        let done =
+                            tokio::time::timeout(redis.timeout, conn.unsubscribe(&channel)).await;
+                        if matches!(done, Ok(Ok(()))) {
+                            return;
+                        }
+                        drop(_guard);
+                        tokio::time::sleep(Duration::from_millis(200) * (attempt + 1)).await;
                     }
+                    tracing::warn!(channel, "could not unsubscribe from a Redis channel; its messages are received and dropped");
                 });
             }
         }
@@ -256,7 +362,10 @@ impl Redis {
     pub async fn ping(&self, within: Duration) -> bool {
         let deadline = tokio::time::Instant::now() + within;
         loop {
-            let mut conn = self.conn();
+            let mut conn = Bounded {
+                inner: self.commands.clone(),
+                timeout: Duration::from_secs(1),
+            };
             let pong: redis::RedisResult<String> = redis::cmd("PING").query_async(&mut conn).await;
             if pong.is_ok() {
                 self.link.set(true);
@@ -274,17 +383,19 @@ impl Redis {
         &self.link
     }
 
-    /// Records the generation value just read (see
-    /// [`crate::keys::Keys::generation`]); a change counts as a loss.
-    pub(crate) fn saw_generation(&self, value: String) {
+    /// Records the generation value and the server's `run_id` just read
+    /// (see [`crate::keys::Keys::generation`]); a change of either counts
+    /// as a loss.
+    pub(crate) fn saw_generation(&self, value: String, run: String) {
+        let seen = (value, run);
         let mut g = self.generation.lock();
-        if g.0.as_ref().is_some_and(|seen| *seen != value) {
+        if g.0.as_ref().is_some_and(|before| *before != seen) {
             g.1 += 1;
             tracing::warn!(
-                "Redis lost its data (it restarted without persistence, or was flushed)"
+                "Redis restarted, failed over or was flushed: it may have lost data; sessions are written again"
             );
         }
-        g.0 = Some(value);
+        g.0 = Some(seen);
     }
 
     /// How many times Redis was seen to lose its data.
@@ -293,13 +404,54 @@ impl Redis {
     }
 
     /// The connection for commands (cheap to clone).
-    pub(crate) fn conn(&self) -> ConnectionManager {
-        self.commands.clone()
+    pub(crate) fn conn(&self) -> Bounded {
+        Bounded {
+            inner: self.commands.clone(),
+            timeout: self.timeout,
+        }
+    }
+
+    /// The connection for the membership heartbeats and reads.
+    pub(crate) fn membership_conn(&self) -> Bounded {
+        Bounded {
+            inner: self.membership.clone(),
+            timeout: self.timeout,
+        }
     }
 
     /// The connection for blocking reads of at most [`BLOCK_FOR`].
-    pub(crate) fn blocking_conn(&self) -> ConnectionManager {
-        self.blocking.clone()
+    pub(crate) fn blocking_conn(&self) -> Bounded {
+        Bounded {
+            inner: self.blocking.clone(),
+            timeout: BLOCK_FOR + self.timeout,
+        }
+    }
+
+    /// Checks the subscribing connection (a `PING` on it, so that a vanished
+    /// peer is found by `TCP_USER_TIMEOUT`), and after it broke subscribes
+    /// every routed channel again. Whether it answered.
+    pub(crate) async fn check_subscriber(&self) -> bool {
+        let mut conn = Bounded {
+            inner: self.subscriber.clone(),
+            timeout: self.timeout,
+        };
+        let pong: redis::RedisResult<Value> = redis::cmd("PING").query_async(&mut conn).await;
+        if pong.is_err() {
+            return false;
+        }
+        if self.resubscribe.swap(false, Relaxed) {
+            let _guard = self.subscribing.lock().await;
+            let channels: Vec<Vec<u8>> = self.router.routes.lock().keys().cloned().collect();
+            for channel in channels {
+                let mut conn = self.subscriber.clone();
+                let again = tokio::time::timeout(self.timeout, conn.subscribe(&channel)).await;
+                if !matches!(again, Ok(Ok(()))) {
+                    self.resubscribe.store(true, Relaxed);
+                    return false;
+                }
+            }
+        }
+        true
     }
 
     /// Subscribes to `channel`; returns once Redis has the interest.
@@ -313,7 +465,9 @@ impl Redis {
             inbox,
         };
         let mut conn = self.subscriber.clone();
-        conn.subscribe(channel).await?;
+        tokio::time::timeout(self.timeout, conn.subscribe(channel))
+            .await
+            .map_err(|_| timed_out())??;
         Ok(subscription)
     }
 }

@@ -4,8 +4,10 @@
 //! NATS control subject) to the stream `<prefix>:control` in the field
 //! `command`, optionally with a pub/sub channel in `reply`. Every node
 //! reads the stream in the consumer group `switchboard` (created by the
-//! first node, from the stream's first entry), so each command is taken by one
-//! node, which runs it (forwarding it to the node holding the connection),
+//! first node, from the stream's first entry, skipping entries more than a
+//! minute older than the group), so each command is taken by one
+//! node, which runs it (the entries of a read at once; forwarding each to
+//! the node holding its connection),
 //! publishes `{"id": <entry id>, "status": <HTTP status>, "body": <JSON>}`
 //! on `reply` if given, and acknowledges it. Entries a node took and did not
 //! acknowledge (it died) are claimed by another after 30 s: a command runs
@@ -26,8 +28,16 @@ pub const GROUP: &str = "switchboard";
 /// How long an entry may stay unacknowledged before another node claims it.
 const CLAIM_AFTER: Duration = Duration::from_secs(30);
 
-/// Entries read at once.
+/// Entries read at once (run concurrently).
 const BATCH: usize = 64;
+
+/// Age beyond which entries found in a newly made group are skipped.
+const STALE_MS: u64 = 60_000;
+
+/// The Unix ms time in a stream entry id (`<ms>-<seq>`).
+fn entry_ms(id: &str) -> Option<u64> {
+    id.split('-').next()?.parse().ok()
+}
 
 type Entries = Vec<(String, Vec<(String, Value)>)>;
 
@@ -61,6 +71,7 @@ impl RedisControl {
     async fn read(self: Arc<Self>) {
         let stream = self.keys.control();
         let mut group_made = false;
+        let mut fresh_group: Option<u64> = None;
         let mut last_claim = Instant::now();
         loop {
             if self.stop.is_cancelled() {
@@ -71,7 +82,13 @@ impl RedisControl {
                 let made: redis::RedisResult<()> =
                     conn.xgroup_create_mkstream(&stream, GROUP, "0").await;
                 match made {
-                    Ok(()) => group_made = true,
+                    Ok(()) => {
+                        // Made here, from the stream's first entry: entries
+                        // appended after a Redis restart and before the
+                        // group existed are run; older ones are skipped.
+                        group_made = true;
+                        fresh_group = Some(crate::cluster::now_ms());
+                    }
                     Err(e) if e.to_string().contains("BUSYGROUP") => group_made = true,
                     Err(e) => {
                         tracing::debug!(error = %e, "control stream group not made yet");
@@ -111,9 +128,32 @@ impl RedisControl {
                     self.pause().await;
                 }
             }
-            for (id, fields) in entries {
-                self.run(&stream, id, fields).await;
+            // Entries older than a minute in a group this node just made
+            // are from before it existed (a stream the origin kept using
+            // while no node read it): acknowledged, not run.
+            let (stale, entries): (Vec<_>, Vec<_>) = entries.into_iter().partition(|(id, _)| {
+                fresh_group.is_some_and(|made| entry_ms(id).is_some_and(|at| at + STALE_MS < made))
+            });
+            if !stale.is_empty() {
+                tracing::warn!(
+                    skipped = stale.len(),
+                    "control stream entries older than the consumer group skipped"
+                );
+                let ids: Vec<&str> = stale.iter().map(|(id, _)| id.as_str()).collect();
+                let mut conn = self.redis.conn();
+                let _: redis::RedisResult<i64> = conn.xack(&stream, GROUP, &ids).await;
             }
+            if entries.is_empty() {
+                fresh_group = None;
+            }
+            // At once, so that a batch is done well before another node
+            // may claim its entries as abandoned.
+            futures_util::future::join_all(
+                entries
+                    .into_iter()
+                    .map(|(id, fields)| self.run(&stream, id, fields)),
+            )
+            .await;
         }
     }
 
@@ -127,7 +167,8 @@ impl RedisControl {
     /// Entries another node took and left unacknowledged for too long.
     async fn claim(&self, stream: &str) -> Entries {
         let mut conn = self.redis.conn();
-        let claimed: redis::RedisResult<(String, Entries, Value)> = redis::cmd("XAUTOCLAIM")
+        // Redis 6.2 answers two elements, 7.0 three (the deleted ids).
+        let claimed: redis::RedisResult<Vec<Value>> = redis::cmd("XAUTOCLAIM")
             .arg(stream)
             .arg(GROUP)
             .arg(self.node.id())
@@ -137,7 +178,21 @@ impl RedisControl {
             .arg(BATCH)
             .query_async(&mut conn)
             .await;
-        claimed.map(|(_, entries, _)| entries).unwrap_or_default()
+        let entries = claimed.and_then(|parts| match parts.into_iter().nth(1) {
+            Some(entries) => redis::from_redis_value::<Vec<Value>>(entries).map_err(Into::into),
+            None => Ok(Vec::new()),
+        });
+        match entries {
+            // A deleted entry comes back as nil: skipped.
+            Ok(entries) => entries
+                .into_iter()
+                .filter_map(|e| redis::from_redis_value(e).ok())
+                .collect(),
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot claim the control stream's stale entries");
+                Vec::new()
+            }
+        }
     }
 
     async fn run(&self, stream: &str, id: String, fields: Vec<(String, Value)>) {

@@ -81,6 +81,8 @@ pub struct RedisOrigin {
     max_len: u64,
     /// Decisions waiting for their answer, by event id.
     waiting: Mutex<HashMap<String, oneshot::Sender<Answer>>>,
+    /// Subscribed to the reply channel: answers can arrive.
+    listening: std::sync::atomic::AtomicBool,
     stop: CancellationToken,
 }
 
@@ -99,8 +101,15 @@ fn unreachable(e: impl std::fmt::Display) -> OriginError {
 }
 
 impl RedisOrigin {
-    /// The transport of node `node`; starts listening for answers.
-    pub fn start(redis: Redis, config: &RedisConfig, node: &str) -> Arc<Self> {
+    /// The transport of node `node`; listens for answers (waiting up to
+    /// `within` for that before returning; decisions are refused as
+    /// unreachable until it listens).
+    pub async fn start(
+        redis: Redis,
+        config: &RedisConfig,
+        node: &str,
+        within: Duration,
+    ) -> Arc<Self> {
         let keys = Keys::new(&config.prefix);
         let origin = Arc::new(Self {
             reply: keys.origin_replies(node),
@@ -111,9 +120,16 @@ impl RedisOrigin {
             partitions: config.event_partitions.max(1),
             max_len: config.event_stream_max_len.max(1),
             waiting: Mutex::default(),
+            listening: std::sync::atomic::AtomicBool::new(false),
             stop: CancellationToken::new(),
         });
         tokio::spawn(origin.clone().collect_answers());
+        let deadline = tokio::time::Instant::now() + within;
+        while !origin.listening.load(std::sync::atomic::Ordering::Acquire)
+            && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         origin
     }
 
@@ -125,6 +141,8 @@ impl RedisOrigin {
         else {
             return;
         };
+        self.listening
+            .store(true, std::sync::atomic::Ordering::Release);
         loop {
             let msg = tokio::select! {
                 m = sub.inbox.recv() => match m { Some(m) => m, None => return },
@@ -155,6 +173,9 @@ impl RedisOrigin {
         Box::pin(async move {
             if !self.redis.link().is_up() {
                 return Err(unreachable("Redis is unreachable"));
+            }
+            if !self.listening.load(std::sync::atomic::Ordering::Acquire) {
+                return Err(unreachable("not yet listening for the origin's answers"));
             }
             let batch: Batch<'_> = serde_json::from_slice(&body)
                 .map_err(|e| OriginError::BadAnswer(format!("unreadable event batch: {e}")))?;

@@ -358,11 +358,15 @@ async fn bind_redis(config: Config, cluster: &ClusterSettings) -> Result<Gateway
     let transport: Option<Arc<dyn switchboard_server::origin::OriginTransport>> =
         if config.origin_is_redis() {
             let node = config.node_id.clone().unwrap_or_default();
-            Some(switchboard_redis::RedisOrigin::start(
-                redis.clone(),
-                &settings,
-                &node,
-            ))
+            Some(
+                switchboard_redis::RedisOrigin::start(
+                    redis.clone(),
+                    &settings,
+                    &node,
+                    Duration::from_secs(5),
+                )
+                .await,
+            )
         } else {
             None
         };

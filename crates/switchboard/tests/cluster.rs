@@ -2381,3 +2381,32 @@ async fn fallback_requests_reach_the_node_holding_their_session() {
     let (status, _) = fallback_request(&b, "POST", &format!("/app?session={token}"), &cmd).await;
     assert_eq!(status, 404);
 }
+
+/// A node whose Redis is down when it starts: it starts anyway (after
+/// trying for five seconds) and serves its own clients and commands, and
+/// joins the cluster once Redis comes up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_starts_without_redis_and_joins_once_redis_is_up() {
+    let mut bus = Bus::redis();
+    bus.kill();
+    let origin = TestOrigin::start(None).await;
+    let url = origin.url();
+    let t = Instant::now();
+    let mut a = start_node("a", &bus.url(), "late", &["--origin", &url]).await;
+    wait_said(
+        &mut a,
+        "Redis not reachable yet; serving local clients and still trying",
+    )
+    .await;
+    assert!(
+        t.elapsed() < Duration::from_secs(15),
+        "started after {:?}",
+        t.elapsed()
+    );
+    let (mut ws, id) = client(&a, &origin, "/alone").await;
+    push_and_receive(&a, &id, &mut ws, "served without Redis").await;
+    bus.restart();
+    let b = start_node("b", &bus.url(), "late", &["--origin", &url]).await;
+    wait_member_ids(&[&a, &b], &["a", "b"], FORM).await;
+    push_and_receive(&b, &id, &mut ws, "through b").await;
+}

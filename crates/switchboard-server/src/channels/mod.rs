@@ -178,6 +178,8 @@ struct State {
     pending: Vec<Pending>,
     /// The task watching the channel on the bus (cluster).
     watcher: Option<tokio::task::AbortHandle>,
+    /// When the position last moved, or was read from the log (cluster).
+    moved_at: Option<Instant>,
 }
 
 impl State {
@@ -221,7 +223,14 @@ impl State {
             synced,
             pending: Vec::new(),
             watcher: None,
+            moved_at: None,
         }
+    }
+
+    /// Whether the replica held a position in its epoch within `ttl`: the
+    /// log cannot have expired since, so a new epoch means it was lost.
+    fn held_within(&self, ttl: Duration) -> bool {
+        self.offset > 0 && self.moved_at.is_some_and(|t| t.elapsed() < ttl)
     }
 
     fn position(&self) -> (String, u64) {
@@ -348,6 +357,7 @@ fn fanout(ch: &Channel, st: &mut State, offset: u64, time_ms: u64, data: Payload
         }
     }
     st.offset = offset;
+    st.moved_at = Some(kept.at);
     if ch.ns.history_size > 0 {
         if st.history.len() == ch.ns.history_size {
             st.history.pop_front();

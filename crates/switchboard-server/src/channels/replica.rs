@@ -141,6 +141,7 @@ async fn watch_channel(s: Arc<Shared>, ch: Arc<Channel>) {
         let mut st = ch.state.lock();
         reset(&mut st, &tail.epoch);
         st.offset = tail.offset;
+        st.moved_at = Some(Instant::now());
         st.synced = true;
         st.pending.iter().map(|p| p.ticket).collect()
     };
@@ -156,11 +157,11 @@ async fn watch_channel(s: Arc<Shared>, ch: Arc<Channel>) {
                     let mut st = ch.state.lock();
                     match next_step(&st, &epoch, entry.offset) {
                         Step::Old => None,
-                        Step::Next if *st.epoch != *epoch && st.offset > 0 => {
+                        Step::Next if *st.epoch != *epoch && st.held_within(ch.ns.history_ttl) => {
                             // The log started over under a position this
-                            // node held (it expired, or the bus lost it):
-                            // the end of the old epoch may never have
-                            // reached this node, and no log has it now.
+                            // node held within history-ttl, so it did not
+                            // expire: the bus lost it, and the end of the
+                            // old epoch may never have reached this node.
                             lost(&s, &ch, &mut st, &epoch, entry);
                             None
                         }
@@ -201,8 +202,8 @@ async fn fill(s: &Shared, ch: &Channel, since: StreamPosition, epoch: &str, entr
     let mut st = ch.state.lock();
     match read {
         // A complete read of another epoch than the one this node held a
-        // position in: the old epoch's end is gone with its log.
-        r if r.complete && (*st.epoch == *r.epoch || st.offset == 0) => {
+        // position in lately: the old epoch's end is gone with its log.
+        r if r.complete && (*st.epoch == *r.epoch || !st.held_within(ch.ns.history_ttl)) => {
             if *st.epoch != *r.epoch {
                 reset(&mut st, &r.epoch);
             }

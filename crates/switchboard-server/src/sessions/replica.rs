@@ -126,6 +126,9 @@ struct Written {
     /// Where its messages were acknowledged up to, in the record.
     released: u64,
     at: Instant,
+    /// The store's [`SessionStore::losses`] when its record was last
+    /// written: a record missing since a loss was lost, not removed.
+    losses: u64,
     /// Another node wrote its record since: it is not this node's any more.
     disowned: bool,
 }
@@ -138,6 +141,7 @@ impl Default for Written {
             messages_in: 0,
             released: 0,
             at: Instant::now(),
+            losses: 0,
             disowned: false,
         }
     }
@@ -477,6 +481,7 @@ impl Sessions {
                 (false, None) => Ok(0),
             };
             let messages_in = conn.messages_in.load(Relaxed);
+            let losses = store.losses();
             let put = match expected {
                 Ok(expected) => {
                     store
@@ -492,6 +497,7 @@ impl Sessions {
                     now.messages_in = messages_in;
                     now.released = n.released;
                     now.at = Instant::now();
+                    now.losses = losses;
                 }
                 Err(e) => {
                     self.count_error(&e);
@@ -500,7 +506,9 @@ impl Sessions {
                     // write of this run's whose answer was lost: written
                     // again on that revision.
                     let ours = match (&e, take) {
-                        (StoreError::Conflict, false) => self.own_revision(store, id).await,
+                        (StoreError::Conflict, false) => {
+                            self.own_revision(store, id, now.losses != losses).await
+                        }
                         _ => None,
                     };
                     if let Some(revision) = ours {
@@ -582,11 +590,17 @@ impl Sessions {
     }
 
     /// The revision of session `id`'s record if it names this run.
-    async fn own_revision(&self, store: &dyn SessionStore, id: &ConnectionId) -> Option<u64> {
-        // No record at all: the store lost it (nobody else holds a session
-        // this node holds): written anew.
+    /// With `store_lost` (the store lost data since the record was last
+    /// written), a missing record is this node's, lost: written anew.
+    /// Without, a missing record was removed by another holder.
+    async fn own_revision(
+        &self,
+        store: &dyn SessionStore,
+        id: &ConnectionId,
+        store_lost: bool,
+    ) -> Option<u64> {
         let Some(found) = store.get(id.as_str()).await.ok()? else {
-            return Some(0);
+            return store_lost.then_some(0);
         };
         let record: Record = serde_json::from_slice(&found.record).ok()?;
         (record.holder == self.node.as_str() && record.run == self.started_at_ms)
