@@ -27,12 +27,21 @@ pub struct RedisServer {
     child: Option<Child>,
     port: u16,
     dir: PathBuf,
+    /// Further `redis-server` arguments, given again on restart.
+    extra_args: Vec<String>,
 }
 
 impl RedisServer {
     /// Starts `redis-server --port <free port> --save '' --appendonly no`
     /// and waits until it answers.
     pub fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    /// [`RedisServer::start`] with further arguments, after the defaults
+    /// (e.g. `--appendonly yes` for a server whose restarts keep its data:
+    /// its files stay in its directory across restarts).
+    pub fn start_with(extra_args: &[&str]) -> Self {
         crate::failure::remember_panics();
         static COUNTER: AtomicU32 = AtomicU32::new(0);
         let name = format!(
@@ -47,6 +56,7 @@ impl RedisServer {
             child: None,
             port: 0,
             dir,
+            extra_args: extra_args.iter().map(|a| a.to_string()).collect(),
         };
         let mut last_error = String::new();
         for _ in 0..10 {
@@ -88,8 +98,9 @@ impl RedisServer {
         }
     }
 
-    /// Kills the server if it runs, then starts it again, empty, on the
-    /// same port, and waits until it answers.
+    /// Kills the server if it runs, then starts it again on the same port
+    /// (empty, unless started with persistence), and waits until it
+    /// answers.
     pub fn restart(&mut self) {
         self.kill();
         let deadline = Instant::now() + START_TIMEOUT;
@@ -129,6 +140,7 @@ impl RedisServer {
             .arg(&self.dir)
             .arg("--logfile")
             .arg(&log)
+            .args(&self.extra_args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())

@@ -2387,3 +2387,58 @@ async fn a_node_with_new_history_limits_updates_the_namespace_stream() {
         "the stream now keeps 10 per channel: {h}"
     );
 }
+
+/// Redis with its data on disk (`appendonly yes`, fsync always) is
+/// SIGKILLed and restarted: nothing was lost, but nothing tells the nodes
+/// so (a snapshot or a replica could lack the last writes), so the
+/// channel's next publish starts a new epoch, and a subscriber whose node
+/// held a position is told plainly: `unsubscribed`, then `recovered: false`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_restart_with_its_data_still_starts_a_new_epoch_plainly() {
+    let redis = Bus::Redis(switchboard_test_util::redis::RedisServer::start_with(&[
+        "--appendonly",
+        "yes",
+        "--appendfsync",
+        "always",
+    ]));
+    let (mut redis, a, b, _c) = channel_cluster(redis, "persisted", &[]).await;
+    let ch = "room:kept";
+    let mut sub = Native::connect(&b).await;
+    sub.subscribe(ch).await;
+    let mut epoch = String::new();
+    for i in 1..=5 {
+        epoch = publish(&a, ch, json!({"text": format!("m{i}")})).await["epoch"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+    }
+    assert_eq!(sub.messages(5).await.last().unwrap()["offset"], 5);
+    redis.restart();
+    let after = poll(
+        Duration::from_secs(20),
+        "a publish after the restart",
+        || async {
+            let r = a
+                .post(
+                    &format!("/v1/channels/{ch}/messages"),
+                    &json!({"text": "m6"}),
+                )
+                .await;
+            if r.status == 200 {
+                Ok(r.json())
+            } else {
+                Err(format!("{} {}", r.status, r.body))
+            }
+        },
+    )
+    .await;
+    assert_ne!(after["epoch"], json!(epoch), "a new epoch: {after}");
+    assert_eq!(after["offset"], 1, "{after}");
+    let p = sub.push().await;
+    assert_eq!(p["push"], "unsubscribed", "told plainly: {p}");
+    let mut again = Native::connect(&b).await;
+    let r = again
+        .call(json!({"cmd": "subscribe", "channel": ch, "since": {"offset": 5, "epoch": epoch}}))
+        .await;
+    assert_eq!(r["result"]["recovered"], false, "{r}");
+}
