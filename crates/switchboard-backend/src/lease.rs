@@ -157,6 +157,98 @@ impl Lease {
     }
 }
 
+/// What to do after one of the node's heartbeats was confirmed (see
+/// [`Renewals::confirmed`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Confirmed {
+    /// The lease was renewed.
+    Renewed,
+    /// The lease ran out long enough ago that the cluster may have reported
+    /// this run lost: look that up (then [`Renewals::renew_latest`] or
+    /// fence), and call [`Renewals::looked_up`] when done.
+    LookUp,
+    /// Nothing to do now (fencing, or a look-up is in progress).
+    Wait,
+}
+
+/// A backend's bookkeeping of its heartbeats for the lease: when the
+/// newest confirmed one (heard back, or accepted by the store) was sent,
+/// when the run's first one was sent, and whether a look-up of a possible
+/// report is in progress. Shared by the backends, so that they renew the
+/// lease by the same rule.
+#[derive(Debug, Default)]
+pub struct Renewals {
+    confirmed: parking_lot::Mutex<Option<Instant>>,
+    first: parking_lot::Mutex<Option<Instant>>,
+    suspect: AtomicBool,
+}
+
+impl Renewals {
+    /// A heartbeat of this run is being sent at `at`.
+    pub fn sending(&self, at: Instant) {
+        self.first.lock().get_or_insert(at);
+    }
+
+    /// The heartbeat sent at `sent_at` was confirmed: renews `lease` until
+    /// `sent_at + span`, unless the lease ran out long enough ago that the
+    /// others (who declare a node lost `timeout` after its last heartbeat,
+    /// sent every `heartbeat`) may have reported this run.
+    pub fn confirmed(
+        &self,
+        lease: &Lease,
+        sent_at: Instant,
+        span: Duration,
+        heartbeat: Duration,
+        timeout: Duration,
+    ) -> Confirmed {
+        let previous = {
+            let mut confirmed = self.confirmed.lock();
+            let previous = *confirmed;
+            if previous.is_none_or(|p| p < sent_at) {
+                *confirmed = Some(sent_at);
+            }
+            // Nothing confirmed yet in this run: its first heartbeat may
+            // have reached the others all the same.
+            previous.or_else(|| (*self.first.lock()).filter(|f| *f < sent_at))
+        };
+        if lease.is_fencing() || self.suspect.load(Acquire) {
+            return Confirmed::Wait;
+        }
+        // Nobody may declare this node lost earlier than a timeout after
+        // the newest confirmed heartbeat; keep one heartbeat of margin for
+        // a report on its way.
+        let could_be_reported = previous.is_some_and(|p| p.elapsed() + heartbeat >= timeout);
+        if lease.is_held() || !could_be_reported {
+            lease.renew_until(sent_at + span);
+            return Confirmed::Renewed;
+        }
+        if self.suspect.swap(true, std::sync::atomic::Ordering::AcqRel) {
+            Confirmed::Wait
+        } else {
+            Confirmed::LookUp
+        }
+    }
+
+    /// The look-up found no report: renews `lease` from the newest
+    /// confirmed heartbeat.
+    pub fn renew_latest(&self, lease: &Lease, span: Duration) {
+        if let Some(sent_at) = *self.confirmed.lock() {
+            lease.renew_until(sent_at + span);
+        }
+    }
+
+    /// The look-up is over.
+    pub fn looked_up(&self) {
+        self.suspect.store(false, Release);
+    }
+
+    /// The run ended (fenced): a new one starts with nothing confirmed.
+    pub fn new_run(&self) {
+        *self.confirmed.lock() = None;
+        *self.first.lock() = None;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -34,7 +34,7 @@ pub mod sessions;
 
 pub use bus::{BusError, BusEvent, ChannelBus, LogEntry, LogRead, Published, Watch};
 pub use cluster::{Cluster, ClusterError, CommandReply, Node};
-pub use lease::{Lease, LeaseState};
+pub use lease::{Confirmed, Lease, LeaseState, Renewals};
 pub use namespace::Namespace;
 pub use origin::{ConnectDecision, OriginError, OriginTransport};
 pub use sessions::{SessionStore, StoreError, StoredRecord};

@@ -107,11 +107,8 @@ pub struct NatsCluster {
     seq: std::sync::atomic::AtomicU64,
     /// Recent heartbeats sent: sequence number and when.
     sent: Mutex<std::collections::VecDeque<(u64, Instant)>>,
-    /// When the newest heartbeat heard back was sent.
-    confirmed_send: Mutex<Option<Instant>>,
-    /// The lease ran out long enough ago that the cluster may have reported
-    /// this node lost: renewals wait until that is looked up.
-    suspect: std::sync::atomic::AtomicBool,
+    /// Heartbeats confirmed for the lease (heard back).
+    renewals: switchboard_backend::Renewals,
     /// Made on first success.
     kv: tokio::sync::OnceCell<kv::Store>,
     /// After a failure to open the bucket: when to try again.
@@ -167,8 +164,7 @@ impl NatsCluster {
             retired: Mutex::new(Default::default()),
             seq: std::sync::atomic::AtomicU64::new(0),
             sent: Mutex::new(std::collections::VecDeque::new()),
-            confirmed_send: Mutex::new(None),
-            suspect: std::sync::atomic::AtomicBool::new(false),
+            renewals: Default::default(),
             kv: tokio::sync::OnceCell::new(),
             bucket_retry_at: Mutex::new(None),
             stop: CancellationToken::new(),
@@ -231,6 +227,7 @@ impl NatsCluster {
             if self.link.is_up() {
                 let seq = self.seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
                 let sent_at = Instant::now();
+                self.renewals.sending(sent_at);
                 {
                     let mut sent = self.sent.lock();
                     sent.push_back((seq, sent_at));
@@ -263,29 +260,15 @@ impl NatsCluster {
     /// lease, unless it ran out so long ago that the cluster may have
     /// reported this node lost; then look that up first.
     fn own_beat_back(self: &Arc<Self>, sent_at: Instant) {
-        let previous = {
-            let mut confirmed = self.confirmed_send.lock();
-            let previous = *confirmed;
-            if previous.is_none_or(|p| p < sent_at) {
-                *confirmed = Some(sent_at);
-            }
-            previous
-        };
-        let lease = self.node.lease();
-        if lease.is_fencing() || self.suspect.load(std::sync::atomic::Ordering::Acquire) {
-            return;
-        }
         let cfg = &self.config;
-        // Nobody may declare this node lost earlier than a timeout after the
-        // newest heartbeat it had heard back; keep one heartbeat of margin
-        // for a report that is on its way.
-        let could_be_reported =
-            previous.is_some_and(|p| p.elapsed() + cfg.heartbeat >= cfg.heartbeat_timeout);
-        if lease.is_held() || !could_be_reported {
-            lease.renew_until(sent_at + self.lease_span());
-            return;
-        }
-        if !self.suspect.swap(true, std::sync::atomic::Ordering::AcqRel) {
+        let confirmed = self.renewals.confirmed(
+            self.node.lease(),
+            sent_at,
+            self.lease_span(),
+            cfg.heartbeat,
+            cfg.heartbeat_timeout,
+        );
+        if confirmed == switchboard_backend::Confirmed::LookUp {
             tracing::warn!(
                 "this node's lease ran out while it was cut off from NATS; holding origin events until it knows whether it was reported lost"
             );
@@ -308,17 +291,15 @@ impl NatsCluster {
                     break;
                 }
                 Some(false) => {
-                    if let Some(sent_at) = *self.confirmed_send.lock() {
-                        self.node.lease().renew_until(sent_at + self.lease_span());
-                    }
+                    self.renewals
+                        .renew_latest(self.node.lease(), self.lease_span());
                     tracing::info!("this node was not reported lost; lease renewed, held origin events leave now");
                     break;
                 }
                 None => tokio::time::sleep(cfg.heartbeat).await,
             }
         }
-        self.suspect
-            .store(false, std::sync::atomic::Ordering::Release);
+        self.renewals.looked_up();
     }
 
     /// Whether the cluster reported this run lost: the bucket's key if the
@@ -385,7 +366,7 @@ impl NatsCluster {
             self.retired.lock().insert(old);
         }
         self.sent.lock().clear();
-        *self.confirmed_send.lock() = None;
+        self.renewals.new_run();
         tracing::warn!(
             "this node was reported lost while cut off; fencing: closing its connections without events so clients reconnect"
         );

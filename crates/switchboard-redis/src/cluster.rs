@@ -51,7 +51,9 @@ use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use switchboard_backend::{BoxFuture, Cluster, ClusterError, CommandReply, Node};
+use switchboard_backend::{
+    BoxFuture, Cluster, ClusterError, CommandReply, Confirmed, Node, Renewals,
+};
 use switchboard_proto::cluster::Heartbeat;
 use switchboard_proto::control::NodeInfo;
 use tokio::sync::mpsc;
@@ -119,14 +121,8 @@ pub struct RedisCluster {
     judge_after: Mutex<Instant>,
     /// Sequence number of the last heartbeat sent.
     seq: AtomicU64,
-    /// When the newest heartbeat Redis accepted was sent.
-    confirmed_send: Mutex<Option<Instant>>,
-    /// When this run's first heartbeat was sent (Redis may have taken it
-    /// though its answer was lost).
-    first_sent: Mutex<Option<Instant>>,
-    /// The lease ran out long enough ago that the cluster may have reported
-    /// this node lost: renewals wait until that is looked up.
-    suspect: AtomicBool,
+    /// Heartbeats confirmed for the lease (accepted by Redis).
+    renewals: Renewals,
     /// A fence check is in flight.
     checking: AtomicBool,
     /// Requests waiting for answers, by id.
@@ -166,9 +162,7 @@ impl RedisCluster {
             membership: Mutex::default(),
             judge_after: Mutex::new(Instant::now() + config.heartbeat_timeout + config.heartbeat),
             seq: AtomicU64::new(0),
-            confirmed_send: Mutex::new(None),
-            first_sent: Mutex::new(None),
-            suspect: AtomicBool::new(false),
+            renewals: Renewals::default(),
             checking: AtomicBool::new(false),
             pending: Mutex::default(),
             next_request: AtomicU64::new(1),
@@ -274,7 +268,7 @@ impl RedisCluster {
                 lease.renew_until(sent_at + self.lease_span());
             }
             let beat = self.heartbeat(false, seq);
-            self.first_sent.lock().get_or_insert(sent_at);
+            self.renewals.sending(sent_at);
             let ok = self.write_beat(beat, self.config.heartbeat_timeout).await;
             if ok {
                 self.beat_accepted(sent_at);
@@ -299,30 +293,14 @@ impl RedisCluster {
     /// ran out so long ago that the cluster may have reported this node
     /// lost; then look that up first.
     fn beat_accepted(self: &Arc<Self>, sent_at: Instant) {
-        let previous = {
-            let mut confirmed = self.confirmed_send.lock();
-            let previous = *confirmed;
-            if previous.is_none_or(|p| p < sent_at) {
-                *confirmed = Some(sent_at);
-            }
-            // Nothing confirmed yet in this run: its first heartbeat may
-            // have been taken all the same, and the run reported since.
-            previous.or_else(|| (*self.first_sent.lock()).filter(|f| *f < sent_at))
-        };
-        let lease = self.node.lease();
-        if lease.is_fencing() || self.suspect.load(Ordering::Acquire) {
-            return;
-        }
         let cfg = &self.config;
-        // The key expires a timeout after the previous accepted heartbeat;
-        // keep one heartbeat of margin for a report on its way.
-        let could_be_reported =
-            previous.is_some_and(|p| p.elapsed() + cfg.heartbeat >= cfg.heartbeat_timeout);
-        if lease.is_held() || !could_be_reported {
-            lease.renew_until(sent_at + self.lease_span());
-            return;
-        }
-        if !self.suspect.swap(true, Ordering::AcqRel) {
+        let lease = self.node.lease();
+        let span = self.lease_span();
+        if self
+            .renewals
+            .confirmed(lease, sent_at, span, cfg.heartbeat, cfg.heartbeat_timeout)
+            == Confirmed::LookUp
+        {
             tracing::warn!(
                 "this node's lease ran out while it was cut off from Redis; holding origin events until it knows whether it was reported lost"
             );
@@ -345,16 +323,15 @@ impl RedisCluster {
                     break;
                 }
                 Some(false) => {
-                    if let Some(sent_at) = *self.confirmed_send.lock() {
-                        self.node.lease().renew_until(sent_at + self.lease_span());
-                    }
+                    self.renewals
+                        .renew_latest(self.node.lease(), self.lease_span());
                     tracing::info!("this node was not reported lost; lease renewed, held origin events leave now");
                     break;
                 }
                 None => tokio::time::sleep(beat).await,
             }
         }
-        self.suspect.store(false, Ordering::Release);
+        self.renewals.looked_up();
     }
 
     /// Whether the run `instance` of this node was reported lost (`None`:
@@ -387,8 +364,7 @@ impl RedisCluster {
             let old = std::mem::replace(&mut *current, new_instance());
             self.retired.lock().insert(old);
         }
-        *self.confirmed_send.lock() = None;
-        *self.first_sent.lock() = None;
+        self.renewals.new_run();
         tracing::warn!(
             "this node was reported lost while cut off; fencing: closing its connections without events so clients reconnect"
         );

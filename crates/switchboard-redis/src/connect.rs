@@ -99,6 +99,10 @@ type Subscribers = Vec<(u64, mpsc::Sender<Bytes>)>;
 pub(crate) struct Router {
     routes: Mutex<HashMap<Vec<u8>, Subscribers>>,
     next: AtomicU64,
+    /// Messages dropped because their subscriber's queue was full, and
+    /// when that was last logged.
+    dropped: AtomicU64,
+    dropped_logged: Mutex<Option<Instant>>,
 }
 
 impl Router {
@@ -106,7 +110,18 @@ impl Router {
         let routes = self.routes.lock();
         for (_, tx) in routes.get(channel).into_iter().flatten() {
             if tx.try_send(payload.clone()).is_err() {
-                tracing::debug!(channel = %String::from_utf8_lossy(channel), "subscriber queue full: message dropped");
+                let dropped = self.dropped.fetch_add(1, Relaxed) + 1;
+                let mut logged = self.dropped_logged.lock();
+                if logged.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
+                    *logged = Some(Instant::now());
+                    // Channel messages are read back from the log; a lost
+                    // command or answer times out for its sender.
+                    tracing::warn!(
+                        channel = %String::from_utf8_lossy(channel),
+                        dropped_so_far = dropped,
+                        "a Redis subscriber fell behind: message dropped"
+                    );
+                }
             }
         }
     }
