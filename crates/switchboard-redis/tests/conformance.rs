@@ -80,3 +80,29 @@ async fn the_session_store_passes_on_redis() {
     let store = switchboard_redis::RedisSessions::new(redis, &config);
     conformance::run_session_store(&store, 8).await;
 }
+
+/// The store over a Redis that requires an ACL user and password (the
+/// default user disabled), given in the URL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_acl_user_in_the_url_is_used() {
+    let server = RedisServer::start_with(&[
+        "--user", "default", "off", "--user", "gateway", "on", ">s3cret", "~*", "&*", "+@all",
+    ]);
+    let url = server.url().replace("redis://", "redis://gateway:s3cret@");
+    let config = RedisConfig {
+        prefix: "acl".into(),
+        session_messages: 8,
+        ..RedisConfig::new(url)
+    };
+    let redis = switchboard_redis::connect(&config).expect("a Redis client");
+    assert!(redis.ping(Duration::from_secs(5)).await, "authenticated");
+    let store = switchboard_redis::RedisSessions::new(redis, &config);
+    conformance::run_session_store(&store, 8).await;
+
+    let wrong = RedisConfig::new(server.url().replace("redis://", "redis://gateway:nope@"));
+    let refused = switchboard_redis::connect(&wrong).expect("a Redis client");
+    assert!(
+        !refused.ping(Duration::from_millis(500)).await,
+        "a wrong password is refused"
+    );
+}

@@ -162,7 +162,10 @@ impl RedisServer {
                 ));
             }
             if let Some(info) = ask(addr, &["INFO", "server"]) {
-                if info.lines().any(|l| l.trim() == own) {
+                // A server that wants a password says so to everyone: ours
+                // if it still runs (the port was free when it started).
+                let locked = info.starts_with("-NOAUTH") || info.starts_with("-NOPERM");
+                if info.lines().any(|l| l.trim() == own) || locked {
                     self.child = Some(child);
                     return Ok(());
                 }
