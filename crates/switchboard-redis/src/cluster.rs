@@ -125,6 +125,8 @@ pub struct RedisCluster {
     renewals: Renewals,
     /// A fence check is in flight.
     checking: AtomicBool,
+    /// The subscribing connection answered its last check.
+    subscriber_ok: AtomicBool,
     /// Requests waiting for answers, by id.
     pending: Mutex<HashMap<u64, mpsc::Sender<(u16, Bytes)>>>,
     next_request: AtomicU64,
@@ -165,6 +167,7 @@ impl RedisCluster {
             renewals: Renewals::default(),
             checking: AtomicBool::new(false),
             pending: Mutex::default(),
+            subscriber_ok: AtomicBool::new(true),
             next_request: AtomicU64::new(1),
             stop: CancellationToken::new(),
             stop_announcing: CancellationToken::new(),
@@ -177,6 +180,7 @@ impl RedisCluster {
         *cluster.announcer.lock() = Some(tokio::spawn(cluster.clone().announce()));
         *cluster.server.lock() = Some(tokio::spawn(cluster.clone().serve()));
         tokio::spawn(cluster.clone().collect_answers());
+        tokio::spawn(cluster.clone().check_subscriber());
         tokio::spawn(cluster.clone().watch());
         tracing::info!(
             node = %cluster.node.id(),
@@ -275,11 +279,30 @@ impl RedisCluster {
             }
             // Up only while the subscribing connection answers too: without
             // it this node would hear no command, reply or channel message.
-            let subscribed = ok && self.redis.check_subscriber().await;
-            if ok && !subscribed {
+            self.redis
+                .link()
+                .set(ok && self.subscriber_ok.load(Ordering::Acquire));
+        }
+    }
+
+    /// Checks the subscribing connection every heartbeat (apart from the
+    /// heartbeats, which never wait for it), and subscribes again after it
+    /// broke.
+    async fn check_subscriber(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(self.config.heartbeat);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut warned = false;
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = self.stop.cancelled() => return,
+            }
+            let ok = self.redis.check_subscriber().await;
+            if !ok && !warned {
                 tracing::warn!("the Redis subscribing connection does not answer");
             }
-            self.redis.link().set(subscribed);
+            warned = !ok;
+            self.subscriber_ok.store(ok, Ordering::Release);
         }
     }
 

@@ -37,6 +37,9 @@ pub enum RedisError {
 /// changed.
 type Generation = (Option<(String, String)>, u64);
 
+/// Channels per `SUBSCRIBE` when subscribing every routed channel again.
+const RESUBSCRIBE_BATCH: usize = 500;
+
 /// Longest wait of one blocking read on the blocking connection.
 pub(crate) const BLOCK_FOR: Duration = Duration::from_secs(1);
 
@@ -260,19 +263,21 @@ pub fn connect(config: &RedisConfig) -> Result<Redis, RedisError> {
                 .with_time(Duration::from_secs(10))
                 .with_interval(Duration::from_secs(5))
                 .with_retries(3),
-        )
-        .set_user_timeout(config.heartbeat_timeout);
+        );
+    #[cfg(any(target_os = "android", target_os = "fuchsia", target_os = "linux"))]
+    let tcp = tcp.set_user_timeout(config.heartbeat_timeout);
     let info = info.set_redis_settings(settings).set_tcp_settings(tcp);
     let client = redis::Client::open(info).map_err(|e| RedisError::Connect(e.to_string()))?;
     let link = Arc::new(Link::new());
     let router = Arc::new(Router::default());
     let resubscribe = Arc::new(AtomicBool::new(false));
-    // A few tries per reconnect: a call never waits for more than its
-    // bound, and the next call starts another reconnect.
+    // Reconnects are tried until they succeed (whatever the error: a
+    // refused password may be fixed on the server); no call waits for
+    // them longer than its bound ([`Bounded`]).
     let base = ConnectionManagerConfig::new()
         .set_min_delay(Duration::from_millis(50))
         .set_max_delay(config.heartbeat.max(Duration::from_millis(100)))
-        .set_number_of_retries(2)
+        .set_number_of_retries(usize::MAX)
         .set_connection_timeout(Some(config.request_timeout))
         .set_response_timeout(Some(config.request_timeout));
     let manager = |config: ConnectionManagerConfig| {
@@ -308,13 +313,7 @@ pub fn connect(config: &RedisConfig) -> Result<Redis, RedisError> {
             Ok::<(), redis::aio::SendError>(())
         }
     };
-    // The subscribing connection reconnects endlessly (nothing else would
-    // bring its subscriptions back).
-    let subscriber = manager(
-        base.set_number_of_retries(usize::MAX)
-            .set_push_sender(pushes)
-            .set_automatic_resubscription(),
-    )?;
+    let subscriber = manager(base.set_push_sender(pushes).set_automatic_resubscription())?;
     Ok(Redis {
         commands,
         membership,
@@ -455,11 +454,13 @@ impl Redis {
             return false;
         }
         if self.resubscribe.swap(false, Relaxed) {
+            // Many channels per SUBSCRIBE (idempotent for those the client
+            // subscribed again already).
             let _guard = self.subscribing.lock().await;
             let channels: Vec<Vec<u8>> = self.router.routes.lock().keys().cloned().collect();
-            for channel in channels {
+            for batch in channels.chunks(RESUBSCRIBE_BATCH) {
                 let mut conn = self.subscriber.clone();
-                let again = tokio::time::timeout(self.timeout, conn.subscribe(&channel)).await;
+                let again = tokio::time::timeout(self.timeout, conn.subscribe(batch)).await;
                 if !matches!(again, Ok(Ok(()))) {
                     self.resubscribe.store(true, Relaxed);
                     return false;

@@ -4,10 +4,9 @@
 //! NATS control subject) to the stream `<prefix>:control` in the field
 //! `command`, optionally with a pub/sub channel in `reply`. Every node
 //! reads the stream in the consumer group `switchboard` (created by the
-//! first node, from the stream's first entry, skipping entries more than a
-//! minute older than the group), so each command is taken by one
-//! node, which runs it (the entries of a read at once; forwarding each to
-//! the node holding its connection),
+//! first node, starting a minute before then by Redis's clock), so each
+//! command is taken by one node, which runs it (in order, forwarding each
+//! to the node holding its connection),
 //! publishes `{"id": <entry id>, "status": <HTTP status>, "body": <JSON>}`
 //! on `reply` if given, and acknowledges it. Entries a node took and did not
 //! acknowledge (it died) are claimed by another after 30 s: a command runs
@@ -28,16 +27,12 @@ pub const GROUP: &str = "switchboard";
 /// How long an entry may stay unacknowledged before another node claims it.
 const CLAIM_AFTER: Duration = Duration::from_secs(30);
 
-/// Entries read at once (run concurrently).
-const BATCH: usize = 64;
+/// Entries read at once: run one after the other, each bounded by the
+/// request timeout, so a read is done well within [`CLAIM_AFTER`].
+const BATCH: usize = 16;
 
-/// Age beyond which entries found in a newly made group are skipped.
+/// How far back a new consumer group starts, in ms.
 const STALE_MS: u64 = 60_000;
-
-/// The Unix ms time in a stream entry id (`<ms>-<seq>`).
-fn entry_ms(id: &str) -> Option<u64> {
-    id.split('-').next()?.parse().ok()
-}
 
 type Entries = Vec<(String, Vec<(String, Value)>)>;
 
@@ -71,25 +66,14 @@ impl RedisControl {
     async fn read(self: Arc<Self>) {
         let stream = self.keys.control();
         let mut group_made = false;
-        let mut fresh_group: Option<u64> = None;
         let mut last_claim = Instant::now();
         loop {
             if self.stop.is_cancelled() {
                 return;
             }
             if !group_made {
-                let mut conn = self.redis.conn();
-                let made: redis::RedisResult<()> =
-                    conn.xgroup_create_mkstream(&stream, GROUP, "0").await;
-                match made {
-                    Ok(()) => {
-                        // Made here, from the stream's first entry: entries
-                        // appended after a Redis restart and before the
-                        // group existed are run; older ones are skipped.
-                        group_made = true;
-                        fresh_group = Some(crate::cluster::now_ms());
-                    }
-                    Err(e) if e.to_string().contains("BUSYGROUP") => group_made = true,
+                match self.make_group(&stream).await {
+                    Ok(()) => group_made = true,
                     Err(e) => {
                         tracing::debug!(error = %e, "control stream group not made yet");
                         self.pause().await;
@@ -128,32 +112,33 @@ impl RedisControl {
                     self.pause().await;
                 }
             }
-            // Entries older than a minute in a group this node just made
-            // are from before it existed (a stream the origin kept using
-            // while no node read it): acknowledged, not run.
-            let (stale, entries): (Vec<_>, Vec<_>) = entries.into_iter().partition(|(id, _)| {
-                fresh_group.is_some_and(|made| entry_ms(id).is_some_and(|at| at + STALE_MS < made))
-            });
-            if !stale.is_empty() {
-                tracing::warn!(
-                    skipped = stale.len(),
-                    "control stream entries older than the consumer group skipped"
-                );
-                let ids: Vec<&str> = stale.iter().map(|(id, _)| id.as_str()).collect();
-                let mut conn = self.redis.conn();
-                let _: redis::RedisResult<i64> = conn.xack(&stream, GROUP, &ids).await;
+            // In order (a `send` then a `close` stay so); a read is small
+            // enough to be done long before another node may claim its
+            // entries as abandoned.
+            for (id, fields) in entries {
+                self.run(&stream, id, fields).await;
             }
-            if entries.is_empty() {
-                fresh_group = None;
-            }
-            // At once, so that a batch is done well before another node
-            // may claim its entries as abandoned.
-            futures_util::future::join_all(
-                entries
-                    .into_iter()
-                    .map(|(id, fields)| self.run(&stream, id, fields)),
-            )
+        }
+    }
+
+    /// Makes the consumer group (if no node did), starting a minute before
+    /// now by Redis's clock: entries appended while no group existed (after
+    /// Redis restarted empty) are run, a stream's old history is not.
+    async fn make_group(&self, stream: &str) -> redis::RedisResult<()> {
+        let mut conn = self.redis.conn();
+        let (secs, _): (u64, u64) = redis::cmd("TIME").query_async(&mut conn).await?;
+        let start = format!("{}-0", (secs * 1000).saturating_sub(STALE_MS));
+        let made: redis::RedisResult<()> = redis::cmd("XGROUP")
+            .arg("CREATE")
+            .arg(stream)
+            .arg(GROUP)
+            .arg(start)
+            .arg("MKSTREAM")
+            .query_async(&mut conn)
             .await;
+        match made {
+            Err(e) if e.to_string().contains("BUSYGROUP") => Ok(()),
+            other => other,
         }
     }
 

@@ -20,7 +20,7 @@ local ttl = tonumber(ARGV[5])
 -- This server run: a log written by another run (Redis restarted from a
 -- snapshot, or failed over to a replica) may have lost its newest
 -- messages, so its offsets cannot be trusted to go on: a new epoch.
-local run = string.match(redis.call('INFO', 'server'), 'run_id:(%w+)')
+local run = string.match(redis.call('INFO', 'server'), 'run_id:(%w+)') or ''
 local epoch, offset = ARGV[3], 1
 local last = redis.call('XREVRANGE', log, '+', '-', 'COUNT', 1)
 local fresh = #last == 0
@@ -44,8 +44,8 @@ end
 redis.call('XADD', log, 'MAXLEN', ARGV[4], offset .. '-0',
   'e', epoch, 'r', run, 't', now, 'k', ARGV[2], 'd', ARGV[1])
 redis.call('PEXPIRE', log, ttl)
--- Messages older than the history ttl leave, oldest first (a few per
--- publish; readers skip any that remain).
+-- Messages older than the history ttl leave, oldest first (at most 16 per
+-- publish; the key itself expires a ttl after the newest).
 for _ = 1, 16 do
   local first = redis.call('XRANGE', log, '-', '+', 'COUNT', 1)
   if #first == 0 or first[1][1] == offset .. '-0' then break end

@@ -133,15 +133,19 @@ async fn watch_channel(s: Arc<Shared>, ch: Arc<Channel>) {
     let bus = &s.channels.link.get().expect("replicas are clustered").bus;
     let m = &s.metrics;
     let mut events = retry("watch", &ch.name, || bus.watch(&ch.name)).await;
+    // The newest message too: how long ago the position last moved.
     let tail = retry("reading the position", &ch.name, || {
-        bus.read(&ch.ns, &ch.name, None, Some(0))
+        bus.read(&ch.ns, &ch.name, None, Some(1))
     })
     .await;
+    let age = tail.entries.last().map_or(Duration::ZERO, |e| {
+        Duration::from_millis(crate::clock::now_ms().saturating_sub(e.time_ms))
+    });
     let waiting: Vec<u64> = {
         let mut st = ch.state.lock();
         reset(&mut st, &tail.epoch);
         st.offset = tail.offset;
-        st.moved_at = Some(Instant::now());
+        st.moved_at = Some(Instant::now().checked_sub(age).unwrap_or_else(Instant::now));
         st.synced = true;
         st.pending.iter().map(|p| p.ticket).collect()
     };

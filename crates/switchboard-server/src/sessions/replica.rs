@@ -114,6 +114,17 @@ impl Work {
     }
 }
 
+/// Whose a session's record is, as [`Sessions::own_revision`] found it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Owner {
+    /// This run's, at that revision (0: to be written anew).
+    Here(u64),
+    /// Another node's (or run's).
+    Other,
+    /// Not known now: try again.
+    Unknown,
+}
+
 /// What was written of a session held here.
 #[derive(Debug, Clone, Copy)]
 struct Written {
@@ -509,12 +520,12 @@ impl Sessions {
                         (StoreError::Conflict, false) => {
                             self.own_revision(store, id, now.losses != losses).await
                         }
-                        _ => None,
+                        _ => Owner::Unknown,
                     };
-                    if let Some(revision) = ours {
+                    if let Owner::Here(revision) = ours {
                         now.revision = Some(revision);
                         retry = Some(Work::Write { record: true });
-                    } else if e == StoreError::Conflict && !take {
+                    } else if ours == Owner::Other {
                         tracing::warn!(connection = %id, "another node wrote this session's record: it is not this node's any more");
                         now.disowned = true;
                     } else {
@@ -589,22 +600,37 @@ impl Sessions {
         u64::from(self.config.session_outbox_messages / 4).max(1)
     }
 
-    /// The revision of session `id`'s record if it names this run.
-    /// With `store_lost` (the store lost data since the record was last
-    /// written), a missing record is this node's, lost: written anew.
-    /// Without, a missing record was removed by another holder.
+    /// Whose session `id`'s record is: this run's (its revision), another's,
+    /// or unknown. A missing record is this node's, lost, when `store_lost`
+    /// (the store lost data since the record was last written): written
+    /// anew; otherwise unknown (a loss is counted up to a heartbeat after
+    /// it happened): tried again.
     async fn own_revision(
         &self,
         store: &dyn SessionStore,
         id: &ConnectionId,
         store_lost: bool,
-    ) -> Option<u64> {
-        let Some(found) = store.get(id.as_str()).await.ok()? else {
-            return store_lost.then_some(0);
+    ) -> Owner {
+        let found = match store.get(id.as_str()).await {
+            Ok(found) => found,
+            // Cannot tell now: tried again.
+            Err(_) => return Owner::Unknown,
         };
-        let record: Record = serde_json::from_slice(&found.record).ok()?;
-        (record.holder == self.node.as_str() && record.run == self.started_at_ms)
-            .then_some(found.revision)
+        let Some(found) = found else {
+            // Missing before the store's loss is known (it is counted a
+            // heartbeat later): tried again until it is, or written anew.
+            return if store_lost {
+                Owner::Here(0)
+            } else {
+                Owner::Unknown
+            };
+        };
+        match serde_json::from_slice::<Record>(&found.record) {
+            Ok(r) if r.holder == self.node.as_str() && r.run == self.started_at_ms => {
+                Owner::Here(found.revision)
+            }
+            _ => Owner::Other,
+        }
     }
 
     /// The revision of session `id`'s record now (0: none).
