@@ -2,6 +2,7 @@
 //! gateway's own settings. The binary fills it from its configuration
 //! (flags, environment, TOML file); an embedder fills it directly.
 
+use std::path::PathBuf;
 use std::time::Duration;
 use switchboard_backend::Namespace;
 
@@ -13,6 +14,9 @@ pub struct RedisConfig {
     /// Prefix of every key and pub/sub channel, so clusters can share one
     /// Redis.
     pub prefix: String,
+    /// With `rediss://`: the CA certificate (PEM) to verify Redis with,
+    /// instead of the system's roots.
+    pub tls_ca: Option<PathBuf>,
     /// How often a node refreshes its membership key.
     pub heartbeat: Duration,
     /// A node whose membership key was not refreshed for this long is
@@ -44,6 +48,7 @@ impl RedisConfig {
         Self {
             url: url.into(),
             prefix: "switchboard".into(),
+            tls_ca: None,
             heartbeat: Duration::from_secs(1),
             heartbeat_timeout: Duration::from_secs(5),
             request_timeout: Duration::from_millis(1500),

@@ -31,6 +31,14 @@ pub enum RedisError {
     /// The client could not be created (TLS set-up).
     #[error("cannot connect to Redis: {0}")]
     Connect(String),
+    /// The CA certificate could not be read.
+    #[error("cannot read the Redis CA certificate {path:?}: {source}")]
+    File {
+        /// The file.
+        path: std::path::PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
 }
 
 /// The generation value and `run_id` last read, and how many times they
@@ -267,7 +275,21 @@ pub fn connect(config: &RedisConfig) -> Result<Redis, RedisError> {
     #[cfg(any(target_os = "android", target_os = "fuchsia", target_os = "linux"))]
     let tcp = tcp.set_user_timeout(config.heartbeat_timeout);
     let info = info.set_redis_settings(settings).set_tcp_settings(tcp);
-    let client = redis::Client::open(info).map_err(|e| RedisError::Connect(e.to_string()))?;
+    let client = match &config.tls_ca {
+        None => redis::Client::open(info),
+        Some(path) => {
+            let root_cert = std::fs::read(path).map_err(|e| RedisError::File {
+                path: path.clone(),
+                source: e,
+            })?;
+            let certificates = redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(root_cert),
+            };
+            redis::Client::build_with_tls(info, certificates)
+        }
+    }
+    .map_err(|e| RedisError::Connect(e.to_string()))?;
     let link = Arc::new(Link::new());
     let router = Arc::new(Router::default());
     let resubscribe = Arc::new(AtomicBool::new(false));

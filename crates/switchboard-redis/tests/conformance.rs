@@ -106,3 +106,34 @@ async fn an_acl_user_in_the_url_is_used() {
         "a wrong password is refused"
     );
 }
+
+/// The store over `rediss://`: a Redis serving TLS only, with a certificate
+/// for 127.0.0.1 from the test CA of the TLS fixtures, which the node is
+/// given with `tls_ca`. Without it (system roots) the node cannot connect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rediss_with_a_given_ca() {
+    let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../switchboard-server/tests/fixtures/tls");
+    let server = RedisServer::start_tls(
+        &fixtures.join("server-a.pem"),
+        &fixtures.join("server-a-key.pem"),
+        &fixtures.join("ca.pem"),
+    );
+    assert!(server.url().starts_with("rediss://"), "{}", server.url());
+    let config = RedisConfig {
+        prefix: "tls".into(),
+        session_messages: 8,
+        tls_ca: Some(fixtures.join("ca.pem")),
+        ..RedisConfig::new(server.url())
+    };
+    let redis = switchboard_redis::connect(&config).expect("a Redis client");
+    assert!(redis.ping(Duration::from_secs(5)).await, "TLS with the CA");
+    let store = switchboard_redis::RedisSessions::new(redis, &config);
+    conformance::run_session_store(&store, 8).await;
+
+    let untrusted = switchboard_redis::connect(&RedisConfig::new(server.url())).expect("a client");
+    assert!(
+        !untrusted.ping(Duration::from_millis(500)).await,
+        "a certificate the system does not trust is refused"
+    );
+}

@@ -9,7 +9,7 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering::SeqCst};
 use std::time::{Duration, Instant};
@@ -29,6 +29,9 @@ pub struct RedisServer {
     dir: PathBuf,
     /// Further `redis-server` arguments, given again on restart.
     extra_args: Vec<String>,
+    /// Serving TLS only (on `port`), with these certificate, key and CA
+    /// files.
+    tls: Option<[PathBuf; 3]>,
 }
 
 impl RedisServer {
@@ -42,6 +45,23 @@ impl RedisServer {
     /// (e.g. `--appendonly yes` for a server whose restarts keep its data:
     /// its files stay in its directory across restarts).
     pub fn start_with(extra_args: &[&str]) -> Self {
+        let mut server = Self::unstarted();
+        server.extra_args = extra_args.iter().map(|a| a.to_string()).collect();
+        server.start_on_a_free_port();
+        server
+    }
+
+    /// A server that speaks TLS only, with the certificate `cert` and key
+    /// `key` (PEM), not asking clients for certificates; `ca` is the CA
+    /// that signed `cert`. Its URL is `rediss://`.
+    pub fn start_tls(cert: &Path, key: &Path, ca: &Path) -> Self {
+        let mut server = Self::unstarted();
+        server.tls = Some([cert.to_owned(), key.to_owned(), ca.to_owned()]);
+        server.start_on_a_free_port();
+        server
+    }
+
+    fn unstarted() -> Self {
         crate::failure::remember_panics();
         static COUNTER: AtomicU32 = AtomicU32::new(0);
         let name = format!(
@@ -52,26 +72,35 @@ impl RedisServer {
         let dir = std::env::temp_dir().join(name);
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("create redis temp dir");
-        let mut server = Self {
+        Self {
             child: None,
             port: 0,
             dir,
-            extra_args: extra_args.iter().map(|a| a.to_string()).collect(),
-        };
+            extra_args: Vec::new(),
+            tls: None,
+        }
+    }
+
+    fn start_on_a_free_port(&mut self) {
         let mut last_error = String::new();
         for _ in 0..10 {
-            server.port = crate::nats::free_port();
-            match server.spawn_and_wait() {
-                Ok(()) => return server,
+            self.port = crate::nats::free_port();
+            match self.spawn_and_wait() {
+                Ok(()) => return,
                 Err(e) => last_error = e,
             }
         }
         panic!("redis-server did not start: {last_error}");
     }
 
-    /// `redis://127.0.0.1:PORT/0`.
+    /// `redis://127.0.0.1:PORT/0` (`rediss://` with TLS).
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/0", self.port)
+        let scheme = if self.tls.is_some() {
+            "rediss"
+        } else {
+            "redis"
+        };
+        format!("{scheme}://127.0.0.1:{}/0", self.port)
     }
 
     /// The port it listens on.
@@ -125,17 +154,30 @@ impl RedisServer {
     fn spawn_and_wait(&mut self) -> Result<(), String> {
         let log = self.dir.join("redis.log");
         let port = self.port.to_string();
-        let spawned = Command::new("redis-server")
-            .args([
+        let mut listen = vec!["--port".to_owned(), port.clone()];
+        if let Some([cert, key, ca]) = &self.tls {
+            listen = [
                 "--port",
+                "0",
+                "--tls-port",
                 &port,
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
+                "--tls-auth-clients",
                 "no",
-            ])
+            ]
+            .map(str::to_owned)
+            .to_vec();
+            for (flag, file) in [
+                ("--tls-cert-file", cert),
+                ("--tls-key-file", key),
+                ("--tls-ca-cert-file", ca),
+            ] {
+                listen.push(flag.to_owned());
+                listen.push(file.display().to_string());
+            }
+        }
+        let spawned = Command::new("redis-server")
+            .args(&listen)
+            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .arg("--dir")
             .arg(&self.dir)
             .arg("--logfile")
@@ -161,7 +203,14 @@ impl RedisServer {
                     self.log()
                 ));
             }
-            if let Some(info) = ask(addr, &["INFO", "server"]) {
+            if self.tls.is_some() {
+                // Not readable without TLS: the port accepting is enough
+                // (it was free when the server started).
+                if TcpStream::connect_timeout(&addr, Duration::from_millis(100)).is_ok() {
+                    self.child = Some(child);
+                    return Ok(());
+                }
+            } else if let Some(info) = ask(addr, &["INFO", "server"]) {
                 // A server that wants a password says so to everyone: ours
                 // if it still runs (the port was free when it started).
                 let locked = info.starts_with("-NOAUTH") || info.starts_with("-NOPERM");

@@ -39,6 +39,8 @@ pub(crate) struct ClusterSettings {
     pub(crate) redis: Option<String>,
     /// Prefix of every Redis key and pub/sub channel.
     pub(crate) redis_prefix: String,
+    /// CA certificate (PEM) to verify a `rediss://` Redis with.
+    pub(crate) redis_tls_ca: Option<PathBuf>,
     /// With `origin = "redis"`: event streams, by connection id.
     pub(crate) redis_event_partitions: u32,
     /// With `origin = "redis"`: entries each event stream keeps, about.
@@ -70,6 +72,7 @@ impl Default for ClusterSettings {
             nats_event_stream: None,
             redis: None,
             redis_prefix: "switchboard".into(),
+            redis_tls_ca: None,
             redis_event_partitions: 1,
             redis_event_stream_max_len: 1_000_000,
             cluster_heartbeat: Duration::from_secs(1),
@@ -156,6 +159,17 @@ impl ClusterSettings {
                 ));
             }
         }
+        if self.redis_tls_ca.is_some()
+            && !self
+                .redis
+                .as_deref()
+                .is_some_and(|u| u.starts_with("rediss://"))
+        {
+            return Err(ConfigError::new(
+                "redis-tls-ca",
+                "only applies with a rediss:// `redis` URL",
+            ));
+        }
         let prefix_ok = |p: &str| {
             !p.is_empty()
                 && p.len() <= 64
@@ -239,6 +253,7 @@ impl ClusterSettings {
     fn redis_config(&self, config: &Config) -> switchboard_redis::RedisConfig {
         switchboard_redis::RedisConfig {
             prefix: self.redis_prefix.clone(),
+            tls_ca: self.redis_tls_ca.clone(),
             heartbeat: self.cluster_heartbeat,
             heartbeat_timeout: self.cluster_heartbeat_timeout,
             request_timeout: self.cluster_request_timeout,
@@ -345,7 +360,9 @@ async fn bind_redis(config: Config, cluster: &ClusterSettings) -> Result<Gateway
     };
     let settings = cluster.redis_config(&config);
     let redis = switchboard_redis::connect(&settings).map_err(|e| match e {
-        switchboard_redis::RedisError::Url(_) => Startup::Config(e.to_string()),
+        switchboard_redis::RedisError::Url(_) | switchboard_redis::RedisError::File { .. } => {
+            Startup::Config(e.to_string())
+        }
         other => Startup::Other(other.to_string()),
     })?;
     // Give the first connection a moment, so a node that can reach Redis
@@ -439,6 +456,30 @@ mod tests {
             ..nats()
         };
         assert_eq!(err(stream, &config), "nats-event-stream");
+        let redis = |url: &str| ClusterSettings {
+            redis: Some(url.into()),
+            ..ClusterSettings::default()
+        };
+        redis("redis://127.0.0.1:6379/0").validate(&config).unwrap();
+        let both = ClusterSettings {
+            nats: Some("nats://127.0.0.1:4222".into()),
+            ..redis("redis://127.0.0.1:6379/0")
+        };
+        assert_eq!(err(both, &config), "redis");
+        assert_eq!(err(redis("http://x"), &config), "redis");
+        let ca = |url: &str| ClusterSettings {
+            redis_tls_ca: Some("ca.pem".into()),
+            ..redis(url)
+        };
+        assert_eq!(err(ca("redis://h:6379/0"), &config), "redis-tls-ca");
+        ca("rediss://h:6379/0").validate(&config).unwrap();
+        let on_redis = Config {
+            origin: Some("redis".into()),
+            ..Config::default()
+        };
+        assert_eq!(err(ClusterSettings::default(), &on_redis), "origin");
+        redis("redis://h:6379/0").validate(&on_redis).unwrap();
+        assert!(ClusterSettings::owns("redis") && ClusterSettings::owns("redis-tls-ca"));
         assert!(ClusterSettings::owns("nats-prefix") && ClusterSettings::owns("nats"));
         assert!(!ClusterSettings::owns("namespace") && !ClusterSettings::owns("origin"));
     }

@@ -533,6 +533,11 @@ pub(crate) struct ServeArgs {
     #[serde(skip_serializing_if = "Option::is_none")]
     redis_prefix: Option<String>,
 
+    /// CA certificate (PEM) to verify a `rediss://` Redis with [default: system roots].
+    #[arg(long, env = "SWITCHBOARD_REDIS_TLS_CA", value_name = "FILE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    redis_tls_ca: Option<String>,
+
     /// With `--origin redis`: event streams a connection's events are spread over, by connection id [default: 1].
     #[arg(long, env = "SWITCHBOARD_REDIS_EVENT_PARTITIONS", value_name = "N")]
     #[serde(skip_serializing_if = "Option::is_none")]
