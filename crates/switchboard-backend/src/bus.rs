@@ -93,6 +93,34 @@ pub enum BusEvent {
 /// The events of one watched channel; dropping it stops the watch.
 pub type Watch = Pin<Box<dyn Stream<Item = BusEvent> + Send>>;
 
+/// The members in up to `expected` presence answers (each the JSON of a
+/// `Vec<Member>`) from `answers`, waiting at most `within` in all: a peer
+/// that does not answer in time (dead, not yet dropped) has no members to
+/// show. For backends gathering [`ChannelBus::presence`].
+pub async fn gather_members<S>(
+    mut answers: S,
+    expected: usize,
+    within: std::time::Duration,
+) -> Vec<Member>
+where
+    S: Stream<Item = bytes::Bytes> + Unpin,
+{
+    use futures_util::StreamExt;
+    let mut members = Vec::new();
+    let deadline = tokio::time::Instant::now() + within;
+    for _ in 0..expected {
+        match tokio::time::timeout_at(deadline, answers.next()).await {
+            Ok(Some(body)) => {
+                if let Ok(more) = serde_json::from_slice::<Vec<Member>>(&body) {
+                    members.extend(more);
+                }
+            }
+            Ok(None) | Err(_) => break,
+        }
+    }
+    members
+}
+
 /// A cluster backend's channel services; see the module docs.
 pub trait ChannelBus: Send + Sync + std::fmt::Debug + 'static {
     /// Appends a message to `channel`'s log: the next offset of its epoch (a

@@ -607,7 +607,7 @@ impl ChannelBus for NatsChannels {
                 return Ok(Vec::new());
             }
             let inbox = self.client.new_inbox();
-            let mut replies = self
+            let replies = self
                 .client
                 .subscribe(inbox.clone())
                 .await
@@ -623,21 +623,8 @@ impl ChannelBus for NatsChannels {
                 )
                 .await
                 .map_err(bus_down)?;
-            let mut members = Vec::new();
-            let deadline = tokio::time::Instant::now() + self.timeout;
-            for _ in 0..peers {
-                match tokio::time::timeout_at(deadline, replies.next()).await {
-                    Ok(Some(m)) => {
-                        if let Ok(more) = serde_json::from_slice::<Vec<Member>>(&m.payload) {
-                            members.extend(more);
-                        }
-                    }
-                    // A peer that does not answer in time (dead, not yet
-                    // dropped) has no members to show.
-                    Ok(None) | Err(_) => break,
-                }
-            }
-            Ok(members)
+            let answers = replies.map(|m| m.payload);
+            Ok(switchboard_backend::bus::gather_members(answers, peers, self.timeout).await)
         })
     }
 }

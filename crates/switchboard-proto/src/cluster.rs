@@ -32,6 +32,21 @@ pub struct Heartbeat {
     pub seq: u64,
 }
 
+impl Heartbeat {
+    /// How another node lists the sender in `GET /v1/nodes`, having last
+    /// heard from it at `last_seen_ms`.
+    pub fn peer_info(&self, last_seen_ms: u64) -> crate::control::NodeInfo {
+        crate::control::NodeInfo {
+            node: self.node.clone(),
+            connections: self.connections,
+            draining: self.draining,
+            started_at_ms: self.started_at_ms,
+            last_seen_ms,
+            is_self: false,
+        }
+    }
+}
+
 /// A node sent a command with this header to another node: execute it there
 /// only (never forward it again). The value is the sending node's id.
 pub const FORWARDED_HEADER: &str = "Switchboard-Forwarded";

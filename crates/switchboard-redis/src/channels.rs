@@ -446,21 +446,10 @@ impl ChannelBus for RedisChannels {
                 .map_err(bus_down)?;
             // Our own node is among those reached, and does not answer.
             let expected = reached.saturating_sub(1).min(peers);
-            let mut members = Vec::new();
-            let deadline = tokio::time::Instant::now() + self.config.request_timeout;
-            for _ in 0..expected {
-                match tokio::time::timeout_at(deadline, waiting.answers.recv()).await {
-                    Ok(Some((_, body))) => {
-                        if let Ok(more) = serde_json::from_slice::<Vec<Member>>(&body) {
-                            members.extend(more);
-                        }
-                    }
-                    // A peer that does not answer in time (dead, not yet
-                    // dropped) has no members to show.
-                    Ok(None) | Err(_) => break,
-                }
-            }
-            Ok(members)
+            let answers = futures_util::stream::poll_fn(|cx| waiting.answers.poll_recv(cx))
+                .map(|(_, body)| body);
+            let within = self.config.request_timeout;
+            Ok(switchboard_backend::bus::gather_members(answers, expected, within).await)
         })
     }
 }

@@ -795,14 +795,7 @@ impl Cluster for RedisCluster {
             .lock()
             .members
             .values()
-            .map(|m| NodeInfo {
-                node: m.beat.node.clone(),
-                connections: m.beat.connections,
-                draining: m.beat.draining,
-                started_at_ms: m.beat.started_at_ms,
-                last_seen_ms: m.last_seen_ms,
-                is_self: false,
-            })
+            .map(|m| m.beat.peer_info(m.last_seen_ms))
             .collect()
     }
 

@@ -7,7 +7,7 @@
 //! request timeout ([`Bounded`]): a command that could not be sent in time
 //! is dropped, never sent later. TCP keepalives and `TCP_USER_TIMEOUT`
 //! close a connection whose peer vanished. [`Link`] says whether Redis
-//! answers, and since when.
+//! answers.
 
 use crate::RedisConfig;
 use bytes::Bytes;
@@ -55,20 +55,18 @@ pub(crate) const BLOCK_FOR: Duration = Duration::from_secs(1);
 /// watcher fills the gap from the log at its next message).
 const SUBSCRIBER_QUEUE: usize = 65_536;
 
-/// Whether Redis answers, and since when: set by the outcome of each
+/// Whether Redis answers: set by the outcome of each
 /// heartbeat (every `cluster-heartbeat`) and by the subscribing
 /// connection's breaks.
 #[derive(Debug)]
 pub struct Link {
     up: AtomicBool,
-    since: Mutex<Instant>,
 }
 
 impl Link {
     fn new() -> Self {
         Self {
             up: AtomicBool::new(false),
-            since: Mutex::new(Instant::now()),
         }
     }
 
@@ -77,20 +75,10 @@ impl Link {
         self.up.load(Relaxed)
     }
 
-    /// How long Redis has answered without a break (zero when down).
-    pub fn up_for(&self) -> Duration {
-        if self.is_up() {
-            self.since.lock().elapsed()
-        } else {
-            Duration::ZERO
-        }
-    }
-
     /// Records that Redis answered (`true`) or failed.
     pub(crate) fn set(&self, up: bool) {
         let was = self.up.swap(up, Relaxed);
         if up && !was {
-            *self.since.lock() = Instant::now();
             tracing::info!("Redis reachable");
         } else if !up && was {
             tracing::warn!("Redis unreachable; serving local clients and still trying");
@@ -414,7 +402,7 @@ impl Redis {
         }
     }
 
-    /// Whether Redis answers, and since when.
+    /// Whether Redis answers.
     pub fn link(&self) -> &Arc<Link> {
         &self.link
     }

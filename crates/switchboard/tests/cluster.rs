@@ -62,8 +62,8 @@ use async_nats::jetstream;
 use async_nats::jetstream::consumer::PullConsumer;
 use bytes::Bytes;
 use common::{
-    command, expect_dead, nats_connect, node_of, poll, start_node, start_three, wait_member_ids,
-    wait_members, Bus, CutProxy, Node, FORM, HEARTBEAT_TIMEOUT, QUICK, SLACK,
+    command, expect_dead, nats_connect, node_of, poll, refusal, start_node, start_three,
+    wait_member_ids, wait_members, Bus, CutProxy, Node, FORM, HEARTBEAT_TIMEOUT, QUICK, SLACK,
 };
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
@@ -1789,22 +1789,6 @@ async fn expect_origin_unavailable(node: &Node, path: &str) {
     let body = refusal(&node.ws_url(path), 503, &accepted).await;
     assert!(body.contains("origin_unavailable"), "{body}");
     assert!(t.elapsed() < QUICK, "refused after {:?}", t.elapsed());
-}
-
-/// Connects to `url`, asserts the handshake is refused with `status`
-/// (panicking with `if_accepted` when it is not refused), and returns the
-/// refusal's body.
-async fn refusal(url: &str, status: u16, if_accepted: &str) -> String {
-    match connect_with(url, &[]).await {
-        Err(tungstenite::Error::Http(resp)) => {
-            let body =
-                String::from_utf8_lossy(resp.body().as_deref().unwrap_or_default()).into_owned();
-            assert_eq!(resp.status(), status, "{body}");
-            body
-        }
-        Err(e) => panic!("expected a {status} answer, got {e}"),
-        Ok(_) => panic!("{if_accepted}"),
-    }
 }
 
 /// A JetStream stream capturing `<prefix>.events.>`, `connect` included,

@@ -20,15 +20,14 @@
 
 mod common;
 
-use common::{start_three, wait_member_ids, Bus, FORM};
+use common::{refusal, start_three, wait_member_ids, Bus, FORM};
 use futures_util::{SinkExt, StreamExt};
 use redis::AsyncCommands;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use switchboard_test_util::{connect_with, next_msg, WsMessage};
-use tokio_tungstenite::tungstenite;
+use switchboard_test_util::{next_msg, WsMessage};
 
 const PREFIX: &str = "orr";
 const GROUP: &str = "origin";
@@ -123,20 +122,6 @@ fn process(entry: &Entry, partition: usize, into: &Mutex<Processed>) {
     }
 }
 
-/// The handshake's refusal: asserts its status, returns its body.
-async fn refusal(url: &str, status: u16) -> String {
-    match connect_with(url, &[]).await {
-        Err(tungstenite::Error::Http(resp)) => {
-            let body =
-                String::from_utf8_lossy(resp.body().as_deref().unwrap_or_default()).into_owned();
-            assert_eq!(resp.status(), status, "{body}");
-            body
-        }
-        Err(e) => panic!("expected a {status} answer, got {e}"),
-        Ok(_) => panic!("{url} was accepted"),
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn origin_over_redis_streams_with_a_worker_that_crashes() {
     let bus = Bus::redis();
@@ -161,10 +146,10 @@ async fn origin_over_redis_streams_with_a_worker_that_crashes() {
 
     // Decisions: refused with the origin's status and reason; 503 without
     // an answer within --origin-timeout.
-    let body = refusal(&a.ws_url("/deny"), 403).await;
+    let body = refusal(&a.ws_url("/deny"), 403, "a refused client was accepted").await;
     assert!(body.contains("not you"), "{body}");
     let t = Instant::now();
-    let body = refusal(&b.ws_url("/silent"), 503).await;
+    let body = refusal(&b.ws_url("/silent"), 503, "accepted without an answer").await;
     assert!(body.contains("origin_unavailable"), "{body}");
     assert!(
         t.elapsed() >= Duration::from_millis(900),

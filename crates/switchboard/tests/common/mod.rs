@@ -624,3 +624,19 @@ impl Bus {
         matches!(self, Self::Redis(_))
     }
 }
+
+/// Connects to `url`, asserts the handshake is refused with `status`
+/// (panicking with `if_accepted` when it is not refused), and returns the
+/// refusal's body.
+pub(crate) async fn refusal(url: &str, status: u16, if_accepted: &str) -> String {
+    match switchboard_test_util::connect_with(url, &[]).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
+            let body =
+                String::from_utf8_lossy(resp.body().as_deref().unwrap_or_default()).into_owned();
+            assert_eq!(resp.status(), status, "{body}");
+            body
+        }
+        Err(e) => panic!("expected a {status} answer, got {e}"),
+        Ok(_) => panic!("{if_accepted}"),
+    }
+}
