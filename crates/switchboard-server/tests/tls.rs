@@ -101,7 +101,13 @@ async fn tls_connect_with(
     addr: std::net::SocketAddr,
     versions: &[&'static rustls::SupportedProtocolVersion],
 ) -> std::io::Result<TlsStream<TcpStream>> {
-    let tcp = TcpStream::connect(addr).await?;
+    tls_over(TcpStream::connect(addr).await?, versions).await
+}
+
+async fn tls_over(
+    tcp: TcpStream,
+    versions: &[&'static rustls::SupportedProtocolVersion],
+) -> std::io::Result<TlsStream<TcpStream>> {
     let name = ServerName::try_from("localhost").expect("name");
     tokio::time::timeout(
         WAIT,
@@ -536,4 +542,137 @@ async fn the_tls_control_listener_times_out_slow_peers_and_caps_connections() {
         assert!(got >= at_least, "{reason}: {got}");
     }
     gw.shutdown().await;
+}
+
+/// Sockets of this process that are Unix-domain sockets (a TLS pump's
+/// local socket pair would be two of them per connection).
+fn unix_sockets_held() -> usize {
+    let unix = std::fs::read_to_string("/proc/net/unix").expect("/proc/net/unix");
+    let inodes: std::collections::HashSet<&str> = unix
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_whitespace().nth(6))
+        .collect();
+    std::fs::read_dir("/proc/self/fd")
+        .expect("/proc/self/fd")
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter_map(|l| {
+            let l = l.to_string_lossy().into_owned();
+            Some(l.strip_prefix("socket:[")?.strip_suffix(']')?.to_owned())
+        })
+        .filter(|ino| inodes.contains(ino.as_str()))
+        .count()
+}
+
+/// Established TCP sockets whose local address is `addr` (the gateway's
+/// end of each client connection).
+fn established_on(addr: std::net::SocketAddr) -> usize {
+    let std::net::IpAddr::V4(ip) = addr.ip() else {
+        panic!("an IPv4 listener");
+    };
+    // /proc/net/tcp writes the address as a little-endian word.
+    let local = format!(
+        "{:08X}:{:04X}",
+        u32::from_le_bytes(ip.octets()),
+        addr.port()
+    );
+    let tcp = std::fs::read_to_string("/proc/net/tcp").expect("/proc/net/tcp");
+    tcp.lines()
+        .skip(1)
+        .filter(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.len() > 3 && f[1] == local && f[3] == "01"
+        })
+        .count()
+}
+
+/// Issue 17 (1): TLS is terminated in the connection's own task, so a TLS
+/// connection costs the gateway its TCP socket and nothing else: no local
+/// socket pair, no second task. Twenty connections hold twenty sockets
+/// (and every one of them works); closed, they hold none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_connection_holds_one_socket_in_the_gateway() {
+    const N: usize = 20;
+    let certs = CertDir::new("one-socket", "a");
+    let origin = TestOrigin::start(None).await;
+    origin.behavior(|b| b.echo = true);
+    let gw = TestGateway::with_origin(&origin, |c| certs.configure(c)).await;
+    let unix_before = unix_sockets_held();
+    let mut clients = Vec::new();
+    for _ in 0..N {
+        clients.push(wss(&gw).await.0);
+    }
+    for (i, ws) in clients.iter_mut().enumerate() {
+        ws.send(WsMessage::text(format!("hello {i}")))
+            .await
+            .expect("send");
+        assert_eq!(next_text(ws).await, format!("hello {i}"));
+    }
+    assert_eq!(established_on(gw.addr), N, "one TCP socket each");
+    let unix_now = unix_sockets_held();
+    assert!(
+        unix_now < unix_before + N,
+        "TLS connections hold local sockets: {unix_before} before, {unix_now} with {N} open"
+    );
+    for mut ws in clients {
+        ws.close(None).await.expect("close");
+        while let Ok(Some(Ok(_))) = tokio::time::timeout(WAIT, ws.next()).await {}
+    }
+    eventually(WAIT, "every socket closed", || async {
+        established_on(gw.addr) == 0
+    })
+    .await;
+}
+
+/// The session answers what the client's TLS stack sends mid-stream: a
+/// client that updates its traffic keys (asking the gateway to update its
+/// own) keeps exchanging messages both ways, large and small, and a client
+/// that stops reading while the gateway writes gets every byte, in order,
+/// once it reads again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_updates_and_a_stalled_reader_leave_the_tls_stream_intact() {
+    let certs = CertDir::new("key-update", "a");
+    let origin = TestOrigin::start(None).await;
+    origin.behavior(|b| b.echo = true);
+    let gw = TestGateway::with_origin(&origin, |c| {
+        certs.configure(c);
+        c.client_byte_rate = 0;
+        c.client_message_rate = 0;
+        c.max_outbound_bytes = 64 << 20;
+        // The test origin takes bodies of up to 2 MB.
+        c.origin_batch_size = 1;
+    })
+    .await;
+    // A small receive window: the gateway's writes soon stop fitting.
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.set_recv_buffer_size(16 << 10).expect("SO_RCVBUF");
+    let tcp = socket.connect(gw.addr).await.expect("connect");
+    let tls = tls_over(tcp, rustls::DEFAULT_VERSIONS).await.expect("TLS");
+    let url = format!("wss://localhost:{}/", gw.addr.port());
+    let (mut ws, _) = tokio_tungstenite::client_async(url, tls)
+        .await
+        .expect("WebSocket over TLS");
+    for i in 0..12 {
+        if i % 4 == 3 {
+            ws.get_mut()
+                .get_mut()
+                .1
+                .refresh_traffic_keys()
+                .expect("key update");
+        }
+        let text = format!("{i}-{}", "k".repeat(i * 3_000));
+        ws.send(WsMessage::text(text.clone())).await.expect("send");
+        assert_eq!(next_text(&mut ws).await, text, "echo {i}");
+    }
+    // Stalled: the echoes pile up in the socket buffers and in the
+    // gateway's queue (and as ciphertext the socket has not taken).
+    const N: usize = 160;
+    let message = |i: usize| format!("{i:03}-{}", "s".repeat(100_000));
+    for i in 0..N {
+        ws.send(WsMessage::text(message(i))).await.expect("send");
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    for i in 0..N {
+        assert!(next_text(&mut ws).await == message(i), "stalled echo {i}");
+    }
 }

@@ -39,9 +39,6 @@ pub struct Capacity {
     pub fd_limit: Option<u64>,
     /// Descriptors kept for anything but client sockets.
     pub reserve: u64,
-    /// Descriptors one client socket takes (3 with TLS: the TCP socket and
-    /// the pair between the TLS pump and the connection task).
-    pub per_socket: u64,
     /// Client sockets held at once, handshakes included (503 beyond):
     /// `max-connections`, lowered to fit the open-file limit.
     pub max_connections: usize,
@@ -60,16 +57,14 @@ impl Capacity {
     /// The reserve is [`PROCESS_RESERVE`] + [`CONTROL_RESERVE`], plus
     /// `origin-concurrency` + [`ORIGIN_CONNECT_RESERVE`] with an HTTP
     /// origin, `graphql-concurrency` with a GraphQL endpoint, plus `backend_fds` (see [`CLUSTER_RESERVE`]), but never more than half
-    /// the limit. What is left, divided by [`Capacity::per_socket`], holds
-    /// the client sockets: an eighth of it (at most [`MAX_REFUSING`]) for
+    /// the limit. What is left holds the client sockets (one descriptor
+    /// each, TLS or not): an eighth of it (at most [`MAX_REFUSING`]) for
     /// sockets being refused, the rest for `max_connections`.
     pub fn new(config: &Config, fd_limit: Option<u64>, backend_fds: u64) -> Self {
-        let per_socket = if config.tls_cert.is_some() { 3 } else { 1 };
         let Some(limit) = fd_limit else {
             return Self {
                 fd_limit,
                 reserve: 0,
-                per_socket,
                 max_connections: config.max_connections,
                 refusing: MAX_REFUSING,
                 lowered: false,
@@ -85,13 +80,12 @@ impl Capacity {
         }
         wanted += backend_fds;
         let reserve = wanted.min(limit / 2);
-        let sockets = usize::try_from((limit - reserve) / per_socket).unwrap_or(usize::MAX);
+        let sockets = usize::try_from(limit - reserve).unwrap_or(usize::MAX);
         let refusing = (sockets / 8).clamp(1, MAX_REFUSING);
         let fits = sockets.saturating_sub(refusing).max(1);
         Self {
             fd_limit,
             reserve,
-            per_socket,
             max_connections: config.max_connections.min(fits),
             refusing,
             lowered: config.max_connections > fits,
@@ -157,12 +151,12 @@ mod tests {
             65_536 - reserve - MAX_REFUSING as u64
         );
         assert!(cap.lowered);
-        // With TLS a socket takes three descriptors.
+        // TLS is terminated in the connection's task: still one descriptor.
         let tls = config(|c| c.tls_cert = Some("cert.pem".into()));
-        let cap = Capacity::new(&tls, Some(65_536), 0);
-        assert_eq!(cap.per_socket, 3);
-        let sockets = (65_536 - cap.reserve) / 3;
-        assert_eq!(cap.max_connections as u64, sockets - MAX_REFUSING as u64);
+        assert_eq!(
+            Capacity::new(&tls, Some(65_536), 0),
+            Capacity::new(&Config::default(), Some(65_536), 0)
+        );
     }
 
     #[test]

@@ -8,7 +8,9 @@
 //! attached to (its channels) is kept by those parts, not here.
 
 pub(crate) mod outbox;
+pub(crate) mod pool;
 pub(crate) mod stream;
+pub(crate) mod tls;
 
 use crate::metrics::Metrics;
 use bytes::{Buf, Bytes};

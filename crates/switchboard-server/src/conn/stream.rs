@@ -1,25 +1,26 @@
-//! The byte stream of one client connection: a TCP socket, or (behind TLS)
-//! the gateway's end of a local socket pair whose other end the TLS pump
-//! (`tls`) holds.
+//! The byte stream of one client connection: a TCP socket, or a TCP socket
+//! with the TLS session the connection's task drives itself ([`TlsStream`]).
 //!
 //! The connection task is written against readiness and non-blocking
 //! `try_*` calls, so that an idle connection holds no buffer; both kinds of
-//! socket offer exactly those calls, and this enum forwards them.
+//! stream offer exactly those calls, and this enum forwards them.
 
+use super::tls::TlsStream;
 use bytes::BufMut;
 use std::io::{self, IoSlice};
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf, Ready};
-use tokio::net::{TcpStream, UnixStream};
+use tokio::net::TcpStream;
 
 /// A client connection's stream, as the handshake and the connection task see it.
 #[derive(Debug)]
 pub(crate) enum ClientStream {
     /// Plain TCP: the client's own socket.
     Tcp(TcpStream),
-    /// TLS: plaintext to and from the pump that terminates TLS.
-    Tls(UnixStream),
+    /// TLS, terminated in the connection's task (boxed: the session is
+    /// large beside a socket).
+    Tls(Box<TlsStream>),
 }
 
 macro_rules! each {
@@ -32,14 +33,53 @@ macro_rules! each {
 }
 
 impl ClientStream {
-    /// Waits until the stream is ready for `interest`.
+    /// The client's TCP socket.
+    pub(crate) fn tcp(&self) -> &TcpStream {
+        match self {
+            ClientStream::Tcp(s) => s,
+            ClientStream::Tls(s) => s.tcp(),
+        }
+    }
+
+    /// Whether everything written has reached the socket (a TLS stream may
+    /// hold ciphertext the socket has not taken yet; a plain one never
+    /// holds anything).
+    pub(crate) fn flushed(&self) -> bool {
+        match self {
+            ClientStream::Tcp(_) => true,
+            ClientStream::Tls(s) => s.flushed(),
+        }
+    }
+
+    /// Waits until the stream is ready for `interest`. Behind TLS,
+    /// ciphertext waiting for the socket is sent on the way, and write
+    /// readiness is reported once it is gone (see [`TlsStream::seen`]).
     pub(crate) async fn ready(&self, interest: Interest) -> io::Result<Ready> {
-        each!(self, s => s.ready(interest).await)
+        loop {
+            let (tcp, want) = match self {
+                ClientStream::Tcp(s) => (s, interest),
+                ClientStream::Tls(s) => {
+                    if let Some(ready) = s.ready_now(interest) {
+                        return Ok(ready);
+                    }
+                    (s.tcp(), s.interest(interest))
+                }
+            };
+            let ready = tcp.ready(want).await?;
+            match self {
+                ClientStream::Tcp(_) => return Ok(ready),
+                ClientStream::Tls(s) => {
+                    if let Some(ready) = s.seen(interest, ready)? {
+                        return Ok(ready);
+                    }
+                }
+            }
+        }
     }
 
     /// Waits until the stream is readable.
     pub(crate) async fn readable(&self) -> io::Result<()> {
-        each!(self, s => s.readable().await)
+        self.ready(Interest::READABLE).await.map(|_| ())
     }
 
     /// Reads what is there without waiting (`WouldBlock` if nothing).
@@ -64,7 +104,10 @@ impl AsyncRead for ClientStream {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        each!(self.get_mut(), s => Pin::new(s).poll_read(cx, buf))
+        match self.get_mut() {
+            ClientStream::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            ClientStream::Tls(s) => s.poll_read(cx, buf),
+        }
     }
 }
 
@@ -74,14 +117,23 @@ impl AsyncWrite for ClientStream {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        each!(self.get_mut(), s => Pin::new(s).poll_write(cx, buf))
+        match self.get_mut() {
+            ClientStream::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+            ClientStream::Tls(s) => s.poll_write(cx, buf),
+        }
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        each!(self.get_mut(), s => Pin::new(s).poll_flush(cx))
+        match self.get_mut() {
+            ClientStream::Tcp(s) => Pin::new(s).poll_flush(cx),
+            ClientStream::Tls(s) => s.poll_flush(cx),
+        }
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        each!(self.get_mut(), s => Pin::new(s).poll_shutdown(cx))
+        match self.get_mut() {
+            ClientStream::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+            ClientStream::Tls(s) => s.poll_shutdown(cx),
+        }
     }
 }

@@ -4,14 +4,14 @@
 //! [`Conn`] being woken (a frame queued or a close requested), and one timer
 //! (next ping, pong deadline, idle deadline or closing deadline, whichever is
 //! first). While idle it holds no read buffer, no write buffer and no
-//! fragment buffer; see [`crate::edge::pool`].
+//! fragment buffer; see [`crate::conn::pool`].
 
 use super::inbound::{Inbound, TokenCheck};
 use super::{Edge, SocketGuard};
 use crate::admission::ratelimit::Verdict;
+use crate::conn::pool;
 use crate::conn::stream::ClientStream;
 use crate::conn::Conn;
-use crate::edge::pool;
 use crate::frames;
 use crate::sessions::Ending;
 use bytes::{Bytes, BytesMut};
@@ -204,7 +204,8 @@ impl Task {
                 .conn
                 .flush(&self.stream, &self.guard.shared.metrics)
             {
-                Ok(d) => d,
+                // Behind TLS, ciphertext may still wait for the socket.
+                Ok(d) => d && self.stream.flushed(),
                 Err(_) => return self.end_or(Ending::lost("write failed")),
             };
             if let Phase::Closing {

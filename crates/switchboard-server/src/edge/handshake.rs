@@ -8,9 +8,10 @@
 use super::{Edge, SocketGuard};
 use crate::channels::Ack;
 use crate::clock::now_ms;
+use crate::conn::pool;
 use crate::conn::stream::ClientStream;
 use crate::conn::{CloseRequest, Conn, ConnInit, Outgoing};
-use crate::edge::{connection, fallback, graphql, pool};
+use crate::edge::{connection, fallback, graphql};
 use crate::origin::ask::{ask, event_id, log_failure, AskError};
 use crate::origin::{ConnectDecision, OriginError};
 use bytes::BytesMut;
@@ -537,16 +538,8 @@ pub(crate) async fn answer_refusal(
 fn refuse_now(stream: &ClientStream, r: &Refusal) {
     let resp = hs::error_response(r.status, r.code, &r.message, r.extra);
     let mut sink = [0u8; 4096];
-    match stream {
-        ClientStream::Tcp(s) => {
-            while matches!(s.try_read(&mut sink), Ok(n) if n > 0) {}
-            let _ = s.try_write(&resp);
-        }
-        ClientStream::Tls(s) => {
-            while matches!(s.try_read(&mut sink), Ok(n) if n > 0) {}
-            let _ = s.try_write(&resp);
-        }
-    }
+    while matches!(stream.try_read_buf(&mut &mut sink[..]), Ok(n) if n > 0) {}
+    let _ = stream.try_write(&resp);
 }
 
 /// Answers 503 `over_capacity` on a plain TCP socket without waiting (see

@@ -13,7 +13,6 @@ mod graphql;
 pub(crate) mod handshake;
 pub(crate) mod inbound;
 pub(crate) mod listener;
-pub(crate) mod pool;
 pub(crate) mod tls;
 
 use crate::admission::fds::Capacity;

@@ -1,17 +1,18 @@
 //! TLS on both listeners (rustls): the certificate and key, reloaded when
-//! their files change; the client listener's pump that terminates TLS; and
-//! the control listener's acceptor.
+//! their files change; the client listener's handshake; and the control
+//! listener's acceptor.
 //!
-//! A TLS client's connection task is the same as a plain one's: it reads and
-//! writes plaintext on one end of a local socket pair, and a pump task moves
-//! bytes between the other end and the TLS stream. So the connection task
-//! keeps its readiness-based design (no buffer while idle); the TLS session
-//! and the pump (which, likewise, borrows a buffer only while bytes move)
-//! are what TLS adds to a connection (docs/security.md, "TLS").
+//! A TLS client's connection task is the same as a plain one's: once the
+//! handshake is done, its [`ClientStream`] holds the client's socket and the
+//! rustls session ([`TlsStream`]), which the task drives itself, with the
+//! same readiness-based calls and the same borrowed buffers. The session
+//! (keys and state) is what TLS adds to an idle connection
+//! (docs/security.md, "TLS").
 
 use super::Edge;
 use crate::config::{Config, TlsVersion};
 use crate::conn::stream::ClientStream;
+use crate::conn::tls::TlsStream as ClientTls;
 use crate::edge::control_listener::{Slot, Slots};
 use crate::metrics::Metrics;
 use parking_lot::{Mutex, RwLock};
@@ -23,16 +24,10 @@ use rustls::ServerConfig;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
-use tokio::io::AsyncWriteExt;
-use tokio::net::{TcpListener, TcpStream, UnixStream};
+use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
-
-/// How long the pump keeps the other direction open once one has ended
-/// (the client closed, or the connection task did), so a close frame or
-/// `close_notify` still gets through, but a peer cannot hold the socket.
-const LINGER: Duration = Duration::from_secs(5);
 
 /// Control connections whose TLS handshake is done, waiting for `accept`.
 const CONTROL_BACKLOG: usize = 64;
@@ -59,6 +54,9 @@ pub enum TlsSetupError {
 /// The TLS side of a node: the acceptor both listeners use, and the
 /// certificate store it reads from.
 pub(crate) struct Tls {
+    /// For client connections (driven in their own task).
+    config: Arc<ServerConfig>,
+    /// For control connections (tokio-rustls streams served by hyper).
     acceptor: TlsAcceptor,
     store: Arc<CertStore>,
 }
@@ -88,8 +86,10 @@ impl Tls {
                 .with_cert_resolver(store.clone());
         // Both listeners speak HTTP/1.1 only (a WebSocket upgrade needs it).
         server.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let config = Arc::new(server);
         Ok(Some(Arc::new(Self {
-            acceptor: TlsAcceptor::from(Arc::new(server)),
+            acceptor: TlsAcceptor::from(config.clone()),
+            config,
             store,
         })))
     }
@@ -238,198 +238,29 @@ fn load_pair(cert_path: &Path, key_path: &Path) -> Result<CertifiedKey, TlsSetup
 }
 
 /// The TLS handshake of a client socket (bounded by `handshake-timeout`);
-/// on success the pump is started and the plaintext end returned.
+/// the connection's task drives the session from then on.
 pub(crate) async fn accept_client(
     shared: &Arc<Edge>,
     tls: &Tls,
     tcp: TcpStream,
 ) -> Option<ClientStream> {
-    let accepted =
-        tokio::time::timeout(shared.config.handshake_timeout, tls.acceptor.accept(tcp)).await;
-    let stream = match accepted {
-        Ok(Ok(s)) => s,
+    let accepted = tokio::time::timeout(
+        shared.config.handshake_timeout,
+        ClientTls::accept(tcp, tls.config.clone()),
+    )
+    .await;
+    match accepted {
+        Ok(Ok(s)) => Some(ClientStream::Tls(Box::new(s))),
         Ok(Err(e)) => {
             tracing::debug!(error = %e, "TLS handshake failed");
             shared.metrics.handshake("tls_failed");
-            return None;
+            None
         }
         Err(_) => {
             shared.metrics.handshake("tls_timeout");
-            return None;
-        }
-    };
-    let (ours, pumps) = match UnixStream::pair() {
-        Ok(pair) => pair,
-        Err(e) => {
-            tracing::warn!(error = %e, "no socket pair for a TLS connection");
-            shared.metrics.handshake("tls_failed");
-            return None;
-        }
-    };
-    shared.conn_tasks.spawn(pump(stream, pumps));
-    Some(ClientStream::Tls(ours))
-}
-
-/// Bytes moved in one direction before the pump turns to the other, so a
-/// client streaming in cannot hold up what the gateway sends it (or the
-/// other way round).
-const TURN_BUDGET: usize = 64 << 10;
-
-/// Moves bytes both ways between a client's TLS stream and the connection
-/// task's plaintext socket, holding a (pooled) buffer only while bytes are
-/// moving, as the connection task does: an idle TLS connection costs its
-/// rustls session and this future, no copy buffers. The directions take
-/// turns of at most [`TURN_BUDGET`] bytes; when one ends, the other gets
-/// [`LINGER`] to finish.
-async fn pump(mut tls: TlsStream<TcpStream>, mut plain: UnixStream) {
-    // The client may have sent its first bytes with the end of the TLS
-    // handshake: they are already in rustls, and the socket will not turn
-    // readable for them. So both sides start by trying.
-    let (mut client, mut task) = (Side::Try, Side::Try);
-    let mut linger: Option<tokio::time::Instant> = None;
-    loop {
-        if client == Side::Try {
-            let Some(next) = client_to_task(&mut tls, &mut plain).await.next() else {
-                return;
-            };
-            client = next;
-        }
-        if task == Side::Try {
-            let Some(next) = task_to_client(&mut plain, &mut tls).await.next() else {
-                return;
-            };
-            task = next;
-        }
-        match (client, task) {
-            (Side::Closed, Side::Closed) => return,
-            (Side::Try, _) | (_, Side::Try) => continue,
-            (Side::Closed, _) | (_, Side::Closed) => {
-                linger.get_or_insert_with(|| tokio::time::Instant::now() + LINGER);
-            }
-            _ => {}
-        }
-        let deadline = linger.unwrap_or_else(|| tokio::time::Instant::now() + LINGER);
-        tokio::select! {
-            ready = tls.get_ref().0.readable(), if client == Side::Wait => {
-                if ready.is_err() {
-                    return;
-                }
-                client = Side::Try;
-            }
-            ready = plain.readable(), if task == Side::Wait => {
-                if ready.is_err() {
-                    return;
-                }
-                task = Side::Try;
-            }
-            () = tokio::time::sleep_until(deadline), if linger.is_some() => return,
+            None
         }
     }
-}
-
-/// Where one direction of the pump stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Side {
-    /// Bytes may be there: move them now.
-    Try,
-    /// Nothing there: wait for the socket to be readable.
-    Wait,
-    /// Its sender closed.
-    Closed,
-}
-
-/// What one turn of a direction did.
-enum Flow {
-    /// Moved its budget; there may be more.
-    More,
-    /// Moved all there was.
-    Drained,
-    /// Its sender closed (the end was passed on).
-    Ended,
-    /// An error: give up the connection.
-    Failed,
-}
-
-impl Flow {
-    /// Where the direction stands after this turn; `None` after an error.
-    fn next(self) -> Option<Side> {
-        match self {
-            Self::More => Some(Side::Try),
-            Self::Drained => Some(Side::Wait),
-            Self::Ended => Some(Side::Closed),
-            Self::Failed => None,
-        }
-    }
-}
-
-/// Decrypts what the client sent that is there now (a turn's worth) and
-/// passes it on.
-async fn client_to_task(tls: &mut TlsStream<TcpStream>, plain: &mut UnixStream) -> Flow {
-    use futures_util::FutureExt;
-    use tokio::io::AsyncReadExt;
-    let mut buf = crate::edge::pool::take();
-    let mut moved = 0;
-    let flow = loop {
-        if moved >= TURN_BUDGET {
-            break Flow::More;
-        }
-        // Without waiting: a partial record stays in rustls until more comes.
-        match tls.read_buf(&mut buf).now_or_never() {
-            None => break Flow::Drained,
-            Some(Ok(0)) => {
-                let _ = plain.shutdown().await;
-                break Flow::Ended;
-            }
-            Some(Ok(n)) => {
-                if plain.write_all(&buf).await.is_err() {
-                    break Flow::Failed;
-                }
-                moved += n;
-                buf.clear();
-            }
-            Some(Err(_)) => break Flow::Failed,
-        }
-    };
-    crate::edge::pool::give(buf);
-    flow
-}
-
-/// Encrypts what the connection task wrote that is there now (a turn's
-/// worth) and sends it.
-async fn task_to_client(plain: &mut UnixStream, tls: &mut TlsStream<TcpStream>) -> Flow {
-    let mut buf = crate::edge::pool::take();
-    let mut moved = 0;
-    let flow = loop {
-        if moved >= TURN_BUDGET {
-            break match tls.flush().await {
-                Ok(()) => Flow::More,
-                Err(_) => Flow::Failed,
-            };
-        }
-        match plain.try_read_buf(&mut buf) {
-            Ok(0) => {
-                // Sends close_notify, then closes the TCP write side.
-                let _ = tls.shutdown().await;
-                break Flow::Ended;
-            }
-            Ok(n) => {
-                if tls.write_all(&buf).await.is_err() {
-                    break Flow::Failed;
-                }
-                moved += n;
-                buf.clear();
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                break match tls.flush().await {
-                    Ok(()) => Flow::Drained,
-                    Err(_) => Flow::Failed,
-                };
-            }
-            Err(_) => break Flow::Failed,
-        }
-    };
-    crate::edge::pool::give(buf);
-    flow
 }
 
 /// The control listener behind TLS: a task accepts TCP connections, takes

@@ -626,7 +626,7 @@ async fn read_body(
 /// back to the pool): what a connection keeps while it waits.
 fn unless_empty(buf: BytesMut) -> BytesMut {
     if buf.is_empty() {
-        crate::edge::pool::give(buf);
+        crate::conn::pool::give(buf);
         BytesMut::new()
     } else {
         buf
@@ -939,11 +939,9 @@ async fn open(
             })),
         })),
         _ => {
-            if let ClientStream::Tcp(tcp) = &stream {
-                // A vanished client's unacknowledged heartbeat ends the stream.
-                let _ = socket2::SockRef::from(tcp)
-                    .set_tcp_user_timeout(Some(shared.config.pong_timeout));
-            }
+            // A vanished client's unacknowledged heartbeat ends the stream.
+            let _ = socket2::SockRef::from(stream.tcp())
+                .set_tcp_user_timeout(Some(shared.config.pong_timeout));
             let mut h = answer::head(200, "text/event-stream", None, cors.as_deref(), false);
             if plain.is_some() {
                 h.extend_from_slice(b"retry: 1000\n\n");
@@ -1032,7 +1030,9 @@ async fn session_request(shared: &Arc<Edge>, head: &Head, action: FallbackAction
 async fn write(stream: &mut ClientStream, head: &[u8], body: &[u8]) -> bool {
     let io = async {
         stream.write_all(head).await?;
-        stream.write_all(body).await
+        stream.write_all(body).await?;
+        // Behind TLS, ciphertext the socket has not taken yet.
+        stream.flush().await
     };
     matches!(
         tokio::time::timeout(std::time::Duration::from_secs(10), io).await,

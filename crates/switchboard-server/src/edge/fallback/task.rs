@@ -41,6 +41,17 @@ pub(crate) enum Down {
     Polls(Polls),
 }
 
+impl Down {
+    /// Whether everything written has reached the socket (see
+    /// [`ClientStream::flushed`]).
+    fn flushed(&self) -> bool {
+        match self {
+            Down::Stream { stream, .. } => stream.flushed(),
+            Down::Polls(_) => true,
+        }
+    }
+}
+
 /// How a fallback connection's close goes out.
 struct Closing {
     ending: Ending,
@@ -178,6 +189,7 @@ impl Task {
                 return end;
             }
             match self.flush() {
+                Ok(true) if !self.down.flushed() => {}
                 Ok(true) => {
                     if let Some(c) = self.closing.take() {
                         return c.ending;
