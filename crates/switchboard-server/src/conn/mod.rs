@@ -8,6 +8,7 @@
 //! attached to (its channels) is kept by those parts, not here.
 
 pub(crate) mod outbox;
+pub(crate) mod signal;
 pub(crate) mod stream;
 
 use crate::metrics::Metrics;
@@ -391,8 +392,9 @@ pub(crate) struct Conn {
     pub(crate) pending_events: AtomicUsize,
     max_outbound: usize,
     out: Mutex<Outbound>,
-    /// Wakes the connection's task: a frame was queued or a close requested.
-    pub(crate) notify: Notify,
+    /// Wakes the connection's task: a frame was queued, a close requested,
+    /// or one of its deadlines passed (`edge::timers`).
+    pub(crate) notify: signal::Signal,
     /// The connection has ended: nothing may attach to it any more. Set
     /// and read by the parts that attach things (channels) under their own
     /// locks.
@@ -445,7 +447,7 @@ impl Conn {
             pending_events: AtomicUsize::new(0),
             max_outbound: init.max_outbound,
             out: Mutex::new(Outbound::default()),
-            notify: Notify::new(),
+            notify: signal::Signal::default(),
             ended: AtomicBool::new(false),
         }
     }

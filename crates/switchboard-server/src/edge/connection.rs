@@ -11,7 +11,7 @@ use super::{Edge, SocketGuard};
 use crate::admission::ratelimit::Verdict;
 use crate::conn::stream::ClientStream;
 use crate::conn::Conn;
-use crate::edge::pool;
+use crate::edge::{pool, timers};
 use crate::frames;
 use crate::sessions::Ending;
 use bytes::{Bytes, BytesMut};
@@ -24,7 +24,9 @@ use switchboard_proto::native::ErrorCode;
 use switchboard_proto::origin::{ClosedBy, Payload};
 use switchboard_proto::ws::frame::{encode_close, encode_frame, OpCode};
 use switchboard_proto::ws::{close, Decoder, Message};
-use tokio::io::Interest;
+use std::future::Future;
+use std::task::Poll;
+use tokio::io::{Interest, Ready};
 use tokio::time::Instant;
 
 /// Time allowed for the closing handshake (our close frame written and the
@@ -107,11 +109,9 @@ enum Phase {
     /// `heartbeat` is when to ping, or, once a ping is out, by when some
     /// frame must have come back.
     Open { awaiting_pong: bool },
-    /// Our close frame is queued (or sent); waiting for the client's.
-    Closing {
-        peer_closed: bool,
-        deadline: Instant,
-    },
+    /// Our close frame is queued (or sent); waiting for the client's
+    /// until `heartbeat`, then the closing deadline.
+    Closing { peer_closed: bool },
 }
 
 struct Task {
@@ -126,9 +126,12 @@ struct Task {
     /// Commands, data messages, rate limits and the token's expiry.
     inbound: Inbound,
     phase: Phase,
-    /// The next ping, or the pong deadline (see [`Phase::Open`]).
+    /// The next ping, or the pong deadline (see [`Phase::Open`]); once
+    /// closing, the closing deadline (see [`Phase::Closing`]).
     heartbeat: Instant,
     last_message: Instant,
+    /// The tick the node's timer wakes the task at ([`timers::NEVER`]: none).
+    armed: u64,
 }
 
 /// Runs an accepted connection to its end; the guard then sends its
@@ -158,6 +161,7 @@ pub(crate) fn run(
             awaiting_pong: false,
         },
         last_message: now,
+        armed: timers::NEVER,
     };
     async move {
         let ending = task.drive().await;
@@ -185,8 +189,8 @@ impl Task {
                 return end;
             }
         }
-        let sleep = tokio::time::sleep_until(self.next_deadline());
-        tokio::pin!(sleep);
+        // Whether the deadline was handled since the last wait.
+        let mut timed = false;
         loop {
             if let Phase::Open { .. } = self.phase {
                 if let Some(req) = self.guard.conn.take_close() {
@@ -216,9 +220,16 @@ impl Task {
                 }
             }
             let deadline = self.next_deadline();
-            if sleep.deadline() != deadline {
-                sleep.as_mut().reset(deadline);
+            if !timed && Instant::now() >= deadline {
+                // What it asks may queue frames: flushed on the next round.
+                timed = true;
+                if let Some(end) = self.on_timer() {
+                    return end;
+                }
+                continue;
             }
+            timed = false;
+            self.arm(deadline);
             // A paused reader waits for writability only, or for errors.
             let interest = match (drained, self.paused().is_some()) {
                 (true, false) => Interest::READABLE,
@@ -226,37 +237,43 @@ impl Task {
                 (false, true) => Interest::WRITABLE,
                 (true, true) => Interest::ERROR,
             };
-            tokio::select! {
-                biased;
-                ready = self.stream.ready(interest) => {
-                    let ready = match ready {
-                        Ok(r) => r,
-                        Err(_) => return self.end_or(Ending::lost("socket error")),
-                    };
-                    if ready.is_error() {
-                        // Only asked for while paused (an RST, say).
-                        return self.end_or(Ending::lost("socket error"));
-                    }
-                    let reading = self.paused().is_none();
-                    if reading && (ready.is_readable() || ready.is_read_closed()) {
-                        if let Err(end) = self.read_ready() {
-                            return end;
-                        }
-                    }
-                }
-                _ = self.guard.conn.notify.notified() => {}
-                _ = &mut sleep => {
-                    if let Some(end) = self.on_timer() {
-                        return end;
-                    }
+            let ready = match wait(&self.stream, &self.guard.conn, interest).await {
+                Some(r) => r,
+                // Woken: a frame queued, a close requested or a deadline.
+                None => continue,
+            };
+            let ready = match ready {
+                Ok(r) => r,
+                Err(_) => return self.end_or(Ending::lost("socket error")),
+            };
+            if ready.is_error() {
+                // Only asked for while paused (an RST, say).
+                return self.end_or(Ending::lost("socket error"));
+            }
+            let reading = self.paused().is_none();
+            if reading && (ready.is_readable() || ready.is_read_closed()) {
+                if let Err(end) = self.read_ready() {
+                    return end;
                 }
             }
         }
     }
 
+    /// Has the node's timer wake the task at `deadline` (or before): a
+    /// deadline that moved later is armed when the earlier one wakes it.
+    fn arm(&mut self, deadline: Instant) {
+        let timers = &self.guard.shared.timers;
+        let tick = timers.tick_of(deadline);
+        let stale = self.armed == timers::NEVER || timers.moment(self.armed) <= Instant::now();
+        if tick < self.armed || stale {
+            timers.arm(tick, &self.guard.conn);
+            self.armed = tick;
+        }
+    }
+
     fn next_deadline(&self) -> Instant {
         match self.phase {
-            Phase::Closing { deadline, .. } => deadline,
+            Phase::Closing { .. } => self.heartbeat,
             Phase::Open { .. } => {
                 let mut d = self.heartbeat;
                 if let Some(idle) = self.guard.shared.config.idle_timeout {
@@ -308,8 +325,8 @@ impl Task {
         if let Phase::Open { .. } = self.phase {
             self.check_token();
         }
-        if let Phase::Closing { deadline, .. } = self.phase {
-            return (now >= deadline).then(|| {
+        if let Phase::Closing { .. } = self.phase {
+            return (now >= self.heartbeat).then(|| {
                 self.end_or(Ending::closed(
                     close::ABNORMAL,
                     "closing handshake timed out",
@@ -402,10 +419,13 @@ impl Task {
         self.guard
             .ending
             .get_or_insert_with(|| Box::new(Ending::closed(code, reason, by)));
-        self.phase = Phase::Closing {
-            peer_closed: false,
-            deadline: Instant::now() + CLOSE_TIMEOUT,
-        };
+        self.closing(false);
+    }
+
+    /// Enters the closing phase, which lasts at most [`CLOSE_TIMEOUT`].
+    fn closing(&mut self, peer_closed: bool) {
+        self.phase = Phase::Closing { peer_closed };
+        self.heartbeat = Instant::now() + CLOSE_TIMEOUT;
     }
 
     /// The ending already recorded (a closing handshake under way), or
@@ -474,10 +494,7 @@ impl Task {
                             self.guard.shared.metrics.protocol_errors.inc();
                             self.start_close(e.close_code(), &e.to_string(), ClosedBy::Gateway);
                             // Nothing more will be read that we can trust.
-                            self.phase = Phase::Closing {
-                                peer_closed: true,
-                                deadline: Instant::now() + CLOSE_TIMEOUT,
-                            };
+                            self.closing(true);
                         }
                         // Our close is already out; the peer's reply may echo a
                         // code it may not send (e.g. 1012 after a drain). Either
@@ -589,10 +606,7 @@ impl Task {
                         &reason,
                         ClosedBy::Client,
                     )));
-                    self.phase = Phase::Closing {
-                        peer_closed: true,
-                        deadline: Instant::now() + CLOSE_TIMEOUT,
-                    };
+                    self.closing(true);
                 }
                 Phase::Closing { peer_closed, .. } => *peer_closed = true,
             },
@@ -643,6 +657,49 @@ impl Task {
             self.start_close(close::ORIGIN_BACKLOG, "origin backlog", ClosedBy::Gateway);
         }
     }
+}
+
+/// Waits until `stream` is ready for `interest` (`Some`) or the task is
+/// woken through `conn` (`None`: a frame queued, a close requested, a
+/// deadline passed), whichever comes first. The future holds three
+/// pointers: the socket's own waker slots and the connection's
+/// [`Conn::notify`] keep the task's waker, not a waiter node inside it.
+fn wait<'a>(
+    stream: &'a ClientStream,
+    conn: &'a Conn,
+    interest: Interest,
+) -> impl Future<Output = Option<io::Result<Ready>>> + Send + 'a {
+    // Errors only (a paused reader with nothing to write): rare, so that
+    // waiter is boxed.
+    let mut errors = None;
+    std::future::poll_fn(move |cx| {
+        if interest == Interest::ERROR {
+            let f = errors.get_or_insert_with(|| Box::pin(stream.ready(Interest::ERROR)));
+            if let Poll::Ready(r) = f.as_mut().poll(cx) {
+                return Poll::Ready(Some(r));
+            }
+            return conn.notify.poll_notified(cx).map(|()| None);
+        }
+        let mut ready = Ready::EMPTY;
+        if interest.is_readable() {
+            match stream.poll_read_ready(cx) {
+                Poll::Ready(Ok(())) => ready |= Ready::READABLE,
+                Poll::Ready(Err(e)) => return Poll::Ready(Some(Err(e))),
+                Poll::Pending => {}
+            }
+        }
+        if interest.is_writable() {
+            match stream.poll_write_ready(cx) {
+                Poll::Ready(Ok(())) => ready |= Ready::WRITABLE,
+                Poll::Ready(Err(e)) => return Poll::Ready(Some(Err(e))),
+                Poll::Pending => {}
+            }
+        }
+        if !ready.is_empty() {
+            return Poll::Ready(Some(Ok(ready)));
+        }
+        conn.notify.poll_notified(cx).map(|()| None)
+    })
 }
 
 fn bytes_to_string(b: Bytes) -> String {
@@ -709,8 +766,8 @@ mod tests {
         // catch regressions here, measure with the bench tool. tokio
         // allocates a task in 128-byte steps (its cell is cache-line
         // aligned): with its header, trailer and the task tracker's token,
-        // a future of up to 656 bytes fits a 768-byte cell; 8 more cost a
+        // a future of up to 400 bytes fits a 512-byte cell; 8 more cost a
         // whole step, 128 bytes per connection.
-        assert!(size <= 656, "connection future is {size} bytes");
+        assert!(size <= 400, "connection future is {size} bytes");
     }
 }
