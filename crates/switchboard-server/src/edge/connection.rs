@@ -15,17 +15,17 @@ use crate::edge::{pool, timers};
 use crate::frames;
 use crate::sessions::Ending;
 use bytes::{Bytes, BytesMut};
+use std::future::Future;
 use std::io;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 use switchboard_proto::graphql::{self as graphql_proto, Protocol};
 use switchboard_proto::native::ErrorCode;
 use switchboard_proto::origin::{ClosedBy, Payload};
 use switchboard_proto::ws::frame::{encode_close, encode_frame, OpCode};
 use switchboard_proto::ws::{close, Decoder, Message};
-use std::future::Future;
-use std::task::Poll;
 use tokio::io::{Interest, Ready};
 use tokio::time::Instant;
 
@@ -47,10 +47,10 @@ static PING: Bytes = Bytes::from_static(&[0x89, 0x00]);
 pub(crate) struct DisconnectGuard {
     shared: Arc<Edge>,
     conn: Arc<Conn>,
-    /// How the connection ended; boxed, as it is set only at the very end.
-    ending: Option<Box<Ending>>,
-    /// The `seq` of the last `message` event, for a resumed session's next socket.
-    origin_seq: u64,
+    /// How the connection ended, and the `seq` of the last `message`
+    /// event (for a resumed session's next socket); boxed, as it is set
+    /// only at the very end.
+    ending: Option<Box<(Ending, u64)>>,
 }
 
 impl DisconnectGuard {
@@ -59,7 +59,6 @@ impl DisconnectGuard {
             shared,
             conn,
             ending: None,
-            origin_seq: 0,
         }
     }
 
@@ -75,18 +74,16 @@ impl DisconnectGuard {
 
     /// Records how the connection ended and reports it.
     pub(crate) fn finish(mut self, ending: Ending, origin_seq: u64) {
-        self.ending = Some(Box::new(ending));
-        self.origin_seq = origin_seq;
+        self.ending = Some(Box::new((ending, origin_seq)));
     }
 }
 
 impl Drop for DisconnectGuard {
     fn drop(&mut self) {
-        let ending = self.ending.take().map(|e| *e).unwrap_or(Ending::closed(
-            close::ABNORMAL,
-            "connection task ended unexpectedly",
-            ClosedBy::Gateway,
-        ));
+        let (ending, origin_seq) = self.ending.take().map(|e| *e).unwrap_or_else(|| {
+            let why = "connection task ended unexpectedly";
+            (Ending::closed(close::ABNORMAL, why, ClosedBy::Gateway), 0)
+        });
         // Read before leaving the registry, which a fence waits to see empty:
         // a connection closed by a fence sends no `disconnect` (the origin
         // has retired it with `node_down`).
@@ -101,7 +98,7 @@ impl Drop for DisconnectGuard {
         self.shared
             .commands
             .sessions
-            .lost(&self.conn, ending, self.origin_seq, fenced);
+            .lost(&self.conn, ending, origin_seq, fenced);
     }
 }
 
@@ -129,7 +126,9 @@ struct Task {
     /// The next ping, or the pong deadline (see [`Phase::Open`]); once
     /// closing, the closing deadline (see [`Phase::Closing`]).
     heartbeat: Instant,
-    last_message: Instant,
+    /// When the client last sent a message, as a tick of the node's timer
+    /// (rounded up: an idle timeout is never early).
+    last_message: u64,
     /// The tick the node's timer wakes the task at ([`timers::NEVER`]: none).
     armed: u64,
 }
@@ -150,6 +149,7 @@ pub(crate) fn run(
 ) -> impl std::future::Future<Output = ()> + Send {
     let config = &guard.shared.config;
     let now = Instant::now();
+    let last_message = guard.shared.timers.tick_of(now);
     let mut task = Task {
         decoder,
         heartbeat: now + config.ping_interval,
@@ -160,7 +160,7 @@ pub(crate) fn run(
         phase: Phase::Open {
             awaiting_pong: false,
         },
-        last_message: now,
+        last_message,
         armed: timers::NEVER,
     };
     async move {
@@ -277,7 +277,7 @@ impl Task {
             Phase::Open { .. } => {
                 let mut d = self.heartbeat;
                 if let Some(idle) = self.guard.shared.config.idle_timeout {
-                    d = d.min(self.last_message + idle);
+                    d = d.min(self.idle_deadline(idle));
                 }
                 if let Some(at) = self.token_moment() {
                     d = d.min(at);
@@ -288,6 +288,11 @@ impl Task {
                 d
             }
         }
+    }
+
+    /// When the connection times out if the client sends nothing more.
+    fn idle_deadline(&self, idle: Duration) -> Instant {
+        self.guard.shared.timers.moment(self.last_message) + idle
     }
 
     fn token_moment(&self) -> Option<Instant> {
@@ -351,7 +356,7 @@ impl Task {
             });
         }
         if let Some(idle) = self.guard.shared.config.idle_timeout {
-            if now >= self.last_message + idle && !paused {
+            if now >= self.idle_deadline(idle) && !paused {
                 self.start_close(close::IDLE_TIMEOUT, "idle timeout", ClosedBy::Gateway);
                 return None;
             }
@@ -418,7 +423,7 @@ impl Task {
             .seal_with(encode_close(code, reason), &self.guard.shared.metrics);
         self.guard
             .ending
-            .get_or_insert_with(|| Box::new(Ending::closed(code, reason, by)));
+            .get_or_insert_with(|| Box::new((Ending::closed(code, reason, by), 0)));
         self.closing(false);
     }
 
@@ -431,7 +436,7 @@ impl Task {
     /// The ending already recorded (a closing handshake under way), or
     /// else `ending`.
     fn end_or(&mut self, ending: Ending) -> Ending {
-        self.guard.ending.take().map(|e| *e).unwrap_or(ending)
+        self.guard.ending.take().map_or(ending, |e| e.0)
     }
 
     /// Reads what the socket has (up to a budget) and handles every complete message.
@@ -601,11 +606,9 @@ impl Task {
                         None => encode_frame(OpCode::Close, &[]),
                     };
                     self.guard.conn.seal_with(echo, &self.guard.shared.metrics);
-                    self.guard.ending = Some(Box::new(Ending::closed(
-                        code.unwrap_or(close::NO_STATUS),
-                        &reason,
-                        ClosedBy::Client,
-                    )));
+                    let ending =
+                        Ending::closed(code.unwrap_or(close::NO_STATUS), &reason, ClosedBy::Client);
+                    self.guard.ending = Some(Box::new((ending, 0)));
                     self.closing(true);
                 }
                 Phase::Closing { peer_closed, .. } => *peer_closed = true,
@@ -630,7 +633,7 @@ impl Task {
 
     /// Counts a message from the client (which also proves it active).
     fn count_in(&mut self) {
-        self.last_message = Instant::now();
+        self.last_message = self.guard.shared.timers.tick_of(Instant::now());
         Inbound::count_in(&self.guard.shared, &self.guard.conn);
     }
 
@@ -766,8 +769,8 @@ mod tests {
         // catch regressions here, measure with the bench tool. tokio
         // allocates a task in 128-byte steps (its cell is cache-line
         // aligned): with its header, trailer and the task tracker's token,
-        // a future of up to 400 bytes fits a 512-byte cell; 8 more cost a
+        // a future of up to 272 bytes fits a 384-byte cell; 8 more cost a
         // whole step, 128 bytes per connection.
-        assert!(size <= 400, "connection future is {size} bytes");
+        assert!(size <= 272, "connection future is {size} bytes");
     }
 }

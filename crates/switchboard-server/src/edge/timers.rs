@@ -118,7 +118,8 @@ async fn drive(inner: Weak<Inner>) {
         };
         let now = Instant::now();
         // Ticks whose moment has come.
-        let passed = (now.saturating_duration_since(inner.origin).as_nanos() / TICK.as_nanos()) as u64;
+        let passed =
+            (now.saturating_duration_since(inner.origin).as_nanos() / TICK.as_nanos()) as u64;
         let (fired, next) = {
             let mut w = inner.wheel.lock();
             let later = w.slots.split_off(&(passed + 1));
