@@ -11,6 +11,13 @@ use backend::Startup;
 use clap::Parser;
 use std::process::ExitCode;
 
+/// jemalloc rather than glibc's malloc: its size classes fit the blocks an
+/// idle connection keeps (a 128-byte aligned task cell and I/O
+/// registration), where glibc pads aligned blocks and leaves holes between
+/// them (docs/benchmarks.md, idle connections).
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// `EX_USAGE` from sysexits.h: the configuration is wrong.
 const EX_USAGE: u8 = 64;
 

@@ -9,13 +9,14 @@
 
 pub(crate) mod outbox;
 pub(crate) mod pool;
+pub(crate) mod signal;
 pub(crate) mod stream;
 pub(crate) mod tls;
 
 use crate::metrics::Metrics;
 use bytes::{Buf, Bytes};
 use parking_lot::{Mutex, MutexGuard, RwLock};
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashSet, VecDeque};
 use std::hash::{BuildHasherDefault, Hasher};
 use std::io::{self, IoSlice};
 use std::net::SocketAddr;
@@ -393,8 +394,9 @@ pub(crate) struct Conn {
     pub(crate) pending_events: AtomicUsize,
     max_outbound: usize,
     out: Mutex<Outbound>,
-    /// Wakes the connection's task: a frame was queued or a close requested.
-    pub(crate) notify: Notify,
+    /// Wakes the connection's task: a frame was queued, a close requested,
+    /// or one of its deadlines passed (`edge::timers`).
+    pub(crate) notify: signal::Signal,
     /// The connection has ended: nothing may attach to it any more. Set
     /// and read by the parts that attach things (channels) under their own
     /// locks.
@@ -447,7 +449,7 @@ impl Conn {
             pending_events: AtomicUsize::new(0),
             max_outbound: init.max_outbound,
             out: Mutex::new(Outbound::default()),
-            notify: Notify::new(),
+            notify: signal::Signal::default(),
             ended: AtomicBool::new(false),
         }
     }
@@ -1217,7 +1219,33 @@ impl Hasher for KeyHasher {
     }
 }
 
-type Shard = RwLock<HashMap<ConnKey, Arc<Conn>, BuildHasherDefault<KeyHasher>>>;
+/// A registry entry: the connection, found by its key. The key is not
+/// stored beside it (the connection has it), so an entry is a pointer.
+#[derive(Debug)]
+struct Entry(Arc<Conn>);
+
+impl std::borrow::Borrow<ConnKey> for Entry {
+    fn borrow(&self) -> &ConnKey {
+        &self.0.key
+    }
+}
+
+impl std::hash::Hash for Entry {
+    // As the key hashes: lookups by key find the entry.
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.0.key.hash(state);
+    }
+}
+
+impl PartialEq for Entry {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.key == other.0.key
+    }
+}
+
+impl Eq for Entry {}
+
+type Shard = RwLock<HashSet<Entry, BuildHasherDefault<KeyHasher>>>;
 
 const SHARDS: usize = 64;
 
@@ -1275,18 +1303,19 @@ impl Registry {
     }
 
     pub(crate) fn insert(&self, conn: Arc<Conn>) {
-        self.shard(&conn.key).write().insert(conn.key, conn);
-        self.len.fetch_add(1, Relaxed);
+        if self.shard(&conn.key).write().replace(Entry(conn)).is_none() {
+            self.len.fetch_add(1, Relaxed);
+        }
     }
 
     pub(crate) fn remove(&self, key: &ConnKey) {
-        if self.shard(key).write().remove(key).is_some() {
+        if self.shard(key).write().remove(key) {
             self.len.fetch_sub(1, Relaxed);
         }
     }
 
     pub(crate) fn get(&self, key: &ConnKey) -> Option<Arc<Conn>> {
-        self.shard(key).read().get(key).cloned()
+        self.shard(key).read().get(key).map(|e| e.0.clone())
     }
 
     pub(crate) fn len(&self) -> usize {
@@ -1297,7 +1326,7 @@ impl Registry {
     pub(crate) fn snapshot(&self) -> Vec<Arc<Conn>> {
         let mut all = Vec::with_capacity(self.len());
         for s in self.shards.iter() {
-            all.extend(s.read().values().cloned());
+            all.extend(s.read().iter().map(|e| e.0.clone()));
         }
         all
     }
@@ -1305,8 +1334,8 @@ impl Registry {
     /// Calls `f` with each live connection id, one shard lock at a time.
     pub(crate) fn for_each_id(&self, mut f: impl FnMut(&ConnectionId)) {
         for s in self.shards.iter() {
-            for c in s.read().values() {
-                f(&c.id);
+            for e in s.read().iter() {
+                f(&e.0.id);
             }
         }
     }

@@ -82,6 +82,20 @@ impl ClientStream {
         self.ready(Interest::READABLE).await.map(|_| ())
     }
 
+    /// Polls for read readiness (or the read side closed); only the task
+    /// polling it is woken. Behind TLS, plaintext already decrypted is
+    /// ready at once.
+    pub(crate) fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        each!(self, s => s.poll_read_ready(cx))
+    }
+
+    /// Polls for write readiness; only the task polling it is woken.
+    /// Behind TLS, ciphertext waiting for the socket is sent first, and the
+    /// stream is ready once none is left.
+    pub(crate) fn poll_write_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        each!(self, s => s.poll_write_ready(cx))
+    }
+
     /// Reads what is there without waiting (`WouldBlock` if nothing).
     pub(crate) fn try_read_buf<B: BufMut>(&self, buf: &mut B) -> io::Result<usize> {
         each!(self, s => s.try_read_buf(buf))

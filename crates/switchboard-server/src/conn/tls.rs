@@ -222,6 +222,29 @@ impl TlsStream {
         Ok((!seen.is_empty()).then_some(seen))
     }
 
+    /// Polls for read readiness: at once with plaintext stashed (or the
+    /// peer closed), else the socket's.
+    pub(crate) fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.ready_now(Interest::READABLE).is_some() {
+            return Poll::Ready(Ok(()));
+        }
+        self.tcp.poll_read_ready(cx)
+    }
+
+    /// Polls for write readiness: sends waiting ciphertext as the socket
+    /// takes it, ready once none is left.
+    pub(crate) fn poll_write_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        loop {
+            std::task::ready!(self.tcp.poll_write_ready(cx))?;
+            match self.flush_out() {
+                Ok(()) => return Poll::Ready(Ok(())),
+                // Readiness was cleared: the next poll registers the waker.
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+
     /// Reads the plaintext that is there without waiting: `WouldBlock` when
     /// the socket has nothing (more) and no whole record is buffered, `0`
     /// at the end of the stream.

@@ -12,19 +12,22 @@ use crate::admission::ratelimit::Verdict;
 use crate::conn::pool;
 use crate::conn::stream::ClientStream;
 use crate::conn::Conn;
+use crate::edge::timers;
 use crate::frames;
 use crate::sessions::Ending;
 use bytes::{Bytes, BytesMut};
+use std::future::Future;
 use std::io;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 use switchboard_proto::graphql::{self as graphql_proto, Protocol};
 use switchboard_proto::native::ErrorCode;
 use switchboard_proto::origin::{ClosedBy, Payload};
 use switchboard_proto::ws::frame::{encode_close, encode_frame, OpCode};
 use switchboard_proto::ws::{close, Decoder, Message};
-use tokio::io::Interest;
+use tokio::io::{Interest, Ready};
 use tokio::time::Instant;
 
 /// Time allowed for the closing handshake (our close frame written and the
@@ -45,10 +48,10 @@ static PING: Bytes = Bytes::from_static(&[0x89, 0x00]);
 pub(crate) struct DisconnectGuard {
     shared: Arc<Edge>,
     conn: Arc<Conn>,
-    /// How the connection ended; boxed, as it is set only at the very end.
-    ending: Option<Box<Ending>>,
-    /// The `seq` of the last `message` event, for a resumed session's next socket.
-    origin_seq: u64,
+    /// How the connection ended, and the `seq` of the last `message`
+    /// event (for a resumed session's next socket); boxed, as it is set
+    /// only at the very end.
+    ending: Option<Box<(Ending, u64)>>,
 }
 
 impl DisconnectGuard {
@@ -57,7 +60,6 @@ impl DisconnectGuard {
             shared,
             conn,
             ending: None,
-            origin_seq: 0,
         }
     }
 
@@ -73,18 +75,16 @@ impl DisconnectGuard {
 
     /// Records how the connection ended and reports it.
     pub(crate) fn finish(mut self, ending: Ending, origin_seq: u64) {
-        self.ending = Some(Box::new(ending));
-        self.origin_seq = origin_seq;
+        self.ending = Some(Box::new((ending, origin_seq)));
     }
 }
 
 impl Drop for DisconnectGuard {
     fn drop(&mut self) {
-        let ending = self.ending.take().map(|e| *e).unwrap_or(Ending::closed(
-            close::ABNORMAL,
-            "connection task ended unexpectedly",
-            ClosedBy::Gateway,
-        ));
+        let (ending, origin_seq) = self.ending.take().map(|e| *e).unwrap_or_else(|| {
+            let why = "connection task ended unexpectedly";
+            (Ending::closed(close::ABNORMAL, why, ClosedBy::Gateway), 0)
+        });
         // Read before leaving the registry, which a fence waits to see empty:
         // a connection closed by a fence sends no `disconnect` (the origin
         // has retired it with `node_down`).
@@ -99,7 +99,7 @@ impl Drop for DisconnectGuard {
         self.shared
             .commands
             .sessions
-            .lost(&self.conn, ending, self.origin_seq, fenced);
+            .lost(&self.conn, ending, origin_seq, fenced);
     }
 }
 
@@ -107,11 +107,9 @@ enum Phase {
     /// `heartbeat` is when to ping, or, once a ping is out, by when some
     /// frame must have come back.
     Open { awaiting_pong: bool },
-    /// Our close frame is queued (or sent); waiting for the client's.
-    Closing {
-        peer_closed: bool,
-        deadline: Instant,
-    },
+    /// Our close frame is queued (or sent); waiting for the client's
+    /// until `heartbeat`, then the closing deadline.
+    Closing { peer_closed: bool },
 }
 
 struct Task {
@@ -126,9 +124,14 @@ struct Task {
     /// Commands, data messages, rate limits and the token's expiry.
     inbound: Inbound,
     phase: Phase,
-    /// The next ping, or the pong deadline (see [`Phase::Open`]).
+    /// The next ping, or the pong deadline (see [`Phase::Open`]); once
+    /// closing, the closing deadline (see [`Phase::Closing`]).
     heartbeat: Instant,
-    last_message: Instant,
+    /// When the client last sent a message, as a tick of the node's timer
+    /// (rounded up: an idle timeout is never early).
+    last_message: u64,
+    /// The tick the node's timer wakes the task at ([`timers::NEVER`]: none).
+    armed: u64,
 }
 
 /// Runs an accepted connection to its end; the guard then sends its
@@ -147,6 +150,7 @@ pub(crate) fn run(
 ) -> impl std::future::Future<Output = ()> + Send {
     let config = &guard.shared.config;
     let now = Instant::now();
+    let last_message = guard.shared.timers.tick_of(now);
     let mut task = Task {
         decoder,
         heartbeat: now + config.ping_interval,
@@ -157,7 +161,8 @@ pub(crate) fn run(
         phase: Phase::Open {
             awaiting_pong: false,
         },
-        last_message: now,
+        last_message,
+        armed: timers::NEVER,
     };
     async move {
         let ending = task.drive().await;
@@ -185,8 +190,8 @@ impl Task {
                 return end;
             }
         }
-        let sleep = tokio::time::sleep_until(self.next_deadline());
-        tokio::pin!(sleep);
+        // Whether the deadline was handled since the last wait.
+        let mut timed = false;
         loop {
             if let Phase::Open { .. } = self.phase {
                 if let Some(req) = self.guard.conn.take_close() {
@@ -217,9 +222,16 @@ impl Task {
                 }
             }
             let deadline = self.next_deadline();
-            if sleep.deadline() != deadline {
-                sleep.as_mut().reset(deadline);
+            if !timed && Instant::now() >= deadline {
+                // What it asks may queue frames: flushed on the next round.
+                timed = true;
+                if let Some(end) = self.on_timer() {
+                    return end;
+                }
+                continue;
             }
+            timed = false;
+            self.arm(deadline);
             // A paused reader waits for writability only, or for errors.
             let interest = match (drained, self.paused().is_some()) {
                 (true, false) => Interest::READABLE,
@@ -227,41 +239,47 @@ impl Task {
                 (false, true) => Interest::WRITABLE,
                 (true, true) => Interest::ERROR,
             };
-            tokio::select! {
-                biased;
-                ready = self.stream.ready(interest) => {
-                    let ready = match ready {
-                        Ok(r) => r,
-                        Err(_) => return self.end_or(Ending::lost("socket error")),
-                    };
-                    if ready.is_error() {
-                        // Only asked for while paused (an RST, say).
-                        return self.end_or(Ending::lost("socket error"));
-                    }
-                    let reading = self.paused().is_none();
-                    if reading && (ready.is_readable() || ready.is_read_closed()) {
-                        if let Err(end) = self.read_ready() {
-                            return end;
-                        }
-                    }
-                }
-                _ = self.guard.conn.notify.notified() => {}
-                _ = &mut sleep => {
-                    if let Some(end) = self.on_timer() {
-                        return end;
-                    }
+            let ready = match wait(&self.stream, &self.guard.conn, interest).await {
+                Some(r) => r,
+                // Woken: a frame queued, a close requested or a deadline.
+                None => continue,
+            };
+            let ready = match ready {
+                Ok(r) => r,
+                Err(_) => return self.end_or(Ending::lost("socket error")),
+            };
+            if ready.is_error() {
+                // Only asked for while paused (an RST, say).
+                return self.end_or(Ending::lost("socket error"));
+            }
+            let reading = self.paused().is_none();
+            if reading && (ready.is_readable() || ready.is_read_closed()) {
+                if let Err(end) = self.read_ready() {
+                    return end;
                 }
             }
         }
     }
 
+    /// Has the node's timer wake the task at `deadline` (or before): a
+    /// deadline that moved later is armed when the earlier one wakes it.
+    fn arm(&mut self, deadline: Instant) {
+        let timers = &self.guard.shared.timers;
+        let tick = timers.tick_of(deadline);
+        let stale = self.armed == timers::NEVER || timers.moment(self.armed) <= Instant::now();
+        if tick < self.armed || stale {
+            timers.arm(tick, &self.guard.conn);
+            self.armed = tick;
+        }
+    }
+
     fn next_deadline(&self) -> Instant {
         match self.phase {
-            Phase::Closing { deadline, .. } => deadline,
+            Phase::Closing { .. } => self.heartbeat,
             Phase::Open { .. } => {
                 let mut d = self.heartbeat;
                 if let Some(idle) = self.guard.shared.config.idle_timeout {
-                    d = d.min(self.last_message + idle);
+                    d = d.min(self.idle_deadline(idle));
                 }
                 if let Some(at) = self.token_moment() {
                     d = d.min(at);
@@ -272,6 +290,11 @@ impl Task {
                 d
             }
         }
+    }
+
+    /// When the connection times out if the client sends nothing more.
+    fn idle_deadline(&self, idle: Duration) -> Instant {
+        self.guard.shared.timers.moment(self.last_message) + idle
     }
 
     fn token_moment(&self) -> Option<Instant> {
@@ -309,8 +332,8 @@ impl Task {
         if let Phase::Open { .. } = self.phase {
             self.check_token();
         }
-        if let Phase::Closing { deadline, .. } = self.phase {
-            return (now >= deadline).then(|| {
+        if let Phase::Closing { .. } = self.phase {
+            return (now >= self.heartbeat).then(|| {
                 self.end_or(Ending::closed(
                     close::ABNORMAL,
                     "closing handshake timed out",
@@ -335,7 +358,7 @@ impl Task {
             });
         }
         if let Some(idle) = self.guard.shared.config.idle_timeout {
-            if now >= self.last_message + idle && !paused {
+            if now >= self.idle_deadline(idle) && !paused {
                 self.start_close(close::IDLE_TIMEOUT, "idle timeout", ClosedBy::Gateway);
                 return None;
             }
@@ -402,17 +425,20 @@ impl Task {
             .seal_with(encode_close(code, reason), &self.guard.shared.metrics);
         self.guard
             .ending
-            .get_or_insert_with(|| Box::new(Ending::closed(code, reason, by)));
-        self.phase = Phase::Closing {
-            peer_closed: false,
-            deadline: Instant::now() + CLOSE_TIMEOUT,
-        };
+            .get_or_insert_with(|| Box::new((Ending::closed(code, reason, by), 0)));
+        self.closing(false);
+    }
+
+    /// Enters the closing phase, which lasts at most [`CLOSE_TIMEOUT`].
+    fn closing(&mut self, peer_closed: bool) {
+        self.phase = Phase::Closing { peer_closed };
+        self.heartbeat = Instant::now() + CLOSE_TIMEOUT;
     }
 
     /// The ending already recorded (a closing handshake under way), or
     /// else `ending`.
     fn end_or(&mut self, ending: Ending) -> Ending {
-        self.guard.ending.take().map(|e| *e).unwrap_or(ending)
+        self.guard.ending.take().map_or(ending, |e| e.0)
     }
 
     /// Reads what the socket has (up to a budget) and handles every complete message.
@@ -475,10 +501,7 @@ impl Task {
                             self.guard.shared.metrics.protocol_errors.inc();
                             self.start_close(e.close_code(), &e.to_string(), ClosedBy::Gateway);
                             // Nothing more will be read that we can trust.
-                            self.phase = Phase::Closing {
-                                peer_closed: true,
-                                deadline: Instant::now() + CLOSE_TIMEOUT,
-                            };
+                            self.closing(true);
                         }
                         // Our close is already out; the peer's reply may echo a
                         // code it may not send (e.g. 1012 after a drain). Either
@@ -585,15 +608,10 @@ impl Task {
                         None => encode_frame(OpCode::Close, &[]),
                     };
                     self.guard.conn.seal_with(echo, &self.guard.shared.metrics);
-                    self.guard.ending = Some(Box::new(Ending::closed(
-                        code.unwrap_or(close::NO_STATUS),
-                        &reason,
-                        ClosedBy::Client,
-                    )));
-                    self.phase = Phase::Closing {
-                        peer_closed: true,
-                        deadline: Instant::now() + CLOSE_TIMEOUT,
-                    };
+                    let ending =
+                        Ending::closed(code.unwrap_or(close::NO_STATUS), &reason, ClosedBy::Client);
+                    self.guard.ending = Some(Box::new((ending, 0)));
+                    self.closing(true);
                 }
                 Phase::Closing { peer_closed, .. } => *peer_closed = true,
             },
@@ -617,7 +635,7 @@ impl Task {
 
     /// Counts a message from the client (which also proves it active).
     fn count_in(&mut self) {
-        self.last_message = Instant::now();
+        self.last_message = self.guard.shared.timers.tick_of(Instant::now());
         Inbound::count_in(&self.guard.shared, &self.guard.conn);
     }
 
@@ -644,6 +662,49 @@ impl Task {
             self.start_close(close::ORIGIN_BACKLOG, "origin backlog", ClosedBy::Gateway);
         }
     }
+}
+
+/// Waits until `stream` is ready for `interest` (`Some`) or the task is
+/// woken through `conn` (`None`: a frame queued, a close requested, a
+/// deadline passed), whichever comes first. The future holds three
+/// pointers: the socket's own waker slots and the connection's
+/// [`Conn::notify`] keep the task's waker, not a waiter node inside it.
+fn wait<'a>(
+    stream: &'a ClientStream,
+    conn: &'a Conn,
+    interest: Interest,
+) -> impl Future<Output = Option<io::Result<Ready>>> + Send + 'a {
+    // Errors only (a paused reader with nothing to write): rare, so that
+    // waiter is boxed.
+    let mut errors = None;
+    std::future::poll_fn(move |cx| {
+        if interest == Interest::ERROR {
+            let f = errors.get_or_insert_with(|| Box::pin(stream.ready(Interest::ERROR)));
+            if let Poll::Ready(r) = f.as_mut().poll(cx) {
+                return Poll::Ready(Some(r));
+            }
+            return conn.notify.poll_notified(cx).map(|()| None);
+        }
+        let mut ready = Ready::EMPTY;
+        if interest.is_readable() {
+            match stream.poll_read_ready(cx) {
+                Poll::Ready(Ok(())) => ready |= Ready::READABLE,
+                Poll::Ready(Err(e)) => return Poll::Ready(Some(Err(e))),
+                Poll::Pending => {}
+            }
+        }
+        if interest.is_writable() {
+            match stream.poll_write_ready(cx) {
+                Poll::Ready(Ok(())) => ready |= Ready::WRITABLE,
+                Poll::Ready(Err(e)) => return Poll::Ready(Some(Err(e))),
+                Poll::Pending => {}
+            }
+        }
+        if !ready.is_empty() {
+            return Poll::Ready(Some(Ok(ready)));
+        }
+        conn.notify.poll_notified(cx).map(|()| None)
+    })
 }
 
 fn bytes_to_string(b: Bytes) -> String {
@@ -710,8 +771,8 @@ mod tests {
         // catch regressions here, measure with the bench tool. tokio
         // allocates a task in 128-byte steps (its cell is cache-line
         // aligned): with its header, trailer and the task tracker's token,
-        // a future of up to 656 bytes fits a 768-byte cell; 8 more cost a
+        // a future of up to 272 bytes fits a 384-byte cell; 8 more cost a
         // whole step, 128 bytes per connection.
-        assert!(size <= 656, "connection future is {size} bytes");
+        assert!(size <= 272, "connection future is {size} bytes");
     }
 }

@@ -13,6 +13,7 @@ mod graphql;
 pub(crate) mod handshake;
 pub(crate) mod inbound;
 pub(crate) mod listener;
+pub(crate) mod timers;
 pub(crate) mod tls;
 
 use crate::admission::fds::Capacity;
@@ -52,6 +53,8 @@ pub(crate) struct Edge {
     pub(crate) forward_headers: Vec<String>,
     /// Connection and handshake tasks.
     pub(crate) conn_tasks: TaskTracker,
+    /// The deadlines of the WebSocket connection tasks.
+    pub(crate) timers: timers::Timers,
     /// The tasks of HTTP fallback connections, for their requests.
     pub(crate) fallbacks: Arc<fallback::Links>,
     /// Hands requests to those tasks.
@@ -102,6 +105,7 @@ impl Edge {
                 .map(|h| h.to_ascii_lowercase())
                 .collect(),
             conn_tasks: TaskTracker::new(),
+            timers: timers::Timers::new(),
             fallbacks: links.clone(),
             runner,
             sockets: AtomicUsize::new(0),
