@@ -325,6 +325,21 @@ async fn tls_min_version_1_3_refuses_a_tls_1_2_client() {
         s.get_ref().1.protocol_version(),
         Some(rustls::ProtocolVersion::TLSv1_2)
     );
+    // The session carries a WebSocket both ways over TLS 1.2 too.
+    let url = format!("wss://localhost:{}/", default.addr.port());
+    let (mut ws, _) = tokio_tungstenite::client_async(url, s)
+        .await
+        .expect("WebSocket over TLS 1.2");
+    ws.send(WsMessage::Ping(b"tls12".to_vec().into()))
+        .await
+        .expect("ping");
+    loop {
+        match tokio::time::timeout(WAIT, ws.next()).await {
+            Ok(Some(Ok(WsMessage::Pong(p)))) => break assert_eq!(&p[..], b"tls12"),
+            Ok(Some(Ok(_))) => continue,
+            other => panic!("expected the pong over TLS 1.2, got {other:?}"),
+        }
+    }
 
     let strict = TestGateway::start(|c| {
         certs.configure(c);
