@@ -135,6 +135,17 @@ pub(crate) struct WorkerConfig {
     /// How the clients reach the server.
     #[serde(default)]
     pub(crate) transport: Transport,
+    /// Each client holds its connection (reads it, answers pings) as soon
+    /// as it is open, instead of once the whole worker is connected: for
+    /// connect phases longer than the server's ping interval plus its pong
+    /// timeout.
+    #[serde(default)]
+    pub(crate) hold_while_connecting: bool,
+    /// With [`WorkerConfig::hold_while_connecting`]: connections started per
+    /// second in this worker (evenly spaced); 0: as fast as the concurrency
+    /// allows.
+    #[serde(default)]
+    pub(crate) connect_rate: f64,
 }
 
 /// A command from the coordinator.
@@ -221,6 +232,10 @@ pub(crate) struct Receipts {
     pub(crate) dropped: u64,
     /// Why the first of them ended.
     pub(crate) first_drop: Option<String>,
+    /// Connections that ended without being asked to, by why (a close
+    /// frame's `closed by the server: code N reason`, else the error).
+    #[serde(default)]
+    pub(crate) drop_reasons: Vec<(String, u64)>,
     /// Long-polls answered (any answer: pushes, empty or refused).
     #[serde(default)]
     pub(crate) polls_answered: u64,
@@ -399,6 +414,7 @@ struct Tally {
     live: usize,
     dropped: u64,
     first_drop: Option<String>,
+    drop_reasons: BTreeMap<String, u64>,
 }
 
 /// Receipts of one phase.
@@ -427,6 +443,8 @@ impl Tally {
     fn dropped(&mut self, why: String) {
         self.live = self.live.saturating_sub(1);
         self.dropped += 1;
+        let key: String = why.chars().take(80).collect();
+        *self.drop_reasons.entry(key).or_default() += 1;
         self.first_drop.get_or_insert(why);
     }
 
@@ -450,6 +468,11 @@ impl Tally {
             pings: self.pings,
             dropped: self.dropped,
             first_drop: self.first_drop.clone(),
+            drop_reasons: self
+                .drop_reasons
+                .iter()
+                .map(|(k, &n)| (k.clone(), n))
+                .collect(),
             polls_answered: self.polls_answered,
         }
     }
@@ -560,16 +583,21 @@ async fn worker(cfg: WorkerConfig) -> Result<(), String> {
         match cmd {
             Cmd::Connect => {
                 let started = Instant::now();
-                let (conns, mut report) = connect_all(&sh).await;
-                sh.tally.borrow_mut().live = conns.len();
+                let (handles, mut report) = if sh.cfg.hold_while_connecting {
+                    connect_holding(&sh).await
+                } else {
+                    let (conns, report) = connect_all(&sh).await;
+                    sh.tally.borrow_mut().live = conns.len();
+                    let handles: Vec<_> = conns
+                        .into_iter()
+                        .map(|(i, o)| tokio::task::spawn_local(hold(sh.clone(), i, o)))
+                        .collect();
+                    (handles, report)
+                };
                 if let Report::Connected { seconds, .. } = &mut report {
                     *seconds = started.elapsed().as_secs_f64();
                 }
                 let _ = sh.out.send(report);
-                let handles: Vec<_> = conns
-                    .into_iter()
-                    .map(|(i, o)| tokio::task::spawn_local(hold(sh.clone(), i, o)))
-                    .collect();
                 let sh = sh.clone();
                 tokio::task::spawn_local(async move {
                     let mut close = sh.close.clone();
@@ -695,6 +723,72 @@ async fn connect_all(sh: &Rc<Shared>) -> (Vec<(usize, Opened)>, Report) {
         ids,
     };
     (conns, report)
+}
+
+/// Opens every connection of the worker as [`connect_all`] does, but each
+/// client then holds its connection at once ([`hold`]: reads it, answers
+/// pings) while the others still connect: the hold tasks (each ending with
+/// whether its close was clean) and the report.
+async fn connect_holding(sh: &Rc<Shared>) -> (Vec<tokio::task::JoinHandle<bool>>, Report) {
+    type Opening = Result<(Duration, Option<String>), String>;
+    let permits = Rc::new(Semaphore::new(sh.cfg.concurrency.max(1)));
+    let (tx, mut rx) = mpsc::unbounded_channel::<Opening>();
+    let mut handles = Vec::with_capacity(sh.cfg.count);
+    let start = Instant::now();
+    let rate = sh.cfg.connect_rate;
+    for i in 0..sh.cfg.count {
+        let (sh, permits, tx) = (sh.clone(), permits.clone(), tx.clone());
+        handles.push(tokio::task::spawn_local(async move {
+            if rate > 0.0 {
+                let at = start + Duration::from_secs_f64(i as f64 / rate);
+                tokio::time::sleep_until(at.into()).await;
+            }
+            let permit = permits.acquire().await.expect("never closed");
+            let t = Instant::now();
+            let r = tokio::time::timeout(Duration::from_secs(30), open(&sh, i)).await;
+            drop(permit);
+            match r.unwrap_or_else(|_| Err("timed out after 30 s".into())) {
+                Ok(mut opened) => {
+                    sh.tally.borrow_mut().live += 1;
+                    let _ = tx.send(Ok((t.elapsed(), opened.id.take())));
+                    drop(tx);
+                    hold(sh, i, opened).await
+                }
+                Err(e) => {
+                    let _ = tx.send(Err(e));
+                    false
+                }
+            }
+        }));
+    }
+    drop(tx);
+    let (mut open, mut failed, mut first_error) = (0, 0, None);
+    let mut ids = Vec::new();
+    let mut latency = measure::histogram();
+    // One message per client; none left once every client sent its own (a
+    // task that panicked sends none).
+    while let Some(r) = rx.recv().await {
+        match r {
+            Ok((took, id)) => {
+                open += 1;
+                latency.saturating_record(took.as_micros() as u64);
+                ids.extend(id);
+            }
+            Err(e) => {
+                failed += 1;
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    let report = Report::Connected {
+        open,
+        failed,
+        first_error,
+        seconds: 0.0,
+        latency: measure::to_buckets(&latency),
+        ids,
+    };
+    (handles, report)
 }
 
 /// A TCP connection of client `i` to the server, from its source address.
@@ -1184,6 +1278,11 @@ async fn hold(sh: Rc<Shared>, i: usize, o: Opened) -> bool {
         return close_ws(&mut s, &mut rest).await;
     }
     let tcp = sh.cfg.mode == Mode::Tcp;
+    if matches!(s, Stream::Plain(_)) && rest.is_empty() {
+        // A plain connection reads into the worker's buffer: give back the
+        // setup's (about 1 KiB per idle client).
+        rest = Vec::new();
+    }
     let ended = loop {
         let mut pongs = Vec::new();
         let outcome = match &mut s {

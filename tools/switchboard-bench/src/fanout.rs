@@ -32,6 +32,13 @@
 //! each subscribing with a `subscribe` command `POST`ed on its session and
 //! ready once the reply came on the stream.
 //!
+//! With `--floor`, the same subscribers and single messages then measure
+//! the floor server ([`crate::floor`]: sockets, one frame encoded once, one
+//! `write` per socket on as many threads as the gateway's runtime) through
+//! the `--url` / `--publish-url` path; the results add the floor's
+//! (`floor`) and the server's figures as ratios of it (`against_floor`).
+//! `--single-only` skips the sustained phase (the floor never runs it).
+//!
 //! Every message carries its phase, number and publish time ([`stamp`]),
 //! found by the subscribers whatever the envelope. Server memory is read
 //! empty and subscribed (RSS and PSS over the server's processes), CPU per
@@ -39,6 +46,7 @@
 //! the background counted in a quiet window).
 
 use crate::engine::{share_concurrency, stamp, Fleet, Mode, Receipts, Report, Transport, TICK_NS};
+use crate::floor::Floor;
 use crate::measure::{self, human_bytes, unix_nanos, CpuMeter, Percentiles, Table};
 use crate::servers::{Api, Callers, Cluster, Gateway};
 use crate::Opts;
@@ -72,7 +80,7 @@ pub(crate) enum Subscribers {
 }
 
 /// Options of `fanout`.
-#[derive(Debug, clap::Args)]
+#[derive(Debug, Clone, clap::Args)]
 pub(crate) struct Args {
     /// Subscribers.
     #[arg(long, default_value_t = 19_000)]
@@ -141,6 +149,14 @@ pub(crate) struct Args {
     /// Name of the --url server in the results.
     #[arg(long, default_value = "switchboard")]
     server_name: String,
+    /// Skip the sustained phase: single messages only.
+    #[arg(long)]
+    single_only: bool,
+    /// Then run the single messages against the floor server (a minimal
+    /// fan-out write loop, the `floor` module) with the same clients, and
+    /// report the server's figures as ratios of the floor's.
+    #[arg(long)]
+    floor: bool,
 }
 
 /// One publish.
@@ -156,8 +172,134 @@ struct Sent {
     ok: bool,
 }
 
+/// Name of the floor server in the results.
+const FLOOR_NAME: &str = "floor (minimal write loop)";
+
 /// Runs the scenario; `Ok(false)` if the measurement is invalid.
 pub(crate) async fn run(opts: &Opts, a: Args) -> Result<bool, String> {
+    if a.floor && a.transport != Subscribers::Websocket {
+        return Err("--floor: the floor server takes WebSocket subscribers only".into());
+    }
+    let server = measure_server(opts, &a, None).await?;
+    let mut json = server.json;
+    let mut problems = server.problems;
+    if a.floor {
+        // The same clients and single phase against the floor server.
+        let floor = Floor::spawn(a.subscribers).await?;
+        let fa = Args {
+            nodes: 1,
+            url: Some(floor.url.clone()),
+            control: None,
+            publish_url: Some(floor.publish_url.clone()),
+            server_pid: floor.pid().into_iter().collect(),
+            server_name: FLOOR_NAME.into(),
+            single_only: true,
+            floor: false,
+            ..a.clone()
+        };
+        let f = measure_server(opts, &fa, Some(floor)).await?;
+        let ratio = |s: f64, f: f64| (f > 0.0).then(|| s / f);
+        let mut t = Table::default();
+        let mut against = serde_json::Map::new();
+        for (what, key, s, fl) in [
+            (
+                "single: delivery latency p50",
+                "single_p50_ms",
+                server.single.p50,
+                f.single.p50,
+            ),
+            (
+                "single: delivery latency p99",
+                "single_p99_ms",
+                server.single.p99,
+                f.single.p99,
+            ),
+            (
+                "— all reached p50",
+                "all_reached_p50_ms",
+                server.reached.p50,
+                f.reached.p50,
+            ),
+            (
+                "— all reached max",
+                "all_reached_max_ms",
+                server.reached.max,
+                f.reached.max,
+            ),
+            (
+                "— server CPU per delivery (µs)",
+                "cpu_us_per_delivery",
+                server.cpu_per_delivery_us,
+                f.cpu_per_delivery_us,
+            ),
+            (
+                "— CPU of other processes (cores)",
+                "others_cores",
+                server.others,
+                f.others,
+            ),
+        ] {
+            let r = ratio(s, fl);
+            t.row(
+                what,
+                format!(
+                    "{s:.2} / {fl:.2} = {}",
+                    r.map_or("-".into(), |r| format!("{r:.2}×"))
+                ),
+            );
+            against.insert(key.into(), json!({"server": s, "floor": fl, "ratio": r}));
+        }
+        t.print(&format!(
+            "fanout: {} against the floor, {} subscribers (server / floor = ratio)",
+            server.name, a.subscribers
+        ));
+        problems.extend(f.problems.iter().map(|p| format!("floor: {p}")));
+        json["floor"] = f.json;
+        json["against_floor"] = against.into();
+        json["problems"] = json!(problems);
+    }
+    measure::write_json(opts.json.as_deref(), &json)?;
+    Ok(crate::report_problems(&problems))
+}
+
+/// One server's measurement.
+struct Outcome {
+    /// The server's name in the results.
+    name: String,
+    /// Everything measured, as written to the JSON file.
+    json: serde_json::Value,
+    /// What makes the measurement invalid.
+    problems: Vec<String>,
+    /// Single messages: latency of every delivery.
+    single: Percentiles,
+    /// Single messages: per message, until the last subscriber had it.
+    reached: Percentiles,
+    /// Single messages: the server's CPU time per delivery, µs.
+    cpu_per_delivery_us: f64,
+    /// Single messages: cores used by other processes (disturbance).
+    others: f64,
+}
+
+/// What the phases of one measurement share.
+struct Target<'a> {
+    a: &'a Args,
+    api: Api,
+    publish_url: String,
+    /// Publishes go through a Switchboard's control API.
+    native: bool,
+    cluster: Option<&'a Cluster>,
+    /// Process groups whose CPU is measured.
+    groups: Vec<(&'static str, Vec<u32>)>,
+    /// Subscribers connected.
+    live: u64,
+    /// NATS background messages per second, in and out (cluster only).
+    background: Option<(f64, f64)>,
+}
+
+/// Measures one server: subscribers, single messages, then the sustained
+/// rate unless `--single-only`; prints its table. A `floor` server is ended
+/// before the clients close (it answers no close frame).
+async fn measure_server(opts: &Opts, a: &Args, floor: Option<Floor>) -> Result<Outcome, String> {
     let api = Api::new();
     let mut problems = Vec::new();
     let serve: Vec<String> = [
@@ -254,32 +396,46 @@ pub(crate) async fn run(opts: &Opts, a: Args) -> Result<bool, String> {
     let subscribed = measure::memory(&server_pids);
     let per_subscriber = (subscribed.pss as f64 - empty.pss as f64) / c.open.max(1) as f64;
     let background = match &cluster {
-        Some(cl) => {
+        Some(cl) if !a.single_only => {
             let m0 = cl.bus_msgs(&api).await?;
             tokio::time::sleep(a.quiet).await;
             let m1 = cl.bus_msgs(&api).await?;
             let s = a.quiet.as_secs_f64();
             Some(((m1.0 - m0.0) as f64 / s, (m1.1 - m0.1) as f64 / s))
         }
-        None => None,
+        _ => None,
     };
-    let client_pids = fleet.pids();
-    let groups = |pids: &[u32]| {
-        vec![
-            ("server", pids.to_vec()),
-            ("clients", client_pids.clone()),
+    let target = Target {
+        a,
+        api,
+        publish_url,
+        native,
+        cluster: cluster.as_ref(),
+        groups: vec![
+            ("server", server_pids.clone()),
+            ("clients", fleet.pids()),
             ("broker", nats_pid.into_iter().collect()),
-        ]
+        ],
+        live: c.open as u64,
+        background,
     };
 
     // 1. Single messages.
-    let live = c.open as u64;
-    let cpu = CpuMeter::start(groups(&server_pids));
+    let live = target.live;
+    let cpu = CpuMeter::start(target.groups.clone());
     let mut answers = measure::histogram();
     let mut timed_out = 0;
     for seq in 1..=a.messages {
         let started = Instant::now();
-        let sent = publish(&api, &publish_url, native, (SINGLE, SINGLE, 0), seq, a.size).await;
+        let sent = publish(
+            &target.api,
+            &target.publish_url,
+            native,
+            (SINGLE, SINGLE, 0),
+            seq,
+            a.size,
+        )
+        .await;
         if !sent.ok {
             problems.push(format!("single publish {seq} was refused"));
         }
@@ -308,8 +464,112 @@ pub(crate) async fn run(opts: &Opts, a: Args) -> Result<bool, String> {
             "{single_missing} single deliveries missing ({timed_out} messages timed out)"
         ));
     }
+    let single_lat = Percentiles::of(&single.all);
+    let cpu_per_delivery_us = measure::cores_of(&single_cpu, "server") * single_secs
+        / (single.receipts as f64).max(1e-9)
+        * 1e6;
+
+    let name = if cluster.is_some() {
+        format!("{} switchboard nodes", a.nodes)
+    } else {
+        a.server_name.clone()
+    };
+    let transport = match a.transport {
+        Subscribers::Websocket => "websocket",
+        Subscribers::Sse => "sse",
+        Subscribers::SseBidirectional => "sse-bidirectional",
+    };
+    let mut t = Table::default();
+    t.row("subscribed", format!("{} in {:.2} s", c.open, c.seconds));
+    t.row(
+        "server memory empty / subscribed (PSS)",
+        format!(
+            "{} / {}",
+            human_bytes(empty.pss as f64),
+            human_bytes(subscribed.pss as f64)
+        ),
+    );
+    t.row("— per subscriber", format!("{per_subscriber:.0} B"));
+    t.row(
+        "single: delivery latency p50 / p99 / p99.9 / max",
+        single_lat.brief(),
+    );
+    t.row(
+        "— all reached p50 / max",
+        format!("{:.1} / {:.1} ms", reached.p50, reached.max),
+    );
+    t.row(
+        "— publish answered p50",
+        format!("{:.2} ms", Percentiles::of(&answers).p50),
+    );
+    t.row(
+        "— server CPU per delivery",
+        format!("{cpu_per_delivery_us:.2} µs"),
+    );
 
     // 2. Sustained rate.
+    let sustained = if a.single_only {
+        serde_json::Value::Null
+    } else {
+        sustained(&target, &mut fleet, &mut t, &mut problems).await?
+    };
+
+    let dropped: u64 = fleet.receipts(0).await?.iter().map(|r| r.dropped).sum();
+    if dropped > 0 {
+        problems.push(format!(
+            "{dropped} subscriber connections ended unexpectedly"
+        ));
+    }
+    let after = measure::memory(&server_pids);
+    t.row("server memory after (PSS)", human_bytes(after.pss as f64));
+    t.print(&format!(
+        "fanout: {} {transport} subscribers, {name}",
+        a.subscribers
+    ));
+
+    let json = json!({
+        "scenario": "fanout",
+        "server": name,
+        "transport": transport,
+        "machine": measure::machine(),
+        "server_commands": nodes.iter().map(Gateway::command).collect::<Vec<_>>(),
+        "subscribers": a.subscribers,
+        "subscribe": c,
+        "memory": {"empty": empty, "subscribed": subscribed, "after": after,
+                   "pss_per_subscriber": per_subscriber},
+        "single": {
+            "messages": a.messages,
+            "delivery_latency_ms": single_lat,
+            "all_reached_ms": reached,
+            "publish_answer_ms": Percentiles::of(&answers),
+            "missing": single_missing,
+            "cpu_cores": single_cpu,
+            "server_cpu_us_per_delivery": cpu_per_delivery_us,
+        },
+        "sustained": sustained,
+        "problems": problems,
+    });
+    drop(floor);
+    fleet.close().await?;
+    Ok(Outcome {
+        name,
+        json,
+        problems,
+        single: single_lat,
+        reached,
+        cpu_per_delivery_us,
+        others: measure::cores_of(&single_cpu, "others"),
+    })
+}
+
+/// The sustained phase: adds its rows to `t` and its problems; its JSON.
+async fn sustained(
+    tg: &Target<'_>,
+    fleet: &mut Fleet,
+    t: &mut Table,
+    problems: &mut Vec<String>,
+) -> Result<serde_json::Value, String> {
+    let (a, api, native, live) = (tg.a, &tg.api, tg.native, tg.live);
     // `None`: back to back (`--rate max`).
     let rate: Option<f64> = match a.rate.as_str() {
         "auto" => Some(
@@ -331,7 +591,7 @@ pub(crate) async fn run(opts: &Opts, a: Args) -> Result<bool, String> {
         unix_nanos() + 200_000_000 + (a.warmup + a.duration).as_nanos() as u64,
     );
     let callers = {
-        let (api, url) = (api.clone(), publish_url.clone());
+        let (api, url) = (api.clone(), tg.publish_url.clone());
         let (size, from) = (a.size, window_ns.0);
         Callers::start(a.publishers, rate, t0, end, move |seq| {
             let (api, url) = (api.clone(), url.clone());
@@ -339,16 +599,16 @@ pub(crate) async fn run(opts: &Opts, a: Args) -> Result<bool, String> {
         })
     };
     tokio::time::sleep_until(window_start.into()).await;
-    let nats0 = match &cluster {
-        Some(cl) => Some(cl.bus_msgs(&api).await?),
+    let nats0 = match tg.cluster {
+        Some(cl) => Some(cl.bus_msgs(api).await?),
         None => None,
     };
-    let meter = CpuMeter::start(groups(&server_pids));
+    let meter = CpuMeter::start(tg.groups.clone());
     tokio::time::sleep_until(end.into()).await;
     let cpu = meter.cores();
-    let nats = match (&cluster, nats0) {
+    let nats = match (tg.cluster, nats0) {
         (Some(cl), Some(m0)) => {
-            let m1 = cl.bus_msgs(&api).await?;
+            let m1 = cl.bus_msgs(api).await?;
             Some((m1.0 - m0.0, m1.1 - m0.1))
         }
         _ => None,
@@ -391,62 +651,14 @@ pub(crate) async fn run(opts: &Opts, a: Args) -> Result<bool, String> {
         .iter()
         .for_each(|s| publish_answers.saturating_record(s.answer_us));
     let published_per_s = in_window.len() as f64 / a.duration.as_secs_f64();
-    let nats_per_publish = nats.zip(background).map(|((i, o), (bi, bo))| {
+    let nats_per_publish = nats.zip(tg.background).map(|((i, o), (bi, bo))| {
         let s = a.duration.as_secs_f64();
         let k = in_window.len().max(1) as f64;
         ((i as f64 - bi * s) / k, (o as f64 - bo * s) / k)
     });
-    let dropped: u64 = fleet.receipts(0).await?.iter().map(|r| r.dropped).sum();
-    if dropped > 0 {
-        problems.push(format!(
-            "{dropped} subscriber connections ended unexpectedly"
-        ));
-    }
-    let after = measure::memory(&server_pids);
 
-    let name = if cluster.is_some() {
-        format!("{} switchboard nodes", a.nodes)
-    } else {
-        a.server_name.clone()
-    };
-    let transport = match a.transport {
-        Subscribers::Websocket => "websocket",
-        Subscribers::Sse => "sse",
-        Subscribers::SseBidirectional => "sse-bidirectional",
-    };
-    let single_lat = Percentiles::of(&single.all);
     let per_delivery =
         |cores: f64, deliveries: f64| format!("{:.2} µs", cores / deliveries.max(1e-9) * 1e6);
-    let mut t = Table::default();
-    t.row("subscribed", format!("{} in {:.2} s", c.open, c.seconds));
-    t.row(
-        "server memory empty / subscribed (PSS)",
-        format!(
-            "{} / {}",
-            human_bytes(empty.pss as f64),
-            human_bytes(subscribed.pss as f64)
-        ),
-    );
-    t.row("— per subscriber", format!("{per_subscriber:.0} B"));
-    t.row(
-        "single: delivery latency p50 / p99 / p99.9 / max",
-        single_lat.brief(),
-    );
-    t.row(
-        "— all reached p50 / max",
-        format!("{:.1} / {:.1} ms", reached.p50, reached.max),
-    );
-    t.row(
-        "— publish answered p50",
-        format!("{:.2} ms", Percentiles::of(&answers).p50),
-    );
-    t.row(
-        "— server CPU per delivery",
-        per_delivery(
-            measure::cores_of(&single_cpu, "server") * single_secs,
-            single.receipts as f64,
-        ),
-    );
     t.row(
         "sustained: messages published/s",
         format!(
@@ -479,7 +691,7 @@ pub(crate) async fn run(opts: &Opts, a: Args) -> Result<bool, String> {
     }
     if let Some((i, o)) = nats_per_publish {
         t.row(
-            match &cluster {
+            match tg.cluster {
                 Some(cl) if cl.broker_name() == "redis-server" => {
                     "— Redis commands per publish (in; out not counted)"
                 }
@@ -488,53 +700,22 @@ pub(crate) async fn run(opts: &Opts, a: Args) -> Result<bool, String> {
             format!("{i:.1} / {o:.1}"),
         );
     }
-    t.row("server memory after (PSS)", human_bytes(after.pss as f64));
-    t.print(&format!(
-        "fanout: {} {transport} subscribers, {name}",
-        a.subscribers
-    ));
-
-    measure::write_json(
-        opts.json.as_deref(),
-        &json!({
-            "scenario": "fanout",
-            "server": name,
-            "transport": transport,
-            "machine": measure::machine(),
-            "server_commands": nodes.iter().map(Gateway::command).collect::<Vec<_>>(),
-            "subscribers": a.subscribers,
-            "subscribe": c,
-            "memory": {"empty": empty, "subscribed": subscribed, "after": after,
-                       "pss_per_subscriber": per_subscriber},
-            "single": {
-                "messages": a.messages,
-                "delivery_latency_ms": single_lat,
-                "all_reached_ms": reached,
-                "publish_answer_ms": Percentiles::of(&answers),
-                "missing": single_missing,
-                "cpu_cores": single_cpu,
-            },
-            "sustained": {
-                "rate_asked": rate,
-                "published_per_second": published_per_s,
-                "skipped_slots": skipped,
-                "refused": refused,
-                "deliveries_per_second": deliveries_per_s,
-                "latency_ms": latency,
-                "publish_answer_ms": Percentiles::of(&publish_answers),
-                "missing_after_grace": missing_after_grace,
-                "lost": lost,
-                "late": late,
-                "cpu_cores": cpu,
-                "nats_messages_per_publish": nats_per_publish,
-                "nats_background_per_second": background,
-                "bus": cluster.as_ref().map(|c| c.broker_name()),
-            },
-            "problems": problems,
-        }),
-    )?;
-    fleet.close().await?;
-    Ok(crate::report_problems(&problems))
+    Ok(json!({
+        "rate_asked": rate,
+        "published_per_second": published_per_s,
+        "skipped_slots": skipped,
+        "refused": refused,
+        "deliveries_per_second": deliveries_per_s,
+        "latency_ms": latency,
+        "publish_answer_ms": Percentiles::of(&publish_answers),
+        "missing_after_grace": missing_after_grace,
+        "lost": lost,
+        "late": late,
+        "cpu_cores": cpu,
+        "nats_messages_per_publish": nats_per_publish,
+        "nats_background_per_second": tg.background,
+        "bus": tg.cluster.map(|c| c.broker_name()),
+    }))
 }
 
 /// Publishes one stamped message; never fails (a failure is not `ok`).

@@ -228,6 +228,7 @@ pub(crate) async fn run(opts: &Opts, a: Args) -> Result<bool, String> {
             "machine": measure::machine(),
             "gateway_command": gw.command(),
             "connections": n,
+            "concurrency": opts.concurrency,
             "tls": a.tls,
             "tcp_baseline": baseline.map(|(rate, secs)| json!({"rate": rate, "seconds": secs})),
             "handshakes": c,

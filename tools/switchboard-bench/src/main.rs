@@ -11,7 +11,8 @@
 //! * [`fanout`]: S subscribers on one channel (of one gateway, a NATS
 //!   cluster of them, or any server reached with `--url`, such as nginx +
 //!   nchan, see `compare/nchan.sh`): single messages until all have them,
-//!   then a sustained rate;
+//!   then a sustained rate; with `--floor`, single messages against the
+//!   [`floor`] server too (a minimal fan-out write loop) in the same run;
 //! * [`crossnode`]: control API commands through one node of a NATS cluster
 //!   to clients on the others, beside the same on a single node;
 //! * [`sessions`]: the memory of suspended sessions (empty, and with
@@ -26,6 +27,11 @@
 //!   idle connections), then triggers: trigger-to-delivery latency and
 //!   origin requests per trigger.
 //!
+//! * [`million`] (`cluster-idle`): a million idle connections (or
+//!   `--connections`) held by a cluster of gateway processes joined over
+//!   one nats-server: memory, kernel memory, connect time, NATS traffic,
+//!   one message to all of them, a drain.
+//!
 //! Clients run in worker processes of this binary ([`engine`]); the servers
 //! are started by [`servers`]; [`measure`] reads `/proc` and keeps the
 //! histograms. Everything runs on loopback and every phase is bounded.
@@ -36,9 +42,11 @@ mod echo;
 mod engine;
 mod fallbacks;
 mod fanout;
+mod floor;
 mod graphql;
 mod idle;
 mod measure;
+mod million;
 mod servers;
 mod sessions;
 
@@ -81,6 +89,11 @@ enum Command {
     /// GraphQL subscriptions: memory per idle subscription, trigger to
     /// delivery latency and origin requests per trigger.
     Graphql(graphql::Args),
+    /// A cluster of gateways over one nats-server holding C idle
+    /// connections (a million by default): memory, connect time, NATS
+    /// traffic, one message to all, a drain.
+    #[command(alias = "million")]
+    ClusterIdle(million::Args),
     /// Child role: a shard of clients (see the engine module).
     #[command(hide = true)]
     Worker {
@@ -91,6 +104,12 @@ enum Command {
     #[command(hide = true)]
     Acceptor {
         /// Connections to accept before reporting.
+        expect: usize,
+    },
+    /// Child role: the minimal fan-out server of `fanout --floor`.
+    #[command(hide = true)]
+    Floor {
+        /// Most subscribers to accept.
         expect: usize,
     },
 }
@@ -163,6 +182,8 @@ impl Opts {
                 mode: mode.clone(),
                 tls: None,
                 transport: engine::Transport::WebSocket,
+                hold_while_connecting: false,
+                connect_rate: 0.0,
             })
             .collect()
     }
@@ -173,6 +194,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Worker { config } => engine::run_worker(&config).map(|()| true),
         Command::Acceptor { expect } => idle::run_acceptor(expect).map(|()| true),
+        Command::Floor { expect } => floor::run_floor(expect).map(|()| true),
         scenario => tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -188,7 +210,10 @@ fn main() -> ExitCode {
                         Command::Sessions(a) => sessions::run(&cli.opts, a).await,
                         Command::Fallbacks(a) => fallbacks::run(&cli.opts, a).await,
                         Command::Graphql(a) => graphql::run(&cli.opts, a).await,
-                        Command::Worker { .. } | Command::Acceptor { .. } => unreachable!(),
+                        Command::ClusterIdle(a) => million::run(&cli.opts, a).await,
+                        Command::Worker { .. }
+                        | Command::Acceptor { .. }
+                        | Command::Floor { .. } => unreachable!(),
                     }
                 })
             }),
@@ -258,6 +283,24 @@ mod tests {
             &["b", "graphql", "--subscribers", "1000", "--inputs", "10"],
             &["b", "graphql", "--no-baseline", "--trigger-interval", "1s"],
             &["b", "acceptor", "3"],
+            &[
+                "b",
+                "cluster-idle",
+                "--connections",
+                "15000",
+                "--nodes",
+                "3",
+            ],
+            &["b", "million", "--hold", "60s", "--port-range", "keep"],
+            &["b", "floor", "3"],
+            &[
+                "b",
+                "fanout",
+                "--floor",
+                "--single-only",
+                "--subscribers",
+                "5000",
+            ],
         ] {
             Cli::try_parse_from(argv).unwrap_or_else(|e| panic!("{argv:?}: {e}"));
         }
