@@ -371,26 +371,7 @@ async fn start_cluster(opts: &Opts, n: usize, args: &[String]) -> Result<Nodes, 
         nats,
         monitor,
     };
-    let api = Api::new();
-    let deadline = Instant::now() + JOIN_TIMEOUT;
-    for control in c.controls() {
-        loop {
-            let listed = api
-                .get_json(control, "/v1/nodes")
-                .await
-                .map(|v| v["nodes"].as_array().map_or(0, Vec::len))
-                .unwrap_or(0);
-            if listed == n {
-                break;
-            }
-            if Instant::now() > deadline {
-                return Err(format!(
-                    "the nodes did not see each other within {JOIN_TIMEOUT:?} ({listed} of {n})"
-                ));
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    }
+    crate::servers::await_joined(c.controls(), n, JOIN_TIMEOUT).await?;
     Ok(c)
 }
 

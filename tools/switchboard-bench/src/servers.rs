@@ -271,27 +271,8 @@ impl Cluster {
             a.extend(["--node-id".into(), id]);
             nodes.push(Gateway::spawn(opts, &a).await?);
         }
-        let api = Api::new();
-        let deadline = Instant::now() + READY_TIMEOUT;
-        for node in &nodes {
-            let control = node.control.expect("spawned");
-            loop {
-                let listed = api
-                    .get_json(control, "/v1/nodes")
-                    .await
-                    .map(|v| v["nodes"].as_array().map_or(0, Vec::len))
-                    .unwrap_or(0);
-                if listed == n {
-                    break;
-                }
-                if Instant::now() > deadline {
-                    return Err(format!(
-                        "the nodes did not see each other ({listed} of {n})"
-                    ));
-                }
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
+        let controls = nodes.iter().map(|g| g.control.expect("spawned"));
+        await_joined(controls, n, READY_TIMEOUT).await?;
         Ok(Self { nodes, broker })
     }
 
@@ -531,4 +512,34 @@ impl<T: Send + 'static> Callers<T> {
         }
         Ok((all, self.skipped.load(Relaxed)))
     }
+}
+
+/// Waits until every node behind `controls` lists `n` nodes in `GET
+/// /v1/nodes` (at most `timeout`).
+pub(crate) async fn await_joined(
+    controls: impl IntoIterator<Item = SocketAddr>,
+    n: usize,
+    timeout: Duration,
+) -> Result<(), String> {
+    let api = Api::new();
+    let deadline = Instant::now() + timeout;
+    for control in controls {
+        loop {
+            let listed = api
+                .get_json(control, "/v1/nodes")
+                .await
+                .map(|v| v["nodes"].as_array().map_or(0, Vec::len))
+                .unwrap_or(0);
+            if listed == n {
+                break;
+            }
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "the nodes did not see each other within {timeout:?} ({listed} of {n})"
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    Ok(())
 }
