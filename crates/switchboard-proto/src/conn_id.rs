@@ -124,6 +124,12 @@ fn decode_key(s: &str) -> Result<ConnKey, InvalidConnectionId> {
     Ok(key)
 }
 
+impl From<ConnectionId> for String {
+    fn from(id: ConnectionId) -> Self {
+        id.0.into()
+    }
+}
+
 impl fmt::Display for ConnectionId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)

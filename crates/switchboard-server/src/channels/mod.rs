@@ -279,9 +279,9 @@ impl State {
 
 fn member(c: &Conn) -> Member {
     Member {
-        client: c.id.to_string(),
-        user: c.user_id.as_deref().map(str::to_owned),
-        info: c.metadata.as_deref().cloned(),
+        client: c.id().to_string(),
+        user: c.user_id().map(str::to_owned),
+        info: c.metadata().cloned(),
     }
 }
 
@@ -813,7 +813,7 @@ impl Channels {
                 }
                 Ok(false) => {}
                 Err(e) => {
-                    tracing::warn!(connection = %conn.id, channel = %c.channel, error = %e, "a moved session's channel was not kept")
+                    tracing::warn!(connection = %conn.id(), channel = %c.channel, error = %e, "a moved session's channel was not kept")
                 }
             }
         }

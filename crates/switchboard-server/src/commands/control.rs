@@ -130,7 +130,7 @@ pub(crate) fn single_payload(json: &[u8]) -> Result<(), ApiError> {
 fn lookup(s: &Commands, id: &str) -> Result<Arc<Conn>, ApiError> {
     ConnectionId::parse(id)
         .ok()
-        .and_then(|cid| s.registry.get(&cid.key()).filter(|c| c.id == cid))
+        .and_then(|cid| s.registry.get(&cid.key()).filter(|c| c.has_id(&cid)))
         .ok_or_else(|| ApiError::not_found(id))
 }
 
@@ -657,7 +657,7 @@ async fn send_batch_routed(
             let status = match lookup_messaging(s, &id) {
                 Ok(c) => {
                     let status = delivery(s, &c, &out);
-                    if status != Delivery::Unknown && c.session.is_some() && storing {
+                    if status != Delivery::Unknown && c.session().is_some() && storing {
                         sessions.push(c);
                     }
                     status
@@ -744,16 +744,16 @@ fn info_local(s: &Commands, id: &str) -> CommandReply {
 
 fn connection_info(s: &Commands, c: &Conn) -> ConnectionInfo {
     ConnectionInfo {
-        id: c.id.to_string(),
+        id: c.id().to_string(),
         node: s.node.to_string(),
         remote_addr: c.remote().to_string(),
-        path: c.path.to_string(),
-        user_id: c.user_id.as_deref().map(str::to_owned),
-        metadata: c.metadata.as_deref().cloned(),
-        subprotocol: c.subprotocol.as_deref().map(str::to_owned),
+        path: c.path().to_string(),
+        user_id: c.user_id().map(str::to_owned),
+        metadata: c.metadata().cloned(),
+        subprotocol: c.subprotocol().map(str::to_owned),
         compression: c.deflate(),
         transport: c.transport(),
-        connected_at: humantime::format_rfc3339_millis(c.connected_at).to_string(),
+        connected_at: humantime::format_rfc3339_millis(c.connected_at()).to_string(),
         messages_in: c.messages_in.load(Relaxed),
         messages_out: c.messages_out.load(Relaxed),
         bytes_in: c.bytes_in.load(Relaxed),
@@ -773,7 +773,7 @@ async fn connections_of(s: &Commands, user_id: &str, forwarded: bool) -> Command
         .registry
         .snapshot()
         .iter()
-        .filter(|c| c.user_id.as_deref() == Some(user_id))
+        .filter(|c| c.user_id() == Some(user_id))
         .map(|c| connection_info(s, c))
         .collect();
     let mut unanswered = Vec::new();

@@ -521,8 +521,8 @@ pub(crate) async fn hand_over_all(s: &Commands, until: tokio::time::Instant) -> 
                         404 => false,
                         _ => {
                             // Whether it is there cannot be known: it ends.
-                            tracing::warn!(connection = %conn.id, %node, "a draining node's session was lost on its way");
-                            lost(s, &conn.id);
+                            tracing::warn!(connection = %conn.id(), %node, "a draining node's session was lost on its way");
+                            lost(s, &conn.id());
                             return None;
                         }
                     }
@@ -535,7 +535,7 @@ pub(crate) async fn hand_over_all(s: &Commands, until: tokio::time::Instant) -> 
             if reply.status == 413 {
                 keep_here(s, *state);
             } else {
-                tracing::warn!(connection = %conn.id, %node, status = reply.status, "a draining node's session was not taken; it ends here");
+                tracing::warn!(connection = %conn.id(), %node, status = reply.status, "a draining node's session was not taken; it ends here");
                 s.sessions.count_handoff("failed");
                 let _ = keep(s, *state);
             }

@@ -34,7 +34,7 @@ pub(crate) fn connected_frame(s: &Commands, conn: &Conn, opened: Opened) -> Byte
         Opened::New { refused } => (false, refused, Vec::new()),
         Opened::Resumed { channels } => (true, None, channels),
     };
-    let session = conn.session.is_some();
+    let session = conn.session().is_some();
     // An HTTP fallback's requests name their session by its token, even
     // with sessions off (then it cannot resume: `session_ttl_ms` 0).
     let token = session
@@ -49,11 +49,11 @@ pub(crate) fn connected_frame(s: &Commands, conn: &Conn, opened: Opened) -> Byte
         0
     };
     push_frame(&Push::Connected {
-        client: conn.id.to_string(),
+        client: conn.id().to_string(),
         node: s.node.to_string(),
         version: 1,
         ping_interval_ms: s.config.ping_interval.as_millis() as u64,
-        session: token.then(|| s.sessions.token(&conn.id)),
+        session: token.then(|| s.sessions.token(&conn.id())),
         session_ttl_ms: token.then_some(ttl_ms),
         resumed,
         resume_error,
@@ -355,7 +355,7 @@ async fn ask_origin(s: &Arc<Commands>, conn: &Conn, id: u64, event: &Event) -> R
             Err(error_frame(Some(id), ErrorCode::Rejected, &reason))
         }
         Err(e) => {
-            log_failure(event.kind(), &conn.id, &e);
+            log_failure(event.kind(), &conn.id(), &e);
             s.metrics.native_error(ErrorCode::Unavailable);
             let message = match e {
                 AskError::CutOff => "this node is cut off from its cluster; retry",
@@ -375,11 +375,11 @@ async fn approve_and_publish(
     data: Payload,
 ) -> Bytes {
     let event = Event::Publish(PublishEvent {
-        id: event_id::decision(&conn.id, "publish"),
-        connection_id: conn.id.to_string(),
+        id: event_id::decision(&conn.id(), "publish"),
+        connection_id: conn.id().to_string(),
         node: s.node.to_string(),
         timestamp_ms: now_ms(),
-        user_id: conn.user_id.as_deref().map(str::to_owned),
+        user_id: conn.user_id().map(str::to_owned),
         channel: channel.clone(),
         payload: data,
     });
@@ -412,11 +412,11 @@ async fn approve_and_subscribe(
     since: Option<StreamPosition>,
 ) -> Option<Bytes> {
     let event = Event::Subscribe(SubscribeEvent {
-        id: event_id::decision(&conn.id, "subscribe"),
-        connection_id: conn.id.to_string(),
+        id: event_id::decision(&conn.id(), "subscribe"),
+        connection_id: conn.id().to_string(),
         node: s.node.to_string(),
         timestamp_ms: now_ms(),
-        user_id: conn.user_id.as_deref().map(str::to_owned),
+        user_id: conn.user_id().map(str::to_owned),
         channel: channel.clone(),
     });
     if let Err(refused) = ask_origin(s, conn, id, &event).await {

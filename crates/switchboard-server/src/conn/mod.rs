@@ -28,7 +28,7 @@ use switchboard_proto::conn_id::ConnKey;
 use switchboard_proto::native::Push;
 use switchboard_proto::origin::{ClosedBy, Payload, Transport};
 use switchboard_proto::ws::frame::{encode_frame_with, OpCode};
-use switchboard_proto::ConnectionId;
+use switchboard_proto::{ConnectionId, NodeId};
 use tokio::sync::Notify;
 
 /// Most frames handed to one `writev` call.
@@ -358,41 +358,83 @@ enum Place {
     BeforeHeld,
 }
 
-/// The shared half of a connection: identity, counters and outbound queue.
+/// What the connections of a node share, so that none stores it: the id of
+/// the node (the first half of every connection id) and the
+/// configuration's per-connection bounds.
 #[derive(Debug)]
-pub(crate) struct Conn {
-    pub(crate) id: ConnectionId,
-    pub(crate) key: ConnKey,
-    /// The address of the session's first socket (see [`Conn::remote`]).
-    remote: SocketAddr,
-    pub(crate) path: Box<str>,
-    pub(crate) user_id: Option<Box<str>>,
-    pub(crate) metadata: Option<Box<serde_json::Value>>,
+pub(crate) struct Home {
+    pub(crate) node: NodeId,
+    /// `max-outbound-bytes`.
+    max_outbound: usize,
+    /// The outbox bounds of a connection with a session (none when the
+    /// node keeps no sessions).
+    session: Option<OutboxLimits>,
+}
+
+impl Home {
+    pub(crate) fn new(
+        node: NodeId,
+        max_outbound: usize,
+        session: Option<OutboxLimits>,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            node,
+            max_outbound,
+            session,
+        })
+    }
+}
+
+/// What many connections do without (a token's user, the origin's
+/// metadata, a path other than `/` …), boxed so that they pay a pointer.
+#[derive(Debug, Default)]
+struct Ident {
+    /// None: `/`.
+    path: Option<Box<str>>,
+    user_id: Option<Box<str>>,
+    metadata: Option<serde_json::Value>,
     /// Its place in `max-connections-per-user`, freed with the connection.
     _user_slot: Option<Box<crate::admission::UserSlot>>,
+    /// A subprotocol other than the native one (see `Conn::subprotocol`).
+    subprotocol: Option<Box<str>>,
+}
+
+/// The shared half of a connection: identity, counters and outbound queue.
+/// Small enough (see the test below) that an `Arc` of it fits jemalloc's
+/// 256-byte class: every idle connection keeps one (docs/benchmarks.md).
+#[derive(Debug)]
+pub(crate) struct Conn {
+    /// The random half of its id (the other is its home node's id).
+    pub(crate) key: ConnKey,
+    home: Arc<Home>,
+    /// The address of the session's first socket (see [`Conn::remote`]).
+    remote: SocketAddr,
+    ident: Option<Box<Ident>>,
     /// The client's current token (none without one).
     pub(crate) token: Mutex<Option<Box<crate::admission::tokens::TokenState>>>,
     /// When the current token expires, Unix ms (0: never, or not enforced).
     pub(crate) token_expires_ms: std::sync::atomic::AtomicU64,
-    pub(crate) subprotocol: Option<Box<str>>,
     /// Speaks the native protocol (`switchboard.v1`).
     pub(crate) native: bool,
+    /// Its subprotocol is the native one.
+    native_subprotocol: bool,
     /// Speaks a GraphQL over WebSocket protocol (`docs/graphql.md`).
     pub(crate) graphql: Option<switchboard_proto::graphql::Protocol>,
     /// What carries it (a resume may change it): a [`Transport`] as `u8`.
     transport: std::sync::atomic::AtomicU8,
     /// Its socket compresses (permessage-deflate); a resume may change it.
     deflate: AtomicBool,
-    /// Outlives a lost socket (native, `session-ttl` above zero).
-    pub(crate) session: Option<OutboxLimits>,
-    pub(crate) connected_at: SystemTime,
+    /// Outlives a lost socket (native, `session-ttl` above zero): see
+    /// [`Conn::session`].
+    has_session: bool,
+    /// When it connected, Unix ms.
+    connected_at_ms: u64,
     pub(crate) messages_in: AtomicU64,
     pub(crate) messages_out: AtomicU64,
     pub(crate) bytes_in: AtomicU64,
     pub(crate) bytes_out: AtomicU64,
     /// Events of this connection waiting for the origin.
     pub(crate) pending_events: AtomicUsize,
-    max_outbound: usize,
     out: Mutex<Outbound>,
     /// Wakes the connection's task: a frame was queued, a close requested,
     /// or one of its deadlines passed (`edge::timers`).
@@ -407,6 +449,9 @@ pub(crate) struct Conn {
 #[derive(Debug)]
 pub(crate) struct ConnInit {
     pub(crate) id: ConnectionId,
+    /// The node's [`Home`] (a session that moved here keeps its id, and so
+    /// the node it started on: see [`Conn::new`]).
+    pub(crate) home: Arc<Home>,
     pub(crate) remote: SocketAddr,
     pub(crate) path: String,
     pub(crate) user_id: Option<String>,
@@ -419,39 +464,126 @@ pub(crate) struct ConnInit {
     pub(crate) graphql: Option<switchboard_proto::graphql::Protocol>,
     pub(crate) transport: Transport,
     pub(crate) deflate: bool,
-    pub(crate) session: Option<OutboxLimits>,
-    pub(crate) max_outbound: usize,
+    /// It gets a session (if the node keeps them, and it is native).
+    pub(crate) session: bool,
+}
+
+/// Now, Unix ms.
+fn unix_ms(at: SystemTime) -> u64 {
+    at.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 impl Conn {
     pub(crate) fn new(init: ConnInit) -> Self {
+        let home = if init.id.node() == init.home.node.as_str() {
+            init.home
+        } else {
+            // A session that started on another node (a handoff).
+            Home::new(
+                NodeId::new(init.id.node()).expect("a connection id's node is valid"),
+                init.home.max_outbound,
+                init.home.session,
+            )
+        };
+        let native_subprotocol =
+            init.subprotocol.as_deref() == Some(switchboard_proto::native::SUBPROTOCOL);
+        let ident = Ident {
+            path: Some(init.path).filter(|p| p != "/").map(Into::into),
+            user_id: init.user_id.map(Into::into),
+            metadata: init.metadata,
+            _user_slot: init.user_slot,
+            subprotocol: init
+                .subprotocol
+                .filter(|_| !native_subprotocol)
+                .map(Into::into),
+        };
+        let ident = (ident.path.is_some()
+            || ident.user_id.is_some()
+            || ident.metadata.is_some()
+            || ident._user_slot.is_some()
+            || ident.subprotocol.is_some())
+        .then(|| Box::new(ident));
         Self {
             key: init.id.key(),
-            id: init.id,
+            home,
             remote: init.remote,
-            path: init.path.into(),
-            user_id: init.user_id.map(Into::into),
-            metadata: init.metadata.map(Box::new),
-            _user_slot: init.user_slot,
+            ident,
             token: Mutex::new(init.token.map(Box::new)),
             token_expires_ms: init.token_expires_ms.into(),
-            subprotocol: init.subprotocol.map(Into::into),
             native: init.native,
+            native_subprotocol,
             graphql: init.graphql,
             transport: (init.transport as u8).into(),
             deflate: AtomicBool::new(init.deflate),
-            session: init.session.filter(|_| init.native),
-            connected_at: SystemTime::now(),
+            has_session: init.session && init.native,
+            connected_at_ms: unix_ms(SystemTime::now()),
             messages_in: AtomicU64::new(0),
             messages_out: AtomicU64::new(0),
             bytes_in: AtomicU64::new(0),
             bytes_out: AtomicU64::new(0),
             pending_events: AtomicUsize::new(0),
-            max_outbound: init.max_outbound,
             out: Mutex::new(Outbound::default()),
             notify: signal::Signal::default(),
             ended: AtomicBool::new(false),
         }
+    }
+
+    /// Its id: `<node>.<key>`, made anew (it is not stored).
+    pub(crate) fn id(&self) -> ConnectionId {
+        ConnectionId::from_parts(&self.home.node, &self.key)
+    }
+
+    /// Whether `id` is its id.
+    pub(crate) fn has_id(&self, id: &ConnectionId) -> bool {
+        id.key() == self.key && id.node() == self.home.node.as_str()
+    }
+
+    /// The path it connected to.
+    pub(crate) fn path(&self) -> &str {
+        self.ident
+            .as_ref()
+            .and_then(|i| i.path.as_deref())
+            .unwrap_or("/")
+    }
+
+    /// The user it belongs to (the origin's word, or its token's `sub`).
+    pub(crate) fn user_id(&self) -> Option<&str> {
+        self.ident.as_ref().and_then(|i| i.user_id.as_deref())
+    }
+
+    /// What the origin attached to it.
+    pub(crate) fn metadata(&self) -> Option<&serde_json::Value> {
+        self.ident.as_ref().and_then(|i| i.metadata.as_ref())
+    }
+
+    /// The subprotocol it agreed on.
+    pub(crate) fn subprotocol(&self) -> Option<&str> {
+        if self.native_subprotocol {
+            return Some(switchboard_proto::native::SUBPROTOCOL);
+        }
+        self.ident.as_ref().and_then(|i| i.subprotocol.as_deref())
+    }
+
+    /// When it connected, Unix ms.
+    pub(crate) fn connected_at_ms(&self) -> u64 {
+        self.connected_at_ms
+    }
+
+    /// When it connected.
+    pub(crate) fn connected_at(&self) -> SystemTime {
+        SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(self.connected_at_ms)
+    }
+
+    /// Its session's outbox bounds: it outlives a lost socket (native,
+    /// `session-ttl` above zero).
+    pub(crate) fn session(&self) -> Option<OutboxLimits> {
+        self.home.session.filter(|_| self.has_session)
+    }
+
+    /// `max-outbound-bytes`.
+    fn max_outbound(&self) -> usize {
+        self.home.max_outbound
     }
 
     /// Queues a data message. Past `max-outbound-bytes` the connection is
@@ -473,7 +605,7 @@ impl Conn {
     }
 
     fn send_at(&self, msg: &Outgoing, place: Place, metrics: &Metrics) -> Queued {
-        if let (Some(limits), true) = (self.session, msg.is_direct()) {
+        if let (Some(limits), true) = (self.session(), msg.is_direct()) {
             return self.send_direct(msg.tail(), place, limits, metrics);
         }
         let frame = msg.frame_for(self.native, self.deflate());
@@ -602,7 +734,7 @@ impl Conn {
         }
         // An empty queue always takes one frame, however large: a single big
         // message is not a slow consumer.
-        if out.queued_bytes > 0 && out.queued_bytes + frame.len() > self.max_outbound {
+        if out.queued_bytes > 0 && out.queued_bytes + frame.len() > self.max_outbound() {
             return self.close_slow(out, metrics);
         }
         let held = out.held as usize;
@@ -649,7 +781,7 @@ impl Conn {
     /// Numbers the held direct messages of a session in queue order, and
     /// encodes them for the socket.
     fn number_held(&self, out: &mut Outbound, metrics: &Metrics) {
-        let (Some(limits), deflate) = (self.session, self.deflate()) else {
+        let (Some(limits), deflate) = (self.session(), self.deflate()) else {
             return;
         };
         let from = out.frames.len() - out.held as usize;
@@ -759,7 +891,7 @@ impl Conn {
         if out.refuses() {
             return Queued::Closed;
         }
-        if out.queued_bytes > 0 && out.queued_bytes + total > self.max_outbound {
+        if out.queued_bytes > 0 && out.queued_bytes + total > self.max_outbound() {
             return self.close_slow(out, metrics);
         }
         let was_empty = out.frames.is_empty();
@@ -966,7 +1098,7 @@ impl Conn {
 
     /// Sets when the session started (one that moved here from another node).
     pub(crate) fn started_at(mut self, at: SystemTime) -> Self {
-        self.connected_at = at;
+        self.connected_at_ms = unix_ms(at);
         self
     }
 
@@ -1277,7 +1409,7 @@ impl Numbered {
 
     /// `conn` may have numbered direct messages.
     pub(crate) fn touch(&self, conn: &Conn) {
-        if conn.session.is_some() && self.on.load(Relaxed) {
+        if conn.session().is_some() && self.on.load(Relaxed) {
             self.keys.lock().push(conn.key);
             self.notify.notify_one();
         }
@@ -1335,7 +1467,7 @@ impl Registry {
     pub(crate) fn for_each_id(&self, mut f: impl FnMut(&ConnectionId)) {
         for s in self.shards.iter() {
             for e in s.read().iter() {
-                f(&e.0.id);
+                f(&e.0.id());
             }
         }
     }
@@ -1356,6 +1488,7 @@ mod tests {
         let node = switchboard_proto::NodeId::random();
         Conn::new(ConnInit {
             id: ConnectionId::generate(&node),
+            home: Home::new(node, 1 << 20, Some(limits)),
             remote: "127.0.0.1:1".parse().unwrap(),
             path: "/".into(),
             user_id: None,
@@ -1368,8 +1501,7 @@ mod tests {
             graphql: None,
             transport: Transport::Websocket,
             deflate: false,
-            session: Some(limits),
-            max_outbound: 1 << 20,
+            session: true,
         })
     }
 
@@ -1424,6 +1556,57 @@ mod tests {
         let other = session(OutboxLimits::new(10, 1 << 16).unwrap());
         assert_eq!(other.request_close(close_request(false)), Queued::Yes);
         assert_eq!(other.send(&direct("a"), &metrics), Queued::Closed);
+    }
+
+    /// Every idle connection keeps an `Arc<Conn>`: with the `Arc`'s two
+    /// counts it must fit jemalloc's 256-byte class (docs/benchmarks.md).
+    #[test]
+    fn a_connection_fits_256_bytes_with_its_counts() {
+        assert!(
+            std::mem::size_of::<Conn>() <= 240,
+            "{} bytes",
+            std::mem::size_of::<Conn>()
+        );
+    }
+
+    /// Its id is made of its node's and its key, as it was generated.
+    #[test]
+    fn the_id_is_made_of_the_node_and_the_key() {
+        let conn = session(OutboxLimits::new(10, 1 << 16).unwrap());
+        let id = conn.id();
+        assert!(conn.has_id(&id));
+        assert_eq!(ConnectionId::parse(id.as_str()).unwrap(), id);
+        assert_eq!(conn.path(), "/");
+        assert_eq!(conn.subprotocol(), None);
+        // A session that moved here keeps the id it started with.
+        let elsewhere = NodeId::new("elsewhere").unwrap();
+        let moved = ConnectionId::generate(&elsewhere);
+        let conn = Conn::new(ConnInit {
+            id: moved.clone(),
+            home: conn.home.clone(),
+            remote: "127.0.0.1:1".parse().unwrap(),
+            path: "/ws".into(),
+            user_id: Some("u".into()),
+            metadata: None,
+            user_slot: None,
+            token: None,
+            token_expires_ms: 0,
+            subprotocol: Some(switchboard_proto::native::SUBPROTOCOL.into()),
+            native: true,
+            graphql: None,
+            transport: Transport::Websocket,
+            deflate: false,
+            session: true,
+        });
+        assert_eq!(conn.id(), moved);
+        assert!(conn.has_id(&moved) && !conn.has_id(&id));
+        assert_eq!(conn.path(), "/ws");
+        assert_eq!(conn.user_id(), Some("u"));
+        assert_eq!(
+            conn.subprotocol(),
+            Some(switchboard_proto::native::SUBPROTOCOL)
+        );
+        assert!(conn.session().is_some());
     }
 
     /// Every connection has an outbound state: holding messages for the

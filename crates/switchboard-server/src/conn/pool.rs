@@ -12,7 +12,9 @@ use std::cell::RefCell;
 pub(crate) const READ_BUF: usize = 8 << 10;
 
 /// Buffers kept per worker thread (at most `POOL_MAX * READ_BUF` bytes idle).
-const POOL_MAX: usize = 128;
+/// 16 (from 128) keeps echo and fan-out throughput within noise and frees
+/// memory that idle connections shared (docs/benchmarks.md).
+const POOL_MAX: usize = 16;
 
 thread_local! {
     static POOL: RefCell<Vec<BytesMut>> = const { RefCell::new(Vec::new()) };

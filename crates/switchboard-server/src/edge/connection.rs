@@ -740,6 +740,7 @@ mod tests {
         let remote = client.local_addr().unwrap();
         let conn = Arc::new(Conn::new(ConnInit {
             id: switchboard_proto::ConnectionId::generate(&shared.node),
+            home: shared.commands.sessions.home().clone(),
             remote,
             path: "/".into(),
             user_id: None,
@@ -752,8 +753,7 @@ mod tests {
             graphql: None,
             transport: switchboard_proto::origin::Transport::Websocket,
             deflate: false,
-            session: None,
-            max_outbound: 1024,
+            session: false,
         }));
         let (socket, _) = shared.track_socket(remote.ip());
         let disconnect = DisconnectGuard::new(shared.clone(), conn);

@@ -123,10 +123,10 @@ pub(super) async fn handshake(shared: Arc<Edge>, p: Pending, mut opening: Openin
     graphql.open(
         &conn,
         Context {
-            connection_id: conn.id.to_string(),
-            user_id: conn.user_id.as_deref().map(str::to_owned),
+            connection_id: conn.id().to_string(),
+            user_id: conn.user_id().map(str::to_owned),
             claims,
-            metadata: conn.metadata.as_deref().cloned(),
+            metadata: conn.metadata().cloned(),
             headers: req
                 .headers
                 .iter()

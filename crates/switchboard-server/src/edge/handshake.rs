@@ -889,7 +889,7 @@ async fn resume(
     commands
         .sessions
         .resumed(&conn, &attached, &remote.to_string());
-    tracing::debug!(connection = %conn.id, %remote, "session resumed");
+    tracing::debug!(connection = %conn.id(), %remote, "session resumed");
     Ok(Accepted {
         response: opening.response(),
         conn,
@@ -1160,6 +1160,7 @@ pub(super) async fn admit(
 
     let conn = Arc::new(Conn::new(ConnInit {
         id,
+        home: shared.commands.sessions.home().clone(),
         remote,
         path: req.path.clone(),
         token: identity
@@ -1183,14 +1184,9 @@ pub(super) async fn admit(
         deflate: deflate.is_some_and(|d| d.compresses_outbound()),
         // A subscribe-only stream recovers by its event ids instead; the
         // origin may keep a connection from having a session (ttl 0).
-        session: shared
-            .commands
-            .sessions
-            .limits()
-            .filter(|_| opening.resumable() && answer.session_ttl_ms != Some(0)),
-        max_outbound: cfg.max_outbound_bytes,
+        session: opening.resumable() && answer.session_ttl_ms != Some(0),
     }));
-    if let (Some(ms), Some(_)) = (answer.session_ttl_ms, conn.session) {
+    if let (Some(ms), Some(_)) = (answer.session_ttl_ms, conn.session()) {
         conn.set_session_ttl(Duration::from_millis(ms).min(crate::sessions::MAX_TTL));
     }
     if is_native {
@@ -1224,7 +1220,7 @@ pub(super) async fn admit(
             .channels
             .subscribe(&conn, channel, None, Ack::Push, &shared.metrics)
         {
-            tracing::warn!(connection = %conn.id, channel, error = %e, "the connect answer named a channel that cannot be subscribed");
+            tracing::warn!(connection = %conn.id(), channel, error = %e, "the connect answer named a channel that cannot be subscribed");
         }
     }
     crate::origin::dispatcher::deliver_replies(&shared.origin, answer.replies);

@@ -198,13 +198,14 @@ impl Inbound {
             // Base64 in the JSON.
             Payload::Binary(b) => b.len() / 3 * 4 + 4,
         };
+        let conn_id = conn.id();
         let event = Event::Message(MessageEvent {
-            id: event_id::message(&conn.id, self.seq),
-            connection_id: conn.id.to_string(),
+            id: event_id::message(&conn_id, self.seq),
+            connection_id: conn_id.into(),
             node: shared.node.to_string(),
             timestamp_ms: now_ms(),
             seq: self.seq,
-            user_id: conn.user_id.as_deref().map(str::to_owned),
+            user_id: conn.user_id().map(str::to_owned),
             payload,
         });
         let json = queued_json(&event, data_len);

@@ -435,7 +435,7 @@ pub(crate) async fn close_spread(
         if at > tokio::time::Instant::now() + GRANULARITY {
             tokio::time::sleep_until(at).await;
         }
-        let keep = keep_sessions && c.session.is_some();
+        let keep = keep_sessions && c.session().is_some();
         c.request_close(CloseRequest {
             code: close::SERVICE_RESTART,
             reason: if keep {

@@ -461,7 +461,7 @@ pub(crate) fn deliver_replies(origin: &Origin, replies: Vec<Reply>) {
         // here from another node (its id names that node).
         let Some(conn) = ConnectionId::parse(&reply.connection_id)
             .ok()
-            .and_then(|id| origin.registry.get(&id.key()).filter(|c| c.id == id))
+            .and_then(|id| origin.registry.get(&id.key()).filter(|c| c.has_id(&id)))
         else {
             tracing::debug!(connection_id = %reply.connection_id, "reply to an unknown connection dropped");
             continue;

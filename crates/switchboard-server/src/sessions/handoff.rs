@@ -14,7 +14,7 @@ use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime};
 use switchboard_proto::conn_id::ConnKey;
 use switchboard_proto::control::{KeptMessage, SessionState};
 use switchboard_proto::native::{ResumeCode, ResumeError};
@@ -249,7 +249,7 @@ impl Sessions {
         let channels = self.channels.hand_off(conn, &self.metrics);
         self.registry.remove(&conn.key);
         let adopted = self.adopted.lock().remove(&conn.key);
-        let token = adopted.map_or_else(|| self.token(&conn.id), String::from);
+        let token = adopted.map_or_else(|| self.token(&conn.id()), String::from);
         let state = SessionState {
             last_seq: moving.last_seq,
             trimmed_through: moving.trimmed_through,
@@ -272,7 +272,7 @@ impl Sessions {
         conn.finish(&self.metrics);
         self.moved_out(conn);
         self.count_handoff("sent");
-        tracing::debug!(connection = %conn.id, to = ?node, kept = state.kept.len(), "session handed over");
+        tracing::debug!(connection = %conn.id(), to = ?node, kept = state.kept.len(), "session handed over");
         state
     }
 
@@ -286,18 +286,15 @@ impl Sessions {
         remote: std::net::SocketAddr,
     ) -> SessionState {
         SessionState {
-            connection_id: conn.id.to_string(),
+            connection_id: conn.id().to_string(),
             token,
-            path: conn.path.to_string(),
-            user_id: conn.user_id.as_deref().map(str::to_owned),
-            metadata: conn.metadata.as_deref().cloned(),
+            path: conn.path().to_string(),
+            user_id: conn.user_id().map(str::to_owned),
+            metadata: conn.metadata().cloned(),
             client_token: conn.token.lock().as_deref().map(TokenState::to_wire),
             token_expires_ms: conn.token_expires_ms.load(Relaxed),
             remote_addr: remote.to_string(),
-            connected_at_ms: conn
-                .connected_at
-                .duration_since(UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis() as u64),
+            connected_at_ms: conn.connected_at_ms(),
             messages_in: conn.messages_in.load(Relaxed),
             messages_out: conn.messages_out.load(Relaxed),
             bytes_in: conn.bytes_in.load(Relaxed),
@@ -351,6 +348,7 @@ impl Sessions {
             .unwrap_or_else(|_| std::net::SocketAddr::from(([0, 0, 0, 0], 0)));
         let conn = Conn::new(ConnInit {
             id: id.clone(),
+            home: self.home().clone(),
             remote,
             path: state.path,
             user_id: state.user_id,
@@ -363,8 +361,7 @@ impl Sessions {
             graphql: None,
             transport: Transport::Websocket,
             deflate: false,
-            session: self.limits(),
-            max_outbound: self.config.max_outbound_bytes,
+            session: true,
         })
         .started_at(SystemTime::UNIX_EPOCH + Duration::from_millis(state.connected_at_ms));
         conn.messages_in.store(state.messages_in, Relaxed);
@@ -404,7 +401,7 @@ impl Sessions {
         conn.mark_resumable();
         self.moved_in(&conn);
         self.count_handoff("received");
-        tracing::debug!(connection = %conn.id, "session taken over from another node");
+        tracing::debug!(connection = %conn.id(), "session taken over from another node");
         Ok(conn)
     }
 

@@ -114,6 +114,16 @@ struct Ended {
     order: VecDeque<(Instant, ConnKey)>,
 }
 
+/// The outbox bounds of a session, none when the node keeps no sessions
+/// (`session-ttl` 0).
+fn limits(c: &Config) -> Option<crate::conn::OutboxLimits> {
+    // A resume queues the whole outbox at once: it leaves room for what
+    // follows, or the client would be closed as slow (4001).
+    let bytes = (c.max_outbound_bytes / 2).min(c.session_outbox_bytes as usize);
+    crate::conn::OutboxLimits::new(c.session_outbox_messages, bytes.max(1) as u32)
+        .filter(|_| !c.session_ttl.is_zero())
+}
+
 /// The node's sessions.
 #[derive(Debug)]
 pub(crate) struct Sessions {
@@ -142,6 +152,8 @@ pub(crate) struct Sessions {
     started_at_ms: u64,
     /// The node's side of the cluster's session store.
     replica: replica::Replica,
+    /// What the node's connections share.
+    home: Arc<crate::conn::Home>,
 }
 
 impl Sessions {
@@ -154,7 +166,9 @@ impl Sessions {
         metrics: Arc<Metrics>,
         started_at_ms: u64,
     ) -> Self {
+        let home = crate::conn::Home::new(node.clone(), config.max_outbound_bytes, limits(&config));
         Self {
+            home,
             config,
             node,
             registry,
@@ -180,12 +194,12 @@ impl Sessions {
 
     /// The outbox bounds of a new native connection, if sessions are on.
     pub(crate) fn limits(&self) -> Option<crate::conn::OutboxLimits> {
-        let c = &self.config;
-        // A resume queues the whole outbox at once: it leaves room for what
-        // follows, or the client would be closed as slow (4001).
-        let bytes = (c.max_outbound_bytes / 2).min(c.session_outbox_bytes as usize);
-        crate::conn::OutboxLimits::new(c.session_outbox_messages, bytes.max(1) as u32)
-            .filter(|_| self.enabled())
+        limits(&self.config)
+    }
+
+    /// What the node's connections share (its id, its per-connection bounds).
+    pub(crate) fn home(&self) -> &Arc<crate::conn::Home> {
+        &self.home
     }
 
     /// How long `conn`'s session outlives a lost socket: its own ttl (the
@@ -273,7 +287,7 @@ impl Sessions {
                 ending = Ending::closed(req.code, &req.reason, req.by);
             }
         }
-        if conn.session.is_some() && ending.resumable && !fenced && !self.closing.load(Relaxed) {
+        if conn.session().is_some() && ending.resumable && !fenced && !self.closing.load(Relaxed) {
             self.suspend(conn, &ending, origin_seq);
         } else {
             self.end(conn, ending, fenced, ResumeCode::SessionClosed);
@@ -289,16 +303,16 @@ impl Sessions {
             .lock()
             .insert(conn.key, (conn.clone(), expires));
         self.metrics.sessions_suspended.inc();
-        tracing::debug!(connection = %conn.id, kept = suspension.kept, reason = %ending.reason, "session suspended");
+        tracing::debug!(connection = %conn.id(), kept = suspension.kept, reason = %ending.reason, "session suspended");
         if self.config.session_events {
             self.enqueue(
                 &conn.key,
                 &Event::Suspend(SuspendEvent {
-                    id: event_id::session(&conn.id, "suspend", suspension.n),
-                    connection_id: conn.id.to_string(),
+                    id: event_id::session(&conn.id(), "suspend", suspension.n),
+                    connection_id: conn.id().to_string(),
                     node: self.node.to_string(),
                     timestamp_ms: now_ms(),
-                    user_id: conn.user_id.as_deref().map(str::to_owned),
+                    user_id: conn.user_id().map(str::to_owned),
                     reason: ending.reason.clone(),
                     expires_at_ms: now_ms() + ttl.as_millis() as u64,
                 }),
@@ -313,7 +327,7 @@ impl Sessions {
     /// its queue and outbox are freed, and the origin gets its `disconnect`
     /// (unless `fenced`). A resume coming later is told `why`.
     fn end(&self, conn: &Conn, ending: Ending, fenced: bool, why: ResumeCode) {
-        if conn.session.is_some() {
+        if conn.session().is_some() {
             // Before the session is gone, so a resume racing this is told why.
             self.remember(conn.key, why);
         }
@@ -339,15 +353,19 @@ impl Sessions {
         self.enqueue(
             &conn.key,
             &Event::Disconnect(DisconnectEvent {
-                id: event_id::disconnect(&conn.id),
-                connection_id: conn.id.to_string(),
+                id: event_id::disconnect(&conn.id()),
+                connection_id: conn.id().to_string(),
                 node: self.node.to_string(),
                 timestamp_ms: now_ms(),
-                user_id: conn.user_id.as_deref().map(str::to_owned),
+                user_id: conn.user_id().map(str::to_owned),
                 code: ending.code,
                 reason: ending.reason,
                 closed_by: ending.by,
-                duration_ms: conn.connected_at.elapsed().unwrap_or_default().as_millis() as u64,
+                duration_ms: conn
+                    .connected_at()
+                    .elapsed()
+                    .unwrap_or_default()
+                    .as_millis() as u64,
                 messages_in: conn.messages_in.load(Relaxed),
                 messages_out: conn.messages_out.load(Relaxed),
             }),
@@ -479,7 +497,7 @@ impl Sessions {
         self.suspended
             .lock()
             .values()
-            .map(|(c, _)| c.id.to_string())
+            .map(|(c, _)| c.id().to_string())
             .collect()
     }
 
@@ -665,11 +683,11 @@ impl Sessions {
         self.enqueue(
             &conn.key,
             &Event::Resume(ResumeEvent {
-                id: event_id::session(&conn.id, "resume", attached.n),
-                connection_id: conn.id.to_string(),
+                id: event_id::session(&conn.id(), "resume", attached.n),
+                connection_id: conn.id().to_string(),
                 node: self.node.to_string(),
                 timestamp_ms: now_ms(),
-                user_id: conn.user_id.as_deref().map(str::to_owned),
+                user_id: conn.user_id().map(str::to_owned),
                 remote_addr: remote.to_owned(),
                 suspended_ms: attached.suspended_for.as_millis() as u64,
             }),

@@ -262,10 +262,10 @@ impl Sessions {
     }
 
     fn queue(&self, conn: &Conn, work: Work) {
-        if conn.session.is_none() || self.store().is_none() {
+        if conn.session().is_none() || self.store().is_none() {
             return;
         }
-        self.replica.state.lock().queue(&conn.id, work);
+        self.replica.state.lock().queue(&conn.id(), work);
         self.replica.wake.notify_one();
     }
 
@@ -292,7 +292,8 @@ impl Sessions {
     /// most [`STORE_WAIT`]. `true` at once without a store. `false` when
     /// they could not be written (counted).
     pub(crate) async fn stored(&self, conn: &Conn) -> bool {
-        if conn.session.is_none() || self.store().is_none() || self.replica.stopped.load(Relaxed) {
+        if conn.session().is_none() || self.store().is_none() || self.replica.stopped.load(Relaxed)
+        {
             return true;
         }
         if self.replica.backing_off() {
@@ -465,7 +466,7 @@ impl Sessions {
             Work::Write { record } => (record, false),
             Work::Arrived => (true, true),
         };
-        let Some(conn) = self.registry.get(&key).filter(|c| c.id == *id) else {
+        let Some(conn) = self.registry.get(&key).filter(|c| c.has_id(id)) else {
             self.settle_waiters(key, None, true);
             return;
         };
@@ -737,7 +738,7 @@ impl Sessions {
 
     /// The record of `conn` as this node writes it (`n`: its numbering).
     fn record_of(&self, conn: &Conn, n: &crate::conn::Numbering) -> Bytes {
-        let mut state = self.state_of(conn, self.token(&conn.id), conn.remote());
+        let mut state = self.state_of(conn, self.token(&conn.id()), conn.remote());
         state.last_seq = n.last_seq;
         state.trimmed_through = n.released;
         state.origin_seq = n.origin_seq;
@@ -952,11 +953,11 @@ impl Sessions {
             self.enqueue(
                 &conn.key,
                 &Event::Suspend(SuspendEvent {
-                    id: event_id::session(&conn.id, "suspend", n),
-                    connection_id: conn.id.to_string(),
+                    id: event_id::session(&conn.id(), "suspend", n),
+                    connection_id: conn.id().to_string(),
                     node: self.node.to_string(),
                     timestamp_ms: now_ms(),
-                    user_id: conn.user_id.as_deref().map(str::to_owned),
+                    user_id: conn.user_id().map(str::to_owned),
                     reason: "node lost".into(),
                     expires_at_ms: now_ms() + ttl.as_millis() as u64,
                 }),

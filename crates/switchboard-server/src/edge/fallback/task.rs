@@ -116,7 +116,7 @@ pub(crate) fn start(
     shared.conn_tasks.spawn(async move {
         let ending = task.drive().await;
         tracing::debug!(
-            connection = %task.guard.conn().id,
+            connection = %task.guard.conn().id(),
             code = ending.code,
             reason = %ending.reason,
             "fallback connection ended"
@@ -127,7 +127,7 @@ pub(crate) fn start(
         // lost connection's session waits for a resume.
         let suspended = ending.resumable
             && ending.code != crate::sessions::TAKEN_OVER
-            && task.guard.conn().session.is_some();
+            && task.guard.conn().session().is_some();
         let shared = task.guard.shared().clone();
         let answer = |poll: Poll| {
             if suspended {
