@@ -448,6 +448,60 @@ async fn presence_and_joins_span_the_nodes(backend: &dyn Backend) {
     assert!(own.is_err(), "the announcing node got {own:?}");
 }
 
+/// Starts a node of a backend's cluster for [`run_stall`]: joins `node` to
+/// the cluster named by the first argument, its membership on the handle
+/// given (connecting from there where the backend's I/O should run there
+/// too); called on the node's own runtime. Returns what keeps it joined.
+pub type StartOn = Arc<
+    dyn Fn(
+            String,
+            Arc<StandInNode>,
+            tokio::runtime::Handle,
+        ) -> BoxFuture<'static, Box<dyn std::any::Any + Send>>
+        + Send
+        + Sync,
+>;
+
+/// The [`BeatThread`](crate::BeatThread)'s promise, on a backend: node `a`,
+/// whose runtime is one thread, is stalled for five heartbeat timeouts by a
+/// task that blocks that thread (as a long burst of client work would).
+/// With its membership on a beat thread of its own, node `b` does not
+/// report it lost and it does not fence itself; with its membership on its
+/// stalled runtime, `b` reports it (so the stall is long enough to
+/// matter). `timeout`: the heartbeat timeout `start` configures.
+pub async fn run_stall(start: StartOn, timeout: Duration) {
+    for own_beat_thread in [true, false] {
+        let cluster = format!("stall-{own_beat_thread}-{:08x}", rand::random::<u32>());
+        let runtime = crate::BeatThread::start("a-runtime").expect("a thread");
+        let beats = own_beat_thread.then(|| crate::BeatThread::start("a-beats").expect("a thread"));
+        let membership = beats.as_ref().unwrap_or(&runtime).handle().clone();
+        let a = StandInNode::new("a");
+        let _a = runtime
+            .run((start)(cluster.clone(), a.clone(), membership))
+            .await;
+        let b = StandInNode::new("b");
+        let _b = (start)(cluster, b.clone(), tokio::runtime::Handle::current()).await;
+        // `b` judges once it has been connected for a timeout and a beat.
+        tokio::time::sleep(timeout * 2).await;
+        assert!(b.reports.lock().is_empty(), "nobody lost before the stall");
+        let stall = timeout * 5;
+        runtime
+            .handle()
+            .spawn(async move { std::thread::sleep(stall) });
+        tokio::time::sleep(stall + timeout * 3).await;
+        let reports = b.reports.lock().clone();
+        if own_beat_thread {
+            assert!(reports.is_empty(), "a was reported lost: {reports:?}");
+            assert_eq!(*a.fences.lock(), 0, "a fenced itself");
+        } else {
+            assert!(
+                reports.iter().any(|(node, _)| node == "a"),
+                "with heartbeats on its stalled runtime, a was not reported: {reports:?}"
+            );
+        }
+    }
+}
+
 /// Runs every check of a [`SessionStore`] (one that keeps at most
 /// `max_messages` per session) against `store`; panics on the first
 /// failure. Session ids are random, so a store may be used again.

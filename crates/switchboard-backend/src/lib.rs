@@ -11,6 +11,8 @@
 //!   epochs, interest-based delivery to the nodes with subscribers, presence.
 //! - [`origin`]: the [`OriginTransport`] trait that carries event batches to
 //!   the application, and its answers.
+//! - [`beat`]: [`BeatThread`], the thread a backend runs its membership
+//!   on (heartbeats and its bus connection), away from client work.
 //! - [`lease`]: the node's right to speak for its connections in a cluster
 //!   (fencing of a node reported lost).
 //! - [`sessions`]: the [`SessionStore`] trait: sessions' records and direct
@@ -22,6 +24,7 @@
 //!   process: the reference the other backends are compared with, and fast
 //!   deterministic tests of routing and replicas.
 
+pub mod beat;
 pub mod bus;
 pub mod cluster;
 #[cfg(any(test, feature = "conformance"))]
@@ -32,6 +35,7 @@ pub mod namespace;
 pub mod origin;
 pub mod sessions;
 
+pub use beat::BeatThread;
 pub use bus::{BusError, BusEvent, ChannelBus, LogEntry, LogRead, Published, Watch};
 pub use cluster::{Cluster, ClusterError, CommandReply, Node};
 pub use lease::{Confirmed, Lease, LeaseState, Renewals};
