@@ -40,6 +40,14 @@
 //!   leave in order.
 //! - Once per timeout while connected, a node also looks its own run up in
 //!   the bucket, for the case where it heard itself but the others did not.
+//! - Membership (sending heartbeats, hearing everyone's, judging silence,
+//!   reports and fence checks) runs on the [`BeatThread`] given to
+//!   [`NatsCluster::start`], where client work on the node's runtime cannot
+//!   delay it; the NATS client should be connected from that thread too, so
+//!   its I/O runs there. Commands, and what the node does when told of a
+//!   lost node or of its own fence, run on the runtime that called `start`.
+//!
+//! [`BeatThread`]: switchboard_backend::BeatThread
 
 use crate::connect::Link;
 use crate::NatsConfig;
@@ -123,6 +131,9 @@ pub struct NatsCluster {
     /// Stopped as by a crash ([`NatsCluster::halt`]): nothing more answered.
     halted: std::sync::atomic::AtomicBool,
     stop_announcing: CancellationToken,
+    /// The node's runtime (the caller of `start`): commands and calls into
+    /// the node that start work run there, not on the beat thread.
+    work: tokio::runtime::Handle,
 }
 
 fn new_instance() -> String {
@@ -138,15 +149,18 @@ fn now_ms() -> u64 {
 impl NatsCluster {
     /// Joins the cluster as `node`: subscribes to heartbeats and commands and
     /// starts announcing this node. Subscriptions are registered with the
-    /// client at once and survive reconnects.
+    /// client at once and survive reconnects. Membership runs on `beats`
+    /// (see the module doc; a test may pass the current runtime's handle),
+    /// commands on the runtime this is called from.
     pub async fn start(
         client: Client,
         link: Arc<Link>,
         node: Arc<dyn Node>,
         config: NatsConfig,
+        beats: &tokio::runtime::Handle,
     ) -> Result<Arc<Self>, async_nats::SubscribeError> {
         let subjects = Subjects::new(&config.prefix);
-        let beats = client.subscribe(subjects.heartbeat()).await?;
+        let heard = client.subscribe(subjects.heartbeat()).await?;
         let own = client.subscribe(subjects.node_control(node.id())).await?;
         let shared = client
             .queue_subscribe(subjects.control(), Subjects::CONTROL_QUEUE.into())
@@ -172,20 +186,21 @@ impl NatsCluster {
             servers: Mutex::new(Vec::new()),
             halted: std::sync::atomic::AtomicBool::new(false),
             stop_announcing: CancellationToken::new(),
+            work: tokio::runtime::Handle::current(),
             node,
             config,
         });
-        *cluster.announcer.lock() = Some(tokio::spawn(cluster.clone().announce()));
-        tokio::spawn(cluster.clone().listen(beats));
+        *cluster.announcer.lock() = Some(beats.spawn(cluster.clone().announce()));
+        beats.spawn(cluster.clone().listen(heard));
         *cluster.servers.lock() = vec![
             tokio::spawn(cluster.clone().serve(own)),
             tokio::spawn(cluster.clone().serve(shared)),
         ];
-        tokio::spawn(cluster.clone().watch());
-        tokio::spawn(cluster.clone().answer_reported(reported_asks));
+        beats.spawn(cluster.clone().watch());
+        beats.spawn(cluster.clone().answer_reported(reported_asks));
         // Make the bucket early so the first report does not wait for it.
         let early = cluster.clone();
-        tokio::spawn(async move {
+        beats.spawn(async move {
             for _ in 0..20 {
                 if early.link.is_up() {
                     early.bucket().await;
@@ -370,7 +385,10 @@ impl NatsCluster {
         tracing::warn!(
             "this node was reported lost while cut off; fencing: closing its connections without events so clients reconnect"
         );
-        let closed = self.node.fence().await;
+        let Some(closed) = switchboard_backend::beat::fence_on(&self.work, self.node.clone()).await
+        else {
+            return;
+        };
         tracing::info!(closed, "fence over; serving as a new run");
     }
 
@@ -600,6 +618,8 @@ impl NatsCluster {
             None => self.smallest_live(),
         };
         if won && self.reported.lock().insert(format!("{node}.{instance}")) {
+            // What the node starts for the report runs on its own runtime.
+            let _work = self.work.enter();
             self.node
                 .report_node_down(&node, &instance, started_at_ms, last_seen_ms);
         }

@@ -49,9 +49,15 @@ impl Backend for Nats {
             };
             let (client, link) = connect(&config, node.id()).await;
             let as_node: Arc<dyn Node> = node.clone();
-            let cluster = NatsCluster::start(client.clone(), link, as_node.clone(), config.clone())
-                .await
-                .expect("cluster started");
+            let cluster = NatsCluster::start(
+                client.clone(),
+                link,
+                as_node.clone(),
+                config.clone(),
+                &tokio::runtime::Handle::current(),
+            )
+            .await
+            .expect("cluster started");
             let bus = NatsChannels::start(client, as_node, config, cluster.clone())
                 .await
                 .expect("channels started");
@@ -101,4 +107,33 @@ async fn the_session_store_passes_on_jetstream() {
     let (client, _link) = connect(&config, "store").await;
     let store = switchboard_nats::NatsSessions::new(client, config);
     conformance::run_session_store(&store, 8).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heartbeats_on_the_beat_thread_outlast_a_stalled_runtime() {
+    let server = Arc::new(NatsServer::start(true));
+    let timeout = Duration::from_millis(600);
+    let start: conformance::StartOn = Arc::new(move |cluster, node, beats| {
+        let server = server.clone();
+        Box::pin(async move {
+            let config = NatsConfig {
+                prefix: cluster,
+                heartbeat: Duration::from_millis(100),
+                heartbeat_timeout: timeout,
+                request_timeout: Duration::from_millis(500),
+                ..NatsConfig::new(server.url())
+            };
+            // Connected from the membership's thread, as the binary does.
+            let (cfg, name) = (config.clone(), node.id().to_owned());
+            let (client, link) = beats
+                .spawn(async move { connect(&cfg, &name).await })
+                .await
+                .expect("connected");
+            let cluster = NatsCluster::start(client, link, node, config, &beats)
+                .await
+                .expect("cluster started");
+            Box::new((cluster, server)) as Box<dyn std::any::Any + Send>
+        })
+    });
+    conformance::run_stall(start, timeout).await;
 }

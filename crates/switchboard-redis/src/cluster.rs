@@ -39,6 +39,10 @@
 //! - **Connections.** Heartbeats and membership reads use their own
 //!   connection; the subscribing connection is pinged with each heartbeat,
 //!   and the link counts as up only while both answer.
+//! - **Thread.** Membership runs on the node's
+//!   [`BeatThread`](switchboard_backend::BeatThread), where client work on
+//!   the node's runtime cannot delay it (a key that expires because a busy
+//!   node wrote it late would report a healthy node lost).
 
 use crate::connect::{Redis, Subscription};
 use crate::keys::{frame, unframe, Keys};
@@ -136,6 +140,9 @@ pub struct RedisCluster {
     server: Mutex<Option<tokio::task::JoinHandle<()>>>,
     /// Stopped as by a crash ([`RedisCluster::halt`]).
     halted: AtomicBool,
+    /// The node's runtime (the caller of `start`): commands and calls into
+    /// the node that start work run there, not on the beat thread.
+    work: tokio::runtime::Handle,
 }
 
 fn new_instance() -> String {
@@ -152,7 +159,16 @@ impl RedisCluster {
     /// Joins the cluster as `node`: starts announcing it, reading the
     /// others' keys and answering commands. Works while Redis is away (it
     /// keeps trying).
-    pub fn start(redis: Redis, node: Arc<dyn Node>, config: RedisConfig) -> Arc<Self> {
+    /// Membership (heartbeats, reading the others' keys, the subscribing
+    /// connection's checks) runs on `beats`, the node's
+    /// [`switchboard_backend::BeatThread`] (a test may pass the current
+    /// runtime's handle); commands on the runtime this is called from.
+    pub fn start(
+        redis: Redis,
+        node: Arc<dyn Node>,
+        config: RedisConfig,
+        beats: &tokio::runtime::Handle,
+    ) -> Arc<Self> {
         let keys = Keys::new(&config.prefix);
         let cluster = Arc::new(Self {
             reply_channel: keys.replies(node.id(), &new_instance()),
@@ -174,14 +190,15 @@ impl RedisCluster {
             announcer: Mutex::new(None),
             server: Mutex::new(None),
             halted: AtomicBool::new(false),
+            work: tokio::runtime::Handle::current(),
             node,
             config,
         });
-        *cluster.announcer.lock() = Some(tokio::spawn(cluster.clone().announce()));
+        *cluster.announcer.lock() = Some(beats.spawn(cluster.clone().announce()));
         *cluster.server.lock() = Some(tokio::spawn(cluster.clone().serve()));
         tokio::spawn(cluster.clone().collect_answers());
-        tokio::spawn(cluster.clone().check_subscriber());
-        tokio::spawn(cluster.clone().watch());
+        beats.spawn(cluster.clone().check_subscriber());
+        beats.spawn(cluster.clone().watch());
         tracing::info!(
             node = %cluster.node.id(),
             prefix = %cluster.config.prefix,
@@ -391,7 +408,10 @@ impl RedisCluster {
         tracing::warn!(
             "this node was reported lost while cut off; fencing: closing its connections without events so clients reconnect"
         );
-        let closed = self.node.fence().await;
+        let Some(closed) = switchboard_backend::beat::fence_on(&self.work, self.node.clone()).await
+        else {
+            return;
+        };
         tracing::info!(closed, "fence over; serving as a new run");
     }
 
@@ -597,6 +617,8 @@ impl RedisCluster {
             }
         };
         if won && self.reported.lock().insert(name) {
+            // What the node starts for the report runs on its own runtime.
+            let _work = self.work.enter();
             self.node
                 .report_node_down(&node, &instance, started_at_ms, last_seen_ms);
         }

@@ -1,6 +1,8 @@
 //! The node's Redis connections, reconnecting by themselves: one for
 //! commands (multiplexed: every task of the node shares it), one for the
-//! membership heartbeats (so a busy command connection cannot delay them),
+//! membership heartbeats (so a busy command connection cannot delay them;
+//! a connection's I/O task runs on the runtime that first uses it, the
+//! beat thread for this one),
 //! one for blocking reads, and one that only subscribes, whose messages a
 //! [`Router`] hands to the subscribers in the node (RESP3 pushes; channels
 //! are subscribed again after a reconnect). Every call is bounded by the

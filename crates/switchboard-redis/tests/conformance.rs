@@ -31,7 +31,12 @@ impl Backend for Redis {
             };
             let redis = switchboard_redis::connect(&config).expect("a Redis client");
             let as_node: Arc<dyn Node> = node.clone();
-            let cluster = RedisCluster::start(redis.clone(), as_node.clone(), config.clone());
+            let cluster = RedisCluster::start(
+                redis.clone(),
+                as_node.clone(),
+                config.clone(),
+                &tokio::runtime::Handle::current(),
+            );
             let bus = RedisChannels::start(redis, as_node, config, cluster.clone());
             Joined {
                 node,
@@ -66,6 +71,28 @@ async fn the_conformance_suite_passes_on_redis() {
         server: RedisServer::start(),
     };
     conformance::run(&backend).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heartbeats_on_the_beat_thread_outlast_a_stalled_runtime() {
+    let server = Arc::new(RedisServer::start());
+    let timeout = Duration::from_millis(600);
+    let start: conformance::StartOn = Arc::new(move |cluster, node, beats| {
+        let server = server.clone();
+        Box::pin(async move {
+            let config = RedisConfig {
+                prefix: cluster,
+                heartbeat: Duration::from_millis(100),
+                heartbeat_timeout: timeout,
+                request_timeout: Duration::from_millis(500),
+                ..RedisConfig::new(server.url())
+            };
+            let redis = switchboard_redis::connect(&config).expect("a Redis client");
+            let cluster = RedisCluster::start(redis, node, config, &beats);
+            Box::new((cluster, server)) as Box<dyn std::any::Any + Send>
+        })
+    });
+    conformance::run_stall(start, timeout).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

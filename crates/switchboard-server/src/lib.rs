@@ -70,4 +70,4 @@ pub use switchboard_backend::{
     bus, lease, BusError, BusEvent, ChannelBus, Cluster, ClusterError, CommandReply, LogEntry,
     LogRead, Node, Published, Watch,
 };
-pub use switchboard_backend::{Lease, LeaseState};
+pub use switchboard_backend::{BeatThread, Lease, LeaseState};

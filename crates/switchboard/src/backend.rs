@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use switchboard_proto::NodeId;
 use switchboard_server::config::MAX_DURATION;
-use switchboard_server::{BindOptions, Config, ConfigError, Gateway, GatewayError};
+use switchboard_server::{BeatThread, BindOptions, Config, ConfigError, Gateway, GatewayError};
 
 /// The settings of the cluster backend. Keys as in the TOML file and the
 /// flags; `docs/configuration.md` documents each.
@@ -275,15 +275,35 @@ pub(crate) enum Startup {
     Other(String),
 }
 
+/// A bound node, and the thread its cluster membership runs on (kept for
+/// as long as the node runs).
+pub(crate) struct Bound {
+    /// The node.
+    pub(crate) gateway: Gateway,
+    /// The cluster backend's heartbeats and bus connection, away from
+    /// client work (`None` on a single node).
+    _beats: Option<BeatThread>,
+}
+
+/// Starts the thread the cluster backend's membership runs on.
+fn beat_thread() -> Result<BeatThread, Startup> {
+    BeatThread::start("sb-heartbeats")
+        .map_err(|e| Startup::Other(format!("cannot start the heartbeat thread: {e}")))
+}
+
 /// Binds the node; with `nats` set, connects to NATS first (for the NATS
 /// origin) and joins the cluster.
-pub(crate) async fn bind(config: Config, cluster: &ClusterSettings) -> Result<Gateway, Startup> {
+pub(crate) async fn bind(config: Config, cluster: &ClusterSettings) -> Result<Bound, Startup> {
     let failed = |e: GatewayError| match e {
         GatewayError::Config(e) => Startup::Config(e.to_string()),
         other => Startup::Other(other.to_string()),
     };
     if cluster.nats.is_none() && cluster.redis.is_none() {
-        return Gateway::bind(config).await.map_err(failed);
+        let gateway = Gateway::bind(config).await.map_err(failed)?;
+        return Ok(Bound {
+            gateway,
+            _beats: None,
+        });
     }
     // The node id is needed before binding: NATS connection name, origin header.
     let config = Config {
@@ -300,9 +320,16 @@ pub(crate) async fn bind(config: Config, cluster: &ClusterSettings) -> Result<Ga
     }
     let node = config.node_id.clone().unwrap_or_default();
     let nats = cluster.nats_config(&config);
-    let (client, link) = switchboard_nats::connect(&nats, &node)
-        .await
-        .map_err(|e| Startup::Other(e.to_string()))?;
+    // Connected from the beat thread, so the client's I/O runs there: the
+    // heartbeats travel on it.
+    let beats = beat_thread()?;
+    let (client, link) = {
+        let (nats, node) = (nats.clone(), node.clone());
+        beats
+            .run(async move { switchboard_nats::connect(&nats, &node).await })
+            .await
+            .map_err(|e| Startup::Other(e.to_string()))?
+    };
     // Give the first connection a moment, so a node that can reach NATS
     // does not turn clients away (origin over NATS) in its first instant;
     // one that cannot starts anyway and keeps trying.
@@ -331,10 +358,15 @@ pub(crate) async fn bind(config: Config, cluster: &ClusterSettings) -> Result<Ga
     };
     let gateway = Gateway::bind_with(config, options).await.map_err(failed)?;
     let local: Arc<dyn switchboard_server::Node> = Arc::new(gateway.local_node());
-    let cluster =
-        switchboard_nats::NatsCluster::start(client.clone(), link, local.clone(), nats.clone())
-            .await
-            .map_err(|e| Startup::Other(format!("cannot subscribe on NATS: {e}")))?;
+    let cluster = switchboard_nats::NatsCluster::start(
+        client.clone(),
+        link,
+        local.clone(),
+        nats.clone(),
+        beats.handle(),
+    )
+    .await
+    .map_err(|e| Startup::Other(format!("cannot subscribe on NATS: {e}")))?;
     gateway.join_cluster(cluster.clone());
     if !config_session_ttl.is_zero() {
         // Sessions outlive their node: their state lives in JetStream.
@@ -348,17 +380,23 @@ pub(crate) async fn bind(config: Config, cluster: &ClusterSettings) -> Result<Ga
             .map_err(|e| Startup::Other(format!("cannot subscribe on NATS: {e}")))?;
         gateway.join_channel_bus(channels);
     }
-    Ok(gateway)
+    Ok(Bound {
+        gateway,
+        _beats: Some(beats),
+    })
 }
 
 /// Binds the node and joins it to the cluster over Redis: membership and
 /// commands, the session store (with sessions), channels (with namespaces).
-async fn bind_redis(config: Config, cluster: &ClusterSettings) -> Result<Gateway, Startup> {
+async fn bind_redis(config: Config, cluster: &ClusterSettings) -> Result<Bound, Startup> {
     let failed = |e: GatewayError| match e {
         GatewayError::Config(e) => Startup::Config(e.to_string()),
         other => Startup::Other(other.to_string()),
     };
     let settings = cluster.redis_config(&config);
+    // The membership connection is first used (and so driven, and
+    // reconnected) by the heartbeat task on the beat thread.
+    let beats = beat_thread()?;
     let redis = switchboard_redis::connect(&settings).map_err(|e| match e {
         switchboard_redis::RedisError::Url(_) | switchboard_redis::RedisError::File { .. } => {
             Startup::Config(e.to_string())
@@ -393,8 +431,12 @@ async fn bind_redis(config: Config, cluster: &ClusterSettings) -> Result<Gateway
     };
     let gateway = Gateway::bind_with(config, options).await.map_err(failed)?;
     let local: Arc<dyn switchboard_server::Node> = Arc::new(gateway.local_node());
-    let joined =
-        switchboard_redis::RedisCluster::start(redis.clone(), local.clone(), settings.clone());
+    let joined = switchboard_redis::RedisCluster::start(
+        redis.clone(),
+        local.clone(),
+        settings.clone(),
+        beats.handle(),
+    );
     gateway.join_cluster(joined.clone());
     // The origin's commands from the control stream.
     switchboard_redis::RedisControl::start(redis.clone(), local.clone(), &settings);
@@ -408,7 +450,10 @@ async fn bind_redis(config: Config, cluster: &ClusterSettings) -> Result<Gateway
         let channels = switchboard_redis::RedisChannels::start(redis, local, settings, joined);
         gateway.join_channel_bus(channels);
     }
-    Ok(gateway)
+    Ok(Bound {
+        gateway,
+        _beats: Some(beats),
+    })
 }
 
 #[cfg(test)]

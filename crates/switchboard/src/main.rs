@@ -129,8 +129,8 @@ fn serve(args: cli::ServeArgs) -> ExitCode {
         }
     };
     runtime.block_on(async move {
-        let gateway = match backend::bind(loaded.config, &loaded.cluster).await {
-            Ok(g) => g,
+        let bound = match backend::bind(loaded.config, &loaded.cluster).await {
+            Ok(b) => b,
             Err(Startup::Config(e)) => {
                 eprintln!("switchboard: configuration error: {e}");
                 return ExitCode::from(EX_USAGE);
@@ -140,8 +140,8 @@ fn serve(args: cli::ServeArgs) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        gateway.set_build_info(&build_info::BUILD.labels());
-        let report = gateway.run(shutdown_signal()).await;
+        bound.gateway.set_build_info(&build_info::BUILD.labels());
+        let report = bound.gateway.run(shutdown_signal()).await;
         if report.completed {
             ExitCode::SUCCESS
         } else {
