@@ -18,38 +18,11 @@
 # publishes are POST /pub with the data as the body, which nchan sends to
 # every subscriber as a plain text frame or as one event's data.
 set -euo pipefail
-root="$(cd "$(dirname "$0")/../../.." && pwd)"
-bench="${BENCH:-${CARGO_TARGET_DIR:-$root/target}/release/switchboard-bench}"
-nginx="${NGINX:-$(command -v nginx || echo /usr/sbin/nginx)}"
-[[ -x "$bench" ]] || { echo "nchan.sh: no $bench; cargo build --release -p switchboard-bench" >&2; exit 1; }
-[[ -x "$nginx" ]] || { echo "nchan.sh: nginx is not installed (apt-get install -y nginx libnginx-mod-nchan)" >&2; exit 1; }
-module="${NCHAN_MODULE:-}"
-for m in /usr/lib/nginx/modules/ngx_nchan_module.so /usr/lib64/nginx/modules/ngx_nchan_module.so \
-         /usr/share/nginx/modules/ngx_nchan_module.so; do
-    [[ -z "$module" && -f "$m" ]] && module="$m"
-done
-[[ -f "$module" ]] || { echo "nchan.sh: the nchan module is not installed (apt-get install -y libnginx-mod-nchan)" >&2; exit 1; }
-
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+source "$(dirname "$0")/nginx-common.sh"
+nginx_prepare nchan
 sub_port="$(free_port)"
 pub_port="$(free_port)"
-dir="$(mktemp -d /tmp/switchboard-nchan.XXXXXX)"
-cat > "$dir/nginx.conf" <<CONF
-load_module $module;
-daemon off;
-master_process on;
-worker_processes $(nproc);
-worker_rlimit_nofile 20000;
-pid $dir/nginx.pid;
-error_log $dir/error.log warn;
-events { worker_connections 20000; }
-http {
-    access_log off;
-    client_body_temp_path $dir/body;
-    proxy_temp_path $dir/proxy;
-    fastcgi_temp_path $dir/fastcgi;
-    uwsgi_temp_path $dir/uwsgi;
-    scgi_temp_path $dir/scgi;
+{ nginx_head; cat <<CONF
     server {
         listen 127.0.0.1:$sub_port backlog=65535;
         location = /sub { nchan_subscriber websocket; nchan_channel_id fanout; }
@@ -61,14 +34,8 @@ http {
     }
 }
 CONF
-"$nginx" -p "$dir" -c "$dir/nginx.conf" &
-master=$!
-trap 'kill "$master" 2>/dev/null; wait "$master" 2>/dev/null || true; rm -rf "$dir"' EXIT
-for _ in $(seq 100); do
-    (exec 3<>"/dev/tcp/127.0.0.1/$pub_port") 2>/dev/null && break
-    sleep 0.1
-done
-sleep 0.5 # the workers are forked after the listeners exist
+} > "$dir/nginx.conf"
+nginx_start "$pub_port"
 pids=("$master" $(pgrep -P "$master"))
 pid_args=()
 for p in "${pids[@]}"; do pid_args+=(--server-pid "$p"); done

@@ -345,6 +345,16 @@ impl Nodes {
     }
 }
 
+impl Drop for Nodes {
+    /// Every node is sent SIGKILL before any is waited for: killed one at
+    /// a time, the others would report the first ones lost meanwhile.
+    fn drop(&mut self) {
+        for g in &mut self.nodes {
+            g.kill_now();
+        }
+    }
+}
+
 /// Starts nats-server and `n` nodes with `args`, `START_BATCH` at a time,
 /// and waits until every node lists all of them.
 async fn start_cluster(opts: &Opts, n: usize, args: &[String]) -> Result<Nodes, String> {

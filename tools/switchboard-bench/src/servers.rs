@@ -64,6 +64,11 @@ impl Proc {
         self.child.id()
     }
 
+    /// Sends SIGKILL without waiting (dropping it waits).
+    pub(crate) fn kill_now(&mut self) {
+        let _ = self.child.kill();
+    }
+
     /// Fails if it has exited.
     pub(crate) fn check_alive(&mut self) -> Result<(), String> {
         match self.child.try_wait() {
@@ -189,6 +194,13 @@ impl Gateway {
     /// The process id, if spawned.
     pub(crate) fn pid(&self) -> Option<u32> {
         self.proc.as_ref().map(Proc::pid)
+    }
+
+    /// Sends SIGKILL to the process, if spawned, without waiting.
+    pub(crate) fn kill_now(&mut self) {
+        if let Some(p) = self.proc.as_mut() {
+            p.kill_now();
+        }
     }
 
     /// The command line, if spawned.
