@@ -170,7 +170,13 @@ fn control_url(gw: &TestGateway, path: &str) -> String {
     format!("https://localhost:{}{}", gw.control.port(), path)
 }
 
-async fn next_text(ws: &mut Wss) -> String {
+/// The next text message on `ws` (a whole socket or its read half),
+/// skipping pings and pongs.
+async fn next_text<S, E>(ws: &mut S) -> String
+where
+    S: futures_util::Stream<Item = Result<WsMessage, E>> + Unpin,
+    E: std::fmt::Debug,
+{
     loop {
         match tokio::time::timeout(WAIT, ws.next()).await {
             Ok(Some(Ok(WsMessage::Text(t)))) => return t.to_string(),
@@ -437,13 +443,7 @@ async fn large_messages_cross_the_tls_pump_both_ways_at_once() {
         tx
     });
     for i in 0..N {
-        let got = loop {
-            match tokio::time::timeout(WAIT, rx.next()).await {
-                Ok(Some(Ok(WsMessage::Text(t)))) => break t.to_string(),
-                Ok(Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_)))) => continue,
-                other => panic!("echo {i}: {other:?}"),
-            }
-        };
+        let got = next_text(&mut rx).await;
         assert!(got == message(i), "echo {i} differs ({} bytes)", got.len());
     }
     drop(sender.await.expect("sender"));
@@ -579,24 +579,26 @@ fn unix_sockets_held() -> usize {
         .count()
 }
 
-/// Established TCP sockets whose local address is `addr` (the gateway's
-/// end of each client connection).
-fn established_on(addr: std::net::SocketAddr) -> usize {
-    let std::net::IpAddr::V4(ip) = addr.ip() else {
-        panic!("an IPv4 listener");
+/// Established TCP sockets whose local address is `addr` and whose remote
+/// one is among `peers` (the gateway's end of these clients' connections;
+/// a listener port reused from an earlier test may still have that test's
+/// sockets).
+fn established_on(addr: std::net::SocketAddr, peers: &[std::net::SocketAddr]) -> usize {
+    // /proc/net/tcp writes an IPv4 address as a little-endian word.
+    let hex = |a: &std::net::SocketAddr| {
+        let std::net::IpAddr::V4(ip) = a.ip() else {
+            panic!("IPv4 addresses only");
+        };
+        format!("{:08X}:{:04X}", u32::from_le_bytes(ip.octets()), a.port())
     };
-    // /proc/net/tcp writes the address as a little-endian word.
-    let local = format!(
-        "{:08X}:{:04X}",
-        u32::from_le_bytes(ip.octets()),
-        addr.port()
-    );
+    let local = hex(&addr);
+    let peers: Vec<String> = peers.iter().map(hex).collect();
     let tcp = std::fs::read_to_string("/proc/net/tcp").expect("/proc/net/tcp");
     tcp.lines()
         .skip(1)
         .filter(|l| {
             let f: Vec<&str> = l.split_whitespace().collect();
-            f.len() > 3 && f[1] == local && f[3] == "01"
+            f.len() > 3 && f[1] == local && peers.iter().any(|p| p == f[2]) && f[3] == "01"
         })
         .count()
 }
@@ -613,9 +615,11 @@ async fn a_tls_connection_holds_one_socket_in_the_gateway() {
     origin.behavior(|b| b.echo = true);
     let gw = TestGateway::with_origin(&origin, |c| certs.configure(c)).await;
     let unix_before = unix_sockets_held();
-    let mut clients = Vec::new();
+    let (mut clients, mut peers) = (Vec::new(), Vec::new());
     for _ in 0..N {
-        clients.push(wss(&gw).await.0);
+        let (ws, _, local) = wss(&gw).await;
+        clients.push(ws);
+        peers.push(local);
     }
     for (i, ws) in clients.iter_mut().enumerate() {
         ws.send(WsMessage::text(format!("hello {i}")))
@@ -623,7 +627,7 @@ async fn a_tls_connection_holds_one_socket_in_the_gateway() {
             .expect("send");
         assert_eq!(next_text(ws).await, format!("hello {i}"));
     }
-    assert_eq!(established_on(gw.addr), N, "one TCP socket each");
+    assert_eq!(established_on(gw.addr, &peers), N, "one TCP socket each");
     let unix_now = unix_sockets_held();
     assert!(
         unix_now < unix_before + N,
@@ -635,7 +639,7 @@ async fn a_tls_connection_holds_one_socket_in_the_gateway() {
     }
     // Generous: closing 20 handshakes on a loaded machine can take a while.
     eventually(WAIT * 4, "every socket closed", || async {
-        established_on(gw.addr) == 0
+        established_on(gw.addr, &peers) == 0
     })
     .await;
 }
