@@ -2,6 +2,7 @@
 #
 # After `nginx_prepare NAME`: $root, $bench, $nginx, $module (the nchan
 # module) are set and checked, and $dir is a new temporary folder.
+# `free_port` comes from common.sh.
 # `nginx_head` prints the start of nginx.conf up to and including `http {`
 # (as many workers as CPUs, 20,000 connections each, no access log, temp
 # paths in $dir); the caller adds its servers and the closing brace.
@@ -26,7 +27,7 @@ nginx_prepare() {
     dir="$(mktemp -d "/tmp/switchboard-$name.XXXXXX")"
 }
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 nginx_head() {
     cat <<CONF
@@ -49,13 +50,8 @@ CONF
 }
 
 nginx_start() {
-    local port="$1"
-    "$nginx" -p "$dir" -c "$dir/nginx.conf" &
-    master=$!
-    trap 'kill "$master" 2>/dev/null; wait "$master" 2>/dev/null || true; rm -rf "$dir"' EXIT
-    for _ in $(seq 100); do
-        (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break
-        sleep 0.1
-    done
+    cleanup_dir="$dir"
+    start_server "$1" "$nginx" -p "$dir" -c "$dir/nginx.conf"
+    master=$server
     sleep 0.5 # the workers are forked after the listeners exist
 }

@@ -20,7 +20,8 @@ if [[ ! -d "$dir/node_modules/ws" ]]; then
     mkdir -p "$dir"
     npm install --silent --no-audit --no-fund --prefix "$dir" ws@8 >&2
 fi
-port="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
+source "$(dirname "$0")/common.sh"
+port="$(free_port)"
 cat > "$dir/server.js" <<'JS'
 // Holds every connection; pings each every 5 s (the client answers).
 const { WebSocketServer } = require("ws");
@@ -28,12 +29,7 @@ const wss = new WebSocketServer({ host: "127.0.0.1", port: Number(process.argv[2
 setInterval(() => wss.clients.forEach((c) => c.ping()), 5000);
 wss.on("listening", () => console.error("node-ws: listening"));
 JS
-NODE_PATH="$dir/node_modules" node "$dir/server.js" "$port" &
-server=$!
-trap 'kill "$server" 2>/dev/null; wait "$server" 2>/dev/null || true' EXIT
-for _ in $(seq 100); do
-    (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break
-    sleep 0.1
-done
+export NODE_PATH="$dir/node_modules"
+start_server "$port" node "$dir/server.js" "$port"
 echo "node-ws.sh: node $(node --version), ws $(node -p "require('$dir/node_modules/ws/package.json').version"), pid $server" >&2
 "$bench" idle --url "ws://127.0.0.1:$port/" --gateway-pid "$server" "$@"
