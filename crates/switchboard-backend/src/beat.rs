@@ -7,10 +7,12 @@
 //! a busy but healthy node would be declared lost and fence itself. On
 //! their own thread they do not queue behind client work, and a thread that
 //! mostly sleeps is run promptly by the kernel when it wakes, however busy
-//! the node's worker threads are. A backend runs there its bus connection's
-//! I/O (heartbeats travel on it), the heartbeat sender, the listener and the
-//! judge of the others' silence; commands and everything else the node does
-//! stay on the node's runtime.
+//! the node's worker threads are. A backend runs there the heartbeat sender,
+//! the listener and the judge of the others' silence, over a connection to
+//! its bus of their own (made from the thread, so its I/O runs there too);
+//! commands, channel traffic and everything else the node does stay on the
+//! node's runtime and main connection (one thread would not keep up with a
+//! busy channel's traffic).
 
 use crate::Node;
 use std::future::Future;

@@ -42,10 +42,12 @@
 //!   the bucket, for the case where it heard itself but the others did not.
 //! - Membership (sending heartbeats, hearing everyone's, judging silence,
 //!   reports and fence checks) runs on the [`BeatThread`] given to
-//!   [`NatsCluster::start`], where client work on the node's runtime cannot
-//!   delay it; the NATS client should be connected from that thread too, so
-//!   its I/O runs there. Commands, and what the node does when told of a
-//!   lost node or of its own fence, run on the runtime that called `start`.
+//!   [`NatsCluster::start`] ([`BeatConnection`]), over a NATS connection of its
+//!   own made from that thread, so neither client work on the node's
+//!   runtime nor channel traffic on the node's main connection can delay a
+//!   heartbeat. Commands, lost-node reports in the bucket, and what the node
+//!   does when told of a lost node or of its own fence, run on the runtime
+//!   that called `start`, over the main connection.
 //!
 //! [`BeatThread`]: switchboard_backend::BeatThread
 
@@ -91,11 +93,27 @@ struct Membership {
     gone: HashMap<String, Instant>,
 }
 
+/// Where a node's membership runs: a NATS connection made from the beat
+/// thread (so its I/O runs there too) and that thread's runtime.
+#[derive(Debug, Clone)]
+pub struct BeatConnection {
+    /// The connection heartbeats go out and come in on.
+    pub client: Client,
+    /// Its state.
+    pub link: Arc<Link>,
+    /// The beat thread's runtime (a test may pass the current one).
+    pub runtime: tokio::runtime::Handle,
+}
+
 /// The [`Cluster`] over NATS. Built by [`NatsCluster::start`].
 #[derive(Debug)]
 pub struct NatsCluster {
+    /// The main connection: commands, reports, look-ups.
     client: Client,
     link: Arc<Link>,
+    /// The membership's connection: heartbeats only.
+    beat: Client,
+    beat_link: Arc<Link>,
     node: Arc<dyn Node>,
     config: NatsConfig,
     subjects: Subjects,
@@ -149,26 +167,30 @@ fn now_ms() -> u64 {
 impl NatsCluster {
     /// Joins the cluster as `node`: subscribes to heartbeats and commands and
     /// starts announcing this node. Subscriptions are registered with the
-    /// client at once and survive reconnects. Membership runs on `beats`
-    /// (see the module doc; a test may pass the current runtime's handle),
-    /// commands on the runtime this is called from.
+    /// client at once and survive reconnects. Membership runs on
+    /// `membership` (see the module doc; a test may pass the main
+    /// connection and the current runtime), commands on the runtime this is
+    /// called from.
     pub async fn start(
         client: Client,
         link: Arc<Link>,
         node: Arc<dyn Node>,
         config: NatsConfig,
-        beats: &tokio::runtime::Handle,
+        membership: BeatConnection,
     ) -> Result<Arc<Self>, async_nats::SubscribeError> {
         let subjects = Subjects::new(&config.prefix);
-        let heard = client.subscribe(subjects.heartbeat()).await?;
+        let heard = membership.client.subscribe(subjects.heartbeat()).await?;
         let own = client.subscribe(subjects.node_control(node.id())).await?;
         let shared = client
             .queue_subscribe(subjects.control(), Subjects::CONTROL_QUEUE.into())
             .await?;
         let reported_asks = client.subscribe(subjects.reported()).await?;
+        let beats = membership.runtime;
         let cluster = Arc::new(Self {
             client,
             link,
+            beat: membership.client,
+            beat_link: membership.link,
             subjects,
             instance: Mutex::new(new_instance()),
             checking: std::sync::atomic::AtomicBool::new(false),
@@ -197,10 +219,10 @@ impl NatsCluster {
             tokio::spawn(cluster.clone().serve(shared)),
         ];
         beats.spawn(cluster.clone().watch());
-        beats.spawn(cluster.clone().answer_reported(reported_asks));
+        tokio::spawn(cluster.clone().answer_reported(reported_asks));
         // Make the bucket early so the first report does not wait for it.
         let early = cluster.clone();
-        beats.spawn(async move {
+        tokio::spawn(async move {
             for _ in 0..20 {
                 if early.link.is_up() {
                     early.bucket().await;
@@ -239,7 +261,7 @@ impl NatsCluster {
                 _ = tick.tick() => {}
                 _ = self.stop_announcing.cancelled() => return,
             }
-            if self.link.is_up() {
+            if self.beat_link.is_up() {
                 let seq = self.seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
                 let sent_at = Instant::now();
                 self.renewals.sending(sent_at);
@@ -257,7 +279,7 @@ impl NatsCluster {
                     lease.renew_until(sent_at + self.lease_span());
                 }
                 let _ = self
-                    .client
+                    .beat
                     .publish(self.subjects.heartbeat(), self.heartbeat(false, seq))
                     .await;
             }
@@ -485,7 +507,8 @@ impl NatsCluster {
             // heartbeats: one that does not (starved of CPU, or its
             // messages held up) would take everyone else's silence for
             // their death and fence them all.
-            if self.link.up_for() < timeout + beat || self.own_heard.lock().elapsed() > timeout / 2
+            if self.beat_link.up_for() < timeout + beat
+                || self.own_heard.lock().elapsed() > timeout / 2
             {
                 continue;
             }
@@ -790,9 +813,9 @@ impl Cluster for NatsCluster {
             if let Some(task) = announcer {
                 let _ = task.await;
             }
-            if self.link.is_up() {
+            if self.beat_link.is_up() {
                 let _ = self
-                    .client
+                    .beat
                     .publish(
                         self.subjects.heartbeat(),
                         self.heartbeat(
@@ -801,7 +824,7 @@ impl Cluster for NatsCluster {
                         ),
                     )
                     .await;
-                let _ = tokio::time::timeout(Duration::from_secs(1), self.client.flush()).await;
+                let _ = tokio::time::timeout(Duration::from_secs(1), self.beat.flush()).await;
             }
             self.stop.cancel();
             let servers = std::mem::take(&mut *self.servers.lock());

@@ -30,7 +30,7 @@ pub mod origin;
 pub mod sessions;
 
 pub use channels::NatsChannels;
-pub use cluster::NatsCluster;
+pub use cluster::{BeatConnection, NatsCluster};
 pub use config::NatsConfig;
 pub use connect::{connect, Link, NatsError};
 pub use origin::NatsOrigin;

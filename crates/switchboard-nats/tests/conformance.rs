@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use switchboard_backend::conformance::{self, Backend, Joined, StandInNode};
 use switchboard_backend::{BoxFuture, Namespace, Node};
-use switchboard_nats::{NatsChannels, NatsCluster, NatsConfig};
+use switchboard_nats::{BeatConnection, NatsChannels, NatsCluster, NatsConfig};
 use switchboard_test_util::nats::NatsServer;
 
 /// Connects to NATS as `name` and waits (5 s at most) until it is up.
@@ -49,12 +49,18 @@ impl Backend for Nats {
             };
             let (client, link) = connect(&config, node.id()).await;
             let as_node: Arc<dyn Node> = node.clone();
+            // One connection for everything, on the test's runtime.
+            let membership = BeatConnection {
+                client: client.clone(),
+                link: link.clone(),
+                runtime: tokio::runtime::Handle::current(),
+            };
             let cluster = NatsCluster::start(
                 client.clone(),
                 link,
                 as_node.clone(),
                 config.clone(),
-                &tokio::runtime::Handle::current(),
+                membership,
             )
             .await
             .expect("cluster started");
@@ -123,13 +129,20 @@ async fn heartbeats_on_the_beat_thread_outlast_a_stalled_runtime() {
                 request_timeout: Duration::from_millis(500),
                 ..NatsConfig::new(server.url())
             };
-            // Connected from the membership's thread, as the binary does.
-            let (cfg, name) = (config.clone(), node.id().to_owned());
-            let (client, link) = beats
+            // As the binary does: the main connection from the node's
+            // runtime, the membership's from its thread.
+            let (client, link) = connect(&config, node.id()).await;
+            let (cfg, name) = (config.clone(), format!("{}-membership", node.id()));
+            let (beat_client, beat_link) = beats
                 .spawn(async move { connect(&cfg, &name).await })
                 .await
                 .expect("connected");
-            let cluster = NatsCluster::start(client, link, node, config, &beats)
+            let membership = BeatConnection {
+                client: beat_client,
+                link: beat_link,
+                runtime: beats,
+            };
+            let cluster = NatsCluster::start(client, link, node, config, membership)
                 .await
                 .expect("cluster started");
             Box::new((cluster, server)) as Box<dyn std::any::Any + Send>

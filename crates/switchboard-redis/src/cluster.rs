@@ -39,10 +39,13 @@
 //! - **Connections.** Heartbeats and membership reads use their own
 //!   connection; the subscribing connection is pinged with each heartbeat,
 //!   and the link counts as up only while both answer.
-//! - **Thread.** Membership runs on the node's
-//!   [`BeatThread`](switchboard_backend::BeatThread), where client work on
-//!   the node's runtime cannot delay it (a key that expires because a busy
-//!   node wrote it late would report a healthy node lost).
+//! - **Thread.** Heartbeats and membership reads run on the node's
+//!   [`BeatThread`](switchboard_backend::BeatThread), over the membership
+//!   connection (first used there, so its I/O runs there too), where client
+//!   work on the node's runtime cannot delay them (a key that expires
+//!   because a busy node wrote it late would report a healthy node lost).
+//!   Commands, channel traffic and the subscribing connection's checks stay
+//!   on the node's runtime.
 
 use crate::connect::{Redis, Subscription};
 use crate::keys::{frame, unframe, Keys};
@@ -197,7 +200,10 @@ impl RedisCluster {
         *cluster.announcer.lock() = Some(beats.spawn(cluster.clone().announce()));
         *cluster.server.lock() = Some(tokio::spawn(cluster.clone().serve()));
         tokio::spawn(cluster.clone().collect_answers());
-        beats.spawn(cluster.clone().check_subscriber());
+        // On the node's runtime: the subscribing connection's I/O runs
+        // where it is first used, and channel traffic is not the beat
+        // thread's.
+        tokio::spawn(cluster.clone().check_subscriber());
         beats.spawn(cluster.clone().watch());
         tracing::info!(
             node = %cluster.node.id(),

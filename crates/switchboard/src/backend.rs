@@ -320,13 +320,16 @@ pub(crate) async fn bind(config: Config, cluster: &ClusterSettings) -> Result<Bo
     }
     let node = config.node_id.clone().unwrap_or_default();
     let nats = cluster.nats_config(&config);
-    // Connected from the beat thread, so the client's I/O runs there: the
-    // heartbeats travel on it.
+    let (client, link) = switchboard_nats::connect(&nats, &node)
+        .await
+        .map_err(|e| Startup::Other(e.to_string()))?;
+    // Heartbeats have a connection of their own, made from the beat thread
+    // so that its I/O runs there.
     let beats = beat_thread()?;
-    let (client, link) = {
-        let (nats, node) = (nats.clone(), node.clone());
+    let (beat_client, beat_link) = {
+        let (nats, name) = (nats.clone(), format!("{node}-membership"));
         beats
-            .run(async move { switchboard_nats::connect(&nats, &node).await })
+            .run(async move { switchboard_nats::connect(&nats, &name).await })
             .await
             .map_err(|e| Startup::Other(e.to_string()))?
     };
@@ -363,7 +366,11 @@ pub(crate) async fn bind(config: Config, cluster: &ClusterSettings) -> Result<Bo
         link,
         local.clone(),
         nats.clone(),
-        beats.handle(),
+        switchboard_nats::BeatConnection {
+            client: beat_client,
+            link: beat_link,
+            runtime: beats.handle().clone(),
+        },
     )
     .await
     .map_err(|e| Startup::Other(format!("cannot subscribe on NATS: {e}")))?;
