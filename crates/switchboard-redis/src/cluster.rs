@@ -162,10 +162,10 @@ impl RedisCluster {
     /// Joins the cluster as `node`: starts announcing it, reading the
     /// others' keys and answering commands. Works while Redis is away (it
     /// keeps trying).
-    /// Membership (heartbeats, reading the others' keys, the subscribing
-    /// connection's checks) runs on `beats`, the node's
-    /// [`switchboard_backend::BeatThread`] (a test may pass the current
-    /// runtime's handle); commands on the runtime this is called from.
+    /// Membership (heartbeats, reading the others' keys) runs on `beats`,
+    /// the node's [`switchboard_backend::BeatThread`] (a test may pass the
+    /// current runtime's handle); commands and the subscribing connection's
+    /// checks on the runtime this is called from.
     pub fn start(
         redis: Redis,
         node: Arc<dyn Node>,

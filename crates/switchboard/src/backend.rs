@@ -280,7 +280,7 @@ pub(crate) enum Startup {
 pub(crate) struct Bound {
     /// The node.
     pub(crate) gateway: Gateway,
-    /// The cluster backend's heartbeats and bus connection, away from
+    /// The cluster backend's heartbeats and their connection, away from
     /// client work (`None` on a single node).
     _beats: Option<BeatThread>,
 }
