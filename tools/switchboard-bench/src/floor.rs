@@ -201,7 +201,8 @@ fn serve_publishes(conn: &TcpStream, writers: &[mpsc::Sender<Job>]) -> Result<()
                 n => buf.extend_from_slice(&chunk[..n]),
             }
         }
-        let body: Vec<u8> = buf.drain(..head + len).skip(head).collect();
+        let body = buf[head..head + len].to_vec();
+        buf.drain(..head + len);
         let status = if req.method == "POST" {
             publish(&body, writers)
         } else {

@@ -255,6 +255,15 @@ impl Percentiles {
     }
 }
 
+/// `before → after`, both as [`human_bytes`].
+pub(crate) fn bytes_change(before: u64, after: u64) -> String {
+    format!(
+        "{} → {}",
+        human_bytes(before as f64),
+        human_bytes(after as f64)
+    )
+}
+
 /// Bytes as KiB or MiB, for the tables.
 pub(crate) fn human_bytes(b: f64) -> String {
     if b.abs() >= (1 << 20) as f64 {

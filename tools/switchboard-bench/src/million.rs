@@ -40,7 +40,7 @@
 //!    the machine's available memory falls below `--min-available-mib`).
 
 use crate::engine::{share_concurrency, stamp, Fleet, Mode, Receipts, Report};
-use crate::measure::{self, human_bytes, unix_nanos, CpuMeter, Percentiles, Table};
+use crate::measure::{self, bytes_change, human_bytes, unix_nanos, CpuMeter, Percentiles, Table};
 use crate::servers::{free_port, Api, Gateway};
 use crate::Opts;
 use serde_json::json;
@@ -995,18 +995,16 @@ async fn measure_cluster(
     t.row(
         "kernel slab: before → held (Δ per connection)",
         format!(
-            "{} → {} ({:.0} B; both socket ends)",
-            human_bytes(k_empty.slab as f64),
-            human_bytes(k_held.slab as f64),
+            "{} ({:.0} B; both socket ends)",
+            bytes_change(k_empty.slab, k_held.slab),
             per(slab, c.open)
         ),
     );
     t.row(
         "— SUnreclaim (Δ per connection)",
         format!(
-            "{} → {} ({:.0} B)",
-            human_bytes(k_empty.sunreclaim as f64),
-            human_bytes(k_held.sunreclaim as f64),
+            "{} ({:.0} B)",
+            bytes_change(k_empty.sunreclaim, k_held.sunreclaim),
             per(sunreclaim, c.open)
         ),
     );
@@ -1022,27 +1020,18 @@ async fn measure_cluster(
     t.row(
         "client workers' memory (RSS)",
         format!(
-            "{} → {} ({:.0} B per connection)",
-            human_bytes(workers_rss0 as f64),
-            human_bytes(workers_rss as f64),
+            "{} ({:.0} B per connection)",
+            bytes_change(workers_rss0, workers_rss),
             per(workers_rss as f64 - workers_rss0 as f64, c.open)
         ),
     );
     t.row(
         "nats-server memory (RSS)",
-        format!(
-            "{} → {}",
-            human_bytes(nats_rss0 as f64),
-            human_bytes(nats_rss as f64)
-        ),
+        bytes_change(nats_rss0, nats_rss),
     );
     t.row(
         "machine: available memory before → held",
-        format!(
-            "{} → {}",
-            human_bytes(k0.available as f64),
-            human_bytes(k_held.available as f64)
-        ),
+        bytes_change(k0.available, k_held.available),
     );
     t.row(
         "one message to every subscriber: last delivery",
