@@ -13,14 +13,15 @@ pub(crate) mod signal;
 pub(crate) mod stream;
 pub(crate) mod tls;
 
+use crate::admission::tokens::TokenState;
 use crate::metrics::Metrics;
 use bytes::{Buf, Bytes};
 use parking_lot::{Mutex, MutexGuard, RwLock};
 use std::collections::{HashSet, VecDeque};
 use std::hash::{BuildHasherDefault, Hasher};
 use std::io::{self, IoSlice};
-use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::net::{SocketAddr, SocketAddrV4, SocketAddrV6};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, OnceLock};
 use std::time::SystemTime;
 use stream::ClientStream;
@@ -399,21 +400,49 @@ struct Ident {
     subprotocol: Option<Box<str>>,
 }
 
+/// A client's address in 16 bytes, where a `SocketAddr` takes 32: an IPv4
+/// address inline, an IPv6 one boxed.
+#[derive(Debug, Clone)]
+enum Remote {
+    V4(SocketAddrV4),
+    V6(Box<SocketAddrV6>),
+}
+
+impl From<SocketAddr> for Remote {
+    fn from(addr: SocketAddr) -> Self {
+        match addr {
+            SocketAddr::V4(a) => Self::V4(a),
+            SocketAddr::V6(a) => Self::V6(Box::new(a)),
+        }
+    }
+}
+
+impl Remote {
+    fn get(&self) -> SocketAddr {
+        match self {
+            Self::V4(a) => SocketAddr::V4(*a),
+            Self::V6(a) => SocketAddr::V6(**a),
+        }
+    }
+}
+
 /// The shared half of a connection: identity, counters and outbound queue.
 /// Small enough (see the test below) that an `Arc` of it fits jemalloc's
-/// 256-byte class: every idle connection keeps one (docs/benchmarks.md).
+/// 224-byte class: every idle connection keeps one (docs/benchmarks.md).
 #[derive(Debug)]
 pub(crate) struct Conn {
     /// The random half of its id (the other is its home node's id).
     pub(crate) key: ConnKey,
     home: Arc<Home>,
     /// The address of the session's first socket (see [`Conn::remote`]).
-    remote: SocketAddr,
+    remote: Remote,
     ident: Option<Box<Ident>>,
-    /// The client's current token (none without one).
-    pub(crate) token: Mutex<Option<Box<crate::admission::tokens::TokenState>>>,
-    /// When the current token expires, Unix ms (0: never, or not enforced).
-    pub(crate) token_expires_ms: std::sync::atomic::AtomicU64,
+    /// The client's current token (none without one): read on a
+    /// subscribe or publish, replaced whole by a `refresh`.
+    token: arc_swap::ArcSwapOption<TokenState>,
+    /// When the current token expires, Unix seconds, as JWT's `exp` counts
+    /// (0: never, or not enforced); see [`Conn::token_expires_ms`].
+    token_expires_s: AtomicU32,
     /// Speaks the native protocol (`switchboard.v1`).
     pub(crate) native: bool,
     /// Its subprotocol is the native one.
@@ -433,8 +462,9 @@ pub(crate) struct Conn {
     pub(crate) messages_out: AtomicU64,
     pub(crate) bytes_in: AtomicU64,
     pub(crate) bytes_out: AtomicU64,
-    /// Events of this connection waiting for the origin.
-    pub(crate) pending_events: AtomicUsize,
+    /// Events of this connection waiting for the origin (at most
+    /// `max-pending-events`, so 32 bits).
+    pub(crate) pending_events: AtomicU32,
     out: Mutex<Outbound>,
     /// Wakes the connection's task: a frame was queued, a close requested,
     /// or one of its deadlines passed (`edge::timers`).
@@ -466,6 +496,12 @@ pub(crate) struct ConnInit {
     pub(crate) deflate: bool,
     /// It gets a session (if the node keeps them, and it is native).
     pub(crate) session: bool,
+}
+
+/// A token's expiry in Unix ms as whole seconds (0 stays 0: none), rounded
+/// up so that it is never earlier; past 2106 it saturates.
+fn expiry_seconds(ms: u64) -> u32 {
+    u32::try_from(ms.div_ceil(1000)).unwrap_or(u32::MAX)
 }
 
 /// Now, Unix ms.
@@ -507,10 +543,10 @@ impl Conn {
         Self {
             key: init.id.key(),
             home,
-            remote: init.remote,
+            remote: init.remote.into(),
             ident,
-            token: Mutex::new(init.token.map(Box::new)),
-            token_expires_ms: init.token_expires_ms.into(),
+            token: arc_swap::ArcSwapOption::new(init.token.map(Arc::new)),
+            token_expires_s: expiry_seconds(init.token_expires_ms).into(),
             native: init.native,
             native_subprotocol,
             graphql: init.graphql,
@@ -522,7 +558,7 @@ impl Conn {
             messages_out: AtomicU64::new(0),
             bytes_in: AtomicU64::new(0),
             bytes_out: AtomicU64::new(0),
-            pending_events: AtomicUsize::new(0),
+            pending_events: AtomicU32::new(0),
             out: Mutex::new(Outbound::default()),
             notify: signal::Signal::default(),
             ended: AtomicBool::new(false),
@@ -816,28 +852,46 @@ impl Conn {
         &self,
         identity: &crate::admission::tokens::Identity,
     ) -> Result<u64, ()> {
-        let mut current = self.token.lock();
-        if current
-            .as_ref()
-            .is_some_and(|cur| cur.user != identity.user)
-        {
+        let fresh = Some(Arc::new(identity.state()));
+        // Two refreshes at once: the first to land sets the user the
+        // second is checked against.
+        let mut other_user = false;
+        self.token.rcu(|current| {
+            other_user = current
+                .as_ref()
+                .is_some_and(|cur| cur.user != identity.user);
+            if other_user {
+                current.clone()
+            } else {
+                fresh.clone()
+            }
+        });
+        if other_user {
             return Err(());
         }
-        *current = Some(Box::new(identity.state()));
-        drop(current);
         let expires_at_ms = identity.expires_at_ms().unwrap_or(0);
-        let _ = self.token_expires_ms.fetch_update(
+        let _ = self.token_expires_s.fetch_update(
             std::sync::atomic::Ordering::AcqRel,
             std::sync::atomic::Ordering::Acquire,
-            |old| (old != 0).then_some(expires_at_ms),
+            |old| (old != 0).then_some(expiry_seconds(expires_at_ms)),
         );
         Ok(expires_at_ms)
+    }
+
+    /// When the current token expires, Unix ms (0: never, or not enforced).
+    pub(crate) fn token_expires_ms(&self) -> u64 {
+        u64::from(self.token_expires_s.load(Relaxed)) * 1000
+    }
+
+    /// What a session moving to another node carries of its token.
+    pub(crate) fn token_wire(&self) -> Option<switchboard_proto::control::SessionToken> {
+        self.token.load().as_deref().map(TokenState::to_wire)
     }
 
     /// Whether the client's token grants subscribing to `channel`.
     pub(crate) fn token_grants_subscribe(&self, channel: &str) -> bool {
         self.token
-            .lock()
+            .load()
             .as_ref()
             .is_some_and(|t| t.grants.may_subscribe(channel))
     }
@@ -845,7 +899,7 @@ impl Conn {
     /// Whether the client's token grants publishing on `channel`.
     pub(crate) fn token_grants_publish(&self, channel: &str) -> bool {
         self.token
-            .lock()
+            .load()
             .as_ref()
             .is_some_and(|t| t.grants.may_publish(channel))
     }
@@ -1059,7 +1113,7 @@ impl Conn {
             origin_seq: o.origin_seq,
             suspensions: o.suspensions,
             suspended_for: o.suspended_at.map(|at| at.elapsed()).unwrap_or_default(),
-            remote: rare.remote.unwrap_or(self.remote),
+            remote: rare.remote.unwrap_or_else(|| self.remote.get()),
             overflowed: o.overflowed,
         })
     }
@@ -1167,7 +1221,7 @@ impl Conn {
         out.rare
             .as_ref()
             .and_then(|r| r.remote)
-            .unwrap_or(self.remote)
+            .unwrap_or_else(|| self.remote.get())
     }
 
     /// Whether a direct message was refused while the session was
@@ -1559,14 +1613,38 @@ mod tests {
     }
 
     /// Every idle connection keeps an `Arc<Conn>`: with the `Arc`'s two
-    /// counts it must fit jemalloc's 256-byte class (docs/benchmarks.md).
+    /// counts it must fit jemalloc's 224-byte class (docs/benchmarks.md).
     #[test]
-    fn a_connection_fits_256_bytes_with_its_counts() {
+    fn a_connection_fits_224_bytes_with_its_counts() {
         assert!(
-            std::mem::size_of::<Conn>() <= 240,
+            std::mem::size_of::<Conn>() <= 208,
             "{} bytes",
             std::mem::size_of::<Conn>()
         );
+    }
+
+    /// The compact address gives back the address it was made from.
+    #[test]
+    fn a_remote_address_keeps_every_part() {
+        assert_eq!(std::mem::size_of::<Remote>(), 16);
+        for addr in ["203.0.113.7:40000", "[2001:db8::1%3]:443"] {
+            let addr: SocketAddr = addr.parse().unwrap();
+            assert_eq!(Remote::from(addr).get(), addr);
+        }
+        let conn = session(OutboxLimits::new(10, 1 << 16).unwrap());
+        assert_eq!(conn.remote(), "127.0.0.1:1".parse::<SocketAddr>().unwrap());
+    }
+
+    /// A token's expiry is kept in whole seconds (JWT's `exp` unit): never
+    /// earlier than given, 0 still meaning none.
+    #[test]
+    fn a_token_expiry_is_kept_in_seconds_never_earlier() {
+        assert_eq!(expiry_seconds(0), 0);
+        assert_eq!(expiry_seconds(1_700_000_000_000), 1_700_000_000);
+        assert_eq!(expiry_seconds(1_700_000_000_001), 1_700_000_001);
+        assert_eq!(expiry_seconds(u64::MAX), u32::MAX);
+        let conn = session(OutboxLimits::new(10, 1 << 16).unwrap());
+        assert_eq!(conn.token_expires_ms(), 0);
     }
 
     /// Its id is made of its node's and its key, as it was generated.

@@ -223,7 +223,7 @@ impl Inbound {
     /// The next moment the token's expiry matters: the `refresh` push
     /// (native, not sent yet), else the expiry itself.
     pub(crate) fn token_moment(&self, shared: &Edge, conn: &Conn) -> Option<Instant> {
-        let exp = conn.token_expires_ms.load(Relaxed);
+        let exp = conn.token_expires_ms();
         if exp == 0 {
             return None;
         }
@@ -240,7 +240,7 @@ impl Inbound {
     /// Says whether the token expired (the caller closes with 4004), and
     /// asks a native client to `refresh` it shortly before.
     pub(crate) fn check_token(&mut self, shared: &Edge, conn: &Conn) -> TokenCheck {
-        let exp = conn.token_expires_ms.load(Relaxed);
+        let exp = conn.token_expires_ms();
         if exp == 0 {
             return TokenCheck::Fine;
         }

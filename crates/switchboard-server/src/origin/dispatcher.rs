@@ -139,7 +139,7 @@ impl Dispatcher {
                 return Err(Backlog);
             }
             if let Some(c) = conn {
-                if c.pending_events.load(Relaxed) >= self.max_per_conn {
+                if c.pending_events.load(Relaxed) as usize >= self.max_per_conn {
                     return Err(Backlog);
                 }
             }
