@@ -112,6 +112,13 @@ impl Decoder {
         self.partial.is_some()
     }
 
+    /// Whether it keeps nothing between messages (no fragmented message in
+    /// progress, no inflater), so that a new one with the same limit would
+    /// do: a holder of many idle decoders may drop such a one.
+    pub fn is_stateless(&self) -> bool {
+        self.partial.is_none() && self.inflater.is_none()
+    }
+
     /// Decodes the next message from the front of `buf`, consuming its frames.
     ///
     /// `Ok(None)` means `buf` holds no complete message yet; bytes of an
@@ -313,6 +320,24 @@ mod tests {
                 Message::Close(Some(1000), Bytes::from_static(b"ok")),
             ]
         );
+    }
+
+    /// Stateless between whole messages, not in the middle of a fragmented
+    /// one, and never with an inflater.
+    #[test]
+    fn a_decoder_is_stateless_between_messages_without_deflate() {
+        let mut d = Decoder::new(1024, None);
+        assert!(d.is_stateless());
+        let mut buf = BytesMut::from(&client_frame(false, false, 1, b"hel")[..]);
+        assert_eq!(d.decode(&mut buf).unwrap(), None);
+        assert!(!d.is_stateless());
+        buf.extend_from_slice(&client_frame(true, false, 0, b"lo"));
+        assert_eq!(
+            d.decode(&mut buf).unwrap(),
+            Some(Message::Text(Bytes::from_static(b"hello")))
+        );
+        assert!(d.is_stateless());
+        assert!(!Decoder::new(1024, Some(DeflateParams::default())).is_stateless());
     }
 
     #[test]

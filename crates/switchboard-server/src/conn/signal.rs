@@ -24,6 +24,12 @@ impl Signal {
         self.waker.wake();
     }
 
+    /// Drops the pending wake-up, if any: for a task about to look at
+    /// everything it could have been woken for.
+    pub(crate) fn clear(&self) {
+        self.set.store(false, Ordering::Release);
+    }
+
     /// Takes the pending wake-up, if any; otherwise the task of `cx` is
     /// woken by the next [`Signal::notify_one`].
     pub(crate) fn poll_notified(&self, cx: &mut Context<'_>) -> Poll<()> {

@@ -18,16 +18,17 @@ use crate::sessions::Ending;
 use bytes::{Bytes, BytesMut};
 use std::future::Future;
 use std::io;
+use std::net::IpAddr;
+use std::pin::Pin;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
-use std::task::Poll;
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 use switchboard_proto::graphql::{self as graphql_proto, Protocol};
 use switchboard_proto::native::ErrorCode;
 use switchboard_proto::origin::{ClosedBy, Payload};
 use switchboard_proto::ws::frame::{encode_close, encode_frame, OpCode};
 use switchboard_proto::ws::{close, Decoder, Message};
-use tokio::io::{Interest, Ready};
 use tokio::time::Instant;
 
 /// Time allowed for the closing handshake (our close frame written and the
@@ -75,6 +76,11 @@ impl DisconnectGuard {
 
     /// Records how the connection ended and reports it.
     pub(crate) fn finish(mut self, ending: Ending, origin_seq: u64) {
+        self.record(ending, origin_seq);
+    }
+
+    /// Records how the connection ended, reported when the guard is dropped.
+    fn record(&mut self, ending: Ending, origin_seq: u64) {
         self.ending = Some(Box::new((ending, origin_seq)));
     }
 }
@@ -112,21 +118,41 @@ enum Phase {
     Closing { peer_closed: bool },
 }
 
-struct Task {
+/// What reading keeps between wake-ups, when it keeps anything: a decoder
+/// with state (a fragmented message, an inflater) and the bytes of an
+/// incomplete frame. Boxed: a pointer is what idle connections pay.
+struct Parked {
+    decoder: Decoder,
+    /// Empty (and unallocated) when only the decoder is kept.
+    buf: BytesMut,
+}
+
+/// The task of one connection: a future written by hand, so that its state
+/// is these fields alone (no copy of them beside an `async` block's own
+/// state). It ends by recording how the connection ended in its guard;
+/// dropping it then frees the socket's slot, closes the socket and, last,
+/// reports the end (the field order below).
+pub(crate) struct Task {
+    stream: ClientStream,
     /// Owns the node and connection handles, and how the connection ended;
     /// sends the `disconnect` when the task is dropped.
     guard: DisconnectGuard,
-    stream: ClientStream,
-    decoder: Decoder,
-    /// Unconsumed bytes of an incomplete frame, parked between reads;
-    /// `None` when idle. Boxed: a pointer is what idle connections pay.
-    rbuf: Option<Box<BytesMut>>,
+    /// The address the socket's slot is counted under (see
+    /// [`Edge::track_socket`]); freed when the task is dropped.
+    ip: IpAddr,
+    /// `None` when idle: a fresh decoder (the node's `max-message-size`,
+    /// no deflate) would do, and no bytes wait.
+    parked: Option<Box<Parked>>,
     /// Commands, data messages, rate limits and the token's expiry.
     inbound: Inbound,
     phase: Phase,
+    /// Bytes that came with the handshake (in `parked`) are still to be
+    /// decoded: done on the first poll.
+    fresh: bool,
     /// The next ping, or the pong deadline (see [`Phase::Open`]); once
-    /// closing, the closing deadline (see [`Phase::Closing`]).
-    heartbeat: Instant,
+    /// closing, the closing deadline (see [`Phase::Closing`]); a tick of
+    /// the node's timer (rounded up: never early).
+    heartbeat: u64,
     /// When the client last sent a message, as a tick of the node's timer
     /// (rounded up: an idle timeout is never early).
     last_message: u64,
@@ -134,12 +160,17 @@ struct Task {
     armed: u64,
 }
 
+impl Drop for Task {
+    fn drop(&mut self) {
+        // Its slot is free before the guard (dropped after the socket)
+        // queues the `disconnect`: an origin that hears of it can count on
+        // the room.
+        self.guard.shared.release_socket(self.ip);
+    }
+}
+
 /// Runs an accepted connection to its end; the guard then sends its
-/// `disconnect` event.
-///
-/// The task state is built before the future, so the future holds it once
-/// rather than beside the arguments it was made from: this future is what
-/// every idle connection costs.
+/// `disconnect` event. This future is what every idle connection costs.
 pub(crate) fn run(
     stream: ClientStream,
     guard: DisconnectGuard,
@@ -147,49 +178,56 @@ pub(crate) fn run(
     decoder: Decoder,
     socket: SocketGuard,
     origin_seq: u64,
-) -> impl std::future::Future<Output = ()> + Send {
-    let config = &guard.shared.config;
+) -> Task {
+    let timers = &guard.shared.timers;
     let now = Instant::now();
-    let last_message = guard.shared.timers.tick_of(now);
-    let mut task = Task {
-        decoder,
-        heartbeat: now + config.ping_interval,
-        guard,
+    let fresh = leftover.is_some();
+    let parked = (fresh || !decoder.is_stateless()).then(|| {
+        Box::new(Parked {
+            decoder,
+            buf: leftover.unwrap_or_default(),
+        })
+    });
+    Task {
+        heartbeat: timers.tick_of(now + guard.shared.config.ping_interval),
+        last_message: timers.tick_of(now),
+        armed: timers::NEVER,
         stream,
-        rbuf: leftover.map(Box::new),
+        ip: socket.into_ip(),
+        guard,
+        parked,
         inbound: Inbound::new(origin_seq),
         phase: Phase::Open {
             awaiting_pong: false,
         },
-        last_message,
-        armed: timers::NEVER,
-    };
-    async move {
-        let ending = task.drive().await;
-        // The socket closes and its slot is free before the guard queues the
-        // `disconnect`: an origin that hears of it can count on the room.
-        let Task {
-            guard,
-            stream,
-            inbound,
-            ..
-        } = task;
-        drop(stream);
-        drop(socket);
-        guard.finish(ending, inbound.seq);
+        fresh,
+    }
+}
+
+impl Future for Task {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let task = self.get_mut();
+        let ending = ready!(task.drive(cx));
+        let seq = task.inbound.seq;
+        task.guard.record(ending, seq);
+        Poll::Ready(())
     }
 }
 
 impl Task {
-    async fn drive(&mut self) -> Ending {
-        // Bytes that arrived with the handshake.
-        if let Some(mut buf) = self.rbuf.take().map(|b| *b) {
-            let decoded = self.decode_buffered(&mut buf);
-            self.park(buf);
-            if let Err(end) = decoded {
-                return end;
+    /// Runs the connection until it ends, or until it waits.
+    fn drive(&mut self, cx: &mut Context<'_>) -> Poll<Ending> {
+        if std::mem::take(&mut self.fresh) {
+            // Bytes that arrived with the handshake.
+            if let Err(end) = self.decode_parked() {
+                return Poll::Ready(end);
             }
         }
+        // Everything below is looked at anew: a wake-up pending from before
+        // would only make one more round.
+        self.guard.conn.notify.clear();
         // Whether the deadline was handled since the last wait.
         let mut timed = false;
         loop {
@@ -199,7 +237,7 @@ impl Task {
                         // The session is resuming on a new socket: this one
                         // goes now, with a close frame if it takes one.
                         let _ = self.stream.try_write(&encode_close(req.code, &req.reason));
-                        return Ending::kept(&req);
+                        return Poll::Ready(Ending::kept(&req));
                     }
                     self.start_close(req.code, &req.reason, req.by);
                 }
@@ -211,14 +249,18 @@ impl Task {
             {
                 // Behind TLS, ciphertext may still wait for the socket.
                 Ok(d) => d && self.stream.flushed(),
-                Err(_) => return self.end_or(Ending::lost("write failed")),
+                Err(_) => return Poll::Ready(self.end_or(Ending::lost("write failed"))),
             };
             if let Phase::Closing {
                 peer_closed: true, ..
             } = self.phase
             {
                 if drained {
-                    return self.end_or(Ending::closed(close::NORMAL, "", ClosedBy::Client));
+                    return Poll::Ready(self.end_or(Ending::closed(
+                        close::NORMAL,
+                        "",
+                        ClosedBy::Client,
+                    )));
                 }
             }
             let deadline = self.next_deadline();
@@ -226,39 +268,67 @@ impl Task {
                 // What it asks may queue frames: flushed on the next round.
                 timed = true;
                 if let Some(end) = self.on_timer() {
-                    return end;
+                    return Poll::Ready(end);
                 }
                 continue;
             }
             timed = false;
             self.arm(deadline);
-            // A paused reader waits for writability only, or for errors.
-            let interest = match (drained, self.paused().is_some()) {
-                (true, false) => Interest::READABLE,
-                (false, false) => Interest::READABLE | Interest::WRITABLE,
-                (false, true) => Interest::WRITABLE,
-                (true, true) => Interest::ERROR,
-            };
-            let ready = match wait(&self.stream, &self.guard.conn, interest).await {
-                Some(r) => r,
-                // Woken: a frame queued, a close requested or a deadline.
-                None => continue,
-            };
-            let ready = match ready {
-                Ok(r) => r,
-                Err(_) => return self.end_or(Ending::lost("socket error")),
-            };
-            if ready.is_error() {
-                // Only asked for while paused (an RST, say).
-                return self.end_or(Ending::lost("socket error"));
-            }
             let reading = self.paused().is_none();
-            if reading && (ready.is_readable() || ready.is_read_closed()) {
-                if let Err(end) = self.read_ready() {
-                    return end;
+            match self.poll_wait(cx, reading, !drained) {
+                Poll::Pending => return Poll::Pending,
+                // Woken: a frame queued, a close requested or a deadline.
+                Poll::Ready(None) => continue,
+                Poll::Ready(Some(Err(_))) => {
+                    return Poll::Ready(self.end_or(Ending::lost("socket error")))
+                }
+                Poll::Ready(Some(Ok(readable))) => {
+                    if readable {
+                        if let Err(end) = self.read_ready() {
+                            return Poll::Ready(end);
+                        }
+                    }
                 }
             }
         }
+    }
+
+    /// Polls the socket for reading (unless `reading` is off: a paused
+    /// reader) and writing (if `writing`), and the connection's
+    /// [`Conn::notify`]: `Some(Ok(readable))` when the socket is ready,
+    /// `None` when woken (a frame queued, a close requested, a deadline
+    /// passed). Only the socket's waker slots and `notify` keep the task's
+    /// waker: no waiter node sits in the task.
+    ///
+    /// A paused reader with nothing to write polls the socket for nothing:
+    /// the end of the pause (a timer) wakes it, and a socket that failed
+    /// meanwhile is found then, or by the next ping written.
+    fn poll_wait(
+        &self,
+        cx: &mut Context<'_>,
+        reading: bool,
+        writing: bool,
+    ) -> Poll<Option<io::Result<bool>>> {
+        let mut readable = false;
+        let mut ready = false;
+        if reading {
+            match self.stream.poll_read_ready(cx) {
+                Poll::Ready(Ok(())) => (readable, ready) = (true, true),
+                Poll::Ready(Err(e)) => return Poll::Ready(Some(Err(e))),
+                Poll::Pending => {}
+            }
+        }
+        if writing {
+            match self.stream.poll_write_ready(cx) {
+                Poll::Ready(Ok(())) => ready = true,
+                Poll::Ready(Err(e)) => return Poll::Ready(Some(Err(e))),
+                Poll::Pending => {}
+            }
+        }
+        if ready {
+            return Poll::Ready(Some(Ok(readable)));
+        }
+        self.guard.conn.notify.poll_notified(cx).map(|()| None)
     }
 
     /// Has the node's timer wake the task at `deadline` (or before): a
@@ -273,11 +343,21 @@ impl Task {
         }
     }
 
+    /// When `heartbeat` falls (see [`Task::heartbeat`]).
+    fn heartbeat_at(&self) -> Instant {
+        self.guard.shared.timers.moment(self.heartbeat)
+    }
+
+    /// Sets `heartbeat` to `at` (rounded up to the timer's tick).
+    fn set_heartbeat(&mut self, at: Instant) {
+        self.heartbeat = self.guard.shared.timers.tick_of(at);
+    }
+
     fn next_deadline(&self) -> Instant {
         match self.phase {
-            Phase::Closing { .. } => self.heartbeat,
+            Phase::Closing { .. } => self.heartbeat_at(),
             Phase::Open { .. } => {
-                let mut d = self.heartbeat;
+                let mut d = self.heartbeat_at();
                 if let Some(idle) = self.guard.shared.config.idle_timeout {
                     d = d.min(self.idle_deadline(idle));
                 }
@@ -333,7 +413,7 @@ impl Task {
             self.check_token();
         }
         if let Phase::Closing { .. } = self.phase {
-            return (now >= self.heartbeat).then(|| {
+            return (now >= self.heartbeat_at()).then(|| {
                 self.end_or(Ending::closed(
                     close::ABNORMAL,
                     "closing handshake timed out",
@@ -349,7 +429,7 @@ impl Task {
         );
         // A paused reader cannot see the pong; the wait restarts on resuming.
         let paused = self.paused().is_some();
-        if awaiting_pong && now >= self.heartbeat && !paused {
+        if awaiting_pong && now >= self.heartbeat_at() && !paused {
             return Some(Ending {
                 code: close::ABNORMAL,
                 reason: "pong timeout".into(),
@@ -363,8 +443,8 @@ impl Task {
                 return None;
             }
         }
-        if now >= self.heartbeat {
-            self.heartbeat = now + self.guard.shared.config.pong_timeout;
+        if now >= self.heartbeat_at() {
+            self.set_heartbeat(now + self.guard.shared.config.pong_timeout);
             self.phase = Phase::Open {
                 awaiting_pong: true,
             };
@@ -400,16 +480,14 @@ impl Task {
             awaiting_pong: true,
         } = self.phase
         {
-            self.heartbeat = self
-                .heartbeat
-                .max(now + self.guard.shared.config.pong_timeout);
+            let later = self
+                .guard
+                .shared
+                .timers
+                .tick_of(now + self.guard.shared.config.pong_timeout);
+            self.heartbeat = self.heartbeat.max(later);
         }
-        if let Some(mut buf) = self.rbuf.take().map(|b| *b) {
-            let decoded = self.decode_buffered(&mut buf);
-            self.park(buf);
-            decoded?;
-        }
-        Ok(())
+        self.decode_parked()
     }
 
     /// Queues our close frame and waits for the client's.
@@ -432,7 +510,7 @@ impl Task {
     /// Enters the closing phase, which lasts at most [`CLOSE_TIMEOUT`].
     fn closing(&mut self, peer_closed: bool) {
         self.phase = Phase::Closing { peer_closed };
-        self.heartbeat = Instant::now() + CLOSE_TIMEOUT;
+        self.set_heartbeat(Instant::now() + CLOSE_TIMEOUT);
     }
 
     /// The ending already recorded (a closing handshake under way), or
@@ -443,13 +521,23 @@ impl Task {
 
     /// Reads what the socket has (up to a budget) and handles every complete message.
     fn read_ready(&mut self) -> Result<(), Ending> {
-        let mut buf = self.rbuf.take().map_or_else(pool::take, |b| *b);
+        let mut parked = self.parked.take().unwrap_or_else(|| {
+            let max = self.guard.shared.config.max_message_size;
+            Box::new(Parked {
+                decoder: Decoder::new(max, None),
+                buf: BytesMut::new(),
+            })
+        });
+        let Parked { decoder, buf } = &mut *parked;
+        if buf.capacity() == 0 {
+            *buf = pool::take();
+        }
         let mut total = 0;
         let result = loop {
             if buf.capacity() - buf.len() < 1024 {
                 buf.reserve(pool::READ_BUF);
             }
-            match self.stream.try_read_buf(&mut buf) {
+            match self.stream.try_read_buf(buf) {
                 Ok(0) => {
                     break Err(self.end_or(Ending::lost("connection closed without a close frame")))
                 }
@@ -457,7 +545,7 @@ impl Task {
                     total += n;
                     self.guard.conn.bytes_in.fetch_add(n as u64, Relaxed);
                     self.guard.shared.metrics.bytes_in.inc_by(n as u64);
-                    if let Err(end) = self.decode_buffered(&mut buf) {
+                    if let Err(end) = self.decode_buffered(decoder, buf) {
                         break Err(end);
                     }
                     if total >= READ_BUDGET || self.paused().is_some() {
@@ -468,24 +556,39 @@ impl Task {
                 Err(_) => break Err(self.end_or(Ending::lost("read failed"))),
             }
         };
-        self.park(buf);
+        self.park(parked);
         result
     }
 
-    /// Keeps the bytes of an incomplete frame for the next read; an empty
-    /// buffer goes back to the pool.
-    fn park(&mut self, buf: BytesMut) {
-        if buf.is_empty() {
-            pool::give(buf);
-        } else {
-            self.rbuf = Some(Box::new(buf));
+    /// Decodes and handles the bytes parked (those that came with the
+    /// handshake, or were read before a pause).
+    fn decode_parked(&mut self) -> Result<(), Ending> {
+        let Some(mut parked) = self.parked.take() else {
+            return Ok(());
+        };
+        let Parked { decoder, buf } = &mut *parked;
+        let decoded = self.decode_buffered(decoder, buf);
+        self.park(parked);
+        decoded
+    }
+
+    /// Keeps what reading needs later: the bytes of an incomplete frame,
+    /// a decoder with state. An empty buffer goes back to the pool, and
+    /// with a stateless decoder nothing is kept.
+    fn park(&mut self, mut parked: Box<Parked>) {
+        if parked.buf.is_empty() {
+            pool::give(std::mem::take(&mut parked.buf));
+            if parked.decoder.is_stateless() {
+                return;
+            }
         }
+        self.parked = Some(parked);
     }
 
     /// Decodes and handles every complete message in `buf`.
-    fn decode_buffered(&mut self, buf: &mut BytesMut) -> Result<(), Ending> {
+    fn decode_buffered(&mut self, decoder: &mut Decoder, buf: &mut BytesMut) -> Result<(), Ending> {
         loop {
-            match self.decoder.decode(buf) {
+            match decoder.decode(buf) {
                 Ok(Some(msg)) => {
                     self.on_message(msg)?;
                     if self.paused().is_some() {
@@ -524,7 +627,7 @@ impl Task {
             self.phase = Phase::Open {
                 awaiting_pong: false,
             };
-            self.heartbeat = Instant::now() + self.guard.shared.config.ping_interval;
+            self.set_heartbeat(Instant::now() + self.guard.shared.config.ping_interval);
         }
         let closing = matches!(self.phase, Phase::Closing { .. });
         if let (Message::Text(data) | Message::Binary(data), false) = (&msg, closing) {
@@ -664,49 +767,6 @@ impl Task {
     }
 }
 
-/// Waits until `stream` is ready for `interest` (`Some`) or the task is
-/// woken through `conn` (`None`: a frame queued, a close requested, a
-/// deadline passed), whichever comes first. The future holds three
-/// pointers: the socket's own waker slots and the connection's
-/// [`Conn::notify`] keep the task's waker, not a waiter node inside it.
-fn wait<'a>(
-    stream: &'a ClientStream,
-    conn: &'a Conn,
-    interest: Interest,
-) -> impl Future<Output = Option<io::Result<Ready>>> + Send + 'a {
-    // Errors only (a paused reader with nothing to write): rare, so that
-    // waiter is boxed.
-    let mut errors = None;
-    std::future::poll_fn(move |cx| {
-        if interest == Interest::ERROR {
-            let f = errors.get_or_insert_with(|| Box::pin(stream.ready(Interest::ERROR)));
-            if let Poll::Ready(r) = f.as_mut().poll(cx) {
-                return Poll::Ready(Some(r));
-            }
-            return conn.notify.poll_notified(cx).map(|()| None);
-        }
-        let mut ready = Ready::EMPTY;
-        if interest.is_readable() {
-            match stream.poll_read_ready(cx) {
-                Poll::Ready(Ok(())) => ready |= Ready::READABLE,
-                Poll::Ready(Err(e)) => return Poll::Ready(Some(Err(e))),
-                Poll::Pending => {}
-            }
-        }
-        if interest.is_writable() {
-            match stream.poll_write_ready(cx) {
-                Poll::Ready(Ok(())) => ready |= Ready::WRITABLE,
-                Poll::Ready(Err(e)) => return Poll::Ready(Some(Err(e))),
-                Poll::Pending => {}
-            }
-        }
-        if !ready.is_empty() {
-            return Poll::Ready(Some(Ok(ready)));
-        }
-        conn.notify.poll_notified(cx).map(|()| None)
-    })
-}
-
 fn bytes_to_string(b: Bytes) -> String {
     // The decoder has validated text messages as UTF-8.
     String::from_utf8(b.to_vec()).unwrap_or_default()
@@ -770,9 +830,10 @@ mod tests {
         // The largest part of an idle connection's memory (docs/benchmarks.md):
         // catch regressions here, measure with the bench tool. tokio
         // allocates a task in 128-byte steps (its cell is cache-line
-        // aligned): with its header, trailer and the task tracker's token,
-        // a future of up to 272 bytes fits a 384-byte cell; 8 more cost a
+        // aligned): with its header (32 bytes), scheduler and id (16), the
+        // task tracker's token (8), the stage's tag (8) and its trailer (48),
+        // a future of up to 144 bytes fits a 256-byte cell; 8 more cost a
         // whole step, 128 bytes per connection.
-        assert!(size <= 272, "connection future is {size} bytes");
+        assert!(size <= 144, "connection future is {size} bytes");
     }
 }

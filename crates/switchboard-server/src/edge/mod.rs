@@ -131,30 +131,49 @@ impl Edge {
         };
         (
             SocketGuard {
-                edge: self.clone(),
+                edge: Some(self.clone()),
                 ip,
             },
             per_ip,
         )
     }
+
+    /// Frees the count of one client socket from `ip` (see
+    /// [`Edge::track_socket`]).
+    pub(crate) fn release_socket(&self, ip: IpAddr) {
+        self.sockets.fetch_sub(1, Relaxed);
+        let mut m = self.per_ip.lock();
+        if let Some(n) = m.get_mut(&ip) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&ip);
+            }
+        }
+    }
 }
 
-/// Counts one open client socket (see [`Edge::track_socket`]).
+/// Counts one open client socket (see [`Edge::track_socket`]) until dropped.
 #[derive(Debug)]
 pub(crate) struct SocketGuard {
-    edge: Arc<Edge>,
+    /// None once handed over ([`SocketGuard::into_ip`]).
+    edge: Option<Arc<Edge>>,
     ip: IpAddr,
+}
+
+impl SocketGuard {
+    /// Hands the count over to a holder of the edge, which frees it with
+    /// [`Edge::release_socket`]: a connection's task keeps the address
+    /// alone, not a second pointer to the edge.
+    pub(crate) fn into_ip(mut self) -> IpAddr {
+        self.edge = None;
+        self.ip
+    }
 }
 
 impl Drop for SocketGuard {
     fn drop(&mut self) {
-        self.edge.sockets.fetch_sub(1, Relaxed);
-        let mut m = self.edge.per_ip.lock();
-        if let Some(n) = m.get_mut(&self.ip) {
-            *n -= 1;
-            if *n == 0 {
-                m.remove(&self.ip);
-            }
+        if let Some(edge) = self.edge.take() {
+            edge.release_socket(self.ip);
         }
     }
 }
