@@ -572,6 +572,50 @@ async fn native_clients_over_their_rate_get_errors_raw_ones_are_slowed_others_un
     gw.shutdown().await;
 }
 
+/// A raw client's close frame read before a pause is seen as soon as the
+/// gateway starts closing it: the closing handshake completes at once, not
+/// after its 5 s timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_close_frame_read_during_a_pause_ends_the_closing_handshake_at_once() {
+    let origin = TestOrigin::start(None).await;
+    // 50 bytes a second, a burst of one largest message (1,000 bytes): the
+    // second 600-byte message is taken 200 bytes in debt and pauses reading
+    // for about 4 s, with the third and the close frame already read.
+    let gw = TestGateway::with_origin(&origin, |c| {
+        c.client_byte_rate = 50;
+        c.max_message_size = 1000;
+    })
+    .await;
+    let mut raw = RawWs::connect(gw.addr, "/", &[]).await;
+    let id = origin.id_for(raw.local_addr).await;
+    let mut bytes = Vec::new();
+    for _ in 0..3 {
+        bytes.extend(frame(true, 0x1, &[b'x'; 600]));
+    }
+    bytes.extend(frame(true, 0x8, &[0x03, 0xe8]));
+    raw.send_raw(&bytes).await;
+    origin.wait_messages(&id, 2).await;
+    let asked = Instant::now();
+    let r = gw.delete(&format!("/v1/connections/{id}?code=4321")).await;
+    assert_eq!(r.status, 202, "{}", r.body);
+    let (code, _, _) = raw.expect_close(WAIT).await;
+    assert_eq!(code, 4321);
+    raw.expect_eof(Duration::from_secs(15)).await;
+    let took = asked.elapsed();
+    assert!(
+        took < Duration::from_millis(1500),
+        "the socket closed {took:?} after the close was asked"
+    );
+    let d = origin.wait_disconnect(&id).await;
+    assert_eq!((d.code, d.closed_by), (4321, ClosedBy::Origin));
+    assert_eq!(
+        origin.messages_of(&id).len(),
+        2,
+        "nothing taken once closing"
+    );
+    gw.shutdown().await;
+}
+
 /// A raw client doing request/response faster than `client-message-rate`
 /// (each message waits for the origin's reply) gets every answer: past
 /// its burst it is slowed down, never dropped and left waiting.

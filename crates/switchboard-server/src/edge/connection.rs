@@ -146,9 +146,10 @@ pub(crate) struct Task {
     /// Commands, data messages, rate limits and the token's expiry.
     inbound: Inbound,
     phase: Phase,
-    /// Bytes that came with the handshake (in `parked`) are still to be
-    /// decoded: done on the first poll.
-    fresh: bool,
+    /// Bytes in `parked` are still to be decoded: those that came with the
+    /// handshake, or those read before a pause (decoded when it ends, or
+    /// when the connection starts closing: its close frame may be there).
+    undecoded: bool,
     /// The next ping, or the pong deadline (see [`Phase::Open`]); once
     /// closing, the closing deadline (see [`Phase::Closing`]); a tick of
     /// the node's timer (rounded up: never early).
@@ -181,8 +182,8 @@ pub(crate) fn run(
 ) -> Task {
     let timers = &guard.shared.timers;
     let now = Instant::now();
-    let fresh = leftover.is_some();
-    let parked = (fresh || !decoder.is_stateless()).then(|| {
+    let undecoded = leftover.is_some();
+    let parked = (undecoded || !decoder.is_stateless()).then(|| {
         Box::new(Parked {
             decoder,
             buf: leftover.unwrap_or_default(),
@@ -200,7 +201,7 @@ pub(crate) fn run(
         phase: Phase::Open {
             awaiting_pong: false,
         },
-        fresh,
+        undecoded,
     }
 }
 
@@ -219,18 +220,17 @@ impl Future for Task {
 impl Task {
     /// Runs the connection until it ends, or until it waits.
     fn drive(&mut self, cx: &mut Context<'_>) -> Poll<Ending> {
-        if std::mem::take(&mut self.fresh) {
-            // Bytes that arrived with the handshake.
-            if let Err(end) = self.decode_parked() {
-                return Poll::Ready(end);
-            }
-        }
         // Everything below is looked at anew: a wake-up pending from before
         // would only make one more round.
         self.guard.conn.notify.clear();
         // Whether the deadline was handled since the last wait.
         let mut timed = false;
         loop {
+            if self.undecoded && self.paused().is_none() {
+                if let Err(end) = self.decode_parked() {
+                    return Poll::Ready(end);
+                }
+            }
             if let Phase::Open { .. } = self.phase {
                 if let Some(req) = self.guard.conn.take_close() {
                     if req.takeover {
@@ -358,7 +358,9 @@ impl Task {
             Phase::Closing { .. } => self.heartbeat_at(),
             Phase::Open { .. } => {
                 let mut d = self.heartbeat_at();
-                if let Some(idle) = self.guard.shared.config.idle_timeout {
+                // The idle timeout does not run during a pause (see
+                // `on_timer`): its end is the deadline then.
+                if let (Some(idle), None) = (self.guard.shared.config.idle_timeout, self.paused()) {
                     d = d.min(self.idle_deadline(idle));
                 }
                 if let Some(at) = self.token_moment() {
@@ -563,6 +565,7 @@ impl Task {
     /// Decodes and handles the bytes parked (those that came with the
     /// handshake, or were read before a pause).
     fn decode_parked(&mut self) -> Result<(), Ending> {
+        self.undecoded = false;
         let Some(mut parked) = self.parked.take() else {
             return Ok(());
         };
@@ -593,6 +596,7 @@ impl Task {
                     self.on_message(msg)?;
                     if self.paused().is_some() {
                         // The rest waits, undecoded, until reading resumes.
+                        self.undecoded = true;
                         return Ok(());
                     }
                 }
