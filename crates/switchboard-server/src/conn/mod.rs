@@ -438,7 +438,7 @@ pub(crate) struct Conn {
     remote: Remote,
     ident: Option<Box<Ident>>,
     /// The client's current token (none without one): read on a
-    /// subscribe or publish, replaced whole by a `refresh`.
+    /// subscribe or publish, replaced whole by a `refresh` or a resume.
     token: arc_swap::ArcSwapOption<TokenState>,
     /// When the current token expires, Unix seconds, as JWT's `exp` counts
     /// (0: never, or not enforced); see [`Conn::token_expires_ms`].
@@ -462,8 +462,9 @@ pub(crate) struct Conn {
     pub(crate) messages_out: AtomicU64,
     pub(crate) bytes_in: AtomicU64,
     pub(crate) bytes_out: AtomicU64,
-    /// Events of this connection waiting for the origin (at most
-    /// `max-pending-events`, so 32 bits).
+    /// Events of this connection waiting for the origin: at most
+    /// `max-pending-events` `message` events, plus its few reliable ones
+    /// (`connect`, `disconnect`), so 32 bits are plenty.
     pub(crate) pending_events: AtomicU32,
     out: Mutex<Outbound>,
     /// Wakes the connection's task: a frame was queued, a close requested,
