@@ -784,10 +784,8 @@ mod tests {
     use crate::origin::DevOrigin;
     use crate::Config;
 
-    /// The connection task is what a million idle connections multiply: its
-    /// future (the whole task state, inline) must stay small.
-    #[tokio::test]
-    async fn connection_task_state_is_small() {
+    /// A dev-mode edge and a client socket connected to nothing that answers.
+    async fn edge_and_socket() -> (Arc<Edge>, tokio::net::TcpStream) {
         let commands = Commands::new(
             Config::default(),
             switchboard_proto::NodeId::random(),
@@ -801,6 +799,40 @@ mod tests {
         let client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
             .await
             .unwrap();
+        (shared, client)
+    }
+
+    /// Every accepted socket's handshake is a task of its own, whose future
+    /// tokio copies as it spawns it: the rare paths (fallbacks, GraphQL, a
+    /// first command, a token, a resume, the origin's answer, a refusal's
+    /// last words) are boxed, so that it stays small (5.8 KB before).
+    #[tokio::test]
+    async fn handshake_task_state_is_small() {
+        let (shared, client) = edge_and_socket().await;
+        let remote = client.local_addr().unwrap();
+        let (socket, _) = shared.track_socket(remote.ip());
+        let admission = crate::edge::handshake::Admission {
+            per_ip: 1,
+            rate_ok: true,
+            sockets: 1,
+        };
+        let fut = crate::edge::handshake::handle(
+            shared.clone(),
+            crate::conn::stream::ClientStream::Tcp(client),
+            remote,
+            socket,
+            admission,
+        );
+        let size = std::mem::size_of_val(&fut);
+        eprintln!("handshake future: {size} bytes");
+        assert!(size <= 2560, "handshake future is {size} bytes");
+    }
+
+    /// The connection task is what a million idle connections multiply: its
+    /// future (the whole task state, inline) must stay small.
+    #[tokio::test]
+    async fn connection_task_state_is_small() {
+        let (shared, client) = edge_and_socket().await;
         let remote = client.local_addr().unwrap();
         let conn = Arc::new(Conn::new(ConnInit {
             id: switchboard_proto::ConnectionId::generate(&shared.node),

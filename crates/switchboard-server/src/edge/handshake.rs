@@ -218,7 +218,7 @@ async fn after_head(
 ) {
     if !head.req.header_has_token("upgrade", "websocket") {
         // Not a WebSocket: an HTTP fallback's request, or a 426.
-        return fallback::serve(shared, stream, buf, head, socket).await;
+        return Box::pin(fallback::serve(shared, stream, buf, head, socket)).await;
     }
     let fallback::Head {
         req,
@@ -235,9 +235,9 @@ async fn after_head(
                 deadline,
                 socket,
             };
-            return graphql::handshake(shared, pending, opening).await;
+            return Box::pin(graphql::handshake(shared, pending, opening)).await;
         }
-        Ok(opening) => decide(&shared, &req, remote, deadline, opening).await,
+        Ok(opening) => Box::pin(decide(&shared, &req, remote, deadline, opening)).await,
         Err(r) => Err(r),
     };
     let result = match decided {
@@ -251,7 +251,7 @@ async fn after_head(
                 deadline,
                 socket,
             };
-            return first_command(shared, pending, opening).await;
+            return Box::pin(first_command(shared, pending, opening)).await;
         }
         Err(r) => Err(r),
     };
@@ -563,7 +563,7 @@ fn capacity_refusal() -> Refusal {
 /// client has read the answer.
 async fn write_refusal(stream: &mut ClientStream, r: Refusal, linger: tokio::time::Instant) {
     let resp = hs::error_response(r.status, r.code, &r.message, r.extra);
-    write_and_close(stream, &resp, linger).await;
+    Box::pin(write_and_close(stream, &resp, linger)).await;
 }
 
 /// Writes a last answer, then reads (and discards) what the client still
@@ -743,7 +743,8 @@ pub(crate) async fn decide(
     let identity = match &shared.commands.auth {
         None => None,
         Some(auth) => {
-            match tokio::time::timeout_at(deadline, auth.authenticate(req, &cookies)).await {
+            let authenticate = Box::pin(auth.authenticate(req, &cookies));
+            match tokio::time::timeout_at(deadline, authenticate).await {
                 Ok(Ok(identity)) => identity,
                 Ok(Err(crate::admission::tokens::AuthError::Missing(_)))
                     if opening.resumable() && query_param(&req.query, "resume").is_some() =>
@@ -779,7 +780,7 @@ pub(crate) async fn decide(
         }
     };
     if let (true, Some(token)) = (opening.resumable(), query_param(&req.query, "resume")) {
-        match resume(
+        match Box::pin(resume(
             shared,
             req,
             remote,
@@ -787,7 +788,7 @@ pub(crate) async fn decide(
             &opening,
             token,
             identity.as_ref(),
-        )
+        ))
         .await
         {
             Ok(accepted) => return Ok(Decision::Accepted(accepted)),
@@ -1102,7 +1103,7 @@ pub(super) async fn admit(
         claims: identity.as_ref().map(|i| i.claims.clone()),
         init_payload: opening.init_payload.clone(),
     });
-    let decision = ask(&shared.origin, &event, deadline).await;
+    let decision = Box::pin(ask(&shared.origin, &event, deadline)).await;
     let answer = match decision {
         Ok(ConnectDecision::Accept(answer)) => answer,
         Ok(ConnectDecision::Reject { status, reason }) => {
