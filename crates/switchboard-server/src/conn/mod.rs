@@ -983,6 +983,12 @@ impl Conn {
                 return Queued::Closed;
             }
             if out.frames.is_empty() {
+                // A connection that has had messages keeps its queue's
+                // smallest storage while traffic flows (see `flush`); idle
+                // until its next ping, it gives it back.
+                if out.frames.capacity() > 0 {
+                    out.frames = VecDeque::new();
+                }
                 // Only this task writes to the socket, and the queue is empty:
                 // nothing can be half written before these bytes.
                 // On WouldBlock (full socket buffer) or an error (which the
@@ -1531,6 +1537,32 @@ impl Registry {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The queue's storage stays while messages flow, and goes with the
+    /// next ping (or pong) written to an empty queue.
+    #[tokio::test]
+    async fn an_empty_queue_gives_its_storage_back_with_the_next_ping() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (_server, _) = listener.accept().await.unwrap();
+        let stream = ClientStream::Tcp(client);
+        let metrics = Metrics::new();
+        let conn = session(OutboxLimits::new(10, 1 << 16).unwrap());
+        assert_eq!(
+            conn.push(Bytes::from_static(b"\x81\x01a"), &metrics),
+            Queued::Yes
+        );
+        assert!(conn.flush(&stream, &metrics).unwrap());
+        assert!(
+            conn.out.lock().frames.capacity() > 0,
+            "kept while traffic flows"
+        );
+        let ping = Bytes::from_static(&[0x89, 0x00]);
+        assert_eq!(conn.send_control(&stream, ping, &metrics), Queued::Yes);
+        assert_eq!(conn.out.lock().frames.capacity(), 0, "given back");
+    }
 
     /// A queued frame is what a `Bytes` is: held direct messages cost the
     /// queue nothing.
