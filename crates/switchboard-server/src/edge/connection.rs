@@ -127,6 +127,18 @@ struct Parked {
     buf: BytesMut,
 }
 
+impl Parked {
+    /// Gives an emptied buffer back to the pool; whether anything is left
+    /// worth keeping (bytes, or a decoder with state).
+    fn settle(&mut self) -> bool {
+        if !self.buf.is_empty() {
+            return true;
+        }
+        pool::give(std::mem::take(&mut self.buf));
+        !self.decoder.is_stateless()
+    }
+}
+
 /// The task of one connection: a future written by hand, so that its state
 /// is these fields alone (no copy of them beside an `async` block's own
 /// state). It ends by recording how the connection ended in its guard;
@@ -523,14 +535,18 @@ impl Task {
 
     /// Reads what the socket has (up to a budget) and handles every complete message.
     fn read_ready(&mut self) -> Result<(), Ending> {
-        let mut parked = self.parked.take().unwrap_or_else(|| {
-            let max = self.guard.shared.config.max_message_size;
-            Box::new(Parked {
-                decoder: Decoder::new(max, None),
+        // Most reads keep nothing: a fresh decoder on the stack, boxed only
+        // if it is to be kept.
+        let mut kept = self.parked.take();
+        let mut fresh = None;
+        let parked = match kept.as_deref_mut() {
+            Some(p) => p,
+            None => fresh.insert(Parked {
+                decoder: Decoder::new(self.guard.shared.config.max_message_size, None),
                 buf: BytesMut::new(),
-            })
-        });
-        let Parked { decoder, buf } = &mut *parked;
+            }),
+        };
+        let Parked { decoder, buf } = parked;
         if buf.capacity() == 0 {
             *buf = pool::take();
         }
@@ -558,7 +574,9 @@ impl Task {
                 Err(_) => break Err(self.end_or(Ending::lost("read failed"))),
             }
         };
-        self.park(parked);
+        if parked.settle() {
+            self.parked = kept.or_else(|| fresh.map(Box::new));
+        }
         result
     }
 
@@ -571,21 +589,10 @@ impl Task {
         };
         let Parked { decoder, buf } = &mut *parked;
         let decoded = self.decode_buffered(decoder, buf);
-        self.park(parked);
-        decoded
-    }
-
-    /// Keeps what reading needs later: the bytes of an incomplete frame,
-    /// a decoder with state. An empty buffer goes back to the pool, and
-    /// with a stateless decoder nothing is kept.
-    fn park(&mut self, mut parked: Box<Parked>) {
-        if parked.buf.is_empty() {
-            pool::give(std::mem::take(&mut parked.buf));
-            if parked.decoder.is_stateless() {
-                return;
-            }
+        if parked.settle() {
+            self.parked = Some(parked);
         }
-        self.parked = Some(parked);
+        decoded
     }
 
     /// Decodes and handles every complete message in `buf`.
