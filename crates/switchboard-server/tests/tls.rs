@@ -696,3 +696,67 @@ async fn key_updates_and_a_stalled_reader_leave_the_tls_stream_intact() {
         assert!(next_text(&mut ws).await == message(i), "stalled echo {i}");
     }
 }
+
+/// Every cipher suite the gateway offers (ring's, TLS 1.3 and 1.2 with the
+/// ECDSA test certificate) carries WebSocket messages both ways, small and
+/// spanning several records, once the connection protects its own records.
+#[tokio::test]
+async fn every_offered_cipher_suite_carries_messages_both_ways() {
+    let certs = CertDir::new("suites", "a");
+    let origin = TestOrigin::start(None).await;
+    origin.behavior(|b| b.echo = true);
+    let gw = TestGateway::with_origin(&origin, |c| {
+        certs.configure(c);
+        c.client_byte_rate = 0;
+        c.client_message_rate = 0;
+    })
+    .await;
+    let mut tried = Vec::new();
+    for suite in rustls::crypto::ring::DEFAULT_CIPHER_SUITES {
+        let version = suite.version();
+        let ecdsa = match suite {
+            rustls::SupportedCipherSuite::Tls12(s) => s
+                .sign
+                .contains(&rustls::SignatureScheme::ECDSA_NISTP256_SHA256),
+            rustls::SupportedCipherSuite::Tls13(_) => true,
+        };
+        if !ecdsa {
+            continue;
+        }
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(CertificateDer::from_pem_file(fixture("ca.pem")).expect("CA"))
+            .expect("add CA");
+        let provider = rustls::crypto::CryptoProvider {
+            cipher_suites: vec![*suite],
+            ..rustls::crypto::ring::default_provider()
+        };
+        let config = rustls::ClientConfig::builder_with_provider(Arc::new(provider))
+            .with_protocol_versions(&[version])
+            .expect("versions")
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let tcp = TcpStream::connect(gw.addr).await.expect("connect");
+        let name = ServerName::try_from("localhost").expect("name");
+        let tls = tokio::time::timeout(
+            WAIT,
+            TlsConnector::from(Arc::new(config)).connect(name, tcp),
+        )
+        .await
+        .expect("TLS handshake within WAIT")
+        .unwrap_or_else(|e| panic!("{:?}: {e}", suite.suite()));
+        assert_eq!(tls.get_ref().1.negotiated_cipher_suite(), Some(*suite));
+        let url = format!("wss://localhost:{}/", gw.addr.port());
+        let (mut ws, _) = tokio_tungstenite::client_async(url, tls)
+            .await
+            .expect("WebSocket over TLS");
+        for size in [5, 40_000] {
+            let text = format!("{:?}-{}", suite.suite(), "x".repeat(size));
+            ws.send(WsMessage::text(text.clone())).await.expect("send");
+            assert_eq!(next_text(&mut ws).await, text, "{:?}", suite.suite());
+        }
+        ws.close(None).await.expect("close");
+        tried.push(suite.suite());
+    }
+    assert_eq!(tried.len(), 6, "suites tried: {tried:?}");
+}

@@ -4,9 +4,10 @@
 //!
 //! A TLS client's connection task is the same as a plain one's: once the
 //! handshake is done, its [`ClientStream`] holds the client's socket and the
-//! rustls session ([`TlsStream`]), which the task drives itself, with the
-//! same readiness-based calls and the same borrowed buffers. The session
-//! (keys and state) is what TLS adds to an idle connection
+//! session's record layer ([`TlsStream`]: rustls ran the handshake and
+//! handed the traffic keys over), which the task drives itself, with the
+//! same readiness-based calls and the same borrowed buffers. The keys and
+//! sequence numbers are what TLS adds to an idle connection
 //! (docs/security.md, "TLS").
 
 use super::Edge;
@@ -86,6 +87,11 @@ impl Tls {
                 .with_cert_resolver(store.clone());
         // Both listeners speak HTTP/1.1 only (a WebSocket upgrade needs it).
         server.alpn_protocols = vec![b"http/1.1".to_vec()];
+        // A client connection's task takes the traffic keys over once the
+        // handshake is done and protects its records itself
+        // (conn/tls/record.rs); the control listener's tokio-rustls
+        // sessions ignore this.
+        server.enable_secret_extraction = true;
         let config = Arc::new(server);
         Ok(Some(Arc::new(Self {
             acceptor: TlsAcceptor::from(config.clone()),

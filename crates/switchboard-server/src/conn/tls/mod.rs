@@ -1,12 +1,14 @@
-//! TLS terminated inside the connection's own task: the client's TCP socket
-//! and a rustls session driven through rustls's unbuffered API, so the
-//! caller owns every buffer.
+//! TLS terminated inside the connection's own task: rustls runs the
+//! handshake through its unbuffered API (the caller owns every buffer), then
+//! hands the traffic keys over and the connection protects its records
+//! itself ([`record`]), so an established session keeps its keys and
+//! nothing of rustls's session but its key schedule.
 //!
 //! A [`TlsStream`] offers the calls a plain socket offers the connection
 //! task (readiness, `try_read_buf`, `try_write`, `try_write_vectored`), over
 //! plaintext. It keeps the task's promise for an idle connection: no
-//! buffer is held between reads and writes, only the session (keys and
-//! state). Buffers are borrowed from the per-thread pool
+//! buffer is held between reads and writes, only the record layer (keys and
+//! sequence numbers). Buffers are borrowed from the per-thread pool
 //! ([`super::pool`]) while bytes move, and kept only for
 //!
 //! - ciphertext the socket did not take yet (`out`): the stream reports it
@@ -19,10 +21,13 @@
 //!
 //! One socket per TLS connection, no pump task, no local socket pair.
 
+mod record;
+
 use bytes::{Buf, BufMut, BytesMut};
 use parking_lot::Mutex;
+use record::{alert, Fatal, Opened, RecordLayer};
 use rustls::server::UnbufferedServerConnection;
-use rustls::unbuffered::{ConnectionState, EncodeError, EncryptError, UnbufferedStatus};
+use rustls::unbuffered::{ConnectionState, EncodeError, UnbufferedStatus};
 use rustls::ServerConfig;
 use std::io::{self, IoSlice};
 use std::sync::Arc;
@@ -33,10 +38,6 @@ use tokio::net::TcpStream;
 /// Most plaintext encrypted by one write call (the ciphertext of one call
 /// is what may wait for the socket).
 const WRITE_CHUNK: usize = 64 << 10;
-
-/// Room reserved per write beyond the plaintext: record headers, tags and
-/// padding of up to five records (it grows if rustls asks for more).
-const RECORD_OVERHEAD: usize = 5 * 64;
 
 /// Why a TLS handshake did not complete.
 #[derive(Debug, thiserror::Error)]
@@ -59,7 +60,7 @@ pub(crate) struct TlsStream {
 }
 
 struct State {
-    conn: UnbufferedServerConnection,
+    records: RecordLayer,
     /// Ciphertext read but not yet a whole record.
     incoming: Option<BytesMut>,
     /// Ciphertext made but not yet taken by the socket.
@@ -97,20 +98,11 @@ impl TlsStream {
         tcp: TcpStream,
         config: Arc<ServerConfig>,
     ) -> Result<Self, HandshakeError> {
-        let mut state = State {
-            conn: UnbufferedServerConnection::new(config)?,
-            incoming: None,
-            out: None,
-            stash: None,
-            peer_closed: false,
-            failed: false,
-            sent_close: false,
-        };
+        let mut conn = UnbufferedServerConnection::new(config)?;
         let mut incoming = super::pool::take();
         let mut out = BytesMut::new();
         loop {
-            let UnbufferedStatus { discard, state: s } =
-                state.conn.process_tls_records(&mut incoming);
+            let UnbufferedStatus { discard, state: s } = conn.process_tls_records(&mut incoming);
             let mut done = false;
             let mut read_more = false;
             let mut transmit = false;
@@ -139,16 +131,23 @@ impl TlsStream {
                 read_some(&tcp, &mut incoming).await?;
             }
         }
-        // Records already here (the client's first request, a ticket
-        // request) are decrypted now, into the stash.
-        state.incoming = Some(incoming);
+        // Records already here (the client's first request) are read by
+        // the session, into the stash; then it hands its keys over.
         let mut stash = BytesMut::new();
-        state.process(&mut stash)?;
-        state.stash = (!stash.is_empty()).then_some(stash);
+        let peer_closed = read_early_data(&mut conn, &mut incoming, &mut stash, &mut out)?;
+        let (secrets, schedule) = conn.dangerous_into_kernel_connection()?;
+        let records = RecordLayer::new(secrets, schedule)
+            .map_err(|e| rustls::Error::General(e.to_string()))?;
+        let mut state = State {
+            records,
+            incoming: Some(incoming),
+            out: (!out.is_empty()).then_some(out),
+            stash: (!stash.is_empty()).then_some(stash),
+            peer_closed,
+            failed: false,
+            sent_close: false,
+        };
         state.settle_incoming();
-        if !out.is_empty() {
-            state.out = Some(out);
-        }
         Ok(Self {
             tcp,
             state: Mutex::new(state),
@@ -289,10 +288,12 @@ impl TlsStream {
             let processed = s.process(&mut plain);
             s.settle_incoming();
             if let Err(e) = processed {
-                s.failed = true;
+                // The alert the session owes goes out if the socket takes it.
+                let _ = s.send_out(&self.tcp);
+                super::pool::give(plain);
                 return Err(e);
             }
-            // Handshake messages the session answers (a key update).
+            // What the session answers (a key update).
             if s.out.is_some() {
                 let _ = s.send_out(&self.tcp);
             }
@@ -369,17 +370,6 @@ impl TlsStream {
     /// Sends waiting ciphertext; `WouldBlock` if some is left.
     fn flush_out(&self) -> io::Result<()> {
         self.state.lock().send_out(&self.tcp)
-    }
-
-    /// Sends `close_notify` after what is waiting, as far as the socket
-    /// takes it now.
-    pub(crate) fn try_close_notify(&self) -> io::Result<()> {
-        let mut s = self.state.lock();
-        s.check()?;
-        if !s.sent_close {
-            s.close_notify()?;
-        }
-        s.send_out(&self.tcp)
     }
 
     /// `AsyncRead` for the handshake's HTTP reader.
@@ -467,7 +457,13 @@ impl Drop for TlsStream {
     /// What is still waiting, and `close_notify`, go out if the socket takes
     /// them at once (a plain socket's unsent bytes go the same way).
     fn drop(&mut self) {
-        let _ = self.try_close_notify();
+        let tcp = &self.tcp;
+        let s = self.state.get_mut();
+        if !s.failed && !s.sent_close {
+            let _ = s.close_notify();
+        }
+        // A failed session's alert goes out the same way.
+        let _ = s.send_out(tcp);
     }
 }
 
@@ -491,48 +487,33 @@ impl State {
         }
     }
 
-    /// Handles every whole record in `incoming`: application data into
-    /// `plain`, what the session answers (handshake messages, alerts) into
-    /// `out`.
+    /// Opens every whole record in `incoming`: application data into
+    /// `plain`, what the session answers (a key update) into `out`. A
+    /// session that fails sends the alert it owes and fails every call.
     fn process(&mut self, plain: &mut BytesMut) -> io::Result<()> {
         let Some(mut incoming) = self.incoming.take() else {
             return Ok(());
         };
-        let result = self.process_in(&mut incoming, plain);
+        let mut out = self.out.take().unwrap_or_else(super::pool::take);
+        let queued = out.len();
+        let opened = self.records.open(&mut incoming, plain, &mut out);
         self.incoming = Some(incoming);
-        result
-    }
-
-    fn process_in(&mut self, incoming: &mut BytesMut, plain: &mut BytesMut) -> io::Result<()> {
-        loop {
-            let UnbufferedStatus { discard, state } = self.conn.process_tls_records(incoming);
-            let mut more = true;
-            match state.map_err(tls_error)? {
-                ConnectionState::ReadTraffic(mut r) => {
-                    while let Some(record) = r.next_record() {
-                        plain.extend_from_slice(record.map_err(tls_error)?.payload);
-                    }
-                }
-                ConnectionState::EncodeTlsData(mut e) => {
-                    encode(&mut e, self.out.get_or_insert_with(super::pool::take))?;
-                }
-                ConnectionState::TransmitTlsData(t) => t.done(),
-                ConnectionState::PeerClosed => self.peer_closed = true,
-                ConnectionState::Closed => {
-                    self.peer_closed = true;
-                    more = false;
-                }
-                // Nothing whole is left to read.
-                ConnectionState::WriteTraffic(_) | ConnectionState::BlockedHandshake => {
-                    more = false
-                }
-                _ => return Err(tls_error("unexpected TLS state")),
-            }
-            incoming.advance(discard);
-            if !more {
-                return Ok(());
-            }
+        if self.sent_close {
+            // Nothing goes out after close_notify, a key update's answer
+            // included; what was queued before it still does.
+            out.truncate(queued);
         }
+        self.out = Some(out);
+        let result = match opened {
+            Ok(Opened::More) => Ok(()),
+            Ok(Opened::PeerClosed) => {
+                self.peer_closed = true;
+                Ok(())
+            }
+            Err(fatal) => Err(self.fail(fatal)),
+        };
+        self.settle_out();
+        result
     }
 
     /// Encrypts `data` onto `out`.
@@ -540,98 +521,45 @@ impl State {
         if self.sent_close {
             return Err(io::ErrorKind::BrokenPipe.into());
         }
-        self.with_writer(data.len() + RECORD_OVERHEAD, |w, room| {
-            w.encrypt(data, room)
-        })
+        let mut out = self.out.take().unwrap_or_else(super::pool::take);
+        let sealed = self.records.seal_data(data, &mut out);
+        self.out = Some(out);
+        let result = sealed.map_err(|fatal| self.fail(fatal));
+        self.settle_out();
+        result
     }
 
     /// Queues `close_notify` onto `out`.
     fn close_notify(&mut self) -> io::Result<()> {
         self.sent_close = true;
-        self.with_writer(RECORD_OVERHEAD, |w, room| w.queue_close_notify(room))
-    }
-
-    /// Reaches the session's writing state (encoding what it has to send
-    /// first) and runs `write` with `room` bytes free at the end of `out`.
-    fn with_writer(
-        &mut self,
-        room: usize,
-        mut write: impl FnMut(
-            &mut rustls::unbuffered::WriteTraffic<'_, rustls::server::ServerConnectionData>,
-            &mut [u8],
-        ) -> Result<usize, EncryptError>,
-    ) -> io::Result<()> {
-        let mut incoming = self.incoming.take().unwrap_or_default();
-        let result = self.with_writer_in(&mut incoming, room, &mut write);
-        self.incoming = (!incoming.is_empty() || incoming.capacity() > 0).then_some(incoming);
-        self.settle_incoming();
+        let mut out = self.out.take().unwrap_or_else(super::pool::take);
+        let sealed = self.records.seal_alert(alert::CLOSE_NOTIFY, &mut out);
+        self.out = Some(out);
+        let result = sealed.map_err(|fatal| self.fail(fatal));
+        self.settle_out();
         result
     }
 
-    fn with_writer_in(
-        &mut self,
-        incoming: &mut BytesMut,
-        mut room: usize,
-        write: &mut impl FnMut(
-            &mut rustls::unbuffered::WriteTraffic<'_, rustls::server::ServerConnectionData>,
-            &mut [u8],
-        ) -> Result<usize, EncryptError>,
-    ) -> io::Result<()> {
-        let mut stash = BytesMut::new();
-        let result = loop {
-            let UnbufferedStatus { discard, state } = self.conn.process_tls_records(incoming);
-            let mut written = false;
-            match state.map_err(tls_error)? {
-                ConnectionState::WriteTraffic(mut w) => {
-                    let out = self.out.get_or_insert_with(super::pool::take);
-                    let start = out.len();
-                    out.resize(start + room, 0);
-                    match write(&mut w, &mut out[start..]) {
-                        Ok(n) => {
-                            out.truncate(start + n);
-                            written = true;
-                        }
-                        Err(EncryptError::InsufficientSize(need)) => {
-                            out.truncate(start);
-                            room = need.required_size;
-                        }
-                        Err(e) => {
-                            out.truncate(start);
-                            break Err(tls_error(e.to_string()));
-                        }
-                    }
-                }
-                ConnectionState::EncodeTlsData(mut e) => {
-                    encode(&mut e, self.out.get_or_insert_with(super::pool::take))?;
-                }
-                ConnectionState::TransmitTlsData(t) => t.done(),
-                // Data that came with a handshake message; read later.
-                ConnectionState::ReadTraffic(mut r) => {
-                    while let Some(record) = r.next_record() {
-                        stash.extend_from_slice(record.map_err(tls_error)?.payload);
-                    }
-                }
-                ConnectionState::PeerClosed => self.peer_closed = true,
-                ConnectionState::Closed => break Err(io::ErrorKind::BrokenPipe.into()),
-                _ => break Err(tls_error("the TLS session cannot send")),
-            }
-            incoming.advance(discard);
-            if written {
-                break Ok(());
-            }
-        };
-        if !stash.is_empty() {
-            match self.stash.as_mut() {
-                Some(s) => s.extend_from_slice(&stash),
-                None => self.stash = Some(stash),
-            }
+    /// Ends the session: queues the alert it owes (the caller's next
+    /// write of `out`, or the stream's drop, sends it) and fails every
+    /// later call.
+    fn fail(&mut self, fatal: Fatal) -> io::Error {
+        if let (Some(description), false) = (fatal.alert, self.failed || self.sent_close) {
+            let out = self.out.get_or_insert_with(super::pool::take);
+            let _ = self.records.seal_alert(description, out);
+            self.sent_close = true;
         }
+        self.failed = true;
+        tls_error(fatal)
+    }
+
+    /// Hands an empty write buffer back to the pool.
+    fn settle_out(&mut self) {
         if self.out.as_ref().is_some_and(|o| o.is_empty()) {
             if let Some(o) = self.out.take() {
                 super::pool::give(o);
             }
         }
-        result
     }
 
     /// Writes waiting ciphertext; `WouldBlock` if the socket did not take
@@ -656,6 +584,43 @@ impl State {
             super::pool::give(o);
         }
         Ok(())
+    }
+}
+
+/// Reads, with the session that ran the handshake, the records the client
+/// sent right behind its `Finished`: application data into `plain`, what
+/// the session answers into `out`. Whether the client closed already.
+fn read_early_data(
+    conn: &mut UnbufferedServerConnection,
+    incoming: &mut BytesMut,
+    plain: &mut BytesMut,
+    out: &mut BytesMut,
+) -> io::Result<bool> {
+    let mut peer_closed = false;
+    loop {
+        let UnbufferedStatus { discard, state } = conn.process_tls_records(incoming);
+        let mut more = true;
+        match state.map_err(tls_error)? {
+            ConnectionState::ReadTraffic(mut r) => {
+                while let Some(record) = r.next_record() {
+                    plain.extend_from_slice(record.map_err(tls_error)?.payload);
+                }
+            }
+            ConnectionState::EncodeTlsData(mut e) => encode(&mut e, out)?,
+            ConnectionState::TransmitTlsData(t) => t.done(),
+            ConnectionState::PeerClosed => peer_closed = true,
+            ConnectionState::Closed => {
+                peer_closed = true;
+                more = false;
+            }
+            // Nothing whole is left to read.
+            ConnectionState::WriteTraffic(_) => more = false,
+            _ => return Err(tls_error("unexpected TLS state")),
+        }
+        incoming.advance(discard);
+        if !more {
+            return Ok(peer_closed);
+        }
     }
 }
 
@@ -718,13 +683,176 @@ async fn read_some(tcp: &TcpStream, buf: &mut BytesMut) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     /// What an idle TLS connection holds beside a plain one's state: this
-    /// box (the rustls session inline, no buffers), plus the session's keys
-    /// and state on the heap (docs/benchmarks.md, "TLS connections").
+    /// box (the record layer inline: two directions' expanded keys, IVs and
+    /// sequence numbers, no buffers), and on TLS 1.3 rustls's key schedule
+    /// (docs/benchmarks.md, "TLS connections").
     #[test]
-    fn the_idle_tls_state_is_the_session_and_nothing_more() {
+    fn the_idle_tls_state_is_the_record_layer_and_nothing_more() {
         let size = std::mem::size_of::<super::TlsStream>();
-        let session = std::mem::size_of::<rustls::server::UnbufferedServerConnection>();
-        eprintln!("TlsStream: {size} bytes, of which the rustls session {session}");
-        assert!(size <= session + 160, "TlsStream is {size} bytes");
+        let records = std::mem::size_of::<super::RecordLayer>();
+        let key = std::mem::size_of::<ring::aead::LessSafeKey>();
+        let schedule = std::mem::size_of::<
+            rustls::kernel::KernelConnection<rustls::server::ServerConnectionData>,
+        >();
+        eprintln!(
+            "TlsStream: {size} bytes, of which the record layer {records} (a key {key}); \
+             key schedule {schedule}"
+        );
+        assert!(records <= 2 * key + 96, "RecordLayer is {records} bytes");
+        assert!(size <= records + 192, "TlsStream is {size} bytes");
+    }
+
+    use super::TlsStream;
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+    use rustls::SupportedProtocolVersion;
+    use std::sync::Arc;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    type Client = tokio_rustls::client::TlsStream<tokio::net::TcpStream>;
+
+    fn fixture(name: &str) -> std::path::PathBuf {
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/tls")
+            .join(name)
+    }
+
+    /// A gateway's TLS session and a rustls client's, over loopback TCP.
+    async fn pair(version: &'static SupportedProtocolVersion) -> (TlsStream, Client) {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let certs = CertificateDer::pem_file_iter(fixture("server-a.pem"))
+            .expect("certificate")
+            .collect::<Result<Vec<_>, _>>()
+            .expect("certificate");
+        let key = PrivateKeyDer::from_pem_file(fixture("server-a-key.pem")).expect("key");
+        let mut server = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(&[version])
+            .expect("versions")
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .expect("server config");
+        server.enable_secret_extraction = true;
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(CertificateDer::from_pem_file(fixture("ca.pem")).expect("CA"))
+            .expect("CA");
+        let client = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[version])
+            .expect("versions")
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(client));
+        let (server, client) = tokio::join!(
+            async {
+                let (tcp, _) = listener.accept().await.expect("accept");
+                TlsStream::accept(tcp, Arc::new(server)).await
+            },
+            async {
+                let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+                let name = ServerName::try_from("localhost").expect("name");
+                connector.connect(name, tcp).await
+            }
+        );
+        (
+            server.expect("server handshake"),
+            client.expect("client handshake"),
+        )
+    }
+
+    async fn send(stream: &TlsStream, data: &[u8]) -> std::io::Result<()> {
+        let n = std::future::poll_fn(|cx| stream.poll_write(cx, data)).await?;
+        assert_eq!(n, data.len());
+        std::future::poll_fn(|cx| stream.poll_flush(cx)).await
+    }
+
+    #[tokio::test]
+    async fn a_tls_1_3_sending_key_is_replaced_before_its_limit() {
+        let (server, mut client) = pair(&rustls::version::TLS13).await;
+        server.state.lock().records.set_limit(2);
+        let mut sent = Vec::new();
+        for i in 0..7 {
+            let message = format!("message {i};");
+            send(&server, message.as_bytes()).await.expect("write");
+            sent.extend_from_slice(message.as_bytes());
+            assert!(server.state.lock().records.sent_under_key() <= 2);
+        }
+        // The client follows each KeyUpdate and reads every record.
+        let mut read = vec![0; sent.len()];
+        client.read_exact(&mut read).await.expect("read");
+        assert_eq!(read, sent);
+        // And what it sends after is read with its unchanged key.
+        client.write_all(b"still here").await.expect("client write");
+        let mut buf = bytes::BytesMut::new();
+        while buf.len() < 10 {
+            server.tcp().readable().await.expect("readable");
+            match server.try_read_buf(&mut buf) {
+                Ok(n) => assert!(n > 0, "end of stream"),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => panic!("read: {e}"),
+            }
+        }
+        assert_eq!(&buf[..], b"still here");
+    }
+
+    #[tokio::test]
+    async fn a_tls_1_2_session_ends_with_close_notify_at_its_limit() {
+        let (server, mut client) = pair(&rustls::version::TLS12).await;
+        let limit = server.state.lock().records.sent_under_key() + 2;
+        server.state.lock().records.set_limit(limit);
+        send(&server, b"one;").await.expect("first write");
+        send(&server, b"two;").await.expect("second write");
+        let refused = send(&server, b"three;").await.expect_err("past the limit");
+        assert_eq!(refused.kind(), std::io::ErrorKind::InvalidData);
+        drop(server);
+        let mut read = Vec::new();
+        client
+            .read_to_end(&mut read)
+            .await
+            .expect("a clean end: close_notify");
+        assert_eq!(read, b"one;two;");
+    }
+
+    /// Raw bytes written under the client's session: the gateway answers
+    /// with `alert` and fails the session.
+    async fn refused_with(version: &'static SupportedProtocolVersion, raw: &[u8], alert: &str) {
+        let (server, mut client) = pair(version).await;
+        client.get_mut().0.write_all(raw).await.expect("raw write");
+        let mut buf = bytes::BytesMut::new();
+        let failed = loop {
+            server.tcp().readable().await.expect("readable");
+            match server.try_read_buf(&mut buf) {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                other => break other,
+            }
+        };
+        let error = failed.expect_err("the session fails");
+        assert_eq!(error.kind(), std::io::ErrorKind::InvalidData);
+        assert!(server.try_read_buf(&mut buf).is_err(), "and stays failed");
+        let mut read = Vec::new();
+        let seen = client.read_to_end(&mut read).await.expect_err("an alert");
+        assert!(
+            format!("{seen:?}").contains(alert),
+            "expected {alert}, got {seen:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn records_the_protocol_does_not_allow_fail_the_session_with_their_alert() {
+        let forged = [[23, 3, 3, 0, 24].as_slice(), &[0x5a; 24]].concat();
+        refused_with(&rustls::version::TLS13, &forged, "BadRecordMac").await;
+        refused_with(&rustls::version::TLS12, &forged, "BadRecordMac").await;
+        let too_long = [23, 3, 3, 0x41, 0x01];
+        refused_with(&rustls::version::TLS13, &too_long, "RecordOverflow").await;
+        let unprotected_alert = [21, 3, 3, 0, 2, 2, 40];
+        refused_with(
+            &rustls::version::TLS13,
+            &unprotected_alert,
+            "UnexpectedMessage",
+        )
+        .await;
     }
 }
