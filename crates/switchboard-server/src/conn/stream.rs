@@ -18,8 +18,8 @@ use tokio::net::TcpStream;
 pub(crate) enum ClientStream {
     /// Plain TCP: the client's own socket.
     Tcp(TcpStream),
-    /// TLS, terminated in the connection's task (boxed: the session is
-    /// large beside a socket).
+    /// TLS, terminated in the connection's task (boxed: the session's
+    /// keys and buffers' slots are large beside a socket).
     Tls(Box<TlsStream>),
 }
 
@@ -38,6 +38,14 @@ impl ClientStream {
         match self {
             ClientStream::Tcp(s) => s,
             ClientStream::Tls(s) => s.tcp(),
+        }
+    }
+
+    /// The connection's heartbeat: gives back what the stream keeps only
+    /// while busy (a TLS session's expanded keys; [`TlsStream::rest`]).
+    pub(crate) fn rest(&self) {
+        if let ClientStream::Tls(s) = self {
+            s.rest();
         }
     }
 

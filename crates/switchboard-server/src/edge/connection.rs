@@ -458,6 +458,9 @@ impl Task {
             }
         }
         if now >= self.heartbeat_at() {
+            // Once a ping interval: what the stream keeps only while busy
+            // goes back if it was not (before the ping uses it).
+            self.stream.rest();
             self.set_heartbeat(now + self.guard.shared.config.pong_timeout);
             self.phase = Phase::Open {
                 awaiting_pong: true,

@@ -159,6 +159,13 @@ impl TlsStream {
         &self.tcp
     }
 
+    /// The connection's heartbeat: a direction used in at most one read or
+    /// write since the last rest gives its expanded key back, so an idle
+    /// session keeps only its keys' bytes ([`record`]).
+    pub(crate) fn rest(&self) {
+        self.state.lock().records.rest();
+    }
+
     /// Whether every byte written has been taken by the socket.
     pub(crate) fn flushed(&self) -> bool {
         self.state.lock().out.is_none()
@@ -683,9 +690,10 @@ async fn read_some(tcp: &TcpStream, buf: &mut BytesMut) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     /// What an idle TLS connection holds beside a plain one's state: this
-    /// box (the record layer inline: two directions' expanded keys, IVs and
-    /// sequence numbers, no buffers), and on TLS 1.3 rustls's key schedule
-    /// (docs/benchmarks.md, "TLS connections").
+    /// box (the record layer inline: the two directions' key bytes, IVs
+    /// and sequence numbers, no expanded key and no buffer), and on TLS 1.3
+    /// rustls's key schedule (docs/benchmarks.md, "TLS connections"). The
+    /// box must fit jemalloc's 320-byte class.
     #[test]
     fn the_idle_tls_state_is_the_record_layer_and_nothing_more() {
         let size = std::mem::size_of::<super::TlsStream>();
@@ -695,11 +703,10 @@ mod tests {
             rustls::kernel::KernelConnection<rustls::server::ServerConnectionData>,
         >();
         eprintln!(
-            "TlsStream: {size} bytes, of which the record layer {records} (a key {key}); \
-             key schedule {schedule}"
+            "TlsStream: {size} bytes, of which the record layer {records}; \
+             an expanded key {key}; the key schedule {schedule}"
         );
-        assert!(records <= 2 * key + 96, "RecordLayer is {records} bytes");
-        assert!(size <= records + 192, "TlsStream is {size} bytes");
+        assert!(size <= 320, "TlsStream is {size} bytes");
     }
 
     use super::TlsStream;
@@ -854,5 +861,33 @@ mod tests {
             "UnexpectedMessage",
         )
         .await;
+    }
+
+    #[tokio::test]
+    async fn a_direction_keeps_its_key_expanded_only_while_busy() {
+        let (server, mut client) = pair(&rustls::version::TLS13).await;
+        let expanded = || server.state.lock().records.expanded();
+        // The handshake's last records were sealed in one call.
+        server.rest();
+        assert_eq!(expanded(), (false, false), "idle: key bytes only");
+        send(&server, b"one;").await.expect("write");
+        assert_eq!(
+            expanded(),
+            (false, false),
+            "one write: expanded for it alone"
+        );
+        send(&server, b"two;").await.expect("write");
+        assert_eq!(expanded(), (true, false), "a second write: kept");
+        server.rest();
+        assert_eq!(expanded(), (true, false), "busy since the last rest: kept");
+        server.rest();
+        assert_eq!(
+            expanded(),
+            (false, false),
+            "quiet since the last rest: given back"
+        );
+        let mut read = [0; 8];
+        client.read_exact(&mut read).await.expect("read");
+        assert_eq!(&read, b"one;two;");
     }
 }

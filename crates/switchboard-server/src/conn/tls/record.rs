@@ -32,6 +32,7 @@ use ring::aead::{self, Aad, LessSafeKey, Nonce, UnboundKey};
 use rustls::kernel::KernelConnection;
 use rustls::server::ServerConnectionData;
 use rustls::{ConnectionTrafficSecrets, ExtractedSecrets, ProtocolVersion, SupportedCipherSuite};
+use zeroize::Zeroizing;
 
 /// A record's header: type, legacy version, length.
 const HEADER: usize = 5;
@@ -95,11 +96,24 @@ enum Framing {
     Tls12Chacha,
 }
 
-/// One direction's key, IV and next sequence number.
+/// One direction's traffic key, IV and next sequence number.
+///
+/// The key is kept as its bytes. Expanded for ring (AES round keys and
+/// GHASH tables: 544 B, whatever the algorithm) it costs about as much
+/// CPU as sealing one small record, so it is expanded when a call needs
+/// it and kept expanded only while the direction is busy: used in more
+/// than one call since the last rest ([`RecordLayer::rest`], the
+/// connection's heartbeat).
 struct Keys {
-    key: LessSafeKey,
+    algorithm: &'static aead::Algorithm,
+    secret: Zeroizing<[u8; 32]>,
     iv: [u8; aead::NONCE_LEN],
     seq: u64,
+    /// Calls that used the key since the last rest (saturating).
+    uses: u8,
+    /// This call used the key.
+    touched: bool,
+    expanded: Option<Box<LessSafeKey>>,
 }
 
 impl Keys {
@@ -113,12 +127,53 @@ impl Keys {
             }
             _ => return Err(unsupported),
         };
-        let key = UnboundKey::new(algorithm, key.as_ref()).map_err(|_| unsupported)?;
+        let mut secret = Zeroizing::new([0; 32]);
+        let bytes = key.as_ref();
+        if bytes.len() != algorithm.key_len() || bytes.len() > secret.len() {
+            return Err(unsupported);
+        }
+        secret[..bytes.len()].copy_from_slice(bytes);
         Ok(Self {
-            key: LessSafeKey::new(key),
+            algorithm,
+            secret,
             iv: iv.as_ref().try_into().map_err(|_| unsupported)?,
             seq,
+            uses: 0,
+            touched: false,
+            expanded: None,
         })
+    }
+
+    /// The expanded key, expanding it if this call is the first to need it.
+    fn key(&mut self) -> Result<&LessSafeKey, Fatal> {
+        self.touched = true;
+        if self.expanded.is_none() {
+            let bytes = &self.secret[..self.algorithm.key_len()];
+            let key = UnboundKey::new(self.algorithm, bytes)
+                .map_err(|_| Fatal::send(alert::INTERNAL_ERROR, "a key that does not load"))?;
+            self.expanded = Some(Box::new(LessSafeKey::new(key)));
+        }
+        Ok(self.expanded.as_deref().expect("expanded above"))
+    }
+
+    /// After a call: counts it if it used the key, and keeps the key
+    /// expanded only from the second such call since the last rest.
+    fn settle(&mut self) {
+        if std::mem::take(&mut self.touched) {
+            self.uses = self.uses.saturating_add(1);
+        }
+        if self.uses < 2 {
+            self.expanded = None;
+        }
+    }
+
+    /// The heartbeat: a direction used in at most one call since the last
+    /// rest gives its expanded key back.
+    fn rest(&mut self) {
+        if self.uses < 2 {
+            self.expanded = None;
+        }
+        self.uses = 0;
     }
 
     /// IV ⊕ the sequence number, big-endian in the last 8 bytes.
@@ -225,6 +280,12 @@ impl RecordLayer {
         self.tx.seq
     }
 
+    /// Whether each direction (sending, receiving) keeps its key expanded.
+    #[cfg(test)]
+    pub(super) fn expanded(&self) -> (bool, bool) {
+        (self.tx.expanded.is_some(), self.rx.expanded.is_some())
+    }
+
     /// The most `len` bytes of plaintext take once sealed.
     pub(super) fn sealed_len(len: usize) -> usize {
         len + len.div_ceil(MAX_FRAGMENT).max(1) * RECORD_OVERHEAD
@@ -233,10 +294,25 @@ impl RecordLayer {
     /// Seals `data` as application-data records onto `out`.
     pub(super) fn seal_data(&mut self, data: &[u8], out: &mut BytesMut) -> Result<(), Fatal> {
         out.reserve(Self::sealed_len(data.len()));
-        for fragment in data.chunks(MAX_FRAGMENT) {
-            self.seal(APPLICATION_DATA, fragment, out)?;
-        }
-        Ok(())
+        let sealed = data
+            .chunks(MAX_FRAGMENT)
+            .try_for_each(|fragment| self.seal(APPLICATION_DATA, fragment, out));
+        self.settle();
+        sealed
+    }
+
+    /// The heartbeat: each direction used in at most one call since the
+    /// last rest gives its expanded key back (an idle connection keeps
+    /// only the keys' bytes).
+    pub(super) fn rest(&mut self) {
+        self.tx.rest();
+        self.rx.rest();
+    }
+
+    /// After each call: see [`Keys::settle`].
+    fn settle(&mut self) {
+        self.tx.settle();
+        self.rx.settle();
     }
 
     /// Seals an alert onto `out` (`close_notify` as a warning, the rest
@@ -314,16 +390,19 @@ impl RecordLayer {
                 &tls12
             }
         };
-        let sealed = self.tx.key.seal_in_place_separate_tag(
-            Nonce::assume_unique_for_key(nonce),
-            Aad::from(aad),
-            &mut out[start..],
-        );
+        let sealed = self.tx.key().and_then(|key| {
+            key.seal_in_place_separate_tag(
+                Nonce::assume_unique_for_key(nonce),
+                Aad::from(aad),
+                &mut out[start..],
+            )
+            .map_err(|_| Fatal::send(alert::INTERNAL_ERROR, "encryption failed"))
+        });
         match sealed {
             Ok(tag) => out.put_slice(tag.as_ref()),
-            Err(_) => {
+            Err(fatal) => {
                 out.truncate(start - HEADER - explicit);
-                return Err(Fatal::send(alert::INTERNAL_ERROR, "encryption failed"));
+                return Err(fatal);
             }
         }
         self.tx.advance()
@@ -333,6 +412,17 @@ impl RecordLayer {
     /// the start of one not yet whole): application data onto `plain`,
     /// what the session answers (a key update) onto `out`.
     pub(super) fn open(
+        &mut self,
+        incoming: &mut BytesMut,
+        plain: &mut BytesMut,
+        out: &mut BytesMut,
+    ) -> Result<Opened, Fatal> {
+        let opened = self.open_all(incoming, plain, out);
+        self.settle();
+        opened
+    }
+
+    fn open_all(
         &mut self,
         incoming: &mut BytesMut,
         plain: &mut BytesMut,
@@ -385,7 +475,7 @@ impl RecordLayer {
                     ));
                 }
                 let nonce = Nonce::assume_unique_for_key(self.rx.nonce_bytes());
-                self.rx.key.open_in_place(nonce, Aad::from(header), body)
+                self.rx.key()?.open_in_place(nonce, Aad::from(header), body)
             }
             Framing::Tls12Gcm => {
                 if body.len() < EXPLICIT_NONCE + TAG {
@@ -399,7 +489,7 @@ impl RecordLayer {
                     [header[1], header[2]],
                     body.len() - EXPLICIT_NONCE - TAG,
                 );
-                self.rx.key.open_within(
+                self.rx.key()?.open_within(
                     Nonce::assume_unique_for_key(nonce),
                     Aad::from(aad),
                     body,
@@ -412,7 +502,7 @@ impl RecordLayer {
                 }
                 let aad = tls12_aad(self.rx.seq, outer, [header[1], header[2]], body.len() - TAG);
                 let nonce = Nonce::assume_unique_for_key(self.rx.nonce_bytes());
-                self.rx.key.open_in_place(nonce, Aad::from(aad), body)
+                self.rx.key()?.open_in_place(nonce, Aad::from(aad), body)
             }
         };
         let opened: &'a [u8] = opened.map_err(|_| bad_mac)?;
