@@ -48,7 +48,7 @@
 use crate::engine::{share_concurrency, stamp, Fleet, Mode, Receipts, Report, Transport, TICK_NS};
 use crate::floor::Floor;
 use crate::measure::{self, human_bytes, unix_nanos, CpuMeter, Percentiles, Table};
-use crate::servers::{Api, Callers, Cluster, Gateway};
+use crate::servers::{Api, Callers, Cluster, Gateway, TlsArgs};
 use crate::Opts;
 use serde_json::json;
 use std::collections::BTreeMap;
@@ -157,6 +157,8 @@ pub(crate) struct Args {
     /// report the server's figures as ratios of the floor's.
     #[arg(long)]
     floor: bool,
+    #[command(flatten)]
+    tls: TlsArgs,
 }
 
 /// One publish.
@@ -179,6 +181,9 @@ const FLOOR_NAME: &str = "floor (minimal write loop)";
 pub(crate) async fn run(opts: &Opts, a: Args) -> Result<bool, String> {
     if a.floor && a.transport != Subscribers::Websocket {
         return Err("--floor: the floor server takes WebSocket subscribers only".into());
+    }
+    if a.tls.tls && (a.transport != Subscribers::Websocket || a.nodes > 1 || a.url.is_some()) {
+        return Err("--tls: one spawned gateway with WebSocket subscribers".into());
     }
     let server = measure_server(opts, &a, None).await?;
     let mut json = server.json;
@@ -300,7 +305,9 @@ struct Target<'a> {
 /// rate unless `--single-only`; prints its table. A `floor` server is ended
 /// before the clients close (it answers no close frame).
 async fn measure_server(opts: &Opts, a: &Args, floor: Option<Floor>) -> Result<Outcome, String> {
-    let api = Api::new();
+    // The floor speaks plain TCP.
+    let tls = a.tls.tls && floor.is_none();
+    let api = if tls { a.tls.api()? } else { Api::new() };
     let mut problems = Vec::new();
     let serve: Vec<String> = [
         "--namespace",
@@ -314,6 +321,10 @@ async fn measure_server(opts: &Opts, a: &Args, floor: Option<Floor>) -> Result<O
     let (gateways, cluster) = match (&a.url, a.nodes) {
         (Some(url), 1) => (vec![Gateway::external(url, a.control)?], None),
         (Some(_), _) => return Err("--nodes starts its own cluster; not with --url".into()),
+        (None, 1) if tls => {
+            let args = a.tls.gateway_args(serve);
+            (vec![Gateway::spawn_with(opts, &args, &api).await?], None)
+        }
         (None, 1) => (vec![Gateway::spawn(opts, &serve).await?], None),
         (None, n) => {
             let c = Cluster::start_on(opts, a.bus, usize::from(n), true, &serve).await?;
@@ -326,7 +337,8 @@ async fn measure_server(opts: &Opts, a: &Args, floor: Option<Floor>) -> Result<O
         Some(u) => u.clone(),
         None => {
             let control = nodes[0].control.ok_or("--control is needed with --url")?;
-            format!("http://{control}/v1/channels/{CHANNEL}/messages")
+            let scheme = if tls { "https" } else { "http" };
+            format!("{scheme}://{control}/v1/channels/{CHANNEL}/messages")
         }
     };
     let mut server_pids: Vec<u32> = nodes.iter().filter_map(Gateway::pid).collect();
@@ -360,6 +372,9 @@ async fn measure_server(opts: &Opts, a: &Args, floor: Option<Floor>) -> Result<O
             }
             configs.push(c);
         }
+    }
+    if tls {
+        a.tls.apply(&mut configs);
     }
     share_concurrency(&mut configs, opts.concurrency);
     let mut fleet = Fleet::spawn(&configs)?;
@@ -523,14 +538,16 @@ async fn measure_server(opts: &Opts, a: &Args, floor: Option<Floor>) -> Result<O
     let after = measure::memory(&server_pids);
     t.row("server memory after (PSS)", human_bytes(after.pss as f64));
     t.print(&format!(
-        "fanout: {} {transport} subscribers, {name}",
-        a.subscribers
+        "fanout: {} {transport} subscribers{}, {name}",
+        a.subscribers,
+        if tls { " over TLS" } else { "" }
     ));
 
     let json = json!({
         "scenario": "fanout",
         "server": name,
         "transport": transport,
+        "tls": tls,
         "machine": measure::machine(),
         "server_commands": nodes.iter().map(Gateway::command).collect::<Vec<_>>(),
         "subscribers": a.subscribers,

@@ -20,11 +20,10 @@
 
 use crate::engine::{Fleet, Mode};
 use crate::measure::{self, human_bytes, Table};
-use crate::servers::{Api, Gateway};
+use crate::servers::{Gateway, TlsArgs};
 use crate::Opts;
 use serde_json::json;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
@@ -53,34 +52,8 @@ pub(crate) struct Args {
     /// Process id of the --url gateway (for its memory and CPU).
     #[arg(long, requires = "url")]
     gateway_pid: Option<u32>,
-    /// Speak TLS: the spawned gateway gets --tls-cert and --tls-key (both of
-    /// its listeners then speak TLS) and the clients connect with TLS.
-    #[arg(long)]
-    tls: bool,
-    /// Certificate chain (PEM) of the spawned gateway.
-    #[arg(
-        long,
-        requires = "tls",
-        default_value = "crates/switchboard-server/tests/fixtures/tls/server-a.pem"
-    )]
-    tls_cert: PathBuf,
-    /// Private key (PEM) of --tls-cert.
-    #[arg(
-        long,
-        requires = "tls",
-        default_value = "crates/switchboard-server/tests/fixtures/tls/server-a-key.pem"
-    )]
-    tls_key: PathBuf,
-    /// CA certificate (PEM) the clients trust.
-    #[arg(
-        long,
-        requires = "tls",
-        default_value = "crates/switchboard-server/tests/fixtures/tls/ca.pem"
-    )]
-    tls_ca: PathBuf,
-    /// Name the clients check the certificate against (and send as SNI).
-    #[arg(long, requires = "tls", default_value = "localhost")]
-    tls_server_name: String,
+    #[command(flatten)]
+    tls: TlsArgs,
 }
 
 /// Runs the scenario; `Ok(false)` if the measurement is invalid.
@@ -99,21 +72,12 @@ pub(crate) async fn run(opts: &Opts, a: Args) -> Result<bool, String> {
         Some(b)
     };
 
-    let api = if a.tls {
-        Api::with_ca(&a.tls_ca)?
-    } else {
-        Api::new()
-    };
+    let api = a.tls.api()?;
     let gw = match &a.url {
         Some(url) => Gateway::external(url, a.control)?,
         None => {
             let ping = humantime::format_duration(a.ping_interval).to_string();
-            let mut args = vec!["--ping-interval".into(), ping];
-            if a.tls {
-                let path = |p: &PathBuf| p.display().to_string();
-                args.extend(["--tls-cert".into(), path(&a.tls_cert)]);
-                args.extend(["--tls-key".into(), path(&a.tls_key)]);
-            }
+            let args = a.tls.gateway_args(vec!["--ping-interval".into(), ping]);
             Gateway::spawn_with(opts, &args, &api).await?
         }
     };
@@ -123,11 +87,7 @@ pub(crate) async fn run(opts: &Opts, a: Args) -> Result<bool, String> {
     let before = rss(pid);
 
     let mut configs = opts.workers_for(&gw, n, 2, None, Mode::Idle);
-    if a.tls {
-        for c in &mut configs {
-            c.tls = Some((a.tls_ca.clone(), a.tls_server_name.clone()));
-        }
-    }
+    a.tls.apply(&mut configs);
     let mut fleet = Fleet::spawn(&configs)?;
     let cpu = measure::CpuMeter::start(vec![
         ("server", pid.into_iter().collect()),
@@ -218,7 +178,7 @@ pub(crate) async fn run(opts: &Opts, a: Args) -> Result<bool, String> {
     t.row("server RSS after the close", human_bytes(closed));
     t.row("pings answered during the hold", pings.to_string());
     t.row("clean closes", format!("{clean} of {}", c.open));
-    let tls = if a.tls { " over TLS" } else { "" };
+    let tls = if a.tls.tls { " over TLS" } else { "" };
     t.print(&format!("idle: {n} connections{tls}, one server"));
 
     measure::write_json(
@@ -229,7 +189,7 @@ pub(crate) async fn run(opts: &Opts, a: Args) -> Result<bool, String> {
             "gateway_command": gw.command(),
             "connections": n,
             "concurrency": opts.concurrency,
-            "tls": a.tls,
+            "tls": a.tls.tls,
             "tcp_baseline": baseline.map(|(rate, secs)| json!({"rate": rate, "seconds": secs})),
             "handshakes": c,
             "cpu_cores_while_connecting": cpu,

@@ -372,6 +372,71 @@ pub(crate) async fn echo_origin(greet: bool) -> Result<(Proc, SocketAddr), Strin
     Ok((p, addr))
 }
 
+/// `--tls` and its files: a spawned gateway speaking TLS on both listeners
+/// (the server crate's test certificate by default; run from the workspace
+/// root), clients doing full TLS handshakes, the control API over HTTPS.
+#[derive(Debug, Clone, clap::Args)]
+pub(crate) struct TlsArgs {
+    /// Speak TLS: the spawned gateway gets --tls-cert and --tls-key (both of
+    /// its listeners then speak TLS) and the clients connect with TLS.
+    #[arg(long)]
+    pub(crate) tls: bool,
+    /// Certificate chain (PEM) of the spawned gateway.
+    #[arg(
+        long,
+        requires = "tls",
+        default_value = "crates/switchboard-server/tests/fixtures/tls/server-a.pem"
+    )]
+    tls_cert: PathBuf,
+    /// Private key (PEM) of --tls-cert.
+    #[arg(
+        long,
+        requires = "tls",
+        default_value = "crates/switchboard-server/tests/fixtures/tls/server-a-key.pem"
+    )]
+    tls_key: PathBuf,
+    /// CA certificate (PEM) the clients trust.
+    #[arg(
+        long,
+        requires = "tls",
+        default_value = "crates/switchboard-server/tests/fixtures/tls/ca.pem"
+    )]
+    tls_ca: PathBuf,
+    /// Name the clients check the certificate against (and send as SNI).
+    #[arg(long, requires = "tls", default_value = "localhost")]
+    tls_server_name: String,
+}
+
+impl TlsArgs {
+    /// The control API client: HTTPS trusting --tls-ca with `--tls`.
+    pub(crate) fn api(&self) -> Result<Api, String> {
+        if self.tls {
+            Api::with_ca(&self.tls_ca)
+        } else {
+            Ok(Api::new())
+        }
+    }
+
+    /// What a spawned gateway is given besides `args`.
+    pub(crate) fn gateway_args(&self, mut args: Vec<String>) -> Vec<String> {
+        if self.tls {
+            let path = |p: &PathBuf| p.display().to_string();
+            args.extend(["--tls-cert".into(), path(&self.tls_cert)]);
+            args.extend(["--tls-key".into(), path(&self.tls_key)]);
+        }
+        args
+    }
+
+    /// Makes the workers' clients speak TLS.
+    pub(crate) fn apply(&self, configs: &mut [crate::engine::WorkerConfig]) {
+        if self.tls {
+            for c in configs {
+                c.tls = Some((self.tls_ca.clone(), self.tls_server_name.clone()));
+            }
+        }
+    }
+}
+
 /// An HTTP client for control APIs (keep-alive connections, 5 s timeout).
 #[derive(Debug, Clone)]
 pub(crate) struct Api {
