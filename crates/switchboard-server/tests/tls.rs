@@ -760,3 +760,37 @@ async fn every_offered_cipher_suite_carries_messages_both_ways() {
     }
     assert_eq!(tried.len(), 6, "suites tried: {tried:?}");
 }
+
+/// A record that does not authenticate ends the session: the client is
+/// sent the `bad_record_mac` alert, and the origin's `disconnect` says why.
+#[tokio::test]
+async fn a_forged_record_ends_the_connection_with_an_alert_and_a_reason() {
+    use tokio::io::AsyncWriteExt;
+    let certs = CertDir::new("forged", "a");
+    let origin = TestOrigin::start(None).await;
+    let gw = TestGateway::with_origin(&origin, |c| certs.configure(c)).await;
+    let (mut ws, _, local) = wss(&gw).await;
+    let id = origin.id_for(local).await;
+    // Written on the session's TCP socket: an application-data record
+    // whose tag is not the key's.
+    let forged = [[23, 3, 3, 0, 40].as_slice(), &[0x5a; 40]].concat();
+    ws.get_mut()
+        .get_mut()
+        .0
+        .write_all(&forged)
+        .await
+        .expect("raw write");
+    match tokio::time::timeout(WAIT, ws.next()).await {
+        Ok(Some(Err(e))) => assert!(format!("{e:?}").contains("BadRecordMac"), "{e:?}"),
+        other => panic!("expected the bad_record_mac alert, got {other:?}"),
+    }
+    let d = origin.wait_disconnect(&id).await;
+    assert_eq!(
+        (d.code, d.reason.as_str(), d.closed_by),
+        (
+            1006,
+            "TLS: a record did not authenticate",
+            switchboard_proto::origin::ClosedBy::Network
+        )
+    );
+}

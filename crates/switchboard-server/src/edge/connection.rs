@@ -261,6 +261,9 @@ impl Task {
             {
                 // Behind TLS, ciphertext may still wait for the socket.
                 Ok(d) => d && self.stream.flushed(),
+                Err(e) if e.kind() == io::ErrorKind::InvalidData => {
+                    return Poll::Ready(self.end_or(Ending::lost(&format!("TLS: {e}"))))
+                }
                 Err(_) => return Poll::Ready(self.end_or(Ending::lost("write failed"))),
             };
             if let Phase::Closing {
@@ -574,6 +577,10 @@ impl Task {
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break Ok(()),
+                // A TLS session that failed says why (docs/security.md, "TLS").
+                Err(e) if e.kind() == io::ErrorKind::InvalidData => {
+                    break Err(self.end_or(Ending::lost(&format!("TLS: {e}"))))
+                }
                 Err(_) => break Err(self.end_or(Ending::lost("read failed"))),
             }
         };

@@ -67,7 +67,7 @@ pub(super) mod alert {
 /// Why the session cannot go on, and the alert the peer is owed (none when
 /// the peer's own alert ended it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[error("tls: {reason}")]
+#[error("{reason}")]
 pub(super) struct Fatal {
     /// The alert to send before closing.
     pub(super) alert: Option<u8>,
