@@ -173,7 +173,6 @@ pub(crate) async fn serve(shared: Arc<Edge>, listener: TcpListener, stop: Cancel
                     slots.refuse(tcp);
                     continue;
                 };
-                let _ = tcp.set_nodelay(true);
                 connections.spawn(serve_connection(
                     tcp,
                     slot,

@@ -605,8 +605,15 @@ async fn read_head(
             "header_too_large",
         ))
     };
+    // The first read is tried at once: a client's request usually follows
+    // its connection so closely that it is there by the time the task
+    // runs, which saves waiting for the poller to say so.
+    let mut wait = false;
     loop {
-        stream.readable().await.map_err(|_| None)?;
+        if wait {
+            stream.readable().await.map_err(|_| None)?;
+        }
+        wait = true;
         if buf.capacity() == 0 {
             *buf = pool::take();
         } else if buf.capacity() - buf.len() < 512 {
@@ -615,7 +622,13 @@ async fn read_head(
         match stream.try_read_buf(buf) {
             Ok(0) => return Err(None),
             Ok(_) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                // Nothing yet: a silent socket holds no buffer.
+                if buf.is_empty() {
+                    pool::give(std::mem::take(buf));
+                }
+                continue;
+            }
             Err(_) => return Err(None),
         }
         match hs::parse_request_with(buf, max_headers) {

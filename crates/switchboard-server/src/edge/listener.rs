@@ -182,7 +182,6 @@ fn accept_one(shared: &Arc<Edge>, stream: TcpStream, remote: SocketAddr) {
         }
         return; // dropped: closes the socket
     }
-    let _ = stream.set_nodelay(true);
     let (guard, per_ip) = shared.track_socket(remote.ip());
     let admission = handshake::Admission {
         per_ip,

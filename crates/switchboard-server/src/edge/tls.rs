@@ -302,7 +302,6 @@ impl ControlListener {
                 let Some(slot) = slots.take() else {
                     continue; // dropped: closed without a handshake
                 };
-                let _ = tcp.set_nodelay(true);
                 let acceptor = acceptor.clone();
                 let tx = tx.clone();
                 let shared = shared.clone();

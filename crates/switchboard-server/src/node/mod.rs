@@ -92,6 +92,9 @@ fn bind_listener(addr: SocketAddr) -> Result<TcpListener, GatewayError> {
     .map_err(err)?;
     socket.set_reuse_address(true).map_err(err)?;
     socket.set_nonblocking(true).map_err(err)?;
+    // Accepted sockets inherit it from the listener (Linux, BSDs): no
+    // `setsockopt` per connection.
+    socket.set_nodelay(true).map_err(err)?;
     socket.bind(&addr.into()).map_err(err)?;
     // The kernel caps this at net.core.somaxconn.
     socket.listen(65_535).map_err(err)?;
@@ -544,5 +547,19 @@ async fn keepalive_loop(shared: Arc<Edge>, stop: CancellationToken) {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// Small frames go out at once: every accepted socket has `TCP_NODELAY`,
+    /// inherited from the listener.
+    #[tokio::test]
+    async fn accepted_sockets_inherit_nodelay_from_the_listener() {
+        let listener = super::bind_listener(([127, 0, 0, 1], 0).into()).expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let _client = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let (accepted, _) = listener.accept().await.expect("accept");
+        assert!(accepted.nodelay().expect("TCP_NODELAY"));
     }
 }
