@@ -101,8 +101,21 @@ impl TlsStream {
         let mut conn = UnbufferedServerConnection::new(config)?;
         let mut incoming = super::pool::take();
         let mut out = BytesMut::new();
+        // rustls is given whole records while the handshake lasts, one at a
+        // time (more only while a handshake message spans them), and
+        // nothing after it: every record behind the client's `Finished`
+        // (its first request, a key update) is the record layer's, so
+        // rustls's state is complete when it hands the keys over.
+        let mut span = 1;
         loop {
-            let UnbufferedStatus { discard, state: s } = conn.process_tls_records(&mut incoming);
+            let handshaking = conn.is_handshaking();
+            let (end, whole) = if handshaking {
+                records_end(&incoming, span)
+            } else {
+                (0, true)
+            };
+            let UnbufferedStatus { discard, state: s } =
+                conn.process_tls_records(&mut incoming[..end]);
             let mut done = false;
             let mut read_more = false;
             let mut transmit = false;
@@ -113,13 +126,19 @@ impl TlsStream {
                     transmit = true;
                 }
                 ConnectionState::BlockedHandshake => read_more = true,
-                ConnectionState::WriteTraffic(_) | ConnectionState::ReadTraffic(_) => done = true,
+                ConnectionState::WriteTraffic(_) if !handshaking => done = true,
+                // The handshake's last record was read: once more round,
+                // for what rustls sends after it (tickets).
+                ConnectionState::WriteTraffic(_) => {}
                 ConnectionState::PeerClosed | ConnectionState::Closed => {
                     return Err(io::Error::from(io::ErrorKind::UnexpectedEof).into())
                 }
                 _ => return Err(rustls::Error::General("unexpected TLS state".into()).into()),
             }
             incoming.advance(discard);
+            if discard > 0 {
+                span = 1;
+            }
             if transmit {
                 write_all(&tcp, &out).await?;
                 out.clear();
@@ -128,13 +147,15 @@ impl TlsStream {
                 break;
             }
             if read_more {
-                read_some(&tcp, &mut incoming).await?;
+                if discard == 0 && whole {
+                    // A message spans records: give rustls the next one too.
+                    span += 1;
+                }
+                if !records_end(&incoming, span).1 {
+                    read_some(&tcp, &mut incoming).await?;
+                }
             }
         }
-        // Records already here (the client's first request) are read by
-        // the session, into the stash; then it hands its keys over.
-        let mut stash = BytesMut::new();
-        let peer_closed = read_early_data(&mut conn, &mut incoming, &mut stash, &mut out)?;
         let (secrets, schedule) = conn.dangerous_into_kernel_connection()?;
         let records = RecordLayer::new(secrets, schedule)
             .map_err(|e| rustls::Error::General(e.to_string()))?;
@@ -142,11 +163,20 @@ impl TlsStream {
             records,
             incoming: Some(incoming),
             out: (!out.is_empty()).then_some(out),
-            stash: (!stash.is_empty()).then_some(stash),
-            peer_closed,
+            stash: None,
+            peer_closed: false,
             failed: false,
             sent_close: false,
         };
+        // Records already here (the client's first request) are opened
+        // now, into the stash.
+        let mut stash = BytesMut::new();
+        if let Err(e) = state.process(&mut stash) {
+            // The alert the session owes, if the socket takes it.
+            let _ = state.send_out(&tcp);
+            return Err(e.into());
+        }
+        state.stash = (!stash.is_empty()).then_some(stash);
         state.settle_incoming();
         Ok(Self {
             tcp,
@@ -299,10 +329,6 @@ impl TlsStream {
                 let _ = s.send_out(&self.tcp);
                 super::pool::give(plain);
                 return Err(e);
-            }
-            // What the session answers (a key update).
-            if s.out.is_some() {
-                let _ = s.send_out(&self.tcp);
             }
             if plain.is_empty() {
                 super::pool::give(plain);
@@ -495,32 +521,26 @@ impl State {
     }
 
     /// Opens every whole record in `incoming`: application data into
-    /// `plain`, what the session answers (a key update) into `out`. A
-    /// session that fails sends the alert it owes and fails every call.
+    /// `plain`. A session that fails queues the alert it owes and fails
+    /// every call.
     fn process(&mut self, plain: &mut BytesMut) -> io::Result<()> {
         let Some(mut incoming) = self.incoming.take() else {
             return Ok(());
         };
-        let mut out = self.out.take().unwrap_or_else(super::pool::take);
-        let queued = out.len();
-        let opened = self.records.open(&mut incoming, plain, &mut out);
+        let opened = self.records.open(&mut incoming, plain);
         self.incoming = Some(incoming);
-        if self.sent_close {
-            // Nothing goes out after close_notify, a key update's answer
-            // included; what was queued before it still does.
-            out.truncate(queued);
-        }
-        self.out = Some(out);
-        let result = match opened {
+        match opened {
             Ok(Opened::More) => Ok(()),
             Ok(Opened::PeerClosed) => {
                 self.peer_closed = true;
                 Ok(())
             }
-            Err(fatal) => Err(self.fail(fatal)),
-        };
-        self.settle_out();
-        result
+            Err(fatal) => {
+                let e = self.fail(fatal);
+                self.settle_out();
+                Err(e)
+            }
+        }
     }
 
     /// Encrypts `data` onto `out`.
@@ -594,41 +614,21 @@ impl State {
     }
 }
 
-/// Reads, with the session that ran the handshake, the records the client
-/// sent right behind its `Finished`: application data into `plain`, what
-/// the session answers into `out`. Whether the client closed already.
-fn read_early_data(
-    conn: &mut UnbufferedServerConnection,
-    incoming: &mut BytesMut,
-    plain: &mut BytesMut,
-    out: &mut BytesMut,
-) -> io::Result<bool> {
-    let mut peer_closed = false;
-    loop {
-        let UnbufferedStatus { discard, state } = conn.process_tls_records(incoming);
-        let mut more = true;
-        match state.map_err(tls_error)? {
-            ConnectionState::ReadTraffic(mut r) => {
-                while let Some(record) = r.next_record() {
-                    plain.extend_from_slice(record.map_err(tls_error)?.payload);
-                }
-            }
-            ConnectionState::EncodeTlsData(mut e) => encode(&mut e, out)?,
-            ConnectionState::TransmitTlsData(t) => t.done(),
-            ConnectionState::PeerClosed => peer_closed = true,
-            ConnectionState::Closed => {
-                peer_closed = true;
-                more = false;
-            }
-            // Nothing whole is left to read.
-            ConnectionState::WriteTraffic(_) => more = false,
-            _ => return Err(tls_error("unexpected TLS state")),
+/// Where the first `n` whole records in `buf` end, and whether there are
+/// `n`; with none whole, the end of `buf` (rustls then asks for more).
+fn records_end(buf: &[u8], n: usize) -> (usize, bool) {
+    let mut end = 0;
+    for _ in 0..n {
+        let Some(header) = buf.get(end..end + 5) else {
+            return (if end == 0 { buf.len() } else { end }, false);
+        };
+        let next = end + 5 + usize::from(u16::from_be_bytes([header[3], header[4]]));
+        if buf.len() < next {
+            return (if end == 0 { buf.len() } else { end }, false);
         }
-        incoming.advance(discard);
-        if !more {
-            return Ok(peer_closed);
-        }
+        end = next;
     }
+    (end, true)
 }
 
 /// Encodes a handshake record onto `out`, growing it as rustls asks.
@@ -724,8 +724,11 @@ mod tests {
             .join(name)
     }
 
-    /// A gateway's TLS session and a rustls client's, over loopback TCP.
-    async fn pair(version: &'static SupportedProtocolVersion) -> (TlsStream, Client) {
+    /// A server config (the test certificate, keys handed over) and a
+    /// client config trusting the test CA, both limited to `version`.
+    fn pair_configs(
+        version: &'static SupportedProtocolVersion,
+    ) -> (rustls::ServerConfig, rustls::ClientConfig) {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let certs = CertificateDer::pem_file_iter(fixture("server-a.pem"))
             .expect("certificate")
@@ -748,6 +751,12 @@ mod tests {
             .expect("versions")
             .with_root_certificates(roots)
             .with_no_client_auth();
+        (server, client)
+    }
+
+    /// A gateway's TLS session and a rustls client's, over loopback TCP.
+    async fn pair(version: &'static SupportedProtocolVersion) -> (TlsStream, Client) {
+        let (server, client) = pair_configs(version);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
@@ -889,5 +898,164 @@ mod tests {
         let mut read = [0; 8];
         client.read_exact(&mut read).await.expect("read");
         assert_eq!(&read, b"one;two;");
+    }
+
+    /// A blocking rustls client on its own thread, driven record by record
+    /// (what tokio-rustls cannot do: write a key update behind `Finished`).
+    struct RawClient {
+        sock: std::net::TcpStream,
+        conn: rustls::ClientConnection,
+    }
+
+    impl RawClient {
+        fn connect(addr: std::net::SocketAddr) -> Self {
+            let mut roots = rustls::RootCertStore::empty();
+            roots
+                .add(CertificateDer::from_pem_file(fixture("ca.pem")).expect("CA"))
+                .expect("CA");
+            let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .expect("versions")
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+            let name = ServerName::try_from("localhost").expect("name");
+            let sock = std::net::TcpStream::connect(addr).expect("connect");
+            let conn = rustls::ClientConnection::new(Arc::new(config), name).expect("client");
+            Self { sock, conn }
+        }
+
+        /// Runs the handshake up to the client's `Finished`, queued, not sent.
+        fn handshake_until_finished(&mut self) {
+            while self.conn.is_handshaking() {
+                self.flush();
+                self.conn.read_tls(&mut self.sock).expect("read");
+                self.conn.process_new_packets().expect("handshake");
+            }
+        }
+
+        /// Sends all that is queued in one write.
+        fn flush(&mut self) {
+            let mut tls = Vec::new();
+            while self.conn.wants_write() {
+                self.conn.write_tls(&mut tls).expect("write_tls");
+            }
+            std::io::Write::write_all(&mut self.sock, &tls).expect("write");
+        }
+
+        /// Reads until `want` has come (or the session fails).
+        fn read_until(&mut self, want: &[u8]) -> Result<(), rustls::Error> {
+            let mut got = Vec::new();
+            while !got.ends_with(want) {
+                if self.conn.read_tls(&mut self.sock).expect("read") == 0 {
+                    return Err(rustls::Error::General("end of stream".into()));
+                }
+                self.conn.process_new_packets()?;
+                let mut buf = [0; 64];
+                match std::io::Read::read(&mut self.conn.reader(), &mut buf) {
+                    Ok(n) => got.extend_from_slice(&buf[..n]),
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(e) => panic!("reader: {e}"),
+                }
+            }
+            Ok(())
+        }
+    }
+
+    async fn accepted(listener: &tokio::net::TcpListener) -> TlsStream {
+        let (tcp, _) = listener.accept().await.expect("accept");
+        let (server, _) = pair_configs(&rustls::version::TLS13);
+        TlsStream::accept(tcp, Arc::new(server))
+            .await
+            .expect("server handshake")
+    }
+
+    async fn read_some(server: &TlsStream) -> std::io::Result<bytes::BytesMut> {
+        let mut buf = bytes::BytesMut::new();
+        loop {
+            server.tcp().readable().await?;
+            match server.try_read_buf(&mut buf) {
+                Ok(_) => return Ok(buf),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_key_update_asked_for_right_behind_finished_is_answered() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let client = std::thread::spawn(move || {
+            let mut c = RawClient::connect(addr);
+            c.handshake_until_finished();
+            // Finished and the key update request in one segment.
+            c.conn.refresh_traffic_keys().expect("key update");
+            c.flush();
+            c.read_until(b"hello")
+        });
+        let server = accepted(&listener).await;
+        send(&server, b"hello").await.expect("write");
+        let read = tokio::task::spawn_blocking(move || client.join().expect("client"))
+            .await
+            .expect("join");
+        assert_eq!(read, Ok(()), "the client follows the gateway's new key");
+    }
+
+    #[tokio::test]
+    async fn key_updates_are_answered_once_and_a_run_of_records_without_data_fails() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (go, wait) = std::sync::mpsc::channel::<()>();
+        let client = std::thread::spawn(move || {
+            let mut c = RawClient::connect(addr);
+            c.handshake_until_finished();
+            c.flush();
+            for _ in 0..20 {
+                c.conn.refresh_traffic_keys().expect("key update");
+                c.flush();
+            }
+            std::io::Write::write_all(&mut c.conn.writer(), b"ping").expect("ping");
+            c.flush();
+            let pong = c.read_until(b"pong");
+            wait.recv().expect("go");
+            for _ in 0..40 {
+                c.conn.refresh_traffic_keys().expect("key update");
+                c.flush();
+            }
+            (pong, c.read_until(b"never"))
+        });
+        let server = accepted(&listener).await;
+        let mut got = bytes::BytesMut::new();
+        while got.len() < 4 {
+            got.extend_from_slice(&read_some(&server).await.expect("read"));
+        }
+        assert_eq!(&got[..], b"ping");
+        assert!(server.flushed(), "no answer queued before data is sent");
+        send(&server, b"pong").await.expect("write");
+        go.send(()).expect("go");
+        let failed = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+            loop {
+                match read_some(&server).await {
+                    Ok(buf) => assert!(buf.is_empty(), "no data came"),
+                    Err(e) => break e,
+                }
+            }
+        })
+        .await
+        .expect("the session fails within 10 s");
+        assert_eq!(failed.kind(), std::io::ErrorKind::InvalidData, "{failed}");
+        drop(server);
+        let (pong, after) = tokio::task::spawn_blocking(move || client.join().expect("client"))
+            .await
+            .expect("join");
+        assert_eq!(pong, Ok(()), "one key update answers twenty requests");
+        let alert = format!("{after:?}");
+        assert!(alert.contains("UnexpectedMessage"), "{alert}");
     }
 }

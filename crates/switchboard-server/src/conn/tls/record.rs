@@ -14,8 +14,11 @@
 //! What it does beyond sealing and opening:
 //!
 //! - a TLS 1.3 `KeyUpdate` from the client switches the receiving key, and,
-//!   when the client asks, the sending one (announced by a `KeyUpdate` of
-//!   ours);
+//!   when the client asks, the sending one before the next application
+//!   data (announced by a `KeyUpdate` of ours; one for any number of
+//!   requests);
+//! - more than 32 records in a row without application data (key updates,
+//!   ignored alerts, empty records) fail the session, as rustls does;
 //! - before the sending key reaches its suite's confidentiality limit
 //!   (2^24 records for AES-GCM) a TLS 1.3 session updates it; a TLS 1.2
 //!   session, which cannot, ends with `close_notify` (as rustls does);
@@ -174,6 +177,7 @@ impl Keys {
             self.expanded = None;
         }
         self.uses = 0;
+        self.touched = false;
     }
 
     /// IV ⊕ the sequence number, big-endian in the last 8 bytes.
@@ -223,7 +227,19 @@ pub(super) struct RecordLayer {
     limit: u64,
     /// TLS 1.3: rustls's key schedule, which derives the next keys.
     schedule: Option<Box<KernelConnection<ServerConnectionData>>>,
+    /// The client asked for a key update: the next application data goes
+    /// under a new key, announced first (one answer for any number of
+    /// requests, RFC 8446 §4.6.3).
+    owe_update: bool,
+    /// Records without application data in a row (key updates, ignored
+    /// alerts, empty records); more than [`MOST_QUIET_RECORDS`] fail the
+    /// session, so a client cannot keep the gateway busy with them.
+    quiet: u8,
 }
+
+/// The most records without application data in a row (rustls allows 32
+/// key updates between application data).
+const MOST_QUIET_RECORDS: u8 = 32;
 
 impl std::fmt::Debug for RecordLayer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -265,6 +281,8 @@ impl RecordLayer {
             rx: Keys::new(rx.0, rx.1)?,
             limit,
             schedule: (framing == Framing::Tls13).then(|| Box::new(schedule)),
+            owe_update: false,
+            quiet: 0,
         })
     }
 
@@ -327,8 +345,12 @@ impl RecordLayer {
         self.seal_record(ALERT, &[level, description], out)
     }
 
-    /// Seals one record, first replacing a key that reached its limit.
+    /// Seals one record, first replacing a key the client asked to
+    /// replace or that reached its limit.
     fn seal(&mut self, typ: u8, fragment: &[u8], out: &mut BytesMut) -> Result<(), Fatal> {
+        if std::mem::take(&mut self.owe_update) {
+            self.update_tx(out)?;
+        }
         if self.tx.seq >= self.limit {
             match self.framing {
                 Framing::Tls13 => self.update_tx(out)?,
@@ -345,9 +367,9 @@ impl RecordLayer {
     }
 
     /// Announces a new sending key (a `KeyUpdate` under the old one) and
-    /// switches to it.
+    /// switches to it. The new key is derived first, so a failure leaves
+    /// the client and the gateway on the same key.
     fn update_tx(&mut self, out: &mut BytesMut) -> Result<(), Fatal> {
-        self.seal_record(HANDSHAKE, &[KEY_UPDATE, 0, 0, 1, 0], out)?;
         let schedule = self
             .schedule
             .as_mut()
@@ -355,7 +377,9 @@ impl RecordLayer {
         let (seq, secrets) = schedule
             .update_tx_secret()
             .map_err(|_| Fatal::send(alert::INTERNAL_ERROR, "key update failed"))?;
-        self.tx = Keys::new(seq, secrets)?;
+        let next = Keys::new(seq, secrets)?;
+        self.seal_record(HANDSHAKE, &[KEY_UPDATE, 0, 0, 1, 0], out)?;
+        self.tx = next;
         Ok(())
     }
 
@@ -409,25 +433,18 @@ impl RecordLayer {
     }
 
     /// Opens every whole record at the front of `incoming` (which keeps
-    /// the start of one not yet whole): application data onto `plain`,
-    /// what the session answers (a key update) onto `out`.
+    /// the start of one not yet whole): application data onto `plain`.
     pub(super) fn open(
         &mut self,
         incoming: &mut BytesMut,
         plain: &mut BytesMut,
-        out: &mut BytesMut,
     ) -> Result<Opened, Fatal> {
-        let opened = self.open_all(incoming, plain, out);
+        let opened = self.open_all(incoming, plain);
         self.settle();
         opened
     }
 
-    fn open_all(
-        &mut self,
-        incoming: &mut BytesMut,
-        plain: &mut BytesMut,
-        out: &mut BytesMut,
-    ) -> Result<Opened, Fatal> {
+    fn open_all(&mut self, incoming: &mut BytesMut, plain: &mut BytesMut) -> Result<Opened, Fatal> {
         loop {
             if incoming.len() < HEADER {
                 return Ok(Opened::More);
@@ -445,7 +462,7 @@ impl RecordLayer {
             }
             let (header, body) = incoming[..HEADER + len].split_at_mut(HEADER);
             let (typ, content) = self.open_record(header, body)?;
-            let opened = self.take(typ, content, plain, out)?;
+            let opened = self.take(typ, content, plain)?;
             incoming.advance(HEADER + len);
             if opened == Opened::PeerClosed {
                 return Ok(opened);
@@ -507,6 +524,11 @@ impl RecordLayer {
         };
         let opened: &'a [u8] = opened.map_err(|_| bad_mac)?;
         self.rx.advance()?;
+        // TLS 1.3's inner plaintext holds the content type and padding too.
+        let most = MAX_FRAGMENT + usize::from(self.framing == Framing::Tls13);
+        if opened.len() > most {
+            return Err(Fatal::send(alert::RECORD_OVERFLOW, "record too long"));
+        }
         let (typ, content) = match self.framing {
             // The content type is the last byte that is not padding.
             Framing::Tls13 => {
@@ -518,21 +540,20 @@ impl RecordLayer {
             }
             _ => (outer, opened),
         };
-        if content.len() > MAX_FRAGMENT {
-            return Err(Fatal::send(alert::RECORD_OVERFLOW, "record too long"));
-        }
         Ok((typ, content))
     }
 
     /// Acts on one opened record.
-    fn take(
-        &mut self,
-        typ: u8,
-        content: &[u8],
-        plain: &mut BytesMut,
-        out: &mut BytesMut,
-    ) -> Result<Opened, Fatal> {
+    fn take(&mut self, typ: u8, content: &[u8], plain: &mut BytesMut) -> Result<Opened, Fatal> {
         let unexpected = |reason| Fatal::send(alert::UNEXPECTED_MESSAGE, reason);
+        if typ == APPLICATION_DATA && !content.is_empty() {
+            self.quiet = 0;
+        } else {
+            self.quiet = self.quiet.saturating_add(1);
+            if self.quiet > MOST_QUIET_RECORDS {
+                return Err(unexpected("too many records without application data"));
+            }
+        }
         match typ {
             APPLICATION_DATA => {
                 plain.extend_from_slice(content);
@@ -558,7 +579,7 @@ impl RecordLayer {
                 }
             }
             HANDSHAKE if self.framing == Framing::Tls13 => {
-                self.key_update(content, out)?;
+                self.key_update(content)?;
                 Ok(Opened::More)
             }
             HANDSHAKE => Err(unexpected("renegotiation is not offered")),
@@ -568,23 +589,31 @@ impl RecordLayer {
     }
 
     /// A TLS 1.3 handshake record after the handshake: only `KeyUpdate`,
-    /// whole and last in its record (RFC 8446 §4.6.3, §5.1).
-    fn key_update(&mut self, content: &[u8], out: &mut BytesMut) -> Result<(), Fatal> {
-        let request = match content {
-            &[KEY_UPDATE, 0, 0, 1, request] => request,
-            [KEY_UPDATE, ..] if content.len() > 5 => {
-                return Err(Fatal::send(
-                    alert::UNEXPECTED_MESSAGE,
-                    "a key update not at the end of its record",
-                ))
-            }
-            [KEY_UPDATE, ..] => {
-                return Err(Fatal::send(alert::DECODE_ERROR, "a malformed key update"))
-            }
+    /// whole and last in its record (RFC 8446 §4.6.3, §5.1). The receiving
+    /// key changes at once; an update the client asks for is sent before
+    /// the next application data.
+    fn key_update(&mut self, content: &[u8]) -> Result<(), Fatal> {
+        let decode = Fatal::send(alert::DECODE_ERROR, "a malformed key update");
+        let &[typ, a, b, c, ref rest @ ..] = content else {
+            return Err(decode);
+        };
+        if typ != KEY_UPDATE {
+            return Err(Fatal::send(
+                alert::UNEXPECTED_MESSAGE,
+                "a handshake message after the handshake",
+            ));
+        }
+        if [a, b, c] != [0, 0, 1] {
+            return Err(decode);
+        }
+        let request = match rest {
+            &[request] => request,
+            // A key update split over records is not taken.
+            [] => return Err(decode),
             _ => {
                 return Err(Fatal::send(
                     alert::UNEXPECTED_MESSAGE,
-                    "a handshake message after the handshake",
+                    "a key update not at the end of its record",
                 ))
             }
         };
@@ -602,9 +631,7 @@ impl RecordLayer {
             .update_rx_secret()
             .map_err(|_| Fatal::send(alert::INTERNAL_ERROR, "key update failed"))?;
         self.rx = Keys::new(seq, secrets)?;
-        if request == 1 {
-            self.update_tx(out)?;
-        }
+        self.owe_update |= request == 1;
         Ok(())
     }
 }
