@@ -78,13 +78,20 @@ fn der_of(which: &str) -> Vec<u8> {
 fn client_config(
     versions: &[&'static rustls::SupportedProtocolVersion],
 ) -> Arc<rustls::ClientConfig> {
+    client_config_with(rustls::crypto::ring::default_provider(), versions)
+}
+
+/// [`client_config`] with the cipher suites (and the rest) of `provider`.
+fn client_config_with(
+    provider: rustls::crypto::CryptoProvider,
+    versions: &[&'static rustls::SupportedProtocolVersion],
+) -> Arc<rustls::ClientConfig> {
     let mut roots = rustls::RootCertStore::empty();
     roots
         .add(CertificateDer::from_pem_file(fixture("ca.pem")).expect("CA"))
         .expect("add CA");
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
     Arc::new(
-        rustls::ClientConfig::builder_with_provider(provider)
+        rustls::ClientConfig::builder_with_provider(Arc::new(provider))
             .with_protocol_versions(versions)
             .expect("versions")
             .with_root_certificates(roots)
@@ -115,6 +122,25 @@ async fn tls_over(
     )
     .await
     .expect("TLS handshake within WAIT")
+}
+
+/// A TLS gateway whose origin echoes every message back, set for moving
+/// bytes rather than for its limits: no rate limits, room for a whole
+/// stream in the outbound queue (a debug-build client reads slower than the
+/// origin echoes), one event per origin request (the test origin takes
+/// bodies of up to 2 MB).
+async fn echoing_gateway(certs: &CertDir) -> (TestOrigin, TestGateway) {
+    let origin = TestOrigin::start(None).await;
+    origin.behavior(|b| b.echo = true);
+    let gw = TestGateway::with_origin(&origin, |c| {
+        certs.configure(c);
+        c.client_byte_rate = 0;
+        c.client_message_rate = 0;
+        c.max_outbound_bytes = 64 << 20;
+        c.origin_batch_size = 1;
+    })
+    .await;
+    (origin, gw)
 }
 
 /// The certificate the server presented on `stream`.
@@ -418,20 +444,7 @@ async fn an_address_over_its_handshake_rate_is_closed_before_any_tls_work() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn large_messages_cross_the_tls_pump_both_ways_at_once() {
     let certs = CertDir::new("bulk", "a");
-    let origin = TestOrigin::start(None).await;
-    origin.behavior(|b| b.echo = true);
-    let gw = TestGateway::with_origin(&origin, |c| {
-        certs.configure(c);
-        // Integrity is the point here, not the limits: no rate limits, room
-        // for the whole stream in the outbound queue (a debug-build client
-        // reads slower than the origin echoes), one event per origin request
-        // (the test origin takes bodies of up to 2 MB).
-        c.client_byte_rate = 0;
-        c.client_message_rate = 0;
-        c.max_outbound_bytes = 64 << 20;
-        c.origin_batch_size = 1;
-    })
-    .await;
+    let (_origin, gw) = echoing_gateway(&certs).await;
     let (ws, _, _) = wss(&gw).await;
     let (mut tx, mut rx) = ws.split();
     const N: usize = 20;
@@ -652,17 +665,7 @@ async fn a_tls_connection_holds_one_socket_in_the_gateway() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn key_updates_and_a_stalled_reader_leave_the_tls_stream_intact() {
     let certs = CertDir::new("key-update", "a");
-    let origin = TestOrigin::start(None).await;
-    origin.behavior(|b| b.echo = true);
-    let gw = TestGateway::with_origin(&origin, |c| {
-        certs.configure(c);
-        c.client_byte_rate = 0;
-        c.client_message_rate = 0;
-        c.max_outbound_bytes = 64 << 20;
-        // The test origin takes bodies of up to 2 MB.
-        c.origin_batch_size = 1;
-    })
-    .await;
+    let (_origin, gw) = echoing_gateway(&certs).await;
     // A small receive window: the gateway's writes soon stop fitting.
     let socket = tokio::net::TcpSocket::new_v4().expect("socket");
     socket.set_recv_buffer_size(16 << 10).expect("SO_RCVBUF");
@@ -703,14 +706,7 @@ async fn key_updates_and_a_stalled_reader_leave_the_tls_stream_intact() {
 #[tokio::test]
 async fn every_offered_cipher_suite_carries_messages_both_ways() {
     let certs = CertDir::new("suites", "a");
-    let origin = TestOrigin::start(None).await;
-    origin.behavior(|b| b.echo = true);
-    let gw = TestGateway::with_origin(&origin, |c| {
-        certs.configure(c);
-        c.client_byte_rate = 0;
-        c.client_message_rate = 0;
-    })
-    .await;
+    let (_origin, gw) = echoing_gateway(&certs).await;
     let mut tried = Vec::new();
     for suite in rustls::crypto::ring::DEFAULT_CIPHER_SUITES {
         let version = suite.version();
@@ -723,28 +719,17 @@ async fn every_offered_cipher_suite_carries_messages_both_ways() {
         if !ecdsa {
             continue;
         }
-        let mut roots = rustls::RootCertStore::empty();
-        roots
-            .add(CertificateDer::from_pem_file(fixture("ca.pem")).expect("CA"))
-            .expect("add CA");
         let provider = rustls::crypto::CryptoProvider {
             cipher_suites: vec![*suite],
             ..rustls::crypto::ring::default_provider()
         };
-        let config = rustls::ClientConfig::builder_with_provider(Arc::new(provider))
-            .with_protocol_versions(&[version])
-            .expect("versions")
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+        let config = client_config_with(provider, &[version]);
         let tcp = TcpStream::connect(gw.addr).await.expect("connect");
         let name = ServerName::try_from("localhost").expect("name");
-        let tls = tokio::time::timeout(
-            WAIT,
-            TlsConnector::from(Arc::new(config)).connect(name, tcp),
-        )
-        .await
-        .expect("TLS handshake within WAIT")
-        .unwrap_or_else(|e| panic!("{:?}: {e}", suite.suite()));
+        let tls = tokio::time::timeout(WAIT, TlsConnector::from(config).connect(name, tcp))
+            .await
+            .expect("TLS handshake within WAIT")
+            .unwrap_or_else(|e| panic!("{:?}: {e}", suite.suite()));
         assert_eq!(tls.get_ref().1.negotiated_cipher_suite(), Some(*suite));
         let url = format!("wss://localhost:{}/", gw.addr.port());
         let (mut ws, _) = tokio_tungstenite::client_async(url, tls)

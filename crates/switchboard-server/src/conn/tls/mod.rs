@@ -757,10 +757,7 @@ mod tests {
     /// A gateway's TLS session and a rustls client's, over loopback TCP.
     async fn pair(version: &'static SupportedProtocolVersion) -> (TlsStream, Client) {
         let (server, client) = pair_configs(version);
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let addr = listener.local_addr().expect("addr");
+        let (listener, addr) = listen().await;
         let connector = tokio_rustls::TlsConnector::from(Arc::new(client));
         let (server, client) = tokio::join!(
             async {
@@ -963,6 +960,14 @@ mod tests {
         }
     }
 
+    async fn listen() -> (tokio::net::TcpListener, std::net::SocketAddr) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        (listener, addr)
+    }
+
     async fn accepted(listener: &tokio::net::TcpListener) -> TlsStream {
         let (tcp, _) = listener.accept().await.expect("accept");
         let (server, _) = pair_configs(&rustls::version::TLS13);
@@ -985,10 +990,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_key_update_asked_for_right_behind_finished_is_answered() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let addr = listener.local_addr().expect("addr");
+        let (listener, addr) = listen().await;
         let client = std::thread::spawn(move || {
             let mut c = RawClient::connect(addr);
             c.handshake_until_finished();
@@ -1007,10 +1009,7 @@ mod tests {
 
     #[tokio::test]
     async fn key_updates_are_answered_once_and_a_run_of_records_without_data_fails() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let addr = listener.local_addr().expect("addr");
+        let (listener, addr) = listen().await;
         let (go, wait) = std::sync::mpsc::channel::<()>();
         let client = std::thread::spawn(move || {
             let mut c = RawClient::connect(addr);

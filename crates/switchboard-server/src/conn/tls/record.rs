@@ -209,6 +209,13 @@ fn tls12_aad(seq: u64, typ: u8, version: [u8; 2], len: usize) -> [u8; 13] {
     aad
 }
 
+/// One direction of a session.
+#[derive(Debug, Clone, Copy)]
+enum Direction {
+    Send,
+    Receive,
+}
+
 /// What opening records found besides application data.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Opened {
@@ -370,17 +377,25 @@ impl RecordLayer {
     /// switches to it. The new key is derived first, so a failure leaves
     /// the client and the gateway on the same key.
     fn update_tx(&mut self, out: &mut BytesMut) -> Result<(), Fatal> {
+        let next = self.next_keys(Direction::Send)?;
+        self.seal_record(HANDSHAKE, &[KEY_UPDATE, 0, 0, 1, 0], out)?;
+        self.tx = next;
+        Ok(())
+    }
+
+    /// The next key of one direction, from rustls's key schedule (TLS 1.3).
+    fn next_keys(&mut self, direction: Direction) -> Result<Keys, Fatal> {
         let schedule = self
             .schedule
             .as_mut()
             .ok_or(Fatal::send(alert::INTERNAL_ERROR, "no key schedule"))?;
-        let (seq, secrets) = schedule
-            .update_tx_secret()
-            .map_err(|_| Fatal::send(alert::INTERNAL_ERROR, "key update failed"))?;
-        let next = Keys::new(seq, secrets)?;
-        self.seal_record(HANDSHAKE, &[KEY_UPDATE, 0, 0, 1, 0], out)?;
-        self.tx = next;
-        Ok(())
+        let next = match direction {
+            Direction::Send => schedule.update_tx_secret(),
+            Direction::Receive => schedule.update_rx_secret(),
+        };
+        let (seq, secrets) =
+            next.map_err(|_| Fatal::send(alert::INTERNAL_ERROR, "key update failed"))?;
+        Keys::new(seq, secrets)
     }
 
     fn seal_record(&mut self, typ: u8, fragment: &[u8], out: &mut BytesMut) -> Result<(), Fatal> {
@@ -623,14 +638,7 @@ impl RecordLayer {
                 "a key update with an unknown request",
             ));
         }
-        let schedule = self
-            .schedule
-            .as_mut()
-            .ok_or(Fatal::send(alert::INTERNAL_ERROR, "no key schedule"))?;
-        let (seq, secrets) = schedule
-            .update_rx_secret()
-            .map_err(|_| Fatal::send(alert::INTERNAL_ERROR, "key update failed"))?;
-        self.rx = Keys::new(seq, secrets)?;
+        self.rx = self.next_keys(Direction::Receive)?;
         self.owe_update |= request == 1;
         Ok(())
     }
