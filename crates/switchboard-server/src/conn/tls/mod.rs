@@ -119,6 +119,7 @@ impl TlsStream {
             let mut done = false;
             let mut read_more = false;
             let mut transmit = false;
+            let mut writable = false;
             match s? {
                 ConnectionState::EncodeTlsData(mut e) => encode(&mut e, &mut out)?,
                 ConnectionState::TransmitTlsData(t) => {
@@ -127,14 +128,18 @@ impl TlsStream {
                 }
                 ConnectionState::BlockedHandshake => read_more = true,
                 ConnectionState::WriteTraffic(_) if !handshaking => done = true,
-                // The handshake's last record was read: once more round,
-                // for what rustls sends after it (tickets).
-                ConnectionState::WriteTraffic(_) => {}
+                ConnectionState::WriteTraffic(_) => writable = true,
                 ConnectionState::PeerClosed | ConnectionState::Closed => {
                     return Err(io::Error::from(io::ErrorKind::UnexpectedEof).into())
                 }
                 _ => return Err(rustls::Error::General("unexpected TLS state".into()).into()),
             }
+            // Writable while the handshake lasts (a server that may send
+            // before the client's `Finished`): wait for the client's next
+            // record. Writable once it is over: the handshake's last record
+            // was read; once more round, for what rustls sends after it
+            // (tickets).
+            read_more |= writable && conn.is_handshaking();
             incoming.advance(discard);
             if discard > 0 {
                 span = 1;
