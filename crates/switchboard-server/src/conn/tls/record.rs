@@ -349,7 +349,9 @@ impl RecordLayer {
         } else {
             2
         };
-        self.seal_record(ALERT, &[level, description], out)
+        let sealed = self.seal_record(ALERT, &[level, description], out);
+        self.settle();
+        sealed
     }
 
     /// Seals one record, first replacing a key the client asked to
