@@ -262,16 +262,63 @@ pub(crate) fn handle(s: &Commands, conn: &Arc<Conn>, text: &[u8]) -> Outcome {
     Outcome::Done
 }
 
-/// Runs one connection's commands that wait on the origin or the cluster
-/// bus, one at a time and in order (so a channel gets a client's publishes
-/// in the order it sent them), without holding up the connection's own
-/// task. Ends when the connection does (its sender is dropped).
-pub(crate) async fn command_worker(
-    s: Arc<Commands>,
-    conn: Arc<Conn>,
-    mut jobs: tokio::sync::mpsc::Receiver<Job>,
-) {
-    while let Some(job) = jobs.recv().await {
+/// One connection's commands that wait on the origin or the cluster bus,
+/// run one at a time and in order (so a channel gets a client's publishes
+/// in the order it sent them) by a [`command_worker`] that runs only while
+/// some wait: a connection that once waited on the cluster keeps this
+/// empty queue, not a task and a channel.
+#[derive(Debug, Default)]
+pub(crate) struct Jobs {
+    queue: parking_lot::Mutex<JobQueue>,
+}
+
+#[derive(Debug, Default)]
+struct JobQueue {
+    waiting: std::collections::VecDeque<Job>,
+    /// A worker is running (it takes the waiting jobs until none is left).
+    running: bool,
+}
+
+impl Jobs {
+    /// Queues `job` behind the others: `Ok(true)` when no worker runs and
+    /// the caller must start one, `Err(job)` when `most` wait already.
+    pub(crate) fn push(&self, job: Job, most: usize) -> Result<bool, Job> {
+        let mut q = self.queue.lock();
+        if q.waiting.len() >= most {
+            return Err(job);
+        }
+        q.waiting.push_back(job);
+        Ok(!std::mem::replace(&mut q.running, true))
+    }
+
+    /// The next job; `None` when none waits, which ends the worker (the
+    /// next job starts another) and gives the queue's storage back.
+    fn next(&self) -> Option<Job> {
+        let mut q = self.queue.lock();
+        let job = q.waiting.pop_front();
+        if job.is_none() {
+            q.running = false;
+            q.waiting = std::collections::VecDeque::new();
+        }
+        job
+    }
+}
+
+/// Runs a connection's waiting commands until none is left, without
+/// holding up the connection's own task. A job queued while it runs is
+/// its to run; one queued after it ended starts another worker.
+pub(crate) async fn command_worker(s: Arc<Commands>, conn: Arc<Conn>, jobs: Arc<Jobs>) {
+    /// A worker that panics lets the next job start another.
+    struct Unwinding<'a>(&'a Jobs);
+    impl Drop for Unwinding<'_> {
+        fn drop(&mut self) {
+            if std::thread::panicking() {
+                self.0.queue.lock().running = false;
+            }
+        }
+    }
+    let _unwinding = Unwinding(&jobs);
+    while let Some(job) = jobs.next() {
         if let Some(frame) = run_job(&s, &conn, job).await {
             conn.push(frame, &s.metrics);
         }
@@ -434,5 +481,36 @@ async fn approve_and_subscribe(
             s.metrics.native_error(e.code());
             Some(error_frame(Some(id), e.code(), &e.to_string()))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Job, JobKind, Jobs};
+
+    fn job(id: u64) -> Job {
+        Job {
+            id,
+            channel: "c".into(),
+            kind: JobKind::Presence,
+        }
+    }
+
+    /// One worker at a time takes the jobs in order; it ends when none is
+    /// left (giving the queue's storage back), and the next job starts
+    /// another; at most `most` wait.
+    #[test]
+    fn a_worker_runs_while_jobs_wait_and_one_at_a_time() {
+        let jobs = Jobs::default();
+        assert!(matches!(jobs.push(job(1), 2), Ok(true)), "start a worker");
+        assert!(matches!(jobs.push(job(2), 2), Ok(false)), "it takes this one too");
+        assert!(matches!(jobs.push(job(3), 2), Err(j) if j.id == 3), "two wait already");
+        assert_eq!(jobs.next().map(|j| j.id), Some(1));
+        assert!(matches!(jobs.push(job(3), 2), Ok(false)), "the worker still runs");
+        assert_eq!(jobs.next().map(|j| j.id), Some(2));
+        assert_eq!(jobs.next().map(|j| j.id), Some(3));
+        assert!(jobs.next().is_none(), "none left: the worker ends");
+        assert_eq!(jobs.queue.lock().waiting.capacity(), 0, "storage given back");
+        assert!(matches!(jobs.push(job(4), 2), Ok(true)), "the next job starts one");
     }
 }

@@ -35,8 +35,8 @@ struct Busy {
     /// Rate limits, from the first message on.
     limit: Option<RateLimit>,
     /// Commands waiting on the origin or the cluster bus, run in order by a
-    /// task started on the first one.
-    jobs: Option<tokio::sync::mpsc::Sender<native::Job>>,
+    /// task that runs while some wait.
+    jobs: Option<Arc<native::Jobs>>,
     /// The token expiry (Unix ms) a `refresh` push was sent for.
     refresh_pushed_for: u64,
     /// A raw client over its rate: nothing is read from its socket until
@@ -157,27 +157,28 @@ impl Inbound {
                 conn.push(frames::sent_frame(id), &shared.metrics);
             }
             native::Outcome::Wait(job) => {
-                let busy = self.busy();
-                let tx = busy.jobs.get_or_insert_with(|| {
-                    let (tx, rx) = tokio::sync::mpsc::channel(shared.config.max_pending_events);
-                    shared.conn_tasks.spawn(native::command_worker(
-                        shared.commands.clone(),
-                        conn.clone(),
-                        rx,
-                    ));
-                    tx
-                });
-                if let Err(e) = tx.try_send(job) {
+                let jobs = self.busy().jobs.get_or_insert_with(Default::default);
+                match jobs.push(job, shared.config.max_pending_events) {
+                    Ok(true) => {
+                        shared.conn_tasks.spawn(native::command_worker(
+                            shared.commands.clone(),
+                            conn.clone(),
+                            jobs.clone(),
+                        ));
+                    }
+                    Ok(false) => {}
                     // At most `max-pending-events` wait for the origin.
-                    shared.metrics.native_error(ErrorCode::Unavailable);
-                    conn.push(
-                        frames::error_frame(
-                            Some(e.into_inner().id),
-                            ErrorCode::Unavailable,
-                            "too many commands waiting for the application or the cluster",
-                        ),
-                        &shared.metrics,
-                    );
+                    Err(job) => {
+                        shared.metrics.native_error(ErrorCode::Unavailable);
+                        conn.push(
+                            frames::error_frame(
+                                Some(job.id),
+                                ErrorCode::Unavailable,
+                                "too many commands waiting for the application or the cluster",
+                            ),
+                            &shared.metrics,
+                        );
+                    }
                 }
             }
         }
