@@ -503,14 +503,30 @@ mod tests {
     fn a_worker_runs_while_jobs_wait_and_one_at_a_time() {
         let jobs = Jobs::default();
         assert!(matches!(jobs.push(job(1), 2), Ok(true)), "start a worker");
-        assert!(matches!(jobs.push(job(2), 2), Ok(false)), "it takes this one too");
-        assert!(matches!(jobs.push(job(3), 2), Err(j) if j.id == 3), "two wait already");
+        assert!(
+            matches!(jobs.push(job(2), 2), Ok(false)),
+            "it takes this one too"
+        );
+        assert!(
+            matches!(jobs.push(job(3), 2), Err(j) if j.id == 3),
+            "two wait already"
+        );
         assert_eq!(jobs.next().map(|j| j.id), Some(1));
-        assert!(matches!(jobs.push(job(3), 2), Ok(false)), "the worker still runs");
+        assert!(
+            matches!(jobs.push(job(3), 2), Ok(false)),
+            "the worker still runs"
+        );
         assert_eq!(jobs.next().map(|j| j.id), Some(2));
         assert_eq!(jobs.next().map(|j| j.id), Some(3));
         assert!(jobs.next().is_none(), "none left: the worker ends");
-        assert_eq!(jobs.queue.lock().waiting.capacity(), 0, "storage given back");
-        assert!(matches!(jobs.push(job(4), 2), Ok(true)), "the next job starts one");
+        assert_eq!(
+            jobs.queue.lock().waiting.capacity(),
+            0,
+            "storage given back"
+        );
+        assert!(
+            matches!(jobs.push(job(4), 2), Ok(true)),
+            "the next job starts one"
+        );
     }
 }
