@@ -1344,9 +1344,45 @@ impl Conn {
     /// from the shared `Bytes`: there is no per-connection write buffer.
     /// Frames held for an origin answer stay queued (and count as empty here).
     pub(crate) fn flush(&self, stream: &ClientStream, metrics: &Metrics) -> io::Result<bool> {
+        self.flush_behind(&mut &[][..], stream, metrics)
+    }
+
+    /// [`Conn::flush`] behind `head`, bytes that are not the connection's
+    /// traffic (the handshake's 101): they go first, in the same vectored
+    /// writes as the frames queued so far (the `connected` push), so that
+    /// both leave in one segment and the client wakes once. `head` is left
+    /// with what the socket did not take (empty unless it would block
+    /// before all of it went); the frames stay queued behind it.
+    pub(crate) fn flush_behind(
+        &self,
+        head: &mut &[u8],
+        stream: &ClientStream,
+        metrics: &Metrics,
+    ) -> io::Result<bool> {
         let mut out = self.out.lock();
         loop {
             let writable = out.frames.len() - out.held as usize;
+            if !head.is_empty() {
+                let frames = out.frames.iter().take(writable.min(MAX_IOVECS - 1));
+                let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
+                slices[0] = IoSlice::new(head);
+                let mut n = 1;
+                for (slot, frame) in slices[1..].iter_mut().zip(frames) {
+                    let Frame::Ready(bytes) = frame else { break };
+                    *slot = IoSlice::new(bytes);
+                    n += 1;
+                }
+                let written = match stream.try_write_vectored(&slices[..n]) {
+                    Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                    Ok(w) => w,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                    Err(e) => return Err(e),
+                };
+                let of_head = written.min(head.len());
+                *head = &head[of_head..];
+                self.consume(&mut out, written - of_head, metrics);
+                continue;
+            }
             if writable == 0 {
                 if out.frames.is_empty() && out.frames.capacity() > 4 {
                     // A burst grew the queue: give the memory back while idle.
@@ -1371,23 +1407,31 @@ impl Conn {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
                 Err(e) => return Err(e),
             };
-            out.queued_bytes -= written;
-            self.bytes_out.fetch_add(written as u64, Relaxed);
-            metrics.bytes_out.inc_by(written as u64);
-            let mut left = written;
-            while left > 0 {
-                let Some(Frame::Ready(front)) = out.frames.front_mut() else {
-                    unreachable!("written bytes came from ready frames");
-                };
-                if front.len() <= left {
-                    left -= front.len();
-                    out.frames.pop_front();
-                    out.front_partial = false;
-                } else {
-                    front.advance(left);
-                    left = 0;
-                    out.front_partial = true;
-                }
+            self.consume(&mut out, written, metrics);
+        }
+    }
+
+    /// Takes `written` bytes of ready frames off the front of the queue.
+    fn consume(&self, out: &mut Outbound, written: usize, metrics: &Metrics) {
+        if written == 0 {
+            return;
+        }
+        out.queued_bytes -= written;
+        self.bytes_out.fetch_add(written as u64, Relaxed);
+        metrics.bytes_out.inc_by(written as u64);
+        let mut left = written;
+        while left > 0 {
+            let Some(Frame::Ready(front)) = out.frames.front_mut() else {
+                unreachable!("written bytes came from ready frames");
+            };
+            if front.len() <= left {
+                left -= front.len();
+                out.frames.pop_front();
+                out.front_partial = false;
+            } else {
+                front.advance(left);
+                left = 0;
+                out.front_partial = true;
             }
         }
     }
@@ -1562,6 +1606,83 @@ mod tests {
         let ping = Bytes::from_static(&[0x89, 0x00]);
         assert_eq!(conn.send_control(&stream, ping, &metrics), Queued::Yes);
         assert_eq!(conn.out.lock().frames.capacity(), 0, "given back");
+    }
+
+    /// A connected pair of sockets: the gateway's end (ready to write) and
+    /// the client's.
+    async fn pair() -> (ClientStream, tokio::net::TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        server.writable().await.unwrap();
+        (ClientStream::Tcp(server), client)
+    }
+
+    /// The handshake's answer goes first, in the same write as the frames
+    /// queued behind it, and is not counted as the connection's traffic.
+    #[tokio::test]
+    async fn the_handshake_answer_and_the_queued_frames_leave_in_one_write() {
+        use tokio::io::AsyncReadExt;
+        let (stream, mut client) = pair().await;
+        let metrics = Metrics::new();
+        let conn = session(OutboxLimits::new(10, 1 << 16).unwrap());
+        let frame = Bytes::from_static(b"\x81\x09connected");
+        assert_eq!(conn.push(frame.clone(), &metrics), Queued::Yes);
+        let answer = b"HTTP/1.1 101 Switching Protocols\r\n\r\n";
+        let mut head = &answer[..];
+        assert!(conn.flush_behind(&mut head, &stream, &metrics).unwrap());
+        assert!(head.is_empty(), "all of the answer went");
+        assert_eq!(conn.queued_bytes(), 0);
+        assert_eq!(conn.bytes_out.load(Relaxed), frame.len() as u64);
+        let mut got = vec![0; answer.len() + frame.len()];
+        client.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got[..answer.len()], answer);
+        assert_eq!(&got[answer.len()..], &frame[..]);
+    }
+
+    /// A socket that takes none of the answer leaves it, and the frames
+    /// stay queued behind it: nothing is reordered or counted as sent.
+    #[tokio::test]
+    async fn an_answer_the_socket_does_not_take_keeps_the_frames_behind_it() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (mut stream, mut client) = pair().await;
+        let filler = vec![7u8; 64 << 10];
+        let mut sent = 0;
+        loop {
+            match stream.try_write(&filler) {
+                Ok(n) => sent += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => panic!("{e}"),
+            }
+        }
+        let metrics = Metrics::new();
+        let conn = session(OutboxLimits::new(10, 1 << 16).unwrap());
+        let frame = Bytes::from_static(b"\x81\x01a");
+        assert_eq!(conn.push(frame.clone(), &metrics), Queued::Yes);
+        let answer = b"HTTP/1.1 101 Switching Protocols\r\n\r\n";
+        let mut head = &answer[..];
+        assert!(!conn.flush_behind(&mut head, &stream, &metrics).unwrap());
+        assert_eq!(head.len(), answer.len(), "the socket took none of it");
+        assert_eq!(conn.queued_bytes(), frame.len(), "still queued");
+        assert_eq!(conn.bytes_out.load(Relaxed), 0);
+        let reader = tokio::spawn(async move {
+            let mut got = vec![0; sent + answer.len() + frame.len()];
+            client.read_exact(&mut got).await.unwrap();
+            got
+        });
+        stream.write_all(head).await.unwrap();
+        loop {
+            stream.ready(tokio::io::Interest::WRITABLE).await.unwrap();
+            if conn.flush(&stream, &metrics).unwrap() {
+                break;
+            }
+        }
+        let got = reader.await.unwrap();
+        assert!(got[..sent].iter().all(|&b| b == 7));
+        assert_eq!(&got[sent..sent + answer.len()], answer);
+        assert_eq!(&got[sent + answer.len()..], b"\x81\x01a");
     }
 
     /// A queued frame is what a `Bytes` is: held direct messages cost the

@@ -270,7 +270,15 @@ async fn after_head(
     // From here on the origin has accepted: the guard sends the connection's
     // one `disconnect` however it ends, even if this task is dropped.
     let disconnect = connection::DisconnectGuard::new(shared.clone(), conn.clone());
-    match tokio::time::timeout_at(deadline, stream.write_all(&response)).await {
+    // The 101 and what is queued behind it (the `connected` push) leave
+    // in one write; what the socket did not take goes as before.
+    let mut rest = &response[..];
+    let sent = match conn.flush_behind(&mut rest, &stream, &shared.metrics) {
+        Ok(_) if rest.is_empty() => Ok(Ok(())),
+        Ok(_) => tokio::time::timeout_at(deadline, stream.write_all(rest)).await,
+        Err(e) => Ok(Err(e)),
+    };
+    match sent {
         Ok(Ok(())) => {}
         _ => {
             let why = "connection lost during handshake";
