@@ -6,10 +6,10 @@
 //! stream offer exactly those calls, and this enum forwards them.
 
 use super::tls::TlsStream;
-use bytes::BufMut;
+use bytes::{BufMut, BytesMut};
 use std::io::{self, IoSlice};
 use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf, Ready};
 use tokio::net::TcpStream;
 
@@ -109,6 +109,27 @@ impl ClientStream {
         each!(self, s => s.try_read_buf(buf))
     }
 
+    /// [`ClientStream::try_read_buf`] into a `BytesMut`, for a reader that
+    /// reads until `WouldBlock`. On a plain socket, a read that leaves room
+    /// in `buf` emptied the socket's receive queue: the next call returns
+    /// `WouldBlock` without a system call, until the poller reports more
+    /// (tokio's `poll_read` does this; its `try_read_buf` does not). Each
+    /// message read then costs one `recvfrom` instead of two.
+    pub(crate) fn try_read_some(&mut self, buf: &mut BytesMut) -> io::Result<usize> {
+        match self {
+            ClientStream::Tcp(s) => {
+                // No waker is needed: a caller that gets `WouldBlock` waits
+                // with `readable` or `poll_read_ready`, which set their own.
+                let mut cx = Context::from_waker(Waker::noop());
+                match tokio_util::io::poll_read_buf(Pin::new(s), &mut cx, buf) {
+                    Poll::Ready(r) => r,
+                    Poll::Pending => Err(io::ErrorKind::WouldBlock.into()),
+                }
+            }
+            ClientStream::Tls(s) => s.try_read_buf(buf),
+        }
+    }
+
     /// Writes what fits without waiting.
     pub(crate) fn try_write(&self, buf: &[u8]) -> io::Result<usize> {
         each!(self, s => s.try_write(buf))
@@ -157,5 +178,47 @@ impl AsyncWrite for ClientStream {
             ClientStream::Tcp(s) => Pin::new(s).poll_shutdown(cx),
             ClientStream::Tls(s) => s.poll_shutdown(cx),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+    use tokio::io::AsyncWriteExt;
+
+    /// After a read that emptied the socket, data that comes later is
+    /// still reported and read: skipping the read that would only say
+    /// `WouldBlock` loses no wake-up.
+    #[tokio::test]
+    async fn data_after_a_short_read_is_still_read() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        let mut stream = ClientStream::Tcp(server);
+        let mut buf = BytesMut::with_capacity(1024);
+        for part in [&b"abc"[..], b"defg", b"h"] {
+            client.write_all(part).await.unwrap();
+            let n = loop {
+                tokio::time::timeout(Duration::from_secs(5), stream.readable())
+                    .await
+                    .expect("reported readable")
+                    .unwrap();
+                match stream.try_read_some(&mut buf) {
+                    Ok(n) => break n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                    Err(e) => panic!("{e}"),
+                }
+            };
+            assert_eq!(n, part.len());
+            let e = stream.try_read_some(&mut buf).unwrap_err();
+            assert_eq!(e.kind(), io::ErrorKind::WouldBlock);
+        }
+        assert_eq!(&buf[..], b"abcdefgh");
+        drop(client);
+        stream.readable().await.unwrap();
+        assert_eq!(stream.try_read_some(&mut buf).unwrap(), 0, "then the end");
     }
 }

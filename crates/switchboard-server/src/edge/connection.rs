@@ -252,6 +252,13 @@ impl Task {
                         return Poll::Ready(Ending::kept(&req));
                     }
                     self.start_close(req.code, &req.reason, req.by);
+                    // Closing ends a pause: the client's close frame may
+                    // be among the bytes it left parked.
+                    if self.undecoded {
+                        if let Err(end) = self.decode_parked() {
+                            return Poll::Ready(end);
+                        }
+                    }
                 }
             }
             let drained = match self
@@ -561,7 +568,7 @@ impl Task {
             if buf.capacity() - buf.len() < 1024 {
                 buf.reserve(pool::READ_BUF);
             }
-            match self.stream.try_read_buf(buf) {
+            match self.stream.try_read_some(buf) {
                 Ok(0) => {
                     break Err(self.end_or(Ending::lost("connection closed without a close frame")))
                 }

@@ -627,7 +627,7 @@ async fn read_head(
         } else if buf.capacity() - buf.len() < 512 {
             buf.reserve(1024);
         }
-        match stream.try_read_buf(buf) {
+        match stream.try_read_some(buf) {
             Ok(0) => return Err(None),
             Ok(_) => {}
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
