@@ -7,6 +7,7 @@
 
 use super::tls::TlsStream;
 use bytes::{BufMut, BytesMut};
+use std::future::Future;
 use std::io::{self, IoSlice};
 use std::pin::Pin;
 use std::task::{Context, Poll, Waker};
@@ -120,10 +121,22 @@ impl ClientStream {
             ClientStream::Tcp(s) => {
                 // No waker is needed: a caller that gets `WouldBlock` waits
                 // with `readable` or `poll_read_ready`, which set their own.
+                // Outside the task's cooperative budget, as `try_read_buf`
+                // is: `Pending` then means only "nothing to read", never
+                // "budget spent" (which `readable` would not wait out).
                 let mut cx = Context::from_waker(Waker::noop());
-                match tokio_util::io::poll_read_buf(Pin::new(s), &mut cx, buf) {
-                    Poll::Ready(r) => r,
-                    Poll::Pending => Err(io::ErrorKind::WouldBlock.into()),
+                let read = tokio::task::unconstrained(std::future::poll_fn(|cx| {
+                    Poll::Ready(tokio_util::io::poll_read_buf(
+                        Pin::new(&mut *s),
+                        cx,
+                        &mut *buf,
+                    ))
+                }));
+                match std::pin::pin!(read).poll(&mut cx) {
+                    Poll::Ready(Poll::Ready(r)) => r,
+                    Poll::Ready(Poll::Pending) | Poll::Pending => {
+                        Err(io::ErrorKind::WouldBlock.into())
+                    }
                 }
             }
             ClientStream::Tls(s) => s.try_read_buf(buf),
@@ -220,5 +233,34 @@ mod tests {
         drop(client);
         stream.readable().await.unwrap();
         assert_eq!(stream.try_read_some(&mut buf).unwrap(), 0, "then the end");
+    }
+
+    /// A task that spent its cooperative budget still reads what is
+    /// there: `WouldBlock` means only "nothing to read", so a caller that
+    /// then waits with `readable` (which the budget does not stop) cannot
+    /// go round without end.
+    #[tokio::test]
+    async fn a_spent_budget_does_not_stop_a_read() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        let mut stream = ClientStream::Tcp(server);
+        client.write_all(b"abc").await.unwrap();
+        stream.readable().await.unwrap();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        for i in 0..1000 {
+            tx.send(i).unwrap();
+        }
+        let mut buf = BytesMut::with_capacity(1024);
+        let read = std::future::poll_fn(|cx| {
+            // Each message received spends a unit of the task's budget.
+            while rx.poll_recv(cx).is_ready() {}
+            assert!(!tokio::task::coop::has_budget_remaining());
+            Poll::Ready(stream.try_read_some(&mut buf))
+        })
+        .await;
+        assert_eq!(read.unwrap(), 3);
     }
 }
