@@ -1362,28 +1362,7 @@ impl Conn {
         let mut out = self.out.lock();
         loop {
             let writable = out.frames.len() - out.held as usize;
-            if !head.is_empty() {
-                let frames = out.frames.iter().take(writable.min(MAX_IOVECS - 1));
-                let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
-                slices[0] = IoSlice::new(head);
-                let mut n = 1;
-                for (slot, frame) in slices[1..].iter_mut().zip(frames) {
-                    let Frame::Ready(bytes) = frame else { break };
-                    *slot = IoSlice::new(bytes);
-                    n += 1;
-                }
-                let written = match stream.try_write_vectored(&slices[..n]) {
-                    Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                    Ok(w) => w,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
-                    Err(e) => return Err(e),
-                };
-                let of_head = written.min(head.len());
-                *head = &head[of_head..];
-                self.consume(&mut out, written - of_head, metrics);
-                continue;
-            }
-            if writable == 0 {
+            if writable == 0 && head.is_empty() {
                 if out.frames.is_empty() && out.frames.capacity() > 4 {
                     // A burst grew the queue: give the memory back while idle.
                     // The smallest allocation (4 frames, 128 bytes) is kept so
@@ -1394,10 +1373,14 @@ impl Conn {
             }
             let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
             let mut n = 0;
-            for (slot, frame) in slices.iter_mut().zip(out.frames.iter().take(writable)) {
+            if !head.is_empty() {
+                slices[0] = IoSlice::new(head);
+                n = 1;
+            }
+            for frame in out.frames.iter().take(writable.min(MAX_IOVECS - n)) {
                 // Only held frames are not ready, and they are not writable.
                 let Frame::Ready(bytes) = frame else { break };
-                *slot = IoSlice::new(bytes);
+                slices[n] = IoSlice::new(bytes);
                 n += 1;
             }
             // The lock is held across a non-blocking syscall only.
@@ -1407,7 +1390,9 @@ impl Conn {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
                 Err(e) => return Err(e),
             };
-            self.consume(&mut out, written, metrics);
+            let of_head = written.min(head.len());
+            *head = &head[of_head..];
+            self.consume(&mut out, written - of_head, metrics);
         }
     }
 
@@ -1586,12 +1571,7 @@ mod tests {
     /// next ping (or pong) written to an empty queue.
     #[tokio::test]
     async fn an_empty_queue_gives_its_storage_back_with_the_next_ping() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
-            .await
-            .unwrap();
-        let (_server, _) = listener.accept().await.unwrap();
-        let stream = ClientStream::Tcp(client);
+        let (stream, _client) = pair().await;
         let metrics = Metrics::new();
         let conn = session(OutboxLimits::new(10, 1 << 16).unwrap());
         assert_eq!(

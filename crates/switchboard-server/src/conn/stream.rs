@@ -200,17 +200,22 @@ mod tests {
     use std::time::Duration;
     use tokio::io::AsyncWriteExt;
 
+    /// The gateway's end of a connection, and the client's.
+    async fn pair() -> (ClientStream, TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        (ClientStream::Tcp(server), client)
+    }
+
     /// After a read that emptied the socket, data that comes later is
     /// still reported and read: skipping the read that would only say
     /// `WouldBlock` loses no wake-up.
     #[tokio::test]
     async fn data_after_a_short_read_is_still_read() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let mut client = TcpStream::connect(listener.local_addr().unwrap())
-            .await
-            .unwrap();
-        let (server, _) = listener.accept().await.unwrap();
-        let mut stream = ClientStream::Tcp(server);
+        let (mut stream, mut client) = pair().await;
         let mut buf = BytesMut::with_capacity(1024);
         for part in [&b"abc"[..], b"defg", b"h"] {
             client.write_all(part).await.unwrap();
@@ -241,12 +246,7 @@ mod tests {
     /// go round without end.
     #[tokio::test]
     async fn a_spent_budget_does_not_stop_a_read() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let mut client = TcpStream::connect(listener.local_addr().unwrap())
-            .await
-            .unwrap();
-        let (server, _) = listener.accept().await.unwrap();
-        let mut stream = ClientStream::Tcp(server);
+        let (mut stream, mut client) = pair().await;
         client.write_all(b"abc").await.unwrap();
         stream.readable().await.unwrap();
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
