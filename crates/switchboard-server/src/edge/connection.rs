@@ -268,10 +268,7 @@ impl Task {
             {
                 // Behind TLS, ciphertext may still wait for the socket.
                 Ok(d) => d && self.stream.flushed(),
-                Err(e) if e.kind() == io::ErrorKind::InvalidData => {
-                    return Poll::Ready(self.end_or(Ending::lost(&format!("TLS: {e}"))))
-                }
-                Err(_) => return Poll::Ready(self.end_or(Ending::lost("write failed"))),
+                Err(e) => return Poll::Ready(self.failed(&e, "write failed")),
             };
             if let Phase::Closing {
                 peer_closed: true, ..
@@ -584,17 +581,24 @@ impl Task {
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break Ok(()),
-                // A TLS session that failed says why (docs/security.md, "TLS").
-                Err(e) if e.kind() == io::ErrorKind::InvalidData => {
-                    break Err(self.end_or(Ending::lost(&format!("TLS: {e}"))))
-                }
-                Err(_) => break Err(self.end_or(Ending::lost("read failed"))),
+                Err(e) => break Err(self.failed(&e, "read failed")),
             }
         };
         if parked.settle() {
             self.parked = kept.or_else(|| fresh.map(Box::new));
         }
         result
+    }
+
+    /// How a read or write that failed ends the connection: lost, with
+    /// `why`, or the reason a failed TLS session gives (docs/security.md,
+    /// "TLS").
+    fn failed(&mut self, e: &io::Error, why: &str) -> Ending {
+        if e.kind() == io::ErrorKind::InvalidData {
+            self.end_or(Ending::lost(&format!("TLS: {e}")))
+        } else {
+            self.end_or(Ending::lost(why))
+        }
     }
 
     /// Decodes and handles the bytes parked (those that came with the

@@ -614,8 +614,9 @@ async fn read_head(
         ))
     };
     // The first read is tried at once: a client's request usually follows
-    // its connection so closely that it is there by the time the task
-    // runs, which saves waiting for the poller to say so.
+    // its connection so closely that the poller has already seen it by the
+    // time the task runs, and it is read without waiting for another turn
+    // (when the poller has not, the try costs no system call).
     let mut wait = false;
     loop {
         if wait {

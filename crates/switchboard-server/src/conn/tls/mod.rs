@@ -624,14 +624,10 @@ impl State {
 fn records_end(buf: &[u8], n: usize) -> (usize, bool) {
     let mut end = 0;
     for _ in 0..n {
-        let Some(header) = buf.get(end..end + 5) else {
-            return (if end == 0 { buf.len() } else { end }, false);
-        };
-        let next = end + 5 + usize::from(u16::from_be_bytes([header[3], header[4]]));
-        if buf.len() < next {
-            return (if end == 0 { buf.len() } else { end }, false);
+        match record::record_len(&buf[end..]) {
+            Some(len) if end + len <= buf.len() => end += len,
+            _ => return (if end == 0 { buf.len() } else { end }, false),
         }
-        end = next;
     }
     (end, true)
 }

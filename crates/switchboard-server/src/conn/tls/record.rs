@@ -209,6 +209,13 @@ fn tls12_aad(seq: u64, typ: u8, version: [u8; 2], len: usize) -> [u8; 13] {
     aad
 }
 
+/// The length of the record at the front of `buf`, its header included,
+/// once the header is there (the record itself may not be whole yet).
+pub(super) fn record_len(buf: &[u8]) -> Option<usize> {
+    let header = buf.get(..HEADER)?;
+    Some(HEADER + usize::from(u16::from_be_bytes([header[3], header[4]])))
+}
+
 /// One direction of a session.
 #[derive(Debug, Clone, Copy)]
 enum Direction {
@@ -463,10 +470,10 @@ impl RecordLayer {
 
     fn open_all(&mut self, incoming: &mut BytesMut, plain: &mut BytesMut) -> Result<Opened, Fatal> {
         loop {
-            if incoming.len() < HEADER {
+            let Some(whole) = record_len(incoming) else {
                 return Ok(Opened::More);
-            }
-            let len = usize::from(u16::from_be_bytes([incoming[3], incoming[4]]));
+            };
+            let len = whole - HEADER;
             let most = match self.framing {
                 Framing::Tls13 => MAX_FRAGMENT + 256,
                 _ => MAX_FRAGMENT + 2048,
@@ -474,13 +481,13 @@ impl RecordLayer {
             if len > most {
                 return Err(Fatal::send(alert::RECORD_OVERFLOW, "record too long"));
             }
-            if incoming.len() < HEADER + len {
+            if incoming.len() < whole {
                 return Ok(Opened::More);
             }
-            let (header, body) = incoming[..HEADER + len].split_at_mut(HEADER);
+            let (header, body) = incoming[..whole].split_at_mut(HEADER);
             let (typ, content) = self.open_record(header, body)?;
             let opened = self.take(typ, content, plain)?;
-            incoming.advance(HEADER + len);
+            incoming.advance(whole);
             if opened == Opened::PeerClosed {
                 return Ok(opened);
             }
