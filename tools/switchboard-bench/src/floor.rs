@@ -1,13 +1,17 @@
-//! The fan-out floor: a minimal WebSocket fan-out server, run as the hidden
-//! `floor` child role, to measure the least one message's fan-out can cost
-//! on this machine with the same clients.
+//! The floor: a minimal WebSocket server, run as the hidden `floor` child
+//! role, to measure the least a handshake and one message's fan-out can
+//! cost on this machine with the same clients.
 //!
-//! It answers WebSocket upgrades on one port (reads the request head,
-//! answers `101` with the `Sec-WebSocket-Accept` of its key; no
-//! subprotocol, no extension, no pings, nothing read afterwards) and keeps
-//! the sockets, dealt in turn to one shard per writer thread. There are as
-//! many writer threads as CPUs, as the gateway's runtime has worker threads
-//! (2 on the reference machine). A `POST` on its second port is a publish:
+//! It answers WebSocket upgrades on one port: as many accept threads as
+//! CPUs (as the gateway's runtime has worker threads, 2 on the reference
+//! machine) share the listener, and each takes a socket, reads its request
+//! head with a blocking `read`, answers `101` with the `Sec-WebSocket-Accept`
+//! of its key in one `write` (no subprotocol, no extension, no pings,
+//! nothing read afterwards) and keeps the socket. No poller, no tasks, no
+//! per-socket options (`TCP_NODELAY` and the I/O timeouts are set once on
+//! the listener, and accepted sockets inherit them on Linux): `accept`,
+//! `read`, `write`. The sockets are dealt in turn to one shard per writer
+//! thread, as many as there are accept threads. A `POST` on its second port is a publish:
 //! its body is encoded once as one unmasked text frame, and every writer
 //! thread writes that same frame to each socket of its shard, one blocking
 //! `write` each; the publish is answered `204` once all are written (`500`
@@ -17,15 +21,17 @@
 //!
 //! `fanout --floor` ([`crate::fanout`]) runs the single-message phase
 //! against it, through the path of `fanout --url … --publish-url …`, in the
-//! same run as the server it compares.
+//! same run as the server it compares; `idle --floor` ([`crate::idle`])
+//! opens the same WebSocket connections to it as to the gateway.
 //!
-//! Every loop is bounded: the accept loop by the connections expected, a
+//! Every loop is bounded: the accept loops by the connections expected, a
 //! publish connection by [`MAX_REQUESTS`] and its idle timeout, every read
 //! and write by [`IO_TIMEOUT`], the writers by the publishes, the child by
 //! its stdin (it exits when the tool closes it, and is killed on drop).
 
 use std::io::{BufRead, Read, Write};
 use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 use switchboard_proto::ws::frame::{encode_frame, OpCode};
@@ -105,6 +111,13 @@ impl Floor {
 /// stdin closes.
 pub(crate) fn run_floor(expect: usize) -> Result<(), String> {
     let (ws, publish) = (listen()?, listen()?);
+    // Inherited by every accepted socket (Linux): no `setsockopt` per
+    // handshake, as the gateway's listener.
+    let e = |e: std::io::Error| format!("floor: listener options: {e}");
+    let sock = socket2::SockRef::from(&ws);
+    sock.set_nodelay(true).map_err(e)?;
+    sock.set_read_timeout(Some(IO_TIMEOUT)).map_err(e)?;
+    sock.set_write_timeout(Some(IO_TIMEOUT)).map_err(e)?;
     let addr = |l: &TcpListener| l.local_addr().map_err(|e| format!("floor: {e}"));
     let (ws_addr, publish_addr) = (addr(&ws)?, addr(&publish)?);
     let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
@@ -133,18 +146,26 @@ pub(crate) fn run_floor(expect: usize) -> Result<(), String> {
         writers.push(tx);
     }
 
-    spawn("floor-accept".into(), move || {
-        for n in 0..expect {
-            let accepted = ws.accept().map_err(|e| e.to_string());
-            match accepted.and_then(|(s, _)| handshake(&s).map(|()| s)) {
-                Ok(s) => shards[n % threads]
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .push(s),
-                Err(e) => eprintln!("floor: a subscriber failed: {e}"),
+    // Each accept thread takes a number per socket, until `expect` are
+    // taken; the last ones to see that stay blocked in `accept` until the
+    // process exits.
+    let (ws, taken) = (Arc::new(ws), Arc::new(AtomicUsize::new(0)));
+    for k in 0..threads {
+        let (ws, taken, shards) = (ws.clone(), taken.clone(), shards.clone());
+        spawn(format!("floor-accept-{k}"), move || {
+            while taken.load(Ordering::Relaxed) < expect {
+                let accepted = ws.accept().map_err(|e| e.to_string());
+                let n = taken.fetch_add(1, Ordering::Relaxed);
+                match accepted.and_then(|(s, _)| handshake(&s).map(|()| s)) {
+                    Ok(s) => shards[n % threads]
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .push(s),
+                    Err(e) => eprintln!("floor: a client failed: {e}"),
+                }
             }
-        }
-    })?;
+        })?;
+    }
 
     spawn("floor-publish".into(), move || {
         for k in 0..MAX_PUBLISHERS {
@@ -283,12 +304,9 @@ fn read_head(
     }
 }
 
-/// Answers a subscriber's upgrade request with `101`.
+/// Answers a client's upgrade request with `101` (the socket's options
+/// come from the listener).
 fn handshake(s: &TcpStream) -> Result<(), String> {
-    s.set_read_timeout(Some(IO_TIMEOUT))
-        .and_then(|()| s.set_write_timeout(Some(IO_TIMEOUT)))
-        .and_then(|()| s.set_nodelay(true))
-        .map_err(|e| e.to_string())?;
     let mut buf = Vec::with_capacity(512);
     let (req, _) = read_head(s, &mut buf)?.ok_or("closed before its request")?;
     let up = validate_upgrade(&req).map_err(|e| e.to_string())?;

@@ -4,21 +4,28 @@
 //!    runs a plain tokio accept loop; the same workers open N plain TCP
 //!    connections to it. Rate = N / time from the command until the
 //!    acceptor has accepted N.
-//! 2. The gateway is spawned (dev mode, pinging every `--ping-interval`) and
+//! 2. Floor (with `--floor`): the hidden `floor` child ([`crate::floor`]:
+//!    blocking `accept`, `read`, `write` on as many threads as CPUs) takes
+//!    the same N WebSocket connections from the same workers: the least a
+//!    WebSocket handshake costs on this machine with these clients. Its
+//!    rate is measured as the gateway's (step 3); the floor is then ended
+//!    and its clients let go.
+//! 3. The gateway is spawned (dev mode, pinging every `--ping-interval`) and
 //!    its RSS read from `/proc/PID/status` after a second.
-//! 3. The workers open N WebSocket connections. Rate = N / time until the
+//! 4. The workers open N WebSocket connections. Rate = N / time until the
 //!    last worker has all its connections open.
-//! 4. The connections stay idle for `--hold`, answering the pings; the
+//! 5. The connections stay idle for `--hold`, answering the pings; the
 //!    gateway must still count all of them. RSS per connection =
 //!    (after the hold − before) / N.
-//! 5. The clients close gracefully; the RSS after shows what is given back.
+//! 6. The clients close gracefully; the RSS after shows what is given back.
 //!
 //! With `--tls` the spawned gateway gets a certificate (the server crate's
 //! test fixture by default; run from the workspace root), the clients do a
 //! full TLS handshake before the WebSocket one, and the control API is read
-//! over HTTPS; the TCP baseline stays plain.
+//! over HTTPS; the TCP baseline stays plain (and `--floor` is refused).
 
-use crate::engine::{Fleet, Mode};
+use crate::engine::{Connected, Fleet, Mode};
+use crate::floor::Floor;
 use crate::measure::{self, human_bytes, Table};
 use crate::servers::{Gateway, TlsArgs};
 use crate::Opts;
@@ -42,6 +49,11 @@ pub(crate) struct Args {
     /// Skip the raw TCP accept baseline.
     #[arg(long)]
     no_tcp_baseline: bool,
+    /// Open the same connections to the floor server too (a minimal
+    /// blocking WebSocket server, the `floor` module) and report the
+    /// gateway's handshake rate as a share of its rate.
+    #[arg(long)]
+    floor: bool,
     /// Measure a running gateway at this URL (ws://127.0.0.1:PORT/) instead
     /// of spawning one.
     #[arg(long, value_name = "URL")]
@@ -59,6 +71,11 @@ pub(crate) struct Args {
 /// Runs the scenario; `Ok(false)` if the measurement is invalid.
 pub(crate) async fn run(opts: &Opts, a: Args) -> Result<bool, String> {
     let n = a.connections;
+    if a.floor && (a.tls.tls || a.url.is_some()) {
+        // The floor speaks plain TCP; a share of its rate says something
+        // only about a plain gateway this tool spawns in the same run.
+        return Err("--floor: with a spawned plain gateway only (not --tls, not --url)".into());
+    }
     let mut problems = Vec::new();
     let mut t = Table::default();
     let baseline = if a.no_tcp_baseline {
@@ -70,6 +87,26 @@ pub(crate) async fn run(opts: &Opts, a: Args) -> Result<bool, String> {
             format!("{:.0}/s ({n} in {:.2} s)", b.0, b.1),
         );
         Some(b)
+    };
+    let floor = if a.floor {
+        let f = floor_handshakes(opts, n).await?;
+        t.row(
+            "WebSocket handshakes, floor (minimal server)",
+            format!("{:.0}/s ({} in {:.2} s)", f.rate, f.open, f.seconds),
+        );
+        if let Some((rate, _)) = baseline {
+            t.row(
+                "floor handshakes / TCP accepts",
+                format!("{:.0} %", 100.0 * f.rate / rate),
+            );
+        }
+        t.row(
+            "floor CPU per handshake: server / clients",
+            format!("{:.1} / {:.1} µs", f.server_us, f.clients_us),
+        );
+        Some(f)
+    } else {
+        None
     };
 
     let api = a.tls.api()?;
@@ -103,7 +140,7 @@ pub(crate) async fn run(opts: &Opts, a: Args) -> Result<bool, String> {
             c.first_error.clone().unwrap_or_default()
         ));
     }
-    let per_handshake_us = |cores: f64| cores * c.seconds / c.open.max(1) as f64 * 1e6;
+    let per_handshake_us = |cores: f64| per_handshake_us(&c, cores);
     t.row(
         "WebSocket handshakes",
         format!("{:.0}/s ({} in {:.2} s)", c.rate, c.open, c.seconds),
@@ -112,6 +149,12 @@ pub(crate) async fn run(opts: &Opts, a: Args) -> Result<bool, String> {
         t.row(
             "handshakes / TCP accepts",
             format!("{:.0} %", 100.0 * c.rate / rate),
+        );
+    }
+    if let Some(f) = &floor {
+        t.row(
+            "handshakes / floor handshakes",
+            format!("{:.0} %", 100.0 * c.rate / f.rate),
         );
     }
     t.row(
@@ -191,6 +234,12 @@ pub(crate) async fn run(opts: &Opts, a: Args) -> Result<bool, String> {
             "concurrency": opts.concurrency,
             "tls": a.tls.tls,
             "tcp_baseline": baseline.map(|(rate, secs)| json!({"rate": rate, "seconds": secs})),
+            "floor": floor.map(|f| json!({
+                "rate": f.rate,
+                "seconds": f.seconds,
+                "open": f.open,
+                "cpu_us_per_handshake": {"server": f.server_us, "clients": f.clients_us},
+            })),
             "handshakes": c,
             "cpu_cores_while_connecting": cpu,
             "rss": {"before": before, "connected": connected, "held": held, "closed": closed},
@@ -246,6 +295,55 @@ async fn tcp_baseline(opts: &Opts, n: usize) -> Result<(f64, f64), String> {
     let secs = start.elapsed().as_secs_f64();
     fleet.close().await?;
     Ok((n as f64 / secs, secs))
+}
+
+/// CPU time per handshake of a connect phase, µs, from the cores a group
+/// used during it.
+fn per_handshake_us(c: &Connected, cores: f64) -> f64 {
+    cores * c.seconds / c.open.max(1) as f64 * 1e6
+}
+
+/// The floor's handshakes (see [`floor_handshakes`]).
+#[derive(Debug)]
+struct FloorRun {
+    rate: f64,
+    seconds: f64,
+    open: usize,
+    /// CPU per handshake of the floor server, µs.
+    server_us: f64,
+    /// CPU per handshake of the clients, µs.
+    clients_us: f64,
+}
+
+/// The floor's handshake rate: the `floor` child and the same workers, in
+/// the same mode as against the gateway. The floor is ended before its
+/// clients close (it answers no close frame), so their closes are not
+/// clean and not counted.
+async fn floor_handshakes(opts: &Opts, n: usize) -> Result<FloorRun, String> {
+    let floor = Floor::spawn(n).await?;
+    let gw = Gateway::external(&floor.url, None)?;
+    let mut fleet = Fleet::spawn(&opts.workers_for(&gw, n, 2, None, Mode::Idle))?;
+    let cpu = measure::CpuMeter::start(vec![
+        ("server", floor.pid().into_iter().collect()),
+        ("clients", fleet.pids()),
+    ]);
+    let c = fleet.connect(opts.connect_timeout).await?;
+    let cpu = cpu.cores();
+    drop(floor);
+    fleet.close().await?;
+    if c.open < n {
+        return Err(format!(
+            "floor: {} of {n} connections failed; first: {:?}",
+            c.failed, c.first_error
+        ));
+    }
+    Ok(FloorRun {
+        rate: c.rate,
+        seconds: c.seconds,
+        open: c.open,
+        server_us: per_handshake_us(&c, measure::cores_of(&cpu, "server")),
+        clients_us: per_handshake_us(&c, measure::cores_of(&cpu, "clients")),
+    })
 }
 
 /// The hidden `acceptor` role: prints its address, accepts `expect`

@@ -4,7 +4,8 @@
 //! figure as JSON:
 //!
 //! * [`idle`]: N idle WebSocket connections on one gateway: the handshake
-//!   rate beside the raw TCP accept rate of the same clients, and the
+//!   rate beside the raw TCP accept rate of the same clients (and, with
+//!   `--floor`, beside the [`floor`] server's handshake rate), and the
 //!   gateway's RSS per connection;
 //! * [`echo`]: M clients in send / wait-for-echo loops through the gateway
 //!   and the echo origin: round trips per second and latency percentiles;
@@ -68,8 +69,8 @@ struct Cli {
 /// The scenarios, and the hidden child roles.
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Idle connections: handshake rate (beside raw TCP accepts) and gateway
-    /// memory per connection.
+    /// Idle connections: handshake rate (beside raw TCP accepts, and a
+    /// minimal server's with --floor) and gateway memory per connection.
     Idle(idle::Args),
     /// Echo round trips through the gateway and an origin: rate and latency.
     Echo(echo::Args),
@@ -106,10 +107,11 @@ enum Command {
         /// Connections to accept before reporting.
         expect: usize,
     },
-    /// Child role: the minimal fan-out server of `fanout --floor`.
+    /// Child role: the minimal WebSocket server of `fanout --floor` and
+    /// `idle --floor`.
     #[command(hide = true)]
     Floor {
-        /// Most subscribers to accept.
+        /// Most clients to accept.
         expect: usize,
     },
 }
@@ -293,6 +295,7 @@ mod tests {
             ],
             &["b", "million", "--hold", "60s", "--port-range", "keep"],
             &["b", "floor", "3"],
+            &["b", "idle", "--connections", "17500", "--floor"],
             &[
                 "b",
                 "fanout",
