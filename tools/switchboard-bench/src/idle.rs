@@ -3,7 +3,8 @@
 //! 1. TCP baseline (unless `--no-tcp-baseline`): the hidden `acceptor` child
 //!    runs a plain tokio accept loop; the same workers open N plain TCP
 //!    connections to it. Rate = N / time from the command until the
-//!    acceptor has accepted N.
+//!    acceptor has accepted N; the acceptor's and the clients' CPU per
+//!    accept are read over the same time.
 //! 2. Floor (with `--floor`): the hidden `floor` child ([`crate::floor`]:
 //!    blocking `accept`, `read`, `write` on as many threads as CPUs) takes
 //!    the same N WebSocket connections from the same workers: the least a
@@ -84,7 +85,11 @@ pub(crate) async fn run(opts: &Opts, a: Args) -> Result<bool, String> {
         let b = tcp_baseline(opts, n).await?;
         t.row(
             "raw TCP accepts (plain tokio loop)",
-            format!("{:.0}/s ({n} in {:.2} s)", b.0, b.1),
+            format!("{:.0}/s ({n} in {:.2} s)", b.rate, b.seconds),
+        );
+        t.row(
+            "CPU per raw accept: acceptor / clients",
+            format!("{:.1} / {:.1} µs", b.server_us, b.clients_us),
         );
         Some(b)
     };
@@ -94,10 +99,10 @@ pub(crate) async fn run(opts: &Opts, a: Args) -> Result<bool, String> {
             "WebSocket handshakes, floor (minimal server)",
             format!("{:.0}/s ({} in {:.2} s)", f.rate, f.open, f.seconds),
         );
-        if let Some((rate, _)) = baseline {
+        if let Some(b) = &baseline {
             t.row(
                 "floor handshakes / TCP accepts",
-                format!("{:.0} %", 100.0 * f.rate / rate),
+                format!("{:.0} %", 100.0 * f.rate / b.rate),
             );
         }
         t.row(
@@ -145,10 +150,10 @@ pub(crate) async fn run(opts: &Opts, a: Args) -> Result<bool, String> {
         "WebSocket handshakes",
         format!("{:.0}/s ({} in {:.2} s)", c.rate, c.open, c.seconds),
     );
-    if let Some((rate, _)) = baseline {
+    if let Some(b) = &baseline {
         t.row(
             "handshakes / TCP accepts",
-            format!("{:.0} %", 100.0 * c.rate / rate),
+            format!("{:.0} %", 100.0 * c.rate / b.rate),
         );
     }
     if let Some(f) = &floor {
@@ -233,7 +238,11 @@ pub(crate) async fn run(opts: &Opts, a: Args) -> Result<bool, String> {
             "connections": n,
             "concurrency": opts.concurrency,
             "tls": a.tls.tls,
-            "tcp_baseline": baseline.map(|(rate, secs)| json!({"rate": rate, "seconds": secs})),
+            "tcp_baseline": baseline.map(|b| json!({
+                "rate": b.rate,
+                "seconds": b.seconds,
+                "cpu_us_per_accept": {"acceptor": b.server_us, "clients": b.clients_us},
+            })),
             "floor": floor.map(|f| json!({
                 "rate": f.rate,
                 "seconds": f.seconds,
@@ -254,8 +263,8 @@ pub(crate) async fn run(opts: &Opts, a: Args) -> Result<bool, String> {
 }
 
 /// The raw TCP accept rate: the acceptor child and the same workers in TCP
-/// mode. Returns (accepts per second, seconds).
-async fn tcp_baseline(opts: &Opts, n: usize) -> Result<(f64, f64), String> {
+/// mode (`server_us`: the acceptor's CPU per accept).
+async fn tcp_baseline(opts: &Opts, n: usize) -> Result<Phase, String> {
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let mut acceptor = tokio::process::Command::new(exe)
         .args(["acceptor", &n.to_string()])
@@ -283,6 +292,10 @@ async fn tcp_baseline(opts: &Opts, n: usize) -> Result<(f64, f64), String> {
         proc: None,
     };
     let mut fleet = Fleet::spawn(&opts.workers_for(&gw, n, 2, None, Mode::Tcp))?;
+    let cpu = measure::CpuMeter::start(vec![
+        ("server", acceptor.id().into_iter().collect()),
+        ("clients", fleet.pids()),
+    ]);
     let start = Instant::now();
     let c = fleet.connect(opts.connect_timeout).await?;
     if c.open < n {
@@ -293,8 +306,16 @@ async fn tcp_baseline(opts: &Opts, n: usize) -> Result<(f64, f64), String> {
     }
     next(&mut lines).await?;
     let secs = start.elapsed().as_secs_f64();
+    let cpu = cpu.cores();
     fleet.close().await?;
-    Ok((n as f64 / secs, secs))
+    let per_accept_us = |group| measure::cores_of(&cpu, group) * secs / n as f64 * 1e6;
+    Ok(Phase {
+        rate: n as f64 / secs,
+        seconds: secs,
+        open: n,
+        server_us: per_accept_us("server"),
+        clients_us: per_accept_us("clients"),
+    })
 }
 
 /// CPU time per handshake of a connect phase, µs, from the cores a group
@@ -303,15 +324,17 @@ fn per_handshake_us(c: &Connected, cores: f64) -> f64 {
     cores * c.seconds / c.open.max(1) as f64 * 1e6
 }
 
-/// The floor's handshakes (see [`floor_handshakes`]).
+/// A connect phase against a reference server: the raw TCP baseline
+/// ([`tcp_baseline`]) or the floor ([`floor_handshakes`]).
 #[derive(Debug)]
-struct FloorRun {
+struct Phase {
+    /// Connections per second.
     rate: f64,
     seconds: f64,
     open: usize,
-    /// CPU per handshake of the floor server, µs.
+    /// CPU of the server per connection, µs.
     server_us: f64,
-    /// CPU per handshake of the clients, µs.
+    /// CPU of the clients per connection, µs.
     clients_us: f64,
 }
 
@@ -319,7 +342,7 @@ struct FloorRun {
 /// the same mode as against the gateway. The floor is ended before its
 /// clients close (it answers no close frame), so their closes are not
 /// clean and not counted.
-async fn floor_handshakes(opts: &Opts, n: usize) -> Result<FloorRun, String> {
+async fn floor_handshakes(opts: &Opts, n: usize) -> Result<Phase, String> {
     let floor = Floor::spawn(n).await?;
     let gw = Gateway::external(&floor.url, None)?;
     let mut fleet = Fleet::spawn(&opts.workers_for(&gw, n, 2, None, Mode::Idle))?;
@@ -337,7 +360,7 @@ async fn floor_handshakes(opts: &Opts, n: usize) -> Result<FloorRun, String> {
             c.failed, c.first_error
         ));
     }
-    Ok(FloorRun {
+    Ok(Phase {
         rate: c.rate,
         seconds: c.seconds,
         open: c.open,
