@@ -310,7 +310,35 @@ impl Gateway {
             control_stop.clone(),
         ));
 
-        edge::listener::accept_loop(&shared, &client, shutdown).await;
+        // The accept loop runs as a task of the runtime, not on the thread
+        // that awaits `run` (the binary's main thread): each handshake it
+        // spawns then starts on the accepting worker's own queue, instead of
+        // waking another thread (a futex call on each side) per connection.
+        let stop_accepting = CancellationToken::new();
+        let mut accepting = tokio::spawn({
+            let (shared, stop) = (shared.clone(), stop_accepting.clone());
+            async move {
+                edge::listener::accept_loop(&shared, &client, stop.cancelled()).await;
+                // Dropped here: the listener closes as the drain begins.
+                drop(client);
+            }
+        });
+        // The loop ends early only by a panic, which goes on up from here
+        // as it did when the loop ran inline.
+        let ended = tokio::select! {
+            () = shutdown => None,
+            r = &mut accepting => Some(r),
+        };
+        stop_accepting.cancel();
+        let ended = match ended {
+            Some(r) => r,
+            None => accepting.await,
+        };
+        if let Err(e) = ended {
+            if e.is_panic() {
+                std::panic::resume_unwind(e.into_panic());
+            }
+        }
 
         // --- drain ---
         let started = Instant::now();
@@ -327,7 +355,6 @@ impl Gateway {
             shared.commands.sessions.shut_down();
             shared.commands.sessions.end_all(false);
         }
-        drop(client);
         tracing::info!(connections = shared.registry.len(), hand_over, "draining");
         let closed = close_spread(&shared, deadline, hand_over).await;
         shared.conn_tasks.close();
