@@ -315,6 +315,9 @@ impl Gateway {
         // spawns then starts on the accepting worker's own queue, instead of
         // waking another thread (a futex call on each side) per connection.
         let stop_accepting = CancellationToken::new();
+        // Also when `run` itself is dropped (an aborted task): the loop
+        // would otherwise go on accepting without a node to drain it.
+        let _stop_on_drop = stop_accepting.clone().drop_guard();
         let mut accepting = tokio::spawn({
             let (shared, stop) = (shared.clone(), stop_accepting.clone());
             async move {
@@ -329,6 +332,9 @@ impl Gateway {
             () = shutdown => None,
             r = &mut accepting => Some(r),
         };
+        // Draining from here, before the listener closes (`/readyz` turns
+        // 503 first, and a handshake accepted meanwhile sees the drain).
+        shared.commands.draining.store(true, Relaxed);
         stop_accepting.cancel();
         let ended = match ended {
             Some(r) => r,
@@ -343,7 +349,6 @@ impl Gateway {
         // --- drain ---
         let started = Instant::now();
         let deadline = tokio::time::Instant::now() + shared.config.drain_timeout;
-        shared.commands.draining.store(true, Relaxed);
         // In a cluster with other live nodes, sessions move to them: their
         // clients are closed with 1012 and the session kept, and resume on
         // another node, which takes the session from here. Otherwise
