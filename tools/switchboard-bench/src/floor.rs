@@ -9,8 +9,8 @@
 //! of its key in one `write` (no subprotocol, no extension, no pings,
 //! nothing read afterwards) and keeps the socket. No poller, no tasks, no
 //! per-socket options (`TCP_NODELAY` and the I/O timeouts are set once on
-//! the listener, and accepted sockets inherit them on Linux): `accept`,
-//! `read`, `write`. The sockets are dealt in turn to one shard per writer
+//! the listener, and accepted sockets inherit them on Linux; the read
+//! timeout bounds `accept` as well): `accept`, `read`, `write`. The sockets are dealt in turn to one shard per writer
 //! thread, as many as there are accept threads. A `POST` on its second port is a publish:
 //! its body is encoded once as one unmasked text frame, and every writer
 //! thread writes that same frame to each socket of its shard, one blocking
@@ -24,12 +24,13 @@
 //! same run as the server it compares; `idle --floor` ([`crate::idle`])
 //! opens the same WebSocket connections to it as to the gateway.
 //!
-//! Every loop is bounded: the accept loops by the connections expected, a
+//! Every loop is bounded: the accept loops by the connections expected (an
+//! `accept` waits at most [`IO_TIMEOUT`] before its thread looks again), a
 //! publish connection by [`MAX_REQUESTS`] and its idle timeout, every read
 //! and write by [`IO_TIMEOUT`], the writers by the publishes, the child by
 //! its stdin (it exits when the tool closes it, and is killed on drop).
 
-use std::io::{BufRead, Read, Write};
+use std::io::{BufRead, ErrorKind, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
@@ -146,16 +147,25 @@ pub(crate) fn run_floor(expect: usize) -> Result<(), String> {
         writers.push(tx);
     }
 
-    // Each accept thread takes a number per socket, until `expect` are
-    // taken; the last ones to see that stay blocked in `accept` until the
-    // process exits.
+    // Each accept thread takes a number per socket (or failed accept),
+    // until `expect` are taken; a socket numbered past that is closed. The
+    // listener's read timeout bounds `accept` too: a thread that waited
+    // that long looks again whether all are taken.
     let (ws, taken) = (Arc::new(ws), Arc::new(AtomicUsize::new(0)));
     for k in 0..threads {
         let (ws, taken, shards) = (ws.clone(), taken.clone(), shards.clone());
         spawn(format!("floor-accept-{k}"), move || {
             while taken.load(Ordering::Relaxed) < expect {
-                let accepted = ws.accept().map_err(|e| e.to_string());
+                let accepted = match ws.accept() {
+                    Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                        continue
+                    }
+                    a => a.map_err(|e| e.to_string()),
+                };
                 let n = taken.fetch_add(1, Ordering::Relaxed);
+                if n >= expect {
+                    continue; // dropped: closed
+                }
                 match accepted.and_then(|(s, _)| handshake(&s).map(|()| s)) {
                     Ok(s) => shards[n % threads]
                         .lock()
