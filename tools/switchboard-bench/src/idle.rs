@@ -95,16 +95,15 @@ pub(crate) async fn run(opts: &Opts, a: Args) -> Result<bool, String> {
     };
     let floor = if a.floor {
         let f = floor_handshakes(opts, n).await?;
-        t.row(
-            "WebSocket handshakes, floor (minimal server)",
-            format!("{:.0}/s ({} in {:.2} s)", f.rate, f.open, f.seconds),
-        );
-        if let Some(b) = &baseline {
-            t.row(
+        rate_rows(
+            &mut t,
+            [
+                "WebSocket handshakes, floor (minimal server)",
                 "floor handshakes / TCP accepts",
-                format!("{:.0} %", 100.0 * f.rate / b.rate),
-            );
-        }
+            ],
+            (f.rate, f.open, f.seconds),
+            baseline.as_ref(),
+        );
         t.row(
             "floor CPU per handshake: server / clients",
             format!("{:.1} / {:.1} µs", f.server_us, f.clients_us),
@@ -146,16 +145,12 @@ pub(crate) async fn run(opts: &Opts, a: Args) -> Result<bool, String> {
         ));
     }
     let per_handshake_us = |cores: f64| per_handshake_us(&c, cores);
-    t.row(
-        "WebSocket handshakes",
-        format!("{:.0}/s ({} in {:.2} s)", c.rate, c.open, c.seconds),
+    rate_rows(
+        &mut t,
+        ["WebSocket handshakes", "handshakes / TCP accepts"],
+        (c.rate, c.open, c.seconds),
+        baseline.as_ref(),
     );
-    if let Some(b) = &baseline {
-        t.row(
-            "handshakes / TCP accepts",
-            format!("{:.0} %", 100.0 * c.rate / b.rate),
-        );
-    }
     if let Some(f) = &floor {
         t.row(
             "handshakes / floor handshakes",
@@ -316,6 +311,16 @@ async fn tcp_baseline(opts: &Opts, n: usize) -> Result<Phase, String> {
         server_us: per_accept_us("server"),
         clients_us: per_accept_us("clients"),
     })
+}
+
+/// The rows of a connect phase: its rate (per second, connections,
+/// seconds), then its share of the raw TCP accept rate if measured.
+fn rate_rows(t: &mut Table, labels: [&str; 2], phase: (f64, usize, f64), baseline: Option<&Phase>) {
+    let (rate, open, seconds) = phase;
+    t.row(labels[0], format!("{rate:.0}/s ({open} in {seconds:.2} s)"));
+    if let Some(b) = baseline {
+        t.row(labels[1], format!("{:.0} %", 100.0 * rate / b.rate));
+    }
 }
 
 /// CPU time per handshake of a connect phase, µs, from the cores a group
