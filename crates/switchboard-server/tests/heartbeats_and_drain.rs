@@ -1,6 +1,7 @@
 //! Liveness and shutdown: pings and pong timeouts, the idle timeout, and the
 //! graceful drain (1012 to every client, `/readyz` 503, every `disconnect`
-//! delivered before the drain returns, bounded by `drain-timeout`).
+//! delivered before the drain returns, bounded by `drain-timeout`), and a
+//! node whose `run` is dropped no longer accepting.
 
 use futures_util::{SinkExt, StreamExt};
 use std::time::{Duration, Instant};
@@ -300,4 +301,32 @@ async fn drain_is_bounded_by_drain_timeout() {
     assert!(took < TIMEOUT + Duration::from_secs(2), "{took:?}");
     assert_eq!(reader.await.unwrap(), 1012);
     origin.resume();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_whose_run_is_dropped_stops_accepting() {
+    init_tracing();
+    let gw = TestGateway::start(|_| {}).await;
+    let addr = gw.addr;
+    // Serving: the listener takes connections.
+    drop(
+        tokio::net::TcpStream::connect(addr)
+            .await
+            .expect("accepted"),
+    );
+    // Dropping the test gateway aborts the task running `Gateway::run`: the
+    // accept loop (a task of its own) must end with it and close the
+    // listener, rather than go on accepting for a node that is gone.
+    drop(gw);
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        match tokio::net::TcpStream::connect(addr).await {
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => break,
+            other => assert!(
+                Instant::now() < deadline,
+                "still accepting 3 s after run was dropped: {other:?}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
