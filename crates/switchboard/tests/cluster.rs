@@ -279,7 +279,25 @@ impl NatsOrigin {
                 }
             });
         }
+        // A round trip on the same connection: once its message comes
+        // back, the server has taken the subscriptions above (it reads a
+        // connection's operations in order). A flush only writes them, and
+        // on a loaded machine a gateway's request could still find no
+        // responders.
+        let inbox = client.new_inbox();
+        let mut echo = client
+            .subscribe(inbox.clone())
+            .await
+            .expect("subscribe to an inbox");
+        client
+            .publish(inbox, Bytes::new())
+            .await
+            .expect("publish to the inbox");
         client.flush().await.expect("flush subscriptions");
+        tokio::time::timeout(Duration::from_secs(10), echo.next())
+            .await
+            .expect("the server echoes within 10 s")
+            .expect("the inbox subscription stays open");
         me
     }
 
