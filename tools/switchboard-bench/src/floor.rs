@@ -10,8 +10,9 @@
 //! nothing read afterwards) and keeps the socket. No poller, no tasks, no
 //! per-socket options (`TCP_NODELAY` and the I/O timeouts are set once on
 //! the listener, and accepted sockets inherit them on Linux; the read
-//! timeout bounds `accept` as well): `accept`, `read`, `write`. The sockets are dealt in turn to one shard per writer
-//! thread, as many as there are accept threads. A `POST` on its second port is a publish:
+//! timeout bounds `accept` as well): `accept`, `read`, `write`. The
+//! sockets are dealt in turn to one shard per writer thread, as many as
+//! there are accept threads. A `POST` on its second port is a publish:
 //! its body is encoded once as one unmasked text frame, and every writer
 //! thread writes that same frame to each socket of its shard, one blocking
 //! `write` each; the publish is answered `204` once all are written (`500`
