@@ -1565,6 +1565,7 @@ impl Registry {
 
 #[cfg(test)]
 mod tests {
+    use super::stream::tests::pair;
     use super::*;
 
     /// The queue's storage stays while messages flow, and goes with the
@@ -1586,18 +1587,6 @@ mod tests {
         let ping = Bytes::from_static(&[0x89, 0x00]);
         assert_eq!(conn.send_control(&stream, ping, &metrics), Queued::Yes);
         assert_eq!(conn.out.lock().frames.capacity(), 0, "given back");
-    }
-
-    /// A connected pair of sockets: the gateway's end (ready to write) and
-    /// the client's.
-    async fn pair() -> (ClientStream, tokio::net::TcpStream) {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
-            .await
-            .unwrap();
-        let (server, _) = listener.accept().await.unwrap();
-        server.writable().await.unwrap();
-        (ClientStream::Tcp(server), client)
     }
 
     /// The handshake's answer goes first, in the same write as the frames

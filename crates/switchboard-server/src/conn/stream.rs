@@ -195,18 +195,20 @@ impl AsyncWrite for ClientStream {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use std::time::Duration;
     use tokio::io::AsyncWriteExt;
 
-    /// The gateway's end of a connection, and the client's.
-    async fn pair() -> (ClientStream, TcpStream) {
+    /// A connected pair of sockets: the gateway's end (ready to write) and
+    /// the client's. The connection tests use it too.
+    pub(in crate::conn) async fn pair() -> (ClientStream, TcpStream) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let client = TcpStream::connect(listener.local_addr().unwrap())
             .await
             .unwrap();
         let (server, _) = listener.accept().await.unwrap();
+        server.writable().await.unwrap();
         (ClientStream::Tcp(server), client)
     }
 
