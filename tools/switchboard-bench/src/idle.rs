@@ -25,7 +25,7 @@
 //! full TLS handshake before the WebSocket one, and the control API is read
 //! over HTTPS; the TCP baseline stays plain (and `--floor` is refused).
 
-use crate::engine::{Connected, Fleet, Mode};
+use crate::engine::{Fleet, Mode};
 use crate::floor::Floor;
 use crate::measure::{self, human_bytes, Table};
 use crate::servers::{Gateway, TlsArgs};
@@ -144,7 +144,7 @@ pub(crate) async fn run(opts: &Opts, a: Args) -> Result<bool, String> {
             c.first_error.clone().unwrap_or_default()
         ));
     }
-    let per_handshake_us = |cores: f64| per_handshake_us(&c, cores);
+    let per_handshake_us = |cores: f64| us_per_connection(cores, c.seconds, c.open);
     rate_rows(
         &mut t,
         ["WebSocket handshakes", "handshakes / TCP accepts"],
@@ -303,7 +303,7 @@ async fn tcp_baseline(opts: &Opts, n: usize) -> Result<Phase, String> {
     let secs = start.elapsed().as_secs_f64();
     let cpu = cpu.cores();
     fleet.close().await?;
-    let per_accept_us = |group| measure::cores_of(&cpu, group) * secs / n as f64 * 1e6;
+    let per_accept_us = |group| us_per_connection(measure::cores_of(&cpu, group), secs, n);
     Ok(Phase {
         rate: n as f64 / secs,
         seconds: secs,
@@ -323,10 +323,10 @@ fn rate_rows(t: &mut Table, labels: [&str; 2], phase: (f64, usize, f64), baselin
     }
 }
 
-/// CPU time per handshake of a connect phase, µs, from the cores a group
-/// used during it.
-fn per_handshake_us(c: &Connected, cores: f64) -> f64 {
-    cores * c.seconds / c.open.max(1) as f64 * 1e6
+/// CPU time per connection of a connect phase, µs: the cores a group used
+/// during its `seconds`, over its `n` connections.
+fn us_per_connection(cores: f64, seconds: f64, n: usize) -> f64 {
+    cores * seconds / n.max(1) as f64 * 1e6
 }
 
 /// A connect phase against a reference server: the raw TCP baseline
@@ -369,8 +369,8 @@ async fn floor_handshakes(opts: &Opts, n: usize) -> Result<Phase, String> {
         rate: c.rate,
         seconds: c.seconds,
         open: c.open,
-        server_us: per_handshake_us(&c, measure::cores_of(&cpu, "server")),
-        clients_us: per_handshake_us(&c, measure::cores_of(&cpu, "clients")),
+        server_us: us_per_connection(measure::cores_of(&cpu, "server"), c.seconds, c.open),
+        clients_us: us_per_connection(measure::cores_of(&cpu, "clients"), c.seconds, c.open),
     })
 }
 
